@@ -1,0 +1,143 @@
+"""The one place raw syscalls are made: libc via ctypes, errno turned into typed errors.
+
+Every argument goes through ``ctypes.c_long``: ``syscall(2)`` is variadic, and plain Python
+ints would be passed as C ints and truncated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Sequence
+
+from ckpt.errors import AccessDenied, KernelError, NoSuchProcess
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+PAGE_SIZE = 4096
+IOV_MAX = 1024
+
+
+class NR:
+    """x86-64 syscall numbers."""
+
+    read = 0
+    write = 1
+    open = 2
+    close = 3
+    lseek = 8
+    mmap = 9
+    mprotect = 10
+    munmap = 11
+    brk = 12
+    rt_sigaction = 13
+    rt_sigprocmask = 14
+    ioctl = 16
+    mremap = 25
+    madvise = 28
+    dup2 = 33
+    getpid = 39
+    kill = 62
+    fcntl = 72
+    chdir = 80
+    umask = 95
+    setsid = 112
+    sigaltstack = 131
+    personality = 135
+    prctl = 157
+    arch_prctl = 158
+    gettid = 186
+    set_tid_address = 218
+    set_robust_list = 273
+    get_robust_list = 274
+    dup3 = 292
+    prlimit64 = 302
+    process_vm_readv = 310
+    process_vm_writev = 311
+    userfaultfd = 323
+    rseq = 334
+    pidfd_open = 434
+    clone3 = 435
+    close_range = 436
+    pidfd_getfd = 438
+
+
+class iovec(ctypes.Structure):  # noqa: N801 - the C name
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def raise_errno(err: int, what: str, pid: int | None = None) -> None:
+    """Turn an errno into the typed error a caller can act on."""
+    if pid is not None and err == errno.ESRCH:
+        raise NoSuchProcess(pid, what)
+    if pid is not None and err in (errno.EPERM, errno.EACCES):
+        raise AccessDenied(pid, what)
+    raise KernelError(err, what)
+
+
+def syscall(nr: int, *args: int, what: str = "", pid: int | None = None) -> int:
+    """Run syscall ``nr`` in this process; return its result or raise on -1."""
+    res = int(libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args)))
+    if res == -1:
+        raise_errno(ctypes.get_errno(), what or f"syscall {nr}", pid)
+    return res
+
+
+def pidfd_open(pid: int) -> int:
+    return syscall(NR.pidfd_open, pid, 0, what=f"pidfd_open({pid})", pid=pid)
+
+
+def pidfd_getfd(pidfd: int, targetfd: int, pid: int | None = None) -> int:
+    return syscall(NR.pidfd_getfd, pidfd, targetfd, 0, what="pidfd_getfd", pid=pid)
+
+
+def _vm_rw(nr: int, pid: int, local: Sequence[tuple[int, int]], remote: Sequence[tuple[int, int]],
+           ) -> int:
+    n_l, n_r = len(local), len(remote)
+    liov = (iovec * n_l)(*(iovec(a, n) for a, n in local))
+    riov = (iovec * n_r)(*(iovec(a, n) for a, n in remote))
+    res = int(libc.syscall(ctypes.c_long(nr), ctypes.c_long(pid), liov, ctypes.c_long(n_l), riov,
+                           ctypes.c_long(n_r), ctypes.c_long(0)))
+    if res < 0:
+        name = "process_vm_readv" if nr == NR.process_vm_readv else "process_vm_writev"
+        raise_errno(ctypes.get_errno(), f"{name} in {pid}", pid)
+    return res
+
+
+def vm_transfer(write: bool, pid: int, pairs: Sequence[tuple[int, int, int]]) -> int:
+    """Copy (local_addr, remote_addr, length) ranges to/from ``pid`` in IOV_MAX batches.
+
+    Partial transfers (a range crossing into an unmapped or unreadable page) are resumed
+    range by range, so the caller learns exactly which address failed.
+    """
+    nr = NR.process_vm_writev if write else NR.process_vm_readv
+    total = 0
+    for i in range(0, len(pairs), IOV_MAX):
+        batch = pairs[i : i + IOV_MAX]
+        want = sum(n for _, _, n in batch)
+        got = _vm_rw(nr, pid, [(a, n) for a, _, n in batch], [(r, n) for _, r, n in batch])
+        if got != want:
+            skip = got
+            for a, r, n in batch:
+                if skip >= n:
+                    skip -= n
+                    continue
+                done = skip
+                skip = 0
+                while done < n:
+                    k = _vm_rw(nr, pid, [(a + done, n - done)], [(r + done, n - done)])
+                    if k == 0:
+                        raise KernelError(errno.EFAULT, f"process_vm at {r + done:#x} in {pid}")
+                    done += k
+        total += want
+    return total
+
+
+def errno_of(exc: OSError) -> int:
+    return exc.errno if exc.errno is not None else errno.EIO
+
+
+def strerror(err: int) -> str:
+    return os.strerror(err)
