@@ -56,6 +56,7 @@ class NR:
     prlimit64 = 302
     process_vm_readv = 310
     process_vm_writev = 311
+    kcmp = 312
     userfaultfd = 323
     rseq = 334
     pidfd_open = 434
@@ -64,7 +65,7 @@ class NR:
     pidfd_getfd = 438
 
 
-class iovec(ctypes.Structure):  # noqa: N801 - the C name
+class iovec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
@@ -141,3 +142,15 @@ def errno_of(exc: OSError) -> int:
 
 def strerror(err: int) -> str:
     return os.strerror(err)
+
+
+def vm_read(pid: int, addr: int, n: int) -> bytes:
+    """Read ``n`` bytes at ``addr`` of ``pid`` (small reads; bulk copies use vm_transfer)."""
+    buf = ctypes.create_string_buffer(n)
+    vm_transfer(False, pid, [(ctypes.addressof(buf), addr, n)])
+    return buf.raw
+
+
+def vm_write(pid: int, addr: int, data: bytes) -> None:
+    buf = ctypes.create_string_buffer(data, len(data))
+    vm_transfer(True, pid, [(ctypes.addressof(buf), addr, len(data))])

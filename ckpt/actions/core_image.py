@@ -1,0 +1,81 @@
+"""Collected records → protobuf core image (the image boundary of dump) and back for regs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ckpt.collect.files import FileRecord
+from ckpt.collect.proc import Rlimit, Stat
+from ckpt.collect.tasks import InjectedState, ThreadState
+from ckpt.collect.vmas import VmaInfo
+from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.ptrace import REG_NAMES, Regs
+
+FILE_TYPES = {"path": pb.OpenFile.REGULAR, "dev_null": pb.OpenFile.DEV_NULL,
+              "inherited": pb.OpenFile.INHERITED}
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """Process-wide state read from /proc while frozen."""
+
+    stat: Stat
+    umask: int
+    auxv: bytes
+    exe: str
+    cwd: str
+    comm: str
+    cmdline: bytes
+    personality: int
+    rlimits: list[Rlimit]
+
+
+def regs_to_pb(regs: Regs) -> pb.GpRegs:
+    return pb.GpRegs(**{name: int(getattr(regs, name)) for name in REG_NAMES})
+
+
+def regs_from_pb(msg: pb.GpRegs) -> Regs:
+    regs = Regs()
+    for name in REG_NAMES:
+        setattr(regs, name, getattr(msg, name))
+    return regs
+
+
+def thread_to_pb(t: ThreadState) -> pb.ThreadCore:
+    sp, flags, size = t.altstack
+    return pb.ThreadCore(
+        tid=t.tid, regs=regs_to_pb(t.regs), xstate=t.xstate, sigmask=t.sigmask,
+        rseq=pb.Rseq(abi_pointer=t.rseq.abi_pointer, abi_size=t.rseq.abi_size,
+                     signature=t.rseq.signature, flags=t.rseq.flags),
+        clear_child_tid=t.clear_child_tid, robust_list_head=t.robust_list[0],
+        robust_list_len=t.robust_list[1], altstack=pb.SigAltStack(sp=sp, flags=flags, size=size))
+
+
+def vma_to_pb(v: VmaInfo) -> pb.Vma:
+    return pb.Vma(start=v.start, end=v.end, prot=v.prot, shared=v.shared,
+                  kind=pb.Vma.Kind.Name(int(v.kind)), pgoff=v.pgoff, path=v.path, dev=v.dev,
+                  inode=v.inode, vmflags=list(v.vmflags))
+
+
+def build_core(pid: int, info: ProcessInfo, threads: list[ThreadState], injected: InjectedState,
+               vmas: list[VmaInfo], files: list[FileRecord]) -> pb.ProcessEntry:
+    s = info.stat
+    mm = pb.MmFields(start_code=s.start_code, end_code=s.end_code, start_data=s.start_data,
+                     end_data=s.end_data, start_brk=s.start_brk, brk=injected.brk,
+                     start_stack=s.start_stack, arg_start=s.arg_start, arg_end=s.arg_end,
+                     env_start=s.env_start, env_end=s.env_end, auxv=info.auxv, exe=info.exe)
+    entry = pb.ProcessEntry(
+        pid=pid, ppid=s.ppid, pgid=s.pgrp, sid=s.session, comm=info.comm,
+        threads=[thread_to_pb(t) for t in threads], mm=mm, vmas=[vma_to_pb(v) for v in vmas],
+        personality=info.personality, umask=info.umask, cwd=info.cwd, cmdline=info.cmdline)
+    for signo, (handler, flags, restorer, mask) in sorted(injected.sigactions.items()):
+        entry.sigactions.add(signo=signo, handler=handler, flags=flags, restorer=restorer,
+                             mask=mask)
+    for r in info.rlimits:
+        entry.rlimits.add(resource=r.resource, cur=r.soft, max=r.hard)
+    for f in files:
+        entry.files.add(id=f.id, type=FILE_TYPES[f.kind], path=f.path, flags=f.flags, pos=f.pos,
+                        mode=f.mode, size=f.size, inherit_fd=f.inherit_fd)
+        for fd, cloexec in f.fds:
+            entry.fds.add(fd=fd, file_id=f.id, cloexec=cloexec)
+    return entry

@@ -1,0 +1,105 @@
+"""`ckpt show`: what an images directory holds (processes, threads, VMAs, fds, pages),
+as text or JSON, like `crit show`. Reads images only; never touches a live process."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+
+from ckpt.images import ImageDir, image_chain
+from ckpt.images.pb import core_pb2, image_pb2
+from ckpt.kernel.sys import PAGE_SIZE
+
+
+def summarize(images_dir: str) -> dict[str, Any]:
+    images = ImageDir.open(images_dir)
+    inv = images.read_inventory()
+    chain = image_chain(images)
+    out: dict[str, Any] = {
+        "images_dir": str(images.path),
+        "inventory": MessageToDict(inv, preserving_proto_field_name=True),
+        "parents": [str(d.path) for d in chain[1:]],
+        "processes": [],
+    }
+    for pid in inv.pids:
+        entry = images.read_core(pid) if inv.kind == "dump" else None
+        _, pagemap = images.read_pagemap(pid)
+        out["processes"].append(_process(pid, entry, pagemap))
+    return out
+
+
+def _process(pid: int, entry: core_pb2.ProcessEntry | None,
+             pagemap: list[image_pb2.PagemapEntry]) -> dict[str, Any]:
+    present = sum(e.nr_pages for e in pagemap if e.flags & image_pb2.PagemapEntry.PRESENT)
+    parent = sum(e.nr_pages for e in pagemap if e.flags & image_pb2.PagemapEntry.IN_PARENT)
+    proc: dict[str, Any] = {"pid": pid, "pages_here": present, "pages_in_parent": parent,
+                            "pagemap_runs": len(pagemap)}
+    if entry is None:
+        return proc
+    proc.update({
+        "comm": entry.comm, "exe": entry.mm.exe, "cwd": entry.cwd,
+        "threads": [{"tid": t.tid, "rip": t.regs.rip, "in_syscall": _syscall_nr(t)}
+                    for t in entry.threads],
+        "vmas": [{"start": v.start, "end": v.end, "prot": _prot(v.prot, v.shared),
+                  "kind": core_pb2.Vma.Kind.Name(v.kind), "path": v.path,
+                  "pages": _pages_in(v.start, v.end, pagemap)} for v in entry.vmas],
+        "fds": [_fd(fd, {f.id: f for f in entry.files}) for fd in entry.fds],
+        "sigactions": len(entry.sigactions),
+    })
+    return proc
+
+
+def _syscall_nr(t: core_pb2.ThreadCore) -> int | None:
+    nr = t.regs.orig_rax
+    return None if nr >= 1 << 63 else nr
+
+
+def _prot(prot: int, shared: bool) -> str:
+    return "".join(c if prot & b else "-" for c, b in (("r", 1), ("w", 2), ("x", 4))) + (
+        "s" if shared else "p")
+
+
+def _pages_in(start: int, end: int, pagemap: list[image_pb2.PagemapEntry]) -> int:
+    n = 0
+    for e in pagemap:
+        lo, hi = max(start, e.vaddr), min(end, e.vaddr + e.nr_pages * PAGE_SIZE)
+        if lo < hi:
+            n += (hi - lo) // PAGE_SIZE
+    return n
+
+
+def _fd(fd: core_pb2.FdEntry, files: dict[int, core_pb2.OpenFile]) -> dict[str, Any]:
+    f = files[fd.file_id]
+    return {"fd": fd.fd, "file": fd.file_id, "type": core_pb2.OpenFile.Type.Name(f.type),
+            "path": f.path, "pos": f.pos, "flags": oct(f.flags), "cloexec": fd.cloexec}
+
+
+def render_json(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, indent=2)
+
+
+def render_text(s: dict[str, Any]) -> str:
+    inv = s["inventory"]
+    stats = inv.get("stats", {})
+    lines = [f"{s['images_dir']}: {inv.get('kind')} of pid {inv.get('root_pid')}, "
+             f"tracker {inv.get('tracker')}, kernel {inv.get('kernel_release')}"]
+    if s["parents"]:
+        lines.append(f"  parents: {' <- '.join(s['parents'])}")
+    lines.append(f"  frozen {stats.get('frozen_ms', 0):.1f} ms, copy {stats.get('copy_ms', 0):.1f}"
+                 f" ms, {int(stats.get('bytes_written', 0)) / 2**20:.2f} MiB stored")
+    for p in s["processes"]:
+        lines.append(f"process {p['pid']} {p.get('comm', '')!r} exe={p.get('exe', '?')}")
+        lines.append(f"  pages: {p['pages_here']} here, {p['pages_in_parent']} in parent images"
+                     f" ({p['pagemap_runs']} runs)")
+        for t in p.get("threads", []):
+            sc = f" in syscall {t['in_syscall']}" if t["in_syscall"] is not None else ""
+            lines.append(f"  thread {t['tid']} rip={t['rip']:#x}{sc}")
+        for v in p.get("vmas", []):
+            lines.append(f"  vma {v['start']:#014x}-{v['end']:#014x} {v['prot']} "
+                         f"{v['kind']:<12} {v['pages']:>7}p {v['path']}")
+        for f in p.get("fds", []):
+            lines.append(f"  fd {f['fd']:>3} -> {f['path'] or f['type']} pos={f['pos']} "
+                         f"flags={f['flags']}{' cloexec' if f['cloexec'] else ''}")
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""ckpt's command line: thin click commands over ckpt.actions. Flags follow CRIU's."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from ckpt.errors import CkptError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(fn: F) -> F:
+    """Expected failures become one `Error: ...` line and an exit code; --debug shows more."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CkptError as exc:
+            if os.environ.get("CKPT_DEBUG"):
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ckpt")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def main(debug: bool) -> None:
+    """Checkpoint and restore running Linux processes."""
+    if debug:
+        os.environ["CKPT_DEBUG"] = "1"
+
+
+@main.command()
+@reports_errors
+def check() -> None:
+    """Probe what this kernel supports, one line per feature."""
+    from ckpt.kernel.probe import format_capabilities, meaning, probe
+
+    caps = probe()
+    click.echo(format_capabilities(caps))
+    for line in meaning(caps):
+        click.echo(f"  {line}")
+
+
+@main.command()
+@click.option("-t", "--tree", "pid", type=int, required=True, help="PID of the process to dump.")
+@click.option("-D", "--images-dir", required=True, type=click.Path(file_okay=False),
+              help="Directory to write the images to.")
+@click.option("-R", "--leave-running", is_flag=True, help="Let the process run on after dump.")
+@click.option("-j", "--shell-job", is_flag=True,
+              help="The process uses the terminal: restore takes stdin/out/err from it.")
+@click.option("--compress-level", type=int, default=1, show_default=True,
+              help="zstd level for page data (negative is faster).")
+@reports_errors
+def dump(pid: int, images_dir: str, leave_running: bool, shell_job: bool,
+         compress_level: int) -> None:
+    """Checkpoint process PID into images; the process is killed unless --leave-running."""
+    from ckpt.actions.dump import DumpOptions
+    from ckpt.actions.dump import dump as do_dump
+
+    res = do_dump(DumpOptions(pid=pid, images_dir=images_dir, leave_running=leave_running,
+                              shell_job=shell_job, compress_level=compress_level))
+    click.echo(f"dumped pid {res.pid}: {res.threads} thread(s), {res.vmas} VMAs, "
+               f"{res.pages} pages ({res.stored_bytes / 2**20:.1f} MiB stored), "
+               f"frozen {res.frozen_ms:.1f} ms (copy {res.copy_ms:.1f} ms)", err=True)
+
+
+@main.command()
+@click.option("-D", "--images-dir", required=True, type=click.Path(file_okay=False),
+              help="Directory holding the images.")
+@click.option("-d", "--restore-detached", is_flag=True,
+              help="Return once the process runs instead of waiting for it.")
+@click.option("--pidfile", type=click.Path(dir_okay=False), help="Write the restored PID here.")
+@click.option("--new-pid", is_flag=True, help="Restore under a fresh PID if the old one is taken.")
+@reports_errors
+def restore(images_dir: str, restore_detached: bool, pidfile: str | None, new_pid: bool) -> None:
+    """Restore a process from images; without -d wait for it and exit with its status."""
+    from ckpt.actions.restore import RestoreOptions, wait_restored
+    from ckpt.actions.restore import restore as do_restore
+
+    res = do_restore(RestoreOptions(images_dir=images_dir, new_pid=new_pid))
+    if pidfile:
+        with open(pidfile, "w") as f:
+            f.write(f"{res.pid}\n")
+    click.echo(f"restored pid {res.pid} in {res.total_ms:.1f} ms", err=True)
+    if not restore_detached:
+        sys.exit(wait_restored(res.pid))
+
+
+@main.command()
+@click.argument("images_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@reports_errors
+def show(images_dir: str, as_json: bool) -> None:
+    """Show what an images directory holds (like crit show)."""
+    from ckpt.actions.show import render_json, render_text, summarize
+
+    summary = summarize(images_dir)
+    click.echo(render_json(summary) if as_json else render_text(summary))

@@ -1,0 +1,77 @@
+"""Which open files a dump can carry, grouped by open file description.
+
+Supported: regular files, directories and character devices reopened by path (offset and
+flags restored), /dev/null, and with ``--shell-job`` a terminal on fds 0-2, which restore
+takes from its own stdin/stdout/stderr. Anything else (pipes, sockets, anon inodes,
+deleted files) stops the dump before the target is frozen, naming the fd.
+
+fds that share one open file description (``dup``, ``>out 2>&1``) are one ``OpenFile``
+with several ``FdEntry``s, so after restore their offset moves together again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ckpt.collect.fds import (
+    FdInfo,
+    classify_fd,
+    describe_fd,
+    group_open_files,
+    kcmp_same_file,
+    read_fds,
+)
+from ckpt.errors import NotDumpable
+
+O_CLOEXEC = 0o2000000
+REOPEN_BY_PATH = frozenset({"regular", "directory", "chardev"})
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One open file description and the fds that refer to it."""
+
+    id: int
+    kind: str  # "path", "dev_null" or "inherited"
+    path: str
+    flags: int  # without O_CLOEXEC
+    pos: int
+    mode: int
+    size: int
+    inherit_fd: int
+    fds: tuple[tuple[int, bool], ...]  # (fd, cloexec)
+
+
+def file_kind(info: FdInfo, shell_job: bool) -> str:
+    """How restore brings this fd back; NotDumpable if it cannot."""
+    kind = classify_fd(info)
+    if kind == "dev_null":
+        return "dev_null"
+    if kind == "tty" and shell_job and info.fd <= 2:
+        return "inherited"
+    if kind in REOPEN_BY_PATH and not info.target.endswith(" (deleted)"):
+        return "path"
+    why = describe_fd(info)
+    if kind == "tty":
+        why += ": a terminal; use --shell-job for fds 0-2"
+    elif info.target.endswith(" (deleted)"):
+        why += ": the file was deleted"
+    else:
+        why += ": not supported"
+    raise NotDumpable(why)
+
+
+def collect_files(pid: int, shell_job: bool, root: str = "/proc") -> list[FileRecord]:
+    fds = {i.fd: i for i in read_fds(pid, root=root)}
+    kinds = {fd: file_kind(info, shell_job) for fd, info in fds.items()}
+    out = []
+    for n, group in enumerate(group_open_files(list(fds.values()), kcmp_same_file(pid)), 1):
+        first = fds[group[0]]
+        kind = kinds[group[0]]
+        out.append(FileRecord(
+            id=n, kind=kind, path=first.target, flags=first.flags & ~O_CLOEXEC, pos=first.pos,
+            mode=first.st_mode, size=first.st_size,
+            inherit_fd=first.fd if kind == "inherited" else -1,
+            fds=tuple((fd, bool(fds[fd].flags & O_CLOEXEC)) for fd in group)))
+    return out
+

@@ -1,0 +1,108 @@
+"""State only the kernel or the task itself can tell: registers via ptrace, and a few values
+read by injecting syscalls into the frozen task (sigactions, brk, tid address, altstack).
+
+Injection uses an existing ``syscall`` instruction (the vdso has several) and a scratch
+page mapped in the target for the duration and unmapped before memory is scanned, so the
+dumped address space is the target's own.
+"""
+
+from __future__ import annotations
+
+import signal
+import struct
+from dataclasses import dataclass, field
+
+from ckpt.collect.vmas import VmaInfo, VmaKind
+from ckpt.errors import NotDumpable
+from ckpt.kernel.ptrace import (
+    NT_X86_XSTATE,
+    Injector,
+    Regs,
+    RseqConfig,
+    Tracee,
+    find_syscall_insn,
+    signed,
+)
+from ckpt.kernel.sys import NR, PAGE_SIZE, vm_read
+
+PR_GET_TID_ADDRESS = 40
+PROT_RW = 3
+MAP_PRIVATE_ANON = 0x22
+UNCATCHABLE = (signal.SIGKILL, signal.SIGSTOP)
+_KSIGACTION = struct.Struct("QQQQ")  # handler, flags, restorer, mask
+_ALTSTACK = struct.Struct("QiiQ")  # ss_sp, ss_flags, pad, ss_size
+
+
+@dataclass
+class ThreadState:
+    tid: int
+    regs: Regs
+    xstate: bytes
+    sigmask: int
+    rseq: RseqConfig
+    robust_list: tuple[int, int]
+    clear_child_tid: int = 0
+    altstack: tuple[int, int, int] = (0, 2, 0)  # sp, flags (SS_DISABLE), size
+
+
+@dataclass
+class InjectedState:
+    brk: int = 0
+    sigactions: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
+
+
+def collect_thread(task: Tracee) -> ThreadState:
+    return ThreadState(tid=task.tid, regs=task.getregs(), xstate=task.get_regset(NT_X86_XSTATE),
+                       sigmask=task.get_sigmask(), rseq=task.rseq(),
+                       robust_list=task.robust_list())
+
+
+def syscall_insn(pid: int, regs: Regs, vmas: list[VmaInfo]) -> int:
+    """Where to point rip for injection: the vdso first, then any executable mapping."""
+    if signed(regs.orig_rax) >= 0 and vm_read(pid, regs.rip - 2, 2) == b"\x0f\x05":
+        return int(regs.rip) - 2
+    order = sorted((v for v in vmas if v.prot & 4 and v.kind != VmaKind.VSYSCALL),
+                   key=lambda v: v.kind != VmaKind.VDSO)
+    ip = find_syscall_insn(lambda a, n: vm_read(pid, a, n), [(v.start, v.end) for v in order])
+    if ip is None:
+        raise NotDumpable(f"process {pid} has no syscall instruction to inject through")
+    return ip
+
+
+def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
+                     vmas: list[VmaInfo]) -> InjectedState:
+    """Inject the read-only syscalls; every task's registers are put back, even on error."""
+    leader = threads[0]
+    ip = syscall_insn(pid, states[0].regs, vmas)
+    inj = Injector(leader, ip, states[0].regs)
+    out = InjectedState()
+    scratch = 0
+    try:
+        scratch = inj(NR.mmap, 0, PAGE_SIZE, PROT_RW, MAP_PRIVATE_ANON, -1, 0, what="mmap")
+        out.brk = inj(NR.brk, 0, what="brk")
+        for sig in range(1, 65):
+            if sig in UNCATCHABLE:
+                continue
+            if inj.raw(NR.rt_sigaction, sig, 0, scratch, 8) == 0:
+                act = _KSIGACTION.unpack(vm_read(pid, scratch, _KSIGACTION.size))
+                if act != (0, 0, 0, 0):
+                    out.sigactions[sig] = act
+        for task, state in zip(threads, states, strict=True):
+            ti = inj if task is leader else Injector(task, ip, state.regs)
+            try:
+                got = ti.raw(NR.prctl, PR_GET_TID_ADDRESS, scratch, 0, 0, 0)
+                if got == 0:
+                    state.clear_child_tid = struct.unpack("Q", vm_read(pid, scratch, 8))[0]
+                ti(NR.sigaltstack, 0, scratch, what="sigaltstack")
+                sp, flags, _, size = _ALTSTACK.unpack(vm_read(pid, scratch, _ALTSTACK.size))
+                state.altstack = (sp, flags, size)
+            finally:
+                if ti is not inj:
+                    ti.restore()
+    finally:
+        try:
+            if scratch > 0:
+                inj(NR.munmap, scratch, PAGE_SIZE, what="munmap")
+        finally:
+            inj.restore()
+    return out

@@ -1,0 +1,73 @@
+"""VMAs with their kind: /proc/PID/maps lines plus smaps VmFlags, classified."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ckpt.collect.proc import MapEntry, read_maps, read_smaps_vmflags
+
+
+class VmaKind(enum.IntEnum):
+    """Same numbering as ``Vma.Kind`` in proto/core.proto."""
+
+    ANON_PRIVATE = 0
+    FILE_PRIVATE = 1
+    FILE_SHARED = 2
+    ANON_SHARED = 3
+    STACK = 4
+    HEAP = 5
+    VDSO = 6
+    VVAR = 7
+    VVAR_VCLOCK = 8
+    VSYSCALL = 9
+
+
+SPECIAL_KINDS = {"[vdso]": VmaKind.VDSO, "[vvar]": VmaKind.VVAR,
+                 "[vvar_vclock]": VmaKind.VVAR_VCLOCK, "[vsyscall]": VmaKind.VSYSCALL}
+SHMEM_NAMES = ("/dev/zero (deleted)", "[anon_shmem")
+KERNEL_PROVIDED = frozenset(SPECIAL_KINDS.values())
+
+
+@dataclass(frozen=True)
+class VmaInfo:
+    start: int
+    end: int
+    prot: int
+    shared: bool
+    kind: VmaKind
+    pgoff: int
+    path: str
+    dev: int
+    inode: int
+    vmflags: tuple[str, ...]
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def classify(m: MapEntry, vmflags: tuple[str, ...]) -> VmaKind:
+    """The kind of one VMA. Anonymous means no backing inode ([anon:x] names included)."""
+    if m.path in SPECIAL_KINDS:
+        return SPECIAL_KINDS[m.path]
+    if m.shared and (m.inode == 0 or m.path.startswith(SHMEM_NAMES)):
+        return VmaKind.ANON_SHARED  # MAP_SHARED|MAP_ANONYMOUS, or a mapping of /dev/zero
+    if m.inode == 0:
+        if m.path == "[heap]":
+            return VmaKind.HEAP
+        if m.path == "[stack]" or "gd" in vmflags:
+            return VmaKind.STACK
+        return VmaKind.ANON_PRIVATE
+    return VmaKind.FILE_SHARED if m.shared else VmaKind.FILE_PRIVATE
+
+
+def collect_vmas(pid: int, root: str = "/proc") -> list[VmaInfo]:
+    flags = read_smaps_vmflags(pid, root=root)
+    out = []
+    for m in read_maps(pid, root=root):
+        vf = tuple(flags.get(m.start, ()))
+        out.append(VmaInfo(start=m.start, end=m.end, prot=m.prot, shared=m.shared,
+                           kind=classify(m, vf), pgoff=m.offset, path=m.path, dev=m.dev,
+                           inode=m.inode, vmflags=vf))
+    return out

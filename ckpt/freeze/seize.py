@@ -1,0 +1,164 @@
+"""Freeze a process: PTRACE_SEIZE + PTRACE_INTERRUPT every thread, always released.
+
+    with Frozen(pid) as frozen:      # every thread in a ptrace event-stop
+        ...collect, inject, copy...
+        frozen.kill()                # only when the user asked for it (dump without
+                                     # --leave-running); otherwise __exit__ detaches
+                                     # and the target runs on, whatever happened inside.
+
+PTRACE_SEIZE (unlike PTRACE_ATTACH) sends no SIGSTOP, so the target's job-control state is
+untouched, and when ckpt dies, even by SIGKILL, the kernel detaches and the target resumes.
+SIGINT/SIGTERM/SIGHUP delivered to ckpt while frozen raise :class:`Interrupted`, which unwinds
+through ``__exit__`` like any other error.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from types import FrameType, TracebackType
+
+from ckpt.collect.proc import is_kernel_thread, list_tasks
+from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
+from ckpt.kernel.ptrace import PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_SEIZE, Tracee, ptrace
+
+SEIZE_ROUNDS = 50
+_HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(CkptError):
+    exit_code = 130
+
+    def __init__(self, signo: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signo).name}; target released")
+
+
+class Frozen:
+    """Context manager holding every thread of ``pid`` stopped under ptrace."""
+
+    def __init__(self, pid: int, proc_root: str = "/proc") -> None:
+        self.pid = pid
+        self.root = proc_root
+        self.tasks: dict[int, Tracee] = {}
+        self.pending_signals: dict[int, int] = {}  # tid -> signal to re-deliver on detach
+        self.frozen_at = 0.0
+        self.killed = False
+        self._old_handlers: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
+
+    # ------------------------------------------------------------------ enter / exit
+    def __enter__(self) -> Frozen:
+        if not os.path.exists(f"{self.root}/{self.pid}"):
+            raise NoSuchProcess(self.pid)
+        if is_kernel_thread(self.pid, root=self.root):
+            raise NotDumpable(f"process {self.pid} is a kernel thread")
+        self._install_signal_handlers()
+        try:
+            self._seize_all()
+        except BaseException:
+            self._release()
+            raise
+        self.frozen_at = time.perf_counter()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        try:
+            if not self.killed:
+                self.detach_all()
+        finally:
+            self._restore_signal_handlers()
+
+    # ------------------------------------------------------------------ seize
+    def _seize_all(self) -> None:
+        """Seize and interrupt threads until /proc/PID/task shows no new ones."""
+        for _ in range(SEIZE_ROUNDS):
+            tids = list_tasks(self.pid, root=self.root)
+            new = [t for t in tids if t not in self.tasks]
+            if not new:
+                gone = [t for t in self.tasks if t not in tids]
+                for tid in gone:
+                    del self.tasks[tid]
+                return
+            for tid in new:
+                try:
+                    ptrace(PTRACE_SEIZE, tid)
+                except NoSuchProcess:
+                    if tid == self.pid:
+                        raise
+                    continue  # thread exited meanwhile
+                self.tasks[tid] = Tracee(tid)
+                ptrace(PTRACE_INTERRUPT, tid)
+                self._wait_interrupt(self.tasks[tid])
+        raise NotDumpable(f"process {self.pid} keeps creating threads; cannot freeze it")
+
+    def _wait_interrupt(self, task: Tracee) -> None:
+        """Wait for the event stop; a signal-delivery stop on the way is kept for later."""
+        while True:
+            status = task.wait_stop()
+            if status >> 16 == PTRACE_EVENT_STOP:
+                return
+            sig = os.WSTOPSIG(status)
+            # A signal arrived first: suppress it now, re-deliver it when we let go.
+            self.pending_signals[task.tid] = sig
+            task.cont(0)
+            ptrace(PTRACE_INTERRUPT, task.tid)
+
+    # ------------------------------------------------------------------ release
+    def detach_all(self) -> None:
+        errors: list[BaseException] = []
+        for tid, task in list(self.tasks.items()):
+            try:
+                task.detach(self.pending_signals.get(tid, 0))
+            except NoSuchProcess:
+                pass
+            except CkptError as exc:  # keep detaching the others
+                errors.append(exc)
+            del self.tasks[tid]
+        if errors:
+            raise errors[0]
+
+    def kill(self) -> None:
+        """SIGKILL the target and reap our traced threads so its pid can be reused."""
+        os.kill(self.pid, signal.SIGKILL)
+        self.killed = True
+        others = [t for t in self.tasks if t != self.pid]
+        for tid in [*others, self.pid]:
+            if tid not in self.tasks:
+                continue
+            try:
+                while True:
+                    _, status = os.waitpid(tid, 0x40000000)
+                    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                        break
+            except ChildProcessError:
+                pass
+        self.tasks.clear()
+        deadline = time.monotonic() + 5.0
+        while os.path.exists(f"{self.root}/{self.pid}") and time.monotonic() < deadline:
+            time.sleep(0.002)  # the real parent reaps it
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> None:
+        def handler(signo: int, frame: FrameType | None) -> None:
+            raise Interrupted(signo)
+
+        for signo in _HANDLED:
+            self._old_handlers[signo] = signal.signal(signo, handler)
+
+    def _restore_signal_handlers(self) -> None:
+        for signo, old in self._old_handlers.items():
+            signal.signal(signo, old)
+        self._old_handlers.clear()
+
+    @property
+    def leader(self) -> Tracee:
+        return self.tasks[self.pid]
+
+    def threads(self) -> list[Tracee]:
+        """Leader first, then the other threads by tid."""
+        return [self.leader] + [t for tid, t in sorted(self.tasks.items()) if tid != self.pid]

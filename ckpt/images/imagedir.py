@@ -1,0 +1,272 @@
+"""An images directory: the kinds table and typed, atomic reads and writes of each file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from google.protobuf.message import Message
+
+from ckpt.errors import ImageError
+from ckpt.images.framing import (
+    decode_entries,
+    decode_payloads,
+    encode_entries,
+    parse_entry,
+    register_kind,
+)
+from ckpt.images.pages import DEFAULT_LEVEL, PAGES_MAGIC, PagesReader, PagesWriter
+from ckpt.images.pb.core_pb2 import ProcessEntry
+from ckpt.images.pb.image_pb2 import Inventory, PagemapEntry, PagemapHead
+
+
+def _magic(tag: bytes) -> int:
+    value: int = struct.unpack("<I", tag)[0]
+    return value
+
+
+@dataclass(frozen=True)
+class ImageKind:
+    """One row of the kinds table (cf. CRIU's image-desc.c)."""
+
+    name: str
+    template: str  # file name, "{pid}" substituted
+    magic: int  # u32 kind-magic (page files: their b"CKPG" file magic)
+    messages: tuple[type[Message], ...]  # entry types, in file order ("*" repeats the last)
+
+    def file_name(self, pid: int | None = None) -> str:
+        if "{pid}" in self.template:
+            if pid is None:
+                raise ValueError(f"image kind {self.name} needs a pid")
+            return self.template.format(pid=pid)
+        return self.template
+
+
+INVENTORY = ImageKind("inventory", "inventory.img", _magic(b"INVT"), (Inventory,))
+CORE = ImageKind("core", "core-{pid}.img", _magic(b"CORE"), (ProcessEntry,))
+PAGEMAP = ImageKind("pagemap", "pagemap-{pid}.img", _magic(b"PGMP"), (PagemapHead, PagemapEntry))
+PAGES = ImageKind("pages", "pages-{pid}.img", _magic(PAGES_MAGIC), ())
+
+KINDS: dict[str, ImageKind] = {k.name: k for k in (INVENTORY, CORE, PAGEMAP, PAGES)}
+for _kind in KINDS.values():
+    register_kind(_kind.magic, _kind.name)
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+class ImageDir:
+    """A directory of image files. Never touches a live process."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Use ImageDir.create or ImageDir.open instead."""
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"ImageDir({str(self.path)!r})"
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str]) -> ImageDir:
+        """Make the directory (and parents), mode 0700; existing images get replaced."""
+        p = Path(path)
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            os.chmod(p, 0o700)
+        except FileExistsError:
+            raise ImageError(f"cannot create images directory {p}: not a directory") from None
+        except OSError as exc:
+            raise ImageError(f"cannot create images directory {p}: {_why(exc)}") from None
+        return cls(p)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> ImageDir:
+        """Open an existing images directory; it must hold an inventory.img."""
+        p = Path(path)
+        if not p.is_dir():
+            raise ImageError(f"images directory {p} does not exist")
+        if not (p / INVENTORY.template).exists():
+            raise ImageError(f"{p} holds no ckpt images (inventory.img missing)")
+        return cls(p)
+
+    def file(self, kind: str, pid: int | None = None) -> Path:
+        """Path of the image file of the given kind (and pid)."""
+        return self.path / KINDS[kind].file_name(pid)
+
+    def exists(self, kind: str, pid: int | None = None) -> bool:
+        return self.file(kind, pid).exists()
+
+    # -- raw file access ---------------------------------------------------------------
+
+    def _tmp_for(self, target: Path) -> Path:
+        return target.with_name(f".{target.name}.tmp")
+
+    def _open_tmp(self, target: Path) -> tuple[Path, int]:
+        tmp = self._tmp_for(target)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ImageError(f"cannot write {target}: {_why(exc)}") from None
+        try:
+            os.fchmod(fd, 0o600)
+        except OSError as exc:
+            os.close(fd)
+            _unlink(tmp)
+            raise ImageError(f"cannot write {target}: {_why(exc)}") from None
+        return tmp, fd
+
+    def _commit(self, tmp: Path, target: Path) -> None:
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            _unlink(tmp)
+            raise ImageError(f"cannot write {target}: {_why(exc)}") from None
+
+    def _write_file(self, target: Path, data: bytes) -> None:
+        tmp, fd = self._open_tmp(target)
+        try:
+            with open(fd, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            _unlink(tmp)
+            raise ImageError(f"cannot write {target}: {_why(exc)}") from None
+        self._commit(tmp, target)
+
+    def _read_file(self, target: Path) -> bytes:
+        try:
+            return target.read_bytes()
+        except FileNotFoundError:
+            raise ImageError(f"image file {target} missing") from None
+        except OSError as exc:
+            raise ImageError(f"cannot read {target}: {_why(exc)}") from None
+
+    def _write_msgs(self, kind: ImageKind, pid: int | None, msgs: Sequence[Message]) -> None:
+        self._write_file(self.path / kind.file_name(pid), encode_entries(kind.magic, msgs))
+
+    def _read_one(self, kind: ImageKind, pid: int | None) -> Message:
+        target = self.path / kind.file_name(pid)
+        msgs = decode_entries(self._read_file(target), kind.magic, kind.messages[0], str(target))
+        if len(msgs) != 1:
+            raise ImageError(f"{target}: corrupted (expected 1 entry, found {len(msgs)})")
+        return msgs[0]
+
+    # -- typed images ------------------------------------------------------------------
+
+    def write_inventory(self, msg: Inventory) -> None:
+        self._write_msgs(INVENTORY, None, [msg])
+
+    def read_inventory(self) -> Inventory:
+        msg = self._read_one(INVENTORY, None)
+        assert isinstance(msg, Inventory)
+        return msg
+
+    def write_core(self, pid: int, msg: ProcessEntry) -> None:
+        self._write_msgs(CORE, pid, [msg])
+
+    def read_core(self, pid: int) -> ProcessEntry:
+        msg = self._read_one(CORE, pid)
+        assert isinstance(msg, ProcessEntry)
+        if msg.pid != pid:
+            raise ImageError(f"{self.file('core', pid)}: holds process {msg.pid}, not {pid}")
+        return msg
+
+    def write_pagemap(self, pid: int, head: PagemapHead, entries: Sequence[PagemapEntry]) -> None:
+        """pagemap-<pid>.img: entry 0 is the PagemapHead, the rest PagemapEntry runs."""
+        self._write_msgs(PAGEMAP, pid, [head, *entries])
+
+    def read_pagemap(self, pid: int) -> tuple[PagemapHead, list[PagemapEntry]]:
+        target = self.file("pagemap", pid)
+        name = str(target)
+        payloads = decode_payloads(self._read_file(target), PAGEMAP.magic, name)
+        if not payloads:
+            raise ImageError(f"{name}: corrupted (no PagemapHead)")
+        head = parse_entry(PagemapHead, payloads[0], name, 0)
+        if head.pid != pid:
+            raise ImageError(f"{name}: holds process {head.pid}, not {pid}")
+        entries = [parse_entry(PagemapEntry, p, name, i) for i, p in enumerate(payloads[1:], 1)]
+        return head, entries
+
+    @contextlib.contextmanager
+    def pages_writer(
+        self, pid: int, *, level: int = DEFAULT_LEVEL, threads: int = 0
+    ) -> Iterator[PagesWriter]:
+        """Yield a PagesWriter on a temp file, renamed into place when the block succeeds."""
+        target = self.file("pages", pid)
+        tmp, fd = self._open_tmp(target)
+        f = open(fd, "wb")  # noqa: SIM115 - closed below on every path
+        try:
+            writer = PagesWriter(f, name=str(target), level=level, threads=threads)
+        except BaseException:
+            _discard(f, tmp)
+            raise
+        try:
+            yield writer
+        except BaseException:  # the caller's block failed: leave nothing behind
+            _discard(f, tmp)
+            raise
+        try:
+            writer.close()
+            f.close()
+        except OSError as exc:
+            _discard(f, tmp)
+            raise ImageError(f"cannot write {target}: {_why(exc)}") from None
+        except BaseException:
+            _discard(f, tmp)
+            raise
+        self._commit(tmp, target)
+
+    @contextlib.contextmanager
+    def pages_reader(self, pid: int) -> Iterator[PagesReader]:
+        """Yield a PagesReader on pages-<pid>.img."""
+        target = self.file("pages", pid)
+        try:
+            f = open(target, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise ImageError(f"image file {target} missing") from None
+        except OSError as exc:
+            raise ImageError(f"cannot read {target}: {_why(exc)}") from None
+        with f:
+            yield PagesReader(f, str(target))
+
+    # -- parent chain --------------------------------------------------------------------
+
+    def parent(self) -> ImageDir | None:
+        """The parent images directory named by inventory.parent, or None."""
+        rel = self.read_inventory().parent
+        if not rel:
+            return None
+        p = self.path / rel
+        if not (p / INVENTORY.template).is_file():
+            raise ImageError(f"parent images {p} (of {self.path}) missing")
+        return ImageDir(p)
+
+
+def image_chain(d: ImageDir) -> list[ImageDir]:
+    """d and its ancestors, newest first; a loop in the chain is an ImageError."""
+    chain = [d]
+    seen = {os.path.realpath(d.path)}
+    cur: ImageDir | None = d.parent()
+    while cur is not None:
+        real = os.path.realpath(cur.path)
+        if real in seen:
+            raise ImageError(f"parent chain of {d.path} loops back to {cur.path}")
+        seen.add(real)
+        chain.append(cur)
+        cur = cur.parent()
+    return chain
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _discard(f: BinaryIO, tmp: Path) -> None:
+    with contextlib.suppress(OSError):
+        f.close()
+    _unlink(tmp)

@@ -1,0 +1,247 @@
+"""ptrace: seize/interrupt, register sets, signal masks, rseq, and syscall injection.
+
+python-ptrace provides the register struct and PTRACE_GETREGS/SETREGS; it has no
+SEIZE/INTERRUPT, regsets by note type, or injection, which live here. Errors become
+typed ckpt errors carrying the tid.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ptrace.binding.linux_struct import user_regs_struct
+
+from ckpt.errors import CkptError, KernelError
+from ckpt.kernel.sys import NR, iovec, libc, raise_errno, syscall
+
+PTRACE_TRACEME = 0
+PTRACE_CONT = 7
+PTRACE_SINGLESTEP = 9
+PTRACE_DETACH = 17
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETEVENTMSG = 0x4201
+PTRACE_GETSIGINFO = 0x4202
+PTRACE_GETREGSET = 0x4204
+PTRACE_SETREGSET = 0x4205
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+
+PTRACE_O_TRACECLONE = 0x8
+PTRACE_O_EXITKILL = 0x100000
+PTRACE_EVENT_CLONE = 3
+PTRACE_EVENT_STOP = 128
+
+NT_PRSTATUS = 1
+NT_X86_XSTATE = 0x202
+XSTATE_BUF = 16384
+WALL = 0x40000000
+
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+
+
+class Regs(user_regs_struct):  # type: ignore[misc]  # python-ptrace is untyped
+    """struct user_regs_struct (python-ptrace's layout)."""
+
+
+REG_NAMES: tuple[str, ...] = tuple(name for name, _ in user_regs_struct._fields_)
+U64 = (1 << 64) - 1
+
+libc.ptrace.restype = ctypes.c_long
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+
+
+def ptrace(req: int, tid: int, addr: int = 0, data: int = 0) -> int:
+    ctypes.set_errno(0)
+    res = int(libc.ptrace(req, tid, ctypes.c_void_p(addr), ctypes.c_void_p(data)))
+    if res == -1:
+        err = ctypes.get_errno()
+        if err:
+            raise_errno(err, f"ptrace({req:#x})", tid)
+    return res
+
+
+def signed(v: int) -> int:
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+def copy_regs(r: Regs) -> Regs:
+    new: Regs = Regs.from_buffer_copy(r)
+    return new
+
+
+class StopError(CkptError):
+    """A traced task did not stop the way we expected (it died, or got a signal)."""
+
+
+@dataclass(frozen=True)
+class RseqConfig:
+    abi_pointer: int
+    abi_size: int
+    signature: int
+    flags: int
+
+
+class Tracee:
+    """One traced task (thread). Thin: every method is one ptrace request."""
+
+    def __init__(self, tid: int) -> None:
+        self.tid = tid
+
+    def wait(self) -> int:
+        try:
+            _, status = os.waitpid(self.tid, WALL)
+        except ChildProcessError as exc:
+            raise StopError(f"task {self.tid} is gone") from exc
+        return status
+
+    def wait_stop(self, expect_sig: int | None = None) -> int:
+        status = self.wait()
+        if not os.WIFSTOPPED(status):
+            how = (f"exited with {os.WEXITSTATUS(status)}" if os.WIFEXITED(status)
+                   else f"was killed by signal {os.WTERMSIG(status)}")
+            raise StopError(f"task {self.tid} {how} while traced")
+        sig = os.WSTOPSIG(status)
+        if expect_sig is not None and sig != expect_sig:
+            raise StopError(f"task {self.tid} stopped by signal {sig}, expected {expect_sig}")
+        return status
+
+    def getregs(self) -> Regs:
+        regs = Regs()
+        ptrace(PTRACE_GETREGS, self.tid, 0, ctypes.addressof(regs))
+        return regs
+
+    def setregs(self, regs: Regs) -> None:
+        ptrace(PTRACE_SETREGS, self.tid, 0, ctypes.addressof(regs))
+
+    def get_regset(self, note: int, size: int = XSTATE_BUF) -> bytes:
+        buf = ctypes.create_string_buffer(size)
+        iov = iovec(ctypes.addressof(buf), size)
+        ptrace(PTRACE_GETREGSET, self.tid, note, ctypes.addressof(iov))
+        return buf.raw[: iov.iov_len]
+
+    def set_regset(self, note: int, data: bytes) -> None:
+        buf = ctypes.create_string_buffer(data, len(data))
+        iov = iovec(ctypes.addressof(buf), len(data))
+        ptrace(PTRACE_SETREGSET, self.tid, note, ctypes.addressof(iov))
+
+    def get_sigmask(self) -> int:
+        mask = ctypes.c_uint64()
+        ptrace(PTRACE_GETSIGMASK, self.tid, 8, ctypes.addressof(mask))
+        return mask.value
+
+    def set_sigmask(self, mask: int) -> None:
+        val = ctypes.c_uint64(mask)
+        ptrace(PTRACE_SETSIGMASK, self.tid, 8, ctypes.addressof(val))
+
+    def rseq(self) -> RseqConfig:
+        buf = ctypes.create_string_buffer(32)
+        ptrace(PTRACE_GET_RSEQ_CONFIGURATION, self.tid, 32, ctypes.addressof(buf))
+        ptr, size, sig, flags = struct.unpack_from("QIII", buf.raw)
+        return RseqConfig(ptr, size, sig, flags)
+
+    def robust_list(self) -> tuple[int, int]:
+        head, length = ctypes.c_uint64(), ctypes.c_size_t()
+        syscall(NR.get_robust_list, self.tid, ctypes.addressof(head), ctypes.addressof(length),
+                what="get_robust_list", pid=self.tid)
+        return head.value, length.value
+
+    def event_msg(self) -> int:
+        msg = ctypes.c_ulong()
+        ptrace(PTRACE_GETEVENTMSG, self.tid, 0, ctypes.addressof(msg))
+        return msg.value
+
+    def set_options(self, options: int) -> None:
+        ptrace(PTRACE_SETOPTIONS, self.tid, 0, options)
+
+    def cont(self, sig: int = 0) -> None:
+        ptrace(PTRACE_CONT, self.tid, 0, sig)
+
+    def step(self, sig: int = 0) -> None:
+        ptrace(PTRACE_SINGLESTEP, self.tid, 0, sig)
+
+    def detach(self, sig: int = 0) -> None:
+        ptrace(PTRACE_DETACH, self.tid, 0, sig)
+
+
+class Injector:
+    """Runs syscalls inside a stopped task: point rip at a ``syscall`` instruction, step.
+
+    ``ip`` is the address of a ``0f 05`` in the task's address space; when ``trap_after``
+    is set the instruction is followed by ``int3`` and the task is continued rather than
+    stepped (cheaper, and needed for clone3 whose child must not single-step).
+    The task's registers are restored by :meth:`restore`.
+    """
+
+    ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+
+    def __init__(self, task: Tracee, ip: int, base: Regs | None = None) -> None:
+        self.task = task
+        self.ip = ip
+        self.saved = base if base is not None else task.getregs()
+        self.count = 0
+
+    def prepare(self, nr: int, args: tuple[int, ...]) -> None:
+        regs = copy_regs(self.saved)
+        regs.rip, regs.rax, regs.orig_rax = self.ip, nr, U64
+        for name, value in zip(self.ARG_REGS, args, strict=False):
+            setattr(regs, name, value & U64)
+        self.task.setregs(regs)
+
+    def raw(self, nr: int, *args: int, step: bool = True) -> int:
+        """Run one syscall; return its raw result (negative errno on failure)."""
+        self.prepare(nr, args)
+        if step:
+            self.task.step()
+        else:
+            self.task.cont()
+        self.task.wait_stop()
+        self.count += 1
+        return signed(self.task.getregs().rax)
+
+    def __call__(self, nr: int, *args: int, what: str = "", step: bool = True) -> int:
+        res = self.raw(nr, *args, step=step)
+        if -4096 < res < 0:
+            raise KernelError(-res, f"{what or f'syscall {nr}'} in task {self.task.tid}")
+        return res
+
+    def restore(self) -> None:
+        self.task.setregs(self.saved)
+
+
+def find_syscall_insn(read: Callable[[int, int], bytes], ranges: list[tuple[int, int]],
+                      ) -> int | None:
+    """Address of the first ``0f 05`` in the given (start, end) ranges, read with ``read``."""
+    for start, end in ranges:
+        try:
+            blob = read(start, end - start)
+        except (OSError, CkptError):
+            continue
+        k = blob.find(b"\x0f\x05")
+        if k >= 0:
+            return start + k
+    return None
+
+
+__all__ = [
+    "NT_PRSTATUS",
+    "NT_X86_XSTATE",
+    "PTRACE_EVENT_STOP",
+    "REG_NAMES",
+    "Injector",
+    "Regs",
+    "RseqConfig",
+    "StopError",
+    "Tracee",
+    "copy_regs",
+    "find_syscall_insn",
+    "ptrace",
+    "signed",
+]

@@ -1,0 +1,56 @@
+"""Open files: every open file description is opened once and dup'ed onto each of its fds,
+so fds that shared an offset (dup, `>out 2>&1`) share it again.
+
+The stub starts with ckpt's fds. All but 0-2 are closed at once; 0-2 are parked above every
+fd of the image so that INHERITED files (--shell-job) can take ckpt's terminal from them,
+and closed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ckpt.errors import RestoreError
+from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.sys import NR
+from ckpt.restore.stub import Stub
+
+F_DUPFD, F_SETFD, FD_CLOEXEC = 0, 2, 1
+O_CLOEXEC = 0o2000000
+NOT_REOPENED = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
+SEEK_SET = 0
+
+
+def close_stub_fds(stub: Stub) -> None:
+    stub.sc(NR.close_range, 3, 0xFFFFFFFF, 0, what="close_range")
+
+
+def restore_files(stub: Stub, entry: pb.ProcessEntry) -> None:
+    park = max([fd.fd for fd in entry.fds] + [2]) + 1
+    for std in range(3):
+        stub.sc(NR.fcntl, std, F_DUPFD, park + std, check=False)  # may be closed in ckpt
+        stub.sc(NR.close, std, check=False)
+    for f in entry.files:
+        fds = [fd for fd in entry.fds if fd.file_id == f.id]
+        if not fds:
+            continue
+        src = park + f.inherit_fd if f.type == pb.OpenFile.INHERITED else _open(stub, f)
+        for fd in fds:
+            if fd.fd != src:
+                stub.sc(NR.dup3, src, fd.fd, O_CLOEXEC if fd.cloexec else 0,
+                        what=f"dup3 onto fd {fd.fd}")
+            elif fd.cloexec:
+                stub.sc(NR.fcntl, src, F_SETFD, FD_CLOEXEC, what=f"cloexec fd {fd.fd}")
+        if f.type != pb.OpenFile.INHERITED and src not in {fd.fd for fd in fds}:
+            stub.sc(NR.close, src, what="close")
+    stub.sc(NR.close_range, park, park + 2, 0, what="close_range")
+
+
+def _open(stub: Stub, f: pb.OpenFile) -> int:
+    path = "/dev/null" if f.type == pb.OpenFile.DEV_NULL else f.path
+    if f.type == pb.OpenFile.REGULAR and not os.path.exists(path):
+        raise RestoreError(f"file {path} (open at dump time) is missing")
+    fd = stub.sc(NR.open, stub.put_str(path), f.flags & ~NOT_REOPENED, 0, what=f"open {path}")
+    if f.type == pb.OpenFile.REGULAR and f.pos:
+        stub.sc(NR.lseek, fd, f.pos, SEEK_SET, what=f"lseek {path}")
+    return fd

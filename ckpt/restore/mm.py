@@ -1,0 +1,161 @@
+"""Rebuild the address space inside the stub.
+
+    1. unmap everything of the stub but the gadget and the kernel's special mappings
+    2. move [vvar] [vvar_vclock] [vdso] as a group to the dumped addresses (the dumped code
+       calls into the vdso, and glibc caches its address)
+    3. map every VMA at its address: anonymous, or the file at its offset (checked to be the
+       same inode); VMAs that were writable once (VM_ACCOUNT, e.g. RELRO) are mapped RW and
+       made read-only after the fill, so they do not merge with their neighbours
+    4. fill pages (ckpt.restore.pages), then mprotect back
+    5. PR_SET_MM_MAP: code/data/brk/stack/arg/env bounds, auxv and the exe link
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from ckpt.collect.proc import read_maps
+from ckpt.collect.vmas import KERNEL_PROVIDED, VmaKind
+from ckpt.errors import RestoreError
+from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.sys import NR
+from ckpt.restore.stub import GADGET_LEN, Stub
+
+PROT_WRITE = 2
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_GROWSDOWN = 0x1, 0x2, 0x10, 0x20, 0x100
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+PR_SET_MM, PR_SET_MM_MAP = 35, 14
+VDSO_GROUP = ("[vvar]", "[vvar_vclock]", "[vdso]")
+KEEP = frozenset({*VDSO_GROUP, "[vsyscall]"})
+NO_EXE_FD = 0xFFFFFFFF
+
+
+def overlaps(a0: int, a1: int, ranges: list[tuple[int, int]]) -> bool:
+    return any(a0 < e and s < a1 for s, e in ranges)
+
+
+def free_gadget_address(stub_pid: int, vmas: list[pb.Vma]) -> int:
+    busy = [(v.start, v.end) for v in vmas] + [(m.start, m.end) for m in read_maps(stub_pid)]
+    for addr in range(0x10000000, 1 << 46, 0x10000000):
+        if not overlaps(addr, addr + GADGET_LEN + (1 << 20), busy):
+            return addr
+    raise RestoreError("no free address for the restore gadget")
+
+
+def unmap_stub(stub: Stub) -> None:
+    for m in read_maps(stub.pid):
+        if m.path in KEEP or m.start == stub.gadget:
+            continue
+        stub.sc(NR.munmap, m.start, m.end - m.start, what=f"munmap stub {m.start:#x}")
+
+
+def move_vdso(stub: Stub, vmas: list[pb.Vma]) -> None:
+    """mremap the stub's vdso group onto the dumped addresses; the layout must match."""
+    have = {m.path: (m.start, m.end) for m in read_maps(stub.pid) if m.path in VDSO_GROUP}
+    want = {v.path: (v.start, v.end) for v in vmas if v.path in VDSO_GROUP}
+    if not want:
+        return
+    if set(have) != set(want) or any(
+        have[k][1] - have[k][0] != want[k][1] - want[k][0]
+        or have[k][0] - have["[vdso]"][0] != want[k][0] - want["[vdso]"][0] for k in want
+    ):
+        raise RestoreError("the vdso layout of this kernel differs from the dumped one "
+                           f"(dumped {sorted(want.items())}, here {sorted(have.items())})")
+    lo_have, lo_want = min(s for s, _ in have.values()), min(s for s, _ in want.values())
+    if lo_have == lo_want:
+        return
+    span = max(e for _, e in have.values()) - lo_have
+    if overlaps(lo_have, lo_have + span, [(lo_want, lo_want + span)]):
+        tmp = stub.gadget + GADGET_LEN + (1 << 20)  # step aside first: mremap can't overlap
+        _mremap_group(stub, have, tmp - lo_have)
+        have = {k: (s + tmp - lo_have, e + tmp - lo_have) for k, (s, e) in have.items()}
+        lo_have = tmp
+    _mremap_group(stub, have, lo_want - lo_have)
+
+
+def _mremap_group(stub: Stub, group: dict[str, tuple[int, int]], delta: int) -> None:
+    for name, (start, end) in group.items():
+        stub.sc(NR.mremap, start, end - start, end - start, MREMAP_MAYMOVE | MREMAP_FIXED,
+                start + delta, what=f"mremap {name}")
+
+
+def needs_late_protect(v: pb.Vma) -> bool:
+    """Was writable once (VM_ACCOUNT on a private non-writable mapping, e.g. RELRO)."""
+    return "ac" in v.vmflags and not v.prot & PROT_WRITE and not v.shared
+
+
+def map_vmas(stub: Stub, vmas: list[pb.Vma]) -> list[pb.Vma]:
+    """mmap every VMA in place; return those to mprotect back after the page fill."""
+    late: list[pb.Vma] = []
+    fds: dict[str, int] = {}
+    try:
+        for v in vmas:
+            kind = VmaKind(v.kind)
+            if kind in KERNEL_PROVIDED:
+                continue
+            prot = v.prot
+            if needs_late_protect(v):
+                late.append(v)
+                prot |= PROT_WRITE
+            flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_PRIVATE)
+            fd, off = -1, 0
+            if kind in (VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED):
+                fd, off = _open_backing(stub, v, fds), v.pgoff
+            else:
+                flags |= MAP_ANONYMOUS
+                if kind == VmaKind.STACK and "gd" in v.vmflags:
+                    flags |= MAP_GROWSDOWN
+            got = stub.sc(NR.mmap, v.start, v.end - v.start, prot, flags, fd, off,
+                          what=f"mmap {v.start:#x}-{v.end:#x} {v.path}")
+            if got != v.start:
+                raise RestoreError(f"mmap of {v.start:#x} landed at {got:#x}")
+    finally:
+        for fd in fds.values():
+            stub.sc(NR.close, fd, check=False)
+    return late
+
+
+def _open_backing(stub: Stub, v: pb.Vma, fds: dict[str, int]) -> int:
+    if v.path in fds:
+        return fds[v.path]
+    if v.path.endswith(" (deleted)"):
+        raise RestoreError(f"mapped file {v.path} was deleted before the dump; cannot restore")
+    try:
+        st = os.stat(v.path)
+    except OSError as exc:
+        raise RestoreError(f"mapped file {v.path} is missing: {exc.strerror}") from None
+    if st.st_ino != v.inode:
+        raise RestoreError(f"mapped file {v.path} changed since the dump (inode {v.inode} "
+                           f"became {st.st_ino})")
+    writable_shared = v.shared and v.prot & PROT_WRITE
+    fds[v.path] = stub.sc(NR.open, stub.put_str(v.path), os.O_RDWR if writable_shared else
+                          os.O_RDONLY, 0, what=f"open {v.path}")
+    return fds[v.path]
+
+
+def protect_late(stub: Stub, late: list[pb.Vma]) -> None:
+    for v in late:
+        stub.sc(NR.mprotect, v.start, v.end - v.start, v.prot, what=f"mprotect {v.start:#x}")
+
+
+def restore_mm_fields(stub: Stub, mm: pb.MmFields) -> None:
+    """PR_SET_MM_MAP (needs no CAP_SYS_RESOURCE, unlike the single-field PR_SET_MM ops)."""
+    exe_fd = NO_EXE_FD
+    try:
+        here, there = os.stat(mm.exe), os.stat(f"/proc/{stub.pid}/exe")
+    except OSError as exc:
+        raise RestoreError(f"executable {mm.exe} is missing: {exc.strerror}") from None
+    if (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino):
+        exe_fd = stub.sc(NR.open, stub.put_str(mm.exe, 2048), os.O_RDONLY, 0,
+                         what=f"open {mm.exe}")
+    auxv = stub.put(mm.auxv, 4096)
+    mm_map = struct.pack("11QQII", mm.start_code, mm.end_code, mm.start_data, mm.end_data,
+                         mm.start_brk, mm.brk, mm.start_stack, mm.arg_start, mm.arg_end,
+                         mm.env_start, mm.env_end, auxv, len(mm.auxv), exe_fd)
+    try:
+        stub.sc(NR.prctl, PR_SET_MM, PR_SET_MM_MAP, stub.put(mm_map), len(mm_map), 0,
+                what="prctl(PR_SET_MM_MAP)")
+    finally:
+        if exe_fd != NO_EXE_FD:
+            stub.sc(NR.close, exe_fd, check=False)

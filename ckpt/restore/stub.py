@@ -1,0 +1,157 @@
+"""The stub: a traced child of ckpt that is turned into the restored process.
+
+ckpt forks; the child asks to be traced and stops itself. From then on every change to it
+is a syscall injected through a *gadget*, a page holding ``syscall; int3`` mapped at an
+address no VMA of the target uses, followed by scratch pages for syscall arguments:
+
+    gadget page   : 0f 05 cc ...           rip points here; int3 stops after the syscall
+    scratch pages : paths, structs, auxv   written through /proc/PID/mem
+
+PTRACE_O_EXITKILL makes the kernel kill the stub if ckpt dies, so a failed restore never
+leaves a half-built process; :meth:`Stub.kill` does the same on an orderly failure.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+
+from ckpt.errors import KernelError, RestoreError
+from ckpt.kernel.ptrace import PTRACE_O_EXITKILL, PTRACE_TRACEME, Injector, Tracee
+from ckpt.kernel.sys import NR, PAGE_SIZE, libc
+
+GADGET_CODE = b"\x0f\x05\xcc"  # syscall; int3
+GADGET_PAGES = 16
+GADGET_LEN = GADGET_PAGES * PAGE_SIZE
+NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
+PROT_RWX = 7
+MAP_PRIVATE_ANON = 0x22
+MAP_FIXED_NOREPLACE = 0x100000
+PID_ATTEMPTS = 50
+
+
+def fork_stub(want_pid: int | None) -> int:
+    """Fork a child that stops under PTRACE_TRACEME; with ``want_pid``, get exactly that pid."""
+    if want_pid is None:
+        return _fork_traced()
+    with open(NS_LAST_PID, "r+") as last:
+        fcntl.flock(last, fcntl.LOCK_EX)  # other ckpt instances serialize on it, as CRIU does
+        for _ in range(PID_ATTEMPTS):
+            last.seek(0)
+            last.write(str(want_pid - 1))
+            last.flush()
+            pid = _fork_traced()
+            if pid == want_pid:
+                return pid
+            _reap_killed(pid)
+    raise RestoreError(f"could not obtain pid {want_pid} (something else keeps taking it)")
+
+
+def _fork_traced() -> int:
+    pid = os.fork()
+    if pid == 0:  # child: as little Python as possible
+        try:
+            libc.ptrace(PTRACE_TRACEME, 0, None, None)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        finally:
+            os._exit(127)
+    return pid
+
+
+def _reap_killed(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+class Stub:
+    """The stub process (or one of its threads) and the injector driving it."""
+
+    def __init__(self, pid: int, tid: int | None = None) -> None:
+        self.pid = pid
+        self.task = Tracee(tid if tid is not None else pid)
+        self.inj: Injector | None = None
+        self.gadget = 0
+        self._mem_fd = -1
+
+    @classmethod
+    def spawn(cls, want_pid: int | None) -> Stub:
+        pid = fork_stub(want_pid)
+        stub = cls(pid)
+        try:
+            stub.task.wait_stop(signal.SIGSTOP)
+            stub.task.set_options(PTRACE_O_EXITKILL)
+        except BaseException:
+            _reap_killed(pid)
+            raise
+        return stub
+
+    # ------------------------------------------------------------------ gadget
+    def install_gadget(self, addr: int) -> None:
+        """Map the gadget at ``addr``, bootstrapping through the stub's current rip."""
+        regs = self.task.getregs()
+        self.write_mem(int(regs.rip), GADGET_CODE)  # stub's own text; it is discarded anyway
+        boot = Injector(self.task, int(regs.rip), regs)
+        got = boot(NR.mmap, addr, GADGET_LEN, PROT_RWX, MAP_PRIVATE_ANON | MAP_FIXED_NOREPLACE, -1,
+                   0, what="mmap gadget", step=False)
+        if got != addr:
+            raise RestoreError(f"gadget landed at {got:#x}, not {addr:#x}")
+        self.write_mem(addr, GADGET_CODE)
+        self.use_gadget(addr)
+
+    def use_gadget(self, addr: int) -> None:
+        self.gadget = addr
+        self.inj = Injector(self.task, addr)
+
+    @property
+    def scratch(self) -> int:
+        return self.gadget + PAGE_SIZE
+
+    # ------------------------------------------------------------------ syscalls
+    def sc(self, nr: int, *args: int, what: str = "", check: bool = True, step: bool = False,
+           ) -> int:
+        assert self.inj is not None, "gadget not installed"
+        if check:
+            return self.inj(nr, *args, what=what, step=step)
+        return self.inj.raw(nr, *args, step=step)
+
+    def put(self, data: bytes, off: int = 0) -> int:
+        """Copy ``data`` into the scratch area at ``off``; return its remote address."""
+        if off + len(data) > GADGET_LEN - PAGE_SIZE:
+            raise RestoreError(f"argument of {len(data)} bytes does not fit the scratch area")
+        self.write_mem(self.scratch + off, data)
+        return self.scratch + off
+
+    def put_str(self, s: str, off: int = 0) -> int:
+        return self.put(os.fsencode(s) + b"\0", off)
+
+    # ------------------------------------------------------------------ memory
+    def mem_fd(self) -> int:
+        if self._mem_fd < 0:
+            self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR)
+        return self._mem_fd
+
+    def write_mem(self, addr: int, data: bytes | memoryview) -> None:
+        """Write through /proc/PID/mem: forces access, so read-only pages work too."""
+        done = 0
+        view = memoryview(data)
+        while done < len(view):
+            try:
+                n = os.pwrite(self.mem_fd(), view[done:], addr + done)
+            except OSError as exc:
+                raise KernelError(exc.errno or 5, f"write {len(view)} bytes at {addr:#x}") from exc
+            if n <= 0:
+                raise RestoreError(f"short write at {addr + done:#x}")
+            done += n
+
+    def close(self) -> None:
+        if self._mem_fd >= 0:
+            os.close(self._mem_fd)
+            self._mem_fd = -1
+
+    def kill(self) -> None:
+        self.close()
+        _reap_killed(self.pid)

@@ -1,0 +1,110 @@
+"""Threads and per-task state: clone3 with set_tid, rseq, tid address, robust list,
+altstack, and finally XSTATE + registers (with syscall-restart fix-ups) and signal masks.
+
+A task frozen inside a syscall has rax = -ERESTART*; the kernel would restart or fail the
+call when the signal-less stop ends, but a restored task resumes from plain registers, so
+we apply the kernel's rule ourselves:
+
+    -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND   rip -= 2, rax = orig_rax (re-issue)
+    -ERESTART_RESTARTBLOCK                           rax = -EINTR (its restart block is
+                                                     kernel state we cannot carry over)
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import struct
+
+from ckpt.actions.core_image import regs_from_pb
+from ckpt.errors import RestoreError
+from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.ptrace import (
+    NT_X86_XSTATE,
+    PTRACE_EVENT_CLONE,
+    PTRACE_O_EXITKILL,
+    PTRACE_O_TRACECLONE,
+    Regs,
+    signed,
+)
+from ckpt.kernel.sys import NR
+from ckpt.restore.stub import Stub
+
+ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
+U64 = (1 << 64) - 1
+CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000  # VM FS FILES SIGHAND
+# THREAD SYSVSEM
+CLONE_ARGS = struct.Struct("11Q")
+RSEQ_FLAG_UNREGISTER = 1
+
+
+def fix_restart(regs: Regs) -> Regs:
+    if signed(regs.orig_rax) >= 0:
+        ret = -signed(regs.rax)
+        if ret in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
+            regs.rax, regs.rip = regs.orig_rax, regs.rip - 2
+        elif ret == ERESTART_RESTARTBLOCK:
+            regs.rax = (-errno.EINTR) & U64
+        regs.orig_rax = U64
+    return regs
+
+
+def unregister_stub_rseq(stub: Stub) -> None:
+    rseq = stub.task.rseq()
+    if rseq.abi_pointer:
+        stub.sc(NR.rseq, rseq.abi_pointer, rseq.abi_size, RSEQ_FLAG_UNREGISTER, rseq.signature,
+                what="unregister the stub's rseq")
+
+
+def clone_threads(stub: Stub, threads: list[pb.ThreadCore], same_tids: bool) -> list[Stub]:
+    """Create the non-leader threads from the gadget; each comes back stopped and traced."""
+    out: list[Stub] = []
+    if not threads:
+        return out
+    stub.task.set_options(PTRACE_O_EXITKILL | PTRACE_O_TRACECLONE)
+    for th in threads:
+        tid_arr = stub.put(struct.pack("i", th.tid), 3072)
+        args = CLONE_ARGS.pack(CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0,
+                               tid_arr if same_tids else 0, 1 if same_tids else 0, 0)
+        assert stub.inj is not None
+        stub.inj.prepare(NR.clone3, (stub.put(args, 3200), CLONE_ARGS.size))
+        stub.task.cont()
+        status = stub.task.wait_stop(signal.SIGTRAP)
+        if status >> 16 != PTRACE_EVENT_CLONE:
+            err = -signed(stub.task.getregs().rax)
+            raise RestoreError(f"clone3 for thread {th.tid} failed: {errno.errorcode.get(err, err)}"
+                               + (" (tid taken?)" if err == errno.EEXIST else ""))
+        new_tid = stub.task.event_msg()
+        stub.task.cont()
+        stub.task.wait_stop(signal.SIGTRAP)  # the parent returns and hits int3
+        child = Stub(stub.pid, new_tid)
+        child.task.wait_stop()  # auto-attached children start with SIGSTOP
+        child.use_gadget(stub.gadget)
+        child._mem_fd = stub.mem_fd()
+        out.append(child)
+    return out
+
+
+def restore_thread_state(task: Stub, th: pb.ThreadCore) -> None:
+    """Kernel pointers of one thread, set from inside it."""
+    if th.robust_list_head:
+        task.sc(NR.set_robust_list, th.robust_list_head, th.robust_list_len,
+                what="set_robust_list")
+    if th.clear_child_tid:
+        tid = task.sc(NR.set_tid_address, th.clear_child_tid, what="set_tid_address")
+        if tid != th.tid:
+            # glibc's set_tid_address(&THREAD_SELF->tid) pointer: fix the cached tid under a
+            # new pid so raise(), pthread_kill and mutex owners keep working.
+            task.write_mem(th.clear_child_tid, struct.pack("i", tid))
+    if th.rseq.abi_pointer:
+        task.sc(NR.rseq, th.rseq.abi_pointer, th.rseq.abi_size, 0, th.rseq.signature,
+                what="rseq")
+    alt = th.altstack
+    task.sc(NR.sigaltstack, task.put(struct.pack("QiiQ", alt.sp, alt.flags, 0, alt.size), 3584),
+            0, check=False)
+
+
+def load_registers(task: Stub, th: pb.ThreadCore) -> None:
+    task.task.set_regset(NT_X86_XSTATE, th.xstate)
+    task.task.setregs(fix_restart(regs_from_pb(th.regs)))
+    task.task.set_sigmask(th.sigmask)
