@@ -9,6 +9,7 @@ repeat, from the same PID, in the same file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -68,10 +69,8 @@ def main() -> None:
         sys.exit(0 if ok and restored == pid else 1)
     finally:
         for p in {pid, restored} - {0}:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         print(f"(images and output left in {work})")
 
 
