@@ -28,6 +28,7 @@ class ProcessInfo:
     cmdline: bytes
     personality: int
     rlimits: list[Rlimit]
+    shared_pending: list[bytes]
 
 
 def regs_to_pb(regs: Regs) -> pb.GpRegs:
@@ -48,7 +49,8 @@ def thread_to_pb(t: ThreadState) -> pb.ThreadCore:
         rseq=pb.Rseq(abi_pointer=t.rseq.abi_pointer, abi_size=t.rseq.abi_size,
                      signature=t.rseq.signature, flags=t.rseq.flags),
         clear_child_tid=t.clear_child_tid, robust_list_head=t.robust_list[0],
-        robust_list_len=t.robust_list[1], altstack=pb.SigAltStack(sp=sp, flags=flags, size=size))
+        robust_list_len=t.robust_list[1], altstack=pb.SigAltStack(sp=sp, flags=flags, size=size),
+        pending_signals=t.pending)
 
 
 def vma_to_pb(v: VmaInfo) -> pb.Vma:
@@ -67,7 +69,8 @@ def build_core(pid: int, info: ProcessInfo, threads: list[ThreadState], injected
     entry = pb.ProcessEntry(
         pid=pid, ppid=s.ppid, pgid=s.pgrp, sid=s.session, comm=info.comm,
         threads=[thread_to_pb(t) for t in threads], mm=mm, vmas=[vma_to_pb(v) for v in vmas],
-        personality=info.personality, umask=info.umask, cwd=info.cwd, cmdline=info.cmdline)
+        personality=info.personality, umask=info.umask, cwd=info.cwd, cmdline=info.cmdline,
+        shared_pending=info.shared_pending)
     for signo, (handler, flags, restorer, mask) in sorted(injected.sigactions.items()):
         entry.sigactions.add(signo=signo, handler=handler, flags=flags, restorer=restorer,
                              mask=mask)

@@ -25,6 +25,7 @@ from ckpt.errors import NoSuchProcess, NotDumpable
 from ckpt.freeze.seize import Frozen
 from ckpt.images import ImageDir
 from ckpt.images.pb import image_pb2
+from ckpt.kernel.ptrace import Tracee
 from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.pagecopy.copy import copy_runs
 from ckpt.pagecopy.plan import plan_dump
@@ -79,14 +80,14 @@ def check_vmas(pid: int, vmas: list[VmaInfo]) -> None:
                               "not supported")
 
 
-def collect_process(pid: int) -> ProcessInfo:
+def collect_process(pid: int, leader: Tracee) -> ProcessInfo:
     with proc.proc_errors(pid, "personality"), open(f"/proc/{pid}/personality") as f:
         personality = int(f.read(), 16)
     return ProcessInfo(
         stat=proc.read_stat(pid), umask=proc.read_status(pid).umask or 0o022,
         auxv=proc.read_auxv(pid), exe=proc.read_exe(pid), cwd=proc.read_cwd(pid),
         comm=proc.read_comm(pid), cmdline=proc.read_cmdline(pid), personality=personality,
-        rlimits=proc.read_limits(pid))
+        rlimits=proc.read_limits(pid), shared_pending=leader.pending_signals(shared=True))
 
 
 def dump(opts: DumpOptions) -> DumpResult:
@@ -101,7 +102,7 @@ def dump(opts: DumpOptions) -> DumpResult:
         vmas = collect_vmas(pid)
         check_vmas(pid, vmas)
         files = collect_files(pid, opts.shell_job)
-        info = collect_process(pid)
+        info = collect_process(pid, frozen.leader)
 
         t_copy = time.perf_counter()
         runs = plan_dump(pid, vmas)

@@ -32,6 +32,7 @@ from ckpt.restore.stub import GADGET_LEN, Stub
 from ckpt.restore.tasks import (
     clone_threads,
     load_registers,
+    queue_pending_signals,
     restore_thread_state,
     unregister_stub_rseq,
 )
@@ -98,12 +99,13 @@ def restore(opts: RestoreOptions) -> RestoreResult:
             restore_thread_state(task, th)
         leader = entry.threads[0]
         restore_thread_state(stub, leader)
+        tids = [t.task.tid for t in threads]
+        queue_pending_signals(stub, entry, [stub.pid, *tids])
         # Unmap the gadget from inside itself: single-step, nothing is fetched after it.
         stub.sc(NR.munmap, stub.gadget, GADGET_LEN, step=True, what="munmap gadget")
         load_registers(stub, leader)
         for task, th in zip(threads, entry.threads[1:], strict=True):
             load_registers(task, th)
-        tids = [t.task.tid for t in threads]
         for task in threads:
             task.task.detach()
         stub.task.detach()

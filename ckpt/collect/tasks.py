@@ -43,6 +43,7 @@ class ThreadState:
     robust_list: tuple[int, int]
     clear_child_tid: int = 0
     altstack: tuple[int, int, int] = (0, 2, 0)  # sp, flags (SS_DISABLE), size
+    pending: list[bytes] = field(default_factory=list)  # siginfo queued to the thread
 
 
 @dataclass
@@ -54,7 +55,7 @@ class InjectedState:
 def collect_thread(task: Tracee) -> ThreadState:
     return ThreadState(tid=task.tid, regs=task.getregs(), xstate=task.get_regset(NT_X86_XSTATE),
                        sigmask=task.get_sigmask(), rseq=task.rseq(),
-                       robust_list=task.robust_list())
+                       robust_list=task.robust_list(), pending=task.pending_signals(False))
 
 
 def syscall_insn(pid: int, regs: Regs, vmas: list[VmaInfo]) -> int:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from types import FrameType, TracebackType
 
+from ckpt.collect import proc
 from ckpt.collect.proc import is_kernel_thread, list_tasks
 from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
 from ckpt.kernel.ptrace import PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_SEIZE, Tracee, ptrace
@@ -139,8 +140,14 @@ class Frozen:
                 pass
         self.tasks.clear()
         deadline = time.monotonic() + 5.0
-        while os.path.exists(f"{self.root}/{self.pid}") and time.monotonic() < deadline:
-            time.sleep(0.002)  # the real parent reaps it
+        while self._alive() and time.monotonic() < deadline:
+            time.sleep(0.002)  # a zombie is dead enough; its parent reaps it
+
+    def _alive(self) -> bool:
+        try:
+            return proc.read_stat(self.pid, root=self.root).state not in ("Z", "X")
+        except NoSuchProcess:
+            return False
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> None:

@@ -29,6 +29,9 @@ PTRACE_GETREGSET = 0x4204
 PTRACE_SETREGSET = 0x4205
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
+PTRACE_PEEKSIGINFO = 0x4209
+PTRACE_PEEKSIGINFO_SHARED = 1
+SIGINFO_SIZE = 128
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
@@ -140,6 +143,22 @@ class Tracee:
     def set_sigmask(self, mask: int) -> None:
         val = ctypes.c_uint64(mask)
         ptrace(PTRACE_SETSIGMASK, self.tid, 8, ctypes.addressof(val))
+
+    def pending_signals(self, shared: bool) -> list[bytes]:
+        """siginfo of signals queued to this thread (or, ``shared``, to its process).
+
+        PTRACE_PEEKSIGINFO leaves them queued.
+        """
+        out: list[bytes] = []
+        batch = 32
+        buf = ctypes.create_string_buffer(SIGINFO_SIZE * batch)
+        while True:
+            args = struct.pack("QIi", len(out), PTRACE_PEEKSIGINFO_SHARED if shared else 0, batch)
+            abuf = ctypes.create_string_buffer(args, len(args))
+            n = ptrace(PTRACE_PEEKSIGINFO, self.tid, ctypes.addressof(abuf), ctypes.addressof(buf))
+            out += [buf.raw[i * SIGINFO_SIZE : (i + 1) * SIGINFO_SIZE] for i in range(n)]
+            if n < batch:
+                return out
 
     def rseq(self) -> RseqConfig:
         buf = ctypes.create_string_buffer(32)

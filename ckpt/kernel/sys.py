@@ -44,6 +44,7 @@ class NR:
     chdir = 80
     umask = 95
     setsid = 112
+    rt_sigqueueinfo = 129
     sigaltstack = 131
     personality = 135
     prctl = 157
@@ -53,6 +54,7 @@ class NR:
     set_robust_list = 273
     get_robust_list = 274
     dup3 = 292
+    rt_tgsigqueueinfo = 297
     prlimit64 = 302
     process_vm_readv = 310
     process_vm_writev = 311

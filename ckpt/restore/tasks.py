@@ -108,3 +108,21 @@ def load_registers(task: Stub, th: pb.ThreadCore) -> None:
     task.task.set_regset(NT_X86_XSTATE, th.xstate)
     task.task.setregs(fix_restart(regs_from_pb(th.regs)))
     task.task.set_sigmask(th.sigmask)
+
+
+def queue_pending_signals(stub: Stub, entry: pb.ProcessEntry, tids: list[int]) -> None:
+    """Queue the signals that were pending at dump time, from inside the leader.
+
+    The leader blocks everything meanwhile, so nothing is delivered while we still inject;
+    the final masks are loaded afterwards and the kernel delivers what they allow.
+    """
+    stub.task.set_sigmask(U64)
+    for info in entry.shared_pending:
+        signo = struct.unpack_from("i", info)[0]
+        stub.sc(NR.rt_sigqueueinfo, stub.pid, signo, stub.put(info, 3840),
+                what=f"rt_sigqueueinfo({signo})")
+    for tid, th in zip(tids, entry.threads, strict=True):
+        for info in th.pending_signals:
+            signo = struct.unpack_from("i", info)[0]
+            stub.sc(NR.rt_tgsigqueueinfo, stub.pid, tid, signo, stub.put(info, 3840),
+                    what=f"rt_tgsigqueueinfo({tid}, {signo})")

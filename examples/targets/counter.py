@@ -4,7 +4,8 @@ Writes the same fixed-width lines as counter.c to stdout, every PERIOD seconds:
 
     n=00000001 m=00000002 h=00000003 f=00000000.5 pid=0012345
 
-n is a Python int, m lives in an anonymous mmap, h in a heap bytearray, f is a float.
+n is a Python int, m lives in a private anonymous mmap, h in a heap bytearray, f is a
+float.
 usage: counter.py [PERIOD_SECONDS]   (default 0.05)
 """
 
@@ -19,7 +20,7 @@ import time
 
 def main() -> None:
     period = float(sys.argv[1]) if len(sys.argv) > 1 else 0.05
-    area = mmap.mmap(-1, 1 << 20)
+    area = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE)
     heap = bytearray(64 * 1024)
     n = 0
     f = 0.0

@@ -1,0 +1,467 @@
+"""End-to-end harness: build the C targets, launch targets, run the installed `ckpt`
+command, and kill every process a test started (restored ones too), even on failure.
+
+Targets live in examples/targets/; C ones are built once per session into tests/bin/.
+A target runs in its own session, stdin from /dev/null, stdout and stderr sharing one
+plain (not O_APPEND) open file, so a correct restore must bring back the shared file
+offset: a wrong one shows up as NUL holes, gaps or overwritten lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ROOT / "examples" / "targets"
+BIN = ROOT / "tests" / "bin"
+PYTHON = sys.executable
+
+CKPT_TIMEOUT = 90.0
+POLL = 0.02
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="checkpoint/restore needs root")
+
+T = TypeVar("T")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_CHILD_SUBREAPER = 36
+_SYS_KCMP = 312
+_KCMP_FILE = 0
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class Bins:
+    """Paths of the compiled C targets."""
+
+    counter_dyn: Path
+    counter_static: Path
+    fpu: Path
+    sleeper: Path
+    signals: Path
+
+
+# name -> (source, flags before the source, flags after it)
+_BUILDS: dict[str, tuple[str, list[str], list[str]]] = {
+    "counter_dyn": ("counter.c", ["-O2"], []),
+    "counter_static": ("counter.c", ["-O2", "-static"], []),
+    "fpu": ("fpu.c", ["-O2", "-march=native"], ["-lm"]),
+    "sleeper": ("sleeper.c", ["-O2"], []),
+    "signals": ("signals.c", ["-O2"], []),
+}
+
+
+def _build(name: str) -> Path:
+    source, cflags, libs = _BUILDS[name]
+    src = TARGETS / source
+    out = BIN / name
+    if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
+        return out
+    tmp = BIN / f".{name}.{os.getpid()}"
+    cmd = ["gcc", "-Wall", "-Wextra", *cflags, "-o", str(tmp), str(src), *libs]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        pytest.fail(f"building {name} failed: {' '.join(cmd)}\n{res.stderr}")
+    tmp.replace(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bins() -> Bins:
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    BIN.mkdir(parents=True, exist_ok=True)
+    return Bins(**{name: _build(name) for name in _BUILDS})
+
+
+def py_target(name: str) -> list[str]:
+    """argv prefix running examples/targets/<name> with this interpreter."""
+    return [PYTHON, str(TARGETS / name)]
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def proc_status(pid: int, tid: int | None = None) -> dict[str, str] | None:
+    """/proc/PID/status (or /proc/PID/task/TID/status) as a dict; None if gone."""
+    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
+    try:
+        text = Path(path).read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def is_alive(pid: int) -> bool:
+    """True if pid exists and is not a zombie."""
+    st = proc_status(pid)
+    return st is not None and not st.get("State", "").startswith(("Z", "X"))
+
+
+def thread_ids(pid: int) -> set[int]:
+    try:
+        return {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+    except FileNotFoundError:
+        return set()
+
+
+def fd_links(pid: int) -> dict[int, str]:
+    """fd number -> readlink of /proc/PID/fd/N."""
+    links: dict[int, str] = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            links[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+    return links
+
+
+def ctx_switches(pid: int) -> tuple[int, int]:
+    """(voluntary, nonvoluntary) context switches of the main thread."""
+    st = proc_status(pid)
+    assert st is not None, f"process {pid} is gone"
+    return int(st["voluntary_ctxt_switches"]), int(st["nonvoluntary_ctxt_switches"])
+
+
+def same_open_file(pid: int, fd1: int, fd2: int) -> bool:
+    """kcmp(KCMP_FILE): do two fds of pid share one open file description (one offset)?"""
+    rc: int = _libc.syscall(
+        ctypes.c_long(_SYS_KCMP),
+        ctypes.c_long(pid),
+        ctypes.c_long(pid),
+        ctypes.c_long(_KCMP_FILE),
+        ctypes.c_long(fd1),
+        ctypes.c_long(fd2),
+    )
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"kcmp({pid}, fd {fd1}, fd {fd2}): {os.strerror(err)}")
+    return rc == 0
+
+
+def pids_running(exe: Path) -> set[int]:
+    """Live processes whose /proc/PID/exe is exe."""
+    found: set[int] = set()
+    target = str(exe.resolve())
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{name}/exe") == target and is_alive(int(name)):
+                found.add(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def find_kernel_thread() -> int | None:
+    """A kernel thread's pid (kthreadd if visible), or None inside a pid namespace."""
+    candidates = [2, *sorted(int(n) for n in os.listdir("/proc") if n.isdigit())]
+    for pid in candidates:
+        st = proc_status(pid)
+        if st is not None and st.get("Kthread") == "1":
+            return pid
+    return None
+
+
+# --------------------------------------------------------------------------- waiting
+
+
+def wait_for(pred: Callable[[], T | None], timeout: float, what: str) -> T:
+    """Poll pred until it returns something other than None/False."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(POLL)
+
+
+def read_lines(path: Path) -> list[str]:
+    """Complete lines of path (a trailing partial line is left out)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    end = data.rfind(b"\n")
+    if end < 0:
+        return []
+    return data[:end].decode(errors="replace").split("\n")
+
+
+def wait_for_lines(path: Path, n: int, timeout: float = 10.0) -> list[str]:
+    """Wait until path holds at least n complete lines; return them all."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = read_lines(path)
+        if len(lines) >= n:
+            return lines
+        if time.monotonic() > deadline:
+            tail = "\n".join(lines[-5:])
+            pytest.fail(f"timed out after {timeout:.1f}s waiting for {n} lines in {path} "
+                        f"(have {len(lines)}); last lines:\n{tail}")
+        time.sleep(POLL)
+
+
+def wait_for_line(path: Path, pred: Callable[[str], bool], timeout: float, what: str) -> str:
+    """Wait for a complete line satisfying pred; return the first such line."""
+
+    def find() -> str | None:
+        return next((line for line in read_lines(path) if pred(line)), None)
+
+    return wait_for(find, timeout, f"{what} in {path}")
+
+
+def assert_running_untraced(pid: int, settle: float = 2.0) -> None:
+    """pid and all its threads are alive, not stopped/traced, and have no tracer."""
+
+    def problems() -> list[str]:
+        if not is_alive(pid):
+            return [f"process {pid} is not running"]
+        found = []
+        for tid in thread_ids(pid):
+            st = proc_status(pid, tid)
+            if st is None:
+                continue
+            if st.get("TracerPid") != "0":
+                found.append(f"tid {tid}: TracerPid {st.get('TracerPid')}")
+            if st.get("State", "").startswith(("t", "T")):
+                found.append(f"tid {tid}: state {st.get('State')}")
+        return found
+
+    deadline = time.monotonic() + settle
+    while (found := problems()) and time.monotonic() < deadline:
+        time.sleep(POLL)
+    assert not found, "; ".join(found)
+
+
+# --------------------------------------------------------------------------- counter lines
+
+COUNTER_RE = re.compile(r"n=(\d{8}) m=(\d{8}) h=(\d{8}) f=(\d{8}\.\d) pid=(\d{7})")
+COUNTER_LINE_LEN = len("n=00000001 m=00000002 h=00000003 f=00000000.5 pid=0000001\n")
+
+
+def counter_line(n: int, pid: int) -> str:
+    """The exact line counter.c / counter.py print for step n."""
+    return f"n={n:08d} m={2 * n:08d} h={3 * n:08d} f={n * 0.5:010.1f} pid={pid:07d}"
+
+
+def check_counter_file(path: Path) -> list[int]:
+    """Assert path is exactly lines 1..N of a counter, each written whole at its own
+    offset (no NULs, no gap, no repeat, no torn line); return the pid of each line."""
+    data = path.read_bytes()
+    nul = data.find(b"\0")
+    assert nul < 0, f"NUL bytes (a hole) at offset {nul} of {path}"
+    assert data.endswith(b"\n"), f"{path} ends in a partial line: {data[-80:]!r}"
+    assert len(data) % COUNTER_LINE_LEN == 0, f"{path}: size {len(data)} is not whole lines"
+    pids = []
+    for i, line in enumerate(data.decode().splitlines(), 1):
+        match = COUNTER_RE.fullmatch(line)
+        assert match, f"{path} line {i} is malformed: {line!r}"
+        pid = int(match.group(5))
+        assert line == counter_line(i, pid), f"{path} line {i} is {line!r}, not step {i}"
+        pids.append(pid)
+    return pids
+
+
+# --------------------------------------------------------------------------- ckpt
+
+
+@dataclass(frozen=True)
+class CkptResult:
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def describe(self) -> str:
+        return (f"`ckpt {' '.join(self.args)}` exited {self.returncode}\n"
+                f"--- stdout:\n{self.stdout}--- stderr:\n{self.stderr}")
+
+
+def ckpt_command() -> str:
+    found = shutil.which("ckpt", path=str(Path(PYTHON).parent)) or shutil.which("ckpt")
+    if found is None:
+        pytest.fail("the `ckpt` command is not installed (pip install -e .)")
+    return found
+
+
+def run_ckpt(*args: str | Path, timeout: float = CKPT_TIMEOUT,
+             reap: subprocess.Popen[bytes] | None = None) -> CkptResult:
+    """Run the installed ckpt command. Output goes to files, not pipes, so a restored
+    process that inherited them cannot keep this call waiting. With reap, that child of
+    ours is reaped as soon as it dies, the way a shell reaps a killed job."""
+    argv = tuple(str(a) for a in args)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([ckpt_command(), *argv], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=err)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            if reap is not None:
+                reap.poll()
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                pytest.fail(f"`ckpt {' '.join(argv)}` did not finish within {timeout:.0f}s")
+            time.sleep(POLL / 4)
+        out.seek(0)
+        err.seek(0)
+        return CkptResult(argv, proc.returncode, out.read().decode(errors="replace"),
+                          err.read().decode(errors="replace"))
+
+
+def assert_ckpt_ok(res: CkptResult) -> None:
+    assert res.returncode == 0, res.describe()
+    assert "Traceback" not in res.stderr, res.describe()
+
+
+def assert_one_error_line(res: CkptResult) -> str:
+    """A user error: non-zero exit, exactly one stderr line `Error: ...`, no traceback."""
+    assert res.returncode != 0, res.describe()
+    assert "Traceback" not in res.stderr + res.stdout, res.describe()
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one stderr line\n{res.describe()}"
+    assert lines[0].startswith("Error: "), res.describe()
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- harness
+
+
+class Harness:
+    """Starts targets and restores, and remembers every pid to kill at teardown."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self._children: list[subprocess.Popen[bytes]] = []
+        self._pids: set[int] = set()
+        self._pidfiles: list[Path] = []
+        # Orphans (restored processes whose restorer exited) are reparented to us, so
+        # they can be reaped and do not linger as zombies holding their pid.
+        _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+    def launch(self, argv: Sequence[str | Path], out: Path) -> subprocess.Popen[bytes]:
+        """Start a target in its own session: stdin /dev/null, stdout+stderr one open
+        file (truncated, not O_APPEND, shared offset)."""
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            proc = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL,
+                                    stdout=fd, stderr=fd, start_new_session=True)
+        finally:
+            os.close(fd)
+        self._children.append(proc)
+        return proc
+
+    def track(self, pid: int) -> None:
+        """Kill pid at teardown (a restored process)."""
+        self._pids.add(pid)
+
+    def new_pidfile(self) -> Path:
+        path = self.tmp / f"restored-{len(self._pidfiles)}.pid"
+        self._pidfiles.append(path)
+        return path
+
+    def images(self, name: str = "images") -> Path:
+        path = self.tmp / name
+        path.mkdir(exist_ok=True)
+        return path
+
+    def dump(self, pid: int, images: Path, *extra: str) -> CkptResult:
+        res = run_ckpt("dump", "-t", str(pid), "-D", images, *extra)
+        assert_ckpt_ok(res)
+        return res
+
+    def dump_and_reap(self, proc: subprocess.Popen[bytes], images: Path) -> None:
+        """Dump (which kills the target) and reap it, so its pid is free again."""
+        assert_ckpt_ok(run_ckpt("dump", "-t", str(proc.pid), "-D", images, reap=proc))
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"target {proc.pid} still runs after a dump without --leave-running")
+
+    def restore_detached(self, images: Path, *extra: str) -> int:
+        """`ckpt restore --restore-detached --pidfile F`; return the restored pid."""
+        pidfile = self.new_pidfile()
+        res = run_ckpt("restore", "-D", images, "--restore-detached", "--pidfile", pidfile,
+                       *extra)
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            self.track(int(pidfile.read_text().strip()))
+        assert_ckpt_ok(res)
+        assert pidfile.exists(), f"restore did not write the pidfile\n{res.describe()}"
+        pid = int(pidfile.read_text().strip())
+        assert is_alive(pid), f"restored process {pid} is not running\n{res.describe()}"
+        return pid
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL pid and wait until it is gone (reaping it if it is our child)."""
+        for child in self._children:
+            if child.pid == pid and child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.kill()
+                child.wait(timeout=10)
+                return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done == pid:
+                    return
+            except ChildProcessError:
+                if not is_alive(pid):
+                    return
+            time.sleep(POLL)
+        pytest.fail(f"process {pid} did not die after SIGKILL")
+
+    def cleanup(self) -> None:
+        for pidfile in self._pidfiles:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                self._pids.add(int(pidfile.read_text().strip()))
+        for child in self._children:
+            if child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=10)
+        for pid in self._pids - {os.getpid()}:
+            if is_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while any(is_alive(p) for p in self._pids) and time.monotonic() < deadline:
+            time.sleep(POLL)
+        # Reap whatever was reparented to us (we are a child subreaper).
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    h = Harness(tmp_path)
+    try:
+        yield h
+    finally:
+        h.cleanup()

@@ -1,0 +1,157 @@
+"""Bad input reaches the user as one `Error: ...` line and a non-zero exit, never a
+traceback, and never hurts the target: it is still running, untraced, afterwards."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import (
+    Bins,
+    Harness,
+    assert_one_error_line,
+    assert_running_untraced,
+    ctx_switches,
+    find_kernel_thread,
+    is_alive,
+    needs_root,
+    pids_running,
+    py_target,
+    read_lines,
+    run_ckpt,
+    wait_for_lines,
+)
+
+pytestmark = needs_root
+
+UNUSED_PID = 4194000  # above any pid_max on x86-64 (4194304 is the limit)
+
+
+def assert_untouched(proc: subprocess.Popen[bytes], out: Path) -> None:
+    """The target is alive, untraced, and still making progress."""
+    assert proc.poll() is None, f"target died (status {proc.returncode})"
+    assert_running_untraced(proc.pid)
+    wait_for_lines(out, len(read_lines(out)) + 2)
+
+
+# --------------------------------------------------------------------------- dump
+
+
+def test_dump_unknown_pid(harness: Harness) -> None:
+    assert not is_alive(UNUSED_PID)
+    res = run_ckpt("dump", "-t", str(UNUSED_PID), "-D", harness.images())
+    assert str(UNUSED_PID) in assert_one_error_line(res)
+
+
+def test_dump_kernel_thread(harness: Harness) -> None:
+    kthread = find_kernel_thread()
+    if kthread is None:
+        pytest.skip("no kernel thread visible (pid namespace)")
+    res = run_ckpt("dump", "-t", str(kthread), "-D", harness.images(), "--leave-running")
+    assert_one_error_line(res)
+    assert is_alive(kthread)
+
+
+def test_dump_unsupported_socket_fd(harness: Harness, tmp_path: Path) -> None:
+    """A socket is refused before the target is frozen: the message names the fd and
+    its kind, and the idle target was never interrupted (no extra context switch)."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch(py_target("socket_holder.py"), out)
+    line = wait_for_lines(out, 1)[0]
+    assert line.startswith("ready fd="), line
+    fd = int(line.removeprefix("ready fd="))
+    switches = ctx_switches(proc.pid)
+
+    res = run_ckpt("dump", "-t", str(proc.pid), "-D", harness.images())
+    message = assert_one_error_line(res)
+    assert "socket" in message and str(fd) in message, message
+    assert proc.poll() is None, "target died"
+    assert_running_untraced(proc.pid)
+    assert ctx_switches(proc.pid) == switches, "the target was interrupted (frozen?)"
+
+
+# --------------------------------------------------------------------------- restore
+
+
+def test_restore_missing_dir(tmp_path: Path) -> None:
+    assert_one_error_line(run_ckpt("restore", "-D", tmp_path / "nope", "--restore-detached"))
+
+
+def test_restore_empty_dir(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_error_line(run_ckpt("restore", "-D", empty, "--restore-detached"))
+
+
+@dataclass(frozen=True)
+class Dumped:
+    """A counter dumped with --leave-running, still running."""
+
+    proc: subprocess.Popen[bytes]
+    exe: Path
+    out: Path
+    images: Path
+
+    def image(self, pattern: str) -> Path:
+        found = sorted(self.images.glob(pattern))
+        listing = sorted(p.name for p in self.images.iterdir())
+        assert found, f"no {pattern} in the images dir: {listing}"
+        return found[0]
+
+
+@pytest.fixture
+def dumped(harness: Harness, bins: Bins, tmp_path: Path) -> Dumped:
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn], out)
+    wait_for_lines(out, 3)
+    images = harness.images()
+    harness.dump(proc.pid, images, "--leave-running")
+    assert_untouched(proc, out)
+    return Dumped(proc, bins.counter_dyn, out, images)
+
+
+def restore_new_pid_fails(harness: Harness, dumped: Dumped) -> str:
+    """Restore (under a new pid: the original still runs) must fail cleanly, leave
+    nothing half-built behind, and not disturb the original."""
+    res = run_ckpt("restore", "-D", dumped.images, "--new-pid", "--restore-detached",
+                   "--pidfile", harness.new_pidfile())
+    message = assert_one_error_line(res)
+    assert pids_running(dumped.exe) == {dumped.proc.pid}, "a half-restored process is left"
+    assert_untouched(dumped.proc, dumped.out)
+    return message
+
+
+def test_restore_pid_taken(dumped: Dumped) -> None:
+    res = run_ckpt("restore", "-D", dumped.images, "--restore-detached")
+    message = assert_one_error_line(res)
+    assert str(dumped.proc.pid) in message, message
+    assert pids_running(dumped.exe) == {dumped.proc.pid}
+    assert_untouched(dumped.proc, dumped.out)
+
+
+def test_restore_truncated_pages(harness: Harness, dumped: Dumped) -> None:
+    pages = dumped.image("pages-*.img")
+    size = pages.stat().st_size
+    assert size > 0
+    os.truncate(pages, size // 2)
+    restore_new_pid_fails(harness, dumped)
+
+
+def test_restore_corrupted_pages(harness: Harness, dumped: Dumped) -> None:
+    pages = dumped.image("pages-*.img")
+    data = bytearray(pages.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pages.write_bytes(bytes(data))
+    restore_new_pid_fails(harness, dumped)
+
+
+@pytest.mark.parametrize("pattern", ["inventory.img", "core-*.img"])
+def test_restore_wrong_magic(harness: Harness, dumped: Dumped, pattern: str) -> None:
+    image = dumped.image(pattern)
+    data = image.read_bytes()
+    assert data[:4] == b"CKPT", f"{image.name} does not start with the CKPT magic"
+    image.write_bytes(b"JUNK" + data[4:])
+    restore_new_pid_fails(harness, dumped)
