@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from ckpt.kernel.sys import NR, iovec, libc, raise_errno, syscall
 PTRACE_TRACEME = 0
 PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
+PTRACE_SYSCALL = 24
 PTRACE_DETACH = 17
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
@@ -186,25 +188,34 @@ class Tracee:
     def step(self, sig: int = 0) -> None:
         ptrace(PTRACE_SINGLESTEP, self.tid, 0, sig)
 
+    def syscall(self, sig: int = 0) -> None:
+        ptrace(PTRACE_SYSCALL, self.tid, 0, sig)
+
     def detach(self, sig: int = 0) -> None:
         ptrace(PTRACE_DETACH, self.tid, 0, sig)
 
 
 class Injector:
-    """Runs syscalls inside a stopped task: point rip at a ``syscall`` instruction, step.
+    """Runs syscalls inside a stopped task: point rip at a ``syscall`` instruction (``ip``,
+    a ``0f 05`` in the task's address space) and let it run exactly that instruction.
 
-    ``ip`` is the address of a ``0f 05`` in the task's address space; when ``trap_after``
-    is set the instruction is followed by ``int3`` and the task is continued rather than
-    stepped (cheaper, and needed for clone3 whose child must not single-step).
-    The task's registers are restored by :meth:`restore`.
+    How the task is stopped again afterwards (``trap``):
+      False  PTRACE_SYSCALL to the syscall-entry stop, again to the exit stop. Used on a
+             live target: unlike single-stepping it leaves no TIF_SINGLESTEP behind, which
+             the kernel does not clear if ckpt dies and would kill the target with SIGTRAP.
+      True   PTRACE_CONT onto an ``int3`` that follows the instruction (the restore gadget).
+    ``step=True`` on a call single-steps instead (to unmap the gadget from within itself).
+    The task's registers are put back by :meth:`restore`.
     """
 
     ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 
-    def __init__(self, task: Tracee, ip: int, base: Regs | None = None) -> None:
+    def __init__(self, task: Tracee, ip: int, base: Regs | None = None,
+                 trap: bool = False) -> None:
         self.task = task
         self.ip = ip
         self.saved = base if base is not None else task.getregs()
+        self.trap = trap
         self.count = 0
 
     def prepare(self, nr: int, args: tuple[int, ...]) -> None:
@@ -214,18 +225,22 @@ class Injector:
             setattr(regs, name, value & U64)
         self.task.setregs(regs)
 
-    def raw(self, nr: int, *args: int, step: bool = True) -> int:
+    def raw(self, nr: int, *args: int, step: bool = False) -> int:
         """Run one syscall; return its raw result (negative errno on failure)."""
         self.prepare(nr, args)
         if step:
             self.task.step()
-        else:
+        elif self.trap:
             self.task.cont()
-        self.task.wait_stop()
+        else:
+            self.task.syscall()
+            self.task.wait_stop(signal.SIGTRAP)  # syscall-entry stop
+            self.task.syscall()
+        self.task.wait_stop(signal.SIGTRAP)
         self.count += 1
         return signed(self.task.getregs().rax)
 
-    def __call__(self, nr: int, *args: int, what: str = "", step: bool = True) -> int:
+    def __call__(self, nr: int, *args: int, what: str = "", step: bool = False) -> int:
         res = self.raw(nr, *args, step=step)
         if -4096 < res < 0:
             raise KernelError(-res, f"{what or f'syscall {nr}'} in task {self.task.tid}")

@@ -94,9 +94,9 @@ class Stub:
         """Map the gadget at ``addr``, bootstrapping through the stub's current rip."""
         regs = self.task.getregs()
         self.write_mem(int(regs.rip), GADGET_CODE)  # stub's own text; it is discarded anyway
-        boot = Injector(self.task, int(regs.rip), regs)
+        boot = Injector(self.task, int(regs.rip), regs, trap=True)
         got = boot(NR.mmap, addr, GADGET_LEN, PROT_RWX, MAP_PRIVATE_ANON | MAP_FIXED_NOREPLACE, -1,
-                   0, what="mmap gadget", step=False)
+                   0, what="mmap gadget")
         if got != addr:
             raise RestoreError(f"gadget landed at {got:#x}, not {addr:#x}")
         self.write_mem(addr, GADGET_CODE)
@@ -104,7 +104,7 @@ class Stub:
 
     def use_gadget(self, addr: int) -> None:
         self.gadget = addr
-        self.inj = Injector(self.task, addr)
+        self.inj = Injector(self.task, addr, trap=True)
 
     @property
     def scratch(self) -> int:
