@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from ckpt.errors import ImageError, RestoreError
 from ckpt.images import ImageDir
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.images.pb import image_pb2
 from ckpt.kernel.sys import NR
 from ckpt.restore import mm
 from ckpt.restore.files import close_stub_fds, restore_files
@@ -53,7 +54,7 @@ class RestoreResult:
     total_ms: float
 
 
-def read_images(images_dir: str) -> tuple[ImageDir, pb.ProcessEntry]:
+def read_images(images_dir: str) -> tuple[ImageDir, image_pb2.Inventory, pb.ProcessEntry]:
     images = ImageDir.open(images_dir)
     inv = images.read_inventory()
     if inv.kind != "dump":
@@ -61,7 +62,7 @@ def read_images(images_dir: str) -> tuple[ImageDir, pb.ProcessEntry]:
     entry = images.read_core(inv.root_pid)
     if not entry.threads:
         raise ImageError(f"core image of {inv.root_pid} has no threads")
-    return images, entry
+    return images, inv, entry
 
 
 def check_ids_free(entry: pb.ProcessEntry) -> None:
@@ -74,7 +75,7 @@ def check_ids_free(entry: pb.ProcessEntry) -> None:
 
 def restore(opts: RestoreOptions) -> RestoreResult:
     t0 = time.perf_counter()
-    images, entry = read_images(opts.images_dir)
+    images, inv, entry = read_images(opts.images_dir)
     _, pagemap = images.read_pagemap(entry.pid)
     if not opts.new_pid:
         check_ids_free(entry)
@@ -93,7 +94,7 @@ def restore(opts: RestoreOptions) -> RestoreResult:
         mm.protect_late(stub, late)
         mm.restore_mm_fields(stub, entry.mm)
         restore_files(stub, entry)
-        restore_process_state(stub, entry)
+        restore_process_state(stub, entry, new_session=not inv.shell_job)
         threads = clone_threads(stub, list(entry.threads[1:]), same_tids=not opts.new_pid)
         for task, th in zip(threads, entry.threads[1:], strict=True):
             restore_thread_state(task, th)
@@ -118,13 +119,14 @@ def restore(opts: RestoreOptions) -> RestoreResult:
                          total_ms=(time.perf_counter() - t0) * 1000)
 
 
-def restore_process_state(stub: Stub, entry: pb.ProcessEntry) -> None:
+def restore_process_state(stub: Stub, entry: pb.ProcessEntry, new_session: bool) -> None:
+    """Process-wide state. A shell job stays in the restoring terminal's session."""
     if entry.cwd:
         stub.sc(NR.chdir, stub.put_str(entry.cwd), what=f"chdir {entry.cwd}")
     stub.sc(NR.umask, entry.umask)
     if entry.personality:
         stub.sc(NR.personality, entry.personality, what="personality")
-    if entry.sid == entry.pid:
+    if new_session and entry.sid == entry.pid:
         stub.sc(NR.setsid, check=False)
     stub.sc(NR.prctl, PR_SET_NAME, stub.put_str(entry.comm[:15]), 0, 0, 0, what="PR_SET_NAME")
     for act in entry.sigactions:
