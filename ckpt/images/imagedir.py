@@ -22,7 +22,7 @@ from ckpt.images.framing import (
 )
 from ckpt.images.pages import DEFAULT_LEVEL, PAGES_MAGIC, PagesReader, PagesWriter
 from ckpt.images.pb.core_pb2 import ProcessEntry
-from ckpt.images.pb.image_pb2 import Inventory, PagemapEntry, PagemapHead
+from ckpt.images.pb.image_pb2 import Inventory, PagemapEntry, PagemapHead, TrackerState
 
 
 def _magic(tag: bytes) -> int:
@@ -51,8 +51,9 @@ INVENTORY = ImageKind("inventory", "inventory.img", _magic(b"INVT"), (Inventory,
 CORE = ImageKind("core", "core-{pid}.img", _magic(b"CORE"), (ProcessEntry,))
 PAGEMAP = ImageKind("pagemap", "pagemap-{pid}.img", _magic(b"PGMP"), (PagemapHead, PagemapEntry))
 PAGES = ImageKind("pages", "pages-{pid}.img", _magic(PAGES_MAGIC), ())
+TRACKER = ImageKind("tracker", "tracker-{pid}.img", _magic(b"TRCK"), (TrackerState,))
 
-KINDS: dict[str, ImageKind] = {k.name: k for k in (INVENTORY, CORE, PAGEMAP, PAGES)}
+KINDS: dict[str, ImageKind] = {k.name: k for k in (INVENTORY, CORE, PAGEMAP, PAGES, TRACKER)}
 for _kind in KINDS.values():
     register_kind(_kind.magic, _kind.name)
 
@@ -173,6 +174,17 @@ class ImageDir:
         assert isinstance(msg, ProcessEntry)
         if msg.pid != pid:
             raise ImageError(f"{self.file('core', pid)}: holds process {msg.pid}, not {pid}")
+        return msg
+
+    def write_tracker(self, pid: int, msg: TrackerState) -> None:
+        self._write_msgs(TRACKER, pid, [msg])
+
+    def read_tracker(self, pid: int) -> TrackerState | None:
+        """The tracking state left by this pass, or None if it left none."""
+        if not self.exists("tracker", pid):
+            return None
+        msg = self._read_one(TRACKER, pid)
+        assert isinstance(msg, TrackerState)
         return msg
 
     def write_pagemap(self, pid: int, head: PagemapHead, entries: Sequence[PagemapEntry]) -> None:

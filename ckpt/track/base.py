@@ -1,0 +1,67 @@
+"""One interface for dirty-page tracking; backends in sibling modules.
+
+A pass (predump or incremental dump) runs with the target frozen:
+
+    tracker = open_tracker(name, pid, state)   # state from the parent's tracker.img
+    dirty = tracker.begin(ctx)                 # what changed since the last pass, and
+                                               # tracking re-armed: protect before copying
+    ...copy (frozen, or after thaw for predump)...
+    tracker.end(ctx, keep=...)                 # keep armed for a next pass, or leave no
+                                               # trace in the target (final dump)
+    save tracker.state() as tracker.img
+
+The VMA rule (the kernel's VM_SOFTDIRTY, the seed of this project): a VMA that is new,
+moved, replaced in place, grown, or no longer tracked is copied whole, because its
+per-page history is gone. Every backend reports such ranges in ``DirtySet.whole``; a
+backend that cannot prove a range clean reports it dirty.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+from ckpt.collect.vmas import VmaInfo
+from ckpt.freeze.seize import Frozen
+from ckpt.images.pb import image_pb2
+
+Range = tuple[int, int]  # [start, end), page aligned
+
+
+@dataclass
+class PassContext:
+    pid: int
+    frozen: Frozen  # every thread stopped: syscalls may be injected
+    vmas: list[VmaInfo]  # current VMAs of the target
+
+
+@dataclass
+class DirtySet:
+    """What a pass must copy, beyond pages the parent chain lacks."""
+
+    dirty: list[Range] = field(default_factory=list)  # written since the last pass
+    whole: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, why)
+    all_dirty: str = ""  # non-empty: every page counts as dirty, and this says why
+    compare: bool = False  # dedupe copied pages against the parent's bytes (compare)
+
+
+class Tracker(abc.ABC):
+    name: str = ""
+
+    def __init__(self, pid: int, state: image_pb2.TrackerState | None) -> None:
+        self.pid = pid
+        self.prev = state
+
+    @abc.abstractmethod
+    def begin(self, ctx: PassContext) -> DirtySet:
+        """Frozen: report what changed since the previous pass and re-arm tracking."""
+
+    def end(self, ctx: PassContext, keep: bool) -> None:  # noqa: B027 - optional hook
+        """Frozen: keep tracking for a next pass, or remove every trace of it."""
+
+    def fds_to_hide(self) -> set[int]:
+        """fds of the target that belong to ckpt, not to the process (not dumped)."""
+        return set()
+
+    def state(self) -> image_pb2.TrackerState:
+        return image_pb2.TrackerState(backend=self.name, pid=self.pid)
