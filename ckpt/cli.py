@@ -55,27 +55,61 @@ def check() -> None:
         click.echo(f"  {line}")
 
 
+def target_options(fn: F) -> F:
+    """Options shared by dump and predump (CRIU's names)."""
+    for opt in reversed([
+        click.option("-t", "--tree", "pid", type=int, required=True,
+                     help="PID of the process to checkpoint."),
+        click.option("-D", "--images-dir", required=True, type=click.Path(file_okay=False),
+                     help="Directory to write the images to."),
+        click.option("--prev-images-dir", metavar="DIR",
+                     help="Parent images (relative to -D, as in CRIU): store only changes."),
+        click.option("--track", type=click.Choice(["auto", "uffd-wp", "soft-dirty", "compare"]),
+                     default="auto", show_default=True,
+                     help="Dirty-page tracking backend (auto: the best this kernel has)."),
+        click.option("--compress-level", type=int, default=-1, show_default=True,
+                     help="zstd level for page data (negative is faster)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
 @main.command()
-@click.option("-t", "--tree", "pid", type=int, required=True, help="PID of the process to dump.")
-@click.option("-D", "--images-dir", required=True, type=click.Path(file_okay=False),
-              help="Directory to write the images to.")
+@target_options
+@reports_errors
+def predump(pid: int, images_dir: str, prev_images_dir: str | None, track: str,
+            compress_level: int) -> None:
+    """Copy memory while the process runs; freeze only to arm dirty tracking."""
+    from ckpt.actions.predump import PredumpOptions
+    from ckpt.actions.predump import predump as do_predump
+
+    click.echo(do_predump(PredumpOptions(pid=pid, images_dir=images_dir,
+                                         prev_images_dir=prev_images_dir, track=track,
+                                         compress_level=compress_level)), err=True)
+
+
+@main.command()
+@target_options
 @click.option("-R", "--leave-running", is_flag=True, help="Let the process run on after dump.")
 @click.option("-j", "--shell-job", is_flag=True,
               help="The process uses the terminal: restore takes stdin/out/err from it.")
-@click.option("--compress-level", type=int, default=1, show_default=True,
-              help="zstd level for page data (negative is faster).")
+@click.option("--incremental", is_flag=True,
+              help="Store only pages changed since --prev-images-dir (needs tracking).")
+@click.option("--track-mem", is_flag=True,
+              help="Keep dirty tracking armed after the dump (with --leave-running).")
 @reports_errors
-def dump(pid: int, images_dir: str, leave_running: bool, shell_job: bool,
-         compress_level: int) -> None:
+def dump(pid: int, images_dir: str, prev_images_dir: str | None, track: str, compress_level: int,
+         leave_running: bool, shell_job: bool, incremental: bool, track_mem: bool) -> None:
     """Checkpoint process PID into images; the process is killed unless --leave-running."""
     from ckpt.actions.dump import DumpOptions
     from ckpt.actions.dump import dump as do_dump
 
     res = do_dump(DumpOptions(pid=pid, images_dir=images_dir, leave_running=leave_running,
-                              shell_job=shell_job, compress_level=compress_level))
-    click.echo(f"dumped pid {res.pid}: {res.threads} thread(s), {res.vmas} VMAs, "
-               f"{res.pages} pages ({res.stored_bytes / 2**20:.1f} MiB stored), "
-               f"frozen {res.frozen_ms:.1f} ms (copy {res.copy_ms:.1f} ms)", err=True)
+                              shell_job=shell_job, compress_level=compress_level,
+                              incremental=incremental or bool(prev_images_dir),
+                              prev_images_dir=prev_images_dir, track=track,
+                              track_mem=track_mem))
+    click.echo(f"{res.line}; {res.threads} thread(s), {res.vmas} VMAs", err=True)
 
 
 @main.command()

@@ -17,20 +17,25 @@ import time
 from dataclasses import dataclass
 
 from ckpt.actions.core_image import ProcessInfo, build_core
+from ckpt.actions.passes import (
+    Parent,
+    describe,
+    inventory,
+    open_parent,
+    pass_stats,
+    select_tracker,
+    write_memory,
+)
 from ckpt.collect import proc
 from ckpt.collect.files import collect_files
 from ckpt.collect.tasks import collect_injected, collect_thread
 from ckpt.collect.vmas import VmaInfo, collect_vmas
-from ckpt.errors import NoSuchProcess, NotDumpable
+from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
 from ckpt.freeze.seize import Frozen
 from ckpt.images import ImageDir
-from ckpt.images.pb import image_pb2
 from ckpt.kernel.ptrace import Tracee
-from ckpt.kernel.sys import PAGE_SIZE
-from ckpt.pagecopy.copy import copy_runs
-from ckpt.pagecopy.plan import plan_dump
-
-FORMAT_VERSION = 1
+from ckpt.pagecopy.incremental import plan_pass
+from ckpt.track import DirtySet, PassContext
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,11 @@ class DumpOptions:
     images_dir: str
     leave_running: bool = False
     shell_job: bool = False
-    compress_level: int = 1
+    compress_level: int = -1
+    incremental: bool = False
+    prev_images_dir: str | None = None
+    track: str = "auto"
+    track_mem: bool = False  # keep tracking armed (with --leave-running): snapshot chains
 
 
 @dataclass(frozen=True)
@@ -47,14 +56,10 @@ class DumpResult:
     pid: int
     threads: int
     vmas: int
-    pages: int
-    stored_bytes: int
-    frozen_ms: float
-    copy_ms: float
-    total_ms: float
+    line: str  # what the pass cost and stored, for the user
 
 
-def preflight(opts: DumpOptions) -> None:
+def preflight(opts: DumpOptions, hidden_fds: set[int]) -> None:
     """Refuse what we cannot dump while the target still runs untouched."""
     pid = opts.pid
     if pid <= 0 or not proc.pid_exists(pid):
@@ -69,7 +74,7 @@ def preflight(opts: DumpOptions) -> None:
     if children:
         raise NotDumpable(f"process {pid} has child processes ({', '.join(map(str, children))}); "
                           "process trees are not supported yet")
-    collect_files(pid, opts.shell_job)
+    collect_files(pid, opts.shell_job, hidden_fds)
     check_vmas(pid, collect_vmas(pid))
 
 
@@ -90,44 +95,56 @@ def collect_process(pid: int, leader: Tracee) -> ProcessInfo:
         rlimits=proc.read_limits(pid), shared_pending=leader.pending_signals(shared=True))
 
 
+def hidden_fds(parent: Parent | None) -> set[int]:
+    """The uffd a previous pass left in the target is ckpt's, not the process's."""
+    st = parent.tracker_state if parent else None
+    return {st.target_fd} if st is not None and st.target_fd > 0 else set()
+
+
 def dump(opts: DumpOptions) -> DumpResult:
     pid = opts.pid
     t_start = time.perf_counter()
-    preflight(opts)
+    if opts.incremental and not opts.prev_images_dir:
+        raise CkptError("--incremental needs --prev-images-dir")
+    parent = open_parent(opts.images_dir, opts.prev_images_dir, pid)
+    preflight(opts, hidden_fds(parent))
+    track = opts.incremental or opts.track_mem
+    tracker = select_tracker(opts.track, pid, parent) if track else None
     images = ImageDir.create(opts.images_dir)
+    images.remove_inventory()
     with Frozen(pid) as frozen:
         threads = frozen.threads()
         states = [collect_thread(t) for t in threads]
         injected = collect_injected(pid, threads, states, collect_vmas(pid))
         vmas = collect_vmas(pid)
         check_vmas(pid, vmas)
-        files = collect_files(pid, opts.shell_job)
+        ctx = PassContext(pid, frozen, vmas)
+        keep = opts.track_mem and opts.leave_running
+        if tracker is not None:
+            try:
+                dirty = tracker.begin(ctx)
+            except BaseException:
+                tracker.end(ctx, keep=False)
+                raise
+        else:
+            dirty = DirtySet(all_dirty="full dump")
+        try:
+            plan = plan_pass(pid, vmas, dirty, parent.has if parent else None)
+            mem = write_memory(images, pid, plan, opts.compress_level)
+        finally:
+            if tracker is not None:
+                tracker.end(ctx, keep=keep)
+        files = collect_files(pid, opts.shell_job, tracker.fds_to_hide() if tracker else set())
         info = collect_process(pid, frozen.leader)
-
-        t_copy = time.perf_counter()
-        runs = plan_dump(pid, vmas)
-        with images.pages_writer(pid, level=opts.compress_level) as writer:
-            copy_runs(pid, runs, writer.write)
-        copy_ms = (time.perf_counter() - t_copy) * 1000
-        stored = writer.stored_bytes
-        pages = sum(r.nr_pages for r in runs)
-
-        images.write_pagemap(
-            pid, image_pb2.PagemapHead(pid=pid, pages_file_raw_bytes=pages * PAGE_SIZE),
-            [image_pb2.PagemapEntry(vaddr=r.vaddr, nr_pages=r.nr_pages,
-                                    flags=image_pb2.PagemapEntry.PRESENT) for r in runs])
         images.write_core(pid, build_core(pid, info, states, injected, vmas, files))
+        if tracker is not None and keep:
+            images.write_tracker(pid, tracker.state())
         frozen_ms = (time.perf_counter() - frozen.frozen_at) * 1000
-        total_ms = (time.perf_counter() - t_start) * 1000
-        stats = image_pb2.DumpStats(pages_scanned=sum(v.length for v in vmas) // PAGE_SIZE,
-                                    pages_written=pages, bytes_written=stored,
-                                    frozen_ms=frozen_ms, copy_ms=copy_ms, total_ms=total_ms)
-        images.write_inventory(image_pb2.Inventory(
-            format_version=FORMAT_VERSION, root_pid=pid, pids=[pid], kind="dump",
-            tracker="none", created_unix=time.time(), kernel_release=os.uname().release,
-            xstate_size=len(states[0].xstate), shell_job=opts.shell_job, stats=stats))
+        stats = pass_stats(plan, mem, frozen_ms, (time.perf_counter() - t_start) * 1000)
+        name = tracker.name if tracker else "none"
+        images.write_inventory(inventory(pid, "dump", parent, name, stats,
+                                         len(states[0].xstate), opts.shell_job))
         if not opts.leave_running:
             frozen.kill()
-    return DumpResult(pid=pid, threads=len(states), vmas=len(vmas), pages=pages,
-                      stored_bytes=stored, frozen_ms=frozen_ms, copy_ms=copy_ms,
-                      total_ms=total_ms)
+    return DumpResult(pid=pid, threads=len(states), vmas=len(vmas),
+                      line=describe("dump", pid, name, stats))

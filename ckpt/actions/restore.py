@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 from ckpt.errors import ImageError, RestoreError
-from ckpt.images import ImageDir
+from ckpt.images import ImageDir, chain
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.pb import image_pb2
 from ckpt.kernel.sys import NR
@@ -76,7 +76,7 @@ def check_ids_free(entry: pb.ProcessEntry) -> None:
 def restore(opts: RestoreOptions) -> RestoreResult:
     t0 = time.perf_counter()
     images, inv, entry = read_images(opts.images_dir)
-    _, pagemap = images.read_pagemap(entry.pid)
+    layers = chain.resolve(images, entry.pid)  # the whole chain is valid before we fork
     if not opts.new_pid:
         check_ids_free(entry)
     stub = Stub.spawn(None if opts.new_pid else entry.pid)
@@ -89,8 +89,11 @@ def restore(opts: RestoreOptions) -> RestoreResult:
         mm.unmap_stub(stub)
         mm.move_vdso(stub, vmas)
         late = mm.map_vmas(stub, vmas)
-        with images.pages_reader(entry.pid) as reader:
-            fill_pages(stub, list(pagemap), reader.iter_chunks(), WritableIndex(vmas, late))
+        index = WritableIndex(vmas, late)
+        for layer in layers:
+            with layer.images.pages_reader(entry.pid) as reader:
+                fill_pages(stub, layer.stream, reader.iter_chunks(), index,
+                           None if layer.owned == layer.stream else layer.owned)
         mm.protect_late(stub, late)
         mm.restore_mm_fields(stub, entry.mm)
         restore_files(stub, entry)

@@ -61,8 +61,10 @@ def file_kind(info: FdInfo, shell_job: bool) -> str:
     raise NotDumpable(why)
 
 
-def collect_files(pid: int, shell_job: bool, root: str = "/proc") -> list[FileRecord]:
-    fds = {i.fd: i for i in read_fds(pid, root=root)}
+def collect_files(pid: int, shell_job: bool, hidden: set[int] | None = None,
+                  root: str = "/proc") -> list[FileRecord]:
+    """The open files of ``pid``, except ``hidden`` fds (ckpt's own, e.g. a tracker's)."""
+    fds = {i.fd: i for i in read_fds(pid, root=root) if i.fd not in (hidden or set())}
     kinds = {fd: file_kind(info, shell_job) for fd, info in fds.items()}
     out = []
     for n, group in enumerate(group_open_files(list(fds.values()), kcmp_same_file(pid)), 1):

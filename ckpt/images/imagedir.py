@@ -247,6 +247,39 @@ class ImageDir:
 
     # -- parent chain --------------------------------------------------------------------
 
+    def remove_inventory(self) -> None:
+        """Mark the directory incomplete while a new pass writes into it."""
+        _unlink(self.file("inventory"))
+
+    def check_pages(self, pid: int) -> int:
+        """Walk pages-<pid>.img's chunk headers without decompressing: header, sizes and
+        trailer must add up (checksums are verified when the pages are read). Returns the
+        raw byte count."""
+        target = self.file("pages", pid)
+        try:
+            with open(target, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if f.read(8)[:4] != PAGES_MAGIC:
+                    raise ImageError(f"{target}: not a ckpt page file")
+                raw = 0
+                while True:
+                    head = f.read(8)
+                    if len(head) < 8:
+                        raise ImageError(f"{target}: truncated")
+                    raw_len, stored_len = struct.unpack("<II", head)
+                    if raw_len == 0 and stored_len == 0:
+                        tail = f.read(8)
+                        if len(tail) < 8 or struct.unpack("<Q", tail)[0] != raw:
+                            raise ImageError(f"{target}: truncated or corrupted trailer")
+                        return raw
+                    if f.seek(stored_len, os.SEEK_CUR) > size:
+                        raise ImageError(f"{target}: truncated")
+                    raw += raw_len
+        except FileNotFoundError:
+            raise ImageError(f"{target} is missing") from None
+        except OSError as exc:
+            raise ImageError(f"cannot read {target}: {_why(exc)}") from None
+
     def parent(self) -> ImageDir | None:
         """The parent images directory named by inventory.parent, or None."""
         rel = self.read_inventory().parent

@@ -8,6 +8,8 @@ The page file is one stream of the PRESENT runs in pagemap order, cut into zstd 
 
 Each chunk becomes one process_vm_writev with an iovec per piece; pieces landing in
 VMAs that are not writable (text with COW'd pages) go through /proc/PID/mem instead.
+With a parent chain every image's stream is read in turn and only the pieces that image
+*owns* (ckpt.images.chain) are written; the rest of its stream is skipped.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import ctypes
 from collections.abc import Iterable
 
 from ckpt.errors import ImageError
-from ckpt.images.pb import core_pb2, image_pb2
-from ckpt.kernel.sys import PAGE_SIZE, vm_transfer
+from ckpt.images.pb import core_pb2
+from ckpt.kernel.sys import vm_transfer
+from ckpt.ranges import Range
 from ckpt.restore.stub import Stub
 
 PROT_WRITE = 2
@@ -41,32 +44,56 @@ class WritableIndex:
         return self.spans[i][2]
 
 
-def fill_pages(stub: Stub, entries: list[image_pb2.PagemapEntry], chunks: Iterable[bytes],
-               index: WritableIndex) -> int:
-    """Write the stream of PRESENT runs into the stub; return bytes written."""
-    runs = [(e.vaddr, e.nr_pages * PAGE_SIZE) for e in entries
-            if e.flags & image_pb2.PagemapEntry.PRESENT]
-    run_i, run_off, total = 0, 0, 0
+def fill_pages(stub: Stub, stream: list[Range], chunks: Iterable[bytes], index: WritableIndex,
+               owned: list[Range] | None = None) -> int:
+    """Write the page stream (the PRESENT runs ``stream``, in order) into the stub; with
+    ``owned``, only the parts inside it. Returns the bytes written."""
+    wanted = Wanted(owned)
+    run_i, run_off, written = 0, 0, 0
     for chunk in chunks:
         base = ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value or 0
         pos, pairs = 0, []
         while pos < len(chunk):
-            if run_i >= len(runs):
+            if run_i >= len(stream):
                 raise ImageError("page file holds more data than the pagemap describes")
-            vaddr, length = runs[run_i]
-            take = min(length - run_off, len(chunk) - pos)
-            dest = vaddr + run_off
-            if index.writable(dest):
-                pairs.append((base + pos, dest, take))
-            else:
-                stub.write_mem(dest, memoryview(chunk)[pos : pos + take])
+            start, end = stream[run_i]
+            take = min(end - start - run_off, len(chunk) - pos)
+            dest = start + run_off
+            for lo, hi in wanted.pieces(dest, dest + take):
+                at = pos + lo - dest
+                if index.writable(lo):
+                    pairs.append((base + at, lo, hi - lo))
+                else:
+                    stub.write_mem(lo, memoryview(chunk)[at : at + hi - lo])
+                written += hi - lo
             pos += take
             run_off += take
-            if run_off == length:
+            if start + run_off == end:
                 run_i, run_off = run_i + 1, 0
         if pairs:
             vm_transfer(True, stub.pid, pairs)
-        total += len(chunk)
-    if run_i != len(runs):
+    if run_i != len(stream):
         raise ImageError("page file ends before the pagemap does (truncated image?)")
-    return total
+    return written
+
+
+class Wanted:
+    """Clips ascending address pieces to the owned ranges (None: everything is wanted)."""
+
+    def __init__(self, owned: list[Range] | None) -> None:
+        self.owned = owned
+        self.i = 0
+
+    def pieces(self, lo: int, hi: int) -> list[Range]:
+        if self.owned is None:
+            return [(lo, hi)]
+        owned, out = self.owned, []
+        while self.i < len(owned) and owned[self.i][1] <= lo:
+            self.i += 1
+        k = self.i
+        while k < len(owned) and owned[k][0] < hi:
+            a, b = max(lo, owned[k][0]), min(hi, owned[k][1])
+            if a < b:
+                out.append((a, b))
+            k += 1
+        return out

@@ -1,0 +1,110 @@
+"""What predump and incremental dump share: the parent link, the tracker, the memory of
+one pass (pages + pagemap) and its statistics."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from ckpt.errors import ImageError
+from ckpt.images import ImageDir
+from ckpt.images.chain import parent_coverage
+from ckpt.images.pb import image_pb2
+from ckpt.kernel.sys import PAGE_SIZE
+from ckpt.pagecopy.copy import copy_runs
+from ckpt.pagecopy.incremental import PassPlan, pages
+from ckpt.ranges import Range
+from ckpt.track import Tracker, choose_backend, open_tracker
+
+FORMAT_VERSION = 1
+PRESENT = image_pb2.PagemapEntry.PRESENT
+IN_PARENT = image_pb2.PagemapEntry.IN_PARENT
+
+
+@dataclass
+class Parent:
+    """The previous pass: where it is, relative to the new images dir, and what it has."""
+
+    images: ImageDir
+    link: str  # as recorded in inventory.parent (relative to the new images dir)
+    has: list[Range]
+    tracker_state: image_pb2.TrackerState | None
+
+
+def open_parent(images_dir: str, prev: str | None, pid: int) -> Parent | None:
+    """Open and validate the parent chain before anything touches the target."""
+    if not prev:
+        return None
+    path = os.path.normpath(os.path.join(images_dir, prev))
+    parent = ImageDir.open(path)
+    inv = parent.read_inventory()
+    if pid not in inv.pids:
+        raise ImageError(f"parent images {path} are of pid(s) {list(inv.pids)}, not {pid}")
+    has = parent_coverage(parent, pid)
+    parent.check_pages(pid)
+    return Parent(parent, prev, has, parent.read_tracker(pid))
+
+
+def select_tracker(track: str, pid: int, parent: Parent | None) -> Tracker:
+    prev = parent.tracker_state if parent else None
+    return open_tracker(choose_backend(track, prev), pid, prev)
+
+
+@dataclass
+class MemoryResult:
+    pages_written: int
+    pages_in_parent: int
+    stored_bytes: int
+    copy_ms: float
+
+
+def write_memory(images: ImageDir, pid: int, plan: PassPlan, level: int,
+                 tolerate_unmapped: bool = False) -> MemoryResult:
+    """Copy the plan's pages into pages-PID.img and write pagemap-PID.img."""
+    t0 = time.perf_counter()
+    runs = plan.copy_runs()
+    with images.pages_writer(pid, level=level) as writer:
+        copy_runs(pid, runs, writer.write, tolerate_unmapped=tolerate_unmapped)
+    copy_ms = (time.perf_counter() - t0) * 1000
+    entries = [(s, e, PRESENT) for s, e in plan.copy] + [(s, e, IN_PARENT)
+                                                       for s, e in plan.in_parent]
+    entries.sort()
+    images.write_pagemap(
+        pid, image_pb2.PagemapHead(pid=pid, pages_file_raw_bytes=pages(plan.copy) * PAGE_SIZE),
+        [image_pb2.PagemapEntry(vaddr=s, nr_pages=(e - s) // PAGE_SIZE, flags=f)
+         for s, e, f in entries])
+    return MemoryResult(pages(plan.copy), pages(plan.in_parent), writer.stored_bytes, copy_ms)
+
+
+def pass_stats(plan: PassPlan, mem: MemoryResult, frozen_ms: float, total_ms: float,
+               ) -> image_pb2.DumpStats:
+    stats = image_pb2.DumpStats(
+        pages_scanned=plan.scanned_pages, pages_written=mem.pages_written,
+        pages_in_parent=mem.pages_in_parent, bytes_written=mem.stored_bytes,
+        frozen_ms=frozen_ms, copy_ms=mem.copy_ms, total_ms=total_ms)
+    for s, e, why in plan.whole:
+        stats.whole_vmas.add(start=s, end=e, reason=why)
+    return stats
+
+
+def inventory(pid: int, kind: str, parent: Parent | None, tracker: str, stats:
+              image_pb2.DumpStats, xstate_size: int = 0, shell_job: bool = False,
+              ) -> image_pb2.Inventory:
+    return image_pb2.Inventory(
+        format_version=FORMAT_VERSION, root_pid=pid, pids=[pid], kind=kind,
+        parent=parent.link if parent else "", tracker=tracker, created_unix=time.time(),
+        kernel_release=os.uname().release, xstate_size=xstate_size, shell_job=shell_job,
+        stats=stats)
+
+
+def describe(kind: str, pid: int, tracker: str, stats: image_pb2.DumpStats) -> str:
+    """The line predump/dump print: what this pass cost and stored."""
+    whole = ""
+    if stats.whole_vmas:
+        reasons = sorted({w.reason for w in stats.whole_vmas})
+        whole = f", {len(stats.whole_vmas)} whole VMA(s): {'; '.join(reasons)}"
+    return (f"{kind} of pid {pid} ({tracker}): {stats.pages_scanned} pages scanned, "
+            f"{stats.pages_written} written, {stats.pages_in_parent} in parent, "
+            f"{stats.bytes_written / 2**20:.2f} MiB stored; frozen {stats.frozen_ms:.1f} ms, "
+            f"copy {stats.copy_ms:.1f} ms, total {stats.total_ms:.1f} ms{whole}")

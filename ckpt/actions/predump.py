@@ -1,0 +1,72 @@
+"""`ckpt predump`: copy memory while the target runs; freeze only to arm tracking.
+
+    open parent        validate the chain, read its tracker state     (target untouched)
+    freeze             seize + interrupt every thread
+    arm                tracker.begin: what changed since the parent, tracking re-armed
+                       (protect before copying), VMA list snapshot
+    thaw               the target runs on; frozen time ends here
+    plan + copy        pages that changed or the parent lacks, read while it runs;
+                       a page written during the copy is caught by the next pass
+    write images       pages, pagemap, tracker state, inventory (kind "predump")
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ckpt.actions.passes import (
+    describe,
+    inventory,
+    open_parent,
+    pass_stats,
+    select_tracker,
+    write_memory,
+)
+from ckpt.collect import proc
+from ckpt.collect.vmas import collect_vmas
+from ckpt.errors import NoSuchProcess, NotDumpable
+from ckpt.freeze.seize import Frozen
+from ckpt.images import ImageDir
+from ckpt.pagecopy.incremental import plan_pass
+from ckpt.track import PassContext
+
+
+@dataclass(frozen=True)
+class PredumpOptions:
+    pid: int
+    images_dir: str
+    prev_images_dir: str | None = None
+    track: str = "auto"
+    compress_level: int = -1
+
+
+def check_target(pid: int) -> None:
+    if pid <= 0 or not proc.pid_exists(pid):
+        raise NoSuchProcess(pid)
+    if proc.is_kernel_thread(pid):
+        raise NotDumpable(f"process {pid} is a kernel thread")
+
+
+def predump(opts: PredumpOptions) -> str:
+    """Run one predump pass; return the line describing it."""
+    pid = opts.pid
+    t0 = time.perf_counter()
+    check_target(pid)
+    parent = open_parent(opts.images_dir, opts.prev_images_dir, pid)
+    tracker = select_tracker(opts.track, pid, parent)
+    images = ImageDir.create(opts.images_dir)
+    images.remove_inventory()
+    with Frozen(pid) as frozen:
+        ctx = PassContext(pid, frozen, collect_vmas(pid))
+        try:
+            dirty = tracker.begin(ctx)
+        finally:
+            tracker.end(ctx, keep=True)
+        frozen_ms = (time.perf_counter() - frozen.frozen_at) * 1000
+    plan = plan_pass(pid, ctx.vmas, dirty, parent.has if parent else None)
+    mem = write_memory(images, pid, plan, opts.compress_level, tolerate_unmapped=True)
+    images.write_tracker(pid, tracker.state())
+    stats = pass_stats(plan, mem, frozen_ms, (time.perf_counter() - t0) * 1000)
+    images.write_inventory(inventory(pid, "predump", parent, tracker.name, stats))
+    return describe("predump", pid, tracker.name, stats)

@@ -1,0 +1,73 @@
+"""Sorted, disjoint address ranges [start, end) and the set operations the page planner
+needs. Work is per range, never per page.
+
+    a        : |----|    |--------|
+    b        :    |--------|
+    a & b    :    |-|    |-|
+    a - b    : |--|          |----|
+    a | b    : |--------------------|  (merged when touching)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+Range = tuple[int, int]
+
+
+def normalize(ranges: Iterable[Range]) -> list[Range]:
+    """Sort, drop empty ranges, merge overlapping or touching ones."""
+    out: list[Range] = []
+    for start, end in sorted(r for r in ranges if r[0] < r[1]):
+        if out and start <= out[-1][1]:
+            if end > out[-1][1]:
+                out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
+def union(a: list[Range], b: list[Range]) -> list[Range]:
+    return normalize([*a, *b])
+
+
+def intersect(a: list[Range], b: list[Range]) -> list[Range]:
+    """a ∩ b for normalized inputs."""
+    out: list[Range] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def subtract(a: list[Range], b: list[Range]) -> list[Range]:
+    """a - b for normalized inputs."""
+    out: list[Range] = []
+    j = 0
+    for start, end in a:
+        cur = start
+        while j < len(b) and b[j][1] <= cur:
+            j += 1
+        k = j
+        while k < len(b) and b[k][0] < end:
+            if b[k][0] > cur:
+                out.append((cur, b[k][0]))
+            cur = max(cur, b[k][1])
+            k += 1
+        if cur < end:
+            out.append((cur, end))
+    return out
+
+
+def clip(a: list[Range], start: int, end: int) -> list[Range]:
+    return intersect(a, [(start, end)])
+
+
+def total(a: Iterable[Range]) -> int:
+    return sum(e - s for s, e in a)

@@ -1,0 +1,157 @@
+"""userfaultfd write-protect in async mode + PAGEMAP_SCAN: soft-dirty that works here.
+
+First pass (target frozen):
+    inject userfaultfd() into the target    the uffd must live in the target's mm
+    move it to a high fd, O_CLOEXEC         out of the way of the program's own fds
+    pidfd_getfd → ckpt's copy               every ioctl from here on is ckpt's own
+    UFFDIO_API(WP_ASYNC | WP_UNPOPULATED), REGISTER(WP) every trackable VMA, WRITEPROTECT
+Later passes:
+    PAGEMAP_SCAN WP_MATCHING on WRITTEN     get the written pages and re-arm, one ioctl
+    PAGEMAP_SCAN inverted WPALLOWED         VMAs no longer registered: new, moved,
+                                            replaced in place (maps can be identical!):
+                                            copied whole, then registered and protected
+Between passes the target's fd keeps tracking alive; tracker.img records its number and
+inode so the next ckpt invocation can take it again, or see it is gone and fall back to
+whole copies. The final pass closes it with an injected close(): no stray fd remains.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ckpt.collect import proc
+from ckpt.collect.tasks import syscall_insn
+from ckpt.collect.vmas import VmaInfo
+from ckpt.errors import KernelError
+from ckpt.images.pb import image_pb2
+from ckpt.kernel import pagemap as pm
+from ckpt.kernel import uffd
+from ckpt.kernel.ptrace import Injector
+from ckpt.kernel.sys import NR, pidfd_getfd, pidfd_open
+from ckpt.pagecopy.plan import NO_PAGES
+from ckpt.ranges import Range, intersect, normalize
+from ckpt.track.base import DirtySet, PassContext, Tracker
+
+F_DUPFD_CLOEXEC = 1030
+HIGH_FD = 1000
+USER_SPACE_END = (1 << 47) - 4096  # TASK_SIZE_MAX
+UFFD_LINK = "anon_inode:[userfaultfd]"
+
+
+def trackable(vmas: list[VmaInfo]) -> list[Range]:
+    return normalize((v.start, v.end) for v in vmas if v.kind not in NO_PAGES)
+
+
+class UffdWpTracker(Tracker):
+    name = "uffd-wp"
+
+    def __init__(self, pid: int, state: image_pb2.TrackerState | None) -> None:
+        super().__init__(pid, state)
+        self.fd = -1  # ckpt's copy of the uffd
+        self.target_fd = -1
+        self.inode = 0
+        self.start_time = proc.read_stat(pid).starttime
+
+    # ------------------------------------------------------------------ pass
+    def begin(self, ctx: PassContext) -> DirtySet:
+        lost = self._attach(ctx)
+        scan_fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY)
+        try:
+            if lost:
+                self._create(ctx)
+                out = DirtySet(all_dirty=lost)
+                out.whole = self._arm(trackable(ctx.vmas))
+                return out
+            written = pm.pagemap_scan(scan_fd, 0, USER_SPACE_END, flags=pm.PM_SCAN_WP_MATCHING,
+                                      category_mask=pm.PAGE_IS_WRITTEN,
+                                      return_mask=pm.PAGE_IS_WRITTEN)
+            untracked = pm.pagemap_scan(scan_fd, 0, USER_SPACE_END,
+                                        category_inverted=pm.PAGE_IS_WPALLOWED,
+                                        category_mask=pm.PAGE_IS_WPALLOWED,
+                                        return_mask=pm.PAGE_IS_WPALLOWED)
+        finally:
+            os.close(scan_fd)
+        fresh = intersect(normalize((s, e) for s, e, _ in untracked), trackable(ctx.vmas))
+        failed = self._arm(fresh)
+        bad = {(s, e) for s, e, _ in failed}
+        whole = [(s, e, "not tracked: new, moved or replaced VMA") for s, e in fresh
+                 if (s, e) not in bad]
+        return DirtySet(dirty=normalize((s, e) for s, e, _ in written), whole=whole + failed)
+
+    def end(self, ctx: PassContext, keep: bool) -> None:
+        try:
+            if not keep and self.target_fd >= 0:
+                self._inject(ctx, NR.close, self.target_fd, what="close(uffd)")
+                self.target_fd = -1
+        finally:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+    def fds_to_hide(self) -> set[int]:
+        return {self.target_fd} if self.target_fd >= 0 else set()
+
+    def state(self) -> image_pb2.TrackerState:
+        return image_pb2.TrackerState(backend=self.name, pid=self.pid, start_time=self.start_time,
+                                      target_fd=self.target_fd, uffd_inode=self.inode)
+
+    # ------------------------------------------------------------------ setup
+    def _attach(self, ctx: PassContext) -> str:
+        """Take the uffd left by the previous pass; '' on success, else why not."""
+        st = self.prev
+        if st is None:
+            return "first pass"
+        if st.backend != self.name:
+            return f"previous pass tracked with {st.backend}"
+        if st.pid != self.pid or st.start_time != self.start_time:
+            return "tracking state belongs to another process"
+        link = f"/proc/{self.pid}/fd/{st.target_fd}"
+        try:
+            if os.readlink(link) != UFFD_LINK or os.stat(link).st_ino != st.uffd_inode:
+                return f"tracking state lost (fd {st.target_fd} is no longer ckpt's userfaultfd)"
+        except OSError:
+            return f"tracking state lost (fd {st.target_fd} was closed)"
+        pidfd = pidfd_open(self.pid)
+        try:
+            self.fd = pidfd_getfd(pidfd, st.target_fd, self.pid)
+        finally:
+            os.close(pidfd)
+        self.target_fd, self.inode = st.target_fd, st.uffd_inode
+        return ""
+
+    def _create(self, ctx: PassContext) -> None:
+        fd = self._inject(ctx, NR.userfaultfd, uffd.UFFD_CREATE_FLAGS, what="userfaultfd")
+        high = self._inject(ctx, NR.fcntl, fd, F_DUPFD_CLOEXEC, HIGH_FD, what="fcntl",
+                            check=False)
+        if high >= 0:
+            self._inject(ctx, NR.close, fd, what="close")
+            fd = high
+        self.target_fd = fd
+        pidfd = pidfd_open(self.pid)
+        try:
+            self.fd = pidfd_getfd(pidfd, fd, self.pid)
+        finally:
+            os.close(pidfd)
+        self.inode = os.fstat(self.fd).st_ino
+        uffd.uffd_api(self.fd, uffd.WP_ASYNC_FEATURES)
+
+    def _arm(self, ranges: list[Range]) -> list[tuple[int, int, str]]:
+        """Register and write-protect; ranges that cannot be tracked come back as whole."""
+        failed: list[tuple[int, int, str]] = []
+        for start, end in ranges:
+            try:
+                uffd.uffd_register_wp(self.fd, start, end - start)
+                uffd.uffd_writeprotect(self.fd, start, end - start)
+            except KernelError as exc:
+                failed.append((start, end, f"cannot be tracked ({os.strerror(exc.errno)})"))
+        return failed
+
+    def _inject(self, ctx: PassContext, nr: int, *args: int, what: str, check: bool = True,
+                ) -> int:
+        leader = ctx.frozen.leader
+        regs = leader.getregs()
+        inj = Injector(leader, syscall_insn(self.pid, regs, ctx.vmas), regs)
+        try:
+            return inj(nr, *args, what=what) if check else inj.raw(nr, *args)
+        finally:
+            inj.restore()
