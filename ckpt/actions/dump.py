@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from ckpt.actions.core_image import ProcessInfo, build_core
 from ckpt.actions.passes import (
     Parent,
+    apply_compare,
     describe,
     inventory,
     open_parent,
     pass_stats,
     select_tracker,
+    view_digests,
     write_memory,
 )
 from ckpt.collect import proc
@@ -130,7 +132,12 @@ def dump(opts: DumpOptions) -> DumpResult:
             dirty = DirtySet(all_dirty="full dump")
         try:
             plan = plan_pass(pid, vmas, dirty, parent.has if parent else None)
-            mem = write_memory(images, pid, plan, opts.compress_level)
+            parent_digests = apply_compare(pid, plan, parent) if dirty.compare else None
+            stored: list[bytes] | None = [] if dirty.compare else None
+            mem = write_memory(images, pid, plan, opts.compress_level, digests=stored)
+            if stored is not None:
+                images.write_digests(pid, view_digests(plan, b"".join(stored),
+                                                       parent_digests))
         finally:
             if tracker is not None:
                 tracker.end(ctx, keep=keep)

@@ -12,9 +12,10 @@ from ckpt.images import ImageDir
 from ckpt.images.chain import parent_coverage
 from ckpt.images.pb import image_pb2
 from ckpt.kernel.sys import PAGE_SIZE
+from ckpt.pagecopy.compare import NO_DIGEST, DigestMap, dedupe, digest_pages, digest_view
 from ckpt.pagecopy.copy import copy_runs
 from ckpt.pagecopy.incremental import PassPlan, pages
-from ckpt.ranges import Range
+from ckpt.ranges import Range, union
 from ckpt.track import Tracker, choose_backend, open_tracker
 
 FORMAT_VERSION = 1
@@ -51,6 +52,31 @@ def select_tracker(track: str, pid: int, parent: Parent | None) -> Tracker:
     return open_tracker(choose_backend(track, prev), pid, prev)
 
 
+def apply_compare(pid: int, plan: PassPlan, parent: Parent | None,
+                  tolerate_unmapped: bool = False) -> DigestMap | None:
+    """Compare backend: digest every existing page and keep in the copy only those that
+    differ from the parent's digests. Returns the parent's digests, for view_digests."""
+    blob = parent.images.read_digests(pid) if parent else None
+    if parent is None or blob is None:
+        return None
+    parent_map = DigestMap(parent.has, blob)
+    digests = digest_pages(pid, plan.copy, tolerate_unmapped)
+    plan.copy, plan.in_parent = dedupe(plan.copy, digests, parent_map)
+    return parent_map
+
+
+def view_digests(plan: PassPlan, stored: bytes, parent: DigestMap | None) -> bytes:
+    """Digests of every page of the new image's view, each matching the bytes a restore
+    would get: copied pages as stored (not as first digested: the target may have
+    changed them in between), unchanged pages as the parent has them."""
+    own = DigestMap(plan.copy, stored)
+    out = []
+    for start, end in union(plan.copy, plan.in_parent):
+        for addr in range(start, end, PAGE_SIZE):
+            out.append(own.get(addr) or (parent.get(addr) if parent else None) or NO_DIGEST)
+    return b"".join(out)
+
+
 @dataclass
 class MemoryResult:
     pages_written: int
@@ -60,12 +86,19 @@ class MemoryResult:
 
 
 def write_memory(images: ImageDir, pid: int, plan: PassPlan, level: int,
-                 tolerate_unmapped: bool = False) -> MemoryResult:
-    """Copy the plan's pages into pages-PID.img and write pagemap-PID.img."""
+                 tolerate_unmapped: bool = False, digests: list[bytes] | None = None,
+                 ) -> MemoryResult:
+    """Copy the plan's pages into pages-PID.img and write pagemap-PID.img; with
+    ``digests``, also collect the digest of every page stored."""
     t0 = time.perf_counter()
     runs = plan.copy_runs()
     with images.pages_writer(pid, level=level) as writer:
-        copy_runs(pid, runs, writer.write, tolerate_unmapped=tolerate_unmapped)
+        def sink(view: memoryview) -> None:
+            writer.write(view)
+            if digests is not None:
+                digests.append(digest_view(view))
+
+        copy_runs(pid, runs, sink, tolerate_unmapped=tolerate_unmapped)
     copy_ms = (time.perf_counter() - t0) * 1000
     entries = [(s, e, PRESENT) for s, e in plan.copy] + [(s, e, IN_PARENT)
                                                        for s, e in plan.in_parent]

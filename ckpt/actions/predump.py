@@ -16,11 +16,13 @@ import time
 from dataclasses import dataclass
 
 from ckpt.actions.passes import (
+    apply_compare,
     describe,
     inventory,
     open_parent,
     pass_stats,
     select_tracker,
+    view_digests,
     write_memory,
 )
 from ckpt.collect import proc
@@ -65,7 +67,11 @@ def predump(opts: PredumpOptions) -> str:
             tracker.end(ctx, keep=True)
         frozen_ms = (time.perf_counter() - frozen.frozen_at) * 1000
     plan = plan_pass(pid, ctx.vmas, dirty, parent.has if parent else None)
-    mem = write_memory(images, pid, plan, opts.compress_level, tolerate_unmapped=True)
+    parent_digests = apply_compare(pid, plan, parent, True) if dirty.compare else None
+    stored: list[bytes] | None = [] if dirty.compare else None
+    mem = write_memory(images, pid, plan, opts.compress_level, True, stored)
+    if stored is not None:
+        images.write_digests(pid, view_digests(plan, b"".join(stored), parent_digests))
     images.write_tracker(pid, tracker.state())
     stats = pass_stats(plan, mem, frozen_ms, (time.perf_counter() - t0) * 1000)
     images.write_inventory(inventory(pid, "predump", parent, tracker.name, stats))

@@ -22,7 +22,13 @@ from ckpt.images.framing import (
 )
 from ckpt.images.pages import DEFAULT_LEVEL, PAGES_MAGIC, PagesReader, PagesWriter
 from ckpt.images.pb.core_pb2 import ProcessEntry
-from ckpt.images.pb.image_pb2 import Inventory, PagemapEntry, PagemapHead, TrackerState
+from ckpt.images.pb.image_pb2 import (
+    Inventory,
+    PageDigests,
+    PagemapEntry,
+    PagemapHead,
+    TrackerState,
+)
 
 
 def _magic(tag: bytes) -> int:
@@ -52,8 +58,11 @@ CORE = ImageKind("core", "core-{pid}.img", _magic(b"CORE"), (ProcessEntry,))
 PAGEMAP = ImageKind("pagemap", "pagemap-{pid}.img", _magic(b"PGMP"), (PagemapHead, PagemapEntry))
 PAGES = ImageKind("pages", "pages-{pid}.img", _magic(PAGES_MAGIC), ())
 TRACKER = ImageKind("tracker", "tracker-{pid}.img", _magic(b"TRCK"), (TrackerState,))
+DIGESTS = ImageKind("digests", "digests-{pid}.img", _magic(b"DGST"), (PageDigests,))
 
-KINDS: dict[str, ImageKind] = {k.name: k for k in (INVENTORY, CORE, PAGEMAP, PAGES, TRACKER)}
+KINDS: dict[str, ImageKind] = {
+    k.name: k for k in (INVENTORY, CORE, PAGEMAP, PAGES, TRACKER, DIGESTS)
+}
 for _kind in KINDS.values():
     register_kind(_kind.magic, _kind.name)
 
@@ -186,6 +195,16 @@ class ImageDir:
         msg = self._read_one(TRACKER, pid)
         assert isinstance(msg, TrackerState)
         return msg
+
+    def write_digests(self, pid: int, digests: bytes) -> None:
+        self._write_msgs(DIGESTS, pid, [PageDigests(digests=digests)])
+
+    def read_digests(self, pid: int) -> bytes | None:
+        if not self.exists("digests", pid):
+            return None
+        msg = self._read_one(DIGESTS, pid)
+        assert isinstance(msg, PageDigests)
+        return msg.digests
 
     def write_pagemap(self, pid: int, head: PagemapHead, entries: Sequence[PagemapEntry]) -> None:
         """pagemap-<pid>.img: entry 0 is the PagemapHead, the rest PagemapEntry runs."""
