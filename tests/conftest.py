@@ -26,6 +26,9 @@ from typing import TypeVar
 
 import pytest
 
+# the soft_dirty marker (tests needing CONFIG_MEM_SOFT_DIRTY are skipped without it)
+pytest_plugins = ["vm.plugin"]
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ROOT / "examples" / "targets"
 BIN = ROOT / "tests" / "bin"
@@ -56,6 +59,7 @@ class Bins:
     fpu: Path
     sleeper: Path
     signals: Path
+    scenarios: Path
 
 
 # name -> (source, flags before the source, flags after it)
@@ -65,6 +69,7 @@ _BUILDS: dict[str, tuple[str, list[str], list[str]]] = {
     "fpu": ("fpu.c", ["-O2", "-march=native"], ["-lm"]),
     "sleeper": ("sleeper.c", ["-O2"], []),
     "signals": ("signals.c", ["-O2"], []),
+    "scenarios": ("scenarios.c", ["-O2", "-pthread"], []),
 }
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 from ckpt.actions.core_image import ProcessInfo, build_core
 from ckpt.actions.passes import (
-    Parent,
     apply_compare,
     describe,
     inventory,
@@ -38,6 +37,7 @@ from ckpt.images import ImageDir
 from ckpt.kernel.ptrace import Tracee
 from ckpt.pagecopy.incremental import plan_pass
 from ckpt.track import DirtySet, PassContext
+from ckpt.track.uffd_wp import ckpt_uffds
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,9 @@ def collect_process(pid: int, leader: Tracee) -> ProcessInfo:
         rlimits=proc.read_limits(pid), shared_pending=leader.pending_signals(shared=True))
 
 
-def hidden_fds(parent: Parent | None) -> set[int]:
-    """The uffd a previous pass left in the target is ckpt's, not the process's."""
-    st = parent.tracker_state if parent else None
-    return {st.target_fd} if st is not None and st.target_fd > 0 else set()
+def hidden_fds(pid: int) -> set[int]:
+    """userfaultfds earlier passes left in the target are ckpt's, not the process's."""
+    return set(ckpt_uffds(pid))
 
 
 def dump(opts: DumpOptions) -> DumpResult:
@@ -109,7 +108,7 @@ def dump(opts: DumpOptions) -> DumpResult:
     if opts.incremental and not opts.prev_images_dir:
         raise CkptError("--incremental needs --prev-images-dir")
     parent = open_parent(opts.images_dir, opts.prev_images_dir, pid)
-    preflight(opts, hidden_fds(parent))
+    preflight(opts, hidden_fds(pid) if proc.pid_exists(pid) else set())
     track = opts.incremental or opts.track_mem
     tracker = select_tracker(opts.track, pid, parent) if track else None
     images = ImageDir.create(opts.images_dir)
@@ -141,7 +140,7 @@ def dump(opts: DumpOptions) -> DumpResult:
         finally:
             if tracker is not None:
                 tracker.end(ctx, keep=keep)
-        files = collect_files(pid, opts.shell_job, tracker.fds_to_hide() if tracker else set())
+        files = collect_files(pid, opts.shell_job, hidden_fds(pid))
         info = collect_process(pid, frozen.leader)
         images.write_core(pid, build_core(pid, info, states, injected, vmas, files))
         if tracker is not None and keep:

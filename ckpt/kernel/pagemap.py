@@ -274,3 +274,35 @@ def present_runs(
     """(vaddr, length) runs of pages whose entry has any bit of want_mask and none of
     reject_mask; ``entries[i]`` describes the page at ``base_vaddr + i * PAGE_SIZE``."""
     return flag_runs(match_flags(entries, want_mask, reject_mask), base_vaddr)
+
+
+# A swap-like pagemap entry whose swap type is 31 is a PTE marker, not data: userfaultfd
+# write-protect leaves one on every never-populated page it protects (seen as PM_SWAP with
+# frame 0x3f: type 31, marker bit PTE_MARKER_UFFD_WP). Only root sees the frame bits;
+# without them a marker reads as a real swapped page, which errs towards copying zeros.
+SWAP_TYPE_BITS = 0x1F
+SWP_PTE_MARKER = 0x1F
+
+
+def data_runs(entries: array[int], base_vaddr: int, reject_file: bool = False,
+              ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(exists, present) runs: pages holding data (present, or swapped out for real) and
+    the present ones; with ``reject_file``, only anonymous (COW'd) pages count."""
+    count = len(entries)
+    if count == 0:
+        return [], []
+    reject = PM_FILE if reject_file else 0
+    present = match_flags(entries, PM_PRESENT, reject)
+    swapped = int.from_bytes(match_flags(entries, PM_SWAP, PM_PRESENT | reject), "little")
+    if swapped:
+        raw = entries.tobytes()
+        low = raw[0 if sys.byteorder == "little" else 7 :: 8]
+        marker = int.from_bytes(low.translate(_marker_table()), "little")
+        swapped &= ~marker
+    exists = (int.from_bytes(present, "little") | swapped).to_bytes(count, "little")
+    return flag_runs(exists, base_vaddr), flag_runs(present, base_vaddr)
+
+
+@functools.lru_cache(maxsize=1)
+def _marker_table() -> bytes:
+    return bytes(1 if v & SWAP_TYPE_BITS == SWP_PTE_MARKER else 0 for v in range(256))

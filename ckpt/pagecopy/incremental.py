@@ -1,7 +1,7 @@
 """What an incremental pass stores: VMAs + dirty set + the parent's pages → pagemap.
 
-For every page of a dumpable VMA, with "exists" = present or swapped (COW'd copies only,
-for private file mappings) read from /proc/PID/pagemap:
+For every page of a dumpable VMA, with "exists" = present or swapped out (COW'd copies
+only, for private file mappings; uffd-wp's PTE markers are not data) from pagemap:
 
     exists, dirty (or its VMA copied whole)      → copy           PRESENT
     exists, clean, the parent has it            → IN_PARENT
@@ -16,13 +16,11 @@ a hole, never "same as parent" — otherwise restore would resurrect stale data.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-from ckpt.collect.vmas import VmaInfo, VmaKind
-from ckpt.kernel.pagemap import PM_FILE, PM_PRESENT, PM_SWAP, present_runs, read_pagemap_entries
+from ckpt.collect.vmas import VmaInfo
 from ckpt.kernel.sys import PAGE_SIZE
-from ckpt.pagecopy.plan import NO_PAGES, Run
+from ckpt.pagecopy.plan import NO_PAGES, Run, existing_pages
 from ckpt.ranges import Range, intersect, normalize, subtract, total, union
 from ckpt.track.base import DirtySet
 
@@ -36,25 +34,6 @@ class PassPlan:
 
     def copy_runs(self) -> list[Run]:
         return [Run(s, e - s) for s, e in self.copy]
-
-
-def existing_pages(pid: int, vmas: list[VmaInfo], proc_root: str = "/proc",
-                   ) -> tuple[list[Range], list[Range]]:
-    """(exists, present) ranges of every dumpable VMA, from /proc/PID/pagemap."""
-    exists: list[tuple[int, int]] = []
-    present: list[tuple[int, int]] = []
-    fd = os.open(f"{proc_root}/{pid}/pagemap", os.O_RDONLY)
-    try:
-        for v in vmas:
-            if v.kind in NO_PAGES:
-                continue
-            entries = read_pagemap_entries(fd, v.start, v.end)
-            reject = PM_FILE if v.kind == VmaKind.FILE_PRIVATE else 0
-            exists += present_runs(entries, v.start, PM_PRESENT | PM_SWAP, reject)
-            present += present_runs(entries, v.start, PM_PRESENT, reject)
-    finally:
-        os.close(fd)
-    return normalize((a, a + n) for a, n in exists), normalize((a, a + n) for a, n in present)
 
 
 def plan_pass(pid: int, vmas: list[VmaInfo], dirty: DirtySet, parent_has: list[Range] | None,

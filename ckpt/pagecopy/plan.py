@@ -10,8 +10,9 @@
     file shared       none: the data lives in the file
     vdso/vvar/...     none: the kernel provides them
 
-Runs are computed from /proc/PID/pagemap a VMA at a time; ``present_runs`` finds run
-boundaries without a per-page Python loop.
+Runs are computed from /proc/PID/pagemap a VMA at a time; ``data_runs`` finds run
+boundaries without a per-page Python loop. uffd-wp's PTE markers on never-populated
+pages look like swap entries but hold no data: they are skipped.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import os
 from dataclasses import dataclass
 
 from ckpt.collect.vmas import VmaInfo, VmaKind
-from ckpt.kernel.pagemap import PM_FILE, PM_PRESENT, PM_SWAP, present_runs, read_pagemap_entries
+from ckpt.kernel.pagemap import data_runs, read_pagemap_entries
 from ckpt.kernel.sys import PAGE_SIZE
+from ckpt.ranges import Range, normalize
 
 NO_PAGES = frozenset({VmaKind.FILE_SHARED, VmaKind.VDSO, VmaKind.VVAR, VmaKind.VVAR_VCLOCK,
                       VmaKind.VSYSCALL})
@@ -39,19 +41,25 @@ class Run:
         return self.length // PAGE_SIZE
 
 
-def runs_for_vma(pagemap_fd: int, vma: VmaInfo) -> list[Run]:
-    """Runs of pages of ``vma`` whose contents must be stored in the image."""
-    if vma.kind in NO_PAGES:
-        return []
-    entries = read_pagemap_entries(pagemap_fd, vma.start, vma.end)
-    reject = PM_FILE if vma.kind == VmaKind.FILE_PRIVATE else 0
-    return [Run(a, n) for a, n in present_runs(entries, vma.start, PM_PRESENT | PM_SWAP, reject)]
+def existing_pages(pid: int, vmas: list[VmaInfo], proc_root: str = "/proc",
+                   ) -> tuple[list[Range], list[Range]]:
+    """(exists, present) ranges of every dumpable VMA, from /proc/PID/pagemap."""
+    exists: list[Range] = []
+    present: list[Range] = []
+    fd = os.open(f"{proc_root}/{pid}/pagemap", os.O_RDONLY)
+    try:
+        for v in vmas:
+            if v.kind in NO_PAGES:
+                continue
+            entries = read_pagemap_entries(fd, v.start, v.end)
+            e, p = data_runs(entries, v.start, reject_file=v.kind == VmaKind.FILE_PRIVATE)
+            exists += ((a, a + n) for a, n in e)
+            present += ((a, a + n) for a, n in p)
+    finally:
+        os.close(fd)
+    return normalize(exists), normalize(present)
 
 
 def plan_dump(pid: int, vmas: list[VmaInfo], proc_root: str = "/proc") -> list[Run]:
     """Every run to store for a full dump, in address order."""
-    fd = os.open(f"{proc_root}/{pid}/pagemap", os.O_RDONLY)
-    try:
-        return [run for vma in vmas for run in runs_for_vma(fd, vma)]
-    finally:
-        os.close(fd)
+    return [Run(s, e - s) for s, e in existing_pages(pid, vmas, proc_root)[0]]

@@ -37,11 +37,18 @@ class WritableIndex:
         self.starts = [s for s, _, _ in spans]
         self.spans = spans
 
-    def writable(self, addr: int) -> bool:
-        i = bisect.bisect_right(self.starts, addr) - 1
-        if i < 0 or addr >= self.spans[i][1]:
-            raise ImageError(f"page at {addr:#x} lies outside every VMA of the image")
-        return self.spans[i][2]
+    def split(self, lo: int, hi: int) -> list[tuple[int, int, bool]]:
+        """[lo, hi) cut at VMA boundaries, each piece with whether it is writable (a run
+        of the image may span neighbouring VMAs of different protections)."""
+        out = []
+        i = bisect.bisect_right(self.starts, lo) - 1
+        while lo < hi:
+            if i < 0 or lo >= self.spans[i][1]:
+                raise ImageError(f"page at {lo:#x} lies outside every VMA of the image")
+            end = min(hi, self.spans[i][1])
+            out.append((lo, end, self.spans[i][2]))
+            lo, i = end, i + 1
+        return out
 
 
 def fill_pages(stub: Stub, stream: list[Range], chunks: Iterable[bytes], index: WritableIndex,
@@ -59,13 +66,14 @@ def fill_pages(stub: Stub, stream: list[Range], chunks: Iterable[bytes], index: 
             start, end = stream[run_i]
             take = min(end - start - run_off, len(chunk) - pos)
             dest = start + run_off
-            for lo, hi in wanted.pieces(dest, dest + take):
-                at = pos + lo - dest
-                if index.writable(lo):
-                    pairs.append((base + at, lo, hi - lo))
-                else:
-                    stub.write_mem(lo, memoryview(chunk)[at : at + hi - lo])
-                written += hi - lo
+            for piece_lo, piece_hi in wanted.pieces(dest, dest + take):
+                for lo, hi, writable in index.split(piece_lo, piece_hi):
+                    at = pos + lo - dest
+                    if writable:
+                        pairs.append((base + at, lo, hi - lo))
+                    else:
+                        stub.write_mem(lo, memoryview(chunk)[at : at + hi - lo])
+                    written += hi - lo
             pos += take
             run_off += take
             if start + run_off == end:

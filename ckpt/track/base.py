@@ -59,9 +59,6 @@ class Tracker(abc.ABC):
     def end(self, ctx: PassContext, keep: bool) -> None:  # noqa: B027 - optional hook
         """Frozen: keep tracking for a next pass, or remove every trace of it."""
 
-    def fds_to_hide(self) -> set[int]:
-        """fds of the target that belong to ckpt, not to the process (not dumped)."""
-        return set()
 
     def state(self) -> image_pb2.TrackerState:
         return image_pb2.TrackerState(backend=self.name, pid=self.pid)

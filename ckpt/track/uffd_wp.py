@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 from ckpt.collect import proc
+from ckpt.collect.fds import list_fds
 from ckpt.collect.tasks import syscall_insn
 from ckpt.collect.vmas import VmaInfo
 from ckpt.errors import KernelError
@@ -36,6 +37,19 @@ F_DUPFD_CLOEXEC = 1030
 HIGH_FD = 1000
 USER_SPACE_END = (1 << 47) - 4096  # TASK_SIZE_MAX
 UFFD_LINK = "anon_inode:[userfaultfd]"
+
+
+def ckpt_uffds(pid: int) -> list[int]:
+    """userfaultfds ckpt left in the target (at HIGH_FD and up), current or stale."""
+    out = []
+    for fd in list_fds(pid):
+        if fd >= HIGH_FD:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == UFFD_LINK:
+                    out.append(fd)
+            except OSError:
+                continue
+    return out
 
 
 def trackable(vmas: list[VmaInfo]) -> list[Range]:
@@ -88,8 +102,6 @@ class UffdWpTracker(Tracker):
                 os.close(self.fd)
                 self.fd = -1
 
-    def fds_to_hide(self) -> set[int]:
-        return {self.target_fd} if self.target_fd >= 0 else set()
 
     def state(self) -> image_pb2.TrackerState:
         return image_pb2.TrackerState(backend=self.name, pid=self.pid, start_time=self.start_time,
@@ -120,6 +132,10 @@ class UffdWpTracker(Tracker):
         return ""
 
     def _create(self, ctx: PassContext) -> None:
+        # A stale tracker of an earlier chain still holds VMAs registered (a VMA takes one
+        # uffd only): close it so that the new one can register them.
+        for stale in ckpt_uffds(self.pid):
+            self._inject(ctx, NR.close, stale, what="close(stale uffd)")
         fd = self._inject(ctx, NR.userfaultfd, uffd.UFFD_CREATE_FLAGS, what="userfaultfd")
         high = self._inject(ctx, NR.fcntl, fd, F_DUPFD_CLOEXEC, HIGH_FD, what="fcntl",
                             check=False)

@@ -1,0 +1,1 @@
+"""Running tests inside a QEMU guest whose kernel has what the host's may lack."""
