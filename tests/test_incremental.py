@@ -523,3 +523,28 @@ def test_unavailable_backend_is_one_error_line(harness: Harness, bins: Bins,
     assert "soft-dirty" in line, line
     assert_running_untraced(t.pid)
     t.assert_verifies()
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+def test_track_mem_snapshots_chain(harness: Harness, bins: Bins, tmp_path: Path) -> None:
+    """CRIU's snapshot mode: `dump --leave-running --track-mem` keeps tracking armed, so
+    each snapshot is restorable and the next one stores only what changed since."""
+    require("uffd-wp")
+    k, slack, total = 100, 12, 16384
+    t = Scenarios(harness, [bins.scenarios, "--pages", str(k)], tmp_path / "out.txt")
+    ck = tmp_path / "ck"
+    ckpt_ok("dump", "-t", str(t.pid), "-D", ck / "1", "--leave-running", "--track-mem")
+    assert stats(show(ck / "1"))["pages_written"] >= total
+    t.advance()
+    ckpt_ok("dump", "-t", str(t.pid), "-D", ck / "2", "--leave-running", "--track-mem",
+            "--prev-images-dir", "../1")
+    st = stats(show(ck / "2"))
+    assert k <= st["pages_written"] <= k + slack, st
+    t.advance()
+    final_dump(t, ck / "3", "../2")
+    st = stats(show(ck / "3"))
+    assert k <= st["pages_written"] <= k + slack, st
+    restore(harness, ck / "3", t.pid)
+    assert t.verify() == f"verify ok phase=2 pages={total}"
