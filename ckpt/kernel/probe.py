@@ -21,17 +21,18 @@ from dataclasses import dataclass
 from ckpt.errors import KernelError
 from ckpt.kernel import pagemap as pm
 from ckpt.kernel import uffd
-from ckpt.kernel.sys import NR, PAGE_SIZE, raise_errno, syscall, vm_transfer
+from ckpt.kernel.ptrace import (
+    NT_X86_XSTATE,
+    PTRACE_EVENT_STOP,
+    PTRACE_INTERRUPT,
+    PTRACE_SEIZE,
+    Tracee,
+    ptrace,
+)
+from ckpt.kernel.sys import NR, PAGE_SIZE, syscall, vm_transfer
 
 PAGE = PAGE_SIZE
 
-PTRACE_GETREGSET = 0x4204
-PTRACE_SEIZE = 0x4206
-PTRACE_INTERRUPT = 0x4207
-PTRACE_DETACH = 17
-PTRACE_EVENT_STOP = 128
-NT_X86_XSTATE = 0x202
-XSTATE_BUF = 16 * 1024
 XSTATE_XCR0_OFFSET = 464  # sw_reserved bytes of the fxsave area: Linux stores XCR0 there
 
 XFEATURE_NAMES = {
@@ -82,20 +83,10 @@ class _Extra:
 
 # ---- private helpers (the real ptrace module lives elsewhere; probes stay self-contained) ----
 
-_libc = ctypes.CDLL(None, use_errno=True)  # own instance: argtypes set here stay private
-_libc.ptrace.restype = ctypes.c_long
-_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
 
 _PROT_RW = 0x3
 _MAP_PRIVATE_ANON = 0x02 | 0x20
 
-
-def _ptrace(req: int, pid: int, addr: int, data: int, what: str) -> int:
-    ctypes.set_errno(0)
-    res = int(_libc.ptrace(req, pid, addr or None, data or None))
-    if res == -1 and ctypes.get_errno():
-        raise_errno(ctypes.get_errno(), what, pid)
-    return res
 
 
 @contextlib.contextmanager
@@ -172,8 +163,8 @@ def _probe_ptrace(extra: _Extra) -> list[Feature]:
     """SEIZE + INTERRUPT a sleeping child, read its xstate regset, DETACH."""
     pid = _forked_sleeper()
     try:
-        _ptrace(PTRACE_SEIZE, pid, 0, 0, "PTRACE_SEIZE")
-        _ptrace(PTRACE_INTERRUPT, pid, 0, 0, "PTRACE_INTERRUPT")
+        ptrace(PTRACE_SEIZE, pid)
+        ptrace(PTRACE_INTERRUPT, pid)
         status = _wait_stopped(pid, timeout=5.0)
         event = status >> 16
         if event != PTRACE_EVENT_STOP:
@@ -186,20 +177,18 @@ def _probe_ptrace(extra: _Extra) -> list[Feature]:
             xstate = _read_xstate(pid, extra)
         except Exception as exc:
             xstate = Feature("xstate", False, f"probe failed: {exc}")
-        _ptrace(PTRACE_DETACH, pid, 0, 0, "PTRACE_DETACH")
+        Tracee(pid).detach()
         return [seize, xstate]
     finally:
         _kill_and_reap(pid)
 
 
 def _read_xstate(pid: int, extra: _Extra) -> Feature:
-    buf = ctypes.create_string_buffer(XSTATE_BUF)
-    iov = (ctypes.c_uint64 * 2)(ctypes.addressof(buf), XSTATE_BUF)
-    _ptrace(PTRACE_GETREGSET, pid, NT_X86_XSTATE, ctypes.addressof(iov), "GETREGSET xstate")
-    size = int(iov[1])
+    raw = Tracee(pid).get_regset(NT_X86_XSTATE)
+    size = len(raw)
     if size < XSTATE_XCR0_OFFSET + 8:
         return Feature("xstate", False, f"NT_X86_XSTATE regset only {size} bytes")
-    xcr0 = int.from_bytes(buf.raw[XSTATE_XCR0_OFFSET : XSTATE_XCR0_OFFSET + 8], "little")
+    xcr0 = int.from_bytes(raw[XSTATE_XCR0_OFFSET : XSTATE_XCR0_OFFSET + 8], "little")
     extra.xstate_size, extra.xcr0 = size, xcr0
     return Feature("xstate", True, f"{size} bytes, xcr0 {xcr0:#x} ({_xcr0_names(xcr0)})")
 
