@@ -34,6 +34,7 @@ from conftest import (
     is_alive,
     needs_root,
     pids_running,
+    py_target,
     read_lines,
     run_ckpt,
     wait_for,
@@ -548,3 +549,25 @@ def test_track_mem_snapshots_chain(harness: Harness, bins: Bins, tmp_path: Path)
     assert k <= st["pages_written"] <= k + slack, st
     restore(harness, ck / "3", t.pid)
     assert t.verify() == f"verify ok phase=2 pages={total}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropped_cow_page_of_file_mapping(harness: Harness, tmp_path: Path,
+                                          backend: str) -> None:
+    """MADV_DONTNEED on a COW'd page of a private file mapping brings the file's bytes
+    back; uffd-wp does not see it as a write, so "in parent" would resurrect the copy."""
+    require(backend)
+    out = tmp_path / "out.txt"
+    target = harness.launch([*py_target("fileprivate.py"), tmp_path], out)
+    wait_for_line(out, lambda s: s == "ready", 20, "ready")
+    ck = tmp_path / "ck"
+    predump(target.pid, ck / "1", f"--track={backend}")
+    os.kill(target.pid, signal.SIGUSR1)
+    wait_for_line(out, lambda s: s == "phase=1 done", 20, "phase=1 done")
+    ckpt_ok("dump", "-t", str(target.pid), "-D", ck / "2", "--incremental",
+            "--prev-images-dir", "../1", reap=target)
+    target.wait(timeout=10)
+    restore(harness, ck / "2", target.pid)
+    os.kill(target.pid, signal.SIGUSR2)
+    line = wait_for_line(out, lambda s: s.startswith("verify"), 20, "verify")
+    assert line == "verify ok", line

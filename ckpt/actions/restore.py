@@ -79,7 +79,7 @@ def restore(opts: RestoreOptions) -> RestoreResult:
     layers = chain.resolve(images, entry.pid)  # the whole chain is valid before we fork
     if not opts.new_pid:
         check_ids_free(entry)
-    stub = Stub.spawn(None if opts.new_pid else entry.pid)
+    stub = Stub.spawn(None if opts.new_pid else entry.pid, max(t.tid for t in entry.threads))
     threads: list[Stub] = []
     try:
         vmas = list(entry.vmas)

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ckpt.collect.vmas import VmaInfo
+from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.pagecopy.plan import NO_PAGES, Run, existing_pages
 from ckpt.ranges import Range, intersect, normalize, subtract, total, union
 from ckpt.track.base import DirtySet
+
+ANON_KINDS = frozenset({VmaKind.ANON_PRIVATE, VmaKind.HEAP, VmaKind.STACK})
 
 
 @dataclass
@@ -38,16 +40,37 @@ class PassPlan:
 
 def plan_pass(pid: int, vmas: list[VmaInfo], dirty: DirtySet, parent_has: list[Range] | None,
               ) -> PassPlan:
-    exists, present = existing_pages(pid, vmas)
-    scanned = sum(v.length for v in vmas if v.kind not in NO_PAGES) // PAGE_SIZE
+    dumpable = [v for v in vmas if v.kind not in NO_PAGES]
+    scanned = sum(v.length for v in dumpable) // PAGE_SIZE
     if parent_has is None or dirty.all_dirty:
+        exists, _ = existing_pages(pid, dumpable)
         return PassPlan(copy=exists, in_parent=[], scanned_pages=scanned, whole=dirty.whole)
     changed = union(dirty.dirty, normalize((s, e) for s, e, _ in dirty.whole))
+    cheap = [v for v in dumpable if dirty.tracks_existence and v.kind in ANON_KINDS]
+    full = [v for v in dumpable if not (dirty.tracks_existence and v.kind in ANON_KINDS)]
+    copy, in_parent = _by_existence(pid, full, changed, parent_has)
+    if cheap:
+        # Anonymous memory under uffd-wp: a page never gains or loses data without a
+        # write or a whole-VMA copy (MADV_DONTNEED reads as written; a read fault maps
+        # zeros), so pagemap is read only where something changed and the cost follows
+        # the dirty pages, not the size of memory. Not so for private file mappings:
+        # MADV_DONTNEED there drops a COW'd copy back to the file's page unseen.
+        mapped = normalize((v.start, v.end) for v in cheap)
+        exists, _ = existing_pages(pid, cheap, within=changed)
+        copy = union(copy, exists)
+        in_parent = union(in_parent, subtract(intersect(parent_has, mapped), changed))
+        scanned -= total(mapped) // PAGE_SIZE - pages(intersect(changed, mapped))
+    return PassPlan(copy=copy, in_parent=in_parent, scanned_pages=scanned, whole=dirty.whole)
+
+
+def _by_existence(pid: int, vmas: list[VmaInfo], changed: list[Range], parent_has: list[Range],
+                  ) -> tuple[list[Range], list[Range]]:
+    """(copy, in_parent) for ``vmas`` from a full read of their pagemap (table above)."""
+    exists, present = existing_pages(pid, vmas)
     clean = subtract(exists, changed)
     in_parent = intersect(clean, parent_has)
     unproven = subtract(subtract(present, changed), parent_has)
-    copy = union(intersect(exists, changed), unproven)
-    return PassPlan(copy=copy, in_parent=in_parent, scanned_pages=scanned, whole=dirty.whole)
+    return union(intersect(exists, changed), unproven), in_parent
 
 
 def pages(ranges: list[Range]) -> int:

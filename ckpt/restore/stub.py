@@ -31,18 +31,27 @@ MAP_FIXED_NOREPLACE = 0x100000
 PID_ATTEMPTS = 50
 
 
-def fork_stub(want_pid: int | None) -> int:
-    """Fork a child that stops under PTRACE_TRACEME; with ``want_pid``, get exactly that pid."""
+def fork_stub(want_pid: int | None, reserve: int = 0) -> int:
+    """Fork a child that stops under PTRACE_TRACEME; with ``want_pid``, get exactly that pid.
+
+    The pid counter is then moved past ``reserve`` (the highest thread id still to be
+    created with clone3 set_tid) and never behind where it was, so that processes forked
+    meanwhile take neither our thread ids nor recently freed pids.
+    """
     if want_pid is None:
         return _fork_traced()
     with open(NS_LAST_PID, "r+") as last:
         fcntl.flock(last, fcntl.LOCK_EX)  # other ckpt instances serialize on it, as CRIU does
+        reserve = max(reserve, int(last.read() or 0))
         for _ in range(PID_ATTEMPTS):
             last.seek(0)
             last.write(str(want_pid - 1))
             last.flush()
             pid = _fork_traced()
             if pid == want_pid:
+                last.seek(0)
+                last.write(str(max(reserve, pid)))
+                last.flush()
                 return pid
             _reap_killed(pid)
     raise RestoreError(f"could not obtain pid {want_pid} (something else keeps taking it)")
@@ -78,8 +87,8 @@ class Stub:
         self._mem_fd = -1
 
     @classmethod
-    def spawn(cls, want_pid: int | None) -> Stub:
-        pid = fork_stub(want_pid)
+    def spawn(cls, want_pid: int | None, reserve: int = 0) -> Stub:
+        pid = fork_stub(want_pid, reserve)
         stub = cls(pid)
         try:
             stub.task.wait_stop(signal.SIGSTOP)

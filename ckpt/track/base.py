@@ -43,6 +43,10 @@ class DirtySet:
     whole: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, why)
     all_dirty: str = ""  # non-empty: every page counts as dirty, and this says why
     compare: bool = False  # dedupe copied pages against the parent's bytes (compare)
+    # Pages never gain data or lose it without showing in ``dirty`` or ``whole`` (uffd-wp:
+    # MADV_DONTNEED reads as written, a read fault maps zeros). Soft-dirty cannot say
+    # this: a dropped page reads clean.
+    tracks_existence: bool = False
 
 
 class Tracker(abc.ABC):

@@ -90,7 +90,8 @@ class UffdWpTracker(Tracker):
         bad = {(s, e) for s, e, _ in failed}
         whole = [(s, e, "not tracked: new, moved or replaced VMA") for s, e in fresh
                  if (s, e) not in bad]
-        return DirtySet(dirty=normalize((s, e) for s, e, _ in written), whole=whole + failed)
+        return DirtySet(dirty=normalize((s, e) for s, e, _ in written), whole=whole + failed,
+                        tracks_existence=True)
 
     def end(self, ctx: PassContext, keep: bool) -> None:
         try:
