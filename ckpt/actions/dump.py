@@ -1,10 +1,14 @@
-"""`ckpt dump`: a full, consistent checkpoint of one process, as a straight checklist.
+"""`ckpt dump`: a consistent checkpoint of one process, as a straight checklist.
 
-    preflight (target still running)   pid, kernel thread, children, fds, shared memory
+    parent + preflight (target runs)   parent chain valid, pid, kernel thread, children, fds
     freeze                             seize + interrupt every thread
-    collect                            threads, injected state, /proc, files, VMAs
-    copy                               pagemap → runs → process_vm_readv → zstd pages
-    write images                       pagemap, core, inventory (last: marks it complete)
+    collect                            threads, injected state, VMAs
+    track (--incremental/--track-mem)  tracker.begin: dirty pages, whole VMAs
+    copy                               plan (copy / in parent / hole) → process_vm_readv →
+                                       zstd pages, pagemap; tracker.end (kept armed only
+                                       with --leave-running --track-mem)
+    collect files, /proc               after the tracker closed its fd in the target
+    write images                       core, tracker, inventory (last: marks it complete)
     release                            kill (default) or detach (--leave-running)
 
 Any failure before release leaves the target running and untraced (see ckpt.freeze).
