@@ -163,7 +163,7 @@ def test_restore_waits_and_returns_exit_status(harness: Harness, bins: Bins,
                                                tmp_path: Path) -> None:
     """Without --restore-detached ckpt waits for the process and exits with its status."""
     out = tmp_path / "out.txt"
-    proc = harness.launch([bins.counter_dyn, "-n", "30", "-x", "42"], out)
+    proc = harness.launch([bins.counter_dyn, "-n", "100", "-x", "42"], out)
     wait_for_lines(out, 5)
     images = harness.images()
     harness.dump_and_reap(proc, images)
@@ -172,7 +172,7 @@ def test_restore_waits_and_returns_exit_status(harness: Harness, bins: Bins,
     res = run_ckpt("restore", "-D", images, timeout=30)
     assert res.returncode == 42, res.describe()
     assert not is_alive(proc.pid)
-    assert check_counter_file(out) == [proc.pid] * 30
+    assert check_counter_file(out) == [proc.pid] * 100
 
 
 # --------------------------------------------------------------------------- (c)

@@ -117,44 +117,48 @@ def dump(opts: DumpOptions) -> DumpResult:
     tracker = select_tracker(opts.track, pid, parent) if track else None
     images = ImageDir.create(opts.images_dir)
     images.remove_inventory()
-    with Frozen(pid) as frozen:
-        threads = frozen.threads()
-        states = [collect_thread(t) for t in threads]
-        injected = collect_injected(pid, threads, states, collect_vmas(pid))
-        vmas = collect_vmas(pid)
-        check_vmas(pid, vmas)
-        ctx = PassContext(pid, frozen, vmas)
-        keep = opts.track_mem and opts.leave_running
-        if tracker is not None:
-            try:
-                dirty = tracker.begin(ctx)
-            except BaseException:
-                tracker.end(ctx, keep=False)
-                raise
-        else:
-            dirty = DirtySet(all_dirty="full dump")
-        try:
-            plan = plan_pass(pid, vmas, dirty, parent.has if parent else None)
-            parent_digests = apply_compare(pid, plan, parent) if dirty.compare else None
-            stored: list[bytes] | None = [] if dirty.compare else None
-            mem = write_memory(images, pid, plan, opts.compress_level, digests=stored)
-            if stored is not None:
-                images.write_digests(pid, view_digests(plan, b"".join(stored),
-                                                       parent_digests))
-        finally:
+    try:
+        with Frozen(pid) as frozen:
+            threads = frozen.threads()
+            states = [collect_thread(t) for t in threads]
+            injected = collect_injected(pid, threads, states, collect_vmas(pid, vmflags=False))
+            vmas = collect_vmas(pid)
+            check_vmas(pid, vmas)
+            ctx = PassContext(pid, frozen, vmas)
+            keep = opts.track_mem and opts.leave_running
             if tracker is not None:
-                tracker.end(ctx, keep=keep)
-        files = collect_files(pid, opts.shell_job, hidden_fds(pid))
-        info = collect_process(pid, frozen.leader)
-        images.write_core(pid, build_core(pid, info, states, injected, vmas, files))
-        if tracker is not None and keep:
-            images.write_tracker(pid, tracker.state())
-        frozen_ms = (time.perf_counter() - frozen.frozen_at) * 1000
-        stats = pass_stats(plan, mem, frozen_ms, (time.perf_counter() - t_start) * 1000)
-        name = tracker.name if tracker else "none"
-        images.write_inventory(inventory(pid, "dump", parent, name, stats,
-                                         len(states[0].xstate), opts.shell_job))
-        if not opts.leave_running:
-            frozen.kill()
+                try:
+                    dirty = tracker.begin(ctx)
+                except BaseException:
+                    tracker.end(ctx, keep=False)
+                    raise
+            else:
+                dirty = DirtySet(all_dirty="full dump")
+            try:
+                plan = plan_pass(pid, vmas, dirty, parent.has if parent else None)
+                parent_digests = apply_compare(pid, plan, parent) if dirty.compare else None
+                stored: list[bytes] | None = [] if dirty.compare else None
+                mem = write_memory(images, pid, plan, opts.compress_level, digests=stored)
+                if stored is not None:
+                    images.write_digests(pid, view_digests(plan, b"".join(stored),
+                                                           parent_digests))
+            finally:
+                if tracker is not None:
+                    tracker.end(ctx, keep=keep)
+            files = collect_files(pid, opts.shell_job, hidden_fds(pid))
+            info = collect_process(pid, frozen.leader)
+            images.write_core(pid, build_core(pid, info, states, injected, vmas, files))
+            if tracker is not None and keep:
+                images.write_tracker(pid, tracker.state())
+            frozen_ms = (time.perf_counter() - frozen.frozen_at) * 1000
+            stats = pass_stats(plan, mem, frozen_ms, (time.perf_counter() - t_start) * 1000)
+            name = tracker.name if tracker else "none"
+            images.write_inventory(inventory(pid, "dump", parent, name, stats,
+                                             len(states[0].xstate), opts.shell_job))
+            if not opts.leave_running:
+                frozen.kill()
+    finally:
+        if tracker is not None:
+            tracker.close()  # after the thaw: dropping the last uffd reference unprotects
     return DumpResult(pid=pid, threads=len(states), vmas=len(vmas),
                       line=describe("dump", pid, name, stats))

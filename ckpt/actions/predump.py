@@ -1,10 +1,10 @@
 """`ckpt predump`: copy memory while the target runs; freeze only to arm tracking.
 
     open parent        validate the chain, read its tracker state     (target untouched)
-    freeze             seize + interrupt every thread
+    freeze (if needed) soft-dirty: read bits and clear them; uffd-wp: only to inject
+                       userfaultfd() on the first pass, later passes do not freeze at all
     arm                tracker.begin: what changed since the parent, tracking re-armed
                        (protect before copying), VMA list snapshot
-    thaw               the target runs on; frozen time ends here
     plan + copy        pages that changed or the parent lacks, read while it runs;
                        a page written during the copy is caught by the next pass
     write images       pages, pagemap, tracker state, inventory (kind "predump")
@@ -59,13 +59,23 @@ def predump(opts: PredumpOptions) -> str:
     tracker = select_tracker(opts.track, pid, parent)
     images = ImageDir.create(opts.images_dir)
     images.remove_inventory()
-    with Frozen(pid) as frozen:
-        ctx = PassContext(pid, frozen, collect_vmas(pid))
-        try:
-            dirty = tracker.begin(ctx)
-        finally:
-            tracker.end(ctx, keep=True)
-        frozen_ms = (time.perf_counter() - frozen.frozen_at) * 1000
+    frozen_ms = 0.0
+    try:
+        ctx = PassContext(pid, None, collect_vmas(pid))
+        if tracker.begin_needs_freeze or tracker.prepare_needs_freeze():
+            with Frozen(pid) as frozen:
+                ctx = PassContext(pid, frozen, collect_vmas(pid, vmflags=False)
+                                  if not tracker.begin_needs_freeze else collect_vmas(pid))
+                tracker.prepare(ctx)
+                if tracker.begin_needs_freeze:
+                    dirty = tracker.begin(ctx)
+                    tracker.end(ctx, keep=True)
+                frozen_ms = (time.perf_counter() - frozen.frozen_at) * 1000
+            ctx.frozen = None
+        if not tracker.begin_needs_freeze:
+            dirty = tracker.begin(ctx)  # protect before copying, the target running
+    finally:
+        tracker.close()
     plan = plan_pass(pid, ctx.vmas, dirty, parent.has if parent else None)
     parent_digests = apply_compare(pid, plan, parent, True) if dirty.compare else None
     stored: list[bytes] | None = [] if dirty.compare else None

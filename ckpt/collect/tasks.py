@@ -12,6 +12,7 @@ import signal
 import struct
 from dataclasses import dataclass, field
 
+from ckpt.collect import proc
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.errors import NotDumpable
 from ckpt.kernel.ptrace import (
@@ -52,6 +53,15 @@ class InjectedState:
     sigactions: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
+def signals_to_query(pid: int) -> list[int]:
+    """Signals whose action is not the plain default: caught or ignored (/proc status),
+    plus SIGCHLD, whose default action still carries SA_NOCLDSTOP/SA_NOCLDWAIT flags.
+    One injected syscall each, instead of 62."""
+    st = proc.read_status(pid)
+    bits = st.sigcgt | st.sigign | 1 << (signal.SIGCHLD - 1)
+    return [s for s in range(1, 65) if bits >> (s - 1) & 1 and s not in UNCATCHABLE]
+
+
 def collect_thread(task: Tracee) -> ThreadState:
     return ThreadState(tid=task.tid, regs=task.getregs(), xstate=task.get_regset(NT_X86_XSTATE),
                        sigmask=task.get_sigmask(), rseq=task.rseq(),
@@ -81,9 +91,7 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
     try:
         scratch = inj(NR.mmap, 0, PAGE_SIZE, PROT_RW, MAP_PRIVATE_ANON, -1, 0, what="mmap")
         out.brk = inj(NR.brk, 0, what="brk")
-        for sig in range(1, 65):
-            if sig in UNCATCHABLE:
-                continue
+        for sig in signals_to_query(pid):
             if inj.raw(NR.rt_sigaction, sig, 0, scratch, 8) == 0:
                 act = _KSIGACTION.unpack(vm_read(pid, scratch, _KSIGACTION.size))
                 if act != (0, 0, 0, 0):

@@ -62,8 +62,11 @@ def classify(m: MapEntry, vmflags: tuple[str, ...]) -> VmaKind:
     return VmaKind.FILE_SHARED if m.shared else VmaKind.FILE_PRIVATE
 
 
-def collect_vmas(pid: int, root: str = "/proc") -> list[VmaInfo]:
-    flags = read_smaps_vmflags(pid, root=root)
+def collect_vmas(pid: int, root: str = "/proc", vmflags: bool = True) -> list[VmaInfo]:
+    """VMAs of ``pid``. smaps, the only source of VmFlags, walks every page table: with
+    ``vmflags=False`` only /proc/PID/maps is read (kinds that need flags, like a
+    growsdown VMA other than [stack], are then not told apart)."""
+    flags = read_smaps_vmflags(pid, root=root) if vmflags else {}
     out = []
     for m in read_maps(pid, root=root):
         vf = tuple(flags.get(m.start, ()))

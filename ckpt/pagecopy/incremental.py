@@ -52,12 +52,12 @@ def plan_pass(pid: int, vmas: list[VmaInfo], dirty: DirtySet, parent_has: list[R
     if cheap:
         # Anonymous memory under uffd-wp: a page never gains or loses data without a
         # write or a whole-VMA copy (MADV_DONTNEED reads as written; a read fault maps
-        # zeros), so pagemap is read only where something changed and the cost follows
-        # the dirty pages, not the size of memory. Not so for private file mappings:
-        # MADV_DONTNEED there drops a COW'd copy back to the file's page unseen.
+        # zeros), and the tracker's own scans said which changed pages hold data: no
+        # pagemap read here, and the cost follows the dirty pages, not memory size.
+        # Not so for private file mappings: MADV_DONTNEED there drops a COW'd copy back
+        # to the file's page unseen, so they take the full check above.
         mapped = normalize((v.start, v.end) for v in cheap)
-        exists, _ = existing_pages(pid, cheap, within=changed)
-        copy = union(copy, exists)
+        copy = union(copy, intersect(dirty.changed_data, mapped))
         in_parent = union(in_parent, subtract(intersect(parent_has, mapped), changed))
         scanned -= total(mapped) // PAGE_SIZE - pages(intersect(changed, mapped))
     return PassPlan(copy=copy, in_parent=in_parent, scanned_pages=scanned, whole=dirty.whole)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.kernel.pagemap import data_runs, read_pagemap_entries
 from ckpt.kernel.sys import PAGE_SIZE
-from ckpt.ranges import Range, clip, normalize
+from ckpt.ranges import Range, normalize
 
 NO_PAGES = frozenset({VmaKind.FILE_SHARED, VmaKind.VDSO, VmaKind.VVAR, VmaKind.VVAR_VCLOCK,
                       VmaKind.VSYSCALL})
@@ -42,9 +42,8 @@ class Run:
 
 
 def existing_pages(pid: int, vmas: list[VmaInfo], proc_root: str = "/proc",
-                   within: list[Range] | None = None) -> tuple[list[Range], list[Range]]:
-    """(exists, present) ranges of every dumpable VMA, from /proc/PID/pagemap; only
-    inside ``within`` (normalized) if given."""
+                   ) -> tuple[list[Range], list[Range]]:
+    """(exists, present) ranges of every dumpable VMA, from /proc/PID/pagemap."""
     exists: list[Range] = []
     present: list[Range] = []
     fd = os.open(f"{proc_root}/{pid}/pagemap", os.O_RDONLY)
@@ -53,10 +52,10 @@ def existing_pages(pid: int, vmas: list[VmaInfo], proc_root: str = "/proc",
             if v.kind in NO_PAGES:
                 continue
             reject = v.kind == VmaKind.FILE_PRIVATE
-            for lo, hi in [(v.start, v.end)] if within is None else clip(within, v.start, v.end):
-                e, p = data_runs(read_pagemap_entries(fd, lo, hi), lo, reject_file=reject)
-                exists += ((a, a + n) for a, n in e)
-                present += ((a, a + n) for a, n in p)
+            e, p = data_runs(read_pagemap_entries(fd, v.start, v.end), v.start,
+                             reject_file=reject)
+            exists += ((a, a + n) for a, n in e)
+            present += ((a, a + n) for a, n in p)
     finally:
         os.close(fd)
     return normalize(exists), normalize(present)

@@ -31,7 +31,7 @@ Range = tuple[int, int]  # [start, end), page aligned
 @dataclass
 class PassContext:
     pid: int
-    frozen: Frozen  # every thread stopped: syscalls may be injected
+    frozen: Frozen | None  # every thread stopped (syscalls may be injected), or running
     vmas: list[VmaInfo]  # current VMAs of the target
 
 
@@ -47,6 +47,8 @@ class DirtySet:
     # MADV_DONTNEED reads as written, a read fault maps zeros). Soft-dirty cannot say
     # this: a dropped page reads clean.
     tracks_existence: bool = False
+    # With tracks_existence: which pages of ``dirty`` and ``whole`` hold data now.
+    changed_data: list[Range] = field(default_factory=list)
 
 
 class Tracker(abc.ABC):
@@ -56,13 +58,26 @@ class Tracker(abc.ABC):
         self.pid = pid
         self.prev = state
 
+    # begin() must see the target frozen (reading and re-arming are two steps).
+    begin_needs_freeze = True
+
+    def prepare_needs_freeze(self) -> bool:
+        """Must prepare() run with the target frozen (e.g. to inject a syscall)?"""
+        return False
+
+    def prepare(self, ctx: PassContext) -> None:  # noqa: B027 - optional hook
+        """Set up what begin() needs; runs frozen if prepare_needs_freeze() said so."""
+
     @abc.abstractmethod
     def begin(self, ctx: PassContext) -> DirtySet:
-        """Frozen: report what changed since the previous pass and re-arm tracking."""
+        """Report what changed since the previous pass and re-arm tracking, before any
+        page is copied (protect before copying)."""
 
     def end(self, ctx: PassContext, keep: bool) -> None:  # noqa: B027 - optional hook
         """Frozen: keep tracking for a next pass, or remove every trace of it."""
 
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release ckpt's own resources; called after the target was thawed."""
 
     def state(self) -> image_pb2.TrackerState:
         return image_pb2.TrackerState(backend=self.name, pid=self.pid)

@@ -23,7 +23,7 @@ from ckpt.collect import proc
 from ckpt.collect.fds import list_fds
 from ckpt.collect.tasks import syscall_insn
 from ckpt.collect.vmas import VmaInfo
-from ckpt.errors import KernelError
+from ckpt.errors import CkptError, KernelError
 from ckpt.images.pb import image_pb2
 from ckpt.kernel import pagemap as pm
 from ckpt.kernel import uffd
@@ -37,6 +37,7 @@ F_DUPFD_CLOEXEC = 1030
 HIGH_FD = 1000
 USER_SPACE_END = (1 << 47) - 4096  # TASK_SIZE_MAX
 UFFD_LINK = "anon_inode:[userfaultfd]"
+HOLDS_DATA = pm.PAGE_IS_PRESENT | pm.PAGE_IS_SWAPPED
 
 
 def ckpt_uffds(pid: int) -> list[int]:
@@ -65,43 +66,70 @@ class UffdWpTracker(Tracker):
         self.target_fd = -1
         self.inode = 0
         self.start_time = proc.read_stat(pid).starttime
+        self.lost = ""
+
+    # Scans re-arm atomically per page and registration works on a running target: only
+    # creating the uffd (an injected syscall) needs the target stopped.
+    begin_needs_freeze = False
+
+    def prepare_needs_freeze(self) -> bool:
+        return bool(self._lost())
+
+    def prepare(self, ctx: PassContext) -> None:
+        """Take the uffd the previous pass left in the target, or create one (frozen)."""
+        self.lost = self._lost()
+        if self.lost:
+            self._create(ctx)
+        else:
+            self._take()
 
     # ------------------------------------------------------------------ pass
     def begin(self, ctx: PassContext) -> DirtySet:
-        lost = self._attach(ctx)
+        if self.fd < 0:
+            self.prepare(ctx)
+        lost = self.lost
         scan_fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY)
         try:
             if lost:
-                self._create(ctx)
                 out = DirtySet(all_dirty=lost)
                 out.whole = self._arm(trackable(ctx.vmas))
                 return out
+            # Written pages, re-armed in the same ioctl; PRESENT/SWAPPED say which of them
+            # hold data (a written page that is neither was dropped: MADV_DONTNEED).
             written = pm.pagemap_scan(scan_fd, 0, USER_SPACE_END, flags=pm.PM_SCAN_WP_MATCHING,
                                       category_mask=pm.PAGE_IS_WRITTEN,
-                                      return_mask=pm.PAGE_IS_WRITTEN)
+                                      return_mask=pm.PAGE_IS_WRITTEN | HOLDS_DATA)
             untracked = pm.pagemap_scan(scan_fd, 0, USER_SPACE_END,
                                         category_inverted=pm.PAGE_IS_WPALLOWED,
                                         category_mask=pm.PAGE_IS_WPALLOWED,
                                         return_mask=pm.PAGE_IS_WPALLOWED)
+            fresh = intersect(normalize((s, e) for s, e, _ in untracked), trackable(ctx.vmas))
+            # Unregistered VMAs carry no PTE markers yet: PRESENT/SWAPPED are exact there.
+            data = [(s, e) for s, e, c in written if c & HOLDS_DATA]
+            for lo, hi in fresh:
+                data += ((s, e) for s, e, _ in pm.pagemap_scan(
+                    scan_fd, lo, hi, category_anyof_mask=HOLDS_DATA, return_mask=HOLDS_DATA))
         finally:
             os.close(scan_fd)
-        fresh = intersect(normalize((s, e) for s, e, _ in untracked), trackable(ctx.vmas))
         failed = self._arm(fresh)
         bad = {(s, e) for s, e, _ in failed}
         whole = [(s, e, "not tracked: new, moved or replaced VMA") for s, e in fresh
                  if (s, e) not in bad]
         return DirtySet(dirty=normalize((s, e) for s, e, _ in written), whole=whole + failed,
-                        tracks_existence=True)
+                        tracks_existence=True, changed_data=normalize(data))
 
     def end(self, ctx: PassContext, keep: bool) -> None:
-        try:
-            if not keep and self.target_fd >= 0:
-                self._inject(ctx, NR.close, self.target_fd, what="close(uffd)")
-                self.target_fd = -1
-        finally:
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
+        if not keep and self.target_fd >= 0:
+            self._inject(ctx, NR.close, self.target_fd, what="close(uffd)")
+            self.target_fd = -1
+
+    def close(self) -> None:
+        """Drop ckpt's copy. If it was the last reference, the kernel unregisters and
+        unprotects all memory, which costs time in proportion to its size: done after
+        the thaw, never while the target is frozen."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
     def state(self) -> image_pb2.TrackerState:
@@ -109,8 +137,8 @@ class UffdWpTracker(Tracker):
                                       target_fd=self.target_fd, uffd_inode=self.inode)
 
     # ------------------------------------------------------------------ setup
-    def _attach(self, ctx: PassContext) -> str:
-        """Take the uffd left by the previous pass; '' on success, else why not."""
+    def _lost(self) -> str:
+        """'' if the previous pass's uffd is still in the target, else why not."""
         st = self.prev
         if st is None:
             return "first pass"
@@ -124,13 +152,17 @@ class UffdWpTracker(Tracker):
                 return f"tracking state lost (fd {st.target_fd} is no longer ckpt's userfaultfd)"
         except OSError:
             return f"tracking state lost (fd {st.target_fd} was closed)"
+        return ""
+
+    def _take(self) -> None:
+        st = self.prev
+        assert st is not None
         pidfd = pidfd_open(self.pid)
         try:
             self.fd = pidfd_getfd(pidfd, st.target_fd, self.pid)
         finally:
             os.close(pidfd)
         self.target_fd, self.inode = st.target_fd, st.uffd_inode
-        return ""
 
     def _create(self, ctx: PassContext) -> None:
         # A stale tracker of an earlier chain still holds VMAs registered (a VMA takes one
@@ -165,6 +197,8 @@ class UffdWpTracker(Tracker):
 
     def _inject(self, ctx: PassContext, nr: int, *args: int, what: str, check: bool = True,
                 ) -> int:
+        if ctx.frozen is None:
+            raise CkptError("internal: uffd-wp injects syscalls only into a frozen target")
         leader = ctx.frozen.leader
         regs = leader.getregs()
         inj = Injector(leader, syscall_insn(self.pid, regs, ctx.vmas), regs)
