@@ -22,12 +22,14 @@ from dataclasses import dataclass
 
 from ckpt.actions.core_image import ProcessInfo, build_core
 from ckpt.actions.passes import (
+    MemoryResult,
     apply_compare,
     describe,
     inventory,
     open_parent,
     pass_stats,
     select_tracker,
+    snapshot_pages,
     view_digests,
     write_memory,
 )
@@ -38,9 +40,11 @@ from ckpt.collect.vmas import VmaInfo, collect_vmas
 from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
 from ckpt.freeze.seize import Frozen
 from ckpt.images import ImageDir
+from ckpt.images.pb import image_pb2
 from ckpt.kernel.ptrace import Tracee
-from ckpt.pagecopy.incremental import plan_pass
-from ckpt.track import DirtySet, PassContext
+from ckpt.pagecopy.compare import DigestMap
+from ckpt.pagecopy.incremental import PassPlan, plan_pass
+from ckpt.track import DirtySet, PassContext, Tracker
 from ckpt.track.uffd_wp import ckpt_uffds
 
 
@@ -113,10 +117,24 @@ def dump(opts: DumpOptions) -> DumpResult:
         raise CkptError("--incremental needs --prev-images-dir")
     parent = open_parent(opts.images_dir, opts.prev_images_dir, pid)
     preflight(opts, hidden_fds(pid) if proc.pid_exists(pid) else set())
-    track = opts.incremental or opts.track_mem
-    tracker = select_tracker(opts.track, pid, parent) if track else None
+    tracker = select_tracker(opts.track, pid, parent) if opts.incremental or opts.track_mem \
+        else None
+    name = tracker.name if tracker else "none"
+    keep = opts.track_mem and opts.leave_running
     images = ImageDir.create(opts.images_dir)
     images.remove_inventory()
+
+    def finish(mem: MemoryResult, frozen_ms: float) -> image_pb2.DumpStats:
+        """Everything after the pages: core, tracker state, and the inventory, last."""
+        images.write_core(pid, build_core(pid, info, states, injected, vmas, files))
+        if tracker is not None and keep:
+            images.write_tracker(pid, tracker.state())
+        stats = pass_stats(plan, mem, frozen_ms, (time.perf_counter() - t_start) * 1000)
+        images.write_inventory(inventory(pid, "dump", parent, name, stats,
+                                         len(states[0].xstate), opts.shell_job))
+        return stats
+
+    snapshot: bytearray | None = None
     try:
         with Frozen(pid) as frozen:
             threads = frozen.threads()
@@ -125,40 +143,51 @@ def dump(opts: DumpOptions) -> DumpResult:
             vmas = collect_vmas(pid)
             check_vmas(pid, vmas)
             ctx = PassContext(pid, frozen, vmas)
-            keep = opts.track_mem and opts.leave_running
-            if tracker is not None:
-                try:
-                    dirty = tracker.begin(ctx)
-                except BaseException:
-                    tracker.end(ctx, keep=False)
-                    raise
-            else:
-                dirty = DirtySet(all_dirty="full dump")
+            dirty = begin_tracking(tracker, ctx)
             try:
                 plan = plan_pass(pid, vmas, dirty, parent.has if parent else None)
                 parent_digests = apply_compare(pid, plan, parent) if dirty.compare else None
-                stored: list[bytes] | None = [] if dirty.compare else None
-                mem = write_memory(images, pid, plan, opts.compress_level, digests=stored)
-                if stored is not None:
-                    images.write_digests(pid, view_digests(plan, b"".join(stored),
-                                                           parent_digests))
+                if opts.leave_running:  # compress and write after the thaw
+                    snapshot = snapshot_pages(pid, plan)
+                if snapshot is None:
+                    mem = store_memory(images, pid, plan, opts.compress_level, dirty.compare,
+                                       parent_digests, None)
             finally:
                 if tracker is not None:
                     tracker.end(ctx, keep=keep)
             files = collect_files(pid, opts.shell_job, hidden_fds(pid))
             info = collect_process(pid, frozen.leader)
-            images.write_core(pid, build_core(pid, info, states, injected, vmas, files))
-            if tracker is not None and keep:
-                images.write_tracker(pid, tracker.state())
             frozen_ms = (time.perf_counter() - frozen.frozen_at) * 1000
-            stats = pass_stats(plan, mem, frozen_ms, (time.perf_counter() - t_start) * 1000)
-            name = tracker.name if tracker else "none"
-            images.write_inventory(inventory(pid, "dump", parent, name, stats,
-                                             len(states[0].xstate), opts.shell_job))
             if not opts.leave_running:
+                stats = finish(mem, frozen_ms)
                 frozen.kill()
+        if opts.leave_running:
+            if snapshot is not None:
+                mem = store_memory(images, pid, plan, opts.compress_level, dirty.compare,
+                                   parent_digests, snapshot)
+            stats = finish(mem, frozen_ms)
     finally:
         if tracker is not None:
             tracker.close()  # after the thaw: dropping the last uffd reference unprotects
     return DumpResult(pid=pid, threads=len(states), vmas=len(vmas),
                       line=describe("dump", pid, name, stats))
+
+
+def begin_tracking(tracker: Tracker | None, ctx: PassContext) -> DirtySet:
+    if tracker is None:
+        return DirtySet(all_dirty="full dump")
+    try:
+        return tracker.begin(ctx)
+    except BaseException:
+        tracker.end(ctx, keep=False)
+        raise
+
+
+def store_memory(images: ImageDir, pid: int, plan: PassPlan, level: int, compare: bool,
+                 parent_digests: DigestMap | None, snapshot: bytearray | None) -> MemoryResult:
+    """Pages and pagemap (and, for compare, the digests of what was stored)."""
+    stored: list[bytes] | None = [] if compare else None
+    mem = write_memory(images, pid, plan, level, digests=stored, snapshot=snapshot)
+    if stored is not None:
+        images.write_digests(pid, view_digests(plan, b"".join(stored), parent_digests))
+    return mem

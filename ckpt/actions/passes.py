@@ -85,11 +85,35 @@ class MemoryResult:
     copy_ms: float
 
 
+SNAPSHOT_LIMIT = 256 << 20
+
+
+def snapshot_pages(pid: int, plan: PassPlan) -> bytearray | None:
+    """The plan's pages, copied into memory (the cheap part of a frozen dump), so that
+    compressing and writing them can wait until the target runs again; None if they are
+    more than SNAPSHOT_LIMIT bytes."""
+    size = pages(plan.copy) * PAGE_SIZE
+    if size > SNAPSHOT_LIMIT:
+        return None
+    buf = bytearray(size)
+    view = memoryview(buf)
+    at = 0
+
+    def sink(chunk: memoryview) -> None:
+        nonlocal at
+        view[at : at + len(chunk)] = chunk
+        at += len(chunk)
+
+    copy_runs(pid, plan.copy_runs(), sink)
+    return buf
+
+
 def write_memory(images: ImageDir, pid: int, plan: PassPlan, level: int,
                  tolerate_unmapped: bool = False, digests: list[bytes] | None = None,
-                 ) -> MemoryResult:
-    """Copy the plan's pages into pages-PID.img and write pagemap-PID.img; with
-    ``digests``, also collect the digest of every page stored."""
+                 snapshot: bytearray | None = None) -> MemoryResult:
+    """Copy the plan's pages (from the process, or from ``snapshot``) into pages-PID.img
+    and write pagemap-PID.img; with ``digests``, also collect the digest of every page
+    stored."""
     t0 = time.perf_counter()
     runs = plan.copy_runs()
     with images.pages_writer(pid, level=level) as writer:
@@ -98,7 +122,12 @@ def write_memory(images: ImageDir, pid: int, plan: PassPlan, level: int,
             if digests is not None:
                 digests.append(digest_view(view))
 
-        copy_runs(pid, runs, sink, tolerate_unmapped=tolerate_unmapped)
+        if snapshot is None:
+            copy_runs(pid, runs, sink, tolerate_unmapped=tolerate_unmapped)
+        else:
+            whole = memoryview(snapshot)
+            for at in range(0, len(snapshot), 64 << 20):
+                sink(whole[at : at + (64 << 20)])
     copy_ms = (time.perf_counter() - t0) * 1000
     entries = [(s, e, PRESENT) for s, e in plan.copy] + [(s, e, IN_PARENT)
                                                        for s, e in plan.in_parent]
