@@ -34,7 +34,8 @@ TARGETS = ROOT / "examples" / "targets"
 BIN = ROOT / "tests" / "bin"
 PYTHON = sys.executable
 
-CKPT_TIMEOUT = 90.0
+# Inside the QEMU guest (software emulation) everything runs several times slower.
+CKPT_TIMEOUT = 90.0 * (4 if os.environ.get("CKPT_IN_VM") else 1)
 POLL = 0.02
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="checkpoint/restore needs root")
