@@ -69,7 +69,7 @@ class DumpResult:
     line: str  # what the pass cost and stored, for the user
 
 
-def preflight(opts: DumpOptions, hidden_fds: set[int]) -> None:
+def preflight(opts: DumpOptions, hidden_fds: set[int]) -> list[VmaInfo]:
     """Refuse what we cannot dump while the target still runs untouched."""
     pid = opts.pid
     if pid <= 0 or not proc.pid_exists(pid):
@@ -85,7 +85,9 @@ def preflight(opts: DumpOptions, hidden_fds: set[int]) -> None:
         raise NotDumpable(f"process {pid} has child processes ({', '.join(map(str, children))}); "
                           "process trees are not supported yet")
     collect_files(pid, opts.shell_job, hidden_fds)
-    check_vmas(pid, collect_vmas(pid))
+    vmas = collect_vmas(pid)
+    check_vmas(pid, vmas)
+    return vmas
 
 
 def check_vmas(pid: int, vmas: list[VmaInfo]) -> None:
@@ -116,7 +118,7 @@ def dump(opts: DumpOptions) -> DumpResult:
     if opts.incremental and not opts.prev_images_dir:
         raise CkptError("--incremental needs --prev-images-dir")
     parent = open_parent(opts.images_dir, opts.prev_images_dir, pid)
-    preflight(opts, hidden_fds(pid) if proc.pid_exists(pid) else set())
+    early_vmas = preflight(opts, hidden_fds(pid) if proc.pid_exists(pid) else set())
     tracker = select_tracker(opts.track, pid, parent) if opts.incremental or opts.track_mem \
         else None
     name = tracker.name if tracker else "none"
@@ -140,7 +142,8 @@ def dump(opts: DumpOptions) -> DumpResult:
             threads = frozen.threads()
             states = [collect_thread(t) for t in threads]
             injected = collect_injected(pid, threads, states, collect_vmas(pid, vmflags=False))
-            vmas = collect_vmas(pid)
+            fresh = tracker is not None and tracker.needs_fresh_vmflags
+            vmas = collect_vmas(pid, known=None if fresh else early_vmas)
             check_vmas(pid, vmas)
             ctx = PassContext(pid, frozen, vmas)
             dirty = begin_tracking(tracker, ctx)

@@ -13,7 +13,7 @@ from ckpt.images.chain import parent_coverage
 from ckpt.images.pb import image_pb2
 from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.pagecopy.compare import NO_DIGEST, DigestMap, dedupe, digest_pages, digest_view
-from ckpt.pagecopy.copy import copy_runs
+from ckpt.pagecopy.copy import copy_runs, read_into
 from ckpt.pagecopy.incremental import PassPlan, pages
 from ckpt.ranges import Range, union
 from ckpt.track import Tracker, choose_backend, open_tracker
@@ -96,15 +96,7 @@ def snapshot_pages(pid: int, plan: PassPlan) -> bytearray | None:
     if size > SNAPSHOT_LIMIT:
         return None
     buf = bytearray(size)
-    view = memoryview(buf)
-    at = 0
-
-    def sink(chunk: memoryview) -> None:
-        nonlocal at
-        view[at : at + len(chunk)] = chunk
-        at += len(chunk)
-
-    copy_runs(pid, plan.copy_runs(), sink)
+    read_into(pid, plan.copy_runs(), buf)
     return buf
 
 

@@ -62,15 +62,31 @@ def classify(m: MapEntry, vmflags: tuple[str, ...]) -> VmaKind:
     return VmaKind.FILE_SHARED if m.shared else VmaKind.FILE_PRIVATE
 
 
-def collect_vmas(pid: int, root: str = "/proc", vmflags: bool = True) -> list[VmaInfo]:
+def collect_vmas(pid: int, root: str = "/proc", vmflags: bool = True,
+                 known: list[VmaInfo] | None = None) -> list[VmaInfo]:
     """VMAs of ``pid``. smaps, the only source of VmFlags, walks every page table: with
     ``vmflags=False`` only /proc/PID/maps is read (kinds that need flags, like a
-    growsdown VMA other than [stack], are then not told apart)."""
-    flags = read_smaps_vmflags(pid, root=root) if vmflags else {}
+    growsdown VMA other than [stack], are then not told apart); with ``known`` (read
+    earlier), smaps is read again only if some VMA is not among them, unchanged."""
+    maps = read_maps(pid, root=root)
+    flags: dict[int, tuple[str, ...]] = {}
+    if known is not None:
+        seen = {_key(v): v.vmflags for v in known}
+        if all(_key(m) in seen for m in maps):
+            flags = {m.start: seen[_key(m)] for m in maps}
+        else:
+            known = None
+    if vmflags and known is None:
+        flags = read_smaps_vmflags(pid, root=root)
     out = []
-    for m in read_maps(pid, root=root):
+    for m in maps:
         vf = tuple(flags.get(m.start, ()))
         out.append(VmaInfo(start=m.start, end=m.end, prot=m.prot, shared=m.shared,
                            kind=classify(m, vf), pgoff=m.offset, path=m.path, dev=m.dev,
                            inode=m.inode, vmflags=vf))
     return out
+
+
+def _key(v: MapEntry | VmaInfo) -> tuple[int, int, int, bool, int, int, str]:
+    offset = v.offset if isinstance(v, MapEntry) else v.pgoff
+    return (v.start, v.end, v.prot, v.shared, v.inode, offset, v.path)

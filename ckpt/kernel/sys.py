@@ -6,8 +6,10 @@ ints would be passed as C ints and truncated.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
+import itertools
 import os
 from collections.abc import Sequence
 
@@ -99,10 +101,14 @@ def pidfd_getfd(pidfd: int, targetfd: int, pid: int | None = None) -> int:
 def _vm_rw(nr: int, pid: int, local: Sequence[tuple[int, int]], remote: Sequence[tuple[int, int]],
            ) -> int:
     n_l, n_r = len(local), len(remote)
-    liov = (iovec * n_l)(*(iovec(a, n) for a, n in local))
-    riov = (iovec * n_r)(*(iovec(a, n) for a, n in remote))
-    res = int(libc.syscall(ctypes.c_long(nr), ctypes.c_long(pid), liov, ctypes.c_long(n_l), riov,
-                           ctypes.c_long(n_r), ctypes.c_long(0)))
+    # struct iovec arrays built as flat u64 arrays: far cheaper than one ctypes object each
+    liov = array.array("Q", itertools.chain.from_iterable(local))
+    riov = array.array("Q", itertools.chain.from_iterable(remote))
+    lptr, _ = liov.buffer_info()
+    rptr, _ = riov.buffer_info()
+    res = int(libc.syscall(ctypes.c_long(nr), ctypes.c_long(pid), ctypes.c_void_p(lptr),
+                           ctypes.c_long(n_l), ctypes.c_void_p(rptr), ctypes.c_long(n_r),
+                           ctypes.c_long(0)))
     if res < 0:
         name = "process_vm_readv" if nr == NR.process_vm_readv else "process_vm_writev"
         raise_errno(ctypes.get_errno(), f"{name} in {pid}", pid)

@@ -75,10 +75,14 @@ class _Reader:
 
     def read(self, bounce: Bounce, batch: list[tuple[int, int]]) -> int:
         """Fill ``bounce`` with ``batch`` back to back; return the bytes read."""
+        return self.read_at(bounce.addr, bounce.view, batch)
+
+    def read_at(self, base: int, view: memoryview, batch: list[tuple[int, int]]) -> int:
+        """Fill the buffer ``view`` (at address ``base``) with ``batch`` back to back."""
         pairs = []
         off = 0
         for addr, length in batch:
-            pairs.append((bounce.addr + off, addr, length))
+            pairs.append((base + off, addr, length))
             off += length
         try:
             vm_transfer(False, self.pid, pairs)
@@ -86,15 +90,15 @@ class _Reader:
             if self.mem_fd < 0:
                 self.mem_fd = os.open(f"{self.proc_root}/{self.pid}/mem", os.O_RDONLY)
             for local, addr, length in pairs:
-                start = local - bounce.addr
+                start = local - base
                 try:
-                    got = os.preadv(self.mem_fd, [bounce.view[start : start + length]], addr)
+                    got = os.preadv(self.mem_fd, [view[start : start + length]], addr)
                 except OSError:
                     got = -1
                 if got != length and self.tolerate_unmapped:
                     # Unmapped while the target ran (predump): zeros here, and the next
                     # pass sees whatever is mapped there now as a new VMA, copied whole.
-                    bounce.view[start : start + length] = bytes(length)
+                    view[start : start + length] = bytes(length)
                 elif got != length:
                     raise CkptError(
                         f"short read of {length} bytes at {addr:#x} in {self.pid}") from None
@@ -142,3 +146,17 @@ def copy_runs(pid: int, runs: list[Run], sink: Callable[[memoryview], None],
         for bounce in bounces:
             bounce.close()
     return total
+
+
+
+def read_into(pid: int, runs: list[Run], buf: bytearray) -> None:
+    """Read every run of ``pid`` back to back straight into ``buf`` (no bounce buffer:
+    the fastest way to take a small snapshot while the target is frozen)."""
+    if not buf:
+        return
+    base = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+    reader = _Reader(pid, "/proc")
+    try:
+        reader.read_at(base, memoryview(buf), [(r.vaddr, r.length) for r in runs])
+    finally:
+        reader.close()

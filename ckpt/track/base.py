@@ -60,6 +60,8 @@ class Tracker(abc.ABC):
 
     # begin() must see the target frozen (reading and re-arming are two steps).
     begin_needs_freeze = True
+    # begin() reads VmFlags that change without the VMA changing (soft-dirty's "sd").
+    needs_fresh_vmflags = False
 
     def prepare_needs_freeze(self) -> bool:
         """Must prepare() run with the target frozen (e.g. to inject a syscall)?"""

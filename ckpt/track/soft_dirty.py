@@ -26,6 +26,7 @@ CLEAR_SOFT_DIRTY = b"4"
 
 class SoftDirtyTracker(Tracker):
     name = "soft-dirty"
+    needs_fresh_vmflags = True
 
     def __init__(self, pid: int, state: image_pb2.TrackerState | None) -> None:
         super().__init__(pid, state)
