@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,33 @@ def test_dump_unsupported_socket_fd(harness: Harness, tmp_path: Path) -> None:
     assert proc.poll() is None, "target died"
     assert_running_untraced(proc.pid)
     assert ctx_switches(proc.pid) == switches, "the target was interrupted (frozen?)"
+
+
+TRACER = """
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+if libc.ptrace(0x4206, int(sys.argv[1]), None, None) != 0:  # PTRACE_SEIZE
+    sys.exit(1)
+print("seized", flush=True)
+time.sleep(60)
+"""
+
+
+def test_dump_target_already_traced(harness: Harness, bins: Bins, tmp_path: Path) -> None:
+    """A target under another tracer (a debugger) is refused with the tracer's pid; it
+    keeps running and is left to that tracer."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn], out)
+    wait_for_lines(out, 2)
+    tracer = harness.launch([sys.executable, "-c", TRACER, str(proc.pid)], tmp_path / "t.txt")
+    wait_for_lines(tmp_path / "t.txt", 1)
+
+    res = run_ckpt("dump", "-t", str(proc.pid), "-D", harness.images())
+    message = assert_one_error_line(res)
+    assert f"already traced by process {tracer.pid}" in message, message
+    harness.kill(tracer.pid)
+    assert_untouched(proc, out)
 
 
 # --------------------------------------------------------------------------- restore

@@ -22,11 +22,22 @@ from types import FrameType, TracebackType
 
 from ckpt.collect import proc
 from ckpt.collect.proc import is_kernel_thread, list_tasks
-from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
+from ckpt.errors import AccessDenied, CkptError, NoSuchProcess, NotDumpable
 from ckpt.kernel.ptrace import PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_SEIZE, Tracee, ptrace
 
 SEIZE_ROUNDS = 50
 _HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _tracer_of(root: str, pid: int, tid: int) -> int:
+    try:
+        with open(f"{root}/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 class Interrupted(CkptError):
@@ -92,6 +103,12 @@ class Frozen:
                     if tid == self.pid:
                         raise
                     continue  # thread exited meanwhile
+                except AccessDenied:
+                    tracer = _tracer_of(self.root, self.pid, tid)
+                    if tracer:
+                        raise NotDumpable(f"process {self.pid} is already traced by process "
+                                          f"{tracer} (a debugger?)") from None
+                    raise
                 self.tasks[tid] = Tracee(tid)
                 ptrace(PTRACE_INTERRUPT, tid)
                 self._wait_interrupt(self.tasks[tid])
