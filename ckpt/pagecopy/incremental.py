@@ -16,6 +16,7 @@ a hole, never "same as parent" — otherwise restore would resurrect stale data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ckpt.collect.vmas import VmaInfo, VmaKind
@@ -30,9 +31,23 @@ ANON_KINDS = frozenset({VmaKind.ANON_PRIVATE, VmaKind.HEAP, VmaKind.STACK})
 @dataclass
 class PassPlan:
     copy: list[Range]  # stored in this image (PRESENT)
-    in_parent: list[Range]  # unchanged, resolved through the parent (IN_PARENT)
+    in_parent_now: list[Range]  # unchanged, resolved through the parent (IN_PARENT) ...
     scanned_pages: int = 0
     whole: list[tuple[int, int, str]] = field(default_factory=list)
+    # ... plus these, worked out only when first needed: it is pure range arithmetic on
+    # what was read while frozen, so a --leave-running dump does it after the thaw.
+    in_parent_later: Callable[[], list[Range]] | None = None
+
+    @property
+    def in_parent(self) -> list[Range]:
+        if self.in_parent_later is not None:
+            self.in_parent_now = union(self.in_parent_now, self.in_parent_later())
+            self.in_parent_later = None
+        return self.in_parent_now
+
+    @in_parent.setter
+    def in_parent(self, value: list[Range]) -> None:
+        self.in_parent_now, self.in_parent_later = value, None
 
     def copy_runs(self) -> list[Run]:
         return [Run(s, e - s) for s, e in self.copy]
@@ -44,11 +59,14 @@ def plan_pass(pid: int, vmas: list[VmaInfo], dirty: DirtySet, parent_has: list[R
     scanned = sum(v.length for v in dumpable) // PAGE_SIZE
     if parent_has is None or dirty.all_dirty:
         exists, _ = existing_pages(pid, dumpable)
-        return PassPlan(copy=exists, in_parent=[], scanned_pages=scanned, whole=dirty.whole)
+        return PassPlan(copy=exists, in_parent_now=[], scanned_pages=scanned,
+                        whole=dirty.whole)
     changed = union(dirty.dirty, normalize((s, e) for s, e, _ in dirty.whole))
     cheap = [v for v in dumpable if dirty.tracks_existence and v.kind in ANON_KINDS]
     full = [v for v in dumpable if not (dirty.tracks_existence and v.kind in ANON_KINDS)]
-    copy, in_parent = _by_existence(pid, full, changed, parent_has)
+    full_mapped = normalize((v.start, v.end) for v in full)
+    copy, in_parent = _by_existence(pid, full, intersect(changed, full_mapped),
+                                    intersect(parent_has, full_mapped))
     if cheap:
         # Anonymous memory under uffd-wp: a page never gains or loses data without a
         # write or a whole-VMA copy (MADV_DONTNEED reads as written; a read fault maps
@@ -58,9 +76,12 @@ def plan_pass(pid: int, vmas: list[VmaInfo], dirty: DirtySet, parent_has: list[R
         # to the file's page unseen, so they take the full check above.
         mapped = normalize((v.start, v.end) for v in cheap)
         copy = union(copy, intersect(dirty.changed_data, mapped))
-        in_parent = union(in_parent, subtract(intersect(parent_has, mapped), changed))
-        scanned -= total(mapped) // PAGE_SIZE - pages(intersect(changed, mapped))
-    return PassPlan(copy=copy, in_parent=in_parent, scanned_pages=scanned, whole=dirty.whole)
+        scanned = total(full_mapped) // PAGE_SIZE + pages(changed)
+        return PassPlan(copy=copy, in_parent_now=in_parent, scanned_pages=scanned,
+                        whole=dirty.whole, in_parent_later=lambda: subtract(
+                            intersect(parent_has, mapped), changed))
+    return PassPlan(copy=copy, in_parent_now=in_parent, scanned_pages=scanned,
+                    whole=dirty.whole)
 
 
 def _by_existence(pid: int, vmas: list[VmaInfo], changed: list[Range], parent_has: list[Range],
