@@ -47,7 +47,8 @@ def main(debug: bool) -> None:
 @reports_errors
 def check() -> None:
     """Probe what this kernel supports, one line per feature."""
-    from ckpt.kernel.probe import format_capabilities, meaning, probe
+    from ckpt.actions.check import format_capabilities, meaning
+    from ckpt.kernel.probe import probe
 
     caps = probe()
     click.echo(format_capabilities(caps))

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from ckpt.actions import check
 from ckpt.kernel import probe as pr
 
 
@@ -74,25 +75,26 @@ def test_vdso_layout(cap: pr.Capabilities) -> None:
 
 
 def test_meaning(cap: pr.Capabilities) -> None:
-    lines = pr.meaning(cap)
+    lines = check.meaning(cap)
     assert "predump: uffd-wp tracking (soft-dirty unavailable)" in lines
-    assert "restore: exact pids via clone3 set_tid" in lines
+    assert "restore: exact pids (ns_last_pid for the process, clone3 set_tid for threads)" \
+        in lines
     assert "dump: memory copied with process_vm_readv" in lines
     assert all(re.match(r"(predump|dump|restore): ", line) for line in lines)
 
 
 def test_meaning_fallbacks() -> None:
     feats = tuple(pr.Feature(n, False, "x") for n in pr.FEATURE_NAMES)
-    lines = pr.meaning(pr.Capabilities(feats, ns_last_pid_writable=True))
-    assert "predump: no dirty tracking: every dump copies all memory" in lines
+    lines = check.meaning(pr.Capabilities(feats, ns_last_pid_writable=True))
+    assert lines[0].startswith("predump: compare backend")
     assert "dump: impossible: tasks cannot be seized" in lines
     assert any(line.startswith("restore: exact pids via ns_last_pid") for line in lines)
     sd_only = tuple(pr.Feature(n, n == "soft-dirty", "x") for n in pr.FEATURE_NAMES)
-    assert pr.meaning(pr.Capabilities(sd_only))[0].startswith("predump: soft-dirty tracking")
+    assert check.meaning(pr.Capabilities(sd_only))[0].startswith("predump: soft-dirty tracking")
 
 
 def test_format(cap: pr.Capabilities) -> None:
-    lines = pr.format_capabilities(cap).splitlines()
+    lines = check.format_capabilities(cap).splitlines()
     assert len(lines) == len(pr.FEATURE_NAMES)
     sd = next(line for line in lines if " soft-dirty " in line)
     assert re.fullmatch(r"NO  soft-dirty +clear_refs accepted but bit 55 never set "

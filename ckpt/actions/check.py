@@ -1,0 +1,52 @@
+"""`ckpt check`: what the kernel probe (ckpt.kernel.probe) means for this tool."""
+
+from __future__ import annotations
+
+from ckpt.kernel.probe import Capabilities
+
+
+def meaning(cap: Capabilities) -> list[str]:
+    """What the probe results mean for predump, dump and restore."""
+    out: list[str] = []
+    uffd_ok = cap.ok("uffd-wp-async") and cap.ok("pagemap-scan")
+    sd_ok = cap.ok("soft-dirty")
+    if uffd_ok:
+        out.append("predump: uffd-wp tracking" + ("" if sd_ok else " (soft-dirty unavailable)"))
+    elif sd_ok:
+        out.append("predump: soft-dirty tracking (uffd-wp async unavailable)")
+    else:
+        out.append("predump: compare backend: no kernel tracking, every page is compared "
+                   "with the parent's")
+    out.append(
+        "dump: tasks frozen with PTRACE_SEIZE + INTERRUPT"
+        if cap.ok("ptrace-seize")
+        else "dump: impossible: tasks cannot be seized"
+    )
+    out.append(
+        "dump: memory copied with process_vm_readv"
+        if cap.ok("process_vm_readv")
+        else "dump: memory read through /proc/PID/mem (process_vm_readv unavailable)"
+    )
+    if cap.ok("xstate") and cap.xcr0 is not None:
+        out.append(
+            f"dump: FPU state as NT_X86_XSTATE ({cap.xstate_size} bytes); "
+            f"restore needs a CPU with xcr0 covering {cap.xcr0:#x}"
+        )
+    if cap.ok("clone3-set-tid") and cap.ns_last_pid_writable:
+        out.append("restore: exact pids (ns_last_pid for the process, clone3 set_tid for "
+                   "threads)")
+    elif cap.ns_last_pid_writable:
+        out.append("restore: exact pids via ns_last_pid (racy: another fork may take the pid)")
+    else:
+        out.append("restore: pids cannot be chosen: use --new-pid")
+    if cap.ok("vdso-layout"):
+        out.append(f"restore: vdso/vvar moved with mremap ({cap.get('vdso-layout').detail})")
+    return out
+
+
+def format_capabilities(cap: Capabilities) -> str:
+    """One line per feature: ``ok  ptrace-seize      detail`` / ``NO  soft-dirty  ...``."""
+    width = max(len(f.name) for f in cap.features)
+    return "\n".join(
+        f"{'ok' if f.ok else 'NO'}  {f.name:<{width}}  {f.detail}" for f in cap.features
+    )
