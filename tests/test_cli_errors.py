@@ -183,3 +183,25 @@ def test_restore_wrong_magic(harness: Harness, dumped: Dumped, pattern: str) -> 
     assert data[:4] == b"CKPT", f"{image.name} does not start with the CKPT magic"
     image.write_bytes(b"JUNK" + data[4:])
     restore_new_pid_fails(harness, dumped)
+
+
+def test_dump_disk_full(harness: Harness, tmp_path: Path) -> None:
+    """No space for the images: one error line, no half-written images, target runs on."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch([*py_target("bigmem.py"), "--mib", "16"], out)
+    wait_for_lines(out, 2, timeout=30)
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        res = run_ckpt("dump", "-t", str(proc.pid), "-D", small / "images")
+        message = assert_one_error_line(res)
+        assert "No space left on device" in message, message
+        assert not (small / "images" / "inventory.img").exists()
+        assert not [p for p in (small / "images").iterdir() if p.name.startswith(".")]
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+    assert_untouched(proc, out)
