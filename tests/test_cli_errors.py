@@ -26,6 +26,8 @@ from conftest import (
     wait_for_lines,
 )
 
+from ckpt.images import ImageDir
+
 pytestmark = needs_root
 
 UNUSED_PID = 4194000  # above any pid_max on x86-64 (4194304 is the limit)
@@ -183,6 +185,17 @@ def test_restore_wrong_magic(harness: Harness, dumped: Dumped, pattern: str) -> 
     assert data[:4] == b"CKPT", f"{image.name} does not start with the CKPT magic"
     image.write_bytes(b"JUNK" + data[4:])
     restore_new_pid_fails(harness, dumped)
+
+
+def test_restore_other_cpu_xstate(harness: Harness, dumped: Dumped) -> None:
+    """An image whose XSTATE layout this CPU cannot take is refused before anything is
+    built, naming the cause."""
+    images = ImageDir.open(dumped.images)
+    core = images.read_core(dumped.proc.pid)
+    for thread in core.threads:
+        thread.xstate = thread.xstate[:512]  # legacy FXSAVE area only: another CPU
+    images.write_core(dumped.proc.pid, core)
+    assert "XSTATE" in restore_new_pid_fails(harness, dumped)
 
 
 def test_dump_disk_full(harness: Harness, tmp_path: Path) -> None:

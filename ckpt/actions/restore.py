@@ -25,6 +25,7 @@ from ckpt.errors import ImageError, RestoreError
 from ckpt.images import ImageDir, chain
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.pb import image_pb2
+from ckpt.kernel.ptrace import NT_X86_XSTATE
 from ckpt.kernel.sys import NR
 from ckpt.restore import mm
 from ckpt.restore.files import close_stub_fds, restore_files
@@ -82,6 +83,7 @@ def restore(opts: RestoreOptions) -> RestoreResult:
     stub = Stub.spawn(None if opts.new_pid else entry.pid, max(t.tid for t in entry.threads))
     threads: list[Stub] = []
     try:
+        check_xstate(stub, entry)
         vmas = list(entry.vmas)
         stub.install_gadget(mm.free_gadget_address(stub.pid, vmas))
         unregister_stub_rseq(stub)
@@ -120,6 +122,15 @@ def restore(opts: RestoreOptions) -> RestoreResult:
         stub.close()
     return RestoreResult(pid=stub.pid, tids=[stub.pid, *tids],
                          total_ms=(time.perf_counter() - t0) * 1000)
+
+
+def check_xstate(stub: Stub, entry: pb.ProcessEntry) -> None:
+    """The dumped FPU/vector state must fit this CPU's XSTATE layout."""
+    here = len(stub.task.get_regset(NT_X86_XSTATE))
+    there = len(entry.threads[0].xstate)
+    if here != there:
+        raise RestoreError(f"the image's FPU/vector state ({there} bytes of XSTATE) does not "
+                           f"fit this CPU ({here} bytes): dumped on a CPU with other features")
 
 
 def restore_process_state(stub: Stub, entry: pb.ProcessEntry, new_session: bool) -> None:
