@@ -70,6 +70,12 @@ def target_options(fn: F) -> F:
                      help="Dirty-page tracking backend (auto: the best this kernel has)."),
         click.option("--compress-level", type=int, default=-1, show_default=True,
                      help="zstd level for page data (negative is faster)."),
+        click.option("--page-server", metavar="HOST:PORT",
+                     help="Also send the images of this pass to a `ckpt page-server`."),
+        click.option("--auth-token-file", type=click.Path(dir_okay=False),
+                     help="Shared secret for the page server (never sent in clear)."),
+        click.option("--tls-cacert", type=click.Path(dir_okay=False),
+                     help="Talk TLS to the page server, trusting this CA."),
     ]):
         fn = opt(fn)
     return fn
@@ -79,14 +85,17 @@ def target_options(fn: F) -> F:
 @target_options
 @reports_errors
 def predump(pid: int, images_dir: str, prev_images_dir: str | None, track: str,
-            compress_level: int) -> None:
+            compress_level: int, page_server: str | None, auth_token_file: str | None,
+            tls_cacert: str | None) -> None:
     """Copy memory while the process runs; freeze only to arm dirty tracking."""
     from ckpt.actions.predump import PredumpOptions
     from ckpt.actions.predump import predump as do_predump
 
+    check_page_server(page_server, auth_token_file, tls_cacert)
     click.echo(do_predump(PredumpOptions(pid=pid, images_dir=images_dir,
                                          prev_images_dir=prev_images_dir, track=track,
                                          compress_level=compress_level)), err=True)
+    send_to_page_server(images_dir, page_server, auth_token_file, tls_cacert)
 
 
 @main.command()
@@ -100,17 +109,78 @@ def predump(pid: int, images_dir: str, prev_images_dir: str | None, track: str,
               help="Keep dirty tracking armed after the dump (with --leave-running).")
 @reports_errors
 def dump(pid: int, images_dir: str, prev_images_dir: str | None, track: str, compress_level: int,
+         page_server: str | None, auth_token_file: str | None, tls_cacert: str | None,
          leave_running: bool, shell_job: bool, incremental: bool, track_mem: bool) -> None:
     """Checkpoint process PID into images; the process is killed unless --leave-running."""
     from ckpt.actions.dump import DumpOptions
     from ckpt.actions.dump import dump as do_dump
 
+    check_page_server(page_server, auth_token_file, tls_cacert)
     res = do_dump(DumpOptions(pid=pid, images_dir=images_dir, leave_running=leave_running,
                               shell_job=shell_job, compress_level=compress_level,
                               incremental=incremental or bool(prev_images_dir),
                               prev_images_dir=prev_images_dir, track=track,
                               track_mem=track_mem))
     click.echo(f"{res.line}; {res.threads} thread(s), {res.vmas} VMAs", err=True)
+    send_to_page_server(images_dir, page_server, auth_token_file, tls_cacert)
+
+
+def check_page_server(page_server: str | None, auth_token_file: str | None,
+                      tls_cacert: str | None) -> None:
+    """Refuse a bad --page-server (address, token, TLS) before the target is touched."""
+    if page_server is None:
+        return
+    host, port = parse_address(page_server)
+    if auth_token_file is None:
+        raise CkptError("--page-server needs --auth-token-file")
+    from ckpt.transfer import check_server, client_tls_context, load_token
+
+    check_server(host, port, load_token(auth_token_file),
+                 client_tls_context(tls_cacert) if tls_cacert else None)
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise CkptError(f"--page-server wants HOST:PORT, not {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def send_to_page_server(images_dir: str, page_server: str | None, auth_token_file: str | None,
+                        tls_cacert: str | None) -> None:
+    """Send the pass just written to the page server, under the same directory name, so
+    that its parent links (../1) resolve there as they do here."""
+    if page_server is None or auth_token_file is None:
+        return
+    from ckpt.transfer import client_tls_context, load_token, send_pass
+
+    host, port = parse_address(page_server)
+    tls = client_tls_context(tls_cacert) if tls_cacert else None
+    sent = send_pass(host, port, load_token(auth_token_file), images_dir,
+                     os.path.basename(os.path.normpath(images_dir)), tls=tls)
+    click.echo(f"sent {sent.files} files ({sent.bytes / 2**20:.2f} MiB) to {page_server}",
+               err=True)
+
+
+@main.command("page-server")
+@click.option("--address", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=27000, show_default=True)
+@click.option("-D", "--images-dir", required=True, type=click.Path(file_okay=False),
+              help="Where received passes are stored, one subdirectory each.")
+@click.option("--auth-token-file", required=True, type=click.Path(dir_okay=False),
+              help="Shared secret the senders must prove they know.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="Serve TLS with this cert.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="Key of --tls-cert.")
+@click.option("--once", is_flag=True, help="Exit after the first connection.")
+@reports_errors
+def page_server(address: str, port: int, images_dir: str, auth_token_file: str,
+                tls_cert: str | None, tls_key: str | None, once: bool) -> None:
+    """Receive checkpoint passes sent with --page-server (CRIU's page-server)."""
+    from ckpt.transfer import load_token, serve, server_tls_context
+
+    tls = server_tls_context(tls_cert, tls_key) if tls_cert else None
+    serve(address, port, images_dir, load_token(auth_token_file), tls=tls, once=once,
+          ready=lambda p: click.echo(f"page server listening on {address}:{p}", err=True))
 
 
 @main.command()

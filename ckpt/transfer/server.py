@@ -1,0 +1,197 @@
+"""The page server: receives checkpoint passes and stores them in an images directory.
+
+Each pass lands in images_dir/<pass name>/, each file written to ".<name>.tmp" and renamed
+into place only once its whole size arrived and its CRC-32 matches, so a dropped connection
+leaves no partial file. A pass's stale inventory.img is removed when the pass starts again,
+and clients send inventory.img last: a pass directory holding an inventory.img is complete.
+Connections are served one at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import stat
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+from ckpt.images.pb import wire_pb2
+from ckpt.transfer.wire import (
+    AUTH_TIMEOUT,
+    IO_TIMEOUT,
+    Conn,
+    TransferError,
+    _why,
+    check_name,
+    check_token,
+    server_handshake,
+)
+
+log = logging.getLogger("ckpt.transfer")
+
+INVENTORY = "inventory.img"
+
+
+def serve(
+    address: str,
+    port: int,
+    images_dir: str | os.PathLike[str],
+    token: bytes | str,
+    tls: ssl.SSLContext | None = None,
+    once: bool = False,
+    ready: Callable[[int], None] | None = None,
+) -> None:
+    """Listen on address:port and store the passes authenticated clients send.
+
+    ready(port) is called once listening (with the bound port: pass port 0 for any free
+    one). With once=True, return after the first connection closes, whatever its outcome.
+    Per-connection errors are logged, never raised; setup errors raise TransferError.
+    """
+    key = check_token(token)
+    root = Path(images_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TransferError(f"cannot create images directory {root}: {_why(exc)}") from None
+    if not root.is_dir():
+        raise TransferError(f"images directory {root} is not a directory")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        listener = socket.create_server((address, port), family=family)
+    except OSError as exc:
+        raise TransferError(f"cannot listen on {address}:{port}: {_why(exc)}") from None
+    with listener:
+        if ready is not None:
+            ready(listener.getsockname()[1])
+        while True:
+            sock, addr = listener.accept()
+            peer = f"{addr[0]}:{addr[1]}"
+            try:
+                handle_connection(sock, peer, root, key, tls)
+            except TransferError as exc:
+                log.warning("page server: %s", exc)
+            else:
+                log.info("page server: %s done", peer)
+            if once:
+                return
+
+
+def handle_connection(
+    sock: socket.socket,
+    peer: str,
+    root: Path,
+    token: bytes,
+    tls: ssl.SSLContext | None = None,
+) -> None:
+    """Serve one accepted connection to its end (closing sock); raise TransferError."""
+    sock.settimeout(AUTH_TIMEOUT)
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            raise TransferError(f"{peer}: TLS handshake failed: {_why(exc)}") from None
+    with Conn(sock, peer) as conn:
+        server_handshake(conn, token)
+        sock.settimeout(IO_TIMEOUT)
+        while _receive_pass(conn, root):
+            pass
+
+
+def _receive_pass(conn: Conn, root: Path) -> bool:
+    """Receive one pass; False when the client closed the connection cleanly instead."""
+    frame = conn.recv(eof_ok=True)
+    if frame is None:
+        return False
+    try:
+        if not isinstance(frame.msg, wire_pb2.PassStart):
+            raise TransferError(f"expected PassStart, got {frame.type.name}")
+        name = check_name(frame.msg.name, "pass")
+        pass_dir = _pass_dir(root, name)
+        _unlink(pass_dir / INVENTORY)  # incomplete until a new inventory.img arrives
+        while True:
+            frame = conn.recv()
+            assert frame is not None
+            if isinstance(frame.msg, wire_pb2.FileStart):
+                _receive_file(conn, pass_dir, frame.msg)
+            elif isinstance(frame.msg, wire_pb2.PassEnd):
+                if frame.msg.name != name:
+                    raise TransferError(f"PassEnd names {frame.msg.name!r}, not {name!r}")
+                break
+            else:
+                raise TransferError(f"expected FileStart or PassEnd, got {frame.type.name}")
+    except TransferError as exc:
+        conn.refuse(str(exc))
+        raise TransferError(f"{conn.peer}: {exc}") from None
+    conn.send(wire_pb2.Ack(ok=True))
+    log.info("page server: pass %s from %s stored in %s", name, conn.peer, pass_dir)
+    return True
+
+
+def _pass_dir(root: Path, name: str) -> Path:
+    path = root / name
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as exc:
+        raise TransferError(f"cannot create {path}: {_why(exc)}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise TransferError(f"{path} exists and is not a directory")
+    return path
+
+
+def _receive_file(conn: Conn, pass_dir: Path, start: wire_pb2.FileStart) -> None:
+    name = check_name(start.name, "file")
+    target = pass_dir / name
+    tmp = pass_dir / f".{name}.tmp"
+    try:
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
+    except OSError as exc:
+        raise TransferError(f"cannot write {target}: {_why(exc)}") from None
+    committed = False
+    try:
+        with open(fd, "wb") as f:
+            os.fchmod(fd, (start.mode & 0o700) or 0o600)
+            got = 0
+            crc = 0
+            end_crc = -1
+            while True:
+                frame = conn.recv()
+                assert frame is not None
+                if isinstance(frame.msg, wire_pb2.FileData):
+                    got += len(frame.payload)
+                    if got > start.size:
+                        raise TransferError(
+                            f"{name}: more data than the {start.size} bytes announced"
+                        )
+                    crc = zlib.crc32(frame.payload, crc)
+                    f.write(frame.payload)
+                elif isinstance(frame.msg, wire_pb2.FileEnd):
+                    end_crc = frame.msg.crc32
+                    break
+                else:
+                    raise TransferError(
+                        f"{name}: expected FileData or FileEnd, got {frame.type.name}"
+                    )
+        if got != start.size:
+            raise TransferError(f"{name}: {got} bytes received, {start.size} announced")
+        if end_crc != crc:
+            raise TransferError(f"{name}: CRC mismatch, file corrupted in transit")
+        os.replace(tmp, target)
+        committed = True
+    except OSError as exc:
+        raise TransferError(f"cannot write {target}: {_why(exc)}") from None
+    finally:
+        if not committed:
+            _unlink(tmp)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()

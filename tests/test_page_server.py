@@ -1,0 +1,84 @@
+"""CRIU's page-server use: predump and dump passes sent to `ckpt page-server`, restored
+from the server's directory; a wrong token writes nothing there."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import (
+    Bins,
+    Harness,
+    assert_one_error_line,
+    assert_running_untraced,
+    check_counter_file,
+    ckpt_command,
+    needs_root,
+    read_lines,
+    run_ckpt,
+    wait_for_line,
+    wait_for_lines,
+)
+
+pytestmark = needs_root
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> tuple[Path, str, Path]:
+    """A page server on a free loopback port: (its images dir, HOST:PORT, token file)."""
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    store = tmp_path / "server"
+    log = tmp_path / "server.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([ckpt_command(), "page-server", "--address", "127.0.0.1",
+                                 "--port", "0", "-D", str(store), "--auth-token-file",
+                                 str(token)], stdin=subprocess.DEVNULL, stderr=err)
+    try:
+        line = wait_for_line(log, lambda s: "listening on" in s, 20, "the page server")
+        yield store, line.rsplit(" ", 1)[1], token
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_passes_restore_from_the_page_server(harness: Harness, bins: Bins, tmp_path: Path,
+                                             server: tuple[Path, str, Path]) -> None:
+    store, address, token = server
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
+    wait_for_lines(out, 5)
+    ck = tmp_path / "ck"
+    remote = ("--page-server", address, "--auth-token-file", str(token))
+    res = run_ckpt("predump", "-t", str(proc.pid), "-D", ck / "1", *remote)
+    assert res.returncode == 0, res.describe()
+    time.sleep(0.3)
+    res = run_ckpt("dump", "-t", str(proc.pid), "-D", ck / "2", "--incremental",
+                   "--prev-images-dir", "../1", *remote, reap=proc)
+    assert res.returncode == 0, res.describe()
+    proc.wait(timeout=10)
+    assert sorted(p.name for p in store.iterdir()) == ["1", "2"]
+
+    at_dump = len(read_lines(out))
+    assert harness.restore_detached(store / "2") == proc.pid
+    wait_for_lines(out, at_dump + 5)
+    assert_running_untraced(proc.pid)
+    assert check_counter_file(out) == [proc.pid] * len(read_lines(out))
+
+
+def test_wrong_token_is_refused(harness: Harness, bins: Bins, tmp_path: Path,
+                                server: tuple[Path, str, Path]) -> None:
+    store, address, _ = server
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-token\n")
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
+    wait_for_lines(out, 3)
+    res = run_ckpt("predump", "-t", str(proc.pid), "-D", tmp_path / "ck" / "1",
+                   "--page-server", address, "--auth-token-file", str(wrong))
+    message = assert_one_error_line(res)
+    assert "token" in message, message
+    assert not store.exists() or not any(store.iterdir())
+    assert_running_untraced(proc.pid)
