@@ -30,8 +30,29 @@ def reports_errors(fn: F) -> F:
         except KeyboardInterrupt:
             click.echo("Error: interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # `ckpt show ... | head`: the reader went away
+            sys.exit(141)
+        except Exception as exc:  # a bug: still one line, the traceback with --debug
+            if os.environ.get("CKPT_DEBUG"):
+                raise
+            click.echo(f"Error: internal error: {type(exc).__name__}: {exc} "
+                       "(--debug shows the traceback)", err=True)
+            sys.exit(70)
 
     return wrapper  # type: ignore[return-value]
+
+
+def run() -> None:
+    """Console entry point: usage errors, too, are one `Error:` line (no usage dump)."""
+    try:
+        code = main(standalone_mode=False)
+    except click.ClickException as exc:
+        click.echo(f"Error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Error: aborted", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -218,3 +218,9 @@ def test_dump_disk_full(harness: Harness, tmp_path: Path) -> None:
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
     assert_untouched(proc, out)
+
+
+@pytest.mark.parametrize("args", [("dump",), ("dump", "-t", "abc", "-D", "x"),
+                                  ("restore",), ("nosuchcommand",)])
+def test_usage_errors_are_one_line(args: tuple[str, ...]) -> None:
+    assert_one_error_line(run_ckpt(*args))
