@@ -35,6 +35,9 @@ def test_operations_match_sets(seed: int) -> None:
     assert as_set(R.union(a, b)) == as_set(a) | as_set(b)
     assert R.total(R.union(a, b)) == len(as_set(a) | as_set(b))
     assert as_set(R.clip(a, 10, 30)) == as_set(a) & set(range(10, 30))
+    halves = (((s, (s + e) // 2), ((s + e) // 2, e)) for s, e in a)
+    split = [piece for pair in halves for piece in pair if piece[0] < piece[1]]
+    assert R.merge_sorted(split) == a
 
 
 def test_touching_ranges_merge() -> None:

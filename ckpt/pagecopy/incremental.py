@@ -61,7 +61,8 @@ def plan_pass(pid: int, vmas: list[VmaInfo], dirty: DirtySet, parent_has: list[R
         exists, _ = existing_pages(pid, dumpable)
         return PassPlan(copy=exists, in_parent_now=[], scanned_pages=scanned,
                         whole=dirty.whole)
-    changed = union(dirty.dirty, normalize((s, e) for s, e, _ in dirty.whole))
+    whole = normalize((s, e) for s, e, _ in dirty.whole)
+    changed = union(dirty.dirty, whole) if whole else dirty.dirty
     cheap = [v for v in dumpable if dirty.tracks_existence and v.kind in ANON_KINDS]
     full = [v for v in dumpable if not (dirty.tracks_existence and v.kind in ANON_KINDS)]
     full_mapped = normalize((v.start, v.end) for v in full)

@@ -30,7 +30,7 @@ from ckpt.kernel import uffd
 from ckpt.kernel.ptrace import Injector
 from ckpt.kernel.sys import NR, pidfd_getfd, pidfd_open
 from ckpt.pagecopy.plan import NO_PAGES
-from ckpt.ranges import Range, intersect, normalize
+from ckpt.ranges import Range, intersect, merge_sorted, normalize
 from ckpt.track.base import DirtySet, PassContext, Tracker
 
 F_DUPFD_CLOEXEC = 1030
@@ -115,8 +115,11 @@ class UffdWpTracker(Tracker):
         bad = {(s, e) for s, e, _ in failed}
         whole = [(s, e, "not tracked: new, moved or replaced VMA") for s, e in fresh
                  if (s, e) not in bad]
-        return DirtySet(dirty=normalize((s, e) for s, e, _ in written), whole=whole + failed,
-                        tracks_existence=True, changed_data=normalize(data))
+        # PAGEMAP_SCAN reports regions in address order, disjoint: already normalized
+        # but for neighbours that differ only in categories, which merge here cheaply.
+        return DirtySet(dirty=merge_sorted([(s, e) for s, e, _ in written]),
+                        whole=whole + failed, tracks_existence=True,
+                        changed_data=normalize(data) if fresh else merge_sorted(data))
 
     def end(self, ctx: PassContext, keep: bool) -> None:
         if not keep and self.target_fd >= 0:
