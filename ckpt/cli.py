@@ -183,6 +183,53 @@ def send_to_page_server(images_dir: str, page_server: str | None, auth_token_fil
                err=True)
 
 
+@main.command()
+@click.option("-t", "--tree", "pid", type=int, required=True, help="PID of the process to move.")
+@click.option("--to", "dest", required=True, metavar="HOST:PORT",
+              help="The destination's `ckpt page-server`.")
+@click.option("--auth-token-file", required=True, type=click.Path(dir_okay=False),
+              help="Shared secret of the page server.")
+@click.option("--tls-cacert", type=click.Path(dir_okay=False), help="Use TLS, trusting this CA.")
+@click.option("--max-downtime-ms", type=float, default=50.0, show_default=True,
+              help="Stop pre-copying once the final round is expected to fit this.")
+@click.option("--max-rounds", type=int, default=8, show_default=True)
+@click.option("--track", type=click.Choice(["auto", "uffd-wp", "soft-dirty", "compare"]),
+              default="auto", show_default=True)
+@click.option("--keep-images", type=click.Path(file_okay=False),
+              help="Keep the source's images in this directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@reports_errors
+def migrate(pid: int, dest: str, auth_token_file: str, tls_cacert: str | None,
+            max_downtime_ms: float, max_rounds: int, track: str, keep_images: str | None,
+            as_json: bool) -> None:
+    """Move a running process to another host: iterative pre-copy, then a short freeze."""
+    import json
+
+    from ckpt.actions.migrate import MigrateOptions
+    from ckpt.actions.migrate import migrate as do_migrate
+    from ckpt.transfer import client_tls_context, load_token
+
+    host, port = parse_address(dest)
+    res = do_migrate(MigrateOptions(
+        pid=pid, host=host, port=port, token=load_token(auth_token_file),
+        tls=client_tls_context(tls_cacert) if tls_cacert else None, max_rounds=max_rounds,
+        max_downtime_ms=max_downtime_ms, track=track, keep_images=keep_images),
+        report=lambda line: None if as_json else click.echo(line))
+    summary = {"pid": res.new_pid, "rounds": len(res.rounds), "bytes": res.bytes_sent,
+               "total_s": round(res.total_s, 3), "frozen_ms": round(res.frozen_ms, 1),
+               "restore_ms": round(res.restore_ms, 1), "downtime_ms": round(res.downtime_ms, 1),
+               "stop_reason": res.stop_reason,
+               "per_round": [{"round": r.n, "dirty_pages": r.dirty_pages, "bytes": r.bytes_sent,
+                              "seconds": round(r.seconds, 3)} for r in res.rounds]}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(f"migrated to {dest} as pid {res.new_pid}: {len(res.rounds)} rounds, "
+                   f"{res.bytes_sent / 2**20:.2f} MiB, total {res.total_s:.2f} s, frozen "
+                   f"{res.frozen_ms:.1f} ms, restore {res.restore_ms:.1f} ms, downtime "
+                   f"{res.downtime_ms:.1f} ms ({res.stop_reason})")
+
+
 @main.command("page-server")
 @click.option("--address", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option("--port", type=int, default=27000, show_default=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ckpt.actions.core_image import ProcessInfo, build_core
@@ -59,6 +60,9 @@ class DumpOptions:
     prev_images_dir: str | None = None
     track: str = "auto"
     track_mem: bool = False  # keep tracking armed (with --leave-running): snapshot chains
+    # Called with the images complete and the target still frozen, before it is killed;
+    # raising keeps the target alive (it is thawed). Migration hands over here.
+    before_kill: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,8 @@ def dump(opts: DumpOptions) -> DumpResult:
             frozen_ms = (time.perf_counter() - frozen.frozen_at) * 1000
             if not opts.leave_running:
                 stats = finish(mem, frozen_ms)
+                if opts.before_kill is not None:
+                    opts.before_kill()
                 frozen.kill()
         if opts.leave_running:
             if snapshot is not None:

@@ -46,6 +46,7 @@ PR_SET_NAME = 15
 class RestoreOptions:
     images_dir: str
     new_pid: bool = False
+    stopped: bool = False  # leave it stopped (SIGSTOP): migration resumes it on commit
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,8 @@ def restore(opts: RestoreOptions) -> RestoreResult:
         load_registers(stub, leader)
         for task, th in zip(threads, entry.threads[1:], strict=True):
             load_registers(task, th)
+        if opts.stopped:  # queued while every thread is still traced: none runs user code
+            os.kill(stub.pid, signal.SIGSTOP)
         for task in threads:
             task.task.detach()
         stub.task.detach()

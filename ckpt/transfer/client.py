@@ -96,23 +96,47 @@ def send_pass(
     """Connect, authenticate, stream every image file of local_dir into the server's
     <images dir>/<pass_name>/, and wait for its Ack. Raises TransferError on failure."""
     check_name(pass_name, "pass")
+    pass_files(Path(local_dir))  # fail before connecting
+    with connect(host, port, token, tls) as conn:
+        return send_pass_on(conn, local_dir, pass_name)
+
+
+def send_pass_on(conn: Conn, local_dir: str | os.PathLike[str], pass_name: str) -> PassSent:
+    """send_pass over an authenticated connection that stays open."""
+    check_name(pass_name, "pass")
     src = Path(local_dir)
     names = pass_files(src)
-    with connect(host, port, token, tls) as conn:
-        peer = conn.peer
-        total = 0
-        try:
-            conn.send(wire_pb2.PassStart(name=pass_name))
-            for name in names:
-                total += _send_file(conn, src / name, name)
-            conn.send(wire_pb2.PassEnd(name=pass_name))
-        except TransferError as exc:
-            # the server may have given up first: its reason beats "connection lost"
-            raise _server_reason(conn) or exc from None
-        ack = conn.expect(wire_pb2.Ack)
-        if not ack.ok:
-            raise TransferError(f"{peer} refused: {ack.error or 'no reason given'}")
+    total = 0
+    try:
+        conn.send(wire_pb2.PassStart(name=pass_name))
+        for name in names:
+            total += _send_file(conn, src / name, name)
+        conn.send(wire_pb2.PassEnd(name=pass_name))
+    except TransferError as exc:
+        # the server may have given up first: its reason beats "connection lost"
+        raise _server_reason(conn) or exc from None
+    ack = conn.expect(wire_pb2.Ack)
+    if not ack.ok:
+        raise TransferError(f"{conn.peer} refused: {ack.error or 'no reason given'}")
     return PassSent(files=len(names), bytes=total)
+
+
+def restore_remote(conn: Conn, pass_name: str) -> wire_pb2.RestoreDone:
+    """Ask the server to restore a pass it holds; the process stays stopped until
+    commit_remote (or dies when this connection ends without it)."""
+    conn.send(wire_pb2.RestoreRequest(pass_name=pass_name))
+    done = conn.expect(wire_pb2.RestoreDone)
+    if not done.ok:
+        raise TransferError(f"restore on {conn.peer} failed: {done.error}")
+    return done
+
+
+def commit_remote(conn: Conn) -> None:
+    """Let the process restored by restore_remote run."""
+    conn.send(wire_pb2.Commit())
+    ack = conn.expect(wire_pb2.Ack)
+    if not ack.ok:
+        raise TransferError(f"{conn.peer} did not resume the process: {ack.error}")
 
 
 def _send_file(conn: Conn, path: Path, name: str) -> int:

@@ -12,18 +12,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import ssl
 import stat
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+from ckpt.images import ImageDir
 from ckpt.images.pb import wire_pb2
 from ckpt.transfer.wire import (
     AUTH_TIMEOUT,
     IO_TIMEOUT,
     Conn,
+    Frame,
     TransferError,
     _why,
     check_name,
@@ -98,15 +102,50 @@ def handle_connection(
     with Conn(sock, peer) as conn:
         server_handshake(conn, token)
         sock.settimeout(IO_TIMEOUT)
-        while _receive_pass(conn, root):
-            pass
+        while True:
+            frame = conn.recv(eof_ok=True)
+            if frame is None:
+                return
+            if isinstance(frame.msg, wire_pb2.RestoreRequest):
+                restore_for_migration(conn, root, frame.msg.pass_name)
+                return
+            _receive_pass(conn, root, frame)
 
 
-def _receive_pass(conn: Conn, root: Path) -> bool:
-    """Receive one pass; False when the client closed the connection cleanly instead."""
-    frame = conn.recv(eof_ok=True)
-    if frame is None:
-        return False
+def restore_for_migration(conn: Conn, root: Path, pass_name: str) -> None:
+    """Restore a pass and hold the process stopped until the client commits: if the
+    connection ends any other way the process is killed (the source runs on)."""
+    from ckpt.actions.restore import RestoreOptions, restore
+    from ckpt.errors import CkptError
+
+    path = root / check_name(pass_name, "pass")
+    try:
+        pid = ImageDir.open(path).read_inventory().root_pid
+        res = restore(RestoreOptions(images_dir=str(path), stopped=True,
+                                     new_pid=os.path.exists(f"/proc/{pid}")))
+    except CkptError as exc:
+        conn.send(wire_pb2.RestoreDone(ok=False, error=str(exc)))
+        raise TransferError(f"{conn.peer}: restore of {pass_name} failed: {exc}") from None
+    threading.Thread(target=_reap, args=(res.pid,), daemon=True).start()
+    committed = False
+    try:
+        conn.send(wire_pb2.RestoreDone(ok=True, pid=res.pid, restore_ms=res.total_ms))
+        frame = conn.recv(eof_ok=True)
+        committed = frame is not None and isinstance(frame.msg, wire_pb2.Commit)
+    finally:
+        os.kill(res.pid, signal.SIGCONT if committed else signal.SIGKILL)
+    conn.send(wire_pb2.Ack(ok=True))
+    log.info("page server: %s migrated in as pid %d", pass_name, res.pid)
+
+
+def _reap(pid: int) -> None:
+    """Restored processes are our children: reap them when they end."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _receive_pass(conn: Conn, root: Path, frame: Frame) -> None:
+    """Receive one pass, starting at its PassStart ``frame``."""
     try:
         if not isinstance(frame.msg, wire_pb2.PassStart):
             raise TransferError(f"expected PassStart, got {frame.type.name}")
@@ -114,22 +153,21 @@ def _receive_pass(conn: Conn, root: Path) -> bool:
         pass_dir = _pass_dir(root, name)
         _unlink(pass_dir / INVENTORY)  # incomplete until a new inventory.img arrives
         while True:
-            frame = conn.recv()
-            assert frame is not None
-            if isinstance(frame.msg, wire_pb2.FileStart):
-                _receive_file(conn, pass_dir, frame.msg)
-            elif isinstance(frame.msg, wire_pb2.PassEnd):
-                if frame.msg.name != name:
-                    raise TransferError(f"PassEnd names {frame.msg.name!r}, not {name!r}")
+            nxt = conn.recv()
+            assert nxt is not None
+            if isinstance(nxt.msg, wire_pb2.FileStart):
+                _receive_file(conn, pass_dir, nxt.msg)
+            elif isinstance(nxt.msg, wire_pb2.PassEnd):
+                if nxt.msg.name != name:
+                    raise TransferError(f"PassEnd names {nxt.msg.name!r}, not {name!r}")
                 break
             else:
-                raise TransferError(f"expected FileStart or PassEnd, got {frame.type.name}")
+                raise TransferError(f"expected FileStart or PassEnd, got {nxt.type.name}")
     except TransferError as exc:
         conn.refuse(str(exc))
         raise TransferError(f"{conn.peer}: {exc}") from None
     conn.send(wire_pb2.Ack(ok=True))
     log.info("page server: pass %s from %s stored in %s", name, conn.peer, pass_dir)
-    return True
 
 
 def _pass_dir(root: Path, name: str) -> Path:

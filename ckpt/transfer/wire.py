@@ -75,6 +75,9 @@ class MsgType(enum.IntEnum):
     FILE_END = 8
     PASS_END = 9
     ACK = 10
+    RESTORE_REQUEST = 11
+    RESTORE_DONE = 12
+    COMMIT = 13
 
 
 _CLASSES: dict[MsgType, type[Message]] = {
@@ -88,6 +91,9 @@ _CLASSES: dict[MsgType, type[Message]] = {
     MsgType.FILE_END: wire_pb2.FileEnd,
     MsgType.PASS_END: wire_pb2.PassEnd,
     MsgType.ACK: wire_pb2.Ack,
+    MsgType.RESTORE_REQUEST: wire_pb2.RestoreRequest,
+    MsgType.RESTORE_DONE: wire_pb2.RestoreDone,
+    MsgType.COMMIT: wire_pb2.Commit,
 }
 _TAGS: dict[type[Message], MsgType] = {cls: tag for tag, cls in _CLASSES.items()}
 

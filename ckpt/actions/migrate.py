@@ -1,0 +1,149 @@
+"""`ckpt migrate`: move a running process to a page server's host.
+
+    check       authenticate to the destination before touching the target
+    rounds      predump → send, while the process runs (uffd-wp: no freeze at all);
+                stop when the last round's transfer time predicts a final round within
+                --max-downtime-ms, when the dirty set stops shrinking, or at --max-rounds
+    final       freeze; dump --incremental; send it; the destination restores it and
+                holds it stopped                          (downtime starts at the freeze)
+    hand over   kill the frozen source, commit: the destination lets it run (downtime ends)
+Any failure before the hand-over thaws the source, and the destination kills its stopped
+copy when the connection ends without a commit: never two live copies. If ckpt dies right
+between killing the source and the commit, the destination kills its copy too; that
+window is one round trip long.
+"""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckpt.actions.dump import DumpOptions, dump
+from ckpt.actions.predump import PredumpOptions, predump
+from ckpt.images import ImageDir
+from ckpt.transfer.client import (
+    check_server,
+    commit_remote,
+    connect,
+    restore_remote,
+    send_pass,
+    send_pass_on,
+)
+
+
+@dataclass(frozen=True)
+class MigrateOptions:
+    pid: int
+    host: str
+    port: int
+    token: bytes
+    tls: ssl.SSLContext | None = None
+    max_rounds: int = 8
+    max_downtime_ms: float = 50.0
+    track: str = "auto"
+    compress_level: int = -1
+    keep_images: str | None = None  # keep the source's images here
+
+
+@dataclass
+class Round:
+    n: int
+    dirty_pages: int
+    bytes_sent: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.bytes_sent / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class MigrateResult:
+    rounds: list[Round] = field(default_factory=list)
+    new_pid: int = 0
+    total_s: float = 0.0
+    downtime_ms: float = 0.0
+    frozen_ms: float = 0.0
+    restore_ms: float = 0.0
+    stop_reason: str = ""
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(r.bytes_sent for r in self.rounds)
+
+
+def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResult:
+    t0 = time.perf_counter()
+    check_server(opts.host, opts.port, opts.token, opts.tls)
+    work = Path(opts.keep_images or tempfile.mkdtemp(prefix="ckpt-migrate-"))
+    out = MigrateResult()
+    try:
+        prev: str | None = None
+        for n in range(1, opts.max_rounds + 1):
+            out.rounds.append(pre_round(opts, work, n, prev))
+            r = out.rounds[-1]
+            report(f"round {n}: {r.dirty_pages} dirty pages, {r.bytes_sent / 2**20:.2f} MiB "
+                   f"sent in {r.seconds * 1000:.0f} ms ({r.rate / 2**20:.1f} MiB/s)")
+            prev = f"../{n}"
+            out.stop_reason = converged(out.rounds, opts)
+            if out.stop_reason:
+                break
+        final = str(len(out.rounds) + 1)
+        final_round(opts, work, final, prev, out)
+    finally:
+        if not opts.keep_images:
+            shutil.rmtree(work, ignore_errors=True)
+    out.total_s = time.perf_counter() - t0
+    return out
+
+
+def pre_round(opts: MigrateOptions, work: Path, n: int, prev: str | None) -> Round:
+    t = time.perf_counter()
+    predump(PredumpOptions(pid=opts.pid, images_dir=str(work / str(n)), prev_images_dir=prev,
+                           track=opts.track, compress_level=opts.compress_level))
+    dirty = ImageDir.open(work / str(n)).read_inventory().stats.pages_written
+    sent = send_pass(opts.host, opts.port, opts.token, work / str(n), str(n), opts.tls)
+    return Round(n, dirty, sent.bytes, time.perf_counter() - t)
+
+
+def converged(rounds: list[Round], opts: MigrateOptions) -> str:
+    """Why to stop iterating now, or '' to go on."""
+    last = rounds[-1]
+    if len(rounds) >= 2:
+        per_page = last.bytes_sent / max(last.dirty_pages, 1)
+        estimate_ms = last.dirty_pages * per_page / max(last.rate, 1.0) * 1000
+        if estimate_ms <= opts.max_downtime_ms:
+            return f"estimated final round {estimate_ms:.1f} ms fits --max-downtime-ms"
+        if last.dirty_pages >= rounds[-2].dirty_pages:
+            return "dirty set stopped shrinking (the process dirties memory as fast as " \
+                   "the link carries it)"
+    if len(rounds) >= opts.max_rounds:
+        return f"--max-rounds {opts.max_rounds} reached"
+    return ""
+
+
+def final_round(opts: MigrateOptions, work: Path, name: str, prev: str | None,
+                out: MigrateResult) -> None:
+    conn = connect(opts.host, opts.port, opts.token, opts.tls)
+    with conn:
+        def hand_over() -> None:
+            sent = send_pass_on(conn, work / name, name)
+            done = restore_remote(conn, name)
+            out.new_pid, out.restore_ms = done.pid, done.restore_ms
+            out.rounds.append(Round(int(name), ImageDir.open(work / name).read_inventory()
+                                    .stats.pages_written, sent.bytes, 0.0))
+
+        t = time.perf_counter()
+        dump(DumpOptions(pid=opts.pid, images_dir=str(work / name), prev_images_dir=prev,
+                         incremental=prev is not None, track=opts.track,
+                         compress_level=opts.compress_level, before_kill=hand_over))
+        commit_remote(conn)
+        stats = ImageDir.open(work / name).read_inventory().stats
+        out.frozen_ms = stats.frozen_ms
+        # the freeze began frozen_ms before the dump finished writing; add the hand-over
+        out.downtime_ms = (time.perf_counter() - t) * 1000 - (stats.total_ms - stats.frozen_ms)

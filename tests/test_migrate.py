@@ -1,0 +1,113 @@
+"""`ckpt migrate` to a page server on this host: the process goes on at the destination
+without a gap; when the destination cannot restore it, the source runs on untouched."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    Bins,
+    Harness,
+    assert_one_error_line,
+    assert_running_untraced,
+    is_alive,
+    needs_root,
+    read_lines,
+    run_ckpt,
+    wait_for_lines,
+)
+
+from ckpt.errors import RestoreError
+from ckpt.transfer import serve
+
+pytestmark = needs_root
+NUM = re.compile(r"n=(\d+) .* pid=(\d+)")
+
+
+@pytest.fixture
+def page_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An in-process page server thread on a free loopback port: (HOST:PORT, token)."""
+    token = tmp_path / "token"
+    token.write_text("migrate-me\n")
+    ready = threading.Event()
+    port: list[int] = []
+
+    def started(p: int) -> None:
+        port.append(p)
+        ready.set()
+
+    thread = threading.Thread(target=serve, args=("127.0.0.1", 0, tmp_path / "dest",
+                                                  b"migrate-me"),
+                              kwargs={"once": False, "ready": started}, daemon=True)
+    thread.start()
+    assert ready.wait(10), "page server did not start"
+    yield f"127.0.0.1:{port[0]}", token
+
+
+def numbers(out: Path) -> list[tuple[int, int]]:
+    return [(int(m[1]), int(m[2])) for line in read_lines(out) if (m := NUM.search(line))]
+
+
+def test_migrate_continues_at_destination(harness: Harness, bins: Bins, tmp_path: Path,
+                                         page_server: tuple[str, Path]) -> None:
+    address, token = page_server
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
+    wait_for_lines(out, 5)
+    res = run_ckpt("migrate", "-t", str(proc.pid), "--to", address, "--auth-token-file", token,
+                   reap=proc)
+    assert res.returncode == 0, res.describe()
+    assert "downtime" in res.stdout and re.search(r"round 1: \d+ dirty pages", res.stdout)
+    new_pid = int(re.search(r"as pid (\d+)", res.stdout)[1])  # type: ignore[index]
+    harness.track(new_pid)
+    proc.wait(timeout=10)  # the source is gone
+    before = len(read_lines(out))
+    wait_for_lines(out, before + 5)
+    assert_running_untraced(new_pid)
+    seq = numbers(out)
+    assert [n for n, _ in seq] == list(range(1, len(seq) + 1)), "a gap or a repeat"
+    assert {p for _, p in seq} == {proc.pid, new_pid}
+
+
+def test_failed_restore_leaves_source_running(harness: Harness, bins: Bins, tmp_path: Path,
+                                              page_server: tuple[str, Path],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import ckpt.actions.restore as restore_mod
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RestoreError("simulated restore failure on the destination")
+
+    monkeypatch.setattr(restore_mod, "restore", broken)
+    address, token = page_server
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
+    wait_for_lines(out, 5)
+    res = run_ckpt("migrate", "-t", str(proc.pid), "--to", address, "--auth-token-file", token)
+    message = assert_one_error_line(res)
+    assert "simulated restore failure" in message, message
+    assert proc.poll() is None and is_alive(proc.pid)
+    assert_running_untraced(proc.pid)
+    before = len(read_lines(out))
+    wait_for_lines(out, before + 3)
+    seq = numbers(out)
+    assert [n for n, _ in seq] == list(range(1, len(seq) + 1))
+    assert {p for _, p in seq} == {proc.pid}
+
+
+def test_wrong_token_touches_nothing(harness: Harness, bins: Bins, tmp_path: Path,
+                                    page_server: tuple[str, Path]) -> None:
+    address, _ = page_server
+    wrong = tmp_path / "wrong"
+    wrong.write_text("nope\n")
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
+    wait_for_lines(out, 3)
+    message = assert_one_error_line(run_ckpt("migrate", "-t", str(proc.pid), "--to", address,
+                                             "--auth-token-file", wrong))
+    assert "token" in message
+    assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").iterdir())
+    assert_running_untraced(proc.pid)
