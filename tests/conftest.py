@@ -314,13 +314,15 @@ def ckpt_command() -> str:
 
 
 def run_ckpt(*args: str | Path, timeout: float = CKPT_TIMEOUT,
-             reap: subprocess.Popen[bytes] | None = None) -> CkptResult:
+             reap: subprocess.Popen[bytes] | None = None,
+             prefix: Sequence[str] = ()) -> CkptResult:
     """Run the installed ckpt command. Output goes to files, not pipes, so a restored
     process that inherited them cannot keep this call waiting. With reap, that child of
-    ours is reaped as soon as it dies, the way a shell reaps a killed job."""
+    ours is reaped as soon as it dies, the way a shell reaps a killed job. ``prefix`` runs
+    it through another command (e.g. `ip netns exec NS`)."""
     argv = tuple(str(a) for a in args)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([ckpt_command(), *argv], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([*prefix, ckpt_command(), *argv], stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=err)
         deadline = time.monotonic() + timeout
         while proc.poll() is None:

@@ -3,7 +3,10 @@ without a gap; when the destination cannot restore it, the source runs on untouc
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +17,12 @@ from conftest import (
     Harness,
     assert_one_error_line,
     assert_running_untraced,
+    ckpt_command,
     is_alive,
     needs_root,
     read_lines,
     run_ckpt,
+    wait_for_line,
     wait_for_lines,
 )
 
@@ -111,3 +116,62 @@ def test_wrong_token_touches_nothing(harness: Harness, bins: Bins, tmp_path: Pat
     assert "token" in message
     assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").iterdir())
     assert_running_untraced(proc.pid)
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[tuple[str, str, str]]:
+    """Two network namespaces joined by a veth pair: (ns A, ns B, B's address)."""
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 (ip) is not installed")
+    tag = f"ck{os.getpid() % 100000}"
+    a, b = f"{tag}a", f"{tag}b"
+    cmds = [
+        ["ip", "netns", "add", a], ["ip", "netns", "add", b],
+        ["ip", "link", "add", f"{tag}va", "type", "veth", "peer", "name", f"{tag}vb"],
+        ["ip", "link", "set", f"{tag}va", "netns", a],
+        ["ip", "link", "set", f"{tag}vb", "netns", b],
+        ["ip", "-n", a, "addr", "add", "10.77.0.1/24", "dev", f"{tag}va"],
+        ["ip", "-n", b, "addr", "add", "10.77.0.2/24", "dev", f"{tag}vb"],
+        ["ip", "-n", a, "link", "set", f"{tag}va", "up"],
+        ["ip", "-n", b, "link", "set", f"{tag}vb", "up"],
+        ["ip", "-n", a, "link", "set", "lo", "up"], ["ip", "-n", b, "link", "set", "lo", "up"],
+    ]
+    try:
+        for cmd in cmds:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot build the test network ({' '.join(cmd)}): "
+                            f"{done.stderr.strip()}")
+        yield a, b, "10.77.0.2"
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_migrate_between_namespaces(harness: Harness, bins: Bins, tmp_path: Path,
+                                    two_hosts: tuple[str, str, str]) -> None:
+    """Host A to host B over a veth link: the copy lives in B's network namespace."""
+    a, b, b_addr = two_hosts
+    token = tmp_path / "token"
+    token.write_text("between-hosts\n")
+    log = tmp_path / "server.log"
+    server = harness.launch(["ip", "netns", "exec", b, ckpt_command(), "page-server",
+                             "--address", b_addr, "--port", "27077", "-D", tmp_path / "dest",
+                             "--auth-token-file", token], log)
+    wait_for_line(log, lambda s: "listening" in s, 20, "the page server in B")
+    out = tmp_path / "out.txt"
+    proc = harness.launch(["ip", "netns", "exec", a, bins.counter_dyn, "-o", out],
+                          tmp_path / "stdout.txt")
+    wait_for_lines(out, 5)
+    res = run_ckpt("migrate", "-t", str(proc.pid), "--to", f"{b_addr}:27077",
+                   "--auth-token-file", token, reap=proc, prefix=("ip", "netns", "exec", a))
+    assert res.returncode == 0, res.describe()
+    new_pid = int(re.search(r"as pid (\d+)", res.stdout)[1])  # type: ignore[index]
+    harness.track(new_pid)
+    before = len(read_lines(out))
+    wait_for_lines(out, before + 3)
+    assert_running_untraced(new_pid)
+    assert os.stat(f"/proc/{new_pid}/ns/net").st_ino == os.stat(f"/run/netns/{b}").st_ino
+    seq = numbers(out)
+    assert [n for n, _ in seq] == list(range(1, len(seq) + 1)), "a gap or a repeat"
+    harness.kill(server.pid)
