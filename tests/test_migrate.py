@@ -20,8 +20,10 @@ from conftest import (
     ckpt_command,
     is_alive,
     needs_root,
+    py_target,
     read_lines,
     run_ckpt,
+    wait_for,
     wait_for_line,
     wait_for_lines,
 )
@@ -57,11 +59,15 @@ def numbers(out: Path) -> list[tuple[int, int]]:
     return [(int(m[1]), int(m[2])) for line in read_lines(out) if (m := NUM.search(line))]
 
 
+@pytest.mark.parametrize("target", ["c", "python"])
 def test_migrate_continues_at_destination(harness: Harness, bins: Bins, tmp_path: Path,
-                                         page_server: tuple[str, Path]) -> None:
+                                         page_server: tuple[str, Path], target: str) -> None:
     address, token = page_server
     out = tmp_path / "out.txt"
-    proc = harness.launch([bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
+    if target == "c":
+        proc = harness.launch([bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
+    else:
+        proc = harness.launch(py_target("counter.py"), out)
     wait_for_lines(out, 5)
     res = run_ckpt("migrate", "-t", str(proc.pid), "--to", address, "--auth-token-file", token,
                    reap=proc)
@@ -175,3 +181,39 @@ def test_migrate_between_namespaces(harness: Harness, bins: Bins, tmp_path: Path
     seq = numbers(out)
     assert [n for n, _ in seq] == list(range(1, len(seq) + 1)), "a gap or a repeat"
     harness.kill(server.pid)
+
+
+def test_destination_killed_mid_transfer(harness: Harness, tmp_path: Path) -> None:
+    """The page server dies during the first round: one error line, and the source runs
+    on, untraced, still counting."""
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    log = tmp_path / "server.log"
+    server = harness.launch([ckpt_command(), "page-server", "--address", "127.0.0.1",
+                             "--port", "0", "-D", tmp_path / "dest", "--auth-token-file",
+                             token], log)
+    line = wait_for_line(log, lambda s: "listening" in s, 20, "the page server")
+    out = tmp_path / "out.txt"
+    proc = harness.launch([*py_target("bigmem.py"), "--mib", "64"], out)
+    wait_for_lines(out, 2, timeout=30)
+    migrate = subprocess.Popen([ckpt_command(), "migrate", "-t", str(proc.pid), "--to",
+                                line.rsplit(" ", 1)[1], "--auth-token-file", str(token)],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: (tmp_path / "dest" / "1").exists() or None, 30, "the first round")
+        harness.kill(server.pid)
+        _, err = migrate.communicate(timeout=60)
+    finally:
+        if migrate.poll() is None:
+            migrate.kill()
+            migrate.wait()
+    assert migrate.returncode != 0
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:"), err
+    assert proc.poll() is None
+    assert_running_untraced(proc.pid)
+    before = len(read_lines(out))
+    lines_now = wait_for_lines(out, before + 2, timeout=30)
+    iters = [int(x.split()[0].split("=")[1]) for x in lines_now]
+    assert iters == list(range(iters[0], iters[0] + len(iters)))
