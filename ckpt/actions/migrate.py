@@ -1,6 +1,6 @@
 """`ckpt migrate`: move a running process to a page server's host.
 
-    check       authenticate to the destination before touching the target
+    check       the target is dumpable (fds, children); the destination authenticates
     rounds      predump → send, while the process runs (uffd-wp: no freeze at all);
                 stop when the last round's transfer time predicts a final round within
                 --max-downtime-ms, when the dirty set stops shrinking, or at --max-rounds
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckpt.actions.dump import DumpOptions, dump
+from ckpt.actions.dump import DumpOptions, dump, hidden_fds, preflight
 from ckpt.actions.predump import PredumpOptions, predump
 from ckpt.images import ImageDir
 from ckpt.transfer.client import (
@@ -79,6 +79,9 @@ class MigrateResult:
 
 def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResult:
     t0 = time.perf_counter()
+    # Whatever would stop the final dump (an fd kind we cannot carry, children, ...)
+    # stops the migration before any round, like a failed server check.
+    preflight(DumpOptions(pid=opts.pid, images_dir=""), hidden_fds(opts.pid))
     check_server(opts.host, opts.port, opts.token, opts.tls)
     work = Path(opts.keep_images or tempfile.mkdtemp(prefix="ckpt-migrate-"))
     out = MigrateResult()
