@@ -217,3 +217,38 @@ def test_destination_killed_mid_transfer(harness: Harness, tmp_path: Path) -> No
     lines_now = wait_for_lines(out, before + 2, timeout=30)
     iters = [int(x.split()[0].split("=")[1]) for x in lines_now]
     assert iters == list(range(iters[0], iters[0] + len(iters)))
+
+
+def test_compatibility_is_checked_before_copying(harness: Harness, bins: Bins,
+                                                 tmp_path: Path,
+                                                 page_server: tuple[str, Path]) -> None:
+    """A destination lacking a file the process maps refuses before any round: one error
+    line naming the file, nothing copied, the source untouched."""
+    address, token = page_server
+    exe = tmp_path / "counter_copy"
+    shutil.copy(bins.counter_dyn, exe)
+    out = tmp_path / "out.txt"
+    proc = harness.launch([exe, "-o", out], tmp_path / "stdout.txt")
+    wait_for_lines(out, 3)
+    exe.unlink()  # the destination (this host) no longer has the executable
+    res = run_ckpt("migrate", "-t", str(proc.pid), "--to", address, "--auth-token-file", token)
+    message = assert_one_error_line(res)
+    assert str(exe) in message and "cannot run this process" in message, message
+    assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").iterdir())
+    assert_running_untraced(proc.pid)
+
+
+def test_incompatibility_reasons() -> None:
+    from ckpt.images.pb import wire_pb2
+    from ckpt.kernel.probe import probe
+    from ckpt.transfer.server import incompatibility
+
+    caps = probe()
+    here = wire_pb2.CompatCheck(xstate_size=caps.xstate_size or 0, xcr0=caps.xcr0 or 0,
+                                vdso_layout=caps.get("vdso-layout").detail,
+                                files=["/bin/sh"])
+    assert incompatibility(here) == ""
+    other = wire_pb2.CompatCheck(xstate_size=(caps.xstate_size or 0) + 64)
+    assert "XSTATE" in incompatibility(other)
+    assert "vdso" in incompatibility(wire_pb2.CompatCheck(vdso_layout="vdso 9p"))
+    assert "/no/such" in incompatibility(wire_pb2.CompatCheck(files=["/no/such"]))

@@ -25,15 +25,22 @@ from pathlib import Path
 
 from ckpt.actions.dump import DumpOptions, dump, hidden_fds, preflight
 from ckpt.actions.predump import PredumpOptions, predump
+from ckpt.collect import proc
+from ckpt.collect.files import collect_files
+from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.images import ImageDir
+from ckpt.images.pb import wire_pb2
+from ckpt.kernel.probe import probe
 from ckpt.transfer.client import (
-    check_server,
+    check_compat,
     commit_remote,
     connect,
     restore_remote,
     send_pass,
     send_pass_on,
 )
+
+FILE_KINDS = frozenset({VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED})
 
 
 @dataclass(frozen=True)
@@ -81,8 +88,9 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     t0 = time.perf_counter()
     # Whatever would stop the final dump (an fd kind we cannot carry, children, ...)
     # stops the migration before any round, like a failed server check.
-    preflight(DumpOptions(pid=opts.pid, images_dir=""), hidden_fds(opts.pid))
-    check_server(opts.host, opts.port, opts.token, opts.tls)
+    vmas = preflight(DumpOptions(pid=opts.pid, images_dir=""), hidden_fds(opts.pid))
+    with connect(opts.host, opts.port, opts.token, opts.tls) as conn:
+        check_compat(conn, compat_request(opts.pid, vmas))
     work = Path(opts.keep_images or tempfile.mkdtemp(prefix="ckpt-migrate-"))
     out = MigrateResult()
     try:
@@ -103,6 +111,18 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
             shutil.rmtree(work, ignore_errors=True)
     out.total_s = time.perf_counter() - t0
     return out
+
+
+def compat_request(pid: int, vmas: list[VmaInfo]) -> wire_pb2.CompatCheck:
+    """What the destination must offer: this CPU's XSTATE layout, the vdso layout, and
+    every file the process maps or has open."""
+    caps = probe()
+    files = {proc.read_exe(pid)}
+    files |= {v.path for v in vmas if v.inode and v.kind in FILE_KINDS}
+    files |= {f.path for f in collect_files(pid, True, hidden_fds(pid)) if f.kind == "path"}
+    return wire_pb2.CompatCheck(xstate_size=caps.xstate_size or 0, xcr0=caps.xcr0 or 0,
+                                vdso_layout=caps.get("vdso-layout").detail,
+                                files=sorted(f for f in files if f))
 
 
 def pre_round(opts: MigrateOptions, work: Path, n: int, prev: str | None) -> Round:

@@ -185,3 +185,11 @@ def _server_reason(conn: Conn) -> TransferError | None:
     if frame is not None and isinstance(frame.msg, wire_pb2.Ack) and not frame.msg.ok:
         return TransferError(f"{conn.peer} refused: {frame.msg.error or 'no reason given'}")
     return None
+
+
+def check_compat(conn: Conn, req: wire_pb2.CompatCheck) -> None:
+    """Ask the destination whether it can run the process; TransferError if not."""
+    conn.send(req)
+    ack = conn.expect(wire_pb2.Ack)
+    if not ack.ok:
+        raise TransferError(f"{conn.peer} cannot run this process: {ack.error}")

@@ -109,6 +109,10 @@ def handle_connection(
             if isinstance(frame.msg, wire_pb2.RestoreRequest):
                 restore_for_migration(conn, root, frame.msg.pass_name)
                 return
+            if isinstance(frame.msg, wire_pb2.CompatCheck):
+                why = incompatibility(frame.msg)
+                conn.send(wire_pb2.Ack(ok=not why, error=why))
+                continue
             _receive_pass(conn, root, frame)
 
 
@@ -136,6 +140,26 @@ def restore_for_migration(conn: Conn, root: Path, pass_name: str) -> None:
         os.kill(res.pid, signal.SIGCONT if committed else signal.SIGKILL)
     conn.send(wire_pb2.Ack(ok=True))
     log.info("page server: %s migrated in as pid %d", pass_name, res.pid)
+
+
+def incompatibility(req: wire_pb2.CompatCheck) -> str:
+    """Why this host could not run the process described, or ''."""
+    from ckpt.kernel.probe import probe
+
+    caps = probe()
+    if req.xstate_size and caps.xstate_size != req.xstate_size:
+        return (f"CPU state differs: the process has {req.xstate_size} bytes of XSTATE, "
+                f"this host {caps.xstate_size}")
+    if req.xcr0 and caps.xcr0 is not None and req.xcr0 & ~caps.xcr0:
+        return f"CPU lacks XSAVE features {req.xcr0 & ~caps.xcr0:#x} the process may use"
+    here = caps.get("vdso-layout").detail
+    if req.vdso_layout and req.vdso_layout != here:
+        return f"vdso layout differs: {req.vdso_layout!r} there, {here!r} here"
+    missing = [f for f in req.files if not os.path.exists(f)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return f"file {missing[0]} is missing on this host{more}"
+    return ""
 
 
 def _reap(pid: int) -> None:

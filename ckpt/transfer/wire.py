@@ -78,6 +78,7 @@ class MsgType(enum.IntEnum):
     RESTORE_REQUEST = 11
     RESTORE_DONE = 12
     COMMIT = 13
+    COMPAT_CHECK = 14
 
 
 _CLASSES: dict[MsgType, type[Message]] = {
@@ -94,6 +95,7 @@ _CLASSES: dict[MsgType, type[Message]] = {
     MsgType.RESTORE_REQUEST: wire_pb2.RestoreRequest,
     MsgType.RESTORE_DONE: wire_pb2.RestoreDone,
     MsgType.COMMIT: wire_pb2.Commit,
+    MsgType.COMPAT_CHECK: wire_pb2.CompatCheck,
 }
 _TAGS: dict[type[Message], MsgType] = {cls: tag for tag, cls in _CLASSES.items()}
 
