@@ -3,6 +3,7 @@ without a gap; when the destination cannot restore it, the source runs on untouc
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -56,7 +57,11 @@ def page_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 
 def numbers(out: Path) -> list[tuple[int, int]]:
-    return [(int(m[1]), int(m[2])) for line in read_lines(out) if (m := NUM.search(line))]
+    """(n, pid) of every progress line; every line must be one."""
+    lines = read_lines(out)
+    found = [(int(m[1]), int(m[2])) for line in lines if (m := NUM.search(line))]
+    assert len(found) == len(lines) > 0, f"unexpected output: {lines[:3]}"
+    return found
 
 
 @pytest.mark.parametrize("target", ["c", "python"])
@@ -252,3 +257,27 @@ def test_incompatibility_reasons() -> None:
     assert "XSTATE" in incompatibility(other)
     assert "vdso" in incompatibility(wire_pb2.CompatCheck(vdso_layout="vdso 9p"))
     assert "/no/such" in incompatibility(wire_pb2.CompatCheck(files=["/no/such"]))
+
+
+def test_non_converging_target_still_migrates(harness: Harness, tmp_path: Path,
+                                             page_server: tuple[str, Path]) -> None:
+    """A target rewriting all its memory all the time never converges: migration stops
+    iterating (and says why), does a final round, and the process goes on."""
+    address, token = page_server
+    out = tmp_path / "out.txt"
+    proc = harness.launch(py_target("dirtier.py"), out)
+    wait_for_lines(out, 2, timeout=30)
+    res = run_ckpt("migrate", "-t", str(proc.pid), "--to", address, "--auth-token-file", token,
+                   "--max-rounds", "4", "--json", reap=proc)
+    assert res.returncode == 0, res.describe()
+    summary = json.loads(res.stdout)
+    assert summary["stop_reason"], summary
+    assert summary["rounds"] <= 5
+    new_pid = summary["pid"]
+    harness.track(new_pid)
+    proc.wait(timeout=10)
+    before = len(read_lines(out))
+    wait_for_lines(out, before + 2, timeout=30)
+    assert_running_untraced(new_pid)
+    seq = numbers(out)
+    assert [n for n, _ in seq] == list(range(1, len(seq) + 1)), "a gap or a repeat"
