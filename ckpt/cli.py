@@ -197,11 +197,13 @@ def send_to_page_server(images_dir: str, page_server: str | None, auth_token_fil
               default="auto", show_default=True)
 @click.option("--keep-images", type=click.Path(file_okay=False),
               help="Keep the source's images in this directory.")
+@click.option("--auto-converge", is_flag=True,
+              help="Throttle a process that dirties memory faster than the link carries it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @reports_errors
 def migrate(pid: int, dest: str, auth_token_file: str, tls_cacert: str | None,
             max_downtime_ms: float, max_rounds: int, track: str, keep_images: str | None,
-            as_json: bool) -> None:
+            auto_converge: bool, as_json: bool) -> None:
     """Move a running process to another host: iterative pre-copy, then a short freeze."""
     import json
 
@@ -213,7 +215,8 @@ def migrate(pid: int, dest: str, auth_token_file: str, tls_cacert: str | None,
     res = do_migrate(MigrateOptions(
         pid=pid, host=host, port=port, token=load_token(auth_token_file),
         tls=client_tls_context(tls_cacert) if tls_cacert else None, max_rounds=max_rounds,
-        max_downtime_ms=max_downtime_ms, track=track, keep_images=keep_images),
+        max_downtime_ms=max_downtime_ms, track=track, keep_images=keep_images,
+        auto_converge=auto_converge),
         report=lambda line: None if as_json else click.echo(line))
     summary = {"pid": res.new_pid, "rounds": len(res.rounds), "bytes": res.bytes_sent,
                "total_s": round(res.total_s, 3), "frozen_ms": round(res.frozen_ms, 1),

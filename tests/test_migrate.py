@@ -281,3 +281,25 @@ def test_non_converging_target_still_migrates(harness: Harness, tmp_path: Path,
     assert_running_untraced(new_pid)
     seq = numbers(out)
     assert [n for n, _ in seq] == list(range(1, len(seq) + 1)), "a gap or a repeat"
+
+
+def test_auto_converge_throttles_and_completes(harness: Harness, tmp_path: Path,
+                                               page_server: tuple[str, Path]) -> None:
+    """--auto-converge: rounds that do not shrink the dirty set throttle the target (the
+    round lines say so); it completes and nothing is left stopped."""
+    address, token = page_server
+    out = tmp_path / "out.txt"
+    proc = harness.launch(py_target("dirtier.py"), out)
+    wait_for_lines(out, 2, timeout=30)
+    res = run_ckpt("migrate", "-t", str(proc.pid), "--to", address, "--auth-token-file", token,
+                   "--max-rounds", "6", "--auto-converge", reap=proc)
+    assert res.returncode == 0, res.describe()
+    assert "throttled to" in res.stdout, res.stdout
+    new_pid = int(re.search(r"as pid (\d+)", res.stdout)[1])  # type: ignore[index]
+    harness.track(new_pid)
+    proc.wait(timeout=10)
+    before = len(read_lines(out))
+    wait_for_lines(out, before + 2, timeout=30)
+    assert_running_untraced(new_pid)
+    seq = numbers(out)
+    assert [n for n, _ in seq] == list(range(1, len(seq) + 1)), "a gap or a repeat"

@@ -15,9 +15,13 @@ window is one round trip long.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import ssl
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +45,10 @@ from ckpt.transfer.client import (
 )
 
 FILE_KINDS = frozenset({VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED})
+NOT_CONVERGING = ("dirty set stopped shrinking (the process dirties memory as fast as the "
+                  "link carries it)")
+DUTY_STEP = 0.3  # --auto-converge: each non-converging round stops the target 30% more
+MAX_DUTY = 0.9
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class MigrateOptions:
     track: str = "auto"
     compress_level: int = -1
     keep_images: str | None = None  # keep the source's images here
+    auto_converge: bool = False
 
 
 @dataclass
@@ -95,13 +104,20 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     out = MigrateResult()
     try:
         prev: str | None = None
+        duty = 0.0
         for n in range(1, opts.max_rounds + 1):
-            out.rounds.append(pre_round(opts, work, n, prev))
+            out.rounds.append(pre_round(opts, work, n, prev, duty))
             r = out.rounds[-1]
+            throttled = f", target throttled to {100 - duty * 100:.0f}% CPU" if duty else ""
             report(f"round {n}: {r.dirty_pages} dirty pages, {r.bytes_sent / 2**20:.2f} MiB "
-                   f"sent in {r.seconds * 1000:.0f} ms ({r.rate / 2**20:.1f} MiB/s)")
+                   f"sent in {r.seconds * 1000:.0f} ms ({r.rate / 2**20:.1f} MiB/s)"
+                   f"{throttled}")
             prev = f"../{n}"
             out.stop_reason = converged(out.rounds, opts)
+            if out.stop_reason == NOT_CONVERGING and opts.auto_converge and duty < MAX_DUTY:
+                duty = min(MAX_DUTY, duty + DUTY_STEP)  # auto-converge: slow it down
+                out.stop_reason = ""
+                continue
             if out.stop_reason:
                 break
         final = str(len(out.rounds) + 1)
@@ -125,13 +141,50 @@ def compat_request(pid: int, vmas: list[VmaInfo]) -> wire_pb2.CompatCheck:
                                 files=sorted(f for f in files if f))
 
 
-def pre_round(opts: MigrateOptions, work: Path, n: int, prev: str | None) -> Round:
+def pre_round(opts: MigrateOptions, work: Path, n: int, prev: str | None, duty: float,
+              ) -> Round:
     t = time.perf_counter()
     predump(PredumpOptions(pid=opts.pid, images_dir=str(work / str(n)), prev_images_dir=prev,
                            track=opts.track, compress_level=opts.compress_level))
     dirty = ImageDir.open(work / str(n)).read_inventory().stats.pages_written
-    sent = send_pass(opts.host, opts.port, opts.token, work / str(n), str(n), opts.tls)
+    with Throttle(opts.pid, duty):
+        sent = send_pass(opts.host, opts.port, opts.token, work / str(n), str(n), opts.tls)
     return Round(n, dirty, sent.bytes, time.perf_counter() - t)
+
+
+class Throttle:
+    """Auto-converge: while a round is sent, stop the target ``duty`` of the time
+    (SIGSTOP/SIGCONT every PERIOD), so it dirties less than the link carries. It always
+    ends with SIGCONT; a SIGSTOP is visible to the target's parent like a job stop."""
+
+    PERIOD = 0.05
+
+    def __init__(self, pid: int, duty: float) -> None:
+        self.pid = pid
+        self.duty = duty
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> Throttle:
+        if self.duty > 0:
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGCONT)
+
+    def _run(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            while not self.stop.is_set():
+                os.kill(self.pid, signal.SIGSTOP)
+                self.stop.wait(self.PERIOD * self.duty)
+                os.kill(self.pid, signal.SIGCONT)
+                self.stop.wait(self.PERIOD * (1 - self.duty))
 
 
 def converged(rounds: list[Round], opts: MigrateOptions) -> str:
@@ -143,8 +196,7 @@ def converged(rounds: list[Round], opts: MigrateOptions) -> str:
         if estimate_ms <= opts.max_downtime_ms:
             return f"estimated final round {estimate_ms:.1f} ms fits --max-downtime-ms"
         if last.dirty_pages >= rounds[-2].dirty_pages:
-            return "dirty set stopped shrinking (the process dirties memory as fast as " \
-                   "the link carries it)"
+            return NOT_CONVERGING
     if len(rounds) >= opts.max_rounds:
         return f"--max-rounds {opts.max_rounds} reached"
     return ""
