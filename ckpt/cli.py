@@ -200,10 +200,12 @@ def send_to_page_server(images_dir: str, page_server: str | None, auth_token_fil
 @click.option("--auto-converge", is_flag=True,
               help="Throttle a process that dirties memory faster than the link carries it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False),
+              help="Draw dirty pages and bytes per round into this PNG (needs matplotlib).")
 @reports_errors
 def migrate(pid: int, dest: str, auth_token_file: str, tls_cacert: str | None,
             max_downtime_ms: float, max_rounds: int, track: str, keep_images: str | None,
-            auto_converge: bool, as_json: bool) -> None:
+            auto_converge: bool, as_json: bool, plot: str | None) -> None:
     """Move a running process to another host: iterative pre-copy, then a short freeze."""
     import json
 
@@ -212,18 +214,28 @@ def migrate(pid: int, dest: str, auth_token_file: str, tls_cacert: str | None,
     from ckpt.transfer import client_tls_context, load_token
 
     host, port = parse_address(dest)
+    if plot:
+        from ckpt.actions.plot import require_matplotlib
+
+        require_matplotlib()
     res = do_migrate(MigrateOptions(
         pid=pid, host=host, port=port, token=load_token(auth_token_file),
         tls=client_tls_context(tls_cacert) if tls_cacert else None, max_rounds=max_rounds,
         max_downtime_ms=max_downtime_ms, track=track, keep_images=keep_images,
         auto_converge=auto_converge),
         report=lambda line: None if as_json else click.echo(line))
+    per_round: list[dict[str, Any]] = [
+        {"round": r.n, "dirty_pages": r.dirty_pages, "bytes": r.bytes_sent,
+         "seconds": round(r.seconds, 3)} for r in res.rounds]
     summary = {"pid": res.new_pid, "rounds": len(res.rounds), "bytes": res.bytes_sent,
                "total_s": round(res.total_s, 3), "frozen_ms": round(res.frozen_ms, 1),
                "restore_ms": round(res.restore_ms, 1), "downtime_ms": round(res.downtime_ms, 1),
-               "stop_reason": res.stop_reason,
-               "per_round": [{"round": r.n, "dirty_pages": r.dirty_pages, "bytes": r.bytes_sent,
-                              "seconds": round(r.seconds, 3)} for r in res.rounds]}
+               "stop_reason": res.stop_reason, "per_round": per_round}
+    if plot:
+        from ckpt.actions.plot import plot_rounds
+
+        plot_rounds(per_round, plot, f"ckpt migrate: pid {pid} to {dest}, "
+                    f"downtime {res.downtime_ms:.0f} ms")
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:

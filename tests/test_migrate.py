@@ -303,3 +303,18 @@ def test_auto_converge_throttles_and_completes(harness: Harness, tmp_path: Path,
     assert_running_untraced(new_pid)
     seq = numbers(out)
     assert [n for n, _ in seq] == list(range(1, len(seq) + 1)), "a gap or a repeat"
+
+
+def test_plot_of_the_rounds(harness: Harness, bins: Bins, tmp_path: Path,
+                            page_server: tuple[str, Path]) -> None:
+    pytest.importorskip("matplotlib")
+    address, token = page_server
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
+    wait_for_lines(out, 3)
+    png = tmp_path / "rounds.png"
+    res = run_ckpt("migrate", "-t", str(proc.pid), "--to", address, "--auth-token-file", token,
+                   "--plot", png, reap=proc)
+    assert res.returncode == 0, res.describe()
+    harness.track(int(re.search(r"as pid (\d+)", res.stdout)[1]))  # type: ignore[index]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
