@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,8 @@ from ckpt.actions.dump import DumpOptions, dump
 from ckpt.actions.restore import RestoreOptions, restore
 from ckpt.collect.vmas import collect_vmas
 from ckpt.images import ImageDir
-from ckpt.kernel.sys import IOV_MAX, vm_transfer
+from ckpt.kernel.sys import vm_transfer
+from ckpt.pagecopy.copy import batches
 from ckpt.pagecopy.plan import Run, plan_dump
 from ckpt.restore.pages import fill_pages
 
@@ -144,30 +145,13 @@ def kill_and_reap(pid: int) -> None:
         os.waitpid(pid, 0)
 
 
-def pieces(runs: list[Run], limit: int) -> Iterator[list[tuple[int, int]]]:
-    """(vaddr, length) lists of at most ``limit`` bytes and IOV_MAX entries."""
-    batch: list[tuple[int, int]] = []
-    size = 0
-    for run in runs:
-        addr, left = run.vaddr, run.length
-        while left:
-            take = min(left, limit - size)
-            batch.append((addr, take))
-            size, addr, left = size + take, addr + take, left - take
-            if size == limit or len(batch) == IOV_MAX:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def raw_read(pid: int, runs: list[Run]) -> float:
     """Seconds to process_vm_readv every run, 4 MiB per call into one reused buffer."""
     buf = mmap.mmap(-1, RAW_CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_POPULATE)
     base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    batches = list(pieces(runs, RAW_CHUNK))
+    chunks = list(batches(runs, RAW_CHUNK))
     t0 = time.perf_counter()
-    for batch in batches:
+    for batch in chunks:
         pairs, off = [], 0
         for addr, length in batch:
             pairs.append((base + off, addr, length))
