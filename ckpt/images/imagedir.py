@@ -20,7 +20,13 @@ from ckpt.images.framing import (
     parse_entry,
     register_kind,
 )
-from ckpt.images.pages import DEFAULT_LEVEL, PAGES_MAGIC, PagesReader, PagesWriter
+from ckpt.images.pages import (
+    DEFAULT_LEVEL,
+    PAGES_MAGIC,
+    PagesReader,
+    PagesWriter,
+    check_structure,
+)
 from ckpt.images.pb.core_pb2 import ProcessEntry
 from ckpt.images.pb.image_pb2 import (
     Inventory,
@@ -277,23 +283,7 @@ class ImageDir:
         target = self.file("pages", pid)
         try:
             with open(target, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if f.read(8)[:4] != PAGES_MAGIC:
-                    raise ImageError(f"{target}: not a ckpt page file")
-                raw = 0
-                while True:
-                    head = f.read(8)
-                    if len(head) < 8:
-                        raise ImageError(f"{target}: truncated")
-                    raw_len, stored_len = struct.unpack("<II", head)
-                    if raw_len == 0 and stored_len == 0:
-                        tail = f.read(8)
-                        if len(tail) < 8 or struct.unpack("<Q", tail)[0] != raw:
-                            raise ImageError(f"{target}: truncated or corrupted trailer")
-                        return raw
-                    if f.seek(stored_len, os.SEEK_CUR) > size:
-                        raise ImageError(f"{target}: truncated")
-                    raw += raw_len
+                return check_structure(f, str(target))
         except FileNotFoundError:
             raise ImageError(f"{target} is missing") from None
         except OSError as exc:

@@ -279,3 +279,26 @@ class PagesReader:
                 raise failure
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def check_structure(f: BinaryIO, name: str) -> int:
+    """Walk a page file's chunk headers without decompressing: header, sizes and trailer
+    must add up (frame checksums are verified when pages are read). Returns raw bytes."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size or _HEADER.unpack(head)[0] != PAGES_MAGIC:
+        raise ImageError(f"{name}: not a ckpt page file")
+    raw = 0
+    while True:
+        chunk = f.read(_CHUNK.size)
+        if len(chunk) < _CHUNK.size:
+            raise ImageError(f"{name}: truncated")
+        raw_len, stored_len = _CHUNK.unpack(chunk)
+        if raw_len == 0 and stored_len == 0:
+            tail = f.read(_TOTAL.size)
+            if len(tail) < _TOTAL.size or _TOTAL.unpack(tail)[0] != raw:
+                raise ImageError(f"{name}: truncated or corrupted trailer")
+            return raw
+        if f.seek(stored_len, os.SEEK_CUR) > size:
+            raise ImageError(f"{name}: truncated")
+        raw += raw_len
