@@ -81,5 +81,17 @@ class Tracker(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release ckpt's own resources; called after the target was thawed."""
 
+    def continuity(self, start_time: int) -> str:
+        """'' if the previous pass's state is this backend's, for this very process
+        (pid and start time), else why it cannot be trusted."""
+        st = self.prev
+        if st is None:
+            return "first pass"
+        if st.backend != self.name:
+            return f"previous pass tracked with {st.backend}"
+        if st.pid != self.pid or st.start_time != start_time:
+            return "tracking state belongs to another process"
+        return ""
+
     def state(self) -> image_pb2.TrackerState:
         return image_pb2.TrackerState(backend=self.name, pid=self.pid)

@@ -33,7 +33,7 @@ class SoftDirtyTracker(Tracker):
         self.start_time = proc.read_stat(pid).starttime
 
     def begin(self, ctx: PassContext) -> DirtySet:
-        lost = self._continuity()
+        lost = self.continuity(self.start_time)
         out = DirtySet(all_dirty=lost)
         if not lost:
             out.dirty, out.whole = self._read(ctx.vmas)
@@ -43,15 +43,6 @@ class SoftDirtyTracker(Tracker):
     def state(self) -> image_pb2.TrackerState:
         return image_pb2.TrackerState(backend=self.name, pid=self.pid, start_time=self.start_time)
 
-    def _continuity(self) -> str:
-        st = self.prev
-        if st is None:
-            return "first pass"
-        if st.backend != self.name:
-            return f"previous pass tracked with {st.backend}"
-        if st.pid != self.pid or st.start_time != self.start_time:
-            return "tracking state belongs to another process"
-        return ""
 
     def _read(self, vmas: list[VmaInfo]) -> tuple[list[tuple[int, int]],
                                                    list[tuple[int, int, str]]]:

@@ -142,13 +142,10 @@ class UffdWpTracker(Tracker):
     # ------------------------------------------------------------------ setup
     def _lost(self) -> str:
         """'' if the previous pass's uffd is still in the target, else why not."""
+        why = self.continuity(self.start_time)
         st = self.prev
-        if st is None:
-            return "first pass"
-        if st.backend != self.name:
-            return f"previous pass tracked with {st.backend}"
-        if st.pid != self.pid or st.start_time != self.start_time:
-            return "tracking state belongs to another process"
+        if why or st is None:
+            return why
         link = f"/proc/{self.pid}/fd/{st.target_fd}"
         try:
             if os.readlink(link) != UFFD_LINK or os.stat(link).st_ino != st.uffd_inode:
