@@ -229,7 +229,8 @@ def migrate(pid: int, dest: str, auth_token_file: str, tls_cacert: str | None,
          "seconds": round(r.seconds, 3)} for r in res.rounds]
     summary = {"pid": res.new_pid, "rounds": len(res.rounds), "bytes": res.bytes_sent,
                "total_s": round(res.total_s, 3), "frozen_ms": round(res.frozen_ms, 1),
-               "restore_ms": round(res.restore_ms, 1), "downtime_ms": round(res.downtime_ms, 1),
+               "restore_ms": round(res.restore_ms, 1), "restore_warm": res.restore_warm,
+               "downtime_ms": round(res.downtime_ms, 1),
                "stop_reason": res.stop_reason, "per_round": per_round}
     if plot:
         from ckpt.actions.plot import plot_rounds
@@ -241,7 +242,8 @@ def migrate(pid: int, dest: str, auth_token_file: str, tls_cacert: str | None,
     else:
         click.echo(f"migrated to {dest} as pid {res.new_pid}: {len(res.rounds)} rounds, "
                    f"{res.bytes_sent / 2**20:.2f} MiB, total {res.total_s:.2f} s, frozen "
-                   f"{res.frozen_ms:.1f} ms, restore {res.restore_ms:.1f} ms, downtime "
+                   f"{res.frozen_ms:.1f} ms, restore {res.restore_ms:.1f} ms"
+                   f"{' (warm)' if res.restore_warm else ''}, downtime "
                    f"{res.downtime_ms:.1f} ms ({res.stop_reason})")
 
 

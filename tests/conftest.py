@@ -473,3 +473,20 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
         yield h
     finally:
         h.cleanup()
+
+
+def our_children() -> set[int]:
+    """Live processes whose parent is this pytest process (we are a child subreaper)."""
+    me = str(os.getpid())
+    kids = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if fields[1] == me and fields[0] not in "ZX":
+            kids.add(int(name))
+    return kids

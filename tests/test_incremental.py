@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 from conftest import (
+    CKPT_TIMEOUT,
+    PYTHON,
     Bins,
     CkptResult,
     Harness,
@@ -33,6 +35,7 @@ from conftest import (
     fd_links,
     is_alive,
     needs_root,
+    our_children,
     pids_running,
     py_target,
     read_lines,
@@ -205,23 +208,6 @@ def one_file(images: Path, pattern: str) -> Path:
     return found[0]
 
 
-def our_children() -> set[int]:
-    """Live processes whose parent is this pytest process (we are a child subreaper)."""
-    me = str(os.getpid())
-    kids = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{name}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if fields[1] == me and fields[0] not in "ZX":
-            kids.add(int(name))
-    return kids
-
-
 # --------------------------------------------------------------------------- the target alone
 
 
@@ -275,14 +261,32 @@ def test_pages_target_verifies_itself(harness: Harness, bins: Bins, tmp_path: Pa
 # --------------------------------------------------------------------------- the chain
 
 
+def restore_warm(harness: Harness, passes: list[Path], pid: int) -> None:
+    """A warm restore (ckpt.restore.warm, a migration's destination) of the chain: the
+    stub follows each pass in turn, and is finished from the last."""
+    helper = Path(__file__).with_name("warm_restore.py")
+    res = subprocess.run([PYTHON, helper, *map(str, passes)], capture_output=True, text=True,
+                         timeout=CKPT_TIMEOUT)
+    if res.stdout.strip().isdigit():
+        harness.track(int(res.stdout))
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout) == pid, res.stderr
+    assert "name='2', started=False" in res.stderr, f"pass 2 did not update the stub\n{res.stderr}"
+    assert_running_untraced(pid)
+
+
+@pytest.mark.parametrize("mode", ["restore", "warm"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_chain_restores_every_scenario(harness: Harness, bins: Bins, tmp_path: Path,
-                                       backend: str) -> None:
+                                       backend: str, mode: str) -> None:
     """predump, change, predump --prev, change, dump --incremental, restore the chain:
     every region of every scenario verifies, and the process keeps working (one more
     phase, verified again). The chain really is incremental, and for tracking backends
     the munmap+mmap-in-place VMA (maps unchanged: the seed scenario) and a VMA created
-    after the first pass are copied whole."""
+    after the first pass are copied whole. In "warm" mode the restore is built pass by
+    pass, as a migration's destination does: every layout change of the scenarios (VMAs
+    replaced in place, moved, grown, split by mprotect, pages dropped) is applied to a
+    live stub."""
     require(backend)
     t = scenarios(harness, bins, tmp_path)
     ck = tmp_path / "ck"
@@ -316,7 +320,10 @@ def test_chain_restores_every_scenario(harness: Harness, bins: Bins, tmp_path: P
         assert covered_whole(st2, i1, i1 + int(npages) * PAGE), \
             f"i1 (new mmap) not copied whole in ck/2: {st2['whole_vmas']}"
 
-    restore(harness, ck / "3", t.pid)
+    if mode == "warm":
+        restore_warm(harness, [ck / "1", ck / "2", ck / "3"], t.pid)
+    else:
+        restore(harness, ck / "3", t.pid)
     t.assert_verifies()
     t.advance()
     t.assert_verifies()

@@ -21,6 +21,7 @@ from conftest import (
     ckpt_command,
     is_alive,
     needs_root,
+    our_children,
     py_target,
     read_lines,
     run_ckpt,
@@ -78,6 +79,8 @@ def test_migrate_continues_at_destination(harness: Harness, bins: Bins, tmp_path
                    reap=proc)
     assert res.returncode == 0, res.describe()
     assert "downtime" in res.stdout and re.search(r"round 1: \d+ dirty pages", res.stdout)
+    # the destination built the process during the rounds: only the last pass was left
+    assert "(warm)" in res.stdout and "destination caught up" in res.stdout, res.stdout
     new_pid = int(re.search(r"as pid (\d+)", res.stdout)[1])  # type: ignore[index]
     harness.track(new_pid)
     proc.wait(timeout=10)  # the source is gone
@@ -92,12 +95,14 @@ def test_migrate_continues_at_destination(harness: Harness, bins: Bins, tmp_path
 def test_failed_restore_leaves_source_running(harness: Harness, bins: Bins, tmp_path: Path,
                                               page_server: tuple[str, Path],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    import ckpt.actions.restore as restore_mod
+    import ckpt.actions.restore as cold
+    import ckpt.restore.warm as warm
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RestoreError("simulated restore failure on the destination")
 
-    monkeypatch.setattr(restore_mod, "restore", broken)
+    for module in (cold, warm):  # the last step of a full and of a warm restore
+        monkeypatch.setattr(module, "finish_process", broken)
     address, token = page_server
     out = tmp_path / "out.txt"
     proc = harness.launch([bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
@@ -112,6 +117,64 @@ def test_failed_restore_leaves_source_running(harness: Harness, bins: Bins, tmp_
     seq = numbers(out)
     assert [n for n, _ in seq] == list(range(1, len(seq) + 1))
     assert {p for _, p in seq} == {proc.pid}
+
+
+def test_warm_restore_given_up_falls_back_to_full(harness: Harness, bins: Bins,
+                                                  tmp_path: Path, page_server: tuple[str, Path],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The destination cannot apply a round to its warm restore: it says so, and the
+    final restore is a full one from the images; the process still goes on exactly."""
+    import ckpt.restore.warm as warm
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RestoreError("simulated warm restore failure")
+
+    monkeypatch.setattr(warm.WarmRestore, "apply", broken)
+    address, token = page_server
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
+    wait_for_lines(out, 5)
+    res = run_ckpt("migrate", "-t", str(proc.pid), "--to", address, "--auth-token-file", token,
+                   reap=proc)
+    assert res.returncode == 0, res.describe()
+    assert "simulated warm restore failure" in res.stdout and "(warm)" not in res.stdout
+    new_pid = int(re.search(r"as pid (\d+)", res.stdout)[1])  # type: ignore[index]
+    harness.track(new_pid)
+    before = len(read_lines(out))
+    wait_for_lines(out, before + 3)
+    assert_running_untraced(new_pid)
+    seq = numbers(out)
+    assert [n for n, _ in seq] == list(range(1, len(seq) + 1)), "a gap or a repeat"
+
+
+def test_source_side_killed_leaves_no_warm_process(harness: Harness, tmp_path: Path,
+                                                   page_server: tuple[str, Path]) -> None:
+    """ckpt migrate dies after the first round: the destination kills the process it was
+    building for that connection, and the source runs on."""
+    address, token = page_server
+    out = tmp_path / "out.txt"
+    proc = harness.launch([*py_target("bigmem.py"), "--mib", "64"], out)
+    wait_for_lines(out, 2, timeout=30)
+    before = our_children() - {proc.pid}
+    migrate = subprocess.Popen([ckpt_command(), "migrate", "-t", str(proc.pid), "--to", address,
+                                "--auth-token-file", str(token), "--max-rounds", "8"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert migrate.stdout is not None
+        first = migrate.stdout.readline()
+        assert first.startswith("round 1:"), first
+        wait_for(lambda: our_children() - before - {proc.pid, migrate.pid} or None, 30,
+                 "the warm restore's stub on the destination")
+    finally:
+        migrate.kill()
+        migrate.communicate()
+    wait_for(lambda: not (our_children() - before - {proc.pid}) or None, 30,
+             "the destination to kill its warm stub")
+    assert_running_untraced(proc.pid)
+    lines = wait_for_lines(out, len(read_lines(out)) + 2, timeout=30)
+    iters = [int(x.split()[0].split("=")[1]) for x in lines]
+    assert iters == list(range(iters[0], iters[0] + len(iters)))
 
 
 def test_wrong_token_touches_nothing(harness: Harness, bins: Bins, tmp_path: Path,

@@ -1,11 +1,14 @@
 """`ckpt migrate`: move a running process to a page server's host.
 
     check       the target is dumpable (fds, children); the destination authenticates
+                and says it can run it; one connection serves the whole migration
     rounds      predump → send, while the process runs (uffd-wp: no freeze at all);
-                stop when the last round's transfer time predicts a final round within
-                --max-downtime-ms, when the dirty set stops shrinking, or at --max-rounds
-    final       freeze; dump --incremental; send it; the destination restores it and
-                holds it stopped                          (downtime starts at the freeze)
+                the destination applies each round to a process it builds meanwhile
+                (ckpt.restore.warm); stop when the last round's transfer time predicts a
+                final round within --max-downtime-ms, when the dirty set stops
+                shrinking, or at --max-rounds
+    final       freeze; dump --incremental; send it; the destination applies it, completes
+                the process and holds it stopped      (downtime starts at the freeze)
     hand over   kill the frozen source, commit: the destination lets it run (downtime ends)
 Any failure before the hand-over thaws the source, and the destination kills its stopped
 copy when the connection ends without a commit: never two live copies. If ckpt dies right
@@ -40,9 +43,10 @@ from ckpt.transfer.client import (
     commit_remote,
     connect,
     restore_remote,
-    send_pass,
     send_pass_on,
+    sync_remote,
 )
+from ckpt.transfer.wire import Conn
 
 FILE_KINDS = frozenset({VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED})
 NOT_CONVERGING = ("dirty set stopped shrinking (the process dirties memory as fast as the "
@@ -86,6 +90,7 @@ class MigrateResult:
     downtime_ms: float = 0.0
     frozen_ms: float = 0.0
     restore_ms: float = 0.0
+    restore_warm: bool = False  # the destination had built the process during the rounds
     stop_reason: str = ""
 
     @property
@@ -98,35 +103,65 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     # Whatever would stop the final dump (an fd kind we cannot carry, children, ...)
     # stops the migration before any round, like a failed server check.
     vmas = preflight(DumpOptions(pid=opts.pid, images_dir=""), hidden_fds(opts.pid))
-    with connect(opts.host, opts.port, opts.token, opts.tls) as conn:
-        check_compat(conn, compat_request(opts.pid, vmas))
     work = Path(opts.keep_images or tempfile.mkdtemp(prefix="ckpt-migrate-"))
     out = MigrateResult()
     try:
-        prev: str | None = None
-        duty = 0.0
-        for n in range(1, opts.max_rounds + 1):
-            out.rounds.append(pre_round(opts, work, n, prev, duty))
-            r = out.rounds[-1]
-            throttled = f", target throttled to {100 - duty * 100:.0f}% CPU" if duty else ""
-            report(f"round {n}: {r.dirty_pages} dirty pages, {r.bytes_sent / 2**20:.2f} MiB "
-                   f"sent in {r.seconds * 1000:.0f} ms ({r.rate / 2**20:.1f} MiB/s)"
-                   f"{throttled}")
-            prev = f"../{n}"
-            out.stop_reason = converged(out.rounds, opts)
-            if out.stop_reason == NOT_CONVERGING and opts.auto_converge and duty < MAX_DUTY:
-                duty = min(MAX_DUTY, duty + DUTY_STEP)  # auto-converge: slow it down
-                out.stop_reason = ""
-                continue
-            if out.stop_reason:
-                break
-        final = str(len(out.rounds) + 1)
-        final_round(opts, work, final, prev, out)
+        with connect(opts.host, opts.port, opts.token, opts.tls) as conn:
+            check_compat(conn, compat_request(opts.pid, vmas))
+            prev = run_rounds(opts, conn, work, out, report)
+            prev = catch_up(opts, conn, work, out, prev, report)
+            final_round(opts, conn, work, str(len(out.rounds) + 1), prev, out)
     finally:
         if not opts.keep_images:
             shutil.rmtree(work, ignore_errors=True)
     out.total_s = time.perf_counter() - t0
     return out
+
+
+def run_rounds(opts: MigrateOptions, conn: Conn, work: Path, out: MigrateResult,
+               report: Callable[[str], None]) -> str | None:
+    """Pre-copy rounds until converged(); returns the last round's link for the final."""
+    prev: str | None = None
+    duty = 0.0
+    for n in range(1, opts.max_rounds + 1):
+        out.rounds.append(pre_round(opts, conn, work, n, prev, duty))
+        report(round_line(out.rounds[-1], duty))
+        prev = f"../{n}"
+        out.stop_reason = converged(out.rounds, opts)
+        if out.stop_reason == NOT_CONVERGING and opts.auto_converge and duty < MAX_DUTY:
+            duty = min(MAX_DUTY, duty + DUTY_STEP)  # auto-converge: slow it down
+            out.stop_reason = ""
+            continue
+        if out.stop_reason:
+            break
+    return prev
+
+
+def round_line(r: Round, duty: float = 0.0) -> str:
+    throttled = f", target throttled to {100 - duty * 100:.0f}% CPU" if duty else ""
+    return (f"round {r.n}: {r.dirty_pages} dirty pages, {r.bytes_sent / 2**20:.2f} MiB sent "
+            f"in {r.seconds * 1000:.0f} ms ({r.rate / 2**20:.1f} MiB/s){throttled}")
+
+
+def catch_up(opts: MigrateOptions, conn: Conn, work: Path, out: MigrateResult,
+             prev: str | None, report: Callable[[str], None]) -> str | None:
+    """Let the destination finish applying the rounds before the freeze (its restore is
+    then only the final pass). A long wait let the target dirty more: one more round."""
+    t = time.perf_counter()
+    why = sync_remote(conn)
+    waited_ms = (time.perf_counter() - t) * 1000
+    if why:
+        report(f"destination gave up its warm restore ({why}); the final restore is a "
+               "full one")
+        return prev
+    report(f"destination caught up in {waited_ms:.0f} ms")
+    if waited_ms > opts.max_downtime_ms:
+        n = len(out.rounds) + 1
+        out.rounds.append(pre_round(opts, conn, work, n, prev, 0.0))
+        report(round_line(out.rounds[-1]) + " (catch-up)")
+        prev = f"../{n}"
+        sync_remote(conn)
+    return prev
 
 
 def compat_request(pid: int, vmas: list[VmaInfo]) -> wire_pb2.CompatCheck:
@@ -141,14 +176,14 @@ def compat_request(pid: int, vmas: list[VmaInfo]) -> wire_pb2.CompatCheck:
                                 files=sorted(f for f in files if f))
 
 
-def pre_round(opts: MigrateOptions, work: Path, n: int, prev: str | None, duty: float,
-              ) -> Round:
+def pre_round(opts: MigrateOptions, conn: Conn, work: Path, n: int, prev: str | None,
+              duty: float) -> Round:
     t = time.perf_counter()
     predump(PredumpOptions(pid=opts.pid, images_dir=str(work / str(n)), prev_images_dir=prev,
                            track=opts.track, compress_level=opts.compress_level))
     dirty = ImageDir.open(work / str(n)).read_inventory().stats.pages_written
     with Throttle(opts.pid, duty):
-        sent = send_pass(opts.host, opts.port, opts.token, work / str(n), str(n), opts.tls)
+        sent = send_pass_on(conn, work / str(n), str(n), prerestore=True)
     return Round(n, dirty, sent.bytes, time.perf_counter() - t)
 
 
@@ -202,23 +237,21 @@ def converged(rounds: list[Round], opts: MigrateOptions) -> str:
     return ""
 
 
-def final_round(opts: MigrateOptions, work: Path, name: str, prev: str | None,
+def final_round(opts: MigrateOptions, conn: Conn, work: Path, name: str, prev: str | None,
                 out: MigrateResult) -> None:
-    conn = connect(opts.host, opts.port, opts.token, opts.tls)
-    with conn:
-        def hand_over() -> None:
-            sent = send_pass_on(conn, work / name, name)
-            done = restore_remote(conn, name)
-            out.new_pid, out.restore_ms = done.pid, done.restore_ms
-            out.rounds.append(Round(int(name), ImageDir.open(work / name).read_inventory()
-                                    .stats.pages_written, sent.bytes, 0.0))
+    def hand_over() -> None:
+        sent = send_pass_on(conn, work / name, name)
+        done = restore_remote(conn, name)
+        out.new_pid, out.restore_ms, out.restore_warm = done.pid, done.restore_ms, done.warm
+        out.rounds.append(Round(int(name), ImageDir.open(work / name).read_inventory()
+                                .stats.pages_written, sent.bytes, 0.0))
 
-        t = time.perf_counter()
-        dump(DumpOptions(pid=opts.pid, images_dir=str(work / name), prev_images_dir=prev,
-                         incremental=prev is not None, track=opts.track,
-                         compress_level=opts.compress_level, before_kill=hand_over))
-        commit_remote(conn)
-        stats = ImageDir.open(work / name).read_inventory().stats
-        out.frozen_ms = stats.frozen_ms
-        # the freeze began frozen_ms before the dump finished writing; add the hand-over
-        out.downtime_ms = (time.perf_counter() - t) * 1000 - (stats.total_ms - stats.frozen_ms)
+    t = time.perf_counter()
+    dump(DumpOptions(pid=opts.pid, images_dir=str(work / name), prev_images_dir=prev,
+                     incremental=prev is not None, track=opts.track,
+                     compress_level=opts.compress_level, before_kill=hand_over))
+    commit_remote(conn)
+    stats = ImageDir.open(work / name).read_inventory().stats
+    out.frozen_ms = stats.frozen_ms
+    # the freeze began frozen_ms before the dump finished writing; add the hand-over
+    out.downtime_ms = (time.perf_counter() - t) * 1000 - (stats.total_ms - stats.frozen_ms)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from ckpt.actions.core_image import vma_to_pb
 from ckpt.actions.passes import (
     apply_compare,
     describe,
@@ -82,6 +83,7 @@ def predump(opts: PredumpOptions) -> str:
     mem = write_memory(images, pid, plan, opts.compress_level, True, stored)
     if stored is not None:
         images.write_digests(pid, view_digests(plan, b"".join(stored), parent_digests))
+    images.write_vmas(pid, [vma_to_pb(v) for v in ctx.vmas])
     images.write_tracker(pid, tracker.state())
     stats = pass_stats(plan, mem, frozen_ms, (time.perf_counter() - t0) * 1000)
     images.write_inventory(inventory(pid, "predump", parent, tracker.name, stats))

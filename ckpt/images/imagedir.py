@@ -27,7 +27,7 @@ from ckpt.images.pages import (
     PagesWriter,
     check_structure,
 )
-from ckpt.images.pb.core_pb2 import ProcessEntry
+from ckpt.images.pb.core_pb2 import ProcessEntry, Vma
 from ckpt.images.pb.image_pb2 import (
     Inventory,
     PageDigests,
@@ -65,9 +65,10 @@ PAGEMAP = ImageKind("pagemap", "pagemap-{pid}.img", _magic(b"PGMP"), (PagemapHea
 PAGES = ImageKind("pages", "pages-{pid}.img", _magic(PAGES_MAGIC), ())
 TRACKER = ImageKind("tracker", "tracker-{pid}.img", _magic(b"TRCK"), (TrackerState,))
 DIGESTS = ImageKind("digests", "digests-{pid}.img", _magic(b"DGST"), (PageDigests,))
+VMAS = ImageKind("vmas", "vmas-{pid}.img", _magic(b"VMAS"), (Vma,))
 
 KINDS: dict[str, ImageKind] = {
-    k.name: k for k in (INVENTORY, CORE, PAGEMAP, PAGES, TRACKER, DIGESTS)
+    k.name: k for k in (INVENTORY, CORE, PAGEMAP, PAGES, TRACKER, DIGESTS, VMAS)
 }
 for _kind in KINDS.values():
     register_kind(_kind.magic, _kind.name)
@@ -190,6 +191,17 @@ class ImageDir:
         if msg.pid != pid:
             raise ImageError(f"{self.file('core', pid)}: holds process {msg.pid}, not {pid}")
         return msg
+
+    def write_vmas(self, pid: int, vmas: Sequence[Vma]) -> None:
+        """vmas-<pid>.img: a predump's VMA list (a dump has it in its core image)."""
+        self._write_msgs(VMAS, pid, vmas)
+
+    def read_vmas(self, pid: int) -> list[Vma]:
+        """The VMAs this pass saw: the core image's, or a predump's vmas image."""
+        if self.exists("core", pid):
+            return list(self.read_core(pid).vmas)
+        target = self.file("vmas", pid)
+        return decode_entries(self._read_file(target), VMAS.magic, Vma, str(target))
 
     def write_tracker(self, pid: int, msg: TrackerState) -> None:
         self._write_msgs(TRACKER, pid, [msg])

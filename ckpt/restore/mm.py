@@ -85,40 +85,58 @@ def needs_late_protect(v: pb.Vma) -> bool:
     return "ac" in v.vmflags and not v.prot & PROT_WRITE and not v.shared
 
 
+def warm_prot(v: pb.Vma) -> int:
+    """The protection a VMA has while pages are filled (see needs_late_protect)."""
+    return v.prot | PROT_WRITE if needs_late_protect(v) else v.prot
+
+
 def map_vmas(stub: Stub, vmas: list[pb.Vma]) -> list[pb.Vma]:
     """mmap every VMA in place; return those to mprotect back after the page fill."""
-    late: list[pb.Vma] = []
-    fds: dict[str, int] = {}
-    try:
+    with Backing(stub) as files:
         for v in vmas:
-            kind = VmaKind(v.kind)
-            if kind in KERNEL_PROVIDED:
-                continue
-            prot = v.prot
-            if needs_late_protect(v):
-                late.append(v)
-                prot |= PROT_WRITE
-            flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_PRIVATE)
-            fd, off = -1, 0
-            if kind in (VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED):
-                fd, off = _open_backing(stub, v, fds), v.pgoff
-            else:
-                flags |= MAP_ANONYMOUS
-                if kind == VmaKind.STACK and "gd" in v.vmflags:
-                    flags |= MAP_GROWSDOWN
-            got = stub.sc(NR.mmap, v.start, v.end - v.start, prot, flags, fd, off,
-                          what=f"mmap {v.start:#x}-{v.end:#x} {v.path}")
-            if got != v.start:
-                raise RestoreError(f"mmap of {v.start:#x} landed at {got:#x}")
-    finally:
-        for fd in fds.values():
-            stub.sc(NR.close, fd, check=False)
-    return late
+            if VmaKind(v.kind) not in KERNEL_PROVIDED:
+                map_range(stub, v, v.start, v.end, files)
+    return [v for v in vmas if needs_late_protect(v)]
 
 
-def _open_backing(stub: Stub, v: pb.Vma, fds: dict[str, int]) -> int:
-    if v.path in fds:
-        return fds[v.path]
+def map_range(stub: Stub, v: pb.Vma, start: int, end: int, files: Backing) -> None:
+    """mmap [start, end) of VMA ``v`` fresh (MAP_FIXED), with its warm protection."""
+    kind = VmaKind(v.kind)
+    flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_PRIVATE)
+    fd, off = -1, 0
+    if kind in (VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED):
+        fd, off = files.open(v), v.pgoff + start - v.start
+    else:
+        flags |= MAP_ANONYMOUS
+        if kind == VmaKind.STACK and "gd" in v.vmflags:
+            flags |= MAP_GROWSDOWN
+    got = stub.sc(NR.mmap, start, end - start, warm_prot(v), flags, fd, off,
+                  what=f"mmap {start:#x}-{end:#x} {v.path}")
+    if got != start:
+        raise RestoreError(f"mmap of {start:#x} landed at {got:#x}")
+
+
+class Backing:
+    """The stub's fds of mapped files, each opened once and closed at the end."""
+
+    def __init__(self, stub: Stub) -> None:
+        self.stub = stub
+        self.fds: dict[str, int] = {}
+
+    def __enter__(self) -> Backing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds.values():
+            self.stub.sc(NR.close, fd, check=False)
+
+    def open(self, v: pb.Vma) -> int:
+        if v.path not in self.fds:
+            self.fds[v.path] = _open_backing(self.stub, v)
+        return self.fds[v.path]
+
+
+def _open_backing(stub: Stub, v: pb.Vma) -> int:
     if v.path.endswith(" (deleted)"):
         raise RestoreError(f"mapped file {v.path} was deleted before the dump; cannot restore")
     try:
@@ -129,9 +147,8 @@ def _open_backing(stub: Stub, v: pb.Vma, fds: dict[str, int]) -> int:
         raise RestoreError(f"mapped file {v.path} changed since the dump (inode {v.inode} "
                            f"became {st.st_ino})")
     writable_shared = v.shared and v.prot & PROT_WRITE
-    fds[v.path] = stub.sc(NR.open, stub.put_str(v.path), os.O_RDWR if writable_shared else
-                          os.O_RDONLY, 0, what=f"open {v.path}")
-    return fds[v.path]
+    return stub.sc(NR.open, stub.put_str(v.path), os.O_RDWR if writable_shared else os.O_RDONLY,
+                   0, what=f"open {v.path}")
 
 
 def protect_late(stub: Stub, late: list[pb.Vma]) -> None:

@@ -111,6 +111,17 @@ class Stub:
         self.write_mem(addr, GADGET_CODE)
         self.use_gadget(addr)
 
+    def move_gadget(self, addr: int) -> None:
+        """Map a new gadget at ``addr`` through the current one, then drop the old one."""
+        got = self.sc(NR.mmap, addr, GADGET_LEN, PROT_RWX, MAP_PRIVATE_ANON | MAP_FIXED_NOREPLACE,
+                      -1, 0, what="mmap gadget")
+        if got != addr:
+            raise RestoreError(f"gadget landed at {got:#x}, not {addr:#x}")
+        self.write_mem(addr, GADGET_CODE)
+        old = self.gadget
+        self.use_gadget(addr)
+        self.sc(NR.munmap, old, GADGET_LEN, what="munmap old gadget")
+
     def use_gadget(self, addr: int) -> None:
         self.gadget = addr
         self.inj = Injector(self.task, addr, trap=True)

@@ -101,14 +101,16 @@ def send_pass(
         return send_pass_on(conn, local_dir, pass_name)
 
 
-def send_pass_on(conn: Conn, local_dir: str | os.PathLike[str], pass_name: str) -> PassSent:
-    """send_pass over an authenticated connection that stays open."""
+def send_pass_on(conn: Conn, local_dir: str | os.PathLike[str], pass_name: str,
+                 prerestore: bool = False) -> PassSent:
+    """send_pass over an authenticated connection that stays open. With ``prerestore``
+    the server also applies the pass to the process it builds for this connection."""
     check_name(pass_name, "pass")
     src = Path(local_dir)
     names = pass_files(src)
     total = 0
     try:
-        conn.send(wire_pb2.PassStart(name=pass_name))
+        conn.send(wire_pb2.PassStart(name=pass_name, prerestore=prerestore))
         for name in names:
             total += _send_file(conn, src / name, name)
         conn.send(wire_pb2.PassEnd(name=pass_name))
@@ -129,6 +131,13 @@ def restore_remote(conn: Conn, pass_name: str) -> wire_pb2.RestoreDone:
     if not done.ok:
         raise TransferError(f"restore on {conn.peer} failed: {done.error}")
     return done
+
+
+def sync_remote(conn: Conn) -> str:
+    """Wait until the server has applied every prerestore pass; '' or why it gave up its
+    warm restore (the final restore will then be a full one)."""
+    conn.send(wire_pb2.Sync())
+    return conn.expect(wire_pb2.Ack).error
 
 
 def commit_remote(conn: Conn) -> None:

@@ -21,8 +21,8 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from ckpt.images import ImageDir
 from ckpt.images.pb import wire_pb2
+from ckpt.transfer.prerestore import Prerestore
 from ckpt.transfer.wire import (
     AUTH_TIMEOUT,
     IO_TIMEOUT,
@@ -102,44 +102,55 @@ def handle_connection(
     with Conn(sock, peer) as conn:
         server_handshake(conn, token)
         sock.settimeout(IO_TIMEOUT)
-        while True:
-            frame = conn.recv(eof_ok=True)
-            if frame is None:
-                return
-            if isinstance(frame.msg, wire_pb2.RestoreRequest):
-                restore_for_migration(conn, root, frame.msg.pass_name)
-                return
-            if isinstance(frame.msg, wire_pb2.CompatCheck):
-                why = incompatibility(frame.msg)
-                conn.send(wire_pb2.Ack(ok=not why, error=why))
-                continue
-            _receive_pass(conn, root, frame)
+        pre: Prerestore | None = None
+        try:
+            while True:
+                frame = conn.recv(eof_ok=True)
+                if frame is None:
+                    return
+                if isinstance(frame.msg, wire_pb2.RestoreRequest):
+                    pre = pre or Prerestore(peer)
+                    restore_for_migration(conn, root, frame.msg.pass_name, pre)
+                    return
+                if isinstance(frame.msg, wire_pb2.Sync):
+                    conn.send(wire_pb2.Ack(ok=True, error=pre.wait() if pre else ""))
+                    continue
+                if isinstance(frame.msg, wire_pb2.CompatCheck):
+                    why = incompatibility(frame.msg)
+                    conn.send(wire_pb2.Ack(ok=not why, error=why))
+                    continue
+                pass_dir = _receive_pass(conn, root, frame)
+                if isinstance(frame.msg, wire_pb2.PassStart) and frame.msg.prerestore:
+                    pre = pre or Prerestore(peer)
+                    pre.apply(pass_dir)
+        finally:
+            if pre is not None:
+                pre.close()
 
 
-def restore_for_migration(conn: Conn, root: Path, pass_name: str) -> None:
-    """Restore a pass and hold the process stopped until the client commits: if the
-    connection ends any other way the process is killed (the source runs on)."""
-    from ckpt.actions.restore import RestoreOptions, restore
+def restore_for_migration(conn: Conn, root: Path, pass_name: str, pre: Prerestore) -> None:
+    """Restore a pass (completing the warm restore built from the earlier ones, if any) and
+    hold the process stopped until the client commits: if the connection ends any other
+    way the process is killed (the source runs on)."""
     from ckpt.errors import CkptError
 
     path = root / check_name(pass_name, "pass")
     try:
-        pid = ImageDir.open(path).read_inventory().root_pid
-        res = restore(RestoreOptions(images_dir=str(path), stopped=True,
-                                     new_pid=os.path.exists(f"/proc/{pid}")))
+        res = pre.finish(path)
     except CkptError as exc:
         conn.send(wire_pb2.RestoreDone(ok=False, error=str(exc)))
         raise TransferError(f"{conn.peer}: restore of {pass_name} failed: {exc}") from None
     threading.Thread(target=_reap, args=(res.pid,), daemon=True).start()
     committed = False
     try:
-        conn.send(wire_pb2.RestoreDone(ok=True, pid=res.pid, restore_ms=res.total_ms))
+        conn.send(wire_pb2.RestoreDone(ok=True, pid=res.pid, restore_ms=res.ms, warm=res.warm))
         frame = conn.recv(eof_ok=True)
         committed = frame is not None and isinstance(frame.msg, wire_pb2.Commit)
     finally:
         os.kill(res.pid, signal.SIGCONT if committed else signal.SIGKILL)
     conn.send(wire_pb2.Ack(ok=True))
-    log.info("page server: %s migrated in as pid %d", pass_name, res.pid)
+    log.info("page server: %s migrated in as pid %d (%s restore, %.0f ms)", pass_name, res.pid,
+             "warm" if res.warm else "full", res.ms)
 
 
 def incompatibility(req: wire_pb2.CompatCheck) -> str:
@@ -168,8 +179,8 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, 0)
 
 
-def _receive_pass(conn: Conn, root: Path, frame: Frame) -> None:
-    """Receive one pass, starting at its PassStart ``frame``."""
+def _receive_pass(conn: Conn, root: Path, frame: Frame) -> Path:
+    """Receive one pass, starting at its PassStart ``frame``; return its directory."""
     try:
         if not isinstance(frame.msg, wire_pb2.PassStart):
             raise TransferError(f"expected PassStart, got {frame.type.name}")
@@ -192,6 +203,7 @@ def _receive_pass(conn: Conn, root: Path, frame: Frame) -> None:
         raise TransferError(f"{conn.peer}: {exc}") from None
     conn.send(wire_pb2.Ack(ok=True))
     log.info("page server: pass %s from %s stored in %s", name, conn.peer, pass_dir)
+    return pass_dir
 
 
 def _pass_dir(root: Path, name: str) -> Path:

@@ -52,6 +52,7 @@ MAX_CHUNK = 1 << 20  # largest FileData payload
 MAX_HEADER = 64 << 10  # largest header (tag + message)
 NONCE_SIZE = 32
 AUTH_TIMEOUT = 30.0  # seconds for the whole handshake
+SMALL = 64 << 10  # frames up to this size are sent with one sendall
 IO_TIMEOUT = 120.0  # seconds a peer may stay silent mid-transfer
 
 _PREFIX = struct.Struct("<II")
@@ -79,6 +80,7 @@ class MsgType(enum.IntEnum):
     RESTORE_DONE = 12
     COMMIT = 13
     COMPAT_CHECK = 14
+    SYNC = 15
 
 
 _CLASSES: dict[MsgType, type[Message]] = {
@@ -96,6 +98,7 @@ _CLASSES: dict[MsgType, type[Message]] = {
     MsgType.RESTORE_DONE: wire_pb2.RestoreDone,
     MsgType.COMMIT: wire_pb2.Commit,
     MsgType.COMPAT_CHECK: wire_pb2.CompatCheck,
+    MsgType.SYNC: wire_pb2.Sync,
 }
 _TAGS: dict[type[Message], MsgType] = {cls: tag for tag, cls in _CLASSES.items()}
 
@@ -125,6 +128,11 @@ class Conn:
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
         self.peer = peer
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Small frames (an Ack, a short final pass) must not wait ~40 ms for Nagle
+            # and delayed ACKs: that would be migration downtime.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -146,8 +154,11 @@ class Conn:
             raise ValueError(f"{tag.name} frames carry no payload")
         header = bytes([tag]) + msg.SerializeToString()
         try:
-            self.sock.sendall(_PREFIX.pack(len(header), len(payload)) + header)
-            if payload:
+            head = _PREFIX.pack(len(header), len(payload)) + header
+            if len(payload) <= SMALL:  # one segment for the frame
+                self.sock.sendall(head + payload)
+            else:
+                self.sock.sendall(head)
                 self.sock.sendall(payload)
         except (OSError, ssl.SSLError) as exc:
             raise TransferError(f"connection to {self.peer} lost: {_why(exc)}") from None

@@ -1,0 +1,141 @@
+"""The steps of a restore around the address space, shared by a plain restore
+(ckpt.actions.restore) and a warm one (ckpt.restore.warm):
+
+    read_images      inventory and core, checked before anything is created
+    prepare_stub     gadget at a free address, the stub's rseq off, its fds closed, its
+                     mappings gone, the vdso group moved to the dumped addresses
+    fill_layers      page data of every image of a chain, each image its own pages
+    finish_process   mm fields, files, process state, threads, signals, registers, detach
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+
+from ckpt.errors import ImageError, RestoreError
+from ckpt.images import ImageDir, chain
+from ckpt.images.pb import core_pb2 as pb
+from ckpt.images.pb import image_pb2
+from ckpt.kernel.ptrace import NT_X86_XSTATE
+from ckpt.kernel.sys import NR
+from ckpt.ranges import Range, intersect
+from ckpt.restore import mm
+from ckpt.restore.files import close_stub_fds, restore_files
+from ckpt.restore.pages import WritableIndex, fill_pages
+from ckpt.restore.stub import GADGET_LEN, Stub
+from ckpt.restore.tasks import (
+    clone_threads,
+    load_registers,
+    queue_pending_signals,
+    restore_thread_state,
+    unregister_stub_rseq,
+)
+
+PR_SET_NAME = 15
+
+
+def read_images(images_dir: str) -> tuple[ImageDir, image_pb2.Inventory, pb.ProcessEntry]:
+    images = ImageDir.open(images_dir)
+    inv = images.read_inventory()
+    if inv.kind != "dump":
+        raise ImageError(f"{images_dir} holds a {inv.kind}, not a restorable dump")
+    entry = images.read_core(inv.root_pid)
+    if not entry.threads:
+        raise ImageError(f"core image of {inv.root_pid} has no threads")
+    return images, inv, entry
+
+
+def check_ids_free(entry: pb.ProcessEntry) -> None:
+    for th in entry.threads:
+        if os.path.exists(f"/proc/{th.tid}"):
+            what = "pid" if th.tid == entry.pid else "thread id"
+            raise RestoreError(f"{what} {th.tid} is in use; use --new-pid to restore under "
+                               "a new pid")
+
+
+def check_xstate(stub: Stub, entry: pb.ProcessEntry) -> None:
+    """The dumped FPU/vector state must fit this CPU's XSTATE layout."""
+    here = len(stub.task.get_regset(NT_X86_XSTATE))
+    there = len(entry.threads[0].xstate)
+    if here != there:
+        raise RestoreError(f"the image's FPU/vector state ({there} bytes of XSTATE) does not "
+                           f"fit this CPU ({here} bytes): dumped on a CPU with other features")
+
+
+def prepare_stub(stub: Stub, vmas: list[pb.Vma]) -> None:
+    """From a freshly forked stub to an empty address space (but the gadget and the vdso
+    group, already where the image wants it)."""
+    stub.install_gadget(mm.free_gadget_address(stub.pid, vmas))
+    unregister_stub_rseq(stub)
+    close_stub_fds(stub)
+    mm.unmap_stub(stub)
+    mm.move_vdso(stub, vmas)
+
+
+def fill_layers(stub: Stub, pid: int, layers: list[chain.Layer], index: WritableIndex,
+                only: list[Range] | None = None) -> int:
+    """Write every layer's owned pages (with ``only``, just those inside it)."""
+    written = 0
+    for layer in layers:
+        owned = layer.owned if only is None else intersect(layer.owned, only)
+        if only is not None and not owned:
+            continue
+        with layer.images.pages_reader(pid) as reader:
+            written += fill_pages(stub, layer.stream, reader.iter_chunks(), index,
+                                  None if owned == layer.stream else owned)
+    return written
+
+
+def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_tids: bool,
+                   stopped: bool) -> list[int]:
+    """Everything after the pages; the process is left running (or SIGSTOPped with
+    ``stopped``) and untraced. Returns its thread ids, leader first."""
+    mm.restore_mm_fields(stub, entry.mm)
+    restore_files(stub, entry)
+    restore_process_state(stub, entry, new_session)
+    threads = clone_threads(stub, list(entry.threads[1:]), same_tids=same_tids)
+    for task, th in zip(threads, entry.threads[1:], strict=True):
+        restore_thread_state(task, th)
+    leader = entry.threads[0]
+    restore_thread_state(stub, leader)
+    tids = [stub.pid, *(t.task.tid for t in threads)]
+    queue_pending_signals(stub, entry, tids)
+    # Unmap the gadget from inside itself: single-step, nothing is fetched after it.
+    stub.sc(NR.munmap, stub.gadget, GADGET_LEN, step=True, what="munmap gadget")
+    load_registers(stub, leader)
+    for task, th in zip(threads, entry.threads[1:], strict=True):
+        load_registers(task, th)
+    if stopped:  # queued while every thread is still traced: none runs user code
+        os.kill(stub.pid, signal.SIGSTOP)
+    for task in threads:
+        task.task.detach()
+    stub.task.detach()
+    return tids
+
+
+def restore_process_state(stub: Stub, entry: pb.ProcessEntry, new_session: bool) -> None:
+    """Process-wide state. A shell job stays in the restoring terminal's session."""
+    if entry.cwd:
+        stub.sc(NR.chdir, stub.put_str(entry.cwd), what=f"chdir {entry.cwd}")
+    stub.sc(NR.umask, entry.umask)
+    if entry.personality:
+        stub.sc(NR.personality, entry.personality, what="personality")
+    if new_session and entry.sid == entry.pid:
+        stub.sc(NR.setsid, check=False)
+    stub.sc(NR.prctl, PR_SET_NAME, stub.put_str(entry.comm[:15]), 0, 0, 0, what="PR_SET_NAME")
+    for act in entry.sigactions:
+        raw = act.handler.to_bytes(8, "little") + act.flags.to_bytes(8, "little") + \
+            act.restorer.to_bytes(8, "little") + act.mask.to_bytes(8, "little")
+        stub.sc(NR.rt_sigaction, act.signo, stub.put(raw), 0, 8,
+                what=f"rt_sigaction({act.signo})")
+    for r in entry.rlimits:
+        try:
+            resource.prlimit(stub.pid, r.resource, (_rlim(r.cur), _rlim(r.max)))
+        except (OSError, ValueError) as exc:
+            raise RestoreError(f"cannot restore rlimit {r.resource}: {exc}") from None
+
+
+def _rlim(v: int) -> int:
+    return resource.RLIM_INFINITY if v >= (1 << 63) else v
