@@ -335,9 +335,8 @@ def stats_of(path: Path) -> image_pb2.DumpStats:
 
 
 def present_ranges(path: Path, pid: int) -> list[tuple[int, int]]:
-    _, entries = ImageDir.open(path).read_pagemap(pid)
-    pres = image_pb2.PagemapEntry.PRESENT
-    return sorted((e.vaddr, e.vaddr + e.nr_pages * PAGE) for e in entries if e.flags & pres)
+    _, pagemap = ImageDir.open(path).read_pagemap(pid)
+    return pagemap.present
 
 
 def covered(ranges: list[tuple[int, int]], addrs: list[int]) -> int:

@@ -15,6 +15,7 @@ import pytest
 from ckpt.errors import ImageError
 from ckpt.images import (
     CHUNK_SIZE,
+    FORMAT_VERSION,
     KINDS,
     ImageDir,
     PagesReader,
@@ -23,8 +24,9 @@ from ckpt.images import (
     encode_entries,
     image_chain,
 )
+from ckpt.images.pagemap import Pagemap, decode
 from ckpt.images.pb.core_pb2 import ProcessEntry
-from ckpt.images.pb.image_pb2 import Inventory, PagemapEntry, PagemapHead
+from ckpt.images.pb.image_pb2 import IN_PARENT, PRESENT, Inventory, PagemapHead, PagemapRuns
 
 CORE_MAGIC = KINDS["core"].magic
 INV_MAGIC = KINDS["inventory"].magic
@@ -101,8 +103,8 @@ def test_framing_wrong_magic() -> None:
 
 def test_framing_wrong_version() -> None:
     data = bytearray(encode_entries(INV_MAGIC, [Inventory()]))
-    struct.pack_into("<I", data, 8, 2)
-    with pytest.raises(ImageError, match="unsupported image format version 2"):
+    struct.pack_into("<I", data, 8, FORMAT_VERSION + 1)
+    with pytest.raises(ImageError, match=f"unsupported image format version {FORMAT_VERSION + 1}"):
         decode_entries(bytes(data), INV_MAGIC, Inventory, "f.img")
 
 
@@ -118,7 +120,7 @@ def test_framing_count_mismatch_and_trailing_garbage() -> None:
 
 def test_framing_protobuf_parse_failure() -> None:
     payload = b"\x0a\xff"  # field 1, length-delimited, length runs past the end
-    data = b"CKPT" + struct.pack("<II", INV_MAGIC, 1)
+    data = b"CKPT" + struct.pack("<II", INV_MAGIC, FORMAT_VERSION)
     data += struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
     data += struct.pack("<II", 0xFFFFFFFF, 1)
     with pytest.raises(ImageError, match=r"f\.img: corrupted .*not a valid Inventory"):
@@ -206,15 +208,11 @@ def test_dir_round_trip_all_kinds(tmp_path: Path) -> None:
     d.write_core(42, core)
     assert d.read_core(42) == core
     head = PagemapHead(pid=42, pages_file_raw_bytes=3 * 4096)
-    ents = [
-        PagemapEntry(vaddr=0x1000, nr_pages=2, flags=PagemapEntry.PRESENT),
-        PagemapEntry(vaddr=0x5000, nr_pages=7, flags=PagemapEntry.IN_PARENT),
-        PagemapEntry(vaddr=0x9000, nr_pages=1, flags=PagemapEntry.PRESENT),
-    ]
-    d.write_pagemap(42, head, ents)
-    assert d.read_pagemap(42) == (head, ents)
-    d.write_pagemap(43, PagemapHead(pid=43), [])
-    assert d.read_pagemap(43) == (PagemapHead(pid=43), [])
+    pm = Pagemap(present=[(0x1000, 0x3000), (0x9000, 0xA000)], in_parent=[(0x5000, 0x8000)])
+    d.write_pagemap(42, head, pm)
+    assert d.read_pagemap(42) == (head, pm)
+    d.write_pagemap(43, PagemapHead(pid=43), Pagemap([], []))
+    assert d.read_pagemap(43) == (PagemapHead(pid=43), Pagemap([], []))
     data = mixed_data(3 * 4096)
     with d.pages_writer(42) as w:
         w.write(data)
@@ -354,3 +352,20 @@ def test_unwritable_target_is_image_error(tmp_path: Path) -> None:
     ):
         w.write(b"x")
     assert not (d.path / ".pages-1.img.tmp").exists()
+
+
+def test_pagemap_runs_are_checked() -> None:
+    """Runs must be ascending, disjoint and page aligned, with known flags and arrays of
+    one length; touching runs of one kind come back joined."""
+    ok = PagemapRuns(vaddr=[0x1000, 0x2000, 0x3000], nr_pages=[1, 1, 2],
+                     flags=[PRESENT, PRESENT, IN_PARENT])
+    assert decode([ok], "pm") == Pagemap([(0x1000, 0x3000)], [(0x3000, 0x5000)])
+    bad = [
+        (PagemapRuns(vaddr=[0x3000, 0x1000], nr_pages=[1, 1], flags=[1, 1]), "out of order"),
+        (PagemapRuns(vaddr=[0x1000, 0x1800], nr_pages=[1, 1], flags=[1, 1]), "out of order"),
+        (PagemapRuns(vaddr=[0x1000], nr_pages=[1], flags=[3]), "flags 3"),
+        (PagemapRuns(vaddr=[0x1000], nr_pages=[1, 2], flags=[1]), "different lengths"),
+    ]
+    for msg, why in bad:
+        with pytest.raises(ImageError, match=why):
+            decode([msg], "pm")

@@ -168,7 +168,7 @@ def test_source_side_killed_leaves_no_warm_process(harness: Harness, tmp_path: P
                  "the warm restore's stub on the destination")
     finally:
         migrate.kill()
-        migrate.communicate()
+        migrate.communicate(timeout=30)  # nothing of ckpt's may outlive it (probe children)
     wait_for(lambda: not (our_children() - before - {proc.pid}) or None, 30,
              "the destination to kill its warm stub")
     assert_running_untraced(proc.pid)

@@ -63,6 +63,9 @@ class DumpOptions:
     # Called with the images complete and the target still frozen, before it is killed;
     # raising keeps the target alive (it is thawed). Migration hands over here.
     before_kill: Callable[[], None] | None = None
+    # Called once the SIGKILL is queued (it can never run again), before the exit is
+    # waited for: migration lets the copy run here.
+    after_kill: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class DumpResult:
     threads: int
     vmas: int
     line: str  # what the pass cost and stored, for the user
+    frozen_at: float  # time.perf_counter() when the target was frozen
 
 
 def preflight(opts: DumpOptions, hidden_fds: set[int]) -> list[VmaInfo]:
@@ -164,12 +168,13 @@ def dump(opts: DumpOptions) -> DumpResult:
                     tracker.end(ctx, keep=keep)
             files = collect_files(pid, opts.shell_job, hidden_fds(pid))
             info = collect_process(pid, frozen.leader)
-            frozen_ms = (time.perf_counter() - frozen.frozen_at) * 1000
+            frozen_at = frozen.frozen_at
+            frozen_ms = (time.perf_counter() - frozen_at) * 1000
             if not opts.leave_running:
                 stats = finish(mem, frozen_ms)
                 if opts.before_kill is not None:
                     opts.before_kill()
-                frozen.kill()
+                frozen.kill(then=opts.after_kill)
         if opts.leave_running:
             if snapshot is not None:
                 mem = store_memory(images, pid, plan, opts.compress_level, dirty.compare,
@@ -179,7 +184,7 @@ def dump(opts: DumpOptions) -> DumpResult:
         if tracker is not None:
             tracker.close()  # after the thaw: dropping the last uffd reference unprotects
     return DumpResult(pid=pid, threads=len(states), vmas=len(vmas),
-                      line=describe("dump", pid, name, stats))
+                      line=describe("dump", pid, name, stats), frozen_at=frozen_at)
 
 
 def begin_tracking(tracker: Tracker | None, ctx: PassContext) -> DirtySet:

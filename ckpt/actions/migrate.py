@@ -37,7 +37,7 @@ from ckpt.collect.files import collect_files
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.images import ImageDir
 from ckpt.images.pb import wire_pb2
-from ckpt.kernel.probe import probe
+from ckpt.kernel.probe import probe_once
 from ckpt.transfer.client import (
     check_compat,
     commit_remote,
@@ -167,7 +167,7 @@ def catch_up(opts: MigrateOptions, conn: Conn, work: Path, out: MigrateResult,
 def compat_request(pid: int, vmas: list[VmaInfo]) -> wire_pb2.CompatCheck:
     """What the destination must offer: this CPU's XSTATE layout, the vdso layout, and
     every file the process maps or has open."""
-    caps = probe()
+    caps = probe_once()
     files = {proc.read_exe(pid)}
     files |= {v.path for v in vmas if v.inode and v.kind in FILE_KINDS}
     files |= {f.path for f in collect_files(pid, True, hidden_fds(pid)) if f.kind == "path"}
@@ -246,12 +246,16 @@ def final_round(opts: MigrateOptions, conn: Conn, work: Path, name: str, prev: s
         out.rounds.append(Round(int(name), ImageDir.open(work / name).read_inventory()
                                 .stats.pages_written, sent.bytes, 0.0))
 
-    t = time.perf_counter()
-    dump(DumpOptions(pid=opts.pid, images_dir=str(work / name), prev_images_dir=prev,
-                     incremental=prev is not None, track=opts.track,
-                     compress_level=opts.compress_level, before_kill=hand_over))
-    commit_remote(conn)
+    committed: list[float] = []
+
+    def commit() -> None:
+        commit_remote(conn)
+        committed.append(time.perf_counter())
+
+    res = dump(DumpOptions(pid=opts.pid, images_dir=str(work / name), prev_images_dir=prev,
+                           incremental=prev is not None, track=opts.track,
+                           compress_level=opts.compress_level, before_kill=hand_over,
+                           after_kill=commit))
     stats = ImageDir.open(work / name).read_inventory().stats
     out.frozen_ms = stats.frozen_ms
-    # the freeze began frozen_ms before the dump finished writing; add the hand-over
-    out.downtime_ms = (time.perf_counter() - t) * 1000 - (stats.total_ms - stats.frozen_ms)
+    out.downtime_ms = (committed[0] - res.frozen_at) * 1000  # frozen → running there

@@ -8,8 +8,9 @@ import time
 from dataclasses import dataclass
 
 from ckpt.errors import ImageError
-from ckpt.images import ImageDir
+from ckpt.images import FORMAT_VERSION, ImageDir
 from ckpt.images.chain import parent_coverage
+from ckpt.images.pagemap import Pagemap
 from ckpt.images.pb import image_pb2
 from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.pagecopy.compare import NO_DIGEST, DigestMap, dedupe, digest_pages, digest_view
@@ -17,10 +18,6 @@ from ckpt.pagecopy.copy import copy_runs, read_into
 from ckpt.pagecopy.incremental import PassPlan, pages
 from ckpt.ranges import Range, union
 from ckpt.track import Tracker, choose_backend, open_tracker
-
-FORMAT_VERSION = 1
-PRESENT = image_pb2.PagemapEntry.PRESENT
-IN_PARENT = image_pb2.PagemapEntry.IN_PARENT
 
 
 @dataclass
@@ -121,13 +118,9 @@ def write_memory(images: ImageDir, pid: int, plan: PassPlan, level: int,
             for at in range(0, len(snapshot), 64 << 20):
                 sink(whole[at : at + (64 << 20)])
     copy_ms = (time.perf_counter() - t0) * 1000
-    entries = [(s, e, PRESENT) for s, e in plan.copy] + [(s, e, IN_PARENT)
-                                                       for s, e in plan.in_parent]
-    entries.sort()
     images.write_pagemap(
         pid, image_pb2.PagemapHead(pid=pid, pages_file_raw_bytes=pages(plan.copy) * PAGE_SIZE),
-        [image_pb2.PagemapEntry(vaddr=s, nr_pages=(e - s) // PAGE_SIZE, flags=f)
-         for s, e, f in entries])
+        Pagemap(plan.copy, plan.in_parent))
     return MemoryResult(pages(plan.copy), pages(plan.in_parent), writer.stored_bytes, copy_ms)
 
 

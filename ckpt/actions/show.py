@@ -9,8 +9,10 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from ckpt.images import ImageDir, image_chain
-from ckpt.images.pb import core_pb2, image_pb2
+from ckpt.images.pagemap import Pagemap
+from ckpt.images.pb import core_pb2
 from ckpt.kernel.sys import PAGE_SIZE
+from ckpt.ranges import intersect, total
 
 
 def summarize(images_dir: str) -> dict[str, Any]:
@@ -31,11 +33,10 @@ def summarize(images_dir: str) -> dict[str, Any]:
 
 
 def _process(pid: int, entry: core_pb2.ProcessEntry | None,
-             pagemap: list[image_pb2.PagemapEntry]) -> dict[str, Any]:
-    present = sum(e.nr_pages for e in pagemap if e.flags & image_pb2.PagemapEntry.PRESENT)
-    parent = sum(e.nr_pages for e in pagemap if e.flags & image_pb2.PagemapEntry.IN_PARENT)
+             pagemap: Pagemap) -> dict[str, Any]:
+    present, parent = pagemap.pages()
     proc: dict[str, Any] = {"pid": pid, "pages_here": present, "pages_in_parent": parent,
-                            "pagemap_runs": len(pagemap)}
+                            "pagemap_runs": pagemap.runs}
     if entry is None:
         return proc
     proc.update({
@@ -61,13 +62,8 @@ def _prot(prot: int, shared: bool) -> str:
         "s" if shared else "p")
 
 
-def _pages_in(start: int, end: int, pagemap: list[image_pb2.PagemapEntry]) -> int:
-    n = 0
-    for e in pagemap:
-        lo, hi = max(start, e.vaddr), min(end, e.vaddr + e.nr_pages * PAGE_SIZE)
-        if lo < hi:
-            n += (hi - lo) // PAGE_SIZE
-    return n
+def _pages_in(start: int, end: int, pagemap: Pagemap) -> int:
+    return total(intersect(pagemap.covered, [(start, end)])) // PAGE_SIZE
 
 
 def _fd(fd: core_pb2.FdEntry, files: dict[int, core_pb2.OpenFile]) -> dict[str, Any]:

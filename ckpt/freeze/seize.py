@@ -66,12 +66,12 @@ class Frozen:
         if is_kernel_thread(self.pid, root=self.root):
             raise NotDumpable(f"process {self.pid} is a kernel thread")
         self._install_signal_handlers()
+        self.frozen_at = time.perf_counter()  # frozen time counts the stopping itself
         try:
             self._seize_all()
         except BaseException:
             self._release()
             raise
-        self.frozen_at = time.perf_counter()
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
@@ -140,10 +140,20 @@ class Frozen:
         if errors:
             raise errors[0]
 
-    def kill(self) -> None:
-        """SIGKILL the target and reap our traced threads so its pid can be reused."""
+    def kill(self, then: Callable[[], None] | None = None) -> None:
+        """SIGKILL the target and reap our traced threads so its pid can be reused.
+
+        ``then`` runs as soon as the SIGKILL is queued: the target can never execute
+        another instruction, though tearing down a large address space takes a while."""
         os.kill(self.pid, signal.SIGKILL)
         self.killed = True
+        try:
+            if then is not None:
+                then()
+        finally:
+            self._reap()
+
+    def _reap(self) -> None:
         others = [t for t in self.tasks if t != self.pid]
         for tid in [*others, self.pid]:
             if tid not in self.tasks:

@@ -19,12 +19,8 @@ from dataclasses import dataclass
 
 from ckpt.errors import ImageError
 from ckpt.images.imagedir import ImageDir, image_chain
-from ckpt.images.pb.image_pb2 import PagemapEntry
 from ckpt.kernel.sys import PAGE_SIZE
-from ckpt.ranges import Range, intersect, normalize, subtract, total
-
-PRESENT = PagemapEntry.PRESENT
-IN_PARENT = PagemapEntry.IN_PARENT
+from ckpt.ranges import Range, intersect, subtract, total
 
 
 @dataclass(frozen=True)
@@ -36,35 +32,24 @@ class Layer:
     owned: list[Range]  # the part of ``stream`` the restored process takes from it
 
 
-def runs_with(entries: list[PagemapEntry], flag: int) -> list[Range]:
-    return [(e.vaddr, e.vaddr + e.nr_pages * PAGE_SIZE) for e in entries if e.flags & flag]
-
-
-def covered(entries: list[PagemapEntry]) -> list[Range]:
-    """Pages that exist in this image's view (its own or its parents')."""
-    return normalize(runs_with(entries, PRESENT | IN_PARENT))
-
-
 def resolve(newest: ImageDir, pid: int) -> list[Layer]:
     """Layers of the chain from ``newest``, each with the pages it owns."""
     chain = image_chain(newest)
-    _, entries = newest.read_pagemap(pid)
-    own = runs_with(entries, PRESENT)
-    layers = [Layer(newest, own, own)]
-    need = normalize(runs_with(entries, IN_PARENT))
+    _, pm = newest.read_pagemap(pid)
+    layers = [Layer(newest, pm.present, pm.present)]
+    need = pm.in_parent
     child = newest
     for parent in chain[1:]:
         if not need:
             break
-        _, pentries = parent.read_pagemap(pid)
-        stream = runs_with(pentries, PRESENT)
-        lacking = subtract(need, covered(pentries))
+        _, ppm = parent.read_pagemap(pid)
+        lacking = subtract(need, ppm.covered)
         if lacking:
             raise ImageError(f"broken parent chain: {child.path} says {total(lacking) // PAGE_SIZE}"
                              f" pages (first at {lacking[0][0]:#x}) are in {parent.path}, "
                              "which does not have them")
-        layers.append(Layer(parent, stream, intersect(need, normalize(stream))))
-        need = intersect(need, normalize(runs_with(pentries, IN_PARENT)))
+        layers.append(Layer(parent, ppm.present, intersect(need, ppm.present)))
+        need = intersect(need, ppm.in_parent)
         child = parent
     if need:
         raise ImageError(f"broken parent chain: {child.path} refers to a parent image for "
@@ -78,6 +63,6 @@ def parent_coverage(parent: ImageDir, pid: int) -> list[Range]:
     The whole chain is resolved first, so a broken chain fails the dump, not the restore.
     """
     resolve(parent, pid)
-    _, entries = parent.read_pagemap(pid)
-    return covered(entries)
+    _, pm = parent.read_pagemap(pid)
+    return pm.covered
 

@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError, Message
 
 from ckpt.errors import ImageError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pagemap runs as packed arrays (PagemapRuns)
 FILE_MAGIC = b"CKPT"
 TRAILER_MARK = 0xFFFFFFFF
 

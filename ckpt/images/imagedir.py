@@ -20,6 +20,7 @@ from ckpt.images.framing import (
     parse_entry,
     register_kind,
 )
+from ckpt.images.pagemap import Pagemap, decode, encode
 from ckpt.images.pages import (
     DEFAULT_LEVEL,
     PAGES_MAGIC,
@@ -31,8 +32,8 @@ from ckpt.images.pb.core_pb2 import ProcessEntry, Vma
 from ckpt.images.pb.image_pb2 import (
     Inventory,
     PageDigests,
-    PagemapEntry,
     PagemapHead,
+    PagemapRuns,
     TrackerState,
 )
 
@@ -61,7 +62,7 @@ class ImageKind:
 
 INVENTORY = ImageKind("inventory", "inventory.img", _magic(b"INVT"), (Inventory,))
 CORE = ImageKind("core", "core-{pid}.img", _magic(b"CORE"), (ProcessEntry,))
-PAGEMAP = ImageKind("pagemap", "pagemap-{pid}.img", _magic(b"PGMP"), (PagemapHead, PagemapEntry))
+PAGEMAP = ImageKind("pagemap", "pagemap-{pid}.img", _magic(b"PGMP"), (PagemapHead, PagemapRuns))
 PAGES = ImageKind("pages", "pages-{pid}.img", _magic(PAGES_MAGIC), ())
 TRACKER = ImageKind("tracker", "tracker-{pid}.img", _magic(b"TRCK"), (TrackerState,))
 DIGESTS = ImageKind("digests", "digests-{pid}.img", _magic(b"DGST"), (PageDigests,))
@@ -224,11 +225,11 @@ class ImageDir:
         assert isinstance(msg, PageDigests)
         return msg.digests
 
-    def write_pagemap(self, pid: int, head: PagemapHead, entries: Sequence[PagemapEntry]) -> None:
-        """pagemap-<pid>.img: entry 0 is the PagemapHead, the rest PagemapEntry runs."""
-        self._write_msgs(PAGEMAP, pid, [head, *entries])
+    def write_pagemap(self, pid: int, head: PagemapHead, pagemap: Pagemap) -> None:
+        """pagemap-<pid>.img: entry 0 is the PagemapHead, the rest PagemapRuns."""
+        self._write_msgs(PAGEMAP, pid, [head, *encode(pagemap)])
 
-    def read_pagemap(self, pid: int) -> tuple[PagemapHead, list[PagemapEntry]]:
+    def read_pagemap(self, pid: int) -> tuple[PagemapHead, Pagemap]:
         target = self.file("pagemap", pid)
         name = str(target)
         payloads = decode_payloads(self._read_file(target), PAGEMAP.magic, name)
@@ -237,8 +238,8 @@ class ImageDir:
         head = parse_entry(PagemapHead, payloads[0], name, 0)
         if head.pid != pid:
             raise ImageError(f"{name}: holds process {head.pid}, not {pid}")
-        entries = [parse_entry(PagemapEntry, p, name, i) for i, p in enumerate(payloads[1:], 1)]
-        return head, entries
+        runs = [parse_entry(PagemapRuns, p, name, i) for i, p in enumerate(payloads[1:], 1)]
+        return head, decode(runs, name)
 
     @contextlib.contextmanager
     def pages_writer(

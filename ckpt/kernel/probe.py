@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import functools
 import itertools
 import os
 import signal
@@ -84,6 +85,7 @@ class _Extra:
 # ---- private helpers (the real ptrace module lives elsewhere; probes stay self-contained) ----
 
 
+PR_SET_PDEATHSIG = 1
 _PROT_RW = 0x3
 _MAP_PRIVATE_ANON = 0x02 | 0x20
 
@@ -115,11 +117,14 @@ def _vma_flags(addr: int) -> list[str]:
 
 
 def _forked_sleeper() -> int:
-    """Fork a child that only sleeps until killed; the caller must _kill_and_reap it."""
+    """Fork a child that only sleeps until killed; the caller must _kill_and_reap it.
+    It dies with us, too: a ckpt killed mid-probe leaves no sleeper behind."""
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
-            while True:
+            syscall(NR.prctl, PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            while os.getppid() == parent:
                 signal.pause()
         finally:
             os._exit(0)
@@ -365,6 +370,13 @@ _PROBES: tuple[tuple[tuple[str, ...], _Probe], ...] = (
     (("clone3-set-tid",), _probe_clone3),
     (("vdso-layout",), _probe_vdso),
 )
+
+
+@functools.cache
+def probe_once() -> Capabilities:
+    """probe(), once per ckpt process: what the kernel offers does not change meanwhile
+    (migrate and page-server would otherwise fork probe children every pass)."""
+    return probe()
 
 
 def probe() -> Capabilities:

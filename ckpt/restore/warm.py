@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from ckpt.collect.vmas import VmaKind
 from ckpt.errors import RestoreError
 from ckpt.images import ImageDir, chain
+from ckpt.images.pagemap import Pagemap
 from ckpt.images.pb import core_pb2 as pb
-from ckpt.images.pb import image_pb2
 from ckpt.kernel.sys import NR
 from ckpt.ranges import Range, intersect, normalize, subtract, union
 from ckpt.restore import mm
@@ -69,18 +69,18 @@ class WarmRestore:
             self.kill()
         pid = inv.root_pid
         vmas = images.read_vmas(pid)
-        _, entries = images.read_pagemap(pid)
+        _, pm = images.read_pagemap(pid)
         started = self.stub is None or vdso_moved(self.vmas, vmas)
         try:
             if started:
                 self.kill()
                 written, refilled = self._start(images, pid, vmas), 0
             else:
-                written, refilled = self._update(images, pid, vmas, entries)
+                written, refilled = self._update(images, pid, vmas, pm)
         except BaseException:
             self.kill()
             raise
-        self.pid, self.vmas, self.coverage = pid, vmas, chain.covered(entries)
+        self.pid, self.vmas, self.coverage = pid, vmas, pm.covered
         self.applied = os.path.realpath(images.path)
         return Applied(images.path.name, started, written // 4096, refilled // 4096,
                        (time.perf_counter() - t0) * 1000)
@@ -140,7 +140,7 @@ class WarmRestore:
         return fill_layers(stub, pid, layers, WritableIndex(vmas, late))
 
     def _update(self, images: ImageDir, pid: int, vmas: list[pb.Vma],
-                entries: list[image_pb2.PagemapEntry]) -> tuple[int, int]:
+                pm: Pagemap) -> tuple[int, int]:
         stub = self.stub
         assert stub is not None
         change = plan_layout(self.vmas, vmas)
@@ -154,12 +154,10 @@ class WarmRestore:
                 mm.map_range(stub, p.vma, p.start, p.end, files)
         for a, b, prot in change.protect:
             stub.sc(NR.mprotect, a, b - a, prot, what=f"mprotect {a:#x}")
-        now = chain.covered(entries)
-        self._drop(vmas, intersect(change.kept, subtract(self.coverage, now)))
+        self._drop(vmas, intersect(change.kept, subtract(self.coverage, pm.covered)))
         index = WritableIndex(vmas, [v for v in vmas if mm.needs_late_protect(v)])
-        own = chain.runs_with(entries, chain.PRESENT)
-        written = fill_layers(stub, pid, [chain.Layer(images, own, own)], index)
-        unchanged = normalize(chain.runs_with(entries, chain.IN_PARENT))
+        written = fill_layers(stub, pid, [chain.Layer(images, pm.present, pm.present)], index)
+        unchanged = pm.in_parent
         refill = intersect(unchanged, union(change.fresh_ranges, subtract(unchanged,
                                                                            self.coverage)))
         refilled = 0

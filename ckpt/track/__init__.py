@@ -20,9 +20,9 @@ CHOICES = ("auto", *BACKENDS)
 def choose_backend(requested: str, prev: image_pb2.TrackerState | None) -> str:
     """The backend to use: as requested if the kernel really has it (probed), or for
     ``auto`` the parent's backend if any, else the best available."""
-    from ckpt.kernel.probe import probe
+    from ckpt.kernel.probe import probe_once
 
-    caps = probe()
+    caps = probe_once()
 
     def available(name: str) -> bool:
         return all(caps.ok(f) for f in PROBE_FEATURE[name])

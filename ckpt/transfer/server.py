@@ -155,9 +155,9 @@ def restore_for_migration(conn: Conn, root: Path, pass_name: str, pre: Prerestor
 
 def incompatibility(req: wire_pb2.CompatCheck) -> str:
     """Why this host could not run the process described, or ''."""
-    from ckpt.kernel.probe import probe
+    from ckpt.kernel.probe import probe_once
 
-    caps = probe()
+    caps = probe_once()
     if req.xstate_size and caps.xstate_size != req.xstate_size:
         return (f"CPU state differs: the process has {req.xstate_size} bytes of XSTATE, "
                 f"this host {caps.xstate_size}")
