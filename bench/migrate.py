@@ -115,6 +115,8 @@ def main() -> None:
         print(f"frozen on the source     {s['frozen_ms']:.1f} ms")
         print(f"restore on destination   {s['restore_ms']:.1f} ms")
         print(f"downtime                 {s['downtime_ms']:.1f} ms (goal <= 50 ms)")
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in s.get("downtime_parts_ms", {}).items())
+        print(f"  of which (ms)           {parts}")
         print(f"bytes on the wire        {s['bytes'] / 2**20:.1f} MiB = "
               f"{s['bytes'] / size:.2f}x the memory")
         print(f"pre-copy vs raw link     {s['bytes'] / 1e6 / s['total_s'] / link:.2f}x")

@@ -230,6 +230,7 @@ def migrate(pid: int, dest: str, auth_token_file: str, tls_cacert: str | None,
     summary = {"pid": res.new_pid, "rounds": len(res.rounds), "bytes": res.bytes_sent,
                "total_s": round(res.total_s, 3), "frozen_ms": round(res.frozen_ms, 1),
                "restore_ms": round(res.restore_ms, 1), "restore_warm": res.restore_warm,
+               "downtime_parts_ms": res.downtime_parts,
                "downtime_ms": round(res.downtime_ms, 1),
                "stop_reason": res.stop_reason, "per_round": per_round}
     if plot:

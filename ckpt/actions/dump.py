@@ -43,10 +43,13 @@ from ckpt.freeze.seize import Frozen
 from ckpt.images import ImageDir
 from ckpt.images.pb import image_pb2
 from ckpt.kernel.ptrace import Tracee
+from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.pagecopy.compare import DigestMap
-from ckpt.pagecopy.incremental import PassPlan, plan_pass
+from ckpt.pagecopy.incremental import PassPlan, pages, plan_pass
 from ckpt.track import DirtySet, PassContext, Tracker
 from ckpt.track.uffd_wp import ckpt_uffds
+
+SMALL_COPY = 32 << 20  # bytes: read at once into memory, then stored
 
 
 @dataclass(frozen=True)
@@ -158,11 +161,13 @@ def dump(opts: DumpOptions) -> DumpResult:
             try:
                 plan = plan_pass(pid, vmas, dirty, parent.has if parent else None)
                 parent_digests = apply_compare(pid, plan, parent) if dirty.compare else None
-                if opts.leave_running:  # compress and write after the thaw
+                # --leave-running: copy now, compress and write after the thaw. A small
+                # copy is read in one go either way (no bounce buffers, no reader thread).
+                if opts.leave_running or pages(plan.copy) * PAGE_SIZE <= SMALL_COPY:
                     snapshot = snapshot_pages(pid, plan)
-                if snapshot is None:
+                if snapshot is None or not opts.leave_running:
                     mem = store_memory(images, pid, plan, opts.compress_level, dirty.compare,
-                                       parent_digests, None)
+                                       parent_digests, snapshot)
             finally:
                 if tracker is not None:
                     tracker.end(ctx, keep=keep)

@@ -91,6 +91,9 @@ class MigrateResult:
     frozen_ms: float = 0.0
     restore_ms: float = 0.0
     restore_warm: bool = False  # the destination had built the process during the rounds
+    # where the downtime went, in ms: final dump (freeze to images written), sending it,
+    # the destination's restore (and the round trip), killing the source, the commit
+    downtime_parts: dict[str, float] = field(default_factory=dict)
     stop_reason: str = ""
 
     @property
@@ -239,18 +242,22 @@ def converged(rounds: list[Round], opts: MigrateOptions) -> str:
 
 def final_round(opts: MigrateOptions, conn: Conn, work: Path, name: str, prev: str | None,
                 out: MigrateResult) -> None:
+    marks: dict[str, float] = {}
+
     def hand_over() -> None:
+        marks["dumped"] = time.perf_counter()
         sent = send_pass_on(conn, work / name, name)
+        marks["sent"] = time.perf_counter()
         done = restore_remote(conn, name)
+        marks["restored"] = time.perf_counter()
         out.new_pid, out.restore_ms, out.restore_warm = done.pid, done.restore_ms, done.warm
         out.rounds.append(Round(int(name), ImageDir.open(work / name).read_inventory()
                                 .stats.pages_written, sent.bytes, 0.0))
 
-    committed: list[float] = []
-
     def commit() -> None:
+        marks["killed"] = time.perf_counter()
         commit_remote(conn)
-        committed.append(time.perf_counter())
+        marks["committed"] = time.perf_counter()
 
     res = dump(DumpOptions(pid=opts.pid, images_dir=str(work / name), prev_images_dir=prev,
                            incremental=prev is not None, track=opts.track,
@@ -258,4 +265,8 @@ def final_round(opts: MigrateOptions, conn: Conn, work: Path, name: str, prev: s
                            after_kill=commit))
     stats = ImageDir.open(work / name).read_inventory().stats
     out.frozen_ms = stats.frozen_ms
-    out.downtime_ms = (committed[0] - res.frozen_at) * 1000  # frozen → running there
+    out.downtime_ms = (marks["committed"] - res.frozen_at) * 1000  # frozen → running there
+    last = res.frozen_at
+    for step in ("dumped", "sent", "restored", "killed", "committed"):
+        out.downtime_parts[step] = round((marks[step] - last) * 1000, 2)
+        last = marks[step]
