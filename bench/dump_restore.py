@@ -37,7 +37,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ckpt.actions import restore as restore_mod
 from ckpt.actions.dump import DumpOptions, dump
 from ckpt.actions.restore import RestoreOptions, restore
 from ckpt.collect.vmas import collect_vmas
@@ -45,6 +44,7 @@ from ckpt.images import ImageDir
 from ckpt.kernel.sys import vm_transfer
 from ckpt.pagecopy.copy import batches
 from ckpt.pagecopy.plan import Run, plan_dump
+from ckpt.restore import process as restore_mod  # where restore() calls fill_pages
 from ckpt.restore.pages import fill_pages
 
 MIB = 1 << 20

@@ -369,3 +369,28 @@ def test_pagemap_runs_are_checked() -> None:
     for msg, why in bad:
         with pytest.raises(ImageError, match=why):
             decode([msg], "pm")
+
+
+def test_sparse_read_skips_unwanted_chunks() -> None:
+    """iter_sparse hands back every chunk's length, and the data only of the chunks asked
+    for; the skipped ones are not even read (a corrupt one goes unnoticed)."""
+    data = mixed_data(3 * CHUNK_SIZE + 4096)
+    buf = io.BytesIO()
+    w = PagesWriter(buf)
+    w.write(data)
+    w.close()
+    blob = bytearray(buf.getvalue())
+    asked: list[tuple[int, int]] = []
+
+    def want(offset: int, length: int) -> bool:
+        asked.append((offset, length))
+        return offset == CHUNK_SIZE
+
+    got = list(PagesReader(io.BytesIO(bytes(blob)), "p").iter_sparse(want))
+    assert [n for n, _ in got] == [CHUNK_SIZE] * 3 + [4096]
+    assert asked == [(k * CHUNK_SIZE, n) for k, (n, _) in enumerate(got)]
+    assert [d is not None for _, d in got] == [False, True, False, False]
+    assert got[1][1] == data[CHUNK_SIZE : 2 * CHUNK_SIZE]
+    blob[len(blob) // 8] ^= 0xFF  # inside the first chunk's frame, which is skipped
+    again = list(PagesReader(io.BytesIO(bytes(blob)), "p").iter_sparse(want))
+    assert again[1][1] == data[CHUNK_SIZE : 2 * CHUNK_SIZE]

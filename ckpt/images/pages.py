@@ -18,7 +18,7 @@ import os
 import struct
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
@@ -177,6 +177,9 @@ class PagesWriter:
             raise ImageError(f"cannot write {self._name}: {exc.strerror or exc}") from None
 
 
+Want = Callable[[int, int], bool]  # (raw offset, raw length) of a chunk -> read it?
+
+
 class PagesReader:
     """Reads a page file written by PagesWriter, verifying every frame and the trailer."""
 
@@ -200,8 +203,10 @@ class PagesReader:
     def _corrupted(self, why: str) -> ImageError:
         return ImageError(f"{self._name}: corrupted ({why})")
 
-    def _frames(self) -> Iterator[tuple[int, int, bytes]]:
-        """(index, raw_len, frame) of every chunk; checks header, chunk headers, trailer."""
+    def _frames(self, want: Want | None = None) -> Iterator[tuple[int, int, bytes | None]]:
+        """(index, raw_len, frame) of every chunk; checks header, chunk headers, trailer.
+        With ``want``, chunks it declines (by raw offset and length) are seeked over: their
+        frame is None."""
         head = self._f.read(_HEADER.size)
         if len(head) < _HEADER.size and PAGES_MAGIC.startswith(head[:4]):
             raise ImageError(f"{self._name}: truncated (no header)")
@@ -221,7 +226,11 @@ class PagesReader:
                 break
             if not 0 < raw_len <= CHUNK_SIZE or not 0 < stored_len <= _MAX_STORED:
                 raise self._corrupted(f"bad header of chunk {index}")
-            yield index, raw_len, self._read(stored_len, f"chunk {index}")
+            if want is None or want(total, raw_len):
+                yield index, raw_len, self._read(stored_len, f"chunk {index}")
+            else:
+                self._f.seek(stored_len, os.SEEK_CUR)
+                yield index, raw_len, None
             total += raw_len
             index += 1
         (expected,) = _TOTAL.unpack(self._read(_TOTAL.size, "trailer"))
@@ -252,16 +261,28 @@ class PagesReader:
         Errors come in file order too: a bad chunk or trailer is raised after every chunk
         before it was yielded, as if the file were read one chunk at a time.
         """
+        for _, data in self.iter_sparse(None):
+            assert data is not None
+            yield data
+
+    def iter_sparse(self, want: Want | None) -> Iterator[tuple[int, bytes | None]]:
+        """(raw_len, data) of every chunk in file order, data None for the chunks ``want``
+        declines: those are neither read nor decompressed (nor checked: only the chunk
+        headers and the trailer are)."""
         if self._workers < 2:
-            for index, raw_len, frame in self._frames():
-                yield self._decode(index, raw_len, frame)
+            for index, raw_len, frame in self._frames(want):
+                yield raw_len, None if frame is None else self._decode(index, raw_len, frame)
             return
-        pending: deque[Future[bytes]] = deque()
-        item: tuple[int, int, bytes] | None
+        pending: deque[tuple[int, Future[bytes] | None]] = deque()
+        item: tuple[int, int, bytes | None] | None
         failure: ImageError | None = None
         pool = ThreadPoolExecutor(self._workers, thread_name_prefix="ckpt-unzstd")
+
+        def out(raw_len: int, job: Future[bytes] | None) -> tuple[int, bytes | None]:
+            return raw_len, None if job is None else job.result()
+
         try:
-            frames = self._frames()
+            frames = self._frames(want)
             while True:
                 try:
                     item = next(frames, None)
@@ -270,11 +291,13 @@ class PagesReader:
                     item = None
                 if item is None:
                     break
-                pending.append(pool.submit(self._decode, *item))
+                index, raw_len, frame = item
+                pending.append((raw_len, None if frame is None else
+                                pool.submit(self._decode, index, raw_len, frame)))
                 if len(pending) > 2 * self._workers:
-                    yield pending.popleft().result()
+                    yield out(*pending.popleft())
             while pending:
-                yield pending.popleft().result()
+                yield out(*pending.popleft())
             if failure is not None:
                 raise failure
         finally:

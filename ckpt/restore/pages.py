@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ckpt.errors import ImageError
 from ckpt.images.pb import core_pb2
@@ -51,13 +51,25 @@ class WritableIndex:
         return out
 
 
-def fill_pages(stub: Stub, stream: list[Range], chunks: Iterable[bytes], index: WritableIndex,
-               owned: list[Range] | None = None) -> int:
+def fill_pages(stub: Stub, stream: list[Range], chunks: Iterable[tuple[int, bytes | None]],
+               index: WritableIndex, owned: list[Range] | None = None) -> int:
     """Write the page stream (the PRESENT runs ``stream``, in order) into the stub; with
-    ``owned``, only the parts inside it. Returns the bytes written."""
+    ``owned``, only the parts inside it. ``chunks`` are (length, bytes), bytes None for a
+    chunk skipped unread (see chunk_filter). Returns the bytes written."""
     wanted = Wanted(owned)
     run_i, run_off, written = 0, 0, 0
-    for chunk in chunks:
+    for length, chunk in chunks:
+        if chunk is None:  # none of it is wanted: just move along the stream
+            while length:
+                if run_i >= len(stream):
+                    raise ImageError("page file holds more data than the pagemap describes")
+                start, end = stream[run_i]
+                take = min(end - start - run_off, length)
+                length -= take
+                run_off += take
+                if start + run_off == end:
+                    run_i, run_off = run_i + 1, 0
+            continue
         base = ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value or 0
         pos, pairs = 0, []
         while pos < len(chunk):
@@ -83,6 +95,32 @@ def fill_pages(stub: Stub, stream: list[Range], chunks: Iterable[bytes], index: 
     if run_i != len(stream):
         raise ImageError("page file ends before the pagemap does (truncated image?)")
     return written
+
+
+def chunk_filter(stream: list[Range], owned: list[Range]) -> Callable[[int, int], bool]:
+    """Whether the stream's bytes [offset, offset + length) hold any owned page: a parent
+    image owns few of its pages in a long chain, and the rest need not be decompressed."""
+    offsets: list[int] = []  # stream offset of each run's start
+    at = 0
+    for s, e in stream:
+        offsets.append(at)
+        at += e - s
+    spans: list[Range] = []  # owned pages as stream offsets (owned lies inside stream)
+    for lo, hi in owned:
+        i = bisect.bisect_right(stream, (lo, 1 << 64)) - 1
+        while lo < hi:
+            if i < 0 or i >= len(stream) or not stream[i][0] <= lo < stream[i][1]:
+                raise ImageError(f"owned page {lo:#x} is not in the image's page stream")
+            end = min(hi, stream[i][1])
+            spans.append((offsets[i] + lo - stream[i][0], offsets[i] + end - stream[i][0]))
+            lo, i = end, i + 1
+    ends = [e for _, e in spans]  # ascending: the spans are sorted and disjoint
+
+    def want(offset: int, length: int) -> bool:
+        k = bisect.bisect_right(ends, offset)  # the first span ending after offset
+        return k < len(spans) and spans[k][0] < offset + length
+
+    return want
 
 
 class Wanted:
