@@ -258,15 +258,20 @@ def migrate(pid: int, dest: str, auth_token_file: str, tls_cacert: str | None,
 @click.option("--tls-cert", type=click.Path(dir_okay=False), help="Serve TLS with this cert.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="Key of --tls-cert.")
 @click.option("--once", is_flag=True, help="Exit after the first connection.")
+@click.option("--commit-grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              metavar="SECONDS", help="How long a migrated process whose link broke before "
+              "the commit waits, stopped, for the source to commit it.")
 @reports_errors
 def page_server(address: str, port: int, images_dir: str, auth_token_file: str,
-                tls_cert: str | None, tls_key: str | None, once: bool) -> None:
+                tls_cert: str | None, tls_key: str | None, once: bool,
+                commit_grace: float) -> None:
     """Receive checkpoint passes sent with --page-server (CRIU's page-server)."""
     from ckpt.transfer import load_token, serve, server_tls_context
 
     tls = server_tls_context(tls_cert, tls_key) if tls_cert else None
     serve(address, port, images_dir, load_token(auth_token_file), tls=tls, once=once,
-          ready=lambda p: click.echo(f"page server listening on {address}:{p}", err=True))
+          ready=lambda p: click.echo(f"page server listening on {address}:{p}", err=True),
+          commit_grace=commit_grace)
 
 
 @main.command()

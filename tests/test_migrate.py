@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from conftest import (
 
 from ckpt.errors import RestoreError
 from ckpt.transfer import serve
+from ckpt.transfer.client import commit_remote, connect, restore_remote, send_pass_on
+from ckpt.transfer.wire import TransferError
 
 pytestmark = needs_root
 NUM = re.compile(r"n=(\d+) .* pid=(\d+)")
@@ -381,3 +384,70 @@ def test_plot_of_the_rounds(harness: Harness, bins: Bins, tmp_path: Path,
     assert res.returncode == 0, res.describe()
     harness.track(int(re.search(r"as pid (\d+)", res.stdout)[1]))  # type: ignore[index]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- the hand-over
+
+
+def state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rfind(")") + 2]
+
+
+def restored_uncommitted(harness: Harness, bins: Bins, tmp_path: Path, address: str,
+                         ) -> tuple[subprocess.Popen[bytes], Path, int]:
+    """A counter dumped (left running), sent and restored on the page server, then the
+    link closed before any Commit: (source, its output file, the restored pid)."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
+    wait_for_lines(out, 3)
+    images = tmp_path / "images"
+    res = run_ckpt("dump", "-t", str(proc.pid), "-D", images, "--leave-running")
+    assert res.returncode == 0, res.describe()
+    host, port = address.rsplit(":", 1)
+    with connect(host, int(port), b"migrate-me") as conn:
+        send_pass_on(conn, images, "1")
+        pid = restore_remote(conn, "1").pid
+    harness.track(pid)
+    return proc, out, pid
+
+
+def test_commit_after_the_link_broke(harness: Harness, bins: Bins, tmp_path: Path,
+                                     page_server: tuple[str, Path]) -> None:
+    """The link breaks between RestoreDone and Commit: the copy stays stopped, and a
+    Commit naming its pid on a new connection lets it run (once)."""
+    address, _ = page_server
+    source, out, pid = restored_uncommitted(harness, bins, tmp_path, address)
+    time.sleep(0.5)
+    assert state(pid) == "T", "an uncommitted copy must not run"
+    harness.kill(source.pid)
+    host, port = address.rsplit(":", 1)
+    with connect(host, int(port), b"migrate-me") as conn:
+        commit_remote(conn, pid)
+    wait_for(lambda: any(p == pid for _, p in numbers(out)) or None, 20,
+             f"output from the committed pid {pid}")
+    assert_running_untraced(pid)
+    with connect(host, int(port), b"migrate-me") as conn, \
+            pytest.raises(TransferError, match=f"no restored process {pid}"):
+        commit_remote(conn, pid)
+
+
+def test_uncommitted_copy_dies_after_the_grace_period(harness: Harness, bins: Bins,
+                                                      tmp_path: Path) -> None:
+    """Nobody commits: the stopped copy is killed when the grace period ends, and the
+    source runs on."""
+    ready = threading.Event()
+    port: list[int] = []
+
+    def started(p: int) -> None:
+        port.append(p)
+        ready.set()
+
+    threading.Thread(target=serve, args=("127.0.0.1", 0, tmp_path / "dest", b"migrate-me"),
+                     kwargs={"ready": started, "commit_grace": 1.0}, daemon=True).start()
+    assert ready.wait(10)
+    source, out, pid = restored_uncommitted(harness, bins, tmp_path, f"127.0.0.1:{port[0]}")
+    assert state(pid) == "T"
+    wait_for(lambda: not is_alive(pid) or None, 20, f"the uncommitted copy {pid} to die")
+    assert_running_untraced(source.pid)
+    assert {p for _, p in numbers(out)} == {source.pid}

@@ -10,10 +10,12 @@
     final       freeze; dump --incremental; send it; the destination applies it, completes
                 the process and holds it stopped      (downtime starts at the freeze)
     hand over   kill the frozen source, commit: the destination lets it run (downtime ends)
-Any failure before the hand-over thaws the source, and the destination kills its stopped
-copy when the connection ends without a commit: never two live copies. If ckpt dies right
-between killing the source and the commit, the destination kills its copy too; that
-window is one round trip long.
+Any failure before the hand-over thaws the source, and the destination never lets its
+stopped copy run without a commit: never two live copies. The source sends the commit only
+once its own copy is dead (SIGKILL queued); if the link breaks right then, it reconnects
+and commits by pid while the destination keeps its copy stopped (ckpt.transfer.handover).
+Only ckpt itself dying in that instant (after the kill, before the commit left) loses
+both: the destination kills its copy when the grace period ends.
 """
 
 from __future__ import annotations
@@ -46,11 +48,13 @@ from ckpt.transfer.client import (
     send_pass_on,
     sync_remote,
 )
-from ckpt.transfer.wire import Conn
+from ckpt.transfer.wire import Conn, TransferError
 
 FILE_KINDS = frozenset({VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED})
 NOT_CONVERGING = ("dirty set stopped shrinking (the process dirties memory as fast as the "
                   "link carries it)")
+COMMIT_RETRY_S = 20.0  # well inside the destination's commit grace period
+HANDOVER_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 DUTY_STEP = 0.3  # --auto-converge: each non-converging round stops the target 30% more
 MAX_DUTY = 0.9
 
@@ -167,6 +171,24 @@ def catch_up(opts: MigrateOptions, conn: Conn, work: Path, out: MigrateResult,
     return prev
 
 
+def commit_again(opts: MigrateOptions, pid: int, why: TransferError) -> None:
+    """The link broke during the commit, the source already dead: the destination keeps
+    its copy stopped for a while (ckpt.transfer.handover), so reconnect and commit it."""
+    deadline = time.monotonic() + COMMIT_RETRY_S
+    while True:
+        try:
+            with connect(opts.host, opts.port, opts.token, opts.tls) as conn:
+                commit_remote(conn, pid)
+            return
+        except TransferError as exc:
+            why = exc
+        if time.monotonic() > deadline:
+            raise TransferError(f"the source process is gone, but the destination did not "
+                                f"confirm that pid {pid} runs there ({why}); it runs it if "
+                                "the commit arrived, and kills it otherwise") from None
+        time.sleep(0.5)
+
+
 def compat_request(pid: int, vmas: list[VmaInfo]) -> wire_pb2.CompatCheck:
     """What the destination must offer: this CPU's XSTATE layout, the vdso layout, and
     every file the process maps or has open."""
@@ -256,13 +278,22 @@ def final_round(opts: MigrateOptions, conn: Conn, work: Path, name: str, prev: s
 
     def commit() -> None:
         marks["killed"] = time.perf_counter()
-        commit_remote(conn)
+        # The source is dead: from here only a Commit reaching the destination keeps the
+        # process alive. Ctrl-C must not cut this short (it is delivered afterwards).
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDOVER_SIGNALS)
+        try:
+            commit_remote(conn)
+        except TransferError as exc:
+            commit_again(opts, out.new_pid, exc)
         marks["committed"] = time.perf_counter()
 
-    res = dump(DumpOptions(pid=opts.pid, images_dir=str(work / name), prev_images_dir=prev,
-                           incremental=prev is not None, track=opts.track,
-                           compress_level=opts.compress_level, before_kill=hand_over,
-                           after_kill=commit))
+    try:
+        res = dump(DumpOptions(pid=opts.pid, images_dir=str(work / name), prev_images_dir=prev,
+                               incremental=prev is not None, track=opts.track,
+                               compress_level=opts.compress_level, before_kill=hand_over,
+                               after_kill=commit))
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOVER_SIGNALS)
     stats = ImageDir.open(work / name).read_inventory().stats
     out.frozen_ms = stats.frozen_ms
     out.downtime_ms = (marks["committed"] - res.frozen_at) * 1000  # frozen → running there

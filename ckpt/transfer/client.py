@@ -140,9 +140,10 @@ def sync_remote(conn: Conn) -> str:
     return conn.expect(wire_pb2.Ack).error
 
 
-def commit_remote(conn: Conn) -> None:
-    """Let the process restored by restore_remote run."""
-    conn.send(wire_pb2.Commit())
+def commit_remote(conn: Conn, pid: int = 0) -> None:
+    """Let the process restored by restore_remote run: the one of this connection, or
+    (on a new connection, after the first broke) the one restored as ``pid``."""
+    conn.send(wire_pb2.Commit(pid=pid))
     ack = conn.expect(wire_pb2.Ack)
     if not ack.ok:
         raise TransferError(f"{conn.peer} did not resume the process: {ack.error}")

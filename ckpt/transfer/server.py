@@ -12,16 +12,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
 import ssl
 import stat
-import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 from ckpt.images.pb import wire_pb2
+from ckpt.transfer.handover import COMMIT_GRACE, Parked, restore_for_migration
 from ckpt.transfer.prerestore import Prerestore
 from ckpt.transfer.wire import (
     AUTH_TIMEOUT,
@@ -48,6 +47,7 @@ def serve(
     tls: ssl.SSLContext | None = None,
     once: bool = False,
     ready: Callable[[int], None] | None = None,
+    commit_grace: float = COMMIT_GRACE,
 ) -> None:
     """Listen on address:port and store the passes authenticated clients send.
 
@@ -68,6 +68,7 @@ def serve(
         listener = socket.create_server((address, port), family=family)
     except OSError as exc:
         raise TransferError(f"cannot listen on {address}:{port}: {_why(exc)}") from None
+    parked = Parked(commit_grace)
     with listener:
         if ready is not None:
             ready(listener.getsockname()[1])
@@ -75,7 +76,7 @@ def serve(
             sock, addr = listener.accept()
             peer = f"{addr[0]}:{addr[1]}"
             try:
-                handle_connection(sock, peer, root, key, tls)
+                handle_connection(sock, peer, root, key, tls, parked)
             except TransferError as exc:
                 log.warning("page server: %s", exc)
             else:
@@ -90,8 +91,10 @@ def handle_connection(
     root: Path,
     token: bytes,
     tls: ssl.SSLContext | None = None,
+    parked: Parked | None = None,
 ) -> None:
     """Serve one accepted connection to its end (closing sock); raise TransferError."""
+    parked = parked or Parked()
     sock.settimeout(AUTH_TIMEOUT)
     if tls is not None:
         try:
@@ -110,8 +113,13 @@ def handle_connection(
                     return
                 if isinstance(frame.msg, wire_pb2.RestoreRequest):
                     pre = pre or Prerestore(peer)
-                    restore_for_migration(conn, root, frame.msg.pass_name, pre)
+                    restore_for_migration(conn, root, frame.msg.pass_name, pre, parked)
                     return
+                if isinstance(frame.msg, wire_pb2.Commit):  # a hand-over whose link broke
+                    ok = parked.resume(frame.msg.pid)
+                    conn.send(wire_pb2.Ack(ok=ok, error="" if ok else
+                                           f"no restored process {frame.msg.pid} waits here"))
+                    continue
                 if isinstance(frame.msg, wire_pb2.Sync):
                     conn.send(wire_pb2.Ack(ok=True, error=pre.wait() if pre else ""))
                     continue
@@ -126,31 +134,6 @@ def handle_connection(
         finally:
             if pre is not None:
                 pre.close()
-
-
-def restore_for_migration(conn: Conn, root: Path, pass_name: str, pre: Prerestore) -> None:
-    """Restore a pass (completing the warm restore built from the earlier ones, if any) and
-    hold the process stopped until the client commits: if the connection ends any other
-    way the process is killed (the source runs on)."""
-    from ckpt.errors import CkptError
-
-    path = root / check_name(pass_name, "pass")
-    try:
-        res = pre.finish(path)
-    except CkptError as exc:
-        conn.send(wire_pb2.RestoreDone(ok=False, error=str(exc)))
-        raise TransferError(f"{conn.peer}: restore of {pass_name} failed: {exc}") from None
-    threading.Thread(target=_reap, args=(res.pid,), daemon=True).start()
-    committed = False
-    try:
-        conn.send(wire_pb2.RestoreDone(ok=True, pid=res.pid, restore_ms=res.ms, warm=res.warm))
-        frame = conn.recv(eof_ok=True)
-        committed = frame is not None and isinstance(frame.msg, wire_pb2.Commit)
-    finally:
-        os.kill(res.pid, signal.SIGCONT if committed else signal.SIGKILL)
-    conn.send(wire_pb2.Ack(ok=True))
-    log.info("page server: %s migrated in as pid %d (%s restore, %.0f ms)", pass_name, res.pid,
-             "warm" if res.warm else "full", res.ms)
 
 
 def incompatibility(req: wire_pb2.CompatCheck) -> str:
@@ -171,12 +154,6 @@ def incompatibility(req: wire_pb2.CompatCheck) -> str:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         return f"file {missing[0]} is missing on this host{more}"
     return ""
-
-
-def _reap(pid: int) -> None:
-    """Restored processes are our children: reap them when they end."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
 
 
 def _receive_pass(conn: Conn, root: Path, frame: Frame) -> Path:
