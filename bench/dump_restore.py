@@ -41,7 +41,7 @@ from ckpt.actions.dump import DumpOptions, dump
 from ckpt.actions.restore import RestoreOptions, restore
 from ckpt.collect.vmas import collect_vmas
 from ckpt.images import ImageDir
-from ckpt.kernel.sys import vm_transfer
+from ckpt.kernel.sys import kill_and_reap, vm_transfer
 from ckpt.pagecopy.copy import batches
 from ckpt.pagecopy.plan import Run, plan_dump
 from ckpt.restore import process as restore_mod  # where restore() calls fill_pages
@@ -136,13 +136,6 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-
-
-def kill_and_reap(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
 
 
 def raw_read(pid: int, runs: list[Run]) -> float:

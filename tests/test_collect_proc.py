@@ -36,6 +36,7 @@ from ckpt.collect.fds import (
     read_fd,
     read_fds,
 )
+from ckpt.collect.maps import read_maps, read_smaps, read_smaps_vmflags
 from ckpt.collect.proc import (
     PF_KTHREAD,
     PROT_EXEC,
@@ -53,9 +54,6 @@ from ckpt.collect.proc import (
     read_cwd,
     read_exe,
     read_limits,
-    read_maps,
-    read_smaps,
-    read_smaps_vmflags,
     read_stat,
     read_status,
 )

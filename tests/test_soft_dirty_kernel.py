@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ckpt.collect.proc import read_smaps_vmflags
+from ckpt.collect.maps import read_smaps_vmflags
 from ckpt.kernel import pagemap as pm
 from ckpt.kernel.sys import NR, PAGE_SIZE, syscall
 

@@ -51,7 +51,7 @@ def _read_bytes(pid: int, root: str, *names: str) -> bytes:
         return f.read()
 
 
-def _read_text(pid: int, root: str, *names: str) -> str:
+def read_text(pid: int, root: str, *names: str) -> str:
     return _read_bytes(pid, root, *names).decode("utf-8", "surrogateescape")
 
 
@@ -65,112 +65,6 @@ def _readlink(pid: int, root: str, name: str) -> str:
             # The link itself exists but points nowhere: a kernel thread's or zombie's exe.
             os.lstat(path)
             return ""
-
-
-
-@dataclass(frozen=True)
-class MapEntry:
-    """One line of /proc/PID/maps."""
-
-    start: int
-    end: int
-    perms: str  # e.g. "r-xp"
-    prot: int  # PROT_READ | PROT_WRITE | PROT_EXEC
-    shared: bool  # 's' in perms: MAP_SHARED
-    offset: int
-    dev: int  # os.makedev(major, minor)
-    inode: int
-    path: str  # "" for anonymous, "[heap]", "/lib/x.so", "/tmp/f (deleted)", ...
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start
-
-    @property
-    def deleted(self) -> bool:
-        return self.inode != 0 and self.path.endswith(" (deleted)")
-
-
-def parse_maps_line(line: str) -> MapEntry:
-    """Parse one /proc/PID/maps line (the path may contain spaces)."""
-    parts = line.rstrip("\n").split(maxsplit=5)
-    addr, perms, offset, dev, inode = parts[:5]
-    start, _, end = addr.partition("-")
-    major, _, minor = dev.partition(":")
-    prot = (
-        (PROT_READ if perms[0] == "r" else 0)
-        | (PROT_WRITE if perms[1] == "w" else 0)
-        | (PROT_EXEC if perms[2] == "x" else 0)
-    )
-    return MapEntry(
-        start=int(start, 16),
-        end=int(end, 16),
-        perms=perms,
-        prot=prot,
-        shared=perms[3] == "s",
-        offset=int(offset, 16),
-        dev=os.makedev(int(major, 16), int(minor, 16)),
-        inode=int(inode),
-        path=parts[5] if len(parts) > 5 else "",
-    )
-
-
-def read_maps(pid: int, *, root: str = "/proc") -> list[MapEntry]:
-    """Parse /proc/PID/maps (empty for a zombie)."""
-    return [parse_maps_line(line) for line in _read_text(pid, root, "maps").splitlines() if line]
-
-
-_HEX_START = frozenset("0123456789abcdef")
-
-
-@dataclass(frozen=True)
-class SmapsEntry:
-    """Per-VMA accounting from /proc/PID/smaps; sizes in bytes."""
-
-    start: int
-    end: int
-    rss: int
-    anonymous: int
-    swap: int
-    vmflags: tuple[str, ...]
-
-
-def read_smaps_vmflags(pid: int, *, root: str = "/proc") -> dict[int, tuple[str, ...]]:
-    """VMA start -> VmFlags mnemonics ("rd", "wr", "mr", "dd", ...) from /proc/PID/smaps.
-
-    Only header lines (they start with a lowercase hex digit; field names start with an
-    uppercase letter) and "VmFlags:" lines are looked at.
-    """
-    flags: dict[int, tuple[str, ...]] = {}
-    start = -1
-    for line in _read_text(pid, root, "smaps").splitlines():
-        if line[:1] in _HEX_START:
-            start = int(line[: line.index("-")], 16)
-        elif line.startswith("VmFlags:") and start >= 0:
-            flags[start] = tuple(line[8:].split())
-    return flags
-
-
-_SMAPS_KEYS = {"Rss:": "rss", "Anonymous:": "anonymous", "Swap:": "swap"}
-
-
-def read_smaps(pid: int, *, root: str = "/proc") -> list[SmapsEntry]:
-    """Parse Rss/Anonymous/Swap and VmFlags of every VMA in /proc/PID/smaps."""
-    vmas: list[tuple[int, int, dict[str, int], tuple[str, ...]]] = []
-    for line in _read_text(pid, root, "smaps").splitlines():
-        if line[:1] in _HEX_START:
-            lo, _, rest = line.partition("-")
-            vmas.append((int(lo, 16), int(rest.split(maxsplit=1)[0], 16), {}, ()))
-        elif not vmas:
-            continue
-        elif line.startswith("VmFlags:"):
-            vmas[-1] = (*vmas[-1][:3], tuple(line[8:].split()))
-        else:
-            key, _, value = line.partition(" ")
-            if key in _SMAPS_KEYS:
-                vmas[-1][2][_SMAPS_KEYS[key]] = int(value.split()[0]) * 1024  # "   12 kB"
-    return [SmapsEntry(lo, hi, kv.get("rss", 0), kv.get("anonymous", 0), kv.get("swap", 0), fl)
-            for lo, hi, kv, fl in vmas]
 
 
 
@@ -223,7 +117,7 @@ def parse_stat(text: str) -> Stat:
 
 def read_stat(pid: int, *, root: str = "/proc") -> Stat:
     """Parse /proc/PID/stat."""
-    text = _read_text(pid, root, "stat")
+    text = read_text(pid, root, "stat")
     if not text.strip():
         raise NoSuchProcess(pid, "empty stat")
     return parse_stat(text)
@@ -284,7 +178,7 @@ def parse_status(text: str) -> Status:
 
 def read_status(pid: int, *, root: str = "/proc") -> Status:
     """Parse /proc/PID/status."""
-    text = _read_text(pid, root, "status")
+    text = read_text(pid, root, "status")
     if not text.strip():
         raise NoSuchProcess(pid, "empty status")
     return parse_status(text)
@@ -308,7 +202,7 @@ def read_cwd(pid: int, *, root: str = "/proc") -> str:
 
 def read_comm(pid: int, *, root: str = "/proc") -> str:
     """/proc/PID/comm without its trailing newline (may contain spaces and parentheses)."""
-    text = _read_text(pid, root, "comm")
+    text = read_text(pid, root, "comm")
     return text[:-1] if text.endswith("\n") else text
 
 
@@ -333,7 +227,7 @@ def list_children(pid: int, *, root: str = "/proc") -> list[int]:
     kids: set[int] = set()
     for tid in list_tasks(pid, root=root):
         try:
-            text = _read_text(pid, root, "task", str(tid), "children")
+            text = read_text(pid, root, "task", str(tid), "children")
         except NoSuchProcess:
             if not os.path.exists(proc_path(root, pid, "task", str(tid))):
                 continue  # the thread exited meanwhile
@@ -382,7 +276,7 @@ def _limit(value: str) -> int:
 
 def read_limits(pid: int, *, root: str = "/proc") -> list[Rlimit]:
     """Parse /proc/PID/limits."""
-    return parse_limits(_read_text(pid, root, "limits"))
+    return parse_limits(read_text(pid, root, "limits"))
 
 
 def is_kernel_thread(pid: int, *, root: str = "/proc") -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from ckpt.collect.proc import MapEntry, read_maps, read_smaps_vmflags
+from ckpt.collect.maps import MapEntry, read_maps, read_smaps_vmflags
 
 
 class VmaKind(enum.IntEnum):

@@ -30,7 +30,7 @@ from ckpt.kernel.ptrace import (
     Tracee,
     ptrace,
 )
-from ckpt.kernel.sys import NR, PAGE_SIZE, syscall, vm_transfer
+from ckpt.kernel.sys import NR, PAGE_SIZE, kill_and_reap, syscall, vm_transfer
 
 PAGE = PAGE_SIZE
 
@@ -117,7 +117,7 @@ def _vma_flags(addr: int) -> list[str]:
 
 
 def _forked_sleeper() -> int:
-    """Fork a child that only sleeps until killed; the caller must _kill_and_reap it.
+    """Fork a child that only sleeps until killed; the caller must kill_and_reap it.
     It dies with us, too: a ckpt killed mid-probe leaves no sleeper behind."""
     parent = os.getpid()
     pid = os.fork()
@@ -142,19 +142,6 @@ def _wait_stopped(pid: int, timeout: float) -> int:
         if time.monotonic() > deadline:
             raise KernelError(errno.ETIMEDOUT, f"child {pid} did not stop")
         time.sleep(0.001)
-
-
-def _kill_and_reap(pid: int) -> None:
-    """SIGKILL a child of ours (traced or not) and wait until it is gone."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-        except ChildProcessError:
-            return
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-            return
 
 
 # ---- individual probes; each returns Feature(s) or raises ----
@@ -185,7 +172,7 @@ def _probe_ptrace(extra: _Extra) -> list[Feature]:
         Tracee(pid).detach()
         return [seize, xstate]
     finally:
-        _kill_and_reap(pid)
+        kill_and_reap(pid)
 
 
 def _read_xstate(pid: int, extra: _Extra) -> Feature:
@@ -211,7 +198,7 @@ def _probe_vm_readv(extra: _Extra) -> Feature:
             return Feature("process_vm_readv", False, f"read {n} bytes with wrong content")
         return Feature("process_vm_readv", True, f"read {n} bytes from a child")
     finally:
-        _kill_and_reap(pid)
+        kill_and_reap(pid)
 
 
 def _probe_soft_dirty(extra: _Extra) -> Feature:
@@ -336,7 +323,7 @@ def _probe_clone3(extra: _Extra) -> Feature:
         return Feature("clone3-set-tid", False, f"{reason}; {nlp}")
     if res == 0:  # cannot happen (our pid is taken) -- but never run on in a stray child
         os._exit(0)
-    _kill_and_reap(res)
+    kill_and_reap(res)
     return Feature("clone3-set-tid", False, f"clone3 created pid {res} instead of EEXIST; {nlp}")
 
 

@@ -11,6 +11,7 @@ import ctypes
 import errno
 import itertools
 import os
+import signal
 from collections.abc import Sequence
 
 from ckpt.errors import AccessDenied, KernelError, NoSuchProcess
@@ -162,3 +163,18 @@ def vm_read(pid: int, addr: int, n: int) -> bytes:
 def vm_write(pid: int, addr: int, data: bytes) -> None:
     buf = ctypes.create_string_buffer(data, len(data))
     vm_transfer(True, pid, [(ctypes.addressof(buf), addr, len(data))])
+
+
+def kill_and_reap(pid: int) -> None:
+    """SIGKILL a child of ours (traced or not) and wait until it is gone."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            return

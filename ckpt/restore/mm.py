@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import struct
 
-from ckpt.collect.proc import read_maps
+from ckpt.collect.maps import read_maps
 from ckpt.collect.vmas import KERNEL_PROVIDED, VmaKind
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb

@@ -19,7 +19,7 @@ import signal
 
 from ckpt.errors import KernelError, RestoreError
 from ckpt.kernel.ptrace import PTRACE_O_EXITKILL, PTRACE_TRACEME, Injector, Tracee
-from ckpt.kernel.sys import NR, PAGE_SIZE, libc
+from ckpt.kernel.sys import NR, PAGE_SIZE, kill_and_reap, libc
 
 GADGET_CODE = b"\x0f\x05\xcc"  # syscall; int3
 GADGET_PAGES = 16
@@ -53,7 +53,7 @@ def fork_stub(want_pid: int | None, reserve: int = 0) -> int:
                 last.write(str(max(reserve, pid)))
                 last.flush()
                 return pid
-            _reap_killed(pid)
+            kill_and_reap(pid)
     raise RestoreError(f"could not obtain pid {want_pid} (something else keeps taking it)")
 
 
@@ -66,14 +66,6 @@ def _fork_traced() -> int:
         finally:
             os._exit(127)
     return pid
-
-
-def _reap_killed(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (ProcessLookupError, ChildProcessError):
-        pass
 
 
 class Stub:
@@ -94,7 +86,7 @@ class Stub:
             stub.task.wait_stop(signal.SIGSTOP)
             stub.task.set_options(PTRACE_O_EXITKILL)
         except BaseException:
-            _reap_killed(pid)
+            kill_and_reap(pid)
             raise
         return stub
 
@@ -174,4 +166,4 @@ class Stub:
 
     def kill(self) -> None:
         self.close()
-        _reap_killed(self.pid)
+        kill_and_reap(self.pid)
