@@ -2,7 +2,7 @@
 link between two network namespaces. Prints total time, rounds, downtime, bytes on the
 wire against the memory size, and the raw link throughput measured in the same run.
 
-    sudo python bench/migrate.py [--size-mib 1024] [--dirty-mb-s 10]
+    sudo python bench/migrate.py [--size-mib 1024] [--dirty-mb-s 10] [--runs 3]
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 NS_A, NS_B, ADDR_B, PORT = "ckbenchA", "ckbenchB", "10.79.0.2", 27001
 
@@ -70,10 +72,53 @@ def raw_link_mb_s(size: int = 256 << 20) -> float:
     return size / float(out) / 1e6
 
 
+def migrate_once(args: argparse.Namespace, work: Path, procs: list[subprocess.Popen[bytes]],
+                 ) -> dict[str, Any]:
+    """Start a target in A, migrate it to B, kill the copy; the migrate --json summary."""
+    out = open(work / "target.out", "w")  # noqa: SIM115
+    target = subprocess.Popen(["ip", "netns", "exec", NS_A, sys.executable, "-c", TARGET,
+                               str(args.size_mib), str(args.dirty_mb_s)],
+                              stdout=out, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, close_fds=True,
+                              start_new_session=True)
+    procs.append(target)
+    while "ready" not in (work / "target.out").read_text():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    res = subprocess.run(["ip", "netns", "exec", NS_A, "ckpt", "migrate", "-t",
+                          str(target.pid), "--to", f"{ADDR_B}:{PORT}", "--auth-token-file",
+                          str(work / "token"), "--json"], capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"migrate failed: {res.stderr.strip()}")
+    s: dict[str, Any] = json.loads(res.stdout)
+    target.wait(timeout=30)
+    os.kill(int(s["pid"]), 9)
+    return s
+
+
+def report(s: dict[str, Any], args: argparse.Namespace, link: float) -> None:
+    size = args.size_mib << 20
+    for r in s["per_round"]:
+        print(f"round {r['round']:<3}                {r['dirty_pages']} dirty pages, "
+              f"{r['bytes'] / 2**20:.1f} MiB, {r['seconds'] * 1000:.0f} ms")
+    print(f"total time               {s['total_s']:.2f} s ({s['rounds']} rounds; "
+          f"{s['stop_reason']})")
+    print(f"frozen on the source     {s['frozen_ms']:.1f} ms")
+    print(f"restore on destination   {s['restore_ms']:.1f} ms"
+          f"{' (warm)' if s.get('restore_warm') else ''}")
+    print(f"downtime                 {s['downtime_ms']:.1f} ms (goal <= 50 ms)")
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in s.get("downtime_parts_ms", {}).items())
+    print(f"  of which (ms)           {parts}")
+    print(f"bytes on the wire        {s['bytes'] / 2**20:.1f} MiB = "
+          f"{s['bytes'] / size:.2f}x the memory")
+    print(f"pre-copy vs raw link     {s['bytes'] / 1e6 / s['total_s'] / link:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--dirty-mb-s", type=float, default=10.0)
+    ap.add_argument("--runs", type=int, default=3, help="migrations (the machine is noisy)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ckpt-bench-migrate-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -81,46 +126,22 @@ def main() -> None:
         setup_net()
         link = raw_link_mb_s()
         print(f"raw link                 {link:.0f} MB/s (TCP over the veth, same run)")
+        print(f"target                   {args.size_mib} MiB, dirtying ~{args.dirty_mb_s} MB/s")
         (work / "token").write_text("bench\n")
         server = subprocess.Popen(["ip", "netns", "exec", NS_B, "ckpt", "page-server",
                                    "--address", ADDR_B, "--port", str(PORT), "-D",
                                    str(work / "in"), "--auth-token-file", str(work / "token")],
                                   stderr=subprocess.DEVNULL)
         procs.append(server)
-        out = open(work / "target.out", "w")  # noqa: SIM115
-        target = subprocess.Popen(["ip", "netns", "exec", NS_A, sys.executable, "-c", TARGET,
-                                   str(args.size_mib), str(args.dirty_mb_s)],
-                                  stdout=out, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, close_fds=True,
-                                  start_new_session=True)
-        procs.append(target)
-        while "ready" not in (work / "target.out").read_text():
-            time.sleep(0.2)
-        time.sleep(1.0)
-        res = subprocess.run(["ip", "netns", "exec", NS_A, "ckpt", "migrate", "-t",
-                              str(target.pid), "--to", f"{ADDR_B}:{PORT}", "--auth-token-file",
-                              str(work / "token"), "--json"], capture_output=True, text=True)
-        if res.returncode != 0:
-            sys.exit(f"migrate failed: {res.stderr.strip()}")
-        s = json.loads(res.stdout)
-        target.wait(timeout=30)
-        with_pid = int(s["pid"])
-        size = args.size_mib << 20
-        print(f"target                   {args.size_mib} MiB, dirtying ~{args.dirty_mb_s} MB/s")
-        for r in s["per_round"]:
-            print(f"round {r['round']:<3}                {r['dirty_pages']} dirty pages, "
-                  f"{r['bytes'] / 2**20:.1f} MiB, {r['seconds'] * 1000:.0f} ms")
-        print(f"total time               {s['total_s']:.2f} s ({s['rounds']} rounds; "
-              f"{s['stop_reason']})")
-        print(f"frozen on the source     {s['frozen_ms']:.1f} ms")
-        print(f"restore on destination   {s['restore_ms']:.1f} ms")
-        print(f"downtime                 {s['downtime_ms']:.1f} ms (goal <= 50 ms)")
-        parts = ", ".join(f"{k} {v:.1f}" for k, v in s.get("downtime_parts_ms", {}).items())
-        print(f"  of which (ms)           {parts}")
-        print(f"bytes on the wire        {s['bytes'] / 2**20:.1f} MiB = "
-              f"{s['bytes'] / size:.2f}x the memory")
-        print(f"pre-copy vs raw link     {s['bytes'] / 1e6 / s['total_s'] / link:.2f}x")
-        os.kill(with_pid, 9)
+        downtimes = []
+        for run in range(1, args.runs + 1):
+            print(f"-- run {run}")
+            s = migrate_once(args, work, procs)
+            report(s, args, link)
+            downtimes.append(s["downtime_ms"])
+        print(f"-- downtime over {len(downtimes)} runs: median "
+              f"{statistics.median(downtimes):.1f} ms, min {min(downtimes):.1f}, max "
+              f"{max(downtimes):.1f} (goal <= 50 ms)")
     finally:
         for p in procs:
             if p.poll() is None:
