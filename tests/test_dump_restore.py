@@ -232,6 +232,8 @@ def test_threads_continue_with_same_tids(harness: Harness, tmp_path: Path) -> No
     wait_for(lambda: all_counting(max(at_dump.values()) + 5), 10, "all threads to continue")
     assert_running_untraced(proc.pid)
     assert thread_ids(proc.pid) == tids
+    # restore runs the stub on ckpt's CPU meanwhile (Stub.colocated): no thread keeps that
+    assert all(os.sched_getaffinity(t) == os.sched_getaffinity(0) for t in tids)
     stop(harness, proc.pid)
 
     seen = thread_progress(read_lines(out))

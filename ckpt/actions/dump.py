@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from ckpt.actions.core_image import ProcessInfo, build_core
 from ckpt.actions.passes import (
     MemoryResult,
+    Snapshot,
     apply_compare,
     describe,
     inventory,
@@ -147,12 +148,14 @@ def dump(opts: DumpOptions) -> DumpResult:
                                          len(states[0].xstate), opts.shell_job))
         return stats
 
-    snapshot: bytearray | None = None
+    snapshot: Snapshot | None = None
     try:
         with Frozen(pid) as frozen:
             threads = frozen.threads()
-            states = [collect_thread(t) for t in threads]
-            injected = collect_injected(pid, threads, states, collect_vmas(pid, vmflags=False))
+            with frozen.near():  # ptrace round trips
+                states = [collect_thread(t) for t in threads]
+                injected = collect_injected(pid, threads, states,
+                                            collect_vmas(pid, vmflags=False))
             fresh = tracker is not None and tracker.needs_fresh_vmflags
             vmas = collect_vmas(pid, known=None if fresh else early_vmas)
             check_vmas(pid, vmas)
@@ -170,7 +173,8 @@ def dump(opts: DumpOptions) -> DumpResult:
                                        parent_digests, snapshot)
             finally:
                 if tracker is not None:
-                    tracker.end(ctx, keep=keep)
+                    with frozen.near():
+                        tracker.end(ctx, keep=keep)
             files = collect_files(pid, opts.shell_job, hidden_fds(pid))
             info = collect_process(pid, frozen.leader)
             frozen_at = frozen.frozen_at
@@ -203,7 +207,7 @@ def begin_tracking(tracker: Tracker | None, ctx: PassContext) -> DirtySet:
 
 
 def store_memory(images: ImageDir, pid: int, plan: PassPlan, level: int, compare: bool,
-                 parent_digests: DigestMap | None, snapshot: bytearray | None) -> MemoryResult:
+                 parent_digests: DigestMap | None, snapshot: Snapshot | None) -> MemoryResult:
     """Pages and pagemap (and, for compare, the digests of what was stored)."""
     stored: list[bytes] | None = [] if compare else None
     mem = write_memory(images, pid, plan, level, digests=stored, snapshot=snapshot)

@@ -53,6 +53,7 @@ from ckpt.transfer.wire import Conn, TransferError
 FILE_KINDS = frozenset({VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED})
 NOT_CONVERGING = ("dirty set stopped shrinking (the process dirties memory as fast as the "
                   "link carries it)")
+CATCH_UP_ROUNDS = 3
 COMMIT_RETRY_S = 20.0  # well inside the destination's commit grace period
 HANDOVER_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 DUTY_STEP = 0.3  # --auto-converge: each non-converging round stops the target 30% more
@@ -153,21 +154,24 @@ def round_line(r: Round, duty: float = 0.0) -> str:
 def catch_up(opts: MigrateOptions, conn: Conn, work: Path, out: MigrateResult,
              prev: str | None, report: Callable[[str], None]) -> str | None:
     """Let the destination finish applying the rounds before the freeze (its restore is
-    then only the final pass). A long wait let the target dirty more: one more round."""
-    t = time.perf_counter()
-    why = sync_remote(conn)
-    waited_ms = (time.perf_counter() - t) * 1000
-    if why:
-        report(f"destination gave up its warm restore ({why}); the final restore is a "
-               "full one")
-        return prev
-    report(f"destination caught up in {waited_ms:.0f} ms")
-    if waited_ms > opts.max_downtime_ms:
+    then only the final pass). A long wait let the target dirty more: another round, until
+    the destination keeps up (a round's worth of changes applies quickly), at most
+    CATCH_UP_ROUNDS times."""
+    for k in range(CATCH_UP_ROUNDS + 1):
+        t = time.perf_counter()
+        why = sync_remote(conn)
+        waited_ms = (time.perf_counter() - t) * 1000
+        if why:
+            report(f"destination gave up its warm restore ({why}); the final restore is a "
+                   "full one")
+            return prev
+        report(f"destination caught up in {waited_ms:.0f} ms")
+        if waited_ms <= opts.max_downtime_ms or k == CATCH_UP_ROUNDS:
+            return prev
         n = len(out.rounds) + 1
         out.rounds.append(pre_round(opts, conn, work, n, prev, 0.0))
         report(round_line(out.rounds[-1]) + " (catch-up)")
         prev = f"../{n}"
-        sync_remote(conn)
     return prev
 
 

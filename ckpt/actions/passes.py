@@ -3,6 +3,7 @@ one pass (pages + pagemap) and its statistics."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -85,21 +86,27 @@ class MemoryResult:
 SNAPSHOT_LIMIT = 256 << 20
 
 
-def snapshot_pages(pid: int, plan: PassPlan) -> bytearray | None:
+Snapshot = bytearray | mmap.mmap
+
+
+def snapshot_pages(pid: int, plan: PassPlan) -> Snapshot | None:
     """The plan's pages, copied into memory (the cheap part of a frozen dump), so that
     compressing and writing them can wait until the target runs again; None if they are
-    more than SNAPSHOT_LIMIT bytes."""
+    more than SNAPSHOT_LIMIT bytes. The buffer is populated up front (one mmap), not
+    faulted in a page at a time while the kernel copies into it."""
     size = pages(plan.copy) * PAGE_SIZE
     if size > SNAPSHOT_LIMIT:
         return None
-    buf = bytearray(size)
+    if not size:
+        return bytearray()
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
     read_into(pid, plan.copy_runs(), buf)
     return buf
 
 
 def write_memory(images: ImageDir, pid: int, plan: PassPlan, level: int,
                  tolerate_unmapped: bool = False, digests: list[bytes] | None = None,
-                 snapshot: bytearray | None = None) -> MemoryResult:
+                 snapshot: Snapshot | None = None) -> MemoryResult:
     """Copy the plan's pages (from the process, or from ``snapshot``) into pages-PID.img
     and write pagemap-PID.img; with ``digests``, also collect the digest of every page
     stored."""

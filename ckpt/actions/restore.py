@@ -59,14 +59,16 @@ def restore(opts: RestoreOptions) -> RestoreResult:
         check_ids_free(entry)
     stub = Stub.spawn(None if opts.new_pid else entry.pid, max(t.tid for t in entry.threads))
     try:
-        check_xstate(stub, entry)
         vmas = list(entry.vmas)
-        prepare_stub(stub, vmas)
-        late = mm.map_vmas(stub, vmas)
+        with stub.colocated():  # injected syscalls: see Stub.colocated
+            check_xstate(stub, entry)
+            prepare_stub(stub, vmas)
+            late = mm.map_vmas(stub, vmas)
         fill_layers(stub, entry.pid, layers, WritableIndex(vmas, late))
-        mm.protect_late(stub, late)
-        tids = finish_process(stub, entry, new_session=not inv.shell_job,
-                              same_tids=not opts.new_pid, stopped=opts.stopped)
+        with stub.colocated():
+            mm.protect_late(stub, late)
+            tids = finish_process(stub, entry, new_session=not inv.shell_job,
+                                  same_tids=not opts.new_pid, stopped=opts.stopped)
     except BaseException:
         stub.kill()
         raise

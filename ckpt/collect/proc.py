@@ -87,6 +87,7 @@ class Stat:
     end_code: int
     start_stack: int
     exit_signal: int
+    processor: int  # the CPU it last ran on
     start_data: int
     end_data: int
     start_brk: int
@@ -110,8 +111,8 @@ def parse_stat(text: str) -> Stat:
         pid=int(pid_s), comm=comm, state=f[0], ppid=n(4), pgrp=n(5), session=n(6),
         tty_nr=n(7), tpgid=n(8), flags=n(9), num_threads=n(20), starttime=n(22),
         start_code=n(26), end_code=n(27), start_stack=n(28), exit_signal=n(38),
-        start_data=n(45), end_data=n(46), start_brk=n(47), arg_start=n(48), arg_end=n(49),
-        env_start=n(50), env_end=n(51), exit_code=n(52),
+        processor=n(39), start_data=n(45), end_data=n(46), start_brk=n(47), arg_start=n(48),
+        arg_end=n(49), env_start=n(50), env_end=n(51), exit_code=n(52),
     )
 
 

@@ -14,10 +14,11 @@ through ``__exit__`` like any other error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 
 from ckpt.collect import proc
@@ -84,6 +85,29 @@ class Frozen:
                 self.detach_all()
         finally:
             self._restore_signal_handlers()
+
+    @contextlib.contextmanager
+    def near(self) -> Iterator[None]:
+        """Run this thread meanwhile on the CPU the target's leader last ran on.
+
+        Each ptrace request waits until the tracee is off its CPU (wait_task_inactive);
+        a tracee woken for an injected syscall runs where it ran before, and if that is
+        another CPU than ours the wait can last a scheduler tick. Only ckpt's own CPU mask
+        changes, never the target's. Threads started meanwhile would inherit the mask:
+        keep page copying and compression outside."""
+        mine = os.sched_getaffinity(0)
+        try:
+            cpu = proc.read_stat(self.pid, root=self.root).processor
+        except CkptError:
+            cpu = -1
+        pinned = cpu in mine and mine != {cpu}
+        if pinned:
+            os.sched_setaffinity(0, {cpu})
+        try:
+            yield
+        finally:
+            if pinned:
+                os.sched_setaffinity(0, mine)
 
     # ------------------------------------------------------------------ seize
     def _seize_all(self) -> None:

@@ -79,6 +79,9 @@ def _why(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+PAGEMAP_CACHE = 64
+_PAGEMAPS: dict[tuple[str, int, int, int, int], tuple[PagemapHead, Pagemap]] = {}
+
 class ImageDir:
     """A directory of image files. Never touches a live process."""
 
@@ -230,7 +233,23 @@ class ImageDir:
         self._write_msgs(PAGEMAP, pid, [head, *encode(pagemap)])
 
     def read_pagemap(self, pid: int) -> tuple[PagemapHead, Pagemap]:
+        """Decoded once per file version and process: a migration's rounds and a restore
+        read the same parents again and again (callers must not modify the result)."""
         target = self.file("pagemap", pid)
+        try:
+            st = os.stat(target)
+        except OSError:
+            return self._read_pagemap(target, pid)
+        key = (os.path.realpath(target), st.st_ino, st.st_size, st.st_mtime_ns, pid)
+        hit = _PAGEMAPS.get(key)
+        if hit is None:
+            hit = self._read_pagemap(target, pid)
+            if len(_PAGEMAPS) >= PAGEMAP_CACHE:
+                _PAGEMAPS.pop(next(iter(_PAGEMAPS)))
+            _PAGEMAPS[key] = hit
+        return hit
+
+    def _read_pagemap(self, target: Path, pid: int) -> tuple[PagemapHead, Pagemap]:
         name = str(target)
         payloads = decode_payloads(self._read_file(target), PAGEMAP.magic, name)
         if not payloads:

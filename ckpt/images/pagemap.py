@@ -10,6 +10,7 @@ parent (IN_PARENT), in memory as two range lists and on disk as packed arrays.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,10 +24,12 @@ RUNS_PER_ENTRY = 1 << 16
 
 @dataclass(frozen=True)
 class Pagemap:
+    """Read-only once built: ImageDir.read_pagemap hands the same object to every caller."""
+
     present: list[Range]
     in_parent: list[Range]
 
-    @property
+    @functools.cached_property
     def covered(self) -> list[Range]:
         """Pages that exist in this image's view (its own or its parents')."""
         return normalize(self.present + self.in_parent)

@@ -178,3 +178,11 @@ def kill_and_reap(pid: int) -> None:
             return
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):
             return
+
+
+def current_cpu() -> int:
+    """The CPU this thread runs on right now (sched_getcpu)."""
+    cpu = int(libc.sched_getcpu())
+    if cpu < 0:
+        raise KernelError(ctypes.get_errno(), "sched_getcpu")
+    return cpu

@@ -149,7 +149,7 @@ def copy_runs(pid: int, runs: list[Run], sink: Callable[[memoryview], None],
 
 
 
-def read_into(pid: int, runs: list[Run], buf: bytearray) -> None:
+def read_into(pid: int, runs: list[Run], buf: bytearray | mmap.mmap) -> None:
     """Read every run of ``pid`` back to back straight into ``buf`` (no bounce buffer:
     the fastest way to take a small snapshot while the target is frozen)."""
     if not buf:

@@ -113,6 +113,7 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
         load_registers(task, th)
     if stopped:  # queued while every thread is still traced: none runs user code
         os.kill(stub.pid, signal.SIGSTOP)
+    stub.release_cpu()
     for task in threads:
         task.task.detach()
     stub.task.detach()

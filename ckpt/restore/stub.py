@@ -13,13 +13,15 @@ leaves a half-built process; :meth:`Stub.kill` does the same on an orderly failu
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
+from collections.abc import Iterator
 
 from ckpt.errors import KernelError, RestoreError
 from ckpt.kernel.ptrace import PTRACE_O_EXITKILL, PTRACE_TRACEME, Injector, Tracee
-from ckpt.kernel.sys import NR, PAGE_SIZE, kill_and_reap, libc
+from ckpt.kernel.sys import NR, PAGE_SIZE, current_cpu, kill_and_reap, libc
 
 GADGET_CODE = b"\x0f\x05\xcc"  # syscall; int3
 GADGET_PAGES = 16
@@ -77,6 +79,7 @@ class Stub:
         self.inj: Injector | None = None
         self.gadget = 0
         self._mem_fd = -1
+        self._mask: set[int] | None = None  # CPU mask to give back (see colocated)
 
     @classmethod
     def spawn(cls, want_pid: int | None, reserve: int = 0) -> Stub:
@@ -158,6 +161,44 @@ class Stub:
             if n <= 0:
                 raise RestoreError(f"short write at {addr + done:#x}")
             done += n
+
+    # ------------------------------------------------------------------ CPU
+    @contextlib.contextmanager
+    def colocated(self) -> Iterator[None]:
+        """Run the calling thread and every task of the stub on one CPU meanwhile.
+
+        Each ptrace request first waits until the tracee is off its CPU
+        (wait_task_inactive). A tracee that just stopped on another CPU may still be
+        switching out, and that wait can last a scheduler tick: with dozens of injected
+        syscalls, milliseconds of restore time, and of migration downtime. On our own CPU
+        it is always off by the time we run. The CPU masks are put back on every path;
+        threads cloned meanwhile get the stub's original mask (see release_cpu)."""
+        mine = os.sched_getaffinity(0)
+        cpu = current_cpu()
+        self._mask = mine
+        try:
+            os.sched_setaffinity(0, {cpu})
+            for tid in self.tids():
+                os.sched_setaffinity(tid, {cpu})
+            yield
+        finally:
+            self.release_cpu()
+            os.sched_setaffinity(0, mine)
+
+    def release_cpu(self) -> None:
+        """Give every task of the stub back its original CPU mask (before a detach)."""
+        if self._mask is None:
+            return
+        for tid in self.tids():
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(tid, self._mask)
+        self._mask = None
+
+    def tids(self) -> list[int]:
+        try:
+            return sorted(int(t) for t in os.listdir(f"/proc/{self.pid}/task") if t.isdigit())
+        except FileNotFoundError:
+            return []
 
     def close(self) -> None:
         if self._mem_fd >= 0:

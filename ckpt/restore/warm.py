@@ -104,12 +104,13 @@ class WarmRestore:
             if inv.kind != "dump":
                 raise RestoreError(f"{path} holds a {inv.kind}, not a restorable dump")
             entry = images.read_core(inv.root_pid)
-            check_xstate(stub, entry)
-            mm.protect_late(stub, [v for v in entry.vmas if mm.needs_late_protect(v)])
             same_tids = stub.pid == entry.pid and not any(
                 os.path.exists(f"/proc/{t.tid}") for t in entry.threads[1:])
-            tids = finish_process(stub, entry, new_session=not inv.shell_job,
-                                  same_tids=same_tids, stopped=stopped)
+            with stub.colocated():
+                check_xstate(stub, entry)
+                mm.protect_late(stub, [v for v in entry.vmas if mm.needs_late_protect(v)])
+                tids = finish_process(stub, entry, new_session=not inv.shell_job,
+                                      same_tids=same_tids, stopped=stopped)
         except BaseException:
             self.kill()
             raise
@@ -135,8 +136,9 @@ class WarmRestore:
         taken = os.path.exists(f"/proc/{pid}")
         stub = Stub.spawn(None if taken else pid)
         self.stub = stub
-        prepare_stub(stub, vmas)
-        late = mm.map_vmas(stub, vmas)
+        with stub.colocated():
+            prepare_stub(stub, vmas)
+            late = mm.map_vmas(stub, vmas)
         return fill_layers(stub, pid, layers, WritableIndex(vmas, late))
 
     def _update(self, images: ImageDir, pid: int, vmas: list[pb.Vma],
@@ -144,17 +146,18 @@ class WarmRestore:
         stub = self.stub
         assert stub is not None
         change = plan_layout(self.vmas, vmas)
-        busy = normalize((v.start, v.end) for v in vmas)
-        if mm.overlaps(stub.gadget, stub.gadget + GADGET_LEN + GADGET_SLACK, busy):
-            stub.move_gadget(mm.free_gadget_address(stub.pid, vmas))
-        for a, b in change.unmap:
-            stub.sc(NR.munmap, a, b - a, what=f"munmap {a:#x}")
-        with mm.Backing(stub) as files:
-            for p in change.fresh:
-                mm.map_range(stub, p.vma, p.start, p.end, files)
-        for a, b, prot in change.protect:
-            stub.sc(NR.mprotect, a, b - a, prot, what=f"mprotect {a:#x}")
-        self._drop(vmas, intersect(change.kept, subtract(self.coverage, pm.covered)))
+        with stub.colocated():
+            busy = normalize((v.start, v.end) for v in vmas)
+            if mm.overlaps(stub.gadget, stub.gadget + GADGET_LEN + GADGET_SLACK, busy):
+                stub.move_gadget(mm.free_gadget_address(stub.pid, vmas))
+            for a, b in change.unmap:
+                stub.sc(NR.munmap, a, b - a, what=f"munmap {a:#x}")
+            with mm.Backing(stub) as files:
+                for p in change.fresh:
+                    mm.map_range(stub, p.vma, p.start, p.end, files)
+            for a, b, prot in change.protect:
+                stub.sc(NR.mprotect, a, b - a, prot, what=f"mprotect {a:#x}")
+            self._drop(vmas, intersect(change.kept, subtract(self.coverage, pm.covered)))
         index = WritableIndex(vmas, [v for v in vmas if mm.needs_late_protect(v)])
         written = fill_layers(stub, pid, [chain.Layer(images, pm.present, pm.present)], index)
         unchanged = pm.in_parent
