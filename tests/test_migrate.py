@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import (
@@ -30,11 +31,12 @@ from conftest import (
     wait_for_line,
     wait_for_lines,
 )
+from test_transfer import make_cert
 
 from ckpt.errors import RestoreError
 from ckpt.transfer import serve
 from ckpt.transfer.client import commit_remote, connect, restore_remote, send_pass_on
-from ckpt.transfer.wire import TransferError
+from ckpt.transfer.wire import TransferError, server_tls_context
 
 pytestmark = needs_root
 NUM = re.compile(r"n=(\d+) .* pid=(\d+)")
@@ -45,6 +47,11 @@ def page_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """An in-process page server thread on a free loopback port: (HOST:PORT, token)."""
     token = tmp_path / "token"
     token.write_text("migrate-me\n")
+    yield f"127.0.0.1:{start_server(tmp_path / 'dest')}", token
+
+
+def start_server(dest: Path, **kwargs: Any) -> int:
+    """serve() on a thread of this process, on a free loopback port; returns the port."""
     ready = threading.Event()
     port: list[int] = []
 
@@ -52,12 +59,10 @@ def page_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         port.append(p)
         ready.set()
 
-    thread = threading.Thread(target=serve, args=("127.0.0.1", 0, tmp_path / "dest",
-                                                  b"migrate-me"),
-                              kwargs={"once": False, "ready": started}, daemon=True)
-    thread.start()
+    threading.Thread(target=serve, args=("127.0.0.1", 0, dest, b"migrate-me"),
+                     kwargs={"ready": started, **kwargs}, daemon=True).start()
     assert ready.wait(10), "page server did not start"
-    yield f"127.0.0.1:{port[0]}", token
+    return port[0]
 
 
 def numbers(out: Path) -> list[tuple[int, int]]:
@@ -225,8 +230,9 @@ def two_hosts() -> Iterator[tuple[str, str, str]]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+@pytest.mark.parametrize("target", ["c", "python"])
 def test_migrate_between_namespaces(harness: Harness, bins: Bins, tmp_path: Path,
-                                    two_hosts: tuple[str, str, str]) -> None:
+                                    two_hosts: tuple[str, str, str], target: str) -> None:
     """Host A to host B over a veth link: the copy lives in B's network namespace."""
     a, b, b_addr = two_hosts
     token = tmp_path / "token"
@@ -237,8 +243,11 @@ def test_migrate_between_namespaces(harness: Harness, bins: Bins, tmp_path: Path
                              "--auth-token-file", token], log)
     wait_for_line(log, lambda s: "listening" in s, 20, "the page server in B")
     out = tmp_path / "out.txt"
-    proc = harness.launch(["ip", "netns", "exec", a, bins.counter_dyn, "-o", out],
-                          tmp_path / "stdout.txt")
+    in_a = ["ip", "netns", "exec", a]
+    if target == "c":
+        proc = harness.launch([*in_a, bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
+    else:
+        proc = harness.launch([*in_a, *py_target("counter.py")], out)
     wait_for_lines(out, 5)
     res = run_ckpt("migrate", "-t", str(proc.pid), "--to", f"{b_addr}:27077",
                    "--auth-token-file", token, reap=proc, prefix=("ip", "netns", "exec", a))
@@ -436,18 +445,60 @@ def test_uncommitted_copy_dies_after_the_grace_period(harness: Harness, bins: Bi
                                                       tmp_path: Path) -> None:
     """Nobody commits: the stopped copy is killed when the grace period ends, and the
     source runs on."""
-    ready = threading.Event()
-    port: list[int] = []
-
-    def started(p: int) -> None:
-        port.append(p)
-        ready.set()
-
-    threading.Thread(target=serve, args=("127.0.0.1", 0, tmp_path / "dest", b"migrate-me"),
-                     kwargs={"ready": started, "commit_grace": 1.0}, daemon=True).start()
-    assert ready.wait(10)
-    source, out, pid = restored_uncommitted(harness, bins, tmp_path, f"127.0.0.1:{port[0]}")
+    port = start_server(tmp_path / "dest", commit_grace=1.0)
+    source, out, pid = restored_uncommitted(harness, bins, tmp_path, f"127.0.0.1:{port}")
     assert state(pid) == "T"
     wait_for(lambda: not is_alive(pid) or None, 20, f"the uncommitted copy {pid} to die")
     assert_running_untraced(source.pid)
     assert {p for _, p in numbers(out)} == {source.pid}
+
+
+# --------------------------------------------------------------------------- TLS, tokens
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
+    """An in-process page server speaking TLS: (HOST:PORT, token file, its certificate)."""
+    cert, key = make_cert(tmp_path / "server-cert", "server")
+    token = tmp_path / "token"
+    token.write_text("migrate-me\n")
+    port = start_server(tmp_path / "dest", tls=server_tls_context(cert, key))
+    yield f"127.0.0.1:{port}", token, cert
+
+
+def test_migrate_over_tls(harness: Harness, bins: Bins, tmp_path: Path,
+                          tls_server: tuple[str, Path, Path]) -> None:
+    address, token, cert = tls_server
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
+    wait_for_lines(out, 5)
+    res = run_ckpt("migrate", "-t", str(proc.pid), "--to", address, "--auth-token-file", token,
+                   "--tls-cacert", cert, reap=proc)
+    assert res.returncode == 0, res.describe()
+    new_pid = int(re.search(r"as pid (\d+)", res.stdout)[1])  # type: ignore[index]
+    harness.track(new_pid)
+    wait_for_lines(out, len(read_lines(out)) + 3)
+    seq = numbers(out)
+    assert [n for n, _ in seq] == list(range(1, len(seq) + 1)), "a gap or a repeat"
+
+
+@pytest.mark.parametrize("how", ["plain", "other-ca", "no-token"])
+def test_tls_or_token_mismatch_touches_nothing(harness: Harness, bins: Bins, tmp_path: Path,
+                                               tls_server: tuple[str, Path, Path],
+                                               how: str) -> None:
+    """No TLS against a TLS server, a server certificate from another CA, no token: one
+    error line, nothing stored, the source runs on untraced."""
+    address, token, _ = tls_server
+    other, _ = make_cert(tmp_path / "other-cert", "other")
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
+    wait_for_lines(out, 3)
+    args = {"plain": ["--auth-token-file", token],
+            "other-ca": ["--auth-token-file", token, "--tls-cacert", other],
+            "no-token": []}[how]
+    assert_one_error_line(run_ckpt("migrate", "-t", str(proc.pid), "--to", address, *args))
+    assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").iterdir())
+    assert_running_untraced(proc.pid)
+    before = len(read_lines(out))
+    wait_for_lines(out, before + 2)
+    assert {p for _, p in numbers(out)} == {proc.pid}
