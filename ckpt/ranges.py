@@ -10,6 +10,7 @@ needs. Work is per range, never per page.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
 
 Range = tuple[int, int]
@@ -47,6 +48,10 @@ def union(a: list[Range], b: list[Range]) -> list[Range]:
 
 def intersect(a: list[Range], b: list[Range]) -> list[Range]:
     """a ∩ b for normalized inputs."""
+    if len(a) < len(b):
+        a, b = b, a
+    if len(b) * FEW < len(a):
+        return _intersect_few(a, b)
     out: list[Range] = []
     i = j = 0
     while i < len(a) and j < len(b):
@@ -57,6 +62,29 @@ def intersect(a: list[Range], b: list[Range]) -> list[Range]:
             i += 1
         else:
             j += 1
+    return out
+
+
+FEW = 16  # intersect: bisect into the longer list when the other is this many times shorter
+
+
+def _intersect_few(many: list[Range], few: list[Range]) -> list[Range]:
+    """intersect() when ``few`` is much shorter (clipping thousands of dirty runs to a few
+    VMAs): each of ``few`` takes its slice of ``many`` by bisection, copied in C, and only
+    the slice's two ends are clipped."""
+    starts = [s for s, _ in many]
+    out: list[Range] = []
+    for lo, hi in few:
+        i = bisect.bisect_right(starts, lo) - 1
+        if i < 0 or many[i][1] <= lo:
+            i += 1
+        j = bisect.bisect_left(starts, hi)
+        if i >= j:
+            continue
+        part = many[i:j]
+        part[0] = (max(part[0][0], lo), min(part[0][1], hi))
+        part[-1] = (max(part[-1][0], lo), min(part[-1][1], hi))
+        out += part
     return out
 
 
