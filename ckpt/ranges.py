@@ -52,6 +52,11 @@ def intersect(a: list[Range], b: list[Range]) -> list[Range]:
         a, b = b, a
     if len(b) * FEW < len(a):
         return _intersect_few(a, b)
+    return intersect_walk(a, b)
+
+
+def intersect_walk(a: list[Range], b: list[Range]) -> list[Range]:
+    """a ∩ b by walking both lists side by side."""
     out: list[Range] = []
     i = j = 0
     while i < len(a) and j < len(b):
