@@ -34,27 +34,18 @@ class Layer:
 
 
 def resolve(newest: ImageDir, pid: int) -> list[Layer]:
-    """Layers of the chain from ``newest``, each with the pages it owns."""
-    chain = image_chain(newest)
+    """Layers of the chain from ``newest``, each with the pages it owns. The chain is
+    checked first (check_chain), so every page wanted is found on the way up."""
+    images = check_chain(newest, pid)
     _, pm = newest.read_pagemap(pid)
     layers = [Layer(newest, pm.present, pm.present)]
     need = pm.in_parent
-    child = newest
-    for parent in chain[1:]:
+    for parent in images[1:]:
         if not need:
             break
         _, ppm = parent.read_pagemap(pid)
-        lacking = subtract(need, ppm.covered)
-        if lacking:
-            raise ImageError(f"broken parent chain: {child.path} says {total(lacking) // PAGE_SIZE}"
-                             f" pages (first at {lacking[0][0]:#x}) are in {parent.path}, "
-                             "which does not have them")
         layers.append(Layer(parent, ppm.present, intersect(need, ppm.present)))
         need = intersect(need, ppm.in_parent)
-        child = parent
-    if need:
-        raise ImageError(f"broken parent chain: {child.path} refers to a parent image for "
-                         f"{total(need) // PAGE_SIZE} pages but has none")
     return layers
 
 
@@ -68,11 +59,11 @@ def parent_coverage(parent: ImageDir, pid: int) -> list[Range]:
     return pm.covered
 
 
-def check_chain(newest: ImageDir, pid: int) -> None:
+def check_chain(newest: ImageDir, pid: int) -> list[ImageDir]:
     """Every image's IN_PARENT pages exist in its parent's view, and the oldest image has
-    none: then every page of ``newest`` resolves (what resolve() checks, taken pair by
-    pair). A pair is checked once per process while its pagemaps are unchanged, so a
-    migration's rounds do not check the whole chain again each time."""
+    none: then every page of ``newest`` resolves. A pair is checked once per process
+    while its pagemaps are unchanged, so a migration's rounds do not check the whole
+    chain again each time. Returns the chain, newest first."""
     images = image_chain(newest)
     for child, parent in zip(images, [*images[1:], None], strict=True):
         _, pm = child.read_pagemap(pid)
@@ -80,7 +71,7 @@ def check_chain(newest: ImageDir, pid: int) -> None:
             if pm.in_parent:
                 raise ImageError(f"broken parent chain: {child.path} refers to a parent image "
                                  f"for {total(pm.in_parent) // PAGE_SIZE} pages but has none")
-            return
+            break
         _, ppm = parent.read_pagemap(pid)
         key = (id(pm), id(ppm))
         if key in _CHECKED:
@@ -93,6 +84,7 @@ def check_chain(newest: ImageDir, pid: int) -> None:
         if len(_CHECKED) >= 256:
             _CHECKED.clear()
         _CHECKED[key] = (pm, ppm)  # holding both keeps their ids from being reused
+    return images
 
 
 _CHECKED: dict[tuple[int, int], tuple[Pagemap, Pagemap]] = {}
