@@ -96,6 +96,11 @@ def map_vmas(stub: Stub, vmas: list[pb.Vma]) -> list[pb.Vma]:
         for v in vmas:
             if VmaKind(v.kind) not in KERNEL_PROVIDED:
                 map_range(stub, v, v.start, v.end, files)
+    return late_protected(vmas)
+
+
+def late_protected(vmas: list[pb.Vma]) -> list[pb.Vma]:
+    """The VMAs mapped writable for the page fill and mprotected back after it."""
     return [v for v in vmas if needs_late_protect(v)]
 
 

@@ -19,7 +19,8 @@ import os
 import signal
 from collections.abc import Iterator
 
-from ckpt.errors import KernelError, RestoreError
+from ckpt.collect.proc import list_tasks
+from ckpt.errors import KernelError, NoSuchProcess, RestoreError
 from ckpt.kernel.ptrace import PTRACE_O_EXITKILL, PTRACE_TRACEME, Injector, Tracee
 from ckpt.kernel.sys import NR, PAGE_SIZE, current_cpu, kill_and_reap, libc
 
@@ -196,8 +197,8 @@ class Stub:
 
     def tids(self) -> list[int]:
         try:
-            return sorted(int(t) for t in os.listdir(f"/proc/{self.pid}/task") if t.isdigit())
-        except FileNotFoundError:
+            return list_tasks(self.pid)
+        except NoSuchProcess:
             return []
 
     def close(self) -> None:

@@ -28,7 +28,7 @@ from ckpt.errors import RestoreError
 from ckpt.images import ImageDir, chain
 from ckpt.images.pagemap import Pagemap
 from ckpt.images.pb import core_pb2 as pb
-from ckpt.kernel.sys import NR
+from ckpt.kernel.sys import NR, PAGE_SIZE
 from ckpt.ranges import Range, intersect, normalize, subtract, union
 from ckpt.restore import mm
 from ckpt.restore.layout import plan_layout, vdso_moved
@@ -65,7 +65,8 @@ class WarmRestore:
         t0 = time.perf_counter()
         images = ImageDir.open(path)
         inv = images.read_inventory()
-        if self.stub is not None and (inv.root_pid != self.pid or not self._follows(images)):
+        if self.stub is not None and (inv.root_pid != self.pid or
+                                      not self._follows(images, inv.parent)):
             self.kill()
         pid = inv.root_pid
         vmas = images.read_vmas(pid)
@@ -82,7 +83,7 @@ class WarmRestore:
             raise
         self.pid, self.vmas, self.coverage = pid, vmas, pm.covered
         self.applied = os.path.realpath(images.path)
-        return Applied(images.path.name, started, written // 4096, refilled // 4096,
+        return Applied(images.path.name, started, written // PAGE_SIZE, refilled // PAGE_SIZE,
                        (time.perf_counter() - t0) * 1000)
 
     def finish(self, path: str | os.PathLike[str], stopped: bool = False,
@@ -108,7 +109,7 @@ class WarmRestore:
                 os.path.exists(f"/proc/{t.tid}") for t in entry.threads[1:])
             with stub.colocated():
                 check_xstate(stub, entry)
-                mm.protect_late(stub, [v for v in entry.vmas if mm.needs_late_protect(v)])
+                mm.protect_late(stub, mm.late_protected(list(entry.vmas)))
                 tids = finish_process(stub, entry, new_session=not inv.shell_job,
                                       same_tids=same_tids, stopped=stopped)
         except BaseException:
@@ -126,9 +127,9 @@ class WarmRestore:
         self.applied = ""
 
     # ------------------------------------------------------------------ internals
-    def _follows(self, images: ImageDir) -> bool:
-        """Is this pass the child of the last one applied?"""
-        parent = images.read_inventory().parent
+    def _follows(self, images: ImageDir, parent: str) -> bool:
+        """Is this pass (whose inventory names ``parent``) the child of the last one
+        applied?"""
         return bool(parent) and os.path.realpath(images.path / parent) == self.applied
 
     def _start(self, images: ImageDir, pid: int, vmas: list[pb.Vma]) -> int:
@@ -158,7 +159,7 @@ class WarmRestore:
             for a, b, prot in change.protect:
                 stub.sc(NR.mprotect, a, b - a, prot, what=f"mprotect {a:#x}")
             self._drop(vmas, intersect(change.kept, subtract(self.coverage, pm.covered)))
-        index = WritableIndex(vmas, [v for v in vmas if mm.needs_late_protect(v)])
+        index = WritableIndex(vmas, mm.late_protected(vmas))
         written = fill_layers(stub, pid, [chain.Layer(images, pm.present, pm.present)], index)
         unchanged = pm.in_parent
         refill = intersect(unchanged, union(change.fresh_ranges, subtract(unchanged,

@@ -16,14 +16,17 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from ckpt.images import ImageDir
 from ckpt.restore.warm import WarmRestore
 
 log = logging.getLogger("ckpt.transfer")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,49 +43,45 @@ class Prerestore:
         self.peer = peer
         self.warm = WarmRestore()
         self.broken = ""  # why the warm restore was given up
-        self.jobs: queue.Queue[tuple[Path | None, Future[Restored] | None] | None] = \
-            queue.Queue()
+        self.jobs: queue.Queue[Callable[[], object] | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name=f"prerestore {peer}",
                                        daemon=True)
         self.thread.start()
 
     def apply(self, path: Path) -> None:
         """Queue a received pass."""
-        self.jobs.put((path, None))
+        self.jobs.put(lambda: self._apply(path))
 
     def finish(self, path: Path) -> Restored:
         """Restore the final dump at ``path``; the process is left stopped (SIGSTOP)."""
-        done: Future[Restored] = Future()
-        self.jobs.put((path, done))
-        return done.result()
+        return self._on_worker(lambda: self._finish(path))
 
     def wait(self) -> str:
         """Until every queued pass is applied; why the warm restore was given up, or ''."""
-        done: Future[Restored] = Future()
-        self.jobs.put((None, done))
-        done.result()
-        return self.broken
+        return self._on_worker(lambda: self.broken)
 
     def close(self) -> None:
         """End the worker; a stub not yet turned into a process is killed."""
         self.jobs.put(None)
         self.thread.join()
 
+    def _on_worker(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the worker, after everything queued before; its result or error."""
+        done: Future[T] = Future()
+
+        def job() -> None:
+            try:
+                done.set_result(fn())
+            except BaseException as exc:  # handed to the connection thread
+                done.set_exception(exc)
+
+        self.jobs.put(job)
+        return done.result()
+
     def _run(self) -> None:
         try:
             while (job := self.jobs.get()) is not None:
-                path, done = job
-                if done is None:
-                    assert path is not None
-                    self._apply(path)
-                    continue
-                if path is None:  # wait(): everything before it is done
-                    done.set_result(Restored(0, 0.0, warm=self.warm.stub is not None))
-                    continue
-                try:
-                    done.set_result(self._finish(path))
-                except BaseException as exc:  # handed to the connection thread
-                    done.set_exception(exc)
+                job()
         finally:
             self.warm.kill()
 
