@@ -9,6 +9,7 @@ import pytest
 
 from ckpt.actions import check
 from ckpt.kernel import probe as pr
+from ckpt.kernel.ptrace import Tracee
 
 
 def children_of_self() -> list[int]:
@@ -131,10 +132,10 @@ def test_failing_probe_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_ptrace_probe_cleans_up_on_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure after SEIZE (here: in DETACH) still kills and reaps the child."""
 
-    def flaky(self: pr.Tracee, sig: int = 0) -> None:
+    def flaky(self: Tracee, sig: int = 0) -> None:
         raise RuntimeError("detach failed")
 
-    monkeypatch.setattr(pr.Tracee, "detach", flaky)
+    monkeypatch.setattr(Tracee, "detach", flaky)
     cap = pr.probe()
     assert not cap.ok("ptrace-seize")
     assert "detach failed" in cap.get("ptrace-seize").detail

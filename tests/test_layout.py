@@ -10,7 +10,7 @@ P = 0x1000
 RW, R = 3, 1
 
 
-def vma(start: int, pages: int, kind: int = K.ANON_PRIVATE, prot: int = RW, path: str = "",
+def vma(start: int, pages: int, kind: pb.Vma.Kind = K.ANON_PRIVATE, prot: int = RW, path: str = "",
         pgoff: int = 0, inode: int = 0, flags: tuple[str, ...] = ()) -> pb.Vma:
     return pb.Vma(start=start, end=start + pages * P, prot=prot, kind=kind, path=path,
                   pgoff=pgoff, inode=inode, vmflags=list(flags))

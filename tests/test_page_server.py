@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ pytestmark = needs_root
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> tuple[Path, str, Path]:
+def server(tmp_path: Path) -> Iterator[tuple[Path, str, Path]]:
     """A page server on a free loopback port: (its images dir, HOST:PORT, token file)."""
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")

@@ -191,7 +191,8 @@ def test_token_file(tmp_path: Path, root: Path, local: Path) -> None:
 def test_other_protocol_version_is_refused(root: Path) -> None:
     server = Server(root)
     with Conn(socket.create_connection((HOST, server.port), timeout=10), "server") as conn:
-        conn.send(wire_pb2.Hello(protocol_version=99, client_nonce=os.urandom(32), role=1))
+        conn.send(wire_pb2.Hello(protocol_version=99, client_nonce=os.urandom(32),
+                                    role=wire_pb2.ROLE_SEND))
         error = expect_refusal(conn)
     server.join()
     assert "protocol version 99 not supported" in error

@@ -58,6 +58,9 @@ COMMIT_RETRY_S = 20.0  # well inside the destination's commit grace period
 HANDOVER_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 DUTY_STEP = 0.3  # --auto-converge: each non-converging round stops the target 30% more
 MAX_DUTY = 0.9
+# A round must leave at most this share of the previous round's dirty pages to count as
+# shrinking; 8251 -> 8225 pages is noise, not convergence.
+SHRINK = 0.9
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,8 @@ def catch_up(opts: MigrateOptions, conn: Conn, work: Path, out: MigrateResult,
     """Let the destination finish applying the rounds before the freeze (its restore is
     then only the final pass). A long wait let the target dirty more: another round, until
     the destination keeps up (a round's worth of changes applies quickly), at most
-    CATCH_UP_ROUNDS times."""
+    CATCH_UP_ROUNDS times, and never for a target that did not converge: its next round
+    would carry as much as the last."""
     for k in range(CATCH_UP_ROUNDS + 1):
         t = time.perf_counter()
         why = sync_remote(conn)
@@ -166,7 +170,8 @@ def catch_up(opts: MigrateOptions, conn: Conn, work: Path, out: MigrateResult,
                    "full one")
             return prev
         report(f"destination caught up in {waited_ms:.0f} ms")
-        if waited_ms <= opts.max_downtime_ms or k == CATCH_UP_ROUNDS:
+        if (waited_ms <= opts.max_downtime_ms or k == CATCH_UP_ROUNDS
+                or out.stop_reason == NOT_CONVERGING):
             return prev
         n = len(out.rounds) + 1
         out.rounds.append(pre_round(opts, conn, work, n, prev, 0.0))
@@ -259,7 +264,7 @@ def converged(rounds: list[Round], opts: MigrateOptions) -> str:
         estimate_ms = last.dirty_pages * per_page / max(last.rate, 1.0) * 1000
         if estimate_ms <= opts.max_downtime_ms:
             return f"estimated final round {estimate_ms:.1f} ms fits --max-downtime-ms"
-        if last.dirty_pages >= rounds[-2].dirty_pages:
+        if last.dirty_pages > rounds[-2].dirty_pages * SHRINK:
             return NOT_CONVERGING
     if len(rounds) >= opts.max_rounds:
         return f"--max-rounds {opts.max_rounds} reached"
