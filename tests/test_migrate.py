@@ -346,10 +346,10 @@ def test_non_converging_target_still_migrates(harness: Harness, tmp_path: Path,
                    "--max-rounds", "4", "--max-downtime-ms", "1", "--json", reap=proc)
     assert res.returncode == 0, res.describe()
     summary = json.loads(res.stdout)
-    assert "stopped shrinking" in summary["stop_reason"], summary
-    assert summary["rounds"] <= 5
     new_pid = summary["pid"]
     harness.track(new_pid)
+    assert "stopped shrinking" in summary["stop_reason"], summary
+    assert summary["rounds"] <= 5
     proc.wait(timeout=10)
     before = len(read_lines(out))
     wait_for_lines(out, before + 2, timeout=30)
@@ -371,9 +371,9 @@ def test_auto_converge_throttles_and_completes(harness: Harness, tmp_path: Path,
                    # round within 50 ms: ask for less so that the estimate never fits.
                    "--max-rounds", "6", "--max-downtime-ms", "1", "--auto-converge", reap=proc)
     assert res.returncode == 0, res.describe()
-    assert "throttled to" in res.stdout, res.stdout
     new_pid = int(re.search(r"as pid (\d+)", res.stdout)[1])  # type: ignore[index]
     harness.track(new_pid)
+    assert "throttled to" in res.stdout, res.stdout
     proc.wait(timeout=10)
     before = len(read_lines(out))
     wait_for_lines(out, before + 2, timeout=30)
