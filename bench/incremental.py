@@ -17,7 +17,12 @@ with a message, if /proc/meminfo MemAvailable cannot hold it):
                  raw          one plain PAGEMAP_SCAN (no WP) of the whole address space
                               + process_vm_readv of exactly the k pages (best of 3)
                  dump         ckpt.actions.dump.dump(incremental, leave_running) with
-                              the predump as parent; stats from inventory.img
+                              the predump as parent; stats from inventory.img. It
+                              pre-copies: the dirtied pages are read before the freeze
+                 no-precopy   again a fresh predump, the same pages dirtied, and the dump
+                              with precopy=False: every dirtied page read while frozen
+                              (what a target rewriting all of them during the pre-copy
+                              would cost); --precopy-only skips it
                each dump is checked: every dirtied page is PRESENT in its pagemap
     breakdown  ckpt's functions are wrapped with timers (from this process, for the
                duration of each ckpt call only), so the frozen window of the dump and of
@@ -393,6 +398,7 @@ class Round:
     pread_all_ms: float = 0.0  # existing_pages over every VMA (whole pread), target running
     frozen_cpu: float = 0.0
     copy_ms: float = 0.0
+    plain_frozen: float = 0.0  # the same round with --no-precopy: every page read frozen
 
 
 class Target:
@@ -506,6 +512,11 @@ def run_size(args: argparse.Namespace, size_mib: int, work: Path, pids: list[int
              f"{ds.frozen_ms / (size / GIB):.2f} ms per GiB)")
         if have != k:
             raise SystemExit(f"bench: the dump lacks {k - have} of the dirtied pages")
+        if not args.precopy_only:
+            r.plain_frozen = plain_round(args, target, work / f"plain-{rnd}", rnd, idx)
+            line(f"[{label}] dump --no-precopy", f"frozen {r.plain_frozen:.2f} ms (the same "
+                 f"pages read while frozen; a target rewriting all of them during the "
+                 f"pre-copy would cost this)")
         if not args.quiet_breakdown and (label == "1 %" or label.endswith(" pages")
                                          or args.all_breakdowns):
             ph.report(f"dump --incremental at {label}", ds.frozen_ms)
@@ -517,11 +528,27 @@ def run_size(args: argparse.Namespace, size_mib: int, work: Path, pids: list[int
     return rounds
 
 
+def plain_round(args: argparse.Namespace, target: Target, work: Path, rnd: int,
+                idx: list[int]) -> float:
+    """A fresh predump, the same pages dirtied, dump --no-precopy: its frozen ms."""
+    pre_dir, dump_dir = work / "pre", work / "dump"
+    predump(PredumpOptions(pid=target.pid, images_dir=str(pre_dir),
+                           compress_level=args.compress_level))
+    target.dirty(rnd + 1000, idx)
+    dump(DumpOptions(pid=target.pid, images_dir=str(dump_dir), leave_running=True,
+                     incremental=True, prev_images_dir=str(pre_dir),
+                     compress_level=args.compress_level, precopy=False))
+    frozen = stats_of(dump_dir).frozen_ms
+    shutil.rmtree(work, ignore_errors=True)
+    return frozen
+
+
 def summary(results: dict[int, list[Round]]) -> None:
     print("-- summary --")
     print(f"{'size':>6} {'dirty':>12} {'pages':>7} {'pre frz':>8} {'pre tot':>8} "
           f"{'frozen':>8} {'raw':>7} {'frz/raw':>8} {'wr/dirty':>8} {'us/page':>8} "
-          f"{'ms/GiB':>7} {'frz cpu':>8} {'exist_pg':>8} {'pread_all':>9} {'PM_SCAN':>8}")
+          f"{'ms/GiB':>7} {'frz cpu':>8} {'exist_pg':>8} {'pread_all':>9} {'PM_SCAN':>8} "
+          f"{'no-pre':>7}")
     for size_mib, rounds in results.items():
         gib = size_mib / 1024
         for r in rounds:
@@ -530,13 +557,14 @@ def summary(results: dict[int, list[Round]]) -> None:
                   f"{r.predump_total:>8.0f} {r.frozen:>8.2f} {raw:>7.2f} {r.frozen / raw:>8.1f} "
                   f"{r.written / r.pages:>8.3f} {r.frozen * 1000 / r.pages:>8.2f} "
                   f"{r.frozen / gib:>7.2f} {r.frozen_cpu:>8.2f} {r.existing_ms:>8.2f} "
-                  f"{r.pread_all_ms:>9.2f} {r.present_scan_ms:>8.2f}")
+                  f"{r.pread_all_ms:>9.2f} {r.present_scan_ms:>8.2f} {r.plain_frozen:>7.2f}")
     print("  pre frz/tot: predump frozen/total ms; frozen: dump --incremental frozen ms; "
           "raw: PAGEMAP_SCAN + readv of the dirtied pages (ms);\n  frz cpu: CPU ms of "
           "ckpt's main thread in the frozen window (steadier than wall on a busy machine);\n"
           "  exist_pg: ckpt's existing_pages inside the freeze; pread_all: existing_pages over "
           "every whole VMA (pread + parse);\n  PM_SCAN: one PAGEMAP_SCAN for PRESENT|SWAPPED "
-          "over the address space (a replacement for both)")
+          "over the address space (a replacement for both);\n  no-pre: dump --no-precopy "
+          "frozen ms (every dirtied page read while frozen)")
     first = next(iter(results.values()))
     one = next((r for r in first if r.label == "1 %"), None)
     if next(iter(results)) == 1024 and one is not None:
@@ -546,7 +574,8 @@ def summary(results: dict[int, list[Round]]) -> None:
              f"{'meets' if pre <= GOAL_PREDUMP_FROZEN_MS_PER_GIB else 'misses'})")
         line("goal dump frozen at 1 %", f"{one.frozen:.2f} ms (1 GiB; goal <= "
              f"{GOAL_DUMP_FROZEN_MS_1PCT:.0f} ms: "
-             f"{'meets' if one.frozen <= GOAL_DUMP_FROZEN_MS_1PCT else 'misses'})")
+             f"{'meets' if one.frozen <= GOAL_DUMP_FROZEN_MS_1PCT else 'misses'}; "
+             f"--no-precopy {one.plain_frozen:.2f} ms)")
     sizes = list(results)
     if len(sizes) > 1:
         base = results[sizes[0]]
@@ -576,6 +605,8 @@ def main() -> None:
     ap.add_argument("--all-breakdowns", action="store_true",
                     help="print the frozen-time breakdown of every dump, not only at 1 %%")
     ap.add_argument("--quiet-breakdown", action="store_true", help="no breakdowns")
+    ap.add_argument("--precopy-only", action="store_true",
+                    help="skip the --no-precopy dump of every round")
     args = ap.parse_args()
     try:
         sizes = [int(s) for s in args.sizes_mib.split(",") if s.strip()]

@@ -128,10 +128,14 @@ def predump(pid: int, images_dir: str, prev_images_dir: str | None, track: str,
               help="Store only pages changed since --prev-images-dir (needs tracking).")
 @click.option("--track-mem", is_flag=True,
               help="Keep dirty tracking armed after the dump (with --leave-running).")
+@click.option("--precopy/--no-precopy", default=True, show_default=True,
+              help="With --incremental and uffd-wp: read what changed since the parent "
+                   "before freezing; the freeze copies only what is written after that.")
 @reports_errors
 def dump(pid: int, images_dir: str, prev_images_dir: str | None, track: str, compress_level: int,
          page_server: str | None, auth_token_file: str | None, tls_cacert: str | None,
-         leave_running: bool, shell_job: bool, incremental: bool, track_mem: bool) -> None:
+         leave_running: bool, shell_job: bool, incremental: bool, track_mem: bool,
+         precopy: bool) -> None:
     """Checkpoint process PID into images; the process is killed unless --leave-running."""
     from ckpt.actions.dump import DumpOptions
     from ckpt.actions.dump import dump as do_dump
@@ -141,7 +145,7 @@ def dump(pid: int, images_dir: str, prev_images_dir: str | None, track: str, com
                               shell_job=shell_job, compress_level=compress_level,
                               incremental=incremental or bool(prev_images_dir),
                               prev_images_dir=prev_images_dir, track=track,
-                              track_mem=track_mem))
+                              track_mem=track_mem, precopy=precopy))
     click.echo(f"{res.line}; {res.threads} thread(s), {res.vmas} VMAs", err=True)
     send_to_page_server(images_dir, page_server, auth_token_file, tls_cacert)
 

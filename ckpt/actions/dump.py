@@ -3,7 +3,10 @@
     parent + preflight (target runs)   parent chain valid, pid, kernel thread, children, fds
     freeze                             seize + interrupt every thread
     collect                            threads, injected state, VMAs
-    track (--incremental/--track-mem)  tracker.begin: dirty pages, whole VMAs
+    live pass (--incremental, uffd-wp) tracker.begin with the target running: read what
+                                       changed since the parent (pagecopy.staging)
+    track (--incremental/--track-mem)  tracker.begin: dirty pages (since the live pass, if
+                                       any), whole VMAs
     copy                               plan (copy / in parent / hole) → process_vm_readv →
                                        zstd pages, pagemap; tracker.end (kept armed only
                                        with --leave-running --track-mem)
@@ -18,14 +21,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ckpt.actions.core_image import ProcessInfo, build_core
 from ckpt.actions.passes import (
     MemoryResult,
-    Snapshot,
+    Parent,
     apply_compare,
+    chunks,
     describe,
     inventory,
     open_parent,
@@ -47,6 +51,8 @@ from ckpt.kernel.ptrace import Tracee
 from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.pagecopy.compare import DigestMap
 from ckpt.pagecopy.incremental import PassPlan, pages, plan_pass
+from ckpt.pagecopy.staging import Snap, Snapshot, assemble, live_coverage, merge_plans
+from ckpt.ranges import Range
 from ckpt.track import DirtySet, PassContext, Tracker
 from ckpt.track.uffd_wp import ckpt_uffds
 
@@ -64,6 +70,10 @@ class DumpOptions:
     prev_images_dir: str | None = None
     track: str = "auto"
     track_mem: bool = False  # keep tracking armed (with --leave-running): snapshot chains
+    # --incremental: read what changed since the parent before freezing, when the tracker
+    # can re-arm with the target running (uffd-wp); the freeze copies only what is
+    # written after that
+    precopy: bool = True
     # Called with the images complete and the target still frozen, before it is killed;
     # raising keeps the target alive (it is thawed). Migration hands over here.
     before_kill: Callable[[], None] | None = None
@@ -143,13 +153,13 @@ def dump(opts: DumpOptions) -> DumpResult:
         images.write_core(pid, build_core(pid, info, states, injected, vmas, files))
         if tracker is not None and keep:
             images.write_tracker(pid, tracker.state())
-        stats = pass_stats(plan, mem, frozen_ms, (time.perf_counter() - t_start) * 1000)
+        stats = pass_stats(layer.plan, mem, frozen_ms, (time.perf_counter() - t_start) * 1000)
         images.write_inventory(inventory(pid, "dump", parent, name, stats,
                                          len(states[0].xstate), opts.shell_job))
         return stats
 
-    snapshot: Snapshot | None = None
     try:
+        live = live_pass(opts, tracker, parent)
         with Frozen(pid) as frozen:
             threads = frozen.threads()
             with frozen.near():  # ptrace round trips
@@ -162,15 +172,18 @@ def dump(opts: DumpOptions) -> DumpResult:
             ctx = PassContext(pid, frozen, vmas)
             dirty = begin_tracking(tracker, ctx)
             try:
-                plan = plan_pass(pid, vmas, dirty, parent.has if parent else None)
+                base = live.coverage if live else parent.has if parent else None
+                plan = plan_pass(pid, vmas, dirty, base)
                 parent_digests = apply_compare(pid, plan, parent) if dirty.compare else None
                 # --leave-running: copy now, compress and write after the thaw. A small
                 # copy is read in one go either way (no bounce buffers, no reader thread).
-                if opts.leave_running or pages(plan.copy) * PAGE_SIZE <= SMALL_COPY:
+                snapshot = None
+                if live or opts.leave_running or pages(plan.copy) * PAGE_SIZE <= SMALL_COPY:
                     snapshot = snapshot_pages(pid, plan)
-                if snapshot is None or not opts.leave_running:
-                    mem = store_memory(images, pid, plan, opts.compress_level, dirty.compare,
-                                       parent_digests, snapshot)
+                layer = Layer(plan, snapshot, live)
+                if not layer.in_memory or not opts.leave_running:
+                    mem = store_memory(images, pid, layer, opts.compress_level, dirty.compare,
+                                       parent_digests)
             finally:
                 if tracker is not None:
                     with frozen.near():
@@ -184,16 +197,74 @@ def dump(opts: DumpOptions) -> DumpResult:
                 if opts.before_kill is not None:
                     opts.before_kill()
                 frozen.kill(then=opts.after_kill)
+                if tracker is not None:
+                    tracker.forget()
         if opts.leave_running:
-            if snapshot is not None:
-                mem = store_memory(images, pid, plan, opts.compress_level, dirty.compare,
-                                   parent_digests, snapshot)
+            if layer.in_memory:
+                mem = store_memory(images, pid, layer, opts.compress_level, dirty.compare,
+                                   parent_digests)
             stats = finish(mem, frozen_ms)
     finally:
         if tracker is not None:
             tracker.close()  # after the thaw: dropping the last uffd reference unprotects
     return DumpResult(pid=pid, threads=len(states), vmas=len(vmas),
                       line=describe("dump", pid, name, stats), frozen_at=frozen_at)
+
+
+@dataclass
+class LivePass:
+    plan: PassPlan  # what changed since the parent, planned while the target ran
+    snap: Snap | None  # its pages, read while the target ran; None: too many to hold
+    coverage: list[Range]  # what its layer would resolve: the frozen pass's parent
+
+
+def live_pass(opts: DumpOptions, tracker: Tracker | None, parent: Parent | None,
+              ) -> LivePass | None:
+    """The dump's pre-copy: with a tracker that re-arms atomically and needs no injected
+    syscall (uffd-wp with its state intact), take what changed since the parent and read
+    it with the target running. The frozen pass then copies only what is written after
+    this (ckpt.pagecopy.staging merges the two)."""
+    if (not opts.precopy or not opts.incremental or parent is None or tracker is None
+            or not tracker.arms or tracker.begin_needs_freeze or tracker.prepare_needs_freeze()):
+        return None
+    ctx = PassContext(opts.pid, None, collect_vmas(opts.pid))
+    tracker.prepare(ctx)
+    dirty = tracker.begin(ctx)
+    plan = plan_pass(opts.pid, ctx.vmas, dirty, parent.has)
+    buf = snapshot_pages(opts.pid, plan, tolerate_unmapped=True)
+    # range arithmetic over every changed run: done now, while the target runs
+    return LivePass(plan, Snap(plan.copy, buf) if buf is not None else None,
+                    live_coverage(plan))
+
+
+class Layer:
+    """What this dump stores, and where its bytes come from: the frozen pass's snapshot
+    (``in_memory``), merged with the live pass's when there was one, or the frozen
+    process itself (read while it still is)."""
+
+    def __init__(self, frozen: PassPlan, snapshot: Snapshot | None, live: LivePass | None,
+                 ) -> None:
+        self.frozen, self.snapshot, self.live = frozen, snapshot, live
+        self.in_memory = snapshot is not None and (live is None or live.snap is not None)
+        self._plan: PassPlan | None = None if live else frozen
+
+    @property
+    def plan(self) -> PassPlan:
+        """The merge is range arithmetic, left for after the thaw when it can wait."""
+        if self._plan is None:
+            assert self.live is not None
+            self._plan = merge_plans(self.live.plan, self.frozen)
+        return self._plan
+
+    def views(self) -> Iterable[memoryview] | None:
+        """The stored pages' bytes in order, or None: read them from the process."""
+        if not self.in_memory:
+            return None
+        assert self.snapshot is not None
+        if self.live is None:
+            return chunks(self.snapshot)
+        assert self.live.snap is not None
+        return assemble(self.plan.copy, Snap(self.frozen.copy, self.snapshot), self.live.snap)
 
 
 def begin_tracking(tracker: Tracker | None, ctx: PassContext) -> DirtySet:
@@ -206,11 +277,12 @@ def begin_tracking(tracker: Tracker | None, ctx: PassContext) -> DirtySet:
         raise
 
 
-def store_memory(images: ImageDir, pid: int, plan: PassPlan, level: int, compare: bool,
-                 parent_digests: DigestMap | None, snapshot: Snapshot | None) -> MemoryResult:
+def store_memory(images: ImageDir, pid: int, layer: Layer, level: int, compare: bool,
+                 parent_digests: DigestMap | None) -> MemoryResult:
     """Pages and pagemap (and, for compare, the digests of what was stored)."""
     stored: list[bytes] | None = [] if compare else None
-    mem = write_memory(images, pid, plan, level, digests=stored, snapshot=snapshot)
+    plan = layer.plan
+    mem = write_memory(images, pid, plan, level, digests=stored, views=layer.views())
     if stored is not None:
         images.write_digests(pid, view_digests(plan, b"".join(stored), parent_digests))
     return mem

@@ -6,6 +6,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ckpt.errors import ImageError
@@ -17,6 +18,7 @@ from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.pagecopy.compare import NO_DIGEST, DigestMap, dedupe, digest_pages, digest_view
 from ckpt.pagecopy.copy import copy_runs, read_into
 from ckpt.pagecopy.incremental import PassPlan, pages
+from ckpt.pagecopy.staging import Snapshot
 from ckpt.ranges import Range, union
 from ckpt.track import Tracker, choose_backend, open_tracker
 
@@ -86,10 +88,8 @@ class MemoryResult:
 SNAPSHOT_LIMIT = 256 << 20
 
 
-Snapshot = bytearray | mmap.mmap
-
-
-def snapshot_pages(pid: int, plan: PassPlan) -> Snapshot | None:
+def snapshot_pages(pid: int, plan: PassPlan, tolerate_unmapped: bool = False,
+                   ) -> Snapshot | None:
     """The plan's pages, copied into memory (the cheap part of a frozen dump), so that
     compressing and writing them can wait until the target runs again; None if they are
     more than SNAPSHOT_LIMIT bytes. The buffer is populated up front (one mmap), not
@@ -100,16 +100,21 @@ def snapshot_pages(pid: int, plan: PassPlan) -> Snapshot | None:
     if not size:
         return bytearray()
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
-    read_into(pid, plan.copy_runs(), buf)
+    read_into(pid, plan.copy_runs(), buf, tolerate_unmapped)
     return buf
+
+
+def chunks(snapshot: Snapshot, size: int = 64 << 20) -> Iterable[memoryview]:
+    whole = memoryview(snapshot)
+    return (whole[at : at + size] for at in range(0, len(snapshot), size))
 
 
 def write_memory(images: ImageDir, pid: int, plan: PassPlan, level: int,
                  tolerate_unmapped: bool = False, digests: list[bytes] | None = None,
-                 snapshot: Snapshot | None = None) -> MemoryResult:
-    """Copy the plan's pages (from the process, or from ``snapshot``) into pages-PID.img
-    and write pagemap-PID.img; with ``digests``, also collect the digest of every page
-    stored."""
+                 views: Iterable[memoryview] | None = None) -> MemoryResult:
+    """Copy the plan's pages (from the process, or from ``views``: their bytes in order,
+    already read) into pages-PID.img and write pagemap-PID.img; with ``digests``, also
+    collect the digest of every page stored."""
     t0 = time.perf_counter()
     runs = plan.copy_runs()
     with images.pages_writer(pid, level=level) as writer:
@@ -118,12 +123,11 @@ def write_memory(images: ImageDir, pid: int, plan: PassPlan, level: int,
             if digests is not None:
                 digests.append(digest_view(view))
 
-        if snapshot is None:
+        if views is None:
             copy_runs(pid, runs, sink, tolerate_unmapped=tolerate_unmapped)
         else:
-            whole = memoryview(snapshot)
-            for at in range(0, len(snapshot), 64 << 20):
-                sink(whole[at : at + (64 << 20)])
+            for view in views:
+                sink(view)
     copy_ms = (time.perf_counter() - t0) * 1000
     images.write_pagemap(
         pid, image_pb2.PagemapHead(pid=pid, pages_file_raw_bytes=pages(plan.copy) * PAGE_SIZE),
@@ -136,7 +140,8 @@ def pass_stats(plan: PassPlan, mem: MemoryResult, frozen_ms: float, total_ms: fl
     stats = image_pb2.DumpStats(
         pages_scanned=plan.scanned_pages, pages_written=mem.pages_written,
         pages_in_parent=mem.pages_in_parent, bytes_written=mem.stored_bytes,
-        frozen_ms=frozen_ms, copy_ms=mem.copy_ms, total_ms=total_ms)
+        frozen_ms=frozen_ms, copy_ms=mem.copy_ms, total_ms=total_ms,
+        pages_precopied=plan.precopied)
     for s, e, why in plan.whole:
         stats.whole_vmas.add(start=s, end=e, reason=why)
     return stats
@@ -158,7 +163,8 @@ def describe(kind: str, pid: int, tracker: str, stats: image_pb2.DumpStats) -> s
     if stats.whole_vmas:
         reasons = sorted({w.reason for w in stats.whole_vmas})
         whole = f", {len(stats.whole_vmas)} whole VMA(s): {'; '.join(reasons)}"
+    live = f" ({stats.pages_precopied} before the freeze)" if stats.pages_precopied else ""
     return (f"{kind} of pid {pid} ({tracker}): {stats.pages_scanned} pages scanned, "
-            f"{stats.pages_written} written, {stats.pages_in_parent} in parent, "
+            f"{stats.pages_written} written{live}, {stats.pages_in_parent} in parent, "
             f"{stats.bytes_written / 2**20:.2f} MiB stored; frozen {stats.frozen_ms:.1f} ms, "
             f"copy {stats.copy_ms:.1f} ms, total {stats.total_ms:.1f} ms{whole}")

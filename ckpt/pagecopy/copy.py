@@ -149,13 +149,14 @@ def copy_runs(pid: int, runs: list[Run], sink: Callable[[memoryview], None],
 
 
 
-def read_into(pid: int, runs: list[Run], buf: bytearray | mmap.mmap) -> None:
+def read_into(pid: int, runs: list[Run], buf: bytearray | mmap.mmap,
+              tolerate_unmapped: bool = False) -> None:
     """Read every run of ``pid`` back to back straight into ``buf`` (no bounce buffer:
     the fastest way to take a small snapshot while the target is frozen)."""
     if not buf:
         return
     base = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
-    reader = _Reader(pid, "/proc")
+    reader = _Reader(pid, "/proc", tolerate_unmapped)
     try:
         reader.read_at(base, memoryview(buf), [(r.vaddr, r.length) for r in runs])
     finally:

@@ -34,6 +34,7 @@ class PassPlan:
     in_parent_now: list[Range]  # unchanged, resolved through the parent (IN_PARENT) ...
     scanned_pages: int = 0
     whole: list[tuple[int, int, str]] = field(default_factory=list)
+    precopied: int = 0  # pages of ``copy`` read before the freeze (ckpt.pagecopy.staging)
     # ... plus these, worked out only when first needed: it is pure range arithmetic on
     # what was read while frozen, so a --leave-running dump does it after the thaw.
     in_parent_later: Callable[[], list[Range]] | None = None
@@ -59,8 +60,12 @@ def plan_pass(pid: int, vmas: list[VmaInfo], dirty: DirtySet, parent_has: list[R
     scanned = sum(v.length for v in dumpable) // PAGE_SIZE
     if parent_has is None or dirty.all_dirty:
         exists, _ = existing_pages(pid, dumpable)
-        return PassPlan(copy=exists, in_parent_now=[], scanned_pages=scanned,
-                        whole=dirty.whole)
+        why = dirty.whole
+        if parent_has is not None and not dirty.compare:  # say why nothing is in parent
+            known = {(s, e) for s, e, _ in why}
+            why = why + [(v.start, v.end, dirty.all_dirty) for v in dumpable
+                         if (v.start, v.end) not in known]
+        return PassPlan(copy=exists, in_parent_now=[], scanned_pages=scanned, whole=why)
     whole = normalize((s, e) for s, e, _ in dirty.whole)
     changed = union(dirty.dirty, whole) if whole else dirty.dirty
     cheap = [v for v in dumpable if dirty.tracks_existence and v.kind in ANON_KINDS]

@@ -5,6 +5,7 @@ A pass (predump or incremental dump) runs with the target frozen:
     tracker = open_tracker(name, pid, state)   # state from the parent's tracker.img
     dirty = tracker.begin(ctx)                 # what changed since the last pass, and
                                                # tracking re-armed: protect before copying
+                                               # (claim() first: see ledger.py)
     ...copy (frozen, or after thaw for predump)...
     tracker.end(ctx, keep=...)                 # keep armed for a next pass, or leave no
                                                # trace in the target (final dump)
@@ -21,9 +22,11 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
+from ckpt.collect import proc
 from ckpt.collect.vmas import VmaInfo
 from ckpt.freeze.seize import Frozen
 from ckpt.images.pb import image_pb2
+from ckpt.track import ledger
 
 Range = tuple[int, int]  # [start, end), page aligned
 
@@ -57,9 +60,15 @@ class Tracker(abc.ABC):
     def __init__(self, pid: int, state: image_pb2.TrackerState | None) -> None:
         self.pid = pid
         self.prev = state
+        self.start_time = proc.read_stat(pid).starttime
+        self.token = ""  # this pass's, once it claimed the tracking (ledger.py)
+        self._continuity: str | None = None
 
     # begin() must see the target frozen (reading and re-arming are two steps).
     begin_needs_freeze = True
+    # begin() re-arms: what is written after it shows in the next begin(). Compare arms
+    # nothing (it compares bytes instead).
+    arms = True
     # begin() reads VmFlags that change without the VMA changing (soft-dirty's "sd").
     needs_fresh_vmflags = False
 
@@ -81,17 +90,40 @@ class Tracker(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release ckpt's own resources; called after the target was thawed."""
 
-    def continuity(self, start_time: int) -> str:
+    def continuity(self) -> str:
         """'' if the previous pass's state is this backend's, for this very process
-        (pid and start time), else why it cannot be trusted."""
+        (pid and start time), and no other pass consumed the tracking since; else why it
+        cannot be trusted. Decided once, before this pass claims the tracking."""
+        if self._continuity is None:
+            self._continuity = self._check_continuity()
+        return self._continuity
+
+    def _check_continuity(self) -> str:
         st = self.prev
         if st is None:
             return "first pass"
         if st.backend != self.name:
             return f"previous pass tracked with {st.backend}"
-        if st.pid != self.pid or st.start_time != start_time:
+        if st.pid != self.pid or st.start_time != self.start_time:
             return "tracking state belongs to another process"
+        if not st.pass_token or st.pass_token != ledger.last_token(self.pid, self.start_time):
+            return ("tracking state consumed by another pass since this parent (a later, "
+                    "failed or parallel predump/dump)")
         return ""
 
+    def claim(self) -> None:
+        """Record, before the first read that re-arms, that this pass consumes the
+        tracking: the parent's state is not to be trusted again after this."""
+        if not self.token:
+            self.continuity()
+            token = ledger.new_token()
+            ledger.claim(self.pid, self.start_time, token)
+            self.token = token
+
+    def forget(self) -> None:
+        """The process is gone: drop its ledger record."""
+        ledger.forget(self.pid, self.start_time)
+
     def state(self) -> image_pb2.TrackerState:
-        return image_pb2.TrackerState(backend=self.name, pid=self.pid)
+        return image_pb2.TrackerState(backend=self.name, pid=self.pid,
+                                      start_time=self.start_time, pass_token=self.token)

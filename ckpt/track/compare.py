@@ -10,6 +10,7 @@ from ckpt.track.base import DirtySet, PassContext, Tracker
 class CompareTracker(Tracker):
     name = "compare"
     begin_needs_freeze = False
+    arms = False
 
     def begin(self, ctx: PassContext) -> DirtySet:
         return DirtySet(all_dirty="compare backend: every page is compared with the parent",

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import os
 
-from ckpt.collect import proc
 from ckpt.collect.vmas import VmaInfo
 from ckpt.errors import KernelError
-from ckpt.images.pb import image_pb2
 from ckpt.kernel.pagemap import PM_SOFT_DIRTY, present_runs, read_pagemap_entries
 from ckpt.pagecopy.plan import NO_PAGES
 from ckpt.ranges import normalize
@@ -28,21 +26,14 @@ class SoftDirtyTracker(Tracker):
     name = "soft-dirty"
     needs_fresh_vmflags = True
 
-    def __init__(self, pid: int, state: image_pb2.TrackerState | None) -> None:
-        super().__init__(pid, state)
-        self.start_time = proc.read_stat(pid).starttime
-
     def begin(self, ctx: PassContext) -> DirtySet:
-        lost = self.continuity(self.start_time)
+        lost = self.continuity()
+        self.claim()
         out = DirtySet(all_dirty=lost)
         if not lost:
             out.dirty, out.whole = self._read(ctx.vmas)
         self._clear()
         return out
-
-    def state(self) -> image_pb2.TrackerState:
-        return image_pb2.TrackerState(backend=self.name, pid=self.pid, start_time=self.start_time)
-
 
     def _read(self, vmas: list[VmaInfo]) -> tuple[list[tuple[int, int]],
                                                    list[tuple[int, int, str]]]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 
-from ckpt.collect import proc
 from ckpt.collect.fds import list_fds
 from ckpt.collect.tasks import syscall_insn
 from ckpt.collect.vmas import VmaInfo
@@ -65,7 +64,6 @@ class UffdWpTracker(Tracker):
         self.fd = -1  # ckpt's copy of the uffd
         self.target_fd = -1
         self.inode = 0
-        self.start_time = proc.read_stat(pid).starttime
         self.lost = ""
 
     # Scans re-arm atomically per page and registration works on a running target: only
@@ -87,6 +85,7 @@ class UffdWpTracker(Tracker):
     def begin(self, ctx: PassContext) -> DirtySet:
         if self.fd < 0:
             self.prepare(ctx)
+        self.claim()
         lost = self.lost
         scan_fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY)
         try:
@@ -136,13 +135,14 @@ class UffdWpTracker(Tracker):
 
 
     def state(self) -> image_pb2.TrackerState:
-        return image_pb2.TrackerState(backend=self.name, pid=self.pid, start_time=self.start_time,
-                                      target_fd=self.target_fd, uffd_inode=self.inode)
+        st = super().state()
+        st.target_fd, st.uffd_inode = self.target_fd, self.inode
+        return st
 
     # ------------------------------------------------------------------ setup
     def _lost(self) -> str:
         """'' if the previous pass's uffd is still in the target, else why not."""
-        why = self.continuity(self.start_time)
+        why = self.continuity()
         st = self.prev
         if why or st is None:
             return why
