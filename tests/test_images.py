@@ -394,3 +394,67 @@ def test_sparse_read_skips_unwanted_chunks() -> None:
     blob[len(blob) // 8] ^= 0xFF  # inside the first chunk's frame, which is skipped
     again = list(PagesReader(io.BytesIO(bytes(blob)), "p").iter_sparse(want))
     assert again[1][1] == data[CHUNK_SIZE : 2 * CHUNK_SIZE]
+
+
+def pages_blob(data: bytes) -> bytearray:
+    buf = io.BytesIO()
+    w = PagesWriter(buf)
+    w.write(data)
+    w.close()
+    return bytearray(buf.getvalue())
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_apply_hands_every_chunk_to_the_sink(workers: int) -> None:
+    """apply: every chunk reaches the sink once, with its stream offset, on any thread;
+    the total covers declined chunks too."""
+    data = mixed_data(5 * CHUNK_SIZE + 3 * 4096)
+    blob = pages_blob(data)
+    got: dict[int, bytes] = {}
+
+    def sink(offset: int, view: memoryview, addr: int) -> None:
+        assert addr and len(view) <= CHUNK_SIZE
+        got[offset] = bytes(view)
+
+    total = PagesReader(io.BytesIO(bytes(blob)), "p", workers=workers).apply(sink)
+    assert total == len(data)
+    assert b"".join(got[k] for k in sorted(got)) == data
+    got.clear()
+    total = PagesReader(io.BytesIO(bytes(blob)), "p", workers=workers).apply(
+        sink, lambda offset, length: offset // CHUNK_SIZE in (1, 5))
+    assert total == len(data)
+    assert got == {CHUNK_SIZE: data[CHUNK_SIZE : 2 * CHUNK_SIZE],
+                   5 * CHUNK_SIZE: data[5 * CHUNK_SIZE :]}
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_apply_raises_the_first_failure(workers: int) -> None:
+    """A corrupted frame, a truncated file, a failing sink: the error is raised (for a
+    corrupted frame, naming its chunk) and no thread goes on."""
+    data = mixed_data(4 * CHUNK_SIZE)
+    blob = pages_blob(data)
+    frames = []  # (offset, stored length) of each frame
+    at = 8
+    while True:
+        raw_len, stored = struct.unpack_from("<II", blob, at)
+        if not raw_len:
+            break
+        frames.append((at + 8, stored))
+        at += 8 + stored
+    bad = bytearray(blob)
+    bad[frames[2][0] + frames[2][1] // 2] ^= 0xFF
+    with pytest.raises(ImageError, match="chunk 2"):
+        PagesReader(io.BytesIO(bytes(bad)), "p", workers=workers).apply(lambda *a: None)
+    with pytest.raises(ImageError, match="truncated"):
+        PagesReader(io.BytesIO(bytes(blob[: frames[3][0] + 10])), "p",
+                    workers=workers).apply(lambda *a: None)
+    calls: list[int] = []
+
+    def sink(offset: int, view: memoryview, addr: int) -> None:
+        calls.append(offset)
+        if offset == CHUNK_SIZE:
+            raise OSError("no space left")
+
+    with pytest.raises(OSError, match="no space left"):
+        PagesReader(io.BytesIO(bytes(blob)), "p", workers=workers).apply(sink)
+    assert CHUNK_SIZE in calls

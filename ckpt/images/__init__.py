@@ -8,7 +8,8 @@ from ckpt.images.framing import (
     parse_entry,
 )
 from ckpt.images.imagedir import KINDS, ImageDir, ImageKind, image_chain
-from ckpt.images.pages import CHUNK_SIZE, DEFAULT_LEVEL, PagesReader, PagesWriter
+from ckpt.images.pages import CHUNK_SIZE, DEFAULT_LEVEL, PagesWriter
+from ckpt.images.pages_reader import PagesReader
 
 __all__ = [
     "CHUNK_SIZE",

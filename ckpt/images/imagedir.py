@@ -21,13 +21,8 @@ from ckpt.images.framing import (
     register_kind,
 )
 from ckpt.images.pagemap import Pagemap, decode, encode
-from ckpt.images.pages import (
-    DEFAULT_LEVEL,
-    PAGES_MAGIC,
-    PagesReader,
-    PagesWriter,
-    check_structure,
-)
+from ckpt.images.pages import DEFAULT_LEVEL, PAGES_MAGIC, PagesWriter
+from ckpt.images.pages_reader import PagesReader, check_structure
 from ckpt.images.pb.core_pb2 import ProcessEntry, Vma
 from ckpt.images.pb.image_pb2 import (
     Inventory,

@@ -8,6 +8,7 @@ The page file is one stream of the PRESENT runs in pagemap order, cut into zstd 
 
 Each chunk becomes one process_vm_writev with an iovec per piece; pieces landing in
 VMAs that are not writable (text with COW'd pages) go through /proc/PID/mem instead.
+Chunks are independent: several threads each decompress one and write it, in any order.
 With a parent chain every image's stream is read in turn and only the pieces that image
 *owns* (ckpt.images.chain) are written; the rest of its stream is skipped.
 """
@@ -15,13 +16,14 @@ With a parent chain every image's stream is read in turn and only the pieces tha
 from __future__ import annotations
 
 import bisect
-import ctypes
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable
 
 from ckpt.errors import ImageError
+from ckpt.images.pages_reader import PagesReader
 from ckpt.images.pb import core_pb2
 from ckpt.kernel.sys import vm_transfer
-from ckpt.ranges import Range
+from ckpt.ranges import Range, intersect
 from ckpt.restore.stub import Stub
 
 PROT_WRITE = 2
@@ -51,50 +53,72 @@ class WritableIndex:
         return out
 
 
-def fill_pages(stub: Stub, stream: list[Range], chunks: Iterable[tuple[int, bytes | None]],
-               index: WritableIndex, owned: list[Range] | None = None) -> int:
+class StreamMap:
+    """Where the page stream's bytes go: the PRESENT runs back to back, in order."""
+
+    def __init__(self, stream: list[Range]) -> None:
+        self.stream = stream
+        self.offsets = list(itertools.accumulate((e - s for s, e in stream), initial=0))
+        self.total = self.offsets[-1]
+
+    def pieces(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """(address, end, offset in the chunk) of the stream bytes [offset, +length)."""
+        if offset + length > self.total:
+            raise ImageError("page file holds more data than the pagemap describes")
+        out = []
+        i = bisect.bisect_right(self.offsets, offset) - 1
+        pos, stop = offset, offset + length
+        while pos < stop:
+            start, end = self.stream[i]
+            lo = start + pos - self.offsets[i]
+            hi = min(end, lo + stop - pos)
+            out.append((lo, hi, pos - offset))
+            pos += hi - lo
+            i += 1
+        return out
+
+
+def fill_pages(stub: Stub, stream: list[Range], reader: PagesReader, index: WritableIndex,
+               owned: list[Range] | None = None) -> int:
     """Write the page stream (the PRESENT runs ``stream``, in order) into the stub; with
-    ``owned``, only the parts inside it. ``chunks`` are (length, bytes), bytes None for a
-    chunk skipped unread (see chunk_filter). Returns the bytes written."""
-    wanted = Wanted(owned)
-    run_i, run_off, written = 0, 0, 0
-    for length, chunk in chunks:
-        if chunk is None:  # none of it is wanted: just move along the stream
-            while length:
-                if run_i >= len(stream):
-                    raise ImageError("page file holds more data than the pagemap describes")
-                start, end = stream[run_i]
-                take = min(end - start - run_off, length)
-                length -= take
-                run_off += take
-                if start + run_off == end:
-                    run_i, run_off = run_i + 1, 0
-            continue
-        base = ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value or 0
-        pos, pairs = 0, []
-        while pos < len(chunk):
-            if run_i >= len(stream):
-                raise ImageError("page file holds more data than the pagemap describes")
-            start, end = stream[run_i]
-            take = min(end - start - run_off, len(chunk) - pos)
-            dest = start + run_off
-            for piece_lo, piece_hi in wanted.pieces(dest, dest + take):
-                for lo, hi, writable in index.split(piece_lo, piece_hi):
-                    at = pos + lo - dest
-                    if writable:
-                        pairs.append((base + at, lo, hi - lo))
-                    else:
-                        stub.write_mem(lo, memoryview(chunk)[at : at + hi - lo])
-                    written += hi - lo
-            pos += take
-            run_off += take
-            if start + run_off == end:
-                run_i, run_off = run_i + 1, 0
+    ``owned``, only the parts inside it (chunks without any are not even decompressed).
+    Chunks are decompressed and written on several threads at once: process_vm_writev
+    needs no ptrace, and the stub's page faults are taken in parallel too. Returns the
+    bytes written."""
+    where = StreamMap(stream)
+    written: list[int] = []
+    stub.mem_fd()  # opened once, before the threads share it
+
+    def sink(offset: int, chunk: memoryview, base: int) -> None:
+        pieces = where.pieces(offset, len(chunk))
+        if owned is not None:
+            pieces = clip(pieces, owned)
+        pairs, n = [], 0
+        for lo, hi, at in pieces:
+            for a, b, writable in index.split(lo, hi):
+                if writable:
+                    pairs.append((base + at + a - lo, a, b - a))
+                else:
+                    stub.write_mem(a, chunk[at + a - lo : at + b - lo])
+                n += b - a
         if pairs:
             vm_transfer(True, stub.pid, pairs)
-    if run_i != len(stream):
+        written.append(n)
+
+    total = reader.apply(sink, None if owned is None else chunk_filter(stream, owned))
+    if total != where.total:
         raise ImageError("page file ends before the pagemap does (truncated image?)")
-    return written
+    return sum(written)
+
+
+def clip(pieces: list[tuple[int, int, int]], owned: list[Range]) -> list[tuple[int, int, int]]:
+    """The parts of ascending (address, end, offset) pieces inside ``owned``."""
+    los = [lo for lo, _, _ in pieces]
+    out = []
+    for a, b in intersect([(lo, hi) for lo, hi, _ in pieces], owned):
+        lo, _, at = pieces[bisect.bisect_right(los, a) - 1]
+        out.append((a, b, at + a - lo))
+    return out
 
 
 def chunk_filter(stream: list[Range], owned: list[Range]) -> Callable[[int, int], bool]:
@@ -121,25 +145,3 @@ def chunk_filter(stream: list[Range], owned: list[Range]) -> Callable[[int, int]
         return k < len(spans) and spans[k][0] < offset + length
 
     return want
-
-
-class Wanted:
-    """Clips ascending address pieces to the owned ranges (None: everything is wanted)."""
-
-    def __init__(self, owned: list[Range] | None) -> None:
-        self.owned = owned
-        self.i = 0
-
-    def pieces(self, lo: int, hi: int) -> list[Range]:
-        if self.owned is None:
-            return [(lo, hi)]
-        owned, out = self.owned, []
-        while self.i < len(owned) and owned[self.i][1] <= lo:
-            self.i += 1
-        k = self.i
-        while k < len(owned) and owned[k][0] < hi:
-            a, b = max(lo, owned[k][0]), min(hi, owned[k][1])
-            if a < b:
-                out.append((a, b))
-            k += 1
-        return out

@@ -23,7 +23,7 @@ from ckpt.kernel.sys import NR
 from ckpt.ranges import Range, intersect
 from ckpt.restore import mm
 from ckpt.restore.files import close_stub_fds, restore_files
-from ckpt.restore.pages import WritableIndex, chunk_filter, fill_pages
+from ckpt.restore.pages import WritableIndex, fill_pages
 from ckpt.restore.stub import GADGET_LEN, Stub
 from ckpt.restore.tasks import (
     clone_threads,
@@ -83,12 +83,8 @@ def fill_layers(stub: Stub, pid: int, layers: list[chain.Layer], index: Writable
         if only is not None and not owned:
             continue
         with layer.images.pages_reader(pid) as reader:
-            if owned == layer.stream:
-                written += fill_pages(stub, layer.stream, reader.iter_sparse(None), index)
-            else:
-                want = chunk_filter(layer.stream, owned)
-                written += fill_pages(stub, layer.stream, reader.iter_sparse(want), index,
-                                      owned)
+            written += fill_pages(stub, layer.stream, reader, index,
+                                  None if owned == layer.stream else owned)
     return written
 
 
