@@ -13,6 +13,11 @@ Run as root from the repository (ckpt importable). Steps, all in one run:
     dump       ckpt.actions.dump.dump (kills the target): wall, frozen and copy time,
                image size, compression ratio, copy bandwidth relative to raw (the
                dump's frozen/copy/total times and sizes as recorded in inventory.img)
+    raw write  the image's size of incompressible data written to a file next to the
+               images (4 MiB writes): what this filesystem and page cache take, the
+               other ceiling of the dump's copy
+    raw fill   process_vm_writev of the dumped bytes into fresh anonymous memory, 4 MiB
+               per call: the page faults and copy no restore avoids, its floor
     restore    ckpt.actions.restore.restore (detached), then SIGUSR1 to the restored
                process and compare its memory checksum with the original
 
@@ -153,6 +158,35 @@ def raw_read(pid: int, runs: list[Run]) -> float:
     return time.perf_counter() - t0
 
 
+def raw_write(path: Path, nbytes: int) -> float:
+    """Seconds to write ``nbytes`` of incompressible data to a new file at ``path``."""
+    block = os.urandom(RAW_CHUNK)
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for at in range(0, nbytes, RAW_CHUNK):
+            f.write(block[: min(RAW_CHUNK, nbytes - at)])
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return seconds
+
+
+def raw_fill(nbytes: int) -> float:
+    """Seconds to process_vm_writev ``nbytes`` into fresh anonymous memory (our own)."""
+    src = mmap.mmap(-1, RAW_CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_POPULATE)
+    src.write(os.urandom(RAW_CHUNK))
+    dst = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    s_obj, d_obj = ctypes.c_char.from_buffer(src), ctypes.c_char.from_buffer(dst)
+    s, d = ctypes.addressof(s_obj), ctypes.addressof(d_obj)
+    t0 = time.perf_counter()
+    for at in range(0, nbytes, RAW_CHUNK):
+        vm_transfer(True, os.getpid(), [(s, d + at, min(RAW_CHUNK, nbytes - at))])
+    seconds = time.perf_counter() - t0
+    del s_obj, d_obj  # the exports, so that the maps can close
+    src.close()
+    dst.close()
+    return seconds
+
+
 def cpu_s() -> float:
     """User + system CPU seconds of this process so far, all threads."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -203,6 +237,13 @@ def run(args: argparse.Namespace, work: Path, pids: list[int]) -> dict[str, floa
     line("image dir bytes", f"{image} ({image / MIB:.1f} MiB)")
     line("compression ratio", f"{dumped / res.bytes_written:.2f}  (level {args.compress_level})")
     line("dump copy / raw", f"{copy_bw / raw_bw * 100:.0f} %  (goal >= 50 %)")
+    write_s = raw_write(work / "raw-write", res.bytes_written)
+    line("raw write", f"{write_s * 1000:.1f} ms for the image's {res.bytes_written / MIB:.0f} "
+         f"MiB ({gbps(res.bytes_written, write_s):.2f} GB/s); dump copy / raw write "
+         f"{write_s / (res.copy_ms / 1000) * 100:.0f} %")
+    fill_ref = raw_fill(dumped)
+    line("raw fill", f"{fill_ref * 1000:.1f} ms  {gbps(dumped, fill_ref):.2f} GB/s "
+         "(writev into fresh memory)")
 
     fill_s = [0.0]
     real_fill = fill_pages
@@ -228,6 +269,7 @@ def run(args: argparse.Namespace, work: Path, pids: list[int]) -> dict[str, floa
          f"(wall {restore_wall * 1000:.1f} ms; goal < {goal_s:.2f} s)")
     line("restore cpu", f"{restore_cpu * 1000:.0f} ms (user+sys, all threads of ckpt)")
     line("restore fill_pages", f"{fill_s[0] * 1000:.1f} ms  {gbps(dumped, fill_s[0]):.2f} GB/s")
+    line("restore / raw fill", f"{restore_s / fill_ref:.2f}")
 
     t3 = time.perf_counter()
     os.kill(rres.pid, signal.SIGUSR1)
@@ -242,7 +284,7 @@ def run(args: argparse.Namespace, work: Path, pids: list[int]) -> dict[str, floa
         raise SystemExit(f"bench: restored memory differs: {got_sum} != {want_sum}")
     return {"raw_bw": raw_bw, "copy_bw": copy_bw, "ratio": dumped / res.bytes_written,
             "frozen_s": res.frozen_ms / 1000, "restore_s": restore_s, "dump_cpu_s": dump_cpu,
-            "restore_cpu_s": restore_cpu}
+            "restore_cpu_s": restore_cpu, "write_s": write_s, "fill_s": fill_ref}
 
 
 def on_sigterm(signo: int, frame: object) -> None:
@@ -288,6 +330,8 @@ def main() -> None:
     line("dump frozen", f"{best['frozen_s'] * 1000:.0f} ms")
     line("dump / restore cpu", f"{best['dump_cpu_s'] * 1000:.0f} ms / "
          f"{best['restore_cpu_s'] * 1000:.0f} ms")
+    line("raw write / raw fill", f"{best['write_s'] * 1000:.0f} ms / {best['fill_s'] * 1000:.0f} ms"
+         " (what this machine's page cache and fresh memory cost, whatever ckpt does)")
 
 if __name__ == "__main__":
     main()

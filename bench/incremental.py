@@ -74,6 +74,7 @@ from ckpt.images import ImageDir
 from ckpt.images.pages import PagesWriter
 from ckpt.images.pb import image_pb2
 from ckpt.kernel.ptrace import Injector
+from ckpt.kernel.sys import kill_and_reap
 from ckpt.pagecopy.plan import Run
 
 MIB = 1 << 20
@@ -523,7 +524,7 @@ def run_size(args: argparse.Namespace, size_mib: int, work: Path, pids: list[int
         rounds.append(r)
         shutil.rmtree(pre_dir, ignore_errors=True)
         shutil.rmtree(dump_dir, ignore_errors=True)
-    dr.kill_and_reap(target.pid)
+    kill_and_reap(target.pid)
     pids.remove(target.pid)
     return rounds
 
@@ -641,7 +642,7 @@ def main() -> None:
                                          fixed if size_mib != min(sizes) else None)
         finally:
             for pid in pids:
-                dr.kill_and_reap(pid)
+                kill_and_reap(pid)
             shutil.rmtree(work, ignore_errors=True)
     if results:
         summary(results)
