@@ -464,3 +464,11 @@ def test_fixture_fds_without_stat_do_not_silently_vanish() -> None:
     # Dangling "pipe:[...]" symlinks cannot be stat()ed outside the real /proc.
     with pytest.raises(NoSuchProcess, match="fd 0"):
         read_fds(PID, root=ROOT)
+
+
+def test_mem_available() -> None:
+    text = "MemTotal:       32768000 kB\nMemFree:  1000 kB\nMemAvailable:   24110392 kB\n"
+    assert proc.parse_mem_available(text) == 24110392 * 1024
+    assert proc.parse_mem_available("MemTotal: 1 kB\n") == 0
+    assert proc.mem_available() > 0
+    assert proc.mem_available(root="/nonexistent") == 0

@@ -318,6 +318,7 @@ def test_chain_restores_every_scenario(harness: Harness, bins: Bins, tmp_path: P
     if backend == "uffd-wp" and mode != "no-precopy":
         # the phase's writes, read before the freeze and unchanged since
         assert precopied >= 64 and "before the freeze" in res.stderr, (st3, res.stderr)
+        assert f"{precopied} pages read before the freeze" in ckpt_ok("show", ck / "3").stdout
     else:
         assert precopied == 0, st3
     if backend in TRACKING:

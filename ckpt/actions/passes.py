@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ckpt.collect import proc
 from ckpt.errors import ImageError
 from ckpt.images import FORMAT_VERSION, ImageDir
 from ckpt.images.chain import parent_coverage
@@ -85,17 +86,23 @@ class MemoryResult:
     copy_ms: float
 
 
-SNAPSHOT_LIMIT = 256 << 20
+SNAPSHOT_FLOOR = 256 << 20  # bytes a snapshot may always take
+
+
+def snapshot_limit() -> int:
+    """How many bytes of pages a pass may hold in memory: a quarter of what the machine
+    has available, at least SNAPSHOT_FLOOR."""
+    return max(SNAPSHOT_FLOOR, proc.mem_available() // 4)
 
 
 def snapshot_pages(pid: int, plan: PassPlan, tolerate_unmapped: bool = False,
                    ) -> Snapshot | None:
     """The plan's pages, copied into memory (the cheap part of a frozen dump), so that
     compressing and writing them can wait until the target runs again; None if they are
-    more than SNAPSHOT_LIMIT bytes. The buffer is populated up front (one mmap), not
+    more than snapshot_limit() bytes. The buffer is populated up front (one mmap), not
     faulted in a page at a time while the kernel copies into it."""
     size = pages(plan.copy) * PAGE_SIZE
-    if size > SNAPSHOT_LIMIT:
+    if size > snapshot_limit():
         return None
     if not size:
         return bytearray()

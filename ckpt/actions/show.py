@@ -83,8 +83,10 @@ def render_text(s: dict[str, Any]) -> str:
              f"tracker {inv.get('tracker')}, kernel {inv.get('kernel_release')}"]
     if s["parents"]:
         lines.append(f"  parents: {' <- '.join(s['parents'])}")
+    precopied = int(stats.get("pages_precopied", 0))
     lines.append(f"  frozen {stats.get('frozen_ms', 0):.1f} ms, copy {stats.get('copy_ms', 0):.1f}"
-                 f" ms, {int(stats.get('bytes_written', 0)) / 2**20:.2f} MiB stored")
+                 f" ms, {int(stats.get('bytes_written', 0)) / 2**20:.2f} MiB stored"
+                 + (f", {precopied} pages read before the freeze" if precopied else ""))
     for p in s["processes"]:
         lines.append(f"process {p['pid']} {p.get('comm', '')!r} exe={p.get('exe', '?')}")
         lines.append(f"  pages: {p['pages_here']} here, {p['pages_in_parent']} in parent images"

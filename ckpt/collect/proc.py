@@ -299,3 +299,19 @@ def pid_exists(pid: int, *, root: str = "/proc") -> bool:
         return False
     except AccessDenied:
         return True
+
+
+def parse_mem_available(text: str) -> int:
+    """MemAvailable of /proc/meminfo, in bytes (0 if the line is missing)."""
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def mem_available(*, root: str = "/proc") -> int:
+    try:
+        with open(f"{root}/meminfo") as f:
+            return parse_mem_available(f.read())
+    except OSError:
+        return 0
