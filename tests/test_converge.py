@@ -24,6 +24,13 @@ def test_stops_when_the_estimate_fits() -> None:
     assert "fits --max-downtime-ms" in why and "40.0 ms" in why
 
 
+def test_a_small_round_is_estimated_at_the_link_rate() -> None:
+    """154 pages took 57 ms, nearly all of it per-round overhead: at the 100 MiB/s the
+    bulk round reached, sending them takes 1.5 ms."""
+    why = converged(rounds((102_400, 1000), (154, 57)), OPTS)
+    assert "estimated final round 1.5 ms fits" in why, why
+
+
 def test_goes_on_while_the_dirty_set_shrinks() -> None:
     assert converged(rounds((10_000, 900), (5_000, 450)), OPTS) == ""
 

@@ -260,8 +260,10 @@ def converged(rounds: list[Round], opts: MigrateOptions) -> str:
     """Why to stop iterating now, or '' to go on."""
     last = rounds[-1]
     if len(rounds) >= 2:
-        per_page = last.bytes_sent / max(last.dirty_pages, 1)
-        estimate_ms = last.dirty_pages * per_page / max(last.rate, 1.0) * 1000
+        # The next round carries about what the last one did, at the link's rate: the
+        # best any round reached (a small round's own rate is mostly fixed overhead).
+        link_rate = max(r.rate for r in rounds)
+        estimate_ms = last.bytes_sent / max(link_rate, 1.0) * 1000
         if estimate_ms <= opts.max_downtime_ms:
             return f"estimated final round {estimate_ms:.1f} ms fits --max-downtime-ms"
         if last.dirty_pages > rounds[-2].dirty_pages * SHRINK:
