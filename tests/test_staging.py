@@ -29,7 +29,7 @@ def snap(pages: set[int], tag: int) -> Snap:
     buf = bytearray()
     for p in sorted(pages):
         buf += bytes([tag, p]) * (P // 2)
-    return Snap(ranges(pages), buf)
+    return Snap(ranges(pages), memoryview(buf))
 
 
 def random_passes(rng: random.Random) -> tuple[set[int], set[int], set[int], set[int], set[int]]:

@@ -127,6 +127,14 @@ def test_several_passes_and_resend_replace(root: Path, local: Path) -> None:
         assert (root / name / "core-4242.img").read_bytes() == payload
     assert all_files(root).count("2/pages-4242.img") == 1
     assert not [p for p in all_files(root) if Path(p).name.startswith(".")]
+    # another process's pass under a name already used leaves none of the old files
+    for old in local.glob("*-4242.img"):
+        old.rename(local / old.name.replace("4242", "5151"))
+    server = Server(root)
+    send_pass(HOST, server.port, TOKEN, local, "1")
+    server.join()
+    assert sorted(p.name for p in (root / "1").iterdir()) == [
+        "core-5151.img", "inventory.img", "pagemap-5151.img", "pages-5151.img"]
 
 
 def test_incomplete_local_pass_is_not_sent(root: Path, local: Path) -> None:

@@ -34,6 +34,7 @@ from ckpt.actions.passes import (
     inventory,
     open_parent,
     pass_stats,
+    reserve_snapshot,
     select_tracker,
     snapshot_pages,
     view_digests,
@@ -160,6 +161,9 @@ def dump(opts: DumpOptions) -> DumpResult:
 
     try:
         live = live_pass(opts, tracker, parent)
+        # --leave-running full dump: the snapshot's memory is taken before the freeze
+        reserve = reserve_snapshot(pid, early_vmas) if opts.leave_running and parent is None \
+            else None
         with Frozen(pid) as frozen:
             threads = frozen.threads()
             with frozen.near():  # ptrace round trips
@@ -179,7 +183,7 @@ def dump(opts: DumpOptions) -> DumpResult:
                 # copy is read in one go either way (no bounce buffers, no reader thread).
                 snapshot = None
                 if live or opts.leave_running or pages(plan.copy) * PAGE_SIZE <= SMALL_COPY:
-                    snapshot = snapshot_pages(pid, plan)
+                    snapshot = snapshot_pages(pid, plan, reserve=reserve)
                 layer = Layer(plan, snapshot, live)
                 if not layer.in_memory or not opts.leave_running:
                     mem = store_memory(images, pid, layer, opts.compress_level, dirty.compare,

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ckpt.collect import proc
+from ckpt.collect.vmas import VmaInfo
 from ckpt.errors import ImageError
 from ckpt.images import FORMAT_VERSION, ImageDir
 from ckpt.images.chain import parent_coverage
@@ -19,8 +20,9 @@ from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.pagecopy.compare import NO_DIGEST, DigestMap, dedupe, digest_pages, digest_view
 from ckpt.pagecopy.copy import copy_runs, read_into
 from ckpt.pagecopy.incremental import PassPlan, pages
+from ckpt.pagecopy.plan import NO_PAGES, existing_pages
 from ckpt.pagecopy.staging import Snapshot
-from ckpt.ranges import Range, union
+from ckpt.ranges import Range, total, union
 from ckpt.track import Tracker, choose_backend, open_tracker
 
 
@@ -95,25 +97,38 @@ def snapshot_limit() -> int:
     return max(SNAPSHOT_FLOOR, proc.mem_available() // 4)
 
 
+def snapshot_buffer(size: int) -> mmap.mmap:
+    """Memory for a snapshot, populated up front (one mmap), not faulted in a page at a
+    time while the kernel copies into it."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+
+
+def reserve_snapshot(pid: int, vmas: list[VmaInfo]) -> mmap.mmap | None:
+    """A buffer for the pages a full dump will snapshot, taken while the target still
+    runs (allocating a GiB can take longer than copying it): what exists now, plus room
+    to grow; None if that is more than a snapshot may hold."""
+    exists, _ = existing_pages(pid, [v for v in vmas if v.kind not in NO_PAGES])
+    size = total(exists) * 11 // 10 + (4 << 20)
+    return snapshot_buffer(size) if size <= snapshot_limit() else None
+
+
 def snapshot_pages(pid: int, plan: PassPlan, tolerate_unmapped: bool = False,
-                   ) -> Snapshot | None:
+                   reserve: mmap.mmap | None = None) -> Snapshot | None:
     """The plan's pages, copied into memory (the cheap part of a frozen dump), so that
     compressing and writing them can wait until the target runs again; None if they are
-    more than snapshot_limit() bytes. The buffer is populated up front (one mmap), not
-    faulted in a page at a time while the kernel copies into it."""
+    more than snapshot_limit() bytes. Read into ``reserve`` if it is large enough."""
     size = pages(plan.copy) * PAGE_SIZE
     if size > snapshot_limit():
         return None
     if not size:
-        return bytearray()
-    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+        return memoryview(bytearray())
+    buf = reserve if reserve is not None and len(reserve) >= size else snapshot_buffer(size)
     read_into(pid, plan.copy_runs(), buf, tolerate_unmapped)
-    return buf
+    return memoryview(buf)[:size]
 
 
 def chunks(snapshot: Snapshot, size: int = 64 << 20) -> Iterable[memoryview]:
-    whole = memoryview(snapshot)
-    return (whole[at : at + size] for at in range(0, len(snapshot), size))
+    return (snapshot[at : at + size] for at in range(0, len(snapshot), size))
 
 
 def write_memory(images: ImageDir, pid: int, plan: PassPlan, level: int,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.pagecopy.incremental import PassPlan
 from ckpt.ranges import Range, intersect, subtract, total, union
 
-Snapshot = bytearray | mmap.mmap
+Snapshot = memoryview  # pages read back to back, exactly their size
 
 
 @dataclass
@@ -42,7 +41,7 @@ class Snap:
     def __post_init__(self) -> None:
         self._starts = [s for s, _ in self.ranges]
         self._offsets = list(itertools.accumulate((e - s for s, e in self.ranges), initial=0))
-        self._view = memoryview(self.buf)
+        self._view = self.buf
 
     def view(self, start: int, end: int) -> memoryview:
         """The bytes of [start, end), which must lie inside one of ``ranges``."""

@@ -164,6 +164,9 @@ def _receive_pass(conn: Conn, root: Path, frame: Frame) -> Path:
         name = check_name(frame.msg.name, "pass")
         pass_dir = _pass_dir(root, name)
         _unlink(pass_dir / INVENTORY)  # incomplete until a new inventory.img arrives
+        # A pass replaces whatever an earlier pass of that name left (other pids' files)
+        for stale in pass_dir.glob("*.img"):
+            _unlink(stale)
         while True:
             nxt = conn.recv()
             assert nxt is not None
