@@ -166,12 +166,14 @@ def dump(opts: DumpOptions) -> DumpResult:
             else None
         with Frozen(pid) as frozen:
             threads = frozen.threads()
+            # The injections map a scratch page and unmap it again: the layout read
+            # before them is the one after (but for VmFlags soft-dirty reads afresh).
+            vmas = collect_vmas(pid, known=early_vmas)
             with frozen.near():  # ptrace round trips
                 states = [collect_thread(t) for t in threads]
-                injected = collect_injected(pid, threads, states,
-                                            collect_vmas(pid, vmflags=False))
-            fresh = tracker is not None and tracker.needs_fresh_vmflags
-            vmas = collect_vmas(pid, known=None if fresh else early_vmas)
+                injected = collect_injected(pid, threads, states, vmas)
+            if tracker is not None and tracker.needs_fresh_vmflags:
+                vmas = collect_vmas(pid)
             check_vmas(pid, vmas)
             ctx = PassContext(pid, frozen, vmas)
             dirty = begin_tracking(tracker, ctx)
