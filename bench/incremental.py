@@ -23,6 +23,8 @@ with a message, if /proc/meminfo MemAvailable cannot hold it):
                               with precopy=False: every dirtied page read while frozen
                               (what a target rewriting all of them during the pre-copy
                               would cost); --precopy-only skips it
+               with --repeat N both dumps are taken N times (a fresh predump each time)
+               and the median frozen time is reported
                each dump is checked: every dirtied page is PRESENT in its pagemap
     breakdown  ckpt's functions are wrapped with timers (from this process, for the
                duration of each ckpt call only), so the frozen window of the dump and of
@@ -41,6 +43,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -513,11 +516,21 @@ def run_size(args: argparse.Namespace, size_mib: int, work: Path, pids: list[int
              f"{ds.frozen_ms / (size / GIB):.2f} ms per GiB)")
         if have != k:
             raise SystemExit(f"bench: the dump lacks {k - have} of the dirtied pages")
+        if args.repeat > 1:
+            every = [r.frozen, *(again(args, target, work / f"again-{rnd}-{k}",
+                                       rnd + 2000 + 100 * k, idx, precopy=True)
+                                 for k in range(1, args.repeat))]
+            r.frozen = statistics.median(every)
+            line(f"[{label}] frozen x{len(every)}", f"median {r.frozen:.2f} ms, min "
+                 f"{min(every):.2f}, max {max(every):.2f} (the summary takes the median)")
         if not args.precopy_only:
-            r.plain_frozen = plain_round(args, target, work / f"plain-{rnd}", rnd, idx)
-            line(f"[{label}] dump --no-precopy", f"frozen {r.plain_frozen:.2f} ms (the same "
-                 f"pages read while frozen; a target rewriting all of them during the "
-                 f"pre-copy would cost this)")
+            plain = [again(args, target, work / f"plain-{rnd}-{k}", rnd + 1000 + 100 * k, idx,
+                           precopy=False) for k in range(args.repeat)]
+            r.plain_frozen = statistics.median(plain)
+            line(f"[{label}] dump --no-precopy", f"frozen {r.plain_frozen:.2f} ms"
+                 f"{f' (median of {len(plain)})' if len(plain) > 1 else ''}: the same pages "
+                 "read while frozen; a target rewriting all of them during the pre-copy "
+                 "would cost this")
         if not args.quiet_breakdown and (label == "1 %" or label.endswith(" pages")
                                          or args.all_breakdowns):
             ph.report(f"dump --incremental at {label}", ds.frozen_ms)
@@ -529,16 +542,16 @@ def run_size(args: argparse.Namespace, size_mib: int, work: Path, pids: list[int
     return rounds
 
 
-def plain_round(args: argparse.Namespace, target: Target, work: Path, rnd: int,
-                idx: list[int]) -> float:
-    """A fresh predump, the same pages dirtied, dump --no-precopy: its frozen ms."""
+def again(args: argparse.Namespace, target: Target, work: Path, tag: int, idx: list[int],
+          precopy: bool) -> float:
+    """A fresh predump, the same pages dirtied, the dump: its frozen ms."""
     pre_dir, dump_dir = work / "pre", work / "dump"
     predump(PredumpOptions(pid=target.pid, images_dir=str(pre_dir),
                            compress_level=args.compress_level))
-    target.dirty(rnd + 1000, idx)
+    target.dirty(tag, idx)
     dump(DumpOptions(pid=target.pid, images_dir=str(dump_dir), leave_running=True,
                      incremental=True, prev_images_dir=str(pre_dir),
-                     compress_level=args.compress_level, precopy=False))
+                     compress_level=args.compress_level, precopy=precopy))
     frozen = stats_of(dump_dir).frozen_ms
     shutil.rmtree(work, ignore_errors=True)
     return frozen
@@ -606,6 +619,9 @@ def main() -> None:
     ap.add_argument("--all-breakdowns", action="store_true",
                     help="print the frozen-time breakdown of every dump, not only at 1 %%")
     ap.add_argument("--quiet-breakdown", action="store_true", help="no breakdowns")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="dump every round this many times (fresh predump each time) and "
+                         "take the median frozen time: single dumps vary on a busy machine")
     ap.add_argument("--precopy-only", action="store_true",
                     help="skip the --no-precopy dump of every round")
     args = ap.parse_args()
@@ -617,6 +633,8 @@ def main() -> None:
     if not sizes or min(sizes) <= 0 or not args.percents or not all(
             0 < p <= 100 for p in args.percents):
         ap.error("sizes must be positive, percents in (0, 100]")
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     if os.geteuid() != 0:
         raise SystemExit("bench: needs root (ptrace, process_vm_readv)")
     signal.signal(signal.SIGTERM, on_sigterm)
