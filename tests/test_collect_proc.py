@@ -472,3 +472,30 @@ def test_mem_available() -> None:
     assert proc.parse_mem_available("MemTotal: 1 kB\n") == 0
     assert proc.mem_available() > 0
     assert proc.mem_available(root="/nonexistent") == 0
+
+
+def test_isolated_scratch_page() -> None:
+    """The dump's scratch page keeps a free page on either side (no merge, so soft-dirty
+    does not see a neighbour as new), never in a stack's guard gap, never low."""
+    from ckpt.collect.tasks import isolated_page
+    from ckpt.collect.vmas import VmaInfo, VmaKind
+
+    P = 4096
+
+    def vma(start: int, end: int, kind: VmaKind = VmaKind.ANON_PRIVATE,
+            flags: tuple[str, ...] = ()) -> VmaInfo:
+        return VmaInfo(start, end, 3, False, kind, 0, "", 0, 0, flags)
+
+    lib = vma(0x7F00_0000_0000, 0x7F00_0001_0000)
+    heap = vma(0x7F00_0001_3000, 0x7F00_0002_0000)  # a 3-page gap below it
+    stack = vma(0x7FFF_0000_0000, 0x7FFF_0002_0000, VmaKind.STACK)
+    vdso = vma(0x7FFF_0010_0000, 0x7FFF_0010_2000, VmaKind.VDSO)
+    vsyscall = vma(0xFFFF_FFFF_FF60_0000, 0xFFFF_FFFF_FF60_1000, VmaKind.VSYSCALL)
+    at = isolated_page([vdso, heap, vsyscall, stack, lib])  # any order
+    assert at == vdso.start - 2 * P  # the highest gap: above the stack, below the vdso
+    assert isolated_page([heap, stack, lib]) == heap.start - 2 * P  # not below the stack
+    thread_stack = vma(0x7F00_0001_3000, 0x7F00_0002_0000, flags=("gd",))
+    assert isolated_page([lib, thread_stack]) == 0
+    assert isolated_page([lib, vma(0x7F00_0001_2000, 0x7F00_0002_0000)]) == 0  # 2 pages
+    low = [vma(0x400000, 0x401000), vma(0x500000, 0x501000)]
+    assert isolated_page(low) == 0

@@ -29,6 +29,23 @@ from ckpt.kernel.sys import NR, PAGE_SIZE, vm_read
 PR_GET_TID_ADDRESS = 40
 PROT_RW = 3
 MAP_PRIVATE_ANON = 0x22
+MAP_FIXED_NOREPLACE = 0x100000
+LOWEST_SCRATCH = 0x10000000  # far above mmap_min_addr and the usual executable
+USER_END = 1 << 47  # [vsyscall] lies above: not a neighbour to map below
+
+
+def isolated_page(vmas: list[VmaInfo]) -> int:
+    """An address for a scratch page with a free page on either side, so that it can not
+    merge with a neighbour: a merged VMA would turn VM_SOFTDIRTY as a whole and soft-dirty
+    would copy it whole. Never just below a stack (its guard gap). 0 if the address space
+    has no such gap (let the kernel choose)."""
+    spans = sorted((v for v in vmas if v.end <= USER_END), key=lambda v: v.start)
+    for below, above in zip(reversed(spans[:-1]), reversed(spans[1:]), strict=True):
+        grows_down = above.kind == VmaKind.STACK or "gd" in above.vmflags
+        if (above.start - below.end >= 3 * PAGE_SIZE and below.end >= LOWEST_SCRATCH
+                and not grows_down):
+            return above.start - 2 * PAGE_SIZE
+    return 0
 UNCATCHABLE = (signal.SIGKILL, signal.SIGSTOP)
 _KSIGACTION = struct.Struct("QQQQ")  # handler, flags, restorer, mask
 _ALTSTACK = struct.Struct("QiiQ")  # ss_sp, ss_flags, pad, ss_size
@@ -89,7 +106,10 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
     out = InjectedState()
     scratch = 0
     try:
-        scratch = inj(NR.mmap, 0, PAGE_SIZE, PROT_RW, MAP_PRIVATE_ANON, -1, 0, what="mmap")
+        at = isolated_page(vmas)
+        scratch = inj(NR.mmap, at, PAGE_SIZE, PROT_RW,
+                      MAP_PRIVATE_ANON | (MAP_FIXED_NOREPLACE if at else 0), -1, 0,
+                      what="mmap")
         out.brk = inj(NR.brk, 0, what="brk")
         for sig in signals_to_query(pid):
             if inj.raw(NR.rt_sigaction, sig, 0, scratch, 8) == 0:
