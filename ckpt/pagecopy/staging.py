@@ -41,7 +41,6 @@ class Snap:
     def __post_init__(self) -> None:
         self._starts = [s for s, _ in self.ranges]
         self._offsets = list(itertools.accumulate((e - s for s, e in self.ranges), initial=0))
-        self._view = self.buf
 
     def view(self, start: int, end: int) -> memoryview:
         """The bytes of [start, end), which must lie inside one of ``ranges``."""
@@ -49,7 +48,7 @@ class Snap:
         if i < 0 or end > self.ranges[i][1]:
             raise CkptError(f"internal: {start:#x}-{end:#x} is not in the snapshot")
         at = self._offsets[i] + start - self.ranges[i][0]
-        return self._view[at : at + end - start]
+        return self.buf[at : at + end - start]
 
 
 def merge_plans(live: PassPlan, frozen: PassPlan) -> PassPlan:

@@ -105,7 +105,7 @@ def fill_pages(stub: Stub, stream: list[Range], reader: PagesReader, index: Writ
             vm_transfer(True, stub.pid, pairs)
         written.append(n)
 
-    total = reader.apply(sink, None if owned is None else chunk_filter(stream, owned))
+    total = reader.apply(sink, None if owned is None else chunk_filter(where, owned))
     if total != where.total:
         raise ImageError("page file ends before the pagemap does (truncated image?)")
     return sum(written)
@@ -121,14 +121,10 @@ def clip(pieces: list[tuple[int, int, int]], owned: list[Range]) -> list[tuple[i
     return out
 
 
-def chunk_filter(stream: list[Range], owned: list[Range]) -> Callable[[int, int], bool]:
+def chunk_filter(where: StreamMap, owned: list[Range]) -> Callable[[int, int], bool]:
     """Whether the stream's bytes [offset, offset + length) hold any owned page: a parent
     image owns few of its pages in a long chain, and the rest need not be decompressed."""
-    offsets: list[int] = []  # stream offset of each run's start
-    at = 0
-    for s, e in stream:
-        offsets.append(at)
-        at += e - s
+    stream, offsets = where.stream, where.offsets
     spans: list[Range] = []  # owned pages as stream offsets (owned lies inside stream)
     for lo, hi in owned:
         i = bisect.bisect_right(stream, (lo, 1 << 64)) - 1
