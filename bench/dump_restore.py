@@ -19,7 +19,9 @@ Run as root from the repository (ckpt importable). Steps, all in one run:
                images (4 MiB writes): what this filesystem and page cache take, the
                other ceiling of the dump's copy
     raw fill   process_vm_writev of the dumped bytes into fresh anonymous memory, 4 MiB
-               per call: the page faults and copy no restore avoids, its floor
+               per call: each page faulted in, zeroed, then copied over. Restore fills
+               anonymous memory with UFFDIO_COPY instead, which skips the zeroing, so it
+               can beat this reference (restore / raw fill < 1 once decompression hides)
     restore    ckpt.actions.restore.restore (detached), then SIGUSR1 to the restored
                process and compare its memory checksum with the original
 

@@ -102,6 +102,24 @@ def py_target(name: str) -> list[str]:
     return [PYTHON, str(TARGETS / name)]
 
 
+def bigmem_dumped(harness: Harness, out: Path) -> tuple[int, Path, int]:
+    """examples/targets/bigmem.py (64 MiB it checksums) started, dumped and reaped:
+    its pid, the images, and how many lines it wrote before the dump."""
+    proc = harness.launch(py_target("bigmem.py"), out)
+    wait_for_lines(out, 3, timeout=30)
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    return proc.pid, images, len(read_lines(out))
+
+
+def assert_bigmem_reference(out: Path) -> None:
+    """Every line bigmem.py wrote (restores included) equals a fresh reference run's."""
+    got = read_lines(out)
+    ref = subprocess.run([PYTHON, str(TARGETS / "bigmem.py"), "--iters", str(len(got))],
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert got == ref.stdout.splitlines()
+
+
 # --------------------------------------------------------------------------- /proc
 
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 from conftest import (
-    PYTHON,
-    TARGETS,
     Bins,
     Harness,
+    assert_bigmem_reference,
     assert_ckpt_ok,
     assert_running_untraced,
+    bigmem_dumped,
     check_counter_file,
     fd_links,
     is_alive,
@@ -181,21 +181,12 @@ def test_restore_waits_and_returns_exit_status(harness: Harness, bins: Bins,
 def test_bigmem_checksums(harness: Harness, tmp_path: Path) -> None:
     """A 64 MiB buffer: every digest after restore equals a fresh reference run's."""
     out = tmp_path / "out.txt"
-    proc = harness.launch(py_target("bigmem.py"), out)
-    wait_for_lines(out, 3, timeout=30)
-    images = harness.images()
-    harness.dump_and_reap(proc, images)
-    at_dump = len(read_lines(out))
-
-    assert harness.restore_detached(images) == proc.pid
+    pid, images, at_dump = bigmem_dumped(harness, out)
+    assert harness.restore_detached(images) == pid
     wait_for_lines(out, at_dump + 3, timeout=30)
-    assert_running_untraced(proc.pid)
-    stop(harness, proc.pid)
-
-    got = read_lines(out)
-    ref = subprocess.run([PYTHON, str(TARGETS / "bigmem.py"), "--iters", str(len(got))],
-                         capture_output=True, text=True, timeout=120, check=True)
-    assert got == ref.stdout.splitlines()
+    assert_running_untraced(pid)
+    stop(harness, pid)
+    assert_bigmem_reference(out)
 
 
 # --------------------------------------------------------------------------- (d)

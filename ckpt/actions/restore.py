@@ -3,7 +3,8 @@
     read images        inventory, core, pagemap (validated before anything is created)
     stub               fork a traced child with the dumped pid (ns_last_pid) or a new one
     gadget             syscall page at a free address; stub rseq off, its fds closed
-    address space      unmap stub, move vdso, map VMAs, fill pages, mprotect, PR_SET_MM_MAP
+    address space      unmap stub, move vdso, map VMAs, fill pages (UFFDIO_COPY into
+                       anonymous memory), mprotect, PR_SET_MM_MAP
     files              fds with shared open file descriptions, offsets
     process state      cwd, umask, personality, session, name, sigactions, rlimits
     threads            clone3 with set_tid, then per-thread kernel pointers
@@ -35,6 +36,7 @@ from ckpt.restore.process import (
     read_images,
 )
 from ckpt.restore.stub import Stub
+from ckpt.restore.uffd_fill import CopyFill
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,9 @@ def restore(opts: RestoreOptions) -> RestoreResult:
             check_xstate(stub, entry)
             prepare_stub(stub, vmas)
             late = mm.map_vmas(stub, vmas)
-        fill_layers(stub, entry.pid, layers, WritableIndex(vmas, late))
+            copier = CopyFill.open(stub, vmas)
+        with copier:
+            fill_layers(stub, entry.pid, layers, WritableIndex(vmas, late), copier=copier)
         with stub.colocated():
             mm.protect_late(stub, late)
             tids = finish_process(stub, entry, new_session=not inv.shell_job,

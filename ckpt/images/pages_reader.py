@@ -6,11 +6,12 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import stat
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import zstandard
 
@@ -26,10 +27,46 @@ from ckpt.images.pages import (
     TRAILER,
 )
 
+Frame = bytes | memoryview  # a stored zstd frame (a view of the mapped file, mostly)
 Want = Callable[[int, int], bool]  # (raw offset, raw length) of a chunk -> read it?
 # (raw offset of a chunk, its bytes, their address): called on a reader thread; the bytes
 # are valid during the call only
 Sink = Callable[[int, memoryview, int], None]
+
+
+class Source(Protocol):
+    def read(self, n: int, /) -> bytes | memoryview: ...
+    def seek(self, n: int, whence: int, /) -> int: ...
+
+
+class Mapped:
+    """A regular file read through a read-only shared mapping of it: every read is a view
+    of the page cache, no copy and no fresh buffer per frame."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._pos = f.tell()
+        self._view = memoryview(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
+
+    @classmethod
+    def of(cls, f: BinaryIO) -> Source:
+        """``f`` mapped when it is a non-empty regular file, else ``f`` itself."""
+        try:
+            st = os.fstat(f.fileno())
+            if stat.S_ISREG(st.st_mode) and st.st_size:
+                return cls(f)
+        except (OSError, ValueError, AttributeError):  # no fd, or not mappable
+            pass
+        return f
+
+    def read(self, n: int, /) -> memoryview:
+        out = self._view[self._pos : self._pos + n]
+        self._pos += len(out)
+        return out
+
+    def seek(self, n: int, whence: int, /) -> int:
+        assert whence == os.SEEK_CUR
+        self._pos += n
+        return self._pos
 
 
 class PagesReader:
@@ -37,25 +74,25 @@ class PagesReader:
 
     def __init__(self, f: BinaryIO, name: str, *, workers: int | None = None) -> None:
         """workers: chunks decompressed at once, ahead of the consumer (default
-        DEFAULT_WORKERS; 1: inline)."""
-        self._f = f
+        DEFAULT_WORKERS; 1: inline). A regular file is read through a mapping (Mapped)."""
+        self._f = Mapped.of(f)
         self._name = name
         self._workers = max(1, workers or DEFAULT_WORKERS)
         self._local = threading.local()  # one decompressor per thread (not thread-safe)
 
-    def _read(self, n: int, what: str) -> bytes:
+    def _read(self, n: int, what: str) -> Frame:
         data = self._f.read(n)
         while len(data) < n:  # raw (unbuffered) files may return short reads
             more = self._f.read(n - len(data))
             if not more:
                 raise ImageError(f"{self._name}: truncated ({what} cut short)")
-            data += more
+            data = bytes(data) + more
         return data
 
     def _corrupted(self, why: str) -> ImageError:
         return ImageError(f"{self._name}: corrupted ({why})")
 
-    def _frames(self, want: Want | None = None) -> Iterator[tuple[int, int, bytes | None]]:
+    def _frames(self, want: Want | None = None) -> Iterator[tuple[int, int, Frame | None]]:
         """(index, raw_len, frame) of every chunk; checks header, chunk headers, trailer.
         With ``want``, chunks it declines (by raw offset and length) are seeked over: their
         frame is None."""
@@ -91,13 +128,13 @@ class PagesReader:
         if self._f.read(1):
             raise self._corrupted("trailing garbage after the trailer")
 
-    def _decode(self, index: int, raw_len: int, frame: bytes) -> bytes:
+    def _decode(self, index: int, raw_len: int, frame: Frame) -> bytes:
         """Decompress and check one frame (on any thread)."""
         out = bytearray(raw_len)
         self._decode_into(index, raw_len, frame, memoryview(out))
         return bytes(out)
 
-    def _decode_into(self, index: int, raw_len: int, frame: bytes, out: memoryview) -> None:
+    def _decode_into(self, index: int, raw_len: int, frame: Frame, out: memoryview) -> None:
         """Decompress and check one frame into ``out`` (on any thread)."""
         zd = getattr(self._local, "zd", None)
         if zd is None:
@@ -130,7 +167,7 @@ class PagesReader:
         pos = [0, 0]  # raw offset of the next chunk, chunks handed out
         errors: list[tuple[int, BaseException]] = []
 
-        def take() -> tuple[int, int, int, bytes] | None:
+        def take() -> tuple[int, int, int, Frame] | None:
             with lock:
                 while not errors:
                     try:
@@ -194,7 +231,7 @@ class PagesReader:
                 yield raw_len, None if frame is None else self._decode(index, raw_len, frame)
             return
         pending: deque[tuple[int, Future[bytes] | None]] = deque()
-        item: tuple[int, int, bytes | None] | None
+        item: tuple[int, int, Frame | None] | None
         failure: ImageError | None = None
         pool = ThreadPoolExecutor(self._workers, thread_name_prefix="ckpt-unzstd")
 

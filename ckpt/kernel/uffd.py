@@ -10,9 +10,10 @@ with ``pidfd_getfd`` from another process: the ioctls then act on that process's
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
-from ckpt.kernel.sys import NR, syscall
+from ckpt.kernel.sys import NR, libc, raise_errno, syscall
 
 UFFD_API = 0xAA
 
@@ -43,6 +44,7 @@ UFFD_FEATURE_MOVE = 1 << 16
 WP_ASYNC_FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED
 
 UFFDIO_REGISTER_MODE_MISSING = 1 << 0
+COPY_STALLS = 100  # UFFDIO_COPY retries that copied nothing (EAGAIN) before giving up
 UFFDIO_REGISTER_MODE_WP = 1 << 1
 UFFDIO_REGISTER_MODE_MINOR = 1 << 2
 UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
@@ -73,6 +75,16 @@ class uffdio_writeprotect(ctypes.Structure):
     _fields_ = [("range", uffdio_range), ("mode", ctypes.c_uint64)]
 
 
+class uffdio_copy(ctypes.Structure):
+    _fields_ = [
+        ("dst", ctypes.c_uint64),
+        ("src", ctypes.c_uint64),
+        ("len", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("copy", ctypes.c_int64),  # out: bytes copied, or a negative errno
+    ]
+
+
 def _ioc(direction: int, type_: int, nr: int, size: int) -> int:
     return (direction << 30) | (size << 16) | (type_ << 8) | nr
 
@@ -86,11 +98,13 @@ UFFDIO_UNREGISTER = _ioc(_IOC_READ, 0xAA, 0x01, ctypes.sizeof(uffdio_range))
 UFFDIO_WRITEPROTECT = _ioc(
     _IOC_READ | _IOC_WRITE, 0xAA, 0x06, ctypes.sizeof(uffdio_writeprotect)
 )
+UFFDIO_COPY = _ioc(_IOC_READ | _IOC_WRITE, 0xAA, 0x03, ctypes.sizeof(uffdio_copy))
 
 assert UFFDIO_API == 0xC018AA3F
 assert UFFDIO_REGISTER == 0xC020AA00
 assert UFFDIO_UNREGISTER == 0x8010AA01
 assert UFFDIO_WRITEPROTECT == 0xC018AA06
+assert UFFDIO_COPY == 0xC028AA03
 
 
 def _ioctl(fd: int, req: int, arg: ctypes.Structure, what: str) -> int:
@@ -115,10 +129,33 @@ def uffd_api(fd: int, features: int = WP_ASYNC_FEATURES) -> int:
 
 def uffd_register_wp(fd: int, start: int, length: int) -> None:
     """Register [start, start+length) for write-protect tracking (whole VMAs, page-aligned)."""
-    arg = uffdio_register(
-        range=uffdio_range(start=start, len=length), mode=UFFDIO_REGISTER_MODE_WP, ioctls=0
-    )
+    uffd_register(fd, start, length, UFFDIO_REGISTER_MODE_WP)
+
+
+def uffd_register(fd: int, start: int, length: int, mode: int) -> None:
+    """Register [start, start+length) (whole VMAs, page-aligned) in ``mode``."""
+    arg = uffdio_register(range=uffdio_range(start=start, len=length), mode=mode, ioctls=0)
     _ioctl(fd, UFFDIO_REGISTER, arg, f"UFFDIO_REGISTER({start:#x}+{length:#x})")
+
+
+def uffd_copy(fd: int, dst: int, src: int, length: int) -> None:
+    """UFFDIO_COPY: fill the missing pages [dst, dst+length) of the uffd's mm (registered
+    MISSING) with ``length`` bytes at ``src`` in this process; all page-aligned. The kernel
+    allocates each page and copies into it: no zeroing first, no fault per page. A copy
+    cut short (EAGAIN: the mm is changing) goes on from where it stopped."""
+    arg = uffdio_copy()
+    stalls = 0
+    while length:
+        arg.dst, arg.src, arg.len, arg.mode, arg.copy = dst, src, length, 0, 0
+        res = int(libc.syscall(ctypes.c_long(NR.ioctl), ctypes.c_long(fd),
+                               ctypes.c_long(UFFDIO_COPY), ctypes.c_void_p(ctypes.addressof(arg))))
+        err = ctypes.get_errno() if res == -1 else 0
+        done = int(arg.copy) if res == -1 else length
+        if done <= 0 and (err != errno.EAGAIN or stalls >= COPY_STALLS):
+            raise_errno(err or -done, f"UFFDIO_COPY({dst:#x}+{length:#x})")
+        stalls = stalls + 1 if done <= 0 else 0
+        done = max(done, 0)
+        dst, src, length = dst + done, src + done, length - done
 
 
 def uffd_unregister(fd: int, start: int, length: int) -> None:

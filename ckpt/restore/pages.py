@@ -7,7 +7,8 @@ The page file is one stream of the PRESENT runs in pagemap order, cut into zstd 
     writes  : chunk 1 → A[0:3];  chunk 2 → A[3:4], C[0:2];  chunk 3 → C[2:3]
 
 Each chunk becomes one process_vm_writev with an iovec per piece; pieces landing in
-VMAs that are not writable (text with COW'd pages) go through /proc/PID/mem instead.
+VMAs that are not writable (text with COW'd pages) go through /proc/PID/mem instead, and
+pieces in VMAs registered with a CopyFill (fresh anonymous memory) are UFFDIO_COPYed.
 Chunks are independent: several threads each decompress one and write it, in any order.
 With a parent chain every image's stream is read in turn and only the pieces that image
 *owns* (ckpt.images.chain) are written; the rest of its stream is skipped.
@@ -25,6 +26,7 @@ from ckpt.images.pb import core_pb2
 from ckpt.kernel.sys import vm_transfer
 from ckpt.ranges import Range, intersect
 from ckpt.restore.stub import Stub
+from ckpt.restore.uffd_fill import CopyFill
 
 PROT_WRITE = 2
 
@@ -79,9 +81,10 @@ class StreamMap:
 
 
 def fill_pages(stub: Stub, stream: list[Range], reader: PagesReader, index: WritableIndex,
-               owned: list[Range] | None = None) -> int:
+               owned: list[Range] | None = None, copier: CopyFill | None = None) -> int:
     """Write the page stream (the PRESENT runs ``stream``, in order) into the stub; with
-    ``owned``, only the parts inside it (chunks without any are not even decompressed).
+    ``owned``, only the parts inside it (chunks without any are not even decompressed);
+    the pieces in ``copier``'s VMAs with UFFDIO_COPY.
     Chunks are decompressed and written on several threads at once: process_vm_writev
     needs no ptrace, and the stub's page faults are taken in parallel too. Returns the
     bytes written."""
@@ -96,7 +99,9 @@ def fill_pages(stub: Stub, stream: list[Range], reader: PagesReader, index: Writ
         pairs, n = [], 0
         for lo, hi, at in pieces:
             for a, b, writable in index.split(lo, hi):
-                if writable:
+                if copier is not None and copier.owns(a):
+                    copier.copy(a, base + at + a - lo, b - a)
+                elif writable:
                     pairs.append((base + at + a - lo, a, b - a))
                 else:
                     stub.write_mem(a, chunk[at + a - lo : at + b - lo])

@@ -32,6 +32,7 @@ from ckpt.restore.tasks import (
     restore_thread_state,
     unregister_stub_rseq,
 )
+from ckpt.restore.uffd_fill import CopyFill
 
 PR_SET_NAME = 15
 
@@ -75,8 +76,9 @@ def prepare_stub(stub: Stub, vmas: list[pb.Vma]) -> None:
 
 
 def fill_layers(stub: Stub, pid: int, layers: list[chain.Layer], index: WritableIndex,
-                only: list[Range] | None = None) -> int:
-    """Write every layer's owned pages (with ``only``, just those inside it)."""
+                only: list[Range] | None = None, copier: CopyFill | None = None) -> int:
+    """Write every layer's owned pages (with ``only``, just those inside it); into fresh
+    memory, ``copier`` fills its VMAs with UFFDIO_COPY."""
     written = 0
     for layer in layers:
         owned = layer.owned if only is None else intersect(layer.owned, only)
@@ -84,7 +86,7 @@ def fill_layers(stub: Stub, pid: int, layers: list[chain.Layer], index: Writable
             continue
         with layer.images.pages_reader(pid) as reader:
             written += fill_pages(stub, layer.stream, reader, index,
-                                  None if owned == layer.stream else owned)
+                                  None if owned == layer.stream else owned, copier)
     return written
 
 

@@ -35,6 +35,7 @@ from ckpt.restore.layout import plan_layout, vdso_moved
 from ckpt.restore.pages import WritableIndex
 from ckpt.restore.process import check_xstate, fill_layers, finish_process, prepare_stub
 from ckpt.restore.stub import GADGET_LEN, Stub
+from ckpt.restore.uffd_fill import CopyFill
 
 MADV_DONTNEED, MADV_REMOVE = 4, 9
 GADGET_SLACK = 1 << 20
@@ -140,7 +141,9 @@ class WarmRestore:
         with stub.colocated():
             prepare_stub(stub, vmas)
             late = mm.map_vmas(stub, vmas)
-        return fill_layers(stub, pid, layers, WritableIndex(vmas, late))
+            copier = CopyFill.open(stub, vmas)  # the first pass fills fresh memory only
+        with copier:
+            return fill_layers(stub, pid, layers, WritableIndex(vmas, late), copier=copier)
 
     def _update(self, images: ImageDir, pid: int, vmas: list[pb.Vma],
                 pm: Pagemap) -> tuple[int, int]:
