@@ -49,7 +49,7 @@ def test_soft_dirty_unavailable_here(cap: pr.Capabilities) -> None:
 
 def test_features_available_here(cap: pr.Capabilities) -> None:
     for name in ("ptrace-seize", "xstate", "process_vm_readv", "uffd-wp-async", "pagemap-scan",
-                 "clone3-set-tid", "vdso-layout"):
+                 "uffd-copy", "clone3-set-tid", "vdso-layout"):
         assert cap.ok(name), cap.get(name)
     assert "EINVAL" in cap.get("pagemap-scan").detail
     assert cap.ns_last_pid_writable
@@ -90,6 +90,7 @@ def test_meaning_fallbacks() -> None:
     assert lines[0].startswith("predump: compare backend")
     assert "dump: impossible: tasks cannot be seized" in lines
     assert any(line.startswith("restore: exact pids via ns_last_pid") for line in lines)
+    assert "restore: every page written with process_vm_writev (userfaultfd unavailable)" in lines
     sd_only = tuple(pr.Feature(n, n == "soft-dirty", "x") for n in pr.FEATURE_NAMES)
     assert check.meaning(pr.Capabilities(sd_only))[0].startswith("predump: soft-dirty tracking")
 

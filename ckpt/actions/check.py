@@ -39,6 +39,11 @@ def meaning(cap: Capabilities) -> list[str]:
         out.append("restore: exact pids via ns_last_pid (racy: another fork may take the pid)")
     else:
         out.append("restore: pids cannot be chosen: use --new-pid")
+    out.append(
+        "restore: anonymous memory filled with UFFDIO_COPY (no page zeroed first)"
+        if cap.ok("uffd-copy")
+        else "restore: every page written with process_vm_writev (userfaultfd unavailable)"
+    )
     if cap.ok("vdso-layout"):
         out.append(f"restore: vdso/vvar moved with mremap ({cap.get('vdso-layout').detail})")
     return out

@@ -43,7 +43,7 @@ XFEATURE_NAMES = {
 
 FEATURE_NAMES = (
     "ptrace-seize", "xstate", "process_vm_readv", "soft-dirty", "uffd-wp-async",
-    "pagemap-scan", "clone3-set-tid", "vdso-layout",
+    "pagemap-scan", "uffd-copy", "clone3-set-tid", "vdso-layout",
 )
 
 
@@ -259,6 +259,24 @@ def _probe_uffd_wp(extra: _Extra) -> Feature:
     return Feature("uffd-wp-async", True, "WP_ASYNC|WP_UNPOPULATED; one write -> one WRITTEN page")
 
 
+def _probe_uffd_copy(extra: _Extra) -> Feature:
+    """What restore fills anonymous memory with (ckpt.restore.uffd_fill), same flags."""
+    fd = uffd.create_uffd_self(os.O_CLOEXEC | os.O_NONBLOCK | uffd.UFFD_USER_MODE_ONLY)
+    try:
+        uffd.uffd_api(fd, uffd.UFFD_FEATURE_SIGBUS)
+        with _anon_map(1) as src, _anon_map(2) as dst:
+            ctypes.memset(src, 7, PAGE)
+            uffd.uffd_register(fd, dst, 2 * PAGE, uffd.UFFDIO_REGISTER_MODE_MISSING)
+            uffd.uffd_copy(fd, dst, src, PAGE)  # the second page stays missing: not read
+            got = ctypes.string_at(dst, PAGE)
+            uffd.uffd_unregister(fd, dst, 2 * PAGE)
+    finally:
+        os.close(fd)
+    if got != b"\x07" * PAGE:
+        return Feature("uffd-copy", False, "UFFDIO_COPY put other bytes in the page")
+    return Feature("uffd-copy", True, "MISSING registration, SIGBUS, UFFDIO_COPY of a page")
+
+
 def _probe_pagemap_scan(extra: _Extra) -> Feature:
     fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -354,6 +372,7 @@ _PROBES: tuple[tuple[tuple[str, ...], _Probe], ...] = (
     (("soft-dirty",), _probe_soft_dirty),
     (("uffd-wp-async",), _probe_uffd_wp),
     (("pagemap-scan",), _probe_pagemap_scan),
+    (("uffd-copy",), _probe_uffd_copy),
     (("clone3-set-tid",), _probe_clone3),
     (("vdso-layout",), _probe_vdso),
 )
