@@ -36,6 +36,7 @@ from ckpt.actions.passes import (
     pass_stats,
     reserve_snapshot,
     select_tracker,
+    snapshot_limit,
     snapshot_pages,
     view_digests,
     write_memory,
@@ -161,9 +162,10 @@ def dump(opts: DumpOptions) -> DumpResult:
 
     try:
         live = live_pass(opts, tracker, parent)
+        limit = snapshot_limit()  # read before the freeze, not in it
         # --leave-running full dump: the snapshot's memory is taken before the freeze
-        reserve = reserve_snapshot(pid, early_vmas) if opts.leave_running and parent is None \
-            else None
+        reserve = reserve_snapshot(pid, early_vmas, limit) \
+            if opts.leave_running and parent is None else None
         with Frozen(pid) as frozen:
             threads = frozen.threads()
             # The injections map a scratch page and unmap it again: the layout read
@@ -185,7 +187,7 @@ def dump(opts: DumpOptions) -> DumpResult:
                 # copy is read in one go either way (no bounce buffers, no reader thread).
                 snapshot = None
                 if live or opts.leave_running or pages(plan.copy) * PAGE_SIZE <= SMALL_COPY:
-                    snapshot = snapshot_pages(pid, plan, reserve=reserve)
+                    snapshot = snapshot_pages(pid, plan, reserve=reserve, limit=limit)
                 layer = Layer(plan, snapshot, live)
                 if not layer.in_memory or not opts.leave_running:
                     mem = store_memory(images, pid, layer, opts.compress_level, dirty.compare,

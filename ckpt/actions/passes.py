@@ -103,22 +103,25 @@ def snapshot_buffer(size: int) -> mmap.mmap:
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
 
 
-def reserve_snapshot(pid: int, vmas: list[VmaInfo]) -> mmap.mmap | None:
+def reserve_snapshot(pid: int, vmas: list[VmaInfo], limit: int) -> mmap.mmap | None:
     """A buffer for the pages a full dump will snapshot, taken while the target still
     runs (allocating a GiB can take longer than copying it): what exists now, plus room
-    to grow; None if that is more than a snapshot may hold."""
+    to grow; None if that is more than ``limit`` (snapshot_limit()) bytes."""
     exists, _ = existing_pages(pid, [v for v in vmas if v.kind not in NO_PAGES])
     size = total(exists) * 11 // 10 + (4 << 20)
-    return snapshot_buffer(size) if size <= snapshot_limit() else None
+    return snapshot_buffer(size) if size <= limit else None
 
 
 def snapshot_pages(pid: int, plan: PassPlan, tolerate_unmapped: bool = False,
-                   reserve: mmap.mmap | None = None) -> Snapshot | None:
+                   reserve: mmap.mmap | None = None, limit: int | None = None,
+                   ) -> Snapshot | None:
     """The plan's pages, copied into memory (the cheap part of a frozen dump), so that
     compressing and writing them can wait until the target runs again; None if they are
-    more than snapshot_limit() bytes. Read into ``reserve`` if it is large enough."""
+    more than ``limit`` bytes (default: snapshot_limit(), which reads /proc/meminfo: a
+    frozen pass passes the limit it took before the freeze). Read into ``reserve`` if it
+    is large enough."""
     size = pages(plan.copy) * PAGE_SIZE
-    if size > snapshot_limit():
+    if size > (snapshot_limit() if limit is None else limit):
         return None
     if not size:
         return memoryview(bytearray())

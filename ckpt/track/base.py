@@ -5,7 +5,7 @@ A pass (predump or incremental dump) runs with the target frozen:
     tracker = open_tracker(name, pid, state)   # state from the parent's tracker.img
     dirty = tracker.begin(ctx)                 # what changed since the last pass, and
                                                # tracking re-armed: protect before copying
-                                               # (claim() first: see ledger.py)
+                                               # (claimed first: see ledger.py)
     ...copy (frozen, or after thaw for predump)...
     tracker.end(ctx, keep=...)                 # keep armed for a next pass, or leave no
                                                # trace in the target (final dump)
@@ -79,10 +79,18 @@ class Tracker(abc.ABC):
     def prepare(self, ctx: PassContext) -> None:  # noqa: B027 - optional hook
         """Set up what begin() needs; runs frozen if prepare_needs_freeze() said so."""
 
-    @abc.abstractmethod
     def begin(self, ctx: PassContext) -> DirtySet:
         """Report what changed since the previous pass and re-arm tracking, before any
-        page is copied (protect before copying)."""
+        page is copied (protect before copying). A backend that arms claims the tracking
+        first (ledger.py), whatever it does next: a pass that fails half-way has consumed
+        its parent's state all the same."""
+        if self.arms:
+            self.claim()
+        return self._begin(ctx)
+
+    @abc.abstractmethod
+    def _begin(self, ctx: PassContext) -> DirtySet:
+        """The backend's begin(), the tracking already claimed where it arms."""
 
     def end(self, ctx: PassContext, keep: bool) -> None:  # noqa: B027 - optional hook
         """Frozen: keep tracking for a next pass, or remove every trace of it."""

@@ -12,6 +12,6 @@ class CompareTracker(Tracker):
     begin_needs_freeze = False
     arms = False
 
-    def begin(self, ctx: PassContext) -> DirtySet:
+    def _begin(self, ctx: PassContext) -> DirtySet:
         return DirtySet(all_dirty="compare backend: every page is compared with the parent",
                         compare=True)

@@ -26,9 +26,8 @@ class SoftDirtyTracker(Tracker):
     name = "soft-dirty"
     needs_fresh_vmflags = True
 
-    def begin(self, ctx: PassContext) -> DirtySet:
+    def _begin(self, ctx: PassContext) -> DirtySet:
         lost = self.continuity()
-        self.claim()
         out = DirtySet(all_dirty=lost)
         if not lost:
             out.dirty, out.whole = self._read(ctx.vmas)

@@ -82,10 +82,9 @@ class UffdWpTracker(Tracker):
             self._take()
 
     # ------------------------------------------------------------------ pass
-    def begin(self, ctx: PassContext) -> DirtySet:
+    def _begin(self, ctx: PassContext) -> DirtySet:
         if self.fd < 0:
             self.prepare(ctx)
-        self.claim()
         lost = self.lost
         scan_fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY)
         try:
