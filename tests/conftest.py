@@ -418,9 +418,9 @@ class Harness:
         assert_ckpt_ok(res)
         return res
 
-    def dump_and_reap(self, proc: subprocess.Popen[bytes], images: Path) -> None:
+    def dump_and_reap(self, proc: subprocess.Popen[bytes], images: Path, *extra: str) -> None:
         """Dump (which kills the target) and reap it, so its pid is free again."""
-        assert_ckpt_ok(run_ckpt("dump", "-t", str(proc.pid), "-D", images, reap=proc))
+        assert_ckpt_ok(run_ckpt("dump", "-t", str(proc.pid), "-D", images, *extra, reap=proc))
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -174,6 +174,7 @@ PM_GUARD = 1 << 58
 PM_FILE = 1 << 61
 PM_SWAP = 1 << 62
 PM_PRESENT = 1 << 63
+PM_PFN_MASK = (1 << 55) - 1  # bits 0-54: the page frame (read as 0 without CAP_SYS_ADMIN)
 
 _READ_CHUNK = 1 << 21  # 2 MiB of entries (1 GiB of address space) per pread
 
@@ -284,15 +285,61 @@ SWAP_TYPE_BITS = 0x1F
 SWP_PTE_MARKER = 0x1F
 
 
+@functools.cache
+def zero_pfn() -> int:
+    """The frame of the kernel's shared zero page, which a read fault maps into untouched
+    anonymous memory; 0 if this process cannot see frames (then none is recognized)."""
+    addr = syscall(NR.mmap, 0, PAGE_SIZE, 1, 0x22, -1, 0, what="mmap")  # PROT_READ, anon
+    try:
+        ctypes.string_at(addr, 1)  # the read fault maps the zero page
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            (entry,) = read_pagemap_entries(fd, addr, addr + PAGE_SIZE)
+        finally:
+            os.close(fd)
+    finally:
+        syscall(NR.munmap, addr, PAGE_SIZE, what="munmap")
+    return entry & PM_PFN_MASK if entry & PM_PRESENT else 0
+
+
+@functools.lru_cache(maxsize=64)
+def _equal_table(mask: int, value: int) -> bytes:
+    return bytes(1 if v & mask == value else 0 for v in range(256))
+
+
+def zero_page_flags(entries: array[int], raw: bytes | None = None) -> int:
+    """Per-entry 0/1 bytes (as a big integer, like match_flags) of the present pages that
+    map the shared zero page: read, never written, they hold no data. 0 when frames are
+    hidden (zero_pfn() == 0)."""
+    pfn = zero_pfn()
+    if not pfn or not entries:
+        return 0
+    raw = entries.tobytes() if raw is None else raw
+    want, mask = PM_PRESENT | pfn, PM_PRESENT | PM_PFN_MASK
+    out = -1
+    for k in range(8):
+        col = raw[(k if sys.byteorder == "little" else 7 - k) :: 8]
+        table = _equal_table((mask >> 8 * k) & 0xFF, (want >> 8 * k) & 0xFF)
+        out &= int.from_bytes(col.translate(table), "little")
+        if not out:
+            break
+    return out
+
+
 def data_runs(entries: array[int], base_vaddr: int, reject_file: bool = False,
               ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(exists, present) runs: pages holding data (present, or swapped out for real) and
-    the present ones; with ``reject_file``, only anonymous (COW'd) pages count."""
+    the present ones; with ``reject_file``, only anonymous (COW'd) pages count. A page
+    mapping the shared zero page holds no data: it counts as neither (it reads as zeros,
+    as a hole restores)."""
     count = len(entries)
     if count == 0:
         return [], []
     reject = PM_FILE if reject_file else 0
     present = match_flags(entries, PM_PRESENT, reject)
+    zero = zero_page_flags(entries)
+    if zero:
+        present = (int.from_bytes(present, "little") & ~zero).to_bytes(count, "little")
     swapped = int.from_bytes(match_flags(entries, PM_SWAP, PM_PRESENT | reject), "little")
     if swapped:
         raw = entries.tobytes()

@@ -1,7 +1,8 @@
 """What an incremental pass stores: VMAs + dirty set + the parent's pages → pagemap.
 
 For every page of a dumpable VMA, with "exists" = present or swapped out (COW'd copies
-only, for private file mappings; uffd-wp's PTE markers are not data) from pagemap:
+only, for private file mappings; uffd-wp's PTE markers and the shared zero page are not
+data) from pagemap:
 
     exists, dirty (or its VMA copied whole)      → copy           PRESENT
     exists, clean, the parent has it            → IN_PARENT
@@ -11,7 +12,9 @@ only, for private file mappings; uffd-wp's PTE markers are not data) from pagema
 "Swapped, clean, parent lacks it" is a hole: with uffd-wp a protected never-populated page
 reads as a swap-like marker, and a page that really was swapped out since the last pass
 was present then, so the parent has it. A page dropped by MADV_DONTNEED is "not present":
-a hole, never "same as parent" — otherwise restore would resurrect stale data.
+a hole, never "same as parent" — otherwise restore would resurrect stale data; read
+again after that, it maps the zero page and is a hole all the same (soft-dirty sees
+neither the drop nor the read).
 """
 
 from __future__ import annotations

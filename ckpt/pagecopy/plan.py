@@ -11,8 +11,10 @@
     vdso/vvar/...     none: the kernel provides them
 
 Runs are computed from /proc/PID/pagemap a VMA at a time; ``data_runs`` finds run
-boundaries without a per-page Python loop. uffd-wp's PTE markers on never-populated
-pages look like swap entries but hold no data: they are skipped.
+boundaries without a per-page Python loop. Two kinds of "present or swapped" hold no data
+and are skipped: uffd-wp's PTE markers on never-populated pages (they look like swap
+entries), and pages mapping the kernel's shared zero page (read, never written; CRIU
+skips them too). Restore leaves both unmapped, and they read as zeros again.
 """
 
 from __future__ import annotations

@@ -37,6 +37,12 @@ HIGH_FD = 1000
 USER_SPACE_END = (1 << 47) - 4096  # TASK_SIZE_MAX
 UFFD_LINK = "anon_inode:[userfaultfd]"
 HOLDS_DATA = pm.PAGE_IS_PRESENT | pm.PAGE_IS_SWAPPED
+DATA_MASK = HOLDS_DATA | pm.PAGE_IS_PFNZERO
+
+
+def holds_data(categories: int) -> bool:
+    """Present or swapped, but not the shared zero page (a read fault's zeros)."""
+    return bool(categories & HOLDS_DATA) and not categories & pm.PAGE_IS_PFNZERO
 
 
 def ckpt_uffds(pid: int) -> list[int]:
@@ -96,17 +102,18 @@ class UffdWpTracker(Tracker):
             # hold data (a written page that is neither was dropped: MADV_DONTNEED).
             written = pm.pagemap_scan(scan_fd, 0, USER_SPACE_END, flags=pm.PM_SCAN_WP_MATCHING,
                                       category_mask=pm.PAGE_IS_WRITTEN,
-                                      return_mask=pm.PAGE_IS_WRITTEN | HOLDS_DATA)
+                                      return_mask=pm.PAGE_IS_WRITTEN | DATA_MASK)
             untracked = pm.pagemap_scan(scan_fd, 0, USER_SPACE_END,
                                         category_inverted=pm.PAGE_IS_WPALLOWED,
                                         category_mask=pm.PAGE_IS_WPALLOWED,
                                         return_mask=pm.PAGE_IS_WPALLOWED)
             fresh = intersect(normalize((s, e) for s, e, _ in untracked), trackable(ctx.vmas))
             # Unregistered VMAs carry no PTE markers yet: PRESENT/SWAPPED are exact there.
-            data = [(s, e) for s, e, c in written if c & HOLDS_DATA]
+            data = [(s, e) for s, e, c in written if holds_data(c)]
             for lo, hi in fresh:
-                data += ((s, e) for s, e, _ in pm.pagemap_scan(
-                    scan_fd, lo, hi, category_anyof_mask=HOLDS_DATA, return_mask=HOLDS_DATA))
+                data += ((s, e) for s, e, c in pm.pagemap_scan(
+                    scan_fd, lo, hi, category_anyof_mask=HOLDS_DATA, return_mask=DATA_MASK)
+                    if holds_data(c))
         finally:
             os.close(scan_fd)
         failed = self._arm(fresh)
