@@ -39,6 +39,8 @@ from conftest import (
     wait_for_lines,
 )
 
+from ckpt.collect.maps import read_smaps_vmflags
+
 pytestmark = needs_root
 
 
@@ -406,3 +408,24 @@ def test_show_and_check(harness: Harness, bins: Bins, tmp_path: Path) -> None:
     check = run_ckpt("check")
     assert_ckpt_ok(check)
     assert check.stdout.strip()
+
+
+def test_madvise_flags_survive(harness: Harness, tmp_path: Path) -> None:
+    """A VMA's madvise flags (THP hints, dontdump, dontfork, wipeonfork, KSM, readahead)
+    are the same after restore: each region's VmFlags as smaps shows them."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch(py_target("madvised.py"), out)
+    wait_for_line(out, lambda s: s == "ready", 20, "ready")
+    regions = [int(s.split()[1].split("=")[1], 16) for s in read_lines(out)
+               if s.startswith("region ")]
+    assert len(regions) >= 6
+    flags = read_smaps_vmflags(proc.pid)
+    before = {a: flags[a] for a in regions}
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+
+    assert harness.restore_detached(images) == proc.pid
+    flags = read_smaps_vmflags(proc.pid)
+    assert {a: flags.get(a) for a in regions} == before
+    assert_running_untraced(proc.pid)
+    stop(harness, proc.pid)

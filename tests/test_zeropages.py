@@ -26,6 +26,7 @@ from conftest import (
 )
 from test_incremental import BACKENDS, require
 
+from ckpt.collect.maps import read_smaps_vmflags
 from ckpt.images import ImageDir
 from ckpt.kernel import pagemap as pm
 from ckpt.ranges import Range, intersect, normalize
@@ -112,6 +113,9 @@ def test_full_dump_skips_zero_pages(harness: Harness, tmp_path: Path) -> None:
 
     assert stored(images, proc.pid, region) == (written_pages(region, 0), [])
     assert harness.restore_detached(images) == proc.pid
+    # the target's MADV_NOHUGEPAGE comes back too: with THP, khugepaged would otherwise
+    # collapse the sparse region into huge pages and its RSS would grow
+    assert "nh" in read_smaps_vmflags(proc.pid)[region[0]]
     assert_goes_on(harness, out, proc.pid, before)
 
 

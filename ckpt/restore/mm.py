@@ -4,8 +4,9 @@
     2. move [vvar] [vvar_vclock] [vdso] as a group to the dumped addresses (the dumped code
        calls into the vdso, and glibc caches its address)
     3. map every VMA at its address: anonymous, or the file at its offset (checked to be the
-       same inode); VMAs that were writable once (VM_ACCOUNT, e.g. RELRO) are mapped RW and
-       made read-only after the fill, so they do not merge with their neighbours
+       same inode), with its madvise flags (MADVISED); VMAs that were writable once
+       (VM_ACCOUNT, e.g. RELRO) are mapped RW and made read-only after the fill, so they do
+       not merge with their neighbours
     4. fill pages (ckpt.restore.pages), then mprotect back
     5. PR_SET_MM_MAP: code/data/brk/stack/arg/env bounds, auxv and the exe link
 """
@@ -29,6 +30,11 @@ PR_SET_MM, PR_SET_MM_MAP = 35, 14
 VDSO_GROUP = ("[vvar]", "[vvar_vclock]", "[vdso]")
 KEEP = frozenset({*VDSO_GROUP, "[vsyscall]"})
 NO_EXE_FD = 0xFFFFFFFF
+# VmFlags (smaps mnemonics) that madvise sets, with the advice that sets each: THP hints,
+# core dump and fork behaviour, KSM, readahead. A restored VMA gets them back (best
+# effort: a kernel without THP or KSM refuses those hints, and the process runs anyway).
+MADVISED = (("hg", 14), ("nh", 15), ("dd", 16), ("dc", 10), ("wf", 18), ("mg", 12),
+            ("sr", 2), ("rr", 1))
 
 
 def overlaps(a0: int, a1: int, ranges: list[tuple[int, int]]) -> bool:
@@ -119,6 +125,9 @@ def map_range(stub: Stub, v: pb.Vma, start: int, end: int, files: Backing) -> No
                   what=f"mmap {start:#x}-{end:#x} {v.path}")
     if got != start:
         raise RestoreError(f"mmap of {start:#x} landed at {got:#x}")
+    for flag, advice in MADVISED:  # before any page is filled: "nh" keeps THP away
+        if flag in v.vmflags:
+            stub.sc(NR.madvise, start, end - start, advice, check=False)
 
 
 class Backing:

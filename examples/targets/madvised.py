@@ -1,0 +1,49 @@
+"""A target with one small anonymous region per madvise flag that smaps shows.
+
+    madvised.py
+
+Each region is 2 MiB, with a guard page between neighbours (so they never merge), gets
+one advice (MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTDUMP, MADV_DONTFORK,
+MADV_WIPEONFORK, MADV_MERGEABLE, MADV_SEQUENTIAL, MADV_RANDOM; one the kernel refuses is
+left out) and a written first page. It prints one `region addr=<hex> advice=<name>` line
+per region, then `ready`, then sleeps; the checker compares the regions' VmFlags.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+import time
+
+ADVICE = {"HUGEPAGE": 14, "NOHUGEPAGE": 15, "DONTDUMP": 16, "DONTFORK": 10,
+          "WIPEONFORK": 18, "MERGEABLE": 12, "SEQUENTIAL": 2, "RANDOM": 1}
+SIZE = 2 << 20
+PAGE = mmap.PAGESIZE
+
+
+def main() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    span = len(ADVICE) * (SIZE + PAGE)
+    base = libc.mmap(None, span, 3, 0x22, -1, 0)  # RW, private anonymous
+    if base in (None, ctypes.c_void_p(-1).value):
+        sys.exit("mmap failed")
+    for i, (name, advice) in enumerate(ADVICE.items()):
+        addr = base + i * (SIZE + PAGE)
+        libc.mprotect(addr + SIZE, PAGE, 0)  # the guard page after it
+        if libc.madvise(addr, SIZE, advice) != 0:
+            continue
+        ctypes.memset(addr, i + 1, PAGE)
+        print(f"region addr={addr:x} advice={name}", flush=True)
+    print("ready", flush=True)
+    while True:
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    main()
