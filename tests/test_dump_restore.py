@@ -410,15 +410,16 @@ def test_show_and_check(harness: Harness, bins: Bins, tmp_path: Path) -> None:
     assert check.stdout.strip()
 
 
-def test_madvise_flags_survive(harness: Harness, tmp_path: Path) -> None:
+def test_vma_flags_survive(harness: Harness, tmp_path: Path) -> None:
     """A VMA's madvise flags (THP hints, dontdump, dontfork, wipeonfork, KSM, readahead)
-    are the same after restore: each region's VmFlags as smaps shows them."""
+    and mlock state are the same after restore: each region's VmFlags as smaps shows
+    them."""
     out = tmp_path / "out.txt"
     proc = harness.launch(py_target("madvised.py"), out)
     wait_for_line(out, lambda s: s == "ready", 20, "ready")
     regions = [int(s.split()[1].split("=")[1], 16) for s in read_lines(out)
                if s.startswith("region ")]
-    assert len(regions) >= 6
+    assert len(regions) >= 8
     flags = read_smaps_vmflags(proc.pid)
     before = {a: flags[a] for a in regions}
     images = harness.images()

@@ -63,6 +63,7 @@ class NR:
     process_vm_writev = 311
     kcmp = 312
     userfaultfd = 323
+    mlock2 = 325
     rseq = 334
     pidfd_open = 434
     clone3 = 435

@@ -35,6 +35,7 @@ NO_EXE_FD = 0xFFFFFFFF
 # effort: a kernel without THP or KSM refuses those hints, and the process runs anyway).
 MADVISED = (("hg", 14), ("nh", 15), ("dd", 16), ("dc", 10), ("wf", 18), ("mg", 12),
             ("sr", 2), ("rr", 1))
+MLOCK_ONFAULT = 1
 
 
 def overlaps(a0: int, a1: int, ranges: list[tuple[int, int]]) -> bool:
@@ -163,6 +164,16 @@ def _open_backing(stub: Stub, v: pb.Vma) -> int:
     writable_shared = v.shared and v.prot & PROT_WRITE
     return stub.sc(NR.open, stub.put_str(v.path), os.O_RDWR if writable_shared else os.O_RDONLY,
                    0, what=f"open {v.path}")
+
+
+def lock_vmas(stub: Stub, vmas: list[pb.Vma]) -> None:
+    """mlock2 the VMAs that were locked ("lo"; "lf": on fault), once the pages are in:
+    locking populates, which a VMA still registered for the fill would refuse. Best
+    effort, as the madvise flags."""
+    for v in vmas:
+        if "lo" in v.vmflags:
+            stub.sc(NR.mlock2, v.start, v.end - v.start,
+                    MLOCK_ONFAULT if "lf" in v.vmflags else 0, check=False)
 
 
 def protect_late(stub: Stub, late: list[pb.Vma]) -> None:

@@ -5,7 +5,8 @@
     prepare_stub     gadget at a free address, the stub's rseq off, its fds closed, its
                      mappings gone, the vdso group moved to the dumped addresses
     fill_layers      page data of every image of a chain, each image its own pages
-    finish_process   mm fields, files, process state, threads, signals, registers, detach
+    finish_process   mlock, mm fields, files, process state, threads, signals, registers,
+                     detach
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
                    stopped: bool) -> list[int]:
     """Everything after the pages; the process is left running (or SIGSTOPped with
     ``stopped``) and untraced. Returns its thread ids, leader first."""
+    mm.lock_vmas(stub, list(entry.vmas))
     mm.restore_mm_fields(stub, entry.mm)
     restore_files(stub, entry)
     restore_process_state(stub, entry, new_session)

@@ -1,12 +1,13 @@
-"""A target with one small anonymous region per madvise flag that smaps shows.
+"""A target with one small anonymous region per madvise or mlock flag that smaps shows.
 
     madvised.py
 
 Each region is 2 MiB, with a guard page between neighbours (so they never merge), gets
 one advice (MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTDUMP, MADV_DONTFORK,
-MADV_WIPEONFORK, MADV_MERGEABLE, MADV_SEQUENTIAL, MADV_RANDOM; one the kernel refuses is
-left out) and a written first page. It prints one `region addr=<hex> advice=<name>` line
-per region, then `ready`, then sleeps; the checker compares the regions' VmFlags.
+MADV_WIPEONFORK, MADV_MERGEABLE, MADV_SEQUENTIAL, MADV_RANDOM) or lock (mlock2 with flags
+0 or MLOCK_ONFAULT), and a written first page; one the kernel refuses is left out. It
+prints one `region addr=<hex> advice=<name>` line per region, then `ready`, then sleeps;
+the checker compares the regions' VmFlags.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import sys
 import time
 
 ADVICE = {"HUGEPAGE": 14, "NOHUGEPAGE": 15, "DONTDUMP": 16, "DONTFORK": 10,
-          "WIPEONFORK": 18, "MERGEABLE": 12, "SEQUENTIAL": 2, "RANDOM": 1}
+          "WIPEONFORK": 18, "MERGEABLE": 12, "SEQUENTIAL": 2, "RANDOM": 1,
+          "LOCKED": -1, "LOCKONFAULT": -2}  # negative: mlock2 with flags -advice - 1
+NR_MLOCK2 = 325
 SIZE = 2 << 20
 PAGE = mmap.PAGESIZE
 
@@ -36,7 +39,10 @@ def main() -> None:
     for i, (name, advice) in enumerate(ADVICE.items()):
         addr = base + i * (SIZE + PAGE)
         libc.mprotect(addr + SIZE, PAGE, 0)  # the guard page after it
-        if libc.madvise(addr, SIZE, advice) != 0:
+        if advice < 0:
+            if libc.syscall(NR_MLOCK2, ctypes.c_void_p(addr), SIZE, -advice - 1) != 0:
+                continue
+        elif libc.madvise(addr, SIZE, advice) != 0:
             continue
         ctypes.memset(addr, i + 1, PAGE)
         print(f"region addr={addr:x} advice={name}", flush=True)
