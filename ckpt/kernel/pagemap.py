@@ -337,7 +337,8 @@ def data_runs(entries: array[int], base_vaddr: int, reject_file: bool = False,
         return [], []
     reject = PM_FILE if reject_file else 0
     present = match_flags(entries, PM_PRESENT, reject)
-    zero = zero_page_flags(entries)
+    # a file's pages are never the zero page (a read fault maps the page cache's)
+    zero = 0 if reject_file or present.find(1) < 0 else zero_page_flags(entries)
     if zero:
         present = (int.from_bytes(present, "little") & ~zero).to_bytes(count, "little")
     swapped = int.from_bytes(match_flags(entries, PM_SWAP, PM_PRESENT | reject), "little")
