@@ -411,15 +411,15 @@ def test_show_and_check(harness: Harness, bins: Bins, tmp_path: Path) -> None:
 
 
 def test_vma_flags_survive(harness: Harness, tmp_path: Path) -> None:
-    """A VMA's madvise flags (THP hints, dontdump, dontfork, wipeonfork, KSM, readahead)
-    and mlock state are the same after restore: each region's VmFlags as smaps shows
-    them."""
+    """A VMA's madvise flags (THP hints, dontdump, dontfork, wipeonfork, KSM, readahead),
+    mlock state and MAP_NORESERVE are the same after restore: each region's VmFlags as
+    smaps shows them."""
     out = tmp_path / "out.txt"
     proc = harness.launch(py_target("madvised.py"), out)
     wait_for_line(out, lambda s: s == "ready", 20, "ready")
     regions = [int(s.split()[1].split("=")[1], 16) for s in read_lines(out)
                if s.startswith("region ")]
-    assert len(regions) >= 8
+    assert len(regions) >= 9
     flags = read_smaps_vmflags(proc.pid)
     before = {a: flags[a] for a in regions}
     images = harness.images()
@@ -428,5 +428,9 @@ def test_vma_flags_survive(harness: Harness, tmp_path: Path) -> None:
     assert harness.restore_detached(images) == proc.pid
     flags = read_smaps_vmflags(proc.pid)
     assert {a: flags.get(a) for a in regions} == before
+    huge = regions[-1]  # 1 TiB, MAP_NORESERVE: only its two written pages were stored
+    with open(f"/proc/{proc.pid}/mem", "rb", buffering=0) as mem:
+        got = [mem.seek(a) and mem.read(4) for a in (huge, huge + (1 << 40) - 4096, huge + 4096)]
+    assert got == [b"\x09" * 4, b"\x0a" * 4, bytes(4)]
     assert_running_untraced(proc.pid)
     stop(harness, proc.pid)

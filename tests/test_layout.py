@@ -96,3 +96,19 @@ def test_kernel_mappings_take_no_part() -> None:
     assert change.kept == [(0x10000, 0x11000)] and not change.unmap
     assert not vdso_moved([vdso], [vdso])
     assert vdso_moved([vdso], [vma(0x7FFE0000, 2, K.VDSO, prot=5)])
+
+
+def test_mapping_flags_are_part_of_the_backing() -> None:
+    """A PROT_NONE MAP_NORESERVE reservation turned into part of a grown VMA (mremap into
+    the room), or a range whose madvise flags changed, is mapped fresh: an mprotect would
+    keep the old flags, and the VMA would not merge with its neighbour as it did."""
+    old = [vma(0x10000, 2, flags=("ac",)), vma(0x12000, 2, prot=0, flags=("nr",))]
+    new = [vma(0x10000, 4, flags=("ac",))]
+    change = plan_layout(old, new)
+    assert change.kept == [(0x10000, 0x12000)]
+    assert fresh(change) == [(0x12000, 0x14000)]
+    assert not change.protect
+    change = plan_layout([vma(0x10000, 4)], [vma(0x10000, 4, flags=("hg",))])
+    assert fresh(change) == [(0x10000, 0x14000)] and not change.kept
+    change = plan_layout([vma(0x10000, 4, flags=("ac", "sd"))], [vma(0x10000, 4, flags=("ac",))])
+    assert change.kept == [(0x10000, 0x14000)]  # flags the kernel sets on its own do not count

@@ -174,7 +174,6 @@ PM_GUARD = 1 << 58
 PM_FILE = 1 << 61
 PM_SWAP = 1 << 62
 PM_PRESENT = 1 << 63
-PM_PFN_MASK = (1 << 55) - 1  # bits 0-54: the page frame (read as 0 without CAP_SYS_ADMIN)
 
 _READ_CHUNK = 1 << 21  # 2 MiB of entries (1 GiB of address space) per pread
 

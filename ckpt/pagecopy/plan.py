@@ -19,13 +19,21 @@ skips them too). Restore leaves both unmapped, and they read as zeros again.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 
 from ckpt.collect.vmas import VmaInfo, VmaKind
-from ckpt.kernel.pagemap import data_runs, read_pagemap_entries
+from ckpt.errors import KernelError
+from ckpt.kernel.pagemap import (
+    PAGE_IS_PRESENT,
+    PAGE_IS_SWAPPED,
+    data_runs,
+    pagemap_scan,
+    read_pagemap_entries,
+)
 from ckpt.kernel.sys import PAGE_SIZE
-from ckpt.ranges import Range, normalize
+from ckpt.ranges import Range, merge_sorted, normalize
 
 NO_PAGES = frozenset({VmaKind.FILE_SHARED, VmaKind.VDSO, VmaKind.VVAR, VmaKind.VVAR_VCLOCK,
                       VmaKind.VSYSCALL})
@@ -54,13 +62,35 @@ def existing_pages(pid: int, vmas: list[VmaInfo], proc_root: str = "/proc",
             if v.kind in NO_PAGES:
                 continue
             reject = v.kind == VmaKind.FILE_PRIVATE
-            e, p = data_runs(read_pagemap_entries(fd, v.start, v.end), v.start,
-                             reject_file=reject)
-            exists += ((a, a + n) for a, n in e)
-            present += ((a, a + n) for a, n in p)
+            for lo, hi in populated(fd, v.start, v.end):
+                e, p = data_runs(read_pagemap_entries(fd, lo, hi), lo, reject_file=reject)
+                exists += ((a, a + n) for a, n in e)
+                present += ((a, a + n) for a, n in p)
     finally:
         os.close(fd)
     return normalize(exists), normalize(present)
+
+
+SCAN_FIRST = 1 << 30  # VMAs larger than this: PAGEMAP_SCAN finds where the pages are
+_SCAN_WORKS = [True]
+
+
+def populated(fd: int, start: int, end: int) -> list[Range]:
+    """The parts of [start, end) whose pagemap entries are worth reading: all of it for
+    an ordinary VMA; for a huge one (a sparse reservation of many GiB: ASan shadow,
+    runtime heaps) only where PAGEMAP_SCAN sees a present or swap-like page, since its
+    walk skips empty page tables and 8 bytes of entries per page would not (1 TiB: 2 GiB
+    of entries). Without PAGEMAP_SCAN (Linux < 6.7, not procfs), all of it."""
+    if end - start <= SCAN_FIRST or not _SCAN_WORKS[0]:
+        return [(start, end)]
+    try:
+        found = pagemap_scan(fd, start, end, category_anyof_mask=PAGE_IS_PRESENT
+                             | PAGE_IS_SWAPPED, return_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED)
+    except KernelError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+            _SCAN_WORKS[0] = False  # no such ioctl here: never try again
+        return [(start, end)]
+    return merge_sorted([(a, b) for a, b, _ in found])
 
 
 def plan_dump(pid: int, vmas: list[VmaInfo], proc_root: str = "/proc") -> list[Run]:

@@ -8,8 +8,8 @@ The next pass comes with its own VMA list; every address falls in one of three c
     plan : |keep     |fresh         |keep   |fresh     |      (B's tail: grown, fresh)
 
     keep    the old mapping has the same backing (anonymous private, the same file at the
-            same offset, shared or not, grows-down or not): its pages stay, an mprotect
-            fixes the protection if it changed
+            same offset, shared or not, grows-down or not, the same MAP_NORESERVE and
+            madvise flags): its pages stay, an mprotect fixes the protection if it changed
     fresh   anything else is mapped anew with MAP_FIXED: its old pages are gone, so
             pages the next pass says are unchanged (IN_PARENT) must be refilled there
     unmap   old addresses no new VMA covers
@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from ckpt.collect.vmas import KERNEL_PROVIDED, VmaKind
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.ranges import Range, normalize, subtract
-from ckpt.restore.mm import warm_prot
+from ckpt.restore.mm import MADVISED, warm_prot
 
 ANON = frozenset({VmaKind.ANON_PRIVATE, VmaKind.HEAP, VmaKind.STACK})
 FILE = frozenset({VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED})
 
-Backing = tuple[str, bool, bool, str, int, int, int]
+MAP_TIME_FLAGS = ("nr", *(f for f, _ in MADVISED))
+Backing = tuple[str, bool, bool, str, int, int, int, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,13 @@ def backing(v: pb.Vma) -> Backing:
     For files the offset must line up too: ``start - pgoff`` is the file's base address."""
     kind = VmaKind(v.kind)
     growsdown = kind == VmaKind.STACK and "gd" in v.vmflags
+    # what map_range sets besides the mapping itself: an mprotect keeps the old ones
+    flags = tuple(f for f in MAP_TIME_FLAGS if f in v.vmflags)
     if kind in ANON:
-        return ("anon", v.shared, growsdown, "", 0, 0, 0)
+        return ("anon", v.shared, growsdown, "", 0, 0, 0, flags)
     if kind in FILE:
-        return ("file", v.shared, False, v.path, v.dev, v.inode, v.start - v.pgoff)
-    return (VmaKind(v.kind).name, v.shared, False, v.path, 0, 0, 0)
+        return ("file", v.shared, False, v.path, v.dev, v.inode, v.start - v.pgoff, flags)
+    return (VmaKind(v.kind).name, v.shared, False, v.path, 0, 0, 0, flags)
 
 
 def mapped(vmas: list[pb.Vma]) -> list[pb.Vma]:

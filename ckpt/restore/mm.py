@@ -25,6 +25,7 @@ from ckpt.restore.stub import GADGET_LEN, Stub
 
 PROT_WRITE = 2
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_GROWSDOWN = 0x1, 0x2, 0x10, 0x20, 0x100
+MAP_NORESERVE = 0x4000
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
 VDSO_GROUP = ("[vvar]", "[vvar_vclock]", "[vdso]")
@@ -116,6 +117,8 @@ def map_range(stub: Stub, v: pb.Vma, start: int, end: int, files: Backing) -> No
     kind = VmaKind(v.kind)
     flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_PRIVATE)
     fd, off = -1, 0
+    if "nr" in v.vmflags:  # not accounted: a huge sparse reservation must map again
+        flags |= MAP_NORESERVE
     if kind in (VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED):
         fd, off = files.open(v), v.pgoff + start - v.start
     else:

@@ -15,7 +15,7 @@ import os
 from ckpt.collect.vmas import VmaInfo
 from ckpt.errors import KernelError
 from ckpt.kernel.pagemap import PM_SOFT_DIRTY, present_runs, read_pagemap_entries
-from ckpt.pagecopy.plan import NO_PAGES
+from ckpt.pagecopy.plan import NO_PAGES, populated
 from ckpt.ranges import normalize
 from ckpt.track.base import DirtySet, PassContext, Tracker
 
@@ -47,9 +47,10 @@ class SoftDirtyTracker(Tracker):
                     whole.append((v.start, v.end, "hugetlb: soft-dirty is not cleared"))
                 elif "sd" in v.vmflags:
                     whole.append((v.start, v.end, "VM_SOFTDIRTY: new, grown or remapped VMA"))
-                else:
-                    entries = read_pagemap_entries(fd, v.start, v.end)
-                    dirty += present_runs(entries, v.start, PM_SOFT_DIRTY)
+                else:  # only a none PTE has no soft-dirty bit to show: skip those
+                    for lo, hi in populated(fd, v.start, v.end):
+                        entries = read_pagemap_entries(fd, lo, hi)
+                        dirty += present_runs(entries, lo, PM_SOFT_DIRTY)
         finally:
             os.close(fd)
         return normalize((a, a + n) for a, n in dirty), whole

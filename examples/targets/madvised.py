@@ -5,7 +5,9 @@
 Each region is 2 MiB, with a guard page between neighbours (so they never merge), gets
 one advice (MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTDUMP, MADV_DONTFORK,
 MADV_WIPEONFORK, MADV_MERGEABLE, MADV_SEQUENTIAL, MADV_RANDOM) or lock (mlock2 with flags
-0 or MLOCK_ONFAULT), and a written first page; one the kernel refuses is left out. It
+0 or MLOCK_ONFAULT), and a written first page; one the kernel refuses is left out. One
+more region, 1 TiB, is mapped on its own with MAP_NORESERVE (VmFlags "nr", not "ac"),
+its first page written with 9s and its last with 10s. It
 prints one `region addr=<hex> advice=<name>` line per region, then `ready`, then sleeps;
 the checker compares the regions' VmFlags.
 """
@@ -22,6 +24,7 @@ ADVICE = {"HUGEPAGE": 14, "NOHUGEPAGE": 15, "DONTDUMP": 16, "DONTFORK": 10,
           "LOCKED": -1, "LOCKONFAULT": -2}  # negative: mlock2 with flags -advice - 1
 NR_MLOCK2 = 325
 SIZE = 2 << 20
+HUGE = 1 << 40
 PAGE = mmap.PAGESIZE
 
 
@@ -46,6 +49,13 @@ def main() -> None:
             continue
         ctypes.memset(addr, i + 1, PAGE)
         print(f"region addr={addr:x} advice={name}", flush=True)
+    # MAP_NORESERVE ("nr", no "ac"), 1 TiB: a sparse reservation (ASan shadow, runtime
+    # heaps) that no overcommit heuristic would grant without the flag
+    nr = libc.mmap(None, HUGE, 3, 0x22 | 0x4000, -1, 0)
+    if nr not in (None, ctypes.c_void_p(-1).value):
+        ctypes.memset(nr, 9, PAGE)
+        ctypes.memset(nr + HUGE - PAGE, 10, PAGE)
+        print(f"region addr={nr:x} advice=NORESERVE", flush=True)
     print("ready", flush=True)
     while True:
         time.sleep(1)
