@@ -27,7 +27,7 @@ from ckpt.images.pb import image_pb2
 from ckpt.kernel import pagemap as pm
 from ckpt.kernel import uffd
 from ckpt.kernel.ptrace import Injector
-from ckpt.kernel.sys import NR, pidfd_getfd, pidfd_open
+from ckpt.kernel.sys import NR, PAGE_SIZE, pidfd_getfd, pidfd_open
 from ckpt.pagecopy.plan import NO_PAGES
 from ckpt.ranges import Range, intersect, merge_sorted, normalize
 from ckpt.track.base import DirtySet, PassContext, Tracker
@@ -37,6 +37,8 @@ HIGH_FD = 1000
 USER_SPACE_END = (1 << 47) - 4096  # TASK_SIZE_MAX
 UFFD_LINK = "anon_inode:[userfaultfd]"
 HOLDS_DATA = pm.PAGE_IS_PRESENT | pm.PAGE_IS_SWAPPED
+EXTENT = 2 << 20  # address space one page of PTEs maps
+MARKER_BUDGET = 64 << 20  # page tables a pass may add to the process for its markers
 DATA_MASK = HOLDS_DATA | pm.PAGE_IS_PFNZERO
 
 
@@ -56,6 +58,27 @@ def ckpt_uffds(pid: int) -> list[int]:
             except OSError:
                 continue
     return out
+
+
+def marker_tables(pid: int, start: int, end: int, limit: int) -> int:
+    """Bytes of page tables that write-protecting [start, end) adds to the process: with
+    WP_UNPOPULATED every empty PTE gets a marker, so every 2 MiB extent without a page
+    table gets one (4 KiB). Little for ordinary VMAs, but a sparse reservation of many
+    GiB (a runtime's heap, ASan's shadow) costs 2 MiB per GiB. The upper bound when it
+    is within ``limit``; else exactly, with the extents that hold a page (PAGEMAP_SCAN)."""
+    extents = -(-end // EXTENT) - start // EXTENT
+    if extents * PAGE_SIZE <= limit:
+        return extents * PAGE_SIZE
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    try:
+        found = pm.pagemap_scan(fd, start, end, category_anyof_mask=HOLDS_DATA,
+                                return_mask=HOLDS_DATA)
+    finally:
+        os.close(fd)
+    used: set[int] = set()
+    for lo, hi, _ in found:
+        used.update(range(lo // EXTENT, -(-hi // EXTENT)))
+    return (extents - len(used)) * PAGE_SIZE
 
 
 def trackable(vmas: list[VmaInfo]) -> list[Range]:
@@ -191,9 +214,19 @@ class UffdWpTracker(Tracker):
         uffd.uffd_api(self.fd, uffd.WP_ASYNC_FEATURES)
 
     def _arm(self, ranges: list[Range]) -> list[tuple[int, int, str]]:
-        """Register and write-protect; ranges that cannot be tracked come back as whole."""
+        """Register and write-protect; ranges that cannot be tracked come back as whole.
+        So do ranges whose markers would cost the process more page tables than
+        MARKER_BUDGET allows for this pass (see marker_tables)."""
         failed: list[tuple[int, int, str]] = []
+        budget = MARKER_BUDGET
         for start, end in ranges:
+            cost = marker_tables(self.pid, start, end, budget)
+            if cost > budget:
+                failed.append((start, end, f"not tracked: write-protecting "
+                               f"{(end - start) >> 30} GiB of mostly empty address space "
+                               f"would add {cost >> 20} MiB of page tables to the process"))
+                continue
+            budget -= cost
             try:
                 uffd.uffd_register_wp(self.fd, start, end - start)
                 uffd.uffd_writeprotect(self.fd, start, end - start)
