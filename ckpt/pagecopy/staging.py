@@ -57,8 +57,16 @@ def merge_plans(live: PassPlan, frozen: PassPlan) -> PassPlan:
     from_live = intersect(frozen.in_parent, live.copy)
     return PassPlan(copy=union(frozen.copy, from_live) if from_live else frozen.copy,
                     in_parent_now=subtract(frozen.in_parent, live.copy),
-                    scanned_pages=frozen.scanned_pages, whole=live.whole + frozen.whole,
+                    scanned_pages=frozen.scanned_pages, whole=_once(live.whole + frozen.whole),
                     precopied=total(from_live) // PAGE_SIZE)
+
+
+def _once(whole: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """Whole-VMA copies of both passes, a range reported by both listed once."""
+    seen: dict[Range, str] = {}
+    for s, e, why in whole:
+        seen.setdefault((s, e), why)
+    return [(s, e, why) for (s, e), why in seen.items()]
 
 
 def live_coverage(live: PassPlan) -> list[Range]:
