@@ -43,6 +43,13 @@ def layout(out: Path) -> Range:
     return addr, addr + int(fields["size"])
 
 
+def huge_region(out: Path) -> Range:
+    """The 8 MiB MADV_HUGEPAGE region the target only reads (huge zero pages, with THP)."""
+    line = next(s for s in read_lines(out) if s.startswith("layout "))
+    addr = int(dict(f.split("=") for f in line.split()[1:])["huge"], 16)
+    return addr, addr + (8 << 20)
+
+
 def ticks(out: Path) -> list[dict[str, str]]:
     return [dict(f.split("=") for f in s.split()) for s in read_lines(out)
             if s.startswith("tick=")]
@@ -97,6 +104,12 @@ def test_zero_page_flags_from_pagemap_entries() -> None:
     ])
     flags = pm.zero_page_flags(entries).to_bytes(len(entries), "little")
     assert list(flags) == [1, 0, 1, 0, 0, 0]
+    huge = pm.huge_zero_pfn()
+    if huge:  # every frame of the huge zero page, and only those
+        frames = array("Q", [pm.PM_PRESENT | (huge + k) for k in (0, 5, 511, 512)]
+                       + [pm.PM_PRESENT | (huge - 1)])
+        flags = pm.zero_page_flags(frames).to_bytes(len(frames), "little")
+        assert list(flags) == [1, 1, 1, 0, 0]
     exists, present = pm.data_runs(entries, 0)
     assert exists == [(PAGE, PAGE), (4 * PAGE, PAGE)] and present == [(PAGE, PAGE)]
 
@@ -112,6 +125,7 @@ def test_full_dump_skips_zero_pages(harness: Harness, tmp_path: Path) -> None:
     before = ticks(out)
 
     assert stored(images, proc.pid, region) == (written_pages(region, 0), [])
+    assert stored(images, proc.pid, huge_region(out)) == ([], [])
     assert harness.restore_detached(images) == proc.pid
     # the target's MADV_NOHUGEPAGE comes back too: with THP, khugepaged would otherwise
     # collapse the sparse region into huge pages and its RSS would grow

@@ -284,21 +284,48 @@ SWAP_TYPE_BITS = 0x1F
 SWP_PTE_MARKER = 0x1F
 
 
-@functools.cache
-def zero_pfn() -> int:
-    """The frame of the kernel's shared zero page, which a read fault maps into untouched
-    anonymous memory; 0 if this process cannot see frames (then none is recognized)."""
-    addr = syscall(NR.mmap, 0, PAGE_SIZE, 1, 0x22, -1, 0, what="mmap")  # PROT_READ, anon
+MADV_HUGEPAGE = 14
+HUGE_PAGES = 512  # 4 KiB frames of a PMD-sized (2 MiB) huge page
+
+
+def _probe_frame(length: int, advice: int = 0) -> int:
+    """The frame a read fault maps at the start of ``length`` bytes of fresh anonymous
+    memory (aligned to ``length``; with madvise ``advice`` first); 0 if frames are hidden."""
+    span = 2 * length
+    base = syscall(NR.mmap, 0, span, 1, 0x22, -1, 0, what="mmap")  # PROT_READ, anon
     try:
-        ctypes.string_at(addr, 1)  # the read fault maps the zero page
+        addr = -(-base // length) * length
+        if advice:
+            syscall(NR.madvise, addr, length, advice, what="madvise")
+        ctypes.string_at(addr, 1)  # the read fault maps the zero page (or the huge one)
         fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         try:
             (entry,) = read_pagemap_entries(fd, addr, addr + PAGE_SIZE)
         finally:
             os.close(fd)
     finally:
-        syscall(NR.munmap, addr, PAGE_SIZE, what="munmap")
+        syscall(NR.munmap, base, span, what="munmap")
     return entry & PM_PFN_MASK if entry & PM_PRESENT else 0
+
+
+@functools.cache
+def zero_pfn() -> int:
+    """The frame of the kernel's shared zero page, which a read fault maps into untouched
+    anonymous memory; 0 if this process cannot see frames (then none is recognized)."""
+    return _probe_frame(PAGE_SIZE)
+
+
+@functools.cache
+def huge_zero_pfn() -> int:
+    """The first frame of the huge zero page, which a read fault maps into an untouched
+    2 MiB extent of a THP VMA (``use_zero_page``); 0 if there is none here (no THP, no
+    huge zero page, frames hidden)."""
+    try:
+        pfn = _probe_frame(HUGE_PAGES * PAGE_SIZE, MADV_HUGEPAGE)
+    except KernelError:  # no THP: madvise refused
+        return 0
+    base = pfn - pfn % HUGE_PAGES
+    return base if pfn and pfn != zero_pfn() else 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -306,22 +333,31 @@ def _equal_table(mask: int, value: int) -> bytes:
     return bytes(1 if v & mask == value else 0 for v in range(256))
 
 
+def _frames_equal(raw: bytes, want: int, mask: int) -> int:
+    """Per-entry 0/1 bytes (a big integer) of the entries with ``entry & mask == want``,
+    one bytes column at a time, lowest first (the most selective: a frame's low bits)."""
+    out = -1
+    for k in range(8):
+        col = raw[(k if sys.byteorder == "little" else 7 - k) :: 8]
+        out &= int.from_bytes(col.translate(_equal_table((mask >> 8 * k) & 0xFF,
+                                                         (want >> 8 * k) & 0xFF)), "little")
+        if not out:
+            break
+    return out
+
+
 def zero_page_flags(entries: array[int], raw: bytes | None = None) -> int:
     """Per-entry 0/1 bytes (as a big integer, like match_flags) of the present pages that
-    map the shared zero page: read, never written, they hold no data. 0 when frames are
-    hidden (zero_pfn() == 0)."""
+    map the shared zero page, or a frame of the huge zero page: read, never written, they
+    hold no data. 0 when frames are hidden (zero_pfn() == 0)."""
     pfn = zero_pfn()
     if not pfn or not entries:
         return 0
     raw = entries.tobytes() if raw is None else raw
-    want, mask = PM_PRESENT | pfn, PM_PRESENT | PM_PFN_MASK
-    out = -1
-    for k in range(8):
-        col = raw[(k if sys.byteorder == "little" else 7 - k) :: 8]
-        table = _equal_table((mask >> 8 * k) & 0xFF, (want >> 8 * k) & 0xFF)
-        out &= int.from_bytes(col.translate(table), "little")
-        if not out:
-            break
+    out = _frames_equal(raw, PM_PRESENT | pfn, PM_PRESENT | PM_PFN_MASK)
+    huge = huge_zero_pfn()
+    if huge:
+        out |= _frames_equal(raw, PM_PRESENT | huge, PM_PRESENT | (PM_PFN_MASK & ~(HUGE_PAGES - 1)))
     return out
 
 

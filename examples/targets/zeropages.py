@@ -4,7 +4,9 @@
 
 It maps N MiB (default 16) of anonymous memory, reads every page (each read fault maps
 the kernel's zero page: present, yet no data), writes every 8th page with a pattern, and
-prints `layout addr=<hex> size=<n>`. Then, every 50 ms, a line
+prints `layout addr=<hex> size=<n> huge=<hex>`: ``huge`` is a second region of 8 MiB,
+MADV_HUGEPAGE, only ever read (with THP, each 2 MiB extent maps the huge zero page).
+Then, every 50 ms, a line
 
     tick=<k> phase=<p> sha=<sha256 of the region> rss=<KiB of the region in RAM>
 
@@ -25,6 +27,7 @@ import sys
 import time
 
 PAGE = mmap.PAGESIZE
+HUGE = 8 << 20
 
 
 def pattern(page: int, phase: int) -> bytes:
@@ -63,7 +66,14 @@ def main() -> None:
         phase[1] += 1
 
     signal.signal(signal.SIGUSR1, on_usr1)
-    print(f"layout addr={addr:x} size={size}", flush=True)
+    h = mmap.mmap(-1, HUGE + (2 << 20), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    h_addr = ctypes.addressof(ctypes.c_char.from_buffer(h))
+    lead = -h_addr % (2 << 20)  # 2 MiB aligned, so whole extents can take huge pages
+    h.madvise(mmap.MADV_HUGEPAGE, lead, HUGE)
+    hview = memoryview(h)
+    for off in range(lead, lead + HUGE, PAGE):
+        _ = hview[off]
+    print(f"layout addr={addr:x} size={size} huge={h_addr + lead:x}", flush=True)
     tick = 0
     while True:
         while phase[0] < phase[1]:
