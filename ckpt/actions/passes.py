@@ -125,7 +125,10 @@ def snapshot_pages(pid: int, plan: PassPlan, tolerate_unmapped: bool = False,
         return None
     if not size:
         return memoryview(bytearray())
-    buf = reserve if reserve is not None and len(reserve) >= size else snapshot_buffer(size)
+    if reserve is not None and len(reserve) < size:
+        reserve.close()  # outgrown: freed before a bigger one is taken, never both at once
+        reserve = None
+    buf = reserve if reserve is not None else snapshot_buffer(size)
     read_into(pid, plan.copy_runs(), buf, tolerate_unmapped)
     return memoryview(buf)[:size]
 

@@ -60,6 +60,7 @@ def restore(opts: RestoreOptions) -> RestoreResult:
     if not opts.new_pid:
         check_ids_free(entry)
     stub = Stub.spawn(None if opts.new_pid else entry.pid, max(t.tid for t in entry.threads))
+    copier = CopyFill()
     try:
         vmas = list(entry.vmas)
         with stub.colocated():  # injected syscalls: see Stub.colocated
@@ -77,6 +78,7 @@ def restore(opts: RestoreOptions) -> RestoreResult:
         stub.kill()
         raise
     finally:
+        copier.close()
         stub.close()
     return RestoreResult(pid=stub.pid, tids=tids, total_ms=(time.perf_counter() - t0) * 1000)
 

@@ -295,7 +295,11 @@ class ImageDir:
         except OSError as exc:
             raise ImageError(f"cannot read {target}: {_why(exc)}") from None
         with f:
-            yield PagesReader(f, str(target))
+            reader = PagesReader(f, str(target))
+            try:
+                yield reader
+            finally:
+                reader.close()
 
     # -- parent chain --------------------------------------------------------------------
 

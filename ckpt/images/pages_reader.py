@@ -45,7 +45,8 @@ class Mapped:
 
     def __init__(self, f: BinaryIO) -> None:
         self._pos = f.tell()
-        self._view = memoryview(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
+        self._map = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        self._view = memoryview(self._map)
 
     @classmethod
     def of(cls, f: BinaryIO) -> Source:
@@ -68,6 +69,16 @@ class Mapped:
         self._pos += n
         return self._pos
 
+    def close(self) -> None:
+        """Unmap now rather than at garbage collection (views still held elsewhere, say
+        by a traceback, keep it mapped until they go)."""
+        view, self._view = self._view, memoryview(b"")
+        try:
+            view.release()
+            self._map.close()
+        except BufferError:
+            pass
+
 
 class PagesReader:
     """Reads a page file written by PagesWriter, verifying every frame and the trailer."""
@@ -79,6 +90,11 @@ class PagesReader:
         self._name = name
         self._workers = max(1, workers or DEFAULT_WORKERS)
         self._local = threading.local()  # one decompressor per thread (not thread-safe)
+
+    def close(self) -> None:
+        """Release the page file's mapping (the file itself is the caller's)."""
+        if isinstance(self._f, Mapped):
+            self._f.close()
 
     def _read(self, n: int, what: str) -> Frame:
         data = self._f.read(n)

@@ -27,7 +27,7 @@ import os
 from collections.abc import Sequence
 
 from ckpt.collect.vmas import VmaKind
-from ckpt.errors import KernelError
+from ckpt.errors import CkptError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel import uffd
 from ckpt.kernel.sys import NR, pidfd_getfd, pidfd_open
@@ -56,20 +56,20 @@ class CopyFill:
                         if not v.shared and VmaKind(v.kind) in ANON_KINDS)
         if not wanted:
             return cls()
-        try:
+        try:  # refused (seccomp, LSM, old kernel): the fill goes the usual way
             fd = _take_uffd(stub)
-        except KernelError:
+        except CkptError:
             return cls()
         try:
             uffd.uffd_api(fd, uffd.UFFD_FEATURE_SIGBUS)
-        except KernelError:
+        except CkptError:
             os.close(fd)
             return cls()
         spans = []
         for a, b in wanted:
             try:
                 uffd.uffd_register(fd, a, b - a, uffd.UFFDIO_REGISTER_MODE_MISSING)
-            except KernelError:
+            except CkptError:
                 continue  # left unregistered: filled with process_vm_writev
             spans.append((a, b))
         return cls(fd, spans)

@@ -138,12 +138,15 @@ class WarmRestore:
         taken = os.path.exists(f"/proc/{pid}")
         stub = Stub.spawn(None if taken else pid)
         self.stub = stub
-        with stub.colocated():
-            prepare_stub(stub, vmas)
-            late = mm.map_vmas(stub, vmas)
-            copier = CopyFill.open(stub, vmas)  # the first pass fills fresh memory only
-        with copier:
+        copier = CopyFill()
+        try:
+            with stub.colocated():
+                prepare_stub(stub, vmas)
+                late = mm.map_vmas(stub, vmas)
+                copier = CopyFill.open(stub, vmas)  # the first pass fills fresh memory only
             return fill_layers(stub, pid, layers, WritableIndex(vmas, late), copier=copier)
+        finally:
+            copier.close()
 
     def _update(self, images: ImageDir, pid: int, vmas: list[pb.Vma],
                 pm: Pagemap) -> tuple[int, int]:

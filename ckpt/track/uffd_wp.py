@@ -81,6 +81,10 @@ def marker_tables(pid: int, start: int, end: int, limit: int) -> int:
     return (extents - len(used)) * PAGE_SIZE
 
 
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n >> 20} MiB"
+
+
 def trackable(vmas: list[VmaInfo]) -> list[Range]:
     return normalize((v.start, v.end) for v in vmas if v.kind not in NO_PAGES)
 
@@ -119,7 +123,7 @@ class UffdWpTracker(Tracker):
         try:
             if lost:
                 out = DirtySet(all_dirty=lost)
-                out.whole = self._arm(trackable(ctx.vmas))
+                out.whole = self._arm(trackable(ctx.vmas), ctx.vmas)
                 return out
             # Written pages, re-armed in the same ioctl; PRESENT/SWAPPED say which of them
             # hold data (a written page that is neither was dropped: MADV_DONTNEED).
@@ -139,7 +143,7 @@ class UffdWpTracker(Tracker):
                     if holds_data(c))
         finally:
             os.close(scan_fd)
-        failed = self._arm(fresh)
+        failed = self._arm(fresh, ctx.vmas)
         bad = {(s, e) for s, e, _ in failed}
         whole = [(s, e, "not tracked: new, moved or replaced VMA") for s, e in fresh
                  if (s, e) not in bad]
@@ -213,25 +217,32 @@ class UffdWpTracker(Tracker):
         self.inode = os.fstat(self.fd).st_ino
         uffd.uffd_api(self.fd, uffd.WP_ASYNC_FEATURES)
 
-    def _arm(self, ranges: list[Range]) -> list[tuple[int, int, str]]:
+    def _arm(self, ranges: list[Range], vmas: list[VmaInfo]) -> list[tuple[int, int, str]]:
         """Register and write-protect; ranges that cannot be tracked come back as whole.
         So do ranges whose markers would cost the process more page tables than
-        MARKER_BUDGET allows for this pass (see marker_tables)."""
+        MARKER_BUDGET allows for this pass (see marker_tables): a range over it is
+        decided VMA by VMA, so that a dense heap next to a huge sparse reservation of the
+        same runtime is still tracked."""
         failed: list[tuple[int, int, str]] = []
         budget = MARKER_BUDGET
         for start, end in ranges:
-            cost = marker_tables(self.pid, start, end, budget)
-            if cost > budget:
-                failed.append((start, end, f"not tracked: write-protecting "
-                               f"{(end - start) >> 30} GiB of mostly empty address space "
-                               f"would add {cost >> 20} MiB of page tables to the process"))
-                continue
-            budget -= cost
-            try:
-                uffd.uffd_register_wp(self.fd, start, end - start)
-                uffd.uffd_writeprotect(self.fd, start, end - start)
-            except KernelError as exc:
-                failed.append((start, end, f"cannot be tracked ({os.strerror(exc.errno)})"))
+            pieces = [(start, end)]
+            if marker_tables(self.pid, start, end, budget) > budget:
+                pieces = [(max(start, v.start), min(end, v.end)) for v in vmas
+                          if v.start < end and v.end > start]
+            for a, b in pieces:
+                cost = marker_tables(self.pid, a, b, budget)
+                if cost > budget:
+                    failed.append((a, b, f"not tracked: write-protecting {_size(b - a)} of "
+                                   f"mostly empty address space would add {_size(cost)} of "
+                                   "page tables to the process"))
+                    continue
+                budget -= cost
+                try:
+                    uffd.uffd_register_wp(self.fd, a, b - a)
+                    uffd.uffd_writeprotect(self.fd, a, b - a)
+                except KernelError as exc:
+                    failed.append((a, b, f"cannot be tracked ({os.strerror(exc.errno)})"))
         return failed
 
     def _inject(self, ctx: PassContext, nr: int, *args: int, what: str, check: bool = True,

@@ -7,7 +7,8 @@ one advice (MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTDUMP, MADV_DONTFORK,
 MADV_WIPEONFORK, MADV_MERGEABLE, MADV_SEQUENTIAL, MADV_RANDOM) or lock (mlock2 with flags
 0 or MLOCK_ONFAULT), and a written first page; one the kernel refuses is left out. One
 more region, 1 TiB, is mapped on its own with MAP_NORESERVE (VmFlags "nr", not "ac"),
-its first page written with 9s and its last with 10s. It
+its first page written with 9s and its last with 10s; and a runtime-like heap, a 64 GiB
+PROT_NONE reservation whose first 32 MiB are made RW and filled (COMMITTED, RESERVED). It
 prints one `region addr=<hex> advice=<name>` line per region, then `ready`, then sleeps;
 the checker compares the regions' VmFlags.
 """
@@ -25,6 +26,7 @@ ADVICE = {"HUGEPAGE": 14, "NOHUGEPAGE": 15, "DONTDUMP": 16, "DONTFORK": 10,
 NR_MLOCK2 = 325
 SIZE = 2 << 20
 HUGE = 1 << 40
+RESERVED, COMMITTED = 64 << 30, 32 << 20
 PAGE = mmap.PAGESIZE
 
 
@@ -56,6 +58,14 @@ def main() -> None:
         ctypes.memset(nr, 9, PAGE)
         ctypes.memset(nr + HUGE - PAGE, 10, PAGE)
         print(f"region addr={nr:x} advice=NORESERVE", flush=True)
+    # a runtime's heap: a 64 GiB PROT_NONE reservation whose first 32 MiB are committed
+    # (made RW and written), two neighbouring VMAs
+    resv = libc.mmap(None, RESERVED, 0, 0x22 | 0x4000, -1, 0)
+    if resv not in (None, ctypes.c_void_p(-1).value):
+        libc.mprotect(resv, COMMITTED, 3)
+        ctypes.memset(resv, 11, COMMITTED)
+        print(f"region addr={resv:x} advice=COMMITTED", flush=True)
+        print(f"region addr={resv + COMMITTED:x} advice=RESERVED", flush=True)
     print("ready", flush=True)
     while True:
         time.sleep(1)
