@@ -24,6 +24,7 @@ from ckpt.images import (
     encode_entries,
     image_chain,
 )
+from ckpt.images import pages_reader as pages_reader_mod
 from ckpt.images.pagemap import Pagemap, decode
 from ckpt.images.pb.core_pb2 import ProcessEntry
 from ckpt.images.pb.image_pb2 import IN_PARENT, PRESENT, Inventory, PagemapHead, PagemapRuns
@@ -458,3 +459,18 @@ def test_apply_raises_the_first_failure(workers: int) -> None:
     with pytest.raises(OSError, match="no space left"):
         PagesReader(io.BytesIO(bytes(blob)), "p", workers=workers).apply(sink)
     assert CHUNK_SIZE in calls
+
+
+@pytest.mark.parametrize("fs", [0xEF53, 0x6969], ids=["local", "nfs"])
+def test_page_file_mapped_only_on_local_filesystems(tmp_path: Path, fs: int,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local page file is read through a mapping; on a network or FUSE filesystem (an
+    I/O error under a mapping is SIGBUS) with reads. Both give the same chunks."""
+    monkeypatch.setattr(pages_reader_mod, "fs_type", lambda fd: fs)
+    d = make_dir(tmp_path / "x")
+    data = mixed_data(9 << 20)
+    with d.pages_writer(42) as w:
+        w.write(data)
+    with d.pages_reader(42) as r:
+        assert isinstance(r._f, pages_reader_mod.Mapped) == (fs == 0xEF53)
+        assert b"".join(r.iter_chunks()) == data

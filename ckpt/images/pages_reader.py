@@ -15,7 +15,7 @@ from typing import BinaryIO, Protocol
 
 import zstandard
 
-from ckpt.errors import ImageError
+from ckpt.errors import ImageError, KernelError
 from ckpt.images.pages import (
     CHUNK_HEAD,
     CHUNK_SIZE,
@@ -26,6 +26,7 @@ from ckpt.images.pages import (
     PAGES_VERSION,
     TRAILER,
 )
+from ckpt.kernel.sys import REMOTE_FS, fs_type
 
 Frame = bytes | memoryview  # a stored zstd frame (a view of the mapped file, mostly)
 Want = Callable[[int, int], bool]  # (raw offset, raw length) of a chunk -> read it?
@@ -50,12 +51,14 @@ class Mapped:
 
     @classmethod
     def of(cls, f: BinaryIO) -> Source:
-        """``f`` mapped when it is a non-empty regular file, else ``f`` itself."""
+        """``f`` mapped when it is a non-empty regular file on a local filesystem, else
+        ``f`` itself: on a network or FUSE one, an I/O error under a mapping is a SIGBUS
+        that would kill ckpt, where a read raises and ends in one error line."""
         try:
             st = os.fstat(f.fileno())
-            if stat.S_ISREG(st.st_mode) and st.st_size:
+            if stat.S_ISREG(st.st_mode) and st.st_size and fs_type(f.fileno()) not in REMOTE_FS:
                 return cls(f)
-        except (OSError, ValueError, AttributeError):  # no fd, or not mappable
+        except (OSError, ValueError, AttributeError, KernelError):  # no fd, or not mappable
             pass
         return f
 

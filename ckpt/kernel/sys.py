@@ -187,3 +187,27 @@ def current_cpu() -> int:
     if cpu < 0:
         raise KernelError(ctypes.get_errno(), "sched_getcpu")
     return cpu
+
+
+# Filesystems whose pages can vanish or fail under a mapping (a server, a FUSE daemon):
+# mapped files there turn an I/O error into SIGBUS (linux/magic.h and fs sources).
+REMOTE_FS = frozenset({
+    0x6969,      # NFS
+    0x517B,      # SMB
+    0xFF534D42,  # CIFS
+    0xFE534D42,  # SMB2
+    0x65735546,  # FUSE
+    0x01021997,  # 9p
+    0x00C36400,  # Ceph
+    0x6B414653,  # AFS
+    0x01161970,  # GFS2
+    0x7461636F,  # OCFS2
+})
+
+
+def fs_type(fd: int) -> int:
+    """f_type of the filesystem holding open file ``fd`` (fstatfs)."""
+    buf = ctypes.create_string_buffer(120)  # struct statfs; f_type comes first
+    if libc.fstatfs(fd, buf) != 0:
+        raise KernelError(ctypes.get_errno(), "fstatfs")
+    return int.from_bytes(buf.raw[:8], "little")
