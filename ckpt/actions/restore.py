@@ -68,6 +68,8 @@ def restore(opts: RestoreOptions) -> RestoreResult:
             prepare_stub(stub, vmas)
             late = mm.map_vmas(stub, vmas)
             copier = CopyFill.open(stub, vmas)
+        # closed right after the fill: a VMA still registered would SIGBUS the process
+        # (the finally below only covers a failure before this point)
         with copier:
             fill_layers(stub, entry.pid, layers, WritableIndex(vmas, late), copier=copier)
         with stub.colocated():

@@ -346,14 +346,14 @@ def _frames_equal(raw: bytes, want: int, mask: int) -> int:
     return out
 
 
-def zero_page_flags(entries: array[int], raw: bytes | None = None) -> int:
+def zero_page_flags(entries: array[int]) -> int:
     """Per-entry 0/1 bytes (as a big integer, like match_flags) of the present pages that
     map the shared zero page, or a frame of the huge zero page: read, never written, they
     hold no data. 0 when frames are hidden (zero_pfn() == 0)."""
     pfn = zero_pfn()
     if not pfn or not entries:
         return 0
-    raw = entries.tobytes() if raw is None else raw
+    raw = entries.tobytes()
     out = _frames_equal(raw, PM_PRESENT | pfn, PM_PRESENT | PM_PFN_MASK)
     huge = huge_zero_pfn()
     if huge:

@@ -28,7 +28,7 @@ from ckpt.kernel import pagemap as pm
 from ckpt.kernel import uffd
 from ckpt.kernel.ptrace import Injector
 from ckpt.kernel.sys import NR, PAGE_SIZE, pidfd_getfd, pidfd_open
-from ckpt.pagecopy.plan import NO_PAGES
+from ckpt.pagecopy.plan import NO_PAGES, populated
 from ckpt.ranges import Range, intersect, merge_sorted, normalize
 from ckpt.track.base import DirtySet, PassContext, Tracker
 
@@ -71,12 +71,11 @@ def marker_tables(pid: int, start: int, end: int, limit: int) -> int:
         return extents * PAGE_SIZE
     fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
     try:
-        found = pm.pagemap_scan(fd, start, end, category_anyof_mask=HOLDS_DATA,
-                                return_mask=HOLDS_DATA)
+        found = populated(fd, start, end)
     finally:
         os.close(fd)
     used: set[int] = set()
-    for lo, hi, _ in found:
+    for lo, hi in found:
         used.update(range(lo // EXTENT, -(-hi // EXTENT)))
     return (extents - len(used)) * PAGE_SIZE
 
@@ -226,11 +225,13 @@ class UffdWpTracker(Tracker):
         failed: list[tuple[int, int, str]] = []
         budget = MARKER_BUDGET
         for start, end in ranges:
-            pieces = [(start, end)]
-            if marker_tables(self.pid, start, end, budget) > budget:
-                pieces = [(max(start, v.start), min(end, v.end)) for v in vmas
-                          if v.start < end and v.end > start]
-            for a, b in pieces:
+            cost = marker_tables(self.pid, start, end, budget)
+            if cost <= budget:
+                budget -= cost
+                failed += self._protect(start, end)
+                continue
+            for a, b in ((max(start, v.start), min(end, v.end)) for v in vmas
+                         if v.start < end and v.end > start):
                 cost = marker_tables(self.pid, a, b, budget)
                 if cost > budget:
                     failed.append((a, b, f"not tracked: write-protecting {_size(b - a)} of "
@@ -238,12 +239,17 @@ class UffdWpTracker(Tracker):
                                    "page tables to the process"))
                     continue
                 budget -= cost
-                try:
-                    uffd.uffd_register_wp(self.fd, a, b - a)
-                    uffd.uffd_writeprotect(self.fd, a, b - a)
-                except KernelError as exc:
-                    failed.append((a, b, f"cannot be tracked ({os.strerror(exc.errno)})"))
+                failed += self._protect(a, b)
         return failed
+
+    def _protect(self, start: int, end: int) -> list[tuple[int, int, str]]:
+        """Register and write-protect one range; [why not] if the kernel refuses."""
+        try:
+            uffd.uffd_register_wp(self.fd, start, end - start)
+            uffd.uffd_writeprotect(self.fd, start, end - start)
+        except KernelError as exc:
+            return [(start, end, f"cannot be tracked ({os.strerror(exc.errno)})")]
+        return []
 
     def _inject(self, ctx: PassContext, nr: int, *args: int, what: str, check: bool = True,
                 ) -> int:
