@@ -112,7 +112,7 @@ def predump(pid: int, images_dir: str, prev_images_dir: str | None, track: str,
     from ckpt.actions.predump import PredumpOptions
     from ckpt.actions.predump import predump as do_predump
 
-    check_page_server(page_server, auth_token_file, tls_cacert)
+    check_page_server(page_server, auth_token_file, tls_cacert, images_dir)
     click.echo(do_predump(PredumpOptions(pid=pid, images_dir=images_dir,
                                          prev_images_dir=prev_images_dir, track=track,
                                          compress_level=compress_level)), err=True)
@@ -140,7 +140,7 @@ def dump(pid: int, images_dir: str, prev_images_dir: str | None, track: str, com
     from ckpt.actions.dump import DumpOptions
     from ckpt.actions.dump import dump as do_dump
 
-    check_page_server(page_server, auth_token_file, tls_cacert)
+    check_page_server(page_server, auth_token_file, tls_cacert, images_dir)
     res = do_dump(DumpOptions(pid=pid, images_dir=images_dir, leave_running=leave_running,
                               shell_job=shell_job, compress_level=compress_level,
                               incremental=incremental or bool(prev_images_dir),
@@ -151,14 +151,17 @@ def dump(pid: int, images_dir: str, prev_images_dir: str | None, track: str, com
 
 
 def check_page_server(page_server: str | None, auth_token_file: str | None,
-                      tls_cacert: str | None) -> None:
-    """Refuse a bad --page-server (address, token, TLS) before the target is touched."""
+                      tls_cacert: str | None, images_dir: str) -> None:
+    """Refuse a bad --page-server (address, token, TLS, a pass name the server would
+    refuse) before the target is touched."""
     if page_server is None:
         return
     host, port = parse_address(page_server)
     if auth_token_file is None:
         raise CkptError("--page-server needs --auth-token-file")
-    from ckpt.transfer import check_server, client_tls_context, load_token
+    from ckpt.transfer import check_server, client_tls_context, load_token, pass_name
+
+    pass_name(images_dir)
 
     check_server(host, port, load_token(auth_token_file),
                  client_tls_context(tls_cacert) if tls_cacert else None)
@@ -177,12 +180,12 @@ def send_to_page_server(images_dir: str, page_server: str | None, auth_token_fil
     that its parent links (../1) resolve there as they do here."""
     if page_server is None or auth_token_file is None:
         return
-    from ckpt.transfer import client_tls_context, load_token, send_pass
+    from ckpt.transfer import client_tls_context, load_token, pass_name, send_pass
 
     host, port = parse_address(page_server)
     tls = client_tls_context(tls_cacert) if tls_cacert else None
     sent = send_pass(host, port, load_token(auth_token_file), images_dir,
-                     os.path.basename(os.path.normpath(images_dir)), tls=tls)
+                     pass_name(images_dir), tls=tls)
     click.echo(f"sent {sent.files} files ({sent.bytes / 2**20:.2f} MiB) to {page_server}",
                err=True)
 
@@ -265,17 +268,38 @@ def migrate(pid: int, dest: str, auth_token_file: str, tls_cacert: str | None,
 @click.option("--commit-grace", type=click.FloatRange(min=0), default=30.0, show_default=True,
               metavar="SECONDS", help="How long a migrated process whose link broke before "
               "the commit waits, stopped, for the source to commit it.")
+@click.option("--handshake-timeout", type=click.FloatRange(min=0.1), default=5.0,
+              show_default=True, metavar="SECONDS",
+              help="A client not authenticated (TLS included) by then is dropped.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Connections served at once; more are told the server is busy.")
+@click.option("--max-connections-per-peer", type=click.IntRange(min=1), default=16,
+              show_default=True, help="Connections served at once from one host.")
+@click.option("-o", "--log-file", type=click.Path(dir_okay=False),
+              help="Log here instead of to stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages too.")
 @reports_errors
 def page_server(address: str, port: int, images_dir: str, auth_token_file: str,
                 tls_cert: str | None, tls_key: str | None, once: bool,
-                commit_grace: float) -> None:
+                commit_grace: float, handshake_timeout: float, max_connections: int,
+                max_connections_per_peer: int, log_file: str | None, verbose: bool) -> None:
     """Receive checkpoint passes sent with --page-server (CRIU's page-server)."""
-    from ckpt.transfer import load_token, serve, server_tls_context
+    import logging
 
+    from ckpt.transfer import load_token, serve, server_tls_context
+    from ckpt.transfer.listener import Limits
+
+    try:
+        handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    except OSError as exc:
+        raise CkptError(f"cannot open log file {log_file}: {exc.strerror}") from None
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler],
+                        format="%(asctime)s %(levelname)s %(message)s")
     tls = server_tls_context(tls_cert, tls_key) if tls_cert else None
     serve(address, port, images_dir, load_token(auth_token_file), tls=tls, once=once,
           ready=lambda p: click.echo(f"page server listening on {address}:{p}", err=True),
-          commit_grace=commit_grace)
+          commit_grace=commit_grace,
+          limits=Limits(handshake_timeout, max_connections, max_connections_per_peer))
 
 
 @main.command()

@@ -11,6 +11,7 @@ from ckpt.transfer.wire import (
     TransferError,
     client_tls_context,
     load_token,
+    pass_name,
     server_tls_context,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "check_server",
     "client_tls_context",
     "load_token",
+    "pass_name",
     "send_pass",
     "serve",
     "server_tls_context",

@@ -6,6 +6,7 @@ import os
 import socket
 import ssl
 import stat
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from ckpt.images.pb import wire_pb2
 from ckpt.transfer.wire import (
     AUTH_TIMEOUT,
+    BUSY,
     IO_TIMEOUT,
     MAX_CHUNK,
     Conn,
@@ -24,6 +26,7 @@ from ckpt.transfer.wire import (
 )
 
 INVENTORY = "inventory.img"
+BUSY_WAIT = 30.0  # seconds a client keeps asking a page server at its connection bound
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,23 @@ def pass_files(local_dir: Path) -> list[str]:
 
 def connect(host: str, port: int, token: bytes | str, tls: ssl.SSLContext | None = None,
             ) -> Conn:
-    """An authenticated connection to a page server (TLS first, when given)."""
+    """An authenticated connection to a page server (TLS first, when given). A server at
+    its connection bound says so (BUSY) and is asked again for up to BUSY_WAIT seconds:
+    its slots free up as unauthenticated connections reach their handshake deadline."""
     key = check_token(token)
+    deadline = time.monotonic() + BUSY_WAIT
+    pause = 0.1
+    while True:
+        try:
+            return _connect_once(host, port, key, tls)
+        except TransferError as exc:
+            if BUSY not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 1.0)
+
+
+def _connect_once(host: str, port: int, key: bytes, tls: ssl.SSLContext | None) -> Conn:
     peer = f"page server {host}:{port}"
     try:
         sock = socket.create_connection((host, port), timeout=AUTH_TIMEOUT)

@@ -32,41 +32,59 @@ COMMIT_GRACE = 30.0  # seconds a restored copy waits for a Commit after its link
 
 
 class Parked:
-    """Restored copies whose connection ended before the Commit."""
+    """Restored copies whose connection ended before the Commit, each held by a pidfd:
+    a copy that died meanwhile is reported as such, and a recycled pid is never
+    signalled."""
 
     def __init__(self, grace: float = COMMIT_GRACE) -> None:
         self.grace = grace
         self.lock = threading.Lock()
-        self.pids: set[int] = set()
+        self.pidfds: dict[int, int] = {}
 
-    def park(self, pid: int) -> None:
+    def park(self, pid: int, pidfd: int) -> None:
+        """Keep ``pid`` stopped for the grace period; takes ownership of its pidfd."""
         with self.lock:
-            self.pids.add(pid)
+            self.pidfds[pid] = pidfd
         timer = threading.Timer(self.grace, self._expire, args=(pid,))
         timer.daemon = True
         timer.start()
         log.warning("page server: pid %d restored but not committed; killed in %.0f s "
                     "unless the source commits it", pid, self.grace)
 
-    def resume(self, pid: int) -> bool:
-        if not self._claim(pid):
-            return False
-        os.kill(pid, signal.SIGCONT)
+    def resume(self, pid: int) -> str:
+        """Let parked ``pid`` run: '' once it does, otherwise why not."""
+        pidfd = self._claim(pid)
+        if pidfd is None:
+            return f"no restored process {pid} waits here"
+        try:
+            if not send_signal(pidfd, signal.SIGCONT):
+                log.warning("page server: pid %d died before its commit", pid)
+                return f"restored process {pid} died before the commit"
+        finally:
+            os.close(pidfd)
         log.info("page server: pid %d committed after its link broke", pid)
-        return True
+        return ""
 
-    def _claim(self, pid: int) -> bool:
+    def _claim(self, pid: int) -> int | None:
         with self.lock:
-            if pid not in self.pids:
-                return False
-            self.pids.discard(pid)
-            return True
+            return self.pidfds.pop(pid, None)
 
     def _expire(self, pid: int) -> None:
-        if self._claim(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        pidfd = self._claim(pid)
+        if pidfd is not None:
+            send_signal(pidfd, signal.SIGKILL)
+            os.close(pidfd)
             log.warning("page server: pid %d never committed: killed", pid)
+
+
+def send_signal(pidfd: int, sig: int) -> bool:
+    """Signal the process of ``pidfd``; False if it is dead (exited, or a zombie)."""
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+        return os.waitid(os.P_PIDFD, pidfd,
+                         os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except (ProcessLookupError, ChildProcessError):
+        return False
 
 
 def restore_for_migration(conn: Conn, root: Path, pass_name: str, pre: Prerestore,
@@ -81,19 +99,28 @@ def restore_for_migration(conn: Conn, root: Path, pass_name: str, pre: Prerestor
     except CkptError as exc:
         conn.send(wire_pb2.RestoreDone(ok=False, error=str(exc)))
         raise TransferError(f"{conn.peer}: restore of {pass_name} failed: {exc}") from None
+    pidfd = os.pidfd_open(res.pid)  # our stopped child, not reaped before _reap starts
     threading.Thread(target=_reap, args=(res.pid,), daemon=True).start()
-    committed = False
     try:
         conn.send(wire_pb2.RestoreDone(ok=True, pid=res.pid, restore_ms=res.ms, warm=res.warm))
         frame = conn.recv(eof_ok=True)
-        committed = frame is not None and isinstance(frame.msg, wire_pb2.Commit)
-        if frame is not None and not committed:
-            raise TransferError(f"{conn.peer}: expected Commit, got {frame.type.name}")
+    except BaseException:
+        parked.park(res.pid, pidfd)
+        raise
+    if frame is None or not isinstance(frame.msg, wire_pb2.Commit):
+        parked.park(res.pid, pidfd)
+        if frame is None:
+            return
+        raise TransferError(f"{conn.peer}: expected Commit, got {frame.type.name}")
+    try:
+        running = send_signal(pidfd, signal.SIGCONT)
     finally:
-        if committed:
-            os.kill(res.pid, signal.SIGCONT)
-        else:
-            parked.park(res.pid)
+        os.close(pidfd)
+    if not running:
+        conn.send(wire_pb2.Ack(ok=False, error=f"restored process {res.pid} died before "
+                               "the commit"))
+        raise TransferError(f"{conn.peer}: {pass_name}: restored process {res.pid} died "
+                            "before the commit")
     conn.send(wire_pb2.Ack(ok=True))
     log.info("page server: %s migrated in as pid %d (%s restore, %.0f ms)", pass_name, res.pid,
              "warm" if res.warm else "full", res.ms)

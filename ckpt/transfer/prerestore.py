@@ -27,6 +27,9 @@ from ckpt.restore.warm import WarmRestore
 
 log = logging.getLogger("ckpt.transfer")
 T = TypeVar("T")
+# Connections are served concurrently, restores one at a time: each claims exact pids and
+# tids, and two at once could take each other's.
+_RESTORING = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,8 @@ class Prerestore:
         if self.broken:
             return False
         try:
-            step = self.warm.apply(path)
+            with _RESTORING:
+                step = self.warm.apply(path)
         except Exception as exc:  # an optimization only: the final restore goes cold
             self.broken = str(exc) or type(exc).__name__
             self.warm.kill()
@@ -102,6 +106,10 @@ class Prerestore:
         return True
 
     def _finish(self, path: Path) -> Restored:
+        with _RESTORING:
+            return self._finish_locked(path)
+
+    def _finish_locked(self, path: Path) -> Restored:
         t0 = time.perf_counter()
         if self.warm.stub is not None and self._apply(path):
             pid, _ = self.warm.complete(path, stopped=True)

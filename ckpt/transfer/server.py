@@ -4,7 +4,8 @@ Each pass lands in images_dir/<pass name>/, each file written to ".<name>.tmp" a
 into place only once its whole size arrived and its CRC-32 matches, so a dropped connection
 leaves no partial file. A pass's stale inventory.img is removed when the pass starts again,
 and clients send inventory.img last: a pass directory holding an inventory.img is complete.
-Connections are served one at a time.
+Connections are served concurrently (ckpt.transfer.listener); a pass name is held by one
+connection at a time, from its PassStart (or RestoreRequest) to the connection's end.
 """
 
 from __future__ import annotations
@@ -15,15 +16,19 @@ import os
 import socket
 import ssl
 import stat
+import threading
+import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckpt.images.pb import wire_pb2
 from ckpt.transfer.handover import COMMIT_GRACE, Parked, restore_for_migration
+from ckpt.transfer.listener import Limits, Listener, listen
 from ckpt.transfer.prerestore import Prerestore
 from ckpt.transfer.wire import (
-    AUTH_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
     IO_TIMEOUT,
     Conn,
     Frame,
@@ -39,6 +44,35 @@ log = logging.getLogger("ckpt.transfer")
 INVENTORY = "inventory.img"
 
 
+class Claims:
+    """Which connection holds which pass name: two connections never write (or restore)
+    one pass directory at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.holders: dict[str, Conn] = {}
+
+    def claim(self, name: str, conn: Conn) -> str:
+        """'' once ``conn`` holds ``name``; otherwise why not."""
+        with self.lock:
+            holder = self.holders.setdefault(name, conn)
+        return "" if holder is conn else (
+            f"pass {name} is in use by another connection (from {holder.peer})")
+
+    def release(self, conn: Conn) -> None:
+        with self.lock:
+            for name in [n for n, c in self.holders.items() if c is conn]:
+                del self.holders[name]
+
+
+@dataclass
+class Shared:
+    """What every connection of one server shares."""
+
+    parked: Parked = field(default_factory=Parked)
+    claims: Claims = field(default_factory=Claims)
+
+
 def serve(
     address: str,
     port: int,
@@ -48,6 +82,7 @@ def serve(
     once: bool = False,
     ready: Callable[[int], None] | None = None,
     commit_grace: float = COMMIT_GRACE,
+    limits: Limits | None = None,
 ) -> None:
     """Listen on address:port and store the passes authenticated clients send.
 
@@ -56,6 +91,7 @@ def serve(
     Per-connection errors are logged, never raised; setup errors raise TransferError.
     """
     key = check_token(token)
+    limits = limits or Limits()
     root = Path(images_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -63,26 +99,15 @@ def serve(
         raise TransferError(f"cannot create images directory {root}: {_why(exc)}") from None
     if not root.is_dir():
         raise TransferError(f"images directory {root} is not a directory")
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    try:
-        listener = socket.create_server((address, port), family=family)
-    except OSError as exc:
-        raise TransferError(f"cannot listen on {address}:{port}: {_why(exc)}") from None
-    parked = Parked(commit_grace)
-    with listener:
+    shared = Shared(Parked(commit_grace))
+
+    def handler(sock: socket.socket, peer: str) -> None:
+        handle_connection(sock, peer, root, key, tls, shared, limits.handshake_timeout)
+
+    with listen(address, port) as listener:
         if ready is not None:
             ready(listener.getsockname()[1])
-        while True:
-            sock, addr = listener.accept()
-            peer = f"{addr[0]}:{addr[1]}"
-            try:
-                handle_connection(sock, peer, root, key, tls, parked)
-            except TransferError as exc:
-                log.warning("page server: %s", exc)
-            else:
-                log.info("page server: %s done", peer)
-            if once:
-                return
+        Listener(listener, handler, limits, tls).run(once)
 
 
 def handle_connection(
@@ -91,19 +116,29 @@ def handle_connection(
     root: Path,
     token: bytes,
     tls: ssl.SSLContext | None = None,
-    parked: Parked | None = None,
+    shared: Shared | None = None,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
 ) -> None:
-    """Serve one accepted connection to its end (closing sock); raise TransferError."""
-    parked = parked or Parked()
-    sock.settimeout(AUTH_TIMEOUT)
+    """Serve one accepted connection to its end (closing sock); raise TransferError.
+    TLS and authentication must be done within ``handshake_timeout`` seconds."""
+    shared = shared or Shared()
+    deadline = time.monotonic() + handshake_timeout
+    sock.settimeout(handshake_timeout)  # bounds the whole TLS handshake
     if tls is not None:
         try:
             sock = tls.wrap_socket(sock, server_side=True)
         except (OSError, ssl.SSLError) as exc:
             sock.close()
             raise TransferError(f"{peer}: TLS handshake failed: {_why(exc)}") from None
-    with Conn(sock, peer) as conn:
-        server_handshake(conn, token)
+    with Conn(sock, peer, deadline) as conn:
+        try:
+            server_handshake(conn, token)
+        except TransferError:
+            if time.monotonic() < deadline:
+                raise
+            raise TransferError(f"{peer}: not authenticated within {handshake_timeout:g} s: "
+                                "dropped") from None
+        conn.deadline = None
         sock.settimeout(IO_TIMEOUT)
         pre: Prerestore | None = None
         try:
@@ -112,13 +147,13 @@ def handle_connection(
                 if frame is None:
                     return
                 if isinstance(frame.msg, wire_pb2.RestoreRequest):
+                    _claim(conn, shared.claims, frame.msg.pass_name)
                     pre = pre or Prerestore(peer)
-                    restore_for_migration(conn, root, frame.msg.pass_name, pre, parked)
+                    restore_for_migration(conn, root, frame.msg.pass_name, pre, shared.parked)
                     return
                 if isinstance(frame.msg, wire_pb2.Commit):  # a hand-over whose link broke
-                    ok = parked.resume(frame.msg.pid)
-                    conn.send(wire_pb2.Ack(ok=ok, error="" if ok else
-                                           f"no restored process {frame.msg.pid} waits here"))
+                    why = shared.parked.resume(frame.msg.pid)
+                    conn.send(wire_pb2.Ack(ok=not why, error=why))
                     continue
                 if isinstance(frame.msg, wire_pb2.Sync):
                     conn.send(wire_pb2.Ack(ok=True, error=pre.wait() if pre else ""))
@@ -127,6 +162,8 @@ def handle_connection(
                     why = incompatibility(frame.msg)
                     conn.send(wire_pb2.Ack(ok=not why, error=why))
                     continue
+                if isinstance(frame.msg, wire_pb2.PassStart):
+                    _claim(conn, shared.claims, frame.msg.name)
                 pass_dir = _receive_pass(conn, root, frame)
                 if isinstance(frame.msg, wire_pb2.PassStart) and frame.msg.prerestore:
                     pre = pre or Prerestore(peer)
@@ -134,6 +171,15 @@ def handle_connection(
         finally:
             if pre is not None:
                 pre.close()
+            shared.claims.release(conn)
+
+
+def _claim(conn: Conn, claims: Claims, name: str) -> None:
+    """Hold pass ``name`` for this connection, or refuse the connection."""
+    why = claims.claim(name, conn)
+    if why:
+        conn.refuse(why)
+        raise TransferError(f"{conn.peer}: {why}")
 
 
 def incompatibility(req: wire_pb2.CompatCheck) -> str:

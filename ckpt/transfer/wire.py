@@ -24,6 +24,9 @@ A connection (PROTOCOL_VERSION 1)::
 
 The shared token is never sent; both sides prove they hold it (the client first), nonces
 are 32 random bytes from each side. The channel can be wrapped in TLS (ssl module).
+
+A server over its connection bounds answers the Hello with Ack{ok=false, error=BUSY...}
+before any Challenge; that refusal is temporary and the client tries again.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ import contextlib
 import enum
 import hashlib
 import hmac
+import math
 import os
 import re
 import secrets
 import socket
 import ssl
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -51,10 +56,13 @@ PROTOCOL_VERSION = 1
 MAX_CHUNK = 1 << 20  # largest FileData payload
 MAX_HEADER = 64 << 10  # largest header (tag + message)
 NONCE_SIZE = 32
-AUTH_TIMEOUT = 30.0  # seconds for the whole handshake
+AUTH_TIMEOUT = 30.0  # seconds a client waits for each step of the handshake
+HANDSHAKE_TIMEOUT = 5.0  # seconds a server gives a client for TLS and authentication
+REFUSE_DRAIN = 2.0  # seconds a refusal keeps reading so the peer gets to see it
 SMALL = 64 << 10  # frames up to this size are sent with one sendall
 IO_TIMEOUT = 120.0  # seconds a peer may stay silent mid-transfer
 
+BUSY = "page server busy"  # how every over-the-bound refusal's reason starts
 _PREFIX = struct.Struct("<II")
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -123,11 +131,15 @@ def _why(exc: BaseException) -> str:
 
 
 class Conn:
-    """One framed connection over a (possibly TLS) socket; owns and closes the socket."""
+    """One framed connection over a (possibly TLS) socket; owns and closes the socket.
 
-    def __init__(self, sock: socket.socket, peer: str) -> None:
+    With a ``deadline`` (time.monotonic()), no send or receive waits past it, however the
+    peer trickles its bytes: the socket timeout is what is left of it before each call."""
+
+    def __init__(self, sock: socket.socket, peer: str, deadline: float | None = None) -> None:
         self.sock = sock
         self.peer = peer
+        self.deadline = deadline
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # Small frames (an Ack, a short final pass) must not wait ~40 ms for Nagle
             # and delayed ACKs: that would be migration downtime.
@@ -154,6 +166,7 @@ class Conn:
             raise ValueError(f"{tag.name} frames carry no payload")
         header = bytes([tag]) + msg.SerializeToString()
         try:
+            self._bound()
             head = _PREFIX.pack(len(header), len(payload)) + header
             if len(payload) <= SMALL:  # one segment for the frame
                 self.sock.sendall(head + payload)
@@ -162,6 +175,14 @@ class Conn:
                 self.sock.sendall(payload)
         except (OSError, ssl.SSLError) as exc:
             raise TransferError(f"connection to {self.peer} lost: {_why(exc)}") from None
+
+    def _bound(self) -> None:
+        """Make the next socket call end by the deadline (TimeoutError once it passed)."""
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self.sock.settimeout(left)
 
     def send_data(self, chunk: bytes | memoryview) -> None:
         self.send(wire_pb2.FileData(), chunk)
@@ -174,6 +195,7 @@ class Conn:
         got = 0
         while got < n:
             try:
+                self._bound()
                 k = self.sock.recv_into(view[got:], n - got)
             except (OSError, ssl.SSLError) as exc:
                 raise TransferError(f"connection to {self.peer} lost: {_why(exc)}") from None
@@ -224,20 +246,17 @@ class Conn:
 
     def refuse(self, error: str) -> None:
         """Best effort: tell the peer why we give up (Ack{ok=false}), stop sending, and
-        drain a little of what it is still sending so it gets to read the reason."""
-        try:
+        drain what it is still sending, for at most REFUSE_DRAIN seconds (a trickling peer
+        cannot hold us longer), so it gets to read the reason."""
+        with contextlib.suppress(OSError, TransferError):
             self.send(wire_pb2.Ack(ok=False, error=error))
-            self.sock.settimeout(2.0)
+            self.deadline = min(self.deadline or math.inf, time.monotonic() + REFUSE_DRAIN)
             if not isinstance(self.sock, ssl.SSLSocket):
                 self.sock.shutdown(socket.SHUT_WR)
-            drained = 0
-            while drained < (64 << 20):
-                data = self.sock.recv(MAX_CHUNK)
-                if not data:
+            while True:
+                self._bound()
+                if not self.sock.recv(MAX_CHUNK):
                     break
-                drained += len(data)
-        except (OSError, TransferError):
-            pass
 
 
 # -- authentication ----------------------------------------------------------------------
@@ -327,10 +346,23 @@ def server_handshake(conn: Conn, token: bytes) -> None:
 
 def check_name(name: str, what: str) -> str:
     """A pass or file name must be one plain path component of [A-Za-z0-9._-], not
-    starting with "." (no "..", no hidden temp names)."""
+    starting with "." (no "..", no hidden temp names). The server refuses any other; a
+    client checks with this same rule before it touches a target."""
     if not _NAME.fullmatch(name) or name.startswith("."):
         raise TransferError(f"invalid {what} name {name!r}")
     return name
+
+
+def pass_name(images_dir: str | os.PathLike[str]) -> str:
+    """The name a pass written to ``images_dir`` gets on the page server: the directory's
+    own name, so that parent links (../1) resolve there as they do here."""
+    name = os.path.basename(os.path.normpath(os.fspath(images_dir)))
+    try:
+        return check_name(name, "pass")
+    except TransferError:
+        raise TransferError(f"the page server stores a pass under its directory's name, and "
+                            f"{name!r} (from -D {os.fspath(images_dir)}) is not one it "
+                            "accepts: use letters, digits, '.', '_' or '-'") from None
 
 
 # -- TLS ---------------------------------------------------------------------------------
