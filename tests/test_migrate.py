@@ -506,3 +506,20 @@ def test_tls_or_token_mismatch_touches_nothing(harness: Harness, bins: Bins, tmp
     before = len(read_lines(out))
     wait_for_lines(out, before + 2)
     assert {p for _, p in numbers(out)} == {proc.pid}
+
+
+def test_commit_of_a_copy_that_died_is_refused(harness: Harness, bins: Bins, tmp_path: Path,
+                                               page_server: tuple[str, Path]) -> None:
+    """The parked copy dies before the source commits it: the commit is refused with the
+    reason (it used to stop the whole server), and the server goes on."""
+    address, _ = page_server
+    source, _, pid = restored_uncommitted(harness, bins, tmp_path, address)
+    harness.kill(pid)
+    host, port = address.rsplit(":", 1)
+    with connect(host, int(port), b"migrate-me") as conn, \
+            pytest.raises(TransferError, match=f"restored process {pid} died before the commit"):
+        commit_remote(conn, pid)
+    with connect(host, int(port), b"migrate-me") as conn, \
+            pytest.raises(TransferError, match=f"no restored process {pid}"):
+        commit_remote(conn, pid)
+    assert_running_untraced(source.pid)

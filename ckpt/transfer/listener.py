@@ -110,7 +110,7 @@ class Listener:
             log.info("page server: %s connected", peer)
             self.handler(sock, peer)
         except TransferError as exc:
-            log.warning("page server: %s: %s", peer, exc)
+            log.warning("page server: %s: %s", peer, str(exc).removeprefix(f"{peer}: "))
         except Exception as exc:  # a bug in one connection must not end the others
             log.error("page server: %s: internal error: %s: %s", peer, type(exc).__name__,
                       exc)
