@@ -30,6 +30,7 @@ T = TypeVar("T")
 # Connections are served concurrently, restores one at a time: each claims exact pids and
 # tids, and two at once could take each other's.
 _RESTORING = threading.RLock()
+QUEUED_PASSES = 4
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class Prerestore:
         self.peer = peer
         self.warm = WarmRestore()
         self.broken = ""  # why the warm restore was given up
-        self.jobs: queue.Queue[Callable[[], object] | None] = queue.Queue()
+        # bounded: a client sending passes faster than they are applied waits for them
+        self.jobs: queue.Queue[Callable[[], object] | None] = queue.Queue(QUEUED_PASSES)
         self.thread = threading.Thread(target=self._run, name=f"prerestore {peer}",
                                        daemon=True)
         self.thread.start()
