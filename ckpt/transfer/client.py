@@ -69,7 +69,7 @@ def connect(host: str, port: int, token: bytes | str, tls: ssl.SSLContext | None
         try:
             return _connect_once(host, port, key, tls)
         except TransferError as exc:
-            if BUSY not in str(exc) or time.monotonic() + pause > deadline:
+            if f"refused: {BUSY}" not in str(exc) or time.monotonic() + pause > deadline:
                 raise
         time.sleep(pause)
         pause = min(pause * 2, 1.0)
