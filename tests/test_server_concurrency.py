@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 import threading
 import time
 import zlib
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import ckpt_command, wait_for_line
 from test_transfer import HOST, TOKEN, all_files, expect_refusal, raw_client
 
 from ckpt.images.pb import wire_pb2
@@ -275,3 +277,31 @@ def test_one_pass_directory_one_writer(root: Path, tmp_path: Path) -> None:
     # once the first connection is gone, the name is free again
     send_pass(HOST, port, TOKEN, local, "1")
     assert all_files(root / "1") == IMAGES
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def test_page_server_command_logs_to_its_log_file(tmp_path: Path) -> None:
+    """`ckpt page-server -o FILE` logs there at info level: connections, and why one was
+    dropped, naming the peer."""
+    token = tmp_path / "token"
+    token.write_bytes(TOKEN)
+    log = tmp_path / "server.log"
+    err = tmp_path / "stderr"
+    with open(err, "wb") as stderr:
+        proc = subprocess.Popen([ckpt_command(), "page-server", "--address", HOST, "--port", "0",
+                                 "-D", str(tmp_path / "store"), "--auth-token-file", str(token),
+                                 "--handshake-timeout", "1", "-o", str(log)],
+                                stdin=subprocess.DEVNULL, stderr=stderr)
+    try:
+        line = wait_for_line(err, lambda s: "listening on" in s, PROMPT, "the page server")
+        with idle(int(line.rsplit(":", 1)[1])) as sock:
+            peer = "{}:{}".format(*sock.getsockname()[:2])
+            assert closed_by_server(sock)
+        wait_for_line(log, lambda s: f"page server: {peer}: not authenticated within 1 s" in s,
+                      PROMPT, "the dropped connection in the log")
+        assert f"INFO page server: {peer} connected" in log.read_text()
+    finally:
+        proc.kill()
+        proc.wait()
