@@ -6,11 +6,14 @@ without --overwrite, and a failed pass leaves no directory it created behind."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import (
+    CKPT_TIMEOUT,
+    PYTHON,
     Bins,
     Harness,
     assert_one_error_line,
@@ -104,6 +107,30 @@ def test_predump_into_a_parent_again(harness: Harness, bins: Bins, tmp_path: Pat
     harness.kill(t.pid)
     line = assert_one_error_line(run_ckpt("restore", "-D", ck / "3", "--restore-detached"))
     assert f"{ck / '2'} is not the pass {ck / '3'} was dumped against" in line, line
+
+
+@needs_root
+def test_warm_restore_follows_only_the_parent(harness: Harness, bins: Bins, tmp_path: Path,
+                                              ) -> None:
+    """A migration's destination builds the process pass by pass: a stub that applied
+    1 and a rewritten 2 must not take 3 (dumped against the old 2) as its next step."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn], out)
+    wait_for_lines(out, 2)
+    ck = tmp_path / "ck"
+    ckpt_ok("predump", "-t", str(proc.pid), "-D", ck / "1")
+    ckpt_ok("predump", "-t", str(proc.pid), "-D", ck / "2", "--prev-images-dir", "../1")
+    ckpt_ok("dump", "-t", str(proc.pid), "-D", ck / "3", "--prev-images-dir", "../2",
+            "--leave-running")
+    ckpt_ok("predump", "-t", str(proc.pid), "-D", ck / "2", "--prev-images-dir", "../1",
+            "--overwrite")
+    harness.kill(proc.pid)
+    warm = subprocess.run([PYTHON, Path(__file__).with_name("warm_restore.py"), ck / "1",
+                           ck / "2", ck / "3"], capture_output=True, text=True,
+                          timeout=CKPT_TIMEOUT)
+    if warm.stdout.strip().isdigit():
+        harness.track(int(warm.stdout))
+    assert warm.returncode != 0 and "is not the pass" in warm.stderr, warm.stderr
 
 
 @needs_root
