@@ -84,33 +84,11 @@ def test_ledger_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert oct((tmp_path / "state" / "track").stat().st_mode & 0o777) == "0o700"
     ledger.forget(me, start)
     assert ledger.claim(me, start, one) == ""
+    ledger.prune()
     assert os.listdir(tmp_path / "state" / "track") == [f"{me}-{start}"]  # start+1 pruned
     monkeypatch.setenv("CKPT_STATE_DIR", str(tmp_path / "state" / "track" / f"{me}-{start}"))
     with pytest.raises(CkptError, match="cannot record the tracking state"):
         ledger.claim(1, 2, one)
-
-
-def test_stale_ledger_entries_are_pruned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                         ) -> None:
-    """A pass that writes the ledger drops the records of processes that are gone (no
-    such pid, or the pid reused by another process: another start time) and the 0-byte
-    temporaries older versions left; live processes keep theirs."""
-    monkeypatch.setenv("CKPT_STATE_DIR", str(tmp_path))
-    track = tmp_path / "track"
-    track.mkdir()
-    me, parent = os.getpid(), os.getppid()
-    start, pstart = proc.read_stat(me).starttime, proc.read_stat(parent).starttime
-    gone = 4194000  # above any pid_max
-    live = {f"{parent}-{pstart}": "keep\n", "notes.txt": "not ours\n",
-            f".{parent}-{pstart}.{me}": ""}  # a temporary of a live writer
-    stale = {f"{gone}-5": "t\n", f"{parent}-{pstart + 1}": "t\n",
-             f".{gone}-5.{me}": "", f".{parent}-{pstart}.{gone}": ""}
-    for name, text in {**live, **stale}.items():
-        (track / name).write_text(text)
-    ledger.claim(me, start, ledger.new_token())
-    assert sorted(os.listdir(track)) == sorted([*live, f"{me}-{start}"])
-    assert ledger.stale(f"{gone}-5", lambda pid: None)
-    assert not ledger.stale(f"{parent}-{pstart}", {parent: pstart}.get)
 
 
 class Fake(Tracker):
@@ -124,6 +102,29 @@ def parent_state(token: str) -> image_pb2.TrackerState:
     me = os.getpid()
     return image_pb2.TrackerState(backend="fake", pid=me,
                                   start_time=proc.read_stat(me).starttime, pass_token=token)
+
+
+def test_stale_ledger_entries_are_pruned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         ) -> None:
+    """A pass that tracks drops the ledger records of processes that are gone (no such
+    pid, or the pid reused by another process: another start time) and the 0-byte
+    temporaries older versions left; live processes keep theirs."""
+    monkeypatch.setenv("CKPT_STATE_DIR", str(tmp_path))
+    track = tmp_path / "track"
+    track.mkdir()
+    me, parent = os.getpid(), os.getppid()
+    start, pstart = proc.read_stat(me).starttime, proc.read_stat(parent).starttime
+    gone = 4194000  # above any pid_max
+    live = {f"{parent}-{pstart}": "keep\n", "notes.txt": "not ours\n",
+            f".{parent}-{pstart}.{me}": ""}  # a temporary of a live writer
+    stale = {f"{gone}-5": "t\n", f"{parent}-{pstart + 1}": "t\n",
+             f".{gone}-5.{me}": "", f".{parent}-{pstart}.{gone}": ""}
+    for name, text in {**live, **stale}.items():
+        (track / name).write_text(text)
+    Fake(me, None).claim()
+    assert sorted(os.listdir(track)) == sorted([*live, f"{me}-{start}"])
+    assert ledger.stale(f"{gone}-5", lambda pid: None)
+    assert not ledger.stale(f"{parent}-{pstart}", {parent: pstart}.get)
 
 
 def test_two_passes_from_one_parent_one_wins(tmp_path: Path,

@@ -61,6 +61,7 @@ class Tracker(abc.ABC):
         self.pid = pid
         self.prev = state
         self.start_time = proc.read_stat(pid).starttime
+        ledger.prune()  # records of processes that are gone, while nothing is frozen
         self.token = ""  # this pass's, once it claimed the tracking (ledger.py)
         self._displaced = ""  # the token its claim replaced
         self._continuity: str | None = None

@@ -13,8 +13,9 @@ the other reads "tracking state lost" and copies whole VMAs.
     $CKPT_STATE_DIR/track/<pid>-<starttime>        CKPT_STATE_DIR defaults to /run/ckpt
 
 /run is a tmpfs: the records go with a reboot, as do the processes they describe. Records
-of processes that are gone (no such pid, or another start time) are pruned whenever a
-pass claims, with the 0-byte temporaries older versions of ckpt could leave behind.
+of processes that are gone (no such pid, or another start time) are pruned by every pass
+that tracks (before it freezes anything), with the 0-byte temporaries older versions of
+ckpt could leave behind.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ def claim(pid: int, start_time: int, token: str) -> str:
     where = _dir()
     try:
         make_dirs(where)
-        prune(where)
         fd = os.open(where / f"{pid}-{start_time}",
                      os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -87,15 +87,21 @@ def stale(name: str, start_time_of: Callable[[int], int | None]) -> bool:
     return False
 
 
-def prune(where: Path, root: str = "/proc") -> None:
-    """Remove the stale entries of the ledger directory ``where``."""
+def prune(root: str = "/proc") -> None:
+    """Remove the stale entries of the ledger (best effort: a ledger that cannot be
+    read is reported by claim)."""
     def start_time_of(pid: int) -> int | None:
         try:
             return proc.read_stat(pid, root=root).starttime
         except CkptError:
             return None
 
-    for name in os.listdir(where):
+    where = _dir()
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return
+    for name in names:
         if stale(name, start_time_of):
             with contextlib.suppress(OSError):
                 os.unlink(where / name)
