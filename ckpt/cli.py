@@ -86,6 +86,9 @@ def target_options(fn: F) -> F:
                      help="Directory to write the images to."),
         click.option("--prev-images-dir", metavar="DIR",
                      help="Parent images (relative to -D, as in CRIU): store only changes."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace a complete checkpoint already in -D (passes dumped "
+                          "against it will refuse to restore)."),
         click.option("--track", type=click.Choice(["auto", "uffd-wp", "soft-dirty", "compare"]),
                      default="auto", show_default=True,
                      help="Dirty-page tracking backend (auto: the best this kernel has)."),
@@ -107,7 +110,7 @@ def target_options(fn: F) -> F:
 @reports_errors
 def predump(pid: int, images_dir: str, prev_images_dir: str | None, track: str,
             compress_level: int, page_server: str | None, auth_token_file: str | None,
-            tls_cacert: str | None) -> None:
+            tls_cacert: str | None, overwrite: bool) -> None:
     """Copy memory while the process runs; freeze only to arm dirty tracking."""
     from ckpt.actions.predump import PredumpOptions
     from ckpt.actions.predump import predump as do_predump
@@ -115,7 +118,8 @@ def predump(pid: int, images_dir: str, prev_images_dir: str | None, track: str,
     check_page_server(page_server, auth_token_file, tls_cacert, images_dir)
     click.echo(do_predump(PredumpOptions(pid=pid, images_dir=images_dir,
                                          prev_images_dir=prev_images_dir, track=track,
-                                         compress_level=compress_level)), err=True)
+                                         compress_level=compress_level,
+                                         overwrite=overwrite)), err=True)
     send_to_page_server(images_dir, page_server, auth_token_file, tls_cacert)
 
 
@@ -135,7 +139,7 @@ def predump(pid: int, images_dir: str, prev_images_dir: str | None, track: str,
 def dump(pid: int, images_dir: str, prev_images_dir: str | None, track: str, compress_level: int,
          page_server: str | None, auth_token_file: str | None, tls_cacert: str | None,
          leave_running: bool, shell_job: bool, incremental: bool, track_mem: bool,
-         precopy: bool) -> None:
+         precopy: bool, overwrite: bool) -> None:
     """Checkpoint process PID into images; the process is killed unless --leave-running."""
     from ckpt.actions.dump import DumpOptions
     from ckpt.actions.dump import dump as do_dump
@@ -145,7 +149,7 @@ def dump(pid: int, images_dir: str, prev_images_dir: str | None, track: str, com
                               shell_job=shell_job, compress_level=compress_level,
                               incremental=incremental or bool(prev_images_dir),
                               prev_images_dir=prev_images_dir, track=track,
-                              track_mem=track_mem, precopy=precopy))
+                              track_mem=track_mem, precopy=precopy, overwrite=overwrite))
     click.echo(f"{res.line}; {res.threads} thread(s), {res.vmas} VMAs", err=True)
     send_to_page_server(images_dir, page_server, auth_token_file, tls_cacert)
 

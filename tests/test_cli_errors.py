@@ -199,7 +199,8 @@ def test_restore_other_cpu_xstate(harness: Harness, dumped: Dumped) -> None:
 
 
 def test_dump_disk_full(harness: Harness, tmp_path: Path) -> None:
-    """No space for the images: one error line, no half-written images, target runs on."""
+    """No space for the images: one error line, no half-written images (not even the
+    directory the dump created), target runs on."""
     out = tmp_path / "out.txt"
     proc = harness.launch([*py_target("bigmem.py"), "--mib", "16"], out)
     wait_for_lines(out, 2, timeout=30)
@@ -213,8 +214,7 @@ def test_dump_disk_full(harness: Harness, tmp_path: Path) -> None:
         res = run_ckpt("dump", "-t", str(proc.pid), "-D", small / "images")
         message = assert_one_error_line(res)
         assert "No space left on device" in message, message
-        assert not (small / "images" / "inventory.img").exists()
-        assert not [p for p in (small / "images").iterdir() if p.name.startswith(".")]
+        assert not (small / "images").exists()
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
     assert_untouched(proc, out)

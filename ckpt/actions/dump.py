@@ -76,6 +76,7 @@ class DumpOptions:
     # can re-arm with the target running (uffd-wp); the freeze copies only what is
     # written after that
     precopy: bool = True
+    overwrite: bool = False  # replace a complete pass already in images_dir
     # Called with the images complete and the target still frozen, before it is killed;
     # raising keeps the target alive (it is thawed). Migration hands over here.
     before_kill: Callable[[], None] | None = None
@@ -147,8 +148,7 @@ def dump(opts: DumpOptions) -> DumpResult:
         else None
     name = tracker.name if tracker else "none"
     keep = opts.track_mem and opts.leave_running
-    images = ImageDir.create(opts.images_dir)
-    images.remove_inventory()
+    images = ImageDir.new_pass(opts.images_dir, opts.overwrite)
 
     def finish(mem: MemoryResult, frozen_ms: float) -> image_pb2.DumpStats:
         """Everything after the pages: core, tracker state, and the inventory, last."""
@@ -212,6 +212,9 @@ def dump(opts: DumpOptions) -> DumpResult:
                 mem = store_memory(images, pid, layer, opts.compress_level, dirty.compare,
                                    parent_digests)
             stats = finish(mem, frozen_ms)
+    except BaseException:
+        images.abandon()  # a directory it made is not left behind empty or incomplete
+        raise
     finally:
         if tracker is not None:
             tracker.close()  # after the thaw: dropping the last uffd reference unprotects

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class Parent:
     link: str  # as recorded in inventory.parent (relative to the new images dir)
     has: list[Range]
     tracker_state: image_pb2.TrackerState | None
+    image_id: str  # its identity: the new pass records it as parent_id
 
 
 def open_parent(images_dir: str, prev: str | None, pid: int) -> Parent | None:
@@ -45,9 +47,12 @@ def open_parent(images_dir: str, prev: str | None, pid: int) -> Parent | None:
     inv = parent.read_inventory()
     if pid not in inv.pids:
         raise ImageError(f"parent images {path} are of pid(s) {list(inv.pids)}, not {pid}")
+    if not inv.image_id:
+        raise ImageError(f"parent images {path} have no identity (written by an older ckpt): "
+                         "start a new chain")
     has = parent_coverage(parent, pid)
     parent.check_pages(pid)
-    return Parent(parent, prev, has, parent.read_tracker(pid))
+    return Parent(parent, prev, has, parent.read_tracker(pid), inv.image_id)
 
 
 def select_tracker(track: str, pid: int, parent: Parent | None) -> Tracker:
@@ -182,7 +187,8 @@ def inventory(pid: int, kind: str, parent: Parent | None, tracker: str, stats:
         format_version=FORMAT_VERSION, root_pid=pid, pids=[pid], kind=kind,
         parent=parent.link if parent else "", tracker=tracker, created_unix=time.time(),
         kernel_release=os.uname().release, xstate_size=xstate_size, shell_job=shell_job,
-        stats=stats)
+        stats=stats, image_id=secrets.token_hex(16),
+        parent_id=parent.image_id if parent else "")
 
 
 def describe(kind: str, pid: int, tracker: str, stats: image_pb2.DumpStats) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ckpt.actions.core_image import vma_to_pb
 from ckpt.actions.passes import (
+    Parent,
     apply_compare,
     describe,
     inventory,
@@ -32,7 +33,7 @@ from ckpt.errors import NoSuchProcess, NotDumpable
 from ckpt.freeze.seize import Frozen
 from ckpt.images import ImageDir
 from ckpt.pagecopy.incremental import plan_pass
-from ckpt.track import PassContext
+from ckpt.track import PassContext, Tracker
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class PredumpOptions:
     prev_images_dir: str | None = None
     track: str = "auto"
     compress_level: int = -1
+    overwrite: bool = False  # replace a complete pass already in images_dir
 
 
 def check_target(pid: int) -> None:
@@ -58,8 +60,17 @@ def predump(opts: PredumpOptions) -> str:
     check_target(pid)
     parent = open_parent(opts.images_dir, opts.prev_images_dir, pid)
     tracker = select_tracker(opts.track, pid, parent)
-    images = ImageDir.create(opts.images_dir)
-    images.remove_inventory()
+    images = ImageDir.new_pass(opts.images_dir, opts.overwrite)
+    try:
+        return _predump(opts, images, parent, tracker, t0)
+    except BaseException:
+        images.abandon()
+        raise
+
+
+def _predump(opts: PredumpOptions, images: ImageDir, parent: Parent | None, tracker: Tracker,
+             t0: float) -> str:
+    pid = opts.pid
     frozen_ms = 0.0
     try:
         ctx = PassContext(pid, None, collect_vmas(pid))

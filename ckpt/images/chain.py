@@ -11,10 +11,16 @@ whose IN_PARENT runs go one level further up:
 
 A page the child says is in the parent but that the parent does not have, or a chain
 that ends while pages are still wanted, is a broken chain: an ImageError, never zeros.
+
+Each pass has a random identity (inventory.image_id) and records its parent's
+(inventory.parent_id). A parent directory that now holds another pass -- predump run
+into it again with --overwrite, a directory renamed or replaced by a symlink -- would
+resolve pages to bytes the child never saw: such a chain is refused (parent_mismatch).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ckpt.errors import ImageError
@@ -66,6 +72,11 @@ def check_chain(newest: ImageDir, pid: int) -> list[ImageDir]:
     chain again each time. Returns the chain, newest first."""
     images = image_chain(newest)
     for child, parent in zip(images, [*images[1:], None], strict=True):
+        if parent is not None:
+            why = parent_mismatch(_shown(child), child.read_inventory().parent_id,
+                                  _shown(parent), parent.read_inventory().image_id)
+            if why:
+                raise ImageError(why)
         _, pm = child.read_pagemap(pid)
         if parent is None:
             if pm.in_parent:
@@ -88,4 +99,23 @@ def check_chain(newest: ImageDir, pid: int) -> list[ImageDir]:
 
 
 _CHECKED: dict[tuple[int, int], tuple[Pagemap, Pagemap]] = {}
+
+
+def parent_mismatch(child: str, recorded: str, parent: str, actual: str) -> str:
+    """'' if ``parent`` (its image_id ``actual``) is the pass ``child`` was dumped
+    against (the parent_id it ``recorded``), else why the chain is refused."""
+    if not recorded:
+        return (f"broken parent chain: {child} records no identity of its parent {parent} "
+                "(written by an older ckpt): cannot tell whether it is the pass it was "
+                "dumped against")
+    if recorded != actual:
+        return (f"broken parent chain: {parent} is not the pass {child} was dumped against "
+                f"(it expects pass {recorded[:12]}, {parent} holds "
+                f"{actual[:12] or 'a pass without identity'}): the parent was rewritten, "
+                "replaced or moved since")
+    return ""
+
+
+def _shown(d: ImageDir) -> str:
+    return os.path.normpath(d.path)
 

@@ -31,6 +31,7 @@ from ckpt.images.pb.image_pb2 import (
     PagemapRuns,
     TrackerState,
 )
+from ckpt.images.safedir import WritableDir, make_dirs
 
 
 def _magic(tag: bytes) -> int:
@@ -83,22 +84,55 @@ class ImageDir:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         """Use ImageDir.create or ImageDir.open instead."""
         self.path = Path(path)
+        self.created: list[Path] = []  # directories create() made, outermost first
 
     def __repr__(self) -> str:
         return f"ImageDir({str(self.path)!r})"
 
     @classmethod
     def create(cls, path: str | os.PathLike[str]) -> ImageDir:
-        """Make the directory (and parents), mode 0700; existing images get replaced."""
+        """Make the directory (and missing parents), each mode 0700; an existing one must
+        be the caller's and not writable by group or others. Existing images get replaced
+        (a new pass: see new_pass)."""
         p = Path(path)
         try:
-            p.mkdir(parents=True, exist_ok=True)
-            os.chmod(p, 0o700)
-        except FileExistsError:
+            created = make_dirs(p)
+            WritableDir.open(p).close()
+        except (FileExistsError, NotADirectoryError):
             raise ImageError(f"cannot create images directory {p}: not a directory") from None
         except OSError as exc:
             raise ImageError(f"cannot create images directory {p}: {_why(exc)}") from None
-        return cls(p)
+        d = cls(p)
+        d.created = created
+        return d
+
+    @classmethod
+    def new_pass(cls, path: str | os.PathLike[str], overwrite: bool = False) -> ImageDir:
+        """create(), for a pass about to be written: a directory that already holds a
+        complete pass is refused unless ``overwrite`` (passes dumped against the old one
+        then refuse to restore: their parent id no longer matches). The directory is
+        marked incomplete until the new inventory.img lands."""
+        d = cls.create(path)
+        if not overwrite and d.exists("inventory"):
+            raise ImageError(f"{d.path} already holds a complete checkpoint: refusing to "
+                             "replace it (--overwrite replaces it; passes dumped against it "
+                             "will then refuse to restore)")
+        d.remove_inventory()
+        return d
+
+    def abandon(self) -> None:
+        """A pass failed before its inventory.img was written: if it created the
+        directory, remove what it wrote there, and every directory it created that is
+        left empty. A complete pass, or a directory that was there before, stays."""
+        if not self.created or self.exists("inventory"):
+            return
+        with contextlib.suppress(OSError), os.scandir(self.path) as entries:
+            for e in entries:
+                if e.name.endswith((".img", ".tmp")) and e.is_file(follow_symlinks=False):
+                    _unlink(Path(e.path))
+        for d in reversed(self.created):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> ImageDir:
@@ -119,39 +153,39 @@ class ImageDir:
 
     # -- raw file access ---------------------------------------------------------------
 
-    def _tmp_for(self, target: Path) -> Path:
-        return target.with_name(f".{target.name}.tmp")
-
-    def _open_tmp(self, target: Path) -> tuple[Path, int]:
-        tmp = self._tmp_for(target)
+    @contextlib.contextmanager
+    def _writing(self, target: Path) -> Iterator[BinaryIO]:
+        """A file object on a fresh temp file in this directory (ckpt.images.safedir),
+        renamed onto ``target`` when the block succeeds; gone on any failure."""
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            out = WritableDir.open(self.path)
         except OSError as exc:
             raise ImageError(f"cannot write {target}: {_why(exc)}") from None
-        try:
-            os.fchmod(fd, 0o600)
-        except OSError as exc:
-            os.close(fd)
-            _unlink(tmp)
-            raise ImageError(f"cannot write {target}: {_why(exc)}") from None
-        return tmp, fd
-
-    def _commit(self, tmp: Path, target: Path) -> None:
-        try:
-            os.replace(tmp, target)
-        except OSError as exc:
-            _unlink(tmp)
-            raise ImageError(f"cannot write {target}: {_why(exc)}") from None
+        with out:
+            try:
+                tmp = out.create(target.name)
+            except OSError as exc:
+                raise ImageError(f"cannot write {target}: {_why(exc)}") from None
+            with tmp:
+                f = open(tmp.fd, "wb", closefd=False)  # noqa: SIM115 - closed below
+                try:
+                    yield f
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        f.close()
+                    raise
+                try:
+                    f.close()
+                    tmp.commit()
+                except OSError as exc:
+                    raise ImageError(f"cannot write {target}: {_why(exc)}") from None
 
     def _write_file(self, target: Path, data: bytes) -> None:
-        tmp, fd = self._open_tmp(target)
-        try:
-            with open(fd, "wb") as f:
+        with self._writing(target) as f:
+            try:
                 f.write(data)
-        except OSError as exc:
-            _unlink(tmp)
-            raise ImageError(f"cannot write {target}: {_why(exc)}") from None
-        self._commit(tmp, target)
+            except OSError as exc:
+                raise ImageError(f"cannot write {target}: {_why(exc)}") from None
 
     def _read_file(self, target: Path) -> bytes:
         try:
@@ -261,28 +295,10 @@ class ImageDir:
     ) -> Iterator[PagesWriter]:
         """Yield a PagesWriter on a temp file, renamed into place when the block succeeds."""
         target = self.file("pages", pid)
-        tmp, fd = self._open_tmp(target)
-        f = open(fd, "wb")  # noqa: SIM115 - closed below on every path
-        try:
+        with self._writing(target) as f:
             writer = PagesWriter(f, name=str(target), level=level, threads=threads)
-        except BaseException:
-            _discard(f, tmp)
-            raise
-        try:
             yield writer
-        except BaseException:  # the caller's block failed: leave nothing behind
-            _discard(f, tmp)
-            raise
-        try:
             writer.close()
-            f.close()
-        except OSError as exc:
-            _discard(f, tmp)
-            raise ImageError(f"cannot write {target}: {_why(exc)}") from None
-        except BaseException:
-            _discard(f, tmp)
-            raise
-        self._commit(tmp, target)
 
     @contextlib.contextmanager
     def pages_reader(self, pid: int) -> Iterator[PagesReader]:
@@ -351,7 +367,3 @@ def _unlink(path: Path) -> None:
         path.unlink()
 
 
-def _discard(f: BinaryIO, tmp: Path) -> None:
-    with contextlib.suppress(OSError):
-        f.close()
-    _unlink(tmp)

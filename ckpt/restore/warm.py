@@ -61,13 +61,15 @@ class WarmRestore:
         self.vmas: list[pb.Vma] = []  # the stub's layout (the last pass's VMAs)
         self.coverage: list[Range] = []  # pages that exist in the last pass's view
         self.applied = ""  # realpath of the last pass applied
+        self.applied_id = ""  # ... and its identity (inventory.image_id)
 
     def apply(self, path: str | os.PathLike[str]) -> Applied:
         t0 = time.perf_counter()
         images = ImageDir.open(path)
         inv = images.read_inventory()
         if self.stub is not None and (inv.root_pid != self.pid or
-                                      not self._follows(images, inv.parent)):
+                                      not self._follows(images, inv.parent)
+                                      or inv.parent_id != self.applied_id):
             self.kill()
         pid = inv.root_pid
         vmas = images.read_vmas(pid)
@@ -84,6 +86,7 @@ class WarmRestore:
             raise
         self.pid, self.vmas, self.coverage = pid, vmas, pm.covered
         self.applied = os.path.realpath(images.path)
+        self.applied_id = inv.image_id
         return Applied(images.path.name, started, written // PAGE_SIZE, refilled // PAGE_SIZE,
                        (time.perf_counter() - t0) * 1000)
 

@@ -5,7 +5,7 @@ A pass (predump or incremental dump) runs with the target frozen:
     tracker = open_tracker(name, pid, state)   # state from the parent's tracker.img
     dirty = tracker.begin(ctx)                 # what changed since the last pass, and
                                                # tracking re-armed: protect before copying
-                                               # (claimed first: see ledger.py)
+                                               # (claimed first, atomically: ledger.py)
     ...copy (frozen, or after thaw for predump)...
     tracker.end(ctx, keep=...)                 # keep armed for a next pass, or leave no
                                                # trace in the target (final dump)
@@ -61,7 +61,9 @@ class Tracker(abc.ABC):
         self.pid = pid
         self.prev = state
         self.start_time = proc.read_stat(pid).starttime
+        ledger.prune()  # records of processes that are gone, while nothing is frozen
         self.token = ""  # this pass's, once it claimed the tracking (ledger.py)
+        self._displaced = ""  # the token its claim replaced
         self._continuity: str | None = None
 
     # begin() must see the target frozen (reading and re-arming are two steps).
@@ -85,7 +87,7 @@ class Tracker(abc.ABC):
         first (ledger.py), whatever it does next: a pass that fails half-way has consumed
         its parent's state all the same."""
         if self.arms:
-            self.claim()
+            self.continuity()
         return self._begin(ctx)
 
     @abc.abstractmethod
@@ -101,12 +103,17 @@ class Tracker(abc.ABC):
     def continuity(self) -> str:
         """'' if the previous pass's state is this backend's, for this very process
         (pid and start time), and no other pass consumed the tracking since; else why it
-        cannot be trusted. Decided once, before this pass claims the tracking."""
+        cannot be trusted. Deciding it claims the tracking for this pass where the
+        backend arms (ledger.claim: check and claim in one atomic step), so of two passes
+        from one parent only one can trust it. Decided once."""
         if self._continuity is None:
-            self._continuity = self._check_continuity()
+            previous = self.claim() if self.arms else None
+            self._continuity = self._check_continuity(previous)
         return self._continuity
 
-    def _check_continuity(self) -> str:
+    def _check_continuity(self, previous: str | None) -> str:
+        """``previous``: the token this pass displaced from the ledger (None: the
+        backend arms nothing and consumes nothing)."""
         st = self.prev
         if st is None:
             return "first pass"
@@ -114,19 +121,20 @@ class Tracker(abc.ABC):
             return f"previous pass tracked with {st.backend}"
         if st.pid != self.pid or st.start_time != self.start_time:
             return "tracking state belongs to another process"
-        if not st.pass_token or st.pass_token != ledger.last_token(self.pid, self.start_time):
+        if previous is not None and (not st.pass_token or st.pass_token != previous):
             return ("tracking state consumed by another pass since this parent (a later, "
                     "failed or parallel predump/dump)")
         return ""
 
-    def claim(self) -> None:
+    def claim(self) -> str:
         """Record, before the first read that re-arms, that this pass consumes the
-        tracking: the parent's state is not to be trusted again after this."""
+        tracking (the parent's state is not to be trusted again after this); return the
+        token of the pass that consumed it before. Claims once."""
         if not self.token:
-            self.continuity()
             token = ledger.new_token()
-            ledger.claim(self.pid, self.start_time, token)
+            self._displaced = ledger.claim(self.pid, self.start_time, token)
             self.token = token
+        return self._displaced
 
     def forget(self) -> None:
         """The process is gone: drop its ledger record."""

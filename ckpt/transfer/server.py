@@ -11,11 +11,11 @@ connection at a time, from its PassStart (or RestoreRequest) to the connection's
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
 import ssl
-import stat
 import threading
 import time
 import zlib
@@ -23,7 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckpt.errors import ImageError
 from ckpt.images.pb import wire_pb2
+from ckpt.images.safedir import WritableDir, make_dirs
 from ckpt.transfer.handover import COMMIT_GRACE, Parked, restore_for_migration
 from ckpt.transfer.listener import Limits, Listener, listen
 from ckpt.transfer.prerestore import Prerestore
@@ -94,7 +96,7 @@ def serve(
     limits = limits or Limits()
     root = Path(images_dir)
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        make_dirs(root)
     except OSError as exc:
         raise TransferError(f"cannot create images directory {root}: {_why(exc)}") from None
     if not root.is_dir():
@@ -235,29 +237,38 @@ def _receive_pass(conn: Conn, root: Path, frame: Frame) -> Path:
 def _pass_dir(root: Path, name: str) -> Path:
     path = root / name
     try:
-        path.mkdir(mode=0o700, exist_ok=True)
-        st = os.lstat(path)
+        make_dirs(path)
     except OSError as exc:
         raise TransferError(f"cannot create {path}: {_why(exc)}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise TransferError(f"{path} exists and is not a directory")
+    _open_pass_dir(path, f"cannot create {path}").close()
     return path
+
+
+def _open_pass_dir(path: Path, what: str) -> WritableDir:
+    """The pass directory, opened and checked by the images layer's safedir (shared
+    with local passes): the server's, not writable by others, not a symlink."""
+    try:
+        return WritableDir.open(path, follow=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise TransferError(f"{path} exists and is not a directory") from None
+        raise TransferError(f"{what}: {_why(exc)}") from None
+    except ImageError as exc:
+        raise TransferError(str(exc)) from None
 
 
 def _receive_file(conn: Conn, pass_dir: Path, start: wire_pb2.FileStart) -> None:
     name = check_name(start.name, "file")
     target = pass_dir / name
-    tmp = pass_dir / f".{name}.tmp"
+    out = _open_pass_dir(pass_dir, f"cannot write {target}")
     try:
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-        )
+        tmp = out.create(name, (start.mode & 0o700) or 0o600)
     except OSError as exc:
+        out.close()
         raise TransferError(f"cannot write {target}: {_why(exc)}") from None
     committed = False
     try:
-        with open(fd, "wb") as f:
-            os.fchmod(fd, (start.mode & 0o700) or 0o600)
+        with open(tmp.fd, "wb", closefd=False) as f:
             got = 0
             crc = 0
             end_crc = -1
@@ -283,13 +294,14 @@ def _receive_file(conn: Conn, pass_dir: Path, start: wire_pb2.FileStart) -> None
             raise TransferError(f"{name}: {got} bytes received, {start.size} announced")
         if end_crc != crc:
             raise TransferError(f"{name}: CRC mismatch, file corrupted in transit")
-        os.replace(tmp, target)
+        tmp.commit()
         committed = True
     except OSError as exc:
         raise TransferError(f"cannot write {target}: {_why(exc)}") from None
     finally:
         if not committed:
-            _unlink(tmp)
+            tmp.discard()
+        out.close()
 
 
 def _unlink(path: Path) -> None:
