@@ -1,0 +1,132 @@
+"""kill -9 of ckpt at any instant never kills, stops or poisons the target (issue 9.2).
+
+CKPT_TEST_PAUSE_AT=<point>[#N] makes ckpt SIGSTOP itself there (ckpt/testpoint.py); the
+test SIGKILLs it and checks the target: alive, not stopped, untraced, no extra fds, its
+computation goes on, and a new dump + restore verifies.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import (
+    Bins,
+    Harness,
+    assert_ckpt_ok,
+    assert_running_untraced,
+    check_counter_file,
+    ckpt_command,
+    fd_links,
+    needs_root,
+    proc_status,
+    read_lines,
+    run_ckpt,
+    wait_for,
+    wait_for_lines,
+)
+
+pytestmark = needs_root
+HIGH_FD = 1000
+INJECT_POINTS = ["inject-entry#2", "inject-syscall#2", "inject-exit#2"]
+
+
+def kill_ckpt_at(point: str, *args: str | Path) -> None:
+    """Run ckpt until it reaches ``point``, then SIGKILL it."""
+    env = {**os.environ, "CKPT_TEST_PAUSE_AT": point}
+    proc = subprocess.Popen([ckpt_command(), *map(str, args)], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        def paused() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"ckpt finished without reaching {point}: "
+                            f"{proc.stderr.read().decode() if proc.stderr else ''}")
+            st = proc_status(proc.pid)
+            return st is not None and st.get("State", "").startswith("T")
+
+        wait_for(paused, 60, f"ckpt to pause at {point}")
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def low_fds(pid: int) -> dict[int, str]:
+    return {fd: link for fd, link in fd_links(pid).items() if fd < HIGH_FD}
+
+
+def assert_unharmed(harness: Harness, target: subprocess.Popen[bytes], out: Path,
+                    fds: dict[int, str]) -> None:
+    assert_running_untraced(target.pid)
+    assert low_fds(target.pid) == fds
+    n = len(read_lines(out))
+    wait_for_lines(out, n + 3)
+    check_counter_file(out)
+    images = harness.images("after")
+    harness.dump_and_reap(target, images)
+    pid = harness.restore_detached(images)
+    m = len(read_lines(out))
+    wait_for_lines(out, m + 3)
+    assert set(check_counter_file(out)) == {target.pid, pid}
+
+
+def start_counter(harness: Harness, bins: Bins, out: Path) -> subprocess.Popen[bytes]:
+    target = harness.launch([bins.counter_dyn, "-p", "5"], out)
+    wait_for_lines(out, 3)
+    return target
+
+
+@pytest.mark.parametrize("point", INJECT_POINTS)
+def test_kill_during_dump_injection(harness: Harness, bins: Bins, tmp_path: Path,
+                                    point: str) -> None:
+    out = tmp_path / "out"
+    target = start_counter(harness, bins, out)
+    fds = low_fds(target.pid)
+    kill_ckpt_at(point, "dump", "-t", target.pid, "-D", harness.images(), "--leave-running")
+    assert_unharmed(harness, target, out, fds)
+
+
+@pytest.mark.parametrize("point", [*INJECT_POINTS, "uffd-created"])
+def test_kill_during_first_predump(harness: Harness, bins: Bins, tmp_path: Path,
+                                   point: str) -> None:
+    """A uffd left at a low fd is recognised and closed by the next pass, with a note."""
+    out = tmp_path / "out"
+    target = start_counter(harness, bins, out)
+    fds = low_fds(target.pid)
+    kill_ckpt_at(point, "predump", "-t", target.pid, "-D", harness.images("p1"),
+                 "--track", "uffd-wp")
+    assert_running_untraced(target.pid)
+    res = run_ckpt("predump", "-t", target.pid, "-D", harness.images("p2"),
+                   "--track", "uffd-wp")
+    assert_ckpt_ok(res)
+    if low_fds(target.pid) != fds:
+        pytest.fail(f"fds before {fds}, after the next pass {low_fds(target.pid)}")
+    assert_unharmed(harness, target, out, fds)
+
+
+def test_kill_during_final_dump_close(harness: Harness, bins: Bins, tmp_path: Path) -> None:
+    """The last pass of a chain closes the tracker's uffd by injection: killed there."""
+    out = tmp_path / "out"
+    target = start_counter(harness, bins, out)
+    fds = low_fds(target.pid)
+    assert_ckpt_ok(run_ckpt("predump", "-t", target.pid, "-D", harness.images("p1"),
+                            "--track", "uffd-wp"))
+    kill_ckpt_at("inject-syscall#1", "dump", "-t", target.pid, "-D", harness.images("d"),
+                 "--prev-images-dir", "../p1", "--track", "uffd-wp", "--leave-running")
+    assert_unharmed(harness, target, out, fds)
+
+
+def test_predump_kill_leaves_no_stale_note_without_intent(harness: Harness, bins: Bins,
+                                                          tmp_path: Path) -> None:
+    """A normal predump prints no leftover note."""
+    out = tmp_path / "out"
+    target = start_counter(harness, bins, out)
+    res = run_ckpt("predump", "-t", target.pid, "-D", harness.images("p1"), "--track", "uffd-wp")
+    assert_ckpt_ok(res)
+    assert "userfaultfd an earlier" not in res.stderr
+    time.sleep(0)
