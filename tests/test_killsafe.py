@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -87,8 +86,37 @@ def test_kill_during_dump_injection(harness: Harness, bins: Bins, tmp_path: Path
     out = tmp_path / "out"
     target = start_counter(harness, bins, out)
     fds = low_fds(target.pid)
-    kill_ckpt_at(point, "dump", "-t", target.pid, "-D", harness.images(), "--leave-running")
+    kill_ckpt_at(point, "dump", "-t", str(target.pid), "-D", harness.images(), "--leave-running")
     assert_unharmed(harness, target, out, fds)
+
+
+def fpu_reference(bins: Bins, out: Path) -> None:
+    got = read_lines(out)
+    ref = subprocess.run([str(bins.fpu), "-w", "20000", "-n", str(len(got))], capture_output=True,
+                         text=True, timeout=120, check=True)
+    assert got == ref.stdout.splitlines()
+
+
+@pytest.mark.parametrize("point", INJECT_POINTS)
+def test_kill_during_dump_injection_busy(harness: Harness, bins: Bins, tmp_path: Path,
+                                         point: str) -> None:
+    """A CPU-bound target (not in a syscall: injection goes through foreign code) with
+    AVX-512 state live: killed mid-injection, it computes on bit-identically."""
+    out = tmp_path / "out"
+    target = harness.launch([bins.fpu, "-w", "20000"], out)
+    wait_for_lines(out, 3)
+    fds = low_fds(target.pid)
+    kill_ckpt_at(point, "dump", "-t", str(target.pid), "-D", harness.images(),
+                 "--leave-running")
+    assert_running_untraced(target.pid)
+    assert low_fds(target.pid) == fds
+    wait_for_lines(out, len(read_lines(out)) + 5)
+    fpu_reference(bins, out)
+    images = harness.images("after")
+    harness.dump_and_reap(target, images)
+    harness.restore_detached(images)
+    wait_for_lines(out, len(read_lines(out)) + 5)
+    fpu_reference(bins, out)
 
 
 @pytest.mark.parametrize("point", [*INJECT_POINTS, "uffd-created"])
@@ -98,10 +126,10 @@ def test_kill_during_first_predump(harness: Harness, bins: Bins, tmp_path: Path,
     out = tmp_path / "out"
     target = start_counter(harness, bins, out)
     fds = low_fds(target.pid)
-    kill_ckpt_at(point, "predump", "-t", target.pid, "-D", harness.images("p1"),
+    kill_ckpt_at(point, "predump", "-t", str(target.pid), "-D", harness.images("p1"),
                  "--track", "uffd-wp")
     assert_running_untraced(target.pid)
-    res = run_ckpt("predump", "-t", target.pid, "-D", harness.images("p2"),
+    res = run_ckpt("predump", "-t", str(target.pid), "-D", harness.images("p2"),
                    "--track", "uffd-wp")
     assert_ckpt_ok(res)
     if low_fds(target.pid) != fds:
@@ -114,9 +142,9 @@ def test_kill_during_final_dump_close(harness: Harness, bins: Bins, tmp_path: Pa
     out = tmp_path / "out"
     target = start_counter(harness, bins, out)
     fds = low_fds(target.pid)
-    assert_ckpt_ok(run_ckpt("predump", "-t", target.pid, "-D", harness.images("p1"),
+    assert_ckpt_ok(run_ckpt("predump", "-t", str(target.pid), "-D", harness.images("p1"),
                             "--track", "uffd-wp"))
-    kill_ckpt_at("inject-syscall#1", "dump", "-t", target.pid, "-D", harness.images("d"),
+    kill_ckpt_at("inject-syscall#1", "dump", "-t", str(target.pid), "-D", harness.images("d"),
                  "--prev-images-dir", "../p1", "--track", "uffd-wp", "--leave-running")
     assert_unharmed(harness, target, out, fds)
 
@@ -126,7 +154,7 @@ def test_predump_kill_leaves_no_stale_note_without_intent(harness: Harness, bins
     """A normal predump prints no leftover note."""
     out = tmp_path / "out"
     target = start_counter(harness, bins, out)
-    res = run_ckpt("predump", "-t", target.pid, "-D", harness.images("p1"), "--track", "uffd-wp")
+    res = run_ckpt("predump", "-t", str(target.pid), "-D", harness.images("p1"),
+                   "--track", "uffd-wp")
     assert_ckpt_ok(res)
     assert "userfaultfd an earlier" not in res.stderr
-    time.sleep(0)
