@@ -22,6 +22,7 @@ from conftest import (
     fd_links,
     needs_root,
     proc_status,
+    py_target,
     read_lines,
     run_ckpt,
     wait_for,
@@ -158,3 +159,21 @@ def test_predump_kill_leaves_no_stale_note_without_intent(harness: Harness, bins
                    "--track", "uffd-wp")
     assert_ckpt_ok(res)
     assert "userfaultfd an earlier" not in res.stderr
+
+
+def test_kill_while_throttling(harness: Harness, tmp_path: Path) -> None:
+    """migrate --auto-converge killed while the target is SIGSTOPped: the watchdog child
+    sends SIGCONT; the target runs on."""
+    from test_migrate import start_server
+
+    token = tmp_path / "token"
+    token.write_text("migrate-me\n")
+    address = f"127.0.0.1:{start_server(tmp_path / 'dest')}"
+    out = tmp_path / "out.txt"
+    target = harness.launch(py_target("dirtier.py"), out)
+    wait_for_lines(out, 2, timeout=30)
+    kill_ckpt_at("throttled", "migrate", "-t", str(target.pid), "--to", address,
+                 "--auth-token-file", token, "--max-rounds", "6", "--max-downtime-ms", "1",
+                 "--auto-converge")
+    assert_running_untraced(target.pid)
+    wait_for_lines(out, len(read_lines(out)) + 2, timeout=30)
