@@ -8,6 +8,8 @@ computation goes on, and a new dump + restore verifies.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -34,26 +36,36 @@ HIGH_FD = 1000
 INJECT_POINTS = ["inject-entry#2", "inject-syscall#2", "inject-exit#2"]
 
 
-def kill_ckpt_at(point: str, *args: str | Path) -> None:
-    """Run ckpt until it reaches ``point``, then SIGKILL it."""
+def pause_ckpt_at(point: str, *args: str | Path) -> subprocess.Popen[bytes]:
+    """Start ckpt and wait until it stopped itself at ``point``."""
     env = {**os.environ, "CKPT_TEST_PAUSE_AT": point}
     proc = subprocess.Popen([ckpt_command(), *map(str, args)], env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    try:
-        def paused() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"ckpt finished without reaching {point}: "
-                            f"{proc.stderr.read().decode() if proc.stderr else ''}")
-            st = proc_status(proc.pid)
-            return st is not None and st.get("State", "").startswith("T")
 
+    def paused() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"ckpt finished without reaching {point}: "
+                        f"{proc.stderr.read().decode() if proc.stderr else ''}")
+        st = proc_status(proc.pid)
+        return st is not None and st.get("State", "").startswith("T")
+
+    try:
         wait_for(paused, 60, f"ckpt to pause at {point}")
-    finally:
+    except BaseException:
         proc.kill()
         proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        raise
+    return proc
+
+
+def kill_ckpt_at(point: str, *args: str | Path) -> None:
+    """Run ckpt until it reaches ``point``, then SIGKILL it."""
+    proc = pause_ckpt_at(point, *args)
+    proc.kill()
+    proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
 
 
 def low_fds(pid: int) -> dict[int, str]:
@@ -177,3 +189,49 @@ def test_kill_while_throttling(harness: Harness, tmp_path: Path) -> None:
                  "--auto-converge")
     assert_running_untraced(target.pid)
     wait_for_lines(out, len(read_lines(out)) + 2, timeout=30)
+
+
+SIGS = re.compile(r"n=(\d+) sigs=(\d+)")
+
+
+def signal_counts(out: Path) -> list[int]:
+    found = [SIGS.fullmatch(line) for line in read_lines(out)]
+    assert all(found), f"unexpected output in {out}"
+    return [int(m[2]) for m in found if m]
+
+
+@pytest.mark.parametrize("timer", ["prof", "real"])
+def test_signals_during_injection(harness: Harness, tmp_path: Path, timer: str) -> None:
+    """A 1 ms interval timer's signals reach the target while ckpt injects: each is held
+    back and queued again; every dump succeeds and the signals keep coming."""
+    out = tmp_path / "out"
+    target = harness.launch([*py_target("timers.py"), timer], out)
+    wait_for_lines(out, 2)
+    for i in range(8):
+        harness.dump(target.pid, harness.images(f"d{i}"), "--leave-running")
+        assert_running_untraced(target.pid)
+    before = signal_counts(out)[-1]
+    wait_for(lambda: signal_counts(out)[-1] > before, 10, "more timer signals")
+    images = harness.images("final")
+    harness.dump_and_reap(target, images)
+    harness.restore_detached(images)
+    n = len(read_lines(out))
+    wait_for_lines(out, n + 2)
+
+
+def test_signal_during_injection_is_delivered_once(harness: Harness, bins: Bins,
+                                                   tmp_path: Path) -> None:
+    """A SIGUSR1 sent while ckpt injects is held back, queued again, handled once."""
+    out = tmp_path / "out"
+    target = harness.launch([bins.signals, "10"], out)
+    wait_for_lines(out, 2)
+    ckpt = pause_ckpt_at("inject-entry#2", "dump", "-t", str(target.pid), "-D",
+                         harness.images(), "--leave-running")
+    os.kill(target.pid, signal.SIGUSR1)
+    os.kill(ckpt.pid, signal.SIGCONT)
+    _, err = ckpt.communicate(timeout=60)
+    assert ckpt.returncode == 0, err.decode()
+    assert_running_untraced(target.pid)
+    n = len(read_lines(out))
+    lines = wait_for_lines(out, n + 3)
+    assert "usr1=1 " in lines[-1], lines[-1]
