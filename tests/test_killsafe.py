@@ -145,6 +145,8 @@ def test_kill_during_first_predump(harness: Harness, bins: Bins, tmp_path: Path,
     res = run_ckpt("predump", "-t", str(target.pid), "-D", harness.images("p2"),
                    "--track", "uffd-wp")
     assert_ckpt_ok(res)
+    # every point lies after userfaultfd() and before the move of its fd (#2 is fcntl)
+    assert "a userfaultfd an earlier ckpt created" in res.stderr, res.describe()
     if low_fds(target.pid) != fds:
         pytest.fail(f"fds before {fds}, after the next pass {low_fds(target.pid)}")
     assert_unharmed(harness, target, out, fds)
@@ -235,3 +237,20 @@ def test_signal_during_injection_is_delivered_once(harness: Harness, bins: Bins,
     n = len(read_lines(out))
     lines = wait_for_lines(out, n + 3)
     assert "usr1=1 " in lines[-1], lines[-1]
+
+
+@pytest.mark.parametrize("point", ["inject-syscall#8", "inject-exit#9"])
+def test_kill_during_injection_into_a_thread(harness: Harness, tmp_path: Path,
+                                             point: str) -> None:
+    """Injections into a non-leader thread land on that thread's own stack."""
+    out = tmp_path / "out"
+    target = harness.launch([*py_target("threads.py"), "0.01"], out)
+    wait_for_lines(out, 8)
+    fds = low_fds(target.pid)
+    kill_ckpt_at(point, "dump", "-t", str(target.pid), "-D", harness.images(),
+                 "--leave-running")
+    assert_running_untraced(target.pid)
+    assert low_fds(target.pid) == fds
+    n = len(read_lines(out))
+    lines = wait_for_lines(out, n + 40)[n:]
+    assert {line.split()[0] for line in lines} == {"t0", "t1", "t2", "t3"}
