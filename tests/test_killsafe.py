@@ -28,6 +28,7 @@ from conftest import (
     read_lines,
     run_ckpt,
     wait_for,
+    wait_for_line,
     wait_for_lines,
 )
 
@@ -110,18 +111,22 @@ def fpu_reference(bins: Bins, out: Path) -> None:
     assert got == ref.stdout.splitlines()
 
 
+@pytest.mark.parametrize("action", ["dump", "predump"])
 @pytest.mark.parametrize("point", INJECT_POINTS)
-def test_kill_during_dump_injection_busy(harness: Harness, bins: Bins, tmp_path: Path,
-                                         point: str) -> None:
+def test_kill_during_injection_busy(harness: Harness, bins: Bins, tmp_path: Path,
+                                    point: str, action: str) -> None:
     """A CPU-bound target (not in a syscall: injection goes through foreign code) with
     AVX-512 state live: killed mid-injection, it computes on bit-identically."""
     out = tmp_path / "out"
     target = harness.launch([bins.fpu, "-w", "20000"], out)
     wait_for_lines(out, 3)
     fds = low_fds(target.pid)
-    kill_ckpt_at(point, "dump", "-t", str(target.pid), "-D", harness.images(),
-                 "--leave-running")
+    extra = ["--leave-running"] if action == "dump" else ["--track", "uffd-wp"]
+    kill_ckpt_at(point, action, "-t", str(target.pid), "-D", harness.images(), *extra)
     assert_running_untraced(target.pid)
+    if action == "predump":  # the next pass closes the uffd left at a low fd
+        assert_ckpt_ok(run_ckpt("predump", "-t", str(target.pid), "-D",
+                                harness.images("p2"), "--track", "uffd-wp"))
     assert low_fds(target.pid) == fds
     wait_for_lines(out, len(read_lines(out)) + 5)
     fpu_reference(bins, out)
@@ -178,11 +183,12 @@ def test_predump_kill_leaves_no_stale_note_without_intent(harness: Harness, bins
 def test_kill_while_throttling(harness: Harness, tmp_path: Path) -> None:
     """migrate --auto-converge killed while the target is SIGSTOPped: the watchdog child
     sends SIGCONT; the target runs on."""
-    from test_migrate import start_server
-
     token = tmp_path / "token"
-    token.write_text("migrate-me\n")
-    address = f"127.0.0.1:{start_server(tmp_path / 'dest')}"
+    token.write_text("t\n")
+    log = tmp_path / "server.log"
+    harness.launch([ckpt_command(), "page-server", "--address", "127.0.0.1", "--port", "0",
+                    "-D", tmp_path / "dest", "--auth-token-file", token], log)
+    address = wait_for_line(log, lambda s: "listening" in s, 20, "the page server").split()[-1]
     out = tmp_path / "out.txt"
     target = harness.launch(py_target("dirtier.py"), out)
     wait_for_lines(out, 2, timeout=30)
