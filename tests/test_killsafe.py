@@ -82,7 +82,7 @@ def assert_unharmed(harness: Harness, target: subprocess.Popen[bytes], out: Path
     check_counter_file(out)
     images = harness.images("after")
     harness.dump_and_reap(target, images)
-    pid = harness.restore_detached(images)
+    pid = harness.restore_detached(images, "--new-pid")
     m = len(read_lines(out))
     wait_for_lines(out, m + 3)
     assert set(check_counter_file(out)) == {target.pid, pid}
@@ -132,7 +132,7 @@ def test_kill_during_injection_busy(harness: Harness, bins: Bins, tmp_path: Path
     fpu_reference(bins, out)
     images = harness.images("after")
     harness.dump_and_reap(target, images)
-    harness.restore_detached(images)
+    harness.restore_detached(images, "--new-pid")
     wait_for_lines(out, len(read_lines(out)) + 5)
     fpu_reference(bins, out)
 
@@ -222,7 +222,7 @@ def test_signals_during_injection(harness: Harness, tmp_path: Path, timer: str) 
     wait_for(lambda: signal_counts(out)[-1] > before, 10, "more timer signals")
     images = harness.images("final")
     harness.dump_and_reap(target, images)
-    harness.restore_detached(images)
+    harness.restore_detached(images, "--new-pid")
     n = len(read_lines(out))
     wait_for_lines(out, n + 2)
 
