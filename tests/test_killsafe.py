@@ -260,3 +260,21 @@ def test_kill_during_injection_into_a_thread(harness: Harness, tmp_path: Path,
     n = len(read_lines(out))
     lines = wait_for_lines(out, n + 40)[n:]
     assert {line.split()[0] for line in lines} == {"t0", "t1", "t2", "t3"}
+
+
+def test_dump_after_a_killed_first_predump(harness: Harness, bins: Bins,
+                                           tmp_path: Path) -> None:
+    """The uffd a killed predump left at a low fd is ckpt's: a plain dump neither refuses
+    it nor gives it to the restored process."""
+    out = tmp_path / "out"
+    target = start_counter(harness, bins, out)
+    fds = low_fds(target.pid)
+    kill_ckpt_at("uffd-created", "predump", "-t", str(target.pid), "-D",
+                 harness.images("p1"), "--track", "uffd-wp")
+    assert low_fds(target.pid) != fds
+    images = harness.images("d")
+    harness.dump_and_reap(target, images)
+    pid = harness.restore_detached(images, "--new-pid")
+    assert low_fds(pid) == fds
+    wait_for_lines(out, len(read_lines(out)) + 3)
+    check_counter_file(out)

@@ -21,6 +21,7 @@ import os
 import sys
 
 from ckpt import testpoint
+from ckpt.collect import proc
 from ckpt.collect.fds import list_fds
 from ckpt.collect.inject import open_injector
 from ckpt.collect.vmas import VmaInfo
@@ -50,7 +51,8 @@ def holds_data(categories: int) -> bool:
 
 
 def ckpt_uffds(pid: int) -> list[int]:
-    """userfaultfds ckpt left in the target (at HIGH_FD and up), current or stale."""
+    """userfaultfds ckpt left in the target: at HIGH_FD and up (current or stale), and
+    below it the one a ckpt killed before moving it left (see leftover_uffds)."""
     out = []
     for fd in list_fds(pid):
         if fd >= HIGH_FD:
@@ -59,7 +61,11 @@ def ckpt_uffds(pid: int) -> list[int]:
                     out.append(fd)
             except OSError:
                 continue
-    return out
+    try:
+        intent = ledger.uffd_intent(pid, proc.read_stat(pid).starttime)
+    except CkptError:
+        intent = False
+    return out + (leftover_uffds(pid) if intent else [])
 
 
 def uffd_without_api(fdinfo: str) -> bool:
@@ -234,11 +240,10 @@ class UffdWpTracker(Tracker):
         # uffd only): close it so that the new one can register them.
         for stale in ckpt_uffds(self.pid):
             self._inject(ctx, NR.close, stale, what="close(stale uffd)")
-        if ledger.uffd_intent(self.pid, self.start_time):
-            for fd in leftover_uffds(self.pid):
-                self._inject(ctx, NR.close, fd, what="close(leftover uffd)")
-                print(f"ckpt: closed fd {fd} of process {self.pid}: a userfaultfd an earlier "
-                      "ckpt created and was killed before it moved it", file=sys.stderr)
+            if stale < HIGH_FD:
+                print(f"ckpt: closed fd {stale} of process {self.pid}: a userfaultfd an "
+                      "earlier ckpt created and was killed before it moved it",
+                      file=sys.stderr)
         # Born close-on-exec; should ckpt die before it reaches HIGH_FD, the intent noted
         # here lets the next pass recognise it (leftover_uffds) and close it.
         ledger.note_uffd_intent(self.pid, self.start_time)
