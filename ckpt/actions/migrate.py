@@ -25,6 +25,8 @@ import os
 import shutil
 import signal
 import ssl
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -32,11 +34,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckpt import testpoint
 from ckpt.actions.dump import DumpOptions, dump, hidden_fds, preflight
 from ckpt.actions.predump import PredumpOptions, predump
 from ckpt.collect import proc
 from ckpt.collect.files import collect_files
 from ckpt.collect.vmas import VmaInfo, VmaKind
+from ckpt.errors import CkptError
 from ckpt.images import ImageDir
 from ckpt.images.pb import wire_pb2
 from ckpt.kernel.probe import probe_once
@@ -221,10 +225,27 @@ def pre_round(opts: MigrateOptions, conn: Conn, work: Path, n: int, prev: str | 
     return Round(n, dirty, sent.bytes, time.perf_counter() - t)
 
 
+# Runs in a child of its own session (a Ctrl-C to ckpt's group does not reach it): holds a
+# pidfd of the target, says it is ready, and sends SIGCONT when its stdin reaches EOF —
+# when the throttle ends, or when ckpt dies, however it dies.
+WATCHDOG = """import os, signal, sys
+pidfd = os.pidfd_open(int(sys.argv[1]))
+os.write(1, b"r")
+while os.read(0, 1):
+    pass
+try:
+    signal.pidfd_send_signal(pidfd, signal.SIGCONT)
+except ProcessLookupError:
+    pass
+"""
+
+
 class Throttle:
     """Auto-converge: while a round is sent, stop the target ``duty`` of the time
     (SIGSTOP/SIGCONT every PERIOD), so it dirties less than the link carries. It always
-    ends with SIGCONT; a SIGSTOP is visible to the target's parent like a job stop."""
+    ends with SIGCONT; a SIGSTOP is visible to the target's parent like a job stop.
+    A watchdog child (WATCHDOG) holds a pipe from ckpt: if ckpt is killed while the
+    target is stopped, the pipe closes and the watchdog sends the SIGCONT."""
 
     PERIOD = 0.05
 
@@ -233,12 +254,27 @@ class Throttle:
         self.duty = duty
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
+        self.watchdog: subprocess.Popen[bytes] | None = None
+        self.guard = -1
 
     def __enter__(self) -> Throttle:
         if self.duty > 0:
+            self._start_watchdog()
             self.thread = threading.Thread(target=self._run, daemon=True)
             self.thread.start()
         return self
+
+    def _start_watchdog(self) -> None:
+        rfd, self.guard = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.watchdog = subprocess.Popen(
+                [sys.executable, "-c", WATCHDOG, str(self.pid)], stdin=rfd,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            os.close(rfd)
+        assert self.watchdog.stdout is not None
+        if self.watchdog.stdout.read(1) != b"r":
+            raise CkptError(f"cannot throttle process {self.pid}: it is gone")
 
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
@@ -246,11 +282,17 @@ class Throttle:
             self.thread.join()
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGCONT)
+        if self.watchdog is not None:
+            os.close(self.guard)
+            self.watchdog.wait()
+            if self.watchdog.stdout is not None:
+                self.watchdog.stdout.close()
 
     def _run(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             while not self.stop.is_set():
                 os.kill(self.pid, signal.SIGSTOP)
+                testpoint.pause_at("throttled")
                 self.stop.wait(self.PERIOD * self.duty)
                 os.kill(self.pid, signal.SIGCONT)
                 self.stop.wait(self.PERIOD * (1 - self.duty))

@@ -1,9 +1,10 @@
 """State only the kernel or the task itself can tell: registers via ptrace, and a few values
 read by injecting syscalls into the frozen task (sigactions, brk, tid address, altstack).
 
-Injection uses an existing ``syscall`` instruction (the vdso has several) and a scratch
-page mapped in the target for the duration and unmapped before memory is scanned, so the
-dumped address space is the target's own.
+Injection is kill-safe where the target allows it (ckpt.collect.inject): outputs land in
+scratch bytes below each thread's own stack frame. Otherwise a scratch page is mapped in
+the target for the duration and unmapped before memory is scanned, so the dumped address
+space is the target's own.
 """
 
 from __future__ import annotations
@@ -13,16 +14,14 @@ import struct
 from dataclasses import dataclass, field
 
 from ckpt.collect import proc
+from ckpt.collect.inject import open_injector
 from ckpt.collect.vmas import VmaInfo, VmaKind
-from ckpt.errors import NotDumpable
 from ckpt.kernel.ptrace import (
     NT_X86_XSTATE,
     Injector,
     Regs,
     RseqConfig,
     Tracee,
-    find_syscall_insn,
-    signed,
 )
 from ckpt.kernel.sys import NR, PAGE_SIZE, vm_read
 
@@ -85,31 +84,26 @@ def collect_thread(task: Tracee) -> ThreadState:
                        robust_list=task.robust_list(), pending=task.pending_signals(False))
 
 
-def syscall_insn(pid: int, regs: Regs, vmas: list[VmaInfo]) -> int:
-    """Where to point rip for injection: the vdso first, then any executable mapping."""
-    if signed(regs.orig_rax) >= 0 and vm_read(pid, regs.rip - 2, 2) == b"\x0f\x05":
-        return int(regs.rip) - 2
-    order = sorted((v for v in vmas if v.prot & 4 and v.kind != VmaKind.VSYSCALL),
-                   key=lambda v: v.kind != VmaKind.VDSO)
-    ip = find_syscall_insn(lambda a, n: vm_read(pid, a, n), [(v.start, v.end) for v in order])
-    if ip is None:
-        raise NotDumpable(f"process {pid} has no syscall instruction to inject through")
-    return ip
-
-
 def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
                      vmas: list[VmaInfo]) -> InjectedState:
     """Inject the read-only syscalls; every task's registers are put back, even on error."""
     leader = threads[0]
-    ip = syscall_insn(pid, states[0].regs, vmas)
-    inj = Injector(leader, ip, states[0].regs)
+    inj = open_injector(pid, leader, states[0].regs, vmas, states[0].xstate, states[0].sigmask)
     out = InjectedState()
-    scratch = 0
+    mapped = 0
+
+    def scratch_of(ti: Injector) -> int:
+        """The injector's scratch on its thread's stack, else one mapped page."""
+        nonlocal mapped
+        if not ti.scratch and not mapped:
+            at = isolated_page(vmas)
+            mapped = inj(NR.mmap, at, PAGE_SIZE, PROT_RW,
+                         MAP_PRIVATE_ANON | (MAP_FIXED_NOREPLACE if at else 0), -1, 0,
+                         what="mmap")
+        return ti.scratch or mapped
+
     try:
-        at = isolated_page(vmas)
-        scratch = inj(NR.mmap, at, PAGE_SIZE, PROT_RW,
-                      MAP_PRIVATE_ANON | (MAP_FIXED_NOREPLACE if at else 0), -1, 0,
-                      what="mmap")
+        scratch = scratch_of(inj)
         out.brk = inj(NR.brk, 0, what="brk")
         for sig in signals_to_query(pid):
             if inj.raw(NR.rt_sigaction, sig, 0, scratch, 8) == 0:
@@ -117,7 +111,9 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
                 if act != (0, 0, 0, 0):
                     out.sigactions[sig] = act
         for task, state in zip(threads, states, strict=True):
-            ti = inj if task is leader else Injector(task, ip, state.regs)
+            ti = inj if task is leader else open_injector(pid, task, state.regs, vmas,
+                                                          state.xstate, state.sigmask)
+            scratch = scratch_of(ti)
             try:
                 got = ti.raw(NR.prctl, PR_GET_TID_ADDRESS, scratch, 0, 0, 0)
                 if got == 0:
@@ -130,8 +126,8 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
                     ti.restore()
     finally:
         try:
-            if scratch > 0:
-                inj(NR.munmap, scratch, PAGE_SIZE, what="munmap")
+            if mapped > 0:
+                inj(NR.munmap, mapped, PAGE_SIZE, what="munmap")
         finally:
             inj.restore()
     return out

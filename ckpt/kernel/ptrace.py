@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 from ptrace.binding.linux_struct import user_regs_struct
 
+from ckpt import testpoint
 from ckpt.errors import CkptError, KernelError
-from ckpt.kernel.sys import NR, iovec, libc, raise_errno, syscall
+from ckpt.kernel.sys import NR, iovec, libc, raise_errno, syscall, vm_write
 
 PTRACE_TRACEME = 0
 PTRACE_CONT = 7
@@ -27,6 +28,7 @@ PTRACE_DETACH = 17
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
 PTRACE_GETSIGINFO = 0x4202
+SYSCALL_ENTRY, SYSCALL_EXIT = 1, 2  # PTRACE_EVENTMSG_SYSCALL_*: the message of a syscall stop
 PTRACE_GETREGSET = 0x4204
 PTRACE_SETREGSET = 0x4205
 PTRACE_SEIZE = 0x4206
@@ -174,6 +176,11 @@ class Tracee:
                 what="get_robust_list", pid=self.tid)
         return head.value, length.value
 
+    def siginfo(self) -> bytes:
+        buf = ctypes.create_string_buffer(SIGINFO_SIZE)
+        ptrace(PTRACE_GETSIGINFO, self.tid, 0, ctypes.addressof(buf))
+        return buf.raw
+
     def event_msg(self) -> int:
         msg = ctypes.c_ulong()
         ptrace(PTRACE_GETEVENTMSG, self.tid, 0, ctypes.addressof(msg))
@@ -195,6 +202,16 @@ class Tracee:
         ptrace(PTRACE_DETACH, self.tid, 0, sig)
 
 
+@dataclass(frozen=True)
+class Landing:
+    """Where a kill-safe injection runs (ckpt.kernel.sigframe): rip at a ``syscall; ret``,
+    rsp at an rt_sigframe of the thread's own registers, and scratch bytes below it."""
+
+    ip: int
+    sp: int
+    scratch: int
+
+
 class Injector:
     """Runs syscalls inside a stopped task: point rip at a ``syscall`` instruction (``ip``,
     a ``0f 05`` in the task's address space) and let it run exactly that instruction.
@@ -206,37 +223,69 @@ class Injector:
       True   PTRACE_CONT onto an ``int3`` that follows the instruction (the restore gadget).
     ``step=True`` on a call single-steps instead (to unmap the gadget from within itself).
     The task's registers are put back by :meth:`restore`.
+
+    With a ``landing`` the syscall runs from a ``syscall; ret`` with rsp at a signal frame
+    of the task's own state: if ckpt dies at any instant the kernel puts the task back by
+    itself (rt_sigreturn). ``scratch`` is then memory for syscall outputs.
+
+    A signal that reaches the task meanwhile (an interval timer's SIGPROF, a SIGCHLD)
+    stops it in signal-delivery-stop: it is suppressed, the injection goes on, and
+    :meth:`restore` queues it back to the task with its siginfo.
     """
 
     ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 
     def __init__(self, task: Tracee, ip: int, base: Regs | None = None,
-                 trap: bool = False) -> None:
+                 trap: bool = False, landing: Landing | None = None) -> None:
         self.task = task
-        self.ip = ip
+        self.ip = landing.ip if landing is not None else ip
         self.saved = base if base is not None else task.getregs()
         self.trap = trap
+        self.landing = landing
+        self.scratch = landing.scratch if landing is not None else 0
         self.count = 0
+        self.suppressed: list[bytes] = []  # siginfo of signals held back, in order
 
     def prepare(self, nr: int, args: tuple[int, ...]) -> None:
         regs = copy_regs(self.saved)
         regs.rip, regs.rax, regs.orig_rax = self.ip, nr, U64
+        if self.landing is not None:
+            regs.rsp = self.landing.sp
         for name, value in zip(self.ARG_REGS, args, strict=False):
             setattr(regs, name, value & U64)
         self.task.setregs(regs)
 
+    def _syscall_stop(self, op: int) -> None:
+        """Resume with PTRACE_SYSCALL until the syscall stop ``op``; signals on the way
+        are suppressed and remembered."""
+        while True:
+            self.task.syscall()
+            status = self.task.wait_stop()
+            if status >> 16:
+                continue  # an event stop (a group stop): go on
+            info = self.task.siginfo()
+            # A syscall stop reports SIGTRAP with si_code SIGTRAP (no TRACESYSGOOD here).
+            if struct.unpack_from("iii", info)[::2] == (signal.SIGTRAP, signal.SIGTRAP):
+                if self.task.event_msg() == op:
+                    return
+                continue
+            self.suppressed.append(info)  # signal-delivery-stop: hold the signal back
+
     def raw(self, nr: int, *args: int, step: bool = False) -> int:
         """Run one syscall; return its raw result (negative errno on failure)."""
         self.prepare(nr, args)
+        testpoint.pause_at("inject-entry")
         if step:
             self.task.step()
+            self.task.wait_stop(signal.SIGTRAP)
         elif self.trap:
             self.task.cont()
+            self.task.wait_stop(signal.SIGTRAP)
         else:
-            self.task.syscall()
-            self.task.wait_stop(signal.SIGTRAP)  # syscall-entry stop
-            self.task.syscall()
-        self.task.wait_stop(signal.SIGTRAP)
+            self._syscall_stop(SYSCALL_ENTRY)
+            testpoint.pause_at("inject-syscall")
+            self._syscall_stop(SYSCALL_EXIT)
+            testpoint.pause_at("inject-exit")
         self.count += 1
         return signed(self.task.getregs().rax)
 
@@ -246,8 +295,35 @@ class Injector:
             raise KernelError(-res, f"{what or f'syscall {nr}'} in task {self.task.tid}")
         return res
 
+    def requeue(self) -> None:
+        """Queue the suppressed signals back to the task. The task queues them to itself
+        (rt_tgsigqueueinfo from the task keeps a kernel siginfo); without scratch memory
+        to hold it, ckpt sends the bare signal."""
+        tgid = tgid_of(self.task.tid)
+        pending, self.suppressed = self.suppressed, []
+        for info in pending:
+            signo = struct.unpack_from("i", info)[0]
+            if self.scratch:
+                vm_write(self.task.tid, self.scratch, info)
+                if self.raw(NR.rt_tgsigqueueinfo, tgid, self.task.tid, signo,
+                            self.scratch) == 0:
+                    continue
+            syscall(NR.tgkill, tgid, self.task.tid, signo, what="tgkill", pid=self.task.tid)
+
     def restore(self) -> None:
-        self.task.setregs(self.saved)
+        try:
+            if self.suppressed:
+                self.requeue()
+        finally:
+            self.task.setregs(self.saved)
+
+
+def tgid_of(tid: int) -> int:
+    with open(f"/proc/{tid}/status") as f:
+        for line in f:
+            if line.startswith("Tgid:"):
+                return int(line.split()[1])
+    return tid
 
 
 def find_syscall_insn(read: Callable[[int, int], bytes], ranges: list[tuple[int, int]],
@@ -270,6 +346,7 @@ __all__ = [
     "PTRACE_EVENT_STOP",
     "REG_NAMES",
     "Injector",
+    "Landing",
     "Regs",
     "RseqConfig",
     "StopError",

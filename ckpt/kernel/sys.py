@@ -54,6 +54,7 @@ class NR:
     arch_prctl = 158
     gettid = 186
     set_tid_address = 218
+    tgkill = 234
     set_robust_list = 273
     get_robust_list = 274
     dup3 = 292

@@ -34,7 +34,7 @@ from ckpt.images.safedir import make_dirs
 
 DEFAULT_STATE_DIR = "/run/ckpt"
 
-_RECORD = re.compile(r"(\d+)-(\d+)")
+_RECORD = re.compile(r"(\d+)-(\d+)(?:\.uffd)?")  # a record, or its uffd intent
 _OLD_TEMP = re.compile(r"\.(\d+)-(\d+)\.(\d+)")  # .<pid>-<start>.<writer pid>
 
 
@@ -72,6 +72,7 @@ def forget(pid: int, start_time: int) -> None:
     """The process is gone (the final dump killed it): drop its record."""
     with contextlib.suppress(OSError):
         (_dir() / f"{pid}-{start_time}").unlink(missing_ok=True)
+    clear_uffd_intent(pid, start_time)
 
 
 def stale(name: str, start_time_of: Callable[[int], int | None]) -> bool:
@@ -105,3 +106,25 @@ def prune(root: str = "/proc") -> None:
         if stale(name, start_time_of):
             with contextlib.suppress(OSError):
                 os.unlink(where / name)
+
+
+def _intent_path(pid: int, start_time: int) -> Path:
+    return _dir() / f"{pid}-{start_time}.uffd"
+
+
+def note_uffd_intent(pid: int, start_time: int) -> None:
+    """Before ckpt injects userfaultfd() into the process: should ckpt die before the uffd
+    reaches its high fd, the next pass knows a new low-numbered uffd is ckpt's."""
+    path = _intent_path(pid, start_time)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.write_text("userfaultfd\n")
+
+
+def uffd_intent(pid: int, start_time: int) -> bool:
+    return _intent_path(pid, start_time).exists()
+
+
+def clear_uffd_intent(pid: int, start_time: int) -> None:
+    with contextlib.suppress(OSError):
+        _intent_path(pid, start_time).unlink(missing_ok=True)

@@ -18,18 +18,21 @@ whole copies. The final pass closes it with an injected close(): no stray fd rem
 from __future__ import annotations
 
 import os
+import sys
 
+from ckpt import testpoint
+from ckpt.collect import proc
 from ckpt.collect.fds import list_fds
-from ckpt.collect.tasks import syscall_insn
+from ckpt.collect.inject import open_injector
 from ckpt.collect.vmas import VmaInfo
 from ckpt.errors import CkptError, KernelError
 from ckpt.images.pb import image_pb2
 from ckpt.kernel import pagemap as pm
 from ckpt.kernel import uffd
-from ckpt.kernel.ptrace import Injector
 from ckpt.kernel.sys import NR, PAGE_SIZE, pidfd_getfd, pidfd_open
 from ckpt.pagecopy.plan import NO_PAGES, populated
 from ckpt.ranges import Range, intersect, merge_sorted, normalize
+from ckpt.track import ledger
 from ckpt.track.base import DirtySet, PassContext, Tracker
 
 F_DUPFD_CLOEXEC = 1030
@@ -48,7 +51,8 @@ def holds_data(categories: int) -> bool:
 
 
 def ckpt_uffds(pid: int) -> list[int]:
-    """userfaultfds ckpt left in the target (at HIGH_FD and up), current or stale."""
+    """userfaultfds ckpt left in the target: at HIGH_FD and up (current or stale), and
+    below it the one a ckpt killed before moving it left (see leftover_uffds)."""
     out = []
     for fd in list_fds(pid):
         if fd >= HIGH_FD:
@@ -57,6 +61,41 @@ def ckpt_uffds(pid: int) -> list[int]:
                     out.append(fd)
             except OSError:
                 continue
+    try:
+        intent = ledger.uffd_intent(pid, proc.read_stat(pid).starttime)
+    except CkptError:
+        intent = False
+    return out + (leftover_uffds(pid) if intent else [])
+
+
+def uffd_without_api(fdinfo: str) -> bool:
+    """An fdinfo of a userfaultfd on which UFFDIO_API was never called (``API:`` shows
+    no features), opened O_CLOEXEC|O_NONBLOCK as ckpt opens its own."""
+    fields = dict(line.split(":", 1) for line in fdinfo.splitlines() if ":" in line)
+    try:
+        flags = int(fields["flags"].strip(), 8)
+        features = int(fields["API"].split(":")[1], 16)
+    except (KeyError, ValueError, IndexError):
+        return False
+    want = os.O_CLOEXEC | os.O_NONBLOCK
+    return flags & want == want and features == 0
+
+
+def leftover_uffds(pid: int) -> list[int]:
+    """Low-numbered userfaultfds that an earlier ckpt, killed between creating one and
+    moving it to HIGH_FD, left behind (ckpt's intent is in the ledger: see _create)."""
+    out = []
+    for fd in list_fds(pid):
+        if fd >= HIGH_FD:
+            continue
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != UFFD_LINK:
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                if uffd_without_api(f.read()):
+                    out.append(fd)
+        except OSError:
+            continue
     return out
 
 
@@ -201,12 +240,21 @@ class UffdWpTracker(Tracker):
         # uffd only): close it so that the new one can register them.
         for stale in ckpt_uffds(self.pid):
             self._inject(ctx, NR.close, stale, what="close(stale uffd)")
+            if stale < HIGH_FD:
+                print(f"ckpt: closed fd {stale} of process {self.pid}: a userfaultfd an "
+                      "earlier ckpt created and was killed before it moved it",
+                      file=sys.stderr)
+        # Born close-on-exec; should ckpt die before it reaches HIGH_FD, the intent noted
+        # here lets the next pass recognise it (leftover_uffds) and close it.
+        ledger.note_uffd_intent(self.pid, self.start_time)
         fd = self._inject(ctx, NR.userfaultfd, uffd.UFFD_CREATE_FLAGS, what="userfaultfd")
+        testpoint.pause_at("uffd-created")
         high = self._inject(ctx, NR.fcntl, fd, F_DUPFD_CLOEXEC, HIGH_FD, what="fcntl",
                             check=False)
         if high >= 0:
             self._inject(ctx, NR.close, fd, what="close")
             fd = high
+        ledger.clear_uffd_intent(self.pid, self.start_time)
         self.target_fd = fd
         pidfd = pidfd_open(self.pid)
         try:
@@ -256,8 +304,7 @@ class UffdWpTracker(Tracker):
         if ctx.frozen is None:
             raise CkptError("internal: uffd-wp injects syscalls only into a frozen target")
         leader = ctx.frozen.leader
-        regs = leader.getregs()
-        inj = Injector(leader, syscall_insn(self.pid, regs, ctx.vmas), regs)
+        inj = open_injector(self.pid, leader, leader.getregs(), ctx.vmas)
         try:
             return inj(nr, *args, what=what) if check else inj.raw(nr, *args)
         finally:

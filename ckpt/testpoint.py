@@ -1,0 +1,18 @@
+"""Test-only: ``CKPT_TEST_PAUSE_AT=<point>[#N]`` makes ckpt SIGSTOP itself the N-th time
+(default first) it reaches ``point``, so that a test can SIGKILL it exactly there."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_seen: dict[str, int] = {}
+
+
+def pause_at(point: str) -> None:
+    want = os.environ.get("CKPT_TEST_PAUSE_AT")
+    if not want or want.partition("#")[0] != point:
+        return
+    _seen[point] = n = _seen.get(point, 0) + 1
+    if n == int(want.partition("#")[2] or 1):
+        os.kill(os.getpid(), signal.SIGSTOP)
