@@ -1,0 +1,165 @@
+"""Signal state across a restore: every action (defaults included) and mask, a SIGTRAP
+action the stub's own traps must not reset, and the kernel's syscall-restart rules for a
+signal that arrives the instant the restored process is let go (ckpt.restore.tasks)."""
+
+from __future__ import annotations
+
+import os
+import pty
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import (
+    Bins,
+    Harness,
+    assert_ckpt_ok,
+    assert_running_untraced,
+    ckpt_command,
+    needs_root,
+    proc_status,
+    run_ckpt,
+    wait_for,
+    wait_for_line,
+)
+
+from ckpt.actions.restore import RestoreOptions, restore
+
+pytestmark = needs_root
+
+STATUS_KEYS = ("SigIgn", "SigCgt", "SigBlk")
+
+
+def sig_status(pid: int) -> dict[str, str]:
+    st = proc_status(pid)
+    assert st is not None, f"process {pid} is gone"
+    return {key: st[key] for key in STATUS_KEYS}
+
+
+def reap(pid: int, timeout: float = 10.0) -> int:
+    """Wait for pid (our child, or reparented to us as subreaper) to end; its status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return status
+        time.sleep(0.01)
+    pytest.fail(f"process {pid} did not end")
+
+
+def launch_pauser(harness: Harness, bins: Bins, out: Path, *args: str) -> subprocess.Popen[bytes]:
+    proc = harness.launch([bins.pauser, *args], out)
+    wait_for_line(out, lambda line: line == "ready", 10, "the target to be ready")
+    return proc
+
+
+@pytest.mark.parametrize("trap", ["trap-handler", "trap-ignored"])
+def test_every_action_and_mask_survive(harness: Harness, bins: Bins, tmp_path: Path,
+                                       trap: str) -> None:
+    """SIGTRAP caught (or ignored), SIGINT ignored, SIGHUP blocked, everything else default:
+    the restored process shows the same SigIgn/SigCgt/SigBlk, nothing of the restoring
+    ckpt (its SIGINT handler, SIGPIPE/SIGXFSZ ignored), and each action works."""
+    out = tmp_path / "out.txt"
+    proc = launch_pauser(harness, bins, out, "pause", trap)
+    before = sig_status(proc.pid)
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+
+    pid = harness.restore_detached(images)
+    assert_running_untraced(pid)
+    assert sig_status(pid) == before
+    caught = trap == "trap-handler"
+    os.kill(pid, signal.SIGTRAP)
+    if caught:
+        wait_for_line(out, lambda line: line.startswith("woke=1 errno=4 usr1=0 trap=1 "), 5,
+                      "the SIGTRAP handler")
+    os.kill(pid, signal.SIGINT)  # ignored: neither wakes it nor kills it
+    os.kill(pid, signal.SIGUSR1)
+    want = f"woke={1 + caught} errno=4 usr1=1 trap={int(caught)} pid={pid}"
+    wait_for_line(out, lambda line: line == want, 5, "the SIGUSR1 handler")
+    os.kill(pid, signal.SIGUSR2)
+    status = reap(pid)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGUSR2, status
+
+
+def restore_and_signal(images: Path, how: str) -> int:
+    """Restore with a new pid and send SIGUSR1 the moment it is let go; its pid."""
+    if how == "cli":
+        pidfile = images.parent / "restored.pid"
+        assert_ckpt_ok(run_ckpt("restore", "-D", images, "--new-pid", "--restore-detached",
+                                "--pidfile", pidfile))
+        pid = int(pidfile.read_text())
+        os.kill(pid, signal.SIGUSR1)
+        return pid
+    res = restore(RestoreOptions(images_dir=str(images), new_pid=True,
+                                 stopped=how == "stopped"))
+    os.kill(res.pid, signal.SIGUSR1)
+    if how == "stopped":
+        os.kill(res.pid, signal.SIGCONT)
+    return res.pid
+
+
+@pytest.mark.parametrize(("how", "times"), [("in-process", 100), ("stopped", 10), ("cli", 10)])
+def test_signal_at_release_interrupts_pause(harness: Harness, bins: Bins, tmp_path: Path,
+                                            how: str, times: int) -> None:
+    """Dumped in pause() with a SIGUSR1 handler; each restore gets SIGUSR1 as soon as it
+    is released, and pause() returns EINTR every time (the kernel's -ERESTARTNOHAND rule),
+    instead of the handler running before a rewound pause() that sleeps on."""
+    out = tmp_path / "out.txt"
+    proc = launch_pauser(harness, bins, out, "pause")
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    for _ in range(times):
+        pid = restore_and_signal(images, how)
+        harness.track(pid)
+        want = f"woke=1 errno=4 usr1=1 trap=0 pid={pid}"
+        wait_for_line(out, want.__eq__, 5, f"an answer from {pid}")
+        harness.kill(pid)
+
+
+def test_sa_restart_read_goes_on(harness: Harness, bins: Bins, tmp_path: Path) -> None:
+    """Dumped blocked in read() on its terminal with an SA_RESTART handler: after restore
+    a signal runs the handler and the read goes on (-ERESTARTSYS with SA_RESTART)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([str(bins.pauser), "read"], stdin=slave, stdout=slave,
+                            stderr=slave, start_new_session=True, close_fds=True)
+    harness._children.append(proc)
+    os.close(slave)
+    try:
+        wait_for(lambda: b"ready" in os.read(master, 4096), 10, "ready")
+        images = harness.images()
+        assert_ckpt_ok(run_ckpt("dump", "-t", str(proc.pid), "-D", images, "--shell-job",
+                                reap=proc))
+        proc.wait(timeout=10)
+    finally:
+        os.close(master)
+    master2, slave2 = pty.openpty()
+    restorer = subprocess.Popen([ckpt_command(), "restore", "-D", str(images), "-d"],
+                                stdin=slave2, stdout=slave2, stderr=slave2, close_fds=True)
+    harness._children.append(restorer)
+    os.close(slave2)
+    try:
+        assert restorer.wait(timeout=60) == 0
+        pid = proc.pid
+        harness.track(pid)
+        assert_running_untraced(pid)
+        os.kill(pid, signal.SIGUSR1)
+        wait_for(lambda: not pending(pid), 5, "SIGUSR1 to be taken")
+        os.write(master2, b"hello\n")
+        got = b""
+        deadline = time.monotonic() + 5
+        while b"usr1=" not in got and time.monotonic() < deadline:
+            got += os.read(master2, 4096)
+        assert b"read=hello usr1=1" in got, got
+        assert_running_untraced(pid)
+    finally:
+        os.close(master2)
+
+
+def pending(pid: int) -> int:
+    """Signals pending for pid's leader or its process."""
+    st = proc_status(pid)
+    assert st is not None, f"process {pid} is gone"
+    return int(st["ShdPnd"], 16) | int(st["SigPnd"], 16)
