@@ -55,12 +55,13 @@ def launch_pauser(harness: Harness, bins: Bins, out: Path, *args: str) -> subpro
     return proc
 
 
-@pytest.mark.parametrize("trap", ["trap-handler", "trap-ignored"])
+@pytest.mark.parametrize("trap", ["trap-handler", "trap-ignored", "trap-blocked"])
 def test_every_action_and_mask_survive(harness: Harness, bins: Bins, tmp_path: Path,
                                        trap: str) -> None:
-    """SIGTRAP caught (or ignored), SIGINT ignored, SIGHUP blocked, everything else default:
-    the restored process shows the same SigIgn/SigCgt/SigBlk, nothing of the restoring
-    ckpt (its SIGINT handler, SIGPIPE/SIGXFSZ ignored), and each action works."""
+    """SIGTRAP caught (or ignored, or caught and blocked), SIGINT ignored, SIGHUP blocked,
+    everything else default: the restored process shows the same SigIgn/SigCgt/SigBlk,
+    nothing of the restoring ckpt (its SIGINT handler, SIGPIPE/SIGXFSZ ignored), and each
+    action works. The stub's own traps must not reset SIGTRAP's action."""
     out = tmp_path / "out.txt"
     proc = launch_pauser(harness, bins, out, "pause", trap)
     before = sig_status(proc.pid)
@@ -75,13 +76,32 @@ def test_every_action_and_mask_survive(harness: Harness, bins: Bins, tmp_path: P
     if caught:
         wait_for_line(out, lambda line: line.startswith("woke=1 errno=4 usr1=0 trap=1 "), 5,
                       "the SIGTRAP handler")
+    elif trap == "trap-blocked":
+        assert pending(pid) == 1 << (signal.SIGTRAP - 1)
     os.kill(pid, signal.SIGINT)  # ignored: neither wakes it nor kills it
     os.kill(pid, signal.SIGUSR1)
     want = f"woke={1 + caught} errno=4 usr1=1 trap={int(caught)} pid={pid}"
-    wait_for_line(out, lambda line: line == want, 5, "the SIGUSR1 handler")
+    wait_for_line(out, want.__eq__, 5, "the SIGUSR1 handler")
+    assert sig_status(pid) == before
     os.kill(pid, signal.SIGUSR2)
     status = reap(pid)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGUSR2, status
+
+
+def test_default_sigint_is_default(harness: Harness, bins: Bins, tmp_path: Path) -> None:
+    """A process with every action default gets none of the restoring Python's: Ctrl-C
+    (SIGINT) ends it with SIGINT, not a SIGSEGV in a handler that pointed into ckpt."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn], out)
+    wait_for_line(out, bool, 10, "the first line")
+    before = sig_status(proc.pid)
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    pid = harness.restore_detached(images)
+    assert sig_status(pid) == before
+    os.kill(pid, signal.SIGINT)
+    status = reap(pid)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGINT, status
 
 
 def restore_and_signal(images: Path, how: str) -> int:

@@ -2,11 +2,12 @@
  * pauser: waits for signals in pause() (or in read() on stdin) and says what woke it, so a
  * restore that loses a signal action, a mask or the kernel's syscall-restart rules shows.
  *
- * Actions: SIGUSR1 counted by a handler; SIGTRAP counted by a handler (trap-handler) or
- * ignored (trap-ignored); SIGINT ignored; SIGHUP blocked; every other signal default
- * (SIGUSR2 kills it). The handlers only count: lines are printed by the main loop.
+ * Actions: SIGUSR1 counted by a handler; SIGTRAP counted by a handler (trap-handler, and
+ * trap-blocked, where SIGTRAP is blocked too) or ignored (trap-ignored); SIGINT ignored;
+ * SIGHUP blocked; every other signal default (SIGUSR2 kills it). The handlers only count:
+ * lines are printed by the main loop.
  *
- * usage: pauser pause [trap-handler|trap-ignored]
+ * usage: pauser pause [trap-handler|trap-ignored|trap-blocked]
  *   Prints "ready", then pause() in a loop; after each return:
  *     woke=<n> errno=<errno> usr1=<count> trap=<count> pid=<getpid()>
  *   A signal whose handler runs while pause() is not interrupted (a call rewound before
@@ -62,6 +63,8 @@ int main(int argc, char **argv)
     sigset_t hup;
     sigemptyset(&hup);
     sigaddset(&hup, SIGHUP);
+    if (strcmp(trap, "trap-blocked") == 0)
+        sigaddset(&hup, SIGTRAP);
     sigprocmask(SIG_BLOCK, &hup, NULL);
     printf("ready\n");
     fflush(stdout);
