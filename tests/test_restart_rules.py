@@ -1,9 +1,12 @@
 """Pure decisions of the release (ckpt.restore.tasks), without root: which registers are
-loaded, which signal parks the leader, which action SIGTRAP gets."""
+loaded, which signal parks the leader, which action SIGTRAP gets; and the stub's reset of
+every signal action to the kernel's default."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import os
 import signal
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.ptrace import Regs
+from ckpt.kernel.sys import KSIGACTION_SIZE, NR, NSIG, default_all_sigactions, syscall
 from ckpt.restore.tasks import (
     KSIGACTION,
     NOT_PARKING,
@@ -80,3 +84,31 @@ def test_sigtrap_action_from_the_image_or_default() -> None:
                          restorer=0x401000, mask=1 << 14)
     assert KSIGACTION.unpack(image_action(entry, signal.SIGTRAP)) == (
         0x401234, 0x04000000, 0x401000, 1 << 14)
+
+
+def _all_actions() -> list[bytes]:
+    buf = ctypes.create_string_buffer(KSIGACTION_SIZE)
+    out = []
+    for sig in range(1, NSIG + 1):
+        syscall(NR.rt_sigaction, sig, 0, ctypes.addressof(buf), 8)
+        out.append(buf.raw)
+    return out
+
+
+def test_stub_starts_from_default_actions() -> None:
+    """What the stub does right after fork: a process that ignored SIGPIPE and caught
+    SIGUSR1 and SIGINT (as ckpt's Python does) ends with every action all zero."""
+    pid = os.fork()
+    if pid == 0:
+        code = 2
+        try:
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+            signal.signal(signal.SIGUSR1, lambda *_: None)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            changed = _all_actions() != [bytes(KSIGACTION_SIZE)] * NSIG
+            default_all_sigactions()
+            code = 0 if changed and _all_actions() == [bytes(KSIGACTION_SIZE)] * NSIG else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
