@@ -72,7 +72,7 @@ _BUILDS: dict[str, tuple[str, list[str], list[str]]] = {
     "sleeper": ("sleeper.c", ["-O2"], []),
     "signals": ("signals.c", ["-O2"], []),
     "scenarios": ("scenarios.c", ["-O2", "-pthread"], []),
-    "pauser": ("pauser.c", ["-O2"], []),
+    "pauser": ("pauser.c", ["-O2", "-pthread"], []),
 }
 
 

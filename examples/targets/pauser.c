@@ -13,6 +13,10 @@
  *   A signal whose handler runs while pause() is not interrupted (a call rewound before
  *   the signal) leaves the process asleep, and no line appears.
  *
+ * usage: pauser thread
+ *   The same, but the pause() loop runs in a second thread; the main thread blocks SIGUSR1
+ *   and waits in pause() too, so a process-directed SIGUSR1 can only wake the second one.
+ *
  * usage: pauser read
  *   The same actions, but SIGUSR1's handler has SA_RESTART and the loop blocks in
  *   read(0): a signal must not end the read. Each read prints
@@ -20,6 +24,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -52,6 +57,18 @@ static void act(int sig, void (*fn)(int), int flags)
     }
 }
 
+static void *pause_loop(void *arg)
+{
+    (void)arg;
+    for (long n = 1;; n++) {
+        int ret = pause();
+        printf("woke=%ld errno=%d usr1=%d trap=%d pid=%d\n", n, ret < 0 ? errno : 0,
+               (int)usr1_count, (int)trap_count, (int)getpid());
+        fflush(stdout);
+    }
+    return NULL;
+}
+
 int main(int argc, char **argv)
 {
     const char *mode = argc > 1 ? argv[1] : "pause";
@@ -66,26 +83,35 @@ int main(int argc, char **argv)
     if (strcmp(trap, "trap-blocked") == 0)
         sigaddset(&hup, SIGTRAP);
     sigprocmask(SIG_BLOCK, &hup, NULL);
+    if (strcmp(mode, "thread") == 0) {
+        pthread_t worker;
+        if (pthread_create(&worker, NULL, pause_loop, NULL) != 0)
+            return 1;
+        sigset_t usr1;
+        sigemptyset(&usr1);
+        sigaddset(&usr1, SIGUSR1);
+        pthread_sigmask(SIG_BLOCK, &usr1, NULL);
+        printf("ready\n");
+        fflush(stdout);
+        for (;;)
+            pause();
+    }
     printf("ready\n");
     fflush(stdout);
-    for (long n = 1;; n++) {
-        if (reading) {
-            char buf[256];
-            ssize_t got = read(0, buf, sizeof buf - 1);
-            if (got < 0)
-                printf("read-error=%d usr1=%d\n", errno, (int)usr1_count);
-            else {
-                buf[got] = 0;
-                buf[strcspn(buf, "\r\n")] = 0;
-                printf("read=%s usr1=%d\n", buf, (int)usr1_count);
-            }
-            if (got == 0)
-                return 0;
-        } else {
-            int ret = pause();
-            printf("woke=%ld errno=%d usr1=%d trap=%d pid=%d\n", n, ret < 0 ? errno : 0,
-                   (int)usr1_count, (int)trap_count, (int)getpid());
+    if (!reading)
+        pause_loop(NULL);
+    for (;;) {
+        char buf[256];
+        ssize_t got = read(0, buf, sizeof buf - 1);
+        if (got < 0)
+            printf("read-error=%d usr1=%d\n", errno, (int)usr1_count);
+        else {
+            buf[got] = 0;
+            buf[strcspn(buf, "\r\n")] = 0;
+            printf("read=%s usr1=%d\n", buf, (int)usr1_count);
         }
         fflush(stdout);
+        if (got == 0)
+            return 0;
     }
 }
