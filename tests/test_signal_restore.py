@@ -21,6 +21,7 @@ from conftest import (
     ckpt_command,
     needs_root,
     proc_status,
+    read_lines,
     run_ckpt,
     thread_ids,
     wait_for,
@@ -159,6 +160,21 @@ def test_signal_at_release_interrupts_pause(harness: Harness, bins: Bins, tmp_pa
         want = f"woke=1 errno=4 usr1=1 trap=0 pid={pid}"
         wait_for_line(out, want.__eq__, 5, f"an answer from {pid}")
         harness.kill(pid)
+
+
+def test_leave_running_keeps_pause(harness: Harness, bins: Bins, tmp_path: Path) -> None:
+    """dump --leave-running lets the target go from a syscall-exit stop (after its injected
+    syscalls) with its own registers: the kernel still restarts the interrupted pause() on
+    PTRACE_DETACH, which sets TIF_SIGPENDING (__ptrace_unlink). Had it not, pause() would
+    return ERESTARTNOHAND (514) at once; a signal sent right after is an EINTR."""
+    out = tmp_path / "out.txt"
+    proc = launch_pauser(harness, bins, out, "pause")
+    for n in (1, 2, 3):
+        harness.dump(proc.pid, harness.images(f"images{n}"), "--leave-running")
+        proc.send_signal(signal.SIGUSR1)
+        want = f"woke={n} errno=4 usr1={n} trap=0 pid={proc.pid}"
+        wait_for_line(out, want.__eq__, 5, f"answer {n}")
+    assert len([line for line in read_lines(out) if line.startswith("woke=")]) == 3
 
 
 def test_sa_restart_read_goes_on(harness: Harness, bins: Bins, tmp_path: Path) -> None:
