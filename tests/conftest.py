@@ -61,6 +61,7 @@ class Bins:
     sleeper: Path
     signals: Path
     scenarios: Path
+    pauser: Path
 
 
 # name -> (source, flags before the source, flags after it)
@@ -71,6 +72,7 @@ _BUILDS: dict[str, tuple[str, list[str], list[str]]] = {
     "sleeper": ("sleeper.c", ["-O2"], []),
     "signals": ("signals.c", ["-O2"], []),
     "scenarios": ("scenarios.c", ["-O2", "-pthread"], []),
+    "pauser": ("pauser.c", ["-O2", "-pthread"], []),
 }
 
 

@@ -1,15 +1,19 @@
 """`ckpt restore`: rebuild a process from an images directory, as a straight checklist.
 
     read images        inventory, core, pagemap (validated before anything is created)
-    stub               fork a traced child with the dumped pid (ns_last_pid) or a new one
+    stub               fork a traced child with the dumped pid (ns_last_pid) or a new one,
+                       every signal action SIG_DFL
     gadget             syscall page at a free address; stub rseq off, its fds closed
     address space      unmap stub, move vdso, map VMAs, fill pages (UFFDIO_COPY into
                        anonymous memory), mprotect, PR_SET_MM_MAP
     files              fds with shared open file descriptions, offsets
-    process state      cwd, umask, personality, session, name, sigactions, rlimits
+    process state      cwd, umask, personality, session, name, sigactions (not yet
+                       SIGTRAP's), rlimits
     threads            clone3 with set_tid, then per-thread kernel pointers
-    registers          drop the gadget, XSTATE + GP regs (restart fix-ups), sigmask
-    detach             the process runs on
+    last syscalls      no trap any more: pending signals queued, SIGTRAP's action, gadget
+                       unmapped
+    registers          XSTATE + GP regs as dumped, masks, each thread in a signal stop
+    detach             the process runs on; the kernel restarts interrupted calls
 
 Any failure kills the stub (and PTRACE_O_EXITKILL covers ckpt itself dying).
 

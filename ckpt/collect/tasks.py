@@ -72,7 +72,12 @@ class InjectedState:
 def signals_to_query(pid: int) -> list[int]:
     """Signals whose action is not the plain default: caught or ignored (/proc status),
     plus SIGCHLD, whose default action still carries SA_NOCLDSTOP/SA_NOCLDWAIT flags.
-    One injected syscall each, instead of 62."""
+
+    Every other signal is SIG_DFL, and restore gives it SIG_DFL (the stub starts from the
+    defaults, ckpt.restore.stub). Lost are only the flags, mask and restorer of a default
+    action (glibc's SA_RESTORER), which no delivery uses and only sigaction() reads back.
+    Querying all 62 would be exact but costs the freeze: one injected syscall each, and
+    this phase measured 1.9 ms median / 0.3 ms best with these, 11.8 / 1.4 ms with all."""
     st = proc.read_status(pid)
     bits = st.sigcgt | st.sigign | 1 << (signal.SIGCHLD - 1)
     return [s for s in range(1, 65) if bits >> (s - 1) & 1 and s not in UNCATCHABLE]

@@ -53,6 +53,7 @@ class NR:
     prctl = 157
     arch_prctl = 158
     gettid = 186
+    tgkill = 234
     set_tid_address = 218
     tgkill = 234
     set_robust_list = 273
@@ -91,6 +92,23 @@ def syscall(nr: int, *args: int, what: str = "", pid: int | None = None) -> int:
     if res == -1:
         raise_errno(ctypes.get_errno(), what or f"syscall {nr}", pid)
     return res
+
+
+def tgkill(pid: int, tid: int, sig: int) -> None:
+    syscall(NR.tgkill, pid, tid, sig, what=f"tgkill({tid}, {sig})", pid=tid)
+
+
+NSIG = 64
+KSIGACTION_SIZE = 32  # struct k_sigaction on x86-64: handler, flags, restorer, mask (u64 each)
+
+
+def default_all_sigactions() -> None:
+    """Set every signal of this process but SIGKILL/SIGSTOP to SIG_DFL with no flags, mask
+    or restorer, as a fresh exec would (which keeps SIG_IGN; this does not)."""
+    zero = ctypes.create_string_buffer(KSIGACTION_SIZE)
+    for sig in range(1, NSIG + 1):
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            syscall(NR.rt_sigaction, sig, ctypes.addressof(zero), 0, 8, what="rt_sigaction")
 
 
 def pidfd_open(pid: int) -> int:

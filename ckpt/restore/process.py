@@ -5,8 +5,8 @@
     prepare_stub     gadget at a free address, the stub's rseq off, its fds closed, its
                      mappings gone, the vdso group moved to the dumped addresses
     fill_layers      page data of every image of a chain, each image its own pages
-    finish_process   mlock, mm fields, files, process state, threads, signals, registers,
-                     detach
+    finish_process   mlock, mm fields, files, process state, threads, then the release
+                     (ckpt.restore.tasks): pending signals, registers, signal stop, detach
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ from ckpt.ranges import Range, intersect
 from ckpt.restore import mm
 from ckpt.restore.files import close_stub_fds, restore_files
 from ckpt.restore.pages import WritableIndex, fill_pages
-from ckpt.restore.stub import GADGET_LEN, Stub
+from ckpt.restore.stub import Stub
 from ckpt.restore.tasks import (
     clone_threads,
+    ksigaction,
+    last_syscalls,
     load_registers,
-    queue_pending_signals,
+    park_leader,
     restore_thread_state,
     unregister_stub_rseq,
 )
@@ -102,15 +104,14 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     threads = clone_threads(stub, list(entry.threads[1:]), same_tids=same_tids)
     for task, th in zip(threads, entry.threads[1:], strict=True):
         restore_thread_state(task, th)
-    leader = entry.threads[0]
-    restore_thread_state(stub, leader)
+    restore_thread_state(stub, entry.threads[0])
     tids = [stub.pid, *(t.task.tid for t in threads)]
-    queue_pending_signals(stub, entry, tids)
-    # Unmap the gadget from inside itself: single-step, nothing is fetched after it.
-    stub.sc(NR.munmap, stub.gadget, GADGET_LEN, step=True, what="munmap gadget")
-    load_registers(stub, leader)
+    # No trap after this point (see ckpt.restore.tasks): registers are loaded at stops
+    # from which the kernel applies its own syscall-restart rules.
+    last_syscalls(stub, entry, tids)
+    park_leader(stub, entry)
     for task, th in zip(threads, entry.threads[1:], strict=True):
-        load_registers(task, th)
+        load_registers(task.task, th)
     if stopped:  # queued while every thread is still traced: none runs user code
         os.kill(stub.pid, signal.SIGSTOP)
     stub.release_cpu()
@@ -130,11 +131,10 @@ def restore_process_state(stub: Stub, entry: pb.ProcessEntry, new_session: bool)
     if new_session and entry.sid == entry.pid:
         stub.sc(NR.setsid, check=False)
     stub.sc(NR.prctl, PR_SET_NAME, stub.put_str(entry.comm[:15]), 0, 0, 0, what="PR_SET_NAME")
-    for act in entry.sigactions:
-        raw = act.handler.to_bytes(8, "little") + act.flags.to_bytes(8, "little") + \
-            act.restorer.to_bytes(8, "little") + act.mask.to_bytes(8, "little")
-        stub.sc(NR.rt_sigaction, act.signo, stub.put(raw), 0, 8,
-                what=f"rt_sigaction({act.signo})")
+    for act in entry.sigactions:  # the stub starts from SIG_DFL everywhere
+        if act.signo != signal.SIGTRAP:  # set after the stub's last trap: last_syscalls
+            stub.sc(NR.rt_sigaction, act.signo, stub.put(ksigaction(act)), 0, 8,
+                    what=f"rt_sigaction({act.signo})")
     for r in entry.rlimits:
         try:
             resource.prlimit(stub.pid, r.resource, (_rlim(r.cur), _rlim(r.max)))

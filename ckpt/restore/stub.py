@@ -22,7 +22,14 @@ from collections.abc import Iterator
 from ckpt.collect.proc import list_tasks
 from ckpt.errors import KernelError, NoSuchProcess, RestoreError
 from ckpt.kernel.ptrace import PTRACE_O_EXITKILL, PTRACE_TRACEME, Injector, Tracee
-from ckpt.kernel.sys import NR, PAGE_SIZE, current_cpu, kill_and_reap, libc
+from ckpt.kernel.sys import (
+    NR,
+    PAGE_SIZE,
+    current_cpu,
+    default_all_sigactions,
+    kill_and_reap,
+    libc,
+)
 
 GADGET_CODE = b"\x0f\x05\xcc"  # syscall; int3
 GADGET_PAGES = 16
@@ -61,9 +68,13 @@ def fork_stub(want_pid: int | None, reserve: int = 0) -> int:
 
 
 def _fork_traced() -> int:
+    """The child drops every signal action it inherited from ckpt (Python's SIGINT handler
+    pointing into ckpt, SIGPIPE and SIGXFSZ ignored): a restored process starts from the
+    kernel's defaults, and only the image's own actions are set on top."""
     pid = os.fork()
     if pid == 0:  # child: as little Python as possible
         try:
+            default_all_sigactions()
             libc.ptrace(PTRACE_TRACEME, 0, None, None)
             os.kill(os.getpid(), signal.SIGSTOP)
         finally:

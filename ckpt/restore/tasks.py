@@ -1,13 +1,38 @@
-"""Threads and per-task state: clone3 with set_tid, rseq, tid address, robust list,
-altstack, and finally XSTATE + registers (with syscall-restart fix-ups) and signal masks.
+"""Threads and per-task state (clone3 with set_tid, rseq, tid address, robust list,
+altstack), then the release: the last syscalls, XSTATE + registers, signal masks.
 
-A task frozen inside a syscall has rax = -ERESTART*; the kernel would restart or fail the
-call when the signal-less stop ends, but a restored task resumes from plain registers, so
-we apply the kernel's rule ourselves:
+Registers are loaded as dumped. A task frozen inside a syscall has rax = -ERESTART*,
+orig_rax = the syscall and rip after its ``syscall`` instruction; every task is let go
+(PTRACE_DETACH, signal 0) from a signal-delivery-stop, so the kernel applies its own
+restart rules on the way out (arch_do_signal_or_restart), as for a process that was never
+checkpointed: a handler run first makes -ERESTARTNOHAND (pause, sigsuspend, epoll_wait)
+and -ERESTARTSYS without SA_RESTART return EINTR; with no handler to run the call is
+issued again. A signal sent the instant the process is released therefore interrupts the
+call instead of running before a rewound call sleeps again.
 
-    -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND   rip -= 2, rax = orig_rax (re-issue)
-    -ERESTART_RESTARTBLOCK                           rax = -EINTR (its restart block is
-                                                     kernel state we cannot carry over)
+restart_regs keeps one fix-up: -ERESTART_RESTARTBLOCK (nanosleep, poll, futex wait)
+becomes -EINTR. The kernel would run restart_syscall, i.e. the task's restart block: kernel
+state the image does not carry (the stub's is a copy of ckpt's own). EINTR is what the
+call returns after a handler anyway, and nanosleep has written the time left by then.
+
+The gadget's int3 (and any single-step) raises a *forced* SIGTRAP, and the kernel resets a
+blocked or ignored SIGTRAP's action to SIG_DFL when it forces one (force_sig_info_to_task).
+Hence the order:
+
+    trap phase     every injection through the gadget's int3; SIGTRAP's action is still
+                   the stub's default (the image's is held back) and never blocked
+    last_syscalls  the leader stops only at syscall entry/exit (PTRACE_SYSCALL, never a
+                   signal): everything blocked, pending signals queued, SIGTRAP's action
+                   set, the gadget unmapped
+    park           the leader: dumped registers; a signal no image queue holds (tgkill),
+                   the only one unblocked, stops it in a signal-delivery-stop; final mask.
+                   Other threads are parked at their last int3 stop (load_registers).
+    detach         signal 0 discards the parking signal; get_signal goes on with the
+                   final mask (delivering what the image had pending), then the restart
+                   rules above.
+
+(PTRACE_DETACH also sets TIF_SIGPENDING, so even a syscall-exit stop would run the restart
+rules on detach; the signal stop does not depend on that.)
 """
 
 from __future__ import annotations
@@ -24,29 +49,61 @@ from ckpt.kernel.ptrace import (
     PTRACE_EVENT_CLONE,
     PTRACE_O_EXITKILL,
     PTRACE_O_TRACECLONE,
+    Injector,
     Regs,
+    Tracee,
     signed,
 )
-from ckpt.kernel.sys import NR
-from ckpt.restore.stub import Stub
+from ckpt.kernel.sys import NR, tgkill
+from ckpt.restore.stub import GADGET_LEN, Stub
 
-ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
+ERESTART_RESTARTBLOCK = 516
 U64 = (1 << 64) - 1
 CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000  # VM FS FILES SIGHAND
 # THREAD SYSVSEM
 CLONE_ARGS = struct.Struct("11Q")
+KSIGACTION = struct.Struct("QQQQ")  # handler, flags, restorer, mask
 RSEQ_FLAG_UNREGISTER = 1
 
 
-def fix_restart(regs: Regs) -> Regs:
-    if signed(regs.orig_rax) >= 0:
-        ret = -signed(regs.rax)
-        if ret in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
-            regs.rax, regs.rip = regs.orig_rax, regs.rip - 2
-        elif ret == ERESTART_RESTARTBLOCK:
-            regs.rax = (-errno.EINTR) & U64
-        regs.orig_rax = U64
+def restart_regs(regs: Regs) -> Regs:
+    """The dumped registers, to be let go from a signal stop: unchanged, but a call
+    interrupted with -ERESTART_RESTARTBLOCK returns -EINTR (see the module docstring)."""
+    if signed(regs.orig_rax) >= 0 and -signed(regs.rax) == ERESTART_RESTARTBLOCK:
+        regs.rax = (-errno.EINTR) & U64
     return regs
+
+
+# Signals whose sending has side effects (SIGCONT and the stop signals drop each other from
+# the queues) or that cannot be caught: never used to park a task.
+NOT_PARKING = {int(s) for s in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT, signal.SIGTSTP,
+                                signal.SIGTTIN, signal.SIGTTOU)}
+
+
+def park_signal(pending: set[int]) -> int:
+    """The signal that stops a task for its release: SIGTRAP unless the image has one
+    queued (the parking one is discarded, and a standard signal queues once)."""
+    order: list[int] = [signal.SIGTRAP.value, *range(1, 65)]
+    for sig in order:
+        if sig not in pending and sig not in NOT_PARKING:
+            return sig
+    raise RestoreError("every signal is pending in the image: none left to park the process")
+
+
+def signo_of(info: bytes) -> int:
+    signo: int = struct.unpack_from("i", info)[0]
+    return signo
+
+
+def ksigaction(act: pb.SigAction) -> bytes:
+    """struct k_sigaction as rt_sigaction takes it."""
+    return KSIGACTION.pack(act.handler, act.flags, act.restorer, act.mask)
+
+
+def image_action(entry: pb.ProcessEntry, signo: int) -> bytes:
+    """The image's action for ``signo``; SIG_DFL (all zero) where it has none."""
+    act = next((a for a in entry.sigactions if a.signo == signo), pb.SigAction(signo=signo))
+    return ksigaction(act)
 
 
 def unregister_stub_rseq(stub: Stub) -> None:
@@ -104,25 +161,45 @@ def restore_thread_state(task: Stub, th: pb.ThreadCore) -> None:
             0, check=False)
 
 
-def load_registers(task: Stub, th: pb.ThreadCore) -> None:
-    task.task.set_regset(NT_X86_XSTATE, th.xstate)
-    task.task.setregs(fix_restart(regs_from_pb(th.regs)))
-    task.task.set_sigmask(th.sigmask)
+def load_registers(task: Tracee, th: pb.ThreadCore, mask: int | None = None) -> None:
+    """The thread's XSTATE, dumped registers and signal mask (``mask`` meanwhile). At its
+    last int3 stop, this parks a thread other than the leader."""
+    task.set_regset(NT_X86_XSTATE, th.xstate)
+    task.setregs(restart_regs(regs_from_pb(th.regs)))
+    task.set_sigmask(th.sigmask if mask is None else mask)
 
 
-def queue_pending_signals(stub: Stub, entry: pb.ProcessEntry, tids: list[int]) -> None:
-    """Queue the signals that were pending at dump time, from inside the leader.
-
-    The leader blocks everything meanwhile, so nothing is delivered while we still inject;
-    the final masks are loaded afterwards and the kernel delivers what they allow.
-    """
+def last_syscalls(stub: Stub, entry: pb.ProcessEntry, tids: list[int]) -> None:
+    """The leader's last injections, after every trap of every thread: each stops at
+    syscall entry and exit (never a forced SIGTRAP) with every signal blocked, so nothing
+    is delivered meanwhile and a queued SIGTRAP stays queued."""
+    inj = Injector(stub.task, stub.gadget, trap=False)
     stub.task.set_sigmask(U64)
     for info in entry.shared_pending:
-        signo = struct.unpack_from("i", info)[0]
-        stub.sc(NR.rt_sigqueueinfo, stub.pid, signo, stub.put(info, 3840),
-                what=f"rt_sigqueueinfo({signo})")
+        signo = signo_of(info)
+        inj(NR.rt_sigqueueinfo, stub.pid, signo, stub.put(info, 3840),
+            what=f"rt_sigqueueinfo({signo})")
     for tid, th in zip(tids, entry.threads, strict=True):
         for info in th.pending_signals:
-            signo = struct.unpack_from("i", info)[0]
-            stub.sc(NR.rt_tgsigqueueinfo, stub.pid, tid, signo, stub.put(info, 3840),
-                    what=f"rt_tgsigqueueinfo({tid}, {signo})")
+            signo = signo_of(info)
+            inj(NR.rt_tgsigqueueinfo, stub.pid, tid, signo, stub.put(info, 3840),
+                what=f"rt_tgsigqueueinfo({tid}, {signo})")
+    inj(NR.rt_sigaction, signal.SIGTRAP, stub.put(image_action(entry, signal.SIGTRAP)), 0, 8,
+        what="rt_sigaction(SIGTRAP)")
+    # Nothing is fetched from the gadget after this: the syscall-exit stop comes first.
+    inj(NR.munmap, stub.gadget, GADGET_LEN, what="munmap gadget")
+
+
+def park_leader(stub: Stub, entry: pb.ProcessEntry) -> None:
+    """From the leader's syscall-exit stop to a signal-delivery-stop with its own
+    registers and mask (see the module docstring)."""
+    th = entry.threads[0]
+    pending = {signo_of(i) for i in [*entry.shared_pending, *th.pending_signals]}
+    sig = park_signal(pending)
+    task = stub.task
+    load_registers(task, th, mask=U64 & ~(1 << (sig - 1)))
+    tgkill(stub.pid, task.tid, sig)
+    task.cont()
+    if task.wait_stop(sig) >> 16:
+        raise RestoreError(f"task {task.tid} stopped for a ptrace event, not signal {sig}")
+    task.set_sigmask(th.sigmask)
