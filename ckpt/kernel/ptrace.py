@@ -18,7 +18,7 @@ from ptrace.binding.linux_struct import user_regs_struct
 
 from ckpt import testpoint
 from ckpt.errors import CkptError, KernelError
-from ckpt.kernel.sys import NR, iovec, libc, raise_errno, syscall, vm_write
+from ckpt.kernel.sys import NR, iovec, libc, raise_errno, syscall, tgkill, vm_write
 
 PTRACE_TRACEME = 0
 PTRACE_CONT = 7
@@ -308,7 +308,7 @@ class Injector:
                 if self.raw(NR.rt_tgsigqueueinfo, tgid, self.task.tid, signo,
                             self.scratch) == 0:
                     continue
-            syscall(NR.tgkill, tgid, self.task.tid, signo, what="tgkill", pid=self.task.tid)
+            tgkill(tgid, self.task.tid, signo)
 
     def restore(self) -> None:
         try:

@@ -53,7 +53,6 @@ class NR:
     prctl = 157
     arch_prctl = 158
     gettid = 186
-    tgkill = 234
     set_tid_address = 218
     tgkill = 234
     set_robust_list = 273
