@@ -31,6 +31,7 @@ from ckpt.images.pb.image_pb2 import (
     PagemapRuns,
     TrackerState,
 )
+from ckpt.images.validate import validate
 
 
 def _magic(tag: bytes) -> int:
@@ -169,6 +170,7 @@ class ImageDir:
         msgs = decode_entries(self._read_file(target), kind.magic, kind.messages[0], str(target))
         if len(msgs) != 1:
             raise ImageError(f"{target}: corrupted (expected 1 entry, found {len(msgs)})")
+        validate(str(target), msgs[0])
         return msgs[0]
 
     # -- typed images ------------------------------------------------------------------
@@ -200,7 +202,9 @@ class ImageDir:
         if self.exists("core", pid):
             return list(self.read_core(pid).vmas)
         target = self.file("vmas", pid)
-        return decode_entries(self._read_file(target), VMAS.magic, Vma, str(target))
+        vmas = decode_entries(self._read_file(target), VMAS.magic, Vma, str(target))
+        validate(str(target), *vmas)
+        return vmas
 
     def write_tracker(self, pid: int, msg: TrackerState) -> None:
         self._write_msgs(TRACKER, pid, [msg])
@@ -253,6 +257,7 @@ class ImageDir:
         if head.pid != pid:
             raise ImageError(f"{name}: holds process {head.pid}, not {pid}")
         runs = [parse_entry(PagemapRuns, p, name, i) for i, p in enumerate(payloads[1:], 1)]
+        validate(name, head, *runs)
         return head, decode(runs, name)
 
     @contextlib.contextmanager
