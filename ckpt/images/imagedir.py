@@ -331,7 +331,11 @@ class ImageDir:
         if not rel:
             return None
         p = self.path / rel
-        if not (p / INVENTORY.template).is_file():
+        try:
+            found = (p / INVENTORY.template).is_file()
+        except OSError as exc:  # e.g. a name too long once joined to this directory
+            raise ImageError(f"parent images {rel!r:.80} (of {self.path}): {_why(exc)}") from None
+        if not found:
             raise ImageError(f"parent images {p} (of {self.path}) missing")
         return ImageDir(p)
 
