@@ -103,6 +103,18 @@ def test_dump_target_already_traced(harness: Harness, bins: Bins, tmp_path: Path
     assert_untouched(proc, out)
 
 
+def test_dump_track_mem_needs_leave_running(harness: Harness, bins: Bins,
+                                            tmp_path: Path) -> None:
+    """--track-mem keeps tracking armed for the next snapshot of a process left running:
+    without --leave-running it is refused up front, and the target is not killed."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn], out)
+    wait_for_lines(out, 2)
+    res = run_ckpt("dump", "-t", str(proc.pid), "-D", harness.images(), "--track-mem")
+    assert "--leave-running" in assert_one_error_line(res)
+    assert_untouched(proc, out)
+
+
 # --------------------------------------------------------------------------- restore
 
 

@@ -141,6 +141,9 @@ def dump(opts: DumpOptions) -> DumpResult:
     t_start = time.perf_counter()
     if opts.incremental and not opts.prev_images_dir:
         raise CkptError("--incremental needs --prev-images-dir")
+    if opts.track_mem and not opts.leave_running:
+        raise CkptError("--track-mem needs --leave-running (a dump without it kills the "
+                        "process: there is nothing left to track)")
     parent = open_parent(opts.images_dir, opts.prev_images_dir, pid)
     early_vmas = preflight(opts, hidden_fds(pid) if proc.pid_exists(pid) else set())
     tracker = select_tracker(opts.track, pid, parent) if opts.incremental or opts.track_mem \

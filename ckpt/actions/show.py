@@ -4,6 +4,7 @@ as text or JSON, like `crit show`. Reads images only; never touches a live proce
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -22,7 +23,7 @@ def summarize(images_dir: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "images_dir": str(images.path),
         "inventory": MessageToDict(inv, preserving_proto_field_name=True),
-        "parents": [str(d.path) for d in chain[1:]],
+        "parents": [shown_path(d.path) for d in chain[1:]],
         "processes": [],
     }
     for pid in inv.pids:
@@ -30,6 +31,14 @@ def summarize(images_dir: str) -> dict[str, Any]:
         _, pagemap = images.read_pagemap(pid)
         out["processes"].append(_process(pid, entry, pagemap))
     return out
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """``ck/3/../2/../1`` as ``ck/1``; as the real path where a symlink makes ".." go
+    elsewhere than the text says."""
+    norm = os.path.normpath(path)
+    real = os.path.realpath(path)
+    return norm if os.path.realpath(norm) == real else real
 
 
 def _process(pid: int, entry: core_pb2.ProcessEntry | None,
