@@ -65,16 +65,22 @@ def main(debug: bool) -> None:
 
 
 @main.command()
+@click.option("--feature", "features", multiple=True, metavar="NAME",
+              help="Exit non-zero unless this feature works (as CRIU's check --feature); "
+                   "repeatable. Names are those `ckpt check` lists.")
 @reports_errors
-def check() -> None:
+def check(features: tuple[str, ...]) -> None:
     """Probe what this kernel supports, one line per feature."""
-    from ckpt.actions.check import format_capabilities, meaning
+    from ckpt.actions.check import format_capabilities, meaning, missing
     from ckpt.kernel.probe import probe
 
     caps = probe()
     click.echo(format_capabilities(caps))
     for line in meaning(caps):
         click.echo(f"  {line}")
+    why = missing(caps, features)
+    if why:
+        raise CkptError(why)
 
 
 def target_options(fn: F) -> F:

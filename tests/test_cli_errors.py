@@ -4,6 +4,7 @@ traceback, and never hurts the target: it is still running, untraced, afterwards
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -231,6 +232,19 @@ def test_dump_disk_full(harness: Harness, tmp_path: Path) -> None:
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
     assert_untouched(proc, out)
+
+
+NOBODY = ("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups")
+
+
+def test_check_as_non_root_cannot_choose_pids() -> None:
+    """ns_last_pid is mode 0666, so opening it proves nothing: for a non-root user the
+    probe's write fails, `check` says so, and --feature makes that the exit status."""
+    res = run_ckpt("check", "--feature", "ns-last-pid", prefix=NOBODY)
+    assert "ns-last-pid" in assert_one_error_line(res)
+    assert re.search(r"^NO  ns-last-pid .*not permitted", res.stdout, re.M), res.stdout
+    assert "restore: pids cannot be chosen: use --new-pid" in res.stdout
+    assert run_ckpt("check", "--feature", "ns-last-pid").returncode == 0
 
 
 @pytest.mark.parametrize("args", [("dump",), ("dump", "-t", "abc", "-D", "x"),
