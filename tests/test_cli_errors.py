@@ -24,6 +24,7 @@ from conftest import (
     py_target,
     read_lines,
     run_ckpt,
+    thread_ids,
     wait_for_lines,
 )
 
@@ -251,3 +252,47 @@ def test_check_as_non_root_cannot_choose_pids() -> None:
                                   ("restore",), ("nosuchcommand",)])
 def test_usage_errors_are_one_line(args: tuple[str, ...]) -> None:
     assert_one_error_line(run_ckpt(*args))
+
+
+# --------------------------------------------------------------------------- PID reuse
+
+THREADED = """
+import threading, time
+threading.Thread(target=time.sleep, args=(1e6,), daemon=True).start()
+print("ready", flush=True)
+time.sleep(1e6)
+"""
+
+
+def spawn_at(pid: int, harness: Harness, tmp_path: Path) -> subprocess.Popen[bytes] | None:
+    """A `sleep` under exactly ``pid`` (ns_last_pid, as restore does it), or None if
+    other forks kept taking it."""
+    for _ in range(50):
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        proc = harness.launch(["sleep", "60"], tmp_path / "sleep.txt")
+        if proc.pid == pid:
+            return proc
+        harness.kill(proc.pid)
+    return None
+
+
+def test_restore_names_the_process_holding_a_thread_id(harness: Harness,
+                                                       tmp_path: Path) -> None:
+    """PID reuse: a process started after the dump holds one of the dumped thread ids.
+    The restore says which process, in words that tell it from a mistake of ckpt's."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch([sys.executable, "-c", THREADED], out)
+    wait_for_lines(out, 1)
+    tids = sorted(thread_ids(proc.pid) - {proc.pid})
+    assert tids, "the target has no second thread"
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    holder = spawn_at(tids[0], harness, tmp_path)
+    if holder is None:
+        pytest.skip(f"could not start a process under pid {tids[0]}")
+
+    res = run_ckpt("restore", "-D", images, "--restore-detached")
+    message = assert_one_error_line(res)
+    assert f"thread id {tids[0]} is taken by process {tids[0]} (sleep)" in message, message
+    assert "--new-pid" in message
+    assert not is_alive(proc.pid), "a half-restored process is left"

@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 
+from ckpt.collect.proc import id_holder
 from ckpt.errors import ImageError, RestoreError
 from ckpt.images import ImageDir, chain
 from ckpt.images.pb import core_pb2 as pb
@@ -51,10 +52,11 @@ def read_images(images_dir: str) -> tuple[ImageDir, image_pb2.Inventory, pb.Proc
 
 def check_ids_free(entry: pb.ProcessEntry) -> None:
     for th in entry.threads:
-        if os.path.exists(f"/proc/{th.tid}"):
+        holder = id_holder(th.tid)
+        if holder is not None:
             what = "pid" if th.tid == entry.pid else "thread id"
-            raise RestoreError(f"{what} {th.tid} is in use; use --new-pid to restore under "
-                               "a new pid")
+            raise RestoreError(f"{what} {th.tid} is taken by {holder[1]}; use --new-pid to "
+                               "restore under a new pid")
 
 
 def check_xstate(stub: Stub, entry: pb.ProcessEntry) -> None:
