@@ -35,6 +35,7 @@ from ckpt.errors import ImageError
 from ckpt.images.framing import FORMAT_VERSION
 from ckpt.images.pb import core_pb2 as core
 from ckpt.images.pb import image_pb2 as img
+from ckpt.images.siginfo import SIGINFO_SIZE, signo
 from ckpt.kernel.sys import PAGE_SIZE
 
 PID_MAX = 1 << 22  # PID_MAX_LIMIT on 64-bit
@@ -43,7 +44,6 @@ USER_END = 1 << 56  # x86-64 user address space with 5-level paging (4-level: 1 
 VSYSCALL = (0xFFFFFFFFFF600000, 0xFFFFFFFFFF601000)
 PATH_MAX = 4096
 NAME_MAX = 255
-SIGINFO_SIZE = 128
 NSIG = 64
 RLIM_NLIMITS = 16
 FD_SET_MAX = 1 << 20
@@ -111,8 +111,8 @@ def finite(v: float) -> str | None:
 def siginfo(v: bytes) -> str | None:
     if len(v) != SIGINFO_SIZE:
         return f"{len(v)} bytes, not a {SIGINFO_SIZE}-byte siginfo"
-    signo = int.from_bytes(v[:4], "little", signed=True)
-    return None if 1 <= signo <= NSIG else f"siginfo of signal {signo}"
+    n = signo(v)
+    return None if 1 <= n <= NSIG else f"siginfo of signal {n}"
 
 
 def hex_token(v: str) -> str | None:

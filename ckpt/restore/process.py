@@ -20,6 +20,7 @@ from ckpt.errors import ImageError, RestoreError
 from ckpt.images import ImageDir, chain
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.pb import image_pb2
+from ckpt.images.siginfo import was_stopped
 from ckpt.kernel.ptrace import NT_X86_XSTATE
 from ckpt.kernel.sys import NR
 from ckpt.ranges import Range, intersect
@@ -113,7 +114,8 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     load_registers(stub, leader)
     for task, th in zip(threads, entry.threads[1:], strict=True):
         load_registers(task, th)
-    if stopped:  # queued while every thread is still traced: none runs user code
+    # queued while every thread is still traced: none runs user code
+    if stopped or was_stopped(entry):
         os.kill(stub.pid, signal.SIGSTOP)
     stub.release_cpu()
     for task in threads:

@@ -20,6 +20,7 @@ from ckpt.actions.core_image import regs_from_pb
 from ckpt.collect.proc import id_holder
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.images.siginfo import is_stop_mark
 from ckpt.kernel.ptrace import (
     NT_X86_XSTATE,
     PTRACE_EVENT_CLONE,
@@ -136,6 +137,8 @@ def queue_pending_signals(stub: Stub, entry: pb.ProcessEntry, tids: list[int]) -
     """
     stub.task.set_sigmask(U64)
     for info in entry.shared_pending:
+        if is_stop_mark(info):  # a stopped process: finish_process stops it last
+            continue
         signo = struct.unpack_from("i", info)[0]
         stub.sc(NR.rt_sigqueueinfo, stub.pid, signo, stub.put(info, 3840),
                 what=f"rt_sigqueueinfo({signo})")
