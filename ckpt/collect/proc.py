@@ -191,8 +191,10 @@ def id_holder(tid: int, *, root: str = "/proc") -> tuple[int, str] | None:
     812 (sleep)" or "thread 813 of process 812 (python3)"), or None if no task has it."""
     try:
         st = read_status(tid, root=root)
-    except (NoSuchProcess, AccessDenied, KeyError, ValueError):
+    except (NoSuchProcess, KeyError, ValueError):
         return None
+    except AccessDenied:
+        return -1, f"task {tid} (its /proc status is unreadable)"
     zombie = ", a zombie not reaped yet" if st.state == "Z" else ""
     if st.tgid == tid:
         return tid, f"process {tid} ({st.name}{zombie})"

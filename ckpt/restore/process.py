@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -115,12 +116,16 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     for task, th in zip(threads, entry.threads[1:], strict=True):
         load_registers(task, th)
     # queued while every thread is still traced: none runs user code
-    if stopped or was_stopped(entry):
+    stop = stopped or was_stopped(entry)
+    if stop:
         os.kill(stub.pid, signal.SIGSTOP)
     stub.release_cpu()
     for task in threads:
         task.task.detach()
     stub.task.detach()
+    if stop:  # return once it is in the stop: whoever looks next sees state T
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PID, stub.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
     return tids
 
 
