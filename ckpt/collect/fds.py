@@ -179,13 +179,14 @@ def classify_fd(info: FdInfo) -> str:
     return "other"
 
 
+#: How a refusal names each kind of classify_fd
+FD_KIND_NOUNS = {"regular": "regular file", "dev_null": "/dev/null", "anon_inode": "anon inode",
+                 "chardev": "character device", "other": "special file"}
+
+
 def describe_fd(info: FdInfo) -> str:
     """"fd 5 is a socket (socket:[1234])": the start of a refusal message."""
-    kind = FD_KIND_NOUNS.get(classify_fd(info), classify_fd(info))
-    article = "an" if kind[0] in "aeiou" else "a"
-    return f"fd {info.fd} is {article} {kind} ({info.target})"
-
-
-FD_KIND_NOUNS = {"regular": "regular file", "dev_null": "/dev/null", "tty": "terminal",
-                 "anon_inode": "anon inode", "chardev": "character device",
-                 "other": "special file"}
+    kind = classify_fd(info)
+    noun = FD_KIND_NOUNS.get(kind, kind)
+    article = "an" if noun[0] in "aeiou" else "a"
+    return f"fd {info.fd} is {article} {noun} ({info.target})"
