@@ -242,8 +242,8 @@ def test_mutants_fail_cleanly(chain: tuple[Path, int], tmp_path: Path,
 
 
 @pytest.mark.parametrize("case", ["vma-kind", "long-parent", "nan-stats"])
-def test_issue_mutants_one_error_line(chain: tuple[Path, int], tmp_path: Path,
-                                      case: str) -> None:
+def test_issue_mutants_one_error_line(chain: tuple[Path, int], harness: Harness,
+                                      tmp_path: Path, case: str) -> None:
     """The three mutants of the issue, through the installed `ckpt`: one line naming
     the file and the field."""
     src, pid = chain
@@ -265,7 +265,9 @@ def test_issue_mutants_one_error_line(chain: tuple[Path, int], tmp_path: Path,
             field = "stats.frozen_ms"
         d.write_inventory(inv)
         file = "inventory"
-    for args in (("show", work / "2"), ("restore", "-D", work / "2", "--new-pid", "-d")):
+    for args in (("show", work / "2"),
+                 ("restore", "-D", work / "2", "--new-pid", "-d", "--pidfile",
+                  harness.new_pidfile())):
         message = assert_one_error_line(run_ckpt(*args))
         assert "internal error" not in message, message
         assert file in message and field in message, message
