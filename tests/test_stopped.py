@@ -48,6 +48,8 @@ def test_stopped_target_is_restored_stopped(harness: Harness, bins: Bins,
     images = harness.images()
     harness.dump_and_reap(proc, images)
     at_dump = len(read_lines(out))
+    show = run_ckpt("show", images)
+    assert "(stopped: restored stopped, until SIGCONT)" in show.stdout, show.describe()
 
     pid = harness.restore_detached(images)
     assert pid == proc.pid

@@ -12,6 +12,7 @@ from google.protobuf.json_format import MessageToDict
 from ckpt.images import ImageDir, image_chain
 from ckpt.images.pagemap import Pagemap
 from ckpt.images.pb import core_pb2
+from ckpt.images.siginfo import was_stopped
 from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.ranges import intersect, total
 
@@ -50,6 +51,7 @@ def _process(pid: int, entry: core_pb2.ProcessEntry | None,
         return proc
     proc.update({
         "comm": entry.comm, "exe": entry.mm.exe, "cwd": entry.cwd,
+        "stopped": was_stopped(entry),
         "threads": [{"tid": t.tid, "rip": t.regs.rip, "in_syscall": _syscall_nr(t)}
                     for t in entry.threads],
         "vmas": [{"start": v.start, "end": v.end, "prot": _prot(v.prot, v.shared),
@@ -97,7 +99,8 @@ def render_text(s: dict[str, Any]) -> str:
                  f" ms, {int(stats.get('bytes_written', 0)) / 2**20:.2f} MiB stored"
                  + (f", {precopied} pages read before the freeze" if precopied else ""))
     for p in s["processes"]:
-        lines.append(f"process {p['pid']} {p.get('comm', '')!r} exe={p.get('exe', '?')}")
+        lines.append(f"process {p['pid']} {p.get('comm', '')!r} exe={p.get('exe', '?')}"
+                     + (" (stopped: restored stopped, until SIGCONT)" if p.get("stopped") else ""))
         lines.append(f"  pages: {p['pages_here']} here, {p['pages_in_parent']} in parent images"
                      f" ({p['pagemap_runs']} runs)")
         for t in p.get("threads", []):
