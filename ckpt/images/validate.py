@@ -5,7 +5,7 @@ damaged and its checksum fixed, an image written by a buggy or hostile tool. Wha
 reads images (restore, show, the next pass) may then trust each field, so a bad value
 is refused here, as an ImageError naming the file and the field:
 
-    core-42.img: vmas[3].kind = 99: not a Vma.Kind
+    core-42.img: corrupted (vmas[3].kind = 99: not a Vma.Kind)
 
 Two tables say what is valid:
 
