@@ -65,16 +65,22 @@ def main(debug: bool) -> None:
 
 
 @main.command()
+@click.option("--feature", "features", multiple=True, metavar="NAME",
+              help="Exit non-zero unless this feature works (as CRIU's check --feature); "
+                   "repeatable. Names are those `ckpt check` lists.")
 @reports_errors
-def check() -> None:
+def check(features: tuple[str, ...]) -> None:
     """Probe what this kernel supports, one line per feature."""
-    from ckpt.actions.check import format_capabilities, meaning
+    from ckpt.actions.check import format_capabilities, meaning, missing
     from ckpt.kernel.probe import probe
 
     caps = probe()
     click.echo(format_capabilities(caps))
     for line in meaning(caps):
         click.echo(f"  {line}")
+    why = missing(caps, features)
+    if why:
+        raise CkptError(why)
 
 
 def target_options(fn: F) -> F:
@@ -313,13 +319,17 @@ def page_server(address: str, port: int, images_dir: str, auth_token_file: str,
               help="Return once the process runs instead of waiting for it.")
 @click.option("--pidfile", type=click.Path(dir_okay=False), help="Write the restored PID here.")
 @click.option("--new-pid", is_flag=True, help="Restore under a fresh PID if the old one is taken.")
+@click.option("--skip-file-check", is_flag=True,
+              help="Reopen files that changed since the dump (shrunk, rewritten) anyway.")
 @reports_errors
-def restore(images_dir: str, restore_detached: bool, pidfile: str | None, new_pid: bool) -> None:
+def restore(images_dir: str, restore_detached: bool, pidfile: str | None, new_pid: bool,
+            skip_file_check: bool) -> None:
     """Restore a process from images; without -d wait for it and exit with its status."""
     from ckpt.actions.restore import RestoreOptions, wait_restored
     from ckpt.actions.restore import restore as do_restore
 
-    res = do_restore(RestoreOptions(images_dir=images_dir, new_pid=new_pid))
+    res = do_restore(RestoreOptions(images_dir=images_dir, new_pid=new_pid,
+                                    skip_file_check=skip_file_check))
     if pidfile:
         with open(pidfile, "w") as f:
             f.write(f"{res.pid}\n")

@@ -377,6 +377,10 @@ def assert_one_error_line(res: CkptResult) -> str:
 # --------------------------------------------------------------------------- harness
 
 
+# ckpt restore's words for a dumped pid or tid another process holds (ckpt.restore)
+ID_TAKEN = re.compile(r"(?:pid|thread id) \d+ is taken by (?:thread \d+ of )?process (\d+)")
+
+
 class Harness:
     """Starts targets and restores, and remembers every pid to kill at teardown."""
 
@@ -435,11 +439,24 @@ class Harness:
                        *extra)
         with contextlib.suppress(FileNotFoundError, ValueError):
             self.track(int(pidfile.read_text().strip()))
+        self.skip_if_ids_reused(res)
         assert_ckpt_ok(res)
         assert pidfile.exists(), f"restore did not write the pidfile\n{res.describe()}"
         pid = int(pidfile.read_text().strip())
         assert is_alive(pid), f"restored process {pid} is not running\n{res.describe()}"
         return pid
+
+    def skip_if_ids_reused(self, res: CkptResult) -> None:
+        """A restore under the dumped ids failed because a process this test did not start
+        took one of them after the dump (pid_max is 32768 here and other work forks):
+        skip, saying so, instead of failing. One of ours holding it is a real failure."""
+        taken = ID_TAKEN.search(res.stderr)
+        if res.returncode == 0 or taken is None:
+            return
+        holder = int(taken[1])
+        if holder not in self._pids | {c.pid for c in self._children}:
+            pytest.skip(f"PID reuse: an unrelated process took an id between dump and "
+                        f"restore: {res.stderr.strip()}")
 
     def kill(self, pid: int) -> None:
         """SIGKILL pid and wait until it is gone (reaping it if it is our child)."""

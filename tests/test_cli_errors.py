@@ -4,6 +4,7 @@ traceback, and never hurts the target: it is still running, untraced, afterwards
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from conftest import (
     py_target,
     read_lines,
     run_ckpt,
+    thread_ids,
     wait_for_lines,
 )
 
@@ -103,6 +105,18 @@ def test_dump_target_already_traced(harness: Harness, bins: Bins, tmp_path: Path
     assert_untouched(proc, out)
 
 
+def test_dump_track_mem_needs_leave_running(harness: Harness, bins: Bins,
+                                            tmp_path: Path) -> None:
+    """--track-mem keeps tracking armed for the next snapshot of a process left running:
+    without --leave-running it is refused up front, and the target is not killed."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn], out)
+    wait_for_lines(out, 2)
+    res = run_ckpt("dump", "-t", str(proc.pid), "-D", harness.images(), "--track-mem")
+    assert "--leave-running" in assert_one_error_line(res)
+    assert_untouched(proc, out)
+
+
 # --------------------------------------------------------------------------- restore
 
 
@@ -145,9 +159,10 @@ def dumped(harness: Harness, bins: Bins, tmp_path: Path) -> Dumped:
 
 def restore_new_pid_fails(harness: Harness, dumped: Dumped) -> str:
     """Restore (under a new pid: the original still runs) must fail cleanly, leave
-    nothing half-built behind, and not disturb the original."""
+    nothing half-built behind, and not disturb the original (whose output file grew
+    since the dump: that check is test_files_check's)."""
     res = run_ckpt("restore", "-D", dumped.images, "--new-pid", "--restore-detached",
-                   "--pidfile", harness.new_pidfile())
+                   "--skip-file-check", "--pidfile", harness.new_pidfile())
     message = assert_one_error_line(res)
     assert pids_running(dumped.exe) == {dumped.proc.pid}, "a half-restored process is left"
     assert_untouched(dumped.proc, dumped.out)
@@ -220,7 +235,64 @@ def test_dump_disk_full(harness: Harness, tmp_path: Path) -> None:
     assert_untouched(proc, out)
 
 
+NOBODY = ("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups")
+
+
+def test_check_as_non_root_cannot_choose_pids() -> None:
+    """ns_last_pid is mode 0666, so opening it proves nothing: for a non-root user the
+    probe's write fails, `check` says so, and --feature makes that the exit status."""
+    res = run_ckpt("check", "--feature", "ns-last-pid", prefix=NOBODY)
+    assert "ns-last-pid" in assert_one_error_line(res)
+    assert re.search(r"^NO  ns-last-pid .*not permitted", res.stdout, re.M), res.stdout
+    assert "restore: pids cannot be chosen: use --new-pid" in res.stdout
+    assert run_ckpt("check", "--feature", "ns-last-pid").returncode == 0
+
+
 @pytest.mark.parametrize("args", [("dump",), ("dump", "-t", "abc", "-D", "x"),
                                   ("restore",), ("nosuchcommand",)])
 def test_usage_errors_are_one_line(args: tuple[str, ...]) -> None:
     assert_one_error_line(run_ckpt(*args))
+
+
+# --------------------------------------------------------------------------- PID reuse
+
+THREADED = """
+import threading, time
+threading.Thread(target=time.sleep, args=(1e6,), daemon=True).start()
+print("ready", flush=True)
+time.sleep(1e6)
+"""
+
+
+def spawn_at(pid: int, harness: Harness, tmp_path: Path) -> subprocess.Popen[bytes] | None:
+    """A `sleep` under exactly ``pid`` (ns_last_pid, as restore does it), or None if
+    other forks kept taking it."""
+    for _ in range(50):
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        proc = harness.launch(["sleep", "60"], tmp_path / "sleep.txt")
+        if proc.pid == pid:
+            return proc
+        harness.kill(proc.pid)
+    return None
+
+
+def test_restore_names_the_process_holding_a_thread_id(harness: Harness,
+                                                       tmp_path: Path) -> None:
+    """PID reuse: a process started after the dump holds one of the dumped thread ids.
+    The restore says which process, in words that tell it from a mistake of ckpt's."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch([sys.executable, "-c", THREADED], out)
+    wait_for_lines(out, 1)
+    tids = sorted(thread_ids(proc.pid) - {proc.pid})
+    assert tids, "the target has no second thread"
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    holder = spawn_at(tids[0], harness, tmp_path)
+    if holder is None:
+        pytest.skip(f"could not start a process under pid {tids[0]}")
+
+    res = run_ckpt("restore", "-D", images, "--restore-detached")
+    message = assert_one_error_line(res)
+    assert f"thread id {tids[0]} is taken by process {tids[0]} (sleep)" in message, message
+    assert "--new-pid" in message
+    assert not is_alive(proc.pid), "a half-restored process is left"

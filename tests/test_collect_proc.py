@@ -242,6 +242,10 @@ def test_classify_fd_kinds() -> None:
     assert describe_fd(sock) == "fd 5 is a socket (socket:[1234])"
     assert describe_fd(fdinfo(3, "anon_inode:[eventfd]", 0o600)).startswith(
         "fd 3 is an anon inode (")
+    assert describe_fd(fdinfo(4, "/tmp/x (deleted)")) == \
+        "fd 4 is a regular file (/tmp/x (deleted))"
+    assert describe_fd(fdinfo(6, "/dev/sda", stat.S_IFBLK | 0o660)) == \
+        "fd 6 is a special file (/dev/sda)"
 
 
 # --- errors and degenerate files ------------------------------------------------------

@@ -66,7 +66,8 @@ def make_core(pid: int) -> ProcessEntry:
 
 def make_dir(path: Path, parent: str = "", pids: tuple[int, ...] = (42,)) -> ImageDir:
     d = ImageDir.create(path)
-    d.write_inventory(Inventory(format_version=1, root_pid=pids[0], pids=pids, parent=parent))
+    d.write_inventory(Inventory(format_version=1, root_pid=pids[0], pids=pids, parent=parent,
+                                kind="predump", tracker="none"))
     return d
 
 

@@ -49,7 +49,7 @@ def test_soft_dirty_unavailable_here(cap: pr.Capabilities) -> None:
 
 def test_features_available_here(cap: pr.Capabilities) -> None:
     for name in ("ptrace-seize", "xstate", "process_vm_readv", "uffd-wp-async", "pagemap-scan",
-                 "uffd-copy", "clone3-set-tid", "vdso-layout"):
+                 "uffd-copy", "clone3-set-tid", "ns-last-pid", "vdso-layout"):
         assert cap.ok(name), cap.get(name)
     assert "EINVAL" in cap.get("pagemap-scan").detail
     assert cap.ns_last_pid_writable
@@ -93,6 +93,17 @@ def test_meaning_fallbacks() -> None:
     assert "restore: every page written with process_vm_writev (userfaultfd unavailable)" in lines
     sd_only = tuple(pr.Feature(n, n == "soft-dirty", "x") for n in pr.FEATURE_NAMES)
     assert check.meaning(pr.Capabilities(sd_only))[0].startswith("predump: soft-dirty tracking")
+
+
+def test_missing_features() -> None:
+    """`check --feature`: unknown names and features that do not work are the error."""
+    feats = tuple(pr.Feature(n, n != "soft-dirty", f"why {n}") for n in pr.FEATURE_NAMES)
+    caps = pr.Capabilities(feats)
+    assert check.missing(caps, ()) == ""
+    assert check.missing(caps, ("uffd-copy", "ns-last-pid")) == ""
+    assert check.missing(caps, ("soft-dirty", "soft-dirty")) == \
+        "soft-dirty is not available: why soft-dirty"
+    assert check.missing(caps, ("nope",)).startswith("unknown feature nope (known: ")
 
 
 def test_format(cap: pr.Capabilities) -> None:

@@ -91,6 +91,10 @@ def test_migrate_continues_at_destination(harness: Harness, bins: Bins, tmp_path
     assert "(warm)" in res.stdout and "destination caught up" in res.stdout, res.stdout
     new_pid = int(re.search(r"as pid (\d+)", res.stdout)[1])  # type: ignore[index]
     harness.track(new_pid)
+    # as many round lines as the summary counts rounds, the final one included
+    rounds = re.findall(r"^round (\d+)", res.stdout, re.M)
+    assert f": {len(rounds)} rounds," in res.stdout and rounds[-1] == str(len(rounds)), \
+        res.stdout
     proc.wait(timeout=10)  # the source is gone
     before = len(read_lines(out))
     wait_for_lines(out, before + 5)

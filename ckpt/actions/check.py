@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ckpt.kernel.probe import Capabilities
+from ckpt.kernel.probe import FEATURE_NAMES, Capabilities
 
 
 def meaning(cap: Capabilities) -> list[str]:
@@ -47,6 +47,16 @@ def meaning(cap: Capabilities) -> list[str]:
     if cap.ok("vdso-layout"):
         out.append(f"restore: vdso/vvar moved with mremap ({cap.get('vdso-layout').detail})")
     return out
+
+
+def missing(cap: Capabilities, wanted: tuple[str, ...]) -> str:
+    """Why ``check --feature`` fails: the wanted features that are unknown or do not work
+    here, or "" if all work."""
+    unknown = [n for n in wanted if n not in FEATURE_NAMES]
+    if unknown:
+        return f"unknown feature {', '.join(unknown)} (known: {', '.join(FEATURE_NAMES)})"
+    absent = [cap.get(n) for n in dict.fromkeys(wanted) if not cap.ok(n)]
+    return "; ".join(f"{f.name} is not available: {f.detail}" for f in absent)
 
 
 def format_capabilities(cap: Capabilities) -> str:

@@ -78,7 +78,8 @@ def build_core(pid: int, info: ProcessInfo, threads: list[ThreadState], injected
         entry.rlimits.add(resource=r.resource, cur=r.soft, max=r.hard)
     for f in files:
         entry.files.add(id=f.id, type=FILE_TYPES[f.kind], path=f.path, flags=f.flags, pos=f.pos,
-                        mode=f.mode, size=f.size, inherit_fd=f.inherit_fd)
+                        mode=f.mode, size=f.size, inherit_fd=f.inherit_fd, mtime_ns=f.mtime_ns,
+                        dev=f.dev, inode=f.inode)
         for fd, cloexec in f.fds:
             entry.fds.add(fd=fd, file_id=f.id, cloexec=cloexec)
     return entry

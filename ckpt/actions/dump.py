@@ -49,6 +49,7 @@ from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
 from ckpt.freeze.seize import Frozen
 from ckpt.images import ImageDir
 from ckpt.images.pb import image_pb2
+from ckpt.images.siginfo import STOPPED_MARK
 from ckpt.kernel.ptrace import Tracee
 from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.pagecopy.compare import DigestMap
@@ -122,14 +123,15 @@ def check_vmas(pid: int, vmas: list[VmaInfo]) -> None:
                               "not supported")
 
 
-def collect_process(pid: int, leader: Tracee) -> ProcessInfo:
+def collect_process(pid: int, leader: Tracee, stopped: bool = False) -> ProcessInfo:
     with proc.proc_errors(pid, "personality"), open(f"/proc/{pid}/personality") as f:
         personality = int(f.read(), 16)
     return ProcessInfo(
         stat=proc.read_stat(pid), umask=proc.read_status(pid).umask or 0o022,
         auxv=proc.read_auxv(pid), exe=proc.read_exe(pid), cwd=proc.read_cwd(pid),
         comm=proc.read_comm(pid), cmdline=proc.read_cmdline(pid), personality=personality,
-        rlimits=proc.read_limits(pid), shared_pending=leader.pending_signals(shared=True))
+        rlimits=proc.read_limits(pid),
+        shared_pending=leader.pending_signals(shared=True) + ([STOPPED_MARK] if stopped else []))
 
 
 def hidden_fds(pid: int) -> set[int]:
@@ -142,6 +144,9 @@ def dump(opts: DumpOptions) -> DumpResult:
     t_start = time.perf_counter()
     if opts.incremental and not opts.prev_images_dir:
         raise CkptError("--incremental needs --prev-images-dir")
+    if opts.track_mem and not opts.leave_running:
+        raise CkptError("--track-mem needs --leave-running (a dump without it kills the "
+                        "process: there is nothing left to track)")
     parent = open_parent(opts.images_dir, opts.prev_images_dir, pid)
     early_vmas = preflight(opts, hidden_fds(pid) if proc.pid_exists(pid) else set())
     tracker = select_tracker(opts.track, pid, parent) if opts.incremental or opts.track_mem \
@@ -197,7 +202,7 @@ def dump(opts: DumpOptions) -> DumpResult:
                     with frozen.near():
                         tracker.end(ctx, keep=keep)
             files = collect_files(pid, opts.shell_job, hidden_fds(pid))
-            info = collect_process(pid, frozen.leader)
+            info = collect_process(pid, frozen.leader, stopped=bool(frozen.stop_signal))
             frozen_at = frozen.frozen_at
             frozen_ms = (time.perf_counter() - frozen_at) * 1000
             if not opts.leave_running:

@@ -126,6 +126,9 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
             prev = run_rounds(opts, conn, work, out, report)
             prev = catch_up(opts, conn, work, out, prev, report)
             final_round(opts, conn, work, str(len(out.rounds) + 1), prev, out)
+            last = out.rounds[-1]
+            report(f"round {last.n} (final, process frozen): {last.dirty_pages} dirty pages, "
+                   f"{last.bytes_sent / 2**20:.2f} MiB sent")
     finally:
         if not opts.keep_images:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,6 +1,8 @@
 """`ckpt restore`: rebuild a process from an images directory, as a straight checklist.
 
-    read images        inventory, core, pagemap (validated before anything is created)
+    read images        inventory, core, pagemap (each field validated: images/validate.py)
+                       and the files they reopen (unchanged since the dump), all before
+                       anything is created
     stub               fork a traced child with the dumped pid (ns_last_pid) or a new one,
                        every signal action SIG_DFL
     gadget             syscall page at a free address; stub rseq off, its fds closed
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 
 from ckpt.images import chain
 from ckpt.restore import mm
+from ckpt.restore.files import check_files
 from ckpt.restore.pages import WritableIndex
 from ckpt.restore.process import (
     check_ids_free,
@@ -48,6 +51,7 @@ class RestoreOptions:
     images_dir: str
     new_pid: bool = False
     stopped: bool = False  # leave it stopped (SIGSTOP): migration resumes it on commit
+    skip_file_check: bool = False  # reopen files that changed since the dump anyway
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ def restore(opts: RestoreOptions) -> RestoreResult:
     layers = chain.resolve(images, entry.pid)  # the whole chain is valid before we fork
     if not opts.new_pid:
         check_ids_free(entry)
+    if not opts.skip_file_check:
+        check_files(entry)
     stub = Stub.spawn(None if opts.new_pid else entry.pid, max(t.tid for t in entry.threads))
     copier = CopyFill()
     try:

@@ -4,6 +4,7 @@ as text or JSON, like `crit show`. Reads images only; never touches a live proce
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -11,6 +12,7 @@ from google.protobuf.json_format import MessageToDict
 from ckpt.images import ImageDir, image_chain
 from ckpt.images.pagemap import Pagemap
 from ckpt.images.pb import core_pb2
+from ckpt.images.siginfo import was_stopped
 from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.ranges import intersect, total
 
@@ -22,7 +24,7 @@ def summarize(images_dir: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "images_dir": str(images.path),
         "inventory": MessageToDict(inv, preserving_proto_field_name=True),
-        "parents": [str(d.path) for d in chain[1:]],
+        "parents": [shown_path(d.path) for d in chain[1:]],
         "processes": [],
     }
     for pid in inv.pids:
@@ -30,6 +32,14 @@ def summarize(images_dir: str) -> dict[str, Any]:
         _, pagemap = images.read_pagemap(pid)
         out["processes"].append(_process(pid, entry, pagemap))
     return out
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """``ck/3/../2/../1`` as ``ck/1``; as the real path where a symlink makes ".." go
+    elsewhere than the text says."""
+    norm = os.path.normpath(path)
+    real = os.path.realpath(path)
+    return norm if os.path.realpath(norm) == real else real
 
 
 def _process(pid: int, entry: core_pb2.ProcessEntry | None,
@@ -41,6 +51,7 @@ def _process(pid: int, entry: core_pb2.ProcessEntry | None,
         return proc
     proc.update({
         "comm": entry.comm, "exe": entry.mm.exe, "cwd": entry.cwd,
+        "stopped": was_stopped(entry),
         "threads": [{"tid": t.tid, "rip": t.regs.rip, "in_syscall": _syscall_nr(t)}
                     for t in entry.threads],
         "vmas": [{"start": v.start, "end": v.end, "prot": _prot(v.prot, v.shared),
@@ -88,7 +99,8 @@ def render_text(s: dict[str, Any]) -> str:
                  f" ms, {int(stats.get('bytes_written', 0)) / 2**20:.2f} MiB stored"
                  + (f", {precopied} pages read before the freeze" if precopied else ""))
     for p in s["processes"]:
-        lines.append(f"process {p['pid']} {p.get('comm', '')!r} exe={p.get('exe', '?')}")
+        lines.append(f"process {p['pid']} {p.get('comm', '')!r} exe={p.get('exe', '?')}"
+                     + (" (stopped: restored stopped, until SIGCONT)" if p.get("stopped") else ""))
         lines.append(f"  pages: {p['pages_here']} here, {p['pages_in_parent']} in parent images"
                      f" ({p['pagemap_runs']} runs)")
         for t in p.get("threads", []):

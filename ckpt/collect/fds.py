@@ -44,6 +44,7 @@ class FdInfo:
     st_rdev: int
     st_size: int
     extra: tuple[tuple[str, str], ...] = ()  # other fdinfo lines (eventfd-count, lock, ...)
+    st_mtime_ns: int = 0
 
     @property
     def cloexec(self) -> bool:
@@ -84,7 +85,7 @@ def read_fd(pid: int, fd: int, *, root: str = "/proc", stat: StatFn = os.stat) -
     pos, flags, mnt_id, ino, extra = parse_fdinfo(info)
     return FdInfo(fd=fd, target=target, pos=pos, flags=flags, mnt_id=mnt_id, ino=ino,
                   st_mode=s.st_mode, st_dev=s.st_dev, st_ino=s.st_ino, st_rdev=s.st_rdev,
-                  st_size=s.st_size, extra=extra)
+                  st_size=s.st_size, extra=extra, st_mtime_ns=s.st_mtime_ns)
 
 
 def list_fds(pid: int, *, root: str = "/proc") -> list[int]:
@@ -178,8 +179,14 @@ def classify_fd(info: FdInfo) -> str:
     return "other"
 
 
+#: How a refusal names each kind of classify_fd
+FD_KIND_NOUNS = {"regular": "regular file", "dev_null": "/dev/null", "anon_inode": "anon inode",
+                 "chardev": "character device", "other": "special file"}
+
+
 def describe_fd(info: FdInfo) -> str:
     """"fd 5 is a socket (socket:[1234])": the start of a refusal message."""
     kind = classify_fd(info)
-    article = "an" if kind[0] in "aeiou" else "a"
-    return f"fd {info.fd} is {article} {kind.replace('_', ' ')} ({info.target})"
+    noun = FD_KIND_NOUNS.get(kind, kind)
+    article = "an" if noun[0] in "aeiou" else "a"
+    return f"fd {info.fd} is {article} {noun} ({info.target})"

@@ -40,6 +40,9 @@ class FileRecord:
     size: int
     inherit_fd: int
     fds: tuple[tuple[int, bool], ...]  # (fd, cloexec)
+    mtime_ns: int = 0
+    dev: int = 0
+    inode: int = 0
 
 
 def file_kind(info: FdInfo, shell_job: bool) -> str:
@@ -74,6 +77,7 @@ def collect_files(pid: int, shell_job: bool, hidden: set[int] | None = None,
             id=n, kind=kind, path=first.target, flags=first.flags & ~O_CLOEXEC, pos=first.pos,
             mode=first.st_mode, size=first.st_size,
             inherit_fd=first.fd if kind == "inherited" else -1,
-            fds=tuple((fd, bool(fds[fd].flags & O_CLOEXEC)) for fd in group)))
+            fds=tuple((fd, bool(fds[fd].flags & O_CLOEXEC)) for fd in group),
+            mtime_ns=first.st_mtime_ns, dev=first.st_dev, inode=first.st_ino))
     return out
 

@@ -186,6 +186,21 @@ def read_status(pid: int, *, root: str = "/proc") -> Status:
 
 
 
+def id_holder(tid: int, *, root: str = "/proc") -> tuple[int, str] | None:
+    """Who holds pid/tid ``tid`` now: (its process's pid, that in words, e.g. "process
+    812 (sleep)" or "thread 813 of process 812 (python3)"), or None if no task has it."""
+    try:
+        st = read_status(tid, root=root)
+    except (NoSuchProcess, KeyError, ValueError):
+        return None
+    except AccessDenied:
+        return -1, f"task {tid} (its /proc status is unreadable)"
+    zombie = ", a zombie not reaped yet" if st.state == "Z" else ""
+    if st.tgid == tid:
+        return tid, f"process {tid} ({st.name}{zombie})"
+    return st.tgid, f"thread {tid} of process {st.tgid} ({st.name}{zombie})"
+
+
 def read_auxv(pid: int, *, root: str = "/proc") -> bytes:
     """Raw /proc/PID/auxv: (a_type, a_val) pairs of native u64, ending with AT_NULL."""
     return _read_bytes(pid, root, "auxv")

@@ -10,6 +10,14 @@ PTRACE_SEIZE (unlike PTRACE_ATTACH) sends no SIGSTOP, so the target's job-contro
 untouched, and when ckpt dies, even by SIGKILL, the kernel detaches and the target resumes.
 SIGINT/SIGTERM/SIGHUP delivered to ckpt while frozen raise :class:`Interrupted`, which unwinds
 through ``__exit__`` like any other error.
+
+A process in a job-control stop (SIGSTOP, SIGTSTP, ...) reports a group-stop instead of
+the interrupt, and would go back to it whenever resumed, so no syscall could be injected.
+Once every thread is seized (traced threads are not woken by it), a SIGCONT ends the
+group-stop and each thread is interrupted again; on release a SIGSTOP, queued before
+the detach, puts the process back in the stop before it runs an instruction
+(``stop_signal`` says it was stopped; as CRIU does). If ckpt is killed meanwhile, the
+kernel detaches and the process runs on: the only state a kill -9 changes.
 """
 
 from __future__ import annotations
@@ -27,6 +35,11 @@ from ckpt.errors import AccessDenied, CkptError, NoSuchProcess, NotDumpable
 from ckpt.kernel.ptrace import PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_SEIZE, Tracee, ptrace
 
 SEIZE_ROUNDS = 50
+ALL_SIGNALS = (1 << 64) - 1
+
+
+def _signo(siginfo: bytes) -> int:
+    return int.from_bytes(siginfo[:4], "little", signed=True)
 _HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -56,6 +69,8 @@ class Frozen:
         self.root = proc_root
         self.tasks: dict[int, Tracee] = {}
         self.pending_signals: dict[int, int] = {}  # tid -> signal to re-deliver on detach
+        self.stop_signal = 0  # the job-control stop the process was in when seized, or 0
+        self._group_stopped: list[Tracee] = []
         self.frozen_at = 0.0
         self.killed = False
         self._old_handlers: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
@@ -119,6 +134,7 @@ class Frozen:
                 gone = [t for t in self.tasks if t not in tids]
                 for tid in gone:
                     del self.tasks[tid]
+                self._end_group_stop()
                 return
             for tid in new:
                 try:
@@ -139,10 +155,14 @@ class Frozen:
         raise NotDumpable(f"process {self.pid} keeps creating threads; cannot freeze it")
 
     def _wait_interrupt(self, task: Tracee) -> None:
-        """Wait for the event stop; a signal-delivery stop on the way is kept for later."""
+        """Wait for the event stop; a signal-delivery stop on the way is kept for later, a
+        group-stop (the process is stopped) is ended by _end_group_stop."""
         while True:
             status = task.wait_stop()
             if status >> 16 == PTRACE_EVENT_STOP:
+                if os.WSTOPSIG(status) != signal.SIGTRAP:
+                    self.stop_signal = os.WSTOPSIG(status)
+                    self._group_stopped.append(task)
                 return
             sig = os.WSTOPSIG(status)
             # A signal arrived first: suppress it now, re-deliver it when we let go.
@@ -150,9 +170,52 @@ class Frozen:
             task.cont(0)
             ptrace(PTRACE_INTERRUPT, task.tid)
 
+    def _end_group_stop(self) -> None:
+        """Every thread is seized: end the job-control stop (see the module docstring)."""
+        if not self._group_stopped:
+            return
+        os.kill(self.pid, signal.SIGCONT)
+        for _ in range(SEIZE_ROUNDS):
+            tasks, self._group_stopped = self._group_stopped, []
+            if not tasks:
+                return
+            for task in tasks:
+                ptrace(PTRACE_INTERRUPT, task.tid)
+                task.cont(0)
+                self._wait_interrupt(task)
+            self._take_sigcont()
+        raise NotDumpable(f"process {self.pid} keeps stopping; cannot freeze it")
+
+    def _take_sigcont(self) -> None:
+        """Our SIGCONT is still queued (a traced process gets even ignored signals queued)
+        and would show up in the first injected syscall: let the leader take it now, into
+        a signal-delivery stop where it is dropped, with every other signal blocked
+        meanwhile, and interrupted again before it runs anything."""
+        leader = self.tasks[self.pid]
+        if not any(_signo(i) == signal.SIGCONT for i in leader.pending_signals(shared=True)):
+            return
+        mask = leader.get_sigmask()
+        leader.set_sigmask(ALL_SIGNALS & ~(1 << (signal.SIGCONT - 1)))
+        try:
+            leader.cont(0)
+            status = leader.wait_stop()
+            if status >> 16 == 0 and os.WSTOPSIG(status) != signal.SIGCONT:
+                self.pending_signals[leader.tid] = os.WSTOPSIG(status)  # SIGSTOP, say
+            ptrace(PTRACE_INTERRUPT, leader.tid)
+            leader.cont(0)
+            self._wait_interrupt(leader)
+        finally:
+            leader.set_sigmask(mask)
+
     # ------------------------------------------------------------------ release
     def detach_all(self) -> None:
         errors: list[BaseException] = []
+        if self.stop_signal and self.tasks:
+            # back into the stop: queued while traced, taken before any user instruction
+            os.kill(self.pid, signal.SIGSTOP)
+            for tid in list(self.pending_signals):
+                if self.pending_signals[tid] == signal.SIGCONT:  # ours, from _end_group_stop
+                    del self.pending_signals[tid]
         for tid, task in list(self.tasks.items()):
             try:
                 task.detach(self.pending_signals.get(tid, 0))

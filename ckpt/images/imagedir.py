@@ -32,6 +32,7 @@ from ckpt.images.pb.image_pb2 import (
     TrackerState,
 )
 from ckpt.images.safedir import WritableDir, make_dirs
+from ckpt.images.validate import validate
 
 
 def _magic(tag: bytes) -> int:
@@ -203,6 +204,7 @@ class ImageDir:
         msgs = decode_entries(self._read_file(target), kind.magic, kind.messages[0], str(target))
         if len(msgs) != 1:
             raise ImageError(f"{target}: corrupted (expected 1 entry, found {len(msgs)})")
+        validate(str(target), msgs[0])
         return msgs[0]
 
     # -- typed images ------------------------------------------------------------------
@@ -234,7 +236,9 @@ class ImageDir:
         if self.exists("core", pid):
             return list(self.read_core(pid).vmas)
         target = self.file("vmas", pid)
-        return decode_entries(self._read_file(target), VMAS.magic, Vma, str(target))
+        vmas = decode_entries(self._read_file(target), VMAS.magic, Vma, str(target))
+        validate(str(target), *vmas)
+        return vmas
 
     def write_tracker(self, pid: int, msg: TrackerState) -> None:
         self._write_msgs(TRACKER, pid, [msg])
@@ -287,6 +291,7 @@ class ImageDir:
         if head.pid != pid:
             raise ImageError(f"{name}: holds process {head.pid}, not {pid}")
         runs = [parse_entry(PagemapRuns, p, name, i) for i, p in enumerate(payloads[1:], 1)]
+        validate(name, head, *runs)
         return head, decode(runs, name)
 
     @contextlib.contextmanager
@@ -342,7 +347,11 @@ class ImageDir:
         if not rel:
             return None
         p = self.path / rel
-        if not (p / INVENTORY.template).is_file():
+        try:
+            found = (p / INVENTORY.template).is_file()
+        except OSError as exc:  # e.g. a name too long once joined to this directory
+            raise ImageError(f"parent images {rel!r:.80} (of {self.path}): {_why(exc)}") from None
+        if not found:
             raise ImageError(f"parent images {p} (of {self.path}) missing")
         return ImageDir(p)
 

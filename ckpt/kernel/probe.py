@@ -43,7 +43,7 @@ XFEATURE_NAMES = {
 
 FEATURE_NAMES = (
     "ptrace-seize", "xstate", "process_vm_readv", "soft-dirty", "uffd-wp-async",
-    "pagemap-scan", "uffd-copy", "clone3-set-tid", "vdso-layout",
+    "pagemap-scan", "uffd-copy", "clone3-set-tid", "ns-last-pid", "vdso-layout",
 )
 
 
@@ -314,15 +314,28 @@ class _CloneArgs(ctypes.Structure):
 assert ctypes.sizeof(_CloneArgs) == 80  # CLONE_ARGS_SIZE_VER1
 
 
+def _probe_ns_last_pid(extra: _Extra) -> Feature:
+    """Write ns_last_pid's current value back: the file is mode 0666, so opening it proves
+    nothing; the write needs CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN) over the pid
+    namespace. Rewriting the value only changes which free pid the next fork tries."""
+    path = "/proc/sys/kernel/ns_last_pid"
+    try:
+        with open(path, "rb") as f:
+            value = f.read().strip()
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        extra.ns_last_pid_writable = False
+        return Feature("ns-last-pid", False, f"writing {path}: {exc.strerror or exc}")
+    extra.ns_last_pid_writable = True
+    return Feature("ns-last-pid", True, f"{path} written: restore can choose the pid")
+
+
 def _probe_clone3(extra: _Extra) -> Feature:
     """clone3 asking for our own (taken) pid: EEXIST means set_tid works; no process made."""
-    try:
-        fd = os.open("/proc/sys/kernel/ns_last_pid", os.O_WRONLY | os.O_CLOEXEC)
-        os.close(fd)
-        extra.ns_last_pid_writable = True
-    except OSError:
-        extra.ns_last_pid_writable = False
-    nlp = "ns_last_pid writable" if extra.ns_last_pid_writable else "ns_last_pid not writable"
     tids = (ctypes.c_int32 * 1)(os.getpid())
     args = _CloneArgs(exit_signal=17, set_tid=ctypes.addressof(tids), set_tid_size=1)
     try:
@@ -330,7 +343,7 @@ def _probe_clone3(extra: _Extra) -> Feature:
     except KernelError as exc:
         err = exc.errno
         if err == errno.EEXIST:
-            detail = f"set_tid honoured (EEXIST on a taken pid); {nlp}"
+            detail = "set_tid honoured (EEXIST on a taken pid)"
             return Feature("clone3-set-tid", True, detail)
         reason = {
             errno.ENOSYS: "no clone3",
@@ -338,11 +351,11 @@ def _probe_clone3(extra: _Extra) -> Feature:
             errno.EINVAL: "set_tid rejected",
             errno.EPERM: "set_tid needs CAP_SYS_ADMIN over the pid namespace",
         }.get(err, str(exc))
-        return Feature("clone3-set-tid", False, f"{reason}; {nlp}")
+        return Feature("clone3-set-tid", False, reason)
     if res == 0:  # cannot happen (our pid is taken) -- but never run on in a stray child
         os._exit(0)
     kill_and_reap(res)
-    return Feature("clone3-set-tid", False, f"clone3 created pid {res} instead of EEXIST; {nlp}")
+    return Feature("clone3-set-tid", False, f"clone3 created pid {res} instead of EEXIST")
 
 
 def _probe_vdso(extra: _Extra) -> Feature:
@@ -374,6 +387,7 @@ _PROBES: tuple[tuple[tuple[str, ...], _Probe], ...] = (
     (("pagemap-scan",), _probe_pagemap_scan),
     (("uffd-copy",), _probe_uffd_copy),
     (("clone3-set-tid",), _probe_clone3),
+    (("ns-last-pid",), _probe_ns_last_pid),
     (("vdso-layout",), _probe_vdso),
 )
 

@@ -9,6 +9,8 @@ and closed at the end.
 from __future__ import annotations
 
 import os
+import stat
+from collections.abc import Callable
 
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
@@ -19,6 +21,49 @@ F_DUPFD, F_SETFD, FD_CLOEXEC = 0, 2, 1
 O_CLOEXEC = 0o2000000
 NOT_REOPENED = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
 SEEK_SET = 0
+
+
+def file_change(f: pb.OpenFile, st: os.stat_result | None) -> str | None:
+    """How a regular file changed since the dump in a way its reopened fd would not
+    survive, or None.
+
+    Refused: a file missing, replaced (another inode on the same device), shrunk (the
+    offset may lie past its end: the process writes NULs), or modified in place (another
+    mtime at the same size). A file that grew is fine for an O_APPEND writer (an
+    append-only log: it writes at the end anyway) and for a reader (it reads on, as it
+    would have), and refused for any other writer, which would overwrite what was
+    appended. Images of older versions (no inode recorded) are not checked.
+    """
+    if f.type != pb.OpenFile.REGULAR or not stat.S_ISREG(f.mode) or not f.inode:
+        return None
+    if st is None:
+        return "is missing"
+    if st.st_dev == f.dev and st.st_ino != f.inode:
+        return f"was replaced (inode {f.inode} is now {st.st_ino})"
+    if st.st_size < f.size:
+        return f"shrank from {f.size} to {st.st_size} bytes"
+    writer = f.flags & os.O_ACCMODE != os.O_RDONLY
+    if st.st_size > f.size and writer and not f.flags & os.O_APPEND:
+        return f"grew from {f.size} to {st.st_size} bytes (not opened O_APPEND)"
+    if st.st_size == f.size and st.st_mtime_ns != f.mtime_ns:
+        return "was modified (same size, another mtime)"
+    return None
+
+
+def check_files(entry: pb.ProcessEntry,
+                stat_fn: Callable[[str], os.stat_result] = os.stat) -> None:
+    """Refuse, before anything is built, files that changed since the dump (file_change),
+    naming the fds and the path; ``ckpt restore --skip-file-check`` skips this."""
+    for f in entry.files:
+        try:
+            st: os.stat_result | None = stat_fn(f.path)
+        except OSError:
+            st = None
+        why = file_change(f, st)
+        if why is not None:
+            fds = ", ".join(str(fd.fd) for fd in entry.fds if fd.file_id == f.id)
+            raise RestoreError(f"fd {fds}: {f.path} {why} since the dump; "
+                               "--skip-file-check restores anyway")
 
 
 def close_stub_fds(stub: Stub) -> None:

@@ -11,14 +11,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
 
+from ckpt.collect.proc import id_holder
 from ckpt.errors import ImageError, RestoreError
 from ckpt.images import ImageDir, chain
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.pb import image_pb2
+from ckpt.images.siginfo import was_stopped
 from ckpt.kernel.ptrace import NT_X86_XSTATE
 from ckpt.kernel.sys import NR
 from ckpt.ranges import Range, intersect
@@ -53,10 +56,11 @@ def read_images(images_dir: str) -> tuple[ImageDir, image_pb2.Inventory, pb.Proc
 
 def check_ids_free(entry: pb.ProcessEntry) -> None:
     for th in entry.threads:
-        if os.path.exists(f"/proc/{th.tid}"):
+        holder = id_holder(th.tid)
+        if holder is not None:
             what = "pid" if th.tid == entry.pid else "thread id"
-            raise RestoreError(f"{what} {th.tid} is in use; use --new-pid to restore under "
-                               "a new pid")
+            raise RestoreError(f"{what} {th.tid} is taken by {holder[1]}; use --new-pid to "
+                               "restore under a new pid")
 
 
 def check_xstate(stub: Stub, entry: pb.ProcessEntry) -> None:
@@ -112,12 +116,17 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     park_leader(stub, entry)
     for task, th in zip(threads, entry.threads[1:], strict=True):
         load_registers(task.task, th)
-    if stopped:  # queued while every thread is still traced: none runs user code
+    # queued while every thread is still traced: none runs user code
+    stop = stopped or was_stopped(entry)
+    if stop:
         os.kill(stub.pid, signal.SIGSTOP)
     stub.release_cpu()
     for task in threads:
         task.task.detach()
     stub.task.detach()
+    if stop:  # return once it is in the stop: whoever looks next sees state T
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PID, stub.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
     return tids
 
 

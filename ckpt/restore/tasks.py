@@ -42,8 +42,10 @@ import signal
 import struct
 
 from ckpt.actions.core_image import regs_from_pb
+from ckpt.collect.proc import id_holder
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.images.siginfo import is_stop_mark
 from ckpt.kernel.ptrace import (
     NT_X86_XSTATE,
     PTRACE_EVENT_CLONE,
@@ -129,8 +131,10 @@ def clone_threads(stub: Stub, threads: list[pb.ThreadCore], same_tids: bool) -> 
         status = stub.task.wait_stop(signal.SIGTRAP)
         if status >> 16 != PTRACE_EVENT_CLONE:
             err = -signed(stub.task.getregs().rax)
-            raise RestoreError(f"clone3 for thread {th.tid} failed: {errno.errorcode.get(err, err)}"
-                               + (" (tid taken?)" if err == errno.EEXIST else ""))
+            if err == errno.EEXIST:
+                raise RestoreError(tid_taken(th.tid, stub.pid))
+            raise RestoreError(f"clone3 for thread {th.tid} failed: "
+                               f"{errno.errorcode.get(err, err)}")
         new_tid = stub.task.event_msg()
         stub.task.cont()
         stub.task.wait_stop(signal.SIGTRAP)  # the parent returns and hits int3
@@ -140,6 +144,21 @@ def clone_threads(stub: Stub, threads: list[pb.ThreadCore], same_tids: bool) -> 
         child._mem_fd = stub.mem_fd()
         out.append(child)
     return out
+
+
+def tid_taken(tid: int, restoring: int, root: str = "/proc") -> str:
+    """Why clone3 gave EEXIST for ``tid``: another process took it after the dump (named,
+    so the user knows it is not ckpt's doing), or it is gone again (a short-lived task),
+    or, a bug of ours, a thread of the process being restored already has it."""
+    holder = id_holder(tid, root=root)
+    if holder is None:
+        return (f"thread id {tid} was taken by a task that has exited since; try again, or "
+                "use --new-pid")
+    owner, who = holder
+    if owner == restoring:
+        return f"thread id {tid} is already used by the process being restored ({who})"
+    return (f"thread id {tid} is taken by {who}, which started after the dump; use "
+            "--new-pid to restore under new ids")
 
 
 def restore_thread_state(task: Stub, th: pb.ThreadCore) -> None:
@@ -176,6 +195,8 @@ def last_syscalls(stub: Stub, entry: pb.ProcessEntry, tids: list[int]) -> None:
     inj = Injector(stub.task, stub.gadget, trap=False)
     stub.task.set_sigmask(U64)
     for info in entry.shared_pending:
+        if is_stop_mark(info):  # a stopped process: finish_process stops it last
+            continue
         signo = signo_of(info)
         inj(NR.rt_sigqueueinfo, stub.pid, signo, stub.put(info, 3840),
             what=f"rt_sigqueueinfo({signo})")

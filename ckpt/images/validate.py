@@ -1,0 +1,325 @@
+"""Every decoded field checked at the image boundary.
+
+A framed entry whose CRC is right can still hold values no dump ever writes: a file
+damaged and its checksum fixed, an image written by a buggy or hostile tool. Whatever
+reads images (restore, show, the next pass) may then trust each field, so a bad value
+is refused here, as an ImageError naming the file and the field:
+
+    core-42.img: corrupted (vmas[3].kind = 99: not a Vma.Kind)
+
+Two tables say what is valid:
+
+    FIELDS   message type -> field name -> check of one value (each element of a
+             repeated field); an enum field without a row must be one of its enum's
+             values, a double must be finite and not negative, a string at most
+             PATH_MAX bytes without NUL
+    RULES    message type -> checks across fields (start < end, ids that refer to
+             each other, no duplicates)
+
+Nested messages are walked, so a row for ``Vma`` covers every VMA of a core image and
+of a predump's vmas image alike. Fields that any value fits (registers, signal masks,
+handler addresses) have no row: a process restored with a garbage register crashes the
+way it would have crashed anyway, it does not crash ckpt.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from ckpt.errors import ImageError
+from ckpt.images.framing import FORMAT_VERSION
+from ckpt.images.pb import core_pb2 as core
+from ckpt.images.pb import image_pb2 as img
+from ckpt.images.siginfo import SIGINFO_SIZE, signo
+from ckpt.kernel.sys import PAGE_SIZE
+
+PID_MAX = 1 << 22  # PID_MAX_LIMIT on 64-bit
+NR_OPEN_MAX = 1073741816  # the largest fs.nr_open the kernel accepts
+USER_END = 1 << 56  # x86-64 user address space with 5-level paging (4-level: 1 << 47)
+VSYSCALL = (0xFFFFFFFFFF600000, 0xFFFFFFFFFF601000)
+PATH_MAX = 4096
+NAME_MAX = 255
+NSIG = 64
+RLIM_NLIMITS = 16
+FD_SET_MAX = 1 << 20
+TRACKERS = ("uffd-wp", "soft-dirty", "compare")  # = ckpt.track.BACKENDS (tested)
+S64_MAX = (1 << 63) - 1
+
+Check = Callable[[Any], "str | None"]  # None: the value is fine; else why it is not
+Problem = tuple[str, Any, str]  # (field, value, why)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def ranged(lo: int, hi: int) -> Check:
+    return lambda v: None if lo <= v <= hi else f"not in {lo}..{hi}"
+
+
+def one_of(*allowed: object) -> Check:
+    return lambda v: None if v in allowed else f"not one of {', '.join(map(repr, allowed))}"
+
+
+def aligned(hi: int = USER_END) -> Check:
+    return lambda v: (None if v % PAGE_SIZE == 0 and v <= hi
+                      else f"not a page-aligned address below {hi:#x}")
+
+
+def text(max_len: int = PATH_MAX) -> Check:
+    def check(v: str) -> str | None:
+        if "\0" in v:
+            return "holds a NUL byte"
+        if len(v.encode(errors="surrogateescape")) > max_len:
+            return f"longer than {max_len} bytes"
+        return None
+    return check
+
+
+def path(*, absolute: bool) -> Check:
+    """A file name the kernel can take: no NUL, at most PATH_MAX, components at most
+    NAME_MAX; ``absolute``: starts with "/" (empty is allowed: not recorded)."""
+    def check(v: str) -> str | None:
+        if why := text()(v):
+            return why
+        if v and absolute and not v.startswith("/"):
+            return "not an absolute path"
+        if any(len(part.encode(errors="surrogateescape")) > NAME_MAX for part in v.split("/")):
+            return f"has a path component longer than {NAME_MAX} bytes"
+        return None
+    return check
+
+
+def blob(max_len: int, multiple: int = 1, exact: int | None = None) -> Check:
+    def check(v: bytes) -> str | None:
+        if exact is not None and len(v) != exact:
+            return f"{len(v)} bytes, not {exact}"
+        if len(v) > max_len or len(v) % multiple:
+            return f"{len(v)} bytes (at most {max_len}, a multiple of {multiple})"
+        return None
+    return check
+
+
+def finite(v: float) -> str | None:
+    return None if math.isfinite(v) and v >= 0 else "not a finite number >= 0"
+
+
+def siginfo(v: bytes) -> str | None:
+    if len(v) != SIGINFO_SIZE:
+        return f"{len(v)} bytes, not a {SIGINFO_SIZE}-byte siginfo"
+    n = signo(v)
+    return None if 1 <= n <= NSIG else f"siginfo of signal {n}"
+
+
+def hex_token(v: str) -> str | None:
+    ok = len(v) <= 64 and all(c in "0123456789abcdef" for c in v)
+    return None if ok else "not a hex token"
+
+
+PID = ranged(1, PID_MAX)
+PID_OR_0 = ranged(0, PID_MAX)
+ADDR = aligned()
+ANY_ADDR = ranged(0, USER_END)  # an address, not necessarily page aligned
+SEGMENT = ranged(0, 0xFFFF)
+
+FIELDS: dict[type[Message], dict[str, Check]] = {
+    img.Inventory: {
+        "format_version": ranged(0, FORMAT_VERSION), "root_pid": PID, "pids": PID,
+        "parent": path(absolute=False), "kind": one_of("dump", "predump"),
+        "tracker": one_of("none", *TRACKERS), "kernel_release": text(64),
+        "xstate_size": ranged(0, 1 << 20),
+    },
+    img.DumpStats: {"pages_precopied": ranged(0, USER_END // PAGE_SIZE)},
+    img.WholeVmaCopy: {"start": ADDR, "end": ADDR, "reason": text(512)},
+    img.PagemapHead: {"pid": PID, "pages_file_raw_bytes": aligned()},
+    img.TrackerState: {"backend": one_of(*TRACKERS), "pid": PID,
+                       "target_fd": ranged(-1, NR_OPEN_MAX), "pass_token": hex_token},
+    img.PageDigests: {"digests": blob(USER_END, multiple=8)},
+    core.ProcessEntry: {
+        "pid": PID, "ppid": PID_OR_0, "pgid": PID_OR_0, "sid": PID_OR_0, "comm": text(64),
+        "umask": ranged(0, 0o777), "cwd": path(absolute=True), "cmdline": blob(1 << 24),
+        "shared_pending": siginfo,
+    },
+    core.ThreadCore: {"tid": PID, "xstate": blob(1 << 20), "clear_child_tid": ANY_ADDR,
+                      "robust_list_head": ANY_ADDR, "robust_list_len": ranged(0, 1 << 12),
+                      "pending_signals": siginfo},
+    core.GpRegs: {"cs": SEGMENT, "ss": SEGMENT, "ds": SEGMENT, "es": SEGMENT, "fs": SEGMENT,
+                  "gs": SEGMENT, "fs_base": ANY_ADDR, "gs_base": ANY_ADDR},
+    core.Rseq: {"abi_pointer": ANY_ADDR, "abi_size": ranged(0, PAGE_SIZE)},
+    core.SigAltStack: {"sp": ANY_ADDR, "size": ranged(0, USER_END)},
+    core.SigAction: {"signo": ranged(1, NSIG)},
+    core.Rlimit: {"resource": ranged(0, RLIM_NLIMITS - 1)},
+    core.MmFields: {**{name: ANY_ADDR for name in (
+        "start_code", "end_code", "start_data", "end_data", "start_brk", "brk",
+        "start_stack", "arg_start", "arg_end", "env_start", "env_end")},
+        "auxv": blob(PAGE_SIZE, multiple=16), "exe": path(absolute=True)},
+    core.Vma: {"prot": ranged(0, 7), "pgoff": aligned(S64_MAX), "path": path(absolute=False),
+               "vmflags": text(4)},
+    core.OpenFile: {"id": ranged(1, FD_SET_MAX), "path": path(absolute=False),
+                    "pos": ranged(0, S64_MAX), "size": ranged(0, S64_MAX),
+                    "inherit_fd": ranged(-1, 2)},
+    core.FdEntry: {"fd": ranged(0, NR_OPEN_MAX - 1), "file_id": ranged(1, FD_SET_MAX)},
+}
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def _ordered(pairs: Iterable[tuple[str, int, int]]) -> Iterator[Problem]:
+    for field, lo, hi in pairs:
+        if lo > hi:
+            yield field, lo, f"after its end {hi:#x}"
+
+
+def _unique(field: str, values: Iterable[Any]) -> Iterator[Problem]:
+    seen = set()
+    for i, v in enumerate(values):
+        if v in seen:
+            yield f"{field}[{i}]", v, "a duplicate"
+        seen.add(v)
+
+
+def _inventory(m: img.Inventory) -> Iterator[Problem]:
+    if m.root_pid not in m.pids:
+        yield "root_pid", m.root_pid, "not among pids"
+    yield from _unique("pids", m.pids)
+
+
+def _whole_vma(m: img.WholeVmaCopy) -> Iterator[Problem]:
+    if m.start >= m.end:
+        yield "start", m.start, f"not below end {m.end:#x}"
+
+
+def _vma(m: core.Vma) -> Iterator[Problem]:
+    if m.kind == core.Vma.VSYSCALL:
+        if (m.start, m.end) != VSYSCALL:
+            yield "start", m.start, "not the vsyscall page"
+        return
+    if m.start % PAGE_SIZE or m.end % PAGE_SIZE or not m.start < m.end <= USER_END:
+        yield "start", m.start, f"{m.start:#x}-{m.end:#x} is not a page-aligned range of " \
+                                f"the user address space"
+
+
+def _pagemap_runs(m: img.PagemapRuns) -> Iterator[Problem]:
+    if not len(m.vaddr) == len(m.nr_pages) == len(m.flags):
+        yield "vaddr", len(m.vaddr), "run arrays of different lengths"
+        return
+    for i, (vaddr, n) in enumerate(zip(m.vaddr, m.nr_pages, strict=True)):
+        if vaddr % PAGE_SIZE or n == 0 or vaddr + n * PAGE_SIZE > USER_END:
+            yield f"vaddr[{i}]", vaddr, f"a run of {n} pages outside the user address space"
+            return
+    bad = set(m.flags) - {img.PRESENT, img.IN_PARENT}
+    if bad:
+        yield "flags", min(bad), "not a PageFlags value"
+
+
+def _mm(m: core.MmFields) -> Iterator[Problem]:
+    yield from _ordered([("start_code", m.start_code, m.end_code),
+                         ("start_data", m.start_data, m.end_data),
+                         ("start_brk", m.start_brk, m.brk),
+                         ("arg_start", m.arg_start, m.arg_end),
+                         ("env_start", m.env_start, m.env_end)])
+
+
+def _sigaction(m: core.SigAction) -> Iterator[Problem]:
+    if m.signo in (9, 19):
+        yield "signo", m.signo, "SIGKILL and SIGSTOP have no action"
+
+
+def _rlimit(m: core.Rlimit) -> Iterator[Problem]:
+    if m.cur > m.max:
+        yield "cur", m.cur, f"above the hard limit {m.max}"
+
+
+def _open_file(m: core.OpenFile) -> Iterator[Problem]:
+    if m.type == core.OpenFile.REGULAR and not m.path.startswith("/"):
+        yield "path", m.path, "not an absolute path"
+    if m.type == core.OpenFile.INHERITED and m.inherit_fd not in (0, 1, 2):
+        yield "inherit_fd", m.inherit_fd, "not 0, 1 or 2"
+
+
+def _process(m: core.ProcessEntry) -> Iterator[Problem]:
+    if not m.threads:
+        yield "threads", 0, "no threads"
+    elif m.threads[0].tid != m.pid:
+        yield "threads[0].tid", m.threads[0].tid, f"the leader is not the process {m.pid}"
+    yield from _unique("threads.tid", (t.tid for t in m.threads))
+    yield from _unique("sigactions.signo", (a.signo for a in m.sigactions))
+    yield from _unique("rlimits.resource", (r.resource for r in m.rlimits))
+    yield from _unique("files.id", (f.id for f in m.files))
+    yield from _unique("fds.fd", (f.fd for f in m.fds))
+    ids = {f.id for f in m.files}
+    for i, fd in enumerate(m.fds):
+        if fd.file_id not in ids:
+            yield f"fds[{i}].file_id", fd.file_id, "no such file"
+    end = 0
+    for i, v in enumerate(m.vmas):
+        if v.start < end:
+            yield f"vmas[{i}].start", v.start, "overlaps or precedes the VMA before it"
+        end = v.end
+
+
+RULES: dict[type[Message], Callable[[Any], Iterator[Problem]]] = {
+    img.Inventory: _inventory, img.WholeVmaCopy: _whole_vma, img.PagemapRuns: _pagemap_runs,
+    core.Vma: _vma, core.MmFields: _mm, core.SigAction: _sigaction, core.Rlimit: _rlimit,
+    core.OpenFile: _open_file, core.ProcessEntry: _process,
+}
+
+
+# --------------------------------------------------------------------------- walk
+
+
+def validate(name: str, *msgs: Message) -> None:
+    """Raise ImageError naming ``name`` (the file) and the first field out of range of
+    its entries ``msgs``."""
+    for i, msg in enumerate(msgs):
+        for field, value, why in problems(msg):
+            shown = repr(value)
+            if len(shown) > 40:
+                shown = shown[:37] + "..."
+            entry = f"entry {i} " if len(msgs) > 1 else ""
+            raise ImageError(f"{name}: corrupted ({entry}{field} = {shown}: {why})")
+
+
+def problems(msg: Message, prefix: str = "") -> Iterator[Problem]:
+    """Every field of ``msg`` (and of its nested messages) out of range."""
+    checks = FIELDS.get(type(msg), {})
+    for fd in msg.DESCRIPTOR.fields:
+        value = getattr(msg, fd.name)
+        where = prefix + fd.name
+        repeated = fd.is_repeated
+        if fd.message_type is not None:
+            subs = list(enumerate(value)) if repeated else (
+                [(None, value)] if msg.HasField(fd.name) else [])
+            for i, sub in subs:
+                yield from problems(sub, f"{where}." if i is None else f"{where}[{i}].")
+            continue
+        check = checks.get(fd.name) or _default(fd)
+        if check is None:
+            continue
+        for i, v in enumerate(value) if repeated else [(None, value)]:
+            if (why := check(v)) is not None:
+                yield (where if i is None else f"{where}[{i}]"), v, why
+    rule = RULES.get(type(msg))
+    if rule is not None:
+        for field, value, why in rule(msg):
+            yield prefix + field, value, why
+
+
+def _default(fd: Any) -> Check | None:
+    if fd.enum_type is not None:
+        return _enum(fd.enum_type)
+    if fd.type == FieldDescriptor.TYPE_DOUBLE:
+        return finite
+    if fd.type == FieldDescriptor.TYPE_STRING:
+        return text()
+    return None
+
+
+def _enum(desc: EnumDescriptor) -> Check:
+    owner = f"{desc.containing_type.name}." if desc.containing_type else ""
+    return lambda v: None if v in desc.values_by_number else f"not a {owner}{desc.name}"
