@@ -131,7 +131,7 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
         "format_version": ranged(0, FORMAT_VERSION), "root_pid": PID, "pids": PID,
         "parent": path(absolute=False), "kind": one_of("dump", "predump"),
         "tracker": one_of("none", *TRACKERS), "kernel_release": text(64),
-        "xstate_size": ranged(0, 1 << 20),
+        "xstate_size": ranged(0, 1 << 20), "image_id": hex_token, "parent_id": hex_token,
     },
     img.DumpStats: {"pages_precopied": ranged(0, USER_END // PAGE_SIZE)},
     img.WholeVmaCopy: {"start": ADDR, "end": ADDR, "reason": text(512)},
