@@ -201,6 +201,16 @@ def read_cwd(pid: int, *, root: str = "/proc") -> str:
     return _readlink(pid, root, "cwd")
 
 
+def read_root(pid: int, *, root: str = "/proc") -> str:
+    """Target of /proc/PID/root: "/" unless the process is chrooted."""
+    return _readlink(pid, root, "root")
+
+
+def read_ns(pid: int, name: str, *, root: str = "/proc") -> str:
+    """Target of /proc/PID/ns/NAME, e.g. "mnt:[4026531841]" for ``name`` "mnt"."""
+    return _readlink(pid, root, os.path.join("ns", name))
+
+
 def read_comm(pid: int, *, root: str = "/proc") -> str:
     """/proc/PID/comm without its trailing newline (may contain spaces and parentheses)."""
     text = read_text(pid, root, "comm")

@@ -1,0 +1,220 @@
+"""Can a restore bring this process back? One table of what it cannot, with the reason.
+
+A dump kills its target; a restore that then fails loses the process. So whatever a
+restore cannot rebuild exactly is refused here, before the target is frozen (and again
+while it is frozen, in case it changed), by dump, predump and migrate alike:
+
+    subject   refused when                                     why
+    process   it has children                                  process trees
+              it is in another mount namespace than ckpt       paths would name other files
+              it is chrooted                                   restore does not chroot
+              its working directory was deleted                nothing to chdir to
+              its working directory is under /proc/PID         names a process, not a place
+    mapping   System V shared memory, an AIO ring, a memfd,    the file is gone: restore
+              a deleted file                                   cannot map it again
+              a file that is not a path (anon_inode:...)       (io_uring, perf, DRM)
+    fd        a terminal (but fds 0-2 with --shell-job),       kernel objects, not files
+              pipe, socket, anon inode, anything unknown
+              a memfd, a deleted file                          the file is gone
+              a namespace (net:[...]), anything not a path     nothing to open
+              a file under /proc/PID                           names a process
+              a character device but /dev/{null,zero,full,     its state lives in the driver
+              random,urandom}
+
+:func:`refusals` is pure: it takes a :class:`Target` (records of ckpt.collect.vmas,
+ckpt.collect.fds and ckpt.collect.proc) and returns one line per refused thing, process
+first, then mappings by address, then fds by number. :func:`read_target` gathers the
+records; :func:`require_restorable` raises NotDumpable with the first line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from ckpt.collect import proc
+from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
+from ckpt.collect.vmas import VmaInfo, VmaKind, collect_vmas
+from ckpt.errors import NotDumpable
+
+T = TypeVar("T")
+DELETED = " (deleted)"
+FILE_KINDS = frozenset({VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED})
+#: Character devices a reopen brings back exactly: they keep no state (major 1, "mem").
+STATELESS_DEVICES = frozenset(os.makedev(1, minor) for minor in (3, 5, 7, 8, 9))
+NAMESPACE = re.compile(r"[a-z_]+:\[\d+\]")
+PROC_PID = re.compile(r"/proc/\d+(/|$)")
+NOT_YET = "not supported yet"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What decides whether a restore can bring a process back."""
+
+    pid: int
+    children: tuple[int, ...]
+    cwd: str
+    root: str  # /proc/PID/root
+    own_root: str  # ckpt's: a restored process gets this one
+    mnt_ns: str  # /proc/PID/ns/mnt
+    own_mnt_ns: str  # ckpt's
+    vmas: tuple[VmaInfo, ...]
+    fds: tuple[FdInfo, ...]  # without ckpt's own (a tracker's userfaultfd)
+    shell_job: bool  # a terminal on fds 0-2 is taken from the restoring shell
+
+
+@dataclass(frozen=True)
+class Rule(Generic[T]):
+    """Refuse a subject when ``applies``; ``says`` is formatted with the subject's fields
+    (see the *_fields functions)."""
+
+    applies: Callable[[T], bool]
+    says: str
+
+
+def _deleted(path: str) -> bool:
+    return path.endswith(DELETED)
+
+
+def _shown(path: str) -> str:
+    return path.removesuffix(DELETED)
+
+
+# --------------------------------------------------------------------------- process
+
+PROCESS_RULES: tuple[Rule[Target], ...] = (
+    Rule(lambda t: bool(t.children),
+         "process {pid} has child processes ({children}); process trees are not supported "
+         "yet"),
+    Rule(lambda t: t.mnt_ns != t.own_mnt_ns,
+         "process {pid} runs in another mount namespace ({mnt_ns}, ckpt's is {own_mnt_ns}): "
+         "its paths name other files here; " + NOT_YET),
+    Rule(lambda t: t.root != t.own_root,
+         "process {pid} has root directory {root} (chroot): " + NOT_YET),
+    Rule(lambda t: _deleted(t.cwd),
+         "process {pid} has a deleted working directory ({cwd_shown}): " + NOT_YET),
+    Rule(lambda t: bool(PROC_PID.match(t.cwd)),
+         "process {pid} has its working directory {cwd} under /proc/PID (it names a "
+         "process, not a place): " + NOT_YET),
+)
+
+
+def process_fields(t: Target) -> dict[str, object]:
+    return {"pid": t.pid, "children": ", ".join(map(str, t.children)), "cwd": t.cwd,
+            "cwd_shown": _shown(t.cwd), "root": t.root, "mnt_ns": t.mnt_ns,
+            "own_mnt_ns": t.own_mnt_ns}
+
+
+# --------------------------------------------------------------------------- mappings
+
+VMA_RULES: tuple[Rule[VmaInfo], ...] = (
+    Rule(lambda v: v.path.startswith("/SYSV"),
+         "System V shared memory at {start:#x}: not supported"),
+    Rule(lambda v: v.path.startswith("/[aio]"),
+         "an AIO ring (io_setup) at {start:#x}: " + NOT_YET),
+    Rule(lambda v: v.kind in FILE_KINDS and v.path.startswith("/memfd:"),
+         "a memfd ({name}) at {start:#x}: " + NOT_YET),
+    Rule(lambda v: v.kind in FILE_KINDS and _deleted(v.path),
+         "deleted file {name} at {start:#x}: " + NOT_YET),
+    Rule(lambda v: v.kind in FILE_KINDS and not v.path.startswith("/"),
+         "{path} at {start:#x}, not a file a restore can map again: " + NOT_YET),
+)
+
+
+def vma_fields(v: VmaInfo) -> dict[str, object]:
+    return {"start": v.start, "path": v.path, "name": _shown(v.path)}
+
+
+# --------------------------------------------------------------------------- fds
+
+
+@dataclass(frozen=True)
+class Fd:
+    """An fd as the rules see it: its record, its class (ckpt.collect.fds.classify_fd),
+    and whether fds 0-2 may be a terminal (--shell-job)."""
+
+    info: FdInfo
+    kind: str
+    shell_job: bool
+
+    @property
+    def target(self) -> str:
+        return self.info.target
+
+
+FD_RULES: tuple[Rule[Fd], ...] = (
+    Rule(lambda f: f.kind == "tty" and not (f.shell_job and f.info.fd <= 2),
+         "a terminal; use --shell-job for fds 0-2"),
+    Rule(lambda f: f.kind in ("pipe", "socket", "anon_inode", "other"), NOT_YET),
+    Rule(lambda f: f.target.startswith("/memfd:"), "a memfd: " + NOT_YET),
+    Rule(lambda f: _deleted(f.target), "the file was deleted: " + NOT_YET),
+    Rule(lambda f: bool(NAMESPACE.fullmatch(f.target)),
+         "a namespace file (/proc/PID/ns/*): " + NOT_YET),
+    Rule(lambda f: f.kind != "tty" and not f.target.startswith("/"),
+         "not a path a restore can open: " + NOT_YET),
+    Rule(lambda f: bool(PROC_PID.match(f.target)),
+         "a file of a process under /proc (it names a pid): " + NOT_YET),
+    Rule(lambda f: f.kind == "chardev" and f.info.st_rdev not in STATELESS_DEVICES,
+         "a character device {dev}: its state lives in the driver; " + NOT_YET),
+)
+
+
+def fd_fields(f: Fd) -> dict[str, object]:
+    return {"dev": f"{os.major(f.info.st_rdev)}:{os.minor(f.info.st_rdev)}"}
+
+
+def fd_refusal(info: FdInfo, shell_job: bool) -> str | None:
+    """Why restore cannot bring this fd back, or None."""
+    fd = Fd(info, classify_fd(info), shell_job)
+    why = _first(FD_RULES, fd, fd_fields)
+    return f"{describe_fd(info)}: {why}" if why else None
+
+
+# --------------------------------------------------------------------------- all
+
+
+def _first(rules: tuple[Rule[T], ...], subject: T, fields: Callable[[T], dict[str, object]],
+           ) -> str | None:
+    for rule in rules:
+        if rule.applies(subject):
+            return rule.says.format(**fields(subject))
+    return None
+
+
+def refusals(t: Target) -> list[str]:
+    """One line per thing a restore could not bring back (empty: restorable)."""
+    out = [rule.says.format(**process_fields(t)) for rule in PROCESS_RULES if rule.applies(t)]
+    for v in sorted(t.vmas, key=lambda v: v.start):
+        why = _first(VMA_RULES, v, vma_fields)
+        if why:
+            out.append(f"process {t.pid} maps {why}")
+    for info in sorted(t.fds, key=lambda i: i.fd):
+        line = fd_refusal(info, t.shell_job)
+        if line:
+            out.append(line)
+    return out
+
+
+def read_target(pid: int, shell_job: bool, hidden: set[int],
+                vmas: list[VmaInfo] | None = None) -> Target:
+    """The records :func:`refusals` needs, read from /proc (``vmas`` if already read)."""
+    me = os.getpid()
+    return Target(
+        pid=pid, children=tuple(proc.list_children(pid)), cwd=proc.read_cwd(pid),
+        root=proc.read_root(pid), own_root=proc.read_root(me),
+        mnt_ns=proc.read_ns(pid, "mnt"), own_mnt_ns=proc.read_ns(me, "mnt"),
+        vmas=tuple(collect_vmas(pid) if vmas is None else vmas),
+        fds=tuple(i for i in read_fds(pid) if i.fd not in hidden), shell_job=shell_job)
+
+
+def require_restorable(target: Target) -> list[VmaInfo]:
+    """Raise NotDumpable naming the first thing a restore could not bring back; return
+    the target's VMAs otherwise."""
+    found = refusals(target)
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise NotDumpable(found[0] + more)
+    return list(target.vmas)
