@@ -69,7 +69,15 @@ FINE = Target(
 
 CASES: dict[str, tuple[Target, str]] = {
     "children": (replace(FINE, children=(80, 81)), "has child processes (80, 81)"),
-    "mount namespace": (replace(FINE, mnt_ns="mnt:[2]"), "another mount namespace (mnt:[2]"),
+    "cwd in another mount namespace": (
+        replace(FINE, mnt_ns="mnt:[2]", foreign=frozenset({"/home/u"})),
+        "working directory /home/u in mount namespace mnt:[2], where it is another"),
+    "mapping in another mount namespace": (
+        replace(FINE, mnt_ns="mnt:[2]", foreign=frozenset({"/data/db"})),
+        "maps file /data/db at 0x700000, which is another file (or none) in ckpt's mount"),
+    "fd in another mount namespace": (
+        replace(FINE, mnt_ns="mnt:[2]", foreign=frozenset({"/var/log/out"})),
+        "fd 1 is a regular (/var/log/out): another file (or none) in ckpt's mount"),
     "chroot": (replace(FINE, root="/srv/jail"), "root directory /srv/jail (chroot)"),
     "deleted cwd": (replace(FINE, cwd="/tmp/x (deleted)"), "deleted working directory (/tmp/x)"),
     "cwd in /proc/PID": (replace(FINE, cwd="/proc/123/task"), "/proc/123/task under /proc/PID"),
@@ -212,11 +220,21 @@ def test_dump_and_predump_refuse_before_touching(harness: Harness, tmp_path: Pat
 
 
 @needs_root
-def test_another_mount_namespace_is_refused(harness: Harness, tmp_path: Path) -> None:
-    """Paths of a process in another mount namespace name other files here."""
-    proc, out = launch(harness, "plain", tmp_path, ("unshare", "-m"))
+def test_a_file_only_another_mount_namespace_has_is_refused(harness: Harness,
+                                                           tmp_path: Path) -> None:
+    """A process in another mount namespace may be dumped (`ip netns exec` makes one;
+    tests/test_migrate.py migrates such a process), but not one using a path that names
+    another file, or none, where ckpt (and so restore) runs: here a tmpfs only the
+    target's namespace has, holding the file it maps."""
+    where = tmp_path / "w"
+    where.mkdir()
+    shell = f"mount -t tmpfs ckpt-test {where} && exec \"$@\""
+    proc, out = launch(harness, "shared-rw", tmp_path,
+                       ("unshare", "-m", "--propagation", "private", "sh", "-c", shell, "sh"))
+    assert not (where / "shared.bin").exists()
     message = assert_one_error_line(run_ckpt("dump", "-t", str(proc.pid), "-D", harness.images()))
-    assert "runs in another mount namespace" in message, message
+    assert f"maps file {where}/shared.bin at 0x" in message, message
+    assert "another file (or none) in ckpt's mount namespace" in message, message
     assert_runs_on(proc, out)
 
 
@@ -264,7 +282,8 @@ def test_migrate_refuses_before_its_first_round(harness: Harness, tmp_path: Path
     proc, out = launch(harness, "memfd", tmp_path)
     token = tmp_path / "token"
     token.write_text("t\n")
-    res = run_ckpt("migrate", "-t", str(proc.pid), "--to", "127.0.0.1:1", "--auth-token-file", token)
+    res = run_ckpt("migrate", "-t", str(proc.pid), "--to", "127.0.0.1:1",
+                   "--auth-token-file", token)
     message = assert_one_error_line(res)
     assert "maps a memfd" in message, message
     assert_runs_on(proc, out)

@@ -6,10 +6,10 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
 
     subject   refused when                                     why
     process   it has children                                  process trees
-              it is in another mount namespace than ckpt       paths would name other files
               it is chrooted                                   restore does not chroot
               its working directory was deleted                nothing to chdir to
               its working directory is under /proc/PID         names a process, not a place
+    any path  names another file from ckpt's mount namespace   restore opens ckpt's
     mapping   System V shared memory, an AIO ring, a memfd,    the file is gone: restore
               a deleted file                                   cannot map it again
               a file that is not a path (anon_inode:...)       (io_uring, perf, DRM)
@@ -64,6 +64,9 @@ class Target:
     vmas: tuple[VmaInfo, ...]
     fds: tuple[FdInfo, ...]  # without ckpt's own (a tracker's userfaultfd)
     shell_job: bool  # a terminal on fds 0-2 is taken from the restoring shell
+    # Paths (of fds, mapped files, the cwd) that name another file, or none, from ckpt's
+    # mount namespace than from the target's; only looked for when the two differ.
+    foreign: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,6 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
     Rule(lambda t: bool(t.children),
          "process {pid} has child processes ({children}); process trees are not supported "
          "yet"),
-    Rule(lambda t: t.mnt_ns != t.own_mnt_ns,
-         "process {pid} runs in another mount namespace ({mnt_ns}, ckpt's is {own_mnt_ns}): "
-         "its paths name other files here; " + NOT_YET),
     Rule(lambda t: t.root != t.own_root,
          "process {pid} has root directory {root} (chroot): " + NOT_YET),
     Rule(lambda t: _deleted(t.cwd),
@@ -99,6 +99,9 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
     Rule(lambda t: bool(PROC_PID.match(t.cwd)),
          "process {pid} has its working directory {cwd} under /proc/PID (it names a "
          "process, not a place): " + NOT_YET),
+    Rule(lambda t: t.cwd in t.foreign,
+         "process {pid} has its working directory {cwd} in mount namespace {mnt_ns}, where "
+         "it is another directory than in ckpt's ({own_mnt_ns}): " + NOT_YET),
 )
 
 
@@ -110,7 +113,23 @@ def process_fields(t: Target) -> dict[str, object]:
 
 # --------------------------------------------------------------------------- mappings
 
-VMA_RULES: tuple[Rule[VmaInfo], ...] = (
+@dataclass(frozen=True)
+class Mapping:
+    """A VMA as the rules see it, and whether its path is in Target.foreign."""
+
+    vma: VmaInfo
+    foreign: bool
+
+    @property
+    def path(self) -> str:
+        return self.vma.path
+
+    @property
+    def kind(self) -> VmaKind:
+        return self.vma.kind
+
+
+VMA_RULES: tuple[Rule[Mapping], ...] = (
     Rule(lambda v: v.path.startswith("/SYSV"),
          "System V shared memory at {start:#x}: not supported"),
     Rule(lambda v: v.path.startswith("/[aio]"),
@@ -121,11 +140,14 @@ VMA_RULES: tuple[Rule[VmaInfo], ...] = (
          "deleted file {name} at {start:#x}: " + NOT_YET),
     Rule(lambda v: v.kind in FILE_KINDS and not v.path.startswith("/"),
          "{path} at {start:#x}, not a file a restore can map again: " + NOT_YET),
+    Rule(lambda v: v.kind in FILE_KINDS and v.foreign,
+         "file {path} at {start:#x}, which is another file (or none) in ckpt's mount "
+         "namespace: " + NOT_YET),
 )
 
 
-def vma_fields(v: VmaInfo) -> dict[str, object]:
-    return {"start": v.start, "path": v.path, "name": _shown(v.path)}
+def vma_fields(m: Mapping) -> dict[str, object]:
+    return {"start": m.vma.start, "path": m.path, "name": _shown(m.path)}
 
 
 # --------------------------------------------------------------------------- fds
@@ -134,11 +156,12 @@ def vma_fields(v: VmaInfo) -> dict[str, object]:
 @dataclass(frozen=True)
 class Fd:
     """An fd as the rules see it: its record, its class (ckpt.collect.fds.classify_fd),
-    and whether fds 0-2 may be a terminal (--shell-job)."""
+    whether fds 0-2 may be a terminal (--shell-job), whether its path is foreign."""
 
     info: FdInfo
     kind: str
     shell_job: bool
+    foreign: bool = False
 
     @property
     def target(self) -> str:
@@ -159,6 +182,8 @@ FD_RULES: tuple[Rule[Fd], ...] = (
          "a file of a process under /proc (it names a pid): " + NOT_YET),
     Rule(lambda f: f.kind == "chardev" and f.info.st_rdev not in STATELESS_DEVICES,
          "a character device {dev}: its state lives in the driver; " + NOT_YET),
+    Rule(lambda f: f.foreign,
+         "another file (or none) in ckpt's mount namespace: " + NOT_YET),
 )
 
 
@@ -166,9 +191,9 @@ def fd_fields(f: Fd) -> dict[str, object]:
     return {"dev": f"{os.major(f.info.st_rdev)}:{os.minor(f.info.st_rdev)}"}
 
 
-def fd_refusal(info: FdInfo, shell_job: bool) -> str | None:
+def fd_refusal(info: FdInfo, shell_job: bool, foreign: bool = False) -> str | None:
     """Why restore cannot bring this fd back, or None."""
-    fd = Fd(info, classify_fd(info), shell_job)
+    fd = Fd(info, classify_fd(info), shell_job, foreign)
     why = _first(FD_RULES, fd, fd_fields)
     return f"{describe_fd(info)}: {why}" if why else None
 
@@ -188,11 +213,11 @@ def refusals(t: Target) -> list[str]:
     """One line per thing a restore could not bring back (empty: restorable)."""
     out = [rule.says.format(**process_fields(t)) for rule in PROCESS_RULES if rule.applies(t)]
     for v in sorted(t.vmas, key=lambda v: v.start):
-        why = _first(VMA_RULES, v, vma_fields)
+        why = _first(VMA_RULES, Mapping(v, v.path in t.foreign), vma_fields)
         if why:
             out.append(f"process {t.pid} maps {why}")
     for info in sorted(t.fds, key=lambda i: i.fd):
-        line = fd_refusal(info, t.shell_job)
+        line = fd_refusal(info, t.shell_job, info.target in t.foreign)
         if line:
             out.append(line)
     return out
@@ -202,12 +227,40 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
                 vmas: list[VmaInfo] | None = None) -> Target:
     """The records :func:`refusals` needs, read from /proc (``vmas`` if already read)."""
     me = os.getpid()
+    mnt_ns, own_mnt_ns = proc.read_ns(pid, "mnt"), proc.read_ns(me, "mnt")
+    cwd = proc.read_cwd(pid)
+    maps = collect_vmas(pid) if vmas is None else vmas
+    fds = [i for i in read_fds(pid) if i.fd not in hidden]
+    foreign: frozenset[str] = frozenset()
+    if mnt_ns != own_mnt_ns:
+        seen = [(cwd, _identity(proc.proc_path("/proc", pid, "cwd")))]
+        seen += [(v.path, (None, v.inode)) for v in maps if v.kind in FILE_KINDS]
+        seen += [(i.target, (i.st_dev, i.st_ino)) for i in fds]
+        foreign = frozenset(p for p, there in seen if _is_foreign(p, there))
     return Target(
-        pid=pid, children=tuple(proc.list_children(pid)), cwd=proc.read_cwd(pid),
-        root=proc.read_root(pid), own_root=proc.read_root(me),
-        mnt_ns=proc.read_ns(pid, "mnt"), own_mnt_ns=proc.read_ns(me, "mnt"),
-        vmas=tuple(collect_vmas(pid) if vmas is None else vmas),
-        fds=tuple(i for i in read_fds(pid) if i.fd not in hidden), shell_job=shell_job)
+        pid=pid, children=tuple(proc.list_children(pid)), cwd=cwd, root=proc.read_root(pid),
+        own_root=proc.read_root(me), mnt_ns=mnt_ns, own_mnt_ns=own_mnt_ns,
+        vmas=tuple(maps), fds=tuple(fds), shell_job=shell_job, foreign=foreign)
+
+
+Identity = tuple[int | None, int]  # (st_dev or None: not compared, st_ino)
+
+
+def _identity(path: str) -> Identity | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _is_foreign(path: str, there: Identity | None) -> bool:
+    """Does ``path``, opened from ckpt's mount namespace, miss the file the target has?
+    (Paths that are not paths, or deleted, are the table's business.)"""
+    if there is None or not path.startswith("/") or _deleted(path):
+        return False
+    here = _identity(path)
+    return here is None or here[1] != there[1] or there[0] not in (None, here[0])
 
 
 def require_restorable(target: Target) -> list[VmaInfo]:
