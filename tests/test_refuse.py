@@ -61,11 +61,19 @@ FINE = Target(
           vma("[heap]", VmaKind.HEAP, 0x500000, inode=0),
           vma("/dev/zero (deleted)", VmaKind.ANON_SHARED, 0x600000, shared=True),
           vma("/data/db", VmaKind.FILE_SHARED, 0x700000, shared=True),
+          vma("/dev/shm/q", VmaKind.FILE_SHARED, 0x710000, shared=True),
+          vma("/dev/zero", VmaKind.FILE_PRIVATE, 0x720000),
           vma("[vdso]", VmaKind.VDSO, 0x7FFF00000000, inode=0)),
     fds=(fd(0, "/dev/null", CHR, os.makedev(1, 3)), fd(1, "/var/log/out"),
          fd(2, "/dev/pts/3", CHR, os.makedev(136, 3)), fd(3, "/etc", stat.S_IFDIR | 0o755),
          fd(4, "/dev/urandom", CHR, os.makedev(1, 9)), fd(5, "/dev/zero", CHR, os.makedev(1, 5))),
-    shell_job=True)
+    shell_job=True, thread_cwds=((77, "/home/u"), (78, "/home/u")))
+
+
+
+def in_cwd(cwd: str) -> Target:
+    return replace(FINE, cwd=cwd, thread_cwds=((77, cwd), (78, cwd)))
+
 
 CASES: dict[str, tuple[Target, str]] = {
     "children": (replace(FINE, children=(80, 81)), "has child processes (80, 81)"),
@@ -79,8 +87,18 @@ CASES: dict[str, tuple[Target, str]] = {
         replace(FINE, mnt_ns="mnt:[2]", foreign=frozenset({"/var/log/out"})),
         "fd 1 is a regular (/var/log/out): another file (or none) in ckpt's mount"),
     "chroot": (replace(FINE, root="/srv/jail"), "root directory /srv/jail (chroot)"),
-    "deleted cwd": (replace(FINE, cwd="/tmp/x (deleted)"), "deleted working directory (/tmp/x)"),
-    "cwd in /proc/PID": (replace(FINE, cwd="/proc/123/task"), "/proc/123/task under /proc/PID"),
+    "deleted cwd": (in_cwd("/tmp/x (deleted)"), "deleted working directory (/tmp/x)"),
+    "cwd in /proc/PID": (in_cwd("/proc/123/task"), "/proc/123/task under /proc/PID"),
+    "thread cwd": (replace(FINE, thread_cwds=((77, "/home/u"), (78, "/srv"))),
+                   "threads with their own working directory (thread 78 in /srv;"),
+    "hugetlb": (replace(FINE, vmas=(vma("/anon_hugepage (deleted)", VmaKind.FILE_PRIVATE),)),
+                "maps huge pages (MAP_HUGETLB) at 0x7f0000000000"),
+    "device map": (replace(FINE, vmas=(vma("/dev/dri/card0", VmaKind.FILE_SHARED,
+                                           shared=True),)),
+                   "maps device /dev/dri/card0 at 0x7f0000000000: its state lives in the"),
+    "flock": (replace(FINE, fds=(replace(fd(6, "/tmp/l"), extra=(
+        ("lock", "1: FLOCK  ADVISORY  WRITE 28275 fe:00:2146650 0 EOF"),)),)),
+              "fd 6 is a regular (/tmp/l): holds a file lock (FLOCK ADVISORY)"),
     "sysv shm": (replace(FINE, vmas=(vma("/SYSV00000000 (deleted)", VmaKind.FILE_SHARED,
                                          shared=True),)),
                  "maps System V shared memory at 0x7f0000000000"),
@@ -119,6 +137,7 @@ CASES: dict[str, tuple[Target, str]] = {
 
 def test_a_restorable_target_is_not_refused() -> None:
     assert refusals(FINE) == []
+    assert refusals(replace(FINE, root="")) == []  # exiting: its root reads as nothing
     assert require_restorable(FINE) == list(FINE.vmas)
 
 
@@ -179,6 +198,8 @@ REFUSED = {
     "eventfd": ["fd 3 ", "anon_inode:[eventfd]"],
     "chroot": ["root directory", "(chroot)"],
     "kmsg-fd": ["fd 3 ", "/dev/kmsg", "character device 1:11"],
+    "thread-cwd": ["threads with their own working directory", "/w;"],
+    "flock": ["fd 3 ", "/locked", "holds a file lock (FLOCK ADVISORY)"],
 }
 
 

@@ -201,6 +201,11 @@ def read_cwd(pid: int, *, root: str = "/proc") -> str:
     return _readlink(pid, root, "cwd")
 
 
+def read_task_cwd(pid: int, tid: int, *, root: str = "/proc") -> str:
+    """Target of /proc/PID/task/TID/cwd: a thread's own after unshare(CLONE_FS)."""
+    return _readlink(pid, root, os.path.join("task", str(tid), "cwd"))
+
+
 def read_root(pid: int, *, root: str = "/proc") -> str:
     """Target of /proc/PID/root: "/" unless the process is chrooted."""
     return _readlink(pid, root, "root")

@@ -9,10 +9,12 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               it is chrooted                                   restore does not chroot
               its working directory was deleted                nothing to chdir to
               its working directory is under /proc/PID         names a process, not a place
+              a thread has its own working directory           restore sets one per process
     any path  names another file from ckpt's mount namespace   restore opens ckpt's
     mapping   System V shared memory, an AIO ring, a memfd,    the file is gone: restore
-              a deleted file                                   cannot map it again
+              MAP_HUGETLB memory, a deleted file               cannot map it again
               a file that is not a path (anon_inode:...)       (io_uring, perf, DRM)
+              a device under /dev (but /dev/zero, /dev/shm)    its state lives in the driver
     fd        a terminal (but fds 0-2 with --shell-job),       kernel objects, not files
               pipe, socket, anon inode, anything unknown
               a memfd, a deleted file                          the file is gone
@@ -20,6 +22,7 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               a file under /proc/PID                           names a process
               a character device but /dev/{null,zero,full,     its state lives in the driver
               random,urandom}
+              a file it holds a lock on (flock, POSIX)         the lock would be lost
 
 :func:`refusals` is pure: it takes a :class:`Target` (records of ckpt.collect.vmas,
 ckpt.collect.fds and ckpt.collect.proc) and returns one line per refused thing, process
@@ -38,7 +41,7 @@ from typing import Generic, TypeVar
 from ckpt.collect import proc
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
 from ckpt.collect.vmas import VmaInfo, VmaKind, collect_vmas
-from ckpt.errors import NotDumpable
+from ckpt.errors import NoSuchProcess, NotDumpable
 
 T = TypeVar("T")
 DELETED = " (deleted)"
@@ -48,6 +51,8 @@ STATELESS_DEVICES = frozenset(os.makedev(1, minor) for minor in (3, 5, 7, 8, 9))
 NAMESPACE = re.compile(r"[a-z_]+:\[\d+\]")
 PROC_PID = re.compile(r"/proc/\d+(/|$)")
 NOT_YET = "not supported yet"
+#: Filesystems under /dev whose files are files, not devices.
+NOT_DEVICES = ("/dev/shm/", "/dev/hugepages/", "/dev/mqueue/")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class Target:
     # Paths (of fds, mapped files, the cwd) that name another file, or none, from ckpt's
     # mount namespace than from the target's; only looked for when the two differ.
     foreign: frozenset[str] = frozenset()
+    thread_cwds: tuple[tuple[int, str], ...] = ()  # (tid, cwd) of every thread
 
 
 @dataclass(frozen=True)
@@ -92,13 +98,16 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
     Rule(lambda t: bool(t.children),
          "process {pid} has child processes ({children}); process trees are not supported "
          "yet"),
-    Rule(lambda t: t.root != t.own_root,
+    Rule(lambda t: t.root not in ("", t.own_root),  # "": exiting, nothing to compare
          "process {pid} has root directory {root} (chroot): " + NOT_YET),
     Rule(lambda t: _deleted(t.cwd),
          "process {pid} has a deleted working directory ({cwd_shown}): " + NOT_YET),
     Rule(lambda t: bool(PROC_PID.match(t.cwd)),
          "process {pid} has its working directory {cwd} under /proc/PID (it names a "
          "process, not a place): " + NOT_YET),
+    Rule(lambda t: any(cwd != t.cwd for _, cwd in t.thread_cwds),
+         "process {pid} has threads with their own working directory ({own_cwds}; "
+         "unshare(CLONE_FS)): " + NOT_YET),
     Rule(lambda t: t.cwd in t.foreign,
          "process {pid} has its working directory {cwd} in mount namespace {mnt_ns}, where "
          "it is another directory than in ckpt's ({own_mnt_ns}): " + NOT_YET),
@@ -108,7 +117,9 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
 def process_fields(t: Target) -> dict[str, object]:
     return {"pid": t.pid, "children": ", ".join(map(str, t.children)), "cwd": t.cwd,
             "cwd_shown": _shown(t.cwd), "root": t.root, "mnt_ns": t.mnt_ns,
-            "own_mnt_ns": t.own_mnt_ns}
+            "own_mnt_ns": t.own_mnt_ns,
+            "own_cwds": ", ".join(f"thread {tid} in {cwd}" for tid, cwd in t.thread_cwds
+                                  if cwd != t.cwd)}
 
 
 # --------------------------------------------------------------------------- mappings
@@ -134,12 +145,17 @@ VMA_RULES: tuple[Rule[Mapping], ...] = (
          "System V shared memory at {start:#x}: not supported"),
     Rule(lambda v: v.path.startswith("/[aio]"),
          "an AIO ring (io_setup) at {start:#x}: " + NOT_YET),
+    Rule(lambda v: v.path.startswith("/anon_hugepage"),
+         "huge pages (MAP_HUGETLB) at {start:#x}: " + NOT_YET),
     Rule(lambda v: v.kind in FILE_KINDS and v.path.startswith("/memfd:"),
          "a memfd ({name}) at {start:#x}: " + NOT_YET),
     Rule(lambda v: v.kind in FILE_KINDS and _deleted(v.path),
          "deleted file {name} at {start:#x}: " + NOT_YET),
     Rule(lambda v: v.kind in FILE_KINDS and not v.path.startswith("/"),
          "{path} at {start:#x}, not a file a restore can map again: " + NOT_YET),
+    Rule(lambda v: v.kind in FILE_KINDS and v.path.startswith("/dev/")
+         and v.path != "/dev/zero" and not v.path.startswith(NOT_DEVICES),
+         "device {path} at {start:#x}: its state lives in the driver; " + NOT_YET),
     Rule(lambda v: v.kind in FILE_KINDS and v.foreign,
          "file {path} at {start:#x}, which is another file (or none) in ckpt's mount "
          "namespace: " + NOT_YET),
@@ -182,13 +198,17 @@ FD_RULES: tuple[Rule[Fd], ...] = (
          "a file of a process under /proc (it names a pid): " + NOT_YET),
     Rule(lambda f: f.kind == "chardev" and f.info.st_rdev not in STATELESS_DEVICES,
          "a character device {dev}: its state lives in the driver; " + NOT_YET),
+    Rule(lambda f: any(key == "lock" for key, _ in f.info.extra),
+         "holds a file lock ({lock}), which a restore would not take again: " + NOT_YET),
     Rule(lambda f: f.foreign,
          "another file (or none) in ckpt's mount namespace: " + NOT_YET),
 )
 
 
 def fd_fields(f: Fd) -> dict[str, object]:
-    return {"dev": f"{os.major(f.info.st_rdev)}:{os.minor(f.info.st_rdev)}"}
+    locks = [value for key, value in f.info.extra if key == "lock"]
+    return {"dev": f"{os.major(f.info.st_rdev)}:{os.minor(f.info.st_rdev)}",
+            "lock": " ".join(locks[0].split()[1:3]) if locks else ""}
 
 
 def fd_refusal(info: FdInfo, shell_job: bool, foreign: bool = False) -> str | None:
@@ -240,7 +260,20 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
     return Target(
         pid=pid, children=tuple(proc.list_children(pid)), cwd=cwd, root=proc.read_root(pid),
         own_root=proc.read_root(me), mnt_ns=mnt_ns, own_mnt_ns=own_mnt_ns,
-        vmas=tuple(maps), fds=tuple(fds), shell_job=shell_job, foreign=foreign)
+        vmas=tuple(maps), fds=tuple(fds), shell_job=shell_job, foreign=foreign,
+        thread_cwds=_thread_cwds(pid))
+
+
+def _thread_cwds(pid: int) -> tuple[tuple[int, str], ...]:
+    """(tid, cwd) of every thread of ``pid`` (a thread that just exited is left out)."""
+    out = []
+    for tid in proc.list_tasks(pid):
+        try:
+            out.append((tid, proc.read_task_cwd(pid, tid)))
+        except NoSuchProcess:
+            if not proc.pid_exists(pid):
+                raise
+    return tuple(out)
 
 
 Identity = tuple[int | None, int]  # (st_dev or None: not compared, st_ino)

@@ -24,23 +24,27 @@ Modes (DIR holds any file the mode creates):
   dev-zero-fd     an fd on /dev/zero (a character device other than /dev/null)
   kmsg-fd         an fd on /dev/kmsg (a character device with state: its read position)
   chroot          chrooted into DIR
+  thread-cwd      a thread that unshare(CLONE_FS)'d and moved to DIR
+  flock           an fd on DIR/locked with an flock() held
   plain           nothing special (control)
 """
 
 from __future__ import annotations
 
 import ctypes
-import mmap
+import fcntl
 import os
 import struct
 import sys
+import threading
 import time
 
 PAGE = 4096
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
-NR_MMAP, NR_MPROTECT, NR_IO_SETUP, NR_EVENTFD2 = 9, 10, 206, 290
-PROT_READ, PROT_WRITE, MAP_SHARED = 1, 2, 1
+NR_MMAP, NR_MPROTECT, NR_IO_SETUP, NR_UNSHARE, NR_EVENTFD2 = 9, 10, 206, 272, 290
+CLONE_FS = 0x200
+PROT_READ, PROT_WRITE, MAP_SHARED, MAP_PRIVATE = 1, 2, 1, 2
 IPC_PRIVATE, IPC_CREAT = 0, 0o1000
 
 
@@ -59,10 +63,10 @@ def setup(mode: str, where: str) -> tuple[str, object]:
         with open(path, "wb") as f:
             f.write(b"g" * 4 * PAGE)
         fd = os.open(path, os.O_RDONLY)
-        m = mmap.mmap(fd, 4 * PAGE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        addr = sc(NR_MMAP, 0, 4 * PAGE, PROT_READ, MAP_PRIVATE, fd, 0)
         os.close(fd)
         os.unlink(path)
-        return path, m
+        return path, addr
     if mode == "aio":
         ctx = ctypes.c_ulong(0)
         sc(NR_IO_SETUP, 8, ctypes.addressof(ctx))
@@ -94,9 +98,9 @@ def setup(mode: str, where: str) -> tuple[str, object]:
     if mode == "memfd":
         fd = os.memfd_create("ckpt-test")
         os.ftruncate(fd, 4 * PAGE)
-        m = mmap.mmap(fd, 4 * PAGE, flags=mmap.MAP_SHARED)
+        addr = sc(NR_MMAP, 0, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
         os.close(fd)
-        return "memfd", m
+        return "memfd", addr
     if mode == "deleted-fd":
         path = os.path.join(where, "gone.txt")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -119,6 +123,23 @@ def setup(mode: str, where: str) -> tuple[str, object]:
         return str(fd), fd
     if mode in ("dev-zero-fd", "kmsg-fd"):
         fd = os.open("/dev/zero" if mode == "dev-zero-fd" else "/dev/kmsg", os.O_RDONLY)
+        return str(fd), fd
+    if mode == "thread-cwd":
+        moved = threading.Event()
+
+        def own_cwd() -> None:
+            sc(NR_UNSHARE, CLONE_FS)
+            os.chdir(where)
+            moved.set()
+            while True:
+                time.sleep(3600)
+
+        threading.Thread(target=own_cwd, daemon=True).start()
+        moved.wait()
+        return where, None
+    if mode == "flock":
+        fd = os.open(os.path.join(where, "locked"), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         return str(fd), fd
     if mode == "chroot":
         os.chroot(where)
