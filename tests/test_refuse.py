@@ -33,6 +33,7 @@ from conftest import (
 
 from ckpt.collect.fds import FdInfo
 from ckpt.collect.files import file_kind
+from ckpt.collect.proc import parse_timer_ids
 from ckpt.collect.restorable import Target, refusals, require_restorable
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.errors import NotDumpable
@@ -99,6 +100,11 @@ CASES: dict[str, tuple[Target, str]] = {
     "flock": (replace(FINE, fds=(replace(fd(6, "/tmp/l"), extra=(
         ("lock", "1: FLOCK  ADVISORY  WRITE 28275 fe:00:2146650 0 EOF"),)),)),
               "fd 6 is a regular (/tmp/l): holds a file lock (FLOCK ADVISORY)"),
+    "posix timers": (replace(FINE, timers=(0, 3)), "has POSIX timers (ids 0, 3)"),
+    "shared anon alias": (replace(FINE, vmas=(
+        vma("/dev/zero (deleted)", VmaKind.ANON_SHARED, 0x1000000, inode=9, shared=True),
+        vma("/dev/zero (deleted)", VmaKind.ANON_SHARED, 0x2000000, inode=9, shared=True))),
+        "maps one shared anonymous memory at two addresses (0x1000000 and 0x2000000)"),
     "sysv shm": (replace(FINE, vmas=(vma("/SYSV00000000 (deleted)", VmaKind.FILE_SHARED,
                                          shared=True),)),
                  "maps System V shared memory at 0x7f0000000000"),
@@ -162,6 +168,20 @@ def test_refusals_come_in_order_and_the_first_is_told() -> None:
         require_restorable(target)
 
 
+def test_parse_timer_ids() -> None:
+    text = ("ID: 0\nsignal: 14/0000000000000000\nnotify: signal/pid.3519\nClockID: 1\n"
+            "ID: 7\nsignal: 10/0000000000000000\nnotify: thread/tid.3520\nClockID: 0\n")
+    assert parse_timer_ids(text) == [0, 7]
+    assert parse_timer_ids("") == []
+
+
+def test_split_shared_anonymous_memory_is_no_alias() -> None:
+    """An mprotect split leaves two VMAs of one object at other offsets: restorable."""
+    lo = vma("/dev/zero (deleted)", VmaKind.ANON_SHARED, 0x1000000, inode=9, shared=True)
+    hi = replace(lo, start=lo.end, end=lo.end + 0x4000, pgoff=lo.length)
+    assert refusals(replace(FINE, vmas=(lo, hi))) == []
+
+
 def test_file_kind_follows_the_table() -> None:
     kinds = {f.fd: file_kind(f, True) for f in FINE.fds}
     assert kinds == {0: "dev_null", 1: "path", 2: "inherited", 3: "path", 4: "path", 5: "path"}
@@ -200,6 +220,8 @@ REFUSED = {
     "kmsg-fd": ["fd 3 ", "/dev/kmsg", "character device 1:11"],
     "thread-cwd": ["threads with their own working directory", "/w;"],
     "flock": ["fd 3 ", "/locked", "holds a file lock (FLOCK ADVISORY)"],
+    "posix-timer": ["has POSIX timers (ids 0)"],
+    "shm-alias": ["maps one shared anonymous memory at two addresses"],
 }
 
 

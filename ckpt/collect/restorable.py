@@ -10,6 +10,9 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               its working directory was deleted                nothing to chdir to
               its working directory is under /proc/PID         names a process, not a place
               a thread has its own working directory           restore sets one per process
+              it has POSIX timers (timer_create)               restore does not make them
+              one shared anonymous memory mapped at two        restore would make two
+              addresses (mremap of size 0)
     any path  names another file from ckpt's mount namespace   restore opens ckpt's
     mapping   System V shared memory, an AIO ring, a memfd,    the file is gone: restore
               MAP_HUGETLB memory, a deleted file               cannot map it again
@@ -73,6 +76,7 @@ class Target:
     # mount namespace than from the target's; only looked for when the two differ.
     foreign: frozenset[str] = frozenset()
     thread_cwds: tuple[tuple[int, str], ...] = ()  # (tid, cwd) of every thread
+    timers: tuple[int, ...] = ()  # POSIX timer ids
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,11 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
     Rule(lambda t: any(cwd != t.cwd for _, cwd in t.thread_cwds),
          "process {pid} has threads with their own working directory ({own_cwds}; "
          "unshare(CLONE_FS)): " + NOT_YET),
+    Rule(lambda t: bool(t.timers),
+         "process {pid} has POSIX timers (ids {timers}): " + NOT_YET),
+    Rule(lambda t: bool(aliased(t.vmas)),
+         "process {pid} maps one shared anonymous memory at two addresses ({aliased}): "
+         + NOT_YET),
     Rule(lambda t: t.cwd in t.foreign,
          "process {pid} has its working directory {cwd} in mount namespace {mnt_ns}, where "
          "it is another directory than in ckpt's ({own_mnt_ns}): " + NOT_YET),
@@ -118,8 +127,26 @@ def process_fields(t: Target) -> dict[str, object]:
     return {"pid": t.pid, "children": ", ".join(map(str, t.children)), "cwd": t.cwd,
             "cwd_shown": _shown(t.cwd), "root": t.root, "mnt_ns": t.mnt_ns,
             "own_mnt_ns": t.own_mnt_ns,
+            "timers": ", ".join(map(str, t.timers)),
+            "aliased": " and ".join(f"{v.start:#x}" for v in aliased(t.vmas)[:2]),
             "own_cwds": ", ".join(f"thread {tid} in {cwd}" for tid, cwd in t.thread_cwds
                                   if cwd != t.cwd)}
+
+
+def aliased(vmas: tuple[VmaInfo, ...]) -> list[VmaInfo]:
+    """VMAs of shared anonymous memory whose pages another VMA of the same object maps
+    too (mremap with old size 0 makes such an alias; an mprotect split does not: its
+    parts cover other offsets). Restore maps each VMA as its own object."""
+    seen: dict[int, list[VmaInfo]] = {}
+    out: list[VmaInfo] = []
+    for v in vmas:
+        if v.kind != VmaKind.ANON_SHARED or not v.inode:
+            continue
+        for w in seen.setdefault(v.inode, []):
+            if v.pgoff < w.pgoff + w.length and w.pgoff < v.pgoff + v.length:  # bytes
+                out += [w, v]
+        seen[v.inode].append(v)
+    return out
 
 
 # --------------------------------------------------------------------------- mappings
@@ -261,7 +288,7 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         pid=pid, children=tuple(proc.list_children(pid)), cwd=cwd, root=proc.read_root(pid),
         own_root=proc.read_root(me), mnt_ns=mnt_ns, own_mnt_ns=own_mnt_ns,
         vmas=tuple(maps), fds=tuple(fds), shell_job=shell_job, foreign=foreign,
-        thread_cwds=_thread_cwds(pid))
+        thread_cwds=_thread_cwds(pid), timers=tuple(proc.read_timer_ids(pid)))
 
 
 def _thread_cwds(pid: int) -> tuple[tuple[int, str], ...]:

@@ -24,6 +24,8 @@ Modes (DIR holds any file the mode creates):
   dev-zero-fd     an fd on /dev/zero (a character device other than /dev/null)
   kmsg-fd         an fd on /dev/kmsg (a character device with state: its read position)
   chroot          chrooted into DIR
+  posix-timer     a POSIX timer (timer_create, never armed)
+  shm-alias       shared anonymous memory mapped at a second address (mremap, size 0)
   thread-cwd      a thread that unshare(CLONE_FS)'d and moved to DIR
   flock           an fd on DIR/locked with an flock() held
   plain           nothing special (control)
@@ -43,7 +45,8 @@ PAGE = 4096
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 NR_MMAP, NR_MPROTECT, NR_IO_SETUP, NR_UNSHARE, NR_EVENTFD2 = 9, 10, 206, 272, 290
-CLONE_FS = 0x200
+NR_MREMAP = 25
+CLONE_FS, CLOCK_MONOTONIC, MAP_ANONYMOUS, MREMAP_MAYMOVE = 0x200, 1, 0x20, 1
 PROT_READ, PROT_WRITE, MAP_SHARED, MAP_PRIVATE = 1, 2, 1, 2
 IPC_PRIVATE, IPC_CREAT = 0, 0o1000
 
@@ -141,6 +144,16 @@ def setup(mode: str, where: str) -> tuple[str, object]:
         fd = os.open(os.path.join(where, "locked"), os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return str(fd), fd
+    if mode == "posix-timer":
+        timer = ctypes.c_int(0)
+        if libc.timer_create(CLOCK_MONOTONIC, None, ctypes.byref(timer)) != 0:
+            raise OSError(ctypes.get_errno(), "timer_create")
+        return str(timer.value), timer
+    if mode == "shm-alias":
+        addr = sc(NR_MMAP, 0, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+                  -1, 0)
+        alias = sc(NR_MREMAP, addr, 0, 4 * PAGE, MREMAP_MAYMOVE)
+        return f"{addr:#x} {alias:#x}", addr
     if mode == "chroot":
         os.chroot(where)
         return where, None
