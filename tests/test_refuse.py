@@ -33,7 +33,7 @@ from conftest import (
 
 from ckpt.collect.fds import FdInfo
 from ckpt.collect.files import file_kind
-from ckpt.collect.proc import parse_timer_ids
+from ckpt.collect.proc import list_children, parse_timer_ids
 from ckpt.collect.restorable import Target, refusals, require_restorable
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.errors import NotDumpable
@@ -100,6 +100,8 @@ CASES: dict[str, tuple[Target, str]] = {
     "flock": (replace(FINE, fds=(replace(fd(6, "/tmp/l"), extra=(
         ("lock", "1: FLOCK  ADVISORY  WRITE 28275 fe:00:2146650 0 EOF"),)),)),
               "fd 6 is a regular (/tmp/l): holds a file lock (FLOCK ADVISORY)"),
+    "pid namespace": (replace(FINE, other_ns=(("pid", "pid:[5]", "pid:[1]"),)),
+                      "runs in a pid namespace other than ckpt's (pid:[5]; ckpt's is pid:[1])"),
     "posix timers": (replace(FINE, timers=(0, 3)), "has POSIX timers (ids 0, 3)"),
     "shared anon alias": (replace(FINE, vmas=(
         vma("/dev/zero (deleted)", VmaKind.ANON_SHARED, 0x1000000, inode=9, shared=True),
@@ -260,6 +262,23 @@ def test_dump_and_predump_refuse_before_touching(harness: Harness, tmp_path: Pat
         lines.append(message)
         assert_runs_on(proc, out)
     assert lines[0] == lines[1]
+
+
+@needs_root
+@pytest.mark.parametrize("kind", ["pid", "user"])
+def test_another_pid_or_user_namespace_is_refused(harness: Harness, tmp_path: Path,
+                                                  kind: str) -> None:
+    """Restore creates the process in ckpt's namespaces: in another pid namespace its pid
+    would change, in another user namespace its ids and capabilities would."""
+    unshare = ("unshare", "--pid", "--fork") if kind == "pid" else ("unshare", "--user", "-r")
+    proc, out = launch(harness, "plain", tmp_path, unshare)
+    pid = proc.pid
+    if kind == "pid":  # unshare waits for the target, its child
+        pid = wait_for(lambda: next(iter(list_children(proc.pid)), None), 10, "the target")
+    message = assert_one_error_line(run_ckpt("dump", "-t", str(pid), "-D", harness.images()))
+    assert f"runs in a {kind} namespace other than ckpt's" in message, message
+    assert_running_untraced(pid)
+    wait_for_lines(out, len(read_lines(out)) + 2)
 
 
 @needs_root

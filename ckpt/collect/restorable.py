@@ -6,6 +6,8 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
 
     subject   refused when                                     why
     process   it has children                                  process trees
+              it is in another pid or user namespace than ckpt  restore makes it in ckpt's:
+                                                               other pids, other ids
               it is chrooted                                   restore does not chroot
               its working directory was deleted                nothing to chdir to
               its working directory is under /proc/PID         names a process, not a place
@@ -54,6 +56,10 @@ STATELESS_DEVICES = frozenset(os.makedev(1, minor) for minor in (3, 5, 7, 8, 9))
 NAMESPACE = re.compile(r"[a-z_]+:\[\d+\]")
 PROC_PID = re.compile(r"/proc/\d+(/|$)")
 NOT_YET = "not supported yet"
+#: Namespaces a restored process must share with ckpt (it is created in ckpt's); a mount
+#: namespace may differ as long as the paths agree (Target.foreign), a network one too
+#: (migration between network namespaces moves a process on purpose).
+CHECKED_NS = ("pid", "user")
 #: Filesystems under /dev whose files are files, not devices.
 NOT_DEVICES = ("/dev/shm/", "/dev/hugepages/", "/dev/mqueue/")
 
@@ -77,6 +83,7 @@ class Target:
     foreign: frozenset[str] = frozenset()
     thread_cwds: tuple[tuple[int, str], ...] = ()  # (tid, cwd) of every thread
     timers: tuple[int, ...] = ()  # POSIX timer ids
+    other_ns: tuple[tuple[str, str, str], ...] = ()  # (kind, its, ckpt's): CHECKED_NS differing
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,8 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
     Rule(lambda t: bool(t.children),
          "process {pid} has child processes ({children}); process trees are not supported "
          "yet"),
+    Rule(lambda t: bool(t.other_ns),
+         "process {pid} runs in a {other_ns}: " + NOT_YET),
     Rule(lambda t: t.root not in ("", t.own_root),  # "": exiting, nothing to compare
          "process {pid} has root directory {root} (chroot): " + NOT_YET),
     Rule(lambda t: _deleted(t.cwd),
@@ -128,6 +137,8 @@ def process_fields(t: Target) -> dict[str, object]:
             "cwd_shown": _shown(t.cwd), "root": t.root, "mnt_ns": t.mnt_ns,
             "own_mnt_ns": t.own_mnt_ns,
             "timers": ", ".join(map(str, t.timers)),
+            "other_ns": " and a ".join(f"{kind} namespace other than ckpt's ({its}; ckpt's "
+                                       f"is {own})" for kind, its, own in t.other_ns),
             "aliased": " and ".join(f"{v.start:#x}" for v in aliased(t.vmas)[:2]),
             "own_cwds": ", ".join(f"thread {tid} in {cwd}" for tid, cwd in t.thread_cwds
                                   if cwd != t.cwd)}
@@ -278,6 +289,7 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
     cwd = proc.read_cwd(pid)
     maps = collect_vmas(pid) if vmas is None else vmas
     fds = [i for i in read_fds(pid) if i.fd not in hidden]
+    ns = {kind: (proc.read_ns(pid, kind), proc.read_ns(me, kind)) for kind in CHECKED_NS}
     foreign: frozenset[str] = frozenset()
     if mnt_ns != own_mnt_ns:
         seen = [(cwd, _identity(proc.proc_path("/proc", pid, "cwd")))]
@@ -288,7 +300,8 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         pid=pid, children=tuple(proc.list_children(pid)), cwd=cwd, root=proc.read_root(pid),
         own_root=proc.read_root(me), mnt_ns=mnt_ns, own_mnt_ns=own_mnt_ns,
         vmas=tuple(maps), fds=tuple(fds), shell_job=shell_job, foreign=foreign,
-        thread_cwds=_thread_cwds(pid), timers=tuple(proc.read_timer_ids(pid)))
+        thread_cwds=_thread_cwds(pid), timers=tuple(proc.read_timer_ids(pid)),
+        other_ns=tuple((kind, its, own) for kind, (its, own) in ns.items() if its != own))
 
 
 def _thread_cwds(pid: int) -> tuple[tuple[int, str], ...]:
