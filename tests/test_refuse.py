@@ -270,7 +270,8 @@ def test_another_pid_or_user_namespace_is_refused(harness: Harness, tmp_path: Pa
                                                   kind: str) -> None:
     """Restore creates the process in ckpt's namespaces: in another pid namespace its pid
     would change, in another user namespace its ids and capabilities would."""
-    unshare = ("unshare", "--pid", "--fork") if kind == "pid" else ("unshare", "--user", "-r")
+    unshare = ("unshare", "--pid", "--fork", "--kill-child") if kind == "pid" else \
+        ("unshare", "--user", "-r")
     proc, out = launch(harness, "plain", tmp_path, unshare)
     pid = proc.pid
     if kind == "pid":  # unshare waits for the target, its child

@@ -18,7 +18,7 @@ Modes (DIR holds any file the mode creates):
                   while a tick stores into it (mprotect each time: VmFlags "mw" stays)
   memfd           a memfd mapped MAP_SHARED, fd closed
   deleted-fd      an fd on DIR/gone.txt, then the file is unlinked
-  child           a child process (sleeps)
+  child           a child process (sleeps; killed when the target dies)
   sysv-shm        a System V shared memory segment attached
   eventfd         an eventfd
   dev-zero-fd     an fd on /dev/zero (a character device other than /dev/null)
@@ -36,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import signal
 import struct
 import sys
 import threading
@@ -46,6 +47,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 NR_MMAP, NR_MPROTECT, NR_IO_SETUP, NR_UNSHARE, NR_EVENTFD2 = 9, 10, 206, 272, 290
 NR_MREMAP = 25
+PR_SET_PDEATHSIG = 1
 CLONE_FS, CLOCK_MONOTONIC, MAP_ANONYMOUS, MREMAP_MAYMOVE = 0x200, 1, 0x20, 1
 PROT_READ, PROT_WRITE, MAP_SHARED, MAP_PRIVATE = 1, 2, 1, 2
 IPC_PRIVATE, IPC_CREAT = 0, 0o1000
@@ -112,6 +114,9 @@ def setup(mode: str, where: str) -> tuple[str, object]:
     if mode == "child":
         pid = os.fork()
         if pid == 0:
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # dies with the target
+            if os.getppid() == 1:
+                os._exit(0)
             while True:
                 time.sleep(3600)
         return str(pid), pid
