@@ -128,8 +128,9 @@ class Phases:
         for mod in (dump_mod, predump_mod):
             for name in ("open_parent", "select_tracker", "collect_vmas", "plan_pass",
                          "apply_compare", "write_memory", "pass_stats", "check_target",
-                         "preflight", "check_vmas", "collect_thread", "collect_injected",
-                         "collect_files", "hidden_fds", "collect_process", "build_core"):
+                         "preflight", "read_target", "require_restorable", "collect_thread",
+                         "collect_injected", "collect_files", "hidden_fds", "collect_process",
+                         "build_core"):
                 if hasattr(mod, name):
                     w(mod, name, name)
         w(Frozen, "threads", "frozen.threads")

@@ -307,15 +307,21 @@ def test_compatibility_is_checked_before_copying(harness: Harness, bins: Bins,
                                                  tmp_path: Path,
                                                  page_server: tuple[str, Path]) -> None:
     """A destination lacking a file the process maps refuses before any round: one error
-    line naming the file, nothing copied, the source untouched."""
+    line naming the file, nothing copied, the source untouched. The source runs from a
+    tmpfs only its own mount namespace has (ckpt joins it there); the destination, in
+    this one, lacks the executable. (A deleted executable is refused by the source.)"""
     address, token = page_server
-    exe = tmp_path / "counter_copy"
-    shutil.copy(bins.counter_dyn, exe)
+    private = tmp_path / "private"
+    private.mkdir()
+    exe = private / "counter_copy"
     out = tmp_path / "out.txt"
-    proc = harness.launch([exe, "-o", out], tmp_path / "stdout.txt")
+    proc = harness.launch(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                           f"mount -t tmpfs ckpt-test {private} && cp {bins.counter_dyn} {exe} "
+                           f"&& exec {exe} -o {out}"], tmp_path / "stdout.txt")
     wait_for_lines(out, 3)
-    exe.unlink()  # the destination (this host) no longer has the executable
-    res = run_ckpt("migrate", "-t", str(proc.pid), "--to", address, "--auth-token-file", token)
+    assert not exe.exists()
+    res = run_ckpt("migrate", "-t", str(proc.pid), "--to", address, "--auth-token-file", token,
+                   prefix=("nsenter", "-t", str(proc.pid), "-m"))
     message = assert_one_error_line(res)
     assert str(exe) in message and "cannot run this process" in message, message
     assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").iterdir())

@@ -1,8 +1,9 @@
 """`ckpt dump`: a consistent checkpoint of one process, as a straight checklist.
 
-    parent + preflight (target runs)   parent chain valid, pid, kernel thread, children, fds
+    parent + preflight (target runs)   parent chain valid, pid, kernel thread, and what a
+                                       restore could not bring back (ckpt.collect.restorable)
     freeze                             seize + interrupt every thread
-    collect                            threads, injected state, VMAs
+    collect                            threads, injected state, VMAs; restorable again
     live pass (--incremental, uffd-wp) tracker.begin with the target running: read what
                                        changed since the parent (pagecopy.staging)
     track (--incremental/--track-mem)  tracker.begin: dirty pages (since the live pass, if
@@ -43,6 +44,7 @@ from ckpt.actions.passes import (
 )
 from ckpt.collect import proc
 from ckpt.collect.files import collect_files
+from ckpt.collect.restorable import read_target, require_restorable
 from ckpt.collect.tasks import collect_injected, collect_thread
 from ckpt.collect.vmas import VmaInfo, collect_vmas
 from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
@@ -106,21 +108,7 @@ def preflight(opts: DumpOptions, hidden_fds: set[int]) -> list[VmaInfo]:
         raise NotDumpable("ckpt cannot dump itself")
     if proc.read_status(pid).state in ("Z", "X"):
         raise NotDumpable(f"process {pid} is a zombie")
-    children = proc.list_children(pid)
-    if children:
-        raise NotDumpable(f"process {pid} has child processes ({', '.join(map(str, children))}); "
-                          "process trees are not supported yet")
-    collect_files(pid, opts.shell_job, hidden_fds)
-    vmas = collect_vmas(pid)
-    check_vmas(pid, vmas)
-    return vmas
-
-
-def check_vmas(pid: int, vmas: list[VmaInfo]) -> None:
-    for v in vmas:
-        if v.path.startswith("/SYSV"):
-            raise NotDumpable(f"process {pid} maps System V shared memory at {v.start:#x}: "
-                              "not supported")
+    return require_restorable(read_target(pid, opts.shell_job, hidden_fds))
 
 
 def collect_process(pid: int, leader: Tracee, stopped: bool = False) -> ProcessInfo:
@@ -181,7 +169,7 @@ def dump(opts: DumpOptions) -> DumpResult:
                 injected = collect_injected(pid, threads, states, vmas)
             if tracker is not None and tracker.needs_fresh_vmflags:
                 vmas = collect_vmas(pid)
-            check_vmas(pid, vmas)
+            require_restorable(read_target(pid, opts.shell_job, hidden_fds(pid), vmas))
             ctx = PassContext(pid, frozen, vmas)
             dirty = begin_tracking(tracker, ctx)
             try:

@@ -1,6 +1,7 @@
 """`ckpt predump`: copy memory while the target runs; freeze only to arm tracking.
 
-    open parent        validate the chain, read its tracker state     (target untouched)
+    check + parent     what the final dump would refuse (ckpt.collect.restorable); the
+                       chain valid, its tracker state                 (target untouched)
     freeze (if needed) soft-dirty: read bits and clear them; uffd-wp: only to inject
                        userfaultfd() on the first pass, later passes do not freeze at all
     arm                tracker.begin: what changed since the parent, tracking re-armed
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from ckpt.actions.core_image import vma_to_pb
+from ckpt.actions.dump import hidden_fds
 from ckpt.actions.passes import (
     Parent,
     apply_compare,
@@ -28,7 +30,8 @@ from ckpt.actions.passes import (
     write_memory,
 )
 from ckpt.collect import proc
-from ckpt.collect.vmas import collect_vmas
+from ckpt.collect.restorable import read_target, require_restorable
+from ckpt.collect.vmas import VmaInfo, collect_vmas
 from ckpt.errors import NoSuchProcess, NotDumpable
 from ckpt.freeze.seize import Frozen
 from ckpt.images import ImageDir
@@ -46,34 +49,38 @@ class PredumpOptions:
     overwrite: bool = False  # replace a complete pass already in images_dir
 
 
-def check_target(pid: int) -> None:
+def check_target(pid: int) -> list[VmaInfo]:
+    """Refuse, before anything touches the target, what the final dump would refuse: a
+    pass of a process that cannot be restored is wasted. A terminal on fds 0-2 passes
+    (the final dump decides, with or without --shell-job)."""
     if pid <= 0 or not proc.pid_exists(pid):
         raise NoSuchProcess(pid)
     if proc.is_kernel_thread(pid):
         raise NotDumpable(f"process {pid} is a kernel thread")
+    return require_restorable(read_target(pid, True, hidden_fds(pid)))
 
 
 def predump(opts: PredumpOptions) -> str:
     """Run one predump pass; return the line describing it."""
     pid = opts.pid
     t0 = time.perf_counter()
-    check_target(pid)
+    vmas = check_target(pid)
     parent = open_parent(opts.images_dir, opts.prev_images_dir, pid)
     tracker = select_tracker(opts.track, pid, parent)
     images = ImageDir.new_pass(opts.images_dir, opts.overwrite)
     try:
-        return _predump(opts, images, parent, tracker, t0)
+        return _predump(opts, images, parent, tracker, vmas, t0)
     except BaseException:
         images.abandon()
         raise
 
 
 def _predump(opts: PredumpOptions, images: ImageDir, parent: Parent | None, tracker: Tracker,
-             t0: float) -> str:
+             vmas: list[VmaInfo], t0: float) -> str:
     pid = opts.pid
     frozen_ms = 0.0
     try:
-        ctx = PassContext(pid, None, collect_vmas(pid))
+        ctx = PassContext(pid, None, vmas)
         if tracker.begin_needs_freeze or tracker.prepare_needs_freeze():
             with Frozen(pid) as frozen:
                 ctx = PassContext(pid, frozen, collect_vmas(pid, vmflags=False)

@@ -1,9 +1,10 @@
 """Which open files a dump can carry, grouped by open file description.
 
-Supported: regular files, directories and character devices reopened by path (offset and
-flags restored), /dev/null, and with ``--shell-job`` a terminal on fds 0-2, which restore
-takes from its own stdin/stdout/stderr. Anything else (pipes, sockets, anon inodes,
-deleted files) stops the dump before the target is frozen, naming the fd.
+Supported: regular files, directories and stateless character devices reopened by path
+(offset and flags restored), /dev/null, and with ``--shell-job`` a terminal on fds 0-2,
+which restore takes from its own stdin/stdout/stderr. Anything else (pipes, sockets, anon
+inodes, deleted files, ...: see ckpt.collect.restorable) stops the dump before the target
+is frozen, naming the fd.
 
 fds that share one open file description (``dup``, ``>out 2>&1``) are one ``OpenFile``
 with several ``FdEntry``s, so after restore their offset moves together again.
@@ -13,18 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ckpt.collect.fds import (
-    FdInfo,
-    classify_fd,
-    describe_fd,
-    group_open_files,
-    kcmp_same_file,
-    read_fds,
-)
+from ckpt.collect.fds import FdInfo, classify_fd, group_open_files, kcmp_same_file, read_fds
+from ckpt.collect.restorable import fd_refusal
 from ckpt.errors import NotDumpable
 
 O_CLOEXEC = 0o2000000
-REOPEN_BY_PATH = frozenset({"regular", "directory", "chardev"})
 
 
 @dataclass(frozen=True)
@@ -46,22 +40,13 @@ class FileRecord:
 
 
 def file_kind(info: FdInfo, shell_job: bool) -> str:
-    """How restore brings this fd back; NotDumpable if it cannot."""
+    """How restore brings this fd back; NotDumpable if it cannot (the reasons are
+    ckpt.collect.restorable's table)."""
+    why = fd_refusal(info, shell_job)
+    if why:
+        raise NotDumpable(why)
     kind = classify_fd(info)
-    if kind == "dev_null":
-        return "dev_null"
-    if kind == "tty" and shell_job and info.fd <= 2:
-        return "inherited"
-    if kind in REOPEN_BY_PATH and not info.target.endswith(" (deleted)"):
-        return "path"
-    why = describe_fd(info)
-    if kind == "tty":
-        why += ": a terminal; use --shell-job for fds 0-2"
-    elif info.target.endswith(" (deleted)"):
-        why += ": the file was deleted"
-    else:
-        why += ": not supported"
-    raise NotDumpable(why)
+    return "inherited" if kind == "tty" else "dev_null" if kind == "dev_null" else "path"
 
 
 def collect_files(pid: int, shell_job: bool, hidden: set[int] | None = None,

@@ -216,6 +216,33 @@ def read_cwd(pid: int, *, root: str = "/proc") -> str:
     return _readlink(pid, root, "cwd")
 
 
+def parse_timer_ids(text: str) -> list[int]:
+    """The ids of /proc/PID/timers (POSIX timers: "ID: 0", "signal: 14/...", ...)."""
+    return [int(line.split(":", 1)[1]) for line in text.splitlines() if line.startswith("ID:")]
+
+
+def read_timer_ids(pid: int, *, root: str = "/proc") -> list[int]:
+    """POSIX timers of ``pid`` (timer_create); [] without CONFIG_CHECKPOINT_RESTORE."""
+    if not os.path.exists(proc_path(root, pid, "timers")):
+        return []
+    return parse_timer_ids(read_text(pid, root, "timers"))
+
+
+def read_task_cwd(pid: int, tid: int, *, root: str = "/proc") -> str:
+    """Target of /proc/PID/task/TID/cwd: a thread's own after unshare(CLONE_FS)."""
+    return _readlink(pid, root, os.path.join("task", str(tid), "cwd"))
+
+
+def read_root(pid: int, *, root: str = "/proc") -> str:
+    """Target of /proc/PID/root: "/" unless the process is chrooted."""
+    return _readlink(pid, root, "root")
+
+
+def read_ns(pid: int, name: str, *, root: str = "/proc") -> str:
+    """Target of /proc/PID/ns/NAME, e.g. "mnt:[4026531841]" for ``name`` "mnt"."""
+    return _readlink(pid, root, os.path.join("ns", name))
+
+
 def read_comm(pid: int, *, root: str = "/proc") -> str:
     """/proc/PID/comm without its trailing newline (may contain spaces and parentheses)."""
     text = read_text(pid, root, "comm")

@@ -135,11 +135,12 @@ def map_range(stub: Stub, v: pb.Vma, start: int, end: int, files: Backing) -> No
 
 
 class Backing:
-    """The stub's fds of mapped files, each opened once and closed at the end."""
+    """The stub's fds of mapped files, each opened once per access mode (see
+    backing_mode) and closed at the end."""
 
     def __init__(self, stub: Stub) -> None:
         self.stub = stub
-        self.fds: dict[str, int] = {}
+        self.fds: dict[tuple[str, int], int] = {}
 
     def __enter__(self) -> Backing:
         return self
@@ -149,9 +150,19 @@ class Backing:
             self.stub.sc(NR.close, fd, check=False)
 
     def open(self, v: pb.Vma) -> int:
-        if v.path not in self.fds:
-            self.fds[v.path] = _open_backing(self.stub, v)
-        return self.fds[v.path]
+        key = (v.path, backing_mode(v))
+        if key not in self.fds:
+            self.fds[key] = _open_backing(self.stub, v)
+        return self.fds[key]
+
+
+def backing_mode(v: pb.Vma) -> int:
+    """How to open the file a VMA maps. A MAP_SHARED mapping may be made writable later
+    (mprotect) exactly when its file was open for writing: the kernel then keeps
+    VM_MAYWRITE ("mw"), and drops it otherwise. So such a VMA gets an O_RDWR file even
+    while it is read-only; a VMA recorded without VmFlags goes by its protection."""
+    may_write = "mw" in v.vmflags if v.vmflags else bool(v.prot & PROT_WRITE)
+    return os.O_RDWR if v.shared and may_write else os.O_RDONLY
 
 
 def _open_backing(stub: Stub, v: pb.Vma) -> int:
@@ -164,9 +175,7 @@ def _open_backing(stub: Stub, v: pb.Vma) -> int:
     if st.st_ino != v.inode:
         raise RestoreError(f"mapped file {v.path} changed since the dump (inode {v.inode} "
                            f"became {st.st_ino})")
-    writable_shared = v.shared and v.prot & PROT_WRITE
-    return stub.sc(NR.open, stub.put_str(v.path), os.O_RDWR if writable_shared else os.O_RDONLY,
-                   0, what=f"open {v.path}")
+    return stub.sc(NR.open, stub.put_str(v.path), backing_mode(v), 0, what=f"open {v.path}")
 
 
 def lock_vmas(stub: Stub, vmas: list[pb.Vma]) -> None:

@@ -1,0 +1,346 @@
+"""Can a restore bring this process back? One table of what it cannot, with the reason.
+
+A dump kills its target; a restore that then fails loses the process. So whatever a
+restore cannot rebuild exactly is refused here, before the target is frozen (and again
+while it is frozen, in case it changed), by dump, predump and migrate alike:
+
+    subject   refused when                                     why
+    process   it has children                                  process trees
+              it is in another pid or user namespace than ckpt  restore makes it in ckpt's:
+                                                               other pids, other ids
+              it is chrooted                                   restore does not chroot
+              its working directory was deleted                nothing to chdir to
+              its working directory is under /proc/PID         names a process, not a place
+              a thread has its own working directory           restore sets one per process
+              it has POSIX timers (timer_create)               restore does not make them
+              one shared anonymous memory mapped at two        restore would make two
+              addresses (mremap of size 0)
+    any path  names another file from ckpt's mount namespace   restore opens ckpt's
+    mapping   System V shared memory, an AIO ring, a memfd,    the file is gone: restore
+              MAP_HUGETLB memory, a deleted file               cannot map it again
+              a file that is not a path (anon_inode:...)       (io_uring, perf, DRM)
+              a device under /dev (but /dev/zero, /dev/shm)    its state lives in the driver
+    fd        a terminal (but fds 0-2 with --shell-job),       kernel objects, not files
+              pipe, socket, anon inode, anything unknown
+              a memfd, a deleted file                          the file is gone
+              a namespace (net:[...]), anything not a path     nothing to open
+              a file under /proc/PID                           names a process
+              a character device but /dev/{null,zero,full,     its state lives in the driver
+              random,urandom}
+              a file it holds a lock on (flock, POSIX)         the lock would be lost
+
+:func:`refusals` is pure: it takes a :class:`Target` (records of ckpt.collect.vmas,
+ckpt.collect.fds and ckpt.collect.proc) and returns one line per refused thing, process
+first, then mappings by address, then fds by number. :func:`read_target` gathers the
+records; :func:`require_restorable` raises NotDumpable with the first line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from ckpt.collect import proc
+from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
+from ckpt.collect.vmas import VmaInfo, VmaKind, collect_vmas
+from ckpt.errors import NoSuchProcess, NotDumpable
+
+T = TypeVar("T")
+DELETED = " (deleted)"
+FILE_KINDS = frozenset({VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED})
+#: Character devices a reopen brings back exactly: they keep no state (major 1, "mem").
+STATELESS_DEVICES = frozenset(os.makedev(1, minor) for minor in (3, 5, 7, 8, 9))
+NAMESPACE = re.compile(r"[a-z_]+:\[\d+\]")
+PROC_PID = re.compile(r"/proc/\d+(/|$)")
+NOT_YET = "not supported yet"
+#: Namespaces a restored process must share with ckpt (it is created in ckpt's); a mount
+#: namespace may differ as long as the paths agree (Target.foreign), a network one too
+#: (migration between network namespaces moves a process on purpose).
+CHECKED_NS = ("pid", "user")
+#: Filesystems under /dev whose files are files, not devices.
+NOT_DEVICES = ("/dev/shm/", "/dev/hugepages/", "/dev/mqueue/")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What decides whether a restore can bring a process back."""
+
+    pid: int
+    children: tuple[int, ...]
+    cwd: str
+    root: str  # /proc/PID/root
+    own_root: str  # ckpt's: a restored process gets this one
+    mnt_ns: str  # /proc/PID/ns/mnt
+    own_mnt_ns: str  # ckpt's
+    vmas: tuple[VmaInfo, ...]
+    fds: tuple[FdInfo, ...]  # without ckpt's own (a tracker's userfaultfd)
+    shell_job: bool  # a terminal on fds 0-2 is taken from the restoring shell
+    # Paths (of fds, mapped files, the cwd) that name another file, or none, from ckpt's
+    # mount namespace than from the target's; only looked for when the two differ.
+    foreign: frozenset[str] = frozenset()
+    thread_cwds: tuple[tuple[int, str], ...] = ()  # (tid, cwd) of every thread
+    timers: tuple[int, ...] = ()  # POSIX timer ids
+    other_ns: tuple[tuple[str, str, str], ...] = ()  # (kind, its, ckpt's): CHECKED_NS differing
+
+
+@dataclass(frozen=True)
+class Rule(Generic[T]):
+    """Refuse a subject when ``applies``; ``says`` is formatted with the subject's fields
+    (see the *_fields functions)."""
+
+    applies: Callable[[T], bool]
+    says: str
+
+
+def _deleted(path: str) -> bool:
+    return path.endswith(DELETED)
+
+
+def _shown(path: str) -> str:
+    return path.removesuffix(DELETED)
+
+
+# --------------------------------------------------------------------------- process
+
+PROCESS_RULES: tuple[Rule[Target], ...] = (
+    Rule(lambda t: bool(t.children),
+         "process {pid} has child processes ({children}); process trees are not supported "
+         "yet"),
+    Rule(lambda t: bool(t.other_ns),
+         "process {pid} runs in a {other_ns}: " + NOT_YET),
+    Rule(lambda t: t.root not in ("", t.own_root),  # "": exiting, nothing to compare
+         "process {pid} has root directory {root} (chroot): " + NOT_YET),
+    Rule(lambda t: _deleted(t.cwd),
+         "process {pid} has a deleted working directory ({cwd_shown}): " + NOT_YET),
+    Rule(lambda t: bool(PROC_PID.match(t.cwd)),
+         "process {pid} has its working directory {cwd} under /proc/PID (it names a "
+         "process, not a place): " + NOT_YET),
+    Rule(lambda t: any(cwd != t.cwd for _, cwd in t.thread_cwds),
+         "process {pid} has threads with their own working directory ({own_cwds}; "
+         "unshare(CLONE_FS)): " + NOT_YET),
+    Rule(lambda t: bool(t.timers),
+         "process {pid} has POSIX timers (ids {timers}): " + NOT_YET),
+    Rule(lambda t: bool(aliased(t.vmas)),
+         "process {pid} maps one shared anonymous memory at two addresses ({aliased}): "
+         + NOT_YET),
+    Rule(lambda t: t.cwd in t.foreign,
+         "process {pid} has its working directory {cwd} in mount namespace {mnt_ns}, where "
+         "it is another directory than in ckpt's ({own_mnt_ns}): " + NOT_YET),
+)
+
+
+def process_fields(t: Target) -> dict[str, object]:
+    return {"pid": t.pid, "children": ", ".join(map(str, t.children)), "cwd": t.cwd,
+            "cwd_shown": _shown(t.cwd), "root": t.root, "mnt_ns": t.mnt_ns,
+            "own_mnt_ns": t.own_mnt_ns,
+            "timers": ", ".join(map(str, t.timers)),
+            "other_ns": " and a ".join(f"{kind} namespace other than ckpt's ({its}; ckpt's "
+                                       f"is {own})" for kind, its, own in t.other_ns),
+            "aliased": " and ".join(f"{v.start:#x}" for v in aliased(t.vmas)[:2]),
+            "own_cwds": ", ".join(f"thread {tid} in {cwd}" for tid, cwd in t.thread_cwds
+                                  if cwd != t.cwd)}
+
+
+def aliased(vmas: tuple[VmaInfo, ...]) -> list[VmaInfo]:
+    """VMAs of shared anonymous memory whose pages another VMA of the same object maps
+    too (mremap with old size 0 makes such an alias; an mprotect split does not: its
+    parts cover other offsets). Restore maps each VMA as its own object."""
+    seen: dict[int, list[VmaInfo]] = {}
+    out: list[VmaInfo] = []
+    for v in vmas:
+        if v.kind != VmaKind.ANON_SHARED or not v.inode:
+            continue
+        for w in seen.setdefault(v.inode, []):
+            if v.pgoff < w.pgoff + w.length and w.pgoff < v.pgoff + v.length:  # bytes
+                out += [w, v]
+        seen[v.inode].append(v)
+    return out
+
+
+# --------------------------------------------------------------------------- mappings
+
+@dataclass(frozen=True)
+class Mapping:
+    """A VMA as the rules see it, and whether its path is in Target.foreign."""
+
+    vma: VmaInfo
+    foreign: bool
+
+    @property
+    def path(self) -> str:
+        return self.vma.path
+
+    @property
+    def kind(self) -> VmaKind:
+        return self.vma.kind
+
+
+VMA_RULES: tuple[Rule[Mapping], ...] = (
+    Rule(lambda v: v.path.startswith("/SYSV"),
+         "System V shared memory at {start:#x}: not supported"),
+    Rule(lambda v: v.path.startswith("/[aio]"),
+         "an AIO ring (io_setup) at {start:#x}: " + NOT_YET),
+    Rule(lambda v: v.path.startswith("/anon_hugepage"),
+         "huge pages (MAP_HUGETLB) at {start:#x}: " + NOT_YET),
+    Rule(lambda v: v.kind in FILE_KINDS and v.path.startswith("/memfd:"),
+         "a memfd ({name}) at {start:#x}: " + NOT_YET),
+    Rule(lambda v: v.kind in FILE_KINDS and _deleted(v.path),
+         "deleted file {name} at {start:#x}: " + NOT_YET),
+    Rule(lambda v: v.kind in FILE_KINDS and not v.path.startswith("/"),
+         "{path} at {start:#x}, not a file a restore can map again: " + NOT_YET),
+    Rule(lambda v: v.kind in FILE_KINDS and v.path.startswith("/dev/")
+         and v.path != "/dev/zero" and not v.path.startswith(NOT_DEVICES),
+         "device {path} at {start:#x}: its state lives in the driver; " + NOT_YET),
+    Rule(lambda v: v.kind in FILE_KINDS and v.foreign,
+         "file {path} at {start:#x}, which is another file (or none) in ckpt's mount "
+         "namespace: " + NOT_YET),
+)
+
+
+def vma_fields(m: Mapping) -> dict[str, object]:
+    return {"start": m.vma.start, "path": m.path, "name": _shown(m.path)}
+
+
+# --------------------------------------------------------------------------- fds
+
+
+@dataclass(frozen=True)
+class Fd:
+    """An fd as the rules see it: its record, its class (ckpt.collect.fds.classify_fd),
+    whether fds 0-2 may be a terminal (--shell-job), whether its path is foreign."""
+
+    info: FdInfo
+    kind: str
+    shell_job: bool
+    foreign: bool = False
+
+    @property
+    def target(self) -> str:
+        return self.info.target
+
+
+FD_RULES: tuple[Rule[Fd], ...] = (
+    Rule(lambda f: f.kind == "tty" and not (f.shell_job and f.info.fd <= 2),
+         "a terminal; use --shell-job for fds 0-2"),
+    Rule(lambda f: f.kind in ("pipe", "socket", "anon_inode", "other"), NOT_YET),
+    Rule(lambda f: f.target.startswith("/memfd:"), "a memfd: " + NOT_YET),
+    Rule(lambda f: _deleted(f.target), "the file was deleted: " + NOT_YET),
+    Rule(lambda f: bool(NAMESPACE.fullmatch(f.target)),
+         "a namespace file (/proc/PID/ns/*): " + NOT_YET),
+    Rule(lambda f: f.kind != "tty" and not f.target.startswith("/"),
+         "not a path a restore can open: " + NOT_YET),
+    Rule(lambda f: bool(PROC_PID.match(f.target)),
+         "a file of a process under /proc (it names a pid): " + NOT_YET),
+    Rule(lambda f: f.kind == "chardev" and f.info.st_rdev not in STATELESS_DEVICES,
+         "a character device {dev}: its state lives in the driver; " + NOT_YET),
+    Rule(lambda f: any(key == "lock" for key, _ in f.info.extra),
+         "holds a file lock ({lock}), which a restore would not take again: " + NOT_YET),
+    Rule(lambda f: f.foreign,
+         "another file (or none) in ckpt's mount namespace: " + NOT_YET),
+)
+
+
+def fd_fields(f: Fd) -> dict[str, object]:
+    locks = [value for key, value in f.info.extra if key == "lock"]
+    return {"dev": f"{os.major(f.info.st_rdev)}:{os.minor(f.info.st_rdev)}",
+            "lock": " ".join(locks[0].split()[1:3]) if locks else ""}
+
+
+def fd_refusal(info: FdInfo, shell_job: bool, foreign: bool = False) -> str | None:
+    """Why restore cannot bring this fd back, or None."""
+    fd = Fd(info, classify_fd(info), shell_job, foreign)
+    why = _first(FD_RULES, fd, fd_fields)
+    return f"{describe_fd(info)}: {why}" if why else None
+
+
+# --------------------------------------------------------------------------- all
+
+
+def _first(rules: tuple[Rule[T], ...], subject: T, fields: Callable[[T], dict[str, object]],
+           ) -> str | None:
+    for rule in rules:
+        if rule.applies(subject):
+            return rule.says.format(**fields(subject))
+    return None
+
+
+def refusals(t: Target) -> list[str]:
+    """One line per thing a restore could not bring back (empty: restorable)."""
+    out = [rule.says.format(**process_fields(t)) for rule in PROCESS_RULES if rule.applies(t)]
+    for v in sorted(t.vmas, key=lambda v: v.start):
+        why = _first(VMA_RULES, Mapping(v, v.path in t.foreign), vma_fields)
+        if why:
+            out.append(f"process {t.pid} maps {why}")
+    for info in sorted(t.fds, key=lambda i: i.fd):
+        line = fd_refusal(info, t.shell_job, info.target in t.foreign)
+        if line:
+            out.append(line)
+    return out
+
+
+def read_target(pid: int, shell_job: bool, hidden: set[int],
+                vmas: list[VmaInfo] | None = None) -> Target:
+    """The records :func:`refusals` needs, read from /proc (``vmas`` if already read)."""
+    me = os.getpid()
+    mnt_ns, own_mnt_ns = proc.read_ns(pid, "mnt"), proc.read_ns(me, "mnt")
+    cwd = proc.read_cwd(pid)
+    maps = collect_vmas(pid) if vmas is None else vmas
+    fds = [i for i in read_fds(pid) if i.fd not in hidden]
+    ns = {kind: (proc.read_ns(pid, kind), proc.read_ns(me, kind)) for kind in CHECKED_NS}
+    foreign: frozenset[str] = frozenset()
+    if mnt_ns != own_mnt_ns:
+        seen = [(cwd, _identity(proc.proc_path("/proc", pid, "cwd")))]
+        seen += [(v.path, (None, v.inode)) for v in maps if v.kind in FILE_KINDS]
+        seen += [(i.target, (i.st_dev, i.st_ino)) for i in fds]
+        foreign = frozenset(p for p, there in seen if _is_foreign(p, there))
+    return Target(
+        pid=pid, children=tuple(proc.list_children(pid)), cwd=cwd, root=proc.read_root(pid),
+        own_root=proc.read_root(me), mnt_ns=mnt_ns, own_mnt_ns=own_mnt_ns,
+        vmas=tuple(maps), fds=tuple(fds), shell_job=shell_job, foreign=foreign,
+        thread_cwds=_thread_cwds(pid), timers=tuple(proc.read_timer_ids(pid)),
+        other_ns=tuple((kind, its, own) for kind, (its, own) in ns.items() if its != own))
+
+
+def _thread_cwds(pid: int) -> tuple[tuple[int, str], ...]:
+    """(tid, cwd) of every thread of ``pid`` (a thread that just exited is left out)."""
+    out = []
+    for tid in proc.list_tasks(pid):
+        try:
+            out.append((tid, proc.read_task_cwd(pid, tid)))
+        except NoSuchProcess:
+            if not proc.pid_exists(pid):
+                raise
+    return tuple(out)
+
+
+Identity = tuple[int | None, int]  # (st_dev or None: not compared, st_ino)
+
+
+def _identity(path: str) -> Identity | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _is_foreign(path: str, there: Identity | None) -> bool:
+    """Does ``path``, opened from ckpt's mount namespace, miss the file the target has?
+    (Paths that are not paths, or deleted, are the table's business.)"""
+    if there is None or not path.startswith("/") or _deleted(path):
+        return False
+    here = _identity(path)
+    return here is None or here[1] != there[1] or there[0] not in (None, here[0])
+
+
+def require_restorable(target: Target) -> list[VmaInfo]:
+    """Raise NotDumpable naming the first thing a restore could not bring back; return
+    the target's VMAs otherwise."""
+    found = refusals(target)
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise NotDumpable(found[0] + more)
+    return list(target.vmas)
