@@ -45,8 +45,8 @@ def test_parent_mismatch_rule() -> None:
 
 def write_pass(path: Path, image_id: str, parent: str = "", parent_id: str = "") -> ImageDir:
     d = ImageDir.create(path)
-    d.write_inventory(Inventory(root_pid=7, pids=[7], image_id=image_id, parent=parent,
-                                parent_id=parent_id))
+    d.write_inventory(Inventory(root_pid=7, pids=[7], kind="predump", tracker="none",
+                                image_id=image_id, parent=parent, parent_id=parent_id))
     return d
 
 
