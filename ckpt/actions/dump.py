@@ -49,6 +49,7 @@ from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
 from ckpt.freeze.seize import Frozen
 from ckpt.images import ImageDir
 from ckpt.images.pb import image_pb2
+from ckpt.kernel.creds import require_root
 from ckpt.kernel.ptrace import Tracee
 from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.pagecopy.compare import DigestMap
@@ -139,6 +140,7 @@ def hidden_fds(pid: int) -> set[int]:
 def dump(opts: DumpOptions) -> DumpResult:
     pid = opts.pid
     t_start = time.perf_counter()
+    require_root("dump")
     if opts.incremental and not opts.prev_images_dir:
         raise CkptError("--incremental needs --prev-images-dir")
     parent = open_parent(opts.images_dir, opts.prev_images_dir, pid)

@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass, field
 
 from ckpt.collect import proc
+from ckpt.collect.creds import Creds, collect_creds
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.errors import NotDumpable
 from ckpt.kernel.ptrace import (
@@ -27,6 +28,8 @@ from ckpt.kernel.ptrace import (
 from ckpt.kernel.sys import NR, PAGE_SIZE, vm_read
 
 PR_GET_TID_ADDRESS = 40
+PR_GET_DUMPABLE = 3
+PR_GET_SECUREBITS = 27
 PROT_RW = 3
 MAP_PRIVATE_ANON = 0x22
 MAP_FIXED_NOREPLACE = 0x100000
@@ -62,11 +65,13 @@ class ThreadState:
     clear_child_tid: int = 0
     altstack: tuple[int, int, int] = (0, 2, 0)  # sp, flags (SS_DISABLE), size
     pending: list[bytes] = field(default_factory=list)  # siginfo queued to the thread
+    creds: Creds | None = None  # ids, capabilities, securebits, seccomp (ckpt.collect.creds)
 
 
 @dataclass
 class InjectedState:
     brk: int = 0
+    dumpable: int = 0  # PR_GET_DUMPABLE
     sigactions: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
@@ -111,6 +116,7 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
                       MAP_PRIVATE_ANON | (MAP_FIXED_NOREPLACE if at else 0), -1, 0,
                       what="mmap")
         out.brk = inj(NR.brk, 0, what="brk")
+        out.dumpable = inj(NR.prctl, PR_GET_DUMPABLE, 0, 0, 0, 0, what="PR_GET_DUMPABLE")
         for sig in signals_to_query(pid):
             if inj.raw(NR.rt_sigaction, sig, 0, scratch, 8) == 0:
                 act = _KSIGACTION.unpack(vm_read(pid, scratch, _KSIGACTION.size))
@@ -125,6 +131,8 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
                 ti(NR.sigaltstack, 0, scratch, what="sigaltstack")
                 sp, flags, _, size = _ALTSTACK.unpack(vm_read(pid, scratch, _ALTSTACK.size))
                 state.altstack = (sp, flags, size)
+                state.creds = collect_creds(pid, task.tid, ti(
+                    NR.prctl, PR_GET_SECUREBITS, 0, 0, 0, 0, what="PR_GET_SECUREBITS"))
             finally:
                 if ti is not inj:
                     ti.restore()

@@ -23,6 +23,7 @@ from ckpt.kernel.ptrace import NT_X86_XSTATE
 from ckpt.kernel.sys import NR
 from ckpt.ranges import Range, intersect
 from ckpt.restore import mm
+from ckpt.restore.creds import restore_creds
 from ckpt.restore.files import close_stub_fds, restore_files
 from ckpt.restore.pages import WritableIndex, fill_pages
 from ckpt.restore.stub import GADGET_LEN, Stub
@@ -106,6 +107,7 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     restore_thread_state(stub, leader)
     tids = [stub.pid, *(t.task.tid for t in threads)]
     queue_pending_signals(stub, entry, tids)
+    restore_creds(stub, threads, entry)  # last before the registers (ckpt.restore.creds)
     # Unmap the gadget from inside itself: single-step, nothing is fetched after it.
     stub.sc(NR.munmap, stub.gadget, GADGET_LEN, step=True, what="munmap gadget")
     load_registers(stub, leader)

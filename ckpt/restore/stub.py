@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 from ckpt.collect.proc import list_tasks
 from ckpt.errors import KernelError, NoSuchProcess, RestoreError
+from ckpt.kernel.creds import require_root
 from ckpt.kernel.ptrace import PTRACE_O_EXITKILL, PTRACE_TRACEME, Injector, Tracee
 from ckpt.kernel.sys import NR, PAGE_SIZE, current_cpu, kill_and_reap, libc
 
@@ -84,6 +85,7 @@ class Stub:
 
     @classmethod
     def spawn(cls, want_pid: int | None, reserve: int = 0) -> Stub:
+        require_root("restore")  # before ns_last_pid: one clear line, not EPERM
         pid = fork_stub(want_pid, reserve)
         stub = cls(pid)
         try:
