@@ -2,8 +2,11 @@
 task's seccomp filters. The syscalls that *set* credentials run inside the restored task
 (injected through the stub); this module only says how to encode their arguments.
 
-    PTRACE_SECCOMP_GET_FILTER(tid, index)   cBPF program of the filter ``index`` places
-                                            from the newest (0 = the last installed)
+    PTRACE_SECCOMP_GET_FILTER(tid, index)   cBPF program of the filter ``index``; 0 is
+                                            the *oldest* (kernel/seccomp.c get_nth_filter
+                                            walks count - index back from the newest;
+                                            verified here: a restore installing in index
+                                            order dumps again identically)
     PTRACE_SECCOMP_GET_METADATA             its flags (only SECCOMP_FILTER_FLAG_LOG is
                                             reported)
     PTRACE_O_SUSPEND_SECCOMP                while traced, no filter (nor strict mode) acts
@@ -54,8 +57,8 @@ class SYS:
 
 
 def seccomp_filters(tid: int) -> list[tuple[bytes, int]]:
-    """Every seccomp filter of a traced, stopped task: (cBPF program, flags), **oldest
-    first** (the order to install them again)."""
+    """Every seccomp filter of a traced, stopped task: (cBPF program, flags), oldest
+    first (index order: the order to install them again)."""
     out: list[tuple[bytes, int]] = []
     for index in range(MAX_FILTERS):
         try:
@@ -69,7 +72,7 @@ def seccomp_filters(tid: int) -> list[tuple[bytes, int]]:
         meta = ctypes.create_string_buffer(struct.pack("QQ", index, 0), 16)
         ptrace(PTRACE_SECCOMP_GET_METADATA, tid, 16, ctypes.addressof(meta))
         out.append((buf.raw, struct.unpack_from("QQ", meta.raw)[1]))
-    return out[::-1]
+    return out
 
 
 def sock_fprog(prog_addr: int, prog: bytes) -> bytes:
@@ -94,9 +97,16 @@ def last_cap(proc_root: str = "/proc") -> int:
         return int(f.read())
 
 
+WHY_ROOT = {
+    "restore": "it gives the process its pids and its own credentials, which only root may "
+               "hand out; as any other user it is refused",
+    "dump": "reading seccomp filters and freezing with them suspended need CAP_SYS_ADMIN",
+}
+
+
 def require_root(action: str) -> None:
-    """Refuse up front what only root can do safely (one line, not a PermissionError
-    from deep inside): exact pids, other users' credentials, seccomp filters."""
+    """Refuse up front what needs root, in one line (not a PermissionError from deep
+    inside, nor a process restored with the credentials of whoever ran ckpt)."""
     if os.geteuid() != 0:
-        raise CkptError(f"{action} needs root (it sets pids, credentials and seccomp "
-                        "filters; running it as another user is refused)")
+        why = WHY_ROOT["restore" if action == "restore" else "dump"]
+        raise CkptError(f"{action} needs root: {why}")

@@ -210,4 +210,4 @@ class Stub:
 
     def kill(self) -> None:
         self.close()
-        kill_and_reap(self.pid)
+        kill_and_reap(self.pid, self.tids())  # cloned threads are traced: reaped first

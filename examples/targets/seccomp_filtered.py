@@ -1,14 +1,16 @@
-"""A target under a seccomp filter (start it under `setpriv --nnp ...`, or as root).
+"""A target under seccomp filters (start it under `setpriv --nnp ...`, or as root).
 
-The process installs a filter making uname(2) fail with EOPNOTSUPP (95); a second thread
+The process installs a filter making uname(2) fail with EOPNOTSUPP (95), then one making
+prctl(2) fail with ENOLINK (67): ckpt injects prctl calls, so a dump or restore that did
+not suspend the filters would fail (or, had the filter said kill, kill it). A second thread
 installs one more filter, for itself only, making getppid(2) fail with ENOTTY (25) (the
 raw syscall, so the thread's filters differ from the leader's). Every PERIOD seconds each
 thread writes one line (one write(2) each):
 
-    main <n> uname=<errno or 0> uid=<ruid>
+    main <n> uname=<errno or 0> prctl=<errno or 0> uid=<ruid>
     worker <n> getppid=<errno or 0> uname=<errno or 0>
 
-so a restore that dropped a filter shows up as `uname=0` / `getppid=0`.
+so a restore that dropped a filter shows up as `uname=0`, `prctl=0` or `getppid=0`.
 usage: seccomp_filtered.py [PERIOD_SECONDS]   (default 0.05)
 """
 
@@ -25,6 +27,8 @@ SECCOMP_SET_MODE_FILTER = 1
 NR_SECCOMP = 317
 NR_GETPPID = 110
 NR_UNAME = 63
+NR_PRCTL = 157
+PR_GET_DUMPABLE = 3
 AUDIT_ARCH_X86_64 = 0xC000003E
 RET_ALLOW = 0x7FFF0000
 RET_ERRNO = 0x00050000
@@ -78,13 +82,17 @@ def worker(period: float, ready: threading.Event) -> None:
 def main() -> None:
     period = float(sys.argv[1]) if len(sys.argv) > 1 else 0.05
     install(deny(NR_UNAME, 95))
+    install(deny(NR_PRCTL, 67))
     ready = threading.Event()
     threading.Thread(target=worker, args=(period, ready), daemon=True).start()
     ready.wait()
     n = 0
     while True:
         n += 1
-        os.write(1, f"main {n} uname={errno_of(NR_UNAME)} uid={os.getuid()}\n".encode())
+        res = libc.syscall(ctypes.c_long(NR_PRCTL), ctypes.c_long(PR_GET_DUMPABLE))
+        prctl = ctypes.get_errno() if res < 0 else 0
+        os.write(1, f"main {n} uname={errno_of(NR_UNAME)} prctl={prctl} "
+                    f"uid={os.getuid()}\n".encode())
         time.sleep(period)
 
 
