@@ -28,6 +28,7 @@ from conftest import (
     Bins,
     CkptResult,
     Harness,
+    assert_ckpt_ok,
     assert_one_error_line,
     assert_running_untraced,
     is_alive,
@@ -39,11 +40,14 @@ from conftest import (
 )
 from test_migrate import start_server
 
+from ckpt.actions.check import meaning
 from ckpt.collect.creds import STATUS_KEYS, parse_creds, read_creds, status_lines
 from ckpt.errors import CkptError, ImageError, NotDumpable
 from ckpt.images import ImageDir
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel import creds as kcreds
+from ckpt.kernel import probe as pr
+from ckpt.kernel.probe_creds import probe_creds_restore, probe_seccomp_restore
 from ckpt.restore.creds import Prog, check_image_creds, expected_creds, plan_creds
 
 FIX = Path(__file__).parent / "fixtures" / "creds" / "proc"
@@ -161,6 +165,35 @@ def test_require_root(monkeypatch: pytest.MonkeyPatch) -> None:
         kcreds.require_root("dump")
 
 
+def test_check_meaning_of_creds_features() -> None:
+    for ok in (True, False):
+        feats = tuple(pr.Feature(n, ok, "x") for n in pr.FEATURE_NAMES)
+        lines = meaning(pr.Capabilities(feats))
+        creds = [line for line in lines if "credentials" in line]
+        seccomp = [line for line in lines if "seccomp" in line]
+        assert len(creds) == len(seccomp) == 1, lines
+        assert ("refused" in creds[0] + seccomp[0]) is not ok, lines
+
+
+@needs_root
+def test_probes_here() -> None:
+    """This machine (root, CONFIG_CHECKPOINT_RESTORE=y) allows both; nothing is left."""
+    assert probe_creds_restore()[0]
+    assert probe_seccomp_restore()[0]
+
+
+@needs_root
+def test_check_as_root_and_as_nobody() -> None:
+    res = run_ckpt("check")
+    assert_ckpt_ok(res)
+    assert re.search(r"^ok  creds-restore ", res.stdout, re.M), res.stdout
+    assert re.search(r"^ok  seccomp-restore ", res.stdout, re.M), res.stdout
+    res = run_as_nobody("check")
+    assert re.search(r"^NO  creds-restore .*not root", res.stdout, re.M), res.describe()
+    assert re.search(r"^NO  seccomp-restore .*CAP_SYS_ADMIN", res.stdout, re.M), res.describe()
+    assert "restore: refused: credentials cannot be restored here" in res.stdout
+
+
 # --------------------------------------------------------------------------- live
 
 
@@ -170,8 +203,9 @@ def _system_python() -> str:
     return SYSTEM_PYTHON
 
 
-def launch_confined(harness: Harness, out: Path) -> subprocess.Popen[bytes]:
-    proc = harness.launch([*CONFINED, _system_python(), TARGETS / "seccomp_filtered.py"], out)
+def launch_confined(harness: Harness, out: Path, *extra: str) -> subprocess.Popen[bytes]:
+    proc = harness.launch([*CONFINED, _system_python(), TARGETS / "seccomp_filtered.py",
+                           *extra], out)
     wait_for_lines(out, 6)
     return proc
 
@@ -194,11 +228,11 @@ def assert_still_filtered(out: Path, since: int) -> None:
     assert set(workers) == {("25", "95")}, lines
 
 
-def assert_same_core(first: Path, again: Path, pid: int) -> None:
+def assert_same_core(first: Path, again: Path, pid: int, dumpable: int) -> None:
     """A second dump of the restored process stores the same credentials, securebits,
     filters (programs, flags, order) and dumpable flag as the first."""
     a, b = ImageDir.open(first).read_core(pid), ImageDir.open(again).read_core(pid)
-    assert a.dumpable == b.dumpable
+    assert a.dumpable == b.dumpable == dumpable
     assert len(a.threads) == len(b.threads) == 2
     for x, y in zip(a.threads, b.threads, strict=True):
         assert x.creds == y.creds
@@ -208,9 +242,11 @@ def assert_same_core(first: Path, again: Path, pid: int) -> None:
 
 
 @needs_root
-def test_creds_and_filters_survive_dump_restore(harness: Harness, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dumpable", [1, 0])
+def test_creds_and_filters_survive_dump_restore(harness: Harness, tmp_path: Path,
+                                                dumpable: int) -> None:
     out = tmp_path / "out.txt"
-    proc = launch_confined(harness, out)
+    proc = launch_confined(harness, out, *([] if dumpable else ["--undumpable"]))
     before = snapshot(proc.pid)
     assert before[proc.pid]["Uid"].split() == ["65534"] * 4
     images = harness.images()
@@ -222,7 +258,7 @@ def test_creds_and_filters_survive_dump_restore(harness: Harness, tmp_path: Path
     assert_running_untraced(pid)
     again = harness.images("again")
     harness.dump(pid, again, "--leave-running")
-    assert_same_core(images, again, pid)
+    assert_same_core(images, again, pid, dumpable)
     assert snapshot(pid) == before
     assert_still_filtered(out, len(read_lines(out)))
 
@@ -306,8 +342,8 @@ def test_restore_by_non_root_is_refused(harness: Harness, bins: Bins, tmp_path: 
 @needs_root
 def test_dump_by_non_root_is_refused(harness: Harness, bins: Bins, tmp_path: Path,
                                      open_dir: Path) -> None:
-    """A user's own process: dump and predump as that user say they need root; the
-    process runs on untouched."""
+    """A user's own process: dump, predump and migrate as that user say they need root;
+    the process runs on untouched."""
     out = tmp_path / "out.txt"
     proc = harness.launch([*NOBODY, bins.sleeper, "sleep", "1"], out)
     wait_for_lines(out, 1)
@@ -315,6 +351,13 @@ def test_dump_by_non_root_is_refused(harness: Harness, bins: Bins, tmp_path: Pat
         res = run_as_nobody(action, "-t", str(proc.pid), "-D", open_dir / action)
         message = assert_one_error_line(res)
         assert f"{action} needs root" in message, message
+    token = open_dir / "token"
+    token.write_text("t\n")
+    token.chmod(0o644)
+    res = run_as_nobody("migrate", "-t", str(proc.pid), "--to", "127.0.0.1:9",
+                        "--auth-token-file", token)
+    message = assert_one_error_line(res)
+    assert "migrate needs root" in message, message
     assert_running_untraced(proc.pid)
 
 

@@ -44,9 +44,24 @@ def meaning(cap: Capabilities) -> list[str]:
         if cap.ok("uffd-copy")
         else "restore: every page written with process_vm_writev (userfaultfd unavailable)"
     )
+    out += creds_meaning(cap)
     if cap.ok("vdso-layout"):
         out.append(f"restore: vdso/vvar moved with mremap ({cap.get('vdso-layout').detail})")
     return out
+
+
+def creds_meaning(cap: Capabilities) -> list[str]:
+    """What a user can do with credentials and seccomp filters here."""
+    return [
+        "restore: credentials restored exactly, last (uids, gids, groups, the five "
+        "capability sets, securebits, no_new_privs, dumpable)"
+        if cap.ok("creds-restore")
+        else "restore: refused: credentials cannot be restored here (needs root)",
+        "dump: seccomp filters read per thread and suspended while ckpt works; restore "
+        "reinstalls them exactly"
+        if cap.ok("seccomp-restore")
+        else "dump: refused: seccomp filters cannot be read or suspended here",
+    ]
 
 
 def format_capabilities(cap: Capabilities) -> str:

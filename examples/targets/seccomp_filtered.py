@@ -10,8 +10,10 @@ thread writes one line (one write(2) each):
     main <n> uname=<errno or 0> prctl=<errno or 0> uid=<ruid>
     worker <n> getppid=<errno or 0> uname=<errno or 0>
 
-so a restore that dropped a filter shows up as `uname=0`, `prctl=0` or `getppid=0`.
-usage: seccomp_filtered.py [PERIOD_SECONDS]   (default 0.05)
+so a restore that dropped a filter shows up as `uname=0`, `prctl=0` or `getppid=0`. With
+--undumpable it also makes itself not dumpable (PR_SET_DUMPABLE 0); a restore must keep
+the flag either way (changing the euid resets it).
+usage: seccomp_filtered.py [--undumpable] [PERIOD_SECONDS]   (default 0.05)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ NR_SECCOMP = 317
 NR_GETPPID = 110
 NR_UNAME = 63
 NR_PRCTL = 157
-PR_GET_DUMPABLE = 3
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 AUDIT_ARCH_X86_64 = 0xC000003E
 RET_ALLOW = 0x7FFF0000
 RET_ERRNO = 0x00050000
@@ -80,7 +82,10 @@ def worker(period: float, ready: threading.Event) -> None:
 
 
 def main() -> None:
-    period = float(sys.argv[1]) if len(sys.argv) > 1 else 0.05
+    args = [a for a in sys.argv[1:] if a != "--undumpable"]
+    period = float(args[0]) if args else 0.05
+    if "--undumpable" in sys.argv and libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_DUMPABLE")
     install(deny(NR_UNAME, 95))
     install(deny(NR_PRCTL, 67))
     ready = threading.Event()
