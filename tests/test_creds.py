@@ -36,6 +36,7 @@ from conftest import (
     read_lines,
     run_ckpt,
     thread_ids,
+    wait_for,
     wait_for_lines,
 )
 from test_migrate import start_server
@@ -203,10 +204,18 @@ def _system_python() -> str:
     return SYSTEM_PYTHON
 
 
-def launch_confined(harness: Harness, out: Path, *extra: str) -> subprocess.Popen[bytes]:
-    proc = harness.launch([*CONFINED, _system_python(), TARGETS / "seccomp_filtered.py",
-                           *extra], out)
-    wait_for_lines(out, 6)
+def launch_confined(harness: Harness, out: Path, variant: str = "setpriv",
+                    ) -> subprocess.Popen[bytes]:
+    """``setpriv``: under CONFINED (no_new_privs); ``undumpable``: the same, and not
+    dumpable; ``dropped``: started as root, filters installed while privileged, then
+    root given up (no no_new_privs, no capabilities)."""
+    target = [_system_python(), str(TARGETS / "seccomp_filtered.py")]
+    argv = {"setpriv": [*CONFINED, *target], "undumpable": [*CONFINED, *target, "--undumpable"],
+            "dropped": [*target, "--drop"]}[variant]
+    proc = harness.launch(argv, out)
+    wait_for(lambda: any(line.endswith("uid=65534") for line in read_lines(out)), 10,
+             "the target to run as 65534")
+    wait_for_lines(out, len(read_lines(out)) + 2)
     return proc
 
 
@@ -228,25 +237,26 @@ def assert_still_filtered(out: Path, since: int) -> None:
     assert set(workers) == {("25", "95")}, lines
 
 
-def assert_same_core(first: Path, again: Path, pid: int, dumpable: int) -> None:
+def assert_same_core(first: Path, again: Path, pid: int, variant: str) -> None:
     """A second dump of the restored process stores the same credentials, securebits,
     filters (programs, flags, order) and dumpable flag as the first."""
     a, b = ImageDir.open(first).read_core(pid), ImageDir.open(again).read_core(pid)
-    assert a.dumpable == b.dumpable == dumpable
+    assert a.dumpable == b.dumpable == (1 if variant == "setpriv" else 0)
     assert len(a.threads) == len(b.threads) == 2
     for x, y in zip(a.threads, b.threads, strict=True):
         assert x.creds == y.creds
         assert list(x.seccomp_filters) == list(y.seccomp_filters)
-    assert a.threads[0].creds.securebits == 3  # noroot, noroot_locked
+    assert a.threads[0].creds.securebits == (0 if variant == "dropped" else 3)  # noroot+lock
+    assert a.threads[0].creds.no_new_privs is (variant != "dropped")
     assert [len(t.seccomp_filters) for t in a.threads] == [2, 3]
 
 
 @needs_root
-@pytest.mark.parametrize("dumpable", [1, 0])
+@pytest.mark.parametrize("variant", ["setpriv", "undumpable", "dropped"])
 def test_creds_and_filters_survive_dump_restore(harness: Harness, tmp_path: Path,
-                                                dumpable: int) -> None:
+                                                variant: str) -> None:
     out = tmp_path / "out.txt"
-    proc = launch_confined(harness, out, *([] if dumpable else ["--undumpable"]))
+    proc = launch_confined(harness, out, variant)
     before = snapshot(proc.pid)
     assert before[proc.pid]["Uid"].split() == ["65534"] * 4
     images = harness.images()
@@ -258,7 +268,7 @@ def test_creds_and_filters_survive_dump_restore(harness: Harness, tmp_path: Path
     assert_running_untraced(pid)
     again = harness.images("again")
     harness.dump(pid, again, "--leave-running")
-    assert_same_core(images, again, pid, dumpable)
+    assert_same_core(images, again, pid, variant)
     assert snapshot(pid) == before
     assert_still_filtered(out, len(read_lines(out)))
 

@@ -13,7 +13,11 @@ thread writes one line (one write(2) each):
 so a restore that dropped a filter shows up as `uname=0`, `prctl=0` or `getppid=0`. With
 --undumpable it also makes itself not dumpable (PR_SET_DUMPABLE 0); a restore must keep
 the flag either way (changing the euid resets it).
-usage: seccomp_filtered.py [--undumpable] [PERIOD_SECONDS]   (default 0.05)
+With --drop (started as root, without no_new_privs) the filters are installed while
+privileged and then every thread gives up root: groups 65534,100, gid and uid 65534, no
+capabilities. Reinstalling such filters needs CAP_SYS_ADMIN, which the restored process
+no longer has: a restore must install them before it takes the process's identity.
+usage: seccomp_filtered.py [--undumpable] [--drop] [PERIOD_SECONDS]   (default 0.05)
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ def worker(period: float, ready: threading.Event) -> None:
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if a != "--undumpable"]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
     period = float(args[0]) if args else 0.05
     if "--undumpable" in sys.argv and libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "PR_SET_DUMPABLE")
@@ -91,6 +95,10 @@ def main() -> None:
     ready = threading.Event()
     threading.Thread(target=worker, args=(period, ready), daemon=True).start()
     ready.wait()
+    if "--drop" in sys.argv:  # glibc applies these to every thread
+        os.setgroups([65534, 100])
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)
     n = 0
     while True:
         n += 1
