@@ -11,6 +11,7 @@ under the system python: the venv's interpreter lives under /root, closed to uid
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -42,7 +43,7 @@ from conftest import (
 from test_migrate import start_server
 
 from ckpt.actions.check import meaning
-from ckpt.collect.creds import STATUS_KEYS, parse_creds, read_creds, status_lines
+from ckpt.collect.creds import STATUS_KEYS, Creds, parse_creds, read_creds, status_lines
 from ckpt.errors import CkptError, ImageError, NotDumpable
 from ckpt.images import ImageDir
 from ckpt.images.pb import core_pb2 as pb
@@ -395,6 +396,16 @@ def test_failed_credential_step_kills_the_stub(harness: Harness, tmp_path: Path,
     written = len(read_lines(out))
     with pytest.raises(RestoreError, match="capset with a bad header"):
         restore(RestoreOptions(images_dir=str(images)))
-    assert not is_alive(proc.pid)
-    assert not os.path.exists(f"/proc/{proc.pid}")  # reaped, not a zombie
+    assert not os.path.exists(f"/proc/{proc.pid}")  # killed and reaped, not a zombie
+    monkeypatch.undo()
+    # every step succeeds but the result is not what the image says: refused as well
+    want = rcreds.expected_creds
+
+    def other(*args: object) -> Creds:
+        return dataclasses.replace(want(*args), uid=(1, 1, 1, 1))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rcreds, "expected_creds", other)
+    with pytest.raises(RestoreError, match=r"other credentials than dumped: uid"):
+        restore(RestoreOptions(images_dir=str(images)))
+    assert not os.path.exists(f"/proc/{proc.pid}")
     assert len(read_lines(out)) == written

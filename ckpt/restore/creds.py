@@ -35,7 +35,7 @@ restore that would bring a process back with other credentials, or unfiltered, f
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from ckpt.collect.creds import Creds, read_creds
 from ckpt.errors import CkptError, ImageError, RestoreError
@@ -186,13 +186,11 @@ def _inject(task: Stub, call: Call) -> None:
 def _verify(task: Stub, th: pb.ThreadCore) -> None:
     tid = task.task.tid
     securebits = task.sc(NR.prctl, PR_GET_SECUREBITS, 0, 0, 0, 0, what="PR_GET_SECUREBITS")
-    got = read_creds(task.pid, tid)
-    got = Creds(**{**got.__dict__, "groups": tuple(sorted(got.groups)),
-                   "securebits": securebits})
+    found = read_creds(task.pid, tid)
+    got = replace(found, groups=tuple(sorted(found.groups)), securebits=securebits)
     want = expected_creds(th.creds, len(th.seccomp_filters))
-    wrong = [name for name in want.__dataclass_fields__
-             if getattr(got, name) != getattr(want, name)]
+    wrong = [f"{f.name} {getattr(got, f.name)} != {getattr(want, f.name)}"
+             for f in fields(want) if getattr(got, f.name) != getattr(want, f.name)]
     if wrong:
-        raise RestoreError(f"thread {tid} came back with other credentials than dumped ("
-                           + ", ".join(f"{n} {getattr(got, n)} != {getattr(want, n)}"
-                                       for n in wrong) + ")")
+        raise RestoreError(f"thread {tid} came back with other credentials than dumped: "
+                           + ", ".join(wrong))
