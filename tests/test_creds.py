@@ -262,6 +262,10 @@ def test_creds_and_filters_survive_dump_restore(harness: Harness, tmp_path: Path
     assert before[proc.pid]["Uid"].split() == ["65534"] * 4
     images = harness.images()
     harness.dump_and_reap(proc, images)
+    shown = run_ckpt("show", images)
+    assert_ckpt_ok(shown)
+    assert "credentials: uid=65534,65534,65534,65534" in shown.stdout, shown.stdout
+    assert "seccomp=2 (3 filters)" in shown.stdout, shown.stdout
     written = len(read_lines(out))
     pid = harness.restore_detached(images)
     assert snapshot(pid) == before
