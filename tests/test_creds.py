@@ -413,3 +413,21 @@ def test_failed_credential_step_kills_the_stub(harness: Harness, tmp_path: Path,
         restore(RestoreOptions(images_dir=str(images)))
     assert not os.path.exists(f"/proc/{proc.pid}")
     assert len(read_lines(out)) == written
+
+
+@needs_root
+def test_dump_in_other_user_namespace_is_refused(harness: Harness, bins: Bins,
+                                                 tmp_path: Path) -> None:
+    """Root in a user namespace of its own has every capability there, and /proc shows
+    them as they count there: restored here as read, they would count over ckpt's
+    namespace. Refused before the freeze, the process untouched."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
+    out = tmp_path / "out.txt"
+    proc = harness.launch(["unshare", "-U", "-r", bins.sleeper, "sleep", "1"], out)
+    wait_for_lines(out, 1)
+    assert Path(f"/proc/{proc.pid}/status").read_text().count("CapEff:\t000001ff") == 1
+    res = run_ckpt("dump", "-t", str(proc.pid), "-D", harness.images())
+    message = assert_one_error_line(res)
+    assert "another user namespace" in message, message
+    assert_running_untraced(proc.pid)

@@ -42,6 +42,7 @@ from ckpt.actions.passes import (
     write_memory,
 )
 from ckpt.collect import proc
+from ckpt.collect.creds import check_user_namespace
 from ckpt.collect.files import collect_files
 from ckpt.collect.tasks import collect_injected, collect_thread
 from ckpt.collect.vmas import VmaInfo, collect_vmas
@@ -109,6 +110,7 @@ def preflight(opts: DumpOptions, hidden_fds: set[int]) -> list[VmaInfo]:
     if children:
         raise NotDumpable(f"process {pid} has child processes ({', '.join(map(str, children))}); "
                           "process trees are not supported yet")
+    check_user_namespace(pid)
     collect_files(pid, opts.shell_job, hidden_fds)
     vmas = collect_vmas(pid)
     check_vmas(pid, vmas)

@@ -8,9 +8,10 @@ so they are read, stored and restored per thread.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
-from ckpt.collect.proc import read_text
+from ckpt.collect.proc import proc_errors, proc_path, read_text
 from ckpt.errors import KernelError, NoSuchProcess, NotDumpable
 from ckpt.kernel.creds import SECCOMP_MODE_FILTER, seccomp_filters
 
@@ -75,6 +76,18 @@ def status_lines(text: str) -> dict[str, str]:
         if sep and key in STATUS_KEYS:
             out[key] = value.strip()
     return out
+
+
+def check_user_namespace(pid: int, *, root: str = "/proc") -> None:
+    """Refuse a process in another user namespace than ckpt's: its ids are mapped and its
+    capabilities count only inside that namespace, so restoring them here as they read
+    would hand it capabilities over this one (user namespaces are not restored yet)."""
+    with proc_errors(pid, "ns/user"):
+        theirs = os.readlink(proc_path(root, pid, "ns", "user"))
+    ours = os.readlink(os.path.join(root, "self", "ns", "user"))
+    if theirs != ours:
+        raise NotDumpable(f"process {pid} is in another user namespace ({theirs}, ckpt is in "
+                          f"{ours}): not supported")
 
 
 def read_task_status(pid: int, tid: int, *, root: str = "/proc") -> str:
