@@ -155,7 +155,10 @@ def test_image_without_creds_is_refused() -> None:
     entry.threads[0].creds.CopyFrom(_creds())
     with pytest.raises(ImageError, match="without filters"):
         check_image_creds(entry)
-    entry.threads[0].seccomp_filters.add(program=b"x" * 8)
+    entry.threads[0].seccomp_filters.add(program=b"x" * 12)
+    with pytest.raises(ImageError, match="12 bytes, not a cBPF program"):
+        check_image_creds(entry)
+    entry.threads[0].seccomp_filters[0].program = b"x" * 8
     check_image_creds(entry)
 
 

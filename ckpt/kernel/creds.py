@@ -29,6 +29,7 @@ PTRACE_O_SUSPEND_SECCOMP = 0x200000
 PTRACE_SECCOMP_GET_FILTER = 0x420C
 PTRACE_SECCOMP_GET_METADATA = 0x420D
 BPF_INSN_SIZE = 8  # struct sock_filter {u16 code; u8 jt, jf; u32 k}
+BPF_MAXINSNS = 4096  # per classic BPF program
 MAX_FILTERS = 4096  # the kernel limits the total instructions to MAX_INSNS_PER_PATH (32768)
 
 PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4

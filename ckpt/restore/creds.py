@@ -41,6 +41,8 @@ from ckpt.collect.creds import Creds, read_creds
 from ckpt.errors import CkptError, ImageError, RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.creds import (
+    BPF_INSN_SIZE,
+    BPF_MAXINSNS,
     PR_CAP_AMBIENT,
     PR_CAP_AMBIENT_RAISE,
     PR_CAPBSET_DROP,
@@ -143,6 +145,11 @@ def check_image_creds(entry: pb.ProcessEntry) -> None:
         if th.creds.seccomp_mode == SECCOMP_MODE_FILTER and not th.seccomp_filters:
             raise ImageError(f"core image of {entry.pid}: thread {th.tid} is in seccomp "
                              "filter mode without filters")
+        for i, f in enumerate(th.seccomp_filters, 1):
+            if not f.program or len(f.program) % BPF_INSN_SIZE or \
+                    len(f.program) > BPF_MAXINSNS * BPF_INSN_SIZE:
+                raise ImageError(f"core image of {entry.pid}: seccomp filter {i} of thread "
+                                 f"{th.tid} is {len(f.program)} bytes, not a cBPF program")
 
 
 def restore_creds(stub: Stub, threads: list[Stub], entry: pb.ProcessEntry) -> None:
