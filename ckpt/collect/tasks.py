@@ -16,6 +16,7 @@ from ckpt.collect import proc
 from ckpt.collect.creds import Creds, collect_creds
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.errors import NotDumpable
+from ckpt.kernel.creds import PR_GET_DUMPABLE, PR_GET_SECUREBITS
 from ckpt.kernel.ptrace import (
     NT_X86_XSTATE,
     Injector,
@@ -28,8 +29,6 @@ from ckpt.kernel.ptrace import (
 from ckpt.kernel.sys import NR, PAGE_SIZE, vm_read
 
 PR_GET_TID_ADDRESS = 40
-PR_GET_DUMPABLE = 3
-PR_GET_SECUREBITS = 27
 PROT_RW = 3
 MAP_PRIVATE_ANON = 0x22
 MAP_FIXED_NOREPLACE = 0x100000

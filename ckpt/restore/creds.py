@@ -68,7 +68,7 @@ from ckpt.kernel.sys import NR
 from ckpt.restore.stub import Stub
 
 SUID_DUMP_USER = 1
-ARG_AREA = 8192  # scratch offset for arguments (below: the offsets other steps use)
+ARG_AREA = 8192  # scratch offset of our arguments (other steps use the first page)
 
 
 @dataclass(frozen=True)
