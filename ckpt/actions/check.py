@@ -44,6 +44,7 @@ def meaning(cap: Capabilities) -> list[str]:
         if cap.ok("uffd-copy")
         else "restore: every page written with process_vm_writev (userfaultfd unavailable)"
     )
+    out += creds_meaning(cap)
     if cap.ok("vdso-layout"):
         out.append(f"restore: vdso/vvar moved with mremap ({cap.get('vdso-layout').detail})")
     return out
@@ -57,6 +58,20 @@ def missing(cap: Capabilities, wanted: tuple[str, ...]) -> str:
         return f"unknown feature {', '.join(unknown)} (known: {', '.join(FEATURE_NAMES)})"
     absent = [cap.get(n) for n in dict.fromkeys(wanted) if not cap.ok(n)]
     return "; ".join(f"{f.name} is not available: {f.detail}" for f in absent)
+
+
+def creds_meaning(cap: Capabilities) -> list[str]:
+    """What a user can do with credentials and seccomp filters here."""
+    return [
+        "restore: credentials restored exactly, last (uids, gids, groups, the five "
+        "capability sets, securebits, no_new_privs, dumpable)"
+        if cap.ok("creds-restore")
+        else "restore: refused: credentials cannot be restored here (needs root)",
+        "dump: seccomp filters read per thread and suspended while ckpt works; restore "
+        "reinstalls them exactly"
+        if cap.ok("seccomp-restore")
+        else "dump: refused: seccomp filters cannot be read or suspended here",
+    ]
 
 
 def format_capabilities(cap: Capabilities) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ckpt.collect.creds import Creds
 from ckpt.collect.files import FileRecord
 from ckpt.collect.proc import Rlimit, Stat
 from ckpt.collect.tasks import InjectedState, ThreadState
@@ -42,15 +43,25 @@ def regs_from_pb(msg: pb.GpRegs) -> Regs:
     return regs
 
 
+def creds_to_pb(c: Creds) -> pb.Creds:
+    return pb.Creds(uid=c.uid[0], euid=c.uid[1], suid=c.uid[2], fsuid=c.uid[3],
+                    gid=c.gid[0], egid=c.gid[1], sgid=c.gid[2], fsgid=c.gid[3],
+                    groups=c.groups, cap_inh=c.cap_inh, cap_prm=c.cap_prm, cap_eff=c.cap_eff,
+                    cap_bnd=c.cap_bnd, cap_amb=c.cap_amb, securebits=c.securebits,
+                    no_new_privs=c.no_new_privs, seccomp_mode=c.seccomp_mode)
+
+
 def thread_to_pb(t: ThreadState) -> pb.ThreadCore:
     sp, flags, size = t.altstack
+    assert t.creds is not None, "credentials are collected for every thread"
     return pb.ThreadCore(
         tid=t.tid, regs=regs_to_pb(t.regs), xstate=t.xstate, sigmask=t.sigmask,
         rseq=pb.Rseq(abi_pointer=t.rseq.abi_pointer, abi_size=t.rseq.abi_size,
                      signature=t.rseq.signature, flags=t.rseq.flags),
         clear_child_tid=t.clear_child_tid, robust_list_head=t.robust_list[0],
         robust_list_len=t.robust_list[1], altstack=pb.SigAltStack(sp=sp, flags=flags, size=size),
-        pending_signals=t.pending)
+        pending_signals=t.pending, creds=creds_to_pb(t.creds),
+        seccomp_filters=[pb.SeccompFilter(program=p, flags=f) for p, f in t.creds.filters])
 
 
 def vma_to_pb(v: VmaInfo) -> pb.Vma:
@@ -70,7 +81,7 @@ def build_core(pid: int, info: ProcessInfo, threads: list[ThreadState], injected
         pid=pid, ppid=s.ppid, pgid=s.pgrp, sid=s.session, comm=info.comm,
         threads=[thread_to_pb(t) for t in threads], mm=mm, vmas=[vma_to_pb(v) for v in vmas],
         personality=info.personality, umask=info.umask, cwd=info.cwd, cmdline=info.cmdline,
-        shared_pending=info.shared_pending)
+        shared_pending=info.shared_pending, dumpable=injected.dumpable)
     for signo, (handler, flags, restorer, mask) in sorted(injected.sigactions.items()):
         entry.sigactions.add(signo=signo, handler=handler, flags=flags, restorer=restorer,
                              mask=mask)

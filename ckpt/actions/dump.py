@@ -52,6 +52,7 @@ from ckpt.freeze.seize import Frozen
 from ckpt.images import ImageDir
 from ckpt.images.pb import image_pb2
 from ckpt.images.siginfo import STOPPED_MARK
+from ckpt.kernel.creds import require_root
 from ckpt.kernel.ptrace import Tracee
 from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.pagecopy.compare import DigestMap
@@ -130,6 +131,7 @@ def hidden_fds(pid: int) -> set[int]:
 def dump(opts: DumpOptions) -> DumpResult:
     pid = opts.pid
     t_start = time.perf_counter()
+    require_root("dump")
     if opts.incremental and not opts.prev_images_dir:
         raise CkptError("--incremental needs --prev-images-dir")
     if opts.track_mem and not opts.leave_running:

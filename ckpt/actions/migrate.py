@@ -43,6 +43,7 @@ from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.errors import CkptError
 from ckpt.images import ImageDir
 from ckpt.images.pb import wire_pb2
+from ckpt.kernel.creds import require_root
 from ckpt.kernel.probe import probe_once
 from ckpt.transfer.client import (
     check_compat,
@@ -115,6 +116,7 @@ class MigrateResult:
 
 def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResult:
     t0 = time.perf_counter()
+    require_root("migrate")
     # Whatever would stop the final dump (an fd kind we cannot carry, children, ...)
     # stops the migration before any round, like a failed server check.
     vmas = preflight(DumpOptions(pid=opts.pid, images_dir=""), hidden_fds(opts.pid))

@@ -35,6 +35,7 @@ from ckpt.collect.vmas import VmaInfo, collect_vmas
 from ckpt.errors import NoSuchProcess, NotDumpable
 from ckpt.freeze.seize import Frozen
 from ckpt.images import ImageDir
+from ckpt.kernel.creds import require_root
 from ckpt.pagecopy.incremental import plan_pass
 from ckpt.track import PassContext, Tracker
 
@@ -64,6 +65,7 @@ def predump(opts: PredumpOptions) -> str:
     """Run one predump pass; return the line describing it."""
     pid = opts.pid
     t0 = time.perf_counter()
+    require_root("predump")
     vmas = check_target(pid)
     parent = open_parent(opts.images_dir, opts.prev_images_dir, pid)
     tracker = select_tracker(opts.track, pid, parent)

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 
 from ckpt.images import chain
+from ckpt.kernel.creds import require_root
 from ckpt.restore import mm
 from ckpt.restore.files import check_files
 from ckpt.restore.pages import WritableIndex
@@ -63,6 +64,7 @@ class RestoreResult:
 
 def restore(opts: RestoreOptions) -> RestoreResult:
     t0 = time.perf_counter()
+    require_root("restore")
     images, inv, entry = read_images(opts.images_dir)
     layers = chain.resolve(images, entry.pid)  # the whole chain is valid before we fork
     if not opts.new_pid:

@@ -52,8 +52,8 @@ def _process(pid: int, entry: core_pb2.ProcessEntry | None,
     proc.update({
         "comm": entry.comm, "exe": entry.mm.exe, "cwd": entry.cwd,
         "stopped": was_stopped(entry),
-        "threads": [{"tid": t.tid, "rip": t.regs.rip, "in_syscall": _syscall_nr(t)}
-                    for t in entry.threads],
+        "threads": [{"tid": t.tid, "rip": t.regs.rip, "in_syscall": _syscall_nr(t),
+                     "creds": _creds(t)} for t in entry.threads],
         "vmas": [{"start": v.start, "end": v.end, "prot": _prot(v.prot, v.shared),
                   "kind": core_pb2.Vma.Kind.Name(v.kind), "path": v.path,
                   "pages": _pages_in(v.start, v.end, pagemap)} for v in entry.vmas],
@@ -61,6 +61,15 @@ def _process(pid: int, entry: core_pb2.ProcessEntry | None,
         "sigactions": len(entry.sigactions),
     })
     return proc
+
+
+def _creds(t: core_pb2.ThreadCore) -> str:
+    c = t.creds
+    return (f"uid={c.uid},{c.euid},{c.suid},{c.fsuid} gid={c.gid},{c.egid},{c.sgid},{c.fsgid} "
+            f"groups={','.join(map(str, c.groups)) or '-'} cap_eff={c.cap_eff:#x} "
+            f"cap_prm={c.cap_prm:#x} seccomp={c.seccomp_mode}"
+            f"{f' ({len(t.seccomp_filters)} filters)' if t.seccomp_filters else ''}"
+            f"{' no_new_privs' if c.no_new_privs else ''}") if t.HasField("creds") else "none"
 
 
 def _syscall_nr(t: core_pb2.ThreadCore) -> int | None:
@@ -106,6 +115,7 @@ def render_text(s: dict[str, Any]) -> str:
         for t in p.get("threads", []):
             sc = f" in syscall {t['in_syscall']}" if t["in_syscall"] is not None else ""
             lines.append(f"  thread {t['tid']} rip={t['rip']:#x}{sc}")
+            lines.append(f"    credentials: {t['creds']}")
         for v in p.get("vmas", []):
             lines.append(f"  vma {v['start']:#014x}-{v['end']:#014x} {v['prot']} "
                          f"{v['kind']:<12} {v['pages']:>7}p {v['path']}")

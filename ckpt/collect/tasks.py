@@ -14,8 +14,10 @@ import struct
 from dataclasses import dataclass, field
 
 from ckpt.collect import proc
+from ckpt.collect.creds import Creds, collect_creds
 from ckpt.collect.inject import open_injector
 from ckpt.collect.vmas import VmaInfo, VmaKind
+from ckpt.kernel.creds import PR_GET_DUMPABLE, PR_GET_SECUREBITS
 from ckpt.kernel.ptrace import (
     NT_X86_XSTATE,
     Injector,
@@ -61,11 +63,13 @@ class ThreadState:
     clear_child_tid: int = 0
     altstack: tuple[int, int, int] = (0, 2, 0)  # sp, flags (SS_DISABLE), size
     pending: list[bytes] = field(default_factory=list)  # siginfo queued to the thread
+    creds: Creds | None = None  # ids, capabilities, securebits, seccomp (ckpt.collect.creds)
 
 
 @dataclass
 class InjectedState:
     brk: int = 0
+    dumpable: int = 0  # PR_GET_DUMPABLE
     sigactions: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
@@ -110,6 +114,7 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
     try:
         scratch = scratch_of(inj)
         out.brk = inj(NR.brk, 0, what="brk")
+        out.dumpable = inj(NR.prctl, PR_GET_DUMPABLE, 0, 0, 0, 0, what="PR_GET_DUMPABLE")
         for sig in signals_to_query(pid):
             if inj.raw(NR.rt_sigaction, sig, 0, scratch, 8) == 0:
                 act = _KSIGACTION.unpack(vm_read(pid, scratch, _KSIGACTION.size))
@@ -126,6 +131,8 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
                 ti(NR.sigaltstack, 0, scratch, what="sigaltstack")
                 sp, flags, _, size = _ALTSTACK.unpack(vm_read(pid, scratch, _ALTSTACK.size))
                 state.altstack = (sp, flags, size)
+                state.creds = collect_creds(pid, task.tid, ti(
+                    NR.prctl, PR_GET_SECUREBITS, 0, 0, 0, 0, what="PR_GET_SECUREBITS"))
             finally:
                 if ti is not inj:
                     ti.restore()

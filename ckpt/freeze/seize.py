@@ -32,6 +32,7 @@ from types import FrameType, TracebackType
 from ckpt.collect import proc
 from ckpt.collect.proc import is_kernel_thread, list_tasks
 from ckpt.errors import AccessDenied, CkptError, NoSuchProcess, NotDumpable
+from ckpt.kernel.creds import PTRACE_O_SUSPEND_SECCOMP
 from ckpt.kernel.ptrace import PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_SEIZE, Tracee, ptrace
 
 SEIZE_ROUNDS = 50
@@ -138,7 +139,9 @@ class Frozen:
                 return
             for tid in new:
                 try:
-                    ptrace(PTRACE_SEIZE, tid)
+                    # a seccomp filter must neither fail nor kill on ckpt's injected
+                    # syscalls: suspended while traced, active again at detach
+                    ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_SUSPEND_SECCOMP)
                 except NoSuchProcess:
                     if tid == self.pid:
                         raise

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from ckpt.errors import KernelError
 from ckpt.kernel import pagemap as pm
 from ckpt.kernel import uffd
+from ckpt.kernel.probe_creds import probe_creds_restore, probe_seccomp_restore
 from ckpt.kernel.ptrace import (
     NT_X86_XSTATE,
     PTRACE_EVENT_STOP,
@@ -44,6 +45,7 @@ XFEATURE_NAMES = {
 FEATURE_NAMES = (
     "ptrace-seize", "xstate", "process_vm_readv", "soft-dirty", "uffd-wp-async",
     "pagemap-scan", "uffd-copy", "clone3-set-tid", "ns-last-pid", "vdso-layout",
+    "creds-restore", "seccomp-restore",
 )
 
 
@@ -389,6 +391,8 @@ _PROBES: tuple[tuple[tuple[str, ...], _Probe], ...] = (
     (("clone3-set-tid",), _probe_clone3),
     (("ns-last-pid",), _probe_ns_last_pid),
     (("vdso-layout",), _probe_vdso),
+    (("creds-restore",), lambda _: Feature("creds-restore", *probe_creds_restore())),
+    (("seccomp-restore",), lambda _: Feature("seccomp-restore", *probe_seccomp_restore())),
 )
 
 

@@ -18,7 +18,7 @@ from ptrace.binding.linux_struct import user_regs_struct
 
 from ckpt import testpoint
 from ckpt.errors import CkptError, KernelError
-from ckpt.kernel.sys import NR, iovec, libc, raise_errno, syscall, tgkill, vm_write
+from ckpt.kernel.sys import NR, WALL, iovec, libc, raise_errno, syscall, tgkill, vm_write
 
 PTRACE_TRACEME = 0
 PTRACE_CONT = 7
@@ -48,7 +48,6 @@ PTRACE_EVENT_STOP = 128
 NT_PRSTATUS = 1
 NT_X86_XSTATE = 0x202
 XSTATE_BUF = 16384
-WALL = 0x40000000
 
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13

@@ -20,6 +20,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 
 PAGE_SIZE = 4096
+WALL = 0x40000000  # waitpid __WALL: threads and clone children too
 IOV_MAX = 1024
 
 
@@ -184,19 +185,22 @@ def vm_write(pid: int, addr: int, data: bytes) -> None:
     vm_transfer(True, pid, [(ctypes.addressof(buf), addr, len(data))])
 
 
-def kill_and_reap(pid: int) -> None:
-    """SIGKILL a child of ours (traced or not) and wait until it is gone."""
+def kill_and_reap(pid: int, threads: Sequence[int] = ()) -> None:
+    """SIGKILL a child of ours (traced or not) and wait until it is gone. ``threads``:
+    its other threads that we trace; each must be reaped first (__WALL), or the leader's
+    exit is never reported."""
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-        except ChildProcessError:
-            return
-        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-            return
+    for tid in [*(t for t in threads if t != pid), pid]:
+        while True:
+            try:
+                _, status = os.waitpid(tid, WALL)
+            except ChildProcessError:
+                break
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                break
 
 
 def current_cpu() -> int:

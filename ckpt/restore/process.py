@@ -26,6 +26,7 @@ from ckpt.kernel.ptrace import NT_X86_XSTATE
 from ckpt.kernel.sys import NR
 from ckpt.ranges import Range, intersect
 from ckpt.restore import mm
+from ckpt.restore.creds import restore_creds
 from ckpt.restore.files import close_stub_fds, restore_files
 from ckpt.restore.pages import WritableIndex, fill_pages
 from ckpt.restore.stub import Stub
@@ -110,6 +111,7 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
         restore_thread_state(task, th)
     restore_thread_state(stub, entry.threads[0])
     tids = [stub.pid, *(t.task.tid for t in threads)]
+    restore_creds(stub, threads, entry)  # last before the registers (ckpt.restore.creds)
     # No trap after this point (see ckpt.restore.tasks): registers are loaded at stops
     # from which the kernel applies its own syscall-restart rules.
     last_syscalls(stub, entry, tids)

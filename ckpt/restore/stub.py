@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 from ckpt.collect.proc import list_tasks
 from ckpt.errors import KernelError, NoSuchProcess, RestoreError
+from ckpt.kernel.creds import require_root
 from ckpt.kernel.ptrace import PTRACE_O_EXITKILL, PTRACE_TRACEME, Injector, Tracee
 from ckpt.kernel.sys import (
     NR,
@@ -95,6 +96,7 @@ class Stub:
 
     @classmethod
     def spawn(cls, want_pid: int | None, reserve: int = 0) -> Stub:
+        require_root("restore")  # before ns_last_pid: one clear line, not EPERM
         pid = fork_stub(want_pid, reserve)
         stub = cls(pid)
         try:
@@ -219,4 +221,4 @@ class Stub:
 
     def kill(self) -> None:
         self.close()
-        kill_and_reap(self.pid)
+        kill_and_reap(self.pid, self.tids())  # cloned threads are traced: reaped first

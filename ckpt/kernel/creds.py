@@ -1,0 +1,113 @@
+"""Credentials and seccomp: constants, argument layouts and the ptrace requests that read a
+task's seccomp filters. The syscalls that *set* credentials run inside the restored task
+(injected through the stub); this module only says how to encode their arguments.
+
+    PTRACE_SECCOMP_GET_FILTER(tid, index)   cBPF program of the filter ``index``; 0 is
+                                            the *oldest* (kernel/seccomp.c get_nth_filter
+                                            walks count - index back from the newest;
+                                            verified here: a restore installing in index
+                                            order dumps again identically)
+    PTRACE_SECCOMP_GET_METADATA             its flags (only SECCOMP_FILTER_FLAG_LOG is
+                                            reported)
+    PTRACE_O_SUSPEND_SECCOMP                while traced, no filter (nor strict mode) acts
+                                            on the tracee; the kernel drops the option at
+                                            detach. Both need CAP_SYS_ADMIN and
+                                            CONFIG_CHECKPOINT_RESTORE.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+
+from ckpt.errors import CkptError, KernelError
+from ckpt.kernel.ptrace import ptrace
+
+PTRACE_O_SUSPEND_SECCOMP = 0x200000
+PTRACE_SECCOMP_GET_FILTER = 0x420C
+PTRACE_SECCOMP_GET_METADATA = 0x420D
+BPF_INSN_SIZE = 8  # struct sock_filter {u16 code; u8 jt, jf; u32 k}
+BPF_MAXINSNS = 4096  # per classic BPF program
+MAX_FILTERS = 4096  # the kernel limits the total instructions to MAX_INSNS_PER_PATH (32768)
+
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+PR_GET_SECUREBITS, PR_SET_SECUREBITS = 27, 28
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
+SECBIT_NO_SETUID_FIXUP = 1 << 2
+SECBIT_KEEP_CAPS = 1 << 4
+SECCOMP_MODE_STRICT, SECCOMP_MODE_FILTER = 1, 2
+SECCOMP_SET_MODE_STRICT, SECCOMP_SET_MODE_FILTER = 0, 1
+SECCOMP_FILTER_FLAG_LOG = 1 << 1
+CAPABILITY_VERSION_3 = 0x20080522
+
+
+class SYS:
+    """x86-64 numbers of the credential syscalls (injected into the restored task)."""
+
+    setgroups = 116
+    setresuid = 117
+    setresgid = 119
+    setfsuid = 122
+    setfsgid = 123
+    capset = 126
+    seccomp = 317
+
+
+def seccomp_filters(tid: int) -> list[tuple[bytes, int]]:
+    """Every seccomp filter of a traced, stopped task: (cBPF program, flags), oldest
+    first (index order: the order to install them again)."""
+    out: list[tuple[bytes, int]] = []
+    for index in range(MAX_FILTERS):
+        try:
+            count = ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, 0)
+        except KernelError as exc:
+            if exc.errno == errno.ENOENT:  # past the oldest filter
+                break
+            raise
+        buf = ctypes.create_string_buffer(count * BPF_INSN_SIZE)
+        ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, ctypes.addressof(buf))
+        meta = ctypes.create_string_buffer(struct.pack("QQ", index, 0), 16)
+        ptrace(PTRACE_SECCOMP_GET_METADATA, tid, 16, ctypes.addressof(meta))
+        out.append((buf.raw, struct.unpack_from("QQ", meta.raw)[1]))
+    return out
+
+
+def sock_fprog(prog_addr: int, prog: bytes) -> bytes:
+    """struct sock_fprog {unsigned short len; struct sock_filter *filter} (16 bytes)."""
+    return struct.pack("HxxxxxxQ", len(prog) // BPF_INSN_SIZE, prog_addr)
+
+
+def cap_header() -> bytes:
+    """struct __user_cap_header_struct for capset on the calling task (pid 0)."""
+    return struct.pack("Ii", CAPABILITY_VERSION_3, 0)
+
+
+def cap_data(effective: int, permitted: int, inheritable: int) -> bytes:
+    """Two struct __user_cap_data_struct: the low and the high 32 bits of each set."""
+    low = struct.pack("III", effective & 0xFFFFFFFF, permitted & 0xFFFFFFFF,
+                      inheritable & 0xFFFFFFFF)
+    return low + struct.pack("III", effective >> 32, permitted >> 32, inheritable >> 32)
+
+
+def last_cap(proc_root: str = "/proc") -> int:
+    with open(f"{proc_root}/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
+
+
+WHY_ROOT = {
+    "restore": "it gives the process its pids and its own credentials, which only root may "
+               "hand out; as any other user it is refused",
+    "dump": "reading seccomp filters and freezing with them suspended need CAP_SYS_ADMIN",
+}
+
+
+def require_root(action: str) -> None:
+    """Refuse up front what needs root, in one line (not a PermissionError from deep
+    inside, nor a process restored with the credentials of whoever ran ckpt)."""
+    if os.geteuid() != 0:
+        why = WHY_ROOT["restore" if action == "restore" else "dump"]
+        raise CkptError(f"{action} needs root: {why}")
