@@ -245,6 +245,34 @@ def test_signal_during_injection_is_delivered_once(harness: Harness, bins: Bins,
     assert "usr1=1 " in lines[-1], lines[-1]
 
 
+@pytest.mark.parametrize("mode", ["leave-running", "restored"])
+def test_signal_during_seize_is_delivered(harness: Harness, bins: Bins, tmp_path: Path,
+                                          mode: str) -> None:
+    """A SIGUSR1 that stops the seized task before the interrupt does is delivered before
+    the freeze: in the target that runs on, and in the image (it was held for a
+    PTRACE_DETACH from the event stop, which drops it, so the restored copy never saw it)."""
+    out = tmp_path / "out"
+    target = harness.launch([bins.signals, "10"], out)
+    wait_for_lines(out, 2)
+    images = harness.images()
+    extra = ["--leave-running"] if mode == "leave-running" else []
+    ckpt = pause_ckpt_at("seized", "dump", "-t", str(target.pid), "-D", images, *extra)
+    os.kill(target.pid, signal.SIGUSR1)
+    wait_for(lambda: (proc_status(target.pid) or {}).get("State", "").startswith("t") or None,
+             10, "the seized target to stop for SIGUSR1")
+    os.kill(ckpt.pid, signal.SIGCONT)
+    _, err = ckpt.communicate(timeout=60)
+    assert ckpt.returncode == 0, err.decode()
+    if mode == "leave-running":
+        assert_running_untraced(target.pid)
+    else:
+        target.wait(timeout=30)
+        harness.restore_detached(images, "--new-pid", "--skip-file-check")
+    n = len(read_lines(out))
+    lines = wait_for_lines(out, n + 3)
+    assert "usr1=1 " in lines[-1], lines[-1]
+
+
 @pytest.mark.parametrize("point", ["inject-syscall#8", "inject-exit#9"])
 def test_kill_during_injection_into_a_thread(harness: Harness, tmp_path: Path,
                                              point: str) -> None:

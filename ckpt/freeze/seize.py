@@ -29,11 +29,13 @@ import time
 from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 
+from ckpt import testpoint
 from ckpt.collect import proc
 from ckpt.collect.proc import is_kernel_thread, list_tasks
 from ckpt.errors import AccessDenied, CkptError, NoSuchProcess, NotDumpable
 from ckpt.kernel.creds import PTRACE_O_SUSPEND_SECCOMP
 from ckpt.kernel.ptrace import PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_SEIZE, Tracee, ptrace
+from ckpt.kernel.sys import tgkill
 
 SEIZE_ROUNDS = 50
 ALL_SIGNALS = (1 << 64) - 1
@@ -41,6 +43,8 @@ ALL_SIGNALS = (1 << 64) - 1
 
 def _signo(siginfo: bytes) -> int:
     return int.from_bytes(siginfo[:4], "little", signed=True)
+
+
 _HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -153,6 +157,7 @@ class Frozen:
                                           f"{tracer} (a debugger?)") from None
                     raise
                 self.tasks[tid] = Tracee(tid)
+                testpoint.pause_at("seized")
                 ptrace(PTRACE_INTERRUPT, tid)
                 self._wait_interrupt(self.tasks[tid])
         raise NotDumpable(f"process {self.pid} keeps creating threads; cannot freeze it")
@@ -168,9 +173,15 @@ class Frozen:
                     self._group_stopped.append(task)
                 return
             sig = os.WSTOPSIG(status)
-            # A signal arrived first: suppress it now, re-deliver it when we let go.
-            self.pending_signals[task.tid] = sig
-            task.cont(0)
+            # A signal arrived first. Deliver it now: the kernel dequeued it, so it is in no
+            # queue the dump reads, and a signal passed to PTRACE_DETACH from the event stop
+            # would be dropped. Its handler's frame is set up (or its default action taken)
+            # and the interrupt stops the task before any user instruction. Only the SIGCONT
+            # that _end_group_stop sent is ckpt's own: it is kept from any handler.
+            if sig == signal.SIGCONT and self.stop_signal:
+                self.pending_signals[task.tid] = sig
+                sig = 0
+            task.cont(sig)
             ptrace(PTRACE_INTERRUPT, task.tid)
 
     def _end_group_stop(self) -> None:
@@ -219,9 +230,14 @@ class Frozen:
             for tid in list(self.pending_signals):
                 if self.pending_signals[tid] == signal.SIGCONT:  # ours, from _end_group_stop
                     del self.pending_signals[tid]
+        for tid, sig in self.pending_signals.items():  # a SIGSTOP _take_sigcont met
+            if tid in self.tasks and sig != signal.SIGCONT:
+                # queued again while traced (PTRACE_DETACH drops a signal from an event stop)
+                with contextlib.suppress(CkptError):
+                    tgkill(self.pid, tid, sig)
         for tid, task in list(self.tasks.items()):
             try:
-                task.detach(self.pending_signals.get(tid, 0))
+                task.detach()
             except NoSuchProcess:
                 pass
             except CkptError as exc:  # keep detaching the others
