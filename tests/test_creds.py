@@ -47,10 +47,11 @@ from ckpt.collect.creds import STATUS_KEYS, Creds, parse_creds, read_creds, stat
 from ckpt.errors import CkptError, ImageError, NotDumpable
 from ckpt.images import ImageDir
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.images.validate import validate
 from ckpt.kernel import creds as kcreds
 from ckpt.kernel import probe as pr
 from ckpt.kernel.probe_creds import probe_creds_restore, probe_seccomp_restore
-from ckpt.restore.creds import Prog, check_image_creds, expected_creds, plan_creds
+from ckpt.restore.creds import Prog, expected_creds, plan_creds
 
 FIX = Path(__file__).parent / "fixtures" / "creds" / "proc"
 FIX_PID, FIX_WORKER = 17229, 17240
@@ -149,17 +150,21 @@ def test_expected_creds_ignore_group_order() -> None:
 
 
 def test_image_without_creds_is_refused() -> None:
+    """Checked at the image boundary (ckpt.images.validate), before anything is made."""
     entry = pb.ProcessEntry(pid=5, threads=[pb.ThreadCore(tid=5)])
-    with pytest.raises(ImageError, match="no credentials"):
-        check_image_creds(entry)
+    with pytest.raises(ImageError, match="missing"):
+        validate("core-5.img", entry)
     entry.threads[0].creds.CopyFrom(_creds())
-    with pytest.raises(ImageError, match="without filters"):
-        check_image_creds(entry)
+    with pytest.raises(ImageError, match="none in seccomp filter mode"):
+        validate("core-5.img", entry)
     entry.threads[0].seccomp_filters.add(program=b"x" * 12)
-    with pytest.raises(ImageError, match="12 bytes, not a cBPF program"):
-        check_image_creds(entry)
+    with pytest.raises(ImageError, match="12 bytes"):
+        validate("core-5.img", entry)
     entry.threads[0].seccomp_filters[0].program = b"x" * 8
-    check_image_creds(entry)
+    validate("core-5.img", entry)
+    entry.threads[0].creds.cap_eff = 1 << 63
+    with pytest.raises(ImageError, match="cap_eff"):
+        validate("core-5.img", entry)
 
 
 def test_require_root(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -432,5 +437,5 @@ def test_dump_in_other_user_namespace_is_refused(harness: Harness, bins: Bins,
     assert Path(f"/proc/{proc.pid}/status").read_text().count("CapEff:\t000001ff") == 1
     res = run_ckpt("dump", "-t", str(proc.pid), "-D", harness.images())
     message = assert_one_error_line(res)
-    assert "another user namespace" in message, message
+    assert "user namespace other than ckpt's" in message, message
     assert_running_untraced(proc.pid)

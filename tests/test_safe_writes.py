@@ -22,7 +22,7 @@ from test_transfer import HOST, TOKEN, Server
 
 from ckpt.errors import ImageError
 from ckpt.images import ImageDir
-from ckpt.images.pb.core_pb2 import ProcessEntry, ThreadCore
+from ckpt.images.pb.core_pb2 import Creds, ProcessEntry, ThreadCore
 from ckpt.images.pb.image_pb2 import Inventory
 from ckpt.images.safedir import unsafe_dir
 from ckpt.transfer import send_pass
@@ -65,7 +65,7 @@ def test_planted_temp_link_is_not_followed(tmp_path: Path) -> None:
     (d.path / ".inventory.img.tmp").symlink_to(victim)
     os.link(victim, d.path / ".core-1.img.tmp")  # a hard link: O_EXCL, not O_TRUNC
     d.write_inventory(Inventory(root_pid=1, pids=[1], kind="predump", tracker="none"))
-    d.write_core(1, ProcessEntry(pid=1, threads=[ThreadCore(tid=1)]))
+    d.write_core(1, ProcessEntry(pid=1, threads=[ThreadCore(tid=1, creds=Creds(uid=1))]))
     assert_intact(victim)
     assert d.read_inventory().root_pid == 1 and d.read_core(1).pid == 1
     for name in ("inventory.img", "core-1.img"):

@@ -8,15 +8,17 @@ import re
 import pytest
 
 from ckpt.errors import ImageError
+from ckpt.images.imagedir import DIGEST_SIZE
 from ckpt.images.pb import core_pb2 as core
 from ckpt.images.pb import image_pb2 as img
 from ckpt.images.validate import TRACKERS, problems, validate
+from ckpt.pagecopy.compare import DIGEST
 from ckpt.track import BACKENDS
 
 
 def process() -> core.ProcessEntry:
     entry = core.ProcessEntry(pid=42, ppid=1, comm="x", cwd="/tmp")
-    entry.threads.add(tid=42)
+    entry.threads.add(tid=42).creds.uid = 1000
     entry.vmas.add(start=0x400000, end=0x401000, prot=5, path="/bin/x")
     entry.vmas.add(start=0xFFFFFFFFFF600000, end=0xFFFFFFFFFF601000,
                    kind=core.Vma.VSYSCALL)
@@ -70,3 +72,7 @@ def test_inventory_and_pagemap() -> None:
     runs = img.PagemapRuns(vaddr=[0x1000], nr_pages=[1 << 50], flags=[img.PRESENT])
     with pytest.raises(ImageError, match=r"entry 1 vaddr\[0\]"):
         validate("pagemap-42.img", img.PagemapHead(pid=42), runs)
+
+
+def test_digest_size_is_the_compare_backends() -> None:
+    assert DIGEST_SIZE == DIGEST

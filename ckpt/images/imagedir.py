@@ -33,6 +33,7 @@ from ckpt.images.pb.image_pb2 import (
 )
 from ckpt.images.safedir import WritableDir, make_dirs
 from ckpt.images.validate import validate
+from ckpt.kernel.sys import PAGE_SIZE
 
 
 def _magic(tag: bytes) -> int:
@@ -62,6 +63,7 @@ CORE = ImageKind("core", "core-{pid}.img", _magic(b"CORE"), (ProcessEntry,))
 PAGEMAP = ImageKind("pagemap", "pagemap-{pid}.img", _magic(b"PGMP"), (PagemapHead, PagemapRuns))
 PAGES = ImageKind("pages", "pages-{pid}.img", _magic(PAGES_MAGIC), ())
 TRACKER = ImageKind("tracker", "tracker-{pid}.img", _magic(b"TRCK"), (TrackerState,))
+DIGEST_SIZE = 8  # = ckpt.pagecopy.compare.DIGEST (tested)
 DIGESTS = ImageKind("digests", "digests-{pid}.img", _magic(b"DGST"), (PageDigests,))
 VMAS = ImageKind("vmas", "vmas-{pid}.img", _magic(b"VMAS"), (Vma,))
 
@@ -259,6 +261,11 @@ class ImageDir:
             return None
         msg = self._read_one(DIGESTS, pid)
         assert isinstance(msg, PageDigests)
+        # one digest per page of this image's view (ckpt.actions.passes.view_digests)
+        pages = sum(end - start for start, end in self.read_pagemap(pid)[1].covered) // PAGE_SIZE
+        if len(msg.digests) != pages * DIGEST_SIZE:
+            raise ImageError(f"{self.file('digests', pid)}: corrupted ({len(msg.digests)} "
+                             f"bytes of digests for {pages} pages)")
         return msg.digests
 
     def write_pagemap(self, pid: int, head: PagemapHead, pagemap: Pagemap) -> None:

@@ -47,6 +47,11 @@ NAME_MAX = 255
 NSIG = 64
 RLIM_NLIMITS = 16
 FD_SET_MAX = 1 << 20
+#: Supplementary groups a restore can pass to setgroups (through the stub's scratch area)
+MAX_GROUPS = 8192
+ALL_CAPS = (1 << 41) - 1  # CAP_CHOWN .. CAP_CHECKPOINT_RESTORE (40), as on Linux 5.9+
+SECUREBITS = 0xFFF  # the six SECBIT_* flags and their locks (Linux 6.14+)
+BPF_INSN, BPF_MAXINSNS = 8, 4096  # struct sock_filter; instructions per cBPF program
 TRACKERS = ("uffd-wp", "soft-dirty", "compare")  # = ckpt.track.BACKENDS (tested)
 S64_MAX = (1 << 63) - 1
 
@@ -139,8 +144,15 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
     img.TrackerState: {"backend": one_of(*TRACKERS), "pid": PID,
                        "target_fd": ranged(-1, NR_OPEN_MAX), "pass_token": hex_token},
     img.PageDigests: {"digests": blob(USER_END, multiple=8)},
+    core.Creds: {**{name: ranged(0, 0xFFFFFFFE) for name in (
+        "uid", "euid", "suid", "fsuid", "gid", "egid", "sgid", "fsgid", "groups")},
+        **{name: ranged(0, ALL_CAPS) for name in (
+            "cap_inh", "cap_prm", "cap_eff", "cap_bnd", "cap_amb")},
+        "securebits": ranged(0, SECUREBITS), "seccomp_mode": one_of(0, 1, 2)},
+    core.SeccompFilter: {"program": blob(BPF_MAXINSNS * BPF_INSN, multiple=BPF_INSN)},
     core.ProcessEntry: {
-        "pid": PID, "ppid": PID_OR_0, "pgid": PID_OR_0, "sid": PID_OR_0, "comm": text(64),
+        "dumpable": ranged(0, 2), "pid": PID, "ppid": PID_OR_0, "pgid": PID_OR_0,
+        "sid": PID_OR_0, "comm": text(64),
         "umask": ranged(0, 0o777), "cwd": path(absolute=True), "cmdline": blob(1 << 24),
         "shared_pending": siginfo,
     },
@@ -248,6 +260,8 @@ def _process(m: core.ProcessEntry) -> Iterator[Problem]:
     elif m.threads[0].tid != m.pid:
         yield "threads[0].tid", m.threads[0].tid, f"the leader is not the process {m.pid}"
     yield from _unique("threads.tid", (t.tid for t in m.threads))
+    for i, th in enumerate(m.threads):
+        yield from _thread_creds(f"threads[{i}]", th)
     yield from _unique("sigactions.signo", (a.signo for a in m.sigactions))
     yield from _unique("rlimits.resource", (r.resource for r in m.rlimits))
     yield from _unique("files.id", (f.id for f in m.files))
@@ -261,6 +275,21 @@ def _process(m: core.ProcessEntry) -> Iterator[Problem]:
         if v.start < end:
             yield f"vmas[{i}].start", v.start, "overlaps or precedes the VMA before it"
         end = v.end
+
+
+def _thread_creds(where: str, th: core.ThreadCore) -> Iterator[Problem]:
+    """Without credentials a thread would come back as root; filter mode without a
+    filter would come back unfiltered."""
+    if not th.HasField("creds"):
+        yield f"{where}.creds", "", "missing (dumped by an older ckpt): not restored as root"
+        return
+    if len(th.creds.groups) > MAX_GROUPS:
+        yield f"{where}.creds.groups", len(th.creds.groups), f"more than {MAX_GROUPS} groups"
+    if th.creds.seccomp_mode == 2 and not th.seccomp_filters:
+        yield f"{where}.seccomp_filters", 0, "none in seccomp filter mode"
+    for k, f in enumerate(th.seccomp_filters):
+        if not f.program:
+            yield f"{where}.seccomp_filters[{k}].program", 0, "an empty cBPF program"
 
 
 RULES: dict[type[Message], Callable[[Any], Iterator[Problem]]] = {

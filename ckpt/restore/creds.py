@@ -38,11 +38,9 @@ import struct
 from dataclasses import dataclass, fields, replace
 
 from ckpt.collect.creds import Creds, read_creds
-from ckpt.errors import CkptError, ImageError, RestoreError
+from ckpt.errors import CkptError, RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.creds import (
-    BPF_INSN_SIZE,
-    BPF_MAXINSNS,
     PR_CAP_AMBIENT,
     PR_CAP_AMBIENT_RAISE,
     PR_CAPBSET_DROP,
@@ -133,29 +131,9 @@ def expected_creds(c: pb.Creds, filters: int) -> Creds:
                  securebits=c.securebits)
 
 
-def check_image_creds(entry: pb.ProcessEntry) -> None:
-    """Every thread must carry credentials: without them it would come back as root."""
-    for th in entry.threads:
-        if not th.HasField("creds"):
-            raise ImageError(f"core image of {entry.pid}: thread {th.tid} has no credentials "
-                             "(dumped by an older ckpt); refusing to restore it as root")
-        if th.creds.seccomp_mode not in (0, SECCOMP_MODE_STRICT, SECCOMP_MODE_FILTER):
-            raise ImageError(f"core image of {entry.pid}: thread {th.tid} has seccomp mode "
-                             f"{th.creds.seccomp_mode}")
-        if th.creds.seccomp_mode == SECCOMP_MODE_FILTER and not th.seccomp_filters:
-            raise ImageError(f"core image of {entry.pid}: thread {th.tid} is in seccomp "
-                             "filter mode without filters")
-        for i, f in enumerate(th.seccomp_filters, 1):
-            if not f.program or len(f.program) % BPF_INSN_SIZE or \
-                    len(f.program) > BPF_MAXINSNS * BPF_INSN_SIZE:
-                raise ImageError(f"core image of {entry.pid}: seccomp filter {i} of thread "
-                                 f"{th.tid} is {len(f.program)} bytes, not a cBPF program")
-
-
 def restore_creds(stub: Stub, threads: list[Stub], entry: pb.ProcessEntry) -> None:
     """Apply every thread's credentials and filters (``threads``: the non-leader threads,
     in image order), then the dumpable flag; verify them. Any failure raises."""
-    check_image_creds(entry)
     cap_last = last_cap()
     tasks = [stub, *threads]
     full = read_creds(stub.pid, stub.pid).cap_prm
