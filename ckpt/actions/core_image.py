@@ -25,6 +25,7 @@ class ProcessInfo:
     auxv: bytes
     exe: str
     cwd: str
+    cwd_id: tuple[int, int]  # (st_dev, st_ino) of the working directory
     comm: str
     cmdline: bytes
     personality: int
@@ -81,7 +82,8 @@ def build_core(pid: int, info: ProcessInfo, threads: list[ThreadState], injected
         pid=pid, ppid=s.ppid, pgid=s.pgrp, sid=s.session, comm=info.comm,
         threads=[thread_to_pb(t) for t in threads], mm=mm, vmas=[vma_to_pb(v) for v in vmas],
         personality=info.personality, umask=info.umask, cwd=info.cwd, cmdline=info.cmdline,
-        shared_pending=info.shared_pending, dumpable=injected.dumpable)
+        shared_pending=info.shared_pending, dumpable=injected.dumpable,
+        cwd_dev=info.cwd_id[0], cwd_inode=info.cwd_id[1])
     for signo, (handler, flags, restorer, mask) in sorted(injected.sigactions.items()):
         entry.sigactions.add(signo=signo, handler=handler, flags=flags, restorer=restorer,
                              mask=mask)

@@ -115,10 +115,13 @@ def preflight(opts: DumpOptions, hidden_fds: set[int]) -> list[VmaInfo]:
 def collect_process(pid: int, leader: Tracee, stopped: bool = False) -> ProcessInfo:
     with proc.proc_errors(pid, "personality"), open(f"/proc/{pid}/personality") as f:
         personality = int(f.read(), 16)
+    with proc.proc_errors(pid, "cwd"):
+        cwd = os.stat(f"/proc/{pid}/cwd")
     return ProcessInfo(
         stat=proc.read_stat(pid), umask=proc.read_status(pid).umask or 0o022,
         auxv=proc.read_auxv(pid), exe=proc.read_exe(pid), cwd=proc.read_cwd(pid),
-        comm=proc.read_comm(pid), cmdline=proc.read_cmdline(pid), personality=personality,
+        cwd_id=(cwd.st_dev, cwd.st_ino), comm=proc.read_comm(pid),
+        cmdline=proc.read_cmdline(pid), personality=personality,
         rlimits=proc.read_limits(pid),
         shared_pending=leader.pending_signals(shared=True) + ([STOPPED_MARK] if stopped else []))
 

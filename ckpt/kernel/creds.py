@@ -24,6 +24,7 @@ import struct
 
 from ckpt.errors import CkptError, KernelError
 from ckpt.kernel.ptrace import ptrace
+from ckpt.kernel.sys import syscall
 
 PTRACE_O_SUSPEND_SECCOMP = 0x200000
 PTRACE_SECCOMP_GET_FILTER = 0x420C
@@ -53,6 +54,7 @@ class SYS:
     setresgid = 119
     setfsuid = 122
     setfsgid = 123
+    capget = 125
     capset = 126
     seccomp = 317
 
@@ -111,3 +113,23 @@ def require_root(action: str) -> None:
     if os.geteuid() != 0:
         why = WHY_ROOT["restore" if action == "restore" else "dump"]
         raise CkptError(f"{action} needs root: {why}")
+
+
+def assume_fs_identity(fsuid: int, fsgid: int, groups: tuple[int, ...], cap_eff: int) -> None:
+    """Make the *calling thread* check file access as a task with these filesystem ids,
+    groups and effective capabilities would (raw syscalls: per thread, unlike glibc's
+    wrappers). Meant for a short-lived thread: ckpt's other threads keep root."""
+    arr = (ctypes.c_uint32 * max(len(groups), 1))(*groups)
+    syscall(SYS.setgroups, len(groups), ctypes.addressof(arr), what="setgroups")
+    syscall(SYS.setfsgid, fsgid, what="setfsgid")
+    syscall(SYS.setfsuid, fsuid, what="setfsuid")
+    if syscall(SYS.setfsuid, -1 & 0xFFFFFFFF, what="setfsuid") != fsuid:
+        raise KernelError(errno.EPERM, f"setfsuid({fsuid})")
+    head = ctypes.create_string_buffer(cap_header(), 8)
+    got = ctypes.create_string_buffer(24)
+    syscall(SYS.capget, ctypes.addressof(head), ctypes.addressof(got), what="capget")
+    _, lo_p, lo_i, _, hi_p, hi_i = struct.unpack("6I", got.raw)
+    permitted, inheritable = lo_p | hi_p << 32, lo_i | hi_i << 32
+    data = ctypes.create_string_buffer(cap_data(cap_eff & permitted, permitted, inheritable),
+                                       24)
+    syscall(SYS.capset, ctypes.addressof(head), ctypes.addressof(data), what="capset")

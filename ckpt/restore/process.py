@@ -26,6 +26,7 @@ from ckpt.kernel.ptrace import NT_X86_XSTATE
 from ckpt.kernel.sys import NR
 from ckpt.ranges import Range, intersect
 from ckpt.restore import mm
+from ckpt.restore.access import check_access
 from ckpt.restore.creds import restore_creds
 from ckpt.restore.files import close_stub_fds, restore_files
 from ckpt.restore.pages import WritableIndex, fill_pages
@@ -106,6 +107,7 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     mm.restore_mm_fields(stub, entry.mm)
     restore_files(stub, entry)
     restore_process_state(stub, entry, new_session)
+    check_access(stub.pid, entry)  # nothing held that root, not the process, could open
     threads = clone_threads(stub, list(entry.threads[1:]), same_tids=same_tids)
     for task, th in zip(threads, entry.threads[1:], strict=True):
         restore_thread_state(task, th)
