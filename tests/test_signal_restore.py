@@ -21,14 +21,17 @@ from conftest import (
     ckpt_command,
     needs_root,
     proc_status,
+    py_target,
     read_lines,
     run_ckpt,
     thread_ids,
     wait_for,
     wait_for_line,
+    wait_for_lines,
 )
 
 from ckpt.actions.restore import RestoreOptions, restore
+from ckpt.images import ImageDir
 
 pytestmark = needs_root
 
@@ -106,6 +109,27 @@ def test_every_action_and_mask_survive(harness: Harness, bins: Bins, tmp_path: P
     os.kill(pid, signal.SIGUSR2)
     status = reap(pid)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGUSR2, status
+
+
+def test_default_actions_keep_flags_mask_and_restorer(harness: Harness, tmp_path: Path,
+                                                     ) -> None:
+    """Every action is dumped, default ones included: SIG_DFL with CPython's SA_ONSTACK
+    and glibc's SA_RESTORER and restorer comes back exactly (a second dump of the
+    restored process records the same 62 actions)."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch(py_target("defaults.py"), out)
+    wait_for_lines(out, 2)
+    first = harness.images("first")
+    harness.dump_and_reap(proc, first)
+    acts = {a.signo: a for a in ImageDir.open(str(first)).read_core(proc.pid).sigactions}
+    assert len(acts) == 62 and signal.SIGKILL not in acts and signal.SIGSTOP not in acts
+    usr2 = acts[signal.SIGUSR2]
+    assert usr2.handler == 0 and usr2.flags and usr2.restorer, usr2
+    pid = harness.restore_detached(first, "--new-pid", "--skip-file-check")
+    again = harness.images("again")
+    assert_ckpt_ok(run_ckpt("dump", "-t", str(pid), "-D", again, "--leave-running"))
+    redumped = ImageDir.open(str(again)).read_core(pid).sigactions
+    assert {a.signo: a for a in redumped} == acts
 
 
 def test_default_sigint_is_default(harness: Harness, bins: Bins, tmp_path: Path) -> None:

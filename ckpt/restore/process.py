@@ -144,8 +144,9 @@ def restore_process_state(stub: Stub, entry: pb.ProcessEntry, new_session: bool)
     if new_session and entry.sid == entry.pid:
         stub.sc(NR.setsid, check=False)
     stub.sc(NR.prctl, PR_SET_NAME, stub.put_str(entry.comm[:15]), 0, 0, 0, what="PR_SET_NAME")
-    for act in entry.sigactions:  # the stub starts from SIG_DFL everywhere
-        if act.signo != signal.SIGTRAP:  # set after the stub's last trap: last_syscalls
+    for act in entry.sigactions:  # the stub starts from SIG_DFL everywhere, all zero
+        if act.signo != signal.SIGTRAP and (act.handler or act.flags or act.restorer
+                                            or act.mask):  # SIGTRAP: in last_syscalls
             stub.sc(NR.rt_sigaction, act.signo, stub.put(ksigaction(act)), 0, 8,
                     what=f"rt_sigaction({act.signo})")
     for r in entry.rlimits:
