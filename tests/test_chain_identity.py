@@ -19,6 +19,7 @@ from conftest import (
     assert_one_error_line,
     assert_running_untraced,
     check_counter_file,
+    is_alive,
     needs_root,
     run_ckpt,
     wait_for_lines,
@@ -26,11 +27,12 @@ from conftest import (
 from test_cli_errors import TRACER
 from test_incremental import Scenarios, ckpt_ok, final_dump, predump, restore, scenarios
 
-from ckpt.errors import ImageError
+from ckpt.errors import ImageError, RestoreError
 from ckpt.images import ImageDir
 from ckpt.images.chain import check_chain, parent_mismatch
 from ckpt.images.pb.core_pb2 import ProcessEntry
 from ckpt.images.pb.image_pb2 import Inventory
+from ckpt.restore.warm import WarmRestore
 
 OLD, NEW = "a" * 32, "b" * 32
 
@@ -165,6 +167,36 @@ def test_warm_restore_follows_only_the_parent(harness: Harness, bins: Bins, tmp_
     if warm.stdout.strip().isdigit():
         harness.track(int(warm.stdout))
     assert warm.returncode != 0 and "is not the pass" in warm.stderr, warm.stderr
+
+
+@needs_root
+def test_warm_restore_completes_only_the_pass_it_applied(harness: Harness, bins: Bins,
+                                                         tmp_path: Path) -> None:
+    """The final dump's directory rewritten (--overwrite) after it was applied: complete()
+    refuses it (the same path is not the same pass) and kills the stub, instead of
+    building a process from one pass's memory and another's registers."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn], out)
+    wait_for_lines(out, 2)
+    final = tmp_path / "final"
+    ckpt_ok("dump", "-t", str(proc.pid), "-D", final, "--leave-running")
+    harness.kill(proc.pid)
+    warm = WarmRestore()
+    warm.apply(final)
+    assert warm.stub is not None
+    stub = warm.stub.pid
+    harness.track(stub)
+    write_pass(final, NEW)  # another pass in the same directory
+    with pytest.raises(RestoreError, match="was not applied to the warm restore"):
+        warm.complete(final)
+    assert warm.stub is None and not is_alive(stub)
+
+
+def test_a_killed_warm_restore_forgets_what_it_applied() -> None:
+    warm = WarmRestore()
+    warm.applied, warm.applied_id = "/ck/2", OLD
+    warm.kill()
+    assert (warm.applied, warm.applied_id) == ("", "")
 
 
 @needs_root
