@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -24,6 +25,7 @@ from conftest import (
     is_alive,
     needs_root,
     our_children,
+    proc_status,
     py_target,
     read_lines,
     run_ckpt,
@@ -31,8 +33,10 @@ from conftest import (
     wait_for_line,
     wait_for_lines,
 )
+from test_stopped import all_stopped, stop
 from test_transfer import make_cert
 
+from ckpt.actions.migrate import Throttle
 from ckpt.errors import RestoreError
 from ckpt.transfer import serve
 from ckpt.transfer.client import commit_remote, connect, restore_remote, send_pass_on
@@ -416,12 +420,15 @@ def state(pid: int) -> str:
 
 
 def restored_uncommitted(harness: Harness, bins: Bins, tmp_path: Path, address: str,
-                         ) -> tuple[subprocess.Popen[bytes], Path, int]:
-    """A counter dumped (left running), sent and restored on the page server, then the
-    link closed before any Commit: (source, its output file, the restored pid)."""
+                         stopped: bool = False) -> tuple[subprocess.Popen[bytes], Path, int]:
+    """A counter (``stopped``: in a job-control stop) dumped (left running), sent and
+    restored on the page server, then the link closed before any Commit: (source, its
+    output file, the restored pid)."""
     out = tmp_path / "out.txt"
     proc = harness.launch([bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
     wait_for_lines(out, 3)
+    if stopped:
+        stop(proc)
     images = tmp_path / "images"
     res = run_ckpt("dump", "-t", str(proc.pid), "-D", images, "--leave-running")
     assert res.returncode == 0, res.describe()
@@ -453,6 +460,22 @@ def test_commit_after_the_link_broke(harness: Harness, bins: Bins, tmp_path: Pat
         commit_remote(conn, pid)
 
 
+def test_commit_after_the_link_broke_leaves_a_stopped_copy_stopped(
+        harness: Harness, bins: Bins, tmp_path: Path, page_server: tuple[str, Path]) -> None:
+    address, _ = page_server
+    source, out, pid = restored_uncommitted(harness, bins, tmp_path, address, stopped=True)
+    harness.kill(source.pid)
+    at_commit = len(read_lines(out))
+    host, port = address.rsplit(":", 1)
+    with connect(host, int(port), b"migrate-me") as conn:
+        commit_remote(conn, pid)
+    time.sleep(0.5)  # a copy let run would have written by now
+    assert all_stopped(pid) and len(read_lines(out)) == at_commit, proc_status(pid)
+    os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: any(p == pid for _, p in numbers(out)) or None, 20,
+             f"output from the committed pid {pid}")
+
+
 def test_uncommitted_copy_dies_after_the_grace_period(harness: Harness, bins: Bins,
                                                       tmp_path: Path) -> None:
     """Nobody commits: the stopped copy is killed when the grace period ends, and the
@@ -463,6 +486,52 @@ def test_uncommitted_copy_dies_after_the_grace_period(harness: Harness, bins: Bi
     wait_for(lambda: not is_alive(pid) or None, 20, f"the uncommitted copy {pid} to die")
     assert_running_untraced(source.pid)
     assert {p for _, p in numbers(out)} == {source.pid}
+
+
+def test_stopped_target_arrives_stopped(harness: Harness, bins: Bins, tmp_path: Path,
+                                        page_server: tuple[str, Path]) -> None:
+    """A target in a job-control stop migrates and stays stopped there (the commit does
+    not SIGCONT it, nor does an --auto-converge throttle); a SIGCONT then lets it go on
+    without a gap."""
+    address, token = page_server
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
+    wait_for_lines(out, 3)
+    stop(proc)
+    at_stop = len(read_lines(out))
+    res = run_ckpt("migrate", "-t", str(proc.pid), "--to", address, "--auth-token-file", token,
+                   "--auto-converge", reap=proc)
+    assert res.returncode == 0, res.describe()
+    new_pid = int(re.search(r"as pid (\d+)", res.stdout)[1])  # type: ignore[index]
+    harness.track(new_pid)
+    proc.wait(timeout=10)
+    assert all_stopped(new_pid), proc_status(new_pid)
+    time.sleep(0.5)  # a copy let run would have written by now
+    assert all_stopped(new_pid) and len(read_lines(out)) == at_stop
+    os.kill(new_pid, signal.SIGCONT)
+    wait_for_lines(out, at_stop + 3)
+    assert_running_untraced(new_pid)
+    seq = numbers(out)
+    assert [n for n, _ in seq] == list(range(1, len(seq) + 1)), "a gap or a repeat"
+    assert {p for _, p in seq} == {proc.pid, new_pid}
+
+
+def test_throttle_leaves_a_stopped_target_stopped(harness: Harness, bins: Bins,
+                                                  tmp_path: Path) -> None:
+    """The throttle's closing SIGCONT must not undo a stop the target's user made."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch([bins.counter_dyn, "-o", out], tmp_path / "stdout.txt")
+    wait_for_lines(out, 2)
+    stop(proc)
+    with Throttle(proc.pid, 0.6) as throttle:
+        time.sleep(3 * Throttle.PERIOD)
+    assert throttle.duty == 0.0
+    assert all_stopped(proc.pid), proc_status(proc.pid)
+    os.kill(proc.pid, signal.SIGCONT)
+    with Throttle(proc.pid, 0.6) as throttle:  # a running one is throttled, then resumed
+        time.sleep(3 * Throttle.PERIOD)
+    assert throttle.duty == 0.6
+    assert_running_untraced(proc.pid)
 
 
 # --------------------------------------------------------------------------- TLS, tokens

@@ -158,3 +158,29 @@ def test_page_server_replaces_a_planted_link(tmp_path: Path) -> None:
     assert_intact(victim)
     assert (root / "1" / "core-7.img").read_bytes() == b"core bytes"
     assert sorted(os.listdir(root / "1")) == ["core-7.img", "inventory.img"]
+
+
+def test_a_pass_writes_and_abandons_through_the_directory_it_checked(tmp_path: Path) -> None:
+    """-D swapped for a link after the pass checked it (its parent writable by someone
+    else): the failed pass removes its own files from the directory it checked, never
+    what the link points to; a pass that goes on commits into that directory too."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victims = ["core-1.img", ".core-1.img.tmp", ".core-1.img.new", "inventory.img"]
+    for name in victims:
+        (elsewhere / name).write_text(PRECIOUS)
+    for finish in ("abandon", "commit"):
+        images = tmp_path / finish
+        d = ImageDir.new_pass(images)
+        d.write_core(1, ProcessEntry(pid=1, threads=[ThreadCore(tid=1)]))
+        images.rename(tmp_path / f"{finish}.real")
+        images.symlink_to(elsewhere)
+        if finish == "abandon":
+            d.abandon()
+            assert os.listdir(tmp_path / "abandon.real") == []
+        else:
+            d.write_inventory(Inventory(root_pid=1, pids=[1], kind="predump", tracker="none"))
+            assert sorted(os.listdir(tmp_path / "commit.real")) == ["core-1.img",
+                                                                    "inventory.img"]
+        assert sorted(os.listdir(elsewhere)) == sorted(victims), finish
+        assert all((elsewhere / n).read_text() == PRECIOUS for n in victims), finish

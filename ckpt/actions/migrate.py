@@ -9,7 +9,8 @@
                 shrinking, or at --max-rounds
     final       freeze; dump --incremental; send it; the destination applies it, completes
                 the process and holds it stopped      (downtime starts at the freeze)
-    hand over   kill the frozen source, commit: the destination lets it run (downtime ends)
+    hand over   kill the frozen source, commit: the destination lets it run (downtime ends;
+                a process dumped in a job-control stop stays stopped there)
 Any failure before the hand-over thaws the source, and the destination never lets its
 stopped copy run without a commit: never two live copies. The source sends the commit only
 once its own copy is dead (SIGKILL queued); if the link breaks right then, it reconnects
@@ -89,6 +90,7 @@ class Round:
     dirty_pages: int
     bytes_sent: int
     seconds: float
+    duty: float = 0.0  # --auto-converge: the share of the time the target was stopped
 
     @property
     def rate(self) -> float:
@@ -145,7 +147,7 @@ def run_rounds(opts: MigrateOptions, conn: Conn, work: Path, out: MigrateResult,
     duty = 0.0
     for n in range(1, opts.max_rounds + 1):
         out.rounds.append(pre_round(opts, conn, work, n, prev, duty))
-        report(round_line(out.rounds[-1], duty))
+        report(round_line(out.rounds[-1]))
         prev = f"../{n}"
         out.stop_reason = converged(out.rounds, opts)
         if out.stop_reason == NOT_CONVERGING and opts.auto_converge and duty < MAX_DUTY:
@@ -157,8 +159,8 @@ def run_rounds(opts: MigrateOptions, conn: Conn, work: Path, out: MigrateResult,
     return prev
 
 
-def round_line(r: Round, duty: float = 0.0) -> str:
-    throttled = f", target throttled to {100 - duty * 100:.0f}% CPU" if duty else ""
+def round_line(r: Round) -> str:
+    throttled = f", target throttled to {100 - r.duty * 100:.0f}% CPU" if r.duty else ""
     return (f"round {r.n}: {r.dirty_pages} dirty pages, {r.bytes_sent / 2**20:.2f} MiB sent "
             f"in {r.seconds * 1000:.0f} ms ({r.rate / 2**20:.1f} MiB/s){throttled}")
 
@@ -225,9 +227,9 @@ def pre_round(opts: MigrateOptions, conn: Conn, work: Path, n: int, prev: str | 
     predump(PredumpOptions(pid=opts.pid, images_dir=str(work / str(n)), prev_images_dir=prev,
                            track=opts.track, compress_level=opts.compress_level))
     dirty = ImageDir.open(work / str(n)).read_inventory().stats.pages_written
-    with Throttle(opts.pid, duty):
+    with Throttle(opts.pid, duty) as throttle:
         sent = send_pass_on(conn, work / str(n), str(n), prerestore=True)
-    return Round(n, dirty, sent.bytes, time.perf_counter() - t)
+    return Round(n, dirty, sent.bytes, time.perf_counter() - t, throttle.duty)
 
 
 # Runs in a child of its own session (a Ctrl-C to ckpt's group does not reach it): holds a
@@ -250,7 +252,11 @@ class Throttle:
     (SIGSTOP/SIGCONT every PERIOD), so it dirties less than the link carries. It always
     ends with SIGCONT; a SIGSTOP is visible to the target's parent like a job stop.
     A watchdog child (WATCHDOG) holds a pipe from ckpt: if ckpt is killed while the
-    target is stopped, the pipe closes and the watchdog sends the SIGCONT."""
+    target is stopped, the pipe closes and the watchdog sends the SIGCONT.
+    A target already in a job-control stop (state T) when the round starts is not
+    throttled (duty 0): it dirties nothing, and the closing SIGCONT would undo its
+    user's stop. (A stop its user sends during a throttled round looks like ours and
+    ends with the round.)"""
 
     PERIOD = 0.05
 
@@ -263,6 +269,8 @@ class Throttle:
         self.guard = -1
 
     def __enter__(self) -> Throttle:
+        if self.duty > 0 and job_stopped(self.pid):
+            self.duty = 0.0
         if self.duty > 0:
             self._start_watchdog()
             self.thread = threading.Thread(target=self._run, daemon=True)
@@ -301,6 +309,14 @@ class Throttle:
                 self.stop.wait(self.PERIOD * self.duty)
                 os.kill(self.pid, signal.SIGCONT)
                 self.stop.wait(self.PERIOD * (1 - self.duty))
+
+
+def job_stopped(pid: int) -> bool:
+    """Is ``pid`` in a job-control stop (state T; a tracing stop is t)?"""
+    try:
+        return proc.read_stat(pid).state == "T"
+    except CkptError:  # gone: the throttle's first signal says so
+        return False
 
 
 def converged(rounds: list[Round], opts: MigrateOptions) -> str:

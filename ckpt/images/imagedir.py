@@ -8,7 +8,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from google.protobuf.message import Message
 
@@ -32,6 +32,7 @@ from ckpt.images.pb.image_pb2 import (
     TrackerState,
 )
 from ckpt.images.safedir import WritableDir, make_dirs
+from ckpt.images.staging import Staging
 from ckpt.images.validate import validate
 from ckpt.kernel.sys import PAGE_SIZE
 
@@ -88,6 +89,7 @@ class ImageDir:
         """Use ImageDir.create or ImageDir.open instead."""
         self.path = Path(path)
         self.created: list[Path] = []  # directories create() made, outermost first
+        self.staging: Staging | None = None  # a new pass until it commits (new_pass)
 
     def __repr__(self) -> str:
         return f"ImageDir({str(self.path)!r})"
@@ -113,26 +115,30 @@ class ImageDir:
     def new_pass(cls, path: str | os.PathLike[str], overwrite: bool = False) -> ImageDir:
         """create(), for a pass about to be written: a directory that already holds a
         complete pass is refused unless ``overwrite`` (passes dumped against the old one
-        then refuse to restore: their parent id no longer matches). The directory is
-        marked incomplete until the new inventory.img lands."""
+        then refuse to restore: their parent id no longer matches). Every file is written
+        through the directory fd checked here, staged beside the old pass, which stays
+        complete until write_inventory() commits the new one (ckpt.images.staging)."""
         d = cls.create(path)
         if not overwrite and d.exists("inventory"):
             raise ImageError(f"{d.path} already holds a complete checkpoint: refusing to "
                              "replace it (--overwrite replaces it; passes dumped against it "
                              "will then refuse to restore)")
-        d.remove_inventory()
+        try:
+            d.staging = Staging.open(d.path)
+        except OSError as exc:
+            raise ImageError(f"cannot create images directory {d.path}: {_why(exc)}") from None
         return d
 
     def abandon(self) -> None:
-        """A pass failed before its inventory.img was written: if it created the
-        directory, remove what it wrote there, and every directory it created that is
-        left empty. A complete pass, or a directory that was there before, stays."""
-        if not self.created or self.exists("inventory"):
+        """A pass failed before it committed: remove the files it staged (through the
+        directory fd it checked, never by path), and every directory it created that is
+        left empty (rmdir: never through a link, never a non-empty one). The old pass,
+        or a committed new one, stays."""
+        if self.staging is None:
             return
-        with contextlib.suppress(OSError), os.scandir(self.path) as entries:
-            for e in entries:
-                if e.name.endswith((".img", ".tmp")) and e.is_file(follow_symlinks=False):
-                    _unlink(Path(e.path))
+        self.staging.remove_staged()
+        self.staging.close()
+        self.staging = None
         for d in reversed(self.created):
             with contextlib.suppress(OSError):
                 os.rmdir(d)
@@ -159,14 +165,17 @@ class ImageDir:
     @contextlib.contextmanager
     def _writing(self, target: Path) -> Iterator[BinaryIO]:
         """A file object on a fresh temp file in this directory (ckpt.images.safedir),
-        renamed onto ``target`` when the block succeeds; gone on any failure."""
+        renamed onto ``target`` (or, in a new pass, its staged name) when the block
+        succeeds; gone on any failure."""
         try:
-            out = WritableDir.open(self.path)
+            out: contextlib.AbstractContextManager[object] = contextlib.nullcontext() \
+                if self.staging is not None else WritableDir.open(self.path)
         except OSError as exc:
             raise ImageError(f"cannot write {target}: {_why(exc)}") from None
         with out:
             try:
-                tmp = out.create(target.name)
+                tmp = self.staging.create(target.name) if self.staging is not None \
+                    else cast(WritableDir, out).create(target.name)
             except OSError as exc:
                 raise ImageError(f"cannot write {target}: {_why(exc)}") from None
             with tmp:
@@ -212,7 +221,14 @@ class ImageDir:
     # -- typed images ------------------------------------------------------------------
 
     def write_inventory(self, msg: Inventory) -> None:
+        """Written last: in a new pass, this commits it (ckpt.images.staging)."""
         self._write_msgs(INVENTORY, None, [msg])
+        if self.staging is not None:
+            try:
+                self.staging.commit()
+            except OSError as exc:
+                raise ImageError(f"cannot complete {self.path}: {_why(exc)}") from None
+            self.staging = None
 
     def read_inventory(self) -> Inventory:
         msg = self._read_one(INVENTORY, None)
@@ -331,10 +347,6 @@ class ImageDir:
 
     # -- parent chain --------------------------------------------------------------------
 
-    def remove_inventory(self) -> None:
-        """Mark the directory incomplete while a new pass writes into it."""
-        _unlink(self.file("inventory"))
-
     def check_pages(self, pid: int) -> int:
         """Walk pages-<pid>.img's chunk headers without decompressing: header, sizes and
         trailer must add up (checksums are verified when the pages are read). Returns the
@@ -376,10 +388,5 @@ def image_chain(d: ImageDir) -> list[ImageDir]:
         chain.append(cur)
         cur = cur.parent()
     return chain
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
 
 

@@ -103,7 +103,9 @@ class WarmRestore:
         images = ImageDir.open(path)
         inv = images.read_inventory()
         stub = self.stub
-        if stub is None or self.applied != os.path.realpath(images.path):
+        if stub is None or self.applied != os.path.realpath(images.path) \
+                or self.applied_id != inv.image_id:  # the same directory, rewritten since
+            self.kill()
             raise RestoreError(f"{path} was not applied to the warm restore")
         try:
             if inv.kind != "dump":
@@ -121,14 +123,15 @@ class WarmRestore:
             raise
         stub.close()
         self.stub = None
-        self.applied = ""
+        self.applied = self.applied_id = ""
         return stub.pid, tids
 
     def kill(self) -> None:
+        """Drop the stub, and with it what it was built from."""
         if self.stub is not None:
             self.stub.kill()
             self.stub = None
-        self.applied = ""
+        self.applied = self.applied_id = ""
 
     # ------------------------------------------------------------------ internals
     def _follows(self, images: ImageDir, parent: str) -> bool:

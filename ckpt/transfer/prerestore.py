@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ckpt.images import ImageDir
+from ckpt.images.siginfo import was_stopped
 from ckpt.restore.warm import WarmRestore
 
 log = logging.getLogger("ckpt.transfer")
@@ -38,6 +39,7 @@ class Restored:
     pid: int
     ms: float
     warm: bool
+    stopped: bool = False  # dumped in a job-control stop: the commit leaves it stopped
 
 
 class Prerestore:
@@ -58,7 +60,8 @@ class Prerestore:
         self.jobs.put(lambda: self._apply(path))
 
     def finish(self, path: Path) -> Restored:
-        """Restore the final dump at ``path``; the process is left stopped (SIGSTOP)."""
+        """Restore the final dump at ``path``; the process is left stopped (SIGSTOP), and
+        Restored.stopped says whether it must stay so after the commit."""
         return self._on_worker(lambda: self._finish(path))
 
     def wait(self) -> str:
@@ -113,15 +116,17 @@ class Prerestore:
 
     def _finish_locked(self, path: Path) -> Restored:
         t0 = time.perf_counter()
+        images = ImageDir.open(path)
+        root_pid = images.read_inventory().root_pid
+        stopped = was_stopped(images.read_core(root_pid))
         if self.warm.stub is not None and self._apply(path):
             pid, _ = self.warm.complete(path, stopped=True)
-            return Restored(pid, (time.perf_counter() - t0) * 1000, warm=True)
+            return Restored(pid, (time.perf_counter() - t0) * 1000, warm=True, stopped=stopped)
         from ckpt.actions.restore import RestoreOptions, restore
 
-        root_pid = ImageDir.open(path).read_inventory().root_pid
         # the sender keeps its process frozen from this dump until it is committed here,
         # so the files cannot have changed through it (and the warm path does not check)
         res = restore(RestoreOptions(images_dir=str(path), stopped=True,
                                      new_pid=os.path.exists(f"/proc/{root_pid}"),
                                      skip_file_check=True))
-        return Restored(res.pid, res.total_ms, warm=False)
+        return Restored(res.pid, res.total_ms, warm=False, stopped=stopped)
