@@ -43,7 +43,7 @@ from conftest import (
 from test_migrate import start_server
 
 from ckpt.actions.check import meaning
-from ckpt.collect.creds import STATUS_KEYS, Creds, parse_creds, read_creds, status_lines
+from ckpt.collect.creds import STATUS_KEYS, Creds, parse_creds, read_creds
 from ckpt.errors import CkptError, ImageError, NotDumpable
 from ckpt.images import ImageDir
 from ckpt.images.pb import core_pb2 as pb
@@ -221,6 +221,16 @@ def launch_confined(harness: Harness, out: Path, variant: str = "setpriv",
              "the target to run as 65534")
     wait_for_lines(out, len(read_lines(out)) + 2)
     return proc
+
+
+def status_lines(text: str) -> dict[str, str]:
+    """The STATUS_KEYS lines of a status text, as the kernel wrote them."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key in STATUS_KEYS:
+            out[key] = value.strip()
+    return out
 
 
 def snapshot(pid: int) -> dict[int, dict[str, str]]:

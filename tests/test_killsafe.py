@@ -227,22 +227,29 @@ def test_signals_during_injection(harness: Harness, tmp_path: Path, timer: str) 
     wait_for_lines(out, n + 2)
 
 
-def test_signal_during_injection_is_delivered_once(harness: Harness, bins: Bins,
-                                                   tmp_path: Path) -> None:
-    """A SIGUSR1 sent while ckpt injects is held back, queued again, handled once."""
+@pytest.mark.parametrize("sigs", [(signal.SIGUSR1,), (signal.SIGUSR1, signal.SIGUSR2)],
+                         ids=["usr1", "usr1+usr2"])
+def test_signals_during_injection_are_delivered_once(harness: Harness, bins: Bins,
+                                                     tmp_path: Path,
+                                                     sigs: tuple[int, ...]) -> None:
+    """Signals sent while ckpt injects one syscall are held back, queued again, handled
+    once each. With two, queueing the first must not let it be delivered, and held back
+    anew, while the second is being queued."""
     out = tmp_path / "out"
     target = harness.launch([bins.signals, "10"], out)
     wait_for_lines(out, 2)
     ckpt = pause_ckpt_at("inject-entry#2", "dump", "-t", str(target.pid), "-D",
                          harness.images(), "--leave-running")
-    os.kill(target.pid, signal.SIGUSR1)
+    for sig in sigs:
+        os.kill(target.pid, sig)
     os.kill(ckpt.pid, signal.SIGCONT)
     _, err = ckpt.communicate(timeout=60)
     assert ckpt.returncode == 0, err.decode()
     assert_running_untraced(target.pid)
     n = len(read_lines(out))
     lines = wait_for_lines(out, n + 3)
-    assert "usr1=1 " in lines[-1], lines[-1]
+    want = f"usr1=1 usr2={int(signal.SIGUSR2 in sigs)} "
+    assert want in lines[-1], lines[-1]
 
 
 @pytest.mark.parametrize("mode", ["leave-running", "restored"])

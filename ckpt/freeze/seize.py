@@ -33,16 +33,19 @@ from ckpt import testpoint
 from ckpt.collect import proc
 from ckpt.collect.proc import is_kernel_thread, list_tasks
 from ckpt.errors import AccessDenied, CkptError, NoSuchProcess, NotDumpable
+from ckpt.kernel import siginfo
 from ckpt.kernel.creds import PTRACE_O_SUSPEND_SECCOMP
-from ckpt.kernel.ptrace import PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_SEIZE, Tracee, ptrace
+from ckpt.kernel.ptrace import (
+    ALL_SIGNALS,
+    PTRACE_EVENT_STOP,
+    PTRACE_INTERRUPT,
+    PTRACE_SEIZE,
+    Tracee,
+    ptrace,
+)
 from ckpt.kernel.sys import tgkill
 
 SEIZE_ROUNDS = 50
-ALL_SIGNALS = (1 << 64) - 1
-
-
-def _signo(siginfo: bytes) -> int:
-    return int.from_bytes(siginfo[:4], "little", signed=True)
 
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -206,7 +209,7 @@ class Frozen:
         a signal-delivery stop where it is dropped, with every other signal blocked
         meanwhile, and interrupted again before it runs anything."""
         leader = self.tasks[self.pid]
-        if not any(_signo(i) == signal.SIGCONT for i in leader.pending_signals(shared=True)):
+        if not any(siginfo.signo(i) == signal.SIGCONT for i in leader.pending_signals(shared=True)):
             return
         mask = leader.get_sigmask()
         leader.set_sigmask(ALL_SIGNALS & ~(1 << (signal.SIGCONT - 1)))

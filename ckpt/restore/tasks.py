@@ -46,6 +46,7 @@ from ckpt.collect.proc import id_holder
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.siginfo import is_stop_mark
+from ckpt.kernel import siginfo
 from ckpt.kernel.ptrace import (
     NT_X86_XSTATE,
     PTRACE_EVENT_CLONE,
@@ -90,11 +91,6 @@ def park_signal(pending: set[int]) -> int:
         if sig not in pending and sig not in NOT_PARKING:
             return sig
     raise RestoreError("every signal is pending in the image: none left to park the process")
-
-
-def signo_of(info: bytes) -> int:
-    signo: int = struct.unpack_from("i", info)[0]
-    return signo
 
 
 def ksigaction(act: pb.SigAction) -> bytes:
@@ -197,12 +193,12 @@ def last_syscalls(stub: Stub, entry: pb.ProcessEntry, tids: list[int]) -> None:
     for info in entry.shared_pending:
         if is_stop_mark(info):  # a stopped process: finish_process stops it last
             continue
-        signo = signo_of(info)
+        signo = siginfo.signo(info)
         inj(NR.rt_sigqueueinfo, stub.pid, signo, stub.put(info, 3840),
             what=f"rt_sigqueueinfo({signo})")
     for tid, th in zip(tids, entry.threads, strict=True):
         for info in th.pending_signals:
-            signo = signo_of(info)
+            signo = siginfo.signo(info)
             inj(NR.rt_tgsigqueueinfo, stub.pid, tid, signo, stub.put(info, 3840),
                 what=f"rt_tgsigqueueinfo({tid}, {signo})")
     inj(NR.rt_sigaction, signal.SIGTRAP, stub.put(image_action(entry, signal.SIGTRAP)), 0, 8,
@@ -215,7 +211,7 @@ def park_leader(stub: Stub, entry: pb.ProcessEntry) -> None:
     """From the leader's syscall-exit stop to a signal-delivery-stop with its own
     registers and mask (see the module docstring)."""
     th = entry.threads[0]
-    pending = {signo_of(i) for i in [*entry.shared_pending, *th.pending_signals]}
+    pending = {siginfo.signo(i) for i in [*entry.shared_pending, *th.pending_signals]}
     sig = park_signal(pending)
     task = stub.task
     load_registers(task, th, mask=U64 & ~(1 << (sig - 1)))
