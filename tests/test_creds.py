@@ -44,7 +44,9 @@ from test_migrate import start_server
 
 from ckpt.actions.check import meaning
 from ckpt.collect.creds import STATUS_KEYS, Creds, parse_creds, read_creds
+from ckpt.collect.proc import parse_status
 from ckpt.errors import CkptError, ImageError, NotDumpable
+from ckpt.freeze.seize import seize_options
 from ckpt.images import ImageDir
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel import creds as kcreds
@@ -62,6 +64,16 @@ CONFINED = [
     "--bounding-set", "-all,+net_bind_service,+chown,+kill",
     "--securebits", "+noroot,+noroot_locked", "--nnp",
 ]
+# Runs a command under an allow-all seccomp filter of its own (root needs no no_new_privs).
+UNDER_SECCOMP = [sys.executable, "-c", """
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+insn = ctypes.create_string_buffer(struct.pack("<HBBI", 0x06, 0, 0, 0x7FFF0000))  # RET ALLOW
+prog = ctypes.create_string_buffer(struct.pack("<H6xQ", 1, ctypes.addressof(insn)))
+if libc.prctl(ctypes.c_long(22), ctypes.c_long(2), prog) != 0:  # PR_SET_SECCOMP, FILTER
+    raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+os.execvp(sys.argv[1], sys.argv[1:])
+"""]
 MAIN = re.compile(r"main \d+ uname=(\d+) prctl=(\d+) uid=(\d+)")
 WORKER = re.compile(r"worker \d+ getppid=(\d+) uname=(\d+)")
 
@@ -94,6 +106,18 @@ def test_missing_credential_line_is_refused(tmp_path: Path) -> None:
     with pytest.raises(NotDumpable, match="CapAmb"):
         read_creds(7, 7, root=str(tmp_path))
     assert set(status_lines(text)) == set(STATUS_KEYS)
+
+
+@pytest.mark.parametrize(("line", "options"), [
+    ("Seccomp:\t2", kcreds.PTRACE_O_SUSPEND_SECCOMP),
+    ("Seccomp:\t1", kcreds.PTRACE_O_SUSPEND_SECCOMP), ("Seccomp:\t0", 0),
+    ("", 0)], ids=["filter", "strict", "off", "no-line"])
+def test_suspend_seccomp_only_where_needed(line: str, options: int) -> None:
+    """PTRACE_O_SUSPEND_SECCOMP (CONFIG_CHECKPOINT_RESTORE, CAP_SYS_ADMIN, a tracer not
+    under seccomp) is asked for a task under seccomp only."""
+    text = (FIX / str(FIX_PID) / "task" / str(FIX_PID) / "status").read_text()
+    text = re.sub(r"^Seccomp:\t\d+$", line, text, flags=re.M)
+    assert seize_options(parse_status(text)) == options
 
 
 def _creds(**kw: int | bool | list[int]) -> pb.Creds:
@@ -426,6 +450,28 @@ def test_failed_credential_step_kills_the_stub(harness: Harness, tmp_path: Path,
         restore(RestoreOptions(images_dir=str(images)))
     assert not os.path.exists(f"/proc/{proc.pid}")
     assert len(read_lines(out)) == written
+
+
+@needs_root
+def test_dump_by_ckpt_under_seccomp(harness: Harness, bins: Bins, tmp_path: Path) -> None:
+    """ckpt under a seccomp filter of its own cannot suspend a target's filters (EPERM): a
+    target without seccomp dumps as ever; a filtered one is refused in one line and runs
+    on, untraced and still filtered."""
+    out = tmp_path / "plain.txt"
+    plain = harness.launch([bins.sleeper, "sleep", "1"], out)
+    wait_for_lines(out, 1)
+    res = run_ckpt("dump", "-t", str(plain.pid), "-D", harness.images("plain"),
+                   "--leave-running", prefix=UNDER_SECCOMP)
+    assert_ckpt_ok(res)
+    assert_running_untraced(plain.pid)
+    out = tmp_path / "confined.txt"
+    confined = launch_confined(harness, out)
+    res = run_ckpt("dump", "-t", str(confined.pid), "-D", harness.images("confined"),
+                   prefix=UNDER_SECCOMP)
+    message = assert_one_error_line(res)
+    assert "is under seccomp" in message and "CAP_SYS_ADMIN" in message, message
+    assert_running_untraced(confined.pid)
+    assert_still_filtered(out, len(read_lines(out)))
 
 
 @needs_root

@@ -45,6 +45,16 @@ SECCOMP_FILTER_FLAG_LOG = 1 << 1
 CAPABILITY_VERSION_3 = 0x20080522
 
 
+def suspend_seccomp_refused(err: int) -> str:
+    """Why PTRACE_O_SUSPEND_SECCOMP was refused with ``err``, in words."""
+    if err == errno.EINVAL:
+        return "the kernel has no PTRACE_O_SUSPEND_SECCOMP (CONFIG_CHECKPOINT_RESTORE off)"
+    if err == errno.EPERM:
+        return ("PTRACE_O_SUSPEND_SECCOMP needs CAP_SYS_ADMIN and a ckpt not itself under "
+                "seccomp")
+    return f"PTRACE_O_SUSPEND_SECCOMP failed: {os.strerror(err)}"
+
+
 class SYS:
     """x86-64 numbers of the credential syscalls (injected into the restored task)."""
 
