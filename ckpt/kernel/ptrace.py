@@ -313,11 +313,13 @@ class Injector:
         mask = self.task.get_sigmask()
         self.task.set_sigmask(ALL_SIGNALS)
         try:
-            for info in pending:
-                vm_write(self.task.tid, self.scratch, info)
-                if self.raw(NR.rt_tgsigqueueinfo, tgid, self.task.tid, signo(info),
-                            self.scratch) != 0:
-                    tgkill(tgid, self.task.tid, signo(info))
+            while pending:  # a SIGSTOP (never blocked) may be held back meanwhile
+                for info in pending:
+                    vm_write(self.task.tid, self.scratch, info)
+                    if self.raw(NR.rt_tgsigqueueinfo, tgid, self.task.tid, signo(info),
+                                self.scratch) != 0:
+                        tgkill(tgid, self.task.tid, signo(info))
+                pending, self.suppressed = self.suppressed, []
         finally:
             self.task.set_sigmask(mask)
 
