@@ -488,5 +488,5 @@ def test_dump_in_other_user_namespace_is_refused(harness: Harness, bins: Bins,
     assert Path(f"/proc/{proc.pid}/status").read_text().count("CapEff:\t000001ff") == 1
     res = run_ckpt("dump", "-t", str(proc.pid), "-D", harness.images())
     message = assert_one_error_line(res)
-    assert "another user namespace" in message, message
+    assert "runs in a user namespace other than ckpt's" in message, message
     assert_running_untraced(proc.pid)
