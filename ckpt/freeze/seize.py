@@ -23,7 +23,6 @@ kernel detaches and the process runs on: the only state a kill -9 changes.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import time
@@ -246,9 +245,10 @@ class Frozen:
             try:
                 task.set_options(options)
             except (AccessDenied, KernelError) as exc:
-                err = exc.errno if isinstance(exc, KernelError) else errno.EPERM
+                if (why := suspend_seccomp_refused(exc)) is None:
+                    raise
                 raise NotDumpable(f"thread {tid} of process {self.pid} is under seccomp and "
-                                  f"{suspend_seccomp_refused(err)}") from None
+                                  f"{why}") from None
 
     # ------------------------------------------------------------------ release
     def detach_all(self) -> None:

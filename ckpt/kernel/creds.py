@@ -22,7 +22,7 @@ import errno
 import os
 import struct
 
-from ckpt.errors import CkptError, KernelError
+from ckpt.errors import AccessDenied, CkptError, KernelError
 from ckpt.kernel.ptrace import ptrace
 
 PTRACE_O_SUSPEND_SECCOMP = 0x200000
@@ -45,14 +45,13 @@ SECCOMP_FILTER_FLAG_LOG = 1 << 1
 CAPABILITY_VERSION_3 = 0x20080522
 
 
-def suspend_seccomp_refused(err: int) -> str:
-    """Why PTRACE_O_SUSPEND_SECCOMP was refused with ``err``, in words."""
-    if err == errno.EINVAL:
+def suspend_seccomp_refused(exc: AccessDenied | KernelError) -> str | None:
+    """Why PTRACE_O_SUSPEND_SECCOMP was refused, in words; None for any other failure."""
+    if isinstance(exc, AccessDenied):  # EPERM
+        return "PTRACE_O_SUSPEND_SECCOMP needs CAP_SYS_ADMIN and a ckpt not itself under seccomp"
+    if exc.errno == errno.EINVAL:
         return "the kernel has no PTRACE_O_SUSPEND_SECCOMP (CONFIG_CHECKPOINT_RESTORE off)"
-    if err == errno.EPERM:
-        return ("PTRACE_O_SUSPEND_SECCOMP needs CAP_SYS_ADMIN and a ckpt not itself under "
-                "seccomp")
-    return f"PTRACE_O_SUSPEND_SECCOMP failed: {os.strerror(err)}"
+    return None
 
 
 class SYS:

@@ -11,7 +11,6 @@ which runs them): each is tried for real in a forked child, killed and reaped af
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import signal
 import struct
@@ -116,10 +115,9 @@ def probe_seccomp_restore() -> tuple[bool, str]:
         try:
             ptrace(PTRACE_SEIZE, pid, 0, PTRACE_O_SUSPEND_SECCOMP)
         except (AccessDenied, KernelError) as exc:
-            err = exc.errno if isinstance(exc, KernelError) else errno.EPERM
-            if err not in (errno.EPERM, errno.EINVAL):
+            if (why := suspend_seccomp_refused(exc)) is None:
                 raise
-            return False, f"{suspend_seccomp_refused(err)}: a process under seccomp is refused"
+            return False, f"{why}: a process under seccomp is refused"
         ptrace(PTRACE_INTERRUPT, pid)
         task = Tracee(pid)
         if task.wait_stop() >> 16 != PTRACE_EVENT_STOP:
