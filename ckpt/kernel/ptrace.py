@@ -312,6 +312,7 @@ class Injector:
             return
         mask = self.task.get_sigmask()
         self.task.set_sigmask(ALL_SIGNALS)
+        testpoint.pause_at("requeue")
         try:
             while pending:  # a SIGSTOP (never blocked) may be held back meanwhile
                 for info in pending:
