@@ -43,8 +43,10 @@ from conftest import (
 from test_migrate import start_server
 
 from ckpt.actions.check import meaning
-from ckpt.collect.creds import STATUS_KEYS, Creds, parse_creds, read_creds, status_lines
+from ckpt.collect.creds import STATUS_KEYS, Creds, parse_creds, read_creds
+from ckpt.collect.proc import parse_status
 from ckpt.errors import CkptError, ImageError, NotDumpable
+from ckpt.freeze.seize import seize_options
 from ckpt.images import ImageDir
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.validate import validate
@@ -63,6 +65,16 @@ CONFINED = [
     "--bounding-set", "-all,+net_bind_service,+chown,+kill",
     "--securebits", "+noroot,+noroot_locked", "--nnp",
 ]
+# Runs a command under an allow-all seccomp filter of its own (root needs no no_new_privs).
+UNDER_SECCOMP = [sys.executable, "-c", """
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+insn = ctypes.create_string_buffer(struct.pack("<HBBI", 0x06, 0, 0, 0x7FFF0000))  # RET ALLOW
+prog = ctypes.create_string_buffer(struct.pack("<H6xQ", 1, ctypes.addressof(insn)))
+if libc.prctl(ctypes.c_long(22), ctypes.c_long(2), prog) != 0:  # PR_SET_SECCOMP, FILTER
+    raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+os.execvp(sys.argv[1], sys.argv[1:])
+"""]
 MAIN = re.compile(r"main \d+ uname=(\d+) prctl=(\d+) uid=(\d+)")
 WORKER = re.compile(r"worker \d+ getppid=(\d+) uname=(\d+)")
 
@@ -95,6 +107,18 @@ def test_missing_credential_line_is_refused(tmp_path: Path) -> None:
     with pytest.raises(NotDumpable, match="CapAmb"):
         read_creds(7, 7, root=str(tmp_path))
     assert set(status_lines(text)) == set(STATUS_KEYS)
+
+
+@pytest.mark.parametrize(("line", "options"), [
+    ("Seccomp:\t2", kcreds.PTRACE_O_SUSPEND_SECCOMP),
+    ("Seccomp:\t1", kcreds.PTRACE_O_SUSPEND_SECCOMP), ("Seccomp:\t0", 0),
+    ("", 0)], ids=["filter", "strict", "off", "no-line"])
+def test_suspend_seccomp_only_where_needed(line: str, options: int) -> None:
+    """PTRACE_O_SUSPEND_SECCOMP (CONFIG_CHECKPOINT_RESTORE, CAP_SYS_ADMIN, a tracer not
+    under seccomp) is asked for a task under seccomp only."""
+    text = (FIX / str(FIX_PID) / "task" / str(FIX_PID) / "status").read_text()
+    text = re.sub(r"^Seccomp:\t\d+$", line, text, flags=re.M)
+    assert seize_options(parse_status(text)) == options
 
 
 def _creds(**kw: int | bool | list[int]) -> pb.Creds:
@@ -226,6 +250,16 @@ def launch_confined(harness: Harness, out: Path, variant: str = "setpriv",
              "the target to run as 65534")
     wait_for_lines(out, len(read_lines(out)) + 2)
     return proc
+
+
+def status_lines(text: str) -> dict[str, str]:
+    """The STATUS_KEYS lines of a status text, as the kernel wrote them."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key in STATUS_KEYS:
+            out[key] = value.strip()
+    return out
 
 
 def snapshot(pid: int) -> dict[int, dict[str, str]]:
@@ -424,6 +458,28 @@ def test_failed_credential_step_kills_the_stub(harness: Harness, tmp_path: Path,
 
 
 @needs_root
+def test_dump_by_ckpt_under_seccomp(harness: Harness, bins: Bins, tmp_path: Path) -> None:
+    """ckpt under a seccomp filter of its own cannot suspend a target's filters (EPERM): a
+    target without seccomp dumps as ever; a filtered one is refused in one line and runs
+    on, untraced and still filtered."""
+    out = tmp_path / "plain.txt"
+    plain = harness.launch([bins.sleeper, "sleep", "1"], out)
+    wait_for_lines(out, 1)
+    res = run_ckpt("dump", "-t", str(plain.pid), "-D", harness.images("plain"),
+                   "--leave-running", prefix=UNDER_SECCOMP)
+    assert_ckpt_ok(res)
+    assert_running_untraced(plain.pid)
+    out = tmp_path / "confined.txt"
+    confined = launch_confined(harness, out)
+    res = run_ckpt("dump", "-t", str(confined.pid), "-D", harness.images("confined"),
+                   prefix=UNDER_SECCOMP)
+    message = assert_one_error_line(res)
+    assert "is under seccomp" in message and "CAP_SYS_ADMIN" in message, message
+    assert_running_untraced(confined.pid)
+    assert_still_filtered(out, len(read_lines(out)))
+
+
+@needs_root
 def test_dump_in_other_user_namespace_is_refused(harness: Harness, bins: Bins,
                                                  tmp_path: Path) -> None:
     """Root in a user namespace of its own has every capability there, and /proc shows
@@ -437,5 +493,5 @@ def test_dump_in_other_user_namespace_is_refused(harness: Harness, bins: Bins,
     assert Path(f"/proc/{proc.pid}/status").read_text().count("CapEff:\t000001ff") == 1
     res = run_ckpt("dump", "-t", str(proc.pid), "-D", harness.images())
     message = assert_one_error_line(res)
-    assert "user namespace other than ckpt's" in message, message
+    assert "runs in a user namespace other than ckpt's" in message, message
     assert_running_untraced(proc.pid)

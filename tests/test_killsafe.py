@@ -7,6 +7,7 @@ computation goes on, and a new dump + restore verifies.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -227,22 +228,62 @@ def test_signals_during_injection(harness: Harness, tmp_path: Path, timer: str) 
     wait_for_lines(out, n + 2)
 
 
-def test_signal_during_injection_is_delivered_once(harness: Harness, bins: Bins,
-                                                   tmp_path: Path) -> None:
-    """A SIGUSR1 sent while ckpt injects is held back, queued again, handled once."""
+def paused_or_done(proc: subprocess.Popen[bytes]) -> bool:
+    st = proc_status(proc.pid) or {}
+    return proc.poll() is not None or st.get("State", "").startswith("T")
+
+
+def test_kill_while_requeueing_signals(harness: Harness, tmp_path: Path) -> None:
+    """ckpt killed while it queues held-back signals again, with every signal of the
+    thread blocked: the landing's frame gives the thread its own mask back, and the
+    timer's signals keep being handled."""
+    out = tmp_path / "out"
+    target = harness.launch([*py_target("timers.py"), "real"], out)
+    wait_for_lines(out, 2)
+    blocked = (proc_status(target.pid) or {}).get("SigBlk")
+    env = {**os.environ, "CKPT_TEST_PAUSE_AT": "requeue"}
+    for attempt in range(20):  # until a timer signal arrives during an injection
+        ckpt = subprocess.Popen([ckpt_command(), "dump", "-t", str(target.pid), "-D",
+                                 str(harness.images(f"d{attempt}")), "--leave-running"],
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        wait_for(functools.partial(paused_or_done, ckpt), 60, "ckpt to pause or finish")
+        if ckpt.poll() is None:
+            break
+        assert ckpt.returncode == 0
+    else:
+        pytest.skip("no timer signal arrived during an injection")
+    ckpt.kill()
+    ckpt.wait()
+    assert_running_untraced(target.pid)
+    assert (proc_status(target.pid) or {}).get("SigBlk") == blocked
+    before = signal_counts(out)[-1]
+    wait_for(lambda: signal_counts(out)[-1] > before, 10, "more timer signals")
+
+
+@pytest.mark.parametrize("sigs", [(signal.SIGUSR1,), (signal.SIGUSR1, signal.SIGUSR2)],
+                         ids=["usr1", "usr1+usr2"])
+def test_signals_during_injection_are_delivered_once(harness: Harness, bins: Bins,
+                                                     tmp_path: Path,
+                                                     sigs: tuple[int, ...]) -> None:
+    """Signals sent while ckpt injects one syscall are held back, queued again, handled
+    once each. With two, queueing the first must not let it be delivered, and held back
+    anew, while the second is being queued."""
     out = tmp_path / "out"
     target = harness.launch([bins.signals, "10"], out)
     wait_for_lines(out, 2)
     ckpt = pause_ckpt_at("inject-entry#2", "dump", "-t", str(target.pid), "-D",
                          harness.images(), "--leave-running")
-    os.kill(target.pid, signal.SIGUSR1)
+    for sig in sigs:
+        os.kill(target.pid, sig)
     os.kill(ckpt.pid, signal.SIGCONT)
     _, err = ckpt.communicate(timeout=60)
     assert ckpt.returncode == 0, err.decode()
     assert_running_untraced(target.pid)
     n = len(read_lines(out))
     lines = wait_for_lines(out, n + 3)
-    assert "usr1=1 " in lines[-1], lines[-1]
+    want = f"usr1=1 usr2={int(signal.SIGUSR2 in sigs)} "
+    assert want in lines[-1], lines[-1]
 
 
 @pytest.mark.parametrize("mode", ["leave-running", "restored"])

@@ -246,3 +246,38 @@ def pending(pid: int) -> int:
     st = proc_status(pid)
     assert st is not None, f"process {pid} is gone"
     return int(st["ShdPnd"], 16) | int(st["SigPnd"], 16)
+
+
+def thread_pending(pid: int, tid: int) -> int:
+    st = proc_status(pid, tid)
+    assert st is not None, f"thread {tid} of {pid} is gone"
+    return int(st["SigPnd"], 16)
+
+
+def test_thread_directed_signal_of_a_worker_survives(harness: Harness, tmp_path: Path) -> None:
+    """A SIGUSR1 sent with pthread_kill (SI_TKILL) to a worker thread that blocks it is
+    still pending for that thread after dump and restore (only the thread itself may
+    queue such a siginfo), and is handled once when the worker unblocks it."""
+    out, trigger = tmp_path / "out", tmp_path / "unblock"
+    target = harness.launch([*py_target("thread_signal.py"), str(trigger)], out)
+    worker = int(wait_for_line(out, lambda line: line.startswith("worker "), 10,
+                               "the signal to be pending").split()[1])
+    usr1 = 1 << (signal.SIGUSR1 - 1)
+    assert thread_pending(target.pid, worker) & usr1
+    images = harness.images()
+    harness.dump_and_reap(target, images)
+    pid = harness.restore_detached(images, "--new-pid")
+    (restored,) = thread_ids(pid) - {pid}
+    assert thread_pending(pid, restored) & usr1
+    assert not thread_pending(pid, pid) & usr1
+    n = len(read_lines(out))
+    wait_for(lambda: len(read_lines(out)) > n + 2, 10, "the restored process to run")
+    assert read_lines(out)[-1] == "handled=0"
+    trigger.touch()
+    line = wait_for_line(out, lambda line: line != "handled=0" and line.startswith("handled"),
+                         10, "the signal to be handled")
+    assert line == "handled=1"
+    n = len(read_lines(out))
+    wait_for(lambda: len(read_lines(out)) > n + 3, 10, "more lines")
+    assert read_lines(out)[-1] == "handled=1"
+    assert not thread_pending(pid, restored) & usr1

@@ -66,17 +66,6 @@ def parse_creds(text: str) -> Creds:
         seccomp_mode=int(kv["Seccomp"]), seccomp_filters=int(kv["Seccomp_filters"]))
 
 
-def status_lines(text: str) -> dict[str, str]:
-    """The STATUS_KEYS lines of a status text, as the kernel wrote them (for comparing a
-    restored task with the dumped one)."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key in STATUS_KEYS:
-            out[key] = value.strip()
-    return out
-
-
 def read_task_status(pid: int, tid: int, *, root: str = "/proc") -> str:
     return read_text(pid, root, "task", str(tid), "status")
 

@@ -32,17 +32,20 @@ from types import FrameType, TracebackType
 from ckpt import testpoint
 from ckpt.collect import proc
 from ckpt.collect.proc import is_kernel_thread, list_tasks
-from ckpt.errors import AccessDenied, CkptError, NoSuchProcess, NotDumpable
-from ckpt.kernel.creds import PTRACE_O_SUSPEND_SECCOMP
-from ckpt.kernel.ptrace import PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_SEIZE, Tracee, ptrace
+from ckpt.errors import AccessDenied, CkptError, KernelError, NoSuchProcess, NotDumpable
+from ckpt.kernel import siginfo
+from ckpt.kernel.creds import PTRACE_O_SUSPEND_SECCOMP, suspend_seccomp_refused
+from ckpt.kernel.ptrace import (
+    ALL_SIGNALS,
+    PTRACE_EVENT_STOP,
+    PTRACE_INTERRUPT,
+    PTRACE_SEIZE,
+    Tracee,
+    ptrace,
+)
 from ckpt.kernel.sys import tgkill
 
 SEIZE_ROUNDS = 50
-ALL_SIGNALS = (1 << 64) - 1
-
-
-def _signo(siginfo: bytes) -> int:
-    return int.from_bytes(siginfo[:4], "little", signed=True)
 
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -57,6 +60,13 @@ def _tracer_of(root: str, pid: int, tid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def seize_options(status: proc.Status) -> int:
+    """The ptrace options a seized task needs: PTRACE_O_SUSPEND_SECCOMP for a task under
+    seccomp (strict or filter), none otherwise, so that dumping a task without seccomp
+    does not depend on a kernel feature and a privilege it does not need."""
+    return PTRACE_O_SUSPEND_SECCOMP if status.seccomp else 0
 
 
 class Interrupted(CkptError):
@@ -140,12 +150,11 @@ class Frozen:
                 for tid in gone:
                     del self.tasks[tid]
                 self._end_group_stop()
+                self._suspend_seccomp()
                 return
             for tid in new:
                 try:
-                    # a seccomp filter must neither fail nor kill on ckpt's injected
-                    # syscalls: suspended while traced, active again at detach
-                    ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_SUSPEND_SECCOMP)
+                    ptrace(PTRACE_SEIZE, tid, 0, 0)
                 except NoSuchProcess:
                     if tid == self.pid:
                         raise
@@ -206,7 +215,7 @@ class Frozen:
         a signal-delivery stop where it is dropped, with every other signal blocked
         meanwhile, and interrupted again before it runs anything."""
         leader = self.tasks[self.pid]
-        if not any(_signo(i) == signal.SIGCONT for i in leader.pending_signals(shared=True)):
+        if not any(siginfo.signo(i) == signal.SIGCONT for i in leader.pending_signals(shared=True)):
             return
         mask = leader.get_sigmask()
         leader.set_sigmask(ALL_SIGNALS & ~(1 << (signal.SIGCONT - 1)))
@@ -220,6 +229,26 @@ class Frozen:
             self._wait_interrupt(leader)
         finally:
             leader.set_sigmask(mask)
+
+    def _suspend_seccomp(self) -> None:
+        """A seccomp filter (or strict mode) must neither fail nor kill ckpt's injected
+        syscalls: PTRACE_O_SUSPEND_SECCOMP suspends it while traced, and the kernel drops
+        the option at detach. Asked for only where a thread is under seccomp, once every
+        thread is stopped (none can install a filter any more, not even with TSYNC): it
+        needs CONFIG_CHECKPOINT_RESTORE, CAP_SYS_ADMIN and a ckpt not under seccomp."""
+        for tid, task in self.tasks.items():
+            status = proc.parse_status(proc.read_text(self.pid, self.root, "task", str(tid),
+                                                      "status"))
+            options = seize_options(status)
+            if not options:
+                continue
+            try:
+                task.set_options(options)
+            except (AccessDenied, KernelError) as exc:
+                if (why := suspend_seccomp_refused(exc)) is None:
+                    raise
+                raise NotDumpable(f"thread {tid} of process {self.pid} is under seccomp and "
+                                  f"{why}") from None
 
     # ------------------------------------------------------------------ release
     def detach_all(self) -> None:

@@ -12,14 +12,10 @@ from __future__ import annotations
 import signal
 
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.siginfo import SIGINFO_SIZE as SIGINFO_SIZE  # the kernel ABI, re-exported
+from ckpt.kernel.siginfo import signo as signo
 
-SIGINFO_SIZE = 128
 STOPPED_MARK = signal.SIGSTOP.to_bytes(4, "little") + bytes(SIGINFO_SIZE - 4)
-
-
-def signo(siginfo: bytes) -> int:
-    """si_signo, the first field of a siginfo_t."""
-    return int.from_bytes(siginfo[:4], "little", signed=True)
 
 
 def is_stop_mark(siginfo: bytes) -> bool:

@@ -22,7 +22,7 @@ import errno
 import os
 import struct
 
-from ckpt.errors import CkptError, KernelError
+from ckpt.errors import AccessDenied, CkptError, KernelError
 from ckpt.kernel.ptrace import ptrace
 from ckpt.kernel.sys import syscall
 
@@ -44,6 +44,15 @@ SECCOMP_MODE_STRICT, SECCOMP_MODE_FILTER = 1, 2
 SECCOMP_SET_MODE_STRICT, SECCOMP_SET_MODE_FILTER = 0, 1
 SECCOMP_FILTER_FLAG_LOG = 1 << 1
 CAPABILITY_VERSION_3 = 0x20080522
+
+
+def suspend_seccomp_refused(exc: AccessDenied | KernelError) -> str | None:
+    """Why PTRACE_O_SUSPEND_SECCOMP was refused, in words; None for any other failure."""
+    if isinstance(exc, AccessDenied):  # EPERM
+        return "PTRACE_O_SUSPEND_SECCOMP needs CAP_SYS_ADMIN and a ckpt not itself under seccomp"
+    if exc.errno == errno.EINVAL:
+        return "the kernel has no PTRACE_O_SUSPEND_SECCOMP (CONFIG_CHECKPOINT_RESTORE off)"
+    return None
 
 
 class SYS:

@@ -11,7 +11,6 @@ which runs them): each is tried for real in a forked child, killed and reaped af
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import signal
 import struct
@@ -33,6 +32,7 @@ from ckpt.kernel.creds import (
     cap_header,
     seccomp_filters,
     sock_fprog,
+    suspend_seccomp_refused,
 )
 from ckpt.kernel.ptrace import PTRACE_EVENT_STOP, PTRACE_INTERRUPT, PTRACE_SEIZE, Tracee, ptrace
 from ckpt.kernel.sys import NR, kill_and_reap, syscall
@@ -114,13 +114,10 @@ def probe_seccomp_restore() -> tuple[bool, str]:
             time.sleep(0.001)
         try:
             ptrace(PTRACE_SEIZE, pid, 0, PTRACE_O_SUSPEND_SECCOMP)
-        except AccessDenied:
-            return False, "PTRACE_O_SUSPEND_SECCOMP needs CAP_SYS_ADMIN: dump is refused"
-        except KernelError as exc:
-            if exc.errno == errno.EINVAL:
-                return False, ("no PTRACE_O_SUSPEND_SECCOMP (CONFIG_CHECKPOINT_RESTORE off): "
-                               "no process can be frozen")
-            raise
+        except (AccessDenied, KernelError) as exc:
+            if (why := suspend_seccomp_refused(exc)) is None:
+                raise
+            return False, f"{why}: a process under seccomp is refused"
         ptrace(PTRACE_INTERRUPT, pid)
         task = Tracee(pid)
         if task.wait_stop() >> 16 != PTRACE_EVENT_STOP:

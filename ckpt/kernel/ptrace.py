@@ -18,6 +18,7 @@ from ptrace.binding.linux_struct import user_regs_struct
 
 from ckpt import testpoint
 from ckpt.errors import CkptError, KernelError
+from ckpt.kernel.siginfo import SIGINFO_SIZE, code, signo
 from ckpt.kernel.sys import NR, WALL, iovec, libc, raise_errno, syscall, tgkill, vm_write
 
 PTRACE_TRACEME = 0
@@ -35,10 +36,10 @@ PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_PEEKSIGINFO = 0x4209
 PTRACE_PEEKSIGINFO_SHARED = 1
-SIGINFO_SIZE = 128
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+ALL_SIGNALS = (1 << 64) - 1  # a signal mask blocking everything (the kernel ignores KILL/STOP)
 
 PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_EXITKILL = 0x100000
@@ -264,7 +265,7 @@ class Injector:
                 continue  # an event stop (a group stop): go on
             info = self.task.siginfo()
             # A syscall stop reports SIGTRAP with si_code SIGTRAP (no TRACESYSGOOD here).
-            if struct.unpack_from("iii", info)[::2] == (signal.SIGTRAP, signal.SIGTRAP):
+            if (signo(info), code(info)) == (signal.SIGTRAP, signal.SIGTRAP):
                 if self.task.event_msg() == op:
                     return
                 continue
@@ -297,17 +298,31 @@ class Injector:
     def requeue(self) -> None:
         """Queue the suppressed signals back to the task. The task queues them to itself
         (rt_tgsigqueueinfo from the task keeps a kernel siginfo); without scratch memory
-        to hold it, ckpt sends the bare signal."""
+        to hold it, ckpt sends the bare signal.
+
+        Every signal is blocked meanwhile: a signal queued by one injection would
+        otherwise be delivered at the next one's entry and suppressed anew, never to be
+        queued again. Only a landing gives scratch, and its frame restores the task's own
+        mask should ckpt die before this puts it back."""
         tgid = tgid_of(self.task.tid)
         pending, self.suppressed = self.suppressed, []
-        for info in pending:
-            signo = struct.unpack_from("i", info)[0]
-            if self.scratch:
-                vm_write(self.task.tid, self.scratch, info)
-                if self.raw(NR.rt_tgsigqueueinfo, tgid, self.task.tid, signo,
-                            self.scratch) == 0:
-                    continue
-            tgkill(tgid, self.task.tid, signo)
+        if not self.scratch:
+            for info in pending:
+                tgkill(tgid, self.task.tid, signo(info))
+            return
+        mask = self.task.get_sigmask()
+        self.task.set_sigmask(ALL_SIGNALS)
+        testpoint.pause_at("requeue")
+        try:
+            while pending:  # a SIGSTOP (never blocked) may be held back meanwhile
+                for info in pending:
+                    vm_write(self.task.tid, self.scratch, info)
+                    if self.raw(NR.rt_tgsigqueueinfo, tgid, self.task.tid, signo(info),
+                                self.scratch) != 0:
+                        tgkill(tgid, self.task.tid, signo(info))
+                pending, self.suppressed = self.suppressed, []
+        finally:
+            self.task.set_sigmask(mask)
 
     def restore(self) -> None:
         try:

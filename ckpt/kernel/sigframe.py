@@ -26,6 +26,7 @@ import struct
 from dataclasses import dataclass
 
 from ckpt.kernel.ptrace import Regs, copy_regs, signed
+from ckpt.kernel.siginfo import SIGINFO_SIZE
 
 RED_ZONE = 128
 UC_FP_XSTATE, UC_SIGCONTEXT_SS, UC_STRICT_RESTORE_SS = 1, 2, 4
@@ -36,7 +37,6 @@ XSAVE_MIN = 576  # legacy area + header
 SS_INVALID = 3  # SS_ONSTACK|SS_DISABLE: do_sigaltstack says EINVAL, sigreturn ignores it
 NR_RESTART_SYSCALL = 219
 ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK = 512, 513, 514, 516
-SIGINFO_SIZE = 128
 UCONTEXT_SIZE = 304  # flags 8, link 8, stack_t 24, sigcontext 256, sigmask 8
 FRAME_SIZE = 8 + UCONTEXT_SIZE + SIGINFO_SIZE
 

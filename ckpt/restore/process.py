@@ -35,7 +35,6 @@ from ckpt.restore.tasks import (
     clone_threads,
     ksigaction,
     last_syscalls,
-    load_registers,
     park_leader,
     restore_thread_state,
     unregister_stub_rseq,
@@ -116,10 +115,8 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     restore_creds(stub, threads, entry)  # last before the registers (ckpt.restore.creds)
     # No trap after this point (see ckpt.restore.tasks): registers are loaded at stops
     # from which the kernel applies its own syscall-restart rules.
-    last_syscalls(stub, entry, tids)
+    last_syscalls(stub, entry, threads)  # parks the other threads too
     park_leader(stub, entry)
-    for task, th in zip(threads, entry.threads[1:], strict=True):
-        load_registers(task.task, th)
     # queued while every thread is still traced: none runs user code
     stop = stopped or was_stopped(entry)
     if stop:

@@ -21,12 +21,16 @@ Hence the order:
 
     trap phase     every injection through the gadget's int3; SIGTRAP's action is still
                    the stub's default (the image's is held back) and never blocked
-    last_syscalls  the leader stops only at syscall entry/exit (PTRACE_SYSCALL, never a
-                   signal): everything blocked, pending signals queued, SIGTRAP's action
-                   set, the gadget unmapped
-    park           the leader: dumped registers; a signal no image queue holds (tgkill),
-                   the only one unblocked, stops it in a signal-delivery-stop; final mask.
-                   Other threads are parked at their last int3 stop (load_registers).
+    last_syscalls  stops only at syscall entry/exit (PTRACE_SYSCALL, never a signal):
+                   each thread with signals of its own pending queues them itself,
+                   everything blocked (rt_tgsigqueueinfo refuses a siginfo with si_code
+                   >= 0 or SI_TKILL from any other thread), and is parked; then the
+                   leader queues its own and the process's, sets SIGTRAP's action and
+                   unmaps the gadget
+    park           dumped registers; a signal no image queue holds (tgkill), the only
+                   one unblocked, stops the thread in a signal-delivery-stop; final mask.
+                   Threads without signals of their own are parked at their last int3
+                   stop (load_registers).
     detach         signal 0 discards the parking signal; get_signal goes on with the
                    final mask (delivering what the image had pending), then the restart
                    rules above.
@@ -46,6 +50,7 @@ from ckpt.collect.proc import id_holder
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.siginfo import is_stop_mark
+from ckpt.kernel import siginfo
 from ckpt.kernel.ptrace import (
     NT_X86_XSTATE,
     PTRACE_EVENT_CLONE,
@@ -90,11 +95,6 @@ def park_signal(pending: set[int]) -> int:
         if sig not in pending and sig not in NOT_PARKING:
             return sig
     raise RestoreError("every signal is pending in the image: none left to park the process")
-
-
-def signo_of(info: bytes) -> int:
-    signo: int = struct.unpack_from("i", info)[0]
-    return signo
 
 
 def ksigaction(act: pb.SigAction) -> bytes:
@@ -188,39 +188,59 @@ def load_registers(task: Tracee, th: pb.ThreadCore, mask: int | None = None) -> 
     task.set_sigmask(th.sigmask if mask is None else mask)
 
 
-def last_syscalls(stub: Stub, entry: pb.ProcessEntry, tids: list[int]) -> None:
-    """The leader's last injections, after every trap of every thread: each stops at
-    syscall entry and exit (never a forced SIGTRAP) with every signal blocked, so nothing
-    is delivered meanwhile and a queued SIGTRAP stays queued."""
-    inj = Injector(stub.task, stub.gadget, trap=False)
-    stub.task.set_sigmask(U64)
+def queue_own_signals(task: Stub, ip: int, tgid: int, th: pb.ThreadCore) -> Injector:
+    """Queue a thread's own pending signals from inside that thread: rt_tgsigqueueinfo
+    takes a siginfo of the kernel's or of tgkill (si_code >= 0, SI_TKILL) only from the
+    thread it is for. No trap (SIGTRAP may be among them) and every signal blocked, so
+    none is delivered meanwhile; the thread is left at the last syscall-exit stop."""
+    inj = Injector(task.task, ip, trap=False)
+    task.task.set_sigmask(U64)
+    for info in th.pending_signals:
+        signo = siginfo.signo(info)
+        inj(NR.rt_tgsigqueueinfo, tgid, task.task.tid, signo, task.put(info, 3840),
+            what=f"rt_tgsigqueueinfo({task.task.tid}, {signo})")
+    return inj
+
+
+def last_syscalls(stub: Stub, entry: pb.ProcessEntry, threads: list[Stub]) -> None:
+    """The last injections, after every trap of every thread: each stops at syscall entry
+    and exit (never a forced SIGTRAP) with every signal blocked, so nothing is delivered
+    meanwhile and a queued SIGTRAP stays queued. A thread other than the leader queues its
+    own pending signals and is parked (see park); one without any is parked at its last
+    int3 stop. Then the leader queues the process's and its own, sets SIGTRAP's action and
+    unmaps the gadget."""
+    for task, th in zip(threads, entry.threads[1:], strict=True):
+        if th.pending_signals:
+            queue_own_signals(task, stub.gadget, stub.pid, th)
+            park(stub.pid, task.task, th, entry)
+        else:
+            load_registers(task.task, th)
+    inj = queue_own_signals(stub, stub.gadget, stub.pid, entry.threads[0])
     for info in entry.shared_pending:
         if is_stop_mark(info):  # a stopped process: finish_process stops it last
             continue
-        signo = signo_of(info)
+        signo = siginfo.signo(info)
         inj(NR.rt_sigqueueinfo, stub.pid, signo, stub.put(info, 3840),
             what=f"rt_sigqueueinfo({signo})")
-    for tid, th in zip(tids, entry.threads, strict=True):
-        for info in th.pending_signals:
-            signo = signo_of(info)
-            inj(NR.rt_tgsigqueueinfo, stub.pid, tid, signo, stub.put(info, 3840),
-                what=f"rt_tgsigqueueinfo({tid}, {signo})")
     inj(NR.rt_sigaction, signal.SIGTRAP, stub.put(image_action(entry, signal.SIGTRAP)), 0, 8,
         what="rt_sigaction(SIGTRAP)")
     # Nothing is fetched from the gadget after this: the syscall-exit stop comes first.
     inj(NR.munmap, stub.gadget, GADGET_LEN, what="munmap gadget")
 
 
-def park_leader(stub: Stub, entry: pb.ProcessEntry) -> None:
-    """From the leader's syscall-exit stop to a signal-delivery-stop with its own
-    registers and mask (see the module docstring)."""
-    th = entry.threads[0]
-    pending = {signo_of(i) for i in [*entry.shared_pending, *th.pending_signals]}
+def park(tgid: int, task: Tracee, th: pb.ThreadCore, entry: pb.ProcessEntry) -> None:
+    """From a syscall-exit stop to a signal-delivery-stop with the thread's own registers
+    and mask (see the module docstring)."""
+    pending = {siginfo.signo(i) for i in [*entry.shared_pending, *th.pending_signals]}
     sig = park_signal(pending)
-    task = stub.task
     load_registers(task, th, mask=U64 & ~(1 << (sig - 1)))
-    tgkill(stub.pid, task.tid, sig)
+    tgkill(tgid, task.tid, sig)
     task.cont()
     if task.wait_stop(sig) >> 16:
         raise RestoreError(f"task {task.tid} stopped for a ptrace event, not signal {sig}")
     task.set_sigmask(th.sigmask)
+
+
+def park_leader(stub: Stub, entry: pb.ProcessEntry) -> None:
+    """The leader, after its last syscall: see park."""
+    park(stub.pid, stub.task, entry.threads[0], entry)
