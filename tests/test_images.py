@@ -59,6 +59,7 @@ def make_core(pid: int) -> ProcessEntry:
     t = core.threads.add(tid=pid, xstate=b"\x01" * 832, sigmask=1 << 9)
     t.regs.rip = 0x401000
     t.regs.rsp = 0x7FFE0000
+    t.creds.uid = 1000
     core.vmas.add(start=0x400000, end=0x401000, prot=5, path="/usr/bin/sleep")
     core.rlimits.add(resource=7, cur=1024, max=2**64 - 1)
     return core

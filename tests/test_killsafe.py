@@ -194,7 +194,7 @@ def test_kill_while_throttling(harness: Harness, tmp_path: Path) -> None:
     target = harness.launch(py_target("dirtier.py"), out)
     wait_for_lines(out, 2, timeout=30)
     kill_ckpt_at("throttled", "migrate", "-t", str(target.pid), "--to", address,
-                 "--auth-token-file", token, "--max-rounds", "6", "--max-downtime-ms", "1",
+                 "--auth-token-file", token, "--max-rounds", "20", "--max-downtime-ms", "1",
                  "--auto-converge")
     assert_running_untraced(target.pid)
     wait_for_lines(out, len(read_lines(out)) + 2, timeout=30)

@@ -184,3 +184,16 @@ def test_a_pass_writes_and_abandons_through_the_directory_it_checked(tmp_path: P
                                                                     "inventory.img"]
         assert sorted(os.listdir(elsewhere)) == sorted(victims), finish
         assert all((elsewhere / n).read_text() == PRECIOUS for n in victims), finish
+
+
+def test_page_server_refuses_an_unsafe_root(tmp_path: Path) -> None:
+    """Pass directories are made inside the server's -D: it must be safe itself."""
+    root = tmp_path / "in"
+    root.mkdir()
+    os.chmod(root, 0o777)
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    res = run_ckpt("page-server", "--address", "127.0.0.1", "--port", "0", "-D", root,
+                   "--auth-token-file", token, timeout=30)
+    line = assert_one_error_line(res)
+    assert "writable by group and others" in line, line

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ckpt.errors import ImageError
 from ckpt.images.pb import wire_pb2
-from ckpt.images.safedir import WritableDir, make_dirs
+from ckpt.images.safedir import WritableDir, make_dirs, unsafe_dir
 from ckpt.transfer.handover import COMMIT_GRACE, Parked, restore_for_migration
 from ckpt.transfer.listener import Limits, Listener, listen
 from ckpt.transfer.prerestore import Prerestore
@@ -99,8 +99,12 @@ def serve(
         make_dirs(root)
     except OSError as exc:
         raise TransferError(f"cannot create images directory {root}: {_why(exc)}") from None
-    if not root.is_dir():
-        raise TransferError(f"images directory {root} is not a directory")
+    try:
+        st = os.stat(root)
+    except OSError as exc:
+        raise TransferError(f"images directory {root}: {_why(exc)}") from None
+    if why := unsafe_dir(str(root), st.st_uid, st.st_mode, os.geteuid()):
+        raise TransferError(why)  # pass directories are made inside it
     shared = Shared(Parked(commit_grace))
 
     def handler(sock: socket.socket, peer: str) -> None:
