@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pty
+import re
 import signal
 import subprocess
 import time
@@ -281,3 +282,30 @@ def test_thread_directed_signal_of_a_worker_survives(harness: Harness, tmp_path:
     wait_for(lambda: len(read_lines(out)) > n + 3, 10, "more lines")
     assert read_lines(out)[-1] == "handled=1"
     assert not thread_pending(pid, restored) & usr1
+
+
+SIGS = re.compile(r"n=(\d+) sigs=(\d+)")
+
+
+@pytest.mark.parametrize("timer", ["real", "prof"])
+def test_interval_timers_survive(harness: Harness, tmp_path: Path, timer: str) -> None:
+    """An armed setitimer (ITIMER_REAL: SIGALRM, ITIMER_PROF: SIGPROF, 1 ms) is dumped and
+    armed again: the restored process keeps getting its signals."""
+    out = tmp_path / "out"
+    proc = harness.launch([*py_target("timers.py"), timer], out)
+    wait_for_lines(out, 3)
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    core = ImageDir.open(str(images)).read_core(proc.pid)
+    assert [t.which for t in core.itimers] == [0 if timer == "real" else 2]
+    assert core.itimers[0].interval_us == 1000
+    n = len(read_lines(out))
+    harness.restore_detached(images, "--new-pid", "--skip-file-check")
+    lines = wait_for_lines(out, n + 4)
+
+    def sigs(line: str) -> int:
+        m = SIGS.fullmatch(line)
+        assert m, line
+        return int(m[2])
+
+    assert sigs(lines[-1]) > sigs(lines[n]) > sigs(lines[n - 1]), lines[n - 1:]

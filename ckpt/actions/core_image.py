@@ -89,6 +89,8 @@ def build_core(pid: int, info: ProcessInfo, threads: list[ThreadState], injected
                              mask=mask)
     for r in info.rlimits:
         entry.rlimits.add(resource=r.resource, cur=r.soft, max=r.hard)
+    for which, (interval, value) in sorted(injected.itimers.items()):
+        entry.itimers.add(which=which, interval_us=interval, value_us=value)
     for f in files:
         entry.files.add(id=f.id, type=FILE_TYPES[f.kind], path=f.path, flags=f.flags, pos=f.pos,
                         mode=f.mode, size=f.size, inherit_fd=f.inherit_fd, mtime_ns=f.mtime_ns,

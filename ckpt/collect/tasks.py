@@ -70,6 +70,12 @@ class InjectedState:
     brk: int = 0
     dumpable: int = 0  # PR_GET_DUMPABLE
     sigactions: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
+    itimers: dict[int, tuple[int, int]] = field(default_factory=dict)  # which: (interval,
+    # value) in microseconds, the armed ones
+
+
+ITIMERS = (0, 1, 2)  # ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF: per process
+_ITIMERVAL = struct.Struct("qqqq")  # it_interval, it_value: (tv_sec, tv_usec) each
 
 
 def signals_to_query() -> list[int]:
@@ -110,6 +116,12 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
         scratch = scratch_of(inj)
         out.brk = inj(NR.brk, 0, what="brk")
         out.dumpable = inj(NR.prctl, PR_GET_DUMPABLE, 0, 0, 0, 0, what="PR_GET_DUMPABLE")
+        for which in ITIMERS:
+            inj(NR.getitimer, which, scratch, what="getitimer")
+            i_sec, i_usec, v_sec, v_usec = _ITIMERVAL.unpack(
+                vm_read(pid, scratch, _ITIMERVAL.size))
+            if v_sec or v_usec:
+                out.itimers[which] = (i_sec * 1_000_000 + i_usec, v_sec * 1_000_000 + v_usec)
         for sig in signals_to_query():
             if inj.raw(NR.rt_sigaction, sig, 0, scratch, 8) == 0:
                 act = _KSIGACTION.unpack(vm_read(pid, scratch, _KSIGACTION.size))

@@ -149,6 +149,8 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
         **{name: ranged(0, ALL_CAPS) for name in (
             "cap_inh", "cap_prm", "cap_eff", "cap_bnd", "cap_amb")},
         "securebits": ranged(0, SECUREBITS), "seccomp_mode": one_of(0, 1, 2)},
+    core.Itimer: {"which": one_of(0, 1, 2), "interval_us": ranged(0, 1 << 62),
+                  "value_us": ranged(1, 1 << 62)},
     core.SeccompFilter: {"program": blob(BPF_MAXINSNS * BPF_INSN, multiple=BPF_INSN)},
     core.ProcessEntry: {
         "dumpable": ranged(0, 2), "pid": PID, "ppid": PID_OR_0, "pgid": PID_OR_0,
@@ -264,6 +266,7 @@ def _process(m: core.ProcessEntry) -> Iterator[Problem]:
         yield from _thread_creds(f"threads[{i}]", th)
     yield from _unique("sigactions.signo", (a.signo for a in m.sigactions))
     yield from _unique("rlimits.resource", (r.resource for r in m.rlimits))
+    yield from _unique("itimers.which", (t.which for t in m.itimers))
     yield from _unique("files.id", (f.id for f in m.files))
     yield from _unique("fds.fd", (f.fd for f in m.fds))
     ids = {f.id for f in m.files}

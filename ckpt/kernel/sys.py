@@ -42,6 +42,8 @@ class NR:
     mremap = 25
     madvise = 28
     dup2 = 33
+    getitimer = 36
+    setitimer = 38
     getpid = 39
     kill = 62
     fcntl = 72

@@ -202,6 +202,11 @@ def queue_own_signals(task: Stub, ip: int, tgid: int, th: pb.ThreadCore) -> Inje
     return inj
 
 
+def itimerval(t: pb.Itimer) -> bytes:
+    """struct itimerval for setitimer: it_interval, it_value as (tv_sec, tv_usec)."""
+    return struct.pack("qqqq", *divmod(t.interval_us, 1_000_000), *divmod(t.value_us, 1_000_000))
+
+
 def last_syscalls(stub: Stub, entry: pb.ProcessEntry, threads: list[Stub]) -> None:
     """The last injections, after every trap of every thread: each stops at syscall entry
     and exit (never a forced SIGTRAP) with every signal blocked, so nothing is delivered
@@ -222,6 +227,8 @@ def last_syscalls(stub: Stub, entry: pb.ProcessEntry, threads: list[Stub]) -> No
         signo = siginfo.signo(info)
         inj(NR.rt_sigqueueinfo, stub.pid, signo, stub.put(info, 3840),
             what=f"rt_sigqueueinfo({signo})")
+    for t in entry.itimers:  # armed last: a SIGALRM meanwhile stays pending (all blocked)
+        inj(NR.setitimer, t.which, stub.put(itimerval(t), 3968), 0, what="setitimer")
     inj(NR.rt_sigaction, signal.SIGTRAP, stub.put(image_action(entry, signal.SIGTRAP)), 0, 8,
         what="rt_sigaction(SIGTRAP)")
     # Nothing is fetched from the gadget after this: the syscall-exit stop comes first.
