@@ -103,6 +103,7 @@ CASES: dict[str, tuple[Target, str]] = {
     "pid namespace": (replace(FINE, other_ns=(("pid", "pid:[5]", "pid:[1]"),)),
                       "runs in a pid namespace other than ckpt's (pid:[5]; ckpt's is pid:[1])"),
     "posix timers": (replace(FINE, timers=(0, 3)), "has POSIX timers (ids 0, 3)"),
+    "many groups": (replace(FINE, groups=9000), "has 9000 supplementary groups"),
     "shared anon alias": (replace(FINE, vmas=(
         vma("/dev/zero (deleted)", VmaKind.ANON_SHARED, 0x1000000, inode=9, shared=True),
         vma("/dev/zero (deleted)", VmaKind.ANON_SHARED, 0x2000000, inode=9, shared=True))),

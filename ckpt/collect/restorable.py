@@ -12,6 +12,7 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               its working directory was deleted                nothing to chdir to
               its working directory is under /proc/PID         names a process, not a place
               a thread has its own working directory           restore sets one per process
+              it has more than 8192 supplementary groups       restore's setgroups limit
               it has POSIX timers (timer_create)               restore does not make them
               one shared anonymous memory mapped at two        restore would make two
               addresses (mremap of size 0)
@@ -47,6 +48,7 @@ from ckpt.collect import proc
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
 from ckpt.collect.vmas import VmaInfo, VmaKind, collect_vmas
 from ckpt.errors import NoSuchProcess, NotDumpable
+from ckpt.images.validate import MAX_GROUPS
 
 T = TypeVar("T")
 DELETED = " (deleted)"
@@ -84,6 +86,7 @@ class Target:
     thread_cwds: tuple[tuple[int, str], ...] = ()  # (tid, cwd) of every thread
     timers: tuple[int, ...] = ()  # POSIX timer ids
     other_ns: tuple[tuple[str, str, str], ...] = ()  # (kind, its, ckpt's): CHECKED_NS differing
+    groups: int = 0  # supplementary groups of the leader
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,9 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
     Rule(lambda t: any(cwd != t.cwd for _, cwd in t.thread_cwds),
          "process {pid} has threads with their own working directory ({own_cwds}; "
          "unshare(CLONE_FS)): " + NOT_YET),
+    Rule(lambda t: t.groups > MAX_GROUPS,
+         "process {pid} has {groups} supplementary groups (a restore sets at most "
+         f"{MAX_GROUPS}): " + NOT_YET),
     Rule(lambda t: bool(t.timers),
          "process {pid} has POSIX timers (ids {timers}): " + NOT_YET),
     Rule(lambda t: bool(aliased(t.vmas)),
@@ -135,7 +141,7 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
 def process_fields(t: Target) -> dict[str, object]:
     return {"pid": t.pid, "children": ", ".join(map(str, t.children)), "cwd": t.cwd,
             "cwd_shown": _shown(t.cwd), "root": t.root, "mnt_ns": t.mnt_ns,
-            "own_mnt_ns": t.own_mnt_ns,
+            "own_mnt_ns": t.own_mnt_ns, "groups": t.groups,
             "timers": ", ".join(map(str, t.timers)),
             "other_ns": " and a ".join(f"{kind} namespace other than ckpt's ({its}; ckpt's "
                                        f"is {own})" for kind, its, own in t.other_ns),
@@ -301,7 +307,8 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         own_root=proc.read_root(me), mnt_ns=mnt_ns, own_mnt_ns=own_mnt_ns,
         vmas=tuple(maps), fds=tuple(fds), shell_job=shell_job, foreign=foreign,
         thread_cwds=_thread_cwds(pid), timers=tuple(proc.read_timer_ids(pid)),
-        other_ns=tuple((kind, its, own) for kind, (its, own) in ns.items() if its != own))
+        other_ns=tuple((kind, its, own) for kind, (its, own) in ns.items() if its != own),
+        groups=len(proc.read_status(pid).groups))
 
 
 def _thread_cwds(pid: int) -> tuple[tuple[int, str], ...]:
