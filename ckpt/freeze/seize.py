@@ -46,6 +46,7 @@ from ckpt.kernel.ptrace import (
 from ckpt.kernel.sys import tgkill
 
 SEIZE_ROUNDS = 50
+STOP_SIGNALS = (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 
 
 _HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -83,7 +84,7 @@ class Frozen:
         self.pid = pid
         self.root = proc_root
         self.tasks: dict[int, Tracee] = {}
-        self.pending_signals: dict[int, int] = {}  # tid -> signal to re-deliver on detach
+        self.pending_signals: dict[int, list[int]] = {}  # tid -> signals to queue on detach
         self.stop_signal = 0  # the job-control stop the process was in when seized, or 0
         self._group_stopped: list[Tracee] = []
         self.frozen_at = 0.0
@@ -185,13 +186,15 @@ class Frozen:
             # A signal arrived first. Deliver it now: the kernel dequeued it, so it is in no
             # queue the dump reads, and a signal passed to PTRACE_DETACH from the event stop
             # would be dropped. Its handler's frame is set up (or its default action taken)
-            # and the interrupt stops the task before any user instruction. Only the SIGCONT
-            # that _end_group_stop sent is ckpt's own: it is kept from any handler.
-            if sig == signal.SIGCONT and self.stop_signal:
-                self.pending_signals[task.tid] = sig
+            # and the interrupt, asked for first, stops the task before any user
+            # instruction. Held instead (queued again at the release): the SIGCONT that
+            # _end_group_stop sent, ckpt's own, kept from any handler; and a stop signal,
+            # which would start another group-stop in the middle of the freeze.
+            if sig in STOP_SIGNALS or (sig == signal.SIGCONT and self.stop_signal):
+                self.pending_signals.setdefault(task.tid, []).append(sig)
                 sig = 0
-            task.cont(sig)
             ptrace(PTRACE_INTERRUPT, task.tid)
+            task.cont(sig)
 
     def _end_group_stop(self) -> None:
         """Every thread is seized: end the job-control stop (see the module docstring)."""
@@ -223,7 +226,7 @@ class Frozen:
             leader.cont(0)
             status = leader.wait_stop()
             if status >> 16 == 0 and os.WSTOPSIG(status) != signal.SIGCONT:
-                self.pending_signals[leader.tid] = os.WSTOPSIG(status)  # SIGSTOP, say
+                self.pending_signals.setdefault(leader.tid, []).append(os.WSTOPSIG(status))
             ptrace(PTRACE_INTERRUPT, leader.tid)
             leader.cont(0)
             self._wait_interrupt(leader)
@@ -256,14 +259,13 @@ class Frozen:
         if self.stop_signal and self.tasks:
             # back into the stop: queued while traced, taken before any user instruction
             os.kill(self.pid, signal.SIGSTOP)
-            for tid in list(self.pending_signals):
-                if self.pending_signals[tid] == signal.SIGCONT:  # ours, from _end_group_stop
-                    del self.pending_signals[tid]
-        for tid, sig in self.pending_signals.items():  # a SIGSTOP _take_sigcont met
-            if tid in self.tasks and sig != signal.SIGCONT:
-                # queued again while traced (PTRACE_DETACH drops a signal from an event stop)
-                with contextlib.suppress(CkptError):
-                    tgkill(self.pid, tid, sig)
+        for tid, sigs in self.pending_signals.items():
+            for sig in sigs:
+                if tid in self.tasks and sig != signal.SIGCONT:  # SIGCONT: ours
+                    # queued again while traced (PTRACE_DETACH drops a signal from an event
+                    # stop)
+                    with contextlib.suppress(CkptError):
+                        tgkill(self.pid, tid, sig)
         for tid, task in list(self.tasks.items()):
             try:
                 task.detach()

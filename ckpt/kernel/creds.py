@@ -64,6 +64,7 @@ class SYS:
     setfsuid = 122
     setfsgid = 123
     capget = 125
+    unshare = 272
     capset = 126
     seccomp = 317
 
@@ -142,3 +143,12 @@ def assume_fs_identity(fsuid: int, fsgid: int, groups: tuple[int, ...], cap_eff:
     data = ctypes.create_string_buffer(cap_data(cap_eff & permitted, permitted, inheritable),
                                        24)
     syscall(SYS.capset, ctypes.addressof(head), ctypes.addressof(data), what="capset")
+
+
+CLONE_FS = 0x200
+
+
+def unshare_fs() -> None:
+    """Give the calling thread its own working directory and umask (a chdir there then
+    leaves ckpt's other threads where they are)."""
+    syscall(SYS.unshare, CLONE_FS, what="unshare(CLONE_FS)")

@@ -18,13 +18,15 @@ filesystem identity is root with every capability could open anything: nothing t
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 from dataclasses import dataclass
 
+from ckpt.collect.maps import read_maps
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
-from ckpt.kernel.creds import assume_fs_identity
+from ckpt.kernel.creds import assume_fs_identity, unshare_fs
 from ckpt.restore.mm import backing_mode
 
 Identity = tuple[int, int]  # (st_dev, st_ino)
@@ -75,6 +77,7 @@ def open_as(who: FsIdentity, requests: list[tuple[str, int]]) -> dict[tuple[str,
 
     def work() -> None:
         try:
+            unshare_fs()  # its own working directory: chdir tests a directory
             assume_fs_identity(who.fsuid, who.fsgid, who.groups, who.cap_eff)
             for path, flags in requests:
                 out[(path, flags)] = _try_open(path, flags)
@@ -90,10 +93,12 @@ def open_as(who: FsIdentity, requests: list[tuple[str, int]]) -> dict[tuple[str,
 
 
 def _try_open(path: str, flags: int) -> Identity | None:
-    if flags & os.O_DIRECTORY:  # a working directory: search permission, as chdir needs
-        if not os.access(path, os.X_OK, effective_ids=True):
+    if flags & os.O_DIRECTORY:  # a working directory: chdir there, as the process would
+        try:
+            os.chdir(path)  # this thread's own (CLONE_FS unshared in open_as)
+        except OSError:
             return None
-        return identity_of(path)
+        return identity_of(".")
     try:
         fd = os.open(path, flags | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -105,36 +110,58 @@ def _try_open(path: str, flags: int) -> Identity | None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class Held:
+    """Something the stub holds for the process: ``same`` is its identity in the form the
+    image recorded (compared with ``dumped``), ``actual`` the stat path of the file itself
+    (compared with what the process may open)."""
+
+    what: str
+    path: str
+    mode: int  # O_ACCMODE bits, or O_DIRECTORY for the working directory
+    same: Identity | None
+    dumped: Identity | None
+    actual: str
+
+
 def check_access(pid: int, entry: pb.ProcessEntry) -> None:
     """Once the stub ``pid`` holds the process's files, mappings and working directory
     (before its credentials are restored): refuse any it could not legitimately hold."""
     who = FsIdentity.of(entry)
     if who.unrestricted:
         return
-    held: list[tuple[str, str, int, Identity | None, Identity | None]] = []  # what, path,
-    # mode, opened, dumped
+    held: list[Held] = []
     files = {f.id: f for f in entry.files}
     for fd in entry.fds:
         f = files[fd.file_id]
         if f.type == pb.OpenFile.REGULAR:
-            held.append((f"fd {fd.fd}", f.path, f.flags & os.O_ACCMODE,
-                         identity_of(f"/proc/{pid}/fd/{fd.fd}"),
-                         (f.dev, f.inode) if f.inode else None))
+            at = f"/proc/{pid}/fd/{fd.fd}"
+            held.append(Held(f"fd {fd.fd}", f.path, f.flags & os.O_ACCMODE, identity_of(at),
+                             (f.dev, f.inode) if f.inode else None, at))
+    # a mapping is compared as /proc/PID/maps shows it on both sides (the superblock's
+    # device, which is not st_dev on btrfs subvolumes), wherever the stub's VMAs split or
+    # merged differently from the image's
+    maps = read_maps(pid)
+    starts = [m.start for m in maps]
     for v in entry.vmas:
         if v.kind in (pb.Vma.FILE_PRIVATE, pb.Vma.FILE_SHARED):
-            held.append((f"the mapping at {v.start:#x}", v.path, backing_mode(v),
-                         identity_of(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}"),
-                         (v.dev, v.inode) if v.inode else None))
+            i = bisect.bisect_right(starts, v.start) - 1
+            m = maps[i] if i >= 0 and maps[i].end > v.start else None
+            held.append(Held(f"the mapping at {v.start:#x}", v.path, backing_mode(v),
+                             (m.dev, m.inode) if m is not None and m.inode else None,
+                             (v.dev, v.inode) if v.inode else None,
+                             f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}" if m else ""))
     if entry.cwd:
-        held.append(("the working directory", entry.cwd, os.O_RDONLY | os.O_DIRECTORY,
-                     identity_of(f"/proc/{pid}/cwd"),
-                     (entry.cwd_dev, entry.cwd_inode) if entry.cwd_inode else None))
-    doubtful = [h for h in held if h[3] is None or h[3] != h[4]]  # not provably the same
+        at = f"/proc/{pid}/cwd"
+        held.append(Held("the working directory", entry.cwd, os.O_DIRECTORY, identity_of(at),
+                         (entry.cwd_dev, entry.cwd_inode) if entry.cwd_inode else None, at))
+    doubtful = [h for h in held if h.same is None or h.same != h.dumped]  # not provably it
     if not doubtful:
         return
-    now = open_as(who, [(path, mode) for _, path, mode, _, _ in doubtful])
-    for what, path, mode, opened, dumped in doubtful:
-        if opened is None or not legitimate(opened, dumped, now[(path, mode)]):
-            raise RestoreError(f"{what}: {path} is not the file the process had (device or "
-                               f"inode changed) and uid {who.fsuid} may not open it itself: "
-                               "the restored process would gain access; refused")
+    now = open_as(who, [(h.path, h.mode) for h in doubtful])
+    for h in doubtful:
+        actual = identity_of(h.actual) if h.actual else None
+        if actual is None or not legitimate(actual, None, now[(h.path, h.mode)]):
+            raise RestoreError(f"{h.what}: {h.path} is not the file the process had (device "
+                               f"or inode changed) and uid {who.fsuid} may not open it "
+                               "itself: the restored process would gain access; refused")

@@ -93,8 +93,14 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry) -> None:
 
 def _open(stub: Stub, f: pb.OpenFile) -> int:
     path = "/dev/null" if f.type == pb.OpenFile.DEV_NULL else f.path
-    if f.type == pb.OpenFile.REGULAR and not os.path.exists(path):
-        raise RestoreError(f"file {path} (open at dump time) is missing")
+    if f.type == pb.OpenFile.REGULAR:
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise RestoreError(f"file {path} (open at dump time) is missing") from None
+        if stat.S_ISREG(f.mode) and not stat.S_ISREG(st.st_mode):
+            # opened by root, a FIFO would hang the restore, a device be set off
+            raise RestoreError(f"file {path} (a regular file at dump time) is not one now")
     fd = stub.sc(NR.open, stub.put_str(path), f.flags & ~NOT_REOPENED, 0, what=f"open {path}")
     if f.type == pb.OpenFile.REGULAR and f.pos:
         stub.sc(NR.lseek, fd, f.pos, SEEK_SET, what=f"lseek {path}")
