@@ -298,7 +298,8 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
     ns = {kind: (proc.read_ns(pid, kind), proc.read_ns(me, kind)) for kind in CHECKED_NS}
     foreign: frozenset[str] = frozenset()
     if mnt_ns != own_mnt_ns:
-        seen = [(cwd, _identity(proc.proc_path("/proc", pid, "cwd")))]
+        cwd_id = file_identity(proc.proc_path("/proc", pid, "cwd"))
+        seen: list[tuple[str, Identity | None]] = [(cwd, cwd_id)]
         seen += [(v.path, (None, v.inode)) for v in maps if v.kind in FILE_KINDS]
         seen += [(i.target, (i.st_dev, i.st_ino)) for i in fds]
         foreign = frozenset(p for p, there in seen if _is_foreign(p, there))
@@ -326,7 +327,8 @@ def _thread_cwds(pid: int) -> tuple[tuple[int, str], ...]:
 Identity = tuple[int | None, int]  # (st_dev or None: not compared, st_ino)
 
 
-def _identity(path: str) -> Identity | None:
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file ``path`` names, None if there is none."""
     try:
         st = os.stat(path)
     except OSError:
@@ -339,7 +341,7 @@ def _is_foreign(path: str, there: Identity | None) -> bool:
     (Paths that are not paths, or deleted, are the table's business.)"""
     if there is None or not path.startswith("/") or _deleted(path):
         return False
-    here = _identity(path)
+    here = file_identity(path)
     return here is None or here[1] != there[1] or there[0] not in (None, here[0])
 
 

@@ -221,7 +221,6 @@ class Injector:
              live target: unlike single-stepping it leaves no TIF_SINGLESTEP behind, which
              the kernel does not clear if ckpt dies and would kill the target with SIGTRAP.
       True   PTRACE_CONT onto an ``int3`` that follows the instruction (the restore gadget).
-    ``step=True`` on a call single-steps instead (to unmap the gadget from within itself).
     The task's registers are put back by :meth:`restore`.
 
     With a ``landing`` the syscall runs from a ``syscall; ret`` with rsp at a signal frame
@@ -271,14 +270,11 @@ class Injector:
                 continue
             self.suppressed.append(info)  # signal-delivery-stop: hold the signal back
 
-    def raw(self, nr: int, *args: int, step: bool = False) -> int:
+    def raw(self, nr: int, *args: int) -> int:
         """Run one syscall; return its raw result (negative errno on failure)."""
         self.prepare(nr, args)
         testpoint.pause_at("inject-entry")
-        if step:
-            self.task.step()
-            self.task.wait_stop(signal.SIGTRAP)
-        elif self.trap:
+        if self.trap:
             self.task.cont()
             self.task.wait_stop(signal.SIGTRAP)
         else:
@@ -289,8 +285,8 @@ class Injector:
         self.count += 1
         return signed(self.task.getregs().rax)
 
-    def __call__(self, nr: int, *args: int, what: str = "", step: bool = False) -> int:
-        res = self.raw(nr, *args, step=step)
+    def __call__(self, nr: int, *args: int, what: str = "") -> int:
+        res = self.raw(nr, *args)
         if -4096 < res < 0:
             raise KernelError(-res, f"{what or f'syscall {nr}'} in task {self.task.tid}")
         return res

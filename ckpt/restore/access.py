@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass
 
 from ckpt.collect.maps import read_maps
+from ckpt.collect.restorable import file_identity
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.creds import assume_fs_identity, unshare_fs
@@ -59,14 +60,6 @@ def legitimate(opened: Identity, dumped: Identity | None, as_process: Identity |
     return opened in (dumped, as_process)
 
 
-def identity_of(path: str) -> Identity | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 def open_as(who: FsIdentity, requests: list[tuple[str, int]]) -> dict[tuple[str, int],
                                                                        Identity | None]:
     """What each (path, O_RDONLY/O_WRONLY/O_RDWR | O_DIRECTORY) gives ``who``: the file's
@@ -98,7 +91,7 @@ def _try_open(path: str, flags: int) -> Identity | None:
             os.chdir(path)  # this thread's own (CLONE_FS unshared in open_as)
         except OSError:
             return None
-        return identity_of(".")
+        return file_identity(".")
     try:
         fd = os.open(path, flags | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -136,7 +129,7 @@ def check_access(pid: int, entry: pb.ProcessEntry) -> None:
         f = files[fd.file_id]
         if f.type == pb.OpenFile.REGULAR:
             at = f"/proc/{pid}/fd/{fd.fd}"
-            held.append(Held(f"fd {fd.fd}", f.path, f.flags & os.O_ACCMODE, identity_of(at),
+            held.append(Held(f"fd {fd.fd}", f.path, f.flags & os.O_ACCMODE, file_identity(at),
                              (f.dev, f.inode) if f.inode else None, at))
     # a mapping is compared as /proc/PID/maps shows it on both sides (the superblock's
     # device, which is not st_dev on btrfs subvolumes), wherever the stub's VMAs split or
@@ -153,14 +146,14 @@ def check_access(pid: int, entry: pb.ProcessEntry) -> None:
                              f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}" if m else ""))
     if entry.cwd:
         at = f"/proc/{pid}/cwd"
-        held.append(Held("the working directory", entry.cwd, os.O_DIRECTORY, identity_of(at),
+        held.append(Held("the working directory", entry.cwd, os.O_DIRECTORY, file_identity(at),
                          (entry.cwd_dev, entry.cwd_inode) if entry.cwd_inode else None, at))
     doubtful = [h for h in held if h.same is None or h.same != h.dumped]  # not provably it
     if not doubtful:
         return
     now = open_as(who, [(h.path, h.mode) for h in doubtful])
     for h in doubtful:
-        actual = identity_of(h.actual) if h.actual else None
+        actual = file_identity(h.actual) if h.actual else None
         if actual is None or not legitimate(actual, None, now[(h.path, h.mode)]):
             raise RestoreError(f"{h.what}: {h.path} is not the file the process had (device "
                                f"or inode changed) and uid {who.fsuid} may not open it "

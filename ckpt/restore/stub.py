@@ -140,12 +140,11 @@ class Stub:
         return self.gadget + PAGE_SIZE
 
     # ------------------------------------------------------------------ syscalls
-    def sc(self, nr: int, *args: int, what: str = "", check: bool = True, step: bool = False,
-           ) -> int:
+    def sc(self, nr: int, *args: int, what: str = "", check: bool = True) -> int:
         assert self.inj is not None, "gadget not installed"
         if check:
-            return self.inj(nr, *args, what=what, step=step)
-        return self.inj.raw(nr, *args, step=step)
+            return self.inj(nr, *args, what=what)
+        return self.inj.raw(nr, *args)
 
     def put(self, data: bytes, off: int = 0) -> int:
         """Copy ``data`` into the scratch area at ``off``; return its remote address."""
