@@ -99,6 +99,19 @@ def bins() -> Bins:
     return Bins(**{name: _build(name) for name in _BUILDS})
 
 
+def require_reachable_by_others() -> None:
+    """Tests that run ckpt or a target as uid 65534 need this checkout reachable by other
+    users (search permission on it and every directory above it; .ci/run grants it). A
+    private checkout skips them, saying why; under CI it is a failure."""
+    blocked = [p for p in (ROOT, *ROOT.parents) if not p.stat().st_mode & 0o001]
+    if blocked:
+        why = (f"uid 65534 cannot reach this checkout ({blocked[0]} has no search permission "
+               "for others; .ci/run grants it)")
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+
 def py_target(name: str) -> list[str]:
     """argv prefix running examples/targets/<name> with this interpreter."""
     return [PYTHON, str(TARGETS / name)]

@@ -23,6 +23,7 @@ from conftest import (
     pids_running,
     py_target,
     read_lines,
+    require_reachable_by_others,
     run_ckpt,
     thread_ids,
     wait_for_lines,
@@ -241,6 +242,7 @@ NOBODY = ("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups")
 def test_check_as_non_root_cannot_choose_pids() -> None:
     """ns_last_pid is mode 0666, so opening it proves nothing: for a non-root user the
     probe's write fails, `check` says so, and --feature makes that the exit status."""
+    require_reachable_by_others()
     res = run_ckpt("check", "--feature", "ns-last-pid", prefix=NOBODY)
     assert "ns-last-pid" in assert_one_error_line(res)
     assert re.search(r"^NO  ns-last-pid .*not permitted", res.stdout, re.M), res.stdout

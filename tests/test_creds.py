@@ -35,6 +35,7 @@ from conftest import (
     is_alive,
     needs_root,
     read_lines,
+    require_reachable_by_others,
     run_ckpt,
     thread_ids,
     wait_for,
@@ -232,6 +233,7 @@ def test_check_as_root_and_as_nobody() -> None:
 
 
 def _system_python() -> str:
+    require_reachable_by_others()
     if shutil.which("setpriv") is None or not os.path.exists(SYSTEM_PYTHON):
         pytest.skip("needs setpriv and /usr/bin/python3")
     return SYSTEM_PYTHON
