@@ -34,6 +34,7 @@ from conftest import (
     assert_running_untraced,
     is_alive,
     needs_root,
+    our_children,
     read_lines,
     require_reachable_by_others,
     run_ckpt,
@@ -442,9 +443,11 @@ def test_failed_credential_step_kills_the_stub(harness: Harness, tmp_path: Path,
 
     monkeypatch.setattr(rcreds, "plan_creds", refused)
     written = len(read_lines(out))
+    # a new pid: which one is beside the point, and the dumped one may be taken meanwhile
+    kids = our_children()
     with pytest.raises(RestoreError, match="capset with a bad header"):
-        restore(RestoreOptions(images_dir=str(images)))
-    assert not os.path.exists(f"/proc/{proc.pid}")  # killed and reaped, not a zombie
+        restore(RestoreOptions(images_dir=str(images), new_pid=True))
+    assert our_children() == kids  # the stub was killed and reaped, not a zombie
     monkeypatch.undo()
     # every step succeeds but the result is not what the image says: refused as well
     want = rcreds.expected_creds
@@ -454,8 +457,8 @@ def test_failed_credential_step_kills_the_stub(harness: Harness, tmp_path: Path,
 
     monkeypatch.setattr(rcreds, "expected_creds", other)
     with pytest.raises(RestoreError, match=r"other credentials than dumped: uid"):
-        restore(RestoreOptions(images_dir=str(images)))
-    assert not os.path.exists(f"/proc/{proc.pid}")
+        restore(RestoreOptions(images_dir=str(images), new_pid=True))
+    assert our_children() == kids
     assert len(read_lines(out)) == written
 
 
