@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -540,3 +541,21 @@ def our_children() -> set[int]:
         if fields[1] == me and fields[0] not in "ZX":
             kids.add(int(name))
     return kids
+
+
+class Asker:
+    """Talks to a target built on examples/targets/fdkit.py: :meth:`ask` makes it print
+    its check once more and returns the answer."""
+
+    def __init__(self, harness: Harness, target: str, *args: str) -> None:
+        self.control = harness.tmp / f"{target}.control"
+        self.out = harness.tmp / f"{target}.out"
+        self.proc = harness.launch([*py_target(target), str(self.control), *args], self.out)
+        wait_for_line(self.out, lambda line: line == "ready", 10, "ready")
+        self.asked = 0
+
+    def ask(self, timeout: float = 10.0) -> object:
+        self.asked += 1
+        self.control.with_name(f"{self.control.name}.{self.asked}").touch()
+        lines = wait_for_lines(self.out, self.asked + 1, timeout)
+        return json.loads(lines[self.asked])

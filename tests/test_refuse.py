@@ -218,7 +218,7 @@ REFUSED = {
     "deleted-fd": ["fd 3 ", "gone.txt (deleted)", "the file was deleted"],
     "child": ["has child processes"],
     "sysv-shm": ["maps System V shared memory at 0x"],
-    "eventfd": ["fd 3 ", "anon_inode:[eventfd]"],
+    "fanotify": ["fd 3 ", "anon_inode:[fanotify]"],
     "chroot": ["root directory", "(chroot)"],
     "kmsg-fd": ["fd 3 ", "/dev/kmsg", "character device 1:11"],
     "thread-cwd": ["threads with their own working directory", "/w;"],

@@ -92,9 +92,13 @@ def build_core(pid: int, info: ProcessInfo, threads: list[ThreadState], injected
     for which, (interval, value) in sorted(injected.itimers.items()):
         entry.itimers.add(which=which, interval_us=interval, value_us=value)
     for f in files:
-        entry.files.add(id=f.id, type=FILE_TYPES[f.kind], path=f.path, flags=f.flags, pos=f.pos,
-                        mode=f.mode, size=f.size, inherit_fd=f.inherit_fd, mtime_ns=f.mtime_ns,
-                        dev=f.dev, inode=f.inode)
+        msg = entry.files.add(id=f.id, path=f.path, flags=f.flags, pos=f.pos, mode=f.mode,
+                              size=f.size, inherit_fd=f.inherit_fd, mtime_ns=f.mtime_ns,
+                              dev=f.dev, inode=f.inode)
+        if f.payload is not None:  # an fd kind's (ckpt.collect.fdkinds): type and state
+            msg.MergeFrom(f.payload)
+        else:
+            msg.type = FILE_TYPES[f.kind]
         for fd, cloexec in f.fds:
             entry.fds.add(fd=fd, file_id=f.id, cloexec=cloexec)
     return entry

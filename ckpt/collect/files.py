@@ -1,10 +1,11 @@
 """Which open files a dump can carry, grouped by open file description.
 
 Supported: regular files, directories and stateless character devices reopened by path
-(offset and flags restored), /dev/null, and with ``--shell-job`` a terminal on fds 0-2,
-which restore takes from its own stdin/stdout/stderr. Anything else (pipes, sockets, anon
-inodes, deleted files, ...: see ckpt.collect.restorable) stops the dump before the target
-is frozen, naming the fd.
+(offset and flags restored), /dev/null, with ``--shell-job`` a terminal on fds 0-2,
+which restore takes from its own stdin/stdout/stderr, and every kind of
+ckpt.collect.fdkinds (pipes, sockets, eventfds, ...), whose state is collected here.
+Anything else (see ckpt.collect.restorable) stops the dump before the target is frozen,
+naming the fd.
 
 fds that share one open file description (``dup``, ``>out 2>&1``) are one ``OpenFile``
 with several ``FdEntry``s, so after restore their offset moves together again.
@@ -14,9 +15,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ckpt.collect.fds import FdInfo, classify_fd, group_open_files, kcmp_same_file, read_fds
+from ckpt.collect.fdkinds import kind_of
+from ckpt.collect.fdkinds.base import FdFlags, Peek
+from ckpt.collect.fds import (
+    FdInfo,
+    classify_fd,
+    describe_fd,
+    group_open_files,
+    kcmp_same_file,
+    read_fds,
+)
 from ckpt.collect.restorable import fd_refusal
 from ckpt.errors import NotDumpable
+from ckpt.images.pb import core_pb2 as pb
 
 O_CLOEXEC = 0o2000000
 
@@ -26,7 +37,7 @@ class FileRecord:
     """One open file description and the fds that refer to it."""
 
     id: int
-    kind: str  # "path", "dev_null" or "inherited"
+    kind: str  # "path", "dev_null", "inherited" or a name of ckpt.collect.fdkinds.KINDS
     path: str
     flags: int  # without O_CLOEXEC
     pos: int
@@ -37,11 +48,13 @@ class FileRecord:
     mtime_ns: int = 0
     dev: int = 0
     inode: int = 0
+    # an fd kind's state, collected while frozen: its OpenFile fields (type, payload)
+    payload: pb.OpenFile | None = None
 
 
 def file_kind(info: FdInfo, shell_job: bool) -> str:
-    """How restore brings this fd back; NotDumpable if it cannot (the reasons are
-    ckpt.collect.restorable's table)."""
+    """How restore brings this fd back, for fds no fd kind claims; NotDumpable if it
+    cannot (the reasons are ckpt.collect.restorable's table)."""
     why = fd_refusal(info, shell_job)
     if why:
         raise NotDumpable(why)
@@ -50,19 +63,34 @@ def file_kind(info: FdInfo, shell_job: bool) -> str:
 
 
 def collect_files(pid: int, shell_job: bool, hidden: set[int] | None = None,
-                  root: str = "/proc") -> list[FileRecord]:
-    """The open files of ``pid``, except ``hidden`` fds (ckpt's own, e.g. a tracker's)."""
+                  root: str = "/proc", flags: FdFlags | None = None) -> list[FileRecord]:
+    """The open files of ``pid``, except ``hidden`` fds (ckpt's own, e.g. a tracker's).
+    Call it while the process is frozen: fd kinds read their objects' state."""
+    flags = flags or FdFlags(shell_job=shell_job)
     fds = {i.fd: i for i in read_fds(pid, root=root) if i.fd not in (hidden or set())}
-    kinds = {fd: file_kind(info, shell_job) for fd, info in fds.items()}
     out = []
-    for n, group in enumerate(group_open_files(list(fds.values()), kcmp_same_file(pid)), 1):
-        first = fds[group[0]]
-        kind = kinds[group[0]]
-        out.append(FileRecord(
-            id=n, kind=kind, path=first.target, flags=first.flags & ~O_CLOEXEC, pos=first.pos,
-            mode=first.st_mode, size=first.st_size,
-            inherit_fd=first.fd if kind == "inherited" else -1,
-            fds=tuple((fd, bool(fds[fd].flags & O_CLOEXEC)) for fd in group),
-            mtime_ns=first.st_mtime_ns, dev=first.st_dev, inode=first.st_ino))
+    with Peek(pid, list(fds.values())) as peek:
+        claimed = {fd: kind_of(info, peek) for fd, info in fds.items()}
+        for n, group in enumerate(group_open_files(list(fds.values()), kcmp_same_file(pid)),
+                                  1):
+            first = fds[group[0]]
+            fdkind = claimed[group[0]]
+            payload = None
+            if fdkind is None:
+                kind = file_kind(first, shell_job)
+            else:
+                kind = fdkind.name
+                details = fdkind.inspect(first, peek)
+                why = fdkind.refuse(first, details, flags)
+                if why:
+                    raise NotDumpable(f"{describe_fd(first)}: {why}")
+                payload = pb.OpenFile(type=fdkind.image_type)  # type: ignore[arg-type]
+                fdkind.collect(first, details, peek, payload)
+            out.append(FileRecord(
+                id=n, kind=kind, path=first.target, flags=first.flags & ~O_CLOEXEC,
+                pos=first.pos, mode=first.st_mode, size=first.st_size,
+                inherit_fd=first.fd if kind == "inherited" else -1,
+                fds=tuple((fd, bool(fds[fd].flags & O_CLOEXEC)) for fd in group),
+                mtime_ns=first.st_mtime_ns, dev=first.st_dev, inode=first.st_ino,
+                payload=payload))
     return out
-

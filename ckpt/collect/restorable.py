@@ -21,8 +21,11 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               MAP_HUGETLB memory, a deleted file               cannot map it again
               a file that is not a path (anon_inode:...)       (io_uring, perf, DRM)
               a device under /dev (but /dev/zero, /dev/shm)    its state lives in the driver
-    fd        a terminal (but fds 0-2 with --shell-job),       kernel objects, not files
-              pipe, socket, anon inode, anything unknown
+    fd        of a kind of ckpt.collect.fdkinds               that kind's refuse says
+              (pipe, socket, eventfd, ...)                     (its state is not restored)
+              a terminal (but fds 0-2 with --shell-job),       kernel objects, not files
+              pipe, socket, anon inode no kind claims,
+              anything unknown
               a memfd, a deleted file                          the file is gone
               a namespace (net:[...]), anything not a path     nothing to open
               a file under /proc/PID                           names a process
@@ -41,10 +44,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from ckpt.collect import proc
+from ckpt.collect.fdkinds import kind_of
+from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
 from ckpt.collect.vmas import VmaInfo, VmaKind, collect_vmas
 from ckpt.errors import NoSuchProcess, NotDumpable
@@ -87,6 +92,10 @@ class Target:
     timers: tuple[int, ...] = ()  # POSIX timer ids
     other_ns: tuple[tuple[str, str, str], ...] = ()  # (kind, its, ckpt's): CHECKED_NS differing
     groups: int = 0  # supplementary groups of the leader
+    # fds an fd kind (ckpt.collect.fdkinds) claims: (fd, kind, what its inspect found);
+    # judged by the kind's refuse under fd_flags, not by FD_RULES
+    fd_kinds: tuple[tuple[int, FdKind, object], ...] = ()
+    fd_flags: FdFlags = field(default_factory=FdFlags)
 
 
 @dataclass(frozen=True)
@@ -280,21 +289,34 @@ def refusals(t: Target) -> list[str]:
         why = _first(VMA_RULES, Mapping(v, v.path in t.foreign), vma_fields)
         if why:
             out.append(f"process {t.pid} maps {why}")
+    claimed = {fd: (kind, details) for fd, kind, details in t.fd_kinds}
     for info in sorted(t.fds, key=lambda i: i.fd):
-        line = fd_refusal(info, t.shell_job, info.target in t.foreign)
+        if info.fd in claimed:
+            kind, details = claimed[info.fd]
+            why = kind.refuse(info, details, t.fd_flags)
+            line = f"{describe_fd(info)}: {why}" if why else None
+        else:
+            line = fd_refusal(info, t.shell_job, info.target in t.foreign)
         if line:
             out.append(line)
     return out
 
 
 def read_target(pid: int, shell_job: bool, hidden: set[int],
-                vmas: list[VmaInfo] | None = None) -> Target:
-    """The records :func:`refusals` needs, read from /proc (``vmas`` if already read)."""
+                vmas: list[VmaInfo] | None = None, flags: FdFlags | None = None) -> Target:
+    """The records :func:`refusals` needs, read from /proc (``vmas`` if already read) and
+    from the fd kinds' look at their live objects."""
     me = os.getpid()
     mnt_ns, own_mnt_ns = proc.read_ns(pid, "mnt"), proc.read_ns(me, "mnt")
     cwd = proc.read_cwd(pid)
     maps = collect_vmas(pid) if vmas is None else vmas
     fds = [i for i in read_fds(pid) if i.fd not in hidden]
+    fd_kinds = []
+    with Peek(pid, fds) as peek:
+        for info in fds:
+            kind = kind_of(info, peek)
+            if kind is not None:
+                fd_kinds.append((info.fd, kind, kind.inspect(info, peek)))
     ns = {kind: (proc.read_ns(pid, kind), proc.read_ns(me, kind)) for kind in CHECKED_NS}
     foreign: frozenset[str] = frozenset()
     if mnt_ns != own_mnt_ns:
@@ -309,7 +331,8 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         vmas=tuple(maps), fds=tuple(fds), shell_job=shell_job, foreign=foreign,
         thread_cwds=_thread_cwds(pid), timers=tuple(proc.read_timer_ids(pid)),
         other_ns=tuple((kind, its, own) for kind, (its, own) in ns.items() if its != own),
-        groups=len(proc.read_status(pid).groups))
+        groups=len(proc.read_status(pid).groups), fd_kinds=tuple(fd_kinds),
+        fd_flags=flags or FdFlags(shell_job=shell_job))
 
 
 def _thread_cwds(pid: int) -> tuple[tuple[int, str], ...]:

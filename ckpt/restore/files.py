@@ -12,6 +12,8 @@ import os
 import stat
 from collections.abc import Callable
 
+from ckpt.collect.fdkinds import BY_TYPE
+from ckpt.collect.fdkinds.base import RestoreCtx
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.sys import NR
@@ -70,25 +72,62 @@ def close_stub_fds(stub: Stub) -> None:
     stub.sc(NR.close_range, 3, 0xFFFFFFFF, 0, what="close_range")
 
 
-def restore_files(stub: Stub, entry: pb.ProcessEntry) -> None:
+def restore_files(stub: Stub, entry: pb.ProcessEntry,
+                  inherit: dict[str, int] | None = None) -> None:
+    """Every fd of the image, numbered as it was; ``inherit`` (--inherit-fd) maps an
+    external object's name to the fd of ckpt that stands for it."""
     park = max([fd.fd for fd in entry.fds] + [2]) + 1
     for std in range(3):
         stub.sc(NR.fcntl, std, F_DUPFD, park + std, check=False)  # may be closed in ckpt
         stub.sc(NR.close, std, check=False)
-    for f in entry.files:
-        fds = [fd for fd in entry.fds if fd.file_id == f.id]
-        if not fds:
-            continue
-        src = park + f.inherit_fd if f.type == pb.OpenFile.INHERITED else _open(stub, f)
-        for fd in fds:
-            if fd.fd != src:
-                stub.sc(NR.dup3, src, fd.fd, O_CLOEXEC if fd.cloexec else 0,
-                        what=f"dup3 onto fd {fd.fd}")
-            elif fd.cloexec:
-                stub.sc(NR.fcntl, src, F_SETFD, FD_CLOEXEC, what=f"cloexec fd {fd.fd}")
-        if f.type != pb.OpenFile.INHERITED and src not in {fd.fd for fd in fds}:
-            stub.sc(NR.close, src, what="close")
-    stub.sc(NR.close_range, park, park + 2, 0, what="close_range")
+    ctx = RestoreCtx(stub, entry, dict(inherit or {}))
+    taker = _Taker(stub, park + 3)
+    try:
+        for f in entry.files:
+            fds = [fd for fd in entry.fds if fd.file_id == f.id]
+            if not fds:
+                continue
+            kind = BY_TYPE.get(f.type)
+            if f.type == pb.OpenFile.INHERITED:
+                src = park + f.inherit_fd
+            elif kind is not None:
+                opened = kind.restore(ctx, f)
+                src = taker.take(opened.fd, kind.name) if opened.in_ckpt else opened.fd
+            else:
+                src = _open(stub, f)
+            for fd in fds:
+                if fd.fd != src:
+                    stub.sc(NR.dup3, src, fd.fd, O_CLOEXEC if fd.cloexec else 0,
+                            what=f"dup3 onto fd {fd.fd}")
+                elif fd.cloexec:
+                    stub.sc(NR.fcntl, src, F_SETFD, FD_CLOEXEC, what=f"cloexec fd {fd.fd}")
+            if f.type != pb.OpenFile.INHERITED and src not in {fd.fd for fd in fds}:
+                stub.sc(NR.close, src, what="close")
+            ctx.placed[f.id] = min(fd.fd for fd in fds)
+        for f in entry.files:  # once every fd is in place (an epoll set names other fds)
+            kind = BY_TYPE.get(f.type)
+            if kind is not None and kind.finish is not None and f.id in ctx.placed:
+                kind.finish(ctx, f, ctx.placed[f.id])
+    finally:
+        ctx.close()
+    stub.sc(NR.close_range, park, park + 3, 0, what="close_range")
+
+
+class _Taker:
+    """Moves fds of ckpt into the stub with pidfd_getfd(2), through a pidfd of ckpt that
+    the stub holds on fd ``slot`` (above every fd of the image)."""
+
+    def __init__(self, stub: Stub, slot: int) -> None:
+        self.stub, self.slot, self.ready = stub, slot, False
+
+    def take(self, fd: int, what: str) -> int:
+        stub = self.stub
+        if not self.ready:
+            pidfd = stub.sc(NR.pidfd_open, os.getpid(), 0, what="pidfd_open of ckpt")
+            stub.sc(NR.dup3, pidfd, self.slot, O_CLOEXEC, what="dup3 pidfd")
+            stub.sc(NR.close, pidfd, what="close")
+            self.ready = True
+        return stub.sc(NR.pidfd_getfd, self.slot, fd, 0, what=f"pidfd_getfd ({what})")
 
 
 def _open(stub: Stub, f: pb.OpenFile) -> int:

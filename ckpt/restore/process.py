@@ -99,12 +99,13 @@ def fill_layers(stub: Stub, pid: int, layers: list[chain.Layer], index: Writable
 
 
 def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_tids: bool,
-                   stopped: bool) -> list[int]:
+                   stopped: bool, inherit: dict[str, int] | None = None) -> list[int]:
     """Everything after the pages; the process is left running (or SIGSTOPped with
-    ``stopped``) and untraced. Returns its thread ids, leader first."""
+    ``stopped``) and untraced. Returns its thread ids, leader first. ``inherit``:
+    --inherit-fd (ckpt.restore.files)."""
     mm.lock_vmas(stub, list(entry.vmas))
     mm.restore_mm_fields(stub, entry.mm)
-    restore_files(stub, entry)
+    restore_files(stub, entry, inherit)
     restore_process_state(stub, entry, new_session)
     check_access(stub.pid, entry)  # nothing held that root, not the process, could open
     threads = clone_threads(stub, list(entry.threads[1:]), same_tids=same_tids)

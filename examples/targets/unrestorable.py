@@ -20,7 +20,7 @@ Modes (DIR holds any file the mode creates):
   deleted-fd      an fd on DIR/gone.txt, then the file is unlinked
   child           a child process (sleeps; killed when the target dies)
   sysv-shm        a System V shared memory segment attached
-  eventfd         an eventfd
+  fanotify        a fanotify group (an anon inode no fd kind claims)
   dev-zero-fd     an fd on /dev/zero (a character device other than /dev/null)
   kmsg-fd         an fd on /dev/kmsg (a character device with state: its read position)
   chroot          chrooted into DIR
@@ -45,7 +45,7 @@ import time
 PAGE = 4096
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
-NR_MMAP, NR_MPROTECT, NR_IO_SETUP, NR_UNSHARE, NR_EVENTFD2 = 9, 10, 206, 272, 290
+NR_MMAP, NR_MPROTECT, NR_IO_SETUP, NR_UNSHARE, NR_FANOTIFY_INIT = 9, 10, 206, 272, 300
 NR_MREMAP = 25
 PR_SET_PDEATHSIG = 1
 CLONE_FS, CLOCK_MONOTONIC, MAP_ANONYMOUS, MREMAP_MAYMOVE = 0x200, 1, 0x20, 1
@@ -126,8 +126,8 @@ def setup(mode: str, where: str) -> tuple[str, object]:
         addr = libc.shmat(shmid, None, 0)
         libc.shmctl(shmid, 0, None)  # IPC_RMID: gone once detached
         return f"{addr:#x}", addr
-    if mode == "eventfd":
-        fd = sc(NR_EVENTFD2, 0, 0)
+    if mode == "fanotify":
+        fd = sc(NR_FANOTIFY_INIT, 0, os.O_RDONLY)
         return str(fd), fd
     if mode in ("dev-zero-fd", "kmsg-fd"):
         fd = os.open("/dev/zero" if mode == "dev-zero-fd" else "/dev/kmsg", os.O_RDONLY)

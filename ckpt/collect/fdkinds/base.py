@@ -1,0 +1,166 @@
+"""What every fd kind provides, and what it is given.
+
+An fd kind (a pipe, a unix socket, an eventfd, ...) is one module of this package holding
+its collector and its restorer side by side, registered as one :class:`FdKind` row of
+``ckpt.collect.fdkinds.KINDS``. Each stage calls one of its functions:
+
+    stage                 function   sees                                 may
+    dump preflight and    inspect    the fd's record, a :class:`Peek`     look at the live
+    again while frozen                (a copy of the fd, every fd)         object, read only
+                          refuse     the record, what inspect found,      nothing: pure
+                                     the dump's :class:`FdFlags`
+    dump, frozen          collect    the same, and the OpenFile message   fill its payload
+    restore               restore    :class:`RestoreCtx`, the message     make the object
+    restore, once every   finish     the same, and its lowest fd number   calls that need
+    fd is in place                   in the restored process               other fds (epoll)
+
+Most objects are made in ckpt's own process (``os.pipe2``, ``socket.socket``, ...) and
+then taken by the restored process with pidfd_getfd(2): ``Opened(fd, in_ckpt=True)``. A
+kind that must act as the restored process itself (an open() by path, a POSIX lock) runs
+syscalls in it through ``ctx.remote`` and returns ``Opened(fd, in_ckpt=False)``.
+
+The OpenFile messages are this package's image boundary: a collector writes its kind's
+payload message (proto/core.proto, one per kind), a restorer reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ckpt.collect.fds import FdInfo
+from ckpt.errors import NoSuchProcess
+from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.sys import pidfd_getfd, pidfd_open
+
+
+class Remote(Protocol):
+    """The process being restored, driven by injected syscalls (ckpt.restore.stub.Stub)."""
+
+    pid: int
+
+    def sc(self, nr: int, *args: int, what: str = "", check: bool = True) -> int: ...
+
+    def put(self, data: bytes, off: int = 0) -> int: ...
+
+    def put_str(self, s: str, off: int = 0) -> int: ...
+
+
+@dataclass(frozen=True)
+class FdFlags:
+    """The dump's options that decide what an fd kind accepts."""
+
+    shell_job: bool = False  # a terminal on fds 0-2 is taken from the restoring shell
+    tcp_close: bool = False  # established TCP connections are restored closed
+    ghost_limit: int = 1 << 20  # bytes: largest deleted file whose contents are saved
+
+
+class Peek:
+    """Read-only access to a live process's fds: its fd records, and a copy of any fd
+    taken into ckpt with pidfd_getfd(2) (the same open file: what ckpt does to it, the
+    process sees)."""
+
+    def __init__(self, pid: int, fds: Sequence[FdInfo]) -> None:
+        self.pid = pid
+        self.fds = {i.fd: i for i in fds}
+        self._pidfd = -1
+
+    @contextlib.contextmanager
+    def getfd(self, fd: int) -> Iterator[int]:
+        """A copy of the process's ``fd`` in ckpt, closed on exit."""
+        if self._pidfd < 0:
+            self._pidfd = pidfd_open(self.pid)
+        try:
+            local = pidfd_getfd(self._pidfd, fd, self.pid)
+        except OSError as exc:  # pragma: no cover - raced with close
+            raise NoSuchProcess(self.pid, f"fd {fd}") from exc
+        try:
+            yield local
+        finally:
+            os.close(local)
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def __enter__(self) -> Peek:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What a restorer made: ``fd`` in ckpt (to be taken by the restored process) or
+    already in the restored process."""
+
+    fd: int
+    in_ckpt: bool = True
+
+
+@dataclass
+class RestoreCtx:
+    """Shared by the restorers of one process."""
+
+    remote: Remote
+    entry: pb.ProcessEntry
+    # --inherit-fd: external object name ("pipe:[123]") -> fd of ckpt that stands for it
+    inherit: dict[str, int] = field(default_factory=dict)
+    # objects made once for several open files, by (kind, OpenFile.object): what the
+    # first restorer made and the next ones use (a pipe's other end, a socketpair's peer)
+    objects: dict[tuple[str, int], Any] = field(default_factory=dict)
+    # fds of ckpt to close once the restore is done
+    keep: list[int] = field(default_factory=list)
+    # fd number in the restored process of each OpenFile, by id (lowest of its fds)
+    placed: dict[int, int] = field(default_factory=dict)
+
+    def hold(self, fd: int) -> int:
+        """Keep ckpt's ``fd`` open until the restore ends; return it."""
+        self.keep.append(fd)
+        return fd
+
+    def close(self) -> None:
+        for fd in self.keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.keep.clear()
+
+
+Inspect = Callable[[FdInfo, Peek], Any]
+Refuse = Callable[[FdInfo, Any, FdFlags], "str | None"]
+Collect = Callable[[FdInfo, Any, Peek, pb.OpenFile], None]
+Restore = Callable[[RestoreCtx, pb.OpenFile], Opened]
+Finish = Callable[[RestoreCtx, pb.OpenFile, int], None]
+
+
+def nothing(info: FdInfo, peek: Peek) -> None:
+    """An ``inspect`` for kinds that need no more than the fd's record."""
+    return None
+
+
+def accept(info: FdInfo, details: Any, flags: FdFlags) -> str | None:
+    """A ``refuse`` for kinds with no refused state."""
+    return None
+
+
+@dataclass(frozen=True)
+class FdKind:
+    """One row of the fd kind table: how to recognise, judge, save and rebuild a kind.
+
+    ``claims`` is given the fd's record and, for kinds told apart only live (socket
+    families), a Peek; it must not fail on records of other kinds.
+    """
+
+    name: str  # shown by `ckpt show` and in refusals
+    image_type: int  # pb.OpenFile.Type
+    claims: Callable[[FdInfo, Peek | None], bool]
+    collect: Collect
+    restore: Restore
+    inspect: Inspect = nothing
+    refuse: Refuse = accept
+    finish: Finish | None = None
