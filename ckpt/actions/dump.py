@@ -43,6 +43,7 @@ from ckpt.actions.passes import (
     write_memory,
 )
 from ckpt.collect import proc
+from ckpt.collect.fdkinds.base import FdFlags
 from ckpt.collect.files import collect_files
 from ckpt.collect.restorable import read_target, require_restorable
 from ckpt.collect.tasks import collect_injected, collect_thread
@@ -81,12 +82,21 @@ class DumpOptions:
     # written after that
     precopy: bool = True
     overwrite: bool = False  # replace a complete pass already in images_dir
+    tcp_close: bool = False  # --tcp-close: established TCP connections restored closed
+    ghost_limit: int = 1 << 20  # --ghost-limit: largest deleted file saved, bytes
     # Called with the images complete and the target still frozen, before it is killed;
     # raising keeps the target alive (it is thawed). Migration hands over here.
     before_kill: Callable[[], None] | None = None
     # Called once the SIGKILL is queued (it can never run again), before the exit is
     # waited for: migration lets the copy run here.
     after_kill: Callable[[], None] | None = None
+
+
+    @property
+    def fd_flags(self) -> FdFlags:
+        """What the fd kinds (ckpt.collect.fdkinds) accept under these options."""
+        return FdFlags(shell_job=self.shell_job, tcp_close=self.tcp_close,
+                       ghost_limit=self.ghost_limit)
 
 
 @dataclass(frozen=True)
@@ -109,7 +119,8 @@ def preflight(opts: DumpOptions, hidden_fds: set[int]) -> list[VmaInfo]:
         raise NotDumpable("ckpt cannot dump itself")
     if proc.read_status(pid).state in ("Z", "X"):
         raise NotDumpable(f"process {pid} is a zombie")
-    return require_restorable(read_target(pid, opts.shell_job, hidden_fds))
+    return require_restorable(read_target(pid, opts.shell_job, hidden_fds,
+                                          flags=opts.fd_flags))
 
 
 def collect_process(pid: int, leader: Tracee, stopped: bool = False) -> ProcessInfo:
@@ -174,7 +185,8 @@ def dump(opts: DumpOptions) -> DumpResult:
                 injected = collect_injected(pid, threads, states, vmas)
             if tracker is not None and tracker.needs_fresh_vmflags:
                 vmas = collect_vmas(pid)
-            require_restorable(read_target(pid, opts.shell_job, hidden_fds(pid), vmas))
+            require_restorable(read_target(pid, opts.shell_job, hidden_fds(pid), vmas,
+                                           opts.fd_flags))
             ctx = PassContext(pid, frozen, vmas)
             dirty = begin_tracking(tracker, ctx)
             try:
@@ -194,7 +206,7 @@ def dump(opts: DumpOptions) -> DumpResult:
                 if tracker is not None:
                     with frozen.near():
                         tracker.end(ctx, keep=keep)
-            files = collect_files(pid, opts.shell_job, hidden_fds(pid))
+            files = collect_files(pid, opts.shell_job, hidden_fds(pid), flags=opts.fd_flags)
             info = collect_process(pid, frozen.leader, stopped=bool(frozen.stop_signal))
             frozen_at = frozen.frozen_at
             frozen_ms = (time.perf_counter() - frozen_at) * 1000
