@@ -67,6 +67,8 @@ class Peek:
         self.pid = pid
         self.fds = {i.fd: i for i in fds}
         self._pidfd = -1
+        # what a kind read once for every fd of the process (its key: the kind's name)
+        self.memo: dict[str, Any] = {}
 
     @contextlib.contextmanager
     def getfd(self, fd: int) -> Iterator[int]:

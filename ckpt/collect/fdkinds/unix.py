@@ -1,0 +1,318 @@
+"""Unix sockets: pairs, connections and listeners inside the process, with their queues.
+
+What each socket is comes from unix_diag (ckpt.kernel.unix_diag: type, state, bound name,
+peer, queue lengths, shutdown), read once for every socket of the process; what it holds
+from a copy of its fd (Peek.getfd):
+
+    queue        peeked without consuming: SO_PEEK_OFF 0, recvmsg(MSG_PEEK) until EAGAIN,
+                 the target's own SO_PEEK_OFF and SO_PASSCRED put back after. Stream
+                 queues are runs of bytes; dgram and seqpacket ones keep each message
+                 (with its sender's address). SO_PASSCRED is set meanwhile so that each
+                 run says who sent it (SCM_CREDENTIALS): the process itself, whose pid a
+                 restore sends again, or another process (refused).
+    options      getsockopt of OPTIONS that differ from a new socket's
+    shutdown     from unix_diag (sk_shutdown)
+
+Restore (ckpt.collect.fdkinds.unix_build) makes every socket connected to this one at
+once in ckpt: socketpair(2) for pairs, bind + listen for listeners, connect + accept
+through the (restored or a passing) listener for connections, then fills each queue by
+sending from the other end, shuts down, sets options; the restored process takes them.
+
+Refused, before the freeze and naming the fd (:func:`refusal`): a peer outside the
+process (a stream connected elsewhere: external sockets need --inherit-fd, not yet),
+connections waiting in a listener's backlog, fds in flight (SCM_RIGHTS, fdinfo scm_fds),
+an out-of-band byte (MSG_OOB), a name restore could not bind again (a relative path, a
+path that now names another file, a connection through a path whose listener is gone),
+a socket unix_diag cannot see (another network namespace). Found only while frozen, by
+the peek: queued data another process sent, a datagram from a named socket outside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
+from ckpt.collect.fdkinds.unix_build import restore
+from ckpt.collect.fds import FdInfo
+from ckpt.errors import NotDumpable
+from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel import unix_diag
+from ckpt.kernel.unix_diag import ESTABLISHED, LISTEN, UnixDiag
+
+NAME = "unix socket"
+SO_PEEK_OFF, SO_PASSCRED = 42, 16
+SHUTDOWN_MASK = 3
+#: SOL_SOCKET options carried over when they differ from a new socket's: (name, size)
+OPTIONS = (
+    (16, 4),   # SO_PASSCRED
+    (34, 4),   # SO_PASSSEC
+    (76, 4),   # SO_PASSPIDFD
+    (7, 4),    # SO_SNDBUF (set with SO_SNDBUFFORCE, halved)
+    (8, 4),    # SO_RCVBUF (SO_RCVBUFFORCE)
+    (18, 4),   # SO_RCVLOWAT
+    (12, 4),   # SO_PRIORITY
+    (36, 4),   # SO_MARK
+    (9, 4),    # SO_KEEPALIVE
+    (13, 8),   # SO_LINGER
+    (20, 16),  # SO_RCVTIMEO
+    (21, 16),  # SO_SNDTIMEO
+    (29, 4),   # SO_TIMESTAMP
+    (35, 4),   # SO_TIMESTAMPNS
+    (40, 4),   # SO_RXQ_OVFL
+    (10, 4),   # SO_OOBINLINE
+    (42, 4),   # SO_PEEK_OFF (the target's, read before the peek)
+)
+PEEK_BUF = 1 << 16
+CRED_SPACE = socket.CMSG_SPACE(12)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What inspect found: the socket and its surroundings in the process."""
+
+    diag: UnixDiag | None  # None: unix_diag does not know it (another network namespace)
+    peer: UnixDiag | None  # the peer's, when it has one
+    peer_here: bool  # the peer is a socket of the process
+    listeners: frozenset[bytes]  # names of the process's listening sockets
+    scm_fds: int  # fds in flight in its queue (fdinfo)
+    oob: bool  # an out-of-band byte is queued
+    name_file: str  # a path name: "same" (its socket file), "missing", "other"
+    # connected (getpeername): a dgram socket shows ESTABLISHED once another connected
+    # to it, and no peer once its own peer was closed
+    connected: bool = True
+
+
+def path_name(name: bytes) -> bytes:
+    """A path name as bound (unix_diag adds the terminating NUL)."""
+    return name if name.startswith(b"\0") else name.rstrip(b"\0")
+
+
+def show_name(name: bytes) -> str:
+    return "@" + name[1:].decode(errors="replace") if name.startswith(b"\0") \
+        else os.fsdecode(name)
+
+
+def inode_of(target: str) -> int | None:
+    if target.startswith("socket:[") and target.endswith("]"):
+        return int(target[8:-1])
+    return None
+
+
+def sockets_of(peek: Peek) -> dict[int, UnixDiag]:
+    """unix_diag of every unix socket of the process, by inode (read once per Peek)."""
+    found: dict[int, UnixDiag] | None = peek.memo.get(NAME)
+    if found is None:
+        found = {}
+        for info in peek.fds.values():
+            ino = inode_of(info.target)
+            if ino is not None and ino not in found:
+                diag = unix_diag.query(ino)
+                if diag is not None:
+                    found[ino] = diag
+        peek.memo[NAME] = found
+    return found
+
+
+def claims(info: FdInfo, peek: Peek | None) -> bool:
+    ino = inode_of(info.target)
+    return ino is not None and peek is not None and ino in sockets_of(peek)
+
+
+def _name_file(diag: UnixDiag) -> str:
+    name = path_name(diag.name)
+    if not name or diag.abstract or diag.vfs is None:
+        return "same"
+    try:
+        st = os.stat(name)
+    except OSError:
+        return "missing"
+    ino, dev = diag.vfs
+    same = st.st_ino == ino and st.st_dev == os.makedev(dev >> 20, dev & 0xFFFFF)
+    return "same" if same and stat.S_ISSOCK(st.st_mode) else "other"
+
+
+def inspect(info: FdInfo, peek: Peek) -> Seen:
+    here = sockets_of(peek)
+    ino = inode_of(info.target) or 0
+    diag = here.get(ino)
+    peer = None
+    if diag is not None and diag.peer:
+        peer = here.get(diag.peer) or unix_diag.query(diag.peer)
+    listeners = frozenset(d.name for d in here.values() if d.state == LISTEN)
+    oob, connected = False, True
+    if diag is not None:
+        with peek.getfd(info.fd) as fd, _sock(fd) as s:
+            if diag.type == socket.SOCK_STREAM:
+                with contextlib.suppress(OSError):
+                    oob = bool(s.recv(1, socket.MSG_OOB | socket.MSG_PEEK
+                                      | socket.MSG_DONTWAIT))
+            try:
+                s.getpeername()
+            except OSError:
+                connected = False
+    fields = dict(info.extra)
+    return Seen(diag, peer, peer is not None and diag is not None and diag.peer in here,
+                listeners, int(fields.get("scm_fds", "0")), oob,
+                _name_file(diag) if diag is not None else "same", connected)
+
+
+def refusal(seen: Seen) -> str | None:
+    """Why a restore could not bring this socket back exactly, or None (pure)."""
+    d = seen.diag
+    if d is None:
+        return "a unix socket unix_diag does not show (another network namespace?): " \
+            "not supported yet"
+    name = show_name(path_name(d.name))
+    stream = d.type != socket.SOCK_DGRAM
+    if d.state == LISTEN and d.rqueue:
+        return f"a listening unix socket ({name}) with {d.rqueue} connection(s) not " \
+            "accepted yet: not supported yet"
+    if seen.scm_fds:
+        return f"a unix socket with {seen.scm_fds} file descriptor(s) in flight " \
+            "(SCM_RIGHTS): not supported yet"
+    if seen.oob:
+        return "a unix socket with an out-of-band byte queued (MSG_OOB): not supported yet"
+    if d.name and not d.abstract and not d.name.startswith(b"/"):
+        return f"a unix socket bound to a relative path ({name}): not supported yet"
+    if seen.name_file == "other":
+        return f"a unix socket bound to {name}, which now names another file: " \
+            "not supported yet"
+    if stream and d.state == ESTABLISHED and not d.peer and d.shutdown != SHUTDOWN_MASK:
+        return "a unix socket whose connection waits in a listener's backlog (not " \
+            "accepted yet): not supported yet"
+    if d.peer and not seen.peer_here and (stream or seen.peer is None or not seen.peer.name):
+        return f"a unix socket connected to socket:[{d.peer}] outside the process " \
+            "(external unix sockets need --inherit-fd): not supported yet"
+    peer_name = seen.peer.name if seen.peer is not None else b""
+    if stream and seen.peer_here and d.name and d.name not in seen.listeners \
+            and peer_name not in seen.listeners:
+        if peer_name:
+            return f"a unix socket bound to {name} and connected to another bound one " \
+                f"(socket:[{d.peer}]): not supported yet"
+        if not d.abstract:
+            return f"a unix socket connected through {name}, whose listening socket is " \
+                "gone: not supported yet"
+    return None
+
+
+def refuse(info: FdInfo, details: Any, flags: FdFlags) -> str | None:
+    return refusal(details)
+
+
+@contextlib.contextmanager
+def _sock(fd: int) -> Iterator[socket.socket]:
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _options(s: socket.socket, kind: int) -> list[pb.UnixOption]:
+    """The OPTIONS of ``s`` that differ from those of a new socket of its type."""
+    out = []
+    with socket.socket(socket.AF_UNIX, kind) as fresh:
+        for name, size in OPTIONS:
+            try:
+                value = s.getsockopt(socket.SOL_SOCKET, name, size)
+                default = fresh.getsockopt(socket.SOL_SOCKET, name, size)
+            except OSError:
+                continue  # not known to this kernel
+            if value != default:
+                out.append(pb.UnixOption(level=socket.SOL_SOCKET, name=name, value=value))
+    return out
+
+
+def _creds(anc: list[tuple[int, int, bytes]]) -> tuple[int, int, int] | None:
+    for level, kind, data in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 12:
+            pid, uid, gid = (int.from_bytes(data[i:i + 4], "little") for i in (0, 4, 8))
+            return pid, uid, gid
+    return None
+
+
+def peek_queue(s: socket.socket, kind: int) -> list[tuple[bytes, bytes, tuple[int, int, int]]]:
+    """(data, sender address, (pid, uid, gid)) of every message (dgram, seqpacket) or run
+    (stream) queued on ``s``, oldest first, without consuming any. The caller has set
+    SO_PEEK_OFF 0 and SO_PASSCRED on it."""
+    out: list[tuple[bytes, bytes, tuple[int, int, int]]] = []
+    off, size = 0, PEEK_BUF
+    flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
+    while True:
+        try:
+            data, anc, mflags, addr = s.recvmsg(size, CRED_SPACE, flags)
+        except BlockingIOError:
+            return out
+        creds = _creds(anc)
+        if creds is None or (kind == socket.SOCK_STREAM and not data):
+            return out  # end of file: shut down for reading, nothing left
+        if mflags & socket.MSG_TRUNC:  # a larger message: peek it again whole
+            s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, off)
+            size *= 4
+            continue
+        off += len(data)
+        sender = os.fsencode(addr) if isinstance(addr, str) else addr or b""
+        out.append((data, sender, creds))
+
+
+def collect(info: FdInfo, details: Any, peek: Peek, out: pb.OpenFile) -> None:
+    seen: Seen = details
+    d = seen.diag
+    assert d is not None  # refused otherwise
+    u = out.unix_socket
+    u.type, u.state, u.inode, u.shutdown = d.type, d.state, d.ino, d.shutdown
+    u.name = path_name(d.name)
+    out.object = d.ino
+    if d.state == LISTEN:
+        u.backlog = d.wqueue
+    if d.peer:
+        u.peer = d.peer if seen.peer_here else 0
+        if not seen.peer_here and seen.peer is not None:
+            u.peer_name = path_name(seen.peer.name)
+    elif d.state == ESTABLISHED and seen.connected:
+        u.peer_closed = True
+    if u.name and not d.abstract:
+        _record_file(u, seen)
+    named = {path_name(x.name): x.ino for x in sockets_of(peek).values() if x.name}
+    with peek.getfd(info.fd) as fd, _sock(fd) as s:
+        u.options.extend(_options(s, d.type))
+        if d.state == LISTEN:
+            return
+        peek_off = s.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+        passcred = s.getsockopt(socket.SOL_SOCKET, SO_PASSCRED)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, SO_PASSCRED, 1)
+            s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+            queued = peek_queue(s, d.type)
+        finally:
+            s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, peek_off)
+            s.setsockopt(socket.SOL_SOCKET, SO_PASSCRED, passcred)
+    for data, sender, (pid, uid, gid) in queued:
+        if pid not in (0, peek.pid):  # 0: none recorded (neither end had SO_PASSCRED)
+            raise NotDumpable(f"fd {info.fd} is a unix socket with data queued by process "
+                              f"{pid}, whose credentials a restore cannot send again: "
+                              "not supported yet")
+        if d.type != socket.SOCK_STREAM and sender and sender not in named:
+            raise NotDumpable(f"fd {info.fd} is a unix socket with a datagram queued from "
+                              f"{show_name(sender)}, outside the process: not supported yet")
+        u.queue.append(pb.UnixMessage(data=data, from_self=pid != 0, uid=uid, gid=gid,
+                                      sender=sender if d.type != socket.SOCK_STREAM else b""))
+
+
+def _record_file(u: pb.UnixSocket, seen: Seen) -> None:
+    if seen.name_file == "missing":
+        u.unlinked = True
+        return
+    with contextlib.suppress(OSError):
+        st = os.stat(u.name)
+        u.file_mode, u.file_uid, u.file_gid = st.st_mode & 0o7777, st.st_uid, st.st_gid
+
+
+KIND = FdKind(NAME, pb.OpenFile.UNIX_SOCKET, claims, collect, restore, inspect=inspect,
+              refuse=refuse)

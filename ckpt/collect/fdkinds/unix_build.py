@@ -1,0 +1,258 @@
+"""Restore of unix sockets (the collector is ckpt.collect.fdkinds.unix).
+
+The first restore of a socket builds, in ckpt, every socket of the image tied to it (its
+peer, the listener it was accepted from, the named sockets its datagrams came from), in
+this order, and keeps them in ``ctx.objects``; each open file then just takes its own:
+
+    1. make      socketpair(2) for two unnamed sockets connected to each other, and for
+                 a socket whose peer was closed (the other end is closed at step 5);
+                 socket + bind for the rest (a path: a stale socket file is unlinked
+                 first, anything else there is refused; mode and owner set back)
+    2. connect   listen(backlog); a connection accepted from a listener: connect to it
+                 (the restored one, or a passing one on the same abstract name) and
+                 accept; a dgram socket connected to a named one: connect(name)
+    3. refill    each queue, oldest first, sent from the other end with the
+                 SCM_CREDENTIALS it had (pid: the restored process); datagrams from
+                 named sockets are sent from those
+    4. shut      shutdown(2) with each socket's own bits, after the refill (a shut down
+                 socket neither sends nor is sent to)
+    5. finish    options, O_NONBLOCK; temporary ends closed; names unlinked at dump
+                 time unlinked again
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import struct
+from collections.abc import Iterable
+
+from ckpt.collect.fdkinds.base import Opened, RestoreCtx
+from ckpt.errors import RestoreError
+from ckpt.images.pb import core_pb2 as pb
+
+NAME = "unix socket"  # the kind's name: ctx.objects keys
+ESTABLISHED, LISTEN = 1, 10
+SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_PEEK_OFF = 7, 8, 32, 33, 42
+FORCED = {SO_SNDBUF: SO_SNDBUFFORCE, SO_RCVBUF: SO_RCVBUFFORCE}
+REFILL_SNDBUF = 1 << 26
+
+
+def _show(name: bytes) -> str:
+    return "@" + name[1:].decode(errors="replace") if name.startswith(b"\0") \
+        else os.fsdecode(name)
+
+
+def _addr(name: bytes) -> str | bytes:
+    return name if name.startswith(b"\0") else os.fsdecode(name)
+
+
+def component(files: Iterable[pb.OpenFile], first: pb.OpenFile) -> list[pb.OpenFile]:
+    """``first`` and every unix socket of ``files`` tied to it (peer, listener by name,
+    sender of a queued datagram), in image order."""
+    socks = [f for f in files if f.type == pb.OpenFile.UNIX_SOCKET]
+    by_ino = {f.unix_socket.inode: f for f in socks}
+    edges: dict[int, set[int]] = {ino: set() for ino in by_ino}
+
+    def link(a: int, b: int) -> None:
+        if a in edges and b in edges and a != b:
+            edges[a].add(b)
+            edges[b].add(a)
+
+    listeners = {f.unix_socket.name: f.unix_socket.inode for f in socks
+                 if f.unix_socket.state == LISTEN}
+    named = {f.unix_socket.name: f.unix_socket.inode for f in socks if f.unix_socket.name}
+    for f in socks:
+        u = f.unix_socket
+        link(u.inode, u.peer)
+        if u.state == ESTABLISHED and u.name in listeners:
+            link(u.inode, listeners[u.name])
+        for m in u.queue:
+            if m.sender in named:
+                link(u.inode, named[m.sender])
+    seen, todo = set(), [first.unix_socket.inode]
+    while todo:
+        ino = todo.pop()
+        if ino not in seen:
+            seen.add(ino)
+            todo.extend(edges[ino])
+    return [f for f in socks if f.unix_socket.inode in seen]
+
+
+def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
+    key = (NAME, f.unix_socket.inode)
+    if key not in ctx.objects:
+        Build(ctx, component(ctx.entry.files, f)).run()
+    return Opened(ctx.objects[key])
+
+
+class Build:
+    """One connected group of sockets, made in ckpt (steps 1-5 of the module's doc)."""
+
+    def __init__(self, ctx: RestoreCtx, files: list[pb.OpenFile]) -> None:
+        self.ctx = ctx
+        self.files = {f.unix_socket.inode: f.unix_socket for f in files}
+        self.flags = {f.unix_socket.inode: f.flags for f in files}
+        self.socks: dict[int, socket.socket] = {}
+        self.other: dict[int, socket.socket] = {}  # the end whose peer was closed
+        # dgram sockets by name: the senders of queued datagrams
+        self.named = {u.name: ino for ino, u in self.files.items()
+                      if u.name and u.type == socket.SOCK_DGRAM}
+        self.listening = {u.name for u in self.files.values() if u.state == LISTEN}
+
+    def run(self) -> None:
+        try:
+            self.make()
+            self.connect()
+            self.refill()
+            for ino, u in self.files.items():
+                if u.shutdown:
+                    self.socks[ino].shutdown(u.shutdown - 1)  # SHUT_* is the mask - 1
+            self.finish()
+        except OSError as exc:
+            raise RestoreError(f"unix socket: {exc}") from None
+        finally:
+            for s in self.other.values():
+                s.close()
+        for ino, s in self.socks.items():
+            self.ctx.objects[(NAME, ino)] = self.ctx.hold(s.detach())
+
+    # ------------------------------------------------------------------ 1. make
+    def make(self) -> None:
+        for ino, u in self.files.items():
+            if ino in self.socks:
+                continue
+            peer = self.files.get(u.peer)
+            if peer is not None and peer.peer == ino and not u.name and not peer.name:
+                self.socks[ino], self.socks[u.peer] = socket.socketpair(
+                    socket.AF_UNIX, u.type)
+            elif u.peer_closed:
+                self.socks[ino], self.other[ino] = socket.socketpair(socket.AF_UNIX, u.type)
+            elif not self._accepted(u):
+                s = self.socks[ino] = socket.socket(socket.AF_UNIX, u.type)
+                if u.name:
+                    self._bind(s, u)
+
+    def _accepted(self, u: pb.UnixSocket) -> bool:
+        """Made by accept(2) at step 2: a named stream end of a connection."""
+        peer = self.files.get(u.peer)
+        return u.type != socket.SOCK_DGRAM and u.state == ESTABLISHED and bool(u.name) \
+            and peer is not None and (u.name in self.listening or not peer.name)
+
+    def _bind(self, s: socket.socket, u: pb.UnixSocket) -> None:
+        if not u.name.startswith(b"\0"):
+            path = os.fsdecode(u.name)
+            try:
+                st: os.stat_result | None = os.lstat(path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and not stat.S_ISSOCK(st.st_mode):
+                raise RestoreError(f"unix socket {path}: the path exists and is not a socket")
+            if st is not None:
+                os.unlink(path)  # the dumped process's, left behind
+        s.bind(_addr(u.name))
+        if u.file_mode and not u.name.startswith(b"\0"):
+            os.chown(u.name, u.file_uid, u.file_gid)
+            os.chmod(u.name, u.file_mode)
+
+    # ------------------------------------------------------------------ 2. connect
+    def connect(self) -> None:
+        for ino, u in self.files.items():
+            if u.state == LISTEN:
+                self.socks[ino].listen(u.backlog)
+        for ino, u in self.files.items():
+            if self._accepted(u):
+                self.socks[ino] = self._accept(u, self.socks[u.peer])
+            elif u.type == socket.SOCK_DGRAM and (u.peer or u.peer_name) \
+                    and not self._paired(ino):
+                target = self.files[u.peer].name if u.peer in self.files else u.peer_name
+                if not target:
+                    raise RestoreError(f"unix socket {ino}: connected to an unnamed socket")
+                self.socks[ino].connect(_addr(target))
+
+    def _paired(self, ino: int) -> bool:
+        u = self.files[ino]
+        peer = self.files.get(u.peer)
+        return u.peer_closed or (peer is not None and peer.peer == ino and not u.name
+                                 and not peer.name)
+
+    def _accept(self, u: pb.UnixSocket, client: socket.socket) -> socket.socket:
+        listener = next((self.socks[i] for i, x in self.files.items()
+                         if x.state == LISTEN and x.name == u.name), None)
+        passing = None
+        if listener is None:  # gone since: a passing one on its abstract name
+            passing = listener = socket.socket(socket.AF_UNIX, u.type)
+            listener.bind(_addr(u.name))
+            listener.listen(1)
+        try:
+            client.connect(_addr(u.name))
+            blocking = listener.getblocking()
+            listener.setblocking(True)
+            accepted, _ = listener.accept()
+            listener.setblocking(blocking)
+        finally:
+            if passing is not None:
+                passing.close()
+        return accepted
+
+    # ------------------------------------------------------------------ 3. refill
+    def refill(self) -> None:
+        bumped: dict[int, int] = {}
+        for ino, u in self.files.items():
+            for m in u.queue:
+                sender, to = self._sender(ino, u, m)
+                if sender.fileno() not in bumped:
+                    bumped[sender.fileno()] = sender.getsockopt(socket.SOL_SOCKET, SO_SNDBUF)
+                    sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, REFILL_SNDBUF)
+                creds = struct.pack("iII", self.ctx.remote.pid, m.uid, m.gid) \
+                    if m.from_self else b""
+                self._send(sender, m.data, creds, to, u.type == socket.SOCK_STREAM)
+        for s in [*self.socks.values(), *self.other.values()]:
+            if s.fileno() in bumped:
+                s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, bumped[s.fileno()] // 2)
+
+    def _sender(self, ino: int, u: pb.UnixSocket, m: pb.UnixMessage,
+                ) -> tuple[socket.socket, str | bytes | None]:
+        """The socket that sends ``m`` to socket ``ino``, and the address (None: its peer)."""
+        if m.sender:
+            src = self.named.get(m.sender)
+            if src is None:
+                raise RestoreError(f"unix socket {ino}: no socket named {_show(m.sender)}")
+            return self.socks[src], None if self.files[src].peer == ino else _addr(u.name)
+        if ino in self.other:
+            return self.other[ino], None
+        if u.peer in self.socks:
+            return self.socks[u.peer], None
+        temp = socket.socket(socket.AF_UNIX, u.type)
+        self.other[-len(self.other) - 1] = temp  # closed at the end
+        return temp, _addr(u.name)
+
+    @staticmethod
+    def _send(s: socket.socket, data: bytes, creds: bytes, to: str | bytes | None,
+              stream: bool) -> None:
+        anc = [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)] if creds else []
+        flags = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+        while True:
+            n = s.sendmsg([data], anc, flags) if to is None else \
+                s.sendmsg([data], anc, flags, to)
+            if not stream or n == len(data):
+                return
+            data = data[n:]
+
+    # ------------------------------------------------------------------ 5. finish
+    def finish(self) -> None:
+        for ino, u in self.files.items():
+            s = self.socks[ino]
+            for o in u.options:
+                if o.name in FORCED:
+                    value = struct.unpack("i", o.value[:4])[0] // 2
+                    s.setsockopt(o.level, FORCED[o.name], value)
+                else:
+                    s.setsockopt(o.level, o.name, o.value)
+            if self.flags[ino] & os.O_NONBLOCK:
+                s.setblocking(False)
+            if u.unlinked and u.name and not u.name.startswith(b"\0"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(u.name)

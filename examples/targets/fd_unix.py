@@ -1,0 +1,168 @@
+"""Unix sockets with state in flight, one mode per shape (first argument):
+
+    stream      a socketpair with bytes queued both ways (200 kB one way, a line the
+                other), one end non-blocking with SO_PASSCRED and a set SO_SNDBUF
+    dgram       a SOCK_DGRAM socketpair with messages queued (one of them empty)
+    seqpacket   the same with SOCK_SEQPACKET
+    connected   a connection accepted from an abstract listener: bytes queued both ways
+    named       a bound dgram receiver with datagrams queued from a connected unnamed
+                socket and from a bound one
+    listen PATH a listening socket on PATH (mode 0666); each check accepts the pending
+                connection, if any, and sends it "hello N"
+    abstract    the same on an abstract name
+    shutdown    a socketpair whose end a wrote "last words" and shut down for writing
+
+Each check reads what is queued and queues the next round, so its answer after a restore
+is the one it would have given without the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from typing import Any
+
+from fdkit import serve
+
+BIG = bytes(i % 251 for i in range(200_000))
+DGRAMS = [b"first", b"", b"x" * 3000, b"last"]
+
+
+def drain(s: socket.socket) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(s.recv(1 << 20, socket.MSG_DONTWAIT).decode("latin-1"))
+        except BlockingIOError:
+            return out
+
+
+def stream_check(a: socket.socket, b: socket.socket, n: list[int], big: bytes,
+                 ) -> dict[str, Any]:
+    got_b = b"".join(x.encode("latin-1") for x in drain(b))
+    got_a = "".join(drain(a))
+    n[0] += 1
+    a.sendall(big)
+    b.send(f"to a {n[0]}".encode())
+    return {"b": [len(got_b), got_b == big], "a": got_a}
+
+
+def setup(args: list[str]) -> dict[str, Any]:
+    mode = args[0]
+    st: dict[str, Any] = {"mode": mode, "n": [1]}
+    if mode == "stream":
+        a, b = socket.socketpair()
+        b.setblocking(False)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 300_000)
+        a.sendall(BIG)
+        b.send(b"to a 1")
+        st["pair"] = (a, b)
+    elif mode in ("dgram", "seqpacket"):
+        kind = socket.SOCK_DGRAM if mode == "dgram" else socket.SOCK_SEQPACKET
+        a, b = socket.socketpair(socket.AF_UNIX, kind)
+        for m in DGRAMS:
+            a.send(m)
+        b.send(b"back 1")
+        st["pair"] = (a, b)
+    elif mode == "connected":
+        name = f"\0ckpt-test-conn-{os.getpid()}"
+        lis = socket.socket(socket.AF_UNIX)
+        lis.bind(name)
+        lis.listen(1)
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(name)
+        server, _ = lis.accept()
+        lis.close()  # the listener is gone: restore passes through a new one
+        client.send(BIG[:5000])
+        server.send(b"to a 1")
+        st["pair"] = (client, server)
+    elif mode == "named":
+        rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        rx.bind(f"\0ckpt-test-rx-{os.getpid()}")
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        conn.connect(rx.getsockname())
+        tx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        tx.bind(f"\0ckpt-test-tx-{os.getpid()}")
+        conn.send(b"conn 1")
+        tx.sendto(b"tx 1", rx.getsockname())
+        st["named"] = (rx, conn, tx)
+    elif mode in ("listen", "abstract"):
+        lis = socket.socket(socket.AF_UNIX)
+        if mode == "listen":
+            lis.bind(args[1])
+            os.chmod(args[1], 0o666)
+        else:
+            lis.bind(f"\0ckpt-test-listen-{os.getpid()}")
+        lis.listen(4)
+        lis.setblocking(False)
+        st["listener"] = lis
+    elif mode == "shutdown":
+        a, b = socket.socketpair()
+        a.send(b"last words")
+        a.shutdown(socket.SHUT_WR)
+        st["pair"] = (a, b)
+    return st
+
+
+def check(st: dict[str, Any]) -> dict[str, Any]:
+    mode, n = st["mode"], st["n"]
+    if mode in ("stream", "connected"):
+        a, b = st["pair"]
+        out = stream_check(a, b, n, BIG if mode == "stream" else BIG[:5000])
+        out["names"] = [str(x) for x in (a.getsockname(), b.getsockname(), a.getpeername(),
+                                         b.getpeername())] if mode == "connected" else []
+        out["opts"] = [b.getblocking(), b.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED),
+                       a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)]
+        return out
+    if mode in ("dgram", "seqpacket"):
+        a, b = st["pair"]
+        got = [len(m) for m in drain(b)]
+        back = drain(a)
+        n[0] += 1
+        for m in DGRAMS:
+            a.send(m)
+        b.send(f"back {n[0]}".encode())
+        return {"b": got, "a": back}
+    if mode == "named":
+        rx, conn, tx = st["named"]
+        got = []
+        while True:
+            try:
+                data, addr = rx.recvfrom(100, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            got.append([data.decode(), addr.decode("latin-1") if addr else None])
+        n[0] += 1
+        conn.send(f"conn {n[0]}".encode())
+        tx.sendto(f"tx {n[0]}".encode(), rx.getsockname())
+        return {"rx": got}
+    if mode in ("listen", "abstract"):
+        lis = st["listener"]
+        try:
+            conn, _ = lis.accept()
+            conn.sendall(f"hello {n[0]}".encode())
+            conn.close()
+            n[0] += 1
+            accepted = True
+        except BlockingIOError:
+            accepted = False
+        name = lis.getsockname()
+        mode_bits = oct(stat.S_IMODE(os.stat(name).st_mode)) if isinstance(name, str) else ""
+        return {"accepted": accepted, "name": name if isinstance(name, str) else "abstract",
+                "mode": mode_bits}
+    a, b = st["pair"]
+    try:
+        a.send(b"more")
+        sent = "sent"
+    except BrokenPipeError:
+        sent = "EPIPE"
+    if n[0] == 1:  # the first check only looks; later ones read to the end
+        n[0] += 1
+        return {"b": [b.recv(100, socket.MSG_PEEK).decode()], "a_send": sent}
+    return {"b": [x.decode() for x in iter(lambda: b.recv(100), b"")], "a_send": sent}
+
+
+if __name__ == "__main__":
+    serve(setup, check)

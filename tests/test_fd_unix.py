@@ -1,0 +1,268 @@
+"""Unix sockets come back with their peers, names, queues, shutdown state and options
+(ckpt/collect/fdkinds/unix.py, unix_build.py, ckpt/kernel/unix_diag.py); what a restore
+could not bring back is refused before the freeze, naming the fd."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import (
+    Asker,
+    Harness,
+    assert_one_error_line,
+    assert_running_untraced,
+    needs_root,
+    run_ckpt,
+)
+
+from ckpt.collect.fdkinds.unix import Seen, path_name, refusal
+from ckpt.collect.fdkinds.unix_build import component
+from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.unix_diag import UnixDiag, build_request, parse_reply
+
+# --------------------------------------------------------------------------- pure
+
+# unix_diag's answer for a connected stream socket (captured on this kernel): inode
+# 518274, peer 518277 (attribute 2), rqueue 0 wqueue 0 (4), shutdown 0 (6)
+CAPTURED = bytes.fromhex(
+    "3c00000014000000010000000f4300000101010082e8070004100000000000000800020085e80700"
+    "0c00040000000000000000000500060000000000")
+
+
+def test_parse_unix_diag_reply() -> None:
+    d = parse_reply(CAPTURED)
+    assert d == UnixDiag(ino=518274, type=socket.SOCK_STREAM, state=1, peer=518277)
+
+
+def test_parse_unix_diag_error_and_request() -> None:
+    error = bytes.fromhex("2400000002000000000000000000000" "0fe ffffff".replace(" ", "")
+                          + "00" * 16)
+    with pytest.raises(Exception, match="No such file or directory"):
+        parse_reply(error)
+    req = build_request(42)
+    assert len(req) == 40 and int.from_bytes(req[24:28], "little") == 42
+
+
+def test_path_names_lose_the_kernels_terminating_nul() -> None:
+    assert path_name(b"/run/x.sock\0") == b"/run/x.sock"
+    assert path_name(b"\0abstract\0") == b"\0abstract\0"
+
+
+PAIR = UnixDiag(ino=10, type=socket.SOCK_STREAM, state=1, peer=11)
+OK = Seen(diag=PAIR, peer=replace(PAIR, ino=11, peer=10), peer_here=True,
+          listeners=frozenset(), scm_fds=0, oob=False, name_file="same")
+LISTENER = UnixDiag(ino=12, type=socket.SOCK_STREAM, state=10, name=b"/run/s.sock\0",
+                    rqueue=0, wqueue=5)
+
+REFUSALS: dict[str, tuple[Seen, str]] = {
+    "other netns": (replace(OK, diag=None), "unix_diag does not show"),
+    "pending connections": (replace(OK, diag=replace(LISTENER, rqueue=2), peer=None,
+                                    peer_here=False),
+                            "(/run/s.sock) with 2 connection(s) not accepted yet"),
+    "fds in flight": (replace(OK, scm_fds=3), "3 file descriptor(s) in flight (SCM_RIGHTS)"),
+    "oob": (replace(OK, oob=True), "out-of-band byte"),
+    "relative path": (replace(OK, diag=replace(LISTENER, name=b"rel.sock\0"), peer=None,
+                              peer_here=False), "bound to a relative path (rel.sock)"),
+    "name now another file": (replace(OK, diag=LISTENER, peer=None, peer_here=False,
+                                      name_file="other"),
+                              "bound to /run/s.sock, which now names another file"),
+    "in a backlog": (replace(OK, diag=replace(PAIR, peer=0), peer=None, peer_here=False),
+                     "waits in a listener's backlog"),
+    "external stream peer": (replace(OK, peer_here=False),
+                             "connected to socket:[11] outside the process (external unix "
+                             "sockets need --inherit-fd)"),
+    "external unnamed dgram peer": (
+        replace(OK, diag=replace(PAIR, type=socket.SOCK_DGRAM), peer_here=False),
+        "connected to socket:[11] outside"),
+    "both ends bound": (replace(OK, diag=replace(PAIR, name=b"\0a"),
+                                peer=replace(PAIR, ino=11, peer=10, name=b"\0b")),
+                        "bound to @a and connected to another bound one (socket:[11])"),
+    "path listener gone": (replace(OK, diag=replace(PAIR, name=b"/run/s.sock\0")),
+                           "connected through /run/s.sock, whose listening socket is gone"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_each_unrestorable_unix_socket_is_refused(case: str) -> None:
+    seen, says = REFUSALS[case]
+    why = refusal(seen)
+    assert why is not None and says in why, why
+    assert why.endswith("not supported yet")
+
+
+def test_restorable_unix_sockets_are_not_refused() -> None:
+    dgram = replace(PAIR, type=socket.SOCK_DGRAM, peer=30)
+    cases = [
+        OK,  # a socketpair
+        replace(OK, diag=LISTENER, peer=None, peer_here=False),  # an idle listener
+        replace(OK, diag=replace(PAIR, peer=0, shutdown=3), peer=None,
+                peer_here=False),  # its peer was closed
+        replace(OK, diag=dgram, peer=replace(dgram, ino=30, name=b"/dev/log\0"),
+                peer_here=False),  # a dgram connected to a named socket outside
+        replace(OK, diag=replace(PAIR, name=b"/run/s.sock\0"),
+                listeners=frozenset({b"/run/s.sock\0"})),  # accepted from a listener here
+        replace(OK, diag=replace(PAIR, name=b"\0gone")),  # from a gone abstract listener
+        replace(OK, diag=replace(LISTENER, name=b"/run/s.sock\0"), peer=None,
+                peer_here=False, name_file="missing"),  # unlinked since the bind
+    ]
+    assert [refusal(seen) for seen in cases] == [None] * len(cases)
+
+
+def sock(ino: int, peer: int = 0, state: int = 1, name: bytes = b"",
+         senders: tuple[bytes, ...] = ()) -> pb.OpenFile:
+    return pb.OpenFile(type=pb.OpenFile.UNIX_SOCKET, unix_socket=pb.UnixSocket(
+        inode=ino, peer=peer, state=state, name=name, type=socket.SOCK_DGRAM,
+        queue=[pb.UnixMessage(data=b"m", sender=s) for s in senders]))
+
+
+def test_a_restore_builds_each_socket_with_all_it_is_tied_to() -> None:
+    files = [sock(1, 2), sock(2, 1), sock(3, state=10, name=b"\0l"), sock(4, 5, name=b"\0l"),
+             sock(5, 4), sock(6, 0, 7, b"\0rx", senders=(b"\0tx",)), sock(7, 0, 7, b"\0tx"),
+             sock(8)]
+    inodes = [[f.unix_socket.inode for f in component(files, files[i])] for i in range(8)]
+    assert inodes == [[1, 2], [1, 2], [3, 4, 5], [3, 4, 5], [3, 4, 5], [6, 7], [6, 7], [8]]
+
+
+# --------------------------------------------------------------------------- live
+
+
+def dump_restore(harness: Harness, target: Asker, *extra: str) -> int:
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images, *extra)
+    return harness.restore_detached(images)
+
+
+@needs_root
+def test_socketpair_stream_bytes_both_ways_survive(harness: Harness) -> None:
+    """200 kB queued one way, a line the other; the non-blocking end, SO_PASSCRED and a
+    set SO_SNDBUF too."""
+    target = Asker(harness, "fd_unix.py", "stream")
+    first = {"b": [200000, True], "a": "to a 1", "names": [], "opts": [False, 1, 600000]}
+    assert target.ask() == first
+    dump_restore(harness, target)
+    assert target.ask() == {**first, "a": "to a 2"}
+    assert target.ask() == {**first, "a": "to a 3"}
+
+
+@needs_root
+@pytest.mark.parametrize("mode", ["dgram", "seqpacket"])
+def test_message_boundaries_survive(harness: Harness, mode: str) -> None:
+    """Four messages (one empty) each way of a dgram / seqpacket pair."""
+    target = Asker(harness, "fd_unix.py", mode)
+    assert target.ask() == {"b": [5, 0, 3000, 4], "a": ["back 1"]}
+    dump_restore(harness, target)
+    assert target.ask() == {"b": [5, 0, 3000, 4], "a": ["back 2"]}
+    assert target.ask() == {"b": [5, 0, 3000, 4], "a": ["back 3"]}
+
+
+@needs_root
+def test_accepted_connection_survives_its_gone_listener(harness: Harness) -> None:
+    """A connection accepted from an abstract listener since closed: both ends' names
+    and queues come back (restore connects through a passing listener on the name)."""
+    target = Asker(harness, "fd_unix.py", "connected")
+    first = target.ask()
+    assert isinstance(first, dict) and first["b"] == [5000, True] and first["a"] == "to a 1"
+    dump_restore(harness, target)
+    assert target.ask() == {**first, "a": "to a 2"}
+
+
+@needs_root
+def test_datagrams_from_named_and_unnamed_senders(harness: Harness) -> None:
+    target = Asker(harness, "fd_unix.py", "named")
+    first = target.ask()
+    assert isinstance(first, dict)
+    tx = first["rx"][1][1]
+    assert first == {"rx": [["conn 1", None], ["tx 1", tx]]}
+    dump_restore(harness, target)
+    assert target.ask() == {"rx": [["conn 2", None], ["tx 2", tx]]}
+
+
+def connect_and_read(address: str | bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(10)
+        c.connect(address)
+        return c.recv(100)
+
+
+@needs_root
+def test_listening_path_socket_accepts_after_restore(harness: Harness, tmp_path: Path,
+                                                     ) -> None:
+    """The socket file the dumped process left behind is unlinked and bound again, with
+    its mode; a new client's connection is accepted."""
+    path = str(tmp_path / "srv.sock")
+    target = Asker(harness, "fd_unix.py", "listen", path)
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(path)
+        assert target.ask() == {"accepted": True, "name": path, "mode": "0o666"}
+        assert c.recv(100) == b"hello 1"
+    dump_restore(harness, target)
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(10)
+        c.connect(path)
+        assert target.ask() == {"accepted": True, "name": path, "mode": "0o666"}
+        assert c.recv(100) == b"hello 2"
+
+
+@needs_root
+def test_listening_abstract_socket_accepts_after_restore(harness: Harness) -> None:
+    target = Asker(harness, "fd_unix.py", "abstract")
+    name = f"\0ckpt-test-listen-{target.proc.pid}"
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(name)
+        assert target.ask() == {"accepted": True, "name": "abstract", "mode": ""}
+        assert c.recv(100) == b"hello 1"
+    dump_restore(harness, target)
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(10)
+        c.connect(name)
+        assert target.ask() == {"accepted": True, "name": "abstract", "mode": ""}
+        assert c.recv(100) == b"hello 2"
+
+
+@needs_root
+def test_shut_down_end_keeps_its_state(harness: Harness) -> None:
+    """a wrote "last words" and shut down for writing: after the restore b reads them,
+    then end of file, and a still cannot send."""
+    target = Asker(harness, "fd_unix.py", "shutdown")
+    assert target.ask() == {"b": ["last words"], "a_send": "EPIPE"}
+    dump_restore(harness, target)
+    assert target.ask() == {"b": ["last words"], "a_send": "EPIPE"}
+
+
+@needs_root
+def test_predump_then_incremental_dump(harness: Harness) -> None:
+    target = Asker(harness, "fd_unix.py", "stream")
+    assert target.ask() is not None
+    ck = harness.images("ck")
+    pid = str(target.proc.pid)
+    for args in (("predump", "-t", pid, "-D", ck / "1"),):
+        res = run_ckpt(*args)
+        assert res.returncode == 0, res.describe()
+    assert target.ask() is not None  # a round between the passes
+    harness.dump_and_reap(target.proc, ck / "2", "--incremental", "--prev-images-dir", "../1")
+    harness.restore_detached(ck / "2")
+    answer = target.ask()
+    assert isinstance(answer, dict) and answer["a"] == "to a 3" and answer["b"][1]
+
+
+@needs_root
+def test_pending_connection_is_refused_and_the_target_runs_on(harness: Harness) -> None:
+    """A connection waiting in the listener's backlog: dump refuses before the freeze,
+    naming the fd, and the target runs on untouched."""
+    target = Asker(harness, "fd_unix.py", "abstract")
+    name = f"\0ckpt-test-listen-{target.proc.pid}"
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(name)
+        res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", harness.images())
+        message = assert_one_error_line(res)
+        assert "is a socket (socket:[" in message and "1 connection(s) not accepted yet" \
+            in message, message
+        assert_running_untraced(target.proc.pid)
+        assert target.ask() == {"accepted": True, "name": "abstract", "mode": ""}
+        assert c.recv(100) == b"hello 1"
