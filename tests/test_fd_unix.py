@@ -4,9 +4,11 @@ could not bring back is refused before the freeze, naming the fd."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -251,18 +253,80 @@ def test_predump_then_incremental_dump(harness: Harness) -> None:
     assert isinstance(answer, dict) and answer["a"] == "to a 3" and answer["b"][1]
 
 
+@contextlib.contextmanager
+def refused_target(harness: Harness, case: str) -> Iterator[tuple[Asker, str]]:
+    """A target in one of the live refusal cases, and what its refusal must say."""
+    with contextlib.ExitStack() as stack:
+        if case == "backlog":
+            target = Asker(harness, "fd_unix.py", "abstract")
+            c = stack.enter_context(socket.socket(socket.AF_UNIX))
+            c.connect(f"\0ckpt-test-listen-{target.proc.pid}")
+            yield target, "1 connection(s) not accepted yet"
+        elif case == "inflight":
+            yield Asker(harness, "fd_unix.py", "inflight"), "1 file descriptor(s) in flight"
+        else:
+            name = f"@ckpt-test-outside-{os.getpid()}"
+            lis = stack.enter_context(socket.socket(socket.AF_UNIX))
+            lis.bind(name.replace("@", "\0"))
+            lis.listen(1)
+            target = Asker(harness, "fd_unix.py", "external", name)
+            stack.enter_context(lis.accept()[0])
+            yield target, "outside the process (external unix sockets need --inherit-fd)"
+
+
 @needs_root
-def test_pending_connection_is_refused_and_the_target_runs_on(harness: Harness) -> None:
-    """A connection waiting in the listener's backlog: dump refuses before the freeze,
-    naming the fd, and the target runs on untouched."""
-    target = Asker(harness, "fd_unix.py", "abstract")
-    name = f"\0ckpt-test-listen-{target.proc.pid}"
-    with socket.socket(socket.AF_UNIX) as c:
-        c.connect(name)
+@pytest.mark.parametrize("case", ["backlog", "inflight", "external"])
+def test_unrestorable_socket_is_refused_and_the_target_runs_on(harness: Harness,
+                                                               case: str) -> None:
+    """dump and predump refuse before the freeze, naming the fd and what; nothing is
+    written and the target runs on untouched."""
+    with refused_target(harness, case) as (target, says):
+        before = None if case == "backlog" else target.ask()  # (it would accept)
+        for action in ("dump", "predump"):
+            images = harness.images(action)
+            res = run_ckpt(action, "-t", str(target.proc.pid), "-D", images)
+            message = assert_one_error_line(res)
+            assert "is a socket (socket:[" in message and says in message, message
+            assert not (images / "inventory.img").exists()
+            assert_running_untraced(target.proc.pid)
+        accepted = {"accepted": True, "name": "abstract", "mode": ""}
+        assert target.ask() == (accepted if case == "backlog" else before)
+
+
+@needs_root
+def test_datagram_from_outside_is_refused_while_frozen(harness: Harness) -> None:
+    """Who sent a queued datagram is seen only by the peek, in the freeze: a named sender
+    outside the process is refused then, and the target is thawed untouched."""
+    target = Asker(harness, "fd_unix.py", "named")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as out:
+        out.bind(f"\0ckpt-test-out-{os.getpid()}")
+        out.sendto(b"from outside", f"\0ckpt-test-rx-{target.proc.pid}")
         res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", harness.images())
+    message = assert_one_error_line(res)
+    assert f"a datagram queued from @ckpt-test-out-{os.getpid()}, outside" in message, message
+    assert_running_untraced(target.proc.pid)
+    answer = target.ask()
+    assert isinstance(answer, dict) and [m[0] for m in answer["rx"]] == \
+        ["conn 1", "tx 1", "from outside"]
+
+
+@needs_root
+def test_restore_refuses_a_path_a_live_socket_holds(harness: Harness, tmp_path: Path,
+                                                    ) -> None:
+    """The socket file left behind is unlinked only if no live socket is bound to it."""
+    path = str(tmp_path / "srv.sock")
+    target = Asker(harness, "fd_unix.py", "listen", path)
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images)
+    os.unlink(path)
+    with socket.socket(socket.AF_UNIX) as squatter:
+        squatter.bind(path)
+        res = run_ckpt("restore", "-D", images, "--restore-detached", "--pidfile",
+                       harness.new_pidfile())
         message = assert_one_error_line(res)
-        assert "is a socket (socket:[" in message and "1 connection(s) not accepted yet" \
-            in message, message
-        assert_running_untraced(target.proc.pid)
-        assert target.ask() == {"accepted": True, "name": "abstract", "mode": ""}
-        assert c.recv(100) == b"hello 1"
+        assert f"unix socket {path}: a live socket (socket:[" in message, message
+    harness.restore_detached(images)  # the squatter is gone: its file is stale
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(10)
+        c.connect(path)
+        assert target.ask() == {"accepted": True, "name": path, "mode": "0o666"}

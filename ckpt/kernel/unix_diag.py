@@ -25,6 +25,7 @@ network namespace):
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ from ckpt.errors import KernelError
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST = 1
-NLMSG_ERROR = 2
+NLM_F_DUMP = 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
 UDIAG_SHOW_NAME, UDIAG_SHOW_VFS, UDIAG_SHOW_PEER = 0x01, 0x02, 0x04
 UDIAG_SHOW_ICONS, UDIAG_SHOW_RQLEN = 0x08, 0x10
 SHOW_ALL = UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS \
@@ -71,10 +73,24 @@ class UnixDiag:
 
 
 def build_request(ino: int, seq: int = 1, show: int = SHOW_ALL) -> bytes:
-    """The netlink message asking for socket ``ino``."""
+    """The netlink message asking for socket ``ino``; ``ino`` 0: a dump of every socket."""
     req = _REQ.pack(socket.AF_UNIX, 0, 0, 0xFFFFFFFF, ino, show, NOCOOKIE, NOCOOKIE)
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST,
+    flags = NLM_F_REQUEST | (NLM_F_DUMP if not ino else 0)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, flags,
                           seq, 0) + req
+
+
+def parse_replies(data: bytes) -> tuple[list[UnixDiag], bool]:
+    """Every message of one read of a dump, and whether NLMSG_DONE ended it."""
+    out: list[UnixDiag] = []
+    off = 0
+    while off + _NLMSGHDR.size <= len(data):
+        length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, off)
+        if kind == NLMSG_DONE:
+            return out, True
+        out.append(parse_reply(data[off:off + length]))
+        off += (length + 3) & ~3
+    return out, False
 
 
 def parse_reply(data: bytes) -> UnixDiag:
@@ -123,3 +139,21 @@ def query(ino: int) -> UnixDiag | None:
             return None
         raise KernelError(exc.errno, f"unix_diag of socket:[{ino}]") from None
 
+
+
+def query_all(show: int = UDIAG_SHOW_NAME | UDIAG_SHOW_VFS) -> list[UnixDiag]:
+    """unix_diag of every unix socket of ckpt's network namespace."""
+    out: list[UnixDiag] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       NETLINK_SOCK_DIAG) as nl:
+        nl.sendto(build_request(0, show=show), (0, 0))
+        done = False
+        while not done:
+            found, done = parse_replies(nl.recv(1 << 16))
+            out += found
+    return out
+
+
+def kernel_dev(dev: int) -> int:
+    """A kernel dev_t (UNIX_DIAG_VFS: major << 20 | minor) as st_dev encodes it."""
+    return os.makedev(dev >> 20, dev & 0xFFFFF)

@@ -11,6 +11,8 @@
                 connection, if any, and sends it "hello N"
     abstract    the same on an abstract name
     shutdown    a socketpair whose end a wrote "last words" and shut down for writing
+    inflight    a socketpair with an fd in flight (SCM_RIGHTS, not received)
+    external ADDR  a stream socket connected to ADDR (a listener outside the process)
 
 Each check reads what is queued and queues the next round, so its answer after a restore
 is the one it would have given without the checkpoint.
@@ -98,6 +100,14 @@ def setup(args: list[str]) -> dict[str, Any]:
         lis.listen(4)
         lis.setblocking(False)
         st["listener"] = lis
+    elif mode == "inflight":
+        a, b = socket.socketpair()
+        socket.send_fds(a, [b"fd"], [a.fileno()])
+        st["pair"] = (a, b)
+    elif mode == "external":
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(args[1].replace("@", "\0"))
+        st["pair"] = (c, c)
     elif mode == "shutdown":
         a, b = socket.socketpair()
         a.send(b"last words")
@@ -153,6 +163,8 @@ def check(st: dict[str, Any]) -> dict[str, Any]:
         return {"accepted": accepted, "name": name if isinstance(name, str) else "abstract",
                 "mode": mode_bits}
     a, b = st["pair"]
+    if mode in ("inflight", "external"):
+        return {"fd": a.fileno()}
     try:
         a.send(b"more")
         sent = "sent"

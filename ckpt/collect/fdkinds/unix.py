@@ -133,7 +133,7 @@ def _name_file(diag: UnixDiag) -> str:
     except OSError:
         return "missing"
     ino, dev = diag.vfs
-    same = st.st_ino == ino and st.st_dev == os.makedev(dev >> 20, dev & 0xFFFFF)
+    same = st.st_ino == ino and st.st_dev == unix_diag.kernel_dev(dev)
     return "same" if same and stat.S_ISSOCK(st.st_mode) else "other"
 
 

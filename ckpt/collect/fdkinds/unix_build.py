@@ -10,10 +10,11 @@ this order, and keeps them in ``ctx.objects``; each open file then just takes it
                  first, anything else there is refused; mode and owner set back)
     2. connect   listen(backlog); a connection accepted from a listener: connect to it
                  (the restored one, or a passing one on the same abstract name) and
-                 accept; a dgram socket connected to a named one: connect(name)
+                 accept
     3. refill    each queue, oldest first, sent from the other end with the
                  SCM_CREDENTIALS it had (pid: the restored process); datagrams from
-                 named sockets are sent from those
+                 named sockets are sent from those; then a dgram socket connected to a
+                 named one connects (it would take datagrams from its peer only)
     4. shut      shutdown(2) with each socket's own bits, after the refill (a shut down
                  socket neither sends nor is sent to)
     5. finish    options, O_NONBLOCK; temporary ends closed; names unlinked at dump
@@ -32,6 +33,7 @@ from collections.abc import Iterable
 from ckpt.collect.fdkinds.base import Opened, RestoreCtx
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel import unix_diag
 
 NAME = "unix socket"  # the kind's name: ctx.objects keys
 ESTABLISHED, LISTEN = 1, 10
@@ -88,6 +90,19 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
     return Opened(ctx.objects[key])
 
 
+def _stale(path: str, st: os.stat_result, unlinked: bool) -> str:
+    """``path`` if it is a socket file no socket holds; RestoreError otherwise."""
+    if unlinked:
+        raise RestoreError(f"unix socket {path} (unlinked at dump time): the path is taken")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise RestoreError(f"unix socket {path}: the path exists and is not a socket")
+    for d in unix_diag.query_all():
+        if d.vfs and d.vfs[0] == st.st_ino and unix_diag.kernel_dev(d.vfs[1]) == st.st_dev:
+            raise RestoreError(f"unix socket {path}: a live socket (socket:[{d.ino}]) is "
+                               "bound there")
+    return path
+
+
 class Build:
     """One connected group of sockets, made in ckpt (steps 1-5 of the module's doc)."""
 
@@ -107,6 +122,7 @@ class Build:
             self.make()
             self.connect()
             self.refill()
+            self.connect_dgram()
             for ino, u in self.files.items():
                 if u.shutdown:
                     self.socks[ino].shutdown(u.shutdown - 1)  # SHUT_* is the mask - 1
@@ -148,10 +164,8 @@ class Build:
                 st: os.stat_result | None = os.lstat(path)
             except FileNotFoundError:
                 st = None
-            if st is not None and not stat.S_ISSOCK(st.st_mode):
-                raise RestoreError(f"unix socket {path}: the path exists and is not a socket")
             if st is not None:
-                os.unlink(path)  # the dumped process's, left behind
+                os.unlink(_stale(path, st, u.unlinked))  # the dumped process's, left behind
         s.bind(_addr(u.name))
         if u.file_mode and not u.name.startswith(b"\0"):
             os.chown(u.name, u.file_uid, u.file_gid)
@@ -165,7 +179,11 @@ class Build:
         for ino, u in self.files.items():
             if self._accepted(u):
                 self.socks[ino] = self._accept(u, self.socks[u.peer])
-            elif u.type == socket.SOCK_DGRAM and (u.peer or u.peer_name) \
+
+    def connect_dgram(self) -> None:
+        """After the refill: a connected dgram socket takes datagrams from its peer only."""
+        for ino, u in self.files.items():
+            if u.type == socket.SOCK_DGRAM and (u.peer or u.peer_name) \
                     and not self._paired(ino):
                 target = self.files[u.peer].name if u.peer in self.files else u.peer_name
                 if not target:
@@ -215,16 +233,19 @@ class Build:
 
     def _sender(self, ino: int, u: pb.UnixSocket, m: pb.UnixMessage,
                 ) -> tuple[socket.socket, str | bytes | None]:
-        """The socket that sends ``m`` to socket ``ino``, and the address (None: its peer)."""
+        """The socket that sends ``m`` to socket ``ino``, and the address (None: its peer).
+        Named dgram sockets are not connected yet: datagrams go to their name."""
+        named = u.type == socket.SOCK_DGRAM and bool(u.name) and not self._paired(ino)
+        to = _addr(u.name) if named else None
         if m.sender:
             src = self.named.get(m.sender)
             if src is None:
                 raise RestoreError(f"unix socket {ino}: no socket named {_show(m.sender)}")
-            return self.socks[src], None if self.files[src].peer == ino else _addr(u.name)
+            return self.socks[src], to
         if ino in self.other:
             return self.other[ino], None
         if u.peer in self.socks:
-            return self.socks[u.peer], None
+            return self.socks[u.peer], to
         temp = socket.socket(socket.AF_UNIX, u.type)
         self.other[-len(self.other) - 1] = temp  # closed at the end
         return temp, _addr(u.name)
