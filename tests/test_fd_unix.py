@@ -25,7 +25,7 @@ from conftest import (
 from ckpt.collect.fdkinds.unix import Seen, path_name, refusal
 from ckpt.collect.fdkinds.unix_build import component
 from ckpt.images.pb import core_pb2 as pb
-from ckpt.kernel.unix_diag import UnixDiag, build_request, parse_reply
+from ckpt.kernel.unix_diag import UnixDiag, build_request, parse_replies, parse_reply
 
 # --------------------------------------------------------------------------- pure
 
@@ -48,6 +48,14 @@ def test_parse_unix_diag_error_and_request() -> None:
         parse_reply(error)
     req = build_request(42)
     assert len(req) == 40 and int.from_bytes(req[24:28], "little") == 42
+
+
+def test_parse_unix_diag_dump() -> None:
+    """A dump's read: messages, each padded to 4 bytes, until NLMSG_DONE."""
+    done = bytes.fromhex("14000000030002000100000000000000" "00000000")
+    found, finished = parse_replies(CAPTURED + CAPTURED + done)
+    assert [d.ino for d in found] == [518274, 518274] and finished
+    assert parse_replies(CAPTURED) == ([parse_reply(CAPTURED)], False)
 
 
 def test_path_names_lose_the_kernels_terminating_nul() -> None:
@@ -171,6 +179,26 @@ def test_accepted_connection_survives_its_gone_listener(harness: Harness) -> Non
     assert isinstance(first, dict) and first["b"] == [5000, True] and first["a"] == "to a 1"
     dump_restore(harness, target)
     assert target.ask() == {**first, "a": "to a 2"}
+
+
+@needs_root
+def test_connection_from_a_path_listener_survives(harness: Harness, tmp_path: Path) -> None:
+    """Accepted from a listener on a path that stays: restore connects through the
+    restored listener, so both ends' names come back."""
+    path = str(tmp_path / "srv.sock")
+    target = Asker(harness, "fd_unix.py", "served", path)
+    first = target.ask()
+    assert isinstance(first, dict) and first["names"] == ["", path, path, ""]
+    dump_restore(harness, target)
+    assert target.ask() == {**first, "a": "to a 2"}
+
+
+@needs_root
+def test_end_whose_peer_was_closed_reads_then_eof(harness: Harness) -> None:
+    target = Asker(harness, "fd_unix.py", "orphan")
+    assert target.ask() == {"b": ["last words"], "a_send": "EPIPE"}
+    dump_restore(harness, target)
+    assert target.ask() == {"b": ["last words"], "a_send": "EPIPE"}
 
 
 @needs_root

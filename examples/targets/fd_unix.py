@@ -11,6 +11,9 @@
                 connection, if any, and sends it "hello N"
     abstract    the same on an abstract name
     shutdown    a socketpair whose end a wrote "last words" and shut down for writing
+    served PATH a connection accepted from a listener on PATH, which stays: bytes
+                queued both ways
+    orphan      a socketpair whose end a wrote "last words" and was closed
     inflight    a socketpair with an fd in flight (SCM_RIGHTS, not received)
     external ADDR  a stream socket connected to ADDR (a listener outside the process)
 
@@ -80,6 +83,21 @@ def setup(args: list[str]) -> dict[str, Any]:
         client.send(BIG[:5000])
         server.send(b"to a 1")
         st["pair"] = (client, server)
+    elif mode == "served":
+        lis = socket.socket(socket.AF_UNIX)
+        lis.bind(args[1])
+        lis.listen(1)
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(args[1])
+        server, _ = lis.accept()
+        client.send(BIG[:5000])
+        server.send(b"to a 1")
+        st["pair"], st["listener"] = (client, server), lis
+    elif mode == "orphan":
+        a, b = socket.socketpair()
+        a.send(b"last words")
+        a.close()
+        st["pair"] = (a, b)
     elif mode == "named":
         rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         rx.bind(f"\0ckpt-test-rx-{os.getpid()}")
@@ -118,11 +136,11 @@ def setup(args: list[str]) -> dict[str, Any]:
 
 def check(st: dict[str, Any]) -> dict[str, Any]:
     mode, n = st["mode"], st["n"]
-    if mode in ("stream", "connected"):
+    if mode in ("stream", "connected", "served"):
         a, b = st["pair"]
         out = stream_check(a, b, n, BIG if mode == "stream" else BIG[:5000])
         out["names"] = [str(x) for x in (a.getsockname(), b.getsockname(), a.getpeername(),
-                                         b.getpeername())] if mode == "connected" else []
+                                         b.getpeername())] if mode != "stream" else []
         out["opts"] = [b.getblocking(), b.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED),
                        a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)]
         return out
@@ -166,7 +184,7 @@ def check(st: dict[str, Any]) -> dict[str, Any]:
     if mode in ("inflight", "external"):
         return {"fd": a.fileno()}
     try:
-        a.send(b"more")
+        b.send(b"more") if mode == "orphan" else a.send(b"more")
         sent = "sent"
     except BrokenPipeError:
         sent = "EPIPE"
