@@ -376,3 +376,29 @@ def require_restorable(target: Target) -> list[VmaInfo]:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise NotDumpable(found[0] + more)
     return list(target.vmas)
+
+
+class _Any:
+    """Stands for any value of a rule's field when the table is printed."""
+
+    def __format__(self, spec: str) -> str:
+        return "…"
+
+
+class _Blanks(dict[str, object]):
+    def __missing__(self, key: str) -> object:
+        return _Any()
+
+
+def table_lines() -> list[str]:
+    """The table as `ckpt check` prints it: what is restored by an fd kind, then each
+    rule's refusal with its fields left blank."""
+    from ckpt.collect.fdkinds import KINDS
+
+    out = [f"restored: fds of kind {', '.join(k.name for k in KINDS)} (ckpt/collect/fdkinds), "
+           "regular files, directories, /dev/null and stateless devices by path"]
+    for subject, rules in (("process", PROCESS_RULES), ("mapping", VMA_RULES),
+                           ("fd", FD_RULES)):
+        for rule in rules:
+            out.append(f"refused ({subject}): {rule.says.format_map(_Blanks())}")
+    return out
