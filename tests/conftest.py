@@ -504,6 +504,9 @@ class Harness:
                     child.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=10)
+        # Copies a failed test never learned of (restored or migrated, then reparented
+        # to us): our children whose output goes into this test's directory.
+        self._pids |= {pid for pid in our_children() if self._writes_here(pid)}
         for pid in self._pids - {os.getpid()}:
             if is_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
@@ -515,6 +518,14 @@ class Harness:
         with contextlib.suppress(ChildProcessError):
             while os.waitpid(-1, os.WNOHANG)[0] > 0:
                 pass
+
+
+    def _writes_here(self, pid: int) -> bool:
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"{self.tmp}/"):
+                    return True
+        return False
 
 
 @pytest.fixture
