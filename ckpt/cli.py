@@ -78,6 +78,11 @@ def check(features: tuple[str, ...]) -> None:
     click.echo(format_capabilities(caps))
     for line in meaning(caps):
         click.echo(f"  {line}")
+    from ckpt.collect.restorable import table_lines
+
+    click.echo("state a dump carries (the rest is refused before the freeze):")
+    for line in table_lines():
+        click.echo(f"  {line}")
     why = missing(caps, features)
     if why:
         raise CkptError(why)

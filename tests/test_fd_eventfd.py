@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from conftest import Asker, Harness
+from conftest import Asker, Harness, assert_ckpt_ok, run_ckpt
 
 from ckpt.collect.fdkinds.eventfd import parse
 from ckpt.collect.fds import FdInfo, parse_fdinfo
@@ -30,3 +31,32 @@ def test_eventfd_counters_survive(harness: Harness, tmp_path: Path) -> None:
     assert target.ask() == {"plain": 6, "sem": 1, "empty": "EAGAIN"}
     assert target.ask() == {"plain": 7, "sem": 1, "empty": "EAGAIN"}
     # the semaphore is empty now: a fourth check blocks in its read, as it would have
+
+
+def test_show_lists_fd_kinds_with_state(harness: Harness) -> None:
+    target = Asker(harness, "fd_eventfd.py")
+    images = harness.images()
+    harness.dump(target.proc.pid, images, "--leave-running")
+    res = run_ckpt("show", images, "--json")
+    assert_ckpt_ok(res)
+    fds = json.loads(res.stdout)["processes"][0]["fds"]
+    kinds = {f["fd"]: (f["type"], f.get("state")) for f in fds}
+    assert kinds[3] == ("EVENTFD", {"count": "5"})
+    assert kinds[4] == ("EVENTFD", {"count": "3", "semaphore": True})
+    assert kinds[5] == ("EVENTFD", None)  # an empty counter: nothing to show
+    text = run_ckpt("show", images)
+    assert_ckpt_ok(text)
+    assert any(line.split()[:4] == ["fd", "4", "->", "anon_inode:[eventfd]"]
+               and "eventfd" in line and "semaphore=True" in line
+               for line in text.stdout.splitlines()), text.stdout
+
+
+def test_check_prints_the_table() -> None:
+    res = run_ckpt("check")
+    assert_ckpt_ok(res)
+    lines = [line.strip() for line in res.stdout.splitlines()]
+    restored = next(line for line in lines if line.startswith("restored: fds of kind"))
+    assert "eventfd" in restored
+    assert "refused (fd): a terminal; use --shell-job for fds 0-2" in lines
+    assert any(line.startswith("refused (process): process … has child processes")
+               for line in lines)

@@ -46,6 +46,7 @@ from ckpt.collect import proc
 from ckpt.collect.fdkinds.base import FdFlags
 from ckpt.collect.files import collect_files
 from ckpt.collect.restorable import read_target, require_restorable
+from ckpt.collect.sysvshm import attaches, collect_segments
 from ckpt.collect.tasks import collect_injected, collect_thread
 from ckpt.collect.vmas import VmaInfo, collect_vmas
 from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
@@ -63,6 +64,7 @@ from ckpt.ranges import Range
 from ckpt.track import DirtySet, PassContext, Tracker
 from ckpt.track.uffd_wp import ckpt_uffds
 
+SYSV_WHOLE = "System V shared memory: saved whole in the core image"
 SMALL_COPY = 32 << 20  # bytes: read at once into memory, then stored
 
 
@@ -161,10 +163,14 @@ def dump(opts: DumpOptions) -> DumpResult:
 
     def finish(mem: MemoryResult, frozen_ms: float) -> image_pb2.DumpStats:
         """Everything after the pages: core, tracker state, and the inventory, last."""
-        images.write_core(pid, build_core(pid, info, states, injected, vmas, files))
+        core = build_core(pid, info, states, injected, vmas, files)
+        core.sysv_shm.extend(segments)
+        images.write_core(pid, core)
         if tracker is not None and keep:
             images.write_tracker(pid, tracker.state())
         stats = pass_stats(layer.plan, mem, frozen_ms, (time.perf_counter() - t_start) * 1000)
+        for a in attaches(vmas):
+            stats.whole_vmas.add(start=a.base, end=a.end, reason=SYSV_WHOLE)
         images.write_inventory(inventory(pid, "dump", parent, name, stats,
                                          len(states[0].xstate), opts.shell_job))
         return stats
@@ -207,6 +213,7 @@ def dump(opts: DumpOptions) -> DumpResult:
                     with frozen.near():
                         tracker.end(ctx, keep=keep)
             files = collect_files(pid, opts.shell_job, hidden_fds(pid), flags=opts.fd_flags)
+            segments = collect_segments(vmas)
             info = collect_process(pid, frozen.leader, stopped=bool(frozen.stop_signal))
             frozen_at = frozen.frozen_at
             frozen_ms = (time.perf_counter() - frozen_at) * 1000

@@ -40,8 +40,9 @@ from ckpt.actions.dump import DumpOptions, dump, hidden_fds, preflight
 from ckpt.actions.predump import PredumpOptions, predump
 from ckpt.collect import proc
 from ckpt.collect.files import collect_files
+from ckpt.collect.sysvshm import attaches
 from ckpt.collect.vmas import VmaInfo, VmaKind
-from ckpt.errors import CkptError
+from ckpt.errors import CkptError, NotDumpable
 from ckpt.images import ImageDir
 from ckpt.images.pb import wire_pb2
 from ckpt.kernel.creds import require_root
@@ -122,6 +123,11 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     # Whatever would stop the final dump (an fd kind we cannot carry, children, ...)
     # stops the migration before any round, like a failed server check.
     vmas = preflight(DumpOptions(pid=opts.pid, images_dir=""), hidden_fds(opts.pid))
+    shm = attaches(vmas)
+    if shm:  # the destination's warm restore maps VMAs as the passes come: no shmat
+        raise NotDumpable(f"process {opts.pid} attaches System V shared memory "
+                          f"({shm[0].shmid} at {shm[0].base:#x}): ckpt dump and restore "
+                          "carry it, migrate does not yet")
     work = Path(opts.keep_images or tempfile.mkdtemp(prefix="ckpt-migrate-"))
     out = MigrateResult()
     try:

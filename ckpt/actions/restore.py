@@ -30,6 +30,7 @@ import signal
 import time
 from dataclasses import dataclass
 
+from ckpt.collect import sysvshm
 from ckpt.images import chain
 from ckpt.kernel.creds import require_root
 from ckpt.restore import mm
@@ -73,12 +74,15 @@ def restore(opts: RestoreOptions) -> RestoreResult:
         check_files(entry)
     stub = Stub.spawn(None if opts.new_pid else entry.pid, max(t.tid for t in entry.threads))
     copier = CopyFill()
+    made: list[int] = []  # System V segments made here
     try:
         vmas = list(entry.vmas)
         with stub.colocated():  # injected syscalls: see Stub.colocated
             check_xstate(stub, entry)
             prepare_stub(stub, vmas)
             late = mm.map_vmas(stub, vmas)
+            made = sysvshm.restore_segments(entry)
+            sysvshm.attach_segments(stub, entry)
             copier = CopyFill.open(stub, vmas)
         # closed right after the fill: a VMA still registered would SIGBUS the process
         # (the finally below only covers a failure before this point)
@@ -90,6 +94,7 @@ def restore(opts: RestoreOptions) -> RestoreResult:
                                   same_tids=not opts.new_pid, stopped=opts.stopped)
     except BaseException:
         stub.kill()
+        sysvshm.forget(made)
         raise
     finally:
         copier.close()

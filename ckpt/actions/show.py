@@ -86,10 +86,36 @@ def _pages_in(start: int, end: int, pagemap: Pagemap) -> int:
     return total(intersect(pagemap.covered, [(start, end)])) // PAGE_SIZE
 
 
+#: OpenFile fields that hold an fd kind's state (ckpt.collect.fdkinds), shown as its "state"
+KIND_FIELDS = ("pipe", "unix_socket", "inet_socket", "eventfd", "epoll", "timerfd", "signalfd",
+               "inotify", "memfd")
+
+
 def _fd(fd: core_pb2.FdEntry, files: dict[int, core_pb2.OpenFile]) -> dict[str, Any]:
     f = files[fd.file_id]
-    return {"fd": fd.fd, "file": fd.file_id, "type": core_pb2.OpenFile.Type.Name(f.type),
-            "path": f.path, "pos": f.pos, "flags": oct(f.flags), "cloexec": fd.cloexec}
+    out = {"fd": fd.fd, "file": fd.file_id, "type": core_pb2.OpenFile.Type.Name(f.type),
+           "path": f.path, "pos": f.pos, "flags": oct(f.flags), "cloexec": fd.cloexec}
+    state: dict[str, Any] = {}
+    for name in KIND_FIELDS:
+        if f.HasField(name):
+            state.update(MessageToDict(getattr(f, name)))
+    if f.locks:
+        state["locks"] = [MessageToDict(lock) for lock in f.locks]
+    if f.external:
+        state["external"] = f.external
+    if state:
+        out["state"] = state
+    return out
+
+
+def _state_text(state: dict[str, Any]) -> str:
+    """A kind's state on one line: long bytes fields (base64 in JSON) as their length."""
+    parts = []
+    for key, value in state.items():
+        if isinstance(value, str) and len(value) > 40:
+            value = f"<{len(value) * 3 // 4} bytes>"
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
 
 
 def render_json(summary: dict[str, Any]) -> str:
@@ -120,6 +146,7 @@ def render_text(s: dict[str, Any]) -> str:
             lines.append(f"  vma {v['start']:#014x}-{v['end']:#014x} {v['prot']} "
                          f"{v['kind']:<12} {v['pages']:>7}p {v['path']}")
         for f in p.get("fds", []):
-            lines.append(f"  fd {f['fd']:>3} -> {f['path'] or f['type']} pos={f['pos']} "
-                         f"flags={f['flags']}{' cloexec' if f['cloexec'] else ''}")
+            lines.append(f"  fd {f['fd']:>3} -> {f['path'] or f['type']} {f['type'].lower()} "
+                         f"pos={f['pos']} flags={f['flags']}{' cloexec' if f['cloexec'] else ''}"
+                         + (f" {_state_text(f['state'])}" if "state" in f else ""))
     return "\n".join(lines)

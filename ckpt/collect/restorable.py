@@ -17,8 +17,10 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               one shared anonymous memory mapped at two        restore would make two
               addresses (mremap of size 0)
     any path  names another file from ckpt's mount namespace   restore opens ckpt's
-    mapping   System V shared memory, an AIO ring, a memfd,    the file is gone: restore
-              MAP_HUGETLB memory, a deleted file               cannot map it again
+    mapping   an AIO ring, a memfd, MAP_HUGETLB memory,        the file is gone: restore
+              a deleted file                                   cannot map it again
+              System V shared memory shared with another       (ckpt.collect.sysvshm)
+              process, partly unmapped, or too large
               a file that is not a path (anon_inode:...)       (io_uring, perf, DRM)
               a device under /dev (but /dev/zero, /dev/shm)    its state lives in the driver
     fd        of a kind of ckpt.collect.fdkinds               that kind's refuse says
@@ -47,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from ckpt.collect import proc
+from ckpt.collect import proc, sysvshm
 from ckpt.collect.fdkinds import kind_of
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
@@ -96,6 +98,10 @@ class Target:
     # judged by the kind's refuse under fd_flags, not by FD_RULES
     fd_kinds: tuple[tuple[int, FdKind, object], ...] = ()
     fd_flags: FdFlags = field(default_factory=FdFlags)
+    # System V shared memory (ckpt.collect.sysvshm): the IPC namespace's segments, and
+    # whether the target's IPC namespace is ckpt's
+    shm_segments: tuple[sysvshm.Segment, ...] = ()
+    same_ipc_ns: bool = True
 
 
 @dataclass(frozen=True)
@@ -194,8 +200,6 @@ class Mapping:
 
 
 VMA_RULES: tuple[Rule[Mapping], ...] = (
-    Rule(lambda v: v.path.startswith("/SYSV"),
-         "System V shared memory at {start:#x}: not supported"),
     Rule(lambda v: v.path.startswith("/[aio]"),
          "an AIO ring (io_setup) at {start:#x}: " + NOT_YET),
     Rule(lambda v: v.path.startswith("/anon_hugepage"),
@@ -285,6 +289,8 @@ def _first(rules: tuple[Rule[T], ...], subject: T, fields: Callable[[T], dict[st
 def refusals(t: Target) -> list[str]:
     """One line per thing a restore could not bring back (empty: restorable)."""
     out = [rule.says.format(**process_fields(t)) for rule in PROCESS_RULES if rule.applies(t)]
+    out += sysvshm.refusals(t.pid, t.vmas, {s.shmid: s for s in t.shm_segments},
+                            t.same_ipc_ns)
     for v in sorted(t.vmas, key=lambda v: v.start):
         why = _first(VMA_RULES, Mapping(v, v.path in t.foreign), vma_fields)
         if why:
@@ -332,6 +338,8 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         thread_cwds=_thread_cwds(pid), timers=tuple(proc.read_timer_ids(pid)),
         other_ns=tuple((kind, its, own) for kind, (its, own) in ns.items() if its != own),
         groups=len(proc.read_status(pid).groups), fd_kinds=tuple(fd_kinds),
+        shm_segments=tuple(sysvshm.read_segments().values()) if sysvshm.attaches(maps)
+        else (), same_ipc_ns=proc.read_ns(pid, "ipc") == proc.read_ns(me, "ipc"),
         fd_flags=flags or FdFlags(shell_job=shell_job))
 
 
@@ -376,3 +384,29 @@ def require_restorable(target: Target) -> list[VmaInfo]:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise NotDumpable(found[0] + more)
     return list(target.vmas)
+
+
+class _Any:
+    """Stands for any value of a rule's field when the table is printed."""
+
+    def __format__(self, spec: str) -> str:
+        return "…"
+
+
+class _Blanks(dict[str, object]):
+    def __missing__(self, key: str) -> object:
+        return _Any()
+
+
+def table_lines() -> list[str]:
+    """The table as `ckpt check` prints it: what is restored by an fd kind, then each
+    rule's refusal with its fields left blank."""
+    from ckpt.collect.fdkinds import KINDS
+
+    out = [f"restored: fds of kind {', '.join(k.name for k in KINDS)} (ckpt/collect/fdkinds), "
+           "regular files, directories, /dev/null and stateless devices by path"]
+    for subject, rules in (("process", PROCESS_RULES), ("mapping", VMA_RULES),
+                           ("fd", FD_RULES)):
+        for rule in rules:
+            out.append(f"refused ({subject}): {rule.says.format_map(_Blanks())}")
+    return out

@@ -21,11 +21,13 @@ class VmaKind(enum.IntEnum):
     VVAR = 7
     VVAR_VCLOCK = 8
     VSYSCALL = 9
+    SYSV_SHM = 10  # a System V shared memory attach (ckpt.collect.sysvshm)
 
 
 SPECIAL_KINDS = {"[vdso]": VmaKind.VDSO, "[vvar]": VmaKind.VVAR,
                  "[vvar_vclock]": VmaKind.VVAR_VCLOCK, "[vsyscall]": VmaKind.VSYSCALL}
 SHMEM_NAMES = ("/dev/zero (deleted)", "[anon_shmem")
+SYSV_NAME = "/SYSV"  # "/SYSV<key in hex> (deleted)"
 KERNEL_PROVIDED = frozenset(SPECIAL_KINDS.values())
 
 
@@ -51,6 +53,8 @@ def classify(m: MapEntry, vmflags: tuple[str, ...]) -> VmaKind:
     """The kind of one VMA. Anonymous means no backing inode ([anon:x] names included)."""
     if m.path in SPECIAL_KINDS:
         return SPECIAL_KINDS[m.path]
+    if m.shared and m.path.startswith(SYSV_NAME):
+        return VmaKind.SYSV_SHM  # inode: the shmid
     if m.shared and (m.inode == 0 or m.path.startswith(SHMEM_NAMES)):
         return VmaKind.ANON_SHARED  # MAP_SHARED|MAP_ANONYMOUS, or a mapping of /dev/zero
     if m.inode == 0:

@@ -177,6 +177,9 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
                     "pos": ranged(0, S64_MAX), "size": ranged(0, S64_MAX),
                     "inherit_fd": ranged(-1, 2)},
     core.FdEntry: {"fd": ranged(0, NR_OPEN_MAX - 1), "file_id": ranged(1, FD_SET_MAX)},
+    # ckpt.collect.sysvshm.MAX_SEGMENT (not imported: images never reach into collect)
+    core.SysvShm: {"shmid": ranged(0, (1 << 31) - 1), "mode": ranged(0, 0o777),
+                   "size": ranged(1, 1 << 30)},
 }
 
 

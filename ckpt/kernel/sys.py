@@ -41,11 +41,15 @@ class NR:
     ioctl = 16
     mremap = 25
     madvise = 28
+    shmget = 29
+    shmat = 30
+    shmctl = 31
     dup2 = 33
     getitimer = 36
     setitimer = 38
     getpid = 39
     kill = 62
+    shmdt = 67
     fcntl = 72
     chdir = 80
     umask = 95

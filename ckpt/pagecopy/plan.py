@@ -8,6 +8,7 @@
                       untouched pages come back from the file at restore
     anon shared       present or swapped (pages of the shmem object that are mapped)
     file shared       none: the data lives in the file
+    System V shm      none: the whole segment is in the core image (ckpt.collect.sysvshm)
     vdso/vvar/...     none: the kernel provides them
 
 Runs are computed from /proc/PID/pagemap a VMA at a time; ``data_runs`` finds run
@@ -36,7 +37,7 @@ from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.ranges import Range, merge_sorted, normalize
 
 NO_PAGES = frozenset({VmaKind.FILE_SHARED, VmaKind.VDSO, VmaKind.VVAR, VmaKind.VVAR_VCLOCK,
-                      VmaKind.VSYSCALL})
+                      VmaKind.VSYSCALL, VmaKind.SYSV_SHM})  # SysV: ckpt.collect.sysvshm
 
 
 @dataclass(frozen=True)

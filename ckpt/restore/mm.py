@@ -102,8 +102,8 @@ def map_vmas(stub: Stub, vmas: list[pb.Vma]) -> list[pb.Vma]:
     """mmap every VMA in place; return those to mprotect back after the page fill."""
     with Backing(stub) as files:
         for v in vmas:
-            if VmaKind(v.kind) not in KERNEL_PROVIDED:
-                map_range(stub, v, v.start, v.end, files)
+            if VmaKind(v.kind) not in KERNEL_PROVIDED | {VmaKind.SYSV_SHM}:
+                map_range(stub, v, v.start, v.end, files)  # SysV: ckpt.collect.sysvshm
     return late_protected(vmas)
 
 

@@ -19,7 +19,7 @@ Modes (DIR holds any file the mode creates):
   memfd           a memfd mapped MAP_SHARED, fd closed
   deleted-fd      an fd on DIR/gone.txt, then the file is unlinked
   child           a child process (sleeps; killed when the target dies)
-  sysv-shm        a System V shared memory segment attached
+  sysv-partial    a System V shared memory segment attached, one page of it unmapped
   fanotify        a fanotify group (an anon inode no fd kind claims)
   dev-zero-fd     an fd on /dev/zero (a character device other than /dev/null)
   kmsg-fd         an fd on /dev/kmsg (a character device with state: its read position)
@@ -120,11 +120,12 @@ def setup(mode: str, where: str) -> tuple[str, object]:
             while True:
                 time.sleep(3600)
         return str(pid), pid
-    if mode == "sysv-shm":
+    if mode == "sysv-partial":
         shmid = libc.shmget(IPC_PRIVATE, 4 * PAGE, IPC_CREAT | 0o600)
         libc.shmat.restype = ctypes.c_void_p
         addr = libc.shmat(shmid, None, 0)
         libc.shmctl(shmid, 0, None)  # IPC_RMID: gone once detached
+        libc.munmap(ctypes.c_void_p(addr + PAGE), PAGE)
         return f"{addr:#x}", addr
     if mode == "fanotify":
         fd = sc(NR_FANOTIFY_INIT, 0, os.O_RDONLY)

@@ -1,0 +1,278 @@
+"""System V shared memory (shmget/shmat): the segments a process attaches, saved whole and
+attached again at the same addresses, collector and restorer side by side.
+
+A segment lives in the IPC namespace, not in the process: /proc/sysvipc/shm lists it
+(ckpt's namespace, which must be the target's), /proc/PID/maps shows each attach as
+
+    7f2217000000-7f2217003000 rw-s 00000000 00:01 26    /SYSV00001234 (deleted)
+                                   offset      shmid=inode  key in hex
+
+Dump: every attached segment's ids, mode and whole contents (read through ckpt's own
+read-only attach) go in the core image; its VMAs are kind SYSV_SHM and carry no pages.
+Restore: a segment still there with the same id, key and size (a restore on the same
+host) is reused, otherwise made again under the same id (kernel.shm_next_id); either way
+its contents become the dump's. The process then attaches it where it was (one shmat per
+attach, read-only or executable as the VMAs' VM_MAYWRITE / VM_MAYEXEC say), and a segment
+that was removed (IPC_RMID) is removed again, to vanish with its last detach.
+
+Refused before the freeze (:func:`refusals`): a segment another process attaches too
+(process trees), an attach the process partly unmapped, huge-page segments, segments
+larger than :data:`MAX_SEGMENT`, and a target in another IPC namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import zstandard
+
+from ckpt.collect.fdkinds.base import Remote
+from ckpt.collect.vmas import VmaInfo, VmaKind
+from ckpt.errors import RestoreError
+from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.sys import NR, PAGE_SIZE, syscall
+
+SHM_DEST = 0o1000  # in /proc/sysvipc/shm perms: removed, destroyed at the last detach
+SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
+IPC_CREAT, IPC_EXCL, IPC_RMID, IPC_SET, IPC_STAT = 0o1000, 0o2000, 0, 1, 2
+IPC_PRIVATE = 0
+MAX_SEGMENT = 1 << 30  # bytes: a larger segment is refused (it goes in the core image)
+NEXT_ID = "/proc/sys/kernel/shm_next_id"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One line of /proc/sysvipc/shm."""
+
+    key: int
+    shmid: int
+    mode: int  # perms as shown: permission bits, SHM_DEST, SHM_LOCKED
+    size: int
+    nattch: int
+    uid: int
+    gid: int
+
+    @property
+    def removed(self) -> bool:
+        return bool(self.mode & SHM_DEST)
+
+
+def parse_sysvipc_shm(text: str) -> dict[int, Segment]:
+    """/proc/sysvipc/shm by shmid (key, shmid, perms (octal), size, cpid, lpid, nattch,
+    uid, gid, ...)."""
+    out = {}
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) < 9:
+            continue
+        seg = Segment(key=int(f[0]), shmid=int(f[1]), mode=int(f[2], 8), size=int(f[3]),
+                      nattch=int(f[6]), uid=int(f[7]), gid=int(f[8]))
+        out[seg.shmid] = seg
+    return out
+
+
+def read_segments(root: str = "/proc") -> dict[int, Segment]:
+    try:
+        with open(f"{root}/sysvipc/shm") as f:
+            return parse_sysvipc_shm(f.read())
+    except FileNotFoundError:
+        return {}
+
+
+@dataclass(frozen=True)
+class Attach:
+    """One shmat of segment ``shmid`` at ``base``: the VMAs it became (mprotect splits
+    one attach into several)."""
+
+    shmid: int
+    base: int
+    vmas: tuple[VmaInfo, ...]
+
+    @property
+    def end(self) -> int:
+        return self.vmas[-1].end
+
+
+def attaches(vmas: Sequence[VmaInfo]) -> list[Attach]:
+    """Group the SYSV_SHM VMAs by attach: adjacent, same segment, same base address."""
+    out: list[Attach] = []
+    for v in sorted((v for v in vmas if v.kind == VmaKind.SYSV_SHM), key=lambda v: v.start):
+        base = v.start - v.pgoff
+        last = out[-1] if out else None
+        if last and last.shmid == v.inode and last.base == base and last.end == v.start:
+            out[-1] = Attach(last.shmid, base, (*last.vmas, v))
+        else:
+            out.append(Attach(v.inode, base, (v,)))
+    return out
+
+
+def refusals(pid: int, vmas: Sequence[VmaInfo], segments: dict[int, Segment],
+             same_ipc_ns: bool) -> list[str]:
+    """Why the SysV attaches of ``pid`` could not be restored exactly (pure)."""
+    found = attaches(vmas)
+    if found and not same_ipc_ns:
+        return [f"process {pid} attaches System V shared memory in another IPC namespace "
+                "than ckpt's: not supported yet"]
+    out = []
+    count: dict[int, int] = {}
+    for a in found:  # nattch counts VMAs: an mprotect split opens the segment again
+        count[a.shmid] = count.get(a.shmid, 0) + len(a.vmas)
+    for a in found:
+        seg = segments.get(a.shmid)
+        where = f"System V shared memory {a.shmid} at {a.base:#x}"
+        if seg is None:
+            out.append(f"process {pid} attaches {where}, which /proc/sysvipc/shm does not "
+                       "list (huge pages, or gone): not supported yet")
+        elif a.end - a.base != _pages(seg.size) or a.vmas[0].pgoff != 0:
+            out.append(f"process {pid} attaches {where} in part (unmapped inside): "
+                       "not supported yet")
+        elif seg.size > MAX_SEGMENT:
+            out.append(f"process {pid} attaches {where} of {seg.size} bytes, more than "
+                       f"ckpt saves ({MAX_SEGMENT} bytes)")
+    for shmid, mine in sorted(count.items()):
+        seg = segments.get(shmid)
+        if seg is not None and seg.nattch > mine:
+            out.append(f"process {pid}'s System V shared memory {shmid} is also attached "
+                       f"by {seg.nattch - mine} other process(es): process trees are not "
+                       "supported yet")
+    return out
+
+
+def _pages(size: int) -> int:
+    return -(-size // PAGE_SIZE) * PAGE_SIZE
+
+
+# --------------------------------------------------------------------------- dump
+
+
+@contextlib.contextmanager
+def _attached(shmid: int, flags: int) -> Iterator[int]:
+    addr = syscall(NR.shmat, shmid, 0, flags, what=f"shmat({shmid})")
+    try:
+        yield addr
+    finally:
+        syscall(NR.shmdt, addr, what="shmdt")
+
+
+def collect_segments(vmas: Sequence[VmaInfo], root: str = "/proc") -> list[pb.SysvShm]:
+    """Every segment the VMAs attach, with its contents (call it while frozen)."""
+    segments = read_segments(root)
+    out = []
+    for shmid in sorted({a.shmid for a in attaches(vmas)}):
+        seg = segments[shmid]
+        with _attached(shmid, SHM_RDONLY) as addr:
+            data = ctypes.string_at(addr, seg.size)
+        out.append(pb.SysvShm(key=seg.key, shmid=shmid, mode=seg.mode & 0o777, size=seg.size,
+                              uid=seg.uid, gid=seg.gid, removed=seg.removed,
+                              data=zstandard.ZstdCompressor(level=1).compress(data)))
+    return out
+
+
+# --------------------------------------------------------------------------- restore
+
+
+def restore_segments(entry: pb.ProcessEntry) -> list[int]:
+    """Make (or find) every segment of the image under its id, with its contents and
+    owner; return the ids of those made here (for :func:`forget` if the restore fails)."""
+    made = []
+    here = read_segments()
+    try:
+        for seg in entry.sysv_shm:
+            if not _reusable(here.get(seg.shmid), seg):
+                _make(seg)
+                made.append(seg.shmid)
+            _fill(seg)
+    except BaseException:
+        forget(made)
+        raise
+    return made
+
+
+def _reusable(there: Segment | None, seg: pb.SysvShm) -> bool:
+    if there is None:
+        return False
+    if there.key == seg.key and there.size == seg.size and not there.removed:
+        return True
+    raise RestoreError(f"System V shared memory id {seg.shmid} is taken by another segment "
+                       f"(key {there.key:#x}, {there.size} bytes)")
+
+
+def _make(seg: pb.SysvShm) -> None:
+    key = IPC_PRIVATE if seg.removed else seg.key
+    try:
+        with open(NEXT_ID, "w") as f:
+            f.write(str(seg.shmid))
+        got = syscall(NR.shmget, key, seg.size, IPC_CREAT | IPC_EXCL | (seg.mode & 0o777),
+                      what=f"shmget (System V shared memory {seg.shmid})")
+    except OSError as exc:
+        raise RestoreError(f"cannot make System V shared memory {seg.shmid} (key "
+                           f"{seg.key:#x}) again: {exc.strerror or exc}") from None
+    if got != seg.shmid:
+        forget([got])
+        raise RestoreError(f"System V shared memory {seg.shmid} came back as id {got}")
+    ds = ShmidDs()
+    syscall(NR.shmctl, got, IPC_STAT, ctypes.addressof(ds), what="shmctl(IPC_STAT)")
+    ds.uid, ds.gid, ds.mode = seg.uid, seg.gid, seg.mode & 0o777
+    syscall(NR.shmctl, got, IPC_SET, ctypes.addressof(ds), what="shmctl(IPC_SET)")
+
+
+def _fill(seg: pb.SysvShm) -> None:
+    data = zstandard.ZstdDecompressor().decompress(seg.data, max_output_size=seg.size)
+    if len(data) != seg.size:
+        raise RestoreError(f"System V shared memory {seg.shmid}: the image holds "
+                           f"{len(data)} bytes of {seg.size}")
+    with _attached(seg.shmid, 0) as addr:
+        ctypes.memmove(addr, data, len(data))
+
+
+def attach_segments(remote: Remote, entry: pb.ProcessEntry) -> None:
+    """shmat every attach of the image at its address in the restored process, with the
+    VMAs' protections; then remove the segments that were removed."""
+    for a in attaches([_vma_info(v) for v in entry.vmas if v.kind == pb.Vma.SYSV_SHM]):
+        flags = (0 if "mw" in a.vmas[0].vmflags else SHM_RDONLY) | (
+            SHM_EXEC if "me" in a.vmas[0].vmflags else 0)
+        got = remote.sc(NR.shmat, a.shmid, a.base, flags,
+                        what=f"shmat System V shared memory {a.shmid} at {a.base:#x}")
+        if got != a.base:
+            raise RestoreError(f"System V shared memory {a.shmid} attached at {got:#x}, "
+                               f"not {a.base:#x}")
+        for v in a.vmas:
+            remote.sc(NR.mprotect, v.start, v.end - v.start, v.prot,
+                      what=f"mprotect {v.start:#x}")
+    for seg in entry.sysv_shm:
+        if seg.removed:
+            syscall(NR.shmctl, seg.shmid, IPC_RMID, 0, what="shmctl(IPC_RMID)")
+
+
+def forget(made: list[int]) -> None:
+    """Remove segments a failed restore made (they are gone at their last detach)."""
+    for shmid in made:
+        with contextlib.suppress(OSError):
+            syscall(NR.shmctl, shmid, IPC_RMID, 0, what="shmctl(IPC_RMID)")
+
+
+def _vma_info(v: pb.Vma) -> VmaInfo:
+    return VmaInfo(start=v.start, end=v.end, prot=v.prot, shared=v.shared,
+                   kind=VmaKind(v.kind), pgoff=v.pgoff, path=v.path, dev=v.dev, inode=v.inode,
+                   vmflags=tuple(v.vmflags))
+
+
+class ShmidDs(ctypes.Structure):
+    """struct shmid64_ds (x86-64): struct ipc64_perm, then the segment's fields."""
+
+    _fields_ = [("key", ctypes.c_int32), ("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32),
+                ("cuid", ctypes.c_uint32), ("cgid", ctypes.c_uint32),
+                ("mode", ctypes.c_uint16), ("pad1", ctypes.c_uint16),
+                ("seq", ctypes.c_uint16), ("pad2", ctypes.c_uint16),
+                ("unused1", ctypes.c_uint64), ("unused2", ctypes.c_uint64),
+                ("segsz", ctypes.c_uint64), ("atime", ctypes.c_int64),
+                ("dtime", ctypes.c_int64), ("ctime", ctypes.c_int64),
+                ("cpid", ctypes.c_int32), ("lpid", ctypes.c_int32),
+                ("nattch", ctypes.c_uint64), ("unused4", ctypes.c_uint64),
+                ("unused5", ctypes.c_uint64)]
+
+
+assert ctypes.sizeof(ShmidDs) == 112

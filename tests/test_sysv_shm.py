@@ -1,0 +1,137 @@
+"""System V shared memory comes back attached where it was, with its contents, mode and
+owner (ckpt/collect/sysvshm.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+
+import pytest
+from conftest import Asker, Harness, assert_ckpt_ok, assert_one_error_line, run_ckpt
+
+from ckpt.collect.sysvshm import Segment, parse_sysvipc_shm, refusals
+from ckpt.collect.vmas import VmaInfo, VmaKind
+
+PAGE = 4096
+libc = ctypes.CDLL(None, use_errno=True)
+IPC_RMID = 0
+SHM_TEXT = """\
+       key      shmid perms                  size  cpid  lpid nattch   uid   gid  cuid  cgid      atime      dtime      ctime                   rss                  swap
+      4660         26  1640                 12288 16811 16811      3     0     0     0     0 1796310165          0 1796310165                     0                     0
+         0         27   600                  4096 16811 16811      1  1000   100     0     0 1796310165          0 1796310165                     0                     0
+"""  # noqa: E501
+
+
+def segment_exists(shmid: int) -> bool:
+    with open("/proc/sysvipc/shm") as f:
+        return any(line.split()[1] == str(shmid) for line in f.read().splitlines()[1:])
+
+
+def vma(start: int, end: int, shmid: int, pgoff: int = 0) -> VmaInfo:
+    return VmaInfo(start=start, end=end, prot=3, shared=True, kind=VmaKind.SYSV_SHM,
+                   pgoff=pgoff, path="/SYSV00001234 (deleted)", dev=1, inode=shmid,
+                   vmflags=("rd", "wr", "sh", "mr", "mw", "me", "ms"))
+
+
+def test_parse_and_refusals() -> None:
+    segs = parse_sysvipc_shm(SHM_TEXT)
+    assert segs[26] == Segment(key=4660, shmid=26, mode=0o1640, size=12288, nattch=3,
+                               uid=0, gid=0)
+    assert segs[26].removed and not segs[27].removed
+    whole = [vma(0x10000, 0x12000, 26), vma(0x12000, 0x13000, 26, pgoff=0x2000)]
+    second = [vma(0x20000, 0x23000, 26)]
+    assert refusals(5, whole + second, segs, True) == []
+    assert "another IPC namespace" in refusals(5, whole, segs, False)[0]
+    assert refusals(5, [whole[0], vma(0x12000, 0x13000, 26, pgoff=0x3000)], segs, True)
+    assert refusals(5, whole, segs, True) == [
+        "process 5's System V shared memory 26 is also attached by 1 other process(es): "
+        "process trees are not supported yet"]
+    assert "in part (unmapped inside)" in refusals(5, [whole[0], *second], segs, True)[0]
+    assert "does not list" in refusals(5, [vma(0x10000, 0x11000, 99)], segs, True)[0]
+
+
+def test_removed_private_segment(harness: Harness) -> None:
+    target = Asker(harness, "sysv_shm.py", "private", "0")
+    before = target.ask()
+    assert isinstance(before, dict)
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images)
+    pid = harness.restore_detached(images)
+    after = target.ask()
+    assert after == {**before, "counter": 2}
+    assert after["mode"] == "0o1640"  # still removed: gone with the last detach
+    harness.kill(pid)
+    assert not segment_exists(before["shmid"])
+
+
+@pytest.mark.parametrize("how", ["dump", "predump+incremental", "segment gone"])
+def test_keyed_segment(harness: Harness, how: str) -> None:
+    key = 0x5EC0000 + (hash(how) & 0xFFFF)
+    target = Asker(harness, "sysv_shm.py", "keyed", str(key))
+    before = target.ask()
+    assert isinstance(before, dict)
+    shmid = before["shmid"]
+    try:
+        if how == "predump+incremental":
+            pre = harness.images("pre")
+            assert_ckpt_ok(run_ckpt("predump", "-t", str(target.proc.pid), "-D", pre))
+            assert target.ask()["counter"] == 2  # type: ignore[index]
+            images = harness.images("final")
+            harness.dump_and_reap(target.proc, images, "--incremental", "--prev-images-dir",
+                                  "../pre")
+        else:
+            images = harness.images()
+            harness.dump_and_reap(target.proc, images)
+        assert segment_exists(shmid)  # not removed: it outlives the process
+        if how == "segment gone":  # e.g. restored on another host: made again
+            assert libc.shmctl(shmid, IPC_RMID, None) == 0
+            assert not segment_exists(shmid)
+        harness.restore_detached(images)
+        after = target.ask()
+        counter = 3 if how == "predump+incremental" else 2
+        assert after == {**before, "counter": counter}
+        assert after["maps"] == ["r--s", "r--s", "rw-s"]  # read-only attach kept
+    finally:
+        libc.shmctl(shmid, IPC_RMID, None)
+
+
+def test_shared_with_another_process_is_refused(harness: Harness) -> None:
+    target = Asker(harness, "sysv_shm.py", "keyed", str(0x5EC1234))
+    state = target.ask()
+    assert isinstance(state, dict)
+    other = subprocess.Popen(["python3", "-c", (
+        "import ctypes,sys,time; l=ctypes.CDLL(None); l.shmat.restype=ctypes.c_void_p;"
+        f"l.shmat({state['shmid']}, None, 0); print('on', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE)
+    try:
+        assert other.stdout is not None and other.stdout.readline() == b"on\n"
+        res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", harness.images())
+        line = assert_one_error_line(res)
+        assert f"System V shared memory {state['shmid']} is also attached by 1 other" in line
+        assert target.ask()["counter"] == 2  # type: ignore[index]
+    finally:
+        other.kill()
+        other.wait()
+        if other.stdout is not None:
+            other.stdout.close()
+        libc.shmctl(state["shmid"], IPC_RMID, None)
+
+
+def test_image_limits_match() -> None:
+    from ckpt.collect.sysvshm import MAX_SEGMENT
+    from ckpt.images.pb import core_pb2 as pb
+    from ckpt.images.validate import problems
+
+    assert not list(problems(pb.SysvShm(shmid=3, mode=0o640, size=MAX_SEGMENT)))
+    assert list(problems(pb.SysvShm(shmid=3, mode=0o640, size=MAX_SEGMENT + 1)))
+
+
+def test_migrate_refuses_before_connecting(harness: Harness) -> None:
+    target = Asker(harness, "sysv_shm.py", "private", "0")
+    token = harness.tmp / "token"
+    token.write_text("x" * 32)
+    res = run_ckpt("migrate", "-t", str(target.proc.pid), "--to", "127.0.0.1:9",
+                   "--auth-token-file", token)
+    line = assert_one_error_line(res)
+    assert "attaches System V shared memory" in line and "migrate does not yet" in line
+    assert target.ask()["counter"] == 1  # type: ignore[index]
