@@ -6,21 +6,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import stat
+import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from conftest import (
+    TARGETS,
     Asker,
     Harness,
     assert_one_error_line,
     assert_running_untraced,
     needs_root,
+    require_reachable_by_others,
     run_ckpt,
+    wait_for_line,
 )
+from test_creds import NOBODY, SYSTEM_PYTHON
 
 from ckpt.collect.fdkinds.unix import Seen, path_name, refusal
 from ckpt.collect.fdkinds.unix_build import component
@@ -150,13 +156,50 @@ def dump_restore(harness: Harness, target: Asker, *extra: str) -> int:
 @needs_root
 def test_socketpair_stream_bytes_both_ways_survive(harness: Harness) -> None:
     """200 kB queued one way, a line the other; the non-blocking end, SO_PASSCRED and a
-    set SO_SNDBUF too."""
+    set SO_SNDBUF too, and SO_PEERCRED naming the process (restore has it make the
+    pair)."""
     target = Asker(harness, "fd_unix.py", "stream")
-    first = {"b": [200000, True], "a": "to a 1", "names": [], "opts": [False, 1, 600000]}
+    first = {"b": [200000, True], "a": "to a 1", "names": [], "opts": [False, 1, 600000],
+             "peercred": [True, True]}
     assert target.ask() == first
     dump_restore(harness, target)
     assert target.ask() == {**first, "a": "to a 2"}
     assert target.ask() == {**first, "a": "to a 3"}
+
+
+class NobodyAsker(Asker):
+    """An Asker whose target runs as uid and gid 65534 (setpriv, the system python: the
+    venv's lives under /root), with its control files in a directory it can search."""
+
+    def __init__(self, harness: Harness, target: str, *args: str) -> None:
+        require_reachable_by_others()
+        if shutil.which("setpriv") is None or not os.path.exists(SYSTEM_PYTHON):
+            pytest.skip("needs setpriv and /usr/bin/python3")
+        where = Path(tempfile.mkdtemp(prefix="ckpt-test-unix-"))
+        where.chmod(0o755)
+        self.control = where / f"{target}.control"
+        self.out = harness.tmp / f"{target}.out"
+        self.proc = harness.launch([*NOBODY, SYSTEM_PYTHON, str(TARGETS / target),
+                                    str(self.control), *args], self.out)
+        wait_for_line(self.out, lambda line: line == "ready", 10, "ready")
+        self.asked = 0
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.control.parent, ignore_errors=True)
+
+
+@needs_root
+def test_peer_credentials_name_the_process_not_ckpt(harness: Harness) -> None:
+    """SO_PEERCRED of a socketpair names who made it: after the restore, the restored
+    process with its uid and gid (65534 here), not ckpt or root."""
+    target = NobodyAsker(harness, "fd_unix.py", "stream")
+    try:
+        first = target.ask()
+        assert isinstance(first, dict) and first["peercred"] == [True, True]
+        dump_restore(harness, target)
+        assert target.ask() == {**first, "a": "to a 2"}
+    finally:
+        target.cleanup()
 
 
 @needs_root
@@ -189,6 +232,7 @@ def test_connection_from_a_path_listener_survives(harness: Harness, tmp_path: Pa
     target = Asker(harness, "fd_unix.py", "served", path)
     first = target.ask()
     assert isinstance(first, dict) and first["names"] == ["", path, path, ""]
+    assert first["peercred"] == [True, True]  # who listened, who connected
     dump_restore(harness, target)
     assert target.ask() == {**first, "a": "to a 2"}
 

@@ -48,6 +48,10 @@ class NR:
     getitimer = 36
     setitimer = 38
     getpid = 39
+    socket = 41
+    connect = 42
+    listen = 50
+    socketpair = 53
     kill = 62
     shmdt = 67
     fcntl = 72

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import struct
 from typing import Any
 
 from fdkit import serve
@@ -51,6 +52,12 @@ def stream_check(a: socket.socket, b: socket.socket, n: list[int], big: bytes,
     a.sendall(big)
     b.send(f"to a {n[0]}".encode())
     return {"b": [len(got_b), got_b == big], "a": got_a}
+
+
+def peer_cred(s: socket.socket) -> tuple[int, int, int]:
+    """SO_PEERCRED (pid, uid, gid): who made the pair, who listened, who connected."""
+    pid, uid, gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid, uid, gid
 
 
 def setup(args: list[str]) -> dict[str, Any]:
@@ -143,6 +150,8 @@ def check(st: dict[str, Any]) -> dict[str, Any]:
                                          b.getpeername())] if mode != "stream" else []
         out["opts"] = [b.getblocking(), b.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED),
                        a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)]
+        me = (os.getpid(), os.geteuid(), os.getegid())
+        out["peercred"] = [peer_cred(a) == me, peer_cred(b) == me]
         return out
     if mode in ("dgram", "seqpacket"):
         a, b = st["pair"]

@@ -4,7 +4,8 @@ The first restore of a socket builds, in ckpt, every socket of the image tied to
 peer, the listener it was accepted from, the named sockets its datagrams came from), in
 this order, and keeps them in ``ctx.objects``; each open file then just takes its own:
 
-    1. make      socketpair(2) for two unnamed sockets connected to each other, and for
+    1. make      (by the restored process itself: see Maker)
+                 socketpair(2) for two unnamed sockets connected to each other, and for
                  a socket whose peer was closed (the other end is closed at step 5);
                  socket + bind for the rest (a path: a stale socket file is unlinked
                  first, anything else there is refused; mode and owner set back)
@@ -28,18 +29,21 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
-from ckpt.collect.fdkinds.base import Opened, RestoreCtx
+from ckpt.collect.fdkinds.base import Opened, Remote, RestoreCtx
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel import unix_diag
+from ckpt.kernel.creds import SYS
+from ckpt.kernel.sys import NR, pidfd_getfd, pidfd_open
 
 NAME = "unix socket"  # the kind's name: ctx.objects keys
 ESTABLISHED, LISTEN = 1, 10
 SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_PEEK_OFF = 7, 8, 32, 33, 42
 FORCED = {SO_SNDBUF: SO_SNDBUFFORCE, SO_RCVBUF: SO_RCVBUFFORCE}
 REFILL_SNDBUF = 1 << 26
+KEEP = 0xFFFFFFFF  # (uid_t)-1: setresuid leaves this id as it is
 
 
 def _show(name: bytes) -> str:
@@ -103,6 +107,75 @@ def _stale(path: str, st: os.stat_result, unlinked: bool) -> str:
     return path
 
 
+class Maker:
+    """Sockets of the process are made by the process: socketpair(2), listen(2) and
+    connect(2) record their caller for SO_PEERCRED (pid, effective uid and gid). The
+    restored process (``ctx.remote``, still root: its ids come last) makes them, with
+    the dumped effective ids for the call (``ids``); ckpt takes a copy of each
+    (pidfd_getfd) for the rest; the process's own fds are closed once the group is built,
+    and the copies are what it takes back."""
+
+    def __init__(self, remote: Remote, ids: tuple[int, int] = (0, 0)) -> None:
+        self.remote, self.ids = remote, ids
+        self.pidfd = -1
+        self.theirs: dict[int, int] = {}  # fd of ckpt -> the process's fd
+
+    def _take(self, theirs: int) -> socket.socket:
+        if self.pidfd < 0:
+            self.pidfd = pidfd_open(self.remote.pid)
+        ours = pidfd_getfd(self.pidfd, theirs, self.remote.pid)
+        self.theirs[ours] = theirs
+        return socket.socket(fileno=ours)
+
+    def new(self, kind: int) -> socket.socket:
+        return self._take(self.remote.sc(NR.socket, socket.AF_UNIX, kind | socket.SOCK_CLOEXEC,
+                                         0, what="socket(AF_UNIX)"))
+
+    def socketpair(self, kind: int) -> tuple[socket.socket, socket.socket]:
+        addr = self.remote.put(bytes(8))
+        with self._as_process():
+            self.remote.sc(NR.socketpair, socket.AF_UNIX, kind | socket.SOCK_CLOEXEC, 0, addr,
+                           what="socketpair(AF_UNIX)")
+        with open(f"/proc/{self.remote.pid}/mem", "rb", buffering=0) as mem:
+            mem.seek(addr)
+            a, b = struct.unpack("ii", mem.read(8))
+        return self._take(a), self._take(b)
+
+    def listen(self, s: socket.socket, backlog: int) -> None:
+        with self._as_process():
+            self.remote.sc(NR.listen, self.theirs[s.fileno()], backlog, what="listen")
+
+    def connect(self, s: socket.socket, name: bytes) -> None:
+        addr = self.remote.put(struct.pack("H", socket.AF_UNIX) + name)
+        with self._as_process():
+            self.remote.sc(NR.connect, self.theirs[s.fileno()], addr, 2 + len(name),
+                           what=f"connect to {_show(name)}")
+
+    @contextlib.contextmanager
+    def _as_process(self) -> Iterator[None]:
+        """The dumped effective uid and gid for one call (real and saved stay root's, so
+        the process takes root's back)."""
+        euid, egid = self.ids
+        if not euid and not egid:
+            yield
+            return
+        self.remote.sc(SYS.setresgid, KEEP, egid, KEEP, what="setresgid (socket's owner)")
+        self.remote.sc(SYS.setresuid, KEEP, euid, KEEP, what="setresuid (socket's owner)")
+        try:
+            yield
+        finally:
+            self.remote.sc(SYS.setresuid, KEEP, 0, KEEP, what="setresuid (back)")
+            self.remote.sc(SYS.setresgid, KEEP, 0, KEEP, what="setresgid (back)")
+
+    def close(self) -> None:
+        for theirs in self.theirs.values():
+            self.remote.sc(NR.close, theirs, check=False)
+        self.theirs.clear()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
 class Build:
     """One connected group of sockets, made in ckpt (steps 1-5 of the module's doc)."""
 
@@ -110,6 +183,8 @@ class Build:
         self.ctx = ctx
         self.files = {f.unix_socket.inode: f.unix_socket for f in files}
         self.flags = {f.unix_socket.inode: f.flags for f in files}
+        creds = ctx.entry.threads[0].creds if ctx.entry.threads else None
+        self.maker = Maker(ctx.remote, (creds.euid, creds.egid) if creds else (0, 0))
         self.socks: dict[int, socket.socket] = {}
         self.other: dict[int, socket.socket] = {}  # the end whose peer was closed
         # dgram sockets by name: the senders of queued datagrams
@@ -130,6 +205,7 @@ class Build:
         except OSError as exc:
             raise RestoreError(f"unix socket: {exc}") from None
         finally:
+            self.maker.close()
             for s in self.other.values():
                 s.close()
         for ino, s in self.socks.items():
@@ -142,12 +218,11 @@ class Build:
                 continue
             peer = self.files.get(u.peer)
             if peer is not None and peer.peer == ino and not u.name and not peer.name:
-                self.socks[ino], self.socks[u.peer] = socket.socketpair(
-                    socket.AF_UNIX, u.type)
+                self.socks[ino], self.socks[u.peer] = self.maker.socketpair(u.type)
             elif u.peer_closed:
-                self.socks[ino], self.other[ino] = socket.socketpair(socket.AF_UNIX, u.type)
+                self.socks[ino], self.other[ino] = self.maker.socketpair(u.type)
             elif not self._accepted(u):
-                s = self.socks[ino] = socket.socket(socket.AF_UNIX, u.type)
+                s = self.socks[ino] = self.maker.new(u.type)
                 if u.name:
                     self._bind(s, u)
 
@@ -175,7 +250,7 @@ class Build:
     def connect(self) -> None:
         for ino, u in self.files.items():
             if u.state == LISTEN:
-                self.socks[ino].listen(u.backlog)
+                self.maker.listen(self.socks[ino], u.backlog)
         for ino, u in self.files.items():
             if self._accepted(u):
                 self.socks[ino] = self._accept(u, self.socks[u.peer])
@@ -201,11 +276,11 @@ class Build:
                          if x.state == LISTEN and x.name == u.name), None)
         passing = None
         if listener is None:  # gone since: a passing one on its abstract name
-            passing = listener = socket.socket(socket.AF_UNIX, u.type)
+            passing = listener = self.maker.new(u.type)
             listener.bind(_addr(u.name))
-            listener.listen(1)
+            self.maker.listen(listener, 1)
         try:
-            client.connect(_addr(u.name))
+            self.maker.connect(client, u.name)
             blocking = listener.getblocking()
             listener.setblocking(True)
             accepted, _ = listener.accept()
