@@ -28,7 +28,7 @@ from conftest import (
 )
 from test_creds import NOBODY, SYSTEM_PYTHON
 
-from ckpt.collect.fdkinds.unix import Seen, path_name, refusal
+from ckpt.collect.fdkinds.unix import Seen, merge_runs, path_name, refusal
 from ckpt.collect.fdkinds.unix_build import component
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.unix_diag import UnixDiag, build_request, parse_replies, parse_reply
@@ -82,6 +82,7 @@ REFUSALS: dict[str, tuple[Seen, str]] = {
                             "(/run/s.sock) with 2 connection(s) not accepted yet"),
     "fds in flight": (replace(OK, scm_fds=3), "3 file descriptor(s) in flight (SCM_RIGHTS)"),
     "oob": (replace(OK, oob=True), "out-of-band byte"),
+    "filter": (replace(OK, filtered=True), "a socket filter (SO_ATTACH_FILTER)"),
     "relative path": (replace(OK, diag=replace(LISTENER, name=b"rel.sock\0"), peer=None,
                               peer_here=False), "bound to a relative path (rel.sock)"),
     "name now another file": (replace(OK, diag=LISTENER, peer=None, peer_here=False,
@@ -127,6 +128,14 @@ def test_restorable_unix_sockets_are_not_refused() -> None:
                 peer_here=False, name_file="missing"),  # unlinked since the bind
     ]
     assert [refusal(seen) for seen in cases] == [None] * len(cases)
+
+
+def test_stream_runs_merge_by_sender() -> None:
+    me, other = (5, 0, 0), (6, 0, 0)
+    runs = [(b"ab", b"", me), (b"cd", b"", me), (b"e", b"", other), (b"f", b"", me)]
+    assert merge_runs(runs, socket.SOCK_STREAM) == [(b"abcd", b"", me), (b"e", b"", other),
+                                                     (b"f", b"", me)]
+    assert merge_runs(runs, socket.SOCK_SEQPACKET) == runs
 
 
 def sock(ino: int, peer: int = 0, state: int = 1, name: bytes = b"",

@@ -19,11 +19,14 @@ network namespace):
                             message), or for a listener: pending connections and backlog
       UNIX_DIAG_SHUTDOWN 6  u8 sk_shutdown: 1 RCV_SHUTDOWN, 2 SEND_SHUTDOWN
 
-:func:`parse_reply` is pure (tested on captured bytes); :func:`query` makes the call.
+:func:`parse_reply` is pure (tested on captured bytes); :func:`query` makes the call,
+:func:`query_all` a dump of every socket. :func:`filter_length` asks one socket for its
+filter (getsockopt SO_GET_FILTER), which unix_diag does not show.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
@@ -31,6 +34,7 @@ import struct
 from dataclasses import dataclass
 
 from ckpt.errors import KernelError
+from ckpt.kernel.sys import libc
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -157,3 +161,19 @@ def query_all(show: int = UDIAG_SHOW_NAME | UDIAG_SHOW_VFS) -> list[UnixDiag]:
 def kernel_dev(dev: int) -> int:
     """A kernel dev_t (UNIX_DIAG_VFS: major << 20 | minor) as st_dev encodes it."""
     return os.makedev(dev >> 20, dev & 0xFFFFF)
+
+
+SO_GET_FILTER = 26
+
+
+def filter_length(fd: int) -> int:
+    """Instructions of the socket filter on ``fd`` (SO_ATTACH_FILTER; 0: none; -1: an eBPF
+    one, SO_ATTACH_BPF). getsockopt(SO_GET_FILTER) with a length of 0 only counts them:
+    with a buffer, the kernel would write the whole program into it whatever its size."""
+    length = ctypes.c_uint(0)
+    if libc.getsockopt(fd, socket.SOL_SOCKET, SO_GET_FILTER, None, ctypes.byref(length)) < 0:
+        err = ctypes.get_errno()
+        if err == errno.EACCES:
+            return -1
+        raise KernelError(err, "getsockopt(SO_GET_FILTER)")
+    return length.value

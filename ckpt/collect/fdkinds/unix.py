@@ -21,8 +21,9 @@ sending from the other end, shuts down, sets options; the restored process takes
 Refused, before the freeze and naming the fd (:func:`refusal`): a peer outside the
 process (a stream connected elsewhere: external sockets need --inherit-fd, not yet),
 connections waiting in a listener's backlog, fds in flight (SCM_RIGHTS, fdinfo scm_fds),
-an out-of-band byte (MSG_OOB), a name restore could not bind again (a relative path, a
-path that now names another file, a connection through a path whose listener is gone),
+an out-of-band byte (MSG_OOB), a socket filter, a name restore could not bind again (a
+relative path, a path that now names another file, a connection through a path whose
+listener is gone),
 a socket unix_diag cannot see (another network namespace). Found only while frozen, by
 the peek: queued data another process sent, a datagram from a named socket outside.
 """
@@ -69,6 +70,8 @@ OPTIONS = (
     (42, 4),   # SO_PEEK_OFF (the target's, read before the peek)
 )
 PEEK_BUF = 1 << 16
+#: (data, sender's address, (pid, uid, gid)) of each message or run of a queue
+Queued = list[tuple[bytes, bytes, tuple[int, int, int]]]
 CRED_SPACE = socket.CMSG_SPACE(12)
 
 
@@ -86,6 +89,7 @@ class Seen:
     # connected (getpeername): a dgram socket shows ESTABLISHED once another connected
     # to it, and no peer once its own peer was closed
     connected: bool = True
+    filtered: bool = False  # a socket filter is attached (SO_ATTACH_FILTER)
 
 
 def path_name(name: bytes) -> bytes:
@@ -145,7 +149,7 @@ def inspect(info: FdInfo, peek: Peek) -> Seen:
     if diag is not None and diag.peer:
         peer = here.get(diag.peer) or unix_diag.query(diag.peer)
     listeners = frozenset(d.name for d in here.values() if d.state == LISTEN)
-    oob, connected = False, True
+    oob, connected, filtered = False, True, False
     if diag is not None:
         with peek.getfd(info.fd) as fd, _sock(fd) as s:
             if diag.type == socket.SOCK_STREAM:
@@ -156,10 +160,11 @@ def inspect(info: FdInfo, peek: Peek) -> Seen:
                 s.getpeername()
             except OSError:
                 connected = False
+            filtered = unix_diag.filter_length(fd) != 0
     fields = dict(info.extra)
     return Seen(diag, peer, peer is not None and diag is not None and diag.peer in here,
                 listeners, int(fields.get("scm_fds", "0")), oob,
-                _name_file(diag) if diag is not None else "same", connected)
+                _name_file(diag) if diag is not None else "same", connected, filtered)
 
 
 def refusal(seen: Seen) -> str | None:
@@ -176,6 +181,8 @@ def refusal(seen: Seen) -> str | None:
     if seen.scm_fds:
         return f"a unix socket with {seen.scm_fds} file descriptor(s) in flight " \
             "(SCM_RIGHTS): not supported yet"
+    if seen.filtered:
+        return "a unix socket with a socket filter (SO_ATTACH_FILTER): not supported yet"
     if seen.oob:
         return "a unix socket with an out-of-band byte queued (MSG_OOB): not supported yet"
     if d.name and not d.abstract and not d.name.startswith(b"/"):
@@ -237,11 +244,11 @@ def _creds(anc: list[tuple[int, int, bytes]]) -> tuple[int, int, int] | None:
     return None
 
 
-def peek_queue(s: socket.socket, kind: int) -> list[tuple[bytes, bytes, tuple[int, int, int]]]:
+def peek_queue(s: socket.socket, kind: int) -> Queued:
     """(data, sender address, (pid, uid, gid)) of every message (dgram, seqpacket) or run
     (stream) queued on ``s``, oldest first, without consuming any. The caller has set
     SO_PEEK_OFF 0 and SO_PASSCRED on it."""
-    out: list[tuple[bytes, bytes, tuple[int, int, int]]] = []
+    out: Queued = []
     off, size = 0, PEEK_BUF
     flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
     while True:
@@ -259,6 +266,20 @@ def peek_queue(s: socket.socket, kind: int) -> list[tuple[bytes, bytes, tuple[in
         off += len(data)
         sender = os.fsencode(addr) if isinstance(addr, str) else addr or b""
         out.append((data, sender, creds))
+
+
+def merge_runs(queued: Queued, kind: int) -> Queued:
+    """A stream's runs as few as they can be: one per sender's credentials (peeked in
+    pieces of PEEK_BUF); messages stay as they are."""
+    if kind != socket.SOCK_STREAM:
+        return queued
+    out: Queued = []
+    for data, sender, creds in queued:
+        if out and out[-1][2] == creds:
+            out[-1] = (out[-1][0] + data, sender, creds)
+        else:
+            out.append((data, sender, creds))
+    return out
 
 
 def collect(info: FdInfo, details: Any, peek: Peek, out: pb.OpenFile) -> None:
@@ -293,7 +314,7 @@ def collect(info: FdInfo, details: Any, peek: Peek, out: pb.OpenFile) -> None:
         finally:
             s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, peek_off)
             s.setsockopt(socket.SOL_SOCKET, SO_PASSCRED, passcred)
-    for data, sender, (pid, uid, gid) in queued:
+    for data, sender, (pid, uid, gid) in merge_runs(queued, d.type):
         if pid not in (0, peek.pid):  # 0: none recorded (neither end had SO_PASSCRED)
             raise NotDumpable(f"fd {info.fd} is a unix socket with data queued by process "
                               f"{pid}, whose credentials a restore cannot send again: "
