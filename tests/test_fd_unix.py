@@ -96,6 +96,10 @@ REFUSALS: dict[str, tuple[Seen, str]] = {
     "external unnamed dgram peer": (
         replace(OK, diag=replace(PAIR, type=socket.SOCK_DGRAM), peer_here=False),
         "connected to socket:[11] outside"),
+    "dgram peer by relative path": (
+        replace(OK, diag=replace(PAIR, type=socket.SOCK_DGRAM), peer_here=False,
+                peer=replace(PAIR, ino=11, name=b"log.sock\0")),
+        "connected to log.sock (socket:[11]), a relative path outside the process"),
     "both ends bound": (replace(OK, diag=replace(PAIR, name=b"\0a"),
                                 peer=replace(PAIR, ino=11, peer=10, name=b"\0b")),
                         "bound to @a and connected to another bound one (socket:[11])"),
@@ -220,6 +224,16 @@ def test_message_boundaries_survive(harness: Harness, mode: str) -> None:
     dump_restore(harness, target)
     assert target.ask() == {"b": [5, 0, 3000, 4], "a": ["back 2"]}
     assert target.ask() == {"b": [5, 0, 3000, 4], "a": ["back 3"]}
+
+
+@needs_root
+def test_an_empty_datagram_the_process_peeked_is_kept(harness: Harness) -> None:
+    """A peek at an offset skips an empty datagram peeked before: the first one is
+    peeked plainly."""
+    target = Asker(harness, "fd_unix.py", "peeked")
+    assert target.ask() == {"b": [0, 1]}
+    dump_restore(harness, target)
+    assert target.ask() == {"b": [0, 1]}
 
 
 @needs_root

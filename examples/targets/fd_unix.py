@@ -4,6 +4,7 @@
                 other), one end non-blocking with SO_PASSCRED and a set SO_SNDBUF
     dgram       a SOCK_DGRAM socketpair with messages queued (one of them empty)
     seqpacket   the same with SOCK_SEQPACKET
+    peeked      a dgram pair whose reader peeked (MSG_PEEK) its first datagram, empty
     connected   a connection accepted from an abstract listener: bytes queued both ways
     named       a bound dgram receiver with datagrams queued from a connected unnamed
                 socket and from a bound one
@@ -90,6 +91,12 @@ def setup(args: list[str]) -> dict[str, Any]:
         client.send(BIG[:5000])
         server.send(b"to a 1")
         st["pair"] = (client, server)
+    elif mode == "peeked":
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        a.send(b"")
+        a.send(b"x")
+        b.recv(10, socket.MSG_PEEK)
+        st["pair"] = (a, b)
     elif mode == "served":
         lis = socket.socket(socket.AF_UNIX)
         lis.bind(args[1])
@@ -153,6 +160,13 @@ def check(st: dict[str, Any]) -> dict[str, Any]:
         me = (os.getpid(), os.geteuid(), os.getegid())
         out["peercred"] = [peer_cred(a) == me, peer_cred(b) == me]
         return out
+    if mode == "peeked":
+        a, b = st["pair"]
+        got = [len(m) for m in drain(b)]
+        a.send(b"")
+        a.send(b"x")
+        b.recv(10, socket.MSG_PEEK)
+        return {"b": got}
     if mode in ("dgram", "seqpacket"):
         a, b = st["pair"]
         got = [len(m) for m in drain(b)]

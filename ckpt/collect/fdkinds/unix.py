@@ -4,7 +4,7 @@ What each socket is comes from unix_diag (ckpt.kernel.unix_diag: type, state, bo
 peer, queue lengths, shutdown), read once for every socket of the process; what it holds
 from a copy of its fd (Peek.getfd):
 
-    queue        peeked without consuming: SO_PEEK_OFF 0, recvmsg(MSG_PEEK) until EAGAIN,
+    queue        peeked without consuming: recvmsg(MSG_PEEK) at SO_PEEK_OFF until EAGAIN,
                  the target's own SO_PEEK_OFF and SO_PASSCRED put back after. Stream
                  queues are runs of bytes; dgram and seqpacket ones keep each message
                  (with its sender's address). SO_PASSCRED is set meanwhile so that each
@@ -13,10 +13,11 @@ from a copy of its fd (Peek.getfd):
     options      getsockopt of OPTIONS that differ from a new socket's
     shutdown     from unix_diag (sk_shutdown)
 
-Restore (ckpt.collect.fdkinds.unix_build) makes every socket connected to this one at
-once in ckpt: socketpair(2) for pairs, bind + listen for listeners, connect + accept
-through the (restored or a passing) listener for connections, then fills each queue by
-sending from the other end, shuts down, sets options; the restored process takes them.
+Restore (ckpt.collect.fdkinds.unix_build) makes every socket tied to this one at once
+(by the restored process, so SO_PEERCRED names it): socketpair(2) for pairs, bind +
+listen for listeners, connect + accept through the (restored or a passing) listener for
+connections, then fills each queue by sending from the other end, shuts down, sets
+options; the restored process takes them.
 
 Refused, before the freeze and naming the fd (:func:`refusal`): a peer outside the
 process (a stream connected elsewhere: external sockets need --inherit-fd, not yet),
@@ -197,6 +198,9 @@ def refusal(seen: Seen) -> str | None:
         return f"a unix socket connected to socket:[{d.peer}] outside the process " \
             "(external unix sockets need --inherit-fd): not supported yet"
     peer_name = seen.peer.name if seen.peer is not None else b""
+    if d.peer and not seen.peer_here and not peer_name.startswith((b"\0", b"/")):
+        return f"a unix socket connected to {show_name(path_name(peer_name))} (socket:" \
+            f"[{d.peer}]), a relative path outside the process: not supported yet"
     if stream and seen.peer_here and d.name and d.name not in seen.listeners \
             and peer_name not in seen.listeners:
         if peer_name:
@@ -247,11 +251,16 @@ def _creds(anc: list[tuple[int, int, bytes]]) -> tuple[int, int, int] | None:
 def peek_queue(s: socket.socket, kind: int) -> Queued:
     """(data, sender address, (pid, uid, gid)) of every message (dgram, seqpacket) or run
     (stream) queued on ``s``, oldest first, without consuming any. The caller has set
-    SO_PEEK_OFF 0 and SO_PASSCRED on it."""
+    SO_PASSCRED on it, and puts its SO_PEEK_OFF back after.
+
+    The first is peeked plainly (SO_PEEK_OFF -1), the rest at their offset: a peek at an
+    offset skips an empty datagram that was peeked before (skb->peeked), and a process
+    polling with a plain MSG_PEEK marks the first one so."""
     out: Queued = []
-    off, size = 0, PEEK_BUF
+    off, size = -1, PEEK_BUF
     flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
     while True:
+        s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, off)
         try:
             data, anc, mflags, addr = s.recvmsg(size, CRED_SPACE, flags)
         except BlockingIOError:
@@ -260,10 +269,9 @@ def peek_queue(s: socket.socket, kind: int) -> Queued:
         if creds is None or (kind == socket.SOCK_STREAM and not data):
             return out  # end of file: shut down for reading, nothing left
         if mflags & socket.MSG_TRUNC:  # a larger message: peek it again whole
-            s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, off)
             size *= 4
             continue
-        off += len(data)
+        off = max(off, 0) + len(data)
         sender = os.fsencode(addr) if isinstance(addr, str) else addr or b""
         out.append((data, sender, creds))
 
@@ -309,7 +317,6 @@ def collect(info: FdInfo, details: Any, peek: Peek, out: pb.OpenFile) -> None:
         passcred = s.getsockopt(socket.SOL_SOCKET, SO_PASSCRED)
         try:
             s.setsockopt(socket.SOL_SOCKET, SO_PASSCRED, 1)
-            s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
             queued = peek_queue(s, d.type)
         finally:
             s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, peek_off)

@@ -42,7 +42,7 @@ NAME = "unix socket"  # the kind's name: ctx.objects keys
 ESTABLISHED, LISTEN = 1, 10
 SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_PEEK_OFF = 7, 8, 32, 33, 42
 FORCED = {SO_SNDBUF: SO_SNDBUFFORCE, SO_RCVBUF: SO_RCVBUFFORCE}
-REFILL_SNDBUF = 1 << 26
+REFILL_BUF = 1 << 26
 KEEP = 0xFFFFFFFF  # (uid_t)-1: setresuid leaves this id as it is
 
 
@@ -292,19 +292,26 @@ class Build:
 
     # ------------------------------------------------------------------ 3. refill
     def refill(self) -> None:
-        bumped: dict[int, int] = {}
+        """Buffers are made large for the refill (senders' and receivers'), then given back
+        the size they had (step 5 sets the dumped ones)."""
+        bumped: dict[tuple[socket.socket, int], int] = {}
+
+        def bump(s: socket.socket, opt: int) -> None:
+            if (s, opt) not in bumped:
+                bumped[(s, opt)] = s.getsockopt(socket.SOL_SOCKET, opt)
+                s.setsockopt(socket.SOL_SOCKET, FORCED[opt], REFILL_BUF)
+
         for ino, u in self.files.items():
             for m in u.queue:
                 sender, to = self._sender(ino, u, m)
-                if sender.fileno() not in bumped:
-                    bumped[sender.fileno()] = sender.getsockopt(socket.SOL_SOCKET, SO_SNDBUF)
-                    sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, REFILL_SNDBUF)
+                bump(sender, SO_SNDBUF)
+                bump(self.socks[ino], SO_RCVBUF)
                 creds = struct.pack("iII", self.ctx.remote.pid, m.uid, m.gid) \
                     if m.from_self else b""
                 self._send(sender, m.data, creds, to, u.type == socket.SOCK_STREAM)
-        for s in [*self.socks.values(), *self.other.values()]:
-            if s.fileno() in bumped:
-                s.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, bumped[s.fileno()] // 2)
+        for (s, opt), size in bumped.items():
+            if s.fileno() >= 0:
+                s.setsockopt(socket.SOL_SOCKET, FORCED[opt], size // 2)
 
     def _sender(self, ino: int, u: pb.UnixSocket, m: pb.UnixMessage,
                 ) -> tuple[socket.socket, str | bytes | None]:
