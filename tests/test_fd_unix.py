@@ -82,6 +82,7 @@ REFUSALS: dict[str, tuple[Seen, str]] = {
                             "(/run/s.sock) with 2 connection(s) not accepted yet"),
     "fds in flight": (replace(OK, scm_fds=3), "3 file descriptor(s) in flight (SCM_RIGHTS)"),
     "oob": (replace(OK, oob=True), "out-of-band byte"),
+    "error pending": (replace(OK, error=True), "an error pending (SO_ERROR)"),
     "filter": (replace(OK, filtered=True), "a socket filter (SO_ATTACH_FILTER)"),
     "relative path": (replace(OK, diag=replace(LISTENER, name=b"rel.sock\0"), peer=None,
                               peer_here=False), "bound to a relative path (rel.sock)"),
@@ -123,6 +124,8 @@ def test_restorable_unix_sockets_are_not_refused() -> None:
         replace(OK, diag=LISTENER, peer=None, peer_here=False),  # an idle listener
         replace(OK, diag=replace(PAIR, peer=0, shutdown=3), peer=None,
                 peer_here=False),  # its peer was closed
+        replace(OK, diag=replace(PAIR, peer=0, shutdown=3), peer=None, peer_here=False,
+                error=True),  # ... before reading all: ECONNRESET pending
         replace(OK, diag=dgram, peer=replace(dgram, ino=30, name=b"/dev/log\0"),
                 peer_here=False),  # a dgram connected to a named socket outside
         replace(OK, diag=replace(PAIR, name=b"/run/s.sock\0"),
@@ -261,11 +264,16 @@ def test_connection_from_a_path_listener_survives(harness: Harness, tmp_path: Pa
 
 
 @needs_root
-def test_end_whose_peer_was_closed_reads_then_eof(harness: Harness) -> None:
-    target = Asker(harness, "fd_unix.py", "orphan")
+@pytest.mark.parametrize(("mode", "then"), [("orphan", []), ("reset", ["ECONNRESET"])])
+def test_end_whose_peer_was_closed_reads_then_eof(harness: Harness, mode: str,
+                                                 then: list[str]) -> None:
+    """b reads what a wrote, then end of file; if a was closed without reading what b had
+    sent it, b's read meets ECONNRESET first (poll shows the pending error: restore has
+    the temporary other end closed unread too)."""
+    target = Asker(harness, "fd_unix.py", mode)
     assert target.ask() == {"b": ["last words"], "a_send": "EPIPE"}
     dump_restore(harness, target)
-    assert target.ask() == {"b": ["last words"], "a_send": "EPIPE"}
+    assert target.ask() == {"b": ["last words", *then], "a_send": "EPIPE"}
 
 
 @needs_root

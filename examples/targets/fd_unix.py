@@ -15,6 +15,7 @@
     served PATH a connection accepted from a listener on PATH, which stays: bytes
                 queued both ways
     orphan      a socketpair whose end a wrote "last words" and was closed
+    reset       the same, a closed without reading what b sent it (ECONNRESET pending)
     inflight    a socketpair with an fd in flight (SCM_RIGHTS, not received)
     external ADDR  a stream socket connected to ADDR (a listener outside the process)
 
@@ -107,9 +108,11 @@ def setup(args: list[str]) -> dict[str, Any]:
         client.send(BIG[:5000])
         server.send(b"to a 1")
         st["pair"], st["listener"] = (client, server), lis
-    elif mode == "orphan":
+    elif mode in ("orphan", "reset"):
         a, b = socket.socketpair()
         a.send(b"last words")
+        if mode == "reset":
+            b.send(b"unread")
         a.close()
         st["pair"] = (a, b)
     elif mode == "named":
@@ -207,14 +210,27 @@ def check(st: dict[str, Any]) -> dict[str, Any]:
     if mode in ("inflight", "external"):
         return {"fd": a.fileno()}
     try:
-        b.send(b"more") if mode == "orphan" else a.send(b"more")
+        b.send(b"more") if mode in ("orphan", "reset") else a.send(b"more")
         sent = "sent"
     except BrokenPipeError:
         sent = "EPIPE"
     if n[0] == 1:  # the first check only looks; later ones read to the end
         n[0] += 1
         return {"b": [b.recv(100, socket.MSG_PEEK).decode()], "a_send": sent}
-    return {"b": [x.decode() for x in iter(lambda: b.recv(100), b"")], "a_send": sent}
+    return {"b": read_to_end(b), "a_send": sent}
+
+
+def read_to_end(s: socket.socket) -> list[str]:
+    out = []
+    while True:
+        try:
+            data = s.recv(100)
+        except ConnectionResetError:
+            out.append("ECONNRESET")
+            continue
+        if not data:
+            return out
+        out.append(data.decode())
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import stat
 from collections.abc import Iterator
@@ -91,6 +92,7 @@ class Seen:
     # to it, and no peer once its own peer was closed
     connected: bool = True
     filtered: bool = False  # a socket filter is attached (SO_ATTACH_FILTER)
+    error: bool = False  # an error is pending (poll: POLLERR; SO_ERROR would clear it)
 
 
 def path_name(name: bytes) -> bytes:
@@ -150,7 +152,7 @@ def inspect(info: FdInfo, peek: Peek) -> Seen:
     if diag is not None and diag.peer:
         peer = here.get(diag.peer) or unix_diag.query(diag.peer)
     listeners = frozenset(d.name for d in here.values() if d.state == LISTEN)
-    oob, connected, filtered = False, True, False
+    oob, connected, filtered, error = False, True, False, False
     if diag is not None:
         with peek.getfd(info.fd) as fd, _sock(fd) as s:
             if diag.type == socket.SOCK_STREAM:
@@ -162,10 +164,13 @@ def inspect(info: FdInfo, peek: Peek) -> Seen:
             except OSError:
                 connected = False
             filtered = unix_diag.filter_length(fd) != 0
+            poller = select.poll()
+            poller.register(fd, select.POLLERR)
+            error = any(ev & select.POLLERR for _, ev in poller.poll(0))
     fields = dict(info.extra)
     return Seen(diag, peer, peer is not None and diag is not None and diag.peer in here,
                 listeners, int(fields.get("scm_fds", "0")), oob,
-                _name_file(diag) if diag is not None else "same", connected, filtered)
+                _name_file(diag) if diag is not None else "same", connected, filtered, error)
 
 
 def refusal(seen: Seen) -> str | None:
@@ -184,6 +189,9 @@ def refusal(seen: Seen) -> str | None:
             "(SCM_RIGHTS): not supported yet"
     if seen.filtered:
         return "a unix socket with a socket filter (SO_ATTACH_FILTER): not supported yet"
+    orphan = stream and d.state == ESTABLISHED and not d.peer and d.shutdown == SHUTDOWN_MASK
+    if seen.error and not orphan:
+        return "a unix socket with an error pending (SO_ERROR): not supported yet"
     if seen.oob:
         return "a unix socket with an out-of-band byte queued (MSG_OOB): not supported yet"
     if d.name and not d.abstract and not d.name.startswith(b"/"):
@@ -248,18 +256,20 @@ def _creds(anc: list[tuple[int, int, bytes]]) -> tuple[int, int, int] | None:
     return None
 
 
-def peek_queue(s: socket.socket, kind: int) -> Queued:
+def peek_queue(s: socket.socket, kind: int, total: int | None = None) -> Queued:
     """(data, sender address, (pid, uid, gid)) of every message (dgram, seqpacket) or run
     (stream) queued on ``s``, oldest first, without consuming any. The caller has set
     SO_PASSCRED on it, and puts its SO_PEEK_OFF back after.
 
     The first is peeked plainly (SO_PEEK_OFF -1), the rest at their offset: a peek at an
     offset skips an empty datagram that was peeked before (skb->peeked), and a process
-    polling with a plain MSG_PEEK marks the first one so."""
+    polling with a plain MSG_PEEK marks the first one so. With an error pending, a stream
+    or seqpacket queue is peeked up to its ``total`` bytes (unix_diag) and no further: a
+    read of an empty queue would take the error (sk_err) away from the process."""
     out: Queued = []
     off, size = -1, PEEK_BUF
     flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
-    while True:
+    while total is None or max(off, 0) < total:
         s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, off)
         try:
             data, anc, mflags, addr = s.recvmsg(size, CRED_SPACE, flags)
@@ -274,6 +284,7 @@ def peek_queue(s: socket.socket, kind: int) -> Queued:
         off = max(off, 0) + len(data)
         sender = os.fsencode(addr) if isinstance(addr, str) else addr or b""
         out.append((data, sender, creds))
+    return out
 
 
 def merge_runs(queued: Queued, kind: int) -> Queued:
@@ -306,6 +317,7 @@ def collect(info: FdInfo, details: Any, peek: Peek, out: pb.OpenFile) -> None:
             u.peer_name = path_name(seen.peer.name)
     elif d.state == ESTABLISHED and seen.connected:
         u.peer_closed = True
+        u.reset = seen.error  # (stream) its peer was closed before reading all
     if u.name and not d.abstract:
         _record_file(u, seen)
     named = {path_name(x.name): x.ino for x in sockets_of(peek).values() if x.name}
@@ -317,7 +329,7 @@ def collect(info: FdInfo, details: Any, peek: Peek, out: pb.OpenFile) -> None:
         passcred = s.getsockopt(socket.SOL_SOCKET, SO_PASSCRED)
         try:
             s.setsockopt(socket.SOL_SOCKET, SO_PASSCRED, 1)
-            queued = peek_queue(s, d.type)
+            queued = peek_queue(s, d.type, d.rqueue if seen.error else None)
         finally:
             s.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, peek_off)
             s.setsockopt(socket.SOL_SOCKET, SO_PASSCRED, passcred)

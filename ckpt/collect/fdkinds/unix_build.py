@@ -17,7 +17,8 @@ this order, and keeps them in ``ctx.objects``; each open file then just takes it
                  named sockets are sent from those; then a dgram socket connected to a
                  named one connects (it would take datagrams from its peer only)
     4. shut      shutdown(2) with each socket's own bits, after the refill (a shut down
-                 socket neither sends nor is sent to)
+                 socket neither sends nor is sent to); an end whose peer had closed
+                 without reading all sends it a byte first (ECONNRESET at the close)
     5. finish    options, O_NONBLOCK; temporary ends closed; names unlinked at dump
                  time unlinked again
 """
@@ -186,7 +187,8 @@ class Build:
         creds = ctx.entry.threads[0].creds if ctx.entry.threads else None
         self.maker = Maker(ctx.remote, (creds.euid, creds.egid) if creds else (0, 0))
         self.socks: dict[int, socket.socket] = {}
-        self.other: dict[int, socket.socket] = {}  # the end whose peer was closed
+        self.other: dict[int, socket.socket] = {}  # by inode: the end whose peer was closed
+        self.passing: list[socket.socket] = []  # unnamed senders of datagrams
         # dgram sockets by name: the senders of queued datagrams
         self.named = {u.name: ino for ino, u in self.files.items()
                       if u.name and u.type == socket.SOCK_DGRAM}
@@ -199,6 +201,8 @@ class Build:
             self.refill()
             self.connect_dgram()
             for ino, u in self.files.items():
+                if u.reset:  # unread when the other end closes: ECONNRESET, as it was
+                    self.socks[ino].send(b"\0", socket.MSG_DONTWAIT)
                 if u.shutdown:
                     self.socks[ino].shutdown(u.shutdown - 1)  # SHUT_* is the mask - 1
             self.finish()
@@ -206,7 +210,7 @@ class Build:
             raise RestoreError(f"unix socket: {exc}") from None
         finally:
             self.maker.close()
-            for s in self.other.values():
+            for s in [*self.other.values(), *self.passing]:
                 s.close()
         for ino, s in self.socks.items():
             self.ctx.objects[(NAME, ino)] = self.ctx.hold(s.detach())
@@ -241,7 +245,10 @@ class Build:
                 st = None
             if st is not None:
                 os.unlink(_stale(path, st, u.unlinked))  # the dumped process's, left behind
-        s.bind(_addr(u.name))
+        try:
+            s.bind(_addr(u.name))
+        except OSError as exc:
+            raise RestoreError(f"unix socket {_show(u.name)}: {exc.strerror}") from None
         if u.file_mode and not u.name.startswith(b"\0"):
             os.chown(u.name, u.file_uid, u.file_gid)
             os.chmod(u.name, u.file_mode)
@@ -328,9 +335,8 @@ class Build:
             return self.other[ino], None
         if u.peer in self.socks:
             return self.socks[u.peer], to
-        temp = socket.socket(socket.AF_UNIX, u.type)
-        self.other[-len(self.other) - 1] = temp  # closed at the end
-        return temp, _addr(u.name)
+        self.passing.append(socket.socket(socket.AF_UNIX, u.type))
+        return self.passing[-1], _addr(u.name)
 
     @staticmethod
     def _send(s: socket.socket, data: bytes, creds: bytes, to: str | bytes | None,
