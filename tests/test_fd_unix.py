@@ -287,11 +287,21 @@ def test_datagrams_from_named_and_unnamed_senders(harness: Harness) -> None:
     assert target.ask() == {"rx": [["conn 2", None], ["tx 2", tx]]}
 
 
-def connect_and_read(address: str | bytes) -> bytes:
-    with socket.socket(socket.AF_UNIX) as c:
-        c.settimeout(10)
-        c.connect(address)
-        return c.recv(100)
+@needs_root
+def test_dgram_connected_to_a_receiver_outside_connects_again(harness: Harness,
+                                                              tmp_path: Path) -> None:
+    """Like a syslog client on /dev/log: the peer is outside the process, but a datagram
+    connection is only an address: restore connects to the same name."""
+    path = str(tmp_path / "log.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as log:
+        log.bind(path)
+        log.settimeout(10)
+        target = Asker(harness, "fd_unix.py", "syslog", path)
+        assert target.ask() == {"peer": path}
+        assert log.recv(100) == b"log 1"
+        dump_restore(harness, target)
+        assert target.ask() == {"peer": path}
+        assert log.recv(100) == b"log 2"
 
 
 @needs_root

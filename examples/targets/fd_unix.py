@@ -18,6 +18,8 @@
     reset       the same, a closed without reading what b sent it (ECONNRESET pending)
     inflight    a socketpair with an fd in flight (SCM_RIGHTS, not received)
     external ADDR  a stream socket connected to ADDR (a listener outside the process)
+    syslog PATH a dgram socket connected to PATH (a receiver outside, like /dev/log); each
+                check sends "log N" through it
 
 Each check reads what is queued and queues the next round, so its answer after a restore
 is the one it would have given without the checkpoint.
@@ -143,6 +145,10 @@ def setup(args: list[str]) -> dict[str, Any]:
         c = socket.socket(socket.AF_UNIX)
         c.connect(args[1].replace("@", "\0"))
         st["pair"] = (c, c)
+    elif mode == "syslog":
+        log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        log.connect(args[1])
+        st["log"] = log
     elif mode == "shutdown":
         a, b = socket.socketpair()
         a.send(b"last words")
@@ -163,6 +169,10 @@ def check(st: dict[str, Any]) -> dict[str, Any]:
         me = (os.getpid(), os.geteuid(), os.getegid())
         out["peercred"] = [peer_cred(a) == me, peer_cred(b) == me]
         return out
+    if mode == "syslog":
+        st["log"].send(f"log {n[0]}".encode())
+        n[0] += 1
+        return {"peer": st["log"].getpeername()}
     if mode == "peeked":
         a, b = st["pair"]
         got = [len(m) for m in drain(b)]
