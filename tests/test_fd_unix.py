@@ -30,7 +30,9 @@ from test_creds import NOBODY, SYSTEM_PYTHON
 
 from ckpt.collect.fdkinds.unix import Seen, merge_runs, path_name, refusal
 from ckpt.collect.fdkinds.unix_build import component
+from ckpt.collect.fds import scan_holders
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.sys import pidfd_getfd
 from ckpt.kernel.unix_diag import UnixDiag, build_request, parse_replies, parse_reply
 
 # --------------------------------------------------------------------------- pure
@@ -64,6 +66,16 @@ def test_parse_unix_diag_dump() -> None:
     assert parse_replies(CAPTURED) == ([parse_reply(CAPTURED)], False)
 
 
+def test_scan_holders_reads_fd_links(tmp_path: Path) -> None:
+    for pid, fd, link in ((10, 3, "socket:[5]"), (11, 4, "socket:[5]"), (11, 5, "socket:[6]"),
+                          (12, 3, "socket:[5]"), (13, 0, "/dev/null")):
+        (tmp_path / str(pid) / "fd").mkdir(parents=True, exist_ok=True)
+        (tmp_path / str(pid) / "fd" / str(fd)).symlink_to(link)
+    (tmp_path / "self").mkdir()
+    found = scan_holders({"socket:[5]", "socket:[6]", "socket:[7]"}, {12}, root=str(tmp_path))
+    assert found == {"socket:[5]": (10, 11), "socket:[6]": (11,)}
+
+
 def test_path_names_lose_the_kernels_terminating_nul() -> None:
     assert path_name(b"/run/x.sock\0") == b"/run/x.sock"
     assert path_name(b"\0abstract\0") == b"\0abstract\0"
@@ -76,6 +88,8 @@ LISTENER = UnixDiag(ino=12, type=socket.SOCK_STREAM, state=10, name=b"/run/s.soc
                     rqueue=0, wqueue=5)
 
 REFUSALS: dict[str, tuple[Seen, str]] = {
+    "held outside": (replace(OK, outside=(77, 78)),
+                     "also held by process 77, 78 outside the dump"),
     "other netns": (replace(OK, diag=None), "unix_diag does not show"),
     "pending connections": (replace(OK, diag=replace(LISTENER, rqueue=2), peer=None,
                                     peer_here=False),
@@ -375,6 +389,13 @@ def refused_target(harness: Harness, case: str) -> Iterator[tuple[Asker, str]]:
             c = stack.enter_context(socket.socket(socket.AF_UNIX))
             c.connect(f"\0ckpt-test-listen-{target.proc.pid}")
             yield target, "1 connection(s) not accepted yet"
+        elif case == "held":
+            target = Asker(harness, "fd_unix.py", "abstract")
+            pidfd = os.pidfd_open(target.proc.pid)
+            held = socket.socket(fileno=pidfd_getfd(pidfd, 3))  # its listener
+            os.close(pidfd)
+            stack.enter_context(held)
+            yield target, f"also held by process {os.getpid()} outside the dump"
         elif case == "inflight":
             yield Asker(harness, "fd_unix.py", "inflight"), "1 file descriptor(s) in flight"
         else:
@@ -388,7 +409,7 @@ def refused_target(harness: Harness, case: str) -> Iterator[tuple[Asker, str]]:
 
 
 @needs_root
-@pytest.mark.parametrize("case", ["backlog", "inflight", "external"])
+@pytest.mark.parametrize("case", ["backlog", "held", "inflight", "external"])
 def test_unrestorable_socket_is_refused_and_the_target_runs_on(harness: Harness,
                                                                case: str) -> None:
     """dump and predump refuse before the freeze, naming the fd and what; nothing is

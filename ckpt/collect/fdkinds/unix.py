@@ -19,14 +19,15 @@ listen for listeners, connect + accept through the (restored or a passing) liste
 connections, then fills each queue by sending from the other end, shuts down, sets
 options; the restored process takes them.
 
-Refused, before the freeze and naming the fd (:func:`refusal`): a peer outside the
-process (a stream connected elsewhere: external sockets need --inherit-fd, not yet),
-connections waiting in a listener's backlog, fds in flight (SCM_RIGHTS, fdinfo scm_fds),
-an out-of-band byte (MSG_OOB), a socket filter, a name restore could not bind again (a
-relative path, a path that now names another file, a connection through a path whose
-listener is gone),
-a socket unix_diag cannot see (another network namespace). Found only while frozen, by
-the peek: queued data another process sent, a datagram from a named socket outside.
+Refused, before the freeze and naming the fd (:func:`refusal`): a socket another process
+holds too (a scan of /proc/*/fd), a peer outside the process (a stream connected
+elsewhere: external sockets need --inherit-fd, not yet), connections waiting in a
+listener's backlog, fds in flight (SCM_RIGHTS, fdinfo scm_fds), an out-of-band byte
+(MSG_OOB), a socket filter, a pending error but ECONNRESET from a closed peer, a name a
+restore could not bind again (a relative path, a path that now names another file, a
+connection through a path whose listener is gone), a socket unix_diag cannot see
+(another network namespace). Found only while frozen, by the peek: queued data another
+process sent, a datagram from a named socket outside.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import Any
 
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fdkinds.unix_build import restore
-from ckpt.collect.fds import FdInfo
+from ckpt.collect.fds import FdInfo, scan_holders
 from ckpt.errors import NotDumpable
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel import unix_diag
@@ -93,6 +94,7 @@ class Seen:
     connected: bool = True
     filtered: bool = False  # a socket filter is attached (SO_ATTACH_FILTER)
     error: bool = False  # an error is pending (poll: POLLERR; SO_ERROR would clear it)
+    outside: tuple[int, ...] = ()  # processes outside the dump that hold it too
 
 
 def path_name(name: bytes) -> bytes:
@@ -123,6 +125,16 @@ def sockets_of(peek: Peek) -> dict[int, UnixDiag]:
                 if diag is not None:
                     found[ino] = diag
         peek.memo[NAME] = found
+    return found
+
+
+def holders(peek: Peek) -> dict[str, tuple[int, ...]]:
+    """Other processes holding the process's unix sockets (one /proc scan per Peek)."""
+    found: dict[str, tuple[int, ...]] | None = peek.memo.get(NAME + ".holders")
+    if found is None:
+        links = {f"socket:[{ino}]" for ino in sockets_of(peek)}
+        found = scan_holders(links, {peek.pid, os.getpid()})
+        peek.memo[NAME + ".holders"] = found
     return found
 
 
@@ -170,7 +182,8 @@ def inspect(info: FdInfo, peek: Peek) -> Seen:
     fields = dict(info.extra)
     return Seen(diag, peer, peer is not None and diag is not None and diag.peer in here,
                 listeners, int(fields.get("scm_fds", "0")), oob,
-                _name_file(diag) if diag is not None else "same", connected, filtered, error)
+                _name_file(diag) if diag is not None else "same", connected, filtered, error,
+                holders(peek).get(info.target, ()))
 
 
 def refusal(seen: Seen) -> str | None:
@@ -181,6 +194,9 @@ def refusal(seen: Seen) -> str | None:
             "not supported yet"
     name = show_name(path_name(d.name))
     stream = d.type != socket.SOCK_DGRAM
+    if seen.outside:
+        return f"a unix socket also held by process {', '.join(map(str, seen.outside))} " \
+            "outside the dump (a restore would cut it off): not supported yet"
     if d.state == LISTEN and d.rqueue:
         return f"a listening unix socket ({name}) with {d.rqueue} connection(s) not " \
             "accepted yet: not supported yet"
