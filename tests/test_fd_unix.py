@@ -103,6 +103,9 @@ REFUSALS: dict[str, tuple[Seen, str]] = {
     "name now another file": (replace(OK, diag=LISTENER, peer=None, peer_here=False,
                                       name_file="other"),
                               "bound to /run/s.sock, which now names another file"),
+    "directory gone": (replace(OK, diag=LISTENER, peer=None, peer_here=False,
+                               name_file="gone"),
+                       "bound to /run/s.sock, whose directory is gone"),
     "in a backlog": (replace(OK, diag=replace(PAIR, peer=0), peer=None, peer_here=False),
                      "waits in a listener's backlog"),
     "external stream peer": (replace(OK, peer_here=False),
@@ -336,6 +339,18 @@ def test_listening_path_socket_accepts_after_restore(harness: Harness, tmp_path:
         c.connect(path)
         assert target.ask() == {"accepted": True, "name": path, "mode": "0o666"}
         assert c.recv(100) == b"hello 2"
+
+
+@needs_root
+def test_listener_whose_file_was_unlinked_stays_unreachable(harness: Harness,
+                                                            tmp_path: Path) -> None:
+    """Bound to a path whose file was unlinked since: restore binds it (the name comes
+    back) and unlinks the file again."""
+    path = str(tmp_path / "hidden.sock")
+    target = Asker(harness, "fd_unix.py", "hidden", path)
+    assert target.ask() == {"name": path, "file": False}
+    dump_restore(harness, target)
+    assert target.ask() == {"name": path, "file": False}
 
 
 @needs_root

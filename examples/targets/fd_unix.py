@@ -11,6 +11,7 @@
     listen PATH a listening socket on PATH (mode 0666); each check accepts the pending
                 connection, if any, and sends it "hello N"
     abstract    the same on an abstract name
+    hidden PATH the same on PATH, unlinked after the bind
     shutdown    a socketpair whose end a wrote "last words" and shut down for writing
     served PATH a connection accepted from a listener on PATH, which stays: bytes
                 queued both ways
@@ -58,6 +59,11 @@ def stream_check(a: socket.socket, b: socket.socket, n: list[int], big: bytes,
     return {"b": [len(got_b), got_b == big], "a": got_a}
 
 
+def args_path(st: dict[str, Any]) -> str:
+    path: str = st["args"][1]
+    return path
+
+
 def peer_cred(s: socket.socket) -> tuple[int, int, int]:
     """SO_PEERCRED (pid, uid, gid): who made the pair, who listened, who connected."""
     pid, uid, gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
@@ -66,7 +72,7 @@ def peer_cred(s: socket.socket) -> tuple[int, int, int]:
 
 def setup(args: list[str]) -> dict[str, Any]:
     mode = args[0]
-    st: dict[str, Any] = {"mode": mode, "n": [1]}
+    st: dict[str, Any] = {"mode": mode, "n": [1], "args": args}
     if mode == "stream":
         a, b = socket.socketpair()
         b.setblocking(False)
@@ -127,9 +133,12 @@ def setup(args: list[str]) -> dict[str, Any]:
         conn.send(b"conn 1")
         tx.sendto(b"tx 1", rx.getsockname())
         st["named"] = (rx, conn, tx)
-    elif mode in ("listen", "abstract"):
+    elif mode in ("listen", "abstract", "hidden"):
         lis = socket.socket(socket.AF_UNIX)
-        if mode == "listen":
+        if mode == "hidden":
+            lis.bind(args[1])
+            os.unlink(args[1])
+        elif mode == "listen":
             lis.bind(args[1])
             os.chmod(args[1], 0o666)
         else:
@@ -202,6 +211,8 @@ def check(st: dict[str, Any]) -> dict[str, Any]:
         conn.send(f"conn {n[0]}".encode())
         tx.sendto(f"tx {n[0]}".encode(), rx.getsockname())
         return {"rx": got}
+    if mode == "hidden":
+        return {"name": st["listener"].getsockname(), "file": os.path.exists(args_path(st))}
     if mode in ("listen", "abstract"):
         lis = st["listener"]
         try:

@@ -88,7 +88,9 @@ class Seen:
     listeners: frozenset[bytes]  # names of the process's listening sockets
     scm_fds: int  # fds in flight in its queue (fdinfo)
     oob: bool  # an out-of-band byte is queued
-    name_file: str  # a path name: "same" (its socket file), "missing", "other"
+    # a path name: "same" (its socket file), "missing" (unlinked), "other" (another file
+    # there now), "gone" (its directory too)
+    name_file: str
     # connected (getpeername): a dgram socket shows ESTABLISHED once another connected
     # to it, and no peer once its own peer was closed
     connected: bool = True
@@ -150,7 +152,7 @@ def _name_file(diag: UnixDiag) -> str:
     try:
         st = os.stat(name)
     except OSError:
-        return "missing"
+        return "missing" if os.path.isdir(os.path.dirname(name) or b".") else "gone"
     ino, dev = diag.vfs
     same = st.st_ino == ino and st.st_dev == unix_diag.kernel_dev(dev)
     return "same" if same and stat.S_ISSOCK(st.st_mode) else "other"
@@ -215,6 +217,8 @@ def refusal(seen: Seen) -> str | None:
     if seen.name_file == "other":
         return f"a unix socket bound to {name}, which now names another file: " \
             "not supported yet"
+    if seen.name_file == "gone":
+        return f"a unix socket bound to {name}, whose directory is gone: not supported yet"
     if stream and d.state == ESTABLISHED and not d.peer and d.shutdown != SHUTDOWN_MASK:
         return "a unix socket whose connection waits in a listener's backlog (not " \
             "accepted yet): not supported yet"
