@@ -47,6 +47,7 @@ from ckpt.collect.fdkinds.base import FdFlags
 from ckpt.collect.files import collect_files
 from ckpt.collect.restorable import read_target, require_restorable
 from ckpt.collect.sysvshm import attaches, collect_segments
+from ckpt.collect.taskattrs import collect_task_attrs
 from ckpt.collect.tasks import collect_injected, collect_thread
 from ckpt.collect.vmas import VmaInfo, collect_vmas
 from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
@@ -165,6 +166,8 @@ def dump(opts: DumpOptions) -> DumpResult:
         """Everything after the pages: core, tracker state, and the inventory, last."""
         core = build_core(pid, info, states, injected, vmas, files)
         core.sysv_shm.extend(segments)
+        for th, attrs in zip(core.threads, task_attrs, strict=True):
+            th.attrs.CopyFrom(attrs)
         images.write_core(pid, core)
         if tracker is not None and keep:
             images.write_tracker(pid, tracker.state())
@@ -214,6 +217,7 @@ def dump(opts: DumpOptions) -> DumpResult:
                         tracker.end(ctx, keep=keep)
             files = collect_files(pid, opts.shell_job, hidden_fds(pid), flags=opts.fd_flags)
             segments = collect_segments(vmas)
+            task_attrs = collect_task_attrs(pid, [s.tid for s in states])
             info = collect_process(pid, frozen.leader, stopped=bool(frozen.stop_signal))
             frozen_at = frozen.frozen_at
             frozen_ms = (time.perf_counter() - frozen_at) * 1000

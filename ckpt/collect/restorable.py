@@ -14,6 +14,7 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               a thread has its own working directory           restore sets one per process
               it has more than 8192 supplementary groups       restore's setgroups limit
               it has POSIX timers (timer_create)               restore does not make them
+              a thread runs under SCHED_DEADLINE               (ckpt.collect.taskattrs)
               one shared anonymous memory mapped at two        restore would make two
               addresses (mremap of size 0)
     any path  names another file from ckpt's mount namespace   restore opens ckpt's
@@ -49,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from ckpt.collect import proc, sysvshm
+from ckpt.collect import proc, sysvshm, taskattrs
 from ckpt.collect.fdkinds import kind_of
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
@@ -102,6 +103,7 @@ class Target:
     # whether the target's IPC namespace is ckpt's
     shm_segments: tuple[sysvshm.Segment, ...] = ()
     same_ipc_ns: bool = True
+    policies: tuple[tuple[int, int], ...] = ()  # (tid, scheduling policy): taskattrs
 
 
 @dataclass(frozen=True)
@@ -291,6 +293,7 @@ def refusals(t: Target) -> list[str]:
     out = [rule.says.format(**process_fields(t)) for rule in PROCESS_RULES if rule.applies(t)]
     out += sysvshm.refusals(t.pid, t.vmas, {s.shmid: s for s in t.shm_segments},
                             t.same_ipc_ns)
+    out += taskattrs.refusals(t.pid, t.policies)
     for v in sorted(t.vmas, key=lambda v: v.start):
         why = _first(VMA_RULES, Mapping(v, v.path in t.foreign), vma_fields)
         if why:
@@ -340,6 +343,7 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         groups=len(proc.read_status(pid).groups), fd_kinds=tuple(fd_kinds),
         shm_segments=tuple(sysvshm.read_segments().values()) if sysvshm.attaches(maps)
         else (), same_ipc_ns=proc.read_ns(pid, "ipc") == proc.read_ns(me, "ipc"),
+        policies=tuple(taskattrs.read_policies(proc.list_tasks(pid))),
         fd_flags=flags or FdFlags(shell_job=shell_job))
 
 

@@ -62,6 +62,8 @@ class NR:
     gettid = 186
     set_tid_address = 218
     tgkill = 234
+    ioprio_set = 251
+    ioprio_get = 252
     set_robust_list = 273
     get_robust_list = 274
     dup3 = 292
@@ -115,6 +117,17 @@ def default_all_sigactions() -> None:
     for sig in range(1, NSIG + 1):
         if sig not in (signal.SIGKILL, signal.SIGSTOP):
             syscall(NR.rt_sigaction, sig, ctypes.addressof(zero), 0, 8, what="rt_sigaction")
+
+
+IOPRIO_WHO_PROCESS = 1
+
+
+def ioprio_get(tid: int) -> int:
+    return syscall(NR.ioprio_get, IOPRIO_WHO_PROCESS, tid, what=f"ioprio_get({tid})", pid=tid)
+
+
+def ioprio_set(tid: int, ioprio: int) -> None:
+    syscall(NR.ioprio_set, IOPRIO_WHO_PROCESS, tid, ioprio, what=f"ioprio_set({tid})", pid=tid)
 
 
 def pidfd_open(pid: int) -> int:
