@@ -43,6 +43,7 @@ from ckpt.actions.passes import (
     write_memory,
 )
 from ckpt.collect import proc
+from ckpt.collect.cgroups import cgroups_to_pb, read_cgroups
 from ckpt.collect.fdkinds.base import FdFlags
 from ckpt.collect.files import collect_files
 from ckpt.collect.restorable import read_target, require_restorable
@@ -166,6 +167,7 @@ def dump(opts: DumpOptions) -> DumpResult:
         """Everything after the pages: core, tracker state, and the inventory, last."""
         core = build_core(pid, info, states, injected, vmas, files)
         core.sysv_shm.extend(segments)
+        core.cgroups.extend(cgroups)
         for th, attrs in zip(core.threads, task_attrs, strict=True):
             th.attrs.CopyFrom(attrs)
         images.write_core(pid, core)
@@ -218,6 +220,7 @@ def dump(opts: DumpOptions) -> DumpResult:
             files = collect_files(pid, opts.shell_job, hidden_fds(pid), flags=opts.fd_flags)
             segments = collect_segments(vmas)
             task_attrs = collect_task_attrs(pid, [s.tid for s in states])
+            cgroups = cgroups_to_pb(read_cgroups(pid))
             info = collect_process(pid, frozen.leader, stopped=bool(frozen.stop_signal))
             frozen_at = frozen.frozen_at
             frozen_ms = (time.perf_counter() - frozen_at) * 1000

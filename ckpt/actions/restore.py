@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 
 from ckpt.collect import sysvshm
+from ckpt.collect.cgroups import join_cgroups
 from ckpt.images import chain
 from ckpt.kernel.creds import require_root
 from ckpt.restore import mm
@@ -77,6 +78,7 @@ def restore(opts: RestoreOptions) -> RestoreResult:
     made: list[int] = []  # System V segments made here
     try:
         vmas = list(entry.vmas)
+        join_cgroups(stub.pid, entry.cgroups)  # before its memory is charged anywhere
         with stub.colocated():  # injected syscalls: see Stub.colocated
             check_xstate(stub, entry)
             prepare_stub(stub, vmas)

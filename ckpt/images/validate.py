@@ -47,6 +47,9 @@ NAME_MAX = 255
 NSIG = 64
 RLIM_NLIMITS = 16
 FD_SET_MAX = 1 << 20
+#: scheduling policies a thread can have (SCHED_DEADLINE is refused at dump), each also
+#: with SCHED_RESET_ON_FORK
+POLICIES = tuple(p | r for p in (0, 1, 2, 3, 5) for r in (0, 0x40000000))
 #: Supplementary groups a restore can pass to setgroups (through the stub's scratch area)
 MAX_GROUPS = 8192
 ALL_CAPS = (1 << 41) - 1  # CAP_CHOWN .. CAP_CHECKPOINT_RESTORE (40), as on Linux 5.9+
@@ -178,6 +181,11 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
                     "inherit_fd": ranged(-1, 2)},
     core.FdEntry: {"fd": ranged(0, NR_OPEN_MAX - 1), "file_id": ranged(1, FD_SET_MAX)},
     # ckpt.collect.sysvshm.MAX_SEGMENT (not imported: images never reach into collect)
+    core.TaskAttrs: {"comm": text(15), "cpus": ranged(0, 8191), "nice": ranged(-20, 19),
+                     "policy": one_of(*POLICIES), "rt_priority": ranged(0, 99),
+                     "ioprio": ranged(0, 0xFFFF)},
+    core.EventFd: {"count": ranged(0, (1 << 64) - 2)},
+    core.Cgroup: {"controllers": text(256), "path": path(absolute=True)},
     core.SysvShm: {"shmid": ranged(0, (1 << 31) - 1), "mode": ranged(0, 0o777),
                    "size": ranged(1, 1 << 30)},
 }

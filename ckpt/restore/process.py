@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 
+from ckpt.collect.cgroups import join_cgroups
 from ckpt.collect.proc import id_holder
 from ckpt.collect.taskattrs import name_thread, restore_task_attrs
 from ckpt.errors import ImageError, RestoreError
@@ -104,6 +105,7 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     """Everything after the pages; the process is left running (or SIGSTOPped with
     ``stopped``) and untraced. Returns its thread ids, leader first. ``inherit``:
     --inherit-fd (ckpt.restore.files)."""
+    join_cgroups(stub.pid, entry.cgroups)  # a warm restore's stub: before the threads
     mm.lock_vmas(stub, list(entry.vmas))
     mm.restore_mm_fields(stub, entry.mm)
     restore_files(stub, entry, inherit)
