@@ -84,6 +84,7 @@ class DumpOptions:
     overwrite: bool = False  # replace a complete pass already in images_dir
     tcp_close: bool = False  # --tcp-close: established TCP connections restored closed
     ghost_limit: int = 1 << 20  # --ghost-limit: largest deleted file saved, bytes
+    externals: bool = True  # external pipes/sockets recorded (False: migrate refuses them)
     # Called with the images complete and the target still frozen, before it is killed;
     # raising keeps the target alive (it is thawed). Migration hands over here.
     before_kill: Callable[[], None] | None = None
@@ -96,7 +97,7 @@ class DumpOptions:
     def fd_flags(self) -> FdFlags:
         """What the fd kinds (ckpt.collect.fdkinds) accept under these options."""
         return FdFlags(shell_job=self.shell_job, tcp_close=self.tcp_close,
-                       ghost_limit=self.ghost_limit)
+                       ghost_limit=self.ghost_limit, externals=self.externals)
 
 
 @dataclass(frozen=True)
