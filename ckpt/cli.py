@@ -157,6 +157,9 @@ def dump(pid: int, images_dir: str, prev_images_dir: str | None, track: str, com
                               prev_images_dir=prev_images_dir, track=track,
                               track_mem=track_mem, precopy=precopy, overwrite=overwrite))
     click.echo(f"{res.line}; {res.threads} thread(s), {res.vmas} VMAs", err=True)
+    for fd, name in res.externals:
+        click.echo(f"fd {fd} leads outside the dump ({name}): restore it with --inherit-fd "
+                   f"fd[N]:{name}, N an fd of ckpt standing for it", err=True)
     send_to_page_server(images_dir, page_server, auth_token_file, tls_cacert)
 
 

@@ -4,18 +4,29 @@ dump is taken from --inherit-fd (ckpt/collect/fdkinds/pipe.py)."""
 from __future__ import annotations
 
 import os
+import re
 import select
 import stat
 from pathlib import Path
 
 import pytest
-from conftest import Asker, Harness, assert_ckpt_ok, assert_one_error_line, is_alive, run_ckpt
+from conftest import (
+    Asker,
+    Harness,
+    assert_ckpt_ok,
+    assert_one_error_line,
+    assert_running_untraced,
+    is_alive,
+    run_ckpt,
+)
+from test_migrate import start_server
 
 from ckpt.collect.fdkinds.base import FdFlags
 from ckpt.collect.fdkinds.pipe import refuse, scan_holders, state_of
 from ckpt.collect.fds import FdInfo
-from ckpt.errors import RestoreError
+from ckpt.errors import ImageError, RestoreError
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.images.validate import validate
 from ckpt.restore.files import check_inherit, parse_inherit_fd
 
 PIPE_DEV = 14
@@ -120,6 +131,21 @@ def test_check_inherit_names_the_fd_the_object_and_the_flag() -> None:
         check_inherit(entry, {"pipe:[77]": 3, "pipe:[78]": 3}, getfl)
 
 
+@pytest.mark.parametrize(("pipe", "field"), [
+    (pb.PipeFile(size=4096, data=b"x" * 4097), "pipe.size = 4096: less than the 4097 bytes"),
+    (pb.PipeFile(size=(1 << 31) + 1), "pipe.size = 2147483649: not in"),
+    (pb.PipeFile(size=8192, packets=[b"x" * 4097]), "pipe.packets[0] = "),
+    (pb.PipeFile(size=8192, packets=[b"x"], data=b"y"), "pipe.data = 1: bytes besides"),
+    (pb.PipeFile(fifo=True), "path = 'fifo': not an absolute path"),
+])
+def test_a_corrupt_pipe_image_is_named(pipe: pb.PipeFile, field: str) -> None:
+    f = pb.OpenFile(id=1, type=pb.OpenFile.PIPE, path="fifo", pipe=pipe)
+    with pytest.raises(ImageError, match=re.escape(f"core-1.img: corrupted ({field}")):
+        validate("core-1.img", f)
+    validate("core-1.img", pb.OpenFile(id=1, type=pb.OpenFile.PIPE, path="pipe:[3]",
+                                       pipe=pb.PipeFile(size=4096, data=b"x" * 4096)))
+
+
 # --------------------------------------------------------------------------- live
 
 
@@ -203,7 +229,11 @@ def test_an_external_pipe_is_taken_from_inherit_fd(harness: Harness) -> None:
     assert target.ask() == {"wrote": 2}  # left in the pipe
     name = f"pipe:[{os.fstat(r).st_ino}]"
     images = harness.images()
-    harness.dump_and_reap(target.proc, images)
+    res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", images, reap=target.proc)
+    assert_ckpt_ok(res)
+    assert f"fd {w} leads outside the dump ({name}): restore it with --inherit-fd " \
+        f"fd[N]:{name}" in res.stderr, res.describe()
+    target.proc.wait(timeout=10)
 
     line = assert_one_error_line(run_ckpt("restore", "-D", images, "--restore-detached"))
     assert f"fd {w}: {name} is external" in line and f"--inherit-fd fd[N]:{name}" in line, line
@@ -219,3 +249,60 @@ def test_an_external_pipe_is_taken_from_inherit_fd(harness: Harness) -> None:
     assert read_some(r2) == b"line 3\n"
     os.close(r)
     os.close(r2)
+
+
+def migrate_to(harness: Harness) -> tuple[str, ...]:
+    """The arguments of a `ckpt migrate` to a page server on a thread of this process."""
+    token = harness.tmp / "token"
+    token.write_text("migrate-me\n")
+    address = f"127.0.0.1:{start_server(harness.tmp / 'dest')}"
+    return "--to", address, "--auth-token-file", str(token)
+
+
+def test_migrate_refuses_an_external_pipe(harness: Harness) -> None:
+    """An external pipe cannot be connected on the destination: migrate refuses it before
+    the first round, naming it, and the target runs on."""
+    r, w = os.pipe()
+    try:
+        target = Asker(harness, "fd_pipe.py", "external", str(w), pass_fds=(w,))
+    finally:
+        os.close(w)
+    line = assert_one_error_line(run_ckpt("migrate", "-t", str(target.proc.pid),
+                                          *migrate_to(harness)))
+    assert f"fd {w} is a pipe (pipe:[{os.fstat(r).st_ino}]): its other end is outside" in line
+    assert_running_untraced(target.proc.pid)
+    assert target.ask() == {"wrote": 1}
+    assert read_some(r) == b"line 1\n"
+    os.close(r)
+
+
+def test_migrate_carries_a_full_pipe(harness: Harness) -> None:
+    seen, drained = CASES["full"]
+    target = Asker(harness, "fd_pipe.py", "full")
+    before = target.ask()
+    assert without_digest(before) == seen
+    res = run_ckpt("migrate", "-t", str(target.proc.pid), *migrate_to(harness),
+                   reap=target.proc)
+    assert_ckpt_ok(res)
+    harness.track(int(re.search(r"as pid (\d+)", res.stdout)[1]))  # type: ignore[index]
+    assert target.ask() == before
+    assert target.ask() == drained
+
+
+def test_a_pipe_also_held_outside_is_refused_before_the_freeze(harness: Harness) -> None:
+    """Both ends in the target, but the test holds them too: a new pipe at restore would
+    cut the test off, so dump and predump refuse it, naming the holder; the target runs
+    on untouched."""
+    r, w = os.pipe()
+    target = Asker(harness, "fd_pipe.py", "external", str(w), pass_fds=(r, w))
+    for action in ("dump", "predump"):
+        images = harness.images(action)
+        line = assert_one_error_line(run_ckpt(action, "-t", str(target.proc.pid), "-D", images))
+        assert (f"fd {min(r, w)} is a pipe (pipe:[{os.fstat(r).st_ino}]): a pipe with both "
+                f"ends in the process, also held by process {os.getpid()} outside") in line
+        assert not (images / "inventory.img").exists()
+        assert_running_untraced(target.proc.pid)
+    assert target.ask() == {"wrote": 1}
+    assert read_some(r) == b"line 1\n"
+    os.close(r)
+    os.close(w)

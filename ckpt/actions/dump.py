@@ -107,6 +107,8 @@ class DumpResult:
     vmas: int
     line: str  # what the pass cost and stored, for the user
     frozen_at: float  # time.perf_counter() when the target was frozen
+    # (fd, object) of each fd whose object leads outside the dump: restore --inherit-fd
+    externals: tuple[tuple[int, str], ...] = ()
 
 
 def preflight(opts: DumpOptions, hidden_fds: set[int]) -> list[VmaInfo]:
@@ -229,8 +231,11 @@ def dump(opts: DumpOptions) -> DumpResult:
     finally:
         if tracker is not None:
             tracker.close()  # after the thaw: dropping the last uffd reference unprotects
+    externals = tuple((fd, f.payload.external) for f in files if f.payload is not None
+                      and f.payload.external for fd, _ in f.fds)
     return DumpResult(pid=pid, threads=len(states), vmas=len(vmas),
-                      line=describe("dump", pid, name, stats), frozen_at=frozen_at)
+                      line=describe("dump", pid, name, stats), frozen_at=frozen_at,
+                      externals=externals)
 
 
 @dataclass
