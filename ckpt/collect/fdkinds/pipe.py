@@ -24,6 +24,8 @@ Decisions the kernel leaves open:
   from its launcher (this machine's tool harness leaves one on fd 251) dumps, and its
   restore stops, before building anything, naming the fd and ``--inherit-fd``: any fd of
   the restoring ckpt will do (``3>/dev/null``).
+- The fd given for an external pipe gets the dumped end's O_NONBLOCK and O_DIRECT (its
+  open file is shared with whoever gave it); its access mode must allow the end's use.
 - Bytes buffered in an external pipe belong to the outside: the dump neither saves nor
   consumes them (tee, not read). Those the process wrote are read by the outside, those
   for the process stay in the old pipe for whoever hands it back.
