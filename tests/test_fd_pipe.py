@@ -238,6 +238,8 @@ def test_an_external_pipe_is_taken_from_inherit_fd(harness: Harness) -> None:
     line = assert_one_error_line(run_ckpt("restore", "-D", images, "--restore-detached"))
     assert f"fd {w}: {name} is external" in line and f"--inherit-fd fd[N]:{name}" in line, line
     assert not is_alive(target.proc.pid)
+    line = assert_one_error_line(run_ckpt("restore", "-D", images, "--inherit-fd", name))
+    assert f"--inherit-fd {name}: not fd[N]:OBJECT" in line, line
     assert read_some(r) == b"line 2\n" and read_some(r) == b""  # then EOF: no writer left
 
     r2, w2 = os.pipe()
