@@ -149,8 +149,12 @@ def test_a_corrupt_pipe_image_is_named(pipe: pb.PipeFile, field: str) -> None:
 # --------------------------------------------------------------------------- live
 
 
+CLOEXEC = ["cloexec"]  # os.open's default (os.pipe2's is none)
+
+
 def peeked(mode: str, queued: int, size: int = 65536, more: str = "-",
            flags: tuple[list[str], list[str]] = ([], [])) -> dict[str, object]:
+    """What the target sees; ``flags`` of its read end and its write end."""
     return {"queued": queued, "size": size, "more": more, "flags": list(flags)}
 
 
@@ -159,13 +163,15 @@ CASES: dict[str, tuple[dict[str, object], dict[str, object]]] = {
     "full": (peeked("full", 65536, more="EAGAIN", flags=([], ["nonblock"])),
              {"read": 65536, "in_order": True, "left": 0}),
     "big": (peeked("big", 300000, size=1 << 20), {"read": 300000, "in_order": True, "left": 0}),
-    "nonblock": (peeked("nonblock", 1000, flags=(["nonblock"], [])),
+    "nonblock": (peeked("nonblock", 1000, flags=(["nonblock"], CLOEXEC)),
                  {"read": 1000, "in_order": True, "left": 0}),
     "packet": (peeked("packet", 1110, flags=([], ["direct"])),
                {"packets": [10, 100, 1000], "left": 0}),
     "writer": (peeked("writer", 65536), {"read": 200000, "in_order": True, "left": 0}),
-    "rdwr": (peeked("rdwr", 5000), {"read": 5000, "in_order": True, "left": 0}),
-    "fifo": (peeked("fifo", 5000), {"read": 5000, "in_order": True, "left": 0}),
+    "rdwr": (peeked("rdwr", 5000, flags=(CLOEXEC, CLOEXEC)),
+             {"read": 5000, "in_order": True, "left": 0}),
+    "fifo": (peeked("fifo", 5000, flags=(CLOEXEC, CLOEXEC)),
+             {"read": 5000, "in_order": True, "left": 0}),
 }
 
 

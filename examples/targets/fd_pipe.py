@@ -85,6 +85,7 @@ def setup(args: list[str]) -> State:
         os.set_blocking(w, False)
     if mode == "nonblock":
         os.set_blocking(r, False)
+        os.set_inheritable(w, False)  # close-on-exec is the fd's: only the write end's
     return state
 
 
@@ -110,7 +111,7 @@ def peek(fd: int, n: int) -> bytes:
 def flags(fd: int) -> list[str]:
     fl = fcntl.fcntl(fd, fcntl.F_GETFL)
     return [name for name, bit in (("nonblock", os.O_NONBLOCK), ("direct", os.O_DIRECT))
-            if fl & bit]
+            if fl & bit] + ([] if os.get_inheritable(fd) else ["cloexec"])
 
 
 def check(s: State) -> dict[str, object]:

@@ -35,8 +35,10 @@ Decisions the kernel leaves open:
 - The restored pipe is filled with one write (one per packet): a pipe whose buffers were
   partly consumed may take a few more bytes before its writer blocks than it would
   have.
-- Other processes holding an anonymous pipe are found by scanning /proc/*/fd once per
-  dump (about 8 ms for 90 processes here).
+- In packet mode (an end O_DIRECT) every buffer is saved as a packet, also one written
+  before the mode was set.
+- Other processes holding a pipe are found by scanning /proc/*/fd once per look (before
+  the freeze, and again frozen): 3-15 ms for 90 processes on this machine.
 """
 
 from __future__ import annotations
@@ -55,7 +57,6 @@ from ckpt.errors import NotDumpable, RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.sys import tee
 
-O_CLOEXEC = 0o2000000
 #: status flags of an end that a restore sets again (F_SETFL)
 END_FLAGS = os.O_NONBLOCK | os.O_DIRECT
 PACKET_MAX = 4096  # a packet-mode write is split into buffers of at most a page
@@ -191,7 +192,7 @@ def buffered(fd: int, size: int, packet: bool) -> list[bytes]:
     n = queued(fd)
     if not n:
         return []
-    r, w = os.pipe2(O_CLOEXEC | os.O_NONBLOCK)
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)  # as many buffers as the pipe has
         got = tee(fd, w, n)
@@ -239,9 +240,9 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
     mode = f.flags & os.O_ACCMODE
     end = made.read if mode == os.O_RDONLY else made.write if mode == os.O_WRONLY else -1
     if f.pipe.fifo:  # every open file is its own open of the path
-        fd = ctx.hold(os.open(f.path, mode | O_CLOEXEC | os.O_NONBLOCK))
+        fd = ctx.hold(os.open(f.path, mode | os.O_CLOEXEC | os.O_NONBLOCK))
     elif end < 0 or end in made.taken:  # another open file of the pipe (O_RDWR reopen)
-        fd = ctx.hold(os.open(f"/proc/self/fd/{made.read}", mode | O_CLOEXEC))
+        fd = ctx.hold(os.open(f"/proc/self/fd/{made.read}", mode | os.O_CLOEXEC))
     else:
         fd = end
     made.taken.add(fd)
@@ -257,10 +258,10 @@ def make(ctx: RestoreCtx, f: pb.OpenFile) -> _Pipe:
     packet = any(g.flags & os.O_DIRECT for g in ends)
     if f.pipe.fifo:
         check_fifo(f)
-        rw = ctx.hold(os.open(f.path, os.O_RDWR | O_CLOEXEC | os.O_NONBLOCK))
+        rw = ctx.hold(os.open(f.path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK))
         made = _Pipe(rw, rw, {rw})
     else:
-        r, w = os.pipe2(O_CLOEXEC | os.O_NONBLOCK | (os.O_DIRECT if packet else 0))
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK | (os.O_DIRECT if packet else 0))
         made = _Pipe(ctx.hold(r), ctx.hold(w), set())
     if state is not None:
         fill(made.write, state, f.path)
