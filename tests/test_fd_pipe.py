@@ -314,3 +314,22 @@ def test_a_pipe_also_held_outside_is_refused_before_the_freeze(harness: Harness)
     assert read_some(r) == b"line 1\n"
     os.close(r)
     os.close(w)
+
+
+def test_a_fifo_held_outside_keeps_its_bytes_there(harness: Harness) -> None:
+    """The test holds the target's FIFO open too: the dump leaves its bytes in it (the
+    test keeps the pipe alive), the restore reopens the path and finds them, once."""
+    seen, drained = CASES["fifo"]
+    path = harness.tmp / "fifo"
+    target = Asker(harness, "fd_pipe.py", "fifo", str(path))
+    held = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        before = target.ask()
+        assert without_digest(before) == seen
+        images = harness.images()
+        harness.dump_and_reap(target.proc, images)
+        harness.restore_detached(images)
+        assert target.ask() == before  # 5000 bytes, not 10000
+        assert target.ask() == drained
+    finally:
+        os.close(held)
