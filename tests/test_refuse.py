@@ -128,6 +128,11 @@ CASES: dict[str, tuple[Target, str]] = {
                     "fd 7 is a tty"),
     "socket": (replace(FINE, fds=(fd(6, "socket:[99]", stat.S_IFSOCK | 0o777),)),
                "fd 6 is a socket (socket:[99]): not supported yet"),
+    "foreign fifo": (replace(FINE, fds=(fd(6, "/run/f", stat.S_IFIFO | 0o600),),
+                             foreign=frozenset({"/run/f"}), fd_kinds=((6, pipe.KIND, pipe.PipeState(
+                                 ino=5, fifo=True, reads=True, writes=False, carrier=True,
+                                 packet=False)),)),
+                     "fd 6 is a pipe (/run/f): another file (or none) in ckpt's mount"),
     "shared pipe": (replace(FINE, fds=(fd(6, "pipe:[99]", stat.S_IFIFO | 0o600),),
                             fd_kinds=((6, pipe.KIND, pipe.PipeState(
                                 ino=99, fifo=False, reads=True, writes=True, carrier=True,

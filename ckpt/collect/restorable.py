@@ -294,6 +294,8 @@ def refusals(t: Target) -> list[str]:
         if info.fd in claimed:
             kind, details = claimed[info.fd]
             why = kind.refuse(info, details, t.fd_flags)
+            if not why and info.target in t.foreign:  # a FIFO, ... reopened by path
+                why = "another file (or none) in ckpt's mount namespace: " + NOT_YET
             line = f"{describe_fd(info)}: {why}" if why else None
         else:
             line = fd_refusal(info, t.shell_job, info.target in t.foreign)
