@@ -162,6 +162,9 @@ def dump(pid: int, images_dir: str, prev_images_dir: str | None, track: str, com
                               prev_images_dir=prev_images_dir, track=track,
                               track_mem=track_mem, precopy=precopy, overwrite=overwrite))
     click.echo(f"{res.line}; {res.threads} thread(s), {res.vmas} VMAs", err=True)
+    for fd, name in res.externals:
+        click.echo(f"fd {fd} leads outside the dump ({name}): restore it with --inherit-fd "
+                   f"fd[N]:{name}, N an fd of ckpt standing for it", err=True)
     send_to_page_server(images_dir, page_server, auth_token_file, tls_cacert)
 
 
@@ -326,15 +329,20 @@ def page_server(address: str, port: int, images_dir: str, auth_token_file: str,
 @click.option("--new-pid", is_flag=True, help="Restore under a fresh PID if the old one is taken.")
 @click.option("--skip-file-check", is_flag=True,
               help="Reopen files that changed since the dump (shrunk, rewritten) anyway.")
+@click.option("--inherit-fd", "inherit_fd", multiple=True, metavar="fd[N]:OBJECT",
+              help="ckpt's fd N stands for the external OBJECT (e.g. pipe:[1234]) the dump "
+                   "recorded; repeatable.")
 @reports_errors
 def restore(images_dir: str, restore_detached: bool, pidfile: str | None, new_pid: bool,
-            skip_file_check: bool) -> None:
+            skip_file_check: bool, inherit_fd: tuple[str, ...]) -> None:
     """Restore a process from images; without -d wait for it and exit with its status."""
     from ckpt.actions.restore import RestoreOptions, wait_restored
     from ckpt.actions.restore import restore as do_restore
+    from ckpt.restore.files import parse_inherit_fd
 
     res = do_restore(RestoreOptions(images_dir=images_dir, new_pid=new_pid,
-                                    skip_file_check=skip_file_check))
+                                    skip_file_check=skip_file_check,
+                                    inherit=dict(map(parse_inherit_fd, inherit_fd))))
     if pidfile:
         with open(pidfile, "w") as f:
             f.write(f"{res.pid}\n")

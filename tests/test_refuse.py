@@ -31,6 +31,7 @@ from conftest import (
     wait_for_lines,
 )
 
+from ckpt.collect.fdkinds import pipe
 from ckpt.collect.fds import FdInfo
 from ckpt.collect.files import file_kind
 from ckpt.collect.proc import list_children, parse_timer_ids
@@ -128,7 +129,17 @@ CASES: dict[str, tuple[Target, str]] = {
                     "fd 7 is a tty"),
     "socket": (replace(FINE, fds=(fd(6, "socket:[99]", stat.S_IFSOCK | 0o777),)),
                "fd 6 is a socket (socket:[99]): not supported yet"),
-    "pipe": (replace(FINE, fds=(fd(6, "pipe:[99]", stat.S_IFIFO | 0o600),)), "fd 6 is a pipe"),
+    "foreign fifo": (replace(FINE, fds=(fd(6, "/run/f", stat.S_IFIFO | 0o600),),
+                             foreign=frozenset({"/run/f"}), fd_kinds=((6, pipe.KIND, pipe.PipeState(
+                                 ino=5, fifo=True, reads=True, writes=False, carrier=True,
+                                 packet=False)),)),
+                     "fd 6 is a pipe (/run/f): another file (or none) in ckpt's mount"),
+    "shared pipe": (replace(FINE, fds=(fd(6, "pipe:[99]", stat.S_IFIFO | 0o600),),
+                            fd_kinds=((6, pipe.KIND, pipe.PipeState(
+                                ino=99, fifo=False, reads=True, writes=True, carrier=True,
+                                packet=False, outside=(1234,))),)),
+                    "fd 6 is a pipe (pipe:[99]): a pipe with both ends in the process, also "
+                    "held by process 1234 outside the dump"),
     "eventfd": (replace(FINE, fds=(fd(6, "anon_inode:[eventfd]", 0o600),)),
                 "fd 6 is an anon inode (anon_inode:[eventfd])"),
     "memfd fd": (replace(FINE, fds=(fd(6, "/memfd:buf (deleted)"),)), "fd 6 is a regular file "
@@ -224,6 +235,7 @@ REFUSED = {
     "kmsg-fd": ["fd 3 ", "/dev/kmsg", "character device 1:11"],
     "thread-cwd": ["threads with their own working directory", "/w;"],
     "flock": ["fd 3 ", "/locked", "holds a file lock (FLOCK ADVISORY)"],
+    "deleted-fifo": ["fd 3 ", "/fifo (deleted)", "a FIFO that was deleted"],
     "posix-timer": ["has POSIX timers (ids 0)"],
     "shm-alias": ["maps one shared anonymous memory at two addresses"],
 }

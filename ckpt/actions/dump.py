@@ -88,6 +88,7 @@ class DumpOptions:
     overwrite: bool = False  # replace a complete pass already in images_dir
     tcp_close: bool = False  # --tcp-close: established TCP connections restored closed
     ghost_limit: int = 1 << 20  # --ghost-limit: largest deleted file saved, bytes
+    externals: bool = True  # external pipes/sockets recorded (False: migrate refuses them)
     # Called with the images complete and the target still frozen, before it is killed;
     # raising keeps the target alive (it is thawed). Migration hands over here.
     before_kill: Callable[[], None] | None = None
@@ -100,7 +101,7 @@ class DumpOptions:
     def fd_flags(self) -> FdFlags:
         """What the fd kinds (ckpt.collect.fdkinds) accept under these options."""
         return FdFlags(shell_job=self.shell_job, tcp_close=self.tcp_close,
-                       ghost_limit=self.ghost_limit)
+                       ghost_limit=self.ghost_limit, externals=self.externals)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ class DumpResult:
     vmas: int
     line: str  # what the pass cost and stored, for the user
     frozen_at: float  # time.perf_counter() when the target was frozen
+    # (fd, object) of each fd whose object leads outside the dump: restore --inherit-fd
+    externals: tuple[tuple[int, str], ...] = ()
 
 
 def preflight(opts: DumpOptions, hidden_fds: set[int]) -> list[VmaInfo]:
@@ -242,8 +245,11 @@ def dump(opts: DumpOptions) -> DumpResult:
     finally:
         if tracker is not None:
             tracker.close()  # after the thaw: dropping the last uffd reference unprotects
+    externals = tuple((fd, f.payload.external) for f in files if f.payload is not None
+                      and f.payload.external for fd, _ in f.fds)
     return DumpResult(pid=pid, threads=len(states), vmas=len(vmas),
-                      line=describe("dump", pid, name, stats), frozen_at=frozen_at)
+                      line=describe("dump", pid, name, stats), frozen_at=frozen_at,
+                      externals=externals)
 
 
 @dataclass

@@ -122,7 +122,8 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     require_root("migrate")
     # Whatever would stop the final dump (an fd kind we cannot carry, children, ...)
     # stops the migration before any round, like a failed server check.
-    vmas = preflight(DumpOptions(pid=opts.pid, images_dir=""), hidden_fds(opts.pid))
+    vmas = preflight(DumpOptions(pid=opts.pid, images_dir="", externals=False),
+                     hidden_fds(opts.pid))
     shm = attaches(vmas)
     if shm:  # the destination's warm restore maps VMAs as the passes come: no shmat
         raise NotDumpable(f"process {opts.pid} attaches System V shared memory "
@@ -371,7 +372,7 @@ def final_round(opts: MigrateOptions, conn: Conn, work: Path, name: str, prev: s
         res = dump(DumpOptions(pid=opts.pid, images_dir=str(work / name), prev_images_dir=prev,
                                incremental=prev is not None, track=opts.track,
                                compress_level=opts.compress_level, before_kill=hand_over,
-                               after_kill=commit))
+                               after_kill=commit, externals=False))
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOVER_SIGNALS)
     stats = ImageDir.open(work / name).read_inventory().stats

@@ -27,7 +27,7 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
     fd        of a kind of ckpt.collect.fdkinds               that kind's refuse says
               (pipe, socket, eventfd, ...)                     (its state is not restored)
               a terminal (but fds 0-2 with --shell-job),       kernel objects, not files
-              pipe, socket, anon inode no kind claims,
+              socket, anon inode no kind claims,
               anything unknown
               a memfd, a deleted file                          the file is gone
               a namespace (net:[...]), anything not a path     nothing to open
@@ -246,7 +246,7 @@ class Fd:
 FD_RULES: tuple[Rule[Fd], ...] = (
     Rule(lambda f: f.kind == "tty" and not (f.shell_job and f.info.fd <= 2),
          "a terminal; use --shell-job for fds 0-2"),
-    Rule(lambda f: f.kind in ("pipe", "socket", "anon_inode", "other"), NOT_YET),
+    Rule(lambda f: f.kind in ("socket", "anon_inode", "other"), NOT_YET),
     Rule(lambda f: f.target.startswith("/memfd:"), "a memfd: " + NOT_YET),
     Rule(lambda f: _deleted(f.target), "the file was deleted: " + NOT_YET),
     Rule(lambda f: bool(NAMESPACE.fullmatch(f.target)),
@@ -303,6 +303,8 @@ def refusals(t: Target) -> list[str]:
         if info.fd in claimed:
             kind, details = claimed[info.fd]
             why = kind.refuse(info, details, t.fd_flags)
+            if not why and info.target in t.foreign:  # a FIFO, ... reopened by path
+                why = "another file (or none) in ckpt's mount namespace: " + NOT_YET
             line = f"{describe_fd(info)}: {why}" if why else None
         else:
             line = fd_refusal(info, t.shell_job, info.target in t.foreign)

@@ -65,6 +65,7 @@ class NR:
     ioprio_set = 251
     ioprio_get = 252
     set_robust_list = 273
+    tee = 276
     get_robust_list = 274
     dup3 = 292
     rt_tgsigqueueinfo = 297
@@ -136,6 +137,22 @@ def pidfd_open(pid: int) -> int:
 
 def pidfd_getfd(pidfd: int, targetfd: int, pid: int | None = None) -> int:
     return syscall(NR.pidfd_getfd, pidfd, targetfd, 0, what="pidfd_getfd", pid=pid)
+
+
+SPLICE_F_NONBLOCK = 2
+
+
+def tee(fd_in: int, fd_out: int, n: int, flags: int = SPLICE_F_NONBLOCK) -> int:
+    """tee(2): duplicate up to ``n`` bytes buffered in pipe ``fd_in`` into pipe ``fd_out``
+    without consuming them; 0 when there is nothing to take (EAGAIN included)."""
+    res = int(libc.syscall(ctypes.c_long(NR.tee), ctypes.c_long(fd_in), ctypes.c_long(fd_out),
+                           ctypes.c_long(n), ctypes.c_long(flags)))
+    if res < 0:
+        err = ctypes.get_errno()
+        if err == errno.EAGAIN:
+            return 0
+        raise_errno(err, "tee")
+    return res
 
 
 def _vm_rw(nr: int, pid: int, local: Sequence[tuple[int, int]], remote: Sequence[tuple[int, int]],

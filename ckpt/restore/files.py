@@ -8,7 +8,9 @@ and closed at the end.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import stat
 from collections.abc import Callable
 
@@ -68,6 +70,55 @@ def check_files(entry: pb.ProcessEntry,
                                "--skip-file-check restores anyway")
 
 
+INHERIT_FD = re.compile(r"fd\[(\d+)\]:(.+)")
+
+
+def parse_inherit_fd(spec: str) -> tuple[str, int]:
+    """``--inherit-fd fd[N]:NAME`` (CRIU's syntax) as (NAME, N); RestoreError if malformed."""
+    m = INHERIT_FD.fullmatch(spec)
+    if m is None:
+        raise RestoreError(f"--inherit-fd {spec}: not fd[N]:OBJECT (e.g. fd[3]:pipe:[1234])")
+    return m[2], int(m[1])
+
+
+def inherit_problem(f: pb.OpenFile, inherit: dict[str, int],
+                    getfl: Callable[[int], int]) -> str | None:
+    """Why the external object of ``f`` cannot be taken from ``inherit``, or None.
+    ``getfl``: F_GETFL of an fd of ckpt (OSError if it is not open)."""
+    if not f.external:
+        return None
+    if f.external not in inherit:
+        return (f"{f.external} is external (its peer was outside the dump): restore needs "
+                f"--inherit-fd fd[N]:{f.external}, N an fd of ckpt standing for it")
+    n = inherit[f.external]
+    try:
+        mode = getfl(n) & os.O_ACCMODE
+    except OSError:
+        return f"--inherit-fd fd[{n}]:{f.external}: ckpt has no fd {n}"
+    want = f.flags & os.O_ACCMODE
+    if mode != os.O_RDWR and mode != want:
+        needs = {os.O_RDONLY: "reading", os.O_WRONLY: "writing"}.get(want, "reading and writing")
+        return f"--inherit-fd fd[{n}]:{f.external}: fd {n} is not open for {needs}"
+    return None
+
+
+def check_inherit(entry: pb.ProcessEntry, inherit: dict[str, int],
+                  getfl: Callable[[int], int] | None = None) -> None:
+    """Before anything is built: every external object of the image has its --inherit-fd,
+    open in the right mode, and every --inherit-fd names one."""
+    getfl = getfl or (lambda fd: fcntl.fcntl(fd, fcntl.F_GETFL))
+    for f in entry.files:
+        why = inherit_problem(f, inherit, getfl)
+        if why is not None:
+            fds = ", ".join(str(fd.fd) for fd in entry.fds if fd.file_id == f.id)
+            raise RestoreError(f"fd {fds}: {why}")
+    unused = set(inherit) - {f.external for f in entry.files}
+    if unused:
+        name = sorted(unused)[0]
+        raise RestoreError(f"--inherit-fd fd[{inherit[name]}]:{name}: the images hold no such "
+                           "external object")
+
+
 def close_stub_fds(stub: Stub) -> None:
     stub.sc(NR.close_range, 3, 0xFFFFFFFF, 0, what="close_range")
 
@@ -88,19 +139,22 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry,
             if not fds:
                 continue
             kind = BY_TYPE.get(f.type)
+            taken = False  # by pidfd_getfd(2), which makes the fd close-on-exec
             if f.type == pb.OpenFile.INHERITED:
                 src = park + f.inherit_fd
             elif kind is not None:
                 opened = kind.restore(ctx, f)
-                src = taker.take(opened.fd, kind.name) if opened.in_ckpt else opened.fd
+                taken = opened.in_ckpt
+                src = taker.take(opened.fd, kind.name) if taken else opened.fd
             else:
                 src = _open(stub, f)
             for fd in fds:
                 if fd.fd != src:
                     stub.sc(NR.dup3, src, fd.fd, O_CLOEXEC if fd.cloexec else 0,
                             what=f"dup3 onto fd {fd.fd}")
-                elif fd.cloexec:
-                    stub.sc(NR.fcntl, src, F_SETFD, FD_CLOEXEC, what=f"cloexec fd {fd.fd}")
+                elif fd.cloexec or taken:
+                    stub.sc(NR.fcntl, src, F_SETFD, FD_CLOEXEC if fd.cloexec else 0,
+                            what=f"close-on-exec of fd {fd.fd}")
             if f.type != pb.OpenFile.INHERITED and src not in {fd.fd for fd in fds}:
                 stub.sc(NR.close, src, what="close")
             ctx.placed[f.id] = min(fd.fd for fd in fds)

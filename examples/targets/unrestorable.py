@@ -28,6 +28,7 @@ Modes (DIR holds any file the mode creates):
   shm-alias       shared anonymous memory mapped at a second address (mremap, size 0)
   thread-cwd      a thread that unshare(CLONE_FS)'d and moved to DIR
   flock           an fd on DIR/locked with an flock() held
+  deleted-fifo    an fd on the FIFO DIR/fifo (O_RDWR), then the FIFO is unlinked
   plain           nothing special (control)
 """
 
@@ -129,6 +130,12 @@ def setup(mode: str, where: str) -> tuple[str, object]:
         return f"{addr:#x}", addr
     if mode == "fanotify":
         fd = sc(NR_FANOTIFY_INIT, 0, os.O_RDONLY)
+        return str(fd), fd
+    if mode == "deleted-fifo":
+        path = os.path.join(where, "fifo")
+        os.mkfifo(path)
+        fd = os.open(path, os.O_RDWR)
+        os.unlink(path)
         return str(fd), fd
     if mode in ("dev-zero-fd", "kmsg-fd"):
         fd = os.open("/dev/zero" if mode == "dev-zero-fd" else "/dev/kmsg", os.O_RDONLY)

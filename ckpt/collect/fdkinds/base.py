@@ -56,6 +56,9 @@ class FdFlags:
     shell_job: bool = False  # a terminal on fds 0-2 is taken from the restoring shell
     tcp_close: bool = False  # established TCP connections are restored closed
     ghost_limit: int = 1 << 20  # bytes: largest deleted file whose contents are saved
+    # objects held outside the process may be recorded as external (a restore takes them
+    # from --inherit-fd); not where the restore is on another host (migrate)
+    externals: bool = True
 
 
 class Peek:
@@ -67,6 +70,8 @@ class Peek:
         self.pid = pid
         self.fds = {i.fd: i for i in fds}
         self._pidfd = -1
+        # what a kind found once for all the fds it inspects (one /proc scan), by name
+        self.memo: dict[str, Any] = {}
 
     @contextlib.contextmanager
     def getfd(self, fd: int) -> Iterator[int]:
