@@ -5,6 +5,7 @@ answers the same question before the dump and after the restore."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -18,10 +19,13 @@ from conftest import (
     needs_root,
     run_ckpt,
 )
+from test_validate import process
 
 from ckpt.collect.fdkinds import epoll, inotify, signalfd, timerfd
 from ckpt.collect.fds import FdInfo, parse_fdinfo
+from ckpt.errors import ImageError
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.images.validate import problems, validate
 
 
 def info_of(text: str, target: str) -> FdInfo:
@@ -108,6 +112,37 @@ def test_inotify_mount_points_and_refusals() -> None:
     assert queued is not None and "32 bytes of inotify events are queued" in queued
     lost = inotify.refuse(info, inotify.Found(((m, None),), 0), None)
     assert lost is not None and "watch 2 is on inode 9 of device 8:1" in lost
+
+
+def anon_files() -> pb.ProcessEntry:
+    entry = process()
+    ep = entry.files.add(id=2, type=pb.OpenFile.EPOLL, path="anon_inode:[eventpoll]")
+    ep.epoll.watches.add(tfd=3, events=0x19, data=1 << 63)
+    entry.files.add(id=3, type=pb.OpenFile.TIMERFD).timerfd.clockid = 7
+    ino = entry.files.add(id=4, type=pb.OpenFile.INOTIFY)
+    ino.inotify.watches.add(wd=1, mask=0x100, path="/tmp")
+    ino.inotify.watches.add(wd=3, mask=0x100, path="/")
+    return entry
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (lambda e: setattr(e.files[1].epoll.watches[0], "tfd", -1), "files[1].epoll.watches[0].tfd"),
+    (lambda e: setattr(e.files[2].timerfd, "clockid", 2), "files[2].timerfd.clockid"),
+    (lambda e: setattr(e.files[2].timerfd, "settime_flags", 4),
+     "files[2].timerfd.settime_flags"),
+    (lambda e: setattr(e.files[3].inotify.watches[1], "path", "tmp"),
+     "files[3].inotify.watches[1].path"),
+    (lambda e: setattr(e.files[3].inotify.watches[1], "wd", 0),
+     "files[3].inotify.watches[1].wd"),
+    (lambda e: setattr(e.files[3].inotify.watches[1], "wd", 1),
+     "files[3].inotify.watches.wd[1]"),
+])
+def test_anon_fd_fields_are_validated(change: object, field: str) -> None:
+    entry = anon_files()
+    assert list(problems(entry)) == []
+    change(entry)  # type: ignore[operator]
+    with pytest.raises(ImageError, match=rf"\({re.escape(field)} = "):
+        validate("core-42.img", entry)
 
 
 # --------------------------------------------------------------------------- live

@@ -177,6 +177,11 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
                     "pos": ranged(0, S64_MAX), "size": ranged(0, S64_MAX),
                     "inherit_fd": ranged(-1, 2)},
     core.FdEntry: {"fd": ranged(0, NR_OPEN_MAX - 1), "file_id": ranged(1, FD_SET_MAX)},
+    # fd kinds of ckpt/collect/fdkinds: epoll, timerfd, inotify
+    core.EpollWatch: {"tfd": ranged(0, NR_OPEN_MAX - 1)},
+    core.TimerFd: {"clockid": one_of(0, 1, 7, 8, 9), "settime_flags": ranged(0, 3),
+                   "value_ns": ranged(0, S64_MAX), "interval_ns": ranged(0, S64_MAX)},
+    core.InotifyWatch: {"wd": ranged(1, 1 << 16), "path": path(absolute=True)},
 }
 
 
@@ -254,6 +259,7 @@ def _open_file(m: core.OpenFile) -> Iterator[Problem]:
         yield "path", m.path, "not an absolute path"
     if m.type == core.OpenFile.INHERITED and m.inherit_fd not in (0, 1, 2):
         yield "inherit_fd", m.inherit_fd, "not 0, 1 or 2"
+    yield from _unique("inotify.watches.wd", (w.wd for w in m.inotify.watches))
 
 
 def _process(m: core.ProcessEntry) -> Iterator[Problem]:

@@ -11,7 +11,7 @@ import os
 import struct
 
 from ckpt.errors import KernelError
-from ckpt.kernel.sys import NR, syscall
+from ckpt.kernel.sys import NR, errno_of, syscall
 
 NSEC = 1_000_000_000
 TFD_TIMER_ABSTIME = 1
@@ -50,7 +50,10 @@ def timerfd_gettime(fd: int) -> tuple[int, int]:
 
 def timerfd_set_ticks(fd: int, ticks: int) -> None:
     """Expirations a read of the timerfd returns (TFD_IOC_SET_TICKS, ticks > 0)."""
-    fcntl.ioctl(fd, TFD_IOC_SET_TICKS, struct.pack("Q", ticks))
+    try:
+        fcntl.ioctl(fd, TFD_IOC_SET_TICKS, struct.pack("Q", ticks))
+    except OSError as exc:  # ENOTTY: a kernel without CONFIG_CHECKPOINT_RESTORE
+        raise KernelError(errno_of(exc), "timerfd ioctl TFD_IOC_SET_TICKS") from None
 
 
 def signalfd4(mask: int, flags: int) -> int:
@@ -75,7 +78,10 @@ def inotify_rm_watch(fd: int, wd: int) -> None:
 
 def queued_bytes(fd: int) -> int:
     """Bytes waiting to be read (FIONREAD): an inotify queue, a pipe, a socket."""
-    buf = fcntl.ioctl(fd, FIONREAD, b"\0\0\0\0")
+    try:
+        buf = fcntl.ioctl(fd, FIONREAD, b"\0\0\0\0")
+    except OSError as exc:
+        raise KernelError(errno_of(exc), "ioctl FIONREAD") from None
     return int(struct.unpack("i", buf)[0])
 
 
