@@ -8,7 +8,10 @@ usage: fd_anon.py CONTROL MODE [DIR]
                  EPOLLONESHOT that already fired, data 0x20) and epoll set B (data 0x30),
                  which watches R. Check: what A reports (R and B; O is disarmed), then after
                  a write to I (reported, then read back), then after O is armed again
-                 (reported once, then disarmed again).
+                 (reported once, then disarmed again). Epoll set C watches eventfd E
+                 (count 1, EPOLLET, data 0x40) whose edge it reported: C reports nothing
+                 until a write to E (reported once; E is then read and written again,
+                 that edge taken by a wait).
   epoll-closed   epoll set watching eventfd fd 3... whose fd was closed after a dup() of
                  it: the registration outlives the fd (refused)
   timerfd        a one-shot timer that expired and was not read, a periodic one (50 ms),
@@ -36,7 +39,7 @@ from fdkit import libc, sc, serve
 NR_EPOLL_WAIT, NR_EPOLL_CTL, NR_TIMERFD_CREATE, NR_TIMERFD_SETTIME = 232, 233, 283, 286
 NR_SIGNALFD4, NR_EPOLL_CREATE1, NR_INOTIFY_INIT1 = 289, 291, 294
 EPOLL_CTL_ADD, EPOLL_CTL_MOD = 1, 3
-EPOLLONESHOT = 1 << 30
+EPOLLONESHOT, EPOLLET = 1 << 30, 1 << 31
 CLOCK_REALTIME, CLOCK_MONOTONIC = 0, 1
 TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET = 1, 2
 IN_CREATE, IN_IGNORED = 0x100, 0x8000
@@ -67,18 +70,27 @@ def epoll_setup(args: list[str]) -> tuple[int, ...]:
     ctl(a, EPOLL_CTL_ADD, o, select.EPOLLIN | EPOLLONESHOT, 0x20)
     ctl(a, EPOLL_CTL_ADD, b, select.EPOLLIN, 0x30)
     wait(a)  # O fires: disarmed from now on
-    return a, i, o
+    c, e = sc(NR_EPOLL_CREATE1, 0), os.eventfd(1)
+    ctl(c, EPOLL_CTL_ADD, e, select.EPOLLIN | EPOLLET, 0x40)
+    wait(c)  # E's edge is reported
+    return a, i, o, c, e
 
 
 def epoll_check(fds: tuple[int, ...]) -> dict[str, object]:
-    a, i, o = fds
+    a, i, o, c, e = fds
+    quiet = wait(c)
+    os.eventfd_write(e, 1)
+    edge = wait(c)
+    os.eventfd_write(e, os.eventfd_read(e) - 1)
+    wait(c)
     ready = wait(a)
     os.eventfd_write(i, 1)
     written = wait(a)
     os.eventfd_read(i)
     ctl(a, EPOLL_CTL_MOD, o, select.EPOLLIN | EPOLLONESHOT, 0x20)
     armed = wait(a)
-    return {"ready": ready, "written": written, "armed": armed, "after": wait(a)}
+    return {"ready": ready, "written": written, "armed": armed, "after": wait(a),
+            "et_quiet": quiet, "et_edge": edge}
 
 
 def epoll_closed_setup(args: list[str]) -> tuple[int, ...]:

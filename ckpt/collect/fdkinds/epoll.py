@@ -21,8 +21,12 @@ Restore makes an empty epoll set in ckpt; once every fd of the process is in pla
 finish hook injects epoll_ctl(EPOLL_CTL_ADD, tfd, {events, data}) into the restored
 process for each registration (an epoll set watched by another is just another fd). A
 level-triggered registration whose file is ready is reported again after the restore, as
-it would have been; so is an edge-triggered one (the kernel does not show whether its
-edge was already reported: after the restore it is reported once more).
+it would have been. An edge-triggered one whose file is ready may or may not have had
+its edge reported: the kernel does not show it, but if the whole set is ready for
+nothing at the dump (poll(2) on it), no ready file is on its ready list, so every such
+edge was reported: restore adds these before the epoll_wait above, which takes their
+edges. Otherwise (the set is ready for something) such an edge is reported once more
+after the restore.
 """
 
 from __future__ import annotations
@@ -94,6 +98,13 @@ class Found:
     open: bool
     ready: bool = True
     nested: bool = False  # its file is an epoll set
+    reported: bool = False  # edge-triggered, ready, and its edge reported already
+
+
+def _ready(fd: int, events: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, events)
+    return bool(poller.poll(0))
 
 
 def claims(info: FdInfo, peek: Peek | None) -> bool:
@@ -101,20 +112,25 @@ def claims(info: FdInfo, peek: Peek | None) -> bool:
 
 
 def inspect(info: FdInfo, peek: Peek) -> list[Found]:
+    """Each registration of the set: still on its fd? For a fired EPOLLONESHOT one: can it
+    be fired again? For an edge-triggered one: was its edge reported already? (Only known
+    when the set is ready for nothing: then no ready file is on its ready list.)"""
     out: list[Found] = []
     seen: dict[int, int] = {}
+    with peek.getfd(info.fd) as local:
+        quiet = not _ready(local, select.EPOLLIN)
     for w in parse(info):
         toff = seen.get(w.tfd, 0)
         seen[w.tfd] = toff + 1
         same = w.tfd in peek.fds and kcmp_epoll_tfd(peek.pid, w.tfd, info.fd, w.tfd, toff)
-        if not same or not w.disarmed:
+        if not same or not (w.disarmed or (quiet and w.events & EPOLLET)):
             out.append(Found(w, same))
             continue
         with peek.getfd(w.tfd) as local:
-            poller = select.poll()
-            poller.register(local, ALL_EVENTS)
-            ready = bool(poller.poll(0))
-        out.append(Found(w, True, ready, peek.fds[w.tfd].target == EPOLL_TARGET))
+            ready = _ready(local, ALL_EVENTS if w.disarmed else w.events & ~PRIVATE_BITS)
+        nested = peek.fds[w.tfd].target == EPOLL_TARGET
+        # a nested set is ready at restore only once its own registrations are back
+        out.append(Found(w, True, ready, nested, ready and not w.disarmed and not nested))
     return out
 
 
@@ -137,7 +153,8 @@ def refuse(info: FdInfo, details: list[Found], flags: Any) -> str | None:
 
 def collect(info: FdInfo, details: list[Found], peek: Peek, out: pb.OpenFile) -> None:
     for f in details:
-        out.epoll.watches.add(tfd=f.watch.tfd, events=f.watch.events, data=f.watch.data)
+        out.epoll.watches.add(tfd=f.watch.tfd, events=f.watch.events, data=f.watch.data,
+                              reported=f.reported)
 
 
 def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
@@ -147,21 +164,23 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
 
 
 def finish(ctx: RestoreCtx, f: pb.OpenFile, epfd: int) -> None:
-    """Add every registration to the restored set ``epfd``, the fired EPOLLONESHOT ones
-    first, fired again (see the module doc)."""
+    """Add every registration to the restored set ``epfd``: first those that must have
+    fired already (fired EPOLLONESHOT ones, armed for anything; edge-triggered ones whose
+    edge was reported), fired by an epoll_wait; then the others (see the module doc)."""
     r = ctx.remote
-    disarmed = [w for w in f.epoll.watches if not w.events & ~PRIVATE_BITS]
-    for w in disarmed:
-        _add(ctx, epfd, w.tfd, w.events | ALL_EVENTS, w.data)
-    if disarmed:
-        got = r.sc(NR.epoll_wait, epfd, r.put(bytes(EVENT.size * len(disarmed))),
-                   len(disarmed), 0, what=f"epoll_wait fd {epfd}")
-        if got != len(disarmed):
-            raise RestoreError(f"fd {epfd} (an epoll set): {len(disarmed) - got} fired "
-                               "EPOLLONESHOT registration(s) could not be disarmed again "
-                               "(their fds are ready for no event)")
-    for w in f.epoll.watches:
-        if w.events & ~PRIVATE_BITS:
+    fired = [w.reported or not w.events & ~PRIVATE_BITS for w in f.epoll.watches]
+    first = [w for w, done in zip(f.epoll.watches, fired, strict=True) if done]
+    for w in first:
+        _add(ctx, epfd, w.tfd, w.events if w.reported else w.events | ALL_EVENTS, w.data)
+    if first:
+        got = r.sc(NR.epoll_wait, epfd, r.put(bytes(EVENT.size * len(first))), len(first),
+                   0, what=f"epoll_wait fd {epfd}")
+        if got != len(first):
+            raise RestoreError(f"fd {epfd} (an epoll set): {len(first) - got} registration(s) "
+                               "that had fired (EPOLLONESHOT or EPOLLET) could not fire "
+                               "again: their fds are ready for no event")
+    for w, done in zip(f.epoll.watches, fired, strict=True):
+        if not done:
             _add(ctx, epfd, w.tfd, w.events, w.data)
 
 
