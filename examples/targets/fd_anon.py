@@ -6,12 +6,14 @@ usage: fd_anon.py CONTROL MODE [DIR]
   epoll          epoll set A watching: eventfd R (count 7, level-triggered, data
                  0x1111222233334444), eventfd I (empty, data 0x10), eventfd O (count 1,
                  EPOLLONESHOT that already fired, data 0x20) and epoll set B (data 0x30),
-                 which watches R. Check: what A reports (R and B; O is disarmed), then after
+                 which watches R, and eventfd X (empty, EPOLLEXCLUSIVE|EPOLLWAKEUP, data
+                 0x50). Check: what A reports (R and B; O is disarmed), then after
                  a write to I (reported, then read back), then after O is armed again
                  (reported once, then disarmed again). Epoll set C watches eventfd E
                  (count 1, EPOLLET, data 0x40) whose edge it reported: C reports nothing
                  until a write to E (reported once; E is then read and written again,
-                 that edge taken by a wait).
+                 that edge taken by a wait). And the registrations of A and C as their
+                 fdinfo shows them.
   epoll-closed   epoll set watching eventfd fd 3... whose fd was closed after a dup() of
                  it: the registration outlives the fd (refused)
   timerfd        a one-shot timer that expired and was not read, a periodic one (50 ms),
@@ -39,7 +41,7 @@ from fdkit import libc, sc, serve
 NR_EPOLL_WAIT, NR_EPOLL_CTL, NR_TIMERFD_CREATE, NR_TIMERFD_SETTIME = 232, 233, 283, 286
 NR_SIGNALFD4, NR_EPOLL_CREATE1, NR_INOTIFY_INIT1 = 289, 291, 294
 EPOLL_CTL_ADD, EPOLL_CTL_MOD = 1, 3
-EPOLLONESHOT, EPOLLET = 1 << 30, 1 << 31
+EPOLLEXCLUSIVE, EPOLLWAKEUP, EPOLLONESHOT, EPOLLET = 1 << 28, 1 << 29, 1 << 30, 1 << 31
 CLOCK_REALTIME, CLOCK_MONOTONIC = 0, 1
 TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET = 1, 2
 IN_CREATE, IN_IGNORED = 0x100, 0x8000
@@ -69,6 +71,8 @@ def epoll_setup(args: list[str]) -> tuple[int, ...]:
     ctl(a, EPOLL_CTL_ADD, i, select.EPOLLIN, 0x10)
     ctl(a, EPOLL_CTL_ADD, o, select.EPOLLIN | EPOLLONESHOT, 0x20)
     ctl(a, EPOLL_CTL_ADD, b, select.EPOLLIN, 0x30)
+    x = os.eventfd(0)  # never written: only its flags show
+    ctl(a, EPOLL_CTL_ADD, x, select.EPOLLIN | EPOLLEXCLUSIVE | EPOLLWAKEUP, 0x50)
     wait(a)  # O fires: disarmed from now on
     c, e = sc(NR_EPOLL_CREATE1, 0), os.eventfd(1)
     ctl(c, EPOLL_CTL_ADD, e, select.EPOLLIN | EPOLLET, 0x40)
@@ -90,7 +94,14 @@ def epoll_check(fds: tuple[int, ...]) -> dict[str, object]:
     ctl(a, EPOLL_CTL_MOD, o, select.EPOLLIN | EPOLLONESHOT, 0x20)
     armed = wait(a)
     return {"ready": ready, "written": written, "armed": armed, "after": wait(a),
-            "et_quiet": quiet, "et_edge": edge}
+            "et_quiet": quiet, "et_edge": edge, "a": registrations(a), "c": registrations(c)}
+
+
+def registrations(ep: int) -> list[list[str]]:
+    """[data, events] of each registration of ``ep``, from its fdinfo."""
+    with open(f"/proc/self/fdinfo/{ep}") as f:
+        lines = [line.split() for line in f if line.startswith("tfd:")]
+    return sorted([f"{int(w[5], 16):#x}", w[3]] for w in lines)
 
 
 def epoll_closed_setup(args: list[str]) -> tuple[int, ...]:
