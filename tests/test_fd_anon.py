@@ -246,3 +246,17 @@ def test_queued_inotify_events_are_refused(harness: Harness, tmp_path: Path) -> 
     assert target.ask() == {"events": [[1, 0x100, "new"], [3, 0x100, "new"],
                                        [3, 0x100, "unread"]]}
 
+
+
+@needs_root
+def test_a_watched_directory_replaced_since_the_dump_fails_the_restore(
+        harness: Harness, tmp_path: Path) -> None:
+    where = tmp_path / "w"
+    target = Asker(harness, "fd_anon.py", "inotify", str(where))
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images)
+    (where / "a").rename(where / "old")
+    (where / "a").mkdir()
+    res = run_ckpt("restore", "-D", images, "--restore-detached")
+    line = assert_one_error_line(res)
+    assert f"inotify watch 1: {where / 'a'} is another file than at the dump" in line, line
