@@ -123,7 +123,8 @@ def inspect(info: FdInfo, peek: Peek) -> list[Found]:
         toff = seen.get(w.tfd, 0)
         seen[w.tfd] = toff + 1
         same = w.tfd in peek.fds and kcmp_epoll_tfd(peek.pid, w.tfd, info.fd, w.tfd, toff)
-        if not same or not (w.disarmed or (quiet and w.events & EPOLLET)):
+        edge = w.events & (EPOLLET | EPOLLONESHOT) == EPOLLET  # an armed one-shot: listed
+        if not same or not (w.disarmed or (quiet and edge)):
             out.append(Found(w, same))
             continue
         with peek.getfd(w.tfd) as local:
