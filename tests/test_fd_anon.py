@@ -23,7 +23,7 @@ from test_validate import process
 
 from ckpt.collect.fdkinds import epoll, inotify, signalfd, timerfd
 from ckpt.collect.fds import FdInfo, parse_fdinfo
-from ckpt.errors import ImageError
+from ckpt.errors import ImageError, NotDumpable
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.validate import problems, validate
 
@@ -260,3 +260,12 @@ def test_a_watched_directory_replaced_since_the_dump_fails_the_restore(
     res = run_ckpt("restore", "-D", images, "--restore-detached")
     line = assert_one_error_line(res)
     assert f"inotify watch 1: {where / 'a'} is another file than at the dump" in line, line
+
+
+def test_unknown_fdinfo_is_refused_not_a_crash() -> None:
+    with pytest.raises(NotDumpable, match="unexpected epoll fdinfo line"):
+        epoll.parse(info_of(HEAD + "tfd: what\n", "anon_inode:[eventpoll]"))
+    with pytest.raises(NotDumpable, match="unexpected timerfd fdinfo"):
+        timerfd.parse(info_of(HEAD + "clockid: 1\n", "anon_inode:[timerfd]").extra)
+    with pytest.raises(NotDumpable, match="unexpected inotify fdinfo line"):
+        inotify.parse(info_of(HEAD + "inotify wd:1 ino:zz\n", "anon_inode:inotify"))

@@ -40,7 +40,7 @@ from typing import Any
 
 from ckpt.collect.fdkinds.base import FdKind, Opened, Peek, RestoreCtx
 from ckpt.collect.fds import FdInfo
-from ckpt.errors import RestoreError
+from ckpt.errors import NotDumpable, RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.anonfd import kcmp_epoll_tfd
 from ckpt.kernel.sys import NR, syscall
@@ -83,7 +83,7 @@ def parse(info: FdInfo) -> list[Watch]:
             continue
         m = LINE.match(value)
         if m is None:
-            raise ValueError(f"unexpected epoll fdinfo line: tfd: {value}")
+            raise NotDumpable(f"fd {info.fd}: unexpected epoll fdinfo line 'tfd: {value}'")
         out.append(Watch(tfd=int(m[1]), events=int(m[2], 16), data=int(m[3], 16),
                          ino=int(m[5], 16), sdev=int(m[6], 16)))
     return out

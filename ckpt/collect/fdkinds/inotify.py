@@ -33,7 +33,7 @@ from typing import Any
 
 from ckpt.collect.fdkinds.base import FdKind, Opened, Peek, RestoreCtx
 from ckpt.collect.fds import FdInfo
-from ckpt.errors import KernelError, RestoreError
+from ckpt.errors import KernelError, NotDumpable, RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.anonfd import (
     IN_DONT_FOLLOW,
@@ -73,10 +73,15 @@ def parse(info: FdInfo) -> list[Mark]:
         if key != "inotify wd":
             continue
         fields = dict(FIELD.findall("wd:" + value))
-        out.append(Mark(wd=int(fields["wd"], 16), ino=int(fields["ino"], 16),
-                        dev=kernel_dev(int(fields["sdev"], 16)), mask=int(fields["mask"], 16),
-                        handle_type=int(fields.get("fhandle-type", "0"), 16),
-                        handle=bytes.fromhex(fields.get("f_handle", ""))))
+        try:
+            out.append(Mark(wd=int(fields["wd"], 16), ino=int(fields["ino"], 16),
+                            dev=kernel_dev(int(fields["sdev"], 16)),
+                            mask=int(fields["mask"], 16),
+                            handle_type=int(fields.get("fhandle-type", "0"), 16),
+                            handle=bytes.fromhex(fields.get("f_handle", ""))))
+        except (KeyError, ValueError):
+            raise NotDumpable(f"fd {info.fd}: unexpected inotify fdinfo line "
+                              f"'inotify wd:{value}'") from None
     return sorted(out, key=lambda m: m.wd)
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from ckpt.collect.fdkinds.base import FdKind, Opened, Peek, RestoreCtx
 from ckpt.collect.fds import FdInfo, parse_fdinfo
+from ckpt.errors import NotDumpable
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.anonfd import (
     TFD_TIMER_ABSTIME,
@@ -64,11 +65,15 @@ def _ns(pair: str) -> int:
 
 
 def parse(extra: tuple[tuple[str, str], ...]) -> TimerState:
-    """The state in a timerfd's fdinfo lines (FdInfo.extra)."""
+    """The state in a timerfd's fdinfo lines (FdInfo.extra); NotDumpable if they are not
+    what this module knows."""
     f = dict(extra)
-    return TimerState(clockid=int(f["clockid"]), ticks=int(f["ticks"]),
-                      settime_flags=int(f["settime flags"], 8), value_ns=_ns(f["it_value"]),
-                      interval_ns=_ns(f["it_interval"]))
+    try:
+        return TimerState(clockid=int(f["clockid"]), ticks=int(f["ticks"]),
+                          settime_flags=int(f["settime flags"], 8),
+                          value_ns=_ns(f["it_value"]), interval_ns=_ns(f["it_interval"]))
+    except (KeyError, ValueError) as exc:
+        raise NotDumpable(f"unexpected timerfd fdinfo ({exc})") from None
 
 
 def read_state(fd: int) -> TimerState:
