@@ -185,15 +185,22 @@ def test_epoll_set_reports_the_same_events(harness: Harness, incremental: bool) 
 
 
 @needs_root
-def test_epoll_registration_of_a_closed_fd_is_refused(harness: Harness, tmp_path: Path) -> None:
-    target = Asker(harness, "fd_anon.py", "epoll-closed")
-    assert target.ask() == {"ready": [["0x5", "0x1"]]}
-    line = assert_one_error_line(run_ckpt("dump", "-t", str(target.proc.pid), "-D",
-                                          harness.images()))
-    assert "anon_inode:[eventpoll]" in line and "watches fd 4, which was closed" in line, line
-    assert not os.listdir(harness.images())
+@pytest.mark.parametrize(("mode", "ready", "says"), [
+    ("epoll-closed", [["0x5", "0x1"]], "it watches fd 4, which was closed since"),
+    ("epoll-unready", [], "its EPOLLONESHOT registration of fd 4 fired and was not armed "
+     "again, and fd 4 is ready for no event now"),
+])
+def test_epoll_registrations_a_restore_cannot_make_are_refused(
+        harness: Harness, mode: str, ready: list[list[str]], says: str) -> None:
+    target = Asker(harness, "fd_anon.py", mode)
+    assert target.ask() == {"ready": ready}
+    for action in ("dump", "predump"):
+        images = harness.images(action)
+        line = assert_one_error_line(run_ckpt(action, "-t", str(target.proc.pid), "-D", images))
+        assert "fd 3 is an anon inode (anon_inode:[eventpoll])" in line and says in line, line
+        assert not os.listdir(images)
     assert_running_untraced(target.proc.pid)
-    assert target.ask() == {"ready": [["0x5", "0x1"]]}
+    assert target.ask() == {"ready": ready}
 
 
 @needs_root

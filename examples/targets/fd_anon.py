@@ -14,8 +14,10 @@ usage: fd_anon.py CONTROL MODE [DIR]
                  until a write to E (reported once; E is then read and written again,
                  that edge taken by a wait). And the registrations of A and C as their
                  fdinfo shows them.
-  epoll-closed   epoll set watching eventfd fd 3... whose fd was closed after a dup() of
-                 it: the registration outlives the fd (refused)
+  epoll-closed   epoll set watching an eventfd (count 1, data 5) whose fd was closed
+                 after a dup() of it: the registration outlives the fd (refused)
+  epoll-unready  epoll set watching a timerfd (data 5) with EPOLLONESHOT: it fired and the
+                 expiry was read, so the timerfd is ready for nothing (refused)
   timerfd        a one-shot timer that expired and was not read, a periodic one (50 ms),
                  and an absolute CLOCK_REALTIME one (TFD_TIMER_CANCEL_ON_SET) an hour
                  ahead. Check: reads the expired one (1) and arms it again to expire at once,
@@ -111,6 +113,21 @@ def epoll_closed_setup(args: list[str]) -> tuple[int, ...]:
     ctl(ep, EPOLL_CTL_ADD, e, select.EPOLLIN, 5)
     os.close(e)
     return ep, kept
+
+
+def epoll_unready_setup(args: list[str]) -> tuple[int, ...]:
+    ep = sc(NR_EPOLL_CREATE1, 0)
+    t = sc(NR_TIMERFD_CREATE, CLOCK_MONOTONIC, 0)
+    ctl(ep, EPOLL_CTL_ADD, t, select.EPOLLIN | EPOLLONESHOT, 5)
+    settime(t, 0, 1, 0)
+    assert wait_blocking(ep) == [["0x5", "0x1"]]
+    os.read(t, 8)
+    return (ep,)
+
+
+def wait_blocking(ep: int) -> list[list[str]]:
+    select.select([ep], [], [])
+    return wait(ep)
 
 
 def epoll_closed_check(fds: tuple[int, ...]) -> dict[str, object]:
@@ -229,6 +246,7 @@ def inotify_check(state: tuple[int, str]) -> dict[str, object]:
 
 MODES = {"epoll": (epoll_setup, epoll_check),
          "epoll-closed": (epoll_closed_setup, epoll_closed_check),
+         "epoll-unready": (epoll_unready_setup, epoll_closed_check),
          "timerfd": (timerfd_setup, timerfd_check),
          "signalfd": (signalfd_setup, signalfd_check),
          "inotify": (inotify_setup, inotify_check)}
