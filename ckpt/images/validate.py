@@ -191,6 +191,11 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
                    "size": ranged(1, 1 << 30)},
     core.PipeFile: {"size": ranged(0, PIPE_MAX), "data": blob(PIPE_MAX),
                     "packets": blob(PAGE_SIZE)},
+    # fd kinds of ckpt/collect/fdkinds: epoll, timerfd, inotify
+    core.EpollWatch: {"tfd": ranged(0, NR_OPEN_MAX - 1)},
+    core.TimerFd: {"clockid": one_of(0, 1, 7, 8, 9), "settime_flags": ranged(0, 3),
+                   "value_ns": ranged(0, S64_MAX), "interval_ns": ranged(0, S64_MAX)},
+    core.InotifyWatch: {"wd": ranged(1, 1 << 16), "path": path(absolute=True)},
 }
 
 
@@ -270,6 +275,7 @@ def _open_file(m: core.OpenFile) -> Iterator[Problem]:
         yield "inherit_fd", m.inherit_fd, "not 0, 1 or 2"
     if m.type == core.OpenFile.PIPE and m.pipe.fifo and not m.path.startswith("/"):
         yield "path", m.path, "not an absolute path (a FIFO's)"
+    yield from _unique("inotify.watches.wd", (w.wd for w in m.inotify.watches))
 
 
 def _pipe(m: core.PipeFile) -> Iterator[Problem]:

@@ -43,23 +43,15 @@ import sys
 import threading
 import time
 
+from fdkit import libc, sc
+
 PAGE = 4096
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
 NR_MMAP, NR_MPROTECT, NR_IO_SETUP, NR_UNSHARE, NR_FANOTIFY_INIT = 9, 10, 206, 272, 300
 NR_MREMAP = 25
 PR_SET_PDEATHSIG = 1
 CLONE_FS, CLOCK_MONOTONIC, MAP_ANONYMOUS, MREMAP_MAYMOVE = 0x200, 1, 0x20, 1
 PROT_READ, PROT_WRITE, MAP_SHARED, MAP_PRIVATE = 1, 2, 1, 2
 IPC_PRIVATE, IPC_CREAT = 0, 0o1000
-
-
-def sc(nr: int, *args: int) -> int:
-    res = int(libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args)))
-    if res == -1:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return res
 
 
 def setup(mode: str, where: str) -> tuple[str, object]:

@@ -7,13 +7,17 @@ stateless device is reopened by path; anything else is refused before the freeze
 
 from __future__ import annotations
 
-from ckpt.collect.fdkinds import eventfd, pipe
+from ckpt.collect.fdkinds import epoll, eventfd, inotify, pipe, signalfd, timerfd
 from ckpt.collect.fdkinds.base import FdKind, Peek
 from ckpt.collect.fds import FdInfo
 
 KINDS: tuple[FdKind, ...] = (
     eventfd.KIND,
     pipe.KIND,
+    epoll.KIND,
+    timerfd.KIND,
+    signalfd.KIND,
+    inotify.KIND,
 )
 
 BY_TYPE = {k.image_type: k for k in KINDS}
