@@ -31,6 +31,7 @@ from conftest import (
     wait_for_lines,
 )
 
+from ckpt.collect.fdkinds import memfd
 from ckpt.collect.fds import FdInfo
 from ckpt.collect.files import file_kind
 from ckpt.collect.proc import list_children, parse_timer_ids
@@ -130,9 +131,14 @@ CASES: dict[str, tuple[Target, str]] = {
     "pipe": (replace(FINE, fds=(fd(6, "pipe:[99]", stat.S_IFIFO | 0o600),)), "fd 6 is a pipe"),
     "eventfd": (replace(FINE, fds=(fd(6, "anon_inode:[eventfd]", 0o600),)),
                 "fd 6 is an anon inode (anon_inode:[eventfd])"),
-    "memfd fd": (replace(FINE, fds=(fd(6, "/memfd:buf (deleted)"),)), "fd 6 is a regular file "
-                 "(/memfd:buf (deleted)): a memfd"),
-    "deleted fd": (replace(FINE, fds=(fd(6, "/tmp/x (deleted)"),)), "the file was deleted"),
+    "memfd fd": (replace(FINE, fds=(fd(6, "/memfd:buf (deleted)"),),
+                         fd_kinds=((6, memfd.MEMFD, memfd.Found(0, 0, True, True)),)),
+                 "fd 6 is a regular file (/memfd:buf (deleted)): a memfd of huge pages"),
+    "deleted fd": (replace(FINE, fds=(fd(6, "/tmp/x (deleted)"),),
+                           fd_kinds=((6, memfd.GHOST, memfd.Found(9, 1, False, True)),)),
+                   "/tmp/x was deleted but the file has 1 other link(s)"),
+    "deleted directory fd": (replace(FINE, fds=(fd(6, "/tmp/d (deleted)", stat.S_IFDIR),)),
+                             "fd 6 is a directory (/tmp/d (deleted)): the file was deleted"),
     "namespace fd": (replace(FINE, fds=(fd(6, "net:[4026531833]", stat.S_IFREG | 0o444),)),
                      "fd 6 is a regular file (net:[4026531833]): a namespace file"),
     "fd in /proc/PID": (replace(FINE, fds=(fd(6, "/proc/123/status"),)),
@@ -215,7 +221,7 @@ REFUSED = {
     "proc-cwd": ["working directory /proc/", "under /proc/PID"],
     "netns-fd": ["fd 3 ", "net:[", "a namespace file"],
     "memfd": ["maps a memfd (/memfd:ckpt-test) at 0x"],
-    "deleted-fd": ["fd 3 ", "gone.txt (deleted)", "the file was deleted"],
+    "deleted-fd": ["fd 3 ", "gone.txt (deleted)", "above --ghost-limit", "--ghost-limit 2097152"],
     "child": ["has child processes"],
     "sysv-shm": ["maps System V shared memory at 0x"],
     "fanotify": ["fd 3 ", "anon_inode:[fanotify]"],

@@ -43,7 +43,7 @@ from ckpt.actions.passes import (
     write_memory,
 )
 from ckpt.collect import proc
-from ckpt.collect.fdkinds.base import FdFlags
+from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
 from ckpt.collect.files import collect_files
 from ckpt.collect.restorable import read_target, require_restorable
 from ckpt.collect.tasks import collect_injected, collect_thread
@@ -83,7 +83,7 @@ class DumpOptions:
     precopy: bool = True
     overwrite: bool = False  # replace a complete pass already in images_dir
     tcp_close: bool = False  # --tcp-close: established TCP connections restored closed
-    ghost_limit: int = 1 << 20  # --ghost-limit: largest deleted file saved, bytes
+    ghost_limit: int = GHOST_LIMIT  # --ghost-limit: largest deleted file or memfd saved
     # Called with the images complete and the target still frozen, before it is killed;
     # raising keeps the target alive (it is thawed). Migration hands over here.
     before_kill: Callable[[], None] | None = None

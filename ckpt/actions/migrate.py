@@ -39,6 +39,7 @@ from ckpt import testpoint
 from ckpt.actions.dump import DumpOptions, dump, hidden_fds, preflight
 from ckpt.actions.predump import PredumpOptions, predump
 from ckpt.collect import proc
+from ckpt.collect.fdkinds.base import GHOST_LIMIT
 from ckpt.collect.files import collect_files
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.errors import CkptError
@@ -82,6 +83,7 @@ class MigrateOptions:
     compress_level: int = -1
     keep_images: str | None = None  # keep the source's images here
     auto_converge: bool = False
+    ghost_limit: int = GHOST_LIMIT  # --ghost-limit (ckpt.collect.fdkinds.memfd)
 
 
 @dataclass
@@ -121,7 +123,8 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     require_root("migrate")
     # Whatever would stop the final dump (an fd kind we cannot carry, children, ...)
     # stops the migration before any round, like a failed server check.
-    vmas = preflight(DumpOptions(pid=opts.pid, images_dir=""), hidden_fds(opts.pid))
+    vmas = preflight(DumpOptions(pid=opts.pid, images_dir="", ghost_limit=opts.ghost_limit),
+                     hidden_fds(opts.pid))
     work = Path(opts.keep_images or tempfile.mkdtemp(prefix="ckpt-migrate-"))
     out = MigrateResult()
     try:
@@ -225,7 +228,8 @@ def pre_round(opts: MigrateOptions, conn: Conn, work: Path, n: int, prev: str | 
               duty: float) -> Round:
     t = time.perf_counter()
     predump(PredumpOptions(pid=opts.pid, images_dir=str(work / str(n)), prev_images_dir=prev,
-                           track=opts.track, compress_level=opts.compress_level))
+                           track=opts.track, compress_level=opts.compress_level,
+                           ghost_limit=opts.ghost_limit))
     dirty = ImageDir.open(work / str(n)).read_inventory().stats.pages_written
     with Throttle(opts.pid, duty) as throttle:
         sent = send_pass_on(conn, work / str(n), str(n), prerestore=True)
@@ -365,7 +369,7 @@ def final_round(opts: MigrateOptions, conn: Conn, work: Path, name: str, prev: s
         res = dump(DumpOptions(pid=opts.pid, images_dir=str(work / name), prev_images_dir=prev,
                                incremental=prev is not None, track=opts.track,
                                compress_level=opts.compress_level, before_kill=hand_over,
-                               after_kill=commit))
+                               after_kill=commit, ghost_limit=opts.ghost_limit))
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOVER_SIGNALS)
     stats = ImageDir.open(work / name).read_inventory().stats

@@ -22,11 +22,13 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               a file that is not a path (anon_inode:...)       (io_uring, perf, DRM)
               a device under /dev (but /dev/zero, /dev/shm)    its state lives in the driver
     fd        of a kind of ckpt.collect.fdkinds               that kind's refuse says
-              (pipe, socket, eventfd, ...)                     (its state is not restored)
+              (pipe, socket, eventfd, memfd, deleted file      (its state is not restored)
+              ...)
               a terminal (but fds 0-2 with --shell-job),       kernel objects, not files
               pipe, socket, anon inode no kind claims,
               anything unknown
-              a memfd, a deleted file                          the file is gone
+              a deleted file that is not a regular file        the file is gone
+              (a deleted directory)
               a namespace (net:[...]), anything not a path     nothing to open
               a file under /proc/PID                           names a process
               a character device but /dev/{null,zero,full,     its state lives in the driver
@@ -241,7 +243,6 @@ FD_RULES: tuple[Rule[Fd], ...] = (
     Rule(lambda f: f.kind == "tty" and not (f.shell_job and f.info.fd <= 2),
          "a terminal; use --shell-job for fds 0-2"),
     Rule(lambda f: f.kind in ("pipe", "socket", "anon_inode", "other"), NOT_YET),
-    Rule(lambda f: f.target.startswith("/memfd:"), "a memfd: " + NOT_YET),
     Rule(lambda f: _deleted(f.target), "the file was deleted: " + NOT_YET),
     Rule(lambda f: bool(NAMESPACE.fullmatch(f.target)),
          "a namespace file (/proc/PID/ns/*): " + NOT_YET),

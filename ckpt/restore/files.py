@@ -95,12 +95,14 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry,
                 src = taker.take(opened.fd, kind.name) if opened.in_ckpt else opened.fd
             else:
                 src = _open(stub, f)
+            taken = kind is not None and opened.in_ckpt  # pidfd_getfd sets FD_CLOEXEC
             for fd in fds:
                 if fd.fd != src:
                     stub.sc(NR.dup3, src, fd.fd, O_CLOEXEC if fd.cloexec else 0,
                             what=f"dup3 onto fd {fd.fd}")
-                elif fd.cloexec:
-                    stub.sc(NR.fcntl, src, F_SETFD, FD_CLOEXEC, what=f"cloexec fd {fd.fd}")
+                elif fd.cloexec or taken:
+                    stub.sc(NR.fcntl, src, F_SETFD, FD_CLOEXEC if fd.cloexec else 0,
+                            what=f"cloexec fd {fd.fd}")
             if f.type != pb.OpenFile.INHERITED and src not in {fd.fd for fd in fds}:
                 stub.sc(NR.close, src, what="close")
             ctx.placed[f.id] = min(fd.fd for fd in fds)

@@ -49,13 +49,16 @@ class Remote(Protocol):
     def put_str(self, s: str, off: int = 0) -> int: ...
 
 
+GHOST_LIMIT = 1 << 20  # default --ghost-limit, bytes
+
+
 @dataclass(frozen=True)
 class FdFlags:
     """The dump's options that decide what an fd kind accepts."""
 
     shell_job: bool = False  # a terminal on fds 0-2 is taken from the restoring shell
     tcp_close: bool = False  # established TCP connections are restored closed
-    ghost_limit: int = 1 << 20  # bytes: largest deleted file whose contents are saved
+    ghost_limit: int = GHOST_LIMIT  # bytes: largest deleted file or memfd saved
 
 
 class Peek:
