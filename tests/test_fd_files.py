@@ -14,9 +14,11 @@ import pytest
 from conftest import (
     Asker,
     Harness,
+    assert_ckpt_ok,
     assert_one_error_line,
     assert_running_untraced,
     needs_root,
+    our_children,
     run_ckpt,
 )
 
@@ -25,6 +27,7 @@ from ckpt.collect.fdkinds import memfd
 from ckpt.collect.fdkinds.base import FdFlags
 from ckpt.collect.fds import FdInfo
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.restore.files import type_change
 
 
 def files_target(harness: Harness, mode: str, *args: str) -> Asker:
@@ -199,3 +202,49 @@ def test_ghost_limit_sizes(text: str, size: int) -> None:
 def test_bad_ghost_limit_is_refused(text: str) -> None:
     with pytest.raises(click.BadParameter):
         parse_size(None, None, text)
+
+
+@needs_root
+def test_memfd_through_predump_and_incremental_dump(harness: Harness, tmp_path: Path) -> None:
+    """predump, then dump --incremental on it, then restore from the last pass: the memfd
+    (its contents are in the final pass's core image, not in the page chain) comes back
+    as it was at the final dump."""
+    target = files_target(harness, "memfd")
+    first = target.ask()
+    assert isinstance(first, dict)
+    ck = tmp_path / "ck"
+    assert_ckpt_ok(run_ckpt("predump", "-t", str(target.proc.pid), "-D", ck / "1"))
+    second = target.ask()  # written after the predump
+    assert isinstance(second, dict)
+    harness.dump_and_reap(target.proc, ck / "2", "--incremental", "--prev-images-dir", "../1")
+    harness.restore_detached(ck / "2")
+    after = target.ask()
+    assert isinstance(after, dict)
+    assert after["open_pos"] == second["open_pos"] + 1 and after["second_sees"] == "+"
+    assert after["sealed"] == first["sealed"] and after["write_sealed"] == "EPERM"
+    assert after["second_reads"] == "......"
+
+
+@needs_root
+def test_deleted_file_whose_directory_is_gone_at_restore(harness: Harness,
+                                                         tmp_path: Path) -> None:
+    """Restore makes a deleted file again in its directory: if that directory is gone by
+    then, restore fails in one line naming both (and leaves no process behind)."""
+    target = files_target(harness, "ghost")
+    target.ask()
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images)
+    (tmp_path / "w").rmdir()
+    res = run_ckpt("restore", "-D", images, "--restore-detached")
+    message = assert_one_error_line(res)
+    assert f"deleted file {tmp_path}/w/gone.txt: its directory {tmp_path}/w is gone" in message
+    assert target.proc.pid not in our_children()
+
+
+def test_a_file_reopened_by_path_keeps_its_type() -> None:
+    assert type_change(stat.S_IFDIR | 0o755, stat.S_IFDIR | 0o700) is None
+    assert type_change(stat.S_IFDIR | 0o755, stat.S_IFIFO | 0o600) == \
+        "(a directory at dump time) is not one now"
+    assert "regular file" in str(type_change(stat.S_IFREG, stat.S_IFCHR))
+    assert "character device" in str(type_change(stat.S_IFCHR, stat.S_IFREG))
+    assert type_change(0, stat.S_IFREG) is None  # not recorded

@@ -52,6 +52,20 @@ def file_change(f: pb.OpenFile, st: os.stat_result | None) -> str | None:
     return None
 
 
+FILE_TYPE_NOUNS = {stat.S_IFREG: "regular file", stat.S_IFDIR: "directory",
+                   stat.S_IFCHR: "character device"}
+
+
+def type_change(then: int, now: int) -> str | None:
+    """A file reopened by path whose type (st_mode) changed since the dump, or None: a
+    regular file or directory now a FIFO would hang the restore (opened by root), a
+    device would be set off."""
+    was = stat.S_IFMT(then)
+    if was not in FILE_TYPE_NOUNS or stat.S_IFMT(now) == was:
+        return None
+    return f"(a {FILE_TYPE_NOUNS[was]} at dump time) is not one now"
+
+
 def check_files(entry: pb.ProcessEntry,
                 stat_fn: Callable[[str], os.stat_result] = os.stat) -> None:
     """Refuse, before anything is built, files that changed since the dump (file_change),
@@ -139,9 +153,9 @@ def _open(stub: Stub, f: pb.OpenFile) -> int:
             st = os.stat(path)
         except OSError:
             raise RestoreError(f"file {path} (open at dump time) is missing") from None
-        if stat.S_ISREG(f.mode) and not stat.S_ISREG(st.st_mode):
-            # opened by root, a FIFO would hang the restore, a device be set off
-            raise RestoreError(f"file {path} (a regular file at dump time) is not one now")
+        why = type_change(f.mode, st.st_mode)
+        if why:
+            raise RestoreError(f"file {path} {why}")
     fd = stub.sc(NR.open, stub.put_str(path), f.flags & ~NOT_REOPENED, 0, what=f"open {path}")
     if f.type == pb.OpenFile.REGULAR and f.pos:
         stub.sc(NR.lseek, fd, f.pos, SEEK_SET, what=f"lseek {path}")
