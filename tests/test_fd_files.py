@@ -40,13 +40,14 @@ def files_target(harness: Harness, mode: str, *args: str) -> Asker:
 def test_directory_o_path_and_devices_survive(harness: Harness, tmp_path: Path) -> None:
     """A directory fd goes on reading its entries where it stopped (its getdents position)
     and opens files relative to it, O_PATH fds stay O_PATH (and usable as a base for
-    openat), /dev/urandom, /dev/zero and /dev/full work as before."""
+    openat), /dev/urandom, /dev/random, /dev/zero and /dev/full work as before."""
     target = files_target(harness, "dirs")
     before = target.ask()
     assert isinstance(before, dict)
     assert before["o_path"] == [True, True] and before["read_o_path"] == "EBADF"
     assert before["relative"] == ["file 1\n", "file 2\n"]
-    assert before["urandom"] == 16 and before["zero"] == "00" * 8 and before["full"] == "ENOSPC"
+    assert before["urandom"] == 16 and before["random"] == 4
+    assert before["zero"] == "00" * 8 and before["full"] == "ENOSPC"
     images = harness.images()
     harness.dump_and_reap(target.proc, images)
     harness.restore_detached(images)

@@ -9,7 +9,9 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               it is in another pid or user namespace than ckpt  restore makes it in ckpt's:
                                                                other pids, other ids
               it is chrooted                                   restore does not chroot
-              its working directory was deleted                nothing to chdir to
+              its working directory was deleted                nothing to chdir to (a new
+                                                               one would differ in inode,
+                                                               mode, owner, times)
               its working directory is under /proc/PID         names a process, not a place
               a thread has its own working directory           restore sets one per process
               it has more than 8192 supplementary groups       restore's setgroups limit
@@ -128,7 +130,8 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
     Rule(lambda t: t.root not in ("", t.own_root),  # "": exiting, nothing to compare
          "process {pid} has root directory {root} (chroot): " + NOT_YET),
     Rule(lambda t: _deleted(t.cwd),
-         "process {pid} has a deleted working directory ({cwd_shown}): " + NOT_YET),
+         "process {pid} has a deleted working directory ({cwd_shown}), which a restore "
+         "could not enter again: " + NOT_YET),
     Rule(lambda t: bool(PROC_PID.match(t.cwd)),
          "process {pid} has its working directory {cwd} under /proc/PID (it names a "
          "process, not a place): " + NOT_YET),

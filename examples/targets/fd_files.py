@@ -12,7 +12,8 @@ usage: fd_files.py CONTROL MODE DIR [SIZE]
           position 5 and one O_RDONLY at position 2, then the file is unlinked. Each
           check reads 4 bytes from each and appends one through the first.
   dirs    DIR/d with 40 entries, read a few at a time with getdents64, an O_PATH
-          fd on DIR/d and one on DIR/d/f0, /dev/urandom, /dev/zero, /dev/full. Each
+          fd on DIR/d and one on DIR/d/f0, /dev/urandom, /dev/random (O_NONBLOCK), /dev/zero,
+          /dev/full. Each
           check reads the next entries and uses every fd.
 """
 
@@ -71,6 +72,7 @@ def setup(args: list[str]) -> State:
         state = {"dir": dirfd, "dir_path": os.open(d, os.O_PATH | os.O_DIRECTORY),
                  "file_path": os.open(os.path.join(d, "f0"), os.O_PATH),
                  "urandom": os.open("/dev/urandom", os.O_RDONLY),
+                 "random": os.open("/dev/random", os.O_RDONLY | os.O_NONBLOCK),
                  "zero": os.open("/dev/zero", os.O_RDONLY),
                  "full": os.open("/dev/full", os.O_WRONLY)}
         return state
@@ -155,7 +157,7 @@ def check(s: State) -> dict[str, object]:
         "o_path": [bool(fdinfo_flags(s[k]) & os.O_PATH) for k in ("dir_path", "file_path")],
         "read_o_path": errname(lambda: os.read(s["file_path"], 1)),
         "file_path_is": os.readlink(f"/proc/self/fd/{s['file_path']}").rsplit("/", 1)[-1],
-        "urandom": len(os.read(s["urandom"], 16)),
+        "urandom": len(os.read(s["urandom"], 16)), "random": len(os.read(s["random"], 4)),
         "zero": os.read(s["zero"], 8).hex(),
         "full": errname(lambda: os.write(s["full"], b"x")),
     }
