@@ -94,6 +94,7 @@ def assert_ghost_restores(harness: Harness, target: Asker, *dump_args: str) -> N
     before = target.ask()
     assert isinstance(before, dict)
     assert before["read"] == ["5678", "2345"] and before["nlink"] == 0 and before["deleted"]
+    assert before["flags"] == [oct(os.O_RDWR), oct(os.O_RDONLY), oct(os.O_WRONLY | os.O_APPEND)]
     images = harness.images()
     harness.dump_and_reap(target.proc, images, *dump_args)
     harness.restore_detached(images)
@@ -112,7 +113,7 @@ def assert_ghost_restores(harness: Harness, target: Asker, *dump_args: str) -> N
 @needs_root
 def test_deleted_file_survives(harness: Harness, tmp_path: Path) -> None:
     """A deleted file still open comes back unlinked, with its contents, mode, and each of
-    its two open files' position and access mode, both on one inode again."""
+    its three open files' position and flags (one write-only), all on one inode again."""
     assert_ghost_restores(harness, files_target(harness, "ghost"))
 
 

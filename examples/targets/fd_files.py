@@ -9,8 +9,9 @@ usage: fd_files.py CONTROL MODE DIR [SIZE]
           at position 3. Each check appends one byte through the first, reads it back
           through the second, and tries to write the sealed one.
   ghost   DIR/gone.txt (SIZE bytes, default 3000, mode 0640): one O_RDWR open file at
-          position 5 and one O_RDONLY at position 2, then the file is unlinked. Each
-          check reads 4 bytes from each and appends one through the first.
+          position 5, one O_RDONLY at position 2, one O_WRONLY|O_APPEND, then the file is
+          unlinked. Each check reads 4 bytes from the first two, appends one through the
+          first.
   dirs    DIR/d with 40 entries, read a few at a time with getdents64, an O_PATH
           fd on DIR/d and one on DIR/d/f0, /dev/urandom, /dev/random (O_NONBLOCK), /dev/zero,
           /dev/full. Each
@@ -60,8 +61,9 @@ def setup(args: list[str]) -> State:
         os.lseek(rw, 5, os.SEEK_SET)
         ro = os.open(path, os.O_RDONLY)
         os.lseek(ro, 2, os.SEEK_SET)
+        wo = os.open(path, os.O_WRONLY | os.O_APPEND)
         os.unlink(path)
-        return {"rw": rw, "ro": ro}
+        return {"rw": rw, "ro": ro, "wo": wo}
     if mode == "dirs":
         d = os.path.join(where, "d")
         os.mkdir(d)
@@ -142,7 +144,7 @@ def check(s: State) -> dict[str, object]:
             "size": st.st_size, "digest": digest(ro), "mode": oct(st.st_mode),
             "nlink": st.st_nlink, "same_inode": os.fstat(ro).st_ino == st.st_ino,
             "deleted": os.readlink(f"/proc/self/fd/{rw}").endswith(" (deleted)"),
-            "flags": [oct(fdinfo_flags(fd) & 0o3) for fd in (rw, ro)],
+            "flags": [oct(fdinfo_flags(fd) & (0o3 | os.O_APPEND)) for fd in (rw, ro, s["wo"])],
         }
     entries = getdents(s["dir"])
     f1 = os.open("f1", os.O_RDONLY, dir_fd=s["dir"])
