@@ -76,7 +76,7 @@ def test_memfd_contents_seals_and_name_survive(harness: Harness, tmp_path: Path)
     assert before["names"] == ["/memfd:ckpt sealed (deleted)", "/memfd:ckpt open (deleted)"]
     assert before["write_sealed"] == "EPERM" and before["grow_sealed"] == "EPERM"
     assert before["cloexec"] == [True, False, True] and before["second_reads"] == "st p+g"
-    assert before["second_sees"] == "+"
+    assert before["second_sees"] == "+" and before["owner"] == [65534, 65534]
     images = harness.images()
     harness.dump_and_reap(target.proc, images)
     harness.restore_detached(images)
@@ -85,8 +85,10 @@ def test_memfd_contents_seals_and_name_survive(harness: Harness, tmp_path: Path)
     # one more byte written at the position, the second open file read on from its own
     assert after["open_pos"] == before["open_pos"] + 1 and after["open"] != before["open"]
     assert after["second_reads"] == "e....."
-    same = ("names", "seals", "sealed", "sealed_size", "write_sealed", "grow_sealed", "open_size",
-            "open_seals", "same_inode", "second_sees", "mode", "cloexec", "second_flags")
+    assert after["sealed_mtime"][0] == before["sealed_mtime"][1]  # restored, not now
+    same = ("names", "seals", "sealed", "sealed_size", "write_sealed", "grow_sealed",
+            "open_size", "open_seals", "same_inode", "second_sees", "owner", "mode",
+            "cloexec", "second_flags")
     assert {k: after[k] for k in same} == {k: before[k] for k in same}
 
 
@@ -104,7 +106,7 @@ def assert_ghost_restores(harness: Harness, target: Asker, *dump_args: str) -> N
     # read-write one before the dump is there, the new one is seen by the read-only one
     assert after["read"] == ["9abc", "6789"]
     assert after["pos"] == [13, 10] and after["size"] == before["size"] + 1
-    same = ("mode", "nlink", "same_inode", "deleted", "flags")
+    same = ("mode", "owner", "nlink", "same_inode", "deleted", "flags")
     assert {k: after[k] for k in same} == {k: before[k] for k in same}
     again = target.ask()
     assert isinstance(again, dict) and again["read"] == ["def0", "abcd"]

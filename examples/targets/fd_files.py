@@ -33,6 +33,7 @@ F_ADD_SEALS, F_GET_SEALS = 1033, 1034
 F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 1, 2, 4, 8
 NR_GETDENTS64 = 217
 PAGE = 4096
+NOBODY = 65534  # the owner given to a memfd and the deleted file (the target runs as root)
 
 State = dict[str, int]
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -46,6 +47,7 @@ def setup(args: list[str]) -> State:
         fcntl.fcntl(sealed, F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK
                     | F_SEAL_SEAL)
         opened = os.memfd_create("ckpt open", 0)  # not cloexec
+        os.fchown(opened, NOBODY, NOBODY)
         os.write(opened, b"first page".ljust(PAGE, b"."))
         os.pwrite(opened, b"tail", 3 * PAGE)  # a hole in between
         os.lseek(opened, 7, os.SEEK_SET)
@@ -57,6 +59,7 @@ def setup(args: list[str]) -> State:
         path = os.path.join(where, "gone.txt")
         rw = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o640)
         os.fchmod(rw, 0o640)
+        os.fchown(rw, NOBODY, NOBODY)
         os.write(rw, (b"0123456789abcdef" * (size // 16 + 1))[:size])
         os.lseek(rw, 5, os.SEEK_SET)
         ro = os.open(path, os.O_RDONLY)
@@ -117,6 +120,7 @@ def digest(fd: int) -> str:
 def check(s: State) -> dict[str, object]:
     if "sealed" in s:
         sealed, opened, second = s["sealed"], s["open"], s["second"]
+        sealed_mtime = os.fstat(sealed).st_mtime_ns  # a refused write still sets it
         os.write(opened, b"+")
         st = os.fstat(opened)
         return {
@@ -130,6 +134,8 @@ def check(s: State) -> dict[str, object]:
             "open": digest(opened), "second_reads": os.read(second, 6).decode(),
             "second_sees": os.pread(second, 1, os.lseek(opened, 0, os.SEEK_CUR) - 1).decode(),
             "same_inode": os.fstat(second).st_ino == st.st_ino, "mode": oct(st.st_mode),
+            "owner": [st.st_uid, st.st_gid],
+            "sealed_mtime": [sealed_mtime, os.fstat(sealed).st_mtime_ns],
             "cloexec": [bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
                         for fd in (sealed, opened, second)],
             "second_flags": oct(fdinfo_flags(second) & 0o3),
@@ -142,6 +148,7 @@ def check(s: State) -> dict[str, object]:
         return {
             "read": got, "pos": [os.lseek(fd, 0, os.SEEK_CUR) for fd in (rw, ro)],
             "size": st.st_size, "digest": digest(ro), "mode": oct(st.st_mode),
+            "owner": [st.st_uid, st.st_gid],
             "nlink": st.st_nlink, "same_inode": os.fstat(ro).st_ino == st.st_ino,
             "deleted": os.readlink(f"/proc/self/fd/{rw}").endswith(" (deleted)"),
             "flags": [oct(fdinfo_flags(fd) & (0o3 | os.O_APPEND)) for fd in (rw, ro, s["wo"])],
