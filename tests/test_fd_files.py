@@ -5,6 +5,7 @@ stateless devices (reopened by path: ckpt/restore/files.py)."""
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from conftest import (
     our_children,
     run_ckpt,
 )
+from test_migrate import start_server
 
 from ckpt.cli import parse_size
 from ckpt.collect.fdkinds import memfd
@@ -252,3 +254,24 @@ def test_a_file_reopened_by_path_keeps_its_type() -> None:
     assert "regular file" in str(type_change(stat.S_IFREG, stat.S_IFCHR))
     assert "character device" in str(type_change(stat.S_IFCHR, stat.S_IFREG))
     assert type_change(0, stat.S_IFREG) is None  # not recorded
+
+
+@needs_root
+def test_migrate_carries_a_deleted_file_over_the_default_limit(harness: Harness,
+                                                               tmp_path: Path) -> None:
+    """migrate's --ghost-limit reaches its check, its rounds and its final dump: a 2 MiB
+    deleted file is refused by default and migrates with --ghost-limit 3M."""
+    token = tmp_path / "token"
+    token.write_text("migrate-me\n")
+    address = f"127.0.0.1:{start_server(tmp_path / 'dest')}"
+    target = files_target(harness, "ghost", str(2 << 20))
+    before = target.ask()
+    assert isinstance(before, dict)
+    argv = ("migrate", "-t", str(target.proc.pid), "--to", address, "--auth-token-file", token)
+    assert "above --ghost-limit" in assert_one_error_line(run_ckpt(*argv))
+    res = run_ckpt(*argv, "--ghost-limit", "3M", reap=target.proc)
+    assert res.returncode == 0, res.describe()
+    harness.track(int(re.search(r"as pid (\d+)", res.stdout)[1]))  # type: ignore[index]
+    after = target.ask()
+    assert isinstance(after, dict)
+    assert after["read"] == ["9abc", "6789"] and after["size"] == before["size"] + 1
