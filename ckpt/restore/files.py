@@ -13,7 +13,7 @@ import stat
 from collections.abc import Callable
 
 from ckpt.collect.fdkinds import BY_TYPE
-from ckpt.collect.fdkinds.base import RestoreCtx
+from ckpt.collect.fdkinds.base import NOT_REOPENED, RestoreCtx
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.sys import NR
@@ -21,7 +21,6 @@ from ckpt.restore.stub import Stub
 
 F_DUPFD, F_SETFD, FD_CLOEXEC = 0, 2, 1
 O_CLOEXEC = 0o2000000
-NOT_REOPENED = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
 SEEK_SET = 0
 
 

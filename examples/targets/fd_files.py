@@ -164,6 +164,7 @@ def check(s: State) -> dict[str, object]:
     return {
         "entries": entries, "relative": relative,
         "o_path": [bool(fdinfo_flags(s[k]) & os.O_PATH) for k in ("dir_path", "file_path")],
+        "flags": [oct(fdinfo_flags(s[k])) for k in sorted(s)],
         "read_o_path": errname(lambda: os.read(s["file_path"], 1)),
         "file_path_is": os.readlink(f"/proc/self/fd/{s['file_path']}").rsplit("/", 1)[-1],
         "urandom": len(os.read(s["urandom"], 16)), "random": len(os.read(s["random"], 4)),

@@ -50,6 +50,10 @@ class Remote(Protocol):
 
 
 GHOST_LIMIT = 1 << 20  # default --ghost-limit, bytes
+#: open(2) flags that only meant something to the open that made the file: a reopen drops
+#: them (O_TMPFILE without its O_DIRECTORY part, which a directory's fd keeps)
+NOT_REOPENED = (os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
+                | os.O_TMPFILE & ~os.O_DIRECTORY)
 
 
 @dataclass(frozen=True)

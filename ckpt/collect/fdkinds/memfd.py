@@ -37,7 +37,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ckpt.collect.fdkinds.base import FdFlags, FdKind, Opened, Peek, RestoreCtx
+from ckpt.collect.fdkinds.base import (
+    NOT_REOPENED,
+    FdFlags,
+    FdKind,
+    Opened,
+    Peek,
+    RestoreCtx,
+)
 from ckpt.collect.fds import FdInfo
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
@@ -46,8 +53,6 @@ from ckpt.kernel.sys import PAGE_SIZE
 DELETED = " (deleted)"
 MEMFD_PREFIX = "/memfd:"
 F_ADD_SEALS, F_GET_SEALS = 1033, 1034
-#: open(2) flags that only mean something to the open that made the file
-NOT_REOPENED = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_TMPFILE
 READ_CHUNK = 1 << 20
 
 
