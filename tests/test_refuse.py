@@ -31,7 +31,7 @@ from conftest import (
     wait_for_lines,
 )
 
-from ckpt.collect.fdkinds import pipe
+from ckpt.collect.fdkinds import memfd, pipe
 from ckpt.collect.fds import FdInfo
 from ckpt.collect.files import file_kind
 from ckpt.collect.proc import list_children, parse_timer_ids
@@ -142,9 +142,14 @@ CASES: dict[str, tuple[Target, str]] = {
                     "held by process 1234 outside the dump"),
     "eventfd": (replace(FINE, fds=(fd(6, "anon_inode:[eventfd]", 0o600),)),
                 "fd 6 is an anon inode (anon_inode:[eventfd])"),
-    "memfd fd": (replace(FINE, fds=(fd(6, "/memfd:buf (deleted)"),)), "fd 6 is a regular file "
-                 "(/memfd:buf (deleted)): a memfd"),
-    "deleted fd": (replace(FINE, fds=(fd(6, "/tmp/x (deleted)"),)), "the file was deleted"),
+    "memfd fd": (replace(FINE, fds=(fd(6, "/memfd:buf (deleted)"),),
+                         fd_kinds=((6, memfd.MEMFD, memfd.Found(0, 0, True, True)),)),
+                 "fd 6 is a regular file (/memfd:buf (deleted)): a memfd of huge pages"),
+    "deleted fd": (replace(FINE, fds=(fd(6, "/tmp/x (deleted)"),),
+                           fd_kinds=((6, memfd.GHOST, memfd.Found(9, 1, False, True)),)),
+                   "/tmp/x was deleted but the file has 1 other link(s)"),
+    "deleted directory fd": (replace(FINE, fds=(fd(6, "/tmp/d (deleted)", stat.S_IFDIR),)),
+                             "fd 6 is a directory (/tmp/d (deleted)): the file was deleted"),
     "namespace fd": (replace(FINE, fds=(fd(6, "net:[4026531833]", stat.S_IFREG | 0o444),)),
                      "fd 6 is a regular file (net:[4026531833]): a namespace file"),
     "fd in /proc/PID": (replace(FINE, fds=(fd(6, "/proc/123/status"),)),
@@ -227,7 +232,7 @@ REFUSED = {
     "proc-cwd": ["working directory /proc/", "under /proc/PID"],
     "netns-fd": ["fd 3 ", "net:[", "a namespace file"],
     "memfd": ["maps a memfd (/memfd:ckpt-test) at 0x"],
-    "deleted-fd": ["fd 3 ", "gone.txt (deleted)", "the file was deleted"],
+    "deleted-fd": ["fd 3 ", "gone.txt (deleted)", "above --ghost-limit", "--ghost-limit 2097152"],
     "child": ["has child processes"],
     "sysv-partial": ["System V shared memory", "in part (unmapped inside)"],
     "fanotify": ["fd 3 ", "anon_inode:[fanotify]"],

@@ -44,7 +44,7 @@ from ckpt.actions.passes import (
 )
 from ckpt.collect import proc
 from ckpt.collect.cgroups import cgroups_to_pb, read_cgroups
-from ckpt.collect.fdkinds.base import FdFlags
+from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
 from ckpt.collect.files import collect_files
 from ckpt.collect.restorable import read_target, require_restorable
 from ckpt.collect.sysvshm import attaches, collect_segments
@@ -87,7 +87,7 @@ class DumpOptions:
     precopy: bool = True
     overwrite: bool = False  # replace a complete pass already in images_dir
     tcp_close: bool = False  # --tcp-close: established TCP connections restored closed
-    ghost_limit: int = 1 << 20  # --ghost-limit: largest deleted file saved, bytes
+    ghost_limit: int = GHOST_LIMIT  # --ghost-limit: largest deleted file or memfd saved
     externals: bool = True  # external pipes/sockets recorded (False: migrate refuses them)
     # Called with the images complete and the target still frozen, before it is killed;
     # raising keeps the target alive (it is thawed). Migration hands over here.

@@ -1,7 +1,9 @@
 """Which open files a dump can carry, grouped by open file description.
 
 Supported: regular files, directories and stateless character devices reopened by path
-(offset and flags restored), /dev/null, with ``--shell-job`` a terminal on fds 0-2,
+(offset and flags restored: a directory's offset is its getdents position, the
+filesystem's own cookie, which lseek takes back; an O_PATH fd is reopened O_PATH),
+/dev/null, with ``--shell-job`` a terminal on fds 0-2,
 which restore takes from its own stdin/stdout/stderr, and every kind of
 ckpt.collect.fdkinds (pipes, sockets, eventfds, ...), whose state is collected here.
 Anything else (see ckpt.collect.restorable) stops the dump before the target is frozen,

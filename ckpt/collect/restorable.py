@@ -9,7 +9,9 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               it is in another pid or user namespace than ckpt  restore makes it in ckpt's:
                                                                other pids, other ids
               it is chrooted                                   restore does not chroot
-              its working directory was deleted                nothing to chdir to
+              its working directory was deleted                nothing to chdir to (a new
+                                                               one would differ in inode,
+                                                               mode, owner, times)
               its working directory is under /proc/PID         names a process, not a place
               a thread has its own working directory           restore sets one per process
               it has more than 8192 supplementary groups       restore's setgroups limit
@@ -25,11 +27,13 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               a file that is not a path (anon_inode:...)       (io_uring, perf, DRM)
               a device under /dev (but /dev/zero, /dev/shm)    its state lives in the driver
     fd        of a kind of ckpt.collect.fdkinds               that kind's refuse says
-              (pipe, socket, eventfd, ...)                     (its state is not restored)
+              (pipe, socket, eventfd, memfd, deleted file      (its state is not restored)
+              ...)
               a terminal (but fds 0-2 with --shell-job),       kernel objects, not files
               socket, anon inode no kind claims,
               anything unknown
-              a memfd, a deleted file                          the file is gone
+              a deleted file that is not a regular file        the file is gone
+              (a deleted directory)
               a namespace (net:[...]), anything not a path     nothing to open
               a file under /proc/PID                           names a process
               a character device but /dev/{null,zero,full,     its state lives in the driver
@@ -134,7 +138,8 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
     Rule(lambda t: t.root not in ("", t.own_root),  # "": exiting, nothing to compare
          "process {pid} has root directory {root} (chroot): " + NOT_YET),
     Rule(lambda t: _deleted(t.cwd),
-         "process {pid} has a deleted working directory ({cwd_shown}): " + NOT_YET),
+         "process {pid} has a deleted working directory ({cwd_shown}), which a restore "
+         "could not enter again: " + NOT_YET),
     Rule(lambda t: bool(PROC_PID.match(t.cwd)),
          "process {pid} has its working directory {cwd} under /proc/PID (it names a "
          "process, not a place): " + NOT_YET),
@@ -247,7 +252,6 @@ FD_RULES: tuple[Rule[Fd], ...] = (
     Rule(lambda f: f.kind == "tty" and not (f.shell_job and f.info.fd <= 2),
          "a terminal; use --shell-job for fds 0-2"),
     Rule(lambda f: f.kind in ("socket", "anon_inode", "other"), NOT_YET),
-    Rule(lambda f: f.target.startswith("/memfd:"), "a memfd: " + NOT_YET),
     Rule(lambda f: _deleted(f.target), "the file was deleted: " + NOT_YET),
     Rule(lambda f: bool(NAMESPACE.fullmatch(f.target)),
          "a namespace file (/proc/PID/ns/*): " + NOT_YET),

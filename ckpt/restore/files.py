@@ -15,7 +15,7 @@ import stat
 from collections.abc import Callable
 
 from ckpt.collect.fdkinds import BY_TYPE
-from ckpt.collect.fdkinds.base import RestoreCtx
+from ckpt.collect.fdkinds.base import NOT_REOPENED, RestoreCtx
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.sys import NR
@@ -23,7 +23,6 @@ from ckpt.restore.stub import Stub
 
 F_DUPFD, F_SETFD, FD_CLOEXEC = 0, 2, 1
 O_CLOEXEC = 0o2000000
-NOT_REOPENED = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
 SEEK_SET = 0
 
 
@@ -52,6 +51,20 @@ def file_change(f: pb.OpenFile, st: os.stat_result | None) -> str | None:
     if st.st_size == f.size and st.st_mtime_ns != f.mtime_ns:
         return "was modified (same size, another mtime)"
     return None
+
+
+FILE_TYPE_NOUNS = {stat.S_IFREG: "regular file", stat.S_IFDIR: "directory",
+                   stat.S_IFCHR: "character device"}
+
+
+def type_change(then: int, now: int) -> str | None:
+    """A file reopened by path whose type (st_mode) changed since the dump, or None: a
+    regular file or directory now a FIFO would hang the restore (opened by root), a
+    device would be set off."""
+    was = stat.S_IFMT(then)
+    if was not in FILE_TYPE_NOUNS or stat.S_IFMT(now) == was:
+        return None
+    return f"(a {FILE_TYPE_NOUNS[was]} at dump time) is not one now"
 
 
 def check_files(entry: pb.ProcessEntry,
@@ -148,6 +161,7 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry,
                 src = taker.take(opened.fd, kind.name) if taken else opened.fd
             else:
                 src = _open(stub, f)
+            taken = kind is not None and opened.in_ckpt  # pidfd_getfd sets FD_CLOEXEC
             for fd in fds:
                 if fd.fd != src:
                     stub.sc(NR.dup3, src, fd.fd, O_CLOEXEC if fd.cloexec else 0,
@@ -191,9 +205,9 @@ def _open(stub: Stub, f: pb.OpenFile) -> int:
             st = os.stat(path)
         except OSError:
             raise RestoreError(f"file {path} (open at dump time) is missing") from None
-        if stat.S_ISREG(f.mode) and not stat.S_ISREG(st.st_mode):
-            # opened by root, a FIFO would hang the restore, a device be set off
-            raise RestoreError(f"file {path} (a regular file at dump time) is not one now")
+        why = type_change(f.mode, st.st_mode)
+        if why:
+            raise RestoreError(f"file {path} {why}")
     fd = stub.sc(NR.open, stub.put_str(path), f.flags & ~NOT_REOPENED, 0, what=f"open {path}")
     if f.type == pb.OpenFile.REGULAR and f.pos:
         stub.sc(NR.lseek, fd, f.pos, SEEK_SET, what=f"lseek {path}")

@@ -17,7 +17,8 @@ Modes (DIR holds any file the mode creates):
   shared-mprotect DIR/shared.bin mapped MAP_SHARED read-write, fd closed; read-only but
                   while a tick stores into it (mprotect each time: VmFlags "mw" stays)
   memfd           a memfd mapped MAP_SHARED, fd closed
-  deleted-fd      an fd on DIR/gone.txt, then the file is unlinked
+  deleted-fd      an fd on DIR/gone.txt (2 MiB: above the default --ghost-limit), then the
+                  file is unlinked
   child           a child process (sleeps; killed when the target dies)
   sysv-partial    a System V shared memory segment attached, one page of it unmapped
   fanotify        a fanotify group (an anon inode no fd kind claims)
@@ -102,6 +103,7 @@ def setup(mode: str, where: str) -> tuple[str, object]:
     if mode == "deleted-fd":
         path = os.path.join(where, "gone.txt")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(fd, 2 << 20)
         os.unlink(path)
         return str(fd), fd
     if mode == "child":

@@ -7,7 +7,7 @@ stateless device is reopened by path; anything else is refused before the freeze
 
 from __future__ import annotations
 
-from ckpt.collect.fdkinds import epoll, eventfd, inotify, pipe, signalfd, timerfd
+from ckpt.collect.fdkinds import epoll, eventfd, inotify, memfd, pipe, signalfd, timerfd
 from ckpt.collect.fdkinds.base import FdKind, Peek
 from ckpt.collect.fds import FdInfo
 
@@ -18,6 +18,8 @@ KINDS: tuple[FdKind, ...] = (
     timerfd.KIND,
     signalfd.KIND,
     inotify.KIND,
+    memfd.MEMFD,
+    memfd.GHOST,
 )
 
 BY_TYPE = {k.image_type: k for k in KINDS}
