@@ -47,6 +47,7 @@ class NR:
     getpid = 39
     kill = 62
     fcntl = 72
+    flock = 73
     chdir = 80
     umask = 95
     setsid = 112
