@@ -16,6 +16,7 @@ from conftest import (
     assert_one_error_line,
     our_children,
     run_ckpt,
+    wait_for,
 )
 
 from ckpt.collect.fdkinds.locks import collect_locks, describe_lock, parse_lock, refusal
@@ -83,8 +84,17 @@ def test_the_image_range_checks_locks() -> None:
     from ckpt.errors import ImageError
     from ckpt.images.validate import validate
 
-    bad = pb.OpenFile(id=1, locks=[pb.FileLock(kind=pb.FileLock.POSIX, start=1 << 63)])
+    bad = pb.OpenFile(id=1, path="/f", locks=[pb.FileLock(kind=pb.FileLock.POSIX,
+                                                          start=1 << 63)])
     with pytest.raises(ImageError, match=r"locks\[0\]\.start"):
+        validate("core-1.img", bad)
+    bad.locks[0].start, bad.locks[0].length = 10, (1 << 63) - 10
+    with pytest.raises(ImageError, match=r"locks\[0\]\.length .* past the largest"):
+        validate("core-1.img", bad)
+    bad.locks[0].length = 5
+    validate("core-1.img", bad)
+    bad.type = pb.OpenFile.INHERITED
+    with pytest.raises(ImageError, match=r"locks = 1: on a file a restore does not"):
         validate("core-1.img", bad)
 
 
@@ -118,16 +128,18 @@ def getlk(path: Path, cmd: int, start: int, length: int) -> tuple[int, int, int,
 def assert_held_by(d: Path, pid: int) -> None:
     """Every lock of examples/targets/fd_locks.py, seen from this process."""
     assert flock_taken(d / "flock", fcntl.LOCK_SH)
+    assert flock_taken(d / "dir", fcntl.LOCK_SH)
     assert flock_taken(d / "shared", fcntl.LOCK_EX)
     assert not flock_taken(d / "shared", fcntl.LOCK_SH)  # a read lock: shared
     assert getlk(d / "posix", fcntl.F_GETLK, 0, 0) == (fcntl.F_WRLCK, 0, 10, pid)
     assert getlk(d / "posix", fcntl.F_GETLK, 50, 100) == (fcntl.F_RDLCK, 100, 0, pid)
     assert getlk(d / "posix", fcntl.F_GETLK, 10, 90)[0] == fcntl.F_UNLCK
     assert getlk(d / "ofd", F_OFD_GETLK, 0, 0) == (fcntl.F_WRLCK, 20, 5, -1)
-    ino = os.stat(d / "lease").st_ino
-    leases = [line.split() for line in Path("/proc/locks").read_text().splitlines()
-              if line.split()[1] == "LEASE" and line.split()[5].endswith(f":{ino}")]
-    assert [(w[2], w[3], w[4]) for w in leases] == [("ACTIVE", "READ", str(pid))]
+    for name, type_ in (("lease", "READ"), ("wlease", "WRITE")):
+        ino = os.stat(d / name).st_ino
+        leases = [line.split() for line in Path("/proc/locks").read_text().splitlines()
+                  if line.split()[1] == "LEASE" and line.split()[5].endswith(f":{ino}")]
+        assert [(w[2], w[3], w[4]) for w in leases] == [("ACTIVE", type_, str(pid))]
 
 
 def start_locker(harness: Harness) -> tuple[Asker, Path, object]:
@@ -137,9 +149,11 @@ def start_locker(harness: Harness) -> tuple[Asker, Path, object]:
     before = target.ask()
     assert before == {
         "flock": ["FLOCK ADVISORY WRITE 0 EOF"], "flock-dup": ["FLOCK ADVISORY WRITE 0 EOF"],
-        "shared": ["FLOCK ADVISORY READ 0 EOF"], "posix": ["POSIX ADVISORY WRITE 0 9"],
+        "shared": ["FLOCK ADVISORY READ 0 EOF"], "dir": ["FLOCK ADVISORY WRITE 0 EOF"],
+        "posix": ["POSIX ADVISORY WRITE 0 9"],
         "posix-2": ["POSIX ADVISORY READ 100 EOF"], "ofd": ["OFDLCK ADVISORY WRITE 20 24"],
-        "lease": ["LEASE ACTIVE READ 0 EOF"], "lease-type": "READ", "breaks": 0}
+        "lease": ["LEASE ACTIVE READ 0 EOF"], "wlease": ["LEASE ACTIVE WRITE 0 EOF"],
+        "lease-type": "READ", "breaks": 0}
     assert_held_by(d, target.proc.pid)
     return target, d, before
 
@@ -189,3 +203,39 @@ def test_a_lock_taken_in_the_gap_fails_the_restore_naming_the_file(harness: Harn
     assert f"cannot take the flock WRITE lock on {d / 'flock'} again" in line
     assert "another process holds a conflicting lock" in line
     assert not our_children()  # the half-restored process is gone
+
+
+def waiting_on(pid: int) -> set[int]:
+    """Inodes on which ``pid`` waits for a lock ("->" lines of /proc/locks)."""
+    out = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        words = line.split()
+        if words[1] == "->" and words[5] == str(pid):
+            out.add(int(words[6].rsplit(":", 1)[1]))
+    return out
+
+
+def test_a_process_waiting_for_a_lock_waits_again(harness: Harness) -> None:
+    d = harness.tmp / "contended"
+    d.mkdir()
+    for name in ("wait-flock", "wait-posix"):
+        (d / name).write_bytes(b"x" * 100)
+    inodes = {os.stat(d / name).st_ino for name in ("wait-flock", "wait-posix")}
+    held_flock = os.open(d / "wait-flock", os.O_RDWR)
+    held_posix = os.open(d / "wait-posix", os.O_RDWR)  # our POSIX lock: keep it open
+    try:
+        fcntl.flock(held_flock, fcntl.LOCK_EX)
+        fcntl.lockf(held_posix, fcntl.LOCK_EX, 10, 0)
+        target = Asker(harness, "fd_lock_waiter.py", str(d))
+        wait_for(lambda: waiting_on(target.proc.pid) == inodes, 10, "the target to wait")
+        assert target.ask() == {"flock": False, "posix": False}
+        images = harness.images()
+        harness.dump_and_reap(target.proc, images)
+        pid = harness.restore_detached(images)
+        # the restored threads went back to their calls (-ERESTARTSYS) and wait again
+        wait_for(lambda: waiting_on(pid) == inodes, 10, "the restored process to wait")
+        assert target.ask() == {"flock": False, "posix": False}
+    finally:
+        os.close(held_flock)
+        os.close(held_posix)
+    wait_for(lambda: target.ask() == {"flock": True, "posix": True}, 10, "the locks")

@@ -255,6 +255,11 @@ def _open_file(m: core.OpenFile) -> Iterator[Problem]:
         yield "path", m.path, "not an absolute path"
     if m.type == core.OpenFile.INHERITED and m.inherit_fd not in (0, 1, 2):
         yield "inherit_fd", m.inherit_fd, "not 0, 1 or 2"
+    if m.locks and m.type not in (core.OpenFile.REGULAR, core.OpenFile.DEV_NULL):
+        yield "locks", len(m.locks), "on a file a restore does not reopen by path"
+    for i, lock in enumerate(m.locks):
+        if lock.start + lock.length > S64_MAX:
+            yield f"locks[{i}].length", lock.length, "past the largest file offset"
 
 
 def _process(m: core.ProcessEntry) -> Iterator[Problem]:

@@ -2,11 +2,13 @@
 
     DIR/flock   flock(LOCK_EX) through fd A (and its dup)
     DIR/shared  flock(LOCK_SH)
+    DIR/dir     a directory, flock(LOCK_EX)
     DIR/posix   POSIX (fcntl F_SETLK) WRITE lock on bytes 0-9 through fd B, READ lock on
                 bytes 100-EOF through fd C, a second open of the same file
     DIR/ofd     OFD (F_OFD_SETLK) WRITE lock on bytes 20-24
     DIR/lease   a READ lease (F_SETLEASE), opened read-only; on SIGIO (someone opens the
                 file for writing: the lease is being broken) the target gives it up
+    DIR/wlease  a WRITE lease, opened read-write
 
 Each check answers, per file, the "lock:" lines of its fds' fdinfo (without the pid,
 which is the restored one after a restore) and the lease F_GETLEASE reports, and how many
@@ -43,6 +45,9 @@ def setup(args: list[str]) -> dict[str, Any]:
     fds["flock-dup"] = os.dup(fds["flock"])
     fds["shared"] = make("shared", os.O_RDONLY)
     fcntl.flock(fds["shared"], fcntl.LOCK_SH)
+    (d / "dir").mkdir()
+    fds["dir"] = os.open(d / "dir", os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fds["dir"], fcntl.LOCK_EX)
     fds["posix"] = make("posix", os.O_RDWR)
     fcntl.lockf(fds["posix"], fcntl.LOCK_EX, 10, 0)
     fds["posix-2"] = os.open(d / "posix", os.O_RDONLY)
@@ -51,6 +56,8 @@ def setup(args: list[str]) -> dict[str, Any]:
     fcntl.fcntl(fds["ofd"], F_OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, 0, 20, 5, 0))
     fds["lease"] = make("lease", os.O_RDONLY)
     fcntl.fcntl(fds["lease"], fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    fds["wlease"] = make("wlease", os.O_RDWR)
+    fcntl.fcntl(fds["wlease"], fcntl.F_SETLEASE, fcntl.F_WRLCK)
     state: dict[str, Any] = {"fds": fds, "breaks": 0}
 
     def broken(signo: int, frame: object) -> None:
