@@ -80,7 +80,7 @@ def collect_files(pid: int, shell_job: bool, hidden: set[int] | None = None,
             payload = None
             if fdkind is None:
                 kind = file_kind(first, shell_job)  # refuses the locks it cannot take again
-                locks = collect_locks(first)
+                locks = collect_locks(first, peek)
                 payload = pb.OpenFile(locks=locks) if locks else None
             else:
                 kind = fdkind.name

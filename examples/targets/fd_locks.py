@@ -6,8 +6,9 @@
     DIR/posix   POSIX (fcntl F_SETLK) WRITE lock on bytes 0-9 through fd B, READ lock on
                 bytes 100-EOF through fd C, a second open of the same file
     DIR/ofd     OFD (F_OFD_SETLK) WRITE lock on bytes 20-24
-    DIR/lease   a READ lease (F_SETLEASE), opened read-only; on SIGIO (someone opens the
-                file for writing: the lease is being broken) the target gives it up
+    DIR/lease   a READ lease (F_SETLEASE), opened read-only, signalled with SIGRTMIN+2
+                (F_SETSIG; the default, SIGIO, would kill it): when someone opens the file
+                for writing (the lease is being broken), the target gives it up
     DIR/wlease  a WRITE lease, opened read-write
 
 Each check answers, per file, the "lock:" lines of its fds' fdinfo (without the pid,
@@ -26,7 +27,8 @@ from typing import Any
 
 from fdkit import serve
 
-F_OFD_SETLK = 37
+F_OFD_SETLK, F_SETSIG = 37, 10
+BREAK_SIGNAL = signal.SIGRTMIN + 2
 FLOCK = struct.Struct("hhqqi4x")
 LEASES = {fcntl.F_RDLCK: "READ", fcntl.F_WRLCK: "WRITE", fcntl.F_UNLCK: "UNLCK"}
 
@@ -55,6 +57,7 @@ def setup(args: list[str]) -> dict[str, Any]:
     fds["ofd"] = make("ofd", os.O_RDWR)
     fcntl.fcntl(fds["ofd"], F_OFD_SETLK, FLOCK.pack(fcntl.F_WRLCK, 0, 20, 5, 0))
     fds["lease"] = make("lease", os.O_RDONLY)
+    fcntl.fcntl(fds["lease"], F_SETSIG, BREAK_SIGNAL)
     fcntl.fcntl(fds["lease"], fcntl.F_SETLEASE, fcntl.F_RDLCK)
     fds["wlease"] = make("wlease", os.O_RDWR)
     fcntl.fcntl(fds["wlease"], fcntl.F_SETLEASE, fcntl.F_WRLCK)
@@ -64,7 +67,7 @@ def setup(args: list[str]) -> dict[str, Any]:
         state["breaks"] += 1
         fcntl.fcntl(fds["lease"], fcntl.F_SETLEASE, fcntl.F_UNLCK)
 
-    signal.signal(signal.SIGIO, broken)
+    signal.signal(BREAK_SIGNAL, broken)
     return state
 
 

@@ -16,9 +16,11 @@ open file: any fd of the inode takes it again.
     FLOCK  open file description    flock(fd, LOCK_SH or LOCK_EX | LOCK_NB)
     OFD    open file description    fcntl(fd, F_OFD_SETLK, struct flock)
     POSIX  process (its fd table)   fcntl(fd, F_SETLK, struct flock)
-    LEASE  open file description    fcntl(fd, F_SETLEASE, F_RDLCK or F_WRLCK): the stub is
+    LEASE  open file description    fcntl(fd, F_SETSIG, signal) if the file had one, then
+                                    fcntl(fd, F_SETLEASE, F_RDLCK or F_WRLCK): the stub is
                                     still root (CAP_LEASE); like the original call, it
-                                    makes the process the file's SIGIO owner (F_SETOWN)
+                                    makes the process the file's owner (F_SETOWN), whom
+                                    the lease break signals
 
 :func:`restore_locks` runs once every fd is in place and the restore's own temporary fds
 are closed (closing any fd of an inode drops the process's POSIX locks on it), before
@@ -40,18 +42,19 @@ again.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ckpt.collect.fdkinds.base import Remote
+from ckpt.collect.fdkinds.base import Peek, Remote
 from ckpt.collect.fds import FdInfo
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.sys import NR
 
-F_SETLK, F_SETLEASE, F_OFD_SETLK = 6, 1024, 37
+F_SETLK, F_SETSIG, F_GETSIG, F_SETLEASE, F_OFD_SETLK = 6, 10, 11, 1024, 37
 LOCK_SH, LOCK_EX, LOCK_NB = 1, 2, 4
 SEEK_SET = 0
 #: struct flock on x86-64: l_type, l_whence (short), l_start, l_len (off_t), l_pid (int)
@@ -125,9 +128,9 @@ def refusal(info: FdInfo, reopened: bool) -> str | None:
     return None
 
 
-def collect_locks(info: FdInfo) -> list[pb.FileLock]:
+def collect_locks(info: FdInfo, peek: Peek | None = None) -> list[pb.FileLock]:
     """The locks held through this fd's open file (call :func:`refusal` first: lines it
-    refuses are left out here)."""
+    refuses are left out here); with ``peek``, a lease's signal (F_GETSIG)."""
     out = []
     for value in lock_values(info):
         line = parse_lock(value)
@@ -137,6 +140,9 @@ def collect_locks(info: FdInfo) -> list[pb.FileLock]:
         if line.kind in ("POSIX", "OFDLCK"):
             lock.start = line.start
             lock.length = 0 if line.end is None else line.end - line.start + 1
+        if line.kind == "LEASE" and peek is not None:
+            with peek.getfd(info.fd) as fd:
+                lock.signal = fcntl.fcntl(fd, F_GETSIG)
         out.append(lock)
     return out
 
@@ -157,6 +163,10 @@ def _range_lock(cmd: int) -> Callable[[Remote, int, pb.FileLock], int]:
 
 
 def _lease(remote: Remote, fd: int, lock: pb.FileLock) -> int:
+    if lock.signal:
+        res = remote.sc(NR.fcntl, fd, F_SETSIG, lock.signal, check=False)
+        if res < 0:
+            return res
     return remote.sc(NR.fcntl, fd, F_SETLEASE, int(lock.type), check=False)
 
 
