@@ -158,14 +158,17 @@ def start_locker(harness: Harness) -> tuple[Asker, Path, object]:
     return target, d, before
 
 
-def test_locks_and_lease_are_held_again_before_the_process_runs(harness: Harness) -> None:
+@pytest.mark.parametrize("new_pid", [False, True], ids=["same-pid", "new-pid"])
+def test_locks_and_lease_are_held_again_before_the_process_runs(harness: Harness,
+                                                                new_pid: bool) -> None:
     target, d, before = start_locker(harness)
     images = harness.images()
     harness.dump_and_reap(target.proc, images)
     # the gap: the dump killed the target, and its locks went with it
     assert not flock_taken(d / "flock")
     assert getlk(d / "posix", fcntl.F_GETLK, 0, 0)[0] == fcntl.F_UNLCK
-    pid = harness.restore_detached(images)
+    pid = harness.restore_detached(images, *(["--new-pid"] if new_pid else []))
+    assert (pid != target.proc.pid) == new_pid
     assert_held_by(d, pid)
     assert target.ask() == before
     # the lease is the restored process's: opening the file for writing breaks it (SIGIO
