@@ -19,10 +19,18 @@ from conftest import (
     wait_for,
 )
 
-from ckpt.collect.fdkinds.locks import collect_locks, describe_lock, parse_lock, refusal
+from ckpt.collect.fdkinds.locks import (
+    collect_locks,
+    describe_lock,
+    parse_lock,
+    refusal,
+    restore_locks,
+)
 from ckpt.collect.fds import FdInfo
 from ckpt.collect.restorable import fd_refusal
+from ckpt.errors import ImageError, RestoreError
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.images.validate import validate
 
 F_OFD_GETLK = 36
 FLOCK = struct.Struct("hhqqi4x")
@@ -81,9 +89,6 @@ def test_a_lock_on_a_file_not_reopened_by_path_is_refused() -> None:
 
 
 def test_the_image_range_checks_locks() -> None:
-    from ckpt.errors import ImageError
-    from ckpt.images.validate import validate
-
     bad = pb.OpenFile(id=1, path="/f", locks=[pb.FileLock(kind=pb.FileLock.POSIX,
                                                           start=1 << 63)])
     with pytest.raises(ImageError, match=r"locks\[0\]\.start"):
@@ -198,7 +203,8 @@ def test_a_lock_taken_in_the_gap_fails_the_restore_naming_the_file(harness: Harn
     thief = os.open(d / "flock", os.O_RDONLY)
     try:
         fcntl.flock(thief, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        res = run_ckpt("restore", "-D", images, "--restore-detached")
+        res = run_ckpt("restore", "-D", images, "--restore-detached",
+                       "--pidfile", harness.new_pidfile())  # killed at teardown if made
     finally:
         os.close(thief)
     harness.skip_if_ids_reused(res)
@@ -242,3 +248,51 @@ def test_a_process_waiting_for_a_lock_waits_again(harness: Harness) -> None:
         os.close(held_flock)
         os.close(held_posix)
     wait_for(lambda: target.ask() == {"flock": True, "posix": True}, 10, "the locks")
+
+
+class FakeRemote:
+    """Records the injected syscalls; each answers ``result``."""
+
+    pid = 4242
+
+    def __init__(self, result: int = 0) -> None:
+        self.result = result
+        self.calls: list[tuple[int, ...]] = []
+        self.memory = b""
+
+    def sc(self, nr: int, *args: int, what: str = "", check: bool = True) -> int:
+        self.calls.append((nr, *args))
+        return self.result
+
+    def put(self, data: bytes, off: int = 0) -> int:
+        self.memory = data
+        return 0x1000 + off
+
+    def put_str(self, s: str, off: int = 0) -> int:
+        return self.put(s.encode() + b"\0", off)
+
+
+def test_restore_takes_each_lock_through_its_files_fd() -> None:
+    remote = FakeRemote()
+    posix = pb.FileLock(kind=pb.FileLock.POSIX, type=pb.FileLock.WRITE, start=5, length=10)
+    lease = pb.FileLock(kind=pb.FileLock.LEASE, type=pb.FileLock.READ, signal=36)
+    files = [pb.OpenFile(id=1, path="/a", locks=[posix]),
+             pb.OpenFile(id=2, path="/b", locks=[lease]),
+             pb.OpenFile(id=3, path="/c", locks=[posix])]  # no fd: not taken
+    restore_locks(remote, files, {1: 7, 2: 9})
+    assert remote.calls == [(72, 7, 6, 0x1000), (72, 9, 10, 36), (72, 9, 1024, 0)]
+    assert FLOCK.unpack(remote.memory) == (fcntl.F_WRLCK, 0, 5, 10, 0)
+
+
+@pytest.mark.parametrize(("lock", "says"), [
+    (pb.FileLock(kind=pb.FileLock.FLOCK, type=pb.FileLock.READ),
+     "fd 7: cannot take the flock READ lock on /a again: another process holds a "
+     "conflicting lock"),
+    (pb.FileLock(kind=pb.FileLock.LEASE, type=pb.FileLock.WRITE),
+     "fd 7: cannot take the WRITE lease on /a again: another process has the file open"),
+])
+def test_a_lock_taken_meanwhile_is_one_error_naming_the_file(lock: pb.FileLock,
+                                                            says: str) -> None:
+    with pytest.raises(RestoreError) as exc:
+        restore_locks(FakeRemote(-11), [pb.OpenFile(id=1, path="/a", locks=[lock])], {1: 7})
+    assert str(exc.value) == says
