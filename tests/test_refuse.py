@@ -99,7 +99,8 @@ CASES: dict[str, tuple[Target, str]] = {
                    "maps device /dev/dri/card0 at 0x7f0000000000: its state lives in the"),
     "lease being broken": (replace(FINE, fds=(replace(fd(6, "/tmp/l"), extra=(
         ("lock", "1: LEASE  BREAKING  READ 28275 fe:00:2146650 0 EOF"),)),)),
-        "fd 6 is a regular file (/tmp/l): holds a lease being broken (another process"),
+        "fd 6 is a regular file (/tmp/l): holds a lease being broken by another process's "
+        "open (LEASE BREAKING READ), which a restore cannot take again"),
     "pid namespace": (replace(FINE, other_ns=(("pid", "pid:[5]", "pid:[1]"),)),
                       "runs in a pid namespace other than ckpt's (pid:[5]; ckpt's is pid:[1])"),
     "posix timers": (replace(FINE, timers=(0, 3)), "has POSIX timers (ids 0, 3)"),
@@ -222,7 +223,8 @@ REFUSED = {
     "chroot": ["root directory", "(chroot)"],
     "kmsg-fd": ["fd 3 ", "/dev/kmsg", "character device 1:11"],
     "thread-cwd": ["threads with their own working directory", "/w;"],
-    "eventfd-flock": ["fd 3 is an anon inode (anon_inode:[eventfd]): holds a FLOCK lock"],
+    "eventfd-flock": ["fd 3 is an anon inode (anon_inode:[eventfd]): holds a FLOCK lock on a "
+                      "file a restore does not reopen by path"],
     "posix-timer": ["has POSIX timers (ids 0)"],
     "shm-alias": ["maps one shared anonymous memory at two addresses"],
 }

@@ -253,19 +253,19 @@ FD_RULES: tuple[Rule[Fd], ...] = (
          "a file of a process under /proc (it names a pid): " + NOT_YET),
     Rule(lambda f: f.kind == "chardev" and f.info.st_rdev not in STATELESS_DEVICES,
          "a character device {dev}: its state lives in the driver; " + NOT_YET),
-    Rule(lambda f: _lock_refusal(f) is not None, "{lock}"),
+    Rule(lambda f: _refused_lock(f) is not None, locks.REFUSED),
     Rule(lambda f: f.foreign,
          "another file (or none) in ckpt's mount namespace: " + NOT_YET),
 )
 
 
-def _lock_refusal(f: Fd) -> str | None:
-    return locks.refusal(f.info, reopened=f.kind != "tty")  # a terminal is ckpt's own
+def _refused_lock(f: Fd) -> str | None:
+    return locks.refused_lock(f.info, reopened=f.kind != "tty")  # a terminal is ckpt's own
 
 
 def fd_fields(f: Fd) -> dict[str, object]:
     return {"dev": f"{os.major(f.info.st_rdev)}:{os.minor(f.info.st_rdev)}",
-            "lock": _lock_refusal(f) or ""}
+            "lock": _refused_lock(f) or ""}
 
 
 def fd_refusal(info: FdInfo, shell_job: bool, foreign: bool = False) -> str | None:

@@ -103,29 +103,38 @@ def lock_values(info: FdInfo) -> list[str]:
     return [value for key, value in info.extra if key == "lock"]
 
 
-def refusal(info: FdInfo, reopened: bool) -> str | None:
-    """Why the locks held through this fd cannot be taken again, or None. ``reopened``:
-    the restore opens this fd's file again by path (a regular file, a directory, a
-    stateless device)."""
+#: how a refusal names a lock (``lock``: what :func:`refused_lock` says)
+REFUSED = "holds {lock}, which a restore cannot take again: not supported yet"
+
+
+def refused_lock(info: FdInfo, reopened: bool) -> str | None:
+    """The first lock held through this fd that cannot be taken again, or None.
+    ``reopened``: the restore opens this fd's file again by path (a regular file, a
+    directory, a stateless device)."""
     for value in lock_values(info):
         line = parse_lock(value)
         if line is None:
-            return f"holds a file lock ckpt does not understand ({value.strip()})"
+            return f"a file lock ckpt does not understand ({value.strip()})"
         if not reopened:
-            return (f"holds a {line.kind} lock, which a restore takes again only on files "
-                    "it reopens by path: not supported yet")
+            return f"a {line.kind} lock on a file a restore does not reopen by path"
         if line.kind not in KINDS:
             what = "a delegation" if line.kind == "DELEG" else f"a lock of kind {line.kind}"
-            return f"holds {what} ({line.shown}): not supported yet"
+            return f"{what} ({line.shown})"
         if line.state != STATES[line.kind]:
-            what = ("a lease being broken (another process opened the file)"
+            what = ("a lease being broken by another process's open"
                     if line.kind == "LEASE" else f"a {line.state.lower()} lock")
-            return f"holds {what} ({line.shown}): not supported yet"
+            return f"{what} ({line.shown})"
         if line.type not in TYPES:
-            return f"holds a {line.kind} lock of type {line.type}: not supported yet"
+            return f"a {line.kind} lock of type {line.type}"
         if line.end is not None and line.end < line.start:
-            return f"holds a {line.kind} lock on an empty range ({value.strip()})"
+            return f"a {line.kind} lock on an empty range ({value.strip()})"
     return None
+
+
+def refusal(info: FdInfo, reopened: bool) -> str | None:
+    """Why the locks held through this fd cannot be taken again, or None."""
+    lock = refused_lock(info, reopened)
+    return None if lock is None else REFUSED.format(lock=lock)
 
 
 def collect_locks(info: FdInfo, peek: Peek | None = None) -> list[pb.FileLock]:
