@@ -29,7 +29,10 @@ the credentials are dropped and long before the process runs.
 The gap: ``ckpt dump`` kills its target, which drops its locks; until the restore takes
 them again, another process may take them (CRIU has the same window). A lock that cannot
 be taken again (another process holds a conflicting one, or has a leased file open)
-fails the restore in one line naming the file.
+fails the restore in one line naming the file. So does an flock or OFD lock whose open
+file another process shares (inherited across fork()): that process keeps the lock after
+the dump. A lease's owner comes back as the process itself, as F_SETLEASE made it (an
+F_SETOWN to a thread or a process group afterwards is not seen).
 
 Refused at dump (:func:`refusal`): a lock on an fd a restore does not reopen by path
 (pipes, sockets, ... and terminals), a mandatory lock, a lease being broken, a
@@ -88,7 +91,7 @@ class LockLine:
 
 def parse_lock(value: str) -> LockLine | None:
     """A "lock:" line's value (after "lock:"), or None if it is not in the known format
-    (a blocked request's "->", an "UNKNOWN UNKNOWN" lock, ...)."""
+    (a blocked request's "->", a line of another length, ...)."""
     words = value.split()
     if len(words) != 8 or not words[0].endswith(":") or words[1] == "->":
         return None
