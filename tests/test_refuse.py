@@ -98,9 +98,10 @@ CASES: dict[str, tuple[Target, str]] = {
     "device map": (replace(FINE, vmas=(vma("/dev/dri/card0", VmaKind.FILE_SHARED,
                                            shared=True),)),
                    "maps device /dev/dri/card0 at 0x7f0000000000: its state lives in the"),
-    "flock": (replace(FINE, fds=(replace(fd(6, "/tmp/l"), extra=(
-        ("lock", "1: FLOCK  ADVISORY  WRITE 28275 fe:00:2146650 0 EOF"),)),)),
-              "fd 6 is a regular file (/tmp/l): holds a file lock (FLOCK ADVISORY)"),
+    "lease being broken": (replace(FINE, fds=(replace(fd(6, "/tmp/l"), extra=(
+        ("lock", "1: LEASE  BREAKING  READ 28275 fe:00:2146650 0 EOF"),)),)),
+        "fd 6 is a regular file (/tmp/l): holds a lease being broken by another process's "
+        "open (LEASE BREAKING READ), which a restore cannot take again"),
     "pid namespace": (replace(FINE, other_ns=(("pid", "pid:[5]", "pid:[1]"),)),
                       "runs in a pid namespace other than ckpt's (pid:[5]; ckpt's is pid:[1])"),
     "posix timers": (replace(FINE, timers=(0, 3)), "has POSIX timers (ids 0, 3)"),
@@ -239,8 +240,9 @@ REFUSED = {
     "chroot": ["root directory", "(chroot)"],
     "kmsg-fd": ["fd 3 ", "/dev/kmsg", "character device 1:11"],
     "thread-cwd": ["threads with their own working directory", "/w;"],
-    "flock": ["fd 3 ", "/locked", "holds a file lock (FLOCK ADVISORY)"],
     "deleted-fifo": ["fd 3 ", "/fifo (deleted)", "a FIFO that was deleted"],
+    "eventfd-flock": ["fd 3 is an anon inode (anon_inode:[eventfd]): holds a FLOCK lock on a "
+                      "file a restore does not reopen by path"],
     "posix-timer": ["has POSIX timers (ids 0)"],
     "shm-alias": ["maps one shared anonymous memory at two addresses"],
 }

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ckpt.collect.fdkinds import kind_of
 from ckpt.collect.fdkinds.base import FdFlags, Peek
+from ckpt.collect.fdkinds.locks import collect_locks, refusal
 from ckpt.collect.fds import (
     FdInfo,
     classify_fd,
@@ -50,7 +51,8 @@ class FileRecord:
     mtime_ns: int = 0
     dev: int = 0
     inode: int = 0
-    # an fd kind's state, collected while frozen: its OpenFile fields (type, payload)
+    # collected while frozen: an fd kind's OpenFile fields (type, payload) and the locks
+    # held through the file (ckpt.collect.fdkinds.locks)
     payload: pb.OpenFile | None = None
 
 
@@ -79,11 +81,13 @@ def collect_files(pid: int, shell_job: bool, hidden: set[int] | None = None,
             fdkind = claimed[group[0]]
             payload = None
             if fdkind is None:
-                kind = file_kind(first, shell_job)
+                kind = file_kind(first, shell_job)  # refuses the locks it cannot take again
+                locks = collect_locks(first, peek)
+                payload = pb.OpenFile(locks=locks) if locks else None
             else:
                 kind = fdkind.name
                 details = fdkind.inspect(first, peek)
-                why = fdkind.refuse(first, details, flags)
+                why = refusal(first, reopened=False) or fdkind.refuse(first, details, flags)
                 if why:
                     raise NotDumpable(f"{describe_fd(first)}: {why}")
                 payload = pb.OpenFile(type=fdkind.image_type)  # type: ignore[arg-type]

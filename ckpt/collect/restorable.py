@@ -38,7 +38,9 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               a file under /proc/PID                           names a process
               a character device but /dev/{null,zero,full,     its state lives in the driver
               random,urandom}
-              a file it holds a lock on (flock, POSIX)         the lock would be lost
+              a lock ckpt.collect.fdkinds.locks refuses        that module's refusal says
+              (mandatory, a lease being broken, a lock on an   (locks on files reopened by
+              fd not reopened by path, ...)                    path are taken again)
 
 :func:`refusals` is pure: it takes a :class:`Target` (records of ckpt.collect.vmas,
 ckpt.collect.fds and ckpt.collect.proc) and returns one line per refused thing, process
@@ -55,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from ckpt.collect import proc, sysvshm, taskattrs
-from ckpt.collect.fdkinds import kind_of
+from ckpt.collect.fdkinds import kind_of, locks
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
 from ckpt.collect.vmas import VmaInfo, VmaKind, collect_vmas
@@ -261,17 +263,19 @@ FD_RULES: tuple[Rule[Fd], ...] = (
          "a file of a process under /proc (it names a pid): " + NOT_YET),
     Rule(lambda f: f.kind == "chardev" and f.info.st_rdev not in STATELESS_DEVICES,
          "a character device {dev}: its state lives in the driver; " + NOT_YET),
-    Rule(lambda f: any(key == "lock" for key, _ in f.info.extra),
-         "holds a file lock ({lock}), which a restore would not take again: " + NOT_YET),
+    Rule(lambda f: _refused_lock(f) is not None, locks.REFUSED),
     Rule(lambda f: f.foreign,
          "another file (or none) in ckpt's mount namespace: " + NOT_YET),
 )
 
 
+def _refused_lock(f: Fd) -> str | None:
+    return locks.refused_lock(f.info, reopened=f.kind != "tty")  # a terminal is ckpt's own
+
+
 def fd_fields(f: Fd) -> dict[str, object]:
-    locks = [value for key, value in f.info.extra if key == "lock"]
     return {"dev": f"{os.major(f.info.st_rdev)}:{os.minor(f.info.st_rdev)}",
-            "lock": " ".join(locks[0].split()[1:3]) if locks else ""}
+            "lock": _refused_lock(f) or ""}
 
 
 def fd_refusal(info: FdInfo, shell_job: bool, foreign: bool = False) -> str | None:
@@ -306,7 +310,8 @@ def refusals(t: Target) -> list[str]:
     for info in sorted(t.fds, key=lambda i: i.fd):
         if info.fd in claimed:
             kind, details = claimed[info.fd]
-            why = kind.refuse(info, details, t.fd_flags)
+            why = locks.refusal(info, reopened=False) or kind.refuse(info, details,
+                                                                     t.fd_flags)
             if not why and info.target in t.foreign:  # a FIFO, ... reopened by path
                 why = "another file (or none) in ckpt's mount namespace: " + NOT_YET
             line = f"{describe_fd(info)}: {why}" if why else None

@@ -180,6 +180,8 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
     core.OpenFile: {"id": ranged(1, FD_SET_MAX), "path": path(absolute=False),
                     "pos": ranged(0, S64_MAX), "size": ranged(0, S64_MAX),
                     "inherit_fd": ranged(-1, 2)},
+    core.FileLock: {"start": ranged(0, S64_MAX), "length": ranged(0, S64_MAX),
+                    "signal": ranged(0, NSIG)},
     core.FdEntry: {"fd": ranged(0, NR_OPEN_MAX - 1), "file_id": ranged(1, FD_SET_MAX)},
     core.TaskAttrs: {"comm": text(15), "cpus": ranged(0, 8191), "nice": ranged(-20, 19),
                      "policy": one_of(*POLICIES), "rt_priority": ranged(0, 99),
@@ -276,6 +278,11 @@ def _open_file(m: core.OpenFile) -> Iterator[Problem]:
     if m.type == core.OpenFile.PIPE and m.pipe.fifo and not m.path.startswith("/"):
         yield "path", m.path, "not an absolute path (a FIFO's)"
     yield from _unique("inotify.watches.wd", (w.wd for w in m.inotify.watches))
+    if m.locks and m.type not in (core.OpenFile.REGULAR, core.OpenFile.DEV_NULL):
+        yield "locks", len(m.locks), "on a file a restore does not reopen by path"
+    for i, lock in enumerate(m.locks):
+        if lock.start + lock.length > S64_MAX:
+            yield f"locks[{i}].length", lock.length, "past the largest file offset"
 
 
 def _pipe(m: core.PipeFile) -> Iterator[Problem]:

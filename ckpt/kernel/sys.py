@@ -51,6 +51,7 @@ class NR:
     kill = 62
     shmdt = 67
     fcntl = 72
+    flock = 73
     chdir = 80
     umask = 95
     setsid = 112

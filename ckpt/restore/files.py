@@ -4,6 +4,9 @@ so fds that shared an offset (dup, `>out 2>&1`) share it again.
 The stub starts with ckpt's fds. All but 0-2 are closed at once; 0-2 are parked above every
 fd of the image so that INHERITED files (--shell-job) can take ckpt's terminal from them,
 and closed at the end.
+
+Once every fd is in place and nothing more is closed, the restored process takes the
+file locks and leases of its files again (ckpt.collect.fdkinds.locks).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable
 
 from ckpt.collect.fdkinds import BY_TYPE
 from ckpt.collect.fdkinds.base import NOT_REOPENED, RestoreCtx
+from ckpt.collect.fdkinds.locks import restore_locks
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.sys import NR
@@ -179,6 +183,8 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry,
     finally:
         ctx.close()
     stub.sc(NR.close_range, park, park + 3, 0, what="close_range")
+    # after the last close: closing any fd of a file drops the process's POSIX locks on it
+    restore_locks(stub, entry.files, ctx.placed)
 
 
 class _Taker:

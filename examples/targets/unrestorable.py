@@ -28,8 +28,9 @@ Modes (DIR holds any file the mode creates):
   posix-timer     a POSIX timer (timer_create, never armed)
   shm-alias       shared anonymous memory mapped at a second address (mremap, size 0)
   thread-cwd      a thread that unshare(CLONE_FS)'d and moved to DIR
-  flock           an fd on DIR/locked with an flock() held
   deleted-fifo    an fd on the FIFO DIR/fifo (O_RDWR), then the FIFO is unlinked
+  eventfd-flock   an eventfd with an flock() held on it (a lock on an fd not reopened by
+                  path)
   plain           nothing special (control)
 """
 
@@ -147,8 +148,8 @@ def setup(mode: str, where: str) -> tuple[str, object]:
         threading.Thread(target=own_cwd, daemon=True).start()
         moved.wait()
         return where, None
-    if mode == "flock":
-        fd = os.open(os.path.join(where, "locked"), os.O_RDWR | os.O_CREAT, 0o600)
+    if mode == "eventfd-flock":
+        fd = os.eventfd(0)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return str(fd), fd
     if mode == "posix-timer":
