@@ -88,6 +88,26 @@ def check(features: tuple[str, ...]) -> None:
         raise CkptError(why)
 
 
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(ctx: click.Context | None, param: click.Parameter | None, value: str) -> int:
+    """"1M", "512K", "4096": a size in bytes (CRIU's --ghost-limit syntax)."""
+    text = value.strip().upper().removesuffix("B")
+    unit = text[-1:] if text[-1:].isalpha() else ""
+    number = text.removesuffix(unit)
+    if not number.isdigit() or unit not in SIZE_UNITS:
+        raise click.BadParameter(f"{value!r} is not a size (bytes, or with K, M or G)")
+    return int(number) * SIZE_UNITS[unit]
+
+
+def ghost_limit_option(fn: F) -> F:
+    return click.option(
+        "--ghost-limit", default="1M", show_default=True, metavar="SIZE", callback=parse_size,
+        help="Save deleted files still open and memfds up to this size (K, M, G); larger "
+             "ones are refused.")(fn)
+
+
 def target_options(fn: F) -> F:
     """Options shared by dump and predump (CRIU's names)."""
     for opt in reversed([
@@ -118,10 +138,11 @@ def target_options(fn: F) -> F:
 
 @main.command()
 @target_options
+@ghost_limit_option
 @reports_errors
 def predump(pid: int, images_dir: str, prev_images_dir: str | None, track: str,
             compress_level: int, page_server: str | None, auth_token_file: str | None,
-            tls_cacert: str | None, overwrite: bool) -> None:
+            tls_cacert: str | None, overwrite: bool, ghost_limit: int) -> None:
     """Copy memory while the process runs; freeze only to arm dirty tracking."""
     from ckpt.actions.predump import PredumpOptions
     from ckpt.actions.predump import predump as do_predump
@@ -130,7 +151,8 @@ def predump(pid: int, images_dir: str, prev_images_dir: str | None, track: str,
     click.echo(do_predump(PredumpOptions(pid=pid, images_dir=images_dir,
                                          prev_images_dir=prev_images_dir, track=track,
                                          compress_level=compress_level,
-                                         overwrite=overwrite)), err=True)
+                                         overwrite=overwrite, ghost_limit=ghost_limit)),
+               err=True)
     send_to_page_server(images_dir, page_server, auth_token_file, tls_cacert)
 
 
@@ -146,11 +168,12 @@ def predump(pid: int, images_dir: str, prev_images_dir: str | None, track: str,
 @click.option("--precopy/--no-precopy", default=True, show_default=True,
               help="With --incremental and uffd-wp: read what changed since the parent "
                    "before freezing; the freeze copies only what is written after that.")
+@ghost_limit_option
 @reports_errors
 def dump(pid: int, images_dir: str, prev_images_dir: str | None, track: str, compress_level: int,
          page_server: str | None, auth_token_file: str | None, tls_cacert: str | None,
          leave_running: bool, shell_job: bool, incremental: bool, track_mem: bool,
-         precopy: bool, overwrite: bool) -> None:
+         precopy: bool, overwrite: bool, ghost_limit: int) -> None:
     """Checkpoint process PID into images; the process is killed unless --leave-running."""
     from ckpt.actions.dump import DumpOptions
     from ckpt.actions.dump import dump as do_dump
@@ -160,8 +183,12 @@ def dump(pid: int, images_dir: str, prev_images_dir: str | None, track: str, com
                               shell_job=shell_job, compress_level=compress_level,
                               incremental=incremental or bool(prev_images_dir),
                               prev_images_dir=prev_images_dir, track=track,
-                              track_mem=track_mem, precopy=precopy, overwrite=overwrite))
+                              track_mem=track_mem, precopy=precopy, overwrite=overwrite,
+                              ghost_limit=ghost_limit))
     click.echo(f"{res.line}; {res.threads} thread(s), {res.vmas} VMAs", err=True)
+    for fd, name in res.externals:
+        click.echo(f"fd {fd} leads outside the dump ({name}): restore it with --inherit-fd "
+                   f"fd[N]:{name}, N an fd of ckpt standing for it", err=True)
     send_to_page_server(images_dir, page_server, auth_token_file, tls_cacert)
 
 
@@ -224,10 +251,11 @@ def send_to_page_server(images_dir: str, page_server: str | None, auth_token_fil
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Draw dirty pages and bytes per round into this PNG (needs matplotlib).")
+@ghost_limit_option
 @reports_errors
 def migrate(pid: int, dest: str, auth_token_file: str, tls_cacert: str | None,
             max_downtime_ms: float, max_rounds: int, track: str, keep_images: str | None,
-            auto_converge: bool, as_json: bool, plot: str | None) -> None:
+            auto_converge: bool, as_json: bool, plot: str | None, ghost_limit: int) -> None:
     """Move a running process to another host: iterative pre-copy, then a short freeze."""
     import json
 
@@ -244,7 +272,7 @@ def migrate(pid: int, dest: str, auth_token_file: str, tls_cacert: str | None,
         pid=pid, host=host, port=port, token=load_token(auth_token_file),
         tls=client_tls_context(tls_cacert) if tls_cacert else None, max_rounds=max_rounds,
         max_downtime_ms=max_downtime_ms, track=track, keep_images=keep_images,
-        auto_converge=auto_converge),
+        auto_converge=auto_converge, ghost_limit=ghost_limit),
         report=lambda line: None if as_json else click.echo(line))
     per_round: list[dict[str, Any]] = [
         {"round": r.n, "dirty_pages": r.dirty_pages, "bytes": r.bytes_sent,
@@ -326,15 +354,20 @@ def page_server(address: str, port: int, images_dir: str, auth_token_file: str,
 @click.option("--new-pid", is_flag=True, help="Restore under a fresh PID if the old one is taken.")
 @click.option("--skip-file-check", is_flag=True,
               help="Reopen files that changed since the dump (shrunk, rewritten) anyway.")
+@click.option("--inherit-fd", "inherit_fd", multiple=True, metavar="fd[N]:OBJECT",
+              help="ckpt's fd N stands for the external OBJECT (e.g. pipe:[1234]) the dump "
+                   "recorded; repeatable.")
 @reports_errors
 def restore(images_dir: str, restore_detached: bool, pidfile: str | None, new_pid: bool,
-            skip_file_check: bool) -> None:
+            skip_file_check: bool, inherit_fd: tuple[str, ...]) -> None:
     """Restore a process from images; without -d wait for it and exit with its status."""
     from ckpt.actions.restore import RestoreOptions, wait_restored
     from ckpt.actions.restore import restore as do_restore
+    from ckpt.restore.files import parse_inherit_fd
 
     res = do_restore(RestoreOptions(images_dir=images_dir, new_pid=new_pid,
-                                    skip_file_check=skip_file_check))
+                                    skip_file_check=skip_file_check,
+                                    inherit=dict(map(parse_inherit_fd, inherit_fd))))
     if pidfile:
         with open(pidfile, "w") as f:
             f.write(f"{res.pid}\n")

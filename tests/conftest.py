@@ -349,15 +349,16 @@ def ckpt_command() -> str:
 
 def run_ckpt(*args: str | Path, timeout: float = CKPT_TIMEOUT,
              reap: subprocess.Popen[bytes] | None = None,
-             prefix: Sequence[str] = ()) -> CkptResult:
+             prefix: Sequence[str] = (), pass_fds: Sequence[int] = ()) -> CkptResult:
     """Run the installed ckpt command. Output goes to files, not pipes, so a restored
     process that inherited them cannot keep this call waiting. With reap, that child of
     ours is reaped as soon as it dies, the way a shell reaps a killed job. ``prefix`` runs
-    it through another command (e.g. `ip netns exec NS`)."""
+    it through another command (e.g. `ip netns exec NS`); ``pass_fds`` stay open in it
+    (--inherit-fd)."""
     argv = tuple(str(a) for a in args)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([*prefix, ckpt_command(), *argv], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=err)
+                                stdout=out, stderr=err, pass_fds=pass_fds)
         deadline = time.monotonic() + timeout
         while proc.poll() is None:
             if reap is not None:
@@ -407,13 +408,15 @@ class Harness:
         # they can be reaped and do not linger as zombies holding their pid.
         _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
-    def launch(self, argv: Sequence[str | Path], out: Path) -> subprocess.Popen[bytes]:
+    def launch(self, argv: Sequence[str | Path], out: Path,
+               pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
         """Start a target in its own session: stdin /dev/null, stdout+stderr one open
-        file (truncated, not O_APPEND, shared offset)."""
+        file (truncated, not O_APPEND, shared offset); no other fd but ``pass_fds``."""
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             proc = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL,
-                                    stdout=fd, stderr=fd, start_new_session=True)
+                                    stdout=fd, stderr=fd, start_new_session=True,
+                                    pass_fds=pass_fds)
         finally:
             os.close(fd)
         self._children.append(proc)
@@ -446,11 +449,11 @@ class Harness:
         except subprocess.TimeoutExpired:
             pytest.fail(f"target {proc.pid} still runs after a dump without --leave-running")
 
-    def restore_detached(self, images: Path, *extra: str) -> int:
+    def restore_detached(self, images: Path, *extra: str, pass_fds: Sequence[int] = ()) -> int:
         """`ckpt restore --restore-detached --pidfile F`; return the restored pid."""
         pidfile = self.new_pidfile()
         res = run_ckpt("restore", "-D", images, "--restore-detached", "--pidfile", pidfile,
-                       *extra)
+                       *extra, pass_fds=pass_fds)
         with contextlib.suppress(FileNotFoundError, ValueError):
             self.track(int(pidfile.read_text().strip()))
         self.skip_if_ids_reused(res)
@@ -561,10 +564,12 @@ class Asker:
     """Talks to a target built on examples/targets/fdkit.py: :meth:`ask` makes it print
     its check once more and returns the answer."""
 
-    def __init__(self, harness: Harness, target: str, *args: str) -> None:
+    def __init__(self, harness: Harness, target: str, *args: str,
+                 pass_fds: Sequence[int] = ()) -> None:
         self.control = harness.tmp / f"{target}.control"
         self.out = harness.tmp / f"{target}.out"
-        self.proc = harness.launch([*py_target(target), str(self.control), *args], self.out)
+        self.proc = harness.launch([*py_target(target), str(self.control), *args], self.out,
+                                   pass_fds)
         wait_for_line(self.out, lambda line: line == "ready", 10, "ready")
         self.asked = 0
 

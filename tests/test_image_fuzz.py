@@ -57,6 +57,8 @@ FREE = {
     *(("DumpStats", f.name) for f in img.DumpStats.DESCRIPTOR.fields
       if f.type != f.TYPE_DOUBLE and f.message_type is None),
     ("TrackerState", "start_time"), ("TrackerState", "uffd_inode"),
+    ("ProcessEntry", "cwd_dev"), ("ProcessEntry", "cwd_inode"), ("OpenFile", "object"),
+    ("SysvShm", "key"), ("SysvShm", "uid"), ("SysvShm", "gid"),
 }
 RESTORE_READS = {"inventory", "core", "pagemap"}  # the other kinds serve the next pass
 

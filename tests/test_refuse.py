@@ -31,6 +31,7 @@ from conftest import (
     wait_for_lines,
 )
 
+from ckpt.collect.fdkinds import memfd, pipe
 from ckpt.collect.fds import FdInfo
 from ckpt.collect.files import file_kind
 from ckpt.collect.proc import list_children, parse_timer_ids
@@ -97,9 +98,10 @@ CASES: dict[str, tuple[Target, str]] = {
     "device map": (replace(FINE, vmas=(vma("/dev/dri/card0", VmaKind.FILE_SHARED,
                                            shared=True),)),
                    "maps device /dev/dri/card0 at 0x7f0000000000: its state lives in the"),
-    "flock": (replace(FINE, fds=(replace(fd(6, "/tmp/l"), extra=(
-        ("lock", "1: FLOCK  ADVISORY  WRITE 28275 fe:00:2146650 0 EOF"),)),)),
-              "fd 6 is a regular file (/tmp/l): holds a file lock (FLOCK ADVISORY)"),
+    "lease being broken": (replace(FINE, fds=(replace(fd(6, "/tmp/l"), extra=(
+        ("lock", "1: LEASE  BREAKING  READ 28275 fe:00:2146650 0 EOF"),)),)),
+        "fd 6 is a regular file (/tmp/l): holds a lease being broken by another process's "
+        "open (LEASE BREAKING READ), which a restore cannot take again"),
     "pid namespace": (replace(FINE, other_ns=(("pid", "pid:[5]", "pid:[1]"),)),
                       "runs in a pid namespace other than ckpt's (pid:[5]; ckpt's is pid:[1])"),
     "posix timers": (replace(FINE, timers=(0, 3)), "has POSIX timers (ids 0, 3)"),
@@ -128,12 +130,27 @@ CASES: dict[str, tuple[Target, str]] = {
                     "fd 7 is a tty"),
     "socket": (replace(FINE, fds=(fd(6, "socket:[99]", stat.S_IFSOCK | 0o777),)),
                "fd 6 is a socket (socket:[99]): not supported yet"),
-    "pipe": (replace(FINE, fds=(fd(6, "pipe:[99]", stat.S_IFIFO | 0o600),)), "fd 6 is a pipe"),
+    "foreign fifo": (replace(FINE, fds=(fd(6, "/run/f", stat.S_IFIFO | 0o600),),
+                             foreign=frozenset({"/run/f"}), fd_kinds=((6, pipe.KIND, pipe.PipeState(
+                                 ino=5, fifo=True, reads=True, writes=False, carrier=True,
+                                 packet=False)),)),
+                     "fd 6 is a pipe (/run/f): another file (or none) in ckpt's mount"),
+    "shared pipe": (replace(FINE, fds=(fd(6, "pipe:[99]", stat.S_IFIFO | 0o600),),
+                            fd_kinds=((6, pipe.KIND, pipe.PipeState(
+                                ino=99, fifo=False, reads=True, writes=True, carrier=True,
+                                packet=False, outside=(1234,))),)),
+                    "fd 6 is a pipe (pipe:[99]): a pipe with both ends in the process, also "
+                    "held by process 1234 outside the dump"),
     "eventfd": (replace(FINE, fds=(fd(6, "anon_inode:[eventfd]", 0o600),)),
                 "fd 6 is an anon inode (anon_inode:[eventfd])"),
-    "memfd fd": (replace(FINE, fds=(fd(6, "/memfd:buf (deleted)"),)), "fd 6 is a regular file "
-                 "(/memfd:buf (deleted)): a memfd"),
-    "deleted fd": (replace(FINE, fds=(fd(6, "/tmp/x (deleted)"),)), "the file was deleted"),
+    "memfd fd": (replace(FINE, fds=(fd(6, "/memfd:buf (deleted)"),),
+                         fd_kinds=((6, memfd.MEMFD, memfd.Found(0, 0, True, True)),)),
+                 "fd 6 is a regular file (/memfd:buf (deleted)): a memfd of huge pages"),
+    "deleted fd": (replace(FINE, fds=(fd(6, "/tmp/x (deleted)"),),
+                           fd_kinds=((6, memfd.GHOST, memfd.Found(9, 1, False, True)),)),
+                   "/tmp/x was deleted but the file has 1 other link(s)"),
+    "deleted directory fd": (replace(FINE, fds=(fd(6, "/tmp/d (deleted)", stat.S_IFDIR),)),
+                             "fd 6 is a directory (/tmp/d (deleted)): the file was deleted"),
     "namespace fd": (replace(FINE, fds=(fd(6, "net:[4026531833]", stat.S_IFREG | 0o444),)),
                      "fd 6 is a regular file (net:[4026531833]): a namespace file"),
     "fd in /proc/PID": (replace(FINE, fds=(fd(6, "/proc/123/status"),)),
@@ -216,14 +233,16 @@ REFUSED = {
     "proc-cwd": ["working directory /proc/", "under /proc/PID"],
     "netns-fd": ["fd 3 ", "net:[", "a namespace file"],
     "memfd": ["maps a memfd (/memfd:ckpt-test) at 0x"],
-    "deleted-fd": ["fd 3 ", "gone.txt (deleted)", "the file was deleted"],
+    "deleted-fd": ["fd 3 ", "gone.txt (deleted)", "above --ghost-limit", "--ghost-limit 2097152"],
     "child": ["has child processes"],
     "sysv-partial": ["System V shared memory", "in part (unmapped inside)"],
     "fanotify": ["fd 3 ", "anon_inode:[fanotify]"],
     "chroot": ["root directory", "(chroot)"],
     "kmsg-fd": ["fd 3 ", "/dev/kmsg", "character device 1:11"],
     "thread-cwd": ["threads with their own working directory", "/w;"],
-    "flock": ["fd 3 ", "/locked", "holds a file lock (FLOCK ADVISORY)"],
+    "deleted-fifo": ["fd 3 ", "/fifo (deleted)", "a FIFO that was deleted"],
+    "eventfd-flock": ["fd 3 is an anon inode (anon_inode:[eventfd]): holds a FLOCK lock on a "
+                      "file a restore does not reopen by path"],
     "posix-timer": ["has POSIX timers (ids 0)"],
     "shm-alias": ["maps one shared anonymous memory at two addresses"],
 }

@@ -43,10 +43,12 @@ from ckpt.actions.passes import (
     write_memory,
 )
 from ckpt.collect import proc
-from ckpt.collect.fdkinds.base import FdFlags
+from ckpt.collect.cgroups import cgroups_to_pb, read_cgroups
+from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
 from ckpt.collect.files import collect_files
 from ckpt.collect.restorable import read_target, require_restorable
 from ckpt.collect.sysvshm import attaches, collect_segments
+from ckpt.collect.taskattrs import collect_task_attrs
 from ckpt.collect.tasks import collect_injected, collect_thread
 from ckpt.collect.vmas import VmaInfo, collect_vmas
 from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
@@ -85,7 +87,8 @@ class DumpOptions:
     precopy: bool = True
     overwrite: bool = False  # replace a complete pass already in images_dir
     tcp_close: bool = False  # --tcp-close: established TCP connections restored closed
-    ghost_limit: int = 1 << 20  # --ghost-limit: largest deleted file saved, bytes
+    ghost_limit: int = GHOST_LIMIT  # --ghost-limit: largest deleted file or memfd saved
+    externals: bool = True  # external pipes/sockets recorded (False: migrate refuses them)
     # Called with the images complete and the target still frozen, before it is killed;
     # raising keeps the target alive (it is thawed). Migration hands over here.
     before_kill: Callable[[], None] | None = None
@@ -98,7 +101,7 @@ class DumpOptions:
     def fd_flags(self) -> FdFlags:
         """What the fd kinds (ckpt.collect.fdkinds) accept under these options."""
         return FdFlags(shell_job=self.shell_job, tcp_close=self.tcp_close,
-                       ghost_limit=self.ghost_limit)
+                       ghost_limit=self.ghost_limit, externals=self.externals)
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ class DumpResult:
     vmas: int
     line: str  # what the pass cost and stored, for the user
     frozen_at: float  # time.perf_counter() when the target was frozen
+    # (fd, object) of each fd whose object leads outside the dump: restore --inherit-fd
+    externals: tuple[tuple[int, str], ...] = ()
 
 
 def preflight(opts: DumpOptions, hidden_fds: set[int]) -> list[VmaInfo]:
@@ -165,6 +170,9 @@ def dump(opts: DumpOptions) -> DumpResult:
         """Everything after the pages: core, tracker state, and the inventory, last."""
         core = build_core(pid, info, states, injected, vmas, files)
         core.sysv_shm.extend(segments)
+        core.cgroups.extend(cgroups)
+        for th, attrs in zip(core.threads, task_attrs, strict=True):
+            th.attrs.CopyFrom(attrs)
         images.write_core(pid, core)
         if tracker is not None and keep:
             images.write_tracker(pid, tracker.state())
@@ -214,6 +222,8 @@ def dump(opts: DumpOptions) -> DumpResult:
                         tracker.end(ctx, keep=keep)
             files = collect_files(pid, opts.shell_job, hidden_fds(pid), flags=opts.fd_flags)
             segments = collect_segments(vmas)
+            task_attrs = collect_task_attrs(pid, [s.tid for s in states])
+            cgroups = cgroups_to_pb(read_cgroups(pid))
             info = collect_process(pid, frozen.leader, stopped=bool(frozen.stop_signal))
             frozen_at = frozen.frozen_at
             frozen_ms = (time.perf_counter() - frozen_at) * 1000
@@ -235,8 +245,11 @@ def dump(opts: DumpOptions) -> DumpResult:
     finally:
         if tracker is not None:
             tracker.close()  # after the thaw: dropping the last uffd reference unprotects
+    externals = tuple((fd, f.payload.external) for f in files if f.payload is not None
+                      and f.payload.external for fd, _ in f.fds)
     return DumpResult(pid=pid, threads=len(states), vmas=len(vmas),
-                      line=describe("dump", pid, name, stats), frozen_at=frozen_at)
+                      line=describe("dump", pid, name, stats), frozen_at=frozen_at,
+                      externals=externals)
 
 
 @dataclass

@@ -39,6 +39,8 @@ from ckpt import testpoint
 from ckpt.actions.dump import DumpOptions, dump, hidden_fds, preflight
 from ckpt.actions.predump import PredumpOptions, predump
 from ckpt.collect import proc
+from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
+from ckpt.collect.fdkinds.memfd import GHOST, ghost_path
 from ckpt.collect.files import collect_files
 from ckpt.collect.sysvshm import attaches
 from ckpt.collect.vmas import VmaInfo, VmaKind
@@ -83,6 +85,7 @@ class MigrateOptions:
     compress_level: int = -1
     keep_images: str | None = None  # keep the source's images here
     auto_converge: bool = False
+    ghost_limit: int = GHOST_LIMIT  # --ghost-limit (ckpt.collect.fdkinds.memfd)
 
 
 @dataclass
@@ -122,7 +125,9 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     require_root("migrate")
     # Whatever would stop the final dump (an fd kind we cannot carry, children, ...)
     # stops the migration before any round, like a failed server check.
-    vmas = preflight(DumpOptions(pid=opts.pid, images_dir=""), hidden_fds(opts.pid))
+    vmas = preflight(DumpOptions(pid=opts.pid, images_dir="", externals=False,
+                                 ghost_limit=opts.ghost_limit),
+                     hidden_fds(opts.pid))
     shm = attaches(vmas)
     if shm:  # the destination's warm restore maps VMAs as the passes come: no shmat
         raise NotDumpable(f"process {opts.pid} attaches System V shared memory "
@@ -132,7 +137,7 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     out = MigrateResult()
     try:
         with connect(opts.host, opts.port, opts.token, opts.tls) as conn:
-            check_compat(conn, compat_request(opts.pid, vmas))
+            check_compat(conn, compat_request(opts.pid, vmas, opts.ghost_limit))
             prev = run_rounds(opts, conn, work, out, report)
             prev = catch_up(opts, conn, work, out, prev, report)
             final_round(opts, conn, work, str(len(out.rounds) + 1), prev, out)
@@ -215,13 +220,20 @@ def commit_again(opts: MigrateOptions, pid: int, why: TransferError) -> None:
         time.sleep(0.5)
 
 
-def compat_request(pid: int, vmas: list[VmaInfo]) -> wire_pb2.CompatCheck:
-    """What the destination must offer: this CPU's XSTATE layout, the vdso layout, and
-    every file the process maps or has open."""
+def compat_request(pid: int, vmas: list[VmaInfo], ghost_limit: int = GHOST_LIMIT,
+                   ) -> wire_pb2.CompatCheck:
+    """What the destination must offer: this CPU's XSTATE layout, the vdso layout, every
+    file the process maps or has open, and the directory of each deleted file it has open
+    (restore makes the file again there)."""
     caps = probe_once()
     files = {proc.read_exe(pid)}
     files |= {v.path for v in vmas if v.inode and v.kind in FILE_KINDS}
-    files |= {f.path for f in collect_files(pid, True, hidden_fds(pid)) if f.kind == "path"}
+    flags = FdFlags(shell_job=True, ghost_limit=ghost_limit)
+    for f in collect_files(pid, True, hidden_fds(pid), flags=flags):
+        if f.kind == "path":
+            files.add(f.path)
+        elif f.kind == GHOST.name:
+            files.add(os.path.dirname(ghost_path(f.path)) or "/")
     return wire_pb2.CompatCheck(xstate_size=caps.xstate_size or 0, xcr0=caps.xcr0 or 0,
                                 vdso_layout=caps.get("vdso-layout").detail,
                                 files=sorted(f for f in files if f))
@@ -231,7 +243,8 @@ def pre_round(opts: MigrateOptions, conn: Conn, work: Path, n: int, prev: str | 
               duty: float) -> Round:
     t = time.perf_counter()
     predump(PredumpOptions(pid=opts.pid, images_dir=str(work / str(n)), prev_images_dir=prev,
-                           track=opts.track, compress_level=opts.compress_level))
+                           track=opts.track, compress_level=opts.compress_level,
+                           ghost_limit=opts.ghost_limit))
     dirty = ImageDir.open(work / str(n)).read_inventory().stats.pages_written
     with Throttle(opts.pid, duty) as throttle:
         sent = send_pass_on(conn, work / str(n), str(n), prerestore=True)
@@ -371,7 +384,8 @@ def final_round(opts: MigrateOptions, conn: Conn, work: Path, name: str, prev: s
         res = dump(DumpOptions(pid=opts.pid, images_dir=str(work / name), prev_images_dir=prev,
                                incremental=prev is not None, track=opts.track,
                                compress_level=opts.compress_level, before_kill=hand_over,
-                               after_kill=commit))
+                               after_kill=commit, externals=False,
+                               ghost_limit=opts.ghost_limit))
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOVER_SIGNALS)
     stats = ImageDir.open(work / name).read_inventory().stats

@@ -28,13 +28,14 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ckpt.collect import sysvshm
+from ckpt.collect.cgroups import join_cgroups
 from ckpt.images import chain
 from ckpt.kernel.creds import require_root
 from ckpt.restore import mm
-from ckpt.restore.files import check_files
+from ckpt.restore.files import check_files, check_inherit
 from ckpt.restore.pages import WritableIndex
 from ckpt.restore.process import (
     check_ids_free,
@@ -54,6 +55,8 @@ class RestoreOptions:
     new_pid: bool = False
     stopped: bool = False  # leave it stopped (SIGSTOP): migration resumes it on commit
     skip_file_check: bool = False  # reopen files that changed since the dump anyway
+    # --inherit-fd: external object ("pipe:[123]") -> the fd of ckpt that stands for it
+    inherit: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -72,11 +75,13 @@ def restore(opts: RestoreOptions) -> RestoreResult:
         check_ids_free(entry)
     if not opts.skip_file_check:
         check_files(entry)
+    check_inherit(entry, opts.inherit)
     stub = Stub.spawn(None if opts.new_pid else entry.pid, max(t.tid for t in entry.threads))
     copier = CopyFill()
     made: list[int] = []  # System V segments made here
     try:
         vmas = list(entry.vmas)
+        join_cgroups(stub.pid, entry.cgroups)  # before its memory is charged anywhere
         with stub.colocated():  # injected syscalls: see Stub.colocated
             check_xstate(stub, entry)
             prepare_stub(stub, vmas)
@@ -91,7 +96,8 @@ def restore(opts: RestoreOptions) -> RestoreResult:
         with stub.colocated():
             mm.protect_late(stub, late)
             tids = finish_process(stub, entry, new_session=not inv.shell_job,
-                                  same_tids=not opts.new_pid, stopped=opts.stopped)
+                                  same_tids=not opts.new_pid, stopped=opts.stopped,
+                                  inherit=opts.inherit)
     except BaseException:
         stub.kill()
         sysvshm.forget(made)

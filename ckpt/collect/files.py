@@ -1,7 +1,9 @@
 """Which open files a dump can carry, grouped by open file description.
 
 Supported: regular files, directories and stateless character devices reopened by path
-(offset and flags restored), /dev/null, with ``--shell-job`` a terminal on fds 0-2,
+(offset and flags restored: a directory's offset is its getdents position, the
+filesystem's own cookie, which lseek takes back; an O_PATH fd is reopened O_PATH),
+/dev/null, with ``--shell-job`` a terminal on fds 0-2,
 which restore takes from its own stdin/stdout/stderr, and every kind of
 ckpt.collect.fdkinds (pipes, sockets, eventfds, ...), whose state is collected here.
 Anything else (see ckpt.collect.restorable) stops the dump before the target is frozen,
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 from ckpt.collect.fdkinds import kind_of
 from ckpt.collect.fdkinds.base import FdFlags, Peek
+from ckpt.collect.fdkinds.locks import collect_locks, refusal
 from ckpt.collect.fds import (
     FdInfo,
     classify_fd,
@@ -48,7 +51,8 @@ class FileRecord:
     mtime_ns: int = 0
     dev: int = 0
     inode: int = 0
-    # an fd kind's state, collected while frozen: its OpenFile fields (type, payload)
+    # collected while frozen: an fd kind's OpenFile fields (type, payload) and the locks
+    # held through the file (ckpt.collect.fdkinds.locks)
     payload: pb.OpenFile | None = None
 
 
@@ -77,11 +81,13 @@ def collect_files(pid: int, shell_job: bool, hidden: set[int] | None = None,
             fdkind = claimed[group[0]]
             payload = None
             if fdkind is None:
-                kind = file_kind(first, shell_job)
+                kind = file_kind(first, shell_job)  # refuses the locks it cannot take again
+                locks = collect_locks(first, peek)
+                payload = pb.OpenFile(locks=locks) if locks else None
             else:
                 kind = fdkind.name
                 details = fdkind.inspect(first, peek)
-                why = fdkind.refuse(first, details, flags)
+                why = refusal(first, reopened=False) or fdkind.refuse(first, details, flags)
                 if why:
                     raise NotDumpable(f"{describe_fd(first)}: {why}")
                 payload = pb.OpenFile(type=fdkind.image_type)  # type: ignore[arg-type]

@@ -9,11 +9,14 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               it is in another pid or user namespace than ckpt  restore makes it in ckpt's:
                                                                other pids, other ids
               it is chrooted                                   restore does not chroot
-              its working directory was deleted                nothing to chdir to
+              its working directory was deleted                nothing to chdir to (a new
+                                                               one would differ in inode,
+                                                               mode, owner, times)
               its working directory is under /proc/PID         names a process, not a place
               a thread has its own working directory           restore sets one per process
               it has more than 8192 supplementary groups       restore's setgroups limit
               it has POSIX timers (timer_create)               restore does not make them
+              a thread runs under SCHED_DEADLINE               (ckpt.collect.taskattrs)
               one shared anonymous memory mapped at two        restore would make two
               addresses (mremap of size 0)
     any path  names another file from ckpt's mount namespace   restore opens ckpt's
@@ -24,16 +27,20 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               a file that is not a path (anon_inode:...)       (io_uring, perf, DRM)
               a device under /dev (but /dev/zero, /dev/shm)    its state lives in the driver
     fd        of a kind of ckpt.collect.fdkinds               that kind's refuse says
-              (pipe, socket, eventfd, ...)                     (its state is not restored)
+              (pipe, socket, eventfd, memfd, deleted file      (its state is not restored)
+              ...)
               a terminal (but fds 0-2 with --shell-job),       kernel objects, not files
-              pipe, socket, anon inode no kind claims,
+              socket, anon inode no kind claims,
               anything unknown
-              a memfd, a deleted file                          the file is gone
+              a deleted file that is not a regular file        the file is gone
+              (a deleted directory)
               a namespace (net:[...]), anything not a path     nothing to open
               a file under /proc/PID                           names a process
               a character device but /dev/{null,zero,full,     its state lives in the driver
               random,urandom}
-              a file it holds a lock on (flock, POSIX)         the lock would be lost
+              a lock ckpt.collect.fdkinds.locks refuses        that module's refusal says
+              (mandatory, a lease being broken, a lock on an   (locks on files reopened by
+              fd not reopened by path, ...)                    path are taken again)
 
 :func:`refusals` is pure: it takes a :class:`Target` (records of ckpt.collect.vmas,
 ckpt.collect.fds and ckpt.collect.proc) and returns one line per refused thing, process
@@ -49,8 +56,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from ckpt.collect import proc, sysvshm
-from ckpt.collect.fdkinds import kind_of
+from ckpt.collect import proc, sysvshm, taskattrs
+from ckpt.collect.fdkinds import kind_of, locks
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
 from ckpt.collect.vmas import VmaInfo, VmaKind, collect_vmas
@@ -102,6 +109,7 @@ class Target:
     # whether the target's IPC namespace is ckpt's
     shm_segments: tuple[sysvshm.Segment, ...] = ()
     same_ipc_ns: bool = True
+    policies: tuple[tuple[int, int], ...] = ()  # (tid, scheduling policy): taskattrs
 
 
 @dataclass(frozen=True)
@@ -132,7 +140,8 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
     Rule(lambda t: t.root not in ("", t.own_root),  # "": exiting, nothing to compare
          "process {pid} has root directory {root} (chroot): " + NOT_YET),
     Rule(lambda t: _deleted(t.cwd),
-         "process {pid} has a deleted working directory ({cwd_shown}): " + NOT_YET),
+         "process {pid} has a deleted working directory ({cwd_shown}), which a restore "
+         "could not enter again: " + NOT_YET),
     Rule(lambda t: bool(PROC_PID.match(t.cwd)),
          "process {pid} has its working directory {cwd} under /proc/PID (it names a "
          "process, not a place): " + NOT_YET),
@@ -244,8 +253,7 @@ class Fd:
 FD_RULES: tuple[Rule[Fd], ...] = (
     Rule(lambda f: f.kind == "tty" and not (f.shell_job and f.info.fd <= 2),
          "a terminal; use --shell-job for fds 0-2"),
-    Rule(lambda f: f.kind in ("pipe", "socket", "anon_inode", "other"), NOT_YET),
-    Rule(lambda f: f.target.startswith("/memfd:"), "a memfd: " + NOT_YET),
+    Rule(lambda f: f.kind in ("socket", "anon_inode", "other"), NOT_YET),
     Rule(lambda f: _deleted(f.target), "the file was deleted: " + NOT_YET),
     Rule(lambda f: bool(NAMESPACE.fullmatch(f.target)),
          "a namespace file (/proc/PID/ns/*): " + NOT_YET),
@@ -255,17 +263,19 @@ FD_RULES: tuple[Rule[Fd], ...] = (
          "a file of a process under /proc (it names a pid): " + NOT_YET),
     Rule(lambda f: f.kind == "chardev" and f.info.st_rdev not in STATELESS_DEVICES,
          "a character device {dev}: its state lives in the driver; " + NOT_YET),
-    Rule(lambda f: any(key == "lock" for key, _ in f.info.extra),
-         "holds a file lock ({lock}), which a restore would not take again: " + NOT_YET),
+    Rule(lambda f: _refused_lock(f) is not None, locks.REFUSED),
     Rule(lambda f: f.foreign,
          "another file (or none) in ckpt's mount namespace: " + NOT_YET),
 )
 
 
+def _refused_lock(f: Fd) -> str | None:
+    return locks.refused_lock(f.info, reopened=f.kind != "tty")  # a terminal is ckpt's own
+
+
 def fd_fields(f: Fd) -> dict[str, object]:
-    locks = [value for key, value in f.info.extra if key == "lock"]
     return {"dev": f"{os.major(f.info.st_rdev)}:{os.minor(f.info.st_rdev)}",
-            "lock": " ".join(locks[0].split()[1:3]) if locks else ""}
+            "lock": _refused_lock(f) or ""}
 
 
 def fd_refusal(info: FdInfo, shell_job: bool, foreign: bool = False) -> str | None:
@@ -291,6 +301,7 @@ def refusals(t: Target) -> list[str]:
     out = [rule.says.format(**process_fields(t)) for rule in PROCESS_RULES if rule.applies(t)]
     out += sysvshm.refusals(t.pid, t.vmas, {s.shmid: s for s in t.shm_segments},
                             t.same_ipc_ns)
+    out += taskattrs.refusals(t.pid, t.policies)
     for v in sorted(t.vmas, key=lambda v: v.start):
         why = _first(VMA_RULES, Mapping(v, v.path in t.foreign), vma_fields)
         if why:
@@ -299,7 +310,10 @@ def refusals(t: Target) -> list[str]:
     for info in sorted(t.fds, key=lambda i: i.fd):
         if info.fd in claimed:
             kind, details = claimed[info.fd]
-            why = kind.refuse(info, details, t.fd_flags)
+            why = locks.refusal(info, reopened=False) or kind.refuse(info, details,
+                                                                     t.fd_flags)
+            if not why and info.target in t.foreign:  # a FIFO, ... reopened by path
+                why = "another file (or none) in ckpt's mount namespace: " + NOT_YET
             line = f"{describe_fd(info)}: {why}" if why else None
         else:
             line = fd_refusal(info, t.shell_job, info.target in t.foreign)
@@ -340,6 +354,7 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         groups=len(proc.read_status(pid).groups), fd_kinds=tuple(fd_kinds),
         shm_segments=tuple(sysvshm.read_segments().values()) if sysvshm.attaches(maps)
         else (), same_ipc_ns=proc.read_ns(pid, "ipc") == proc.read_ns(me, "ipc"),
+        policies=tuple(taskattrs.read_policies(proc.list_tasks(pid))),
         fd_flags=flags or FdFlags(shell_job=shell_job))
 
 

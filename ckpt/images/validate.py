@@ -47,6 +47,9 @@ NAME_MAX = 255
 NSIG = 64
 RLIM_NLIMITS = 16
 FD_SET_MAX = 1 << 20
+#: scheduling policies a thread can have (SCHED_DEADLINE is refused at dump), each also
+#: with SCHED_RESET_ON_FORK
+POLICIES = tuple(p | r for p in (0, 1, 2, 3, 5) for r in (0, 0x40000000))
 #: Supplementary groups a restore can pass to setgroups (through the stub's scratch area)
 MAX_GROUPS = 8192
 ALL_CAPS = (1 << 41) - 1  # CAP_CHOWN .. CAP_CHECKPOINT_RESTORE (40), as on Linux 5.9+
@@ -54,6 +57,7 @@ SECUREBITS = 0xFFF  # the six SECBIT_* flags and their locks (Linux 6.14+)
 BPF_INSN, BPF_MAXINSNS = 8, 4096  # struct sock_filter; instructions per cBPF program
 TRACKERS = ("uffd-wp", "soft-dirty", "compare")  # = ckpt.track.BACKENDS (tested)
 S64_MAX = (1 << 63) - 1
+PIPE_MAX = 1 << 31  # the largest F_SETPIPE_SZ
 
 Check = Callable[[Any], "str | None"]  # None: the value is fine; else why it is not
 Problem = tuple[str, Any, str]  # (field, value, why)
@@ -176,10 +180,24 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
     core.OpenFile: {"id": ranged(1, FD_SET_MAX), "path": path(absolute=False),
                     "pos": ranged(0, S64_MAX), "size": ranged(0, S64_MAX),
                     "inherit_fd": ranged(-1, 2)},
+    core.FileLock: {"start": ranged(0, S64_MAX), "length": ranged(0, S64_MAX),
+                    "signal": ranged(0, NSIG)},
     core.FdEntry: {"fd": ranged(0, NR_OPEN_MAX - 1), "file_id": ranged(1, FD_SET_MAX)},
-    # ckpt.collect.sysvshm.MAX_SEGMENT (not imported: images never reach into collect)
+    core.TaskAttrs: {"comm": text(15), "cpus": ranged(0, 8191), "nice": ranged(-20, 19),
+                     "policy": one_of(*POLICIES), "rt_priority": ranged(0, 99),
+                     "ioprio": ranged(0, 0xFFFF)},
+    core.EventFd: {"count": ranged(0, (1 << 64) - 2)},
+    core.Cgroup: {"controllers": text(256), "path": path(absolute=True)},
+    # size: ckpt.collect.sysvshm.MAX_SEGMENT (not imported: images never reach collect)
     core.SysvShm: {"shmid": ranged(0, (1 << 31) - 1), "mode": ranged(0, 0o777),
                    "size": ranged(1, 1 << 30)},
+    core.PipeFile: {"size": ranged(0, PIPE_MAX), "data": blob(PIPE_MAX),
+                    "packets": blob(PAGE_SIZE)},
+    # fd kinds of ckpt/collect/fdkinds: epoll, timerfd, inotify
+    core.EpollWatch: {"tfd": ranged(0, NR_OPEN_MAX - 1)},
+    core.TimerFd: {"clockid": one_of(0, 1, 7, 8, 9), "settime_flags": ranged(0, 3),
+                   "value_ns": ranged(0, S64_MAX), "interval_ns": ranged(0, S64_MAX)},
+    core.InotifyWatch: {"wd": ranged(1, 1 << 16), "path": path(absolute=True)},
 }
 
 
@@ -257,6 +275,22 @@ def _open_file(m: core.OpenFile) -> Iterator[Problem]:
         yield "path", m.path, "not an absolute path"
     if m.type == core.OpenFile.INHERITED and m.inherit_fd not in (0, 1, 2):
         yield "inherit_fd", m.inherit_fd, "not 0, 1 or 2"
+    if m.type == core.OpenFile.PIPE and m.pipe.fifo and not m.path.startswith("/"):
+        yield "path", m.path, "not an absolute path (a FIFO's)"
+    yield from _unique("inotify.watches.wd", (w.wd for w in m.inotify.watches))
+    if m.locks and m.type not in (core.OpenFile.REGULAR, core.OpenFile.DEV_NULL):
+        yield "locks", len(m.locks), "on a file a restore does not reopen by path"
+    for i, lock in enumerate(m.locks):
+        if lock.start + lock.length > S64_MAX:
+            yield f"locks[{i}].length", lock.length, "past the largest file offset"
+
+
+def _pipe(m: core.PipeFile) -> Iterator[Problem]:
+    held = len(m.data) + sum(map(len, m.packets))
+    if held > m.size:
+        yield "size", m.size, f"less than the {held} bytes the pipe holds"
+    if m.packets and m.data:
+        yield "data", len(m.data), "bytes besides packets"
 
 
 def _process(m: core.ProcessEntry) -> Iterator[Problem]:
@@ -301,7 +335,7 @@ def _thread_creds(where: str, th: core.ThreadCore) -> Iterator[Problem]:
 RULES: dict[type[Message], Callable[[Any], Iterator[Problem]]] = {
     img.Inventory: _inventory, img.WholeVmaCopy: _whole_vma, img.PagemapRuns: _pagemap_runs,
     core.Vma: _vma, core.MmFields: _mm, core.SigAction: _sigaction, core.Rlimit: _rlimit,
-    core.OpenFile: _open_file, core.ProcessEntry: _process,
+    core.OpenFile: _open_file, core.PipeFile: _pipe, core.ProcessEntry: _process,
 }
 
 

@@ -55,6 +55,7 @@ class NR:
     kill = 62
     shmdt = 67
     fcntl = 72
+    flock = 73
     chdir = 80
     umask = 95
     setsid = 112
@@ -65,12 +66,26 @@ class NR:
     arch_prctl = 158
     gettid = 186
     set_tid_address = 218
+    epoll_wait = 232
+    epoll_ctl = 233
     tgkill = 234
+    ioprio_set = 251
+    ioprio_get = 252
+    inotify_add_watch = 254
+    inotify_rm_watch = 255
     set_robust_list = 273
+    tee = 276
     get_robust_list = 274
+    timerfd_create = 283
+    timerfd_settime = 286
+    timerfd_gettime = 287
+    signalfd4 = 289
+    epoll_create1 = 291
     dup3 = 292
+    inotify_init1 = 294
     rt_tgsigqueueinfo = 297
     prlimit64 = 302
+    open_by_handle_at = 304
     process_vm_readv = 310
     process_vm_writev = 311
     kcmp = 312
@@ -121,12 +136,39 @@ def default_all_sigactions() -> None:
             syscall(NR.rt_sigaction, sig, ctypes.addressof(zero), 0, 8, what="rt_sigaction")
 
 
+IOPRIO_WHO_PROCESS = 1
+
+
+def ioprio_get(tid: int) -> int:
+    return syscall(NR.ioprio_get, IOPRIO_WHO_PROCESS, tid, what=f"ioprio_get({tid})", pid=tid)
+
+
+def ioprio_set(tid: int, ioprio: int) -> None:
+    syscall(NR.ioprio_set, IOPRIO_WHO_PROCESS, tid, ioprio, what=f"ioprio_set({tid})", pid=tid)
+
+
 def pidfd_open(pid: int) -> int:
     return syscall(NR.pidfd_open, pid, 0, what=f"pidfd_open({pid})", pid=pid)
 
 
 def pidfd_getfd(pidfd: int, targetfd: int, pid: int | None = None) -> int:
     return syscall(NR.pidfd_getfd, pidfd, targetfd, 0, what="pidfd_getfd", pid=pid)
+
+
+SPLICE_F_NONBLOCK = 2
+
+
+def tee(fd_in: int, fd_out: int, n: int, flags: int = SPLICE_F_NONBLOCK) -> int:
+    """tee(2): duplicate up to ``n`` bytes buffered in pipe ``fd_in`` into pipe ``fd_out``
+    without consuming them; 0 when there is nothing to take (EAGAIN included)."""
+    res = int(libc.syscall(ctypes.c_long(NR.tee), ctypes.c_long(fd_in), ctypes.c_long(fd_out),
+                           ctypes.c_long(n), ctypes.c_long(flags)))
+    if res < 0:
+        err = ctypes.get_errno()
+        if err == errno.EAGAIN:
+            return 0
+        raise_errno(err, "tee")
+    return res
 
 
 def _vm_rw(nr: int, pid: int, local: Sequence[tuple[int, int]], remote: Sequence[tuple[int, int]],

@@ -4,16 +4,22 @@ so fds that shared an offset (dup, `>out 2>&1`) share it again.
 The stub starts with ckpt's fds. All but 0-2 are closed at once; 0-2 are parked above every
 fd of the image so that INHERITED files (--shell-job) can take ckpt's terminal from them,
 and closed at the end.
+
+Once every fd is in place and nothing more is closed, the restored process takes the
+file locks and leases of its files again (ckpt.collect.fdkinds.locks).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import stat
 from collections.abc import Callable
 
 from ckpt.collect.fdkinds import BY_TYPE
-from ckpt.collect.fdkinds.base import RestoreCtx
+from ckpt.collect.fdkinds.base import NOT_REOPENED, RestoreCtx
+from ckpt.collect.fdkinds.locks import restore_locks
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.sys import NR
@@ -21,7 +27,6 @@ from ckpt.restore.stub import Stub
 
 F_DUPFD, F_SETFD, FD_CLOEXEC = 0, 2, 1
 O_CLOEXEC = 0o2000000
-NOT_REOPENED = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
 SEEK_SET = 0
 
 
@@ -52,6 +57,20 @@ def file_change(f: pb.OpenFile, st: os.stat_result | None) -> str | None:
     return None
 
 
+FILE_TYPE_NOUNS = {stat.S_IFREG: "regular file", stat.S_IFDIR: "directory",
+                   stat.S_IFCHR: "character device"}
+
+
+def type_change(then: int, now: int) -> str | None:
+    """A file reopened by path whose type (st_mode) changed since the dump, or None: a
+    regular file or directory now a FIFO would hang the restore (opened by root), a
+    device would be set off."""
+    was = stat.S_IFMT(then)
+    if was not in FILE_TYPE_NOUNS or stat.S_IFMT(now) == was:
+        return None
+    return f"(a {FILE_TYPE_NOUNS[was]} at dump time) is not one now"
+
+
 def check_files(entry: pb.ProcessEntry,
                 stat_fn: Callable[[str], os.stat_result] = os.stat) -> None:
     """Refuse, before anything is built, files that changed since the dump (file_change),
@@ -66,6 +85,55 @@ def check_files(entry: pb.ProcessEntry,
             fds = ", ".join(str(fd.fd) for fd in entry.fds if fd.file_id == f.id)
             raise RestoreError(f"fd {fds}: {f.path} {why} since the dump; "
                                "--skip-file-check restores anyway")
+
+
+INHERIT_FD = re.compile(r"fd\[(\d+)\]:(.+)")
+
+
+def parse_inherit_fd(spec: str) -> tuple[str, int]:
+    """``--inherit-fd fd[N]:NAME`` (CRIU's syntax) as (NAME, N); RestoreError if malformed."""
+    m = INHERIT_FD.fullmatch(spec)
+    if m is None:
+        raise RestoreError(f"--inherit-fd {spec}: not fd[N]:OBJECT (e.g. fd[3]:pipe:[1234])")
+    return m[2], int(m[1])
+
+
+def inherit_problem(f: pb.OpenFile, inherit: dict[str, int],
+                    getfl: Callable[[int], int]) -> str | None:
+    """Why the external object of ``f`` cannot be taken from ``inherit``, or None.
+    ``getfl``: F_GETFL of an fd of ckpt (OSError if it is not open)."""
+    if not f.external:
+        return None
+    if f.external not in inherit:
+        return (f"{f.external} is external (its peer was outside the dump): restore needs "
+                f"--inherit-fd fd[N]:{f.external}, N an fd of ckpt standing for it")
+    n = inherit[f.external]
+    try:
+        mode = getfl(n) & os.O_ACCMODE
+    except OSError:
+        return f"--inherit-fd fd[{n}]:{f.external}: ckpt has no fd {n}"
+    want = f.flags & os.O_ACCMODE
+    if mode != os.O_RDWR and mode != want:
+        needs = {os.O_RDONLY: "reading", os.O_WRONLY: "writing"}.get(want, "reading and writing")
+        return f"--inherit-fd fd[{n}]:{f.external}: fd {n} is not open for {needs}"
+    return None
+
+
+def check_inherit(entry: pb.ProcessEntry, inherit: dict[str, int],
+                  getfl: Callable[[int], int] | None = None) -> None:
+    """Before anything is built: every external object of the image has its --inherit-fd,
+    open in the right mode, and every --inherit-fd names one."""
+    getfl = getfl or (lambda fd: fcntl.fcntl(fd, fcntl.F_GETFL))
+    for f in entry.files:
+        why = inherit_problem(f, inherit, getfl)
+        if why is not None:
+            fds = ", ".join(str(fd.fd) for fd in entry.fds if fd.file_id == f.id)
+            raise RestoreError(f"fd {fds}: {why}")
+    unused = set(inherit) - {f.external for f in entry.files}
+    if unused:
+        name = sorted(unused)[0]
+        raise RestoreError(f"--inherit-fd fd[{inherit[name]}]:{name}: the images hold no such "
+                           "external object")
 
 
 def close_stub_fds(stub: Stub) -> None:
@@ -88,19 +156,23 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry,
             if not fds:
                 continue
             kind = BY_TYPE.get(f.type)
+            taken = False  # by pidfd_getfd(2), which makes the fd close-on-exec
             if f.type == pb.OpenFile.INHERITED:
                 src = park + f.inherit_fd
             elif kind is not None:
                 opened = kind.restore(ctx, f)
-                src = taker.take(opened.fd, kind.name) if opened.in_ckpt else opened.fd
+                taken = opened.in_ckpt
+                src = taker.take(opened.fd, kind.name) if taken else opened.fd
             else:
                 src = _open(stub, f)
+            taken = kind is not None and opened.in_ckpt  # pidfd_getfd sets FD_CLOEXEC
             for fd in fds:
                 if fd.fd != src:
                     stub.sc(NR.dup3, src, fd.fd, O_CLOEXEC if fd.cloexec else 0,
                             what=f"dup3 onto fd {fd.fd}")
-                elif fd.cloexec:
-                    stub.sc(NR.fcntl, src, F_SETFD, FD_CLOEXEC, what=f"cloexec fd {fd.fd}")
+                elif fd.cloexec or taken:
+                    stub.sc(NR.fcntl, src, F_SETFD, FD_CLOEXEC if fd.cloexec else 0,
+                            what=f"close-on-exec of fd {fd.fd}")
             if f.type != pb.OpenFile.INHERITED and src not in {fd.fd for fd in fds}:
                 stub.sc(NR.close, src, what="close")
             ctx.placed[f.id] = min(fd.fd for fd in fds)
@@ -111,6 +183,8 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry,
     finally:
         ctx.close()
     stub.sc(NR.close_range, park, park + 3, 0, what="close_range")
+    # after the last close: closing any fd of a file drops the process's POSIX locks on it
+    restore_locks(stub, entry.files, ctx.placed)
 
 
 class _Taker:
@@ -137,9 +211,9 @@ def _open(stub: Stub, f: pb.OpenFile) -> int:
             st = os.stat(path)
         except OSError:
             raise RestoreError(f"file {path} (open at dump time) is missing") from None
-        if stat.S_ISREG(f.mode) and not stat.S_ISREG(st.st_mode):
-            # opened by root, a FIFO would hang the restore, a device be set off
-            raise RestoreError(f"file {path} (a regular file at dump time) is not one now")
+        why = type_change(f.mode, st.st_mode)
+        if why:
+            raise RestoreError(f"file {path} {why}")
     fd = stub.sc(NR.open, stub.put_str(path), f.flags & ~NOT_REOPENED, 0, what=f"open {path}")
     if f.type == pb.OpenFile.REGULAR and f.pos:
         stub.sc(NR.lseek, fd, f.pos, SEEK_SET, what=f"lseek {path}")

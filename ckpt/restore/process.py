@@ -16,7 +16,9 @@ import os
 import resource
 import signal
 
+from ckpt.collect.cgroups import join_cgroups
 from ckpt.collect.proc import id_holder
+from ckpt.collect.taskattrs import name_thread, restore_task_attrs
 from ckpt.errors import ImageError, RestoreError
 from ckpt.images import ImageDir, chain
 from ckpt.images.pb import core_pb2 as pb
@@ -103,6 +105,7 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     """Everything after the pages; the process is left running (or SIGSTOPped with
     ``stopped``) and untraced. Returns its thread ids, leader first. ``inherit``:
     --inherit-fd (ckpt.restore.files)."""
+    join_cgroups(stub.pid, entry.cgroups)  # a warm restore's stub: before the threads
     mm.lock_vmas(stub, list(entry.vmas))
     mm.restore_mm_fields(stub, entry.mm)
     restore_files(stub, entry, inherit)
@@ -111,6 +114,7 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     threads = clone_threads(stub, list(entry.threads[1:]), same_tids=same_tids)
     for task, th in zip(threads, entry.threads[1:], strict=True):
         restore_thread_state(task, th)
+        name_thread(task, th.attrs)
     restore_thread_state(stub, entry.threads[0])
     tids = [stub.pid, *(t.task.tid for t in threads)]
     restore_creds(stub, threads, entry)  # last before the registers (ckpt.restore.creds)
@@ -123,6 +127,7 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     if stop:
         os.kill(stub.pid, signal.SIGSTOP)
     stub.release_cpu()
+    restore_task_attrs(stub.pid, tids, list(entry.threads))  # its CPUs, not ckpt's
     for task in threads:
         task.task.detach()
     stub.task.detach()

@@ -31,6 +31,7 @@ from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.sys import NR, PAGE_SIZE
 from ckpt.ranges import Range, intersect, normalize, subtract, union
 from ckpt.restore import mm
+from ckpt.restore.files import check_inherit
 from ckpt.restore.layout import plan_layout, vdso_moved
 from ckpt.restore.pages import WritableIndex
 from ckpt.restore.process import check_xstate, fill_layers, finish_process, prepare_stub
@@ -91,15 +92,16 @@ class WarmRestore:
                        (time.perf_counter() - t0) * 1000)
 
     def finish(self, path: str | os.PathLike[str], stopped: bool = False,
-               ) -> tuple[int, list[int]]:
+               inherit: dict[str, int] | None = None) -> tuple[int, list[int]]:
         """Apply the final dump and complete the process: (pid, thread ids)."""
         self.apply(path)
-        return self.complete(path, stopped)
+        return self.complete(path, stopped, inherit)
 
     def complete(self, path: str | os.PathLike[str], stopped: bool = False,
-                 ) -> tuple[int, list[int]]:
+                 inherit: dict[str, int] | None = None) -> tuple[int, list[int]]:
         """Turn the stub, with the final dump at ``path`` applied, into the process. The
-        stub is consumed either way; on failure it is killed."""
+        stub is consumed either way; on failure it is killed. ``inherit``: --inherit-fd
+        (ckpt.restore.files)."""
         images = ImageDir.open(path)
         inv = images.read_inventory()
         stub = self.stub
@@ -111,13 +113,14 @@ class WarmRestore:
             if inv.kind != "dump":
                 raise RestoreError(f"{path} holds a {inv.kind}, not a restorable dump")
             entry = images.read_core(inv.root_pid)
+            check_inherit(entry, inherit or {})
             same_tids = stub.pid == entry.pid and not any(
                 os.path.exists(f"/proc/{t.tid}") for t in entry.threads[1:])
             with stub.colocated():
                 check_xstate(stub, entry)
                 mm.protect_late(stub, mm.late_protected(list(entry.vmas)))
                 tids = finish_process(stub, entry, new_session=not inv.shell_job,
-                                      same_tids=same_tids, stopped=stopped)
+                                      same_tids=same_tids, stopped=stopped, inherit=inherit)
         except BaseException:
             self.kill()
             raise

@@ -7,10 +7,13 @@ a test asks the same question before the dump and after the restore and compares
 answers; the target goes on doing what it would have done without the checkpoint.
 
 usage of a target: <target>.py CONTROL [args...]
+
+:func:`sc` makes a raw syscall (for calls Python's os module lacks).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sys
@@ -19,6 +22,17 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 S = TypeVar("S")
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+
+def sc(nr: int, *args: int) -> int:
+    """syscall(nr, *args); OSError on -1. Every argument is passed as a C long."""
+    res = int(libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args)))
+    if res == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return res
 
 
 def serve(setup: Callable[[list[str]], S], check: Callable[[S], Any]) -> None:

@@ -17,7 +17,8 @@ Modes (DIR holds any file the mode creates):
   shared-mprotect DIR/shared.bin mapped MAP_SHARED read-write, fd closed; read-only but
                   while a tick stores into it (mprotect each time: VmFlags "mw" stays)
   memfd           a memfd mapped MAP_SHARED, fd closed
-  deleted-fd      an fd on DIR/gone.txt, then the file is unlinked
+  deleted-fd      an fd on DIR/gone.txt (2 MiB: above the default --ghost-limit), then the
+                  file is unlinked
   child           a child process (sleeps; killed when the target dies)
   sysv-partial    a System V shared memory segment attached, one page of it unmapped
   fanotify        a fanotify group (an anon inode no fd kind claims)
@@ -27,7 +28,9 @@ Modes (DIR holds any file the mode creates):
   posix-timer     a POSIX timer (timer_create, never armed)
   shm-alias       shared anonymous memory mapped at a second address (mremap, size 0)
   thread-cwd      a thread that unshare(CLONE_FS)'d and moved to DIR
-  flock           an fd on DIR/locked with an flock() held
+  deleted-fifo    an fd on the FIFO DIR/fifo (O_RDWR), then the FIFO is unlinked
+  eventfd-flock   an eventfd with an flock() held on it (a lock on an fd not reopened by
+                  path)
   plain           nothing special (control)
 """
 
@@ -42,23 +45,15 @@ import sys
 import threading
 import time
 
+from fdkit import libc, sc
+
 PAGE = 4096
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
 NR_MMAP, NR_MPROTECT, NR_IO_SETUP, NR_UNSHARE, NR_FANOTIFY_INIT = 9, 10, 206, 272, 300
 NR_MREMAP = 25
 PR_SET_PDEATHSIG = 1
 CLONE_FS, CLOCK_MONOTONIC, MAP_ANONYMOUS, MREMAP_MAYMOVE = 0x200, 1, 0x20, 1
 PROT_READ, PROT_WRITE, MAP_SHARED, MAP_PRIVATE = 1, 2, 1, 2
 IPC_PRIVATE, IPC_CREAT = 0, 0o1000
-
-
-def sc(nr: int, *args: int) -> int:
-    res = int(libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) for a in args)))
-    if res == -1:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return res
 
 
 def setup(mode: str, where: str) -> tuple[str, object]:
@@ -109,6 +104,7 @@ def setup(mode: str, where: str) -> tuple[str, object]:
     if mode == "deleted-fd":
         path = os.path.join(where, "gone.txt")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(fd, 2 << 20)
         os.unlink(path)
         return str(fd), fd
     if mode == "child":
@@ -130,6 +126,12 @@ def setup(mode: str, where: str) -> tuple[str, object]:
     if mode == "fanotify":
         fd = sc(NR_FANOTIFY_INIT, 0, os.O_RDONLY)
         return str(fd), fd
+    if mode == "deleted-fifo":
+        path = os.path.join(where, "fifo")
+        os.mkfifo(path)
+        fd = os.open(path, os.O_RDWR)
+        os.unlink(path)
+        return str(fd), fd
     if mode in ("dev-zero-fd", "kmsg-fd"):
         fd = os.open("/dev/zero" if mode == "dev-zero-fd" else "/dev/kmsg", os.O_RDONLY)
         return str(fd), fd
@@ -146,8 +148,8 @@ def setup(mode: str, where: str) -> tuple[str, object]:
         threading.Thread(target=own_cwd, daemon=True).start()
         moved.wait()
         return where, None
-    if mode == "flock":
-        fd = os.open(os.path.join(where, "locked"), os.O_RDWR | os.O_CREAT, 0o600)
+    if mode == "eventfd-flock":
+        fd = os.eventfd(0)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return str(fd), fd
     if mode == "posix-timer":

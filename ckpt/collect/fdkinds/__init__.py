@@ -7,12 +7,19 @@ stateless device is reopened by path; anything else is refused before the freeze
 
 from __future__ import annotations
 
-from ckpt.collect.fdkinds import eventfd, unix
+from ckpt.collect.fdkinds import epoll, eventfd, inotify, memfd, pipe, signalfd, timerfd, unix
 from ckpt.collect.fdkinds.base import FdKind, Peek
 from ckpt.collect.fds import FdInfo
 
 KINDS: tuple[FdKind, ...] = (
     eventfd.KIND,
+    pipe.KIND,
+    epoll.KIND,
+    timerfd.KIND,
+    signalfd.KIND,
+    inotify.KIND,
+    memfd.MEMFD,
+    memfd.GHOST,
     unix.KIND,
 )
 

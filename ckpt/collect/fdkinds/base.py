@@ -49,13 +49,23 @@ class Remote(Protocol):
     def put_str(self, s: str, off: int = 0) -> int: ...
 
 
+GHOST_LIMIT = 1 << 20  # default --ghost-limit, bytes
+#: open(2) flags that only meant something to the open that made the file: a reopen drops
+#: them (O_TMPFILE without its O_DIRECTORY part, which a directory's fd keeps)
+NOT_REOPENED = (os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
+                | os.O_TMPFILE & ~os.O_DIRECTORY)
+
+
 @dataclass(frozen=True)
 class FdFlags:
     """The dump's options that decide what an fd kind accepts."""
 
     shell_job: bool = False  # a terminal on fds 0-2 is taken from the restoring shell
     tcp_close: bool = False  # established TCP connections are restored closed
-    ghost_limit: int = 1 << 20  # bytes: largest deleted file whose contents are saved
+    ghost_limit: int = GHOST_LIMIT  # bytes: largest deleted file or memfd saved
+    # objects held outside the process may be recorded as external (a restore takes them
+    # from --inherit-fd); not where the restore is on another host (migrate)
+    externals: bool = True
 
 
 class Peek:
@@ -67,7 +77,7 @@ class Peek:
         self.pid = pid
         self.fds = {i.fd: i for i in fds}
         self._pidfd = -1
-        # what a kind read once for every fd of the process (its key: the kind's name)
+        # what a kind found once for all the fds it inspects (one /proc scan), by name
         self.memo: dict[str, Any] = {}
 
     @contextlib.contextmanager

@@ -1,0 +1,74 @@
+"""A restored process is put back in its cgroups (ckpt/collect/cgroups.py), made again
+if they are gone; by default it would land in ckpt's own."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+from conftest import Asker, Harness
+
+from ckpt.collect.cgroups import (
+    Membership,
+    cgroup_dir,
+    parse_cgroup_mounts,
+    parse_proc_cgroup,
+    safe_path,
+)
+
+MOUNTINFO = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+41 31 0:38 /sub /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+"""
+
+
+def test_where_each_cgroup_is() -> None:
+    found = parse_proc_cgroup("2:cpu,cpuacct:/app\n1:name=systemd:/\n0::/sub/web\n")
+    assert found == [Membership(2, "cpu,cpuacct", "/app"), Membership(1, "name=systemd", "/"),
+                     Membership(0, "", "/sub/web")]
+    mounts = parse_cgroup_mounts(MOUNTINFO)
+    assert [cgroup_dir(m, mounts) for m in found] == [
+        "/sys/fs/cgroup/cpu,cpuacct/app", "/sys/fs/cgroup/systemd/",
+        "/sys/fs/cgroup/unified/web"]
+    assert cgroup_dir(Membership(0, "", "/other"), mounts) is None  # not under /sub
+    assert cgroup_dir(Membership(3, "memory", "/"), mounts) is None
+    assert safe_path("/a/b") and not safe_path("/a/../b") and not safe_path("a")
+
+
+def own_cgroup(pid: int, controllers: str) -> str:
+    with open(f"/proc/{pid}/cgroup") as f:
+        return next(m.path for m in parse_proc_cgroup(f.read()) if m.controllers == controllers)
+
+
+@pytest.mark.parametrize("gone", [False, True], ids=["kept", "gone"])
+def test_restored_into_its_cgroup(harness: Harness, gone: bool) -> None:
+    base = Path("/sys/fs/cgroup/pids")
+    if not (base / "cgroup.procs").exists():
+        pytest.skip("no cgroup v1 pids hierarchy mounted at /sys/fs/cgroup/pids")
+    mine = own_cgroup(os.getpid(), "pids")
+    name = f"ckpt-test-{secrets.token_hex(4)}"
+    where = base / mine.lstrip("/") / name
+    where.mkdir()
+    try:
+        target = Asker(harness, "fd_eventfd.py")
+        (where / "cgroup.procs").write_text(str(target.proc.pid))
+        want = f"{mine.rstrip('/')}/{name}"
+        assert own_cgroup(target.proc.pid, "pids") == want
+        images = harness.images()
+        harness.dump_and_reap(target.proc, images)
+        if gone:
+            where.rmdir()
+        pid = harness.restore_detached(images)
+        assert own_cgroup(pid, "pids") == want
+        assert {own_cgroup(int(t), "pids") for t in os.listdir(f"/proc/{pid}/task")} == {want}
+        assert target.ask() == {"plain": 5, "sem": 1, "empty": "EAGAIN"}
+        harness.kill(pid)
+    finally:
+        harness.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            where.rmdir()
