@@ -28,7 +28,7 @@ from conftest import (
 )
 from test_creds import NOBODY, SYSTEM_PYTHON
 
-from ckpt.collect.fdkinds.unix import Seen, merge_runs, path_name, refusal
+from ckpt.collect.fdkinds.unix import Seen, external, merge_runs, path_name, refusal
 from ckpt.collect.fdkinds.unix_build import component
 from ckpt.collect.fds import scan_holders
 from ckpt.images.pb import core_pb2 as pb
@@ -108,12 +108,10 @@ REFUSALS: dict[str, tuple[Seen, str]] = {
                        "bound to /run/s.sock, whose directory is gone"),
     "in a backlog": (replace(OK, diag=replace(PAIR, peer=0), peer=None, peer_here=False),
                      "waits in a listener's backlog"),
-    "external stream peer": (replace(OK, peer_here=False),
-                             "connected to socket:[11] outside the process (external unix "
-                             "sockets need --inherit-fd)"),
-    "external unnamed dgram peer": (
-        replace(OK, diag=replace(PAIR, type=socket.SOCK_DGRAM), peer_here=False),
-        "connected to socket:[11] outside"),
+    "external, data queued from outside": (
+        replace(OK, diag=replace(PAIR, rqueue=9), peer_here=False),
+        "9 bytes queued from socket:[11] outside the process, which a socket given by "
+        "--inherit-fd would not hold"),
     "dgram peer by relative path": (
         replace(OK, diag=replace(PAIR, type=socket.SOCK_DGRAM), peer_here=False,
                 peer=replace(PAIR, ino=11, name=b"log.sock\0")),
@@ -132,6 +130,19 @@ def test_each_unrestorable_unix_socket_is_refused(case: str) -> None:
     why = refusal(seen)
     assert why is not None and says in why, why
     assert why.endswith("not supported yet")
+
+
+def test_external_sockets_are_recorded_but_not_for_migrate() -> None:
+    """A stream (or unnamed dgram) peer outside the process: restore takes the socket
+    from --inherit-fd; migrate (externals=False) refuses it."""
+    dgram = replace(PAIR, type=socket.SOCK_DGRAM)
+    for seen in (replace(OK, peer_here=False),
+                 replace(OK, diag=dgram, peer=replace(dgram, ino=11), peer_here=False)):
+        assert external(seen) and refusal(seen) is None
+        why = refusal(seen, externals=False)
+        assert why is not None and "connected to socket:[11] outside the process: this " \
+            "cannot be connected on another host (restore's --inherit-fd)" in why, why
+    assert not external(OK)
 
 
 def test_restorable_unix_sockets_are_not_refused() -> None:
@@ -419,8 +430,9 @@ def refused_target(harness: Harness, case: str) -> Iterator[tuple[Asker, str]]:
             lis.bind(name.replace("@", "\0"))
             lis.listen(1)
             target = Asker(harness, "fd_unix.py", "external", name)
-            stack.enter_context(lis.accept()[0])
-            yield target, "outside the process (external unix sockets need --inherit-fd)"
+            conn = stack.enter_context(lis.accept()[0])
+            conn.send(b"unread")
+            yield target, "6 bytes queued from socket:["
 
 
 @needs_root
@@ -430,7 +442,7 @@ def test_unrestorable_socket_is_refused_and_the_target_runs_on(harness: Harness,
     """dump and predump refuse before the freeze, naming the fd and what; nothing is
     written and the target runs on untouched."""
     with refused_target(harness, case) as (target, says):
-        before = None if case == "backlog" else target.ask()  # (it would accept)
+        before = None if case in ("backlog", "external") else target.ask()
         for action in ("dump", "predump"):
             images = harness.images(action)
             res = run_ckpt(action, "-t", str(target.proc.pid), "-D", images)
@@ -439,7 +451,8 @@ def test_unrestorable_socket_is_refused_and_the_target_runs_on(harness: Harness,
             assert not (images / "inventory.img").exists()
             assert_running_untraced(target.proc.pid)
         accepted = {"accepted": True, "name": "abstract", "mode": ""}
-        assert target.ask() == (accepted if case == "backlog" else before)
+        expected = {"backlog": accepted, "external": {"fd": 3}}.get(case, before)
+        assert target.ask() == expected
 
 
 @needs_root
@@ -457,6 +470,50 @@ def test_datagram_from_outside_is_refused_while_frozen(harness: Harness) -> None
     answer = target.ask()
     assert isinstance(answer, dict) and [m[0] for m in answer["rx"]] == \
         ["conn 1", "tx 1", "from outside"]
+
+
+@needs_root
+def test_an_external_socket_is_taken_from_inherit_fd(harness: Harness) -> None:
+    """A stream connected to a server outside the dump (a journald, a database): dump
+    records it as socket:[INODE] and names the fd; restore stops without --inherit-fd,
+    naming it, and with one (here a new connection to the same server) the restored
+    process writes into the socket it is given."""
+    name = f"\0ckpt-test-server-{os.getpid()}"
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(socket.socket(socket.AF_UNIX))
+        server.bind(name)
+        server.listen(2)
+        server.settimeout(10)
+        target = Asker(harness, "fd_unix.py", "external", name.replace("\0", "@"))
+        first = stack.enter_context(server.accept()[0])
+        first.settimeout(10)
+        assert target.ask() == {"fd": 3}
+        assert first.recv(100) == b"hello 1"
+        external = os.readlink(f"/proc/{target.proc.pid}/fd/3")
+        images = harness.images()
+        res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", images, reap=target.proc)
+        assert res.returncode == 0, res.describe()
+        assert f"fd 3 leads outside the dump ({external}): restore it with --inherit-fd " \
+            f"fd[N]:{external}" in res.stderr, res.describe()
+        target.proc.wait(timeout=10)
+        line = assert_one_error_line(run_ckpt("restore", "-D", images, "--restore-detached"))
+        assert f"fd 3: {external} is external" in line, line
+        assert first.recv(100) == b""  # the old connection is closed with its process
+        null = os.open("/dev/null", os.O_RDWR)
+        stack.callback(os.close, null)
+        line = assert_one_error_line(run_ckpt(
+            "restore", "-D", images, "--restore-detached",
+            f"--inherit-fd=fd[{null}]:{external}", pass_fds=(null,)))
+        assert f"--inherit-fd fd[{null}]:{external}: not a unix socket of type 1" in line, line
+
+        given = stack.enter_context(socket.socket(socket.AF_UNIX))
+        given.connect(name)
+        second = stack.enter_context(server.accept()[0])
+        second.settimeout(10)
+        harness.restore_detached(images, f"--inherit-fd=fd[{given.fileno()}]:{external}",
+                                 pass_fds=(given.fileno(),))
+        assert target.ask() == {"fd": 3}
+        assert second.recv(100) == b"hello 2"
 
 
 @needs_root

@@ -18,7 +18,8 @@
     orphan      a socketpair whose end a wrote "last words" and was closed
     reset       the same, a closed without reading what b sent it (ECONNRESET pending)
     inflight    a socketpair with an fd in flight (SCM_RIGHTS, not received)
-    external ADDR  a stream socket connected to ADDR (a listener outside the process)
+    external ADDR  a stream socket connected to ADDR (a listener outside the process);
+                each check sends "hello N" through it
     syslog PATH a dgram socket connected to PATH (a receiver outside, like /dev/log); each
                 check sends "log N" through it
 
@@ -228,7 +229,11 @@ def check(st: dict[str, Any]) -> dict[str, Any]:
         return {"accepted": accepted, "name": name if isinstance(name, str) else "abstract",
                 "mode": mode_bits}
     a, b = st["pair"]
-    if mode in ("inflight", "external"):
+    if mode == "external":
+        a.send(f"hello {n[0]}".encode())
+        n[0] += 1
+        return {"fd": a.fileno()}
+    if mode == "inflight":
         return {"fd": a.fileno()}
     try:
         b.send(b"more") if mode in ("orphan", "reset") else a.send(b"more")

@@ -20,8 +20,9 @@ connections, then fills each queue by sending from the other end, shuts down, se
 options; the restored process takes them.
 
 Refused, before the freeze and naming the fd (:func:`refusal`): a socket another process
-holds too (a scan of /proc/*/fd), a peer outside the process (a stream connected
-elsewhere: external sockets need --inherit-fd, not yet), connections waiting in a
+holds too (a scan of /proc/*/fd), data queued from a peer outside the process (a socket
+connected elsewhere is external: "socket:[INODE]", restored from --inherit-fd, which
+holds none of it; migrate refuses it), connections waiting in a
 listener's backlog, fds in flight (SCM_RIGHTS, fdinfo scm_fds), an out-of-band byte
 (MSG_OOB), a socket filter, a pending error but ECONNRESET from a closed peer, a name a
 restore could not bind again (a relative path, a path that now names another file, a
@@ -188,8 +189,18 @@ def inspect(info: FdInfo, peek: Peek) -> Seen:
                 holders(peek).get(info.target, ()))
 
 
-def refusal(seen: Seen) -> str | None:
-    """Why a restore could not bring this socket back exactly, or None (pure)."""
+def external(seen: Seen) -> bool:
+    """Connected to a socket outside the process that a restore cannot reach by name (a
+    stream's peer, an unnamed dgram one): restore takes it from --inherit-fd."""
+    d = seen.diag
+    return d is not None and bool(d.peer) and not seen.peer_here and (
+        d.type != socket.SOCK_DGRAM or seen.peer is None or not seen.peer.name)
+
+
+def refusal(seen: Seen, externals: bool = True) -> str | None:
+    """Why a restore could not bring this socket back exactly, or None (pure).
+    ``externals``: a socket connected outside may be recorded as external (not for
+    migrate: nothing could stand for it on another host)."""
     d = seen.diag
     if d is None:
         return "a unix socket unix_diag does not show (another network namespace?): " \
@@ -222,9 +233,15 @@ def refusal(seen: Seen) -> str | None:
     if stream and d.state == ESTABLISHED and not d.peer and d.shutdown != SHUTDOWN_MASK:
         return "a unix socket whose connection waits in a listener's backlog (not " \
             "accepted yet): not supported yet"
-    if d.peer and not seen.peer_here and (stream or seen.peer is None or not seen.peer.name):
-        return f"a unix socket connected to socket:[{d.peer}] outside the process " \
-            "(external unix sockets need --inherit-fd): not supported yet"
+    if external(seen):
+        if not externals:
+            return f"a unix socket connected to socket:[{d.peer}] outside the process: " \
+                "this cannot be connected on another host (restore's --inherit-fd)"
+        if d.rqueue:
+            return f"a unix socket with {d.rqueue} bytes queued from socket:[{d.peer}] " \
+                "outside the process, which a socket given by --inherit-fd would not " \
+                "hold: not supported yet"
+        return None
     peer_name = seen.peer.name if seen.peer is not None else b""
     if d.peer and not seen.peer_here and not peer_name.startswith((b"\0", b"/")):
         return f"a unix socket connected to {show_name(path_name(peer_name))} (socket:" \
@@ -241,7 +258,7 @@ def refusal(seen: Seen) -> str | None:
 
 
 def refuse(info: FdInfo, details: Any, flags: FdFlags) -> str | None:
-    return refusal(details)
+    return refusal(details, flags.externals)
 
 
 @contextlib.contextmanager
@@ -329,6 +346,9 @@ def collect(info: FdInfo, details: Any, peek: Peek, out: pb.OpenFile) -> None:
     u.type, u.state, u.inode, u.shutdown = d.type, d.state, d.ino, d.shutdown
     u.name = path_name(d.name)
     out.object = d.ino
+    if external(seen):  # what the outside sent it stays with the outside (refused if any)
+        out.external = f"socket:[{d.ino}]"
+        return
     if d.state == LISTEN:
         u.backlog = d.wqueue
     if d.peer:

@@ -59,7 +59,7 @@ def _addr(name: bytes) -> str | bytes:
 def component(files: Iterable[pb.OpenFile], first: pb.OpenFile) -> list[pb.OpenFile]:
     """``first`` and every unix socket of ``files`` tied to it (peer, listener by name,
     sender of a queued datagram), in image order."""
-    socks = [f for f in files if f.type == pb.OpenFile.UNIX_SOCKET]
+    socks = [f for f in files if f.type == pb.OpenFile.UNIX_SOCKET and not f.external]
     by_ino = {f.unix_socket.inode: f for f in socks}
     edges: dict[int, set[int]] = {ino: set() for ino in by_ino}
 
@@ -89,10 +89,27 @@ def component(files: Iterable[pb.OpenFile], first: pb.OpenFile) -> list[pb.OpenF
 
 
 def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
+    if f.external:
+        return Opened(_inherited(ctx.inherit[f.external], f))  # ckpt.restore.files checked
     key = (NAME, f.unix_socket.inode)
     if key not in ctx.objects:
         Build(ctx, component(ctx.entry.files, f)).run()
     return Opened(ctx.objects[key])
+
+
+def _inherited(fd: int, f: pb.OpenFile) -> int:
+    """The fd given for an external socket (--inherit-fd), if it is a unix socket of the
+    dumped type; it gets the dumped O_NONBLOCK, the rest is as given."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as s:
+            family, kind = s.family, s.type
+    except OSError:
+        family, kind = None, None
+    if family != socket.AF_UNIX or kind != f.unix_socket.type:
+        raise RestoreError(f"--inherit-fd fd[{fd}]:{f.external}: not a unix socket of type "
+                           f"{f.unix_socket.type} (SOCK_STREAM 1, SOCK_DGRAM 2, SOCK_SEQPACKET 5)")
+    os.set_blocking(fd, not f.flags & os.O_NONBLOCK)
+    return fd
 
 
 def _stale(path: str, st: os.stat_result, unlinked: bool) -> str:
