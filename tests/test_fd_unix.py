@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import stat
@@ -28,10 +29,19 @@ from conftest import (
 )
 from test_creds import NOBODY, SYSTEM_PYTHON
 
-from ckpt.collect.fdkinds.unix import Seen, external, merge_runs, path_name, refusal
+from ckpt.collect.fdkinds.unix import (
+    OPTIONS,
+    Seen,
+    external,
+    merge_runs,
+    path_name,
+    refusal,
+)
 from ckpt.collect.fdkinds.unix_build import component
 from ckpt.collect.fds import scan_holders
+from ckpt.errors import ImageError
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.images.validate import UNIX_OPTIONS, validate
 from ckpt.kernel.sys import pidfd_getfd
 from ckpt.kernel.unix_diag import UnixDiag, build_request, parse_replies, parse_reply
 
@@ -171,6 +181,24 @@ def test_stream_runs_merge_by_sender() -> None:
     assert merge_runs(runs, socket.SOCK_STREAM) == [(b"abcd", b"", me), (b"e", b"", other),
                                                      (b"f", b"", me)]
     assert merge_runs(runs, socket.SOCK_SEQPACKET) == runs
+
+
+def test_images_check_unix_sockets() -> None:
+    """The image boundary (ckpt.images.validate) knows the options the kind carries, and
+    refuses names a restore could not bind (a relative path) and impossible states."""
+    assert set(UNIX_OPTIONS) == {name for name, _ in OPTIONS}
+    good = pb.UnixSocket(type=1, state=10, name=b"/run/s.sock", backlog=5, queue=[
+        pb.UnixMessage(data=b"x", sender=b"\0peer")])
+    validate("core-1.img", good)
+    for bad, says in ((pb.UnixSocket(type=1, state=7, name=b"rel.sock"), "name = b'rel.sock'"),
+                      (pb.UnixSocket(type=2, state=10), "a listening dgram socket"),
+                      (pb.UnixSocket(type=3, state=7), "type = 3: not one of 1, 2, 5"),
+                      (pb.UnixSocket(type=1, state=1, options=[
+                          pb.UnixOption(level=1, name=99, value=b"1234")]), "name = 99"),
+                      (pb.UnixSocket(type=2, state=7, queue=[
+                          pb.UnixMessage(sender=b"/a\0b")]), "a path with a NUL byte")):
+        with pytest.raises(ImageError, match=re.escape(says)):
+            validate("core-1.img", bad)
 
 
 def sock(ino: int, peer: int = 0, state: int = 1, name: bytes = b"",

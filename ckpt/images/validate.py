@@ -47,6 +47,10 @@ NAME_MAX = 255
 NSIG = 64
 RLIM_NLIMITS = 16
 FD_SET_MAX = 1 << 20
+SUN_PATH = 108  # sizeof(sockaddr_un.sun_path)
+UNIX_QUEUE_MAX = 1 << 30  # bytes of one queued message or run (SO_SNDBUF is an int)
+#: SOL_SOCKET options a unix socket's image carries (ckpt.collect.fdkinds.unix.OPTIONS)
+UNIX_OPTIONS = (16, 34, 76, 7, 8, 18, 12, 36, 9, 13, 20, 21, 29, 35, 40, 10, 42)
 #: scheduling policies a thread can have (SCHED_DEADLINE is refused at dump), each also
 #: with SCHED_RESET_ON_FORK
 POLICIES = tuple(p | r for p in (0, 1, 2, 3, 5) for r in (0, 0x40000000))
@@ -198,6 +202,15 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
     core.TimerFd: {"clockid": one_of(0, 1, 7, 8, 9), "settime_flags": ranged(0, 3),
                    "value_ns": ranged(0, S64_MAX), "interval_ns": ranged(0, S64_MAX)},
     core.InotifyWatch: {"wd": ranged(1, 1 << 16), "path": path(absolute=True)},
+    # unix sockets (ckpt/collect/fdkinds/unix.py): names are sun_path's 108 bytes
+    core.UnixSocket: {"type": one_of(1, 2, 5), "state": one_of(1, 7, 10),
+                      "name": blob(SUN_PATH), "peer_name": blob(SUN_PATH),
+                      "backlog": ranged(0, (1 << 31) - 1), "shutdown": ranged(0, 3),
+                      "file_mode": ranged(0, 0o7777), "file_uid": ranged(0, 0xFFFFFFFE),
+                      "file_gid": ranged(0, 0xFFFFFFFE)},
+    core.UnixMessage: {"data": blob(UNIX_QUEUE_MAX), "sender": blob(SUN_PATH)},
+    core.UnixOption: {"level": one_of(1), "name": one_of(*UNIX_OPTIONS),
+                      "value": blob(16)},
 }
 
 
@@ -285,6 +298,26 @@ def _open_file(m: core.OpenFile) -> Iterator[Problem]:
             yield f"locks[{i}].length", lock.length, "past the largest file offset"
 
 
+def _unix_name(name: bytes) -> str | None:
+    """An abstract name (a NUL, then any bytes) or an absolute path without NUL."""
+    if not name or name.startswith(b"\0"):
+        return None
+    if not name.startswith(b"/"):
+        return "neither an abstract name nor an absolute path"
+    return "a path with a NUL byte" if b"\0" in name else None
+
+
+def _unix_socket(m: core.UnixSocket) -> Iterator[Problem]:
+    names = [("name", m.name), ("peer_name", m.peer_name)]
+    names += [(f"queue[{i}].sender", q.sender) for i, q in enumerate(m.queue)]
+    for field, name in names:
+        why = _unix_name(name)
+        if why:
+            yield field, name, why
+    if m.state == 10 and m.type == 2:
+        yield "state", m.state, "a listening dgram socket"
+
+
 def _pipe(m: core.PipeFile) -> Iterator[Problem]:
     held = len(m.data) + sum(map(len, m.packets))
     if held > m.size:
@@ -336,6 +369,7 @@ RULES: dict[type[Message], Callable[[Any], Iterator[Problem]]] = {
     img.Inventory: _inventory, img.WholeVmaCopy: _whole_vma, img.PagemapRuns: _pagemap_runs,
     core.Vma: _vma, core.MmFields: _mm, core.SigAction: _sigaction, core.Rlimit: _rlimit,
     core.OpenFile: _open_file, core.PipeFile: _pipe, core.ProcessEntry: _process,
+    core.UnixSocket: _unix_socket,
 }
 
 
