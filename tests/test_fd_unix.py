@@ -5,6 +5,7 @@ could not bring back is refused before the freeze, naming the fd."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from conftest import (
     TARGETS,
     Asker,
     Harness,
+    assert_ckpt_ok,
     assert_one_error_line,
     assert_running_untraced,
     needs_root,
@@ -272,6 +274,28 @@ def test_peer_credentials_name_the_process_not_ckpt(harness: Harness) -> None:
         assert target.ask() == {**first, "a": "to a 2"}
     finally:
         target.cleanup()
+
+
+@needs_root
+def test_leave_running_dump_takes_nothing_and_show_lists_the_queues(harness: Harness,
+                                                                   ) -> None:
+    """The peek consumes nothing and gives SO_PEEK_OFF and SO_PASSCRED back: a target
+    dumped with --leave-running answers as if nothing happened. `ckpt show` lists each
+    socket's state, a queue by its length."""
+    target = Asker(harness, "fd_unix.py", "stream")
+    first = target.ask()
+    assert isinstance(first, dict)
+    images = harness.images()
+    harness.dump(target.proc.pid, images, "--leave-running")
+    assert target.ask() == {**first, "a": "to a 2"}
+    res = run_ckpt("show", images, "--json")
+    assert_ckpt_ok(res)
+    fds = {f["fd"]: f for f in json.loads(res.stdout)["processes"][0]["fds"]}
+    assert fds[4]["type"] == "UNIX_SOCKET" and fds[4]["state"]["peer"] == \
+        fds[3]["state"]["inode"]
+    text = run_ckpt("show", images)
+    line = next(x for x in text.stdout.splitlines() if x.split()[:2] == ["fd", "4"])
+    assert "queue=[{'data': '<200000 bytes>', 'fromSelf': True}]" in line, line
 
 
 @needs_root
