@@ -27,6 +27,7 @@ from conftest import (
     needs_root,
     require_reachable_by_others,
     run_ckpt,
+    wait_for,
     wait_for_line,
 )
 from test_creds import NOBODY, SYSTEM_PYTHON
@@ -588,3 +589,67 @@ def test_restore_refuses_a_path_a_live_socket_holds(harness: Harness, tmp_path: 
         c.settimeout(10)
         c.connect(path)
         assert target.ask() == {"accepted": True, "name": path, "mode": "0o666"}
+
+
+# --------------------------------------------------------------------------- daemons
+
+DAEMONS = {
+    "redis": ("redis-server", "--port", "0", "--unixsocket", "{path}", "--unixsocketperm",
+              "700", "--save", "", "--appendonly", "no", "--dir", "{dir}"),
+    "memcached": ("memcached", "-u", "root", "-s", "{path}", "-a", "700", "-t", "2"),
+}
+
+
+def talk(path: Path, request: bytes, lines: int) -> list[bytes]:
+    """Send ``request`` on a new connection to ``path``; its answer's first ``lines``."""
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(10)
+        c.connect(str(path))
+        c.sendall(request)
+        answer = b""
+        while answer.count(b"\r\n") < lines:
+            chunk = c.recv(4096)
+            assert chunk, f"connection closed after {answer!r}"
+            answer += chunk
+        return answer.split(b"\r\n")[:lines]
+
+
+def put(daemon: str, path: Path, key: str, value: str) -> None:
+    request = f"SET {key} {value}\r\n" if daemon == "redis" else \
+        f"set {key} 0 0 {len(value)}\r\n{value}\r\n"
+    assert talk(path, request.encode(), 1) == [b"+OK" if daemon == "redis" else b"STORED"]
+
+
+def get(daemon: str, path: Path, key: str) -> str:
+    """The value (redis: "$N", value; memcached: "VALUE k 0 N", value, "END")."""
+    request = f"GET {key}\r\n" if daemon == "redis" else f"get {key}\r\n"
+    return talk(path, request.encode(), 2)[1].decode()
+
+
+@needs_root
+@pytest.mark.parametrize("daemon", sorted(DAEMONS))
+def test_daemon_on_a_unix_socket_predump_incremental_restore(harness: Harness,
+                                                             tmp_path: Path,
+                                                             daemon: str) -> None:
+    """redis (an epoll loop, a pipe to itself, background threads) and memcached (worker
+    threads woken through pipes and eventfds) listening on a unix socket: keys written
+    before a predump and between it and the incremental dump are read back after the
+    restore, and new keys are written, each over a new connection."""
+    argv = DAEMONS[daemon]
+    if shutil.which(argv[0]) is None:
+        pytest.skip(f"{argv[0]} is not installed (.ci/run installs it)")
+    path = tmp_path / f"{daemon}.sock"
+    proc = harness.launch([a.format(path=path, dir=tmp_path) for a in argv],
+                          tmp_path / "out.txt")
+    wait_for(lambda: path.exists() or None, 10, f"{daemon}'s socket")
+    put(daemon, path, "k1", "before-predump")
+    ck = harness.images("ck")
+    res = run_ckpt("predump", "-t", str(proc.pid), "-D", ck / "1")
+    assert_ckpt_ok(res)
+    put(daemon, path, "k2", "after-predump")
+    harness.dump_and_reap(proc, ck / "2", "--incremental", "--prev-images-dir", "../1")
+    harness.restore_detached(ck / "2")
+    assert get(daemon, path, "k1") == "before-predump"
+    assert get(daemon, path, "k2") == "after-predump"
+    put(daemon, path, "k3", "after-restore")
+    assert get(daemon, path, "k3") == "after-restore"
