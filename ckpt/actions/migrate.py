@@ -82,6 +82,7 @@ class MigrateOptions:
     compress_level: int = -1
     keep_images: str | None = None  # keep the source's images here
     auto_converge: bool = False
+    tcp_close: bool = False  # --tcp-close: TCP connections restored closed at the destination
 
 
 @dataclass
@@ -121,7 +122,8 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     require_root("migrate")
     # Whatever would stop the final dump (an fd kind we cannot carry, children, ...)
     # stops the migration before any round, like a failed server check.
-    vmas = preflight(DumpOptions(pid=opts.pid, images_dir=""), hidden_fds(opts.pid))
+    vmas = preflight(DumpOptions(pid=opts.pid, images_dir="", tcp_close=opts.tcp_close),
+                     hidden_fds(opts.pid))
     work = Path(opts.keep_images or tempfile.mkdtemp(prefix="ckpt-migrate-"))
     out = MigrateResult()
     try:
@@ -225,7 +227,8 @@ def pre_round(opts: MigrateOptions, conn: Conn, work: Path, n: int, prev: str | 
               duty: float) -> Round:
     t = time.perf_counter()
     predump(PredumpOptions(pid=opts.pid, images_dir=str(work / str(n)), prev_images_dir=prev,
-                           track=opts.track, compress_level=opts.compress_level))
+                           track=opts.track, compress_level=opts.compress_level,
+                           tcp_close=opts.tcp_close))
     dirty = ImageDir.open(work / str(n)).read_inventory().stats.pages_written
     with Throttle(opts.pid, duty) as throttle:
         sent = send_pass_on(conn, work / str(n), str(n), prerestore=True)
@@ -365,7 +368,7 @@ def final_round(opts: MigrateOptions, conn: Conn, work: Path, name: str, prev: s
         res = dump(DumpOptions(pid=opts.pid, images_dir=str(work / name), prev_images_dir=prev,
                                incremental=prev is not None, track=opts.track,
                                compress_level=opts.compress_level, before_kill=hand_over,
-                               after_kill=commit))
+                               after_kill=commit, tcp_close=opts.tcp_close))
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOVER_SIGNALS)
     stats = ImageDir.open(work / name).read_inventory().stats

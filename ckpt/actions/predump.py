@@ -30,6 +30,7 @@ from ckpt.actions.passes import (
     write_memory,
 )
 from ckpt.collect import proc
+from ckpt.collect.fdkinds.base import FdFlags
 from ckpt.collect.restorable import read_target, require_restorable
 from ckpt.collect.vmas import VmaInfo, collect_vmas
 from ckpt.errors import NoSuchProcess, NotDumpable
@@ -48,9 +49,10 @@ class PredumpOptions:
     track: str = "auto"
     compress_level: int = -1
     overwrite: bool = False  # replace a complete pass already in images_dir
+    tcp_close: bool = False  # --tcp-close: what the final dump will accept
 
 
-def check_target(pid: int) -> list[VmaInfo]:
+def check_target(pid: int, tcp_close: bool = False) -> list[VmaInfo]:
     """Refuse, before anything touches the target, what the final dump would refuse: a
     pass of a process that cannot be restored is wasted. A terminal on fds 0-2 passes
     (the final dump decides, with or without --shell-job)."""
@@ -58,7 +60,8 @@ def check_target(pid: int) -> list[VmaInfo]:
         raise NoSuchProcess(pid)
     if proc.is_kernel_thread(pid):
         raise NotDumpable(f"process {pid} is a kernel thread")
-    return require_restorable(read_target(pid, True, hidden_fds(pid)))
+    return require_restorable(read_target(pid, True, hidden_fds(pid),
+                                          flags=FdFlags(shell_job=True, tcp_close=tcp_close)))
 
 
 def predump(opts: PredumpOptions) -> str:
@@ -66,7 +69,7 @@ def predump(opts: PredumpOptions) -> str:
     pid = opts.pid
     t0 = time.perf_counter()
     require_root("predump")
-    vmas = check_target(pid)
+    vmas = check_target(pid, opts.tcp_close)
     parent = open_parent(opts.images_dir, opts.prev_images_dir, pid)
     tracker = select_tracker(opts.track, pid, parent)
     images = ImageDir.new_pass(opts.images_dir, opts.overwrite)

@@ -7,12 +7,13 @@ stateless device is reopened by path; anything else is refused before the freeze
 
 from __future__ import annotations
 
-from ckpt.collect.fdkinds import eventfd
+from ckpt.collect.fdkinds import eventfd, inet
 from ckpt.collect.fdkinds.base import FdKind, Peek
 from ckpt.collect.fds import FdInfo
 
 KINDS: tuple[FdKind, ...] = (
     eventfd.KIND,
+    inet.KIND,
 )
 
 BY_TYPE = {k.image_type: k for k in KINDS}

@@ -1,0 +1,145 @@
+"""TCP and UDP sockets, IPv4 and IPv6 (ckpt/collect/fdkinds/inet.py, ckpt/kernel/inet_diag.py).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+from conftest import (
+    Asker,
+    Harness,
+)
+
+from ckpt.collect.fdkinds.base import FdFlags
+from ckpt.collect.fdkinds.inet import Endpoint, InetState, pending_of, refuse
+from ckpt.collect.fdkinds.inet_options import changed
+from ckpt.collect.fds import FdInfo
+from ckpt.kernel import inet_diag as diag
+
+# --------------------------------------------------------------------------- pure
+
+V4 = socket.AF_INET
+INFO = FdInfo(fd=5, target="socket:[99]", pos=0, flags=0o2, mnt_id=8, ino=99,
+              st_mode=0o140777, st_dev=8, st_ino=99, st_rdev=0, st_size=0)
+LOCAL = Endpoint(bytes([127, 0, 0, 1]), 6379)
+PEER = Endpoint(bytes([127, 0, 0, 1]), 40000)
+STREAM, DGRAM, TCP, UDP = socket.SOCK_STREAM, socket.SOCK_DGRAM, 6, 17
+
+
+def diag_msg(family: int, state: int, src: bytes, sport: int, dst: bytes, dport: int,
+             rqueue: int, wqueue: int, uid: int, inode: int,
+             attrs: tuple[tuple[int, bytes], ...] = ()) -> bytes:
+    body = (struct.pack("=BBBB", family, state, 0, 0) + struct.pack(">HH", sport, dport)
+            + src.ljust(16, b"\0") + dst.ljust(16, b"\0") + struct.pack("=III", 0, 1, 2)
+            + struct.pack("=IIIII", 0, rqueue, wqueue, uid, inode))
+    for kind, value in attrs:
+        rta = struct.pack("=HH", 4 + len(value), kind) + value
+        body += rta.ljust((len(rta) + 3) & ~3, b"\0")
+    return struct.pack("=IHHII", 16 + len(body), diag.SOCK_DIAG_BY_FAMILY, 2, 1, 0) + body
+
+
+def test_parse_inet_diag_answer() -> None:
+    lo6 = socket.inet_pton(socket.AF_INET6, "::1")
+    data = (diag_msg(socket.AF_INET6, 10, bytes(16), 6379, bytes(16), 0, 2, 511, 1000, 77,
+                     ((diag.INET_DIAG_SHUTDOWN, b"\0"), (diag.INET_DIAG_SKV6ONLY, b"\1")))
+            + diag_msg(socket.AF_INET6, 1, lo6, 6379, lo6, 40000, 0, 0, 1000, 0)
+            + struct.pack("=IHHII", 20, diag.NLMSG_DONE, 2, 1, 0) + bytes(4))
+    found, done = diag.parse(data)
+    assert done
+    assert found[0] == diag.DiagSocket(socket.AF_INET6, 10, "::", 6379, "::", 0, 0, 2, 511,
+                                       1000, 77, 0, True)
+    assert (found[1].src, found[1].dport, found[1].inode, found[1].v6only) == \
+        ("::1", 40000, 0, None)
+    assert pending_of(found[0], found) == ("[::1]:40000 -> [::1]:6379",)
+    with pytest.raises(ValueError):  # netlink datagrams come whole: a cut one is corrupt
+        diag.parse(data[:len(data) // 3])
+    assert diag.parse(data[:104]) == (found[:1], False)  # the dump goes on in another read
+
+
+def test_parse_inet_diag_error() -> None:
+    data = struct.pack("=IHHII", 36, diag.NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", -2) + bytes(16)
+    with pytest.raises(OSError) as exc:
+        diag.parse(data)
+    assert exc.value.errno == 2
+
+
+def test_request_layout() -> None:
+    req = diag.request(V4, TCP, seq=7)
+    assert len(req) == 16 + 56
+    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", req)
+    assert (length, kind, flags, seq) == (72, 20, 0x301, 7)
+    assert struct.unpack_from("=BBBBI", req, 16) == (V4, TCP, 0, 0, 0xFFFFFFFF)
+
+
+def test_live_dump_finds_a_listener() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(9)
+        import os
+        me = diag.find(V4, TCP, os.fstat(s.fileno()).st_ino)
+        assert me is not None
+        assert (me.state, me.src, me.sport, me.wqueue) == (10, "127.0.0.1", s.getsockname()[1], 9)
+
+
+def state(**kw: object) -> InetState:
+    base: dict[str, object] = {"family": V4, "type": STREAM, "protocol": TCP, "state": 10,
+                               "local": LOCAL, "peer": None, "backlog": 511}
+    base.update(kw)
+    return InetState(**base)  # type: ignore[arg-type]
+
+
+CLOSE = FdFlags(tcp_close=True)
+
+
+def test_refuse_decisions() -> None:
+    assert refuse(INFO, state(), FdFlags()) is None
+    assert refuse(INFO, state(state=7, local=None), FdFlags()) is None  # unbound
+    conn = state(state=1, peer=PEER)
+    why = refuse(INFO, conn, FdFlags())
+    assert why == ("a TCP connection 127.0.0.1:6379 -> 127.0.0.1:40000 (ESTABLISHED): "
+                   "restored only closed, with --tcp-close")
+    assert refuse(INFO, conn, CLOSE) is None
+    assert conn.is_connection and not state().is_connection
+    dead = state(state=7, shutdown=3)  # a connection reset or closed, fd still open
+    assert dead.is_connection and "CLOSE" in (refuse(INFO, dead, FdFlags()) or "")
+    queued = state(rqueue=2, pending=("127.0.0.1:1 -> 127.0.0.1:6379",
+                                      "127.0.0.1:2 -> 127.0.0.1:6379"))
+    assert refuse(INFO, queued, FdFlags()) == (
+        "a TCP listener on 127.0.0.1:6379 with 2 connection(s) not accepted yet "
+        "(127.0.0.1:1 -> 127.0.0.1:6379, 127.0.0.1:2 -> 127.0.0.1:6379): dropped only "
+        "with --tcp-close")
+    assert refuse(INFO, queued, CLOSE) is None
+    udp = state(type=DGRAM, protocol=UDP, state=7, rqueue=768)
+    assert "768 bytes of datagrams queued" in (refuse(INFO, udp, CLOSE) or "")
+    assert refuse(INFO, state(type=DGRAM, protocol=UDP, state=1, peer=PEER), FdFlags()) is None
+    assert "socket filter" in (refuse(INFO, state(filtered=True), CLOSE) or "")
+    assert "network namespace" in (refuse(INFO, state(state=-1), CLOSE) or "")
+
+
+def test_only_changed_options_are_kept() -> None:
+    assert changed({"SO_RCVBUF": 131072, "TCP_NODELAY": 1, "IPV6_V6ONLY": 0},
+                   {"SO_RCVBUF": 131072, "TCP_NODELAY": 0, "IPV6_V6ONLY": 0}) == \
+        {"TCP_NODELAY": 1, "IPV6_V6ONLY": 0}
+
+
+def test_endpoint_text() -> None:
+    assert str(Endpoint.of(socket.AF_INET6, ("fe80::1%lo", 80, 0, 1))) == "[fe80::1]:80"
+    assert Endpoint.of(socket.AF_INET6, ("fe80::1%lo", 80, 0, 1)).scope_id == 1
+    assert Endpoint.of(V4, ("0.0.0.0", 0)).wildcard
+
+
+# --------------------------------------------------------------------------- live
+
+
+def test_listeners_and_udp_sockets_survive(harness: Harness) -> None:
+    target = Asker(harness, "fd_inet.py")
+    before = target.ask()
+    assert isinstance(before, dict)
+    assert before["v4"]["accepts"] and before["dual"]["accepts"] == [True, True]
+    assert before["v4"]["TCP_NODELAY"] and before["v4"]["backlog"] == 7
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images)
+    harness.restore_detached(images)
+    assert target.ask() == before
