@@ -3,13 +3,20 @@
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import struct
+from typing import Any
 
 import pytest
 from conftest import (
     Asker,
     Harness,
+    assert_ckpt_ok,
+    assert_one_error_line,
+    assert_running_untraced,
+    run_ckpt,
 )
 
 from ckpt.collect.fdkinds.base import FdFlags
@@ -77,7 +84,6 @@ def test_live_dump_finds_a_listener() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(9)
-        import os
         me = diag.find(V4, TCP, os.fstat(s.fileno()).st_ino)
         assert me is not None
         assert (me.state, me.src, me.sport, me.wqueue) == (10, "127.0.0.1", s.getsockname()[1], 9)
@@ -143,3 +149,125 @@ def test_listeners_and_udp_sockets_survive(harness: Harness) -> None:
     harness.dump_and_reap(target.proc, images)
     harness.restore_detached(images)
     assert target.ask() == before
+
+
+def test_half_open_connections_count_as_pending() -> None:
+    """TCP_DEFER_ACCEPT keeps a connection out of the accept queue (rqueue 0) until data
+    comes: it is still one the restore would drop."""
+    half = state(pending=("127.0.0.1:1 -> 127.0.0.1:6379",))
+    assert "1 connection(s) not accepted yet" in (refuse(INFO, half, FdFlags()) or "")
+
+
+def asked(target: Asker) -> dict[str, Any]:
+    answer = target.ask()
+    assert isinstance(answer, dict)
+    return answer
+
+
+def test_tcp_connection_refused_without_tcp_close(harness: Harness) -> None:
+    target = Asker(harness, "fd_inet.py", "conn")
+    before = asked(target)
+    assert before["conn"] == {"client": "EAGAIN", "server": "EAGAIN"}
+    port = before["v4"]["name"][1]
+    for action in ("dump", "predump"):
+        res = run_ckpt(action, "-t", str(target.proc.pid), "-D", harness.images(action))
+        line = assert_one_error_line(res)
+        assert re.search(rf"a TCP connection 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:{port} "
+                         r"\(ESTABLISHED\): restored only closed, with --tcp-close", line), line
+    assert_running_untraced(target.proc.pid)
+    again = asked(target)
+    assert again == before
+
+
+def test_tcp_close_restores_connections_reset(harness: Harness) -> None:
+    """--tcp-close: both ends of the connection read ECONNRESET once, then EOF; every
+    listener accepts new connections."""
+    target = Asker(harness, "fd_inet.py", "conn")
+    before = asked(target)
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images, "--tcp-close")
+    harness.restore_detached(images)
+    after = asked(target)
+    assert after.pop("conn") == {"client": "ECONNRESET", "server": "ECONNRESET"}
+    before.pop("conn")
+    assert after == before
+    assert asked(target)["conn"] == {"client": "EOF", "server": "EOF"}
+
+
+def test_unaccepted_connection_refused_then_dropped(harness: Harness) -> None:
+    target = Asker(harness, "fd_inet.py")
+    before = asked(target)
+    port = before["dual"]["name"][1]
+    client = socket.create_connection(("::1", port), timeout=10)
+    try:
+        me = client.getsockname()[1]
+        res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", harness.images("refused"))
+        line = assert_one_error_line(res)
+        assert (f"a TCP listener on [::]:{port} with 1 connection(s) not accepted yet "
+                f"([::1]:{me} -> [::1]:{port}): dropped only with --tcp-close") in line, line
+        assert_running_untraced(target.proc.pid)
+        images = harness.images()
+        harness.dump_and_reap(target.proc, images, "--tcp-close")
+        # the dumped listener died with the connection in its queue: the client is reset
+        with pytest.raises(ConnectionResetError):
+            client.recv(1)
+    finally:
+        client.close()
+    harness.restore_detached(images)
+    assert asked(target) == before
+
+
+def test_queued_datagrams_refused(harness: Harness) -> None:
+    target = Asker(harness, "fd_inet.py")
+    before = asked(target)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        sender.sendto(b"unread", tuple(before["udp"]["name"]))
+    res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", harness.images(), "--tcp-close")
+    line = assert_one_error_line(res)
+    assert re.search(rf"a UDP socket on 127\.0\.0\.1:{before['udp']['name'][1]} with \d+ "
+                     r"bytes of datagrams queued", line), line
+    assert_running_untraced(target.proc.pid)
+
+
+def test_port_taken_at_restore(harness: Harness) -> None:
+    target = Asker(harness, "fd_inet.py")
+    before = asked(target)
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images)
+    port = before["v4"]["name"][1]
+    with socket.create_server(("127.0.0.1", port)):
+        res = run_ckpt("restore", "-D", images, "--restore-detached", "--pidfile",
+                       harness.new_pidfile())
+        harness.skip_if_ids_reused(res)
+        line = assert_one_error_line(res)
+    assert f"cannot bind to TCP 127.0.0.1:{port}: Address already in use" in line, line
+
+
+def test_predump_incremental_tcp_close(harness: Harness) -> None:
+    target = Asker(harness, "fd_inet.py", "conn")
+    before = asked(target)
+    pid = str(target.proc.pid)
+    first = harness.images("1")
+    assert_ckpt_ok(run_ckpt("predump", "-t", pid, "-D", first, "--tcp-close"))
+    second = harness.images("2")
+    harness.dump_and_reap(target.proc, second, "--incremental", "--prev-images-dir", "../1",
+                          "--tcp-close")
+    harness.restore_detached(second)
+    after = asked(target)
+    assert after.pop("conn") == {"client": "ECONNRESET", "server": "ECONNRESET"}
+    before.pop("conn")
+    assert after == before
+
+
+def test_listener_on_fd_0_stays_inheritable(harness: Harness) -> None:
+    """A socket restored onto fd 0 without close-on-exec keeps it off (pidfd_getfd sets
+    it on the fd it makes, which may be the fd's own number)."""
+    target = Asker(harness, "fd_inet.py", "stdin")
+    before = asked(target)
+    assert before["stdin"]["cloexec"] == 0 and before["stdin"]["state"] == 10
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images)
+    harness.restore_detached(images)
+    after = asked(target)
+    assert after["stdin"] == before["stdin"]
+    assert after == before

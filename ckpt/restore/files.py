@@ -88,19 +88,22 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry,
             if not fds:
                 continue
             kind = BY_TYPE.get(f.type)
+            taken = False
             if f.type == pb.OpenFile.INHERITED:
                 src = park + f.inherit_fd
             elif kind is not None:
                 opened = kind.restore(ctx, f)
-                src = taker.take(opened.fd, kind.name) if opened.in_ckpt else opened.fd
+                taken = opened.in_ckpt
+                src = taker.take(opened.fd, kind.name) if taken else opened.fd
             else:
                 src = _open(stub, f)
             for fd in fds:
                 if fd.fd != src:
                     stub.sc(NR.dup3, src, fd.fd, O_CLOEXEC if fd.cloexec else 0,
                             what=f"dup3 onto fd {fd.fd}")
-                elif fd.cloexec:
-                    stub.sc(NR.fcntl, src, F_SETFD, FD_CLOEXEC, what=f"cloexec fd {fd.fd}")
+                elif fd.cloexec or taken:  # pidfd_getfd's fd is close-on-exec
+                    stub.sc(NR.fcntl, src, F_SETFD, FD_CLOEXEC if fd.cloexec else 0,
+                            what=f"cloexec fd {fd.fd}")
             if f.type != pb.OpenFile.INHERITED and src not in {fd.fd for fd in fds}:
                 stub.sc(NR.close, src, what="close")
             ctx.placed[f.id] = min(fd.fd for fd in fds)

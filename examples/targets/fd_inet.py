@@ -12,12 +12,15 @@ Each check reports every socket's address and options (getsockopt, as the progra
 them), connects to each listener and accepts the connection, sends a datagram to each
 UDP socket and reads it back. With argument ``conn`` the process also holds both ends of
 a TCP connection over 127.0.0.1 to the v4 listener, and each check reports what a
-non-blocking read of each end gives (EAGAIN while it is open).
+non-blocking read of each end gives (EAGAIN while it is open). With ``stdin``, fd 0 is
+one more listener, not close-on-exec (as inetd would leave it to its child).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
 import select
 import socket
 import struct
@@ -64,6 +67,11 @@ def setup(args: list[str]) -> dict[str, S]:
     out["udp6"].connect(out["peer"].getsockname())
     out["bound"].bind(("127.0.0.1", 0))
     out["unbound"].setsockopt(TCP, socket.TCP_NODELAY, 1)
+    if "stdin" in args:  # an inetd-style listener on fd 0, inherited across exec
+        lst = listener(socket.AF_INET, "127.0.0.1", 1)
+        os.dup2(lst.fileno(), 0)  # not close-on-exec
+        lst.close()
+        out["stdin"] = socket.socket(fileno=0)
     if "conn" in args:
         out["client"] = socket.create_connection(out["v4"].getsockname())
         out["client"].send(b"!")  # TCP_DEFER_ACCEPT: accept waits for data
@@ -103,6 +111,8 @@ def described(sock: S) -> dict[str, Any]:
                 if sock.type == socket.SOCK_STREAM or v[0] != TCP})
     if sock.family == socket.AF_INET6:
         out["IPV6_V6ONLY"] = sock.getsockopt(IP6, socket.IPV6_V6ONLY)
+    if sock.fileno() == 0:
+        out["cloexec"] = fcntl.fcntl(0, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
     if sock.type == socket.SOCK_STREAM:
         info = sock.getsockopt(TCP, TCP_INFO, 104)
         out["state"] = info[0]

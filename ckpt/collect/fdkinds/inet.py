@@ -14,9 +14,12 @@ which knows what getsockopt does not):
 Restore makes the socket in ckpt (as the owner's uid: sk_uid decides who may join an
 SO_REUSEPORT group), sets the options, binds, listens with the same backlog or connects a
 UDP socket to its peer, and the restored process takes it. The port is free then: the
-dump killed the process. A TCP socket binds with SO_REUSEADDR set for the time of bind
-and listen (its own connections closed by the dump may linger in TIME_WAIT or FIN_WAIT
-on that port), then back to what the program chose.
+dump killed the process; if it is not, the restore fails naming the address. A listener
+without SO_REUSEADDR is refused its port by the kernel while connections it accepted
+linger there in TIME_WAIT or FIN_WAIT (closed shortly before the dump, or by the dump
+under --tcp-close), as the program itself would be if restarted: SO_REUSEADDR does not
+help (the lingering sockets lack it too), nor TCP_REPAIR's forced reuse (a listener in
+repair mode cannot leave it).
 
 Refused, naming the socket (what ``ckpt dump`` says, before the freeze):
     a TCP connection (any state but LISTEN, and CLOSE when never connected), unless
@@ -213,11 +216,11 @@ def refuse(info: FdInfo, s: InetState, flags: FdFlags) -> str | None:
         peer = s.peer or "?"
         return (f"a TCP connection {s.local or '?'} -> {peer} ({state}): restored only "
                 "closed, with --tcp-close")
-    if s.state == diag.TCP_LISTEN and s.protocol == socket.IPPROTO_TCP and s.rqueue \
-            and not flags.tcp_close:
+    if s.state == diag.TCP_LISTEN and s.protocol == socket.IPPROTO_TCP \
+            and (s.rqueue or s.pending) and not flags.tcp_close:
         names = f" ({', '.join(s.pending)})" if s.pending else ""
-        return (f"a TCP listener on {s.local} with {s.rqueue} connection(s) not accepted "
-                f"yet{names}: dropped only with --tcp-close")
+        return (f"a TCP listener on {s.local} with {max(s.rqueue, len(s.pending))} "
+                f"connection(s) not accepted yet{names}: dropped only with --tcp-close")
     if s.protocol == socket.IPPROTO_UDP and s.rqueue:
         return (f"a UDP socket on {s.local or 'no address'} with {s.rqueue} bytes of "
                 "datagrams queued: not supported yet (dump again once it has read them)")
@@ -287,16 +290,12 @@ def _make(m: pb.InetSocket, local: Endpoint | None, peer: Endpoint | None,
             step = f"setsockopt {o.name}"
             opts.apply(sock, o.name, o.raw if o.raw else o.value)
         tcp = m.protocol == socket.IPPROTO_TCP
-        reuse = sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
         if local is not None:
             step = f"bind to {what} {local}"
-            if tcp:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(local.sockaddr())
             if tcp and m.state == diag.TCP_LISTEN:
                 step = f"listen on {what} {local}"
                 sock.listen(m.backlog)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuse)
         if not tcp and peer is not None and m.state == diag.TCP_ESTABLISHED:
             step = f"connect to {what} {peer}"
             sock.connect(peer.sockaddr())
