@@ -547,10 +547,12 @@ class Asker:
     """Talks to a target built on examples/targets/fdkit.py: :meth:`ask` makes it print
     its check once more and returns the answer."""
 
-    def __init__(self, harness: Harness, target: str, *args: str) -> None:
+    def __init__(self, harness: Harness, target: str, *args: str,
+                 prefix: Sequence[str] = ()) -> None:
         self.control = harness.tmp / f"{target}.control"
         self.out = harness.tmp / f"{target}.out"
-        self.proc = harness.launch([*py_target(target), str(self.control), *args], self.out)
+        self.proc = harness.launch([*prefix, *py_target(target), str(self.control), *args],
+                                   self.out)
         wait_for_line(self.out, lambda line: line == "ready", 10, "ready")
         self.asked = 0
 

@@ -20,9 +20,10 @@ from conftest import (
 )
 
 from ckpt.collect.fdkinds.base import FdFlags
-from ckpt.collect.fdkinds.inet import Endpoint, InetState, pending_of, refuse
+from ckpt.collect.fdkinds.inet import Endpoint, InetState, make_socket, pending_of, refuse
 from ckpt.collect.fdkinds.inet_options import changed
 from ckpt.collect.fds import FdInfo
+from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel import inet_diag as diag
 
 # --------------------------------------------------------------------------- pure
@@ -121,7 +122,7 @@ def test_refuse_decisions() -> None:
     assert "768 bytes of datagrams queued" in (refuse(INFO, udp, CLOSE) or "")
     assert refuse(INFO, state(type=DGRAM, protocol=UDP, state=1, peer=PEER), FdFlags()) is None
     assert "socket filter" in (refuse(INFO, state(filtered=True), CLOSE) or "")
-    assert "network namespace" in (refuse(INFO, state(state=-1), CLOSE) or "")
+    assert "inet_diag does not show" in (refuse(INFO, state(state=-1), CLOSE) or "")
 
 
 def test_only_changed_options_are_kept() -> None:
@@ -164,6 +165,14 @@ def asked(target: Asker) -> dict[str, Any]:
     return answer
 
 
+def assert_reset_and_same(target: Asker, before: dict[str, Any]) -> None:
+    """After a restore with --tcp-close: both ends of the connection read ECONNRESET,
+    everything else answers as before the dump."""
+    after = asked(target)
+    assert after.pop("conn") == {"client": "ECONNRESET", "server": "ECONNRESET"}
+    assert after == {k: v for k, v in before.items() if k != "conn"}
+
+
 def test_tcp_connection_refused_without_tcp_close(harness: Harness) -> None:
     target = Asker(harness, "fd_inet.py", "conn")
     before = asked(target)
@@ -187,10 +196,7 @@ def test_tcp_close_restores_connections_reset(harness: Harness) -> None:
     images = harness.images()
     harness.dump_and_reap(target.proc, images, "--tcp-close")
     harness.restore_detached(images)
-    after = asked(target)
-    assert after.pop("conn") == {"client": "ECONNRESET", "server": "ECONNRESET"}
-    before.pop("conn")
-    assert after == before
+    assert_reset_and_same(target, before)
     assert asked(target)["conn"] == {"client": "EOF", "server": "EOF"}
 
 
@@ -253,10 +259,7 @@ def test_predump_incremental_tcp_close(harness: Harness) -> None:
     harness.dump_and_reap(target.proc, second, "--incremental", "--prev-images-dir", "../1",
                           "--tcp-close")
     harness.restore_detached(second)
-    after = asked(target)
-    assert after.pop("conn") == {"client": "ECONNRESET", "server": "ECONNRESET"}
-    before.pop("conn")
-    assert after == before
+    assert_reset_and_same(target, before)
 
 
 def test_listener_on_fd_0_stays_inheritable(harness: Harness) -> None:
@@ -271,3 +274,35 @@ def test_listener_on_fd_0_stays_inheritable(harness: Harness) -> None:
     after = asked(target)
     assert after["stdin"] == before["stdin"]
     assert after == before
+
+
+def test_sockets_of_another_network_namespace(harness: Harness) -> None:
+    """A target in its own network namespace: inet_diag is asked there (the socket's
+    namespace), and the restore, in ckpt's namespace, binds the same addresses here."""
+    netns = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    target = Asker(harness, "fd_inet.py", "conn", prefix=netns)
+    assert os.readlink(f"/proc/{target.proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    before = asked(target)
+    res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", harness.images("refused"))
+    assert "a TCP connection" in assert_one_error_line(res)
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images, "--tcp-close")
+    harness.restore_detached(images)
+    assert_reset_and_same(target, before)
+
+
+def test_restored_socket_keeps_its_owner() -> None:
+    """The socket is made as its owner (sk_uid, which SO_REUSEPORT groups and the
+    inode's owner follow), not as ckpt's root; ckpt's thread is root again after."""
+    listener = pb.InetSocket(family=V4, type=STREAM, protocol=TCP, state=10, backlog=4,
+                             uid=65534)
+    listener.local.addr, listener.local.port = bytes([127, 0, 0, 1]), 0
+    listener.options.add(name="SO_REUSEPORT", value=1)
+    sock = make_socket(listener, Endpoint(listener.local.addr, 0), None, "fd 3")
+    with sock:
+        assert os.fstat(sock.fileno()).st_uid == 65534
+        me = diag.find(V4, TCP, os.fstat(sock.fileno()).st_ino)
+        assert me is not None and (me.uid, me.state, me.wqueue) == (65534, 10, 4)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+    with socket.socket() as mine:
+        assert os.fstat(mine.fileno()).st_uid == os.geteuid()

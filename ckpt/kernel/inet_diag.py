@@ -15,17 +15,22 @@ rqueue and wqueue mean: for a listener, connections waiting in its accept queue 
 backlog (sk_max_ack_backlog); for other TCP sockets, bytes not read / not acknowledged;
 for UDP, bytes of queued datagrams (with their overhead) and of unsent ones.
 
-:func:`request` and :func:`parse` are pure; :func:`dump` talks to the kernel.
+:func:`request` and :func:`parse` are pure; :func:`dump` talks to the kernel, in the
+network namespace of the socket asked about (:func:`netns_of`).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import ipaddress
 import os
 import socket
 import struct
+import threading
 from dataclasses import dataclass
+
+from ckpt.kernel.sys import syscall
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -33,6 +38,8 @@ NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 INET_DIAG_SHUTDOWN, INET_DIAG_SKV6ONLY = 8, 11
 ALL_STATES = 0xFFFFFFFF
+SIOCGSKNS = 0x894C
+NR_SETNS, CLONE_NEWNET = 308, 0x40000000
 
 #: TCP states (include/net/tcp_states.h); a UDP socket is ESTABLISHED when connected.
 TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1",
@@ -135,11 +142,43 @@ def parse(data: bytes) -> tuple[list[DiagSocket], bool]:
     return out, False
 
 
-def dump(family: int, protocol: int, states: int = ALL_STATES) -> list[DiagSocket]:
+def netns_of(sock_fd: int) -> int:
+    """An fd of the network namespace a socket belongs to (ioctl SIOCGSKNS)."""
+    return int(fcntl.ioctl(sock_fd, SIOCGSKNS))
+
+
+def _netlink(netns: int | None) -> socket.socket:
+    """A NETLINK_SOCK_DIAG socket of the network namespace ``netns`` (an fd; None: ckpt's).
+    A socket keeps the namespace it was made in: a short thread enters the namespace
+    (setns(2) acts on the calling thread only), makes it, and ends."""
+    def make() -> socket.socket:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                             NETLINK_SOCK_DIAG)
+
+    if netns is None or os.fstat(netns).st_ino == os.stat("/proc/self/ns/net").st_ino:
+        return make()
+    made: list[socket.socket | OSError] = []
+
+    def run() -> None:
+        try:
+            syscall(NR_SETNS, netns, CLONE_NEWNET, what="setns(CLONE_NEWNET)")
+            made.append(make())
+        except OSError as exc:
+            made.append(exc)
+
+    thread = threading.Thread(target=run, name="ckpt-netns")
+    thread.start()
+    thread.join()
+    if isinstance(made[0], OSError):
+        raise made[0]
+    return made[0]
+
+
+def dump(family: int, protocol: int, states: int = ALL_STATES,
+         netns: int | None = None) -> list[DiagSocket]:
     """Every socket of ``family`` and ``protocol`` (IPPROTO_TCP, IPPROTO_UDP) in ``states``,
-    in ckpt's network namespace."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                       NETLINK_SOCK_DIAG) as nl:
+    in the network namespace ``netns`` (an fd; None: ckpt's)."""
+    with _netlink(netns) as nl:
         nl.sendto(request(family, protocol, states), (0, 0))
         out: list[DiagSocket] = []
         while True:

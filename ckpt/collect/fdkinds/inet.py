@@ -31,7 +31,7 @@ Refused, naming the socket (what ``ckpt dump`` says, before the freeze):
         dropped (their clients get a reset when the dumped listener dies)
     datagrams queued on a UDP socket, or corked (UDP_CORK) and not sent
     a socket filter (SO_ATTACH_FILTER, SO_ATTACH_BPF)
-    a socket that inet_diag does not show (another network namespace than ckpt's)
+    a bound or connected socket that inet_diag does not show (a kernel without it)
 """
 
 from __future__ import annotations
@@ -171,6 +171,22 @@ def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _diag_table(fd: int, family: int, proto: int) -> list[diag.DiagSocket]:
+    """inet_diag's sockets of this family and protocol in the socket's network namespace;
+    none if it cannot tell (a kernel without INET_DIAG)."""
+    try:
+        netns = diag.netns_of(fd)
+    except OSError:
+        netns = None
+    try:
+        return diag.dump(family, proto, netns=netns)
+    except (OSError, ValueError):
+        return []
+    finally:
+        if netns is not None:
+            os.close(netns)
+
+
 def inspect(info: FdInfo, peek: Peek) -> InetState:
     with peek.getfd(info.fd) as fd, borrowed(fd) as sock:
         family, type_, proto = sock.family, sock.type, sock.proto
@@ -179,15 +195,12 @@ def inspect(info: FdInfo, peek: Peek) -> InetState:
         uid = os.fstat(fd).st_uid
         tcp_state = (sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0]
                      if proto == socket.IPPROTO_TCP else diag.TCP_CLOSE)
+        table = _diag_table(fd, family, proto)
         try:
             filtered = bool(sock.getsockopt(socket.SOL_SOCKET, SO_GET_FILTER, 8))
         except OSError:  # EINVAL: a filter longer than 1 instruction; EACCES: eBPF
             filtered = True
     options = opts.changed(values, dict(opts.defaults(family, type_, proto)))
-    try:
-        table = diag.dump(family, proto)
-    except (OSError, ValueError):  # no inet_diag (a kernel without INET_DIAG)
-        table = []
     me = next((s for s in table if s.inode == info.st_ino), None)
     if me is None:  # inet_diag lists sockets in its hash tables: not unbound ones
         unbound = tcp_state == diag.TCP_CLOSE and local is None and peer is None
@@ -207,8 +220,7 @@ def refuse(info: FdInfo, s: InetState, flags: FdFlags) -> str | None:
     """Why this socket cannot be restored as it is, or None (pure)."""
     what = s.proto_name
     if s.state < 0:
-        return (f"a {what} socket that inet_diag does not show (in another network "
-                "namespace than ckpt's?): not supported yet")
+        return f"a {what} socket that inet_diag does not show: not supported yet"
     if s.filtered:
         return f"a {what} socket with a socket filter (SO_ATTACH_FILTER/BPF): not supported yet"
     if s.is_connection and not flags.tcp_close:
@@ -274,12 +286,12 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
         peer = _read_endpoint(m.peer, m.family) if m.HasField("peer") else None
     except ValueError as exc:
         raise RestoreError(f"{where}: {exc} in the image") from None
-    sock = reset_connection(m.family) if m.closed else _make(m, local, peer, where)
+    sock = reset_connection(m.family) if m.closed else make_socket(m, local, peer, where)
     sock.setblocking(not f.flags & os.O_NONBLOCK)
     return Opened(ctx.hold(sock.detach()))
 
 
-def _make(m: pb.InetSocket, local: Endpoint | None, peer: Endpoint | None,
+def make_socket(m: pb.InetSocket, local: Endpoint | None, peer: Endpoint | None,
           where: str) -> socket.socket:
     what = KINDS[m.type, m.protocol]
     with fsuid_as(m.uid):
