@@ -67,6 +67,8 @@ class Peek:
         self.pid = pid
         self.fds = {i.fd: i for i in fds}
         self._pidfd = -1
+        # what a kind reads once for all its fds of this pass (a table of every socket)
+        self.cache: dict[Any, Any] = {}
 
     @contextlib.contextmanager
     def getfd(self, fd: int) -> Iterator[int]:

@@ -171,17 +171,22 @@ def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _diag_table(fd: int, family: int, proto: int) -> list[diag.DiagSocket]:
-    """inet_diag's sockets of this family and protocol in the socket's network namespace;
-    none if it cannot tell (a kernel without INET_DIAG)."""
+def _diag_table(peek: Peek, fd: int, family: int, proto: int) -> list[diag.DiagSocket]:
+    """inet_diag's sockets of this family and protocol in the socket's network namespace,
+    read once per pass (Peek.cache); none if it cannot tell (a kernel without INET_DIAG)."""
     try:
-        netns = diag.netns_of(fd)
+        netns: int | None = diag.netns_of(fd)
     except OSError:
         netns = None
     try:
-        return diag.dump(family, proto, netns=netns)
-    except (OSError, ValueError):
-        return []
+        key = ("inet_diag", os.fstat(netns).st_ino if netns is not None else 0, family, proto)
+        if key not in peek.cache:
+            try:
+                peek.cache[key] = diag.dump(family, proto, netns=netns)
+            except (OSError, ValueError):
+                peek.cache[key] = []
+        table: list[diag.DiagSocket] = peek.cache[key]
+        return table
     finally:
         if netns is not None:
             os.close(netns)
@@ -195,7 +200,7 @@ def inspect(info: FdInfo, peek: Peek) -> InetState:
         uid = os.fstat(fd).st_uid
         tcp_state = (sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0]
                      if proto == socket.IPPROTO_TCP else diag.TCP_CLOSE)
-        table = _diag_table(fd, family, proto)
+        table = _diag_table(peek, fd, family, proto)
         try:
             filtered = bool(sock.getsockopt(socket.SOL_SOCKET, SO_GET_FILTER, 8))
         except OSError:  # EINVAL: a filter longer than 1 instruction; EACCES: eBPF
