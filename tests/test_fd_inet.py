@@ -235,6 +235,16 @@ def test_queued_datagrams_refused(harness: Harness) -> None:
     assert_running_untraced(target.proc.pid)
 
 
+def test_socket_filter_refused(harness: Harness) -> None:
+    target = Asker(harness, "fd_inet.py", "filter")
+    before = asked(target)
+    res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", harness.images(), "--tcp-close")
+    line = assert_one_error_line(res)
+    assert "a UDP socket with a socket filter (SO_ATTACH_FILTER/BPF)" in line, line
+    assert_running_untraced(target.proc.pid)
+    assert asked(target) == before
+
+
 def test_port_taken_at_restore(harness: Harness) -> None:
     target = Asker(harness, "fd_inet.py")
     before = asked(target)

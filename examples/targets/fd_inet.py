@@ -13,11 +13,13 @@ them), connects to each listener and accepts the connection, sends a datagram to
 UDP socket and reads it back. With argument ``conn`` the process also holds both ends of
 a TCP connection over 127.0.0.1 to the v4 listener, and each check reports what a
 non-blocking read of each end gives (EAGAIN while it is open). With ``stdin``, fd 0 is
-one more listener, not close-on-exec (as inetd would leave it to its child).
+one more listener, not close-on-exec (as inetd would leave it to its child); with
+``filter``, the UDP socket has a socket filter (SO_ATTACH_FILTER).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -31,6 +33,7 @@ from fdkit import serve
 S = socket.socket
 SOL, TCP, IP6 = socket.SOL_SOCKET, socket.IPPROTO_TCP, socket.IPPROTO_IPV6
 TCP_DEFER_ACCEPT, TCP_FASTOPEN, TCP_INFO, IP_FREEBIND = 9, 23, 11, 15
+SO_ATTACH_FILTER = 26
 
 
 def listener(family: int, host: str, backlog: int, **opts: tuple[int, int, int]) -> S:
@@ -42,8 +45,8 @@ def listener(family: int, host: str, backlog: int, **opts: tuple[int, int, int])
     return sock
 
 
-def setup(args: list[str]) -> dict[str, S]:
-    out = {
+def setup(args: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "v4": listener(socket.AF_INET, "127.0.0.1", 7,
                        reuse=(SOL, socket.SO_REUSEADDR, 1),
                        nodelay=(TCP, socket.TCP_NODELAY, 1),
@@ -67,6 +70,10 @@ def setup(args: list[str]) -> dict[str, S]:
     out["udp6"].connect(out["peer"].getsockname())
     out["bound"].bind(("127.0.0.1", 0))
     out["unbound"].setsockopt(TCP, socket.TCP_NODELAY, 1)
+    if "filter" in args:  # a classic BPF program that takes every datagram whole
+        out["prog"] = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, 0xFFFFFFFF))
+        fprog = struct.pack("HxxxxxxQ", 1, ctypes.addressof(out["prog"]))
+        out["udp"].setsockopt(SOL, SO_ATTACH_FILTER, fprog)
     if "stdin" in args:  # an inetd-style listener on fd 0, inherited across exec
         lst = listener(socket.AF_INET, "127.0.0.1", 1)
         os.dup2(lst.fileno(), 0)  # not close-on-exec
@@ -128,8 +135,9 @@ def read_now(sock: S) -> str:
     return data.decode() if data else "EOF"
 
 
-def check(s: dict[str, S]) -> dict[str, Any]:
-    out = {k: described(v) for k, v in s.items() if k not in ("client", "server")}
+def check(s: dict[str, Any]) -> dict[str, Any]:
+    out = {k: described(v) for k, v in s.items() if isinstance(v, S)
+           and k not in ("client", "server")}
     out["v4"]["accepts"] = accepts(s["v4"], "127.0.0.1")
     out["v6only"]["accepts"] = accepts(s["v6only"], "::1")
     out["dual"]["accepts"] = [accepts(s["dual"], "::1"), accepts(s["dual"], "127.0.0.1")]
