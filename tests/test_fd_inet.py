@@ -7,6 +7,9 @@ import os
 import re
 import socket
 import struct
+import sys
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +20,7 @@ from conftest import (
     assert_one_error_line,
     assert_running_untraced,
     run_ckpt,
+    wait_for,
 )
 
 from ckpt.collect.fdkinds.base import FdFlags
@@ -316,3 +320,49 @@ def test_restored_socket_keeps_its_owner() -> None:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
     with socket.socket() as mine:
         assert os.fstat(mine.fileno()).st_uid == os.geteuid()
+
+
+def fetch(host: str, port: int) -> str:
+    with urllib.request.urlopen(f"http://{host}:{port}/hello.txt", timeout=10) as r:
+        return str(r.read().decode())
+
+
+def test_http_server_with_an_idle_client(harness: Harness, tmp_path: Path) -> None:
+    """Python's http.server (a dual-stack listener on [::], a thread per connection):
+    an idle client's connection is refused, then under --tcp-close the thread waiting in
+    recv() gets ECONNRESET, the client sees its connection closed, and the restored
+    server answers new requests over IPv4 and IPv6."""
+    (tmp_path / "hello.txt").write_text("hello")
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "server.out"
+    proc = harness.launch([sys.executable, "-m", "http.server", "--bind", "::",
+                           "--directory", str(tmp_path), str(port)], out)
+    wait_for(lambda: _serves(port), 10, "http.server answering")
+    idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    me = idle.getsockname()[1]
+    wait_for(lambda: any(s.dport == me and s.inode for s in
+                         diag.dump(socket.AF_INET6, TCP)), 10, "the idle client accepted")
+    try:
+        res = run_ckpt("dump", "-t", str(proc.pid), "-D", harness.images("refused"))
+        line = assert_one_error_line(res)
+        assert (f"a TCP connection [::ffff:127.0.0.1]:{port} -> [::ffff:127.0.0.1]:{me} "
+                "(ESTABLISHED)") in line, line
+        images = harness.images()
+        harness.dump_and_reap(proc, images, "--tcp-close")
+        assert idle.recv(1) == b""  # the dumped server died: FIN
+    finally:
+        idle.close()
+    harness.restore_detached(images)
+    assert fetch("127.0.0.1", port) == "hello"
+    assert fetch("[::1]", port) == "hello"
+    wait_for(lambda: "ConnectionResetError" in out.read_text() or None, 10,
+             "the restored handler thread to see the reset")
+
+
+def _serves(port: int) -> bool | None:
+    try:
+        return fetch("127.0.0.1", port) == "hello" or None
+    except OSError:
+        return None

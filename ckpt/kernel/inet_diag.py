@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import ipaddress
 import os
 import socket
 import struct
@@ -89,9 +88,7 @@ def request(family: int, protocol: int, states: int = ALL_STATES, seq: int = 1) 
 
 
 def _address(family: int, raw: bytes) -> str:
-    if family == socket.AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    return str(ipaddress.IPv6Address(raw[:16]))
+    return socket.inet_ntop(family, raw[:4] if family == socket.AF_INET else raw[:16])
 
 
 def parse_socket(msg: bytes) -> DiagSocket:

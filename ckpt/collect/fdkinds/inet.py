@@ -82,7 +82,8 @@ class Endpoint:
 
     @property
     def host(self) -> str:
-        return str(ipaddress.ip_address(self.addr))
+        return socket.inet_ntop(socket.AF_INET if len(self.addr) == 4 else socket.AF_INET6,
+                                self.addr)  # "::ffff:127.0.0.1", as ss shows it
 
     @property
     def wildcard(self) -> bool:
