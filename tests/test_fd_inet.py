@@ -24,7 +24,14 @@ from conftest import (
 )
 
 from ckpt.collect.fdkinds.base import FdFlags
-from ckpt.collect.fdkinds.inet import Endpoint, InetState, make_socket, pending_of, refuse
+from ckpt.collect.fdkinds.inet import (
+    Endpoint,
+    InetState,
+    make_socket,
+    pending_of,
+    refuse,
+    unlisted,
+)
 from ckpt.collect.fdkinds.inet_options import changed
 from ckpt.collect.fds import FdInfo
 from ckpt.images.pb import core_pb2 as pb
@@ -114,7 +121,8 @@ def test_refuse_decisions() -> None:
     assert refuse(INFO, conn, CLOSE) is None
     assert conn.is_connection and not state().is_connection
     dead = state(state=7, shutdown=3)  # a connection reset or closed, fd still open
-    assert dead.is_connection and "CLOSE" in (refuse(INFO, dead, FdFlags()) or "")
+    assert dead.is_connection and "that ended" in (refuse(INFO, dead, FdFlags()) or "")
+    assert refuse(INFO, dead, CLOSE) is None
     queued = state(rqueue=2, pending=("127.0.0.1:1 -> 127.0.0.1:6379",
                                       "127.0.0.1:2 -> 127.0.0.1:6379"))
     assert refuse(INFO, queued, FdFlags()) == (
@@ -127,6 +135,14 @@ def test_refuse_decisions() -> None:
     assert refuse(INFO, state(type=DGRAM, protocol=UDP, state=1, peer=PEER), FdFlags()) is None
     assert "socket filter" in (refuse(INFO, state(filtered=True), CLOSE) or "")
     assert "inet_diag does not show" in (refuse(INFO, state(state=-1), CLOSE) or "")
+
+
+def test_sockets_inet_diag_does_not_list() -> None:
+    assert unlisted(TCP, 7, bound=False) == (7, 0)  # unbound: restored as a new socket
+    assert unlisted(TCP, 7, bound=True) == (7, 3)  # a connection that ended
+    assert unlisted(TCP, 10, bound=True) == (-1, 0)  # a listener it should have listed
+    assert unlisted(UDP, 7, bound=False) == (7, 0)
+    assert unlisted(UDP, 7, bound=True) == (-1, 0)
 
 
 def test_only_changed_options_are_kept() -> None:
@@ -202,6 +218,24 @@ def test_tcp_close_restores_connections_reset(harness: Harness) -> None:
     harness.restore_detached(images)
     assert_reset_and_same(target, before)
     assert asked(target)["conn"] == {"client": "EOF", "server": "EOF"}
+
+
+def test_ended_connection(harness: Harness) -> None:
+    """A connection its peer reset, the fd still open (its error already read): refused,
+    then with --tcp-close reset again: the program reads ECONNRESET once more, then EOF."""
+    target = Asker(harness, "fd_inet.py", "dead")
+    assert asked(target)["dead"] == "ECONNRESET"
+    before = asked(target)
+    assert before["dead"] == "EOF"
+    res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", harness.images("refused"))
+    line = assert_one_error_line(res)
+    assert re.search(r"a TCP connection from 127\.0\.0\.1:\d+ that ended \(reset, or "
+                     r"closed by both sides\): restored only with --tcp-close", line), line
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images, "--tcp-close")
+    harness.restore_detached(images)
+    assert asked(target) == {**before, "dead": "ECONNRESET"}
+    assert asked(target) == before
 
 
 def test_unaccepted_connection_refused_then_dropped(harness: Harness) -> None:

@@ -14,7 +14,8 @@ UDP socket and reads it back. With argument ``conn`` the process also holds both
 a TCP connection over 127.0.0.1 to the v4 listener, and each check reports what a
 non-blocking read of each end gives (EAGAIN while it is open). With ``stdin``, fd 0 is
 one more listener, not close-on-exec (as inetd would leave it to its child); with
-``filter``, the UDP socket has a socket filter (SO_ATTACH_FILTER).
+``filter``, the UDP socket has a socket filter (SO_ATTACH_FILTER); with ``dead``, it
+holds a connection its peer reset, and each check reads it (ECONNRESET once, then EOF).
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ def setup(args: list[str]) -> dict[str, Any]:
         os.dup2(lst.fileno(), 0)  # not close-on-exec
         lst.close()
         out["stdin"] = socket.socket(fileno=0)
+    if "dead" in args:  # a connection its peer reset, the fd still open
+        dead = socket.create_connection(out["v4"].getsockname())
+        dead.send(b"!")
+        server = accept(out["v4"])
+        server.setsockopt(SOL, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        server.close()  # RST
+        select.select([dead], [], [], 10)
+        out["dead"] = dead
     if "conn" in args:
         out["client"] = socket.create_connection(out["v4"].getsockname())
         out["client"].send(b"!")  # TCP_DEFER_ACCEPT: accept waits for data
@@ -137,7 +146,7 @@ def read_now(sock: S) -> str:
 
 def check(s: dict[str, Any]) -> dict[str, Any]:
     out = {k: described(v) for k, v in s.items() if isinstance(v, S)
-           and k not in ("client", "server")}
+           and k not in ("client", "server", "dead")}
     out["v4"]["accepts"] = accepts(s["v4"], "127.0.0.1")
     out["v6only"]["accepts"] = accepts(s["v6only"], "::1")
     out["dual"]["accepts"] = [accepts(s["dual"], "::1"), accepts(s["dual"], "127.0.0.1")]
@@ -149,6 +158,8 @@ def check(s: dict[str, Any]) -> dict[str, Any]:
     out["udp6"]["peer_got"] = s["peer"].recv(16).decode()
     s["peer"].sendto(b"from peer", s["udp6"].getsockname())
     out["udp6"]["got"] = s["udp6"].recv(16).decode()
+    if "dead" in s:
+        out["dead"] = read_now(s["dead"])
     if "client" in s:
         out["conn"] = {"client": read_now(s["client"]), "server": read_now(s["server"])}
     return out

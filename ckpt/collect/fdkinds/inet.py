@@ -22,7 +22,9 @@ help (the lingering sockets lack it too), nor TCP_REPAIR's forced reuse (a liste
 repair mode cannot leave it).
 
 Refused, naming the socket (what ``ckpt dump`` says, before the freeze):
-    a TCP connection (any state but LISTEN, and CLOSE when never connected), unless
+    a TCP connection (any state but LISTEN, and CLOSE when never connected; one that
+        ended, its fd still open, too: its pending error cannot be read without taking
+        it from the program), unless
         --tcp-close: then it comes back reset: a socket whose peer sent a RST, so the
         program's next read or write fails with ECONNRESET (then reads return 0, writes
         EPIPE), poll reports POLLERR|POLLHUP, and the program closes it; its clients see
@@ -60,6 +62,7 @@ KINDS: dict[tuple[int, int], str] = {(int(socket.SOCK_STREAM), socket.IPPROTO_TC
                                      (int(socket.SOCK_DGRAM), socket.IPPROTO_UDP): "UDP"}
 SO_DOMAIN, SO_PROTOCOL, SO_GET_FILTER = 39, 38, 26
 SO_LINGER, TCP_INFO = 13, 11
+SHUTDOWN_MASK = 3  # RCV_SHUTDOWN | SEND_SHUTDOWN
 #: inet_diag states of a connection a listener has not accepted yet
 QUEUED = (diag.TCP_ESTABLISHED, 3, 12)  # ESTABLISHED, SYN_RECV, NEW_SYN_RECV
 RESET_WAIT_MS = 5000
@@ -193,6 +196,18 @@ def _diag_table(peek: Peek, fd: int, family: int, proto: int) -> list[diag.DiagS
             os.close(netns)
 
 
+def unlisted(proto: int, tcp_state: int, bound: bool) -> tuple[int, int]:
+    """(state, shutdown) of a socket inet_diag does not list (it lists those in its hash
+    tables): an unbound one is CLOSE; a bound TCP socket in CLOSE is a connection that
+    ended (a reset, or both sides closed: the kernel let go of its port), shut down both
+    ways; anything else cannot be told (-1)."""
+    if tcp_state != diag.TCP_CLOSE:
+        return -1, 0
+    if not bound:
+        return diag.TCP_CLOSE, 0
+    return (diag.TCP_CLOSE, SHUTDOWN_MASK) if proto == socket.IPPROTO_TCP else (-1, 0)
+
+
 def inspect(info: FdInfo, peek: Peek) -> InetState:
     with peek.getfd(info.fd) as fd, borrowed(fd) as sock:
         family, type_, proto = sock.family, sock.type, sock.proto
@@ -208,10 +223,10 @@ def inspect(info: FdInfo, peek: Peek) -> InetState:
             filtered = True
     options = opts.changed(values, dict(opts.defaults(family, type_, proto)))
     me = next((s for s in table if s.inode == info.st_ino), None)
-    if me is None:  # inet_diag lists sockets in its hash tables: not unbound ones
-        unbound = tcp_state == diag.TCP_CLOSE and local is None and peer is None
-        return InetState(family, type_, proto, diag.TCP_CLOSE if unbound else -1, local,
-                         peer, uid=uid, options=tuple(sorted(options.items())),
+    if me is None:
+        state, shutdown = unlisted(proto, tcp_state, local is not None or peer is not None)
+        return InetState(family, type_, proto, state, local, peer, uid=uid,
+                         shutdown=shutdown, options=tuple(sorted(options.items())),
                          filtered=filtered)
     listening = proto == socket.IPPROTO_TCP and me.state == diag.TCP_LISTEN
     return InetState(family, type_, proto, me.state, local, peer,
@@ -230,10 +245,12 @@ def refuse(info: FdInfo, s: InetState, flags: FdFlags) -> str | None:
     if s.filtered:
         return f"a {what} socket with a socket filter (SO_ATTACH_FILTER/BPF): not supported yet"
     if s.is_connection and not flags.tcp_close:
+        if s.state == diag.TCP_CLOSE:
+            return (f"a TCP connection from {s.local or '?'} that ended (reset, or closed "
+                    "by both sides): restored only with --tcp-close (reset again)")
         state = diag.TCP_STATES.get(s.state, str(s.state))
-        peer = s.peer or "?"
-        return (f"a TCP connection {s.local or '?'} -> {peer} ({state}): restored only "
-                "closed, with --tcp-close")
+        return (f"a TCP connection {s.local or '?'} -> {s.peer or '?'} ({state}): restored "
+                "only closed, with --tcp-close")
     if s.state == diag.TCP_LISTEN and s.protocol == socket.IPPROTO_TCP \
             and (s.rqueue or s.pending) and not flags.tcp_close:
         names = f" ({', '.join(s.pending)})" if s.pending else ""
