@@ -1,12 +1,11 @@
-"""TCP and UDP sockets, IPv4 and IPv6 (ckpt/collect/fdkinds/inet.py, ckpt/kernel/inet_diag.py).
-"""
+"""TCP and UDP sockets, IPv4 and IPv6 (ckpt/collect/fdkinds/inet.py); target
+examples/targets/fd_inet.py. inet_diag itself: tests/test_inet_diag.py."""
 
 from __future__ import annotations
 
 import os
 import re
 import socket
-import struct
 import sys
 import urllib.request
 from pathlib import Path
@@ -28,7 +27,6 @@ from ckpt.collect.fdkinds.inet import (
     Endpoint,
     InetState,
     make_socket,
-    pending_of,
     refuse,
     unlisted,
 )
@@ -45,60 +43,6 @@ INFO = FdInfo(fd=5, target="socket:[99]", pos=0, flags=0o2, mnt_id=8, ino=99,
 LOCAL = Endpoint(bytes([127, 0, 0, 1]), 6379)
 PEER = Endpoint(bytes([127, 0, 0, 1]), 40000)
 STREAM, DGRAM, TCP, UDP = socket.SOCK_STREAM, socket.SOCK_DGRAM, 6, 17
-
-
-def diag_msg(family: int, state: int, src: bytes, sport: int, dst: bytes, dport: int,
-             rqueue: int, wqueue: int, uid: int, inode: int,
-             attrs: tuple[tuple[int, bytes], ...] = ()) -> bytes:
-    body = (struct.pack("=BBBB", family, state, 0, 0) + struct.pack(">HH", sport, dport)
-            + src.ljust(16, b"\0") + dst.ljust(16, b"\0") + struct.pack("=III", 0, 1, 2)
-            + struct.pack("=IIIII", 0, rqueue, wqueue, uid, inode))
-    for kind, value in attrs:
-        rta = struct.pack("=HH", 4 + len(value), kind) + value
-        body += rta.ljust((len(rta) + 3) & ~3, b"\0")
-    return struct.pack("=IHHII", 16 + len(body), diag.SOCK_DIAG_BY_FAMILY, 2, 1, 0) + body
-
-
-def test_parse_inet_diag_answer() -> None:
-    lo6 = socket.inet_pton(socket.AF_INET6, "::1")
-    data = (diag_msg(socket.AF_INET6, 10, bytes(16), 6379, bytes(16), 0, 2, 511, 1000, 77,
-                     ((diag.INET_DIAG_SHUTDOWN, b"\0"), (diag.INET_DIAG_SKV6ONLY, b"\1")))
-            + diag_msg(socket.AF_INET6, 1, lo6, 6379, lo6, 40000, 0, 0, 1000, 0)
-            + struct.pack("=IHHII", 20, diag.NLMSG_DONE, 2, 1, 0) + bytes(4))
-    found, done = diag.parse(data)
-    assert done
-    assert found[0] == diag.DiagSocket(socket.AF_INET6, 10, "::", 6379, "::", 0, 0, 2, 511,
-                                       1000, 77, 0, True)
-    assert (found[1].src, found[1].dport, found[1].inode, found[1].v6only) == \
-        ("::1", 40000, 0, None)
-    assert pending_of(found[0], found) == ("[::1]:40000 -> [::1]:6379",)
-    with pytest.raises(ValueError):  # netlink datagrams come whole: a cut one is corrupt
-        diag.parse(data[:len(data) // 3])
-    assert diag.parse(data[:104]) == (found[:1], False)  # the dump goes on in another read
-
-
-def test_parse_inet_diag_error() -> None:
-    data = struct.pack("=IHHII", 36, diag.NLMSG_ERROR, 0, 1, 0) + struct.pack("=i", -2) + bytes(16)
-    with pytest.raises(OSError) as exc:
-        diag.parse(data)
-    assert exc.value.errno == 2
-
-
-def test_request_layout() -> None:
-    req = diag.request(V4, TCP, seq=7)
-    assert len(req) == 16 + 56
-    length, kind, flags, seq, _ = struct.unpack_from("=IHHII", req)
-    assert (length, kind, flags, seq) == (72, 20, 0x301, 7)
-    assert struct.unpack_from("=BBBBI", req, 16) == (V4, TCP, 0, 0, 0xFFFFFFFF)
-
-
-def test_live_dump_finds_a_listener() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(9)
-        me = diag.find(V4, TCP, os.fstat(s.fileno()).st_ino)
-        assert me is not None
-        assert (me.state, me.src, me.sport, me.wqueue) == (10, "127.0.0.1", s.getsockname()[1], 9)
 
 
 def state(**kw: object) -> InetState:
@@ -157,6 +101,13 @@ def test_endpoint_text() -> None:
     assert Endpoint.of(V4, ("0.0.0.0", 0)).wildcard
 
 
+def test_half_open_connections_count_as_pending() -> None:
+    """TCP_DEFER_ACCEPT keeps a connection out of the accept queue (rqueue 0) until data
+    comes: it is still one the restore would drop."""
+    half = state(pending=("127.0.0.1:1 -> 127.0.0.1:6379",))
+    assert "1 connection(s) not accepted yet" in (refuse(INFO, half, FdFlags()) or "")
+
+
 # --------------------------------------------------------------------------- live
 
 
@@ -170,13 +121,6 @@ def test_listeners_and_udp_sockets_survive(harness: Harness) -> None:
     harness.dump_and_reap(target.proc, images)
     harness.restore_detached(images)
     assert target.ask() == before
-
-
-def test_half_open_connections_count_as_pending() -> None:
-    """TCP_DEFER_ACCEPT keeps a connection out of the accept queue (rqueue 0) until data
-    comes: it is still one the restore would drop."""
-    half = state(pending=("127.0.0.1:1 -> 127.0.0.1:6379",))
-    assert "1 connection(s) not accepted yet" in (refuse(INFO, half, FdFlags()) or "")
 
 
 def asked(target: Asker) -> dict[str, Any]:
