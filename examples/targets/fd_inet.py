@@ -2,7 +2,7 @@
 
     v4      TCP listener on 127.0.0.1, non-blocking, backlog 7, SO_REUSEADDR, TCP_NODELAY,
             SO_KEEPALIVE, SO_RCVBUF, TCP_DEFER_ACCEPT, TCP_FASTOPEN, IP_FREEBIND
-    v6only  TCP listener on [::], IPV6_V6ONLY on, SO_REUSEPORT, backlog 5
+    v6only  TCP listener on [::] and v4's port, IPV6_V6ONLY on, SO_REUSEPORT, backlog 5
     dual    TCP listener on [::], IPV6_V6ONLY off (takes IPv4 too), backlog 3
     udp     UDP socket bound to 127.0.0.1
     udp6    UDP socket on [::1] connected to a peer (another UDP socket of this process)
@@ -37,11 +37,12 @@ TCP_DEFER_ACCEPT, TCP_FASTOPEN, TCP_INFO, IP_FREEBIND = 9, 23, 11, 15
 SO_ATTACH_FILTER = 26
 
 
-def listener(family: int, host: str, backlog: int, **opts: tuple[int, int, int]) -> S:
+def listener(family: int, host: str, backlog: int, port: int = 0,
+             **opts: tuple[int, int, int]) -> S:
     sock = socket.socket(family, socket.SOCK_STREAM)
     for level, name, value in opts.values():
         sock.setsockopt(level, name, value)
-    sock.bind((host, 0))
+    sock.bind((host, port))
     sock.listen(backlog)
     return sock
 
@@ -55,8 +56,6 @@ def setup(args: list[str]) -> dict[str, Any]:
                        rcvbuf=(SOL, socket.SO_RCVBUF, 50000),
                        defer=(TCP, TCP_DEFER_ACCEPT, 5), fastopen=(TCP, TCP_FASTOPEN, 5),
                        freebind=(socket.IPPROTO_IP, IP_FREEBIND, 1)),
-        "v6only": listener(socket.AF_INET6, "::", 5, v6only=(IP6, socket.IPV6_V6ONLY, 1),
-                           reuseport=(SOL, socket.SO_REUSEPORT, 1)),
         "dual": listener(socket.AF_INET6, "::", 3, v6only=(IP6, socket.IPV6_V6ONLY, 0)),
         "udp": socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
         "udp6": socket.socket(socket.AF_INET6, socket.SOCK_DGRAM),
@@ -65,6 +64,10 @@ def setup(args: list[str]) -> dict[str, Any]:
         "unbound": socket.socket(),
     }
     out["v4"].setblocking(False)
+    # the v4 listener's port, as redis listens on * and ::: only IPV6_V6ONLY lets it
+    out["v6only"] = listener(socket.AF_INET6, "::", 5, out["v4"].getsockname()[1],
+                             v6only=(IP6, socket.IPV6_V6ONLY, 1),
+                             reuseport=(SOL, socket.SO_REUSEPORT, 1))
     out["udp"].bind(("127.0.0.1", 0))
     out["peer"].bind(("::1", 0))
     out["udp6"].bind(("::1", 0))
