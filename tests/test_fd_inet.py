@@ -21,6 +21,7 @@ from conftest import (
     run_ckpt,
     wait_for,
 )
+from test_migrate import page_server_in, two_hosts  # noqa: F401 (a fixture)
 
 from ckpt.collect.fdkinds.base import FdFlags
 from ckpt.collect.fdkinds.inet import (
@@ -344,3 +345,28 @@ def _serves(port: int) -> bool | None:
         return fetch("127.0.0.1", port) == "hello" or None
     except OSError:
         return None
+
+
+def test_migrate_tcp_close(harness: Harness, tmp_path: Path,
+                           two_hosts: tuple[str, str, str]) -> None:  # noqa: F811
+    """`ckpt migrate --tcp-close` from host A to host B (network namespaces over veth):
+    the listeners and UDP sockets are bound again in B, the connection comes back reset;
+    without the flag the migration is refused before its first round."""
+    a, b, b_addr = two_hosts
+    token = tmp_path / "token"
+    token.write_text("inet\n")
+    server = page_server_in(harness, b, f"{b_addr}:27078", tmp_path, token)
+    in_a = ("ip", "netns", "exec", a)
+    target = Asker(harness, "fd_inet.py", "conn", prefix=in_a)
+    before = asked(target)
+    migrate = ("migrate", "-t", str(target.proc.pid), "--to", f"{b_addr}:27078",
+               "--auth-token-file", token)
+    line = assert_one_error_line(run_ckpt(*migrate, prefix=in_a))
+    assert "a TCP connection" in line and "--tcp-close" in line, line
+    res = run_ckpt(*migrate, "--tcp-close", reap=target.proc, prefix=in_a)
+    assert res.returncode == 0, res.describe()
+    new_pid = int(re.search(r"as pid (\d+)", res.stdout)[1])  # type: ignore[index]
+    harness.track(new_pid)
+    assert os.stat(f"/proc/{new_pid}/ns/net").st_ino == os.stat(f"/run/netns/{b}").st_ino
+    assert_reset_and_same(target, before)
+    harness.kill(server.pid)

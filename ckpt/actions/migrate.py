@@ -39,6 +39,7 @@ from ckpt import testpoint
 from ckpt.actions.dump import DumpOptions, dump, hidden_fds, preflight
 from ckpt.actions.predump import PredumpOptions, predump
 from ckpt.collect import proc
+from ckpt.collect.fdkinds.base import FdFlags
 from ckpt.collect.files import collect_files
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.errors import CkptError
@@ -128,7 +129,7 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     out = MigrateResult()
     try:
         with connect(opts.host, opts.port, opts.token, opts.tls) as conn:
-            check_compat(conn, compat_request(opts.pid, vmas))
+            check_compat(conn, compat_request(opts.pid, vmas, opts.tcp_close))
             prev = run_rounds(opts, conn, work, out, report)
             prev = catch_up(opts, conn, work, out, prev, report)
             final_round(opts, conn, work, str(len(out.rounds) + 1), prev, out)
@@ -211,13 +212,15 @@ def commit_again(opts: MigrateOptions, pid: int, why: TransferError) -> None:
         time.sleep(0.5)
 
 
-def compat_request(pid: int, vmas: list[VmaInfo]) -> wire_pb2.CompatCheck:
+def compat_request(pid: int, vmas: list[VmaInfo], tcp_close: bool = False,
+                   ) -> wire_pb2.CompatCheck:
     """What the destination must offer: this CPU's XSTATE layout, the vdso layout, and
     every file the process maps or has open."""
     caps = probe_once()
     files = {proc.read_exe(pid)}
     files |= {v.path for v in vmas if v.inode and v.kind in FILE_KINDS}
-    files |= {f.path for f in collect_files(pid, True, hidden_fds(pid)) if f.kind == "path"}
+    files |= {f.path for f in collect_files(pid, True, hidden_fds(pid),
+                                            flags=FdFlags(True, tcp_close)) if f.kind == "path"}
     return wire_pb2.CompatCheck(xstate_size=caps.xstate_size or 0, xcr0=caps.xcr0 or 0,
                                 vdso_layout=caps.get("vdso-layout").detail,
                                 files=sorted(f for f in files if f))
