@@ -315,16 +315,18 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
 
 
 def make_socket(m: pb.InetSocket, local: Endpoint | None, peer: Endpoint | None,
-          where: str) -> socket.socket:
+                where: str) -> socket.socket:
+    """The socket ``m`` describes, bound, listening or connected as it was; RestoreError
+    naming ``where`` (its fds) and the step that failed."""
     what = KINDS[m.type, m.protocol]
     with fsuid_as(m.uid):
         sock = socket.socket(m.family, m.type | socket.SOCK_CLOEXEC, m.protocol)
     step = "setsockopt"
+    tcp = m.protocol == socket.IPPROTO_TCP
     try:
         for o in m.options:
             step = f"setsockopt {o.name}"
             opts.apply(sock, o.name, o.raw if o.raw else o.value)
-        tcp = m.protocol == socket.IPPROTO_TCP
         if local is not None:
             step = f"bind to {what} {local}"
             sock.bind(local.sockaddr())
@@ -342,8 +344,10 @@ def make_socket(m: pb.InetSocket, local: Endpoint | None, peer: Endpoint | None,
         raise RestoreError(f"{where}: unknown socket option {exc} in the image") from None
     except OSError as exc:
         sock.close()
+        lingers = tcp and not any(o.name == "SO_REUSEADDR" and o.value for o in m.options)
         hint = (" (by another socket, or by a connection of the dumped process in "
-                "TIME_WAIT: it had no SO_REUSEADDR)" if exc.errno == errno.EADDRINUSE else "")
+                "TIME_WAIT: it had no SO_REUSEADDR)"
+                if exc.errno == errno.EADDRINUSE and lingers else "")
         raise RestoreError(f"{where}: cannot {step}: {exc.strerror or exc}{hint}") from None
     return sock
 
@@ -353,16 +357,17 @@ def reset_connection(family: int) -> socket.socket:
     to a socket of ckpt's that then closes with SO_LINGER 0 (a RST). Its pending error is
     ECONNRESET."""
     host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         with socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as lst:
             lst.bind((host, 0))
             lst.listen(1)
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             sock.connect(lst.getsockname())
             peer, _ = lst.accept()
             peer.setsockopt(socket.SOL_SOCKET, SO_LINGER, struct.pack("ii", 1, 0))
             peer.close()
     except OSError as exc:
+        sock.close()
         raise RestoreError(f"cannot make a reset TCP connection over {host} (for "
                            f"--tcp-close): {exc.strerror or exc}") from None
     poll = select.poll()
