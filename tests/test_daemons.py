@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,7 @@ def free_port() -> int:
         with socket.socket(socket.AF_INET6) as s6:
             s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             s6.bind(("::1", 0))
-            port = s6.getsockname()[1]
+            port: int = s6.getsockname()[1]
             with socket.socket() as s4:
                 try:
                     s4.bind(("127.0.0.1", port))
@@ -70,7 +70,7 @@ def resp(*args: str) -> bytes:
     return out
 
 
-def redis(host: str, port: int, commands: list[tuple[str, ...]]) -> list[str]:
+def redis(host: str, port: int, commands: Sequence[tuple[str, ...]]) -> list[str]:
     """Run commands pipelined on one connection; one reply line each (bulk strings'
     value, "(nil)" for a missing key)."""
     payload = b"".join(resp(*c) for c in commands)
