@@ -131,6 +131,9 @@ def target_options(fn: F) -> F:
                      help="Shared secret for the page server (never sent in clear)."),
         click.option("--tls-cacert", type=click.Path(dir_okay=False),
                      help="Talk TLS to the page server, trusting this CA."),
+        click.option("--tcp-close", is_flag=True,
+                     help="Accept established TCP connections: restored closed (the "
+                          "process sees a reset), a listener's unaccepted ones dropped."),
     ]):
         fn = opt(fn)
     return fn
@@ -142,7 +145,8 @@ def target_options(fn: F) -> F:
 @reports_errors
 def predump(pid: int, images_dir: str, prev_images_dir: str | None, track: str,
             compress_level: int, page_server: str | None, auth_token_file: str | None,
-            tls_cacert: str | None, overwrite: bool, ghost_limit: int) -> None:
+            tls_cacert: str | None, overwrite: bool, ghost_limit: int,
+            tcp_close: bool) -> None:
     """Copy memory while the process runs; freeze only to arm dirty tracking."""
     from ckpt.actions.predump import PredumpOptions
     from ckpt.actions.predump import predump as do_predump
@@ -151,7 +155,8 @@ def predump(pid: int, images_dir: str, prev_images_dir: str | None, track: str,
     click.echo(do_predump(PredumpOptions(pid=pid, images_dir=images_dir,
                                          prev_images_dir=prev_images_dir, track=track,
                                          compress_level=compress_level,
-                                         overwrite=overwrite, ghost_limit=ghost_limit)),
+                                         overwrite=overwrite, ghost_limit=ghost_limit,
+                                         tcp_close=tcp_close)),
                err=True)
     send_to_page_server(images_dir, page_server, auth_token_file, tls_cacert)
 
@@ -173,7 +178,8 @@ def predump(pid: int, images_dir: str, prev_images_dir: str | None, track: str,
 def dump(pid: int, images_dir: str, prev_images_dir: str | None, track: str, compress_level: int,
          page_server: str | None, auth_token_file: str | None, tls_cacert: str | None,
          leave_running: bool, shell_job: bool, incremental: bool, track_mem: bool,
-         precopy: bool, overwrite: bool, ghost_limit: int) -> None:
+         precopy: bool, overwrite: bool, ghost_limit: int,
+         tcp_close: bool) -> None:
     """Checkpoint process PID into images; the process is killed unless --leave-running."""
     from ckpt.actions.dump import DumpOptions
     from ckpt.actions.dump import dump as do_dump
@@ -184,7 +190,7 @@ def dump(pid: int, images_dir: str, prev_images_dir: str | None, track: str, com
                               incremental=incremental or bool(prev_images_dir),
                               prev_images_dir=prev_images_dir, track=track,
                               track_mem=track_mem, precopy=precopy, overwrite=overwrite,
-                              ghost_limit=ghost_limit))
+                              ghost_limit=ghost_limit, tcp_close=tcp_close))
     click.echo(f"{res.line}; {res.threads} thread(s), {res.vmas} VMAs", err=True)
     for fd, name in res.externals:
         click.echo(f"fd {fd} leads outside the dump ({name}): restore it with --inherit-fd "
@@ -249,13 +255,16 @@ def send_to_page_server(images_dir: str, page_server: str | None, auth_token_fil
 @click.option("--auto-converge", is_flag=True,
               help="Throttle a process that dirties memory faster than the link carries it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--tcp-close", is_flag=True,
+              help="Accept established TCP connections: restored closed at the destination.")
 @click.option("--plot", type=click.Path(dir_okay=False),
               help="Draw dirty pages and bytes per round into this PNG (needs matplotlib).")
 @ghost_limit_option
 @reports_errors
 def migrate(pid: int, dest: str, auth_token_file: str, tls_cacert: str | None,
             max_downtime_ms: float, max_rounds: int, track: str, keep_images: str | None,
-            auto_converge: bool, as_json: bool, plot: str | None, ghost_limit: int) -> None:
+            auto_converge: bool, as_json: bool, plot: str | None, ghost_limit: int,
+            tcp_close: bool) -> None:
     """Move a running process to another host: iterative pre-copy, then a short freeze."""
     import json
 
@@ -272,7 +281,7 @@ def migrate(pid: int, dest: str, auth_token_file: str, tls_cacert: str | None,
         pid=pid, host=host, port=port, token=load_token(auth_token_file),
         tls=client_tls_context(tls_cacert) if tls_cacert else None, max_rounds=max_rounds,
         max_downtime_ms=max_downtime_ms, track=track, keep_images=keep_images,
-        auto_converge=auto_converge, ghost_limit=ghost_limit),
+        auto_converge=auto_converge, ghost_limit=ghost_limit, tcp_close=tcp_close),
         report=lambda line: None if as_json else click.echo(line))
     per_round: list[dict[str, Any]] = [
         {"round": r.n, "dirty_pages": r.dirty_pages, "bytes": r.bytes_sent,

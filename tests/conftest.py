@@ -565,11 +565,11 @@ class Asker:
     its check once more and returns the answer."""
 
     def __init__(self, harness: Harness, target: str, *args: str,
-                 pass_fds: Sequence[int] = ()) -> None:
+                 pass_fds: Sequence[int] = (), prefix: Sequence[str] = ()) -> None:
         self.control = harness.tmp / f"{target}.control"
         self.out = harness.tmp / f"{target}.out"
-        self.proc = harness.launch([*py_target(target), str(self.control), *args], self.out,
-                                   pass_fds)
+        self.proc = harness.launch([*prefix, *py_target(target), str(self.control), *args],
+                                   self.out, pass_fds)
         wait_for_line(self.out, lambda line: line == "ready", 10, "ready")
         self.asked = 0
 

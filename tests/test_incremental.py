@@ -404,7 +404,8 @@ def test_restore_with_broken_parent_fails_cleanly(harness: Harness, bins: Bins,
     res = run_ckpt("restore", "-D", ck / "final", "-d", "--pidfile", pidfile)
     line = assert_one_error_line(res)
     assert "pre1" in line, f"the error does not name the parent: {line}"
-    assert not is_alive(t.pid), "a process runs under the dumped pid after a failed restore"
+    # (the pid itself may be anyone's by now: other work forks meanwhile)
+    assert t.pid not in our_children(), "a failed restore left a process under the pid"
     assert not pids_running(bins.scenarios), "a scenarios process runs after a failed restore"
     assert our_children() <= children_before, "a failed restore left a process behind"
 

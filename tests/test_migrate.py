@@ -238,6 +238,19 @@ def two_hosts() -> Iterator[tuple[str, str, str]]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+def page_server_in(harness: Harness, ns: str, address: str, tmp_path: Path,
+                   token: Path) -> subprocess.Popen[bytes]:
+    """A `ckpt page-server` in network namespace ``ns`` on HOST:PORT, writing into
+    tmp_path/dest, once it listens."""
+    host, port = address.rsplit(":", 1)
+    log = tmp_path / "server.log"
+    server = harness.launch(["ip", "netns", "exec", ns, ckpt_command(), "page-server",
+                             "--address", host, "--port", port, "-D", tmp_path / "dest",
+                             "--auth-token-file", token], log)
+    wait_for_line(log, lambda s: "listening" in s, 20, f"the page server in {ns}")
+    return server
+
+
 @pytest.mark.parametrize("target", ["c", "python"])
 def test_migrate_between_namespaces(harness: Harness, bins: Bins, tmp_path: Path,
                                     two_hosts: tuple[str, str, str], target: str) -> None:
@@ -245,11 +258,7 @@ def test_migrate_between_namespaces(harness: Harness, bins: Bins, tmp_path: Path
     a, b, b_addr = two_hosts
     token = tmp_path / "token"
     token.write_text("between-hosts\n")
-    log = tmp_path / "server.log"
-    server = harness.launch(["ip", "netns", "exec", b, ckpt_command(), "page-server",
-                             "--address", b_addr, "--port", "27077", "-D", tmp_path / "dest",
-                             "--auth-token-file", token], log)
-    wait_for_line(log, lambda s: "listening" in s, 20, "the page server in B")
+    server = page_server_in(harness, b, f"{b_addr}:27077", tmp_path, token)
     out = tmp_path / "out.txt"
     in_a = ["ip", "netns", "exec", a]
     if target == "c":

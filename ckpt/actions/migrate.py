@@ -86,6 +86,7 @@ class MigrateOptions:
     keep_images: str | None = None  # keep the source's images here
     auto_converge: bool = False
     ghost_limit: int = GHOST_LIMIT  # --ghost-limit (ckpt.collect.fdkinds.memfd)
+    tcp_close: bool = False  # --tcp-close: TCP connections restored closed at the destination
 
 
 @dataclass
@@ -126,7 +127,7 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     # Whatever would stop the final dump (an fd kind we cannot carry, children, ...)
     # stops the migration before any round, like a failed server check.
     vmas = preflight(DumpOptions(pid=opts.pid, images_dir="", externals=False,
-                                 ghost_limit=opts.ghost_limit),
+                                 ghost_limit=opts.ghost_limit, tcp_close=opts.tcp_close),
                      hidden_fds(opts.pid))
     shm = attaches(vmas)
     if shm:  # the destination's warm restore maps VMAs as the passes come: no shmat
@@ -137,7 +138,8 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     out = MigrateResult()
     try:
         with connect(opts.host, opts.port, opts.token, opts.tls) as conn:
-            check_compat(conn, compat_request(opts.pid, vmas, opts.ghost_limit))
+            check_compat(conn, compat_request(opts.pid, vmas, opts.ghost_limit,
+                                              opts.tcp_close))
             prev = run_rounds(opts, conn, work, out, report)
             prev = catch_up(opts, conn, work, out, prev, report)
             final_round(opts, conn, work, str(len(out.rounds) + 1), prev, out)
@@ -221,6 +223,7 @@ def commit_again(opts: MigrateOptions, pid: int, why: TransferError) -> None:
 
 
 def compat_request(pid: int, vmas: list[VmaInfo], ghost_limit: int = GHOST_LIMIT,
+                   tcp_close: bool = False,
                    ) -> wire_pb2.CompatCheck:
     """What the destination must offer: this CPU's XSTATE layout, the vdso layout, every
     file the process maps or has open, and the directory of each deleted file it has open
@@ -228,7 +231,7 @@ def compat_request(pid: int, vmas: list[VmaInfo], ghost_limit: int = GHOST_LIMIT
     caps = probe_once()
     files = {proc.read_exe(pid)}
     files |= {v.path for v in vmas if v.inode and v.kind in FILE_KINDS}
-    flags = FdFlags(shell_job=True, ghost_limit=ghost_limit)
+    flags = FdFlags(shell_job=True, tcp_close=tcp_close, ghost_limit=ghost_limit)
     for f in collect_files(pid, True, hidden_fds(pid), flags=flags):
         if f.kind == "path":
             files.add(f.path)
@@ -244,7 +247,7 @@ def pre_round(opts: MigrateOptions, conn: Conn, work: Path, n: int, prev: str | 
     t = time.perf_counter()
     predump(PredumpOptions(pid=opts.pid, images_dir=str(work / str(n)), prev_images_dir=prev,
                            track=opts.track, compress_level=opts.compress_level,
-                           ghost_limit=opts.ghost_limit))
+                           ghost_limit=opts.ghost_limit, tcp_close=opts.tcp_close))
     dirty = ImageDir.open(work / str(n)).read_inventory().stats.pages_written
     with Throttle(opts.pid, duty) as throttle:
         sent = send_pass_on(conn, work / str(n), str(n), prerestore=True)
@@ -385,7 +388,8 @@ def final_round(opts: MigrateOptions, conn: Conn, work: Path, name: str, prev: s
                                incremental=prev is not None, track=opts.track,
                                compress_level=opts.compress_level, before_kill=hand_over,
                                after_kill=commit, externals=False,
-                               ghost_limit=opts.ghost_limit))
+                               ghost_limit=opts.ghost_limit,
+                               tcp_close=opts.tcp_close))
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOVER_SIGNALS)
     stats = ImageDir.open(work / name).read_inventory().stats

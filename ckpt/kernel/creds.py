@@ -17,10 +17,12 @@ task's seccomp filters. The syscalls that *set* credentials run inside the resto
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import struct
+from collections.abc import Iterator
 
 from ckpt.errors import AccessDenied, CkptError, KernelError
 from ckpt.kernel.ptrace import ptrace
@@ -152,3 +154,14 @@ def unshare_fs() -> None:
     """Give the calling thread its own working directory and umask (a chdir there then
     leaves ckpt's other threads where they are)."""
     syscall(SYS.unshare, CLONE_FS, what="unshare(CLONE_FS)")
+
+
+@contextlib.contextmanager
+def fsuid_as(uid: int) -> Iterator[None]:
+    """Run the block with the calling thread's filesystem uid set to ``uid`` (a socket
+    made meanwhile is owned by it: sk_uid), then back (raw syscalls: this thread only)."""
+    old = syscall(SYS.setfsuid, uid, what="setfsuid")
+    try:
+        yield
+    finally:
+        syscall(SYS.setfsuid, old, what="setfsuid")

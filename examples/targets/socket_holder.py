@@ -1,4 +1,4 @@
-"""Target holding an fd ckpt cannot checkpoint (a TCP socket), otherwise idle.
+"""Target holding an fd ckpt cannot checkpoint (a netlink socket), otherwise idle.
 
 Prints "ready fd=<socket fd>" once, then sleeps in one long time.sleep(), so any
 ptrace interrupt (a freeze) shows up as extra context switches in /proc/PID/status.
@@ -12,9 +12,8 @@ import time
 
 
 def main() -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1)
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # NETLINK_ROUTE
+    sock.bind((0, 0))
     sys.stdout.write(f"ready fd={sock.fileno()}\n")
     sys.stdout.flush()
     while True:

@@ -7,7 +7,17 @@ stateless device is reopened by path; anything else is refused before the freeze
 
 from __future__ import annotations
 
-from ckpt.collect.fdkinds import epoll, eventfd, inotify, memfd, pipe, signalfd, timerfd, unix
+from ckpt.collect.fdkinds import (
+    epoll,
+    eventfd,
+    inet,
+    inotify,
+    memfd,
+    pipe,
+    signalfd,
+    timerfd,
+    unix,
+)
 from ckpt.collect.fdkinds.base import FdKind, Peek
 from ckpt.collect.fds import FdInfo
 
@@ -20,6 +30,7 @@ KINDS: tuple[FdKind, ...] = (
     inotify.KIND,
     memfd.MEMFD,
     memfd.GHOST,
+    inet.KIND,
     unix.KIND,
 )
 

@@ -79,6 +79,8 @@ class Peek:
         self._pidfd = -1
         # what a kind found once for all the fds it inspects (one /proc scan), by name
         self.memo: dict[str, Any] = {}
+        # what a kind reads once for all its fds of this pass (a table of every socket)
+        self.cache: dict[Any, Any] = {}
 
     @contextlib.contextmanager
     def getfd(self, fd: int) -> Iterator[int]:
