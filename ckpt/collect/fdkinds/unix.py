@@ -20,15 +20,18 @@ connections, then fills each queue by sending from the other end, shuts down, se
 options; the restored process takes them.
 
 Refused, before the freeze and naming the fd (:func:`refusal`): a socket another process
-holds too (a scan of /proc/*/fd), data queued from a peer outside the process (a socket
-connected elsewhere is external: "socket:[INODE]", restored from --inherit-fd, which
-holds none of it; migrate refuses it), connections waiting in a
-listener's backlog, fds in flight (SCM_RIGHTS, fdinfo scm_fds), an out-of-band byte
-(MSG_OOB), a socket filter, a pending error but ECONNRESET from a closed peer, a name a
-restore could not bind again (a relative path, a path that now names another file, a
-connection through a path whose listener is gone), a socket unix_diag cannot see
-(another network namespace). Found only while frozen, by the peek: queued data another
-process sent, a datagram from a named socket outside.
+holds too (a scan of /proc/*/fd), connections waiting in a listener's backlog, fds in
+flight (SCM_RIGHTS, fdinfo scm_fds), an out-of-band byte (MSG_OOB), a socket filter, a
+pending error (but ECONNRESET from a peer closed unread), a name a restore could not bind
+again (a relative path, a path that now names another file, a connection through a path
+whose listener is gone), a socket unix_diag cannot see (another network namespace).
+Found only while frozen, by the peek: queued data another process sent, a datagram from
+a named socket outside.
+
+A socket connected to a peer outside the process that a restore cannot reach by name (a
+stream's, an unnamed dgram's) is external, "socket:[INODE]" as /proc/PID/fd shows it:
+restore takes it from --inherit-fd; data the outside queued to it is refused (the socket
+given would not hold it), and so is every external socket under migrate.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Restore of unix sockets (the collector is ckpt.collect.fdkinds.unix).
 
-The first restore of a socket builds, in ckpt, every socket of the image tied to it (its
-peer, the listener it was accepted from, the named sockets its datagrams came from), in
-this order, and keeps them in ``ctx.objects``; each open file then just takes its own:
+The first restore of a socket builds every socket of the image tied to it (its peer, the
+listener it was accepted from, the named sockets its datagrams came from), in this
+order, made by the restored process (see Maker) and handled through copies in ckpt, kept
+in ``ctx.objects``; each open file then just takes its own. An external socket is the
+--inherit-fd given for it.
 
-    1. make      (by the restored process itself: see Maker)
-                 socketpair(2) for two unnamed sockets connected to each other, and for
+    1. make      socketpair(2) for two unnamed sockets connected to each other, and for
                  a socket whose peer was closed (the other end is closed at step 5);
                  socket + bind for the rest (a path: a stale socket file is unlinked
                  first, anything else there is refused; mode and owner set back)
@@ -195,7 +196,7 @@ class Maker:
 
 
 class Build:
-    """One connected group of sockets, made in ckpt (steps 1-5 of the module's doc)."""
+    """One connected group of sockets (steps 1-5 of the module's doc)."""
 
     def __init__(self, ctx: RestoreCtx, files: list[pb.OpenFile]) -> None:
         self.ctx = ctx
