@@ -230,12 +230,12 @@ def dump_restore(harness: Harness, target: Asker, *extra: str) -> int:
 
 @needs_root
 def test_socketpair_stream_bytes_both_ways_survive(harness: Harness) -> None:
-    """200 kB queued one way, a line the other; the non-blocking end, SO_PASSCRED and a
-    set SO_SNDBUF too, and SO_PEERCRED naming the process (restore has it make the
+    """200 kB queued one way, a line the other; the non-blocking end, SO_PASSCRED, a set
+    SO_SNDBUF and SO_RCVTIMEO too, and SO_PEERCRED naming the process (restore has it make the
     pair)."""
     target = Asker(harness, "fd_unix.py", "stream")
-    first = {"b": [200000, True], "a": "to a 1", "names": [], "opts": [False, 1, 600000],
-             "peercred": [True, True]}
+    first = {"b": [200000, True], "a": "to a 1", "names": [],
+             "opts": [False, 1, 600000, [7, 500000]], "peercred": [True, True]}
     assert target.ask() == first
     dump_restore(harness, target)
     assert target.ask() == {**first, "a": "to a 2"}

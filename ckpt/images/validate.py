@@ -50,7 +50,7 @@ FD_SET_MAX = 1 << 20
 SUN_PATH = 108  # sizeof(sockaddr_un.sun_path)
 UNIX_QUEUE_MAX = 1 << 30  # bytes of one queued message or run (SO_SNDBUF is an int)
 #: SOL_SOCKET options a unix socket's image carries (ckpt.collect.fdkinds.unix.OPTIONS)
-UNIX_OPTIONS = (16, 34, 76, 7, 8, 18, 12, 36, 9, 13, 20, 21, 29, 35, 40, 10, 42)
+UNIX_OPTIONS = (16, 34, 76, 83, 7, 8, 18, 12, 36, 9, 13, 20, 21, 29, 35, 40, 10, 42)
 #: scheduling policies a thread can have (SCHED_DEADLINE is refused at dump), each also
 #: with SCHED_RESET_ON_FORK
 POLICIES = tuple(p | r for p in (0, 1, 2, 3, 5) for r in (0, 0x40000000))

@@ -79,6 +79,7 @@ def setup(args: list[str]) -> dict[str, Any]:
         b.setblocking(False)
         b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 300_000)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 7, 500_000))
         a.sendall(BIG)
         b.send(b"to a 1")
         st["pair"] = (a, b)
@@ -175,7 +176,9 @@ def check(st: dict[str, Any]) -> dict[str, Any]:
         out["names"] = [str(x) for x in (a.getsockname(), b.getsockname(), a.getpeername(),
                                          b.getpeername())] if mode != "stream" else []
         out["opts"] = [b.getblocking(), b.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED),
-                       a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)]
+                       a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+                       struct.unpack("ll", a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                                                        16))]
         me = (os.getpid(), os.geteuid(), os.getegid())
         out["peercred"] = [peer_cred(a) == me, peer_cred(b) == me]
         return out

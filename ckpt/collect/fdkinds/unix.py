@@ -61,6 +61,7 @@ OPTIONS = (
     (16, 4),   # SO_PASSCRED
     (34, 4),   # SO_PASSSEC
     (76, 4),   # SO_PASSPIDFD
+    (83, 4),   # SO_PASSRIGHTS (6.16; 0: refuses SCM_RIGHTS)
     (7, 4),    # SO_SNDBUF (set with SO_SNDBUFFORCE, halved)
     (8, 4),    # SO_RCVBUF (SO_RCVBUFFORCE)
     (18, 4),   # SO_RCVLOWAT
