@@ -31,6 +31,7 @@ from conftest import (
     wait_for_line,
 )
 from test_creds import NOBODY, SYSTEM_PYTHON
+from test_migrate import page_server_in, two_hosts  # noqa: F401 (a fixture)
 
 from ckpt.collect.fdkinds.unix import (
     OPTIONS,
@@ -355,6 +356,30 @@ def test_end_whose_peer_was_closed_reads_then_eof(harness: Harness, mode: str,
     assert target.ask() == {"b": ["last words"], "a_send": "EPIPE"}
     dump_restore(harness, target)
     assert target.ask() == {"b": ["last words", *then], "a_send": "EPIPE"}
+
+
+@needs_root
+def test_migrate_carries_a_connection_with_its_queues(
+        harness: Harness, tmp_path: Path, two_hosts: tuple[str, str, str]) -> None:  # noqa: F811
+    """`ckpt migrate` from host A to host B (network namespaces: abstract names are each
+    namespace's): the connection accepted from a gone abstract listener comes back in B
+    with its names and what both ends had queued."""
+    a, b, b_addr = two_hosts
+    token = tmp_path / "token"
+    token.write_text("unix\n")
+    server = page_server_in(harness, b, f"{b_addr}:27079", tmp_path, token)
+    in_a = ("ip", "netns", "exec", a)
+    target = Asker(harness, "fd_unix.py", "connected", prefix=in_a)
+    first = target.ask()
+    assert isinstance(first, dict) and first["a"] == "to a 1"
+    res = run_ckpt("migrate", "-t", str(target.proc.pid), "--to", f"{b_addr}:27079",
+                   "--auth-token-file", token, reap=target.proc, prefix=in_a)
+    assert res.returncode == 0, res.describe()
+    new_pid = int(re.search(r"as pid (\d+)", res.stdout)[1])  # type: ignore[index]
+    harness.track(new_pid)
+    assert os.stat(f"/proc/{new_pid}/ns/net").st_ino == os.stat(f"/run/netns/{b}").st_ino
+    assert target.ask() == {**first, "a": "to a 2"}
+    harness.kill(server.pid)
 
 
 @needs_root
