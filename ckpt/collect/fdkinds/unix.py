@@ -37,6 +37,7 @@ given would not hold it), and so is every external socket under migrate.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import select
 import socket
@@ -277,15 +278,24 @@ def _sock(fd: int) -> Iterator[socket.socket]:
 def _options(s: socket.socket, kind: int) -> list[pb.UnixOption]:
     """The OPTIONS of ``s`` that differ from those of a new socket of its type."""
     out = []
+    for name, size in OPTIONS:
+        default = defaults(kind).get(name)
+        if default is None:
+            continue  # not known to this kernel
+        value = s.getsockopt(socket.SOL_SOCKET, name, size)
+        if value != default:
+            out.append(pb.UnixOption(level=socket.SOL_SOCKET, name=name, value=value))
+    return out
+
+
+@functools.cache
+def defaults(kind: int) -> dict[int, bytes]:
+    """The OPTIONS of a new unix socket of type ``kind`` (those this kernel knows)."""
+    out = {}
     with socket.socket(socket.AF_UNIX, kind) as fresh:
         for name, size in OPTIONS:
-            try:
-                value = s.getsockopt(socket.SOL_SOCKET, name, size)
-                default = fresh.getsockopt(socket.SOL_SOCKET, name, size)
-            except OSError:
-                continue  # not known to this kernel
-            if value != default:
-                out.append(pb.UnixOption(level=socket.SOL_SOCKET, name=name, value=value))
+            with contextlib.suppress(OSError):
+                out[name] = fresh.getsockopt(socket.SOL_SOCKET, name, size)
     return out
 
 
