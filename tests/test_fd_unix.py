@@ -397,15 +397,24 @@ def test_datagrams_from_named_and_unnamed_senders(harness: Harness) -> None:
 def test_dgram_connected_to_a_receiver_outside_connects_again(harness: Harness,
                                                               tmp_path: Path) -> None:
     """Like a syslog client on /dev/log: the peer is outside the process, but a datagram
-    connection is only an address: restore connects to the same name."""
+    connection is only an address: restore connects to the same name, or stops naming the
+    fd and the name while nothing is bound there."""
     path = str(tmp_path / "log.sock")
+    images = harness.images()
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as log:
         log.bind(path)
         log.settimeout(10)
         target = Asker(harness, "fd_unix.py", "syslog", path)
         assert target.ask() == {"peer": path}
         assert log.recv(100) == b"log 1"
-        dump_restore(harness, target)
+        harness.dump_and_reap(target.proc, images)
+    os.unlink(path)
+    line = assert_one_error_line(run_ckpt("restore", "-D", images, "--restore-detached"))
+    assert f"fd 3: a unix socket connected to {path}: No such file or directory" in line, line
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as log:
+        log.bind(path)
+        log.settimeout(10)
+        harness.restore_detached(images)
         assert target.ask() == {"peer": path}
         assert log.recv(100) == b"log 2"
 

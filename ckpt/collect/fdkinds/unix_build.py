@@ -202,6 +202,8 @@ class Build:
         self.ctx = ctx
         self.files = {f.unix_socket.inode: f.unix_socket for f in files}
         self.flags = {f.unix_socket.inode: f.flags for f in files}
+        ids = {f.id for f in files}
+        self.where = "fd " + ", ".join(str(fd.fd) for fd in ctx.entry.fds if fd.file_id in ids)
         creds = ctx.entry.threads[0].creds if ctx.entry.threads else None
         self.maker = Maker(ctx.remote, (creds.euid, creds.egid) if creds else (0, 0))
         self.socks: dict[int, socket.socket] = {}
@@ -225,7 +227,7 @@ class Build:
                     self.socks[ino].shutdown(u.shutdown - 1)  # SHUT_* is the mask - 1
             self.finish()
         except OSError as exc:
-            raise RestoreError(f"unix socket: {exc}") from None
+            raise RestoreError(f"{self.where} (unix sockets): {exc.strerror or exc}") from None
         finally:
             self.maker.close()
             for s in [*self.other.values(), *self.passing]:
@@ -287,8 +289,13 @@ class Build:
                     and not self._paired(ino):
                 target = self.files[u.peer].name if u.peer in self.files else u.peer_name
                 if not target:
-                    raise RestoreError(f"unix socket {ino}: connected to an unnamed socket")
-                self.socks[ino].connect(_addr(target))
+                    raise RestoreError(f"{self.where}: a unix socket connected to an unnamed "
+                                       "one")
+                try:
+                    self.socks[ino].connect(_addr(target))
+                except OSError as exc:
+                    raise RestoreError(f"{self.where}: a unix socket connected to "
+                                       f"{_show(target)}: {exc.strerror}") from None
 
     def _paired(self, ino: int) -> bool:
         u = self.files[ino]
@@ -347,7 +354,7 @@ class Build:
         if m.sender:
             src = self.named.get(m.sender)
             if src is None:
-                raise RestoreError(f"unix socket {ino}: no socket named {_show(m.sender)}")
+                raise RestoreError(f"{self.where}: no unix socket named {_show(m.sender)}")
             return self.socks[src], to
         if ino in self.other:
             return self.other[ino], None
