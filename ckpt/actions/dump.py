@@ -44,6 +44,7 @@ from ckpt.actions.passes import (
 )
 from ckpt.collect import proc
 from ckpt.collect.files import collect_files
+from ckpt.collect.pstate import collect_settings
 from ckpt.collect.restorable import read_target, require_restorable
 from ckpt.collect.tasks import collect_injected, collect_thread
 from ckpt.collect.vmas import VmaInfo, collect_vmas
@@ -112,7 +113,8 @@ def preflight(opts: DumpOptions, hidden_fds: set[int]) -> list[VmaInfo]:
     return require_restorable(read_target(pid, opts.shell_job, hidden_fds))
 
 
-def collect_process(pid: int, leader: Tracee, stopped: bool = False) -> ProcessInfo:
+def collect_process(pid: int, leader: Tracee, vmas: list[VmaInfo], stopped: bool = False,
+                    ) -> ProcessInfo:
     with proc.proc_errors(pid, "personality"), open(f"/proc/{pid}/personality") as f:
         personality = int(f.read(), 16)
     with proc.proc_errors(pid, "cwd"):
@@ -123,7 +125,8 @@ def collect_process(pid: int, leader: Tracee, stopped: bool = False) -> ProcessI
         cwd_id=(cwd.st_dev, cwd.st_ino), comm=proc.read_comm(pid),
         cmdline=proc.read_cmdline(pid), personality=personality,
         rlimits=proc.read_limits(pid),
-        shared_pending=leader.pending_signals(shared=True) + ([STOPPED_MARK] if stopped else []))
+        shared_pending=leader.pending_signals(shared=True) + ([STOPPED_MARK] if stopped else []),
+        settings=collect_settings(pid, vmas))
 
 
 def hidden_fds(pid: int) -> set[int]:
@@ -195,7 +198,7 @@ def dump(opts: DumpOptions) -> DumpResult:
                     with frozen.near():
                         tracker.end(ctx, keep=keep)
             files = collect_files(pid, opts.shell_job, hidden_fds(pid))
-            info = collect_process(pid, frozen.leader, stopped=bool(frozen.stop_signal))
+            info = collect_process(pid, frozen.leader, vmas, stopped=bool(frozen.stop_signal))
             frozen_at = frozen.frozen_at
             frozen_ms = (time.perf_counter() - frozen_at) * 1000
             if not opts.leave_running:

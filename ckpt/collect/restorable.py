@@ -21,6 +21,8 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               MAP_HUGETLB memory, a deleted file               cannot map it again
               a file that is not a path (anon_inode:...)       (io_uring, perf, DRM)
               a device under /dev (but /dev/zero, /dev/shm)    its state lives in the driver
+              a VmFlag restore cannot set (hugetlb, device,    ckpt/collect/vmflags.py
+              userfaultfd, shadow stack, unknown ones)
     fd        a terminal (but fds 0-2 with --shell-job),       kernel objects, not files
               pipe, socket, anon inode, anything unknown
               a memfd, a deleted file                          the file is gone
@@ -46,7 +48,8 @@ from typing import Generic, TypeVar
 
 from ckpt.collect import proc
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
-from ckpt.collect.vmas import VmaInfo, VmaKind, collect_vmas
+from ckpt.collect.vmas import KERNEL_PROVIDED, VmaInfo, VmaKind, collect_vmas
+from ckpt.collect.vmflags import refused_flags
 from ckpt.errors import NoSuchProcess, NotDumpable
 from ckpt.images.validate import MAX_GROUPS
 
@@ -87,6 +90,7 @@ class Target:
     timers: tuple[int, ...] = ()  # POSIX timer ids
     other_ns: tuple[tuple[str, str, str], ...] = ()  # (kind, its, ckpt's): CHECKED_NS differing
     groups: int = 0  # supplementary groups of the leader
+    tracker: bool = False  # a userfaultfd of ckpt's own is in the process (its "uw")
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,7 @@ class Mapping:
 
     vma: VmaInfo
     foreign: bool
+    tracker: bool = False  # Target.tracker
 
     @property
     def path(self) -> str:
@@ -203,11 +208,20 @@ VMA_RULES: tuple[Rule[Mapping], ...] = (
     Rule(lambda v: v.kind in FILE_KINDS and v.foreign,
          "file {path} at {start:#x}, which is another file (or none) in ckpt's mount "
          "namespace: " + NOT_YET),
+    Rule(lambda v: bool(_refused_flags(v)),
+         "{path_or_anon} at {start:#x} with VmFlags {flags}, which a restore cannot set "
+         "again: " + NOT_YET),
 )
 
 
+def _refused_flags(m: Mapping) -> list[str]:
+    return refused_flags(m.vma.vmflags, m.kind in KERNEL_PROVIDED, m.tracker)
+
+
 def vma_fields(m: Mapping) -> dict[str, object]:
-    return {"start": m.vma.start, "path": m.path, "name": _shown(m.path)}
+    return {"start": m.vma.start, "path": m.path, "name": _shown(m.path),
+            "path_or_anon": m.path or "anonymous memory",
+            "flags": ", ".join(_refused_flags(m))}
 
 
 # --------------------------------------------------------------------------- fds
@@ -277,7 +291,7 @@ def refusals(t: Target) -> list[str]:
     """One line per thing a restore could not bring back (empty: restorable)."""
     out = [rule.says.format(**process_fields(t)) for rule in PROCESS_RULES if rule.applies(t)]
     for v in sorted(t.vmas, key=lambda v: v.start):
-        why = _first(VMA_RULES, Mapping(v, v.path in t.foreign), vma_fields)
+        why = _first(VMA_RULES, Mapping(v, v.path in t.foreign, t.tracker), vma_fields)
         if why:
             out.append(f"process {t.pid} maps {why}")
     for info in sorted(t.fds, key=lambda i: i.fd):
@@ -309,7 +323,7 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         vmas=tuple(maps), fds=tuple(fds), shell_job=shell_job, foreign=foreign,
         thread_cwds=_thread_cwds(pid), timers=tuple(proc.read_timer_ids(pid)),
         other_ns=tuple((kind, its, own) for kind, (its, own) in ns.items() if its != own),
-        groups=len(proc.read_status(pid).groups))
+        groups=len(proc.read_status(pid).groups), tracker=bool(hidden))
 
 
 def _thread_cwds(pid: int) -> tuple[tuple[int, str], ...]:

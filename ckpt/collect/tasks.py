@@ -72,8 +72,10 @@ class InjectedState:
     sigactions: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
     itimers: dict[int, tuple[int, int]] = field(default_factory=dict)  # which: (interval,
     # value) in microseconds, the armed ones
+    membarrier: int = -1  # MEMBARRIER_CMD_GET_REGISTRATIONS; -1: unknown (Linux < 6.3)
 
 
+MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9
 ITIMERS = (0, 1, 2)  # ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF: per process
 _ITIMERVAL = struct.Struct("qqqq")  # it_interval, it_value: (tv_sec, tv_usec) each
 
@@ -116,6 +118,7 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
         scratch = scratch_of(inj)
         out.brk = inj(NR.brk, 0, what="brk")
         out.dumpable = inj(NR.prctl, PR_GET_DUMPABLE, 0, 0, 0, 0, what="PR_GET_DUMPABLE")
+        out.membarrier = max(-1, inj.raw(NR.membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0))
         for which in ITIMERS:
             inj(NR.getitimer, which, scratch, what="getitimer")
             i_sec, i_usec, v_sec, v_usec = _ITIMERVAL.unpack(
