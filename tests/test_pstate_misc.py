@@ -27,7 +27,7 @@ from ckpt.collect.pstate import read_loginuid, read_oom_score_adj, split_at_vmas
 from ckpt.collect.restorable import Target, refusals
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.collect.vmflags import BY_MNEMONIC, MADVICE, VMFLAGS, How, refused_flags
-from ckpt.errors import ImageError
+from ckpt.errors import ImageError, NoSuchProcess
 from ckpt.images import ImageDir
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.validate import validate
@@ -114,6 +114,10 @@ def test_readers_on_a_captured_tree(tmp_path: Path) -> None:
     (tmp_path / "42" / "loginuid").write_text("4294967295")
     assert read_oom_score_adj(42, root=str(tmp_path)) == -17
     assert read_loginuid(42, root=str(tmp_path)) == 0xFFFFFFFF
+    (tmp_path / "42" / "loginuid").unlink()  # a kernel without audit
+    assert read_loginuid(42, root=str(tmp_path)) is None
+    with pytest.raises(NoSuchProcess):
+        read_loginuid(43, root=str(tmp_path))
 
 
 def entry_with(**fields: object) -> pb.ProcessEntry:

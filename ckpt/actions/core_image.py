@@ -106,7 +106,9 @@ def build_core(pid: int, info: ProcessInfo, threads: list[ThreadState], injected
 def settings_to_pb(entry: pb.ProcessEntry, s: Settings | None, membarrier: int) -> None:
     """ProcessEntry fields 30-39 (ckpt.collect.pstate)."""
     if s is not None:
-        entry.oom_score_adj, entry.loginuid = s.oom_score_adj, s.loginuid
+        entry.oom_score_adj = s.oom_score_adj
+        if s.loginuid is not None:
+            entry.loginuid = s.loginuid
         for start, end in s.guards:
             entry.guard_regions.add(start=start, end=end)
     if membarrier >= 0:

@@ -23,17 +23,18 @@ from dataclasses import dataclass
 
 from ckpt.collect.proc import read_text
 from ckpt.collect.vmas import VmaInfo, VmaKind
-from ckpt.errors import KernelError
+from ckpt.errors import KernelError, NoSuchProcess
 from ckpt.kernel.pagemap import PAGE_IS_GUARD, pagemap_scan
 from ckpt.ranges import Range
 
 LOGINUID_UNSET = 0xFFFFFFFF
+MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9  # Linux 6.3+; injected (ckpt.collect.tasks)
 
 
 @dataclass(frozen=True)
 class Settings:
     oom_score_adj: int
-    loginuid: int
+    loginuid: int | None  # None: no audit in this kernel
     guards: tuple[Range, ...]  # guard regions, in address order
 
 
@@ -42,9 +43,17 @@ def read_oom_score_adj(pid: int, *, root: str = "/proc") -> int:
     return int(read_text(pid, root, "oom_score_adj"))
 
 
-def read_loginuid(pid: int, *, root: str = "/proc") -> int:
-    """/proc/PID/loginuid: the audit login uid, LOGINUID_UNSET if never set."""
-    return int(read_text(pid, root, "loginuid"))
+def read_loginuid(pid: int, *, root: str = "/proc") -> int | None:
+    """/proc/PID/loginuid: the audit login uid, LOGINUID_UNSET if never set; None on a
+    kernel without audit (no such file), where no process has one."""
+    if not os.path.exists(os.path.join(root, str(pid))):
+        raise NoSuchProcess(pid, "loginuid")
+    try:
+        return int(read_text(pid, root, "loginuid"))
+    except NoSuchProcess:
+        if os.path.exists(os.path.join(root, str(pid))):
+            return None
+        raise
 
 
 def guard_regions(pid: int, vmas: list[VmaInfo], *, root: str = "/proc") -> list[Range]:

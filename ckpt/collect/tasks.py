@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ckpt.collect.creds import Creds, collect_creds
 from ckpt.collect.inject import open_injector
+from ckpt.collect.pstate import MEMBARRIER_CMD_GET_REGISTRATIONS
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.kernel.creds import PR_GET_DUMPABLE, PR_GET_SECUREBITS
 from ckpt.kernel.ptrace import (
@@ -75,7 +76,6 @@ class InjectedState:
     membarrier: int = -1  # MEMBARRIER_CMD_GET_REGISTRATIONS; -1: unknown (Linux < 6.3)
 
 
-MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9
 ITIMERS = (0, 1, 2)  # ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF: per process
 _ITIMERVAL = struct.Struct("qqqq")  # it_interval, it_value: (tv_sec, tv_usec) each
 

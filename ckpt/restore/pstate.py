@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import os
 
+from ckpt.collect.pstate import LOGINUID_UNSET, MEMBARRIER_CMD_GET_REGISTRATIONS
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.sys import NR
 from ckpt.restore.stub import Stub
 
-MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9
 #: The registrations GET_REGISTRATIONS reports, each the command that registers it, in
 #: the order they are registered again (the mask's bits are these commands).
 MEMBARRIER_REGISTER = {
@@ -73,9 +73,15 @@ def restore_membarrier(stub: Stub, mask: int) -> None:
 
 
 def restore_loginuid(stub: Stub, loginuid: int) -> None:
-    with open(f"/proc/{stub.pid}/loginuid") as f:
-        if int(f.read()) == loginuid:
+    try:
+        with open(f"/proc/{stub.pid}/loginuid") as f:
+            if int(f.read()) == loginuid:
+                return
+    except FileNotFoundError:  # a kernel without audit: nobody has a loginuid here
+        if loginuid == LOGINUID_UNSET:
             return
+        raise RestoreError(f"cannot restore loginuid {loginuid}: this kernel has no "
+                           "audit support") from None
     fd = stub.sc(NR.open, stub.put_str("/proc/self/loginuid"), O_WRONLY, 0,
                  what="open /proc/self/loginuid")
     try:
