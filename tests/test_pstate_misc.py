@@ -21,8 +21,9 @@ from conftest import (
     run_ckpt,
     wait_for_line,
 )
+from test_migrate import start_server
 
-from ckpt.collect.maps import read_smaps_vmflags
+from ckpt.collect.maps import read_smaps
 from ckpt.collect.pstate import read_loginuid, read_oom_score_adj, split_at_vmas
 from ckpt.collect.restorable import Target, refusals
 from ckpt.collect.vmas import VmaInfo, VmaKind
@@ -177,19 +178,34 @@ def guard_pages(pid: int, start: int, pages: int) -> list[int]:
             if int.from_bytes(raw[8 * i:8 * i + 8], "little") & PM_GUARD]
 
 
-def state(pid: int, out: Path, regions: dict[str, int]) -> dict[str, object]:
+def flag_map(pid: int, drop: str = "") -> dict[int, tuple[int, tuple[str, ...]]]:
+    """start -> (end, VmFlags but ``drop``) of the address space, neighbours with equal
+    flags as one (two such VMAs may be one after a restore: the kernel merges them)."""
+    out: dict[int, tuple[int, tuple[str, ...]]] = {}
+    last = -1
+    for e in read_smaps(pid):
+        flags = tuple(f for f in e.vmflags if f != drop)
+        if last in out and out[last] == (e.start, flags):
+            out[last] = (e.end, flags)
+        else:
+            out[e.start], last = (e.end, flags), e.start
+    return out
+
+
+def state(pid: int, out: Path, regions: dict[str, int], drop: str = "",
+          ) -> dict[str, object]:
     """Everything the test compares before and after: settings, every VMA's flags, the
     guard pages and the bytes of the pages around them."""
     got: dict[str, object] = {
         "oom_score_adj": read_oom_score_adj(pid), "loginuid": read_loginuid(pid),
-        "membarrier": membarrier(pid, out), "vmflags": read_smaps_vmflags(pid)}
+        "membarrier": membarrier(pid, out), "vmflags": flag_map(pid, drop)}
     if "guarded" in regions:
         at = regions["guarded"]
         got["guards"] = guard_pages(pid, at, 16)
         with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
             got["bytes"] = [mem.seek(at + i * PAGE) and mem.read(1)[0]
                             for i in range(16) if i not in got["guards"]]  # type: ignore
-    for name in ("droppable", "sealed"):
+    for name in ("droppable", "sealed", "shared"):
         if name in regions:
             with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
                 mem.seek(regions[name])
@@ -203,11 +219,15 @@ def check_target(before: dict[str, object], regions: dict[str, int]) -> None:
     assert before["membarrier"] != 0
     assert before["guards"] == [4, 5, 9]
     assert before["bytes"] == [i + 1 for i in range(16) if i not in (4, 5, 9)]
-    flags = before["vmflags"]
-    assert isinstance(flags, dict)
+    vmas = before["vmflags"]
+    assert isinstance(vmas, dict)
+    flags = {start: fl for start, (_, fl) in vmas.items()}
     shown = {f for fl in flags.values() for f in fl}
-    assert {"gu", "dp", "sl", "lo", "lf"} <= shown, shown
-    assert set(regions) >= {"guarded", "droppable", "sealed", "maybeguard", "locked"}
+    assert {"gu", "dp", "sl", "lo", "lf", "sh", "ms", "gd"} <= shown, shown
+    assert set(regions) >= {"guarded", "droppable", "sealed", "maybeguard", "locked",
+                            "shared", "sharedro"}
+    assert "ms" in flags[regions["sharedro"]] and not {"sh", "mw"} & set(
+        flags[regions["sharedro"]])
 
 
 def assert_no_guard_stored(images: Path, pid: int, at: int, guards: list[int]) -> None:
@@ -222,7 +242,8 @@ def assert_same(after: dict[str, object], before: dict[str, object]) -> None:
     """Equal; VMAs whose flags differ are listed by address."""
     a, b = after["vmflags"], before["vmflags"]
     assert isinstance(a, dict) and isinstance(b, dict)
-    assert {f"{k:#x}": a.get(k) for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {}
+    assert {f"{k:#x}": (a.get(k), b.get(k)) for k in a.keys() | b.keys()
+            if a.get(k) != b.get(k)} == {}
     assert after == before
 
 
@@ -238,9 +259,9 @@ def test_settings_and_vmflags_survive_dump_and_restore(harness: Harness, tmp_pat
     images = harness.images()
     harness.dump_and_reap(proc, images)
     assert_no_guard_stored(images, proc.pid, regions["guarded"], [4, 5, 9])
-    assert harness.restore_detached(images) == proc.pid
-    assert_same(state(proc.pid, out, regions), before)
-    assert_running_untraced(proc.pid)
+    pid = harness.restore_detached(images, "--new-pid")  # no race for the dumped pid
+    assert_same(state(pid, out, regions), before)
+    assert_running_untraced(pid)
 
 
 @needs_root
@@ -258,19 +279,38 @@ def test_settings_survive_predump_and_incremental_dump(harness: Harness, tmp_pat
     assert res.returncode == 0, res.describe()
     os.kill(proc.pid, signal.SIGUSR2)  # a guard on a page the predump stored
     wait_for_line(out, lambda s: s == "guarded 12", 10, "guarded 12")
-    before = state(proc.pid, out, regions)
+    before = state(proc.pid, out, regions, drop="uw")  # the predump's tracker's
     assert before["guards"] == [4, 5, 9, 12]
-    tracked = before["vmflags"]
-    assert isinstance(tracked, dict)  # less "uw": the predump's tracker, not the process's
-    before["vmflags"] = {a: tuple(f for f in fl if f != "uw") for a, fl in tracked.items()}
     res = run_ckpt("dump", "-t", str(proc.pid), "-D", ck / "2", "--incremental",
                    "--prev-images-dir", "../1", reap=proc)
     assert res.returncode == 0, res.describe()
     proc.wait(timeout=10)
     assert_no_guard_stored(ck / "2", proc.pid, regions["guarded"], [4, 5, 9, 12])
-    assert harness.restore_detached(ck / "2") == proc.pid
-    assert_same(state(proc.pid, out, regions), before)
-    assert_running_untraced(proc.pid)
+    pid = harness.restore_detached(ck / "2", "--new-pid")
+    assert_same(state(pid, out, regions), before)
+    assert_running_untraced(pid)
+
+
+@needs_root
+def test_settings_survive_migration(harness: Harness, tmp_path: Path) -> None:
+    """ckpt migrate (rounds under uffd-wp, a warm restore at the destination) brings the
+    same settings, guard regions and VmFlags to the migrated process."""
+    proc, out, regions = launch(harness, tmp_path)
+    before = state(proc.pid, out, regions)
+    check_target(before, regions)
+    token = tmp_path / "token"
+    token.write_text("migrate-me\n")
+    port = start_server(tmp_path / "dest")
+    res = run_ckpt("migrate", "-t", str(proc.pid), "--to", f"127.0.0.1:{port}",
+                   "--auth-token-file", token, reap=proc)
+    assert res.returncode == 0, res.describe()
+    found = re.search(r"as pid (\d+)", res.stdout)
+    assert found, res.stdout
+    pid = int(found[1])
+    harness.track(pid)
+    proc.wait(timeout=10)
+    assert_same(state(pid, out, regions), before)
+    assert_running_untraced(pid)
 
 
 @needs_root

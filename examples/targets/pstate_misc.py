@@ -11,6 +11,8 @@ then), registers every membarrier registration the kernel accepts, and maps:
     sealed     4 pages, written, then mseal ("sl")
     maybeguard 4 pages, a guard installed and removed: only "gu" stays
     locked     4 pages, mlock2 MLOCK_ONFAULT ("lo lf"), the first written
+    shared     4 pages of MAP_SHARED anonymous memory, written ("sh ms")
+    sharedro   this script, MAP_SHARED from an O_RDONLY fd ("ms" without "sh" or "mw")
 
 With --uffd, one more 4-page mapping is registered with a userfaultfd in missing mode
 ("um", a flag no restore can set). A mapping the kernel refuses is left out. It prints
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import fcntl
+import os
 import signal
 import struct
 import time
@@ -35,7 +38,7 @@ NR_MEMBARRIER, NR_MLOCK2, NR_MSEAL = 324, 325, 462
 GET_REGISTRATIONS = 1 << 9
 REGISTER = (1 << 2, 1 << 4, 1 << 6, 1 << 8)  # GLOBAL, PRIVATE, SYNC_CORE, RSEQ (expedited)
 MADV_GUARD_INSTALL, MADV_GUARD_REMOVE = 102, 103
-MAP_PRIVATE_ANON, MAP_DROPPABLE_ANON = 0x22, 0x28
+MAP_PRIVATE_ANON, MAP_DROPPABLE_ANON, MAP_SHARED_ANON = 0x22, 0x28, 0x21
 FAILED = ctypes.c_void_p(-1).value
 NR_USERFAULTFD, UFFDIO_API, UFFDIO_REGISTER = 323, 0xC018AA3F, 0xC020AA00
 
@@ -104,6 +107,14 @@ def main() -> None:
     if (locked := mmap(4)) and sc(NR_MLOCK2, locked, 4 * PAGE, 1) == 0:
         ctypes.memset(locked, 0x10, PAGE)
         regions["locked"] = locked
+    if shared := mmap(4, MAP_SHARED_ANON):
+        ctypes.memset(shared, 0x5B, 4 * PAGE)
+        regions["shared"] = shared
+    fd = os.open(__file__, os.O_RDONLY)
+    at = sc(9, 0, PAGE, 1, 0x01, fd, 0)  # PROT_READ, MAP_SHARED
+    os.close(fd)
+    if at not in (-1, FAILED):
+        regions["sharedro"] = at
     if args.uffd and (missing := mmap(4)):
         uffd_missing(missing, 4 * PAGE)
         regions["uffd"] = missing
