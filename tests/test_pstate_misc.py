@@ -314,6 +314,27 @@ def test_settings_survive_migration(harness: Harness, tmp_path: Path) -> None:
 
 
 @needs_root
+@pytest.mark.parametrize("loginuid", [4242, -1])
+def test_loginuid_when_the_restoring_ckpt_has_another(harness: Harness, tmp_path: Path,
+                                                      loginuid: int) -> None:
+    """The stub inherits the restoring ckpt's loginuid (here 7, set before ckpt runs):
+    the dumped one replaces it, an unset one included (CAP_AUDIT_CONTROL). The sessionid
+    is the kernel's to hand out: not restored."""
+    proc, _, _ = launch(harness, tmp_path, "--loginuid", str(loginuid))
+    assert read_loginuid(proc.pid) == loginuid & 0xFFFFFFFF
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    pidfile = harness.new_pidfile()
+    res = run_ckpt("restore", "-D", images, "--restore-detached", "--new-pid", "--pidfile",
+                   pidfile, prefix=("sh", "-c", 'echo 7 > /proc/self/loginuid && exec "$@"',
+                                    "sh"))
+    assert res.returncode == 0, res.describe()
+    pid = int(pidfile.read_text())
+    assert read_loginuid(pid) == loginuid & 0xFFFFFFFF
+    assert_running_untraced(pid)
+
+
+@needs_root
 def test_a_userfaultfd_registration_is_refused_before_the_freeze(harness: Harness,
                                                                  tmp_path: Path) -> None:
     """A VMA registered with a userfaultfd ("um") cannot be registered again: dump names

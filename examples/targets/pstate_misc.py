@@ -3,7 +3,7 @@
     pstate_misc.py [--oom N] [--loginuid N] [--uffd]
 
 It sets its oom_score_adj (default 500) and loginuid (default 4242: its own, unset until
-then), registers every membarrier registration the kernel accepts, and maps:
+then; -1 leaves it unset), registers every membarrier registration the kernel accepts, and maps:
 
     guarded    16 pages, every page written with its index + 1, then guard regions
                (MADV_GUARD_INSTALL) on pages 4-5 and 9
@@ -83,8 +83,9 @@ def main() -> None:
     args = parser.parse_args()
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write(str(args.oom))
-    with open("/proc/self/loginuid", "w") as f:
-        f.write(str(args.loginuid))
+    if args.loginuid >= 0:  # -1: left unset
+        with open("/proc/self/loginuid", "w") as f:
+            f.write(str(args.loginuid))
     for cmd in REGISTER:
         sc(NR_MEMBARRIER, cmd, 0, 0)
     regions: dict[str, int] = {}
