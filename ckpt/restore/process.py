@@ -106,9 +106,9 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     ``stopped``) and untraced. Returns its thread ids, leader first."""
     mm.finish_vmas(stub, entry)  # guard regions, mlock, mseal
     mm.restore_mm_fields(stub, entry.mm)
+    restore_settings(stub, entry)  # oom_score_adj, loginuid, membarrier: before fds, rlimits
     restore_files(stub, entry)
     restore_process_state(stub, entry, new_session)
-    restore_settings(stub, entry)  # oom_score_adj, loginuid, membarrier
     check_access(stub.pid, entry)  # nothing held that root, not the process, could open
     threads = clone_threads(stub, list(entry.threads[1:]), same_tids=same_tids)
     for task, th in zip(threads, entry.threads[1:], strict=True):
