@@ -314,6 +314,25 @@ def test_settings_survive_migration(harness: Harness, tmp_path: Path) -> None:
 
 
 @needs_root
+def test_every_vma_of_the_madvise_target_keeps_its_flags(harness: Harness, tmp_path: Path,
+                                                         ) -> None:
+    """examples/targets/madvised.py: one region per madvise advice and mlock mode, a
+    MAP_NORESERVE one, a PROT_NONE reservation: the VmFlags of the whole address space
+    are the same after a restore."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch(py_target("madvised.py"), out)
+    wait_for_line(out, lambda s: s == "ready", 20, "ready")
+    before = flag_map(proc.pid)
+    shown = {f for _, fl in before.values() for f in fl}
+    assert {"hg", "nh", "dd", "dc", "wf", "sr", "rr", "lo", "lf", "nr"} <= shown, shown
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    pid = harness.restore_detached(images, "--new-pid")
+    assert_same({"vmflags": flag_map(pid)}, {"vmflags": before})
+    assert_running_untraced(pid)
+
+
+@needs_root
 @pytest.mark.parametrize("loginuid", [4242, -1])
 def test_loginuid_when_the_restoring_ckpt_has_another(harness: Harness, tmp_path: Path,
                                                       loginuid: int) -> None:
@@ -337,13 +356,16 @@ def test_loginuid_when_the_restoring_ckpt_has_another(harness: Harness, tmp_path
 @needs_root
 def test_a_userfaultfd_registration_is_refused_before_the_freeze(harness: Harness,
                                                                  tmp_path: Path) -> None:
-    """A VMA registered with a userfaultfd ("um") cannot be registered again: dump names
-    the flag and the address, the target runs on untouched."""
+    """A VMA registered with a userfaultfd ("um") cannot be registered again: dump and
+    predump name the flag and the address, the target runs on untouched."""
     proc, out, regions = launch(harness, tmp_path, "--uffd")
-    line = assert_one_error_line(run_ckpt("dump", "-t", str(proc.pid), "-D",
-                                          harness.images()))
-    assert f"at {regions['uffd']:#x} with VmFlags um (registered with a userfaultfd)" in line
-    assert_running_untraced(proc.pid)
+    for action in ("dump", "predump"):
+        images = harness.images(action)
+        line = assert_one_error_line(run_ckpt(action, "-t", str(proc.pid), "-D", images))
+        assert f"at {regions['uffd']:#x} with VmFlags um (registered with a userfaultfd)" \
+            in line
+        assert not (images / "inventory.img").exists()
+        assert_running_untraced(proc.pid)
     n = len(read_lines(out))
     wait_for_line(out, lambda s: len(read_lines(out)) > n + 1, 10, "more alive lines")
     assert BY_MNEMONIC["um"].how == How.REFUSED
