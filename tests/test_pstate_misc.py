@@ -205,7 +205,7 @@ def state(pid: int, out: Path, regions: dict[str, int], drop: str = "",
         with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
             got["bytes"] = [mem.seek(at + i * PAGE) and mem.read(1)[0]
                             for i in range(16) if i not in got["guards"]]  # type: ignore
-    for name in ("droppable", "sealed", "shared"):
+    for name in ("droppable", "sealed", "shared", "maybeguard"):
         if name in regions:
             with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
                 mem.seek(regions[name])

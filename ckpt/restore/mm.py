@@ -26,6 +26,7 @@ from ckpt.collect.vmas import KERNEL_PROVIDED, VmaKind
 from ckpt.collect.vmflags import BY_MNEMONIC, MADVICE
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.pagemap import PM_FILE, PM_PRESENT, PM_SWAP, read_pagemap_entries
 from ckpt.kernel.sys import NR
 from ckpt.restore.stub import GADGET_LEN, Stub
 
@@ -227,10 +228,29 @@ def finish_vmas(stub: Stub, entry: pb.ProcessEntry) -> None:
 def _guard(stub: Stub, v: pb.Vma, ranges: list[tuple[int, int]]) -> None:
     """Install guard regions ``ranges`` of ``v``; with none but "gu", mark it."""
     if not ranges and "gu" in v.vmflags:
-        for advice in (MADV_GUARD_INSTALL, MADV_GUARD_REMOVE):  # on a hole: nothing lost
-            _vma_call(stub, v, "gu", NR.madvise, v.start, PAGE, advice)
+        _mark_maybe_guard(stub, v)
     for start, end in ranges:
         _vma_call(stub, v, "gu", NR.madvise, start, end - start, MADV_GUARD_INSTALL)
+
+
+def _mark_maybe_guard(stub: Stub, v: pb.Vma) -> None:
+    """Install a guard on one page of ``v`` and remove it: "gu" stays. Installing one
+    drops the page under it, so the page is one the process owns no data in (a hole, a
+    file's page cache, shared memory's object), else its bytes are read first and
+    written back."""
+    fd = os.open(f"/proc/{stub.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        entries = read_pagemap_entries(fd, v.start, v.end)
+    finally:
+        os.close(fd)
+    owned = [bool(e & (PM_PRESENT | PM_SWAP)) and not e & PM_FILE for e in entries]
+    page = owned.index(False) if not all(owned) else 0
+    at = v.start + page * PAGE
+    keep = os.pread(stub.mem_fd(), PAGE, at) if owned[page] else None
+    for advice in (MADV_GUARD_INSTALL, MADV_GUARD_REMOVE):
+        _vma_call(stub, v, "gu", NR.madvise, at, PAGE, advice)
+    if keep is not None:
+        stub.write_mem(at, keep)
 
 
 def protect_late(stub: Stub, late: list[pb.Vma]) -> None:

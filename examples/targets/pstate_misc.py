@@ -9,7 +9,7 @@ then; -1 leaves it unset), registers every membarrier registration the kernel ac
                (MADV_GUARD_INSTALL) on pages 4-5 and 9
     droppable  4 pages of MAP_DROPPABLE memory, written ("dp")
     sealed     4 pages, written, then mseal ("sl")
-    maybeguard 4 pages, a guard installed and removed: only "gu" stays
+    maybeguard 4 pages, a guard installed and removed: only "gu" stays; then written
     locked     4 pages, mlock2 MLOCK_ONFAULT ("lo lf"), the first written
     shared     4 pages of MAP_SHARED anonymous memory, written ("sh ms")
     sharedro   this script, MAP_SHARED from an O_RDONLY fd ("ms" without "sh" or "mw")
@@ -104,6 +104,7 @@ def main() -> None:
             regions["sealed"] = sealed
     if (maybe := mmap(4)) and (sc(28, maybe, PAGE, MADV_GUARD_INSTALL) == 0
                                and sc(28, maybe, PAGE, MADV_GUARD_REMOVE) == 0):
+        ctypes.memset(maybe, 0x6E, 4 * PAGE)
         regions["maybeguard"] = maybe
     if (locked := mmap(4)) and sc(NR_MLOCK2, locked, 4 * PAGE, 1) == 0:
         ctypes.memset(locked, 0x10, PAGE)
