@@ -205,6 +205,8 @@ def state(pid: int, out: Path, regions: dict[str, int], drop: str = "",
         with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
             got["bytes"] = [mem.seek(at + i * PAGE) and mem.read(1)[0]
                             for i in range(16) if i not in got["guards"]]  # type: ignore
+    if "sealedro" in regions:
+        got["sealedro guards"] = guard_pages(pid, regions["sealedro"], 4)
     for name in ("droppable", "sealed", "shared", "maybeguard"):
         if name in regions:
             with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
@@ -218,14 +220,15 @@ def check_target(before: dict[str, object], regions: dict[str, int]) -> None:
     assert before["oom_score_adj"] == 500 and before["loginuid"] == 4242
     assert before["membarrier"] != 0
     assert before["guards"] == [4, 5, 9]
+    assert before["sealedro guards"] == [2]
     assert before["bytes"] == [i + 1 for i in range(16) if i not in (4, 5, 9)]
     vmas = before["vmflags"]
     assert isinstance(vmas, dict)
     flags = {start: fl for start, (_, fl) in vmas.items()}
     shown = {f for fl in flags.values() for f in fl}
     assert {"gu", "dp", "sl", "lo", "lf", "sh", "ms", "gd"} <= shown, shown
-    assert set(regions) >= {"guarded", "droppable", "sealed", "maybeguard", "locked",
-                            "shared", "sharedro"}
+    assert set(regions) >= {"guarded", "droppable", "sealed", "sealedro", "maybeguard",
+                            "locked", "shared", "sharedro"}
     assert "ms" in flags[regions["sharedro"]] and not {"sh", "mw"} & set(
         flags[regions["sharedro"]])
 

@@ -203,8 +203,9 @@ def finish_vmas(stub: Stub, entry: pb.ProcessEntry) -> None:
     A guard sets "gu" on the whole VMA it falls in, and "gu" never goes (nor splits a
     VMA): so guards come after mlock and mseal have split the VMAs at the dumped
     boundaries, lest "gu" spread to a neighbour the restore mapped as one VMA with it.
-    A locked VMA takes no guard (EINVAL): its own come before its mlock. A VMA with "gu"
-    but no guard left gets one installed and removed again."""
+    A locked VMA takes no guard (EINVAL), nor does a sealed read-only one (EPERM): theirs
+    come before the mlock and mseal. A VMA with "gu" but no guard left gets one installed
+    and removed again."""
     vmas = list(entry.vmas)
     guards: dict[int, list[tuple[int, int]]] = {}
     for g in entry.guard_regions:
@@ -212,16 +213,19 @@ def finish_vmas(stub: Stub, entry: pb.ProcessEntry) -> None:
         if v is None:
             raise RestoreError(f"guard region {g.start:#x}-{g.end:#x} lies in no VMA")
         guards.setdefault(v.start, []).append((g.start, g.end))
-    locked = [v for v in vmas if "lo" in v.vmflags]
-    for v in locked:
+    # guards first where they could not come later: locked, or sealed and read-only
+    early = [v for v in vmas if "lo" in v.vmflags
+             or ("sl" in v.vmflags and not v.prot & PROT_WRITE)]
+    for v in early:
         _guard(stub, v, guards.get(v.start, []))
-        _vma_call(stub, v, "lo", NR.mlock2, v.start, v.end - v.start,
-                  MLOCK_ONFAULT if "lf" in v.vmflags else 0)
+        if "lo" in v.vmflags:
+            _vma_call(stub, v, "lo", NR.mlock2, v.start, v.end - v.start,
+                      MLOCK_ONFAULT if "lf" in v.vmflags else 0)
     for v in vmas:
         if "sl" in v.vmflags:
             _vma_call(stub, v, "sl", NR.mseal, v.start, v.end - v.start, 0)
     for v in vmas:
-        if "lo" not in v.vmflags:
+        if v not in early:
             _guard(stub, v, guards.get(v.start, []))
 
 

@@ -9,6 +9,7 @@ then; -1 leaves it unset), registers every membarrier registration the kernel ac
                (MADV_GUARD_INSTALL) on pages 4-5 and 9
     droppable  4 pages of MAP_DROPPABLE memory, written ("dp")
     sealed     4 pages, written, then mseal ("sl")
+    sealedro   4 pages, written, a guard on page 2, made read-only, sealed
     maybeguard 4 pages, a guard installed and removed: only "gu" stays; then written
     locked     4 pages, mlock2 MLOCK_ONFAULT ("lo lf"), the first written
     shared     4 pages of MAP_SHARED anonymous memory, written ("sh ms")
@@ -102,6 +103,12 @@ def main() -> None:
         ctypes.memset(sealed, 0x5E, 4 * PAGE)
         if sc(NR_MSEAL, sealed, 4 * PAGE, 0) == 0:
             regions["sealed"] = sealed
+    if sealedro := mmap(4):
+        ctypes.memset(sealedro, 0x5D, 4 * PAGE)
+        if (sc(28, sealedro + 2 * PAGE, PAGE, MADV_GUARD_INSTALL) == 0
+                and sc(10, sealedro, 4 * PAGE, 1) == 0  # PROT_READ
+                and sc(NR_MSEAL, sealedro, 4 * PAGE, 0) == 0):
+            regions["sealedro"] = sealedro
     if (maybe := mmap(4)) and (sc(28, maybe, PAGE, MADV_GUARD_INSTALL) == 0
                                and sc(28, maybe, PAGE, MADV_GUARD_REMOVE) == 0):
         ctypes.memset(maybe, 0x6E, 4 * PAGE)
