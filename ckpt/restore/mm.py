@@ -42,6 +42,7 @@ MAP_DROPPABLE = 0x08  # a map type of its own, instead of MAP_PRIVATE ("dp")
 MLOCK_ONFAULT = 1
 PAGE = 4096
 MADV_GUARD_INSTALL, MADV_GUARD_REMOVE = 102, 103
+LOOK_PAGES = 512
 #: VmFlags map_range sets: a kept mapping must agree on them (ckpt.restore.layout)
 MAP_TIME_FLAGS = ("nr", "dp", "gu", *MADVICE)
 
@@ -241,10 +242,10 @@ def _mark_maybe_guard(stub: Stub, v: pb.Vma) -> None:
     """Install a guard on one page of ``v`` and remove it: "gu" stays. Installing one
     drops the page under it, so the page is one the process owns no data in (a hole, a
     file's page cache, shared memory's object), else its bytes are read first and
-    written back."""
+    written back. Only the first LOOK_PAGES pages are looked at (a VMA may be huge)."""
     fd = os.open(f"/proc/{stub.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        entries = read_pagemap_entries(fd, v.start, v.end)
+        entries = read_pagemap_entries(fd, v.start, min(v.end, v.start + LOOK_PAGES * PAGE))
     finally:
         os.close(fd)
     owned = [bool(e & (PM_PRESENT | PM_SWAP)) and not e & PM_FILE for e in entries]
