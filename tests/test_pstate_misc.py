@@ -26,7 +26,7 @@ from test_migrate import start_server
 from ckpt.collect.maps import read_smaps
 from ckpt.collect.pstate import read_loginuid, read_oom_score_adj, split_at_vmas
 from ckpt.collect.restorable import Target, refusals
-from ckpt.collect.vmas import VmaInfo, VmaKind
+from ckpt.collect.vmas import VmaInfo, VmaKind, collect_vmas
 from ckpt.collect.vmflags import BY_MNEMONIC, MADVICE, VMFLAGS, How, refused_flags
 from ckpt.errors import ImageError, NoSuchProcess
 from ckpt.images import ImageDir
@@ -93,6 +93,35 @@ def test_a_vma_with_a_refused_flag_is_refused_by_address() -> None:
     tracked = vma("rd wr mr mw me uw ac")
     assert refusals(Target(**{**base.__dict__, "vmas": (tracked,)}))
     assert not refusals(Target(**{**base.__dict__, "vmas": (tracked,), "tracker": True}))
+
+
+SMAPS_PKEY = """\
+7f0000000000-7f0000004000 rw-p 00000000 00:00 0
+Size:                 16 kB
+ProtectionKey:         0
+VmFlags: rd wr mr mw me ac
+7f0000004000-7f0000008000 rw-p 00000000 00:00 0
+Size:                 16 kB
+ProtectionKey:         3
+VmFlags: rd wr mr mw me ac
+"""
+
+
+def test_a_protection_key_is_read_and_refused(tmp_path: Path) -> None:
+    """On a CPU with PKU, smaps shows each VMA's key: a VMA with a key other than 0 is
+    refused (a restore would map it with key 0)."""
+    (tmp_path / "9").mkdir()
+    (tmp_path / "9" / "smaps").write_text(SMAPS_PKEY)
+    (tmp_path / "9" / "maps").write_text("".join(
+        line + "\n" for line in SMAPS_PKEY.splitlines() if line[0] in "0123456789abcdef"))
+    vmas = collect_vmas(9, root=str(tmp_path))
+    assert [v.pkey for v in vmas] == [0, 3]
+    assert [v.pkey for v in collect_vmas(9, root=str(tmp_path), known=vmas)] == [0, 3]
+    target = Target(pid=9, children=(), cwd="/", root="/", own_root="/", mnt_ns="m",
+                    own_mnt_ns="m", vmas=tuple(vmas), fds=(), shell_job=False)
+    assert refusals(target) == [
+        "process 9 maps anonymous memory at 0x7f0000004000 with memory protection key 3 "
+        "(pkey_mprotect): not supported yet"]
 
 
 def test_membarrier_commands() -> None:

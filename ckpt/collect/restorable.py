@@ -23,6 +23,7 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               a device under /dev (but /dev/zero, /dev/shm)    its state lives in the driver
               a VmFlag restore cannot set (hugetlb, device,    ckpt/collect/vmflags.py
               userfaultfd, shadow stack, unknown ones)
+              a memory protection key (pkey_mprotect)          restore maps with key 0
     fd        a terminal (but fds 0-2 with --shell-job),       kernel objects, not files
               pipe, socket, anon inode, anything unknown
               a memfd, a deleted file                          the file is gone
@@ -211,6 +212,9 @@ VMA_RULES: tuple[Rule[Mapping], ...] = (
     Rule(lambda v: bool(_refused_flags(v)),
          "{path_or_anon} at {start:#x} with VmFlags {flags}, which a restore cannot set "
          "again: " + NOT_YET),
+    Rule(lambda v: v.vma.pkey != 0,
+         "{path_or_anon} at {start:#x} with memory protection key {pkey} "
+         "(pkey_mprotect): " + NOT_YET),
 )
 
 
@@ -221,7 +225,7 @@ def _refused_flags(m: Mapping) -> list[str]:
 def vma_fields(m: Mapping) -> dict[str, object]:
     return {"start": m.vma.start, "path": m.path, "name": _shown(m.path),
             "path_or_anon": m.path or "anonymous memory",
-            "flags": ", ".join(_refused_flags(m))}
+            "flags": ", ".join(_refused_flags(m)), "pkey": m.vma.pkey}
 
 
 # --------------------------------------------------------------------------- fds
