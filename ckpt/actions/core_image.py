@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ckpt.collect.creds import Creds
 from ckpt.collect.files import FileRecord
 from ckpt.collect.proc import Rlimit, Stat
+from ckpt.collect.pstate import Settings
 from ckpt.collect.tasks import InjectedState, ThreadState
 from ckpt.collect.vmas import VmaInfo
 from ckpt.images.pb import core_pb2 as pb
@@ -31,6 +32,7 @@ class ProcessInfo:
     personality: int
     rlimits: list[Rlimit]
     shared_pending: list[bytes]
+    settings: Settings | None = None  # ckpt.collect.pstate
 
 
 def regs_to_pb(regs: Regs) -> pb.GpRegs:
@@ -91,6 +93,7 @@ def build_core(pid: int, info: ProcessInfo, threads: list[ThreadState], injected
         entry.rlimits.add(resource=r.resource, cur=r.soft, max=r.hard)
     for which, (interval, value) in sorted(injected.itimers.items()):
         entry.itimers.add(which=which, interval_us=interval, value_us=value)
+    settings_to_pb(entry, info.settings, injected.membarrier)
     for f in files:
         msg = entry.files.add(id=f.id, path=f.path, flags=f.flags, pos=f.pos, mode=f.mode,
                               size=f.size, inherit_fd=f.inherit_fd, mtime_ns=f.mtime_ns,
@@ -102,3 +105,15 @@ def build_core(pid: int, info: ProcessInfo, threads: list[ThreadState], injected
         for fd, cloexec in f.fds:
             entry.fds.add(fd=fd, file_id=f.id, cloexec=cloexec)
     return entry
+
+
+def settings_to_pb(entry: pb.ProcessEntry, s: Settings | None, membarrier: int) -> None:
+    """ProcessEntry fields 30-39 (ckpt.collect.pstate)."""
+    if s is not None:
+        entry.oom_score_adj = s.oom_score_adj
+        if s.loginuid is not None:
+            entry.loginuid = s.loginuid
+        for start, end in s.guards:
+            entry.guard_regions.add(start=start, end=end)
+    if membarrier >= 0:
+        entry.membarrier_registrations = membarrier

@@ -46,6 +46,7 @@ from ckpt.collect import proc
 from ckpt.collect.cgroups import cgroups_to_pb, read_cgroups
 from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
 from ckpt.collect.files import collect_files
+from ckpt.collect.pstate import collect_settings
 from ckpt.collect.restorable import read_target, require_restorable
 from ckpt.collect.sysvshm import attaches, collect_segments
 from ckpt.collect.taskattrs import collect_task_attrs
@@ -130,7 +131,8 @@ def preflight(opts: DumpOptions, hidden_fds: set[int]) -> list[VmaInfo]:
                                           flags=opts.fd_flags))
 
 
-def collect_process(pid: int, leader: Tracee, stopped: bool = False) -> ProcessInfo:
+def collect_process(pid: int, leader: Tracee, vmas: list[VmaInfo], stopped: bool = False,
+                    ) -> ProcessInfo:
     with proc.proc_errors(pid, "personality"), open(f"/proc/{pid}/personality") as f:
         personality = int(f.read(), 16)
     with proc.proc_errors(pid, "cwd"):
@@ -141,7 +143,8 @@ def collect_process(pid: int, leader: Tracee, stopped: bool = False) -> ProcessI
         cwd_id=(cwd.st_dev, cwd.st_ino), comm=proc.read_comm(pid),
         cmdline=proc.read_cmdline(pid), personality=personality,
         rlimits=proc.read_limits(pid),
-        shared_pending=leader.pending_signals(shared=True) + ([STOPPED_MARK] if stopped else []))
+        shared_pending=leader.pending_signals(shared=True) + ([STOPPED_MARK] if stopped else []),
+        settings=collect_settings(pid, vmas))
 
 
 def hidden_fds(pid: int) -> set[int]:
@@ -224,7 +227,7 @@ def dump(opts: DumpOptions) -> DumpResult:
             segments = collect_segments(vmas)
             task_attrs = collect_task_attrs(pid, [s.tid for s in states])
             cgroups = cgroups_to_pb(read_cgroups(pid))
-            info = collect_process(pid, frozen.leader, stopped=bool(frozen.stop_signal))
+            info = collect_process(pid, frozen.leader, vmas, stopped=bool(frozen.stop_signal))
             frozen_at = frozen.frozen_at
             frozen_ms = (time.perf_counter() - frozen_at) * 1000
             if not opts.leave_running:

@@ -78,11 +78,14 @@ class SmapsEntry:
     vmflags: tuple[str, ...]
 
 
-def read_smaps_vmflags(pid: int, *, root: str = "/proc") -> dict[int, tuple[str, ...]]:
-    """VMA start -> VmFlags mnemonics ("rd", "wr", "mr", "dd", ...) from /proc/PID/smaps.
+def read_smaps_vmflags(pid: int, *, root: str = "/proc", pkeys: dict[int, int] | None = None,
+                       ) -> dict[int, tuple[str, ...]]:
+    """VMA start -> VmFlags mnemonics ("rd", "wr", "mr", "dd", ...) from /proc/PID/smaps;
+    with ``pkeys``, VMA start -> its memory protection key where not 0 is put there
+    ("ProtectionKey:", shown on CPUs with PKU only).
 
     Only header lines (they start with a lowercase hex digit; field names start with an
-    uppercase letter) and "VmFlags:" lines are looked at.
+    uppercase letter), "VmFlags:" and "ProtectionKey:" lines are looked at.
     """
     flags: dict[int, tuple[str, ...]] = {}
     start = -1
@@ -91,6 +94,9 @@ def read_smaps_vmflags(pid: int, *, root: str = "/proc") -> dict[int, tuple[str,
             start = int(line[: line.index("-")], 16)
         elif line.startswith("VmFlags:") and start >= 0:
             flags[start] = tuple(line[8:].split())
+        elif (pkeys is not None and line.startswith("ProtectionKey:") and start >= 0
+              and (key := int(line[14:]))):
+            pkeys[start] = key
     return flags
 
 

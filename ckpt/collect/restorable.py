@@ -26,6 +26,9 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               process, partly unmapped, or too large
               a file that is not a path (anon_inode:...)       (io_uring, perf, DRM)
               a device under /dev (but /dev/zero, /dev/shm)    its state lives in the driver
+              a VmFlag restore cannot set (hugetlb, device,    ckpt/collect/vmflags.py
+              userfaultfd, shadow stack, unknown ones)
+              a memory protection key (pkey_mprotect)          restore maps with key 0
     fd        of a kind of ckpt.collect.fdkinds               that kind's refuse says
               (pipe, socket, eventfd, memfd, deleted file      (its state is not restored)
               ...)
@@ -60,7 +63,8 @@ from ckpt.collect import proc, sysvshm, taskattrs
 from ckpt.collect.fdkinds import kind_of, locks
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
-from ckpt.collect.vmas import VmaInfo, VmaKind, collect_vmas
+from ckpt.collect.vmas import KERNEL_PROVIDED, VmaInfo, VmaKind, collect_vmas
+from ckpt.collect.vmflags import refused_flags
 from ckpt.errors import NoSuchProcess, NotDumpable
 from ckpt.images.validate import MAX_GROUPS
 
@@ -110,6 +114,7 @@ class Target:
     shm_segments: tuple[sysvshm.Segment, ...] = ()
     same_ipc_ns: bool = True
     policies: tuple[tuple[int, int], ...] = ()  # (tid, scheduling policy): taskattrs
+    tracker: bool = False  # a userfaultfd of ckpt's own is in the process (its "uw")
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,7 @@ class Mapping:
 
     vma: VmaInfo
     foreign: bool
+    tracker: bool = False  # Target.tracker
 
     @property
     def path(self) -> str:
@@ -225,11 +231,23 @@ VMA_RULES: tuple[Rule[Mapping], ...] = (
     Rule(lambda v: v.kind in FILE_KINDS and v.foreign,
          "file {path} at {start:#x}, which is another file (or none) in ckpt's mount "
          "namespace: " + NOT_YET),
+    Rule(lambda v: bool(_refused_flags(v)),
+         "{path_or_anon} at {start:#x} with VmFlags {flags}, which a restore cannot set "
+         "again: " + NOT_YET),
+    Rule(lambda v: v.vma.pkey != 0,
+         "{path_or_anon} at {start:#x} with memory protection key {pkey} "
+         "(pkey_mprotect): " + NOT_YET),
 )
 
 
+def _refused_flags(m: Mapping) -> list[str]:
+    return refused_flags(m.vma.vmflags, m.kind in KERNEL_PROVIDED, m.tracker)
+
+
 def vma_fields(m: Mapping) -> dict[str, object]:
-    return {"start": m.vma.start, "path": m.path, "name": _shown(m.path)}
+    return {"start": m.vma.start, "path": m.path, "name": _shown(m.path),
+            "path_or_anon": m.path or "anonymous memory",
+            "flags": ", ".join(_refused_flags(m)), "pkey": m.vma.pkey}
 
 
 # --------------------------------------------------------------------------- fds
@@ -303,7 +321,7 @@ def refusals(t: Target) -> list[str]:
                             t.same_ipc_ns)
     out += taskattrs.refusals(t.pid, t.policies)
     for v in sorted(t.vmas, key=lambda v: v.start):
-        why = _first(VMA_RULES, Mapping(v, v.path in t.foreign), vma_fields)
+        why = _first(VMA_RULES, Mapping(v, v.path in t.foreign, t.tracker), vma_fields)
         if why:
             out.append(f"process {t.pid} maps {why}")
     claimed = {fd: (kind, details) for fd, kind, details in t.fd_kinds}
@@ -355,7 +373,7 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         shm_segments=tuple(sysvshm.read_segments().values()) if sysvshm.attaches(maps)
         else (), same_ipc_ns=proc.read_ns(pid, "ipc") == proc.read_ns(me, "ipc"),
         policies=tuple(taskattrs.read_policies(proc.list_tasks(pid))),
-        fd_flags=flags or FdFlags(shell_job=shell_job))
+        fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden))
 
 
 def _thread_cwds(pid: int) -> tuple[tuple[int, str], ...]:

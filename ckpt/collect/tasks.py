@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ckpt.collect.creds import Creds, collect_creds
 from ckpt.collect.inject import open_injector
+from ckpt.collect.pstate import MEMBARRIER_CMD_GET_REGISTRATIONS
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.kernel.creds import PR_GET_DUMPABLE, PR_GET_SECUREBITS
 from ckpt.kernel.ptrace import (
@@ -72,6 +73,7 @@ class InjectedState:
     sigactions: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
     itimers: dict[int, tuple[int, int]] = field(default_factory=dict)  # which: (interval,
     # value) in microseconds, the armed ones
+    membarrier: int = -1  # MEMBARRIER_CMD_GET_REGISTRATIONS; -1: unknown (Linux < 6.3)
 
 
 ITIMERS = (0, 1, 2)  # ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF: per process
@@ -116,6 +118,7 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
         scratch = scratch_of(inj)
         out.brk = inj(NR.brk, 0, what="brk")
         out.dumpable = inj(NR.prctl, PR_GET_DUMPABLE, 0, 0, 0, 0, what="PR_GET_DUMPABLE")
+        out.membarrier = max(-1, inj.raw(NR.membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0))
         for which in ITIMERS:
             inj(NR.getitimer, which, scratch, what="getitimer")
             i_sec, i_usec, v_sec, v_usec = _ITIMERVAL.unpack(

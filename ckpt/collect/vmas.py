@@ -43,6 +43,7 @@ class VmaInfo:
     dev: int
     inode: int
     vmflags: tuple[str, ...]
+    pkey: int = 0  # memory protection key (pkey_mprotect), smaps "ProtectionKey:"
 
     @property
     def length(self) -> int:
@@ -74,20 +75,22 @@ def collect_vmas(pid: int, root: str = "/proc", vmflags: bool = True,
     earlier), smaps is read again only if some VMA is not among them, unchanged."""
     maps = read_maps(pid, root=root)
     flags: dict[int, tuple[str, ...]] = {}
+    pkeys: dict[int, int] = {}
     if known is not None:
-        seen = {_key(v): v.vmflags for v in known}
+        seen = {_key(v): v for v in known}
         if all(_key(m) in seen for m in maps):
-            flags = {m.start: seen[_key(m)] for m in maps}
+            flags = {m.start: seen[_key(m)].vmflags for m in maps}
+            pkeys = {m.start: seen[_key(m)].pkey for m in maps}
         else:
             known = None
     if vmflags and known is None:
-        flags = read_smaps_vmflags(pid, root=root)
+        flags = read_smaps_vmflags(pid, root=root, pkeys=pkeys)
     out = []
     for m in maps:
         vf = tuple(flags.get(m.start, ()))
         out.append(VmaInfo(start=m.start, end=m.end, prot=m.prot, shared=m.shared,
                            kind=classify(m, vf), pgoff=m.offset, path=m.path, dev=m.dev,
-                           inode=m.inode, vmflags=vf))
+                           inode=m.inode, vmflags=vf, pkey=pkeys.get(m.start, 0)))
     return out
 
 

@@ -62,6 +62,7 @@ BPF_INSN, BPF_MAXINSNS = 8, 4096  # struct sock_filter; instructions per cBPF pr
 TRACKERS = ("uffd-wp", "soft-dirty", "compare")  # = ckpt.track.BACKENDS (tested)
 S64_MAX = (1 << 63) - 1
 PIPE_MAX = 1 << 31  # the largest F_SETPIPE_SZ
+MEMBARRIER_MASK = 0x154  # the REGISTER commands MEMBARRIER_CMD_GET_REGISTRATIONS reports
 
 Check = Callable[[Any], "str | None"]  # None: the value is fine; else why it is not
 Problem = tuple[str, Any, str]  # (field, value, why)
@@ -164,8 +165,11 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
         "dumpable": ranged(0, 2), "pid": PID, "ppid": PID_OR_0, "pgid": PID_OR_0,
         "sid": PID_OR_0, "comm": text(64),
         "umask": ranged(0, 0o777), "cwd": path(absolute=True), "cmdline": blob(1 << 24),
-        "shared_pending": siginfo,
+        "shared_pending": siginfo, "oom_score_adj": ranged(-1000, 1000),
+        "membarrier_registrations": lambda v: None if not v & ~MEMBARRIER_MASK
+        else "not a mask of membarrier registrations",
     },
+    core.GuardRegion: {"start": ADDR, "end": ADDR},
     core.ThreadCore: {"tid": PID, "xstate": blob(1 << 20), "clear_child_tid": ANY_ADDR,
                       "robust_list_head": ANY_ADDR, "robust_list_len": ranged(0, 1 << 12),
                       "pending_signals": siginfo},
@@ -348,6 +352,18 @@ def _process(m: core.ProcessEntry) -> Iterator[Problem]:
         if v.start < end:
             yield f"vmas[{i}].start", v.start, "overlaps or precedes the VMA before it"
         end = v.end
+    yield from _guards(m)
+
+
+def _guards(m: core.ProcessEntry) -> Iterator[Problem]:
+    """Guard regions: in address order, each inside one VMA."""
+    end = 0
+    for i, g in enumerate(m.guard_regions):
+        if g.start < end or g.start >= g.end:
+            yield f"guard_regions[{i}].start", g.start, "not after the one before, or empty"
+        elif not any(v.start <= g.start and g.end <= v.end for v in m.vmas):
+            yield f"guard_regions[{i}].start", g.start, "not inside one VMA"
+        end = g.end
 
 
 def _thread_creds(where: str, th: core.ThreadCore) -> Iterator[Problem]:

@@ -164,6 +164,20 @@ def pagemap_scan(
     return out
 
 
+@functools.cache
+def guard_category() -> int:
+    """PAGE_IS_GUARD if this kernel's PAGEMAP_SCAN knows it (Linux 6.14+), else 0 (an
+    unknown category bit is EINVAL)."""
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        pagemap_scan(fd, 0, PAGE_SIZE, category_mask=PAGE_IS_GUARD, return_mask=PAGE_IS_GUARD)
+    except KernelError:
+        return 0
+    finally:
+        os.close(fd)
+    return PAGE_IS_GUARD
+
+
 # ---- raw pagemap entries ----
 
 PM_PFN_MASK = (1 << 55) - 1

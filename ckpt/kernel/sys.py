@@ -90,12 +90,14 @@ class NR:
     process_vm_writev = 311
     kcmp = 312
     userfaultfd = 323
+    membarrier = 324
     mlock2 = 325
     rseq = 334
     pidfd_open = 434
     clone3 = 435
     close_range = 436
     pidfd_getfd = 438
+    mseal = 462
 
 
 class iovec(ctypes.Structure):

@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from ckpt.collect.vmas import KERNEL_PROVIDED, VmaKind
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.ranges import Range, normalize, subtract
-from ckpt.restore.mm import MADVISED, warm_prot
+from ckpt.restore.mm import MAP_TIME_FLAGS, warm_prot
 
 ANON = frozenset({VmaKind.ANON_PRIVATE, VmaKind.HEAP, VmaKind.STACK})
 FILE = frozenset({VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED})
 
-MAP_TIME_FLAGS = ("nr", *(f for f, _ in MADVISED))
 Backing = tuple[str, bool, bool, str, int, int, int, tuple[str, ...]]
 
 

@@ -4,11 +4,16 @@
     2. move [vvar] [vvar_vclock] [vdso] as a group to the dumped addresses (the dumped code
        calls into the vdso, and glibc caches its address)
     3. map every VMA at its address: anonymous, or the file at its offset (checked to be the
-       same inode), with its madvise flags (MADVISED); VMAs that were writable once
+       same inode), with its madvise flags (MAP_TIME_FLAGS); VMAs that were writable once
        (VM_ACCOUNT, e.g. RELRO) are mapped RW and made read-only after the fill, so they do
        not merge with their neighbours
     4. fill pages (ckpt.restore.pages), then mprotect back
-    5. PR_SET_MM_MAP: code/data/brk/stack/arg/env bounds, auxv and the exe link
+    5. mlock, mseal, guard regions installed again (finish_vmas; the order is explained
+       there)
+    6. PR_SET_MM_MAP: code/data/brk/stack/arg/env bounds, auxv and the exe link
+
+Which VmFlags come back how: ckpt.collect.vmflags (the ones no step here sets are refused
+before the dump).
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import struct
 
 from ckpt.collect.maps import read_maps
 from ckpt.collect.vmas import KERNEL_PROVIDED, VmaKind
+from ckpt.collect.vmflags import BY_MNEMONIC, MADVICE
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.pagemap import PM_FILE, PM_PRESENT, PM_SWAP, read_pagemap_entries
 from ckpt.kernel.sys import NR
 from ckpt.restore.stub import GADGET_LEN, Stub
 
@@ -31,12 +38,13 @@ PR_SET_MM, PR_SET_MM_MAP = 35, 14
 VDSO_GROUP = ("[vvar]", "[vvar_vclock]", "[vdso]")
 KEEP = frozenset({*VDSO_GROUP, "[vsyscall]"})
 NO_EXE_FD = 0xFFFFFFFF
-# VmFlags (smaps mnemonics) that madvise sets, with the advice that sets each: THP hints,
-# core dump and fork behaviour, KSM, readahead. A restored VMA gets them back (best
-# effort: a kernel without THP or KSM refuses those hints, and the process runs anyway).
-MADVISED = (("hg", 14), ("nh", 15), ("dd", 16), ("dc", 10), ("wf", 18), ("mg", 12),
-            ("sr", 2), ("rr", 1))
+MAP_DROPPABLE = 0x08  # a map type of its own, instead of MAP_PRIVATE ("dp")
 MLOCK_ONFAULT = 1
+PAGE = 4096
+MADV_GUARD_INSTALL, MADV_GUARD_REMOVE = 102, 103
+LOOK_PAGES = 512
+#: VmFlags map_range sets: a kept mapping must agree on them (ckpt.restore.layout)
+MAP_TIME_FLAGS = ("nr", "dp", "gu", *MADVICE)
 
 
 def overlaps(a0: int, a1: int, ranges: list[tuple[int, int]]) -> bool:
@@ -115,7 +123,8 @@ def late_protected(vmas: list[pb.Vma]) -> list[pb.Vma]:
 def map_range(stub: Stub, v: pb.Vma, start: int, end: int, files: Backing) -> None:
     """mmap [start, end) of VMA ``v`` fresh (MAP_FIXED), with its warm protection."""
     kind = VmaKind(v.kind)
-    flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_PRIVATE)
+    flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_DROPPABLE if "dp" in v.vmflags
+                         else MAP_PRIVATE)
     fd, off = -1, 0
     if "nr" in v.vmflags:  # not accounted: a huge sparse reservation must map again
         flags |= MAP_NORESERVE
@@ -129,9 +138,18 @@ def map_range(stub: Stub, v: pb.Vma, start: int, end: int, files: Backing) -> No
                   what=f"mmap {start:#x}-{end:#x} {v.path}")
     if got != start:
         raise RestoreError(f"mmap of {start:#x} landed at {got:#x}")
-    for flag, advice in MADVISED:  # before any page is filled: "nh" keeps THP away
+    for flag, advice in MADVICE.items():  # before any page is filled: "nh" keeps THP away
         if flag in v.vmflags:
-            stub.sc(NR.madvise, start, end - start, advice, check=False)
+            _vma_call(stub, v, flag, NR.madvise, start, end - start, advice)
+
+
+def _vma_call(stub: Stub, v: pb.Vma, flag: str, nr: int, *args: int) -> None:
+    """A syscall that sets VmFlag ``flag`` on (part of) ``v``; RestoreError if refused."""
+    got = stub.sc(nr, *args, check=False)
+    if got < 0:
+        raise RestoreError(f"cannot set VmFlag {flag} ({BY_MNEMONIC[flag].means}) on "
+                           f"{v.path or 'anonymous memory'} at {args[0]:#x}: "
+                           f"{os.strerror(-got)}")
 
 
 class Backing:
@@ -178,14 +196,66 @@ def _open_backing(stub: Stub, v: pb.Vma) -> int:
     return stub.sc(NR.open, stub.put_str(v.path), backing_mode(v), 0, what=f"open {v.path}")
 
 
-def lock_vmas(stub: Stub, vmas: list[pb.Vma]) -> None:
-    """mlock2 the VMAs that were locked ("lo"; "lf": on fault), once the pages are in:
-    locking populates, which a VMA still registered for the fill would refuse. Best
-    effort, as the madvise flags."""
-    for v in vmas:
+def finish_vmas(stub: Stub, entry: pb.ProcessEntry) -> None:
+    """Once the pages are in (installing a guard drops the page under it): mlock2 of the
+    VMAs that were locked ("lo"; "lf": on fault; locking populates, which a VMA still
+    registered for the fill would refuse), mseal ("sl"), then guard regions and "gu".
+
+    A guard sets "gu" on the whole VMA it falls in, and "gu" never goes (nor splits a
+    VMA): so guards come after mlock and mseal have split the VMAs at the dumped
+    boundaries, lest "gu" spread to a neighbour the restore mapped as one VMA with it.
+    A locked VMA takes no guard (EINVAL), nor does a sealed read-only one (EPERM): theirs
+    come before the mlock and mseal. A VMA with "gu" but no guard left gets one installed
+    and removed again."""
+    vmas = list(entry.vmas)
+    guards: dict[int, list[tuple[int, int]]] = {}
+    for g in entry.guard_regions:
+        v = next((v for v in vmas if v.start <= g.start < v.end), None)
+        if v is None:
+            raise RestoreError(f"guard region {g.start:#x}-{g.end:#x} lies in no VMA")
+        guards.setdefault(v.start, []).append((g.start, g.end))
+    # guards first where they could not come later: locked, or sealed and read-only
+    early = [v for v in vmas if "lo" in v.vmflags
+             or ("sl" in v.vmflags and not v.prot & PROT_WRITE)]
+    for v in early:
+        _guard(stub, v, guards.get(v.start, []))
         if "lo" in v.vmflags:
-            stub.sc(NR.mlock2, v.start, v.end - v.start,
-                    MLOCK_ONFAULT if "lf" in v.vmflags else 0, check=False)
+            _vma_call(stub, v, "lo", NR.mlock2, v.start, v.end - v.start,
+                      MLOCK_ONFAULT if "lf" in v.vmflags else 0)
+    for v in vmas:
+        if "sl" in v.vmflags:
+            _vma_call(stub, v, "sl", NR.mseal, v.start, v.end - v.start, 0)
+    for v in vmas:
+        if v not in early:
+            _guard(stub, v, guards.get(v.start, []))
+
+
+def _guard(stub: Stub, v: pb.Vma, ranges: list[tuple[int, int]]) -> None:
+    """Install guard regions ``ranges`` of ``v``; with none but "gu", mark it."""
+    if not ranges and "gu" in v.vmflags:
+        _mark_maybe_guard(stub, v)
+    for start, end in ranges:
+        _vma_call(stub, v, "gu", NR.madvise, start, end - start, MADV_GUARD_INSTALL)
+
+
+def _mark_maybe_guard(stub: Stub, v: pb.Vma) -> None:
+    """Install a guard on one page of ``v`` and remove it: "gu" stays. Installing one
+    drops the page under it, so the page is one the process owns no data in (a hole, a
+    file's page cache, shared memory's object), else its bytes are read first and
+    written back. Only the first LOOK_PAGES pages are looked at (a VMA may be huge)."""
+    fd = os.open(f"/proc/{stub.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        entries = read_pagemap_entries(fd, v.start, min(v.end, v.start + LOOK_PAGES * PAGE))
+    finally:
+        os.close(fd)
+    owned = [bool(e & (PM_PRESENT | PM_SWAP)) and not e & PM_FILE for e in entries]
+    page = owned.index(False) if not all(owned) else 0
+    at = v.start + page * PAGE
+    keep = os.pread(stub.mem_fd(), PAGE, at) if owned[page] else None
+    for advice in (MADV_GUARD_INSTALL, MADV_GUARD_REMOVE):
+        _vma_call(stub, v, "gu", NR.madvise, at, PAGE, advice)
+    if keep is not None:
+        stub.write_mem(at, keep)
 
 
 def protect_late(stub: Stub, late: list[pb.Vma]) -> None:

@@ -5,7 +5,8 @@
     prepare_stub     gadget at a free address, the stub's rseq off, its fds closed, its
                      mappings gone, the vdso group moved to the dumped addresses
     fill_layers      page data of every image of a chain, each image its own pages
-    finish_process   mlock, mm fields, files, process state, threads, then the release
+    finish_process   guards/mlock/mseal, mm fields, files, process state and settings,
+                     threads, then the release
                      (ckpt.restore.tasks): pending signals, registers, signal stop, detach
 """
 
@@ -32,6 +33,7 @@ from ckpt.restore.access import check_access
 from ckpt.restore.creds import restore_creds
 from ckpt.restore.files import close_stub_fds, restore_files
 from ckpt.restore.pages import WritableIndex, fill_pages
+from ckpt.restore.pstate import restore_settings
 from ckpt.restore.stub import Stub
 from ckpt.restore.tasks import (
     clone_threads,
@@ -106,8 +108,9 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     ``stopped``) and untraced. Returns its thread ids, leader first. ``inherit``:
     --inherit-fd (ckpt.restore.files)."""
     join_cgroups(stub.pid, entry.cgroups)  # a warm restore's stub: before the threads
-    mm.lock_vmas(stub, list(entry.vmas))
+    mm.finish_vmas(stub, entry)  # guard regions, mlock, mseal
     mm.restore_mm_fields(stub, entry.mm)
+    restore_settings(stub, entry)  # oom_score_adj, loginuid, membarrier: before fds, rlimits
     restore_files(stub, entry, inherit)
     restore_process_state(stub, entry, new_session)
     check_access(stub.pid, entry)  # nothing held that root, not the process, could open

@@ -42,12 +42,14 @@ UFFD_LINK = "anon_inode:[userfaultfd]"
 HOLDS_DATA = pm.PAGE_IS_PRESENT | pm.PAGE_IS_SWAPPED
 EXTENT = 2 << 20  # address space one page of PTEs maps
 MARKER_BUDGET = 64 << 20  # page tables a pass may add to the process for its markers
-DATA_MASK = HOLDS_DATA | pm.PAGE_IS_PFNZERO
+DATA_MASK = HOLDS_DATA | pm.PAGE_IS_PFNZERO | pm.guard_category()
 
 
 def holds_data(categories: int) -> bool:
-    """Present or swapped, but not the shared zero page (a read fault's zeros)."""
-    return bool(categories & HOLDS_DATA) and not categories & pm.PAGE_IS_PFNZERO
+    """Present or swapped, but not the shared zero page (a read fault's zeros) nor a guard
+    region's marker (a swap-like entry that faults on any access)."""
+    return bool(categories & HOLDS_DATA) and not categories & (pm.PAGE_IS_PFNZERO
+                                                               | pm.PAGE_IS_GUARD)
 
 
 def ckpt_uffds(pid: int) -> list[int]:
