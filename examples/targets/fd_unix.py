@@ -17,6 +17,8 @@
                 queued both ways
     orphan      a socketpair whose end a wrote "last words" and was closed
     reset       the same, a closed without reading what b sent it (ECONNRESET pending)
+    sigio       a socketpair whose end b is in O_ASYNC mode, owned by the process: each
+                check writes to a and waits (up to 10 s) for the SIGIO
     inflight    a socketpair with an fd in flight (SCM_RIGHTS, not received)
     external ADDR  a stream socket connected to ADDR (a listener outside the process);
                 each check sends "hello N" through it
@@ -29,10 +31,13 @@ is the one it would have given without the checkpoint.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import signal
 import socket
 import stat
 import struct
+import time
 from typing import Any
 
 from fdkit import serve
@@ -148,6 +153,14 @@ def setup(args: list[str]) -> dict[str, Any]:
         lis.listen(4)
         lis.setblocking(False)
         st["listener"] = lis
+    elif mode == "sigio":
+        a, b = socket.socketpair()
+        got: list[int] = []
+        signal.signal(signal.SIGIO, lambda signo, frame: got.append(signo))
+        fcntl.fcntl(b.fileno(), fcntl.F_SETOWN, os.getpid())
+        fcntl.fcntl(b.fileno(), fcntl.F_SETFL, fcntl.fcntl(b.fileno(), fcntl.F_GETFL)
+                    | os.O_ASYNC)
+        st["pair"], st["got"] = (a, b), got
     elif mode == "inflight":
         a, b = socket.socketpair()
         socket.send_fds(a, [b"fd"], [a.fileno()])
@@ -182,6 +195,15 @@ def check(st: dict[str, Any]) -> dict[str, Any]:
         me = (os.getpid(), os.geteuid(), os.getegid())
         out["peercred"] = [peer_cred(a) == me, peer_cred(b) == me]
         return out
+    if mode == "sigio":
+        a, b = st["pair"]
+        before = len(st["got"])
+        a.send(b"x")
+        deadline = time.monotonic() + 10
+        while len(st["got"]) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        b.recv(10)
+        return {"sigio": len(st["got"]) > before}
     if mode == "syslog":
         st["log"].send(f"log {n[0]}".encode())
         n[0] += 1

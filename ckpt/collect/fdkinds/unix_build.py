@@ -20,13 +20,14 @@ in ``ctx.objects``; each open file then just takes its own. An external socket i
     4. shut      shutdown(2) with each socket's own bits, after the refill (a shut down
                  socket neither sends nor is sent to); an end whose peer had closed
                  without reading all sends it a byte first (ECONNRESET at the close)
-    5. finish    options, O_NONBLOCK; temporary ends closed; names unlinked at dump
-                 time unlinked again
+    5. finish    options, O_NONBLOCK, O_ASYNC (its signal, to the process); temporary
+                 ends closed; names unlinked at dump time unlinked again
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import stat
@@ -45,6 +46,7 @@ ESTABLISHED, LISTEN = 1, 10
 SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_PEEK_OFF = 7, 8, 32, 33, 42
 FORCED = {SO_SNDBUF: SO_SNDBUFFORCE, SO_RCVBUF: SO_RCVBUFFORCE}
 REFILL_BUF = 1 << 26
+F_SETSIG, F_SETOWN_EX, F_OWNER_PID = 10, 15, 1
 KEEP = 0xFFFFFFFF  # (uid_t)-1: setresuid leaves this id as it is
 
 
@@ -387,6 +389,11 @@ class Build:
                     s.setsockopt(o.level, o.name, o.value)
             if self.flags[ino] & os.O_NONBLOCK:
                 s.setblocking(False)
+            if self.flags[ino] & os.O_ASYNC:  # SIGIO (or F_SETSIG's) to the process
+                fcntl.fcntl(s, F_SETSIG, u.sigio)
+                fcntl.fcntl(s, F_SETOWN_EX, struct.pack("ii", F_OWNER_PID,
+                                                        self.ctx.remote.pid))
+                fcntl.fcntl(s, fcntl.F_SETFL, fcntl.fcntl(s, fcntl.F_GETFL) | os.O_ASYNC)
             if u.unlinked and u.name and not u.name.startswith(b"\0"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(u.name)
