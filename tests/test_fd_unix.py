@@ -514,6 +514,10 @@ def refused_target(harness: Harness, case: str) -> Iterator[tuple[Asker, str]]:
             os.close(pidfd)
             stack.enter_context(held)
             yield target, f"also held by process {os.getpid()} outside the dump"
+        elif case == "netns":
+            netns = ("unshare", "--net", "sh", "-c", 'exec "$@"', "sh")
+            yield (Asker(harness, "fd_unix.py", "shutdown", prefix=netns),
+                   "a unix socket unix_diag does not show (another network namespace?)")
         elif case == "inflight":
             yield Asker(harness, "fd_unix.py", "inflight"), "1 file descriptor(s) in flight"
         else:
@@ -528,7 +532,7 @@ def refused_target(harness: Harness, case: str) -> Iterator[tuple[Asker, str]]:
 
 
 @needs_root
-@pytest.mark.parametrize("case", ["backlog", "held", "inflight", "external"])
+@pytest.mark.parametrize("case", ["backlog", "held", "inflight", "external", "netns"])
 def test_unrestorable_socket_is_refused_and_the_target_runs_on(harness: Harness,
                                                                case: str) -> None:
     """dump and predump refuse before the freeze, naming the fd and what; nothing is
