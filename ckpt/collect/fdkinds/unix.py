@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
-from ckpt.collect.fdkinds.unix_build import restore
+from ckpt.collect.fdkinds.unix_build import restore, show_name
 from ckpt.collect.fdkinds.unix_queue import SO_PEEK_OFF, merge_runs, peek_queue
 from ckpt.collect.fds import FdInfo, scan_holders
 from ckpt.errors import NotDumpable
@@ -114,11 +114,6 @@ class Seen:
 def path_name(name: bytes) -> bytes:
     """A path name as bound (unix_diag adds the terminating NUL)."""
     return name if name.startswith(b"\0") else name.rstrip(b"\0")
-
-
-def show_name(name: bytes) -> str:
-    return "@" + name[1:].decode(errors="replace") if name.startswith(b"\0") \
-        else os.fsdecode(name)
 
 
 def inode_of(target: str) -> int | None:

@@ -40,17 +40,18 @@ from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel import unix_diag
 from ckpt.kernel.creds import SYS
 from ckpt.kernel.sys import NR, pidfd_getfd, pidfd_open
+from ckpt.kernel.unix_diag import ESTABLISHED, LISTEN
 
 NAME = "unix socket"  # the kind's name: ctx.objects keys
-ESTABLISHED, LISTEN = 1, 10
-SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE, SO_PEEK_OFF = 7, 8, 32, 33, 42
+SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE = 7, 8, 32, 33
 FORCED = {SO_SNDBUF: SO_SNDBUFFORCE, SO_RCVBUF: SO_RCVBUFFORCE}
 REFILL_BUF = 1 << 26
 F_SETSIG, F_SETOWN_EX, F_OWNER_PID = 10, 15, 1
 KEEP = 0xFFFFFFFF  # (uid_t)-1: setresuid leaves this id as it is
 
 
-def _show(name: bytes) -> str:
+def show_name(name: bytes) -> str:
+    """A socket name as ss(8) shows it: an abstract one with "@" for its NUL."""
     return "@" + name[1:].decode(errors="replace") if name.startswith(b"\0") \
         else os.fsdecode(name)
 
@@ -170,7 +171,7 @@ class Maker:
         addr = self.remote.put(struct.pack("H", socket.AF_UNIX) + name)
         with self._as_process():
             self.remote.sc(NR.connect, self.theirs[s.fileno()], addr, 2 + len(name),
-                           what=f"connect to {_show(name)}")
+                           what=f"connect to {show_name(name)}")
 
     @contextlib.contextmanager
     def _as_process(self) -> Iterator[None]:
@@ -270,7 +271,7 @@ class Build:
         try:
             s.bind(_addr(u.name))
         except OSError as exc:
-            raise RestoreError(f"unix socket {_show(u.name)}: {exc.strerror}") from None
+            raise RestoreError(f"unix socket {show_name(u.name)}: {exc.strerror}") from None
         if u.file_mode and not u.name.startswith(b"\0"):
             os.chown(u.name, u.file_uid, u.file_gid)
             os.chmod(u.name, u.file_mode)
@@ -297,7 +298,7 @@ class Build:
                     self.socks[ino].connect(_addr(target))
                 except OSError as exc:
                     raise RestoreError(f"{self.where}: a unix socket connected to "
-                                       f"{_show(target)}: {exc.strerror}") from None
+                                       f"{show_name(target)}: {exc.strerror}") from None
 
     def _paired(self, ino: int) -> bool:
         u = self.files[ino]
@@ -356,7 +357,7 @@ class Build:
         if m.sender:
             src = self.named.get(m.sender)
             if src is None:
-                raise RestoreError(f"{self.where}: no unix socket named {_show(m.sender)}")
+                raise RestoreError(f"{self.where}: no unix socket named {show_name(m.sender)}")
             return self.socks[src], to
         if ino in self.other:
             return self.other[ino], None
