@@ -116,10 +116,9 @@ def _inherited(fd: int, f: pb.OpenFile) -> int:
     return fd
 
 
-def _stale(path: str, st: os.stat_result, unlinked: bool) -> str:
-    """``path`` if it is a socket file no socket holds; RestoreError otherwise."""
-    if unlinked:
-        raise RestoreError(f"unix socket {path} (unlinked at dump time): the path is taken")
+def _stale(path: str, st: os.stat_result) -> str:
+    """``path`` if it is a socket file no socket holds (left by the dumped process, or by
+    a failed restore); RestoreError otherwise."""
     if not stat.S_ISSOCK(st.st_mode):
         raise RestoreError(f"unix socket {path}: the path exists and is not a socket")
     for d in unix_diag.query_all():
@@ -267,7 +266,7 @@ class Build:
             except FileNotFoundError:
                 st = None
             if st is not None:
-                os.unlink(_stale(path, st, u.unlinked))  # the dumped process's, left behind
+                os.unlink(_stale(path, st))
         try:
             s.bind(_addr(u.name))
         except OSError as exc:
