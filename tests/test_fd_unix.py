@@ -233,7 +233,8 @@ def test_socketpair_stream_bytes_both_ways_survive(harness: Harness) -> None:
     pair)."""
     target = Asker(harness, "fd_unix.py", "stream")
     first = {"b": [200000, True], "a": "to a 1", "names": [],
-             "opts": [False, 1, 600000, [7, 500000]], "peercred": [True, True]}
+             "opts": [False, 1, 600000, [7, 500000]], "peercred": [True, True],
+             "peergroups": [True]}
     assert target.ask() == first
     dump_restore(harness, target)
     assert target.ask() == {**first, "a": "to a 2"}
@@ -244,7 +245,8 @@ class NobodyAsker(Asker):
     """An Asker whose target runs as uid and gid 65534 (setpriv, the system python: the
     venv's lives under /root), with its control files in a directory it can search."""
 
-    def __init__(self, harness: Harness, target: str, *args: str) -> None:
+    def __init__(self, harness: Harness, target: str, *args: str,
+                 setpriv: tuple[str, ...] = tuple(NOBODY)) -> None:
         require_reachable_by_others()
         if shutil.which("setpriv") is None or not os.path.exists(SYSTEM_PYTHON):
             pytest.skip("needs setpriv and /usr/bin/python3")
@@ -252,7 +254,7 @@ class NobodyAsker(Asker):
         where.chmod(0o755)
         self.control = where / f"{target}.control"
         self.out = harness.tmp / f"{target}.out"
-        self.proc = harness.launch([*NOBODY, SYSTEM_PYTHON, str(TARGETS / target),
+        self.proc = harness.launch([*setpriv, SYSTEM_PYTHON, str(TARGETS / target),
                                     str(self.control), *args], self.out)
         wait_for_line(self.out, lambda line: line == "ready", 10, "ready")
         self.asked = 0
@@ -263,12 +265,15 @@ class NobodyAsker(Asker):
 
 @needs_root
 def test_peer_credentials_name_the_process_not_ckpt(harness: Harness) -> None:
-    """SO_PEERCRED of a socketpair names who made it: after the restore, the restored
-    process with its uid and gid (65534 here), not ckpt or root."""
-    target = NobodyAsker(harness, "fd_unix.py", "stream")
+    """SO_PEERCRED and SO_PEERGROUPS of a socketpair name who made it: after the restore,
+    the restored process with its uid, gid and groups (65534, and 100), not ckpt or
+    root."""
+    as_nobody = ("setpriv", "--reuid", "65534", "--regid", "65534", "--groups", "100")
+    target = NobodyAsker(harness, "fd_unix.py", "stream", setpriv=as_nobody)
     try:
         first = target.ask()
         assert isinstance(first, dict) and first["peercred"] == [True, True]
+        assert first["peergroups"] == [True]
         dump_restore(harness, target)
         assert target.ask() == {**first, "a": "to a 2"}
     finally:

@@ -65,6 +65,12 @@ def stream_check(a: socket.socket, b: socket.socket, n: list[int], big: bytes,
     return {"b": [len(got_b), got_b == big], "a": got_a}
 
 
+def peer_groups(s: socket.socket) -> list[int]:
+    """SO_PEERGROUPS (59): the supplementary groups of whoever SO_PEERCRED names."""
+    raw = s.getsockopt(socket.SOL_SOCKET, 59, 1024)
+    return sorted(struct.unpack(f"{len(raw) // 4}I", raw))
+
+
 def args_path(st: dict[str, Any]) -> str:
     path: str = st["args"][1]
     return path
@@ -194,6 +200,7 @@ def check(st: dict[str, Any]) -> dict[str, Any]:
                                                         16))]
         me = (os.getpid(), os.geteuid(), os.getegid())
         out["peercred"] = [peer_cred(a) == me, peer_cred(b) == me]
+        out["peergroups"] = [peer_groups(a) == sorted(os.getgroups())]
         return out
     if mode == "sigio":
         a, b = st["pair"]

@@ -48,6 +48,7 @@ FORCED = {SO_SNDBUF: SO_SNDBUFFORCE, SO_RCVBUF: SO_RCVBUFFORCE}
 REFILL_BUF = 1 << 26
 F_SETSIG, F_SETOWN_EX, F_OWNER_PID = 10, 15, 1
 KEEP = 0xFFFFFFFF  # (uid_t)-1: setresuid leaves this id as it is
+GROUPS_AT = 4096  # where setgroups' array goes in the stub's scratch area (after a sockaddr)
 
 
 def show_name(name: bytes) -> str:
@@ -130,14 +131,18 @@ def _stale(path: str, st: os.stat_result) -> str:
 
 class Maker:
     """Sockets of the process are made by the process: socketpair(2), listen(2) and
-    connect(2) record their caller for SO_PEERCRED (pid, effective uid and gid). The
-    restored process (``ctx.remote``, still root: its ids come last) makes them, with
-    the dumped effective ids for the call (``ids``); ckpt takes a copy of each
+    connect(2) record their caller for SO_PEERCRED (pid, effective uid and gid) and
+    SO_PEERGROUPS. The restored process (``ctx.remote``, still root: its ids come last)
+    makes them, with the dumped effective ids and groups for the call; ckpt takes a copy of each
     (pidfd_getfd) for the rest; the process's own fds are closed once the group is built,
     and the copies are what it takes back."""
 
-    def __init__(self, remote: Remote, ids: tuple[int, int] = (0, 0)) -> None:
+    def __init__(self, remote: Remote, ids: tuple[int, int] = (0, 0),
+                 groups: tuple[int, ...] | None = None) -> None:
         self.remote, self.ids = remote, ids
+        # SO_PEERGROUPS: the dumped supplementary groups; the process has ckpt's until then
+        self.own_groups = tuple(os.getgroups())
+        self.groups = self.own_groups if groups is None else groups
         self.pidfd = -1
         self.theirs: dict[int, int] = {}  # fd of ckpt -> the process's fd
 
@@ -174,19 +179,28 @@ class Maker:
 
     @contextlib.contextmanager
     def _as_process(self) -> Iterator[None]:
-        """The dumped effective uid and gid for one call (real and saved stay root's, so
-        the process takes root's back)."""
+        """The dumped effective uid and gid and groups for one call (real and saved ids
+        stay root's, so the process takes root's back)."""
         euid, egid = self.ids
-        if not euid and not egid:
-            yield
-            return
-        self.remote.sc(SYS.setresgid, KEEP, egid, KEEP, what="setresgid (socket's owner)")
-        self.remote.sc(SYS.setresuid, KEEP, euid, KEEP, what="setresuid (socket's owner)")
+        regroup = self.groups != self.own_groups
+        if regroup:
+            self._setgroups(self.groups)
+        if euid or egid:
+            self.remote.sc(SYS.setresgid, KEEP, egid, KEEP, what="setresgid (socket's owner)")
+            self.remote.sc(SYS.setresuid, KEEP, euid, KEEP, what="setresuid (socket's owner)")
         try:
             yield
         finally:
-            self.remote.sc(SYS.setresuid, KEEP, 0, KEEP, what="setresuid (back)")
-            self.remote.sc(SYS.setresgid, KEEP, 0, KEEP, what="setresgid (back)")
+            if euid or egid:
+                self.remote.sc(SYS.setresuid, KEEP, 0, KEEP, what="setresuid (back)")
+                self.remote.sc(SYS.setresgid, KEEP, 0, KEEP, what="setresgid (back)")
+            if regroup:
+                self._setgroups(self.own_groups)
+
+    def _setgroups(self, groups: tuple[int, ...]) -> None:
+        addr = self.remote.put(struct.pack(f"{len(groups)}I", *groups), GROUPS_AT) \
+            if groups else 0
+        self.remote.sc(SYS.setgroups, len(groups), addr, what="setgroups (socket's owner)")
 
     def close(self) -> None:
         for theirs in self.theirs.values():
@@ -206,8 +220,10 @@ class Build:
         self.flags = {f.unix_socket.inode: f.flags for f in files}
         ids = {f.id for f in files}
         self.where = "fd " + ", ".join(str(fd.fd) for fd in ctx.entry.fds if fd.file_id in ids)
-        creds = ctx.entry.threads[0].creds if ctx.entry.threads else None
-        self.maker = Maker(ctx.remote, (creds.euid, creds.egid) if creds else (0, 0))
+        th = ctx.entry.threads[0] if ctx.entry.threads else None
+        creds = th.creds if th is not None and th.HasField("creds") else None
+        self.maker = Maker(ctx.remote, (creds.euid, creds.egid) if creds else (0, 0),
+                           tuple(creds.groups) if creds else None)
         self.socks: dict[int, socket.socket] = {}
         self.other: dict[int, socket.socket] = {}  # by inode: the end whose peer was closed
         self.passing: list[socket.socket] = []  # unnamed senders of datagrams
