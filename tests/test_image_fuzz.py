@@ -59,6 +59,8 @@ FREE = {
     ("TrackerState", "start_time"), ("TrackerState", "uffd_inode"),
     ("ProcessEntry", "cwd_dev"), ("ProcessEntry", "cwd_inode"), ("OpenFile", "object"),
     ("SysvShm", "key"), ("SysvShm", "uid"), ("SysvShm", "gid"),
+    ("ProcessEntry", "loginuid"),  # 2^32-1: unset
+    ("TaskAttrs", "nice"),  # -5 is a nice value too (out-of-range ones are refused)
 }
 RESTORE_READS = {"inventory", "core", "pagemap"}  # the other kinds serve the next pass
 

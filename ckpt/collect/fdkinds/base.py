@@ -77,10 +77,9 @@ class Peek:
         self.pid = pid
         self.fds = {i.fd: i for i in fds}
         self._pidfd = -1
-        # what a kind found once for all the fds it inspects (one /proc scan), by name
-        self.memo: dict[str, Any] = {}
-        # what a kind reads once for all its fds of this pass (a table of every socket)
-        self.cache: dict[Any, Any] = {}
+        # what a kind reads once for all the fds it inspects in this pass (one /proc scan,
+        # a table of every socket), by a key of its own
+        self.memo: dict[Any, Any] = {}
 
     @contextlib.contextmanager
     def getfd(self, fd: int) -> Iterator[int]:

@@ -177,19 +177,19 @@ def _show(host: str, port: int) -> str:
 
 def _diag_table(peek: Peek, fd: int, family: int, proto: int) -> list[diag.DiagSocket]:
     """inet_diag's sockets of this family and protocol in the socket's network namespace,
-    read once per pass (Peek.cache); none if it cannot tell (a kernel without INET_DIAG)."""
+    read once per pass (Peek.memo); none if it cannot tell (a kernel without INET_DIAG)."""
     try:
         netns: int | None = diag.netns_of(fd)
     except OSError:
         netns = None
     try:
         key = ("inet_diag", os.fstat(netns).st_ino if netns is not None else 0, family, proto)
-        if key not in peek.cache:
+        if key not in peek.memo:
             try:
-                peek.cache[key] = diag.dump(family, proto, netns=netns)
+                peek.memo[key] = diag.dump(family, proto, netns=netns)
             except (OSError, ValueError):
-                peek.cache[key] = []
-        table: list[diag.DiagSocket] = peek.cache[key]
+                peek.memo[key] = []
+        table: list[diag.DiagSocket] = peek.memo[key]
         return table
     finally:
         if netns is not None:
