@@ -8,9 +8,11 @@ from ckpt.collect.creds import Creds
 from ckpt.collect.files import FileRecord
 from ckpt.collect.proc import Rlimit, Stat
 from ckpt.collect.tasks import InjectedState, ThreadState
+from ckpt.collect.timers import PosixTimer
 from ckpt.collect.vmas import VmaInfo
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.ptrace import REG_NAMES, Regs
+from ckpt.kernel.timers import SIGEV_THREAD_ID
 
 FILE_TYPES = {"path": pb.OpenFile.REGULAR, "dev_null": pb.OpenFile.DEV_NULL,
               "inherited": pb.OpenFile.INHERITED}
@@ -62,7 +64,19 @@ def thread_to_pb(t: ThreadState) -> pb.ThreadCore:
         clear_child_tid=t.clear_child_tid, robust_list_head=t.robust_list[0],
         robust_list_len=t.robust_list[1], altstack=pb.SigAltStack(sp=sp, flags=flags, size=size),
         pending_signals=t.pending, creds=creds_to_pb(t.creds),
-        seccomp_filters=[pb.SeccompFilter(program=p, flags=f) for p, f in t.creds.filters])
+        seccomp_filters=[pb.SeccompFilter(program=p, flags=f) for p, f in t.creds.filters],
+        settings=settings_to_pb(t.settings))
+
+
+def settings_to_pb(values: dict[str, int]) -> list[pb.Setting]:
+    return [pb.Setting(name=name, value=v) for name, v in sorted(values.items())]
+
+
+def timer_to_pb(t: PosixTimer) -> pb.PosixTimer:
+    p = t.proc
+    return pb.PosixTimer(id=p.id, clock=p.clock, notify=p.notify, signo=p.signo, value=p.value,
+                         notify_tid=p.notify_pid if p.notify & SIGEV_THREAD_ID else 0,
+                         interval_ns=t.interval_ns, value_ns=t.value_ns, overrun=t.overrun)
 
 
 def vma_to_pb(v: VmaInfo) -> pb.Vma:
@@ -83,7 +97,9 @@ def build_core(pid: int, info: ProcessInfo, threads: list[ThreadState], injected
         threads=[thread_to_pb(t) for t in threads], mm=mm, vmas=[vma_to_pb(v) for v in vmas],
         personality=info.personality, umask=info.umask, cwd=info.cwd, cmdline=info.cmdline,
         shared_pending=info.shared_pending, dumpable=injected.dumpable,
-        cwd_dev=info.cwd_id[0], cwd_inode=info.cwd_id[1])
+        cwd_dev=info.cwd_id[0], cwd_inode=info.cwd_id[1],
+        posix_timers=[timer_to_pb(t) for t in injected.timers],
+        settings=settings_to_pb(injected.settings))
     for signo, (handler, flags, restorer, mask) in sorted(injected.sigactions.items()):
         entry.sigactions.add(signo=signo, handler=handler, flags=flags, restorer=restorer,
                              mask=mask)

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 
 from ckpt.collect.creds import Creds, collect_creds
 from ckpt.collect.inject import open_injector
+from ckpt.collect.proc import read_text
+from ckpt.collect.timers import PosixTimer, read_timers
 from ckpt.collect.vmas import VmaInfo, VmaKind
+from ckpt.errors import NotDumpable
+from ckpt.kernel import prctl
 from ckpt.kernel.creds import PR_GET_DUMPABLE, PR_GET_SECUREBITS
 from ckpt.kernel.ptrace import (
     NT_X86_XSTATE,
@@ -25,6 +29,7 @@ from ckpt.kernel.ptrace import (
     Tracee,
 )
 from ckpt.kernel.sys import NR, PAGE_SIZE, vm_read
+from ckpt.kernel.timers import ITIMERSPEC, parse_itimerspec
 
 PR_GET_TID_ADDRESS = 40
 PROT_RW = 3
@@ -63,6 +68,7 @@ class ThreadState:
     altstack: tuple[int, int, int] = (0, 2, 0)  # sp, flags (SS_DISABLE), size
     pending: list[bytes] = field(default_factory=list)  # siginfo queued to the thread
     creds: Creds | None = None  # ids, capabilities, securebits, seccomp (ckpt.collect.creds)
+    settings: dict[str, int] = field(default_factory=dict)  # per thread (ckpt.kernel.prctl)
 
 
 @dataclass
@@ -72,6 +78,8 @@ class InjectedState:
     sigactions: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
     itimers: dict[int, tuple[int, int]] = field(default_factory=dict)  # which: (interval,
     # value) in microseconds, the armed ones
+    timers: list[PosixTimer] = field(default_factory=list)  # timer_create, by id
+    settings: dict[str, int] = field(default_factory=dict)  # per process (ckpt.kernel.prctl)
 
 
 ITIMERS = (0, 1, 2)  # ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF: per process
@@ -122,6 +130,8 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
                 vm_read(pid, scratch, _ITIMERVAL.size))
             if v_sec or v_usec:
                 out.itimers[which] = (i_sec * 1_000_000 + i_usec, v_sec * 1_000_000 + v_usec)
+        out.timers = collect_timers(pid, inj, scratch)
+        out.settings = collect_settings(pid, pid, prctl.Scope.PROCESS, inj, scratch)
         for sig in signals_to_query():
             if inj.raw(NR.rt_sigaction, sig, 0, scratch, 8) == 0:
                 act = _KSIGACTION.unpack(vm_read(pid, scratch, _KSIGACTION.size))
@@ -137,6 +147,8 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
                 ti(NR.sigaltstack, 0, scratch, what="sigaltstack")
                 sp, flags, _, size = _ALTSTACK.unpack(vm_read(pid, scratch, _ALTSTACK.size))
                 state.altstack = (sp, flags, size)
+                state.settings = collect_settings(pid, task.tid, prctl.Scope.THREAD, ti,
+                                                  scratch)
                 state.creds = collect_creds(pid, task.tid, ti(
                     NR.prctl, PR_GET_SECUREBITS, 0, 0, 0, 0, what="PR_GET_SECUREBITS"))
             finally:
@@ -149,3 +161,29 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
         finally:
             inj.restore()
     return out
+
+
+def collect_timers(pid: int, inj: Injector, scratch: int) -> list[PosixTimer]:
+    """Every POSIX timer: /proc/PID/timers, then time left, interval and overrun count
+    asked of the process (timer ids are per process: any thread may ask)."""
+    out = []
+    for t in read_timers(pid):
+        inj(NR.timer_gettime, t.id, scratch, what=f"timer_gettime({t.id})")
+        interval, value = parse_itimerspec(vm_read(pid, scratch, ITIMERSPEC.size))
+        overrun = inj(NR.timer_getoverrun, t.id, what=f"timer_getoverrun({t.id})")
+        out.append(PosixTimer(t, interval_ns=interval, value_ns=value, overrun=overrun))
+    return out
+
+
+def collect_settings(pid: int, tid: int, scope: prctl.Scope, inj: Injector, scratch: int,
+                     ) -> dict[str, int]:
+    """The prctl settings of ``scope`` (ckpt.kernel.prctl), read in thread ``tid``; one
+    a restore cannot set again and that is not at its default is refused."""
+    values = prctl.read_settings(
+        scope, lambda *a: inj.raw(NR.prctl, *a), lambda at, n: vm_read(pid, at, n), scratch,
+        lambda: prctl.stat_flags(read_text(pid, "/proc", "task", str(tid), "stat")))
+    refused = prctl.refused(values)
+    if refused:
+        raise NotDumpable(f"{scope.value} {tid} has {refused[0]}, which a restore cannot "
+                          "set again: not supported")
+    return values

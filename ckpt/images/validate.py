@@ -36,7 +36,9 @@ from ckpt.images.framing import FORMAT_VERSION
 from ckpt.images.pb import core_pb2 as core
 from ckpt.images.pb import image_pb2 as img
 from ckpt.images.siginfo import SIGINFO_SIZE, signo
+from ckpt.kernel import prctl
 from ckpt.kernel.sys import PAGE_SIZE
+from ckpt.kernel.timers import NOTIFIES, SIGEV_NONE, SIGEV_THREAD_ID, cpu_clock_pid, valid_clock
 
 PID_MAX = 1 << 22  # PID_MAX_LIMIT on 64-bit
 NR_OPEN_MAX = 1073741816  # the largest fs.nr_open the kernel accepts
@@ -54,6 +56,7 @@ SECUREBITS = 0xFFF  # the six SECBIT_* flags and their locks (Linux 6.14+)
 BPF_INSN, BPF_MAXINSNS = 8, 4096  # struct sock_filter; instructions per cBPF program
 TRACKERS = ("uffd-wp", "soft-dirty", "compare")  # = ckpt.track.BACKENDS (tested)
 S64_MAX = (1 << 63) - 1
+INT_MAX = (1 << 31) - 1
 
 Check = Callable[[Any], "str | None"]  # None: the value is fine; else why it is not
 Problem = tuple[str, Any, str]  # (field, value, why)
@@ -151,6 +154,11 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
         "securebits": ranged(0, SECUREBITS), "seccomp_mode": one_of(0, 1, 2)},
     core.Itimer: {"which": one_of(0, 1, 2), "interval_us": ranged(0, 1 << 62),
                   "value_us": ranged(1, 1 << 62)},
+    core.PosixTimer: {"id": ranged(0, INT_MAX), "notify": one_of(*NOTIFIES),
+                      "clock": lambda v: None if valid_clock(v) else "not a timer's clock",
+                      "notify_tid": PID_OR_0, "interval_ns": ranged(0, 1 << 62),
+                      "value_ns": ranged(0, 1 << 62), "overrun": ranged(0, INT_MAX)},
+    core.Setting: {"name": one_of(*prctl.BY_NAME)},
     core.SeccompFilter: {"program": blob(BPF_MAXINSNS * BPF_INSN, multiple=BPF_INSN)},
     core.ProcessEntry: {
         "dumpable": ranged(0, 2), "pid": PID, "ppid": PID_OR_0, "pgid": PID_OR_0,
@@ -267,6 +275,10 @@ def _process(m: core.ProcessEntry) -> Iterator[Problem]:
     yield from _unique("sigactions.signo", (a.signo for a in m.sigactions))
     yield from _unique("rlimits.resource", (r.resource for r in m.rlimits))
     yield from _unique("itimers.which", (t.which for t in m.itimers))
+    yield from _posix_timers(m)
+    yield from _settings("settings", m.settings, prctl.Scope.PROCESS)
+    for i, th in enumerate(m.threads):
+        yield from _settings(f"threads[{i}].settings", th.settings, prctl.Scope.THREAD)
     yield from _unique("files.id", (f.id for f in m.files))
     yield from _unique("fds.fd", (f.fd for f in m.fds))
     ids = {f.id for f in m.files}
@@ -278,6 +290,27 @@ def _process(m: core.ProcessEntry) -> Iterator[Problem]:
         if v.start < end:
             yield f"vmas[{i}].start", v.start, "overlaps or precedes the VMA before it"
         end = v.end
+
+
+def _posix_timers(m: core.ProcessEntry) -> Iterator[Problem]:
+    yield from _unique("posix_timers.id", (t.id for t in m.posix_timers))
+    tids = {th.tid for th in m.threads}
+    for i, t in enumerate(m.posix_timers):
+        if t.notify != SIGEV_NONE and not 1 <= t.signo <= NSIG:
+            yield f"posix_timers[{i}].signo", t.signo, "not a signal"
+        if bool(t.notify & SIGEV_THREAD_ID) != (t.notify_tid in tids):
+            yield f"posix_timers[{i}].notify_tid", t.notify_tid, "not a thread it signals"
+        if t.clock < 0 and cpu_clock_pid(t.clock) not in tids | {0}:
+            yield f"posix_timers[{i}].clock", t.clock, "the CPU clock of another process"
+
+
+def _settings(where: str, settings: Iterable[core.Setting], scope: prctl.Scope,
+              ) -> Iterator[Problem]:
+    items = list(settings)
+    yield from _unique(f"{where}.name", (s.name for s in items))
+    for k, s in enumerate(items):
+        if s.name in prctl.BY_NAME and prctl.BY_NAME[s.name].scope != scope:
+            yield f"{where}[{k}].name", s.name, f"not a per-{scope.value} setting"
 
 
 def _thread_creds(where: str, th: core.ThreadCore) -> Iterator[Problem]:

@@ -57,6 +57,11 @@ class NR:
     arch_prctl = 158
     gettid = 186
     set_tid_address = 218
+    timer_create = 222
+    timer_settime = 223
+    timer_gettime = 224
+    timer_getoverrun = 225
+    timer_delete = 226
     tgkill = 234
     set_robust_list = 273
     get_robust_list = 274

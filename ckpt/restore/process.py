@@ -30,6 +30,7 @@ from ckpt.restore.access import check_access
 from ckpt.restore.creds import restore_creds
 from ckpt.restore.files import close_stub_fds, restore_files
 from ckpt.restore.pages import WritableIndex, fill_pages
+from ckpt.restore.settings import restore_all_settings
 from ckpt.restore.stub import Stub
 from ckpt.restore.tasks import (
     clone_threads,
@@ -39,6 +40,7 @@ from ckpt.restore.tasks import (
     restore_thread_state,
     unregister_stub_rseq,
 )
+from ckpt.restore.timers import create_timers
 from ckpt.restore.uffd_fill import CopyFill
 
 PR_SET_NAME = 15
@@ -112,7 +114,10 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
         restore_thread_state(task, th)
     restore_thread_state(stub, entry.threads[0])
     tids = [stub.pid, *(t.task.tid for t in threads)]
+    create_timers(stub, entry, {th.tid: tid for th, tid in zip(entry.threads, tids, strict=True)})
+    restore_all_settings(stub, threads, entry, after_creds=False)
     restore_creds(stub, threads, entry)  # last before the registers (ckpt.restore.creds)
+    restore_all_settings(stub, threads, entry, after_creds=True)  # what creds would reset
     # No trap after this point (see ckpt.restore.tasks): registers are loaded at stops
     # from which the kernel applies its own syscall-restart rules.
     last_syscalls(stub, entry, threads)  # parks the other threads too

@@ -63,6 +63,7 @@ from ckpt.kernel.ptrace import (
 )
 from ckpt.kernel.sys import NR, tgkill
 from ckpt.restore.stub import GADGET_LEN, Stub
+from ckpt.restore.timers import arm_timers
 
 ERESTART_RESTARTBLOCK = 516
 U64 = (1 << 64) - 1
@@ -229,6 +230,7 @@ def last_syscalls(stub: Stub, entry: pb.ProcessEntry, threads: list[Stub]) -> No
             what=f"rt_sigqueueinfo({signo})")
     for t in entry.itimers:  # armed last: a SIGALRM meanwhile stays pending (all blocked)
         inj(NR.setitimer, t.which, stub.put(itimerval(t), 3968), 0, what="setitimer")
+    arm_timers(inj, stub, entry)  # POSIX timers likewise (ckpt.restore.timers)
     inj(NR.rt_sigaction, signal.SIGTRAP, stub.put(image_action(entry, signal.SIGTRAP)), 0, 8,
         what="rt_sigaction(SIGTRAP)")
     # Nothing is fetched from the gadget after this: the syscall-exit stop comes first.

@@ -1,0 +1,233 @@
+"""POSIX timers and prctl settings across dump and restore (examples/targets/pstate.py),
+and the pure tables behind them (ckpt.collect.timers, ckpt.kernel.prctl)."""
+
+from __future__ import annotations
+
+import re
+import struct
+import time
+from pathlib import Path
+
+import pytest
+from conftest import (
+    Harness,
+    needs_root,
+    py_target,
+    read_lines,
+    thread_ids,
+    wait_for_line,
+    wait_for_lines,
+)
+
+from ckpt.collect.timers import ProcTimer, map_clock, parse_timers, read_timers, timer_refusal
+from ckpt.errors import ImageError
+from ckpt.images import ImageDir
+from ckpt.images.pb import core_pb2 as pb
+from ckpt.images.validate import validate
+from ckpt.kernel import prctl
+from ckpt.kernel.timers import SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, cpu_clock
+from ckpt.restore.timers import linear_plan
+
+DELAY = 6.0  # seconds until timers 0 and 2 fire: well after the dump
+REPORT = re.compile(r"report (main|worker) (.*)")
+
+
+def ask_report(out: Path, ask: Path, who: str, after: int) -> dict[str, str]:
+    """Append to ASK; the fields of ``who``'s next report line after line ``after``."""
+    with ask.open("a") as f:
+        f.write("x")
+
+    def found() -> str | None:
+        for line in read_lines(out)[after:]:
+            m = REPORT.fullmatch(line)
+            if m and m[1] == who:
+                return m[2]
+        return None
+
+    line = wait_for_line(out, lambda _: found() is not None, 10, f"a report of {who}")
+    del line
+    fields = found()
+    assert fields is not None
+    return dict(item.split("=", 1) for item in fields.split())
+
+
+def settings_of(report: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in report.items() if not k.startswith("t") or k == "timer_slack"}
+
+
+@needs_root
+@pytest.mark.parametrize("new_pid", [False, True], ids=["same-pid", "new-pid"])
+def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, new_pid: bool) -> None:
+    """Every timer comes back under its id with its clock, signal, value and target
+    thread; the armed ones fire after the restore with their signal and value, not
+    sooner than the time they had left; every prctl setting reads the same."""
+    out, ask = tmp_path / "out", tmp_path / "ask"
+    proc = harness.launch([*py_target("pstate.py"), ask, str(DELAY)], out)
+    worker = int(wait_for_line(out, lambda s: s.startswith("ready "), 10, "ready").split()[1])
+    before = {who: ask_report(out, ask, who, 1) for who in ("main", "worker")}
+    timers_before = read_timers(proc.pid)
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    core = ImageDir.open(str(images)).read_core(proc.pid)
+    dumped = {t.id: t for t in core.posix_timers}
+    assert sorted(dumped) == [0, 2, 4, 5]
+    if not dumped[0].value_ns or not dumped[2].value_ns:
+        pytest.skip("the machine was too slow: the timers fired before the dump")
+    assert dumped[4].interval_ns == 1000 * 10**9
+    assert {s.name: s.value for s in core.settings}["child_subreaper"] == 1
+    assert {s.name: s.value for s in core.threads[1].settings}["timer_slack"] == 654321
+    n = len(read_lines(out))
+    t0 = time.monotonic()
+    pid = harness.restore_detached(images, *(["--new-pid"] if new_pid else []))
+    (new_worker,) = thread_ids(pid) - {pid}
+    assert (pid, new_worker) != (proc.pid, worker) if new_pid else (proc.pid, worker)
+
+    # /proc/PID/timers: the same timers, the thread one aimed at the restored worker
+    def moved(t: ProcTimer) -> ProcTimer:
+        target = new_worker if t.notify & SIGEV_THREAD_ID else pid
+        return ProcTimer(t.id, t.signo, t.value, t.notify, target, t.clock)
+    assert read_timers(pid) == [moved(t) for t in timers_before]
+
+    after = {who: ask_report(out, ask, who, n) for who in ("main", "worker")}
+    assert settings_of(after["main"]) == settings_of(before["main"])
+    assert after["worker"] == before["worker"]
+    assert after["main"]["t4"].startswith("1000000000000/")
+    assert after["main"]["t5"] == "0/0/0"
+    for who, timer, signo, value in (("main", 0, 10, 0x1111), ("worker", 2, 36, 0x2222)):
+        want = f"fired {who} id={timer} signo={signo} value={value:#x} overrun=0"
+        wait_for_line(out, want.__eq__, DELAY + 20, f"timer {timer} to fire")
+        fired_at = time.monotonic()
+        assert fired_at >= t0 + dumped[timer].value_ns / 1e9 * 0.9, \
+            f"timer {timer} fired {fired_at - t0:.2f} s after the restore began, " \
+            f"with {dumped[timer].value_ns / 1e9:.2f} s left at the dump"
+    assert not [s for s in read_lines(out)[:n] if s.startswith("fired")], \
+        "a timer fired before the dump: the test proves nothing"
+    wait_for_lines(out, len(read_lines(out)))
+
+
+# --------------------------------------------------------------------------- pure
+
+PROC_TIMERS = ("ID: 5\nsignal: 0/0000000000005555\nnotify: none/pid.18832\nClockID: -6\n"
+               "ID: 2\nsignal: 36/0000000000002222\nnotify: signal/tid.18874\nClockID: 7\n"
+               "ID: 0\nsignal: 10/00000000deadbeef\nnotify: thread/pid.18832\nClockID: 1\n")
+
+
+def test_parse_timers() -> None:
+    assert parse_timers(PROC_TIMERS) == [
+        ProcTimer(0, 10, 0xDEADBEEF, 2, 18832, 1),
+        ProcTimer(2, 36, 0x2222, SIGEV_SIGNAL | SIGEV_THREAD_ID, 18874, 7),
+        ProcTimer(5, 0, 0x5555, SIGEV_NONE, 18832, -6)]
+    assert parse_timers("") == []
+    with pytest.raises(ValueError):
+        parse_timers("ID: 1\nsignal: 1/0\nnotify: bogus/pid.1\nClockID: 1\n")
+
+
+def test_timer_clocks() -> None:
+    """CPU clocks: the caller's own process clock is kept, a thread clock only where the
+    thread is known, a clock of a thread of the process is mapped, another's refused."""
+    t = ProcTimer(0, 14, 0, SIGEV_SIGNAL, 10, 1)
+    assert timer_refusal(t, (10, 11)) is None
+    assert timer_refusal(ProcTimer(0, 14, 0, 0, 10, -6), (10, 11)) is None
+    assert timer_refusal(ProcTimer(0, 14, 0, 0, 10, -2), (10,)) is None
+    assert "thread that created it" in (timer_refusal(ProcTimer(0, 14, 0, 0, 10, -2),
+                                                      (10, 11)) or "")
+    assert timer_refusal(ProcTimer(0, 14, 0, 0, 10, cpu_clock(11, 6)), (10, 11)) is None
+    assert "process 12" in (timer_refusal(ProcTimer(0, 14, 0, 0, 10, cpu_clock(12, 2)),
+                                          (10, 11)) or "")
+    assert "not one a timer uses" in (timer_refusal(ProcTimer(0, 14, 0, 0, 10, 5), (10,)) or "")
+    assert map_clock(cpu_clock(11, 6), {10: 20, 11: 21}) == cpu_clock(21, 6)
+    assert map_clock(-6, {10: 20}) == -6
+    assert map_clock(7, {10: 20}) == 7
+
+
+def test_linear_plan() -> None:
+    assert linear_plan([0, 2, 3]) == [(0, True), (1, False), (2, True), (3, True)]
+    assert linear_plan([]) == []
+
+
+def fake_prctl(values: dict[int, int], memory: dict[int, bytes]) -> prctl.Raw:
+    """A prctl over a table {option: value}; EINVAL (-22) for options it lacks."""
+    def call(option: int, *args: int) -> int:
+        if option not in values:
+            return -22
+        s = next(s for s in prctl.SETTINGS if s.get[0] == option)
+        if s.read == prctl.Read.INT_AT_ARG2:
+            memory[args[0]] = struct.pack("i", values[option])
+            return 0
+        if s.read == prctl.Read.U64_AT_ARG5:
+            memory[args[3]] = struct.pack("Q", values[option])
+            return 0
+        return values[option]
+    return call
+
+
+def test_read_settings_by_table() -> None:
+    memory: dict[int, bytes] = {}
+    call = fake_prctl({prctl.PR_GET_PDEATHSIG: 9, prctl.PR_GET_TIMERSLACK: 77,
+                       prctl.PR_SCHED_CORE: 0, prctl.PR_GET_SPECULATION_CTRL: 3},
+                      memory)
+    got = prctl.read_settings(prctl.Scope.THREAD, call, lambda at, n: memory[at][:n], 0x1000,
+                              lambda: prctl.PF_MEMALLOC_NOIO | prctl.PF_LOCAL_THROTTLE)
+    assert got == {"pdeath_signal": 9, "timer_slack": 77, "io_flusher": 1, "sched_core": 0,
+                   "spec_store_bypass": 3, "spec_indirect_branch": 3, "spec_l1d_flush": 3}
+    assert prctl.refused(got) == []
+    assert prctl.refused({**got, "sched_core": 5}) == ["sched_core = 0x5"]
+
+
+def test_settings_table_is_whole() -> None:
+    """Every row says its scope and how to set it (or is refused); names are unique."""
+    assert len(prctl.BY_NAME) == len(prctl.SETTINGS)
+    for s in prctl.SETTINGS:
+        assert s.scope in (prctl.Scope.PROCESS, prctl.Scope.THREAD)
+    assert prctl.BY_NAME["pdeath_signal"].after_creds
+    assert {s.name for s in prctl.in_scope(prctl.Scope.PROCESS)} == {
+        "child_subreaper", "thp_disable", "mdwe", "memory_merge"}
+
+
+def test_to_set() -> None:
+    thp, spec = prctl.BY_NAME["thp_disable"], prctl.BY_NAME["spec_store_bypass"]
+    assert prctl.to_set(thp, 3, 0) == (prctl.PR_SET_THP_DISABLE, 1, 2, 0, 0)
+    assert prctl.to_set(thp, 0, 1) == (prctl.PR_SET_THP_DISABLE, 0, 0, 0, 0)
+    assert prctl.to_set(thp, 1, 1) is None
+    assert prctl.to_set(thp, 0, None) is None  # the kernel lacks it: default is fine
+    assert prctl.to_set(thp, 1, None) == (prctl.PR_SET_THP_DISABLE, 1, 0, 0, 0)
+    assert prctl.to_set(spec, 2, 4) is None  # not per task (no PR_SPEC_PRCTL): the machine's
+    assert prctl.to_set(spec, 1 | 4, 1 | 2) == (prctl.PR_SET_SPECULATION_CTRL, 0, 4, 0, 0)
+    mce = prctl.BY_NAME["mce_kill"]
+    assert prctl.to_set(mce, prctl.PR_MCE_KILL_DEFAULT, 1) == (prctl.PR_MCE_KILL, 0, 0, 0, 0)
+    assert prctl.to_set(mce, 1, 2) == (prctl.PR_MCE_KILL, 1, 1, 0, 0)
+    assert prctl.stat_flags("1 (a b) S 0 1 1 0 -1 4194560 0") == 4194560
+
+
+def core_with(**kw: object) -> pb.ProcessEntry:
+    entry = pb.ProcessEntry(pid=10, threads=[pb.ThreadCore(tid=10, creds=pb.Creds()),
+                                             pb.ThreadCore(tid=11, creds=pb.Creds())])
+    for name, value in kw.items():
+        getattr(entry, name).extend(value)
+    return entry
+
+
+@pytest.mark.parametrize("entry, says", [
+    (core_with(posix_timers=[pb.PosixTimer(id=1, notify=7, signo=14, clock=1)]),
+     "posix_timers[0].notify = 7"),
+    (core_with(posix_timers=[pb.PosixTimer(id=1, notify=0, signo=0, clock=1)]),
+     "posix_timers[0].signo = 0: not a signal"),
+    (core_with(posix_timers=[pb.PosixTimer(id=1, notify=4, signo=14, clock=1,
+                                           notify_tid=12)]),
+     "posix_timers[0].notify_tid = 12"),
+    (core_with(posix_timers=[pb.PosixTimer(id=1, notify=1, clock=cpu_clock(99, 2))]),
+     "the CPU clock of another process"),
+    (core_with(posix_timers=[pb.PosixTimer(id=1, notify=1, clock=1),
+                             pb.PosixTimer(id=1, notify=1, clock=1)]),
+     "posix_timers.id[1] = 1: a duplicate"),
+    (core_with(settings=[pb.Setting(name="timer_slack", value=1)]),
+     "not a per-process setting"),
+    (core_with(settings=[pb.Setting(name="bogus", value=1)]), "settings[0].name = 'bogus'"),
+])
+def test_bad_timers_and_settings_are_refused(entry: pb.ProcessEntry, says: str) -> None:
+    with pytest.raises(ImageError, match=re.escape(says)):
+        validate("core-10.img", entry)
+    good = core_with(posix_timers=[pb.PosixTimer(id=3, notify=4, signo=36, clock=-6,
+                                                 notify_tid=11)],
+                     settings=[pb.Setting(name="mdwe", value=1)])
+    validate("core-10.img", good)
