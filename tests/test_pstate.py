@@ -16,10 +16,17 @@ from conftest import (
     read_lines,
     thread_ids,
     wait_for_line,
-    wait_for_lines,
 )
 
-from ckpt.collect.timers import ProcTimer, map_clock, parse_timers, read_timers, timer_refusal
+from ckpt.collect.timers import (
+    PosixTimer,
+    ProcTimer,
+    map_clock,
+    overrun_refusal,
+    parse_timers,
+    read_timers,
+    timer_refusal,
+)
 from ckpt.errors import ImageError
 from ckpt.images import ImageDir
 from ckpt.images.pb import core_pb2 as pb
@@ -60,7 +67,8 @@ def settings_of(report: dict[str, str]) -> dict[str, str]:
 def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, new_pid: bool) -> None:
     """Every timer comes back under its id with its clock, signal, value and target
     thread; the armed ones fire after the restore with their signal and value, not
-    sooner than the time they had left; every prctl setting reads the same."""
+    sooner than the time they had left; one with overruns counts as many; every prctl
+    setting reads the same."""
     out, ask = tmp_path / "out", tmp_path / "ask"
     proc = harness.launch([*py_target("pstate.py"), ask, str(DELAY)], out)
     worker = int(wait_for_line(out, lambda s: s.startswith("ready "), 10, "ready").split()[1])
@@ -70,7 +78,8 @@ def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, new_pid: 
     harness.dump_and_reap(proc, images)
     core = ImageDir.open(str(images)).read_core(proc.pid)
     dumped = {t.id: t for t in core.posix_timers}
-    assert sorted(dumped) == [0, 2, 4, 5]
+    assert sorted(dumped) == [0, 2, 4, 5, 6]
+    assert dumped[6].overrun > 0
     if not dumped[0].value_ns or not dumped[2].value_ns:
         pytest.skip("the machine was too slow: the timers fired before the dump")
     assert dumped[4].interval_ns == 1000 * 10**9
@@ -93,6 +102,9 @@ def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, new_pid: 
     assert after["worker"] == before["worker"]
     assert after["main"]["t4"].startswith("1000000000000/")
     assert after["main"]["t5"] == "0/0/0"
+    interval, _, overrun = after["main"]["t6"].split("/")
+    assert (int(interval), int(overrun)) == (20_000_000, dumped[6].overrun)
+    assert before["main"]["t6"].split("/")[2] == str(dumped[6].overrun)
     for who, timer, signo, value in (("main", 0, 10, 0x1111), ("worker", 2, 36, 0x2222)):
         want = f"fired {who} id={timer} signo={signo} value={value:#x} overrun=0"
         wait_for_line(out, want.__eq__, DELAY + 20, f"timer {timer} to fire")
@@ -100,9 +112,8 @@ def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, new_pid: 
         assert fired_at >= t0 + dumped[timer].value_ns / 1e9 * 0.9, \
             f"timer {timer} fired {fired_at - t0:.2f} s after the restore began, " \
             f"with {dumped[timer].value_ns / 1e9:.2f} s left at the dump"
-    assert not [s for s in read_lines(out)[:n] if s.startswith("fired")], \
-        "a timer fired before the dump: the test proves nothing"
-    wait_for_lines(out, len(read_lines(out)))
+    early = [s for s in read_lines(out)[:n] if s.startswith(("fired main id=0", "fired worker"))]
+    assert not early, "a timer fired before the dump: the test proves nothing"
 
 
 # --------------------------------------------------------------------------- pure
@@ -231,3 +242,16 @@ def test_bad_timers_and_settings_are_refused(entry: pb.ProcessEntry, says: str) 
                                                  notify_tid=11)],
                      settings=[pb.Setting(name="mdwe", value=1)])
     validate("core-10.img", good)
+
+
+def test_overrun_refusal() -> None:
+    """An overrun count comes back only where replaying expiries recreates it."""
+    plain = ProcTimer(0, 14, 0, SIGEV_SIGNAL, 10, 1)
+    ok = PosixTimer(plain, interval_ns=10, value_ns=4, overrun=3)
+    assert overrun_refusal(ok) is None
+    assert overrun_refusal(PosixTimer(plain, interval_ns=0, value_ns=0, overrun=0)) is None
+    cpu = PosixTimer(ProcTimer(0, 14, 0, SIGEV_SIGNAL, 10, -6), 10, 4, 3)
+    assert "CPU clock" in (overrun_refusal(cpu) or "")
+    trap = PosixTimer(ProcTimer(0, 5, 0, SIGEV_SIGNAL, 10, 1), 10, 4, 3)
+    assert "SIGTRAP" in (overrun_refusal(trap) or "")
+    assert "off its interval" in (overrun_refusal(PosixTimer(plain, 10, 40, 3)) or "")

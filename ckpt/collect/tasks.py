@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from ckpt.collect.creds import Creds, collect_creds
 from ckpt.collect.inject import open_injector
 from ckpt.collect.proc import read_text
-from ckpt.collect.timers import PosixTimer, read_timers
+from ckpt.collect.timers import PosixTimer, overrun_refusal, read_timers
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.errors import NotDumpable
 from ckpt.kernel import prctl
@@ -171,7 +171,11 @@ def collect_timers(pid: int, inj: Injector, scratch: int) -> list[PosixTimer]:
         inj(NR.timer_gettime, t.id, scratch, what=f"timer_gettime({t.id})")
         interval, value = parse_itimerspec(vm_read(pid, scratch, ITIMERSPEC.size))
         overrun = inj(NR.timer_getoverrun, t.id, what=f"timer_getoverrun({t.id})")
-        out.append(PosixTimer(t, interval_ns=interval, value_ns=value, overrun=overrun))
+        timer = PosixTimer(t, interval_ns=interval, value_ns=value, overrun=overrun)
+        if (why := overrun_refusal(timer)) is not None:
+            raise NotDumpable(f"process {pid} has POSIX timer {t.id}, and a restore cannot set "
+                              f"{why} again: not supported")
+        out.append(timer)
     return out
 
 

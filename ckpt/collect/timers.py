@@ -33,6 +33,7 @@ from ckpt.kernel.timers import (
     valid_clock,
 )
 
+SIGTRAP = 5
 NOTIFY_KINDS = {"signal": SIGEV_SIGNAL, "none": SIGEV_NONE, "thread": SIGEV_THREAD}
 
 
@@ -113,6 +114,21 @@ def timer_refusal(t: ProcTimer, tids: tuple[int, ...]) -> str | None:
     if pid in tids:
         return None
     return f"it measures the CPU time of process {pid}, outside the dump"
+
+
+def overrun_refusal(t: PosixTimer) -> str | None:
+    """Why a restore cannot give this timer its overrun count back (None: it can, see
+    ckpt.restore.timers.replay_overrun): only a signal a thread can take, on a clock whose
+    expiries are whole intervals apart from the first."""
+    if not t.overrun:
+        return None
+    if t.proc.clock < 0:
+        return "its overrun count (a CPU clock's timer)"
+    if t.proc.signo == SIGTRAP:
+        return "its overrun count (its signal is SIGTRAP, which a restore needs)"
+    if not 0 < t.value_ns <= t.interval_ns:
+        return "its overrun count (armed off its interval)"
+    return None
 
 
 def map_clock(clock: int, tid_map: dict[int, int]) -> int:

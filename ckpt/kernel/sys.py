@@ -50,6 +50,7 @@ class NR:
     chdir = 80
     umask = 95
     setsid = 112
+    rt_sigtimedwait = 128
     rt_sigqueueinfo = 129
     sigaltstack = 131
     personality = 135
@@ -62,6 +63,7 @@ class NR:
     timer_gettime = 224
     timer_getoverrun = 225
     timer_delete = 226
+    clock_gettime = 228
     tgkill = 234
     set_robust_list = 273
     get_robust_list = 274

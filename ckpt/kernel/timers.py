@@ -26,10 +26,22 @@ CPUCLOCK_TYPES = 3  # PROF 0, VIRT 1, SCHED 2: 3 is none
 NSEC = 1_000_000_000
 ITIMERSPEC = struct.Struct("qqqq")  # it_interval, it_value: (tv_sec, tv_nsec) each
 SIGEVENT = struct.Struct("Qiii44x")  # sigev_value, signo, notify, _tid; 64 bytes
+TIMESPEC = struct.Struct("qq")
+TIMER_ABSTIME = 1
+SI_OVERRUN = 20  # offset of si_overrun in a timer's siginfo (after si_tid)
 
 
 def itimerspec(interval_ns: int, value_ns: int) -> bytes:
     return ITIMERSPEC.pack(*divmod(interval_ns, NSEC), *divmod(value_ns, NSEC))
+
+
+def timespec(ns: int) -> bytes:
+    return TIMESPEC.pack(*divmod(ns, NSEC))
+
+
+def parse_timespec(data: bytes) -> int:
+    sec, nsec = TIMESPEC.unpack(data[:TIMESPEC.size])
+    return int(sec * NSEC + nsec)
 
 
 def parse_itimerspec(data: bytes) -> tuple[int, int]:

@@ -40,7 +40,7 @@ from ckpt.restore.tasks import (
     restore_thread_state,
     unregister_stub_rseq,
 )
-from ckpt.restore.timers import create_timers
+from ckpt.restore.timers import create_timers, replay_overruns
 from ckpt.restore.uffd_fill import CopyFill
 
 PR_SET_NAME = 15
@@ -115,6 +115,7 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     restore_thread_state(stub, entry.threads[0])
     tids = [stub.pid, *(t.task.tid for t in threads)]
     create_timers(stub, entry, {th.tid: tid for th, tid in zip(entry.threads, tids, strict=True)})
+    replay_overruns(stub, threads, entry)
     restore_all_settings(stub, threads, entry, after_creds=False)
     restore_creds(stub, threads, entry)  # last before the registers (ckpt.restore.creds)
     restore_all_settings(stub, threads, entry, after_creds=True)  # what creds would reset

@@ -8,10 +8,20 @@ timer names one), armed among the last syscalls, so the time left runs from the 
     arm      timer_settime(time left, interval), relative: the restored timer fires as
              long after the release as the dumped one had left at the freeze.
 
+    replay   a timer with an overrun count (timer_getoverrun: that of its last delivered
+             signal) is armed earlier, in the trap phase, so that the kernel counts the
+             overruns itself: timer_settime at an absolute time N+1 intervals before the
+             next expiry, in the past, makes it fire at once; its signal, blocked, is taken
+             with rt_sigtimedwait, and that rearms it N+1 intervals on (hrtimer_forward),
+             at the dumped next expiry, with it_overrun_last N (timer_settime would have
+             reset it). Only on clocks whose expiries are whole intervals apart and for a
+             time left within one interval: the dump refuses the others
+             (ckpt.collect.timers.overrun_refusal).
+
 A timer whose signal was pending at the dump is restored with it pending (the siginfo is
-queued as dumped, ckpt.restore.tasks). timer_getoverrun reads the count of the last
-delivered signal; the kernel offers no way to set it (timer_settime resets it to 0), so
-the dump refuses a timer with overruns (ckpt.collect.timers.overrun_refusal).
+queued as dumped, ckpt.restore.tasks), and the timer armed: overruns that the pending
+signal gathered are not seen (the kernel tells them only by delivering it), and a later
+expiry while the first is still pending queues a second signal instead of counting.
 """
 
 from __future__ import annotations
@@ -25,16 +35,25 @@ from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.ptrace import Injector
 from ckpt.kernel.sys import NR, vm_read
 from ckpt.kernel.timers import (
+    NSEC,
     PR_TIMER_CREATE_RESTORE_IDS,
     RESTORE_IDS_OFF,
     RESTORE_IDS_ON,
+    SI_OVERRUN,
     SIGEV_THREAD_ID,
+    TIMER_ABSTIME,
+    TIMESPEC,
     itimerspec,
+    parse_timespec,
     sigevent,
+    timespec,
 )
 from ckpt.restore.stub import Stub
 
-SIGEVENT_AT, TIMER_ID_AT, SPEC_AT = 4096, 4160, 4176  # scratch offsets
+SIGEVENT_AT, TIMER_ID_AT, SPEC_AT, INFO_AT = 4096, 4160, 4176, 4352  # scratch offsets
+WAIT_NS = 2 * NSEC  # for the replayed expiry's signal
+U64 = (1 << 64) - 1
+SIGTRAP = 5
 
 
 def linear_plan(ids: list[int]) -> list[tuple[int, bool]]:
@@ -83,10 +102,47 @@ def create_timers(stub: Stub, entry: pb.ProcessEntry, tid_map: dict[int, int]) -
                     what="PR_TIMER_CREATE_RESTORE_IDS off")
 
 
-def arm_timers(inj: Injector, stub: Stub, entry: pb.ProcessEntry) -> None:
-    """timer_settime for every armed timer, through a last-syscalls injector."""
+def replay_overruns(stub: Stub, threads: list[Stub], entry: pb.ProcessEntry) -> None:
+    """Arm every timer with an overrun count (see the module docstring), in the thread
+    its signal goes to (``threads``: the non-leader ones, in image order)."""
+    by_tid = {th.tid: task for th, task in zip(entry.threads, [stub, *threads], strict=True)}
     for t in entry.posix_timers:
-        if t.value_ns:
+        if t.overrun:
+            replay_overrun(by_tid.get(t.notify_tid, stub), t, by_tid)
+
+
+def replay_overrun(task: Stub, t: pb.PosixTimer, by_tid: dict[int, Stub]) -> None:
+    mask = task.task.get_sigmask()
+    task.task.set_sigmask(U64 & ~(1 << (SIGTRAP - 1)))  # a forced SIGTRAP must not be blocked
+    try:
+        clock = map_clock(t.clock, {tid: s.task.tid for tid, s in by_tid.items()})
+        task.sc(NR.clock_gettime, clock, task.scratch + SPEC_AT, what="clock_gettime")
+        now = parse_timespec(vm_read(task.pid, task.scratch + SPEC_AT, TIMESPEC.size))
+        first = now + t.value_ns - (t.overrun + 1) * t.interval_ns
+        if first <= 0:
+            raise RestoreError(f"cannot give POSIX timer {t.id} its {t.overrun} overruns back: "
+                               f"clock {t.clock} reads only {now} ns here")
+        task.sc(NR.timer_settime, t.id, TIMER_ABSTIME,
+                task.put(itimerspec(t.interval_ns, first), SPEC_AT), 0,
+                what=f"timer_settime({t.id})")
+        got = task.sc(NR.rt_sigtimedwait, task.put(struct.pack("Q", 1 << (t.signo - 1)),
+                                                   SIGEVENT_AT),
+                      task.scratch + INFO_AT, task.put(timespec(WAIT_NS), TIMER_ID_AT), 8,
+                      check=False)
+        info = vm_read(task.pid, task.scratch + INFO_AT, SI_OVERRUN + 4)
+        overrun = struct.unpack_from("i", info, SI_OVERRUN)[0]
+        if got != t.signo or overrun < t.overrun:
+            raise RestoreError(f"POSIX timer {t.id} did not take its {t.overrun} overruns "
+                               f"back (rt_sigtimedwait: {got}, overrun {overrun})")
+    finally:
+        task.task.set_sigmask(mask)
+
+
+def arm_timers(inj: Injector, stub: Stub, entry: pb.ProcessEntry) -> None:
+    """timer_settime for every armed timer, through a last-syscalls injector (but those
+    replay_overruns armed)."""
+    for t in entry.posix_timers:
+        if t.value_ns and not t.overrun:
             inj(NR.timer_settime, t.id, 0, stub.put(itimerspec(t.interval_ns, t.value_ns),
                                                     SPEC_AT), 0,
                 what=f"timer_settime({t.id})")

@@ -12,7 +12,9 @@ which gives the siginfo's timer id and value):
                  2  CLOCK_BOOTTIME, SIGRTMIN+2 to the worker (SIGEV_THREAD_ID), value
                     0x2222, fires once after DELAY seconds
                  4  CLOCK_REALTIME, SIGEV_NONE, value 0x4444, every 1000 s
-               and 5, CLOCK_PROCESS_CPUTIME_ID, SIGEV_NONE, never armed
+               then 5, CLOCK_PROCESS_CPUTIME_ID, SIGEV_NONE, never armed, and
+                 6  CLOCK_MONOTONIC, SIGRTMIN+3 to the process, every 20 ms: its signal is
+                    taken once after 200 ms (about 9 overruns), then left pending
 
 Lines:
     ready <worker tid>
@@ -38,7 +40,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 NR_GETTID, NR_TIMER_CREATE, NR_TIMER_DELETE = 186, 222, 226
 NR_TIMER_SETTIME, NR_TIMER_GETTIME, NR_TIMER_GETOVERRUN = 223, 224, 225
-SIGUSR1, SIGWINCH, SIGURG, SIGRT2 = 10, 28, 23, 36
+SIGUSR1, SIGWINCH, SIGURG, SIGRT2, SIGRT3 = 10, 28, 23, 36, 37
 SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID = 0, 1, 4
 CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME_ID, CLOCK_BOOTTIME = 0, 1, 2, 7
 PR_SET_PDEATHSIG, PR_GET_PDEATHSIG, PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 1, 2, 29, 30
@@ -162,7 +164,7 @@ def worker(ask: str, started: threading.Event, tid: list[int]) -> None:
 
 def main() -> None:
     ask, delay = sys.argv[1], float(sys.argv[2])
-    block(SIGUSR1, SIGRT2)  # before the worker starts: it inherits the mask
+    block(SIGUSR1, SIGRT2, SIGRT3)  # before the worker starts: it inherits the mask
     prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
     prctl(PR_SET_TIMERSLACK, 123456, 0, 0, 0)
@@ -182,13 +184,17 @@ def main() -> None:
     timer_set(0, 0, int(delay * NSEC))
     timer_set(2, 0, int(delay * NSEC))
     timer_set(4, 1000 * NSEC, 1000 * NSEC)
+    assert timer_create(CLOCK_MONOTONIC, SIGEV_SIGNAL, SIGRT3, 0x6666) == 6
+    timer_set(6, 20_000_000, 20_000_000)
+    time.sleep(0.2)
+    wait_timer_signal("main", SIGRT3)
     prctl(PR_SET_MDWE, 1, 0, 0, 0)  # last: nothing after it maps code
     asked = Asked(ask)
     say(f"ready {tid[0]}")
     while True:
         wait_timer_signal("main", SIGUSR1)
         if asked.new():
-            timers = " ".join(f"t{i}={timer_state(i)}" for i in (0, 2, 4, 5))
+            timers = " ".join(f"t{i}={timer_state(i)}" for i in (0, 2, 4, 5, 6))
             say(f"report main {thread_settings()} "
                 f"child_subreaper={prctl_int(PR_GET_CHILD_SUBREAPER)} "
                 f"thp_disable={prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0)} "
