@@ -63,12 +63,12 @@ def settings_of(report: dict[str, str]) -> dict[str, str]:
 
 
 @needs_root
-@pytest.mark.parametrize("new_pid", [False, True], ids=["same-pid", "new-pid"])
-def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, new_pid: bool) -> None:
+def test_timers_and_settings_survive(harness: Harness, tmp_path: Path) -> None:
     """Every timer comes back under its id with its clock, signal, value and target
     thread; the armed ones fire after the restore with their signal and value, not
     sooner than the time they had left; one with overruns counts as many; every prctl
-    setting reads the same."""
+    setting reads the same. Under a new pid, so that thread ids are mapped (and no other
+    process can take the dumped pid meanwhile)."""
     out, ask = tmp_path / "out", tmp_path / "ask"
     proc = harness.launch([*py_target("pstate.py"), ask, str(DELAY)], out)
     worker = int(wait_for_line(out, lambda s: s.startswith("ready "), 10, "ready").split()[1])
@@ -87,9 +87,9 @@ def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, new_pid: 
     assert {s.name: s.value for s in core.threads[1].settings}["timer_slack"] == 654321
     n = len(read_lines(out))
     t0 = time.monotonic()
-    pid = harness.restore_detached(images, *(["--new-pid"] if new_pid else []))
+    pid = harness.restore_detached(images, "--new-pid")
     (new_worker,) = thread_ids(pid) - {pid}
-    assert (pid, new_worker) != (proc.pid, worker) if new_pid else (proc.pid, worker)
+    assert pid != proc.pid and new_worker != worker
 
     # /proc/PID/timers: the same timers, the thread one aimed at the restored worker
     def moved(t: ProcTimer) -> ProcTimer:
@@ -100,6 +100,7 @@ def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, new_pid: 
     after = {who: ask_report(out, ask, who, n) for who in ("main", "worker")}
     assert settings_of(after["main"]) == settings_of(before["main"])
     assert after["worker"] == before["worker"]
+    assert before["worker"]["name"] == "pst-worker"
     assert after["main"]["t4"].startswith("1000000000000/")
     assert after["main"]["t5"] == "0/0/0"
     interval, _, overrun = after["main"]["t6"].split("/")
@@ -234,6 +235,7 @@ def core_with(**kw: object) -> pb.ProcessEntry:
     (core_with(settings=[pb.Setting(name="timer_slack", value=1)]),
      "not a per-process setting"),
     (core_with(settings=[pb.Setting(name="bogus", value=1)]), "settings[0].name = 'bogus'"),
+    (core_with(settings=[pb.Setting(name="mdwe", value=-1)]), "settings[0].value = -1: not in"),
 ])
 def test_bad_timers_and_settings_are_refused(entry: pb.ProcessEntry, says: str) -> None:
     with pytest.raises(ImageError, match=re.escape(says)):
@@ -242,6 +244,10 @@ def test_bad_timers_and_settings_are_refused(entry: pb.ProcessEntry, says: str) 
                                                  notify_tid=11)],
                      settings=[pb.Setting(name="mdwe", value=1)])
     validate("core-10.img", good)
+    named = core_with()
+    named.threads[1].name = b"x" * 16
+    with pytest.raises(ImageError, match=r"threads\[1\]\.name = .*not a thread name"):
+        validate("core-10.img", named)
 
 
 def test_overrun_refusal() -> None:

@@ -69,6 +69,7 @@ class ThreadState:
     pending: list[bytes] = field(default_factory=list)  # siginfo queued to the thread
     creds: Creds | None = None  # ids, capabilities, securebits, seccomp (ckpt.collect.creds)
     settings: dict[str, int] = field(default_factory=dict)  # per thread (ckpt.kernel.prctl)
+    name: bytes = b""  # PR_GET_NAME
 
 
 @dataclass
@@ -149,6 +150,7 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
                 state.altstack = (sp, flags, size)
                 state.settings = collect_settings(pid, task.tid, prctl.Scope.THREAD, ti,
                                                   scratch)
+                state.name = thread_name(pid, ti, scratch)
                 state.creds = collect_creds(pid, task.tid, ti(
                     NR.prctl, PR_GET_SECUREBITS, 0, 0, 0, 0, what="PR_GET_SECUREBITS"))
             finally:
@@ -177,6 +179,12 @@ def collect_timers(pid: int, inj: Injector, scratch: int) -> list[PosixTimer]:
                               f"{why} again: not supported")
         out.append(timer)
     return out
+
+
+def thread_name(pid: int, inj: Injector, scratch: int) -> bytes:
+    """PR_GET_NAME in the injector's thread."""
+    return prctl.read_name(lambda *a: inj.raw(NR.prctl, *a), lambda at, n: vm_read(pid, at, n),
+                           scratch)
 
 
 def collect_settings(pid: int, tid: int, scope: prctl.Scope, inj: Injector, scratch: int,

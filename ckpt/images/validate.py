@@ -123,6 +123,11 @@ def siginfo(v: bytes) -> str | None:
     return None if 1 <= n <= NSIG else f"siginfo of signal {n}"
 
 
+def thread_name(v: bytes) -> str | None:
+    ok = len(v) < prctl.TASK_COMM_LEN and b"\0" not in v
+    return None if ok else "not a thread name (at most 15 bytes, no NUL)"
+
+
 def hex_token(v: str) -> str | None:
     ok = len(v) <= 64 and all(c in "0123456789abcdef" for c in v)
     return None if ok else "not a hex token"
@@ -168,7 +173,7 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
     },
     core.ThreadCore: {"tid": PID, "xstate": blob(1 << 20), "clear_child_tid": ANY_ADDR,
                       "robust_list_head": ANY_ADDR, "robust_list_len": ranged(0, 1 << 12),
-                      "pending_signals": siginfo},
+                      "pending_signals": siginfo, "name": thread_name},
     core.GpRegs: {"cs": SEGMENT, "ss": SEGMENT, "ds": SEGMENT, "es": SEGMENT, "fs": SEGMENT,
                   "gs": SEGMENT, "fs_base": ANY_ADDR, "gs_base": ANY_ADDR},
     core.Rseq: {"abi_pointer": ANY_ADDR, "abi_size": ranged(0, PAGE_SIZE)},
@@ -309,8 +314,11 @@ def _settings(where: str, settings: Iterable[core.Setting], scope: prctl.Scope,
     items = list(settings)
     yield from _unique(f"{where}.name", (s.name for s in items))
     for k, s in enumerate(items):
-        if s.name in prctl.BY_NAME and prctl.BY_NAME[s.name].scope != scope:
+        row = prctl.BY_NAME.get(s.name)
+        if row is not None and row.scope != scope:
             yield f"{where}[{k}].name", s.name, f"not a per-{scope.value} setting"
+        if row is not None and not 0 <= s.value <= row.top:
+            yield f"{where}[{k}].value", s.value, f"not in 0..{row.top} for {s.name}"
 
 
 def _thread_creds(where: str, th: core.ThreadCore) -> Iterator[Problem]:

@@ -24,6 +24,9 @@ target, by an injected prctl) and how it is set again (in the stub), side by sid
                                                                  the address space is built)
     memory_merge    process  PR_GET_MEMORY_MERGE (KSM)           PR_SET_MEMORY_MERGE v
 
+The thread's name (PR_GET_NAME / PR_SET_NAME, 16 bytes with the NUL) is kept too, beside
+the table as it is not a number (read_name, ThreadCore.name).
+
 Elsewhere: dumpable (ckpt.collect.tasks), keepcaps, securebits, no_new_privs, seccomp and
 the bounding set (ckpt.collect.creds), tid address (ckpt.collect.tasks), mm fields and
 auxv (PR_SET_MM_MAP), name of the leader (PR_SET_NAME). Not on x86 (EINVAL): endian,
@@ -43,6 +46,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 PR_SET_PDEATHSIG, PR_GET_PDEATHSIG = 1, 2
+PR_SET_NAME, PR_GET_NAME, TASK_COMM_LEN = 15, 16, 16
 PR_GET_TSC, PR_SET_TSC = 25, 26
 PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30
 PR_MCE_KILL, PR_MCE_KILL_GET = 33, 34
@@ -56,6 +60,7 @@ PR_SET_IO_FLUSHER = 57
 PR_SCHED_CORE, PR_SCHED_CORE_GET = 62, 0
 PR_SET_MDWE, PR_GET_MDWE = 65, 66
 PR_SET_MEMORY_MERGE, PR_GET_MEMORY_MERGE = 67, 68
+S64_MAX = (1 << 63) - 1
 PF_MEMALLOC_NOIO, PF_LOCAL_THROTTLE = 0x00080000, 0x00100000  # PR_SET_IO_FLUSHER sets both
 
 
@@ -79,6 +84,7 @@ class Setting:
     read: Read
     set: Callable[[int], tuple[int, ...]] | None  # value -> prctl args; None: refused
     default: int  # a process that never changed it
+    top: int  # values are 0..top (what an image may hold)
     after_creds: bool = False  # commit_creds would reset it: set after the credentials
     kept: Callable[[int], bool] = lambda v: True  # is this value the task's own?
 
@@ -86,7 +92,7 @@ class Setting:
 def _spec(name: str, which: int) -> Setting:
     return Setting(f"spec_{name}", Scope.THREAD, (PR_GET_SPECULATION_CTRL, which), Read.RETURNED,
                    lambda v: (PR_SET_SPECULATION_CTRL, which, v & ~PR_SPEC_PRCTL, 0, 0),
-                   default=0, kept=lambda v: bool(v & PR_SPEC_PRCTL))
+                   default=0, top=31, kept=lambda v: bool(v & PR_SPEC_PRCTL))
 
 
 def _mce(v: int) -> tuple[int, ...]:
@@ -97,28 +103,28 @@ def _mce(v: int) -> tuple[int, ...]:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("pdeath_signal", Scope.THREAD, (PR_GET_PDEATHSIG,), Read.INT_AT_ARG2,
-            lambda v: (PR_SET_PDEATHSIG, v, 0, 0, 0), default=0, after_creds=True),
+            lambda v: (PR_SET_PDEATHSIG, v, 0, 0, 0), default=0, top=64, after_creds=True),
     Setting("timer_slack", Scope.THREAD, (PR_GET_TIMERSLACK, 0, 0, 0, 0), Read.RETURNED,
-            lambda v: (PR_SET_TIMERSLACK, v, 0, 0, 0), default=50_000),
+            lambda v: (PR_SET_TIMERSLACK, v, 0, 0, 0), default=50_000, top=S64_MAX),
     Setting("tsc", Scope.THREAD, (PR_GET_TSC,), Read.INT_AT_ARG2,
-            lambda v: (PR_SET_TSC, v, 0, 0, 0), default=1),
+            lambda v: (PR_SET_TSC, v, 0, 0, 0), default=1, top=2),
     Setting("mce_kill", Scope.THREAD, (PR_MCE_KILL_GET, 0, 0, 0, 0), Read.RETURNED, _mce,
-            default=PR_MCE_KILL_DEFAULT),
+            default=PR_MCE_KILL_DEFAULT, top=2),
     Setting("io_flusher", Scope.THREAD, (PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE,),
-            Read.STAT_FLAGS, lambda v: (PR_SET_IO_FLUSHER, v, 0, 0, 0), default=0),
+            Read.STAT_FLAGS, lambda v: (PR_SET_IO_FLUSHER, v, 0, 0, 0), default=0, top=1),
     _spec("store_bypass", PR_SPEC_STORE_BYPASS),
     _spec("indirect_branch", PR_SPEC_INDIRECT_BRANCH),
     _spec("l1d_flush", PR_SPEC_L1D_FLUSH),
     Setting("sched_core", Scope.THREAD, (PR_SCHED_CORE, PR_SCHED_CORE_GET, 0, 0),
-            Read.U64_AT_ARG5, None, default=0),
+            Read.U64_AT_ARG5, None, default=0, top=0),
     Setting("child_subreaper", Scope.PROCESS, (PR_GET_CHILD_SUBREAPER,), Read.INT_AT_ARG2,
-            lambda v: (PR_SET_CHILD_SUBREAPER, v, 0, 0, 0), default=0),
+            lambda v: (PR_SET_CHILD_SUBREAPER, v, 0, 0, 0), default=0, top=1),
     Setting("thp_disable", Scope.PROCESS, (PR_GET_THP_DISABLE, 0, 0, 0, 0), Read.RETURNED,
-            lambda v: (PR_SET_THP_DISABLE, v & 1, v & ~1, 0, 0), default=0),
+            lambda v: (PR_SET_THP_DISABLE, v & 1, v & ~1, 0, 0), default=0, top=3),
     Setting("mdwe", Scope.PROCESS, (PR_GET_MDWE, 0, 0, 0, 0), Read.RETURNED,
-            lambda v: (PR_SET_MDWE, v, 0, 0, 0), default=0),
+            lambda v: (PR_SET_MDWE, v, 0, 0, 0), default=0, top=3),
     Setting("memory_merge", Scope.PROCESS, (PR_GET_MEMORY_MERGE, 0, 0, 0, 0), Read.RETURNED,
-            lambda v: (PR_SET_MEMORY_MERGE, v, 0, 0, 0), default=0),
+            lambda v: (PR_SET_MEMORY_MERGE, v, 0, 0, 0), default=0, top=1),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -154,6 +160,13 @@ def read_setting(s: Setting, prctl: Raw, peek: Peek, scratch: int, flags: Callab
     if s.read == Read.U64_AT_ARG5:
         return int(struct.unpack("Q", peek(scratch, 8))[0])
     return got
+
+
+def read_name(prctl: Raw, peek: Peek, scratch: int) -> bytes:
+    """The task's name (comm), without its NUL; b"" if it cannot be read."""
+    if prctl(PR_GET_NAME, scratch, 0, 0, 0) < 0:
+        return b""
+    return peek(scratch, TASK_COMM_LEN).split(b"\0", 1)[0]
 
 
 def read_settings(scope: Scope, prctl: Raw, peek: Peek, scratch: int,

@@ -52,3 +52,6 @@ def restore_all_settings(stub: Stub, threads: list[Stub], entry: pb.ProcessEntry
     restore_settings(stub, list(entry.settings), after_creds)
     for task, th in zip([stub, *threads], entry.threads, strict=True):
         restore_settings(task, list(th.settings), after_creds)
+        if th.name and not after_creds:
+            task.sc(NR.prctl, prctl.PR_SET_NAME, task.put(th.name + b"\0", SCRATCH_AT), 0, 0,
+                    0, what=f"PR_SET_NAME of thread {task.task.tid}")

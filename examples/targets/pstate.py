@@ -5,7 +5,8 @@ which gives the siginfo's timer id and value):
 
     process    child subreaper, THP disabled, MDWE (refuse exec gain), timer slack 123456
                (main thread), pdeath signal SIGWINCH (main thread; ignored by default)
-    worker     timer slack 654321, pdeath signal SIGURG, MCE kill policy early
+    worker     named "pst-worker", timer slack 654321, pdeath signal SIGURG, MCE kill
+               policy early
     timers     ids 0..4 created, 1 and 3 deleted again (ids with gaps):
                  0  CLOCK_MONOTONIC, SIGUSR1 to the process, value 0x1111, fires once
                     after DELAY seconds
@@ -43,6 +44,7 @@ NR_TIMER_SETTIME, NR_TIMER_GETTIME, NR_TIMER_GETOVERRUN = 223, 224, 225
 SIGUSR1, SIGWINCH, SIGURG, SIGRT2, SIGRT3 = 10, 28, 23, 36, 37
 SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID = 0, 1, 4
 CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME_ID, CLOCK_BOOTTIME = 0, 1, 2, 7
+PR_SET_NAME, PR_GET_NAME = 15, 16
 PR_SET_PDEATHSIG, PR_GET_PDEATHSIG, PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 1, 2, 29, 30
 PR_MCE_KILL, PR_MCE_KILL_GET, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY = 33, 34, 1, 1
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
@@ -123,7 +125,9 @@ def timer_state(timer: int) -> str:
 
 
 def thread_settings() -> str:
-    return (f"timer_slack={prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0)} "
+    name = ctypes.create_string_buffer(16)
+    libc.prctl(ctypes.c_int(PR_GET_NAME), name, 0, 0, 0)
+    return (f"name={name.value.decode()} timer_slack={prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0)} "
             f"pdeath_signal={prctl_int(PR_GET_PDEATHSIG)} "
             f"mce_kill={prctl(PR_MCE_KILL_GET, 0, 0, 0, 0)}")
 
@@ -151,6 +155,7 @@ class Asked:
 
 def worker(ask: str, started: threading.Event, tid: list[int]) -> None:
     tid.append(sc(NR_GETTID))
+    libc.prctl(ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(b"pst-worker"), 0, 0, 0)
     prctl(PR_SET_TIMERSLACK, 654321, 0, 0, 0)
     prctl(PR_SET_PDEATHSIG, SIGURG, 0, 0, 0)
     prctl(PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY, 0, 0)
