@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import re
 import struct
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from conftest import (
     Harness,
+    assert_ckpt_ok,
     needs_root,
     py_target,
     read_lines,
+    run_ckpt,
     thread_ids,
     wait_for_line,
 )
+from test_migrate import start_server
 
 from ckpt.collect.timers import (
     PosixTimer,
@@ -62,8 +66,37 @@ def settings_of(report: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in report.items() if not k.startswith("t") or k == "timer_slack"}
 
 
+def restored_by(mode: str, harness: Harness, tmp_path: Path, proc: subprocess.Popen[bytes],
+                ) -> tuple[int, pb.ProcessEntry]:
+    """Checkpoint ``proc`` and bring it back by ``mode``: its new pid and the core image."""
+    images = harness.images()
+    if mode == "migrate":
+        port = start_server(tmp_path / "dest")
+        token = tmp_path / "token"
+        token.write_text("migrate-me\n")
+        res = run_ckpt("migrate", "-t", str(proc.pid), "--to", f"127.0.0.1:{port}",
+                       "--auth-token-file", token, reap=proc)
+        assert res.returncode == 0, res.describe()
+        pid = int(re.search(r"as pid (\d+)", res.stdout)[1])  # type: ignore[index]
+        harness.track(pid)
+        proc.wait(timeout=10)
+        cores = sorted((tmp_path / "dest").rglob(f"core-{proc.pid}.img"),
+                       key=lambda p: p.stat().st_mtime)
+        return pid, ImageDir.open(str(cores[-1].parent)).read_core(proc.pid)
+    if mode == "incremental":
+        assert_ckpt_ok(run_ckpt("predump", "-t", str(proc.pid), "-D", images / "1"))
+        harness.dump_and_reap(proc, images / "2", "--prev-images-dir", "../1",
+                              "--incremental")
+        images = images / "2"
+    else:
+        harness.dump_and_reap(proc, images)
+    core = ImageDir.open(str(images)).read_core(proc.pid)
+    return harness.restore_detached(images, "--new-pid"), core
+
+
 @needs_root
-def test_timers_and_settings_survive(harness: Harness, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["dump", "incremental", "migrate"])
+def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, mode: str) -> None:
     """Every timer comes back under its id with its clock, signal, value and target
     thread; the armed ones fire after the restore with their signal and value, not
     sooner than the time they had left; one with overruns counts as many; every prctl
@@ -74,9 +107,9 @@ def test_timers_and_settings_survive(harness: Harness, tmp_path: Path) -> None:
     worker = int(wait_for_line(out, lambda s: s.startswith("ready "), 10, "ready").split()[1])
     before = {who: ask_report(out, ask, who, 1) for who in ("main", "worker")}
     timers_before = read_timers(proc.pid)
-    images = harness.images()
-    harness.dump_and_reap(proc, images)
-    core = ImageDir.open(str(images)).read_core(proc.pid)
+    n = len(read_lines(out))
+    t0 = time.monotonic()
+    pid, core = restored_by(mode, harness, tmp_path, proc)
     dumped = {t.id: t for t in core.posix_timers}
     assert sorted(dumped) == [0, 2, 4, 5, 6]
     assert dumped[6].overrun > 0
@@ -85,9 +118,6 @@ def test_timers_and_settings_survive(harness: Harness, tmp_path: Path) -> None:
     assert dumped[4].interval_ns == 1000 * 10**9
     assert {s.name: s.value for s in core.settings}["child_subreaper"] == 1
     assert {s.name: s.value for s in core.threads[1].settings}["timer_slack"] == 654321
-    n = len(read_lines(out))
-    t0 = time.monotonic()
-    pid = harness.restore_detached(images, "--new-pid")
     (new_worker,) = thread_ids(pid) - {pid}
     assert pid != proc.pid and new_worker != worker
 
@@ -97,7 +127,7 @@ def test_timers_and_settings_survive(harness: Harness, tmp_path: Path) -> None:
         return ProcTimer(t.id, t.signo, t.value, t.notify, target, t.clock)
     assert read_timers(pid) == [moved(t) for t in timers_before]
 
-    after = {who: ask_report(out, ask, who, n) for who in ("main", "worker")}
+    after = {who: ask_report(out, ask, who, len(read_lines(out))) for who in ("main", "worker")}
     assert settings_of(after["main"]) == settings_of(before["main"])
     assert after["worker"] == before["worker"]
     assert before["worker"]["name"] == "pst-worker"
@@ -111,7 +141,7 @@ def test_timers_and_settings_survive(harness: Harness, tmp_path: Path) -> None:
         wait_for_line(out, want.__eq__, DELAY + 20, f"timer {timer} to fire")
         fired_at = time.monotonic()
         assert fired_at >= t0 + dumped[timer].value_ns / 1e9 * 0.9, \
-            f"timer {timer} fired {fired_at - t0:.2f} s after the restore began, " \
+            f"timer {timer} fired {fired_at - t0:.2f} s after the checkpoint began, " \
             f"with {dumped[timer].value_ns / 1e9:.2f} s left at the dump"
     early = [s for s in read_lines(out)[:n] if s.startswith(("fired main id=0", "fired worker"))]
     assert not early, "a timer fired before the dump: the test proves nothing"
