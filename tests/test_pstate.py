@@ -4,6 +4,7 @@ and the pure tables behind them (ckpt.collect.timers, ckpt.kernel.prctl)."""
 from __future__ import annotations
 
 import re
+import signal
 import struct
 import subprocess
 import time
@@ -13,6 +14,8 @@ import pytest
 from conftest import (
     Harness,
     assert_ckpt_ok,
+    assert_one_error_line,
+    assert_running_untraced,
     needs_root,
     py_target,
     read_lines,
@@ -20,6 +23,7 @@ from conftest import (
     thread_ids,
     wait_for_line,
 )
+from test_killsafe import pause_ckpt_at
 from test_migrate import start_server
 
 from ckpt.collect.timers import (
@@ -145,6 +149,54 @@ def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, mode: str
             f"with {dumped[timer].value_ns / 1e9:.2f} s left at the dump"
     early = [s for s in read_lines(out)[:n] if s.startswith(("fired main id=0", "fired worker"))]
     assert not early, "a timer fired before the dump: the test proves nothing"
+
+
+@needs_root
+def test_overruns_on_a_cpu_clock_are_refused(harness: Harness, tmp_path: Path) -> None:
+    """A CPU clock's timer with an overrun count: the dump, which learns the count only
+    while the target is frozen, fails with one line naming the timer, and the target runs
+    on untraced, its timers and settings untouched."""
+    out, ask = tmp_path / "out", tmp_path / "ask"
+    proc = harness.launch([*py_target("pstate.py"), ask, "1000", "cpu-overrun"], out)
+    wait_for_line(out, lambda s: s.startswith("ready "), 10, "ready")
+    assert any(line.startswith("fired main id=7 ") and not line.endswith(" overrun=0")
+               for line in read_lines(out)), read_lines(out)
+    before = ask_report(out, ask, "main", 1)
+    images = harness.images()
+    message = assert_one_error_line(run_ckpt("dump", "-t", str(proc.pid), "-D", images))
+    assert "POSIX timer 7" in message and "overrun count (a CPU clock's timer)" in message
+    assert not (images / "inventory.img").exists()
+    assert proc.poll() is None
+    assert_running_untraced(proc.pid)
+    after = ask_report(out, ask, "main", len(read_lines(out)))
+    assert settings_of(after) == settings_of(before)
+    assert after["t6"].split("/")[2] == before["t6"].split("/")[2]
+
+
+@needs_root
+def test_expiries_during_the_restore_wait_for_the_release(harness: Harness,
+                                                          tmp_path: Path) -> None:
+    """A timer armed early to replay its overruns runs on while the restore goes on (held
+    here for ten of its 20 ms intervals): its signals wait, blocked, for the release
+    instead of stopping a thread of the stub mid-restore."""
+    out, ask = tmp_path / "out", tmp_path / "ask"
+    proc = harness.launch([*py_target("pstate.py"), ask, "1000"], out)
+    wait_for_line(out, lambda s: s.startswith("ready "), 10, "ready")
+    before = ask_report(out, ask, "main", 1)
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    pidfile = harness.new_pidfile()
+    ckpt = pause_ckpt_at("timers-replayed", "restore", "-D", images, "--restore-detached",
+                         "--pidfile", pidfile, "--new-pid")
+    time.sleep(0.2)
+    ckpt.send_signal(signal.SIGCONT)
+    _, err = ckpt.communicate(timeout=60)
+    assert ckpt.returncode == 0, err.decode()
+    pid = int(pidfile.read_text())
+    harness.track(pid)
+    assert_running_untraced(pid)
+    after = ask_report(out, ask, "main", len(read_lines(out)))
+    assert after["t6"].split("/")[2] == before["t6"].split("/")[2]
 
 
 # --------------------------------------------------------------------------- pure

@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import struct
 
+from ckpt import testpoint
 from ckpt.collect.timers import map_clock
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
@@ -104,38 +105,43 @@ def create_timers(stub: Stub, entry: pb.ProcessEntry, tid_map: dict[int, int]) -
 
 def replay_overruns(stub: Stub, threads: list[Stub], entry: pb.ProcessEntry) -> None:
     """Arm every timer with an overrun count (see the module docstring), in the thread
-    its signal goes to (``threads``: the non-leader ones, in image order)."""
-    by_tid = {th.tid: task for th, task in zip(entry.threads, [stub, *threads], strict=True)}
-    for t in entry.posix_timers:
-        if t.overrun:
-            replay_overrun(by_tid.get(t.notify_tid, stub), t, by_tid)
+    its signal goes to (``threads``: the non-leader ones, in image order).
+
+    Such a timer runs from here on: every task blocks every signal but SIGTRAP (which a
+    trap must find unblocked) until its registers and mask are loaded, so that an expiry
+    meanwhile stays pending, to be delivered after the release."""
+    replayed = [t for t in entry.posix_timers if t.overrun]
+    if not replayed:
+        return
+    tasks = [stub, *threads]
+    for task in tasks:
+        task.task.set_sigmask(U64 & ~(1 << (SIGTRAP - 1)))
+    by_tid = {th.tid: task for th, task in zip(entry.threads, tasks, strict=True)}
+    for t in replayed:
+        replay_overrun(by_tid.get(t.notify_tid, stub), t, by_tid)
+    testpoint.pause_at("timers-replayed")
 
 
 def replay_overrun(task: Stub, t: pb.PosixTimer, by_tid: dict[int, Stub]) -> None:
-    mask = task.task.get_sigmask()
-    task.task.set_sigmask(U64 & ~(1 << (SIGTRAP - 1)))  # a forced SIGTRAP must not be blocked
-    try:
-        clock = map_clock(t.clock, {tid: s.task.tid for tid, s in by_tid.items()})
-        task.sc(NR.clock_gettime, clock, task.scratch + SPEC_AT, what="clock_gettime")
-        now = parse_timespec(vm_read(task.pid, task.scratch + SPEC_AT, TIMESPEC.size))
-        first = now + t.value_ns - (t.overrun + 1) * t.interval_ns
-        if first <= 0:
-            raise RestoreError(f"cannot give POSIX timer {t.id} its {t.overrun} overruns back: "
-                               f"clock {t.clock} reads only {now} ns here")
-        task.sc(NR.timer_settime, t.id, TIMER_ABSTIME,
-                task.put(itimerspec(t.interval_ns, first), SPEC_AT), 0,
-                what=f"timer_settime({t.id})")
-        got = task.sc(NR.rt_sigtimedwait, task.put(struct.pack("Q", 1 << (t.signo - 1)),
-                                                   SIGEVENT_AT),
-                      task.scratch + INFO_AT, task.put(timespec(WAIT_NS), TIMER_ID_AT), 8,
-                      check=False)
-        info = vm_read(task.pid, task.scratch + INFO_AT, SI_OVERRUN + 4)
-        overrun = struct.unpack_from("i", info, SI_OVERRUN)[0]
-        if got != t.signo or overrun < t.overrun:
-            raise RestoreError(f"POSIX timer {t.id} did not take its {t.overrun} overruns "
-                               f"back (rt_sigtimedwait: {got}, overrun {overrun})")
-    finally:
-        task.task.set_sigmask(mask)
+    clock = map_clock(t.clock, {tid: s.task.tid for tid, s in by_tid.items()})
+    task.sc(NR.clock_gettime, clock, task.scratch + SPEC_AT, what="clock_gettime")
+    now = parse_timespec(vm_read(task.pid, task.scratch + SPEC_AT, TIMESPEC.size))
+    first = now + t.value_ns - (t.overrun + 1) * t.interval_ns
+    if first <= 0:
+        raise RestoreError(f"cannot give POSIX timer {t.id} its {t.overrun} overruns back: "
+                           f"clock {t.clock} reads only {now} ns here")
+    task.sc(NR.timer_settime, t.id, TIMER_ABSTIME,
+            task.put(itimerspec(t.interval_ns, first), SPEC_AT), 0,
+            what=f"timer_settime({t.id})")
+    got = task.sc(NR.rt_sigtimedwait, task.put(struct.pack("Q", 1 << (t.signo - 1)),
+                                               SIGEVENT_AT),
+                  task.scratch + INFO_AT, task.put(timespec(WAIT_NS), TIMER_ID_AT), 8,
+                  check=False)
+    info = vm_read(task.pid, task.scratch + INFO_AT, SI_OVERRUN + 4)
+    overrun = struct.unpack_from("i", info, SI_OVERRUN)[0]
+    if got != t.signo or overrun < t.overrun:
+        raise RestoreError(f"POSIX timer {t.id} did not take its {t.overrun} overruns "
+                           f"back (rt_sigtimedwait: {got}, overrun {overrun})")
 
 
 def arm_timers(inj: Injector, stub: Stub, entry: pb.ProcessEntry) -> None:

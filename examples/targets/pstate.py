@@ -26,7 +26,12 @@ A request is the file ASK getting a new size (append a byte to it). Timers in th
 thread's report: t<id>=<interval_ns>/<value_ns>/<overrun> (timer_gettime,
 timer_getoverrun).
 
-usage: pstate.py ASK DELAY
+With a third argument, cpu-overrun:
+                 7  CLOCK_PROCESS_CPUTIME_ID, SIGRTMIN+4 to the process, every 1 ms of CPU
+                    time: its signal is taken once after 50 ms of CPU (overruns on a CPU
+                    clock, which a restore cannot replay)
+
+usage: pstate.py ASK DELAY [cpu-overrun]
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 NR_GETTID, NR_TIMER_CREATE, NR_TIMER_DELETE = 186, 222, 226
 NR_TIMER_SETTIME, NR_TIMER_GETTIME, NR_TIMER_GETOVERRUN = 223, 224, 225
-SIGUSR1, SIGWINCH, SIGURG, SIGRT2, SIGRT3 = 10, 28, 23, 36, 37
+SIGUSR1, SIGWINCH, SIGURG, SIGRT2, SIGRT3, SIGRT4 = 10, 28, 23, 36, 37, 38
 SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID = 0, 1, 4
 CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME_ID, CLOCK_BOOTTIME = 0, 1, 2, 7
 PR_SET_NAME, PR_GET_NAME = 15, 16
@@ -169,7 +174,7 @@ def worker(ask: str, started: threading.Event, tid: list[int]) -> None:
 
 def main() -> None:
     ask, delay = sys.argv[1], float(sys.argv[2])
-    block(SIGUSR1, SIGRT2, SIGRT3)  # before the worker starts: it inherits the mask
+    block(SIGUSR1, SIGRT2, SIGRT3, SIGRT4)  # before the worker starts: it inherits the mask
     prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
     prctl(PR_SET_TIMERSLACK, 123456, 0, 0, 0)
@@ -193,6 +198,13 @@ def main() -> None:
     timer_set(6, 20_000_000, 20_000_000)
     time.sleep(0.2)
     wait_timer_signal("main", SIGRT3)
+    if sys.argv[3:] == ["cpu-overrun"]:
+        assert timer_create(CLOCK_PROCESS_CPUTIME_ID, SIGEV_SIGNAL, SIGRT4, 0x7777) == 7
+        timer_set(7, 1_000_000, 1_000_000)
+        spin_until = time.process_time() + 0.05
+        while time.process_time() < spin_until:
+            pass
+        wait_timer_signal("main", SIGRT4)
     prctl(PR_SET_MDWE, 1, 0, 0, 0)  # last: nothing after it maps code
     asked = Asked(ask)
     say(f"ready {tid[0]}")
