@@ -71,7 +71,7 @@ def settings_of(report: dict[str, str]) -> dict[str, str]:
 
 
 def restored_by(mode: str, harness: Harness, tmp_path: Path, proc: subprocess.Popen[bytes],
-                ) -> tuple[int, pb.ProcessEntry]:
+                monkeypatch: pytest.MonkeyPatch) -> tuple[int, pb.ProcessEntry]:
     """Checkpoint ``proc`` and bring it back by ``mode``: its new pid and the core image."""
     images = harness.images()
     if mode == "migrate":
@@ -87,6 +87,8 @@ def restored_by(mode: str, harness: Harness, tmp_path: Path, proc: subprocess.Po
         cores = sorted((tmp_path / "dest").rglob(f"core-{proc.pid}.img"),
                        key=lambda p: p.stat().st_mtime)
         return pid, ImageDir.open(str(cores[-1].parent)).read_core(proc.pid)
+    if mode == "linear-ids":  # restore as on a kernel without PR_TIMER_CREATE_RESTORE_IDS
+        monkeypatch.setenv("CKPT_TEST_WITHOUT", "timer-restore-ids")
     if mode == "incremental":
         assert_ckpt_ok(run_ckpt("predump", "-t", str(proc.pid), "-D", images / "1"))
         harness.dump_and_reap(proc, images / "2", "--prev-images-dir", "../1",
@@ -99,13 +101,15 @@ def restored_by(mode: str, harness: Harness, tmp_path: Path, proc: subprocess.Po
 
 
 @needs_root
-@pytest.mark.parametrize("mode", ["dump", "incremental", "migrate"])
-def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize("mode", ["dump", "incremental", "migrate", "linear-ids"])
+def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, mode: str,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Every timer comes back under its id with its clock, signal, value and target
     thread; the armed ones fire after the restore with their signal and value, not
     sooner than the time they had left; one with overruns counts as many; every prctl
     setting reads the same. Under a new pid, so that thread ids are mapped (and no other
-    process can take the dumped pid meanwhile)."""
+    process can take the dumped pid meanwhile). linear-ids: timer ids made as on kernels
+    before 6.15 (every id created, the gaps deleted)."""
     out, ask = tmp_path / "out", tmp_path / "ask"
     proc = harness.launch([*py_target("pstate.py"), ask, str(DELAY)], out)
     worker = int(wait_for_line(out, lambda s: s.startswith("ready "), 10, "ready").split()[1])
@@ -113,7 +117,7 @@ def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, mode: str
     timers_before = read_timers(proc.pid)
     n = len(read_lines(out))
     t0 = time.monotonic()
-    pid, core = restored_by(mode, harness, tmp_path, proc)
+    pid, core = restored_by(mode, harness, tmp_path, proc, monkeypatch)
     dumped = {t.id: t for t in core.posix_timers}
     assert sorted(dumped) == [0, 2, 4, 5, 6]
     assert dumped[6].overrun > 0
