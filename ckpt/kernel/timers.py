@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import struct
 
+from ckpt.kernel import siginfo
 from ckpt.kernel.sys import libc
 
 PR_TIMER_CREATE_RESTORE_IDS = 77
@@ -28,7 +29,8 @@ ITIMERSPEC = struct.Struct("qqqq")  # it_interval, it_value: (tv_sec, tv_nsec) e
 SIGEVENT = struct.Struct("Qiii44x")  # sigev_value, signo, notify, _tid; 64 bytes
 TIMESPEC = struct.Struct("qq")
 TIMER_ABSTIME = 1
-SI_OVERRUN = 20  # offset of si_overrun in a timer's siginfo (after si_tid)
+SI_TIMER = -2  # si_code of a timer's signal
+SI_TID, SI_OVERRUN = 16, 20  # offsets of si_tid (the timer id) and si_overrun in its siginfo
 
 
 def itimerspec(interval_ns: int, value_ns: int) -> bytes:
@@ -71,6 +73,13 @@ def cpu_clock(pid: int, clock: int) -> int:
 def valid_clock(clock: int) -> bool:
     """A clock id timer_create takes: a plain clock or a well-formed CPU clock."""
     return clock in PLAIN_CLOCKS or (clock < 0 and clock & 3 != CPUCLOCK_TYPES)
+
+
+def timer_of(info: bytes) -> int | None:
+    """The id of the POSIX timer that queued this siginfo, None if not a timer's."""
+    if siginfo.code(info) != SI_TIMER:
+        return None
+    return int(struct.unpack_from("i", info, SI_TID)[0])
 
 
 def restore_ids_supported() -> bool:

@@ -16,6 +16,8 @@ which gives the siginfo's timer id and value):
                then 5, CLOCK_PROCESS_CPUTIME_ID, SIGEV_NONE, never armed, and
                  6  CLOCK_MONOTONIC, SIGRTMIN+3 to the process, every 20 ms: its signal is
                     taken once after 200 ms (about 9 overruns), then left pending
+                 7  CLOCK_MONOTONIC, SIGRTMIN+5 to the process, every 20 ms: its signal
+                    is never taken (pending from the first expiry on; no overrun count)
 
 Lines:
     ready <worker tid>
@@ -24,10 +26,11 @@ Lines:
 
 A request is the file ASK getting a new size (append a byte to it). Timers in the main
 thread's report: t<id>=<interval_ns>/<value_ns>/<overrun> (timer_gettime,
-timer_getoverrun).
+timer_getoverrun). If the byte appended is "d", the main thread's report ends with
+queued7=<n>: how many SIGRTMIN+5 signals were queued (it takes them all).
 
 With a third argument, cpu-overrun:
-                 7  CLOCK_PROCESS_CPUTIME_ID, SIGRTMIN+4 to the process, every 1 ms of CPU
+                 8  CLOCK_PROCESS_CPUTIME_ID, SIGRTMIN+4 to the process, every 1 ms of CPU
                     time: its signal is taken once after 50 ms of CPU (overruns on a CPU
                     clock, which a restore cannot replay)
 
@@ -46,7 +49,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 NR_GETTID, NR_TIMER_CREATE, NR_TIMER_DELETE = 186, 222, 226
 NR_TIMER_SETTIME, NR_TIMER_GETTIME, NR_TIMER_GETOVERRUN = 223, 224, 225
-SIGUSR1, SIGWINCH, SIGURG, SIGRT2, SIGRT3, SIGRT4 = 10, 28, 23, 36, 37, 38
+SIGUSR1, SIGWINCH, SIGURG, SIGRT2, SIGRT3, SIGRT4, SIGRT5 = 10, 28, 23, 36, 37, 38, 39
 SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID = 0, 1, 4
 CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME_ID, CLOCK_BOOTTIME = 0, 1, 2, 7
 PR_SET_NAME, PR_GET_NAME = 15, 16
@@ -105,6 +108,15 @@ def wait_timer_signal(who: str, signo: int) -> None:
         tid, overrun, value = (int.from_bytes(info.raw[o:o + n], "little", signed=True)
                                for o, n in ((16, 4), (20, 4), (24, 8)))
         say(f"fired {who} id={tid} signo={got} value={value:#x} overrun={overrun}")
+
+
+def queued(signo: int) -> int:
+    """Take every queued instance of ``signo``; how many there were."""
+    info, n = ctypes.create_string_buffer(128), 0
+    timeout = (ctypes.c_long * 2)(0, 0)
+    while libc.sigtimedwait(sigset(signo), info, timeout) > 0:
+        n += 1
+    return n
 
 
 def timer_create(clock: int, notify: int, signo: int, value: int, tid: int = 0) -> int:
@@ -174,7 +186,7 @@ def worker(ask: str, started: threading.Event, tid: list[int]) -> None:
 
 def main() -> None:
     ask, delay = sys.argv[1], float(sys.argv[2])
-    block(SIGUSR1, SIGRT2, SIGRT3, SIGRT4)  # before the worker starts: it inherits the mask
+    block(SIGUSR1, SIGRT2, SIGRT3, SIGRT4, SIGRT5)  # before the worker starts: it inherits the mask
     prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
     prctl(PR_SET_TIMERSLACK, 123456, 0, 0, 0)
@@ -198,9 +210,11 @@ def main() -> None:
     timer_set(6, 20_000_000, 20_000_000)
     time.sleep(0.2)
     wait_timer_signal("main", SIGRT3)
+    assert timer_create(CLOCK_MONOTONIC, SIGEV_SIGNAL, SIGRT5, 0x7777) == 7
+    timer_set(7, 20_000_000, 20_000_000)
     if sys.argv[3:] == ["cpu-overrun"]:
-        assert timer_create(CLOCK_PROCESS_CPUTIME_ID, SIGEV_SIGNAL, SIGRT4, 0x7777) == 7
-        timer_set(7, 1_000_000, 1_000_000)
+        assert timer_create(CLOCK_PROCESS_CPUTIME_ID, SIGEV_SIGNAL, SIGRT4, 0x8888) == 8
+        timer_set(8, 1_000_000, 1_000_000)
         spin_until = time.process_time() + 0.05
         while time.process_time() < spin_until:
             pass
@@ -212,10 +226,13 @@ def main() -> None:
         wait_timer_signal("main", SIGUSR1)
         if asked.new():
             timers = " ".join(f"t{i}={timer_state(i)}" for i in (0, 2, 4, 5, 6))
+            with open(ask, "rb") as f:
+                drain = f.read()[-1:] == b"d"
             say(f"report main {thread_settings()} "
                 f"child_subreaper={prctl_int(PR_GET_CHILD_SUBREAPER)} "
                 f"thp_disable={prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0)} "
-                f"mdwe={prctl(PR_GET_MDWE, 0, 0, 0, 0)} {timers}")
+                f"mdwe={prctl(PR_GET_MDWE, 0, 0, 0, 0)} {timers}"
+                + (f" queued7={queued(SIGRT5)}" if drain else ""))
         time.sleep(0)
 
 
