@@ -41,6 +41,7 @@ from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.validate import validate
 from ckpt.kernel import prctl
 from ckpt.kernel.siginfo import signo
+from ckpt.kernel.sys import NR
 from ckpt.kernel.timers import SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, cpu_clock, timer_of
 from ckpt.restore.timers import linear_plan
 
@@ -254,13 +255,15 @@ def test_linear_plan() -> None:
 
 
 def fake_prctl(values: dict[int, int], memory: dict[int, bytes]) -> prctl.Raw:
-    """A prctl over a table {option: value}; EINVAL (-22) for options it lacks."""
-    def call(option: int, *args: int) -> int:
+    """prctl and arch_prctl over a table {option: value}; EINVAL (-22) for options it
+    lacks."""
+    def call(nr: int, option: int, *args: int) -> int:
+        assert nr in (NR.prctl, NR.arch_prctl)
         if option not in values:
             return -22
         s = next(s for s in prctl.SETTINGS if s.get[0] == option)
-        if s.read == prctl.Read.INT_AT_ARG2:
-            memory[args[0]] = struct.pack("i", values[option])
+        if s.read in (prctl.Read.INT_AT_ARG2, prctl.Read.ARCH_U64_AT_ARG2):
+            memory[args[0]] = struct.pack("i" if nr == NR.prctl else "Q", values[option])
             return 0
         if s.read == prctl.Read.U64_AT_ARG5:
             memory[args[3]] = struct.pack("Q", values[option])
@@ -280,6 +283,11 @@ def test_read_settings_by_table() -> None:
                    "spec_store_bypass": 3, "spec_indirect_branch": 3, "spec_l1d_flush": 3}
     assert prctl.refused(got) == []
     assert prctl.refused({**got, "sched_core": 5}) == ["sched_core = 0x5"]
+    shstk = prctl.read_settings(prctl.Scope.THREAD, fake_prctl({prctl.ARCH_SHSTK_STATUS: 1},
+                                                               memory),
+                                lambda at, n: memory[at][:n], 0x2000, lambda: 0)
+    assert shstk == {"io_flusher": 0, "shadow_stack": 1}
+    assert prctl.refused(shstk) == ["shadow_stack = 0x1"]
 
 
 def test_settings_table_is_whole() -> None:

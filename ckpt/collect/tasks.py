@@ -183,8 +183,7 @@ def collect_timers(pid: int, inj: Injector, scratch: int) -> list[PosixTimer]:
 
 def thread_name(pid: int, inj: Injector, scratch: int) -> bytes:
     """PR_GET_NAME in the injector's thread."""
-    return prctl.read_name(lambda *a: inj.raw(NR.prctl, *a), lambda at, n: vm_read(pid, at, n),
-                           scratch)
+    return prctl.read_name(inj.raw, lambda at, n: vm_read(pid, at, n), scratch)
 
 
 def collect_settings(pid: int, tid: int, scope: prctl.Scope, inj: Injector, scratch: int,
@@ -192,7 +191,7 @@ def collect_settings(pid: int, tid: int, scope: prctl.Scope, inj: Injector, scra
     """The prctl settings of ``scope`` (ckpt.kernel.prctl), read in thread ``tid``; one
     a restore cannot set again and that is not at its default is refused."""
     values = prctl.read_settings(
-        scope, lambda *a: inj.raw(NR.prctl, *a), lambda at, n: vm_read(pid, at, n), scratch,
+        scope, inj.raw, lambda at, n: vm_read(pid, at, n), scratch,
         lambda: prctl.stat_flags(read_text(pid, "/proc", "task", str(tid), "stat")))
     refused = prctl.refused(values)
     if refused:

@@ -18,6 +18,8 @@ target, by an injected prctl) and how it is set again (in the stub), side by sid
     sched_core      thread   PR_SCHED_CORE GET (u64 at arg5)     refused when set: a core
                                                                  scheduling cookie is shared
                                                                  with tasks outside the dump
+    shadow_stack    thread   arch_prctl ARCH_SHSTK_STATUS        refused when on: a restore
+                             (u64 at arg2)                       does not build one
     child_subreaper process  PR_GET_CHILD_SUBREAPER (int)        PR_SET_CHILD_SUBREAPER v
     thp_disable     process  PR_GET_THP_DISABLE                  PR_SET_THP_DISABLE v&1, v&~1
     mdwe            process  PR_GET_MDWE                         PR_SET_MDWE v (one way: after
@@ -31,7 +33,10 @@ Elsewhere: dumpable (ckpt.collect.tasks), keepcaps, securebits, no_new_privs, se
 the bounding set (ckpt.collect.creds), tid address (ckpt.collect.tasks), mm fields and
 auxv (PR_SET_MM_MAP), name of the leader (PR_SET_NAME). Not on x86 (EINVAL): endian,
 fpemu, fpexc, unalign, fp mode, tagged address control, SVE/SME/PAC; PR_GET_TIMING is
-always statistical; shadow stacks are arch_prctl's (the injector refuses to run on one).
+always statistical.
+
+Refused settings are found while the target is frozen (only the target can tell them):
+the dump fails, naming the setting, and the target runs on.
 
 A setting the kernel does not know (EINVAL: a config option off) is not stored; restore
 then leaves it as the new process has it. Restore sets a setting only where the stub's
@@ -44,6 +49,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+
+from ckpt.kernel.sys import NR
 
 PR_SET_PDEATHSIG, PR_GET_PDEATHSIG = 1, 2
 PR_SET_NAME, PR_GET_NAME, TASK_COMM_LEN = 15, 16, 16
@@ -59,6 +66,7 @@ PR_SPEC_PRCTL = 1
 PR_SET_IO_FLUSHER = 57
 PR_SCHED_CORE, PR_SCHED_CORE_GET = 62, 0
 PR_SET_MDWE, PR_GET_MDWE = 65, 66
+ARCH_SHSTK_STATUS = 0x5005
 PR_SET_MEMORY_MERGE, PR_GET_MEMORY_MERGE = 67, 68
 S64_MAX = (1 << 63) - 1
 PF_MEMALLOC_NOIO, PF_LOCAL_THROTTLE = 0x00080000, 0x00100000  # PR_SET_IO_FLUSHER sets both
@@ -73,6 +81,7 @@ class Read(Enum):
     RETURNED = "returned"  # prctl(*get) returns the value
     INT_AT_ARG2 = "int at arg2"  # prctl(get[0], &int, ...)
     U64_AT_ARG5 = "u64 at arg5"  # prctl(*get[:4], &u64)
+    ARCH_U64_AT_ARG2 = "arch_prctl u64 at arg2"  # arch_prctl(get[0], &u64)
     STAT_FLAGS = "stat flags"  # 1 if every bit of get[0] is set in /proc/.../stat flags
 
 
@@ -117,6 +126,8 @@ SETTINGS: tuple[Setting, ...] = (
     _spec("l1d_flush", PR_SPEC_L1D_FLUSH),
     Setting("sched_core", Scope.THREAD, (PR_SCHED_CORE, PR_SCHED_CORE_GET, 0, 0),
             Read.U64_AT_ARG5, None, default=0, top=0),
+    Setting("shadow_stack", Scope.THREAD, (ARCH_SHSTK_STATUS,), Read.ARCH_U64_AT_ARG2, None,
+            default=0, top=0),
     Setting("child_subreaper", Scope.PROCESS, (PR_GET_CHILD_SUBREAPER,), Read.INT_AT_ARG2,
             lambda v: (PR_SET_CHILD_SUBREAPER, v, 0, 0, 0), default=0, top=1),
     Setting("thp_disable", Scope.PROCESS, (PR_GET_THP_DISABLE, 0, 0, 0, 0), Read.RETURNED,
@@ -128,7 +139,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
-Raw = Callable[..., int]  # (nr, *args) -> result, negative errno on failure
+Raw = Callable[..., int]  # (syscall nr, *args) -> result, negative errno on failure
 Peek = Callable[[int, int], bytes]  # (address, size) -> bytes of the task
 
 
@@ -141,40 +152,42 @@ def stat_flags(text: str) -> int:
     return int(text[text.rfind(")") + 2:].split()[6])
 
 
-def read_setting(s: Setting, prctl: Raw, peek: Peek, scratch: int, flags: Callable[[], int],
+def read_setting(s: Setting, sc: Raw, peek: Peek, scratch: int, flags: Callable[[], int],
                  ) -> int | None:
-    """The task's value of ``s`` (``prctl`` runs in the task, ``scratch`` is memory of
-    it); None when its kernel does not have the setting."""
+    """The task's value of ``s`` (``sc`` runs a syscall in the task, ``scratch`` is memory
+    of it); None when its kernel does not have the setting."""
     if s.read == Read.STAT_FLAGS:
         return int(flags() & s.get[0] == s.get[0])
     if s.read == Read.INT_AT_ARG2:
-        got = prctl(s.get[0], scratch, 0, 0, 0)
+        got = sc(NR.prctl, s.get[0], scratch, 0, 0, 0)
     elif s.read == Read.U64_AT_ARG5:
-        got = prctl(*s.get, scratch)
+        got = sc(NR.prctl, *s.get, scratch)
+    elif s.read == Read.ARCH_U64_AT_ARG2:
+        got = sc(NR.arch_prctl, s.get[0], scratch)
     else:
-        got = prctl(*s.get)
+        got = sc(NR.prctl, *s.get)
     if got < 0:
         return None
     if s.read == Read.INT_AT_ARG2:
         return int(struct.unpack("i", peek(scratch, 4))[0])
-    if s.read == Read.U64_AT_ARG5:
+    if s.read in (Read.U64_AT_ARG5, Read.ARCH_U64_AT_ARG2):
         return int(struct.unpack("Q", peek(scratch, 8))[0])
     return got
 
 
-def read_name(prctl: Raw, peek: Peek, scratch: int) -> bytes:
+def read_name(sc: Raw, peek: Peek, scratch: int) -> bytes:
     """The task's name (comm), without its NUL; b"" if it cannot be read."""
-    if prctl(PR_GET_NAME, scratch, 0, 0, 0) < 0:
+    if sc(NR.prctl, PR_GET_NAME, scratch, 0, 0, 0) < 0:
         return b""
     return peek(scratch, TASK_COMM_LEN).split(b"\0", 1)[0]
 
 
-def read_settings(scope: Scope, prctl: Raw, peek: Peek, scratch: int,
+def read_settings(scope: Scope, sc: Raw, peek: Peek, scratch: int,
                   flags: Callable[[], int]) -> dict[str, int]:
     """Every setting of ``scope`` the task's kernel has, by name."""
     out = {}
     for s in in_scope(scope):
-        value = read_setting(s, prctl, peek, scratch, flags)
+        value = read_setting(s, sc, peek, scratch, flags)
         if value is not None:
             out[s.name] = value
     return out

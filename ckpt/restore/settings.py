@@ -40,7 +40,7 @@ def restore_settings(task: Stub, image: list[pb.Setting], after_creds: bool) -> 
 def _read(task: Stub, s: prctl.Setting) -> int | None:
     tid = task.task.tid
     return prctl.read_setting(
-        s, lambda *a: task.sc(NR.prctl, *a, check=False),
+        s, lambda *a: task.sc(*a, check=False),
         lambda at, n: vm_read(task.pid, at, n), task.scratch + SCRATCH_AT,
         lambda: prctl.stat_flags(read_text(task.pid, "/proc", "task", str(tid), "stat")))
 
