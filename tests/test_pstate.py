@@ -43,7 +43,7 @@ from ckpt.kernel import prctl
 from ckpt.kernel.siginfo import signo
 from ckpt.kernel.sys import NR
 from ckpt.kernel.timers import SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, cpu_clock, timer_of
-from ckpt.restore.timers import linear_plan
+from ckpt.restore.timers import image_signals, linear_plan, pending_own
 
 DELAY = 6.0  # seconds until timers 0 and 2 fire: well after the dump
 REPORT = re.compile(r"report (main|worker) (.*)")
@@ -365,3 +365,28 @@ def test_overrun_refusal() -> None:
     trap = PosixTimer(ProcTimer(0, 5, 0, SIGEV_SIGNAL, 10, 1), 10, 4, 3)
     assert "SIGTRAP" in (overrun_refusal(trap) or "")
     assert "off its interval" in (overrun_refusal(PosixTimer(plain, 10, 40, 3)) or "")
+
+
+def timer_siginfo(signo: int, timer_id: int) -> bytes:
+    return struct.pack("<iiiiii", signo, 0, -2, 0, timer_id, 0).ljust(128, b"\0")
+
+
+def test_image_signals_leave_out_what_timers_queue_themselves() -> None:
+    """A periodic timer's own pending signal is queued by the timer (armed in the past),
+    not from the image; a one-shot's, another timer's, or a CPU clock's stays in the
+    image's queue, each only once."""
+    entry = core_with(posix_timers=[
+        pb.PosixTimer(id=1, clock=1, notify=0, signo=37, interval_ns=10, value_ns=5),
+        pb.PosixTimer(id=2, clock=1, notify=0, signo=38, value_ns=5),  # one-shot
+        pb.PosixTimer(id=3, clock=-6, notify=0, signo=39, interval_ns=10, value_ns=5),
+        pb.PosixTimer(id=4, clock=1, notify=4, signo=40, interval_ns=10, value_ns=5,
+                      notify_tid=11)])
+    mine, other = timer_siginfo(37, 1), timer_siginfo(37, 9)
+    entry.shared_pending.extend([other, mine, timer_siginfo(38, 2), timer_siginfo(39, 3),
+                                 mine])
+    entry.threads[1].pending_signals.append(timer_siginfo(40, 4))
+    assert pending_own(entry) == {1: (0, mine), 4: (11, timer_siginfo(40, 4))}
+    assert image_signals(entry, 0, entry.shared_pending) == [
+        other, timer_siginfo(38, 2), timer_siginfo(39, 3), mine]
+    assert image_signals(entry, 11, entry.threads[1].pending_signals) == []
+    assert image_signals(entry, 10, [timer_siginfo(40, 4)]) == [timer_siginfo(40, 4)]
