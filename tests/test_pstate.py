@@ -26,6 +26,7 @@ from conftest import (
 from test_killsafe import pause_ckpt_at
 from test_migrate import start_server
 
+from ckpt.collect.sched import read_sched
 from ckpt.collect.timers import (
     PosixTimer,
     ProcTimer,
@@ -111,7 +112,8 @@ def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, mode: str
     """Every timer comes back under its id with its clock, signal, value and target
     thread; the armed ones fire after the restore with their signal and value, not
     sooner than the time they had left; one with overruns counts as many; every prctl
-    setting reads the same. Under a new pid, so that thread ids are mapped (and no other
+    setting reads the same, so do scheduling policy, nice, CPU affinity and I/O priority.
+    Under a new pid, so that thread ids are mapped (and no other
     process can take the dumped pid meanwhile). linear-ids: timer ids made as on kernels
     before 6.15 (every id created, the gaps deleted)."""
     out, ask = tmp_path / "out", tmp_path / "ask"
@@ -119,6 +121,8 @@ def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, mode: str
     worker = int(wait_for_line(out, lambda s: s.startswith("ready "), 10, "ready").split()[1])
     before = {who: ask_report(out, ask, who, 1) for who in ("main", "worker")}
     timers_before = read_timers(proc.pid)
+    sched_before = [read_sched(proc.pid), read_sched(worker)]
+    assert sched_before[1].nice == 7 and sched_before[1].cpus == (0,)
     n = len(read_lines(out))
     t0 = time.monotonic()
     pid, core = restored_by(mode, harness, tmp_path, proc, monkeypatch)
@@ -138,6 +142,7 @@ def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, mode: str
         target = new_worker if t.notify & SIGEV_THREAD_ID else pid
         return ProcTimer(t.id, t.signo, t.value, t.notify, target, t.clock)
     assert read_timers(pid) == [moved(t) for t in timers_before]
+    assert [read_sched(pid), read_sched(new_worker)] == sched_before
 
     after = {who: ask_report(out, ask, who, len(read_lines(out))) for who in ("main", "worker")}
     assert settings_of(after["main"]) == settings_of(before["main"])
@@ -340,6 +345,10 @@ def core_with(**kw: object) -> pb.ProcessEntry:
      "not a per-process setting"),
     (core_with(settings=[pb.Setting(name="bogus", value=1)]), "settings[0].name = 'bogus'"),
     (core_with(settings=[pb.Setting(name="mdwe", value=-1)]), "settings[0].value = -1: not in"),
+    (core_with(threads=[pb.ThreadCore(tid=10, creds=pb.Creds(), sched=pb.Sched(nice=20))]),
+     "threads[2].sched.nice = 20"),
+    (core_with(threads=[pb.ThreadCore(tid=10, creds=pb.Creds(), sched=pb.Sched(policy=6))]),
+     "threads[2].sched.policy = 6"),
 ])
 def test_bad_timers_and_settings_are_refused(entry: pb.ProcessEntry, says: str) -> None:
     with pytest.raises(ImageError, match=re.escape(says)):

@@ -65,7 +65,9 @@ def thread_to_pb(t: ThreadState) -> pb.ThreadCore:
         robust_list_len=t.robust_list[1], altstack=pb.SigAltStack(sp=sp, flags=flags, size=size),
         pending_signals=t.pending, creds=creds_to_pb(t.creds),
         seccomp_filters=[pb.SeccompFilter(program=p, flags=f) for p, f in t.creds.filters],
-        settings=settings_to_pb(t.settings), name=t.name)
+        settings=settings_to_pb(t.settings), name=t.name,
+        sched=pb.Sched(policy=t.sched.policy, priority=t.sched.priority, nice=t.sched.nice,
+                       cpus=t.sched.cpus, ioprio=t.sched.ioprio) if t.sched else None)
 
 
 def settings_to_pb(values: dict[str, int]) -> list[pb.Setting]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from ckpt.collect.creds import Creds, collect_creds
 from ckpt.collect.inject import open_injector
 from ckpt.collect.proc import read_text
+from ckpt.collect.sched import Sched, read_sched
 from ckpt.collect.timers import PosixTimer, overrun_refusal, read_timers
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.errors import NotDumpable
@@ -70,6 +71,7 @@ class ThreadState:
     creds: Creds | None = None  # ids, capabilities, securebits, seccomp (ckpt.collect.creds)
     settings: dict[str, int] = field(default_factory=dict)  # per thread (ckpt.kernel.prctl)
     name: bytes = b""  # PR_GET_NAME
+    sched: Sched | None = None  # policy, nice, affinity, ioprio (ckpt.collect.sched)
 
 
 @dataclass
@@ -100,7 +102,8 @@ def signals_to_query() -> list[int]:
 def collect_thread(task: Tracee) -> ThreadState:
     return ThreadState(tid=task.tid, regs=task.getregs(), xstate=task.get_regset(NT_X86_XSTATE),
                        sigmask=task.get_sigmask(), rseq=task.rseq(),
-                       robust_list=task.robust_list(), pending=task.pending_signals(False))
+                       robust_list=task.robust_list(), pending=task.pending_signals(False),
+                       sched=read_sched(task.tid))
 
 
 def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],

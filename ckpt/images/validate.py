@@ -37,6 +37,7 @@ from ckpt.images.pb import core_pb2 as core
 from ckpt.images.pb import image_pb2 as img
 from ckpt.images.siginfo import SIGINFO_SIZE, signo
 from ckpt.kernel import prctl
+from ckpt.kernel.sched import POLICIES, SCHED_RESET_ON_FORK
 from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.kernel.timers import NOTIFIES, SIGEV_NONE, SIGEV_THREAD_ID, cpu_clock_pid, valid_clock
 
@@ -164,10 +165,13 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
                       "notify_tid": PID_OR_0, "interval_ns": ranged(0, 1 << 62),
                       "value_ns": ranged(0, 1 << 62), "overrun": ranged(0, INT_MAX)},
     core.Setting: {"name": one_of(*prctl.BY_NAME)},
+    core.Sched: {"policy": one_of(*POLICIES, *(p | SCHED_RESET_ON_FORK for p in POLICIES)),
+                 "priority": ranged(0, 99), "nice": ranged(-20, 19), "cpus": ranged(0, 8191),
+                 "ioprio": ranged(0, 0xFFFF)},
     core.SeccompFilter: {"program": blob(BPF_MAXINSNS * BPF_INSN, multiple=BPF_INSN)},
     core.ProcessEntry: {
         "dumpable": ranged(0, 2), "pid": PID, "ppid": PID_OR_0, "pgid": PID_OR_0,
-        "sid": PID_OR_0, "comm": text(64),
+        "sid": PID_OR_0, "comm": text(64), "cwd_dev": ranged(0, 0xFFFFFFFF),
         "umask": ranged(0, 0o777), "cwd": path(absolute=True), "cmdline": blob(1 << 24),
         "shared_pending": siginfo,
     },

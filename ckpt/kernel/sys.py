@@ -65,6 +65,8 @@ class NR:
     timer_delete = 226
     clock_gettime = 228
     tgkill = 234
+    ioprio_set = 251
+    ioprio_get = 252
     set_robust_list = 273
     get_robust_list = 274
     dup3 = 292

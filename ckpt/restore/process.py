@@ -30,6 +30,7 @@ from ckpt.restore.access import check_access
 from ckpt.restore.creds import restore_creds
 from ckpt.restore.files import close_stub_fds, restore_files
 from ckpt.restore.pages import WritableIndex, fill_pages
+from ckpt.restore.sched import restore_sched
 from ckpt.restore.settings import restore_all_settings
 from ckpt.restore.stub import Stub
 from ckpt.restore.tasks import (
@@ -128,6 +129,7 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     if stop:
         os.kill(stub.pid, signal.SIGSTOP)
     stub.release_cpu()
+    restore_sched(tids, entry)  # after release_cpu, which gives the stub's tasks its mask
     for task in threads:
         task.task.detach()
     stub.task.detach()

@@ -4,9 +4,11 @@ Set up once (both threads block SIGUSR1 and SIGRTMIN+2 and take them with sigtim
 which gives the siginfo's timer id and value):
 
     process    child subreaper, THP disabled, MDWE (refuse exec gain), timer slack 123456
-               (main thread), pdeath signal SIGWINCH (main thread; ignored by default)
+               (main thread), pdeath signal SIGWINCH (main thread; ignored by default),
+               SCHED_BATCH with SCHED_RESET_ON_FORK and I/O priority best-effort 3 (main
+               thread)
     worker     named "pst-worker", timer slack 654321, pdeath signal SIGURG, MCE kill
-               policy early
+               policy early, nice 7, on CPU 0 only
     timers     ids 0..4 created, 1 and 3 deleted again (ids with gaps):
                  0  CLOCK_MONOTONIC, SIGUSR1 to the process, value 0x1111, fires once
                     after DELAY seconds
@@ -58,6 +60,8 @@ PR_MCE_KILL, PR_MCE_KILL_GET, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY = 33, 34, 1, 1
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 PR_SET_THP_DISABLE, PR_GET_THP_DISABLE, PR_SET_MDWE, PR_GET_MDWE = 41, 42, 65, 66
 SIG_BLOCK = 0
+SCHED_RESET_ON_FORK, NR_IOPRIO_SET, IOPRIO_WHO_PROCESS = 0x40000000, 251, 1
+IOPRIO_BE_3 = 2 << 13 | 3
 NSEC = 1_000_000_000
 out_lock = threading.Lock()
 
@@ -176,6 +180,8 @@ def worker(ask: str, started: threading.Event, tid: list[int]) -> None:
     prctl(PR_SET_TIMERSLACK, 654321, 0, 0, 0)
     prctl(PR_SET_PDEATHSIG, SIGURG, 0, 0, 0)
     prctl(PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY, 0, 0)
+    os.setpriority(os.PRIO_PROCESS, tid[0], 7)
+    os.sched_setaffinity(0, {0})  # 0: the calling thread
     asked = Asked(ask)
     started.set()
     while True:
@@ -191,6 +197,8 @@ def main() -> None:
     prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
     prctl(PR_SET_TIMERSLACK, 123456, 0, 0, 0)
     prctl(PR_SET_PDEATHSIG, SIGWINCH, 0, 0, 0)
+    os.sched_setscheduler(0, os.SCHED_BATCH | SCHED_RESET_ON_FORK, os.sched_param(0))
+    sc(NR_IOPRIO_SET, IOPRIO_WHO_PROCESS, 0, IOPRIO_BE_3)
     started, tid = threading.Event(), []
     threading.Thread(target=worker, args=(ask, started, tid), daemon=True).start()
     started.wait()
