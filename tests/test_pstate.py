@@ -3,6 +3,7 @@ and the pure tables behind them (ckpt.collect.timers, ckpt.kernel.prctl)."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import struct
@@ -169,19 +170,25 @@ def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, mode: str
 
 
 @needs_root
-def test_overruns_on_a_cpu_clock_are_refused(harness: Harness, tmp_path: Path) -> None:
-    """A CPU clock's timer with an overrun count: the dump, which learns the count only
-    while the target is frozen, fails with one line naming the timer, and the target runs
-    on untraced, its timers and settings untouched."""
+@pytest.mark.parametrize("what, says", [
+    ("cpu-overrun", "POSIX timer 8, and a restore cannot set its overrun count (a CPU "
+                    "clock's timer) again"),
+    ("sud", "has syscall_user_dispatch = 0x1, which a restore cannot set again")])
+def test_what_a_frozen_target_tells_may_refuse_it(harness: Harness, tmp_path: Path,
+                                                  what: str, says: str) -> None:
+    """A CPU clock's timer with an overrun count, syscall user dispatch: the dump learns
+    them only once the target is frozen, and fails with one line naming them; the target
+    runs on untraced, its timers and settings untouched."""
     out, ask = tmp_path / "out", tmp_path / "ask"
-    proc = harness.launch([*py_target("pstate.py"), ask, "1000", "cpu-overrun"], out)
+    proc = harness.launch([*py_target("pstate.py"), ask, "1000", what], out)
     wait_for_line(out, lambda s: s.startswith("ready "), 10, "ready")
-    assert any(line.startswith("fired main id=8 ") and not line.endswith(" overrun=0")
-               for line in read_lines(out)), read_lines(out)
+    if what == "cpu-overrun":
+        assert any(line.startswith("fired main id=8 ") and not line.endswith(" overrun=0")
+                   for line in read_lines(out)), read_lines(out)
     before = ask_report(out, ask, "main", 1)
     images = harness.images()
     message = assert_one_error_line(run_ckpt("dump", "-t", str(proc.pid), "-D", images))
-    assert "POSIX timer 8" in message and "overrun count (a CPU clock's timer)" in message
+    assert says in message, message
     assert not (images / "inventory.img").exists()
     assert proc.poll() is None
     assert_running_untraced(proc.pid)
@@ -282,17 +289,26 @@ def test_read_settings_by_table() -> None:
     call = fake_prctl({prctl.PR_GET_PDEATHSIG: 9, prctl.PR_GET_TIMERSLACK: 77,
                        prctl.PR_SCHED_CORE: 0, prctl.PR_GET_SPECULATION_CTRL: 3},
                       memory)
-    got = prctl.read_settings(prctl.Scope.THREAD, call, lambda at, n: memory[at][:n], 0x1000,
-                              lambda: prctl.PF_MEMALLOC_NOIO | prctl.PF_LOCAL_THROTTLE)
+    inside = prctl.Task(os.getpid(), call, lambda at, n: memory[at][:n], 0x1000,
+                        lambda: 0, lambda: 0)
+    outside = prctl.Task(os.getpid(), None, None, 0,
+                         lambda: prctl.PF_MEMALLOC_NOIO | prctl.PF_LOCAL_THROTTLE, lambda: 0)
+    got = {**prctl.read_settings(prctl.Scope.THREAD, inside),
+           **prctl.read_settings(prctl.Scope.THREAD, outside)}
     assert got == {"pdeath_signal": 9, "timer_slack": 77, "io_flusher": 1, "sched_core": 0,
+                   "syscall_user_dispatch": 0,
                    "spec_store_bypass": 3, "spec_indirect_branch": 3, "spec_l1d_flush": 3}
     assert prctl.refused(got) == []
     assert prctl.refused({**got, "sched_core": 5}) == ["sched_core = 0x5"]
-    shstk = prctl.read_settings(prctl.Scope.THREAD, fake_prctl({prctl.ARCH_SHSTK_STATUS: 1},
-                                                               memory),
-                                lambda at, n: memory[at][:n], 0x2000, lambda: 0)
-    assert shstk == {"io_flusher": 0, "shadow_stack": 1}
+    shstk = prctl.read_settings(prctl.Scope.THREAD, prctl.Task(
+        os.getpid(), fake_prctl({prctl.ARCH_SHSTK_STATUS: 1}, memory),
+        lambda at, n: memory[at][:n], 0x2000, lambda: 0, lambda: 0))
+    assert shstk == {"shadow_stack": 1}
     assert prctl.refused(shstk) == ["shadow_stack = 0x1"]
+    sud = prctl.read_settings(prctl.Scope.THREAD, prctl.Task(os.getpid(), None, None, 0,
+                                                             lambda: 0, lambda: 1))
+    assert sud == {"io_flusher": 0, "syscall_user_dispatch": 1}
+    assert prctl.refused(sud) == ["syscall_user_dispatch = 0x1"]
 
 
 def test_settings_table_is_whole() -> None:

@@ -100,10 +100,14 @@ def signals_to_query() -> list[int]:
 
 
 def collect_thread(task: Tracee) -> ThreadState:
+    """What ptrace and /proc tell, before anything is injected (the settings read from
+    outside: one that refuses the dump does so here)."""
     return ThreadState(tid=task.tid, regs=task.getregs(), xstate=task.get_regset(NT_X86_XSTATE),
                        sigmask=task.get_sigmask(), rseq=task.rseq(),
                        robust_list=task.robust_list(), pending=task.pending_signals(False),
-                       sched=read_sched(task.tid))
+                       sched=read_sched(task.tid),
+                       settings=collect_settings(task_access(task.tid, task.tid),
+                                                 prctl.Scope.THREAD))
 
 
 def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
@@ -135,7 +139,8 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
             if v_sec or v_usec:
                 out.itimers[which] = (i_sec * 1_000_000 + i_usec, v_sec * 1_000_000 + v_usec)
         out.timers = collect_timers(pid, inj, scratch)
-        out.settings = collect_settings(pid, pid, prctl.Scope.PROCESS, inj, scratch)
+        out.settings = collect_settings(task_access(pid, pid, inj, scratch),
+                                        prctl.Scope.PROCESS)  # (none read from outside)
         for sig in signals_to_query():
             if inj.raw(NR.rt_sigaction, sig, 0, scratch, 8) == 0:
                 act = _KSIGACTION.unpack(vm_read(pid, scratch, _KSIGACTION.size))
@@ -151,9 +156,9 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
                 ti(NR.sigaltstack, 0, scratch, what="sigaltstack")
                 sp, flags, _, size = _ALTSTACK.unpack(vm_read(pid, scratch, _ALTSTACK.size))
                 state.altstack = (sp, flags, size)
-                state.settings = collect_settings(pid, task.tid, prctl.Scope.THREAD, ti,
-                                                  scratch)
-                state.name = thread_name(pid, ti, scratch)
+                asked = task_access(pid, task.tid, ti, scratch)
+                state.settings.update(collect_settings(asked, prctl.Scope.THREAD))
+                state.name = prctl.read_name(asked)
                 state.creds = collect_creds(pid, task.tid, ti(
                     NR.prctl, PR_GET_SECUREBITS, 0, 0, 0, 0, what="PR_GET_SECUREBITS"))
             finally:
@@ -184,20 +189,22 @@ def collect_timers(pid: int, inj: Injector, scratch: int) -> list[PosixTimer]:
     return out
 
 
-def thread_name(pid: int, inj: Injector, scratch: int) -> bytes:
-    """PR_GET_NAME in the injector's thread."""
-    return prctl.read_name(inj.raw, lambda at, n: vm_read(pid, at, n), scratch)
+def task_access(pid: int, tid: int, inj: Injector | None = None, scratch: int = 0,
+                ) -> prctl.Task:
+    """Thread ``tid`` as the prctl table asks it: through the injector (None: from
+    outside only)."""
+    return prctl.Task(tid, inj.raw if inj else None,
+                      (lambda at, n: vm_read(pid, at, n)) if inj else None, scratch,
+                      lambda: prctl.stat_flags(read_text(pid, "/proc", "task", str(tid), "stat")),
+                      lambda: prctl.sud_mode(tid))
 
 
-def collect_settings(pid: int, tid: int, scope: prctl.Scope, inj: Injector, scratch: int,
-                     ) -> dict[str, int]:
-    """The prctl settings of ``scope`` (ckpt.kernel.prctl), read in thread ``tid``; one
-    a restore cannot set again and that is not at its default is refused."""
-    values = prctl.read_settings(
-        scope, inj.raw, lambda at, n: vm_read(pid, at, n), scratch,
-        lambda: prctl.stat_flags(read_text(pid, "/proc", "task", str(tid), "stat")))
+def collect_settings(task: prctl.Task, scope: prctl.Scope) -> dict[str, int]:
+    """The prctl settings of ``scope`` (ckpt.kernel.prctl); one a restore cannot set
+    again and that is not at its default is refused."""
+    values = prctl.read_settings(scope, task)
     refused = prctl.refused(values)
     if refused:
-        raise NotDumpable(f"{scope.value} {tid} has {refused[0]}, which a restore cannot "
+        raise NotDumpable(f"{scope.value} {task.tid} has {refused[0]}, which a restore cannot "
                           "set again: not supported")
     return values

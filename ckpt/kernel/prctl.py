@@ -20,6 +20,9 @@ target, by an injected prctl) and how it is set again (in the stub), side by sid
                                                                  with tasks outside the dump
     shadow_stack    thread   arch_prctl ARCH_SHSTK_STATUS        refused when on: a restore
                              (u64 at arg2)                       does not build one
+    syscall_user_   thread   PTRACE_GET_SYSCALL_USER_DISPATCH_   refused when on (Wine): its
+    dispatch                 CONFIG (ckpt asks, no injection)    selector and range are not
+                                                                 kept
     child_subreaper process  PR_GET_CHILD_SUBREAPER (int)        PR_SET_CHILD_SUBREAPER v
     thp_disable     process  PR_GET_THP_DISABLE                  PR_SET_THP_DISABLE v&1, v&~1
     mdwe            process  PR_GET_MDWE                         PR_SET_MDWE v (one way: after
@@ -45,11 +48,14 @@ value differs, then reads it back: a value that did not take is a RestoreError.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from ckpt.errors import KernelError
+from ckpt.kernel.ptrace import ptrace
 from ckpt.kernel.sys import NR
 
 PR_SET_PDEATHSIG, PR_GET_PDEATHSIG = 1, 2
@@ -67,6 +73,8 @@ PR_SET_IO_FLUSHER = 57
 PR_SCHED_CORE, PR_SCHED_CORE_GET = 62, 0
 PR_SET_MDWE, PR_GET_MDWE = 65, 66
 ARCH_SHSTK_STATUS = 0x5005
+PTRACE_GET_SYSCALL_USER_DISPATCH_CONFIG, SUD_CONFIG_SIZE = 0x4211, 32  # mode, selector,
+# offset, len (u64 each)
 PR_SET_MEMORY_MERGE, PR_GET_MEMORY_MERGE = 67, 68
 S64_MAX = (1 << 63) - 1
 PF_MEMALLOC_NOIO, PF_LOCAL_THROTTLE = 0x00080000, 0x00100000  # PR_SET_IO_FLUSHER sets both
@@ -83,6 +91,7 @@ class Read(Enum):
     U64_AT_ARG5 = "u64 at arg5"  # prctl(*get[:4], &u64)
     ARCH_U64_AT_ARG2 = "arch_prctl u64 at arg2"  # arch_prctl(get[0], &u64)
     STAT_FLAGS = "stat flags"  # 1 if every bit of get[0] is set in /proc/.../stat flags
+    PTRACE_SUD = "ptrace"  # PTRACE_GET_SYSCALL_USER_DISPATCH_CONFIG's mode (from ckpt)
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,8 @@ SETTINGS: tuple[Setting, ...] = (
             Read.U64_AT_ARG5, None, default=0, top=0),
     Setting("shadow_stack", Scope.THREAD, (ARCH_SHSTK_STATUS,), Read.ARCH_U64_AT_ARG2, None,
             default=0, top=0),
+    Setting("syscall_user_dispatch", Scope.THREAD, (), Read.PTRACE_SUD, None, default=0,
+            top=0),
     Setting("child_subreaper", Scope.PROCESS, (PR_GET_CHILD_SUBREAPER,), Read.INT_AT_ARG2,
             lambda v: (PR_SET_CHILD_SUBREAPER, v, 0, 0, 0), default=0, top=1),
     Setting("thp_disable", Scope.PROCESS, (PR_GET_THP_DISABLE, 0, 0, 0, 0), Read.RETURNED,
@@ -143,6 +154,23 @@ Raw = Callable[..., int]  # (syscall nr, *args) -> result, negative errno on fai
 Peek = Callable[[int, int], bytes]  # (address, size) -> bytes of the task
 
 
+@dataclass(frozen=True)
+class Task:
+    """How to ask one task: ``sc`` runs a syscall in it, ``peek`` reads its memory,
+    ``scratch`` is memory of it to write to, ``stat_flags`` reads its /proc stat flags,
+    ``sud`` its syscall user dispatch mode (sud_mode)."""
+
+    tid: int
+    sc: Raw | None  # None: only the rows read from outside it (FROM_OUTSIDE)
+    peek: Peek | None
+    scratch: int
+    stat_flags: Callable[[], int]
+    sud: Callable[[], int]
+
+
+FROM_OUTSIDE = (Read.STAT_FLAGS, Read.PTRACE_SUD)
+
+
 def in_scope(scope: Scope) -> tuple[Setting, ...]:
     return tuple(s for s in SETTINGS if s.scope == scope)
 
@@ -152,12 +180,25 @@ def stat_flags(text: str) -> int:
     return int(text[text.rfind(")") + 2:].split()[6])
 
 
-def read_setting(s: Setting, sc: Raw, peek: Peek, scratch: int, flags: Callable[[], int],
-                 ) -> int | None:
-    """The task's value of ``s`` (``sc`` runs a syscall in the task, ``scratch`` is memory
-    of it); None when its kernel does not have the setting."""
+def sud_mode(tid: int) -> int:
+    """Syscall user dispatch of a traced, stopped thread: its mode (0: off)."""
+    cfg = ctypes.create_string_buffer(SUD_CONFIG_SIZE)
+    try:
+        ptrace(PTRACE_GET_SYSCALL_USER_DISPATCH_CONFIG, tid, SUD_CONFIG_SIZE,
+               ctypes.addressof(cfg))
+    except KernelError:
+        return 0  # a kernel without it
+    return int(struct.unpack_from("Q", cfg.raw)[0])
+
+
+def read_setting(s: Setting, task: Task) -> int | None:
+    """The task's value of ``s``; None when its kernel does not have the setting."""
+    sc, peek, scratch = task.sc, task.peek, task.scratch
     if s.read == Read.STAT_FLAGS:
-        return int(flags() & s.get[0] == s.get[0])
+        return int(task.stat_flags() & s.get[0] == s.get[0])
+    if s.read == Read.PTRACE_SUD:
+        return task.sud()
+    assert sc is not None and peek is not None, f"{s.name} is read inside the task"
     if s.read == Read.INT_AT_ARG2:
         got = sc(NR.prctl, s.get[0], scratch, 0, 0, 0)
     elif s.read == Read.U64_AT_ARG5:
@@ -175,19 +216,23 @@ def read_setting(s: Setting, sc: Raw, peek: Peek, scratch: int, flags: Callable[
     return got
 
 
-def read_name(sc: Raw, peek: Peek, scratch: int) -> bytes:
+def read_name(task: Task) -> bytes:
     """The task's name (comm), without its NUL; b"" if it cannot be read."""
-    if sc(NR.prctl, PR_GET_NAME, scratch, 0, 0, 0) < 0:
+    assert task.sc is not None and task.peek is not None, "the name is read inside the task"
+    if task.sc(NR.prctl, PR_GET_NAME, task.scratch, 0, 0, 0) < 0:
         return b""
-    return peek(scratch, TASK_COMM_LEN).split(b"\0", 1)[0]
+    return task.peek(task.scratch, TASK_COMM_LEN).split(b"\0", 1)[0]
 
 
-def read_settings(scope: Scope, sc: Raw, peek: Peek, scratch: int,
-                  flags: Callable[[], int]) -> dict[str, int]:
-    """Every setting of ``scope`` the task's kernel has, by name."""
+def read_settings(scope: Scope, task: Task) -> dict[str, int]:
+    """Every setting of ``scope`` the task's kernel has, by name; with ``task.sc`` None,
+    only those read from outside it (before anything is injected: syscall user dispatch
+    could turn an injected syscall into a SIGSYS), else only the others."""
     out = {}
     for s in in_scope(scope):
-        value = read_setting(s, sc, peek, scratch, flags)
+        if (s.read in FROM_OUTSIDE) != (task.sc is None):
+            continue
+        value = read_setting(s, task)
         if value is not None:
             out[s.name] = value
     return out

@@ -38,11 +38,17 @@ def restore_settings(task: Stub, image: list[pb.Setting], after_creds: bool) -> 
 
 
 def _read(task: Stub, s: prctl.Setting) -> int | None:
+    return prctl.read_setting(s, asked(task))
+
+
+def asked(task: Stub) -> prctl.Task:
+    """A stub's thread as the prctl table asks it."""
     tid = task.task.tid
-    return prctl.read_setting(
-        s, lambda *a: task.sc(*a, check=False),
-        lambda at, n: vm_read(task.pid, at, n), task.scratch + SCRATCH_AT,
-        lambda: prctl.stat_flags(read_text(task.pid, "/proc", "task", str(tid), "stat")))
+    return prctl.Task(
+        tid, lambda *a: task.sc(*a, check=False), lambda at, n: vm_read(task.pid, at, n),
+        task.scratch + SCRATCH_AT,
+        lambda: prctl.stat_flags(read_text(task.pid, "/proc", "task", str(tid), "stat")),
+        lambda: prctl.sud_mode(tid))
 
 
 def restore_all_settings(stub: Stub, threads: list[Stub], entry: pb.ProcessEntry,

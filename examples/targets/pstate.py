@@ -31,12 +31,13 @@ thread's report: t<id>=<interval_ns>/<value_ns>/<overrun> (timer_gettime,
 timer_getoverrun). If the byte appended is "d", the main thread's report ends with
 queued7=<n>: how many SIGRTMIN+5 signals were queued (it takes them all).
 
-With a third argument, cpu-overrun:
-                 8  CLOCK_PROCESS_CPUTIME_ID, SIGRTMIN+4 to the process, every 1 ms of CPU
-                    time: its signal is taken once after 50 ms of CPU (overruns on a CPU
-                    clock, which a restore cannot replay)
+Further arguments add what a dump must refuse:
+    cpu-overrun  8  CLOCK_PROCESS_CPUTIME_ID, SIGRTMIN+4 to the process, every 1 ms of
+                    CPU time: its signal is taken once after 50 ms of CPU (overruns on a
+                    CPU clock, which a restore cannot replay)
+    sud          syscall user dispatch on in the main thread (its selector says allow)
 
-usage: pstate.py ASK DELAY [cpu-overrun]
+usage: pstate.py ASK DELAY [cpu-overrun] [sud]
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ PR_MCE_KILL, PR_MCE_KILL_GET, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY = 33, 34, 1, 1
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 PR_SET_THP_DISABLE, PR_GET_THP_DISABLE, PR_SET_MDWE, PR_GET_MDWE = 41, 42, 65, 66
 SIG_BLOCK = 0
+PR_SET_SYSCALL_USER_DISPATCH, PR_SYS_DISPATCH_ON = 59, 1
+SELECTOR = ctypes.c_char(b"\0")  # SYSCALL_DISPATCH_FILTER_ALLOW
 SCHED_RESET_ON_FORK, NR_IOPRIO_SET, IOPRIO_WHO_PROCESS = 0x40000000, 251, 1
 IOPRIO_BE_3 = 2 << 13 | 3
 NSEC = 1_000_000_000
@@ -220,13 +223,16 @@ def main() -> None:
     wait_timer_signal("main", SIGRT3)
     assert timer_create(CLOCK_MONOTONIC, SIGEV_SIGNAL, SIGRT5, 0x7777) == 7
     timer_set(7, 20_000_000, 20_000_000)
-    if sys.argv[3:] == ["cpu-overrun"]:
+    if "cpu-overrun" in sys.argv[3:]:
         assert timer_create(CLOCK_PROCESS_CPUTIME_ID, SIGEV_SIGNAL, SIGRT4, 0x8888) == 8
         timer_set(8, 1_000_000, 1_000_000)
         spin_until = time.process_time() + 0.05
         while time.process_time() < spin_until:
             pass
         wait_timer_signal("main", SIGRT4)
+    if "sud" in sys.argv[3:]:
+        libc.prctl(ctypes.c_int(PR_SET_SYSCALL_USER_DISPATCH), ctypes.c_ulong(PR_SYS_DISPATCH_ON),
+                   ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.byref(SELECTOR))
     prctl(PR_SET_MDWE, 1, 0, 0, 0)  # last: nothing after it maps code
     asked = Asked(ask)
     say(f"ready {tid[0]}")
