@@ -60,7 +60,7 @@ FREE = {
     ("ProcessEntry", "cwd_dev"), ("ProcessEntry", "cwd_inode"), ("OpenFile", "object"),
     ("SysvShm", "key"), ("SysvShm", "uid"), ("SysvShm", "gid"),
     ("ProcessEntry", "loginuid"),  # 2^32-1: unset
-    ("TaskAttrs", "nice"),  # -5 is a nice value too (out-of-range ones are refused)
+    ("Sched", "nice"),  # -5 is a nice value too (out-of-range ones are refused)
 }
 RESTORE_READS = {"inventory", "core", "pagemap"}  # the other kinds serve the next pass
 

@@ -36,7 +36,10 @@ from ckpt.images.framing import FORMAT_VERSION
 from ckpt.images.pb import core_pb2 as core
 from ckpt.images.pb import image_pb2 as img
 from ckpt.images.siginfo import SIGINFO_SIZE, signo
+from ckpt.kernel import prctl
+from ckpt.kernel.sched import POLICIES, SCHED_RESET_ON_FORK
 from ckpt.kernel.sys import PAGE_SIZE
+from ckpt.kernel.timers import NOTIFIES, SIGEV_NONE, SIGEV_THREAD_ID, cpu_clock_pid, valid_clock
 
 PID_MAX = 1 << 22  # PID_MAX_LIMIT on 64-bit
 NR_OPEN_MAX = 1073741816  # the largest fs.nr_open the kernel accepts
@@ -51,9 +54,6 @@ SUN_PATH = 108  # sizeof(sockaddr_un.sun_path)
 UNIX_QUEUE_MAX = 1 << 30  # bytes of one queued message or run (SO_SNDBUF is an int)
 #: SOL_SOCKET options a unix socket's image carries (ckpt.collect.fdkinds.unix.OPTIONS)
 UNIX_OPTIONS = (16, 34, 76, 83, 7, 8, 18, 12, 36, 9, 13, 20, 21, 29, 35, 40, 10, 42)
-#: scheduling policies a thread can have (SCHED_DEADLINE is refused at dump), each also
-#: with SCHED_RESET_ON_FORK
-POLICIES = tuple(p | r for p in (0, 1, 2, 3, 5) for r in (0, 0x40000000))
 #: Supplementary groups a restore can pass to setgroups (through the stub's scratch area)
 MAX_GROUPS = 8192
 ALL_CAPS = (1 << 41) - 1  # CAP_CHOWN .. CAP_CHECKPOINT_RESTORE (40), as on Linux 5.9+
@@ -63,6 +63,7 @@ TRACKERS = ("uffd-wp", "soft-dirty", "compare")  # = ckpt.track.BACKENDS (tested
 S64_MAX = (1 << 63) - 1
 PIPE_MAX = 1 << 31  # the largest F_SETPIPE_SZ
 MEMBARRIER_MASK = 0x154  # the REGISTER commands MEMBARRIER_CMD_GET_REGISTRATIONS reports
+INT_MAX = (1 << 31) - 1
 
 Check = Callable[[Any], "str | None"]  # None: the value is fine; else why it is not
 Problem = tuple[str, Any, str]  # (field, value, why)
@@ -129,6 +130,11 @@ def siginfo(v: bytes) -> str | None:
     return None if 1 <= n <= NSIG else f"siginfo of signal {n}"
 
 
+def thread_name(v: bytes) -> str | None:
+    ok = len(v) < prctl.TASK_COMM_LEN and b"\0" not in v
+    return None if ok else "not a thread name (at most 15 bytes, no NUL)"
+
+
 def hex_token(v: str) -> str | None:
     ok = len(v) <= 64 and all(c in "0123456789abcdef" for c in v)
     return None if ok else "not a hex token"
@@ -160,10 +166,18 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
         "securebits": ranged(0, SECUREBITS), "seccomp_mode": one_of(0, 1, 2)},
     core.Itimer: {"which": one_of(0, 1, 2), "interval_us": ranged(0, 1 << 62),
                   "value_us": ranged(1, 1 << 62)},
+    core.PosixTimer: {"id": ranged(0, INT_MAX), "notify": one_of(*NOTIFIES),
+                      "clock": lambda v: None if valid_clock(v) else "not a timer's clock",
+                      "notify_tid": PID_OR_0, "interval_ns": ranged(0, 1 << 62),
+                      "value_ns": ranged(0, 1 << 62), "overrun": ranged(0, INT_MAX)},
+    core.Setting: {"name": one_of(*prctl.BY_NAME)},
+    core.Sched: {"policy": one_of(*POLICIES, *(p | SCHED_RESET_ON_FORK for p in POLICIES)),
+                 "priority": ranged(0, 99), "nice": ranged(-20, 19), "cpus": ranged(0, 8191),
+                 "ioprio": ranged(0, 0xFFFF)},
     core.SeccompFilter: {"program": blob(BPF_MAXINSNS * BPF_INSN, multiple=BPF_INSN)},
     core.ProcessEntry: {
         "dumpable": ranged(0, 2), "pid": PID, "ppid": PID_OR_0, "pgid": PID_OR_0,
-        "sid": PID_OR_0, "comm": text(64),
+        "sid": PID_OR_0, "comm": text(64), "cwd_dev": ranged(0, 0xFFFFFFFF),
         "umask": ranged(0, 0o777), "cwd": path(absolute=True), "cmdline": blob(1 << 24),
         "shared_pending": siginfo, "oom_score_adj": ranged(-1000, 1000),
         "membarrier_registrations": lambda v: None if not v & ~MEMBARRIER_MASK
@@ -172,7 +186,7 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
     core.GuardRegion: {"start": ADDR, "end": ADDR},
     core.ThreadCore: {"tid": PID, "xstate": blob(1 << 20), "clear_child_tid": ANY_ADDR,
                       "robust_list_head": ANY_ADDR, "robust_list_len": ranged(0, 1 << 12),
-                      "pending_signals": siginfo},
+                      "pending_signals": siginfo, "name": thread_name},
     core.GpRegs: {"cs": SEGMENT, "ss": SEGMENT, "ds": SEGMENT, "es": SEGMENT, "fs": SEGMENT,
                   "gs": SEGMENT, "fs_base": ANY_ADDR, "gs_base": ANY_ADDR},
     core.Rseq: {"abi_pointer": ANY_ADDR, "abi_size": ranged(0, PAGE_SIZE)},
@@ -191,9 +205,6 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
     core.FileLock: {"start": ranged(0, S64_MAX), "length": ranged(0, S64_MAX),
                     "signal": ranged(0, NSIG)},
     core.FdEntry: {"fd": ranged(0, NR_OPEN_MAX - 1), "file_id": ranged(1, FD_SET_MAX)},
-    core.TaskAttrs: {"comm": text(15), "cpus": ranged(0, 8191), "nice": ranged(-20, 19),
-                     "policy": one_of(*POLICIES), "rt_priority": ranged(0, 99),
-                     "ioprio": ranged(0, 0xFFFF)},
     core.EventFd: {"count": ranged(0, (1 << 64) - 2)},
     core.Cgroup: {"controllers": text(256), "path": path(absolute=True)},
     # size: ckpt.collect.sysvshm.MAX_SEGMENT (not imported: images never reach collect)
@@ -341,6 +352,10 @@ def _process(m: core.ProcessEntry) -> Iterator[Problem]:
     yield from _unique("sigactions.signo", (a.signo for a in m.sigactions))
     yield from _unique("rlimits.resource", (r.resource for r in m.rlimits))
     yield from _unique("itimers.which", (t.which for t in m.itimers))
+    yield from _posix_timers(m)
+    yield from _settings("settings", m.settings, prctl.Scope.PROCESS)
+    for i, th in enumerate(m.threads):
+        yield from _settings(f"threads[{i}].settings", th.settings, prctl.Scope.THREAD)
     yield from _unique("files.id", (f.id for f in m.files))
     yield from _unique("fds.fd", (f.fd for f in m.fds))
     ids = {f.id for f in m.files}
@@ -364,6 +379,30 @@ def _guards(m: core.ProcessEntry) -> Iterator[Problem]:
         elif not any(v.start <= g.start and g.end <= v.end for v in m.vmas):
             yield f"guard_regions[{i}].start", g.start, "not inside one VMA"
         end = g.end
+
+
+def _posix_timers(m: core.ProcessEntry) -> Iterator[Problem]:
+    yield from _unique("posix_timers.id", (t.id for t in m.posix_timers))
+    tids = {th.tid for th in m.threads}
+    for i, t in enumerate(m.posix_timers):
+        if t.notify != SIGEV_NONE and not 1 <= t.signo <= NSIG:
+            yield f"posix_timers[{i}].signo", t.signo, "not a signal"
+        if bool(t.notify & SIGEV_THREAD_ID) != (t.notify_tid in tids):
+            yield f"posix_timers[{i}].notify_tid", t.notify_tid, "not a thread it signals"
+        if t.clock < 0 and cpu_clock_pid(t.clock) not in tids | {0}:
+            yield f"posix_timers[{i}].clock", t.clock, "the CPU clock of another process"
+
+
+def _settings(where: str, settings: Iterable[core.Setting], scope: prctl.Scope,
+              ) -> Iterator[Problem]:
+    items = list(settings)
+    yield from _unique(f"{where}.name", (s.name for s in items))
+    for k, s in enumerate(items):
+        row = prctl.BY_NAME.get(s.name)
+        if row is not None and row.scope != scope:
+            yield f"{where}[{k}].name", s.name, f"not a per-{scope.value} setting"
+        if row is not None and not 0 <= s.value <= row.top:
+            yield f"{where}[{k}].value", s.value, f"not in 0..{row.top} for {s.name}"
 
 
 def _thread_creds(where: str, th: core.ThreadCore) -> Iterator[Problem]:
