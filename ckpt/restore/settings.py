@@ -11,10 +11,12 @@ from ckpt.collect.proc import read_text
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel import prctl
+from ckpt.kernel.sched import SCHED_RESET_ON_FORK
 from ckpt.kernel.sys import NR, vm_read
 from ckpt.restore.stub import Stub
 
 SCRATCH_AT = 4224  # scratch offset for the values prctl writes
+RT_POLICIES = (1, 2)  # SCHED_FIFO, SCHED_RR
 
 
 def restore_settings(task: Stub, image: list[pb.Setting], after_creds: bool) -> None:
@@ -57,7 +59,15 @@ def restore_all_settings(stub: Stub, threads: list[Stub], entry: pb.ProcessEntry
     non-leader ones, in image order)."""
     restore_settings(stub, list(entry.settings), after_creds)
     for task, th in zip([stub, *threads], entry.threads, strict=True):
-        restore_settings(task, list(th.settings), after_creds)
+        restore_settings(task, [s for s in th.settings if not derived(s, th)], after_creds)
         if th.name and not after_creds:
             task.sc(NR.prctl, prctl.PR_SET_NAME, task.put(th.name + b"\0", SCRATCH_AT), 0, 0,
                     0, what=f"PR_SET_NAME of thread {task.task.tid}")
+
+
+def derived(item: pb.Setting, th: pb.ThreadCore) -> bool:
+    """Settings the kernel derives from another one: a real-time thread's timer slack is
+    0 whatever was asked (the kernel sets it with the policy, ckpt.restore.sched, and
+    ignores PR_SET_TIMERSLACK under it)."""
+    rt = th.HasField("sched") and th.sched.policy & ~SCHED_RESET_ON_FORK in RT_POLICIES
+    return item.name == "timer_slack" and rt
