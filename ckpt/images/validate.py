@@ -206,7 +206,8 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
                     "signal": ranged(0, NSIG)},
     core.FdEntry: {"fd": ranged(0, NR_OPEN_MAX - 1), "file_id": ranged(1, FD_SET_MAX)},
     core.EventFd: {"count": ranged(0, (1 << 64) - 2)},
-    core.Cgroup: {"controllers": text(256), "path": path(absolute=True)},
+    core.Cgroup: {"hierarchy": ranged(0, 0xFFFF), "controllers": text(256),
+                  "path": path(absolute=True)},
     # size: ckpt.collect.sysvshm.MAX_SEGMENT (not imported: images never reach collect)
     core.SysvShm: {"shmid": ranged(0, (1 << 31) - 1), "mode": ranged(0, 0o777),
                    "size": ranged(1, 1 << 30)},
