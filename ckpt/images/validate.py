@@ -201,7 +201,7 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
                "vmflags": text(4)},
     core.OpenFile: {"id": ranged(1, FD_SET_MAX), "path": path(absolute=False),
                     "pos": ranged(0, S64_MAX), "size": ranged(0, S64_MAX),
-                    "inherit_fd": ranged(-1, 2)},
+                    "inherit_fd": ranged(-1, 2), "external": text(64)},
     core.FileLock: {"start": ranged(0, S64_MAX), "length": ranged(0, S64_MAX),
                     "signal": ranged(0, NSIG)},
     core.FdEntry: {"fd": ranged(0, NR_OPEN_MAX - 1), "file_id": ranged(1, FD_SET_MAX)},
