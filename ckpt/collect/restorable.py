@@ -62,7 +62,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from ckpt.collect import proc, sched, sysvshm
+from ckpt.collect import cgroups, proc, sched, sysvshm
 from ckpt.collect.fdkinds import kind_of, locks
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
@@ -122,6 +122,8 @@ class Target:
     shm_segments: tuple[sysvshm.Segment, ...] = ()
     same_ipc_ns: bool = True
     policies: tuple[tuple[int, int], ...] = ()  # (tid, scheduling policy): collect.sched
+    # (tid, its cgroups) of every thread: ckpt.collect.cgroups
+    thread_cgroups: tuple[tuple[int, tuple[cgroups.Membership, ...]], ...] = ()
     tracker: bool = False  # a userfaultfd of ckpt's own is in the process (its "uw")
 
 
@@ -340,6 +342,7 @@ def refusals(t: Target) -> list[str]:
     out += sysvshm.refusals(t.pid, t.vmas, {s.shmid: s for s in t.shm_segments},
                             t.same_ipc_ns)
     out += sched.refusals(t.pid, t.policies)
+    out += cgroups.thread_refusals(t.pid, t.thread_cgroups)
     for v in sorted(t.vmas, key=lambda v: v.start):
         why = _first(VMA_RULES, Mapping(v, v.path in t.foreign, t.tracker), vma_fields)
         if why:
@@ -383,6 +386,7 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         seen += [(v.path, (None, v.inode)) for v in maps if v.kind in FILE_KINDS]
         seen += [(i.target, (i.st_dev, i.st_ino)) for i in fds]
         foreign = frozenset(p for p, there in seen if _is_foreign(p, there))
+    tids = proc.list_tasks(pid)
     return Target(
         pid=pid, children=tuple(proc.list_children(pid)), cwd=cwd, root=proc.read_root(pid),
         own_root=proc.read_root(me), mnt_ns=mnt_ns, own_mnt_ns=own_mnt_ns,
@@ -393,7 +397,9 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         groups=len(proc.read_status(pid).groups), fd_kinds=tuple(fd_kinds),
         shm_segments=tuple(sysvshm.read_segments().values()) if sysvshm.attaches(maps)
         else (), same_ipc_ns=proc.read_ns(pid, "ipc") == proc.read_ns(me, "ipc"),
-        policies=tuple(sched.read_policies(proc.list_tasks(pid))),
+        policies=tuple(sched.read_policies(tids)),
+        thread_cgroups=tuple((tid, tuple(found)) for tid, found in
+                             cgroups.read_thread_cgroups(pid, tids)),
         fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden))
 
 
