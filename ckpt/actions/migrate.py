@@ -42,9 +42,8 @@ from ckpt.collect import proc
 from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
 from ckpt.collect.fdkinds.memfd import GHOST, ghost_path
 from ckpt.collect.files import collect_files
-from ckpt.collect.sysvshm import attaches
 from ckpt.collect.vmas import VmaInfo, VmaKind
-from ckpt.errors import CkptError, NotDumpable
+from ckpt.errors import CkptError
 from ckpt.images import ImageDir
 from ckpt.images.pb import wire_pb2
 from ckpt.kernel.creds import require_root
@@ -129,11 +128,6 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     vmas = preflight(DumpOptions(pid=opts.pid, images_dir="", externals=False,
                                  ghost_limit=opts.ghost_limit, tcp_close=opts.tcp_close),
                      hidden_fds(opts.pid))
-    shm = attaches(vmas)
-    if shm:  # the destination's warm restore maps VMAs as the passes come: no shmat
-        raise NotDumpable(f"process {opts.pid} attaches System V shared memory "
-                          f"({shm[0].shmid} at {shm[0].base:#x}): ckpt dump and restore "
-                          "carry it, migrate does not yet")
     work = Path(opts.keep_images or tempfile.mkdtemp(prefix="ckpt-migrate-"))
     out = MigrateResult()
     try:

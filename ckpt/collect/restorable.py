@@ -340,7 +340,7 @@ def refusals(t: Target) -> list[str]:
     """One line per thing a restore could not bring back (empty: restorable)."""
     out = [rule.says.format(**process_fields(t)) for rule in PROCESS_RULES if rule.applies(t)]
     out += sysvshm.refusals(t.pid, t.vmas, {s.shmid: s for s in t.shm_segments},
-                            t.same_ipc_ns)
+                            t.same_ipc_ns, migrating=not t.fd_flags.externals)
     out += sched.refusals(t.pid, t.policies)
     out += cgroups.thread_refusals(t.pid, t.thread_cgroups)
     for v in sorted(t.vmas, key=lambda v: v.start):

@@ -22,11 +22,15 @@ import ctypes
 import errno
 import os
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from ckpt.errors import AccessDenied, CkptError, KernelError
 from ckpt.kernel.ptrace import ptrace
 from ckpt.kernel.sys import syscall
+
+T = TypeVar("T")
 
 PTRACE_O_SUSPEND_SECCOMP = 0x200000
 PTRACE_SECCOMP_GET_FILTER = 0x420C
@@ -165,3 +169,26 @@ def fsuid_as(uid: int) -> Iterator[None]:
         yield
     finally:
         syscall(SYS.setfsuid, old, what="setfsuid")
+
+
+def call_as_creator(uid: int, gid: int, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a new thread of ckpt whose effective uid and gid are ``uid`` and
+    ``gid`` (raw setresgid/setresuid: that thread only; what it creates is theirs, e.g. a
+    System V segment's creator), and return what it returned or raise what it raised."""
+    out: list[T] = []
+    err: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            syscall(SYS.setresgid, -1, gid, -1, what="setresgid")
+            syscall(SYS.setresuid, -1, uid, -1, what="setresuid")
+            out.append(fn())
+        except BaseException as exc:  # handed to the caller
+            err.append(exc)
+
+    thread = threading.Thread(target=run, name="ckpt-creator")
+    thread.start()
+    thread.join()  # the thread exits with its credentials: nothing to switch back
+    if err:
+        raise err[0]
+    return out[0]

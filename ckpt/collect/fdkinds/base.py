@@ -64,7 +64,8 @@ class FdFlags:
     tcp_close: bool = False  # established TCP connections are restored closed
     ghost_limit: int = GHOST_LIMIT  # bytes: largest deleted file or memfd saved
     # objects held outside the process may be recorded as external (a restore takes them
-    # from --inherit-fd); not where the restore is on another host (migrate)
+    # from --inherit-fd); not where the restore is on another host (migrate), which also
+    # refuses System V shared memory (ckpt.collect.sysvshm)
     externals: bool = True
 
 
