@@ -3,8 +3,10 @@ owner (ckpt/collect/sysvshm.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import subprocess
+from collections.abc import Iterator
 
 import pytest
 from conftest import Asker, Harness, assert_ckpt_ok, assert_one_error_line, run_ckpt
@@ -103,22 +105,32 @@ def test_shared_with_another_process_is_refused(harness: Harness) -> None:
     target = Asker(harness, "sysv_shm.py", "keyed", str(0x5EC1234))
     state = target.ask()
     assert isinstance(state, dict)
+    try:
+        with attached_elsewhere(state["shmid"]):
+            res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", harness.images())
+            line = assert_one_error_line(res)
+            assert f"System V shared memory {state['shmid']} is also attached by 1 other" \
+                in line
+            assert target.ask()["counter"] == 2  # type: ignore[index]
+    finally:
+        libc.shmctl(state["shmid"], IPC_RMID, None)
+
+
+@contextlib.contextmanager
+def attached_elsewhere(shmid: int) -> Iterator[None]:
+    """Another process attaches segment ``shmid`` for the duration of the block."""
     other = subprocess.Popen(["python3", "-c", (
         "import ctypes,sys,time; l=ctypes.CDLL(None); l.shmat.restype=ctypes.c_void_p;"
-        f"l.shmat({state['shmid']}, None, 0); print('on', flush=True); time.sleep(60)")],
+        f"l.shmat({shmid}, None, 0); print('on', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE)
     try:
         assert other.stdout is not None and other.stdout.readline() == b"on\n"
-        res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", harness.images())
-        line = assert_one_error_line(res)
-        assert f"System V shared memory {state['shmid']} is also attached by 1 other" in line
-        assert target.ask()["counter"] == 2  # type: ignore[index]
+        yield
     finally:
         other.kill()
         other.wait()
         if other.stdout is not None:
             other.stdout.close()
-        libc.shmctl(state["shmid"], IPC_RMID, None)
 
 
 def test_image_limits_match() -> None:
@@ -149,19 +161,11 @@ def test_segment_in_use_at_restore_is_not_overwritten(harness: Harness) -> None:
     assert isinstance(state, dict)
     images = harness.images()
     harness.dump_and_reap(target.proc, images)
-    other = subprocess.Popen(["python3", "-c", (
-        "import ctypes,sys,time; l=ctypes.CDLL(None); l.shmat.restype=ctypes.c_void_p;"
-        f"l.shmat({state['shmid']}, None, 0); print('on', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE)
     try:
-        assert other.stdout is not None and other.stdout.readline() == b"on\n"
-        res = run_ckpt("restore", "-D", images, "--restore-detached")
-        line = assert_one_error_line(res)
-        assert f"System V shared memory id {state['shmid']} is taken by another segment or " \
-               "in use (attached by 1 process(es))" in line
+        with attached_elsewhere(state["shmid"]):
+            res = run_ckpt("restore", "-D", images, "--restore-detached")
+            line = assert_one_error_line(res)
+            assert f"System V shared memory id {state['shmid']} is taken by another segment " \
+                "or in use (attached by 1 process(es))" in line
     finally:
-        other.kill()
-        other.wait()
-        if other.stdout is not None:
-            other.stdout.close()
         libc.shmctl(state["shmid"], IPC_RMID, None)
