@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ckpt.collect.fds import FdInfo
+from ckpt.collect.holders import Sharing, holders_of, scan_links
 from ckpt.errors import NoSuchProcess
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.sys import pidfd_getfd, pidfd_open
@@ -49,6 +50,7 @@ class Remote(Protocol):
     def put_str(self, s: str, off: int = 0) -> int: ...
 
 
+HOLDERS = "holders.links"  # Peek.memo: every other process's fds, by link text
 GHOST_LIMIT = 1 << 20  # default --ghost-limit, bytes
 #: open(2) flags that only meant something to the open that made the file: a reopen drops
 #: them (O_TMPFILE without its O_DIRECTORY part, which a directory's fd keeps)
@@ -80,6 +82,18 @@ class Peek:
         # what a kind reads once for all the fds it inspects in this pass (one /proc scan,
         # a table of every socket), by a key of its own
         self.memo: dict[Any, Any] = {}
+
+    def holders(self, info: FdInfo, how: Sharing) -> tuple[int, ...]:
+        """The other processes (not this one, not ckpt) that hold the object of fd
+        ``info``, compared ``how`` (ckpt.collect.holders). Every process's fd links are
+        read once per Peek, for all the fds asked about."""
+        if how is Sharing.OWN:
+            return ()
+        links: dict[str, list[tuple[int, int]]] | None = self.memo.get(HOLDERS)
+        if links is None:
+            wanted = {i.target for i in self.fds.values()}
+            links = self.memo[HOLDERS] = scan_links(wanted, {self.pid, os.getpid()})
+        return holders_of(how, self.pid, info, links.get(info.target, []))
 
     @contextlib.contextmanager
     def getfd(self, fd: int) -> Iterator[int]:
@@ -177,3 +191,6 @@ class FdKind:
     inspect: Inspect = nothing
     refuse: Refuse = accept
     finish: Finish | None = None
+    # how other processes holding the same object are found; any is refused before the
+    # freeze (ckpt.collect.restorable), but for OWN: the kind judges them in refuse
+    holders: Sharing = Sharing.OPEN_FILE
