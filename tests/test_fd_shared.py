@@ -11,7 +11,9 @@ the target (examples/targets/fd_shared.py), as a process that forked the dumped 
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
+import mmap
 import os
 import socket
 import stat
@@ -32,9 +34,18 @@ from conftest import (
 from ckpt.collect.fdkinds import eventfd, pipe
 from ckpt.collect.fdkinds.base import HOLDERS, FdKind, Peek
 from ckpt.collect.fds import FdInfo, read_fds
-from ckpt.collect.holders import Sharing, holders_of, scan_links
+from ckpt.collect.holders import (
+    Sharing,
+    holders_of,
+    parse_maps_line,
+    scan_links,
+    scan_maps,
+)
 from ckpt.collect.restorable import Target, compares_open_file, refusals
 from ckpt.errors import NoSuchProcess
+
+PAGE = 4096
+libc = ctypes.CDLL(None, use_errno=True)
 
 # --------------------------------------------------------------------------- the scan
 
@@ -87,6 +98,27 @@ def test_holders_compare_the_way_the_kind_says(tmp_path: Path) -> None:
     assert holders_of(Sharing.OPEN_FILE, 9, ghost, [*both, (20, 7)], str(tmp_path),
                       same_file) == (20,)
     assert holders_of(Sharing.OWN, 9, ghost, both, str(tmp_path)) == ()
+
+
+def test_maps_lines_and_the_maps_scan(tmp_path: Path) -> None:
+    assert parse_maps_line("7f9caf24c000-7f9caf24d000 rw-s 00000000 00:01 504        "
+                           "   /memfd:a pool (deleted)\n") == (os.makedev(0, 1), 504,
+                                                               "/memfd:a pool (deleted)")
+    assert parse_maps_line("7ffd1000-7ffd2000 rw-p 00000000 00:00 0 \n") is None
+    assert parse_maps_line("7ffd1000-7ffd2000 r-xp 00000000 00:00 0      [vdso]\n") == (
+        0, 0, "[vdso]")
+    for pid, text in {"30": "1000-2000 rw-s 00000000 00:01 504 /memfd:p (deleted)\n"
+                            "3000-4000 r--p 00000000 fe:00 77 /usr/lib/x.so\n",
+                      "31": "1000-2000 rw-s 00000000 00:01 505 /memfd:p (deleted)\n"}.items():
+        (tmp_path / pid).mkdir()
+        (tmp_path / pid / "maps").write_text(text)
+    (tmp_path / "32").mkdir()  # exited: no maps
+    found = scan_maps({"/memfd:p (deleted)"}, exclude=(), root=str(tmp_path))
+    assert sorted(found["/memfd:p (deleted)"]) == [(30, os.makedev(0, 1), 504),
+                                                   (31, os.makedev(0, 1), 505)]
+    memfd = info(5, "/memfd:p (deleted)", dev=os.makedev(0, 1), ino=505)
+    assert holders_of(Sharing.INODE, 9, memfd, [], str(tmp_path),
+                      mapped=found["/memfd:p (deleted)"]) == (31,)
 
 
 def test_peek_finds_a_shared_eventfd_and_not_a_private_one() -> None:
@@ -235,6 +267,28 @@ def test_a_memfd_shared_with_the_parent_is_refused(harness: Harness) -> None:
         assert os.pread(mfd, 20, 0) == b"line\nline\n"
     finally:
         os.close(mfd)
+
+
+@needs_root
+def test_a_memfd_the_parent_only_maps_is_refused(harness: Harness) -> None:
+    """A Wayland-like pool: the parent maps the memfd and closes its fd; the dumped
+    process holds the fd. A restore would give it a copy the parent never sees."""
+    mfd = os.memfd_create("pool")
+    os.ftruncate(mfd, PAGE)
+    libc.mmap.restype = ctypes.c_void_p
+    addr = libc.mmap(None, PAGE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, mfd, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    try:
+        target = Asker(harness, "fd_shared.py", "file", str(mfd), pass_fds=(mfd,))
+        os.close(mfd)  # the mapping alone holds it now, as a compositor's does
+        assert target.ask() == {"pos": 5}
+        assert_refused_untouched(target, (
+            f"fd {mfd} is a regular file (/memfd:pool (deleted)): one memfd that process "
+            f"{os.getpid()} outside the dump also holds"))
+        assert target.ask() == {"pos": 10}
+        assert ctypes.string_at(addr, 10) == b"line\nline\n"
+    finally:
+        libc.munmap(ctypes.c_void_p(addr), PAGE)
 
 
 @needs_root
