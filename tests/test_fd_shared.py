@@ -206,6 +206,18 @@ def test_which_open_files_are_compared() -> None:
     assert not compares_open_file(info(3, "/dev/null", mode=stat.S_IFCHR | 0o666))
 
 
+def test_check_prints_the_held_elsewhere_rules() -> None:
+    res = run_ckpt("check")
+    assert res.returncode == 0, res.describe()
+    lines = [line.strip() for line in res.stdout.splitlines()]
+    assert ("refused (fd): one … that … outside the dump also holds (inherited across "
+            "fork() or passed over a unix socket): a restore would make a new one for "
+            "this process alone, cut off from it: not supported yet") in lines
+    assert any(line.startswith("refused (fd): an open file … shares") for line in lines)
+    assert any(line.startswith("refused (fd): holds … on an open file … shares")
+               for line in lines)
+
+
 # --------------------------------------------------------------------------- live
 
 
