@@ -47,6 +47,17 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               a lock ckpt.collect.fdkinds.locks refuses        that module's refusal says
               (mandatory, a lease being broken, a lock on an   (locks on files reopened by
               fd not reopened by path, ...)                    path are taken again)
+              an object another process holds too (but a       restore would make a copy
+              pipe: its kind judges), found by                 for this process alone, cut
+              ckpt.collect.holders: a socket, an eventfd,      off from the other one (a
+              epoll set, ..., a memfd, a deleted file          listener: its port taken)
+              a file or directory whose open file another      the lock stays with the
+              process shares, holding an flock, OFD lock or    other process: restore
+              lease                                            could not take it again
+              ... holding none, unless write-only O_APPEND     its position and flags would
+                                                               no longer be shared (an
+                                                               O_APPEND writer's position
+                                                               is the end either way)
 
 :func:`refusals` is pure: it takes a :class:`Target` (records of ckpt.collect.vmas,
 ckpt.collect.fds and ckpt.collect.proc) and returns one line per refused thing, process
@@ -66,6 +77,7 @@ from ckpt.collect import cgroups, proc, sched, sysvshm
 from ckpt.collect.fdkinds import kind_of, locks
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
+from ckpt.collect.holders import Sharing
 from ckpt.collect.timers import ProcTimer, read_timers, timer_refusal
 from ckpt.collect.vmas import KERNEL_PROVIDED, VmaInfo, VmaKind, collect_vmas
 from ckpt.collect.vmflags import refused_flags
@@ -125,6 +137,9 @@ class Target:
     # (tid, its cgroups) of every thread: ckpt.collect.cgroups
     thread_cgroups: tuple[tuple[int, tuple[cgroups.Membership, ...]], ...] = ()
     tracker: bool = False  # a userfaultfd of ckpt's own is in the process (its "uw")
+    # (fd, pids): other processes holding the fd's object (its kind's FdKind.holders) or,
+    # for a file reopened by path, its open file (ckpt.collect.holders); only fds with some
+    holders: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -284,6 +299,13 @@ class Fd:
     kind: str
     shell_job: bool
     foreign: bool = False
+    holders: tuple[int, ...] = ()  # other processes sharing its open file
+
+    @property
+    def append_only(self) -> bool:
+        """Write-only O_APPEND: every write goes to the end, whoever else writes."""
+        flags = self.info.flags
+        return flags & os.O_ACCMODE == os.O_WRONLY and bool(flags & os.O_APPEND)
 
     @property
     def target(self) -> str:
@@ -304,6 +326,14 @@ FD_RULES: tuple[Rule[Fd], ...] = (
     Rule(lambda f: f.kind == "chardev" and f.info.st_rdev not in STATELESS_DEVICES,
          "a character device {dev}: its state lives in the driver; " + NOT_YET),
     Rule(lambda f: _refused_lock(f) is not None, locks.REFUSED),
+    Rule(lambda f: bool(f.holders) and locks.open_file_lock(f.info) is not None,
+         "holds {shared_lock} on an open file {holders} shares (inherited across fork() "
+         "or passed over a unix socket): the lock would stay with it and a restore could "
+         "not take it again: " + NOT_YET),
+    Rule(lambda f: bool(f.holders) and not f.append_only,
+         "an open file {holders} shares (inherited across fork() or passed over a unix "
+         "socket): a restore reopens it for this process alone, so its position and flags "
+         "would no longer be shared: " + NOT_YET),
     Rule(lambda f: f.foreign,
          "another file (or none) in ckpt's mount namespace: " + NOT_YET),
 )
@@ -314,13 +344,36 @@ def _refused_lock(f: Fd) -> str | None:
 
 
 def fd_fields(f: Fd) -> dict[str, object]:
+    shared = locks.open_file_lock(f.info)
     return {"dev": f"{os.major(f.info.st_rdev)}:{os.minor(f.info.st_rdev)}",
-            "lock": _refused_lock(f) or ""}
+            "lock": _refused_lock(f) or "", "holders": processes(f.holders),
+            "shared_lock": f"a {shared.shown} lock" if shared else ""}
 
 
-def fd_refusal(info: FdInfo, shell_job: bool, foreign: bool = False) -> str | None:
+def processes(pids: tuple[int, ...]) -> str:
+    """"process 12", "processes 12, 14": how a refusal names other holders."""
+    return f"process{'es' if len(pids) > 1 else ''} {', '.join(map(str, pids))}"
+
+
+#: an fd of a kind (not OWN) whose object other processes hold too
+HELD = ("one {kind} that {holders} outside the dump also holds (inherited across fork() or "
+        "passed over a unix socket): a restore would make a new one for this process "
+        "alone, cut off from it: " + NOT_YET)
+
+#: fds reopened by path whose open file is compared with other processes' (kcmp)
+SHARED_FILE_KINDS = ("regular", "directory")
+
+
+def compares_open_file(info: FdInfo) -> bool:
+    """Is this fd's open file one whose sharing a restore would lose (a file or directory
+    reopened by path, not an O_PATH fd: it has no position, flags or locks)?"""
+    return classify_fd(info) in SHARED_FILE_KINDS and not info.flags & os.O_PATH
+
+
+def fd_refusal(info: FdInfo, shell_job: bool, foreign: bool = False,
+               holders: tuple[int, ...] = ()) -> str | None:
     """Why restore cannot bring this fd back, or None."""
-    fd = Fd(info, classify_fd(info), shell_job, foreign)
+    fd = Fd(info, classify_fd(info), shell_job, foreign, holders)
     why = _first(FD_RULES, fd, fd_fields)
     return f"{describe_fd(info)}: {why}" if why else None
 
@@ -348,16 +401,20 @@ def refusals(t: Target) -> list[str]:
         if why:
             out.append(f"process {t.pid} maps {why}")
     claimed = {fd: (kind, details) for fd, kind, details in t.fd_kinds}
+    held = dict(t.holders)
     for info in sorted(t.fds, key=lambda i: i.fd):
         if info.fd in claimed:
             kind, details = claimed[info.fd]
-            why = locks.refusal(info, reopened=False) or kind.refuse(info, details,
-                                                                     t.fd_flags)
+            others = held.get(info.fd, ()) if kind.holders is not Sharing.OWN else ()
+            why = (locks.refusal(info, reopened=False)
+                   or (HELD.format(kind=kind.name, holders=processes(others)) if others
+                       else kind.refuse(info, details, t.fd_flags)))
             if not why and info.target in t.foreign:  # a FIFO, ... reopened by path
                 why = "another file (or none) in ckpt's mount namespace: " + NOT_YET
             line = f"{describe_fd(info)}: {why}" if why else None
         else:
-            line = fd_refusal(info, t.shell_job, info.target in t.foreign)
+            line = fd_refusal(info, t.shell_job, info.target in t.foreign,
+                              held.get(info.fd, ()))
         if line:
             out.append(line)
     return out
@@ -373,11 +430,17 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
     maps = collect_vmas(pid) if vmas is None else vmas
     fds = [i for i in read_fds(pid) if i.fd not in hidden]
     fd_kinds = []
+    holders = []
     with Peek(pid, fds) as peek:
         for info in fds:
             kind = kind_of(info, peek)
             if kind is not None:
                 fd_kinds.append((info.fd, kind, kind.inspect(info, peek)))
+            how = (kind.holders if kind is not None
+                   else Sharing.OPEN_FILE if compares_open_file(info) else Sharing.OWN)
+            others = peek.holders(info, how)
+            if others:
+                holders.append((info.fd, others))
     ns = {kind: (proc.read_ns(pid, kind), proc.read_ns(me, kind)) for kind in CHECKED_NS}
     foreign: frozenset[str] = frozenset()
     if mnt_ns != own_mnt_ns:
@@ -400,7 +463,8 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         policies=tuple(sched.read_policies(tids)),
         thread_cgroups=tuple((tid, tuple(found)) for tid, found in
                              cgroups.read_thread_cgroups(pid, tids)),
-        fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden))
+        fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden),
+        holders=tuple(holders))
 
 
 def _thread_cwds(pid: int) -> tuple[tuple[int, str], ...]:
@@ -469,4 +533,5 @@ def table_lines() -> list[str]:
                            ("fd", FD_RULES)):
         for rule in rules:
             out.append(f"refused ({subject}): {rule.says.format_map(_Blanks())}")
+    out.append(f"refused (fd): {HELD.format_map(_Blanks())}")
     return out

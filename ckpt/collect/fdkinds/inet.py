@@ -52,6 +52,7 @@ from typing import Any
 from ckpt.collect.fdkinds import inet_options as opts
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Opened, Peek, RestoreCtx
 from ckpt.collect.fds import FdInfo
+from ckpt.collect.holders import Sharing
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel import inet_diag as diag
@@ -379,4 +380,4 @@ def reset_connection(family: int) -> socket.socket:
 
 
 KIND = FdKind("inet socket", pb.OpenFile.INET_SOCKET, claims, collect, restore,
-              inspect=inspect, refuse=refuse)
+              inspect=inspect, refuse=refuse, holders=Sharing.OBJECT)

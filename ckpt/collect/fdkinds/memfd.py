@@ -46,6 +46,7 @@ from ckpt.collect.fdkinds.base import (
     RestoreCtx,
 )
 from ckpt.collect.fds import FdInfo
+from ckpt.collect.holders import Sharing
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.sys import PAGE_SIZE
@@ -243,7 +244,8 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
     return Opened(fd)
 
 
+# another process holding the file (a Wayland pool) would keep the old one: by inode
 MEMFD = FdKind("memfd", pb.OpenFile.MEMFD, claims_memfd, collect, restore, inspect,
-               refuse_memfd)
+               refuse_memfd, holders=Sharing.INODE)
 GHOST = FdKind("ghost", pb.OpenFile.GHOST, claims_ghost, collect, restore, inspect,
-               refuse_ghost)
+               refuse_ghost, holders=Sharing.INODE)
