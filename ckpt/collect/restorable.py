@@ -44,6 +44,9 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               a lock ckpt.collect.fdkinds.locks refuses        that module's refusal says
               (mandatory, a lease being broken, a lock on an   (locks on files reopened by
               fd not reopened by path, ...)                    path are taken again)
+              an owner (F_SETOWN) outside the process: another restore brings back only the
+              process, a thread of another, a process group    process (ckpt.collect.
+              other than its own                               fdkinds.fown)
 
 :func:`refusals` is pure: it takes a :class:`Target` (records of ckpt.collect.vmas,
 ckpt.collect.fds and ckpt.collect.proc) and returns one line per refused thing, process
@@ -60,7 +63,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from ckpt.collect import proc, sysvshm, taskattrs
-from ckpt.collect.fdkinds import kind_of, locks
+from ckpt.collect.fdkinds import fown, kind_of, locks
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
 from ckpt.collect.vmas import KERNEL_PROVIDED, VmaInfo, VmaKind, collect_vmas
@@ -115,6 +118,11 @@ class Target:
     same_ipc_ns: bool = True
     policies: tuple[tuple[int, int], ...] = ()  # (tid, scheduling policy): taskattrs
     tracker: bool = False  # a userfaultfd of ckpt's own is in the process (its "uw")
+    # fds whose open file has an owner (F_SETOWN: ckpt.collect.fdkinds.fown), and the
+    # process group of the process
+    fd_owners: tuple[tuple[int, fown.Fown], ...] = ()
+    pgid: int = 0
+    sid: int = 0
 
 
 @dataclass(frozen=True)
@@ -325,6 +333,8 @@ def refusals(t: Target) -> list[str]:
         if why:
             out.append(f"process {t.pid} maps {why}")
     claimed = {fd: (kind, details) for fd, kind, details in t.fd_kinds}
+    owners = dict(t.fd_owners)
+    tids = {tid for tid, _ in t.thread_cwds}
     for info in sorted(t.fds, key=lambda i: i.fd):
         if info.fd in claimed:
             kind, details = claimed[info.fd]
@@ -335,6 +345,9 @@ def refusals(t: Target) -> list[str]:
             line = f"{describe_fd(info)}: {why}" if why else None
         else:
             line = fd_refusal(info, t.shell_job, info.target in t.foreign)
+        if not line and info.fd in owners:
+            why = fown.refusal(owners[info.fd], t.pid, tids, t.pgid, t.sid, t.shell_job)
+            line = f"{describe_fd(info)}: {why}" if why else None
         if line:
             out.append(line)
     return out
@@ -349,12 +362,16 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
     cwd = proc.read_cwd(pid)
     maps = collect_vmas(pid) if vmas is None else vmas
     fds = [i for i in read_fds(pid) if i.fd not in hidden]
-    fd_kinds = []
+    fd_kinds, fd_owners = [], []
     with Peek(pid, fds) as peek:
         for info in fds:
             kind = kind_of(info, peek)
             if kind is not None:
                 fd_kinds.append((info.fd, kind, kind.inspect(info, peek)))
+            owner = fown.read_fown(info, peek)
+            if owner.id:
+                fd_owners.append((info.fd, owner))
+    stat = proc.read_stat(pid)
     ns = {kind: (proc.read_ns(pid, kind), proc.read_ns(me, kind)) for kind in CHECKED_NS}
     foreign: frozenset[str] = frozenset()
     if mnt_ns != own_mnt_ns:
@@ -373,7 +390,8 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         shm_segments=tuple(sysvshm.read_segments().values()) if sysvshm.attaches(maps)
         else (), same_ipc_ns=proc.read_ns(pid, "ipc") == proc.read_ns(me, "ipc"),
         policies=tuple(taskattrs.read_policies(proc.list_tasks(pid))),
-        fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden))
+        fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden),
+        fd_owners=tuple(fd_owners), pgid=stat.pgrp, sid=stat.session)
 
 
 def _thread_cwds(pid: int) -> tuple[tuple[int, str], ...]:
@@ -442,4 +460,5 @@ def table_lines() -> list[str]:
                            ("fd", FD_RULES)):
         for rule in rules:
             out.append(f"refused ({subject}): {rule.says.format_map(_Blanks())}")
+    out.append(f"refused (fd): {fown.REFUSED}")
     return out

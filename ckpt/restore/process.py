@@ -31,7 +31,7 @@ from ckpt.ranges import Range, intersect
 from ckpt.restore import mm
 from ckpt.restore.access import check_access
 from ckpt.restore.creds import restore_creds
-from ckpt.restore.files import close_stub_fds, restore_files
+from ckpt.restore.files import close_stub_fds, restore_files, restore_owners
 from ckpt.restore.pages import WritableIndex, fill_pages
 from ckpt.restore.pstate import restore_settings
 from ckpt.restore.stub import Stub
@@ -120,6 +120,7 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
         name_thread(task, th.attrs)
     restore_thread_state(stub, entry.threads[0])
     tids = [stub.pid, *(t.task.tid for t in threads)]
+    restore_owners(stub, entry, tids)  # F_SETOWN may name a thread: once they exist
     restore_creds(stub, threads, entry)  # last before the registers (ckpt.restore.creds)
     # No trap after this point (see ckpt.restore.tasks): registers are loaded at stops
     # from which the kernel applies its own syscall-restart rules.

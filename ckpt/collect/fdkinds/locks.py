@@ -31,8 +31,8 @@ them again, another process may take them (CRIU has the same window). A lock tha
 be taken again (another process holds a conflicting one, or has a leased file open)
 fails the restore in one line naming the file. So does an flock or OFD lock whose open
 file another process shares (inherited across fork()): that process keeps the lock after
-the dump. A lease's owner comes back as the process itself, as F_SETLEASE made it (an
-F_SETOWN to a thread or a process group afterwards is not seen).
+the dump. A lease's owner comes back as the process itself, as F_SETLEASE made it, then
+as dumped (ckpt.collect.fdkinds.fown: a thread or the process group after an F_SETOWN).
 
 Refused at dump (:func:`refusal`): a lock on an fd a restore does not reopen by path
 (pipes, sockets, ... and terminals), a mandatory lock, a lease being broken, a
