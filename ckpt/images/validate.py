@@ -192,7 +192,8 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
                      "policy": one_of(*POLICIES), "rt_priority": ranged(0, 99),
                      "ioprio": ranged(0, 0xFFFF)},
     core.EventFd: {"count": ranged(0, (1 << 64) - 2)},
-    core.Cgroup: {"controllers": text(256), "path": path(absolute=True)},
+    core.Cgroup: {"hierarchy": ranged(0, (1 << 31) - 1),  # the kernel's ids are ints
+                  "controllers": text(256), "path": path(absolute=True)},
     # size: ckpt.collect.sysvshm.MAX_SEGMENT (not imported: images never reach collect)
     core.SysvShm: {"shmid": ranged(0, (1 << 31) - 1), "mode": ranged(0, 0o777),
                    "size": ranged(1, 1 << 30)},
