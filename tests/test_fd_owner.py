@@ -3,6 +3,8 @@ owner (F_SETOWN) and the signal (F_SETSIG) (ckpt/collect/fdkinds/fown.py)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -11,6 +13,7 @@ import pytest
 from conftest import (
     Asker,
     Harness,
+    assert_ckpt_ok,
     assert_one_error_line,
     assert_running_untraced,
     needs_root,
@@ -142,3 +145,21 @@ def test_owner_outside_is_refused(harness: Harness, mode: str, says: str) -> Non
     assert isinstance(answer, dict)
     assert answer["fds"]["pipe"]["owner"] == [F_OWNER_PGRP if mode == "group" else F_OWNER_PID,
                                               other.pid]
+
+
+@needs_root
+def test_show_lists_owner_and_signal(harness: Harness) -> None:
+    target = Asker(harness, "fd_owner.py")
+    images = harness.images()
+    harness.dump(target.proc.pid, images, "--leave-running")
+    res = run_ckpt("show", images, "--json")
+    assert_ckpt_ok(res)
+    fds = json.loads(res.stdout)["processes"][0]["fds"]
+    pid = target.proc.pid
+    owned = {(f["type"], f["state"]["owner"], f["state"].get("signal"),
+              int(f["flags"], 8) & os.O_ASYNC != 0)
+             for f in fds if "owner" in f.get("state", {})}
+    tid = next(t for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    assert owned == {("PIPE", f"pid {pid}", 10, True), ("PIPE", f"tid {tid}", 35, True),
+                     ("INET_SOCKET", f"pgrp {pid}", 12, True),  # a session leader's group
+                     ("EVENTFD", f"pid {pid}", 10, False), ("REGULAR", f"pid {pid}", 10, True)}
