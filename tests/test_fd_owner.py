@@ -3,7 +3,6 @@ owner (F_SETOWN) and the signal (F_SETSIG) (ckpt/collect/fdkinds/fown.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -13,11 +12,11 @@ import pytest
 from conftest import (
     Asker,
     Harness,
-    assert_ckpt_ok,
     assert_one_error_line,
     assert_running_untraced,
     needs_root,
     run_ckpt,
+    shown_fds,
 )
 from test_validate import process
 
@@ -150,11 +149,7 @@ def test_owner_outside_is_refused(harness: Harness, mode: str, says: str) -> Non
 @needs_root
 def test_show_lists_owner_and_signal(harness: Harness) -> None:
     target = Asker(harness, "fd_owner.py")
-    images = harness.images()
-    harness.dump(target.proc.pid, images, "--leave-running")
-    res = run_ckpt("show", images, "--json")
-    assert_ckpt_ok(res)
-    fds = json.loads(res.stdout)["processes"][0]["fds"]
+    fds = shown_fds(harness, target.proc.pid, harness.images())
     pid = target.proc.pid
     owned = {(f["type"], f["state"]["owner"], f["state"].get("signal"),
               int(f["flags"], 8) & os.O_ASYNC != 0)
