@@ -12,6 +12,7 @@ import pytest
 from conftest import (
     Asker,
     Harness,
+    assert_ckpt_ok,
     assert_one_error_line,
     assert_running_untraced,
     needs_root,
@@ -108,15 +109,23 @@ def expected(pid_owner: object = "self") -> dict[str, object]:
 
 
 @needs_root
-@pytest.mark.parametrize("extra", [(), ("--new-pid",)], ids=["same-pid", "new-pid"])
-def test_signal_driven_io_survives(harness: Harness, extra: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(("extra", "predump"), [((), False), (("--new-pid",), False),
+                                                ((), True)],
+                         ids=["same-pid", "new-pid", "predump-incremental"])
+def test_signal_driven_io_survives(harness: Harness, extra: tuple[str, ...],
+                                   predump: bool) -> None:
     """A pipe owned by the process, one by a thread, a TCP listener by the process group,
-    an eventfd: each keeps O_ASYNC, its owner (mapped to the new ids under --new-pid) and
-    its signal, and the signals still come when input arrives."""
+    an eventfd, a regular file: each keeps O_ASYNC, its owner (mapped to the new ids under
+    --new-pid) and its signal, and the signals still come when input arrives."""
     target = Asker(harness, "fd_owner.py")
     assert target.ask() == {"signals": SIGNALLED, "fds": expected()}
-    images = harness.images()
-    harness.dump_and_reap(target.proc, images)
+    images = harness.images("2")
+    chain: tuple[str, ...] = ()
+    if predump:
+        assert_ckpt_ok(run_ckpt("predump", "-t", str(target.proc.pid), "-D",
+                                harness.images("1")))
+        chain = ("--incremental", "--prev-images-dir", "../1")
+    harness.dump_and_reap(target.proc, images, *chain)
     pid = harness.restore_detached(images, *extra)
     assert (pid != target.proc.pid) == bool(extra)
     assert target.ask() == {"signals": SIGNALLED, "fds": expected()}
@@ -144,6 +153,22 @@ def test_owner_outside_is_refused(harness: Harness, mode: str, says: str) -> Non
     assert isinstance(answer, dict)
     assert answer["fds"]["pipe"]["owner"] == [F_OWNER_PGRP if mode == "group" else F_OWNER_PID,
                                               other.pid]
+
+
+@needs_root
+def test_own_group_owner_needs_its_session_back(harness: Harness) -> None:
+    """A listener owned by the process's own group (it leads its session): --shell-job
+    restores keep the restoring shell's session and group, so dump --shell-job refuses it
+    before the freeze; a predump passes (the final dump decides)."""
+    target = Asker(harness, "fd_owner.py")
+    line = assert_one_error_line(run_ckpt("dump", "-t", str(target.proc.pid), "-D",
+                                          harness.images("1"), "--shell-job"))
+    assert re.search(r"fd \d+ is a socket \(socket:\[\d+\]\): its SIGIO goes to its process "
+                     rf"group {target.proc.pid} \(F_SETOWN\), which a restore makes again only "
+                     "for a session leader without --shell-job", line), line
+    assert_running_untraced(target.proc.pid)
+    assert_ckpt_ok(run_ckpt("predump", "-t", str(target.proc.pid), "-D", harness.images("2")))
+    assert target.ask() == {"signals": SIGNALLED, "fds": expected()}
 
 
 @needs_root

@@ -346,7 +346,8 @@ def refusals(t: Target) -> list[str]:
         else:
             line = fd_refusal(info, t.shell_job, info.target in t.foreign)
         if not line and info.fd in owners:
-            why = fown.refusal(owners[info.fd], t.pid, tids, t.pgid, t.sid, t.shell_job)
+            why = fown.refusal(owners[info.fd], t.pid, tids, t.pgid, t.sid,
+                               t.fd_flags.shell_job)
             line = f"{describe_fd(info)}: {why}" if why else None
         if line:
             out.append(line)
