@@ -44,9 +44,10 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               a lock ckpt.collect.fdkinds.locks refuses        that module's refusal says
               (mandatory, a lease being broken, a lock on an   (locks on files reopened by
               fd not reopened by path, ...)                    path are taken again)
-              an owner (F_SETOWN) outside the process: another restore brings back only the
-              process, a thread of another, a process group    process (ckpt.collect.
-              other than its own                               fdkinds.fown)
+              an owner (F_SETOWN) outside the process          a restore brings back only
+              (another process or its thread, another group;   the process (ckpt.collect.
+              its own unless it leads its session and no       fdkinds.fown)
+              --shell-job)
 
 :func:`refusals` is pure: it takes a :class:`Target` (records of ckpt.collect.vmas,
 ckpt.collect.fds and ckpt.collect.proc) and returns one line per refused thing, process

@@ -22,9 +22,12 @@ it) and no status flags to set.
 
 Refused at dump (:func:`refusal`): an owner that is another process, a thread of another
 process, or a process group other than the process's own: a restore brings back only the
-process. The owner's credentials, which the kernel checks before it signals, come back as
-the restoring root's (the owner is the process itself, whom its own credentials would let
-it signal too). An owner that has exited reads as none, which it is to the kernel.
+process. Its own group comes back only with its session (setsid, for a session leader
+restored without --shell-job); otherwise the restored process sits in the restoring
+shell's group, whose other members the original's SIGIO never reached. The owner's
+credentials, which the kernel checks before it signals, come back as the restoring
+root's (the owner is the process itself, whom its own credentials would let it signal
+too). An owner that has exited reads as none, which it is to the kernel.
 """
 
 from __future__ import annotations
