@@ -57,12 +57,14 @@ def check_target(pid: int, ghost_limit: int = GHOST_LIMIT, tcp_close: bool = Fal
                  ) -> list[VmaInfo]:
     """Refuse, before anything touches the target, what the final dump would refuse: a
     pass of a process that cannot be restored is wasted. A terminal on fds 0-2 passes
-    (the final dump decides, with or without --shell-job)."""
+    (the final dump decides, with or without --shell-job): Target.shell_job is True, and
+    fd_flags.shell_job False, so that what --shell-job refuses (an fd owned by the
+    process's group: ckpt.collect.fdkinds.fown) passes too."""
     if pid <= 0 or not proc.pid_exists(pid):
         raise NoSuchProcess(pid)
     if proc.is_kernel_thread(pid):
         raise NotDumpable(f"process {pid} is a kernel thread")
-    flags = FdFlags(shell_job=True, tcp_close=tcp_close, ghost_limit=ghost_limit)
+    flags = FdFlags(shell_job=False, tcp_close=tcp_close, ghost_limit=ghost_limit)
     return require_restorable(read_target(pid, True, hidden_fds(pid), flags=flags))
 
 

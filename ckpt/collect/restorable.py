@@ -58,6 +58,10 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
                                                                no longer be shared (an
                                                                O_APPEND writer's position
                                                                is the end either way)
+              an owner (F_SETOWN) outside the process          a restore brings back only
+              (another process or its thread, another group;   the process (ckpt.collect.
+              its own unless it leads its session and no       fdkinds.fown)
+              --shell-job)
 
 :func:`refusals` is pure: it takes a :class:`Target` (records of ckpt.collect.vmas,
 ckpt.collect.fds and ckpt.collect.proc) and returns one line per refused thing, process
@@ -74,7 +78,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from ckpt.collect import cgroups, proc, sched, sysvshm
-from ckpt.collect.fdkinds import kind_of, locks
+from ckpt.collect.fdkinds import fown, kind_of, locks
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
 from ckpt.collect.holders import Sharing
@@ -140,6 +144,11 @@ class Target:
     # (fd, pids): other processes holding the fd's object (its kind's FdKind.holders) or,
     # for a file reopened by path, its open file (ckpt.collect.holders); only fds with some
     holders: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    # fds whose open file has an owner (F_SETOWN: ckpt.collect.fdkinds.fown), and the
+    # process group of the process
+    fd_owners: tuple[tuple[int, fown.Fown], ...] = ()
+    pgid: int = 0
+    sid: int = 0
 
 
 @dataclass(frozen=True)
@@ -402,6 +411,8 @@ def refusals(t: Target) -> list[str]:
             out.append(f"process {t.pid} maps {why}")
     claimed = {fd: (kind, details) for fd, kind, details in t.fd_kinds}
     held = dict(t.holders)
+    owners = dict(t.fd_owners)
+    tids = {tid for tid, _ in t.thread_cwds}
     for info in sorted(t.fds, key=lambda i: i.fd):
         if info.fd in claimed:
             kind, details = claimed[info.fd]
@@ -415,6 +426,10 @@ def refusals(t: Target) -> list[str]:
         else:
             line = fd_refusal(info, t.shell_job, info.target in t.foreign,
                               held.get(info.fd, ()))
+        if not line and info.fd in owners:
+            why = fown.refusal(owners[info.fd], t.pid, tids, t.pgid, t.sid,
+                               t.fd_flags.shell_job)
+            line = f"{describe_fd(info)}: {why}" if why else None
         if line:
             out.append(line)
     return out
@@ -429,7 +444,7 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
     cwd = proc.read_cwd(pid)
     maps = collect_vmas(pid) if vmas is None else vmas
     fds = [i for i in read_fds(pid) if i.fd not in hidden]
-    fd_kinds = []
+    fd_kinds, fd_owners = [], []
     holders = []
     with Peek(pid, fds) as peek:
         for info in fds:
@@ -441,6 +456,10 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
             others = peek.holders(info, how)
             if others:
                 holders.append((info.fd, others))
+            owner = fown.read_fown(info, peek)
+            if owner.id:
+                fd_owners.append((info.fd, owner))
+    stat = proc.read_stat(pid)
     ns = {kind: (proc.read_ns(pid, kind), proc.read_ns(me, kind)) for kind in CHECKED_NS}
     foreign: frozenset[str] = frozenset()
     if mnt_ns != own_mnt_ns:
@@ -464,7 +483,7 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         thread_cgroups=tuple((tid, tuple(found)) for tid, found in
                              cgroups.read_thread_cgroups(pid, tids)),
         fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden),
-        holders=tuple(holders))
+        holders=tuple(holders), fd_owners=tuple(fd_owners), pgid=stat.pgrp, sid=stat.session)
 
 
 def _thread_cwds(pid: int) -> tuple[tuple[int, str], ...]:
@@ -534,4 +553,5 @@ def table_lines() -> list[str]:
         for rule in rules:
             out.append(f"refused ({subject}): {rule.says.format_map(_Blanks())}")
     out.append(f"refused (fd): {HELD.format_map(_Blanks())}")
+    out.append(f"refused (fd): {fown.REFUSED}")
     return out

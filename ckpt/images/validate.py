@@ -201,13 +201,15 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
                "vmflags": text(4)},
     core.OpenFile: {"id": ranged(1, FD_SET_MAX), "path": path(absolute=False),
                     "pos": ranged(0, S64_MAX), "size": ranged(0, S64_MAX),
-                    "inherit_fd": ranged(-1, 2), "external": text(64)},
+                    "inherit_fd": ranged(-1, 2), "external": text(64),
+                    "owner_type": one_of(0, 1, 2), "owner": ranged(0, PID_MAX),
+                    "signal": ranged(0, NSIG)},
     core.FileLock: {"start": ranged(0, S64_MAX), "length": ranged(0, S64_MAX),
                     "signal": ranged(0, NSIG)},
     core.FdEntry: {"fd": ranged(0, NR_OPEN_MAX - 1), "file_id": ranged(1, FD_SET_MAX)},
     core.EventFd: {"count": ranged(0, (1 << 64) - 2)},
-    core.Cgroup: {"hierarchy": ranged(0, 0xFFFF), "controllers": text(256),
-                  "path": path(absolute=True)},
+    core.Cgroup: {"hierarchy": ranged(0, (1 << 31) - 1),  # the kernel's ids are ints
+                  "controllers": text(256), "path": path(absolute=True)},
     # size: ckpt.collect.sysvshm.MAX_SEGMENT (not imported: images never reach collect)
     core.SysvShm: {"shmid": ranged(0, (1 << 31) - 1), "mode": ranged(0, 0o777),
                    "size": ranged(1, 1 << 30)},
@@ -360,6 +362,10 @@ def _process(m: core.ProcessEntry) -> Iterator[Problem]:
     yield from _unique("files.id", (f.id for f in m.files))
     yield from _unique("fds.fd", (f.fd for f in m.fds))
     ids = {f.id for f in m.files}
+    tids = {t.tid for t in m.threads}
+    for i, f in enumerate(m.files):  # F_OWNER_PGRP 2: the process group; else a thread
+        if f.owner and f.owner not in ({m.pgid} if f.owner_type == 2 else tids):
+            yield f"files[{i}].owner", f.owner, "not the process, its threads or its group"
     for i, fd in enumerate(m.fds):
         if fd.file_id not in ids:
             yield f"fds[{i}].file_id", fd.file_id, "no such file"
