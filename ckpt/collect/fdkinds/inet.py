@@ -39,6 +39,7 @@ Refused, naming the socket (what ``ckpt dump`` says, before the freeze):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import ipaddress
 import os
@@ -49,6 +50,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ckpt.collect.fdkinds import inet_mcast as mc
 from ckpt.collect.fdkinds import inet_options as opts
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Opened, Peek, RestoreCtx
 from ckpt.collect.fds import FdInfo
@@ -119,6 +121,10 @@ class InetState:
     options: tuple[tuple[str, opts.Value], ...] = ()
     pending: tuple[str, ...] = ()  # a listener's connections not accepted: "peer -> local"
     filtered: bool = False
+    memberships: tuple[mc.Membership, ...] = ()
+    unreadable: tuple[str, ...] = ()  # state no getsockopt reads (opts.unreadable), in words
+    unreplayable: tuple[str, ...] = ()  # options that do not read back once set (opts.replay)
+    netns: str = ""  # "net:[INODE]" of a socket in another network namespace than ckpt's
 
     @property
     def proto_name(self) -> str:
@@ -175,25 +181,52 @@ def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _diag_table(peek: Peek, fd: int, family: int, proto: int) -> list[diag.DiagSocket]:
-    """inet_diag's sockets of this family and protocol in the socket's network namespace,
-    read once per pass (Peek.memo); none if it cannot tell (a kernel without INET_DIAG)."""
+def _diag_table(peek: Peek, netns: int | None, family: int, proto: int,
+                ) -> list[diag.DiagSocket]:
+    """inet_diag's sockets of this family and protocol in the socket's network namespace
+    (``netns``, an fd), read once per pass (Peek.memo); none if it cannot tell (a kernel
+    without INET_DIAG)."""
+    key = ("inet_diag", _ns_ino(netns), family, proto)
+    if key not in peek.memo:
+        try:
+            peek.memo[key] = diag.dump(family, proto, netns=netns)
+        except (OSError, ValueError):
+            peek.memo[key] = []
+    table: list[diag.DiagSocket] = peek.memo[key]
+    return table
+
+
+def _groups(peek: Peek, netns: int | None) -> list[mc.Candidate]:
+    """The multicast groups joined in the socket's network namespace (once per pass)."""
+    key = ("igmp", _ns_ino(netns))
+    if key not in peek.memo:
+        peek.memo[key] = diag.in_netns(netns, mc.read_candidates)
+    groups: list[mc.Candidate] = peek.memo[key]
+    return groups
+
+
+def _ns_ino(netns: int | None) -> int:
+    return os.fstat(netns).st_ino if netns is not None else 0
+
+
+@contextlib.contextmanager
+def _netns_of(fd: int) -> Iterator[int | None]:
+    """An fd of the socket's network namespace (None: a kernel without SIOCGSKNS)."""
     try:
         netns: int | None = diag.netns_of(fd)
     except OSError:
         netns = None
     try:
-        key = ("inet_diag", os.fstat(netns).st_ino if netns is not None else 0, family, proto)
-        if key not in peek.memo:
-            try:
-                peek.memo[key] = diag.dump(family, proto, netns=netns)
-            except (OSError, ValueError):
-                peek.memo[key] = []
-        table: list[diag.DiagSocket] = peek.memo[key]
-        return table
+        yield netns
     finally:
         if netns is not None:
             os.close(netns)
+
+
+def foreign_netns(netns: int | None) -> str:
+    """"net:[INODE]" if ``netns`` is not ckpt's network namespace, else ""."""
+    ino = _ns_ino(netns)
+    return f"net:[{ino}]" if ino and ino != os.stat("/proc/self/ns/net").st_ino else ""
 
 
 def unlisted(proto: int, tcp_state: int, bound: bool) -> tuple[int, int]:
@@ -209,41 +242,64 @@ def unlisted(proto: int, tcp_state: int, bound: bool) -> tuple[int, int]:
 
 
 def inspect(info: FdInfo, peek: Peek) -> InetState:
-    with peek.getfd(info.fd) as fd, borrowed(fd) as sock:
+    st = _inspect(info, peek)
+    if st.is_connection:  # restored reset: no option, no group matters
+        return st
+    return dataclasses.replace(st, unreplayable=opts.replay(st.family, st.type, st.protocol,
+                                                            st.options))
+
+
+def _inspect(info: FdInfo, peek: Peek) -> InetState:
+    with peek.getfd(info.fd) as fd, borrowed(fd) as sock, _netns_of(fd) as netns:
         family, type_, proto = sock.family, sock.type, sock.proto
         local, peer = _name(sock, family, False), _name(sock, family, True)
         values = opts.read(sock, family, proto)
         uid = os.fstat(fd).st_uid
         tcp_state = (sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0]
                      if proto == socket.IPPROTO_TCP else diag.TCP_CLOSE)
-        table = _diag_table(peek, fd, family, proto)
+        table = _diag_table(peek, netns, family, proto)
         try:
             filtered = bool(sock.getsockopt(socket.SOL_SOCKET, SO_GET_FILTER, 8))
         except OSError:  # EINVAL: a filter longer than 1 instruction; EACCES: eBPF
             filtered = True
-    options = opts.changed(values, dict(opts.defaults(family, type_, proto)))
+        unreadable = opts.unreadable(sock, values, proto)
+        groups = mc.memberships(fd, family, _groups(peek, netns))
+        ns = foreign_netns(netns)
+    options = tuple(opts.changed(values, dict(opts.defaults(family, type_, proto))).items())
     me = next((s for s in table if s.inode == info.st_ino), None)
+    if me is not None and me.md5:
+        unreadable += ("TCP-MD5 keys (TCP_MD5SIG)",)
+    common: dict[str, Any] = {
+        "options": options, "filtered": filtered, "memberships": groups,
+        "unreadable": unreadable, "netns": ns}
     if me is None:
         state, shutdown = unlisted(proto, tcp_state, local is not None or peer is not None)
         return InetState(family, type_, proto, state, local, peer, uid=uid,
-                         shutdown=shutdown, options=tuple(sorted(options.items())),
-                         filtered=filtered)
+                         shutdown=shutdown, **common)
     listening = proto == socket.IPPROTO_TCP and me.state == diag.TCP_LISTEN
     return InetState(family, type_, proto, me.state, local, peer,
                      backlog=me.wqueue if listening else 0, rqueue=me.rqueue,
                      wqueue=0 if listening else me.wqueue, uid=me.uid,
-                     shutdown=me.shutdown, options=tuple(sorted(options.items())),
-                     pending=pending_of(me, table) if listening else (),
-                     filtered=filtered)
+                     shutdown=me.shutdown,
+                     pending=pending_of(me, table) if listening else (), **common)
 
 
 def refuse(info: FdInfo, s: InetState, flags: FdFlags) -> str | None:
     """Why this socket cannot be restored as it is, or None (pure)."""
     what = s.proto_name
+    if s.netns and flags.externals:
+        return (f"a {what} socket {s.local or '(not bound)'} of network namespace {s.netns}, "
+                "not ckpt's: a restore makes sockets in ckpt's (run ckpt in that namespace, "
+                "or migrate the process there)")
     if s.state < 0:
         return f"a {what} socket that inet_diag does not show: not supported yet"
     if s.filtered:
         return f"a {what} socket with a socket filter (SO_ATTACH_FILTER/BPF): not supported yet"
+    if s.unreadable and not (s.is_connection and flags.tcp_close):
+        return f"a {what} socket with {', '.join(s.unreadable)}: not supported yet"
+    if s.unreplayable:
+        return (f"a {what} socket with options a new socket does not take back as they were "
+                f"({', '.join(s.unreplayable)}): not supported")
     if s.is_connection and not flags.tcp_close:
         if s.state == diag.TCP_CLOSE:
             return (f"a TCP connection from {s.local or '?'} that ended (reset, or closed "
@@ -282,6 +338,9 @@ def collect(info: FdInfo, s: InetState, peek: Peek, out: pb.OpenFile) -> None:
             m.options.add(name=name, raw=value)
         else:
             m.options.add(name=name, value=value)
+    for g in s.memberships:
+        m.memberships.add(family=g.family, group=g.group, ifindex=g.ifindex,
+                          include=g.include, sources=g.sources)
 
 
 # --------------------------------------------------------------------------- restore
@@ -314,6 +373,11 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
     return Opened(ctx.hold(sock.detach()))
 
 
+def membership_of(g: pb.InetMembership) -> mc.Membership:
+    """A membership of the image (its fields checked by ckpt.images.validate)."""
+    return mc.Membership(g.family, g.group, g.ifindex, g.include, tuple(g.sources))
+
+
 def make_socket(m: pb.InetSocket, local: Endpoint | None, peer: Endpoint | None,
                 where: str) -> socket.socket:
     """The socket ``m`` describes, bound, listening or connected as it was; RestoreError
@@ -326,7 +390,11 @@ def make_socket(m: pb.InetSocket, local: Endpoint | None, peer: Endpoint | None,
     try:
         for o in m.options:
             step = f"setsockopt {o.name}"
-            opts.apply(sock, o.name, o.raw if o.raw else o.value)
+            opts.apply(sock, o.name, o.raw if opts.is_raw(o.name) else o.value)
+        for g in m.memberships:
+            membership = membership_of(g)
+            step = f"join multicast group {membership}"
+            mc.join(sock, membership)
         if local is not None:
             step = f"bind to {what} {local}"
             sock.bind(local.sockaddr())
@@ -342,6 +410,9 @@ def make_socket(m: pb.InetSocket, local: Endpoint | None, peer: Endpoint | None,
     except KeyError as exc:
         sock.close()
         raise RestoreError(f"{where}: unknown socket option {exc} in the image") from None
+    except (OverflowError, ValueError) as exc:  # a value no setsockopt takes
+        sock.close()
+        raise RestoreError(f"{where}: cannot {step}: {exc} (in the image)") from None
     except OSError as exc:
         sock.close()
         lingers = tcp and not any(o.name == "SO_REUSEADDR" and o.value for o in m.options)
