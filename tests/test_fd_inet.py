@@ -3,6 +3,7 @@ examples/targets/fd_inet.py. inet_diag itself: tests/test_inet_diag.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -40,6 +41,7 @@ from ckpt.errors import ImageError, RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.validate import problems, validate
 from ckpt.kernel import inet_diag as diag
+from ckpt.kernel.creds import made_as
 
 # --------------------------------------------------------------------------- pure
 
@@ -323,14 +325,17 @@ def test_another_network_namespace_refused_unless_migrating() -> None:
 
 def test_restored_socket_keeps_its_owner() -> None:
     """The socket is made as its owner (sk_uid, which SO_REUSEPORT groups and the
-    inode's owner follow), not as ckpt's root; ckpt's thread is root again after."""
+    inode's owner follow) and the process's gid, not as ckpt's root; ckpt's thread is
+    root again after."""
     listener = pb.InetSocket(family=V4, type=STREAM, protocol=TCP, state=10, backlog=4,
                              uid=65534)
     listener.local.addr, listener.local.port = bytes([127, 0, 0, 1]), 0
     listener.options.add(name="SO_REUSEPORT", value=1)
-    sock = make_socket(listener, Endpoint(listener.local.addr, 0), None, "fd 3")
+    owner = made_as(65534, 65534, 65533, (65533, 100))
+    sock = make_socket(listener, Endpoint(listener.local.addr, 0), None, "fd 3", owner)
     with sock:
-        assert os.fstat(sock.fileno()).st_uid == 65534
+        assert (os.fstat(sock.fileno()).st_uid, os.fstat(sock.fileno()).st_gid) == \
+            (65534, 65533)
         me = diag.find(V4, TCP, os.fstat(sock.fileno()).st_ino)
         assert me is not None and (me.uid, me.state, me.wqueue) == (65534, 10, 4)
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
@@ -568,5 +573,5 @@ def test_option_value_no_setsockopt_takes_fails_cleanly() -> None:
     before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(RestoreError, match=r"fd 3: cannot setsockopt SO_RCVLOWAT: "
                                            r"1099511627776 is not a C int"):
-        make_socket(m, Endpoint(m.local.addr, 0), None, "fd 3")
+        make_socket(m, Endpoint(m.local.addr, 0), None, "fd 3", contextlib.nullcontext())
     assert len(os.listdir("/proc/self/fd")) == before

@@ -47,6 +47,7 @@ import select
 import socket
 import struct
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,6 @@ from ckpt.collect.fds import FdInfo
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel import inet_diag as diag
-from ckpt.kernel.creds import fsuid_as
 
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
 KINDS: dict[tuple[int, int], str] = {(int(socket.SOCK_STREAM), socket.IPPROTO_TCP): "TCP",
@@ -368,7 +368,9 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
         peer = _read_endpoint(m.peer, m.family) if m.HasField("peer") else None
     except ValueError as exc:
         raise RestoreError(f"{where}: {exc} in the image") from None
-    sock = reset_connection(m.family) if m.closed else make_socket(m, local, peer, where)
+    owner = ctx.as_owner(m.uid)  # sk_uid: who may join its SO_REUSEPORT group
+    sock = (reset_connection(m.family, owner) if m.closed
+            else make_socket(m, local, peer, where, owner))
     sock.setblocking(not f.flags & os.O_NONBLOCK)
     return Opened(ctx.hold(sock.detach()))
 
@@ -379,11 +381,12 @@ def membership_of(g: pb.InetMembership) -> mc.Membership:
 
 
 def make_socket(m: pb.InetSocket, local: Endpoint | None, peer: Endpoint | None,
-                where: str) -> socket.socket:
-    """The socket ``m`` describes, bound, listening or connected as it was; RestoreError
-    naming ``where`` (its fds) and the step that failed."""
+                where: str, owner: AbstractContextManager[None]) -> socket.socket:
+    """The socket ``m`` describes, made in the block ``owner`` (RestoreCtx.as_owner),
+    bound, listening or connected as it was; RestoreError naming ``where`` (its fds) and
+    the step that failed."""
     what = KINDS[m.type, m.protocol]
-    with fsuid_as(m.uid):
+    with owner:
         sock = socket.socket(m.family, m.type | socket.SOCK_CLOEXEC, m.protocol)
     step = "setsockopt"
     tcp = m.protocol == socket.IPPROTO_TCP
@@ -423,12 +426,13 @@ def make_socket(m: pb.InetSocket, local: Endpoint | None, peer: Endpoint | None,
     return sock
 
 
-def reset_connection(family: int) -> socket.socket:
-    """A TCP socket of ``family`` whose connection its peer reset: connected over loopback
-    to a socket of ckpt's that then closes with SO_LINGER 0 (a RST). Its pending error is
-    ECONNRESET."""
+def reset_connection(family: int, owner: AbstractContextManager[None]) -> socket.socket:
+    """A TCP socket of ``family``, made in the block ``owner``, whose connection its peer
+    reset: connected over loopback to a socket of ckpt's that then closes with SO_LINGER
+    0 (a RST). Its pending error is ECONNRESET."""
     host = "127.0.0.1" if family == socket.AF_INET else "::1"
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with owner:
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         with socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as lst:
             lst.bind((host, 0))
