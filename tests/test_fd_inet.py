@@ -33,9 +33,9 @@ from ckpt.collect.fdkinds.inet import (
     InetState,
     make_socket,
     refuse,
-    unlisted,
 )
 from ckpt.collect.fdkinds.inet_options import changed
+from ckpt.collect.fdkinds.inet_tables import unlisted
 from ckpt.collect.fds import FdInfo
 from ckpt.errors import ImageError, RestoreError
 from ckpt.images.pb import core_pb2 as pb

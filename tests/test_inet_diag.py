@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from ckpt.collect.fdkinds.inet import pending_of
+from ckpt.collect.fdkinds.inet_tables import pending_of
 from ckpt.kernel import inet_diag as diag
 
 V4, TCP = socket.AF_INET, socket.IPPROTO_TCP

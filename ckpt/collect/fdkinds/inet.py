@@ -7,12 +7,16 @@ which knows what getsockopt does not):
     family, type, protocol      getsockopt SO_DOMAIN, SO_TYPE, SO_PROTOCOL
     local and peer address      getsockname, getpeername
     options                     getsockopt, those a new socket lacks (inet_options.py)
+    multicast memberships       getsockopt MCAST_MSFILTER of each group of /proc/net/igmp
+                                and igmp6 of its namespace (inet_mcast.py)
+    state no getsockopt reads   TCP_ULP, TCP_REPAIR, TCP-AO, TCP-MD5 (inet_diag): refused
     state, backlog, queues,     inet_diag, found by the socket's inode
     shutdown, owner's uid
     connections not accepted    inet_diag: sockets without an inode on a listener's port
 
 Restore makes the socket in ckpt (as the owner's uid: sk_uid decides who may join an
-SO_REUSEPORT group), sets the options, binds, listens with the same backlog or connects a
+SO_REUSEPORT group; with the process's gid and groups: RestoreCtx.as_owner), sets the
+options, joins the groups, binds, listens with the same backlog or connects a
 UDP socket to its peer, and the restored process takes it. The port is free then: the
 dump killed the process; if it is not, the restore fails naming the address. A listener
 without SO_REUSEADDR is refused its port by the kernel while connections it accepted
@@ -22,6 +26,12 @@ help (the lingering sockets lack it too), nor TCP_REPAIR's forced reuse (a liste
 repair mode cannot leave it).
 
 Refused, naming the socket (what ``ckpt dump`` says, before the freeze):
+    a socket of another network namespace than ckpt's: the restore would make it in
+        ckpt's (a listener of a container back on the host's address); ckpt run in that
+        namespace takes it. Not refused by migrate, which moves the process to the
+        destination's namespace on purpose (FdFlags.externals False)
+    an option a new socket does not read back once set (inet_options.replay), and
+        state no getsockopt reads (inet_options.unreadable; TCP-MD5 keys from inet_diag)
     a TCP connection (any state but LISTEN, and CLOSE when never connected; one that
         ended, its fd still open, too: its pending error cannot be read without taking
         it from the program), unless
@@ -41,7 +51,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import ipaddress
 import os
 import select
 import socket
@@ -53,6 +62,7 @@ from typing import Any
 
 from ckpt.collect.fdkinds import inet_mcast as mc
 from ckpt.collect.fdkinds import inet_options as opts
+from ckpt.collect.fdkinds import inet_tables as tables
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Opened, Peek, RestoreCtx
 from ckpt.collect.fds import FdInfo
 from ckpt.errors import RestoreError
@@ -64,9 +74,6 @@ KINDS: dict[tuple[int, int], str] = {(int(socket.SOCK_STREAM), socket.IPPROTO_TC
                                      (int(socket.SOCK_DGRAM), socket.IPPROTO_UDP): "UDP"}
 SO_DOMAIN, SO_PROTOCOL, SO_GET_FILTER = 39, 38, 26
 SO_LINGER, TCP_INFO = 13, 11
-SHUTDOWN_MASK = 3  # RCV_SHUTDOWN | SEND_SHUTDOWN
-#: inet_diag states of a connection a listener has not accepted yet
-QUEUED = (diag.TCP_ESTABLISHED, 3, 12)  # ESTABLISHED, SYN_RECV, NEW_SYN_RECV
 RESET_WAIT_MS = 5000
 
 
@@ -165,82 +172,6 @@ def _name(sock: socket.socket, family: int, peer: bool) -> Endpoint | None:
     return None if end.wildcard else end
 
 
-def pending_of(listener: diag.DiagSocket, table: list[diag.DiagSocket]) -> tuple[str, ...]:
-    """A listener's connections not accepted yet: "peer -> local" of each socket without
-    an inode on its port (and address, unless it listens on every address)."""
-    wild = ipaddress.ip_address(listener.src).is_unspecified
-    out = []
-    for s in table:
-        if (s.inode == 0 and s.state in QUEUED and s.sport == listener.sport
-                and (wild or s.src == listener.src)):
-            out.append(f"{_show(s.dst, s.dport)} -> {_show(s.src, s.sport)}")
-    return tuple(out)
-
-
-def _show(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _diag_table(peek: Peek, netns: int | None, family: int, proto: int,
-                ) -> list[diag.DiagSocket]:
-    """inet_diag's sockets of this family and protocol in the socket's network namespace
-    (``netns``, an fd), read once per pass (Peek.memo); none if it cannot tell (a kernel
-    without INET_DIAG)."""
-    key = ("inet_diag", _ns_ino(netns), family, proto)
-    if key not in peek.memo:
-        try:
-            peek.memo[key] = diag.dump(family, proto, netns=netns)
-        except (OSError, ValueError):
-            peek.memo[key] = []
-    table: list[diag.DiagSocket] = peek.memo[key]
-    return table
-
-
-def _groups(peek: Peek, netns: int | None) -> list[mc.Candidate]:
-    """The multicast groups joined in the socket's network namespace (once per pass)."""
-    key = ("igmp", _ns_ino(netns))
-    if key not in peek.memo:
-        peek.memo[key] = diag.in_netns(netns, mc.read_candidates)
-    groups: list[mc.Candidate] = peek.memo[key]
-    return groups
-
-
-def _ns_ino(netns: int | None) -> int:
-    return os.fstat(netns).st_ino if netns is not None else 0
-
-
-@contextlib.contextmanager
-def _netns_of(fd: int) -> Iterator[int | None]:
-    """An fd of the socket's network namespace (None: a kernel without SIOCGSKNS)."""
-    try:
-        netns: int | None = diag.netns_of(fd)
-    except OSError:
-        netns = None
-    try:
-        yield netns
-    finally:
-        if netns is not None:
-            os.close(netns)
-
-
-def foreign_netns(netns: int | None) -> str:
-    """"net:[INODE]" if ``netns`` is not ckpt's network namespace, else ""."""
-    ino = _ns_ino(netns)
-    return f"net:[{ino}]" if ino and ino != os.stat("/proc/self/ns/net").st_ino else ""
-
-
-def unlisted(proto: int, tcp_state: int, bound: bool) -> tuple[int, int]:
-    """(state, shutdown) of a socket inet_diag does not list (it lists those in its hash
-    tables): an unbound one is CLOSE; a bound TCP socket in CLOSE is a connection that
-    ended (a reset, or both sides closed: the kernel let go of its port), shut down both
-    ways; anything else cannot be told (-1)."""
-    if tcp_state != diag.TCP_CLOSE:
-        return -1, 0
-    if not bound:
-        return diag.TCP_CLOSE, 0
-    return (diag.TCP_CLOSE, SHUTDOWN_MASK) if proto == socket.IPPROTO_TCP else (-1, 0)
-
-
 def inspect(info: FdInfo, peek: Peek) -> InetState:
     st = _inspect(info, peek)
     if st.is_connection:  # restored reset: no option, no group matters
@@ -250,21 +181,21 @@ def inspect(info: FdInfo, peek: Peek) -> InetState:
 
 
 def _inspect(info: FdInfo, peek: Peek) -> InetState:
-    with peek.getfd(info.fd) as fd, borrowed(fd) as sock, _netns_of(fd) as netns:
+    with peek.getfd(info.fd) as fd, borrowed(fd) as sock, tables.netns_of(fd) as netns:
         family, type_, proto = sock.family, sock.type, sock.proto
         local, peer = _name(sock, family, False), _name(sock, family, True)
         values = opts.read(sock, family, proto)
         uid = os.fstat(fd).st_uid
         tcp_state = (sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0]
                      if proto == socket.IPPROTO_TCP else diag.TCP_CLOSE)
-        table = _diag_table(peek, netns, family, proto)
+        table = tables.diag_table(peek, netns, family, proto)
         try:
             filtered = bool(sock.getsockopt(socket.SOL_SOCKET, SO_GET_FILTER, 8))
         except OSError:  # EINVAL: a filter longer than 1 instruction; EACCES: eBPF
             filtered = True
         unreadable = opts.unreadable(sock, values, proto)
-        groups = mc.memberships(fd, family, _groups(peek, netns))
-        ns = foreign_netns(netns)
+        groups = mc.memberships(fd, family, tables.groups(peek, netns))
+        ns = tables.foreign_netns(netns)
     options = tuple(opts.changed(values, dict(opts.defaults(family, type_, proto))).items())
     me = next((s for s in table if s.inode == info.st_ino), None)
     if me is not None and me.md5:
@@ -273,7 +204,7 @@ def _inspect(info: FdInfo, peek: Peek) -> InetState:
         "options": options, "filtered": filtered, "memberships": groups,
         "unreadable": unreadable, "netns": ns}
     if me is None:
-        state, shutdown = unlisted(proto, tcp_state, local is not None or peer is not None)
+        state, shutdown = tables.unlisted(proto, tcp_state, local is not None or peer is not None)
         return InetState(family, type_, proto, state, local, peer, uid=uid,
                          shutdown=shutdown, **common)
     listening = proto == socket.IPPROTO_TCP and me.state == diag.TCP_LISTEN
@@ -281,7 +212,7 @@ def _inspect(info: FdInfo, peek: Peek) -> InetState:
                      backlog=me.wqueue if listening else 0, rqueue=me.rqueue,
                      wqueue=0 if listening else me.wqueue, uid=me.uid,
                      shutdown=me.shutdown,
-                     pending=pending_of(me, table) if listening else (), **common)
+                     pending=tables.pending_of(me, table) if listening else (), **common)
 
 
 def refuse(info: FdInfo, s: InetState, flags: FdFlags) -> str | None:
