@@ -25,6 +25,7 @@ from conftest import (
 )
 from test_migrate import page_server_in, two_hosts  # noqa: F401 (a fixture)
 
+from ckpt.actions.predump import check_target
 from ckpt.collect.fdkinds import inet_mcast as mc
 from ckpt.collect.fdkinds import inet_options as opts
 from ckpt.collect.fdkinds.base import FdFlags
@@ -37,7 +38,7 @@ from ckpt.collect.fdkinds.inet import (
 from ckpt.collect.fdkinds.inet_options import changed
 from ckpt.collect.fdkinds.inet_tables import unlisted
 from ckpt.collect.fds import FdInfo
-from ckpt.errors import ImageError, RestoreError
+from ckpt.errors import ImageError, NotDumpable, RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.validate import problems, validate
 from ckpt.kernel import inet_diag as diag
@@ -310,6 +311,17 @@ def test_sockets_of_another_network_namespace(harness: Harness) -> None:
     finally:
         os.close(keep)
     assert_reset_and_same(target, before)
+
+
+def test_migrate_rounds_take_sockets_of_another_namespace(harness: Harness) -> None:
+    """The predump rounds of a migration check the target as its final dump does
+    (externals off): sockets of another namespace pass there, not in a plain predump."""
+    netns = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    target = Asker(harness, "fd_inet.py", prefix=netns)
+    with pytest.raises(NotDumpable, match="of network namespace net:"):
+        check_target(target.proc.pid)
+    assert check_target(target.proc.pid, externals=False)
+    assert_running_untraced(target.proc.pid)
 
 
 def test_another_network_namespace_refused_unless_migrating() -> None:
