@@ -58,7 +58,7 @@ def msfilter(fd: int, level: int, family: int, group: bytes, ifindex: int,
         size = ctypes.c_uint32(len(buf.raw))
         if libc.getsockopt(fd, level, MCAST_MSFILTER, buf, ctypes.byref(size)) < 0:
             err = ctypes.get_errno()
-            if err == errno.EADDRNOTAVAIL:
+            if err in (errno.EADDRNOTAVAIL, errno.ENODEV):  # not joined; interface gone
                 return None
             raise OSError(err, f"getsockopt(MCAST_MSFILTER): {errno.errorcode.get(err)}")
         fmode, count = struct.unpack_from("=II", buf.raw, 136)

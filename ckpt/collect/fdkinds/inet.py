@@ -194,7 +194,11 @@ def _inspect(info: FdInfo, peek: Peek) -> InetState:
         except OSError:  # EINVAL: a filter longer than 1 instruction; EACCES: eBPF
             filtered = True
         unreadable = opts.unreadable(sock, values, proto)
-        groups = mc.memberships(fd, family, tables.groups(peek, netns))
+        try:
+            groups = mc.memberships(fd, family, tables.groups(peek, netns))
+        except OSError as exc:  # cannot tell: refused, not guessed
+            groups = ()
+            unreadable += (f"multicast memberships ckpt could not read ({exc})",)
         ns = tables.foreign_netns(netns)
     options = tuple(opts.changed(values, dict(opts.defaults(family, type_, proto))).items())
     me = next((s for s in table if s.inode == info.st_ino), None)
