@@ -241,7 +241,8 @@ def pre_round(opts: MigrateOptions, conn: Conn, work: Path, n: int, prev: str | 
     t = time.perf_counter()
     predump(PredumpOptions(pid=opts.pid, images_dir=str(work / str(n)), prev_images_dir=prev,
                            track=opts.track, compress_level=opts.compress_level,
-                           ghost_limit=opts.ghost_limit, tcp_close=opts.tcp_close))
+                           ghost_limit=opts.ghost_limit, tcp_close=opts.tcp_close,
+                           externals=False))
     dirty = ImageDir.open(work / str(n)).read_inventory().stats.pages_written
     with Throttle(opts.pid, duty) as throttle:
         sent = send_pass_on(conn, work / str(n), str(n), prerestore=True)

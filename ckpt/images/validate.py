@@ -145,6 +145,14 @@ PID_OR_0 = ranged(0, PID_MAX)
 ADDR = aligned()
 ANY_ADDR = ranged(0, USER_END)  # an address, not necessarily page aligned
 SEGMENT = ranged(0, 0xFFFF)
+INT_MAX = (1 << 31) - 1
+
+
+
+def IP_ADDR(v: bytes) -> str | None:
+    return None if len(v) in (4, 16) else f"{len(v)} bytes, not 4 or 16"
+
+
 
 FIELDS: dict[type[Message], dict[str, Check]] = {
     img.Inventory: {
@@ -229,6 +237,15 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
     core.UnixMessage: {"data": blob(UNIX_QUEUE_MAX), "sender": blob(SUN_PATH)},
     core.UnixOption: {"level": one_of(1), "name": one_of(*UNIX_OPTIONS),
                       "value": blob(16)},
+    # inet sockets (ckpt/collect/fdkinds/inet.py); option names are checked by the restore
+    core.InetSocket: {"family": one_of(2, 10), "type": one_of(1, 2), "protocol": one_of(6, 17),
+                      "state": ranged(1, 12), "backlog": ranged(0, INT_MAX),
+                      "uid": ranged(0, 0xFFFFFFFE), "shutdown": ranged(0, 3)},
+    core.InetAddress: {"addr": IP_ADDR, "port": ranged(0, 0xFFFF), "scope_id": ranged(0, INT_MAX)},
+    core.InetOption: {"name": text(32), "value": ranged(-INT_MAX - 1, INT_MAX),
+                      "raw": blob(2048)},
+    core.InetMembership: {"family": one_of(2, 10), "group": IP_ADDR,
+                          "ifindex": ranged(1, INT_MAX), "sources": IP_ADDR},
 }
 
 
@@ -344,6 +361,21 @@ def _pipe(m: core.PipeFile) -> Iterator[Problem]:
         yield "data", len(m.data), "bytes besides packets"
 
 
+def _inet(m: core.InetSocket) -> Iterator[Problem]:
+    size = 4 if m.family == 2 else 16
+    if (m.type, m.protocol) not in ((1, 6), (2, 17)):
+        yield "protocol", m.protocol, f"not the protocol of socket type {m.type}"
+    for name in ("local", "peer"):
+        if m.HasField(name) and len(getattr(m, name).addr) != size:
+            yield f"{name}.addr", getattr(m, name).addr, f"not {size} bytes (family {m.family})"
+    for i, g in enumerate(m.memberships):
+        want = 4 if g.family == 2 else 16
+        if want > size or len(g.group) != want or any(len(s) != want for s in g.sources):
+            yield f"memberships[{i}].group", g.group, "not an address of its family"
+        if len(g.sources) > 1024:
+            yield f"memberships[{i}].sources", len(g.sources), "more than 1024 sources"
+
+
 def _process(m: core.ProcessEntry) -> Iterator[Problem]:
     if not m.threads:
         yield "threads", 0, "no threads"
@@ -432,6 +464,7 @@ RULES: dict[type[Message], Callable[[Any], Iterator[Problem]]] = {
     core.Vma: _vma, core.MmFields: _mm, core.SigAction: _sigaction, core.Rlimit: _rlimit,
     core.OpenFile: _open_file, core.PipeFile: _pipe, core.ProcessEntry: _process,
     core.UnixSocket: _unix_socket,
+    core.InetSocket: _inet,
 }
 
 

@@ -14,8 +14,9 @@ its collector and its restorer side by side, registered as one :class:`FdKind` r
     restore, once every   finish     the same, and its lowest fd number   calls that need
     fd is in place                   in the restored process               other fds (epoll)
 
-Most objects are made in ckpt's own process (``os.pipe2``, ``socket.socket``, ...) and
-then taken by the restored process with pidfd_getfd(2): ``Opened(fd, in_ckpt=True)``. A
+Most objects are made in ckpt's own process (``os.pipe2``, ``socket.socket``, ...), as
+the process's ids and groups (``with ctx.as_owner():``, not as root), and then taken by
+the restored process with pidfd_getfd(2): ``Opened(fd, in_ckpt=True)``. A
 kind that must act as the restored process itself (an open() by path, a POSIX lock) runs
 syscalls in it through ``ctx.remote`` and returns ``Opened(fd, in_ckpt=False)``.
 
@@ -41,6 +42,7 @@ from ckpt.collect.fds import FdInfo
 from ckpt.collect.holders import Link, Mapped, Sharing, holders_of, scan_links, scan_maps
 from ckpt.errors import NoSuchProcess
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.creds import made_as
 from ckpt.kernel.sys import pidfd_getfd, pidfd_open
 
 
@@ -162,6 +164,15 @@ class RestoreCtx:
     keep: list[int] = field(default_factory=list)
     # fd number in the restored process of each OpenFile, by id (lowest of its fds)
     placed: dict[int, int] = field(default_factory=dict)
+
+    def as_owner(self, fsuid: int | None = None) -> contextlib.AbstractContextManager[None]:
+        """A block in which ckpt's thread makes objects as the process would: its real
+        uid, filesystem uid (``fsuid`` if given: a socket's owner) and gid and groups
+        (ckpt.kernel.creds.made_as), so the object carries them, not root's."""
+        if not self.entry.threads:
+            return contextlib.nullcontext()
+        c = self.entry.threads[0].creds
+        return made_as(c.uid, c.fsuid if fsuid is None else fsuid, c.fsgid, tuple(c.groups))
 
     def hold(self, fd: int) -> int:
         """Keep ckpt's ``fd`` open until the restore ends; return it."""

@@ -234,7 +234,9 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
     key = ("memfd" if memfd else f"ghost {f.dev}", f.object)
     if key not in ctx.objects:
         try:
-            ctx.objects[key] = ctx.hold(make_memfd(f) if memfd else make_ghost(f))
+            with ctx.as_owner() if memfd else contextlib.nullcontext():
+                made = make_memfd(f) if memfd else make_ghost(f)
+            ctx.objects[key] = ctx.hold(made)
         except OSError as exc:
             raise RestoreError(f"cannot make {f.path} again: {exc.strerror or exc}") from None
     fd = ctx.hold(os.open(f"/proc/self/fd/{ctx.objects[key]}",

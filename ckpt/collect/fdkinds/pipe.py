@@ -218,7 +218,8 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
     if f.pipe.fifo:  # every open file is its own open of the path
         fd = ctx.hold(os.open(f.path, mode | os.O_CLOEXEC | os.O_NONBLOCK))
     elif end < 0 or end in made.taken:  # another open file of the pipe (O_RDWR reopen)
-        fd = ctx.hold(os.open(f"/proc/self/fd/{made.read}", mode | os.O_CLOEXEC))
+        with ctx.as_owner():
+            fd = ctx.hold(os.open(f"/proc/self/fd/{made.read}", mode | os.O_CLOEXEC))
     else:
         fd = end
     made.taken.add(fd)
@@ -237,7 +238,8 @@ def make(ctx: RestoreCtx, f: pb.OpenFile) -> _Pipe:
         rw = ctx.hold(os.open(f.path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK))
         made = _Pipe(rw, rw, {rw})
     else:
-        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK | (os.O_DIRECT if packet else 0))
+        with ctx.as_owner():
+            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK | (os.O_DIRECT if packet else 0))
         made = _Pipe(ctx.hold(r), ctx.hold(w), set())
     if state is not None:
         fill(made.write, state, f.path)
