@@ -25,6 +25,7 @@ way it would have crashed anyway, it does not crash ckpt.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -49,7 +50,9 @@ RLIM_NLIMITS = 16
 FD_SET_MAX = 1 << 20
 #: scheduling policies a thread can have (SCHED_DEADLINE is refused at dump), each also
 #: with SCHED_RESET_ON_FORK
-POLICIES = tuple(p | r for p in (0, 1, 2, 3, 5) for r in (0, 0x40000000))
+SCHED_FIFO, SCHED_RR, SCHED_RESET_ON_FORK = 1, 2, 0x40000000
+POLICIES = tuple(p | r for p in (0, 1, 2, 3, 5) for r in (0, SCHED_RESET_ON_FORK))
+DELETED = " (deleted)"  # how /proc names a deleted file (a GHOST's OpenFile.path)
 #: Supplementary groups a restore can pass to setgroups (through the stub's scratch area)
 MAX_GROUPS = 8192
 ALL_CAPS = (1 << 41) - 1  # CAP_CHOWN .. CAP_CHECKPOINT_RESTORE (40), as on Linux 5.9+
@@ -59,6 +62,14 @@ TRACKERS = ("uffd-wp", "soft-dirty", "compare")  # = ckpt.track.BACKENDS (tested
 S64_MAX = (1 << 63) - 1
 PIPE_MAX = 1 << 31  # the largest F_SETPIPE_SZ
 MEMBARRIER_MASK = 0x154  # the REGISTER commands MEMBARRIER_CMD_GET_REGISTRATIONS reports
+U32_ID = 0xFFFFFFFE  # a uid or gid (2^32-1 is "none": chown leaves the owner)
+INT_MAX = (1 << 31) - 1
+MEMFD_NAME_MAX = 249  # memfd_create(2): NAME_MAX less "memfd:"
+ALL_SEALS = 0x3F  # F_SEAL_SEAL .. F_SEAL_EXEC
+#: what an inotify watch's mask may hold: IN_ALL_EVENTS, IN_ONLYDIR, IN_DONT_FOLLOW,
+#: IN_EXCL_UNLINK, IN_ONESHOT (not IN_MASK_ADD, IN_MASK_CREATE: requests, never shown)
+INOTIFY_MASK = 0xFFF | 0x01000000 | 0x02000000 | 0x04000000 | 0x80000000
+SECCOMP_FILTER_FLAG_LOG = 2  # the only flag PTRACE_SECCOMP_GET_METADATA reports
 
 Check = Callable[[Any], "str | None"]  # None: the value is fine; else why it is not
 Problem = tuple[str, Any, str]  # (field, value, why)
@@ -102,6 +113,20 @@ def path(*, absolute: bool) -> Check:
             return f"has a path component longer than {NAME_MAX} bytes"
         return None
     return check
+
+
+def clean_path(v: str) -> str | None:
+    """An absolute path in normal form (no "..", ".", "//"): what a restore makes a file
+    in or joins to a root of its own must not climb out of it."""
+    if why := path(absolute=True)(v):
+        return why
+    if not v.startswith("/") or os.path.normpath(v) != v:
+        return "not an absolute path in normal form (no '..', '.' or '//')"
+    return None
+
+
+def mask(allowed: int, what: str) -> Check:
+    return lambda v: None if not v & ~allowed else f"not a mask of {what}"
 
 
 def blob(max_len: int, multiple: int = 1, exact: int | None = None) -> Check:
@@ -156,14 +181,14 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
         "securebits": ranged(0, SECUREBITS), "seccomp_mode": one_of(0, 1, 2)},
     core.Itimer: {"which": one_of(0, 1, 2), "interval_us": ranged(0, 1 << 62),
                   "value_us": ranged(1, 1 << 62)},
-    core.SeccompFilter: {"program": blob(BPF_MAXINSNS * BPF_INSN, multiple=BPF_INSN)},
+    core.SeccompFilter: {"program": blob(BPF_MAXINSNS * BPF_INSN, multiple=BPF_INSN),
+                         "flags": one_of(0, SECCOMP_FILTER_FLAG_LOG)},
     core.ProcessEntry: {
         "dumpable": ranged(0, 2), "pid": PID, "ppid": PID_OR_0, "pgid": PID_OR_0,
         "sid": PID_OR_0, "comm": text(64),
         "umask": ranged(0, 0o777), "cwd": path(absolute=True), "cmdline": blob(1 << 24),
         "shared_pending": siginfo, "oom_score_adj": ranged(-1000, 1000),
-        "membarrier_registrations": lambda v: None if not v & ~MEMBARRIER_MASK
-        else "not a mask of membarrier registrations",
+        "membarrier_registrations": mask(MEMBARRIER_MASK, "membarrier registrations"),
     },
     core.GuardRegion: {"start": ADDR, "end": ADDR},
     core.ThreadCore: {"tid": PID, "xstate": blob(1 << 20), "clear_child_tid": ANY_ADDR,
@@ -189,19 +214,34 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
     core.FdEntry: {"fd": ranged(0, NR_OPEN_MAX - 1), "file_id": ranged(1, FD_SET_MAX)},
     core.TaskAttrs: {"comm": text(15), "cpus": ranged(0, 8191), "nice": ranged(-20, 19),
                      "policy": one_of(*POLICIES), "rt_priority": ranged(0, 99),
-                     "ioprio": ranged(0, 0xFFFF)},
+                     "ioprio": ranged(0, 0x7FFF)},  # class (bits 13-15) 0..3
     core.EventFd: {"count": ranged(0, (1 << 64) - 2)},
-    core.Cgroup: {"controllers": text(256), "path": path(absolute=True)},
+    core.Cgroup: {"hierarchy": ranged(0, INT_MAX), "controllers": text(256),
+                  "path": clean_path},
     # size: ckpt.collect.sysvshm.MAX_SEGMENT (not imported: images never reach collect)
     core.SysvShm: {"shmid": ranged(0, (1 << 31) - 1), "mode": ranged(0, 0o777),
-                   "size": ranged(1, 1 << 30)},
+                   "size": ranged(1, 1 << 30), "data": blob(2 << 30)},
     core.PipeFile: {"size": ranged(0, PIPE_MAX), "data": blob(PIPE_MAX),
                     "packets": blob(PAGE_SIZE)},
     # fd kinds of ckpt/collect/fdkinds: epoll, timerfd, inotify
     core.EpollWatch: {"tfd": ranged(0, NR_OPEN_MAX - 1)},
     core.TimerFd: {"clockid": one_of(0, 1, 7, 8, 9), "settime_flags": ranged(0, 3),
-                   "value_ns": ranged(0, S64_MAX), "interval_ns": ranged(0, S64_MAX)},
-    core.InotifyWatch: {"wd": ranged(1, 1 << 16), "path": path(absolute=True)},
+                   "value_ns": ranged(0, S64_MAX), "interval_ns": ranged(0, S64_MAX),
+                   "ticks": ranged(0, S64_MAX), "clock_ns": ranged(0, S64_MAX)},
+    core.InotifyWatch: {"wd": ranged(1, 1 << 16), "path": path(absolute=True),
+                        "mask": mask(INOTIFY_MASK, "inotify watch flags")},
+    core.MemFd: {"name": text(MEMFD_NAME_MAX), "seals": mask(ALL_SEALS, "F_SEAL_* seals"),
+                 "uid": ranged(0, U32_ID), "gid": ranged(0, U32_ID)},
+    core.FileChunk: {"offset": ranged(0, S64_MAX)},
+    core.UnixSocket: {"type": one_of(1, 2, 5)},
+    core.InetSocket: {"family": one_of(2, 10), "type": one_of(1, 2), "protocol": one_of(6, 17),
+                      "state": ranged(0, 12), "backlog": ranged(0, INT_MAX),
+                      "uid": ranged(0, U32_ID), "shutdown": ranged(0, 3)},
+    core.InetAddress: {"addr": lambda v: None if len(v) in (4, 16) else
+                       f"{len(v)} bytes, not an IPv4 or IPv6 address",
+                       "port": ranged(0, 0xFFFF)},
+    core.InetOption: {"name": text(32), "value": ranged(-INT_MAX - 1, INT_MAX),
+                      "raw": blob(16)},
 }
 
 
@@ -282,11 +322,24 @@ def _open_file(m: core.OpenFile) -> Iterator[Problem]:
     if m.type == core.OpenFile.PIPE and m.pipe.fifo and not m.path.startswith("/"):
         yield "path", m.path, "not an absolute path (a FIFO's)"
     yield from _unique("inotify.watches.wd", (w.wd for w in m.inotify.watches))
+    if m.type == core.OpenFile.GHOST and (why := clean_path(m.path.removesuffix(DELETED))):
+        yield "path", m.path, f"{why} (a deleted file's: restore makes it in its directory)"
+    for i, chunk in enumerate(m.memfd.data):
+        if chunk.offset + len(chunk.data) > m.size:
+            yield f"memfd.data[{i}].offset", chunk.offset, f"data past the file's size {m.size}"
+    if m.timerfd.clock_ns + m.timerfd.value_ns > S64_MAX:
+        yield "timerfd.value_ns", m.timerfd.value_ns, "past the largest time"
     if m.locks and m.type not in (core.OpenFile.REGULAR, core.OpenFile.DEV_NULL):
         yield "locks", len(m.locks), "on a file a restore does not reopen by path"
     for i, lock in enumerate(m.locks):
         if lock.start + lock.length > S64_MAX:
             yield f"locks[{i}].length", lock.length, "past the largest file offset"
+
+
+def _task_attrs(m: core.TaskAttrs) -> Iterator[Problem]:
+    realtime = m.policy & ~SCHED_RESET_ON_FORK in (SCHED_FIFO, SCHED_RR)
+    if realtime != (m.rt_priority > 0):
+        yield "rt_priority", m.rt_priority, f"not a priority of policy {m.policy:#x}"
 
 
 def _pipe(m: core.PipeFile) -> Iterator[Problem]:
@@ -352,6 +405,7 @@ RULES: dict[type[Message], Callable[[Any], Iterator[Problem]]] = {
     img.Inventory: _inventory, img.WholeVmaCopy: _whole_vma, img.PagemapRuns: _pagemap_runs,
     core.Vma: _vma, core.MmFields: _mm, core.SigAction: _sigaction, core.Rlimit: _rlimit,
     core.OpenFile: _open_file, core.PipeFile: _pipe, core.ProcessEntry: _process,
+    core.TaskAttrs: _task_attrs,
 }
 
 

@@ -205,6 +205,9 @@ class _Taker:
 
 
 def _open(stub: Stub, f: pb.OpenFile) -> int:
+    if f.type not in (pb.OpenFile.REGULAR, pb.OpenFile.DEV_NULL):  # never opened by path
+        raise RestoreError(f"file {f.path}: an open file of type "
+                           f"{pb.OpenFile.Type.Name(f.type)}, which this ckpt does not restore")
     path = "/dev/null" if f.type == pb.OpenFile.DEV_NULL else f.path
     if f.type == pb.OpenFile.REGULAR:
         try:
