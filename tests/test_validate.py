@@ -128,6 +128,7 @@ def ghost(f: core.OpenFile) -> None:
     (inet, lambda f: f.inet_socket.options.add(name="SO_MARK", value=2**40),
      "inet_socket.options[0].value"),
     (None, lambda f: setattr(f.unix_socket, "type", 9), "unix_socket.type"),
+    (None, lambda f: f.epoll.watches.add(tfd=5), "epoll.watches[0].tfd"),
 ])
 def test_fd_kind_fields_are_named(make: object, change: object, field: str) -> None:
     entry, f = with_file(type=core.OpenFile.EVENTFD)
