@@ -1,5 +1,6 @@
 """Test-only: ``CKPT_TEST_PAUSE_AT=<point>[#N]`` makes ckpt SIGSTOP itself the N-th time
-(default first) it reaches ``point``, so that a test can SIGKILL it exactly there."""
+(default first) it reaches ``point``, so that a test can SIGKILL it exactly there;
+``CKPT_TEST_WITHOUT=<feature>[,...]`` makes it act as if the kernel lacked a feature."""
 
 from __future__ import annotations
 
@@ -16,3 +17,7 @@ def pause_at(point: str) -> None:
     _seen[point] = n = _seen.get(point, 0) + 1
     if n == int(want.partition("#")[2] or 1):
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def without(feature: str) -> bool:
+    return feature in os.environ.get("CKPT_TEST_WITHOUT", "").split(",")

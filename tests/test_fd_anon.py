@@ -122,6 +122,8 @@ def anon_files() -> pb.ProcessEntry:
     ino = entry.files.add(id=4, type=pb.OpenFile.INOTIFY)
     ino.inotify.watches.add(wd=1, mask=0x100, path="/tmp")
     ino.inotify.watches.add(wd=3, mask=0x100, path="/")
+    for fd, file_id in ((2, 2), (3, 3), (4, 4)):  # the epoll set watches fd 3, the timerfd
+        entry.fds.add(fd=fd, file_id=file_id)
     return entry
 
 

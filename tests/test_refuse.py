@@ -34,11 +34,13 @@ from conftest import (
 from ckpt.collect.fdkinds import memfd, pipe
 from ckpt.collect.fds import FdInfo
 from ckpt.collect.files import file_kind
-from ckpt.collect.proc import list_children, parse_timer_ids
+from ckpt.collect.proc import list_children
 from ckpt.collect.restorable import Target, refusals, require_restorable
+from ckpt.collect.timers import ProcTimer
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.errors import NotDumpable
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.timers import SIGEV_SIGNAL, cpu_clock
 from ckpt.restore.mm import backing_mode
 
 # --------------------------------------------------------------------------- the table
@@ -55,6 +57,10 @@ def fd(n: int, target: str, mode: int = stat.S_IFREG | 0o644, rdev: int = 0) -> 
                   st_dev=1, st_ino=1, st_rdev=rdev, st_size=0)
 
 
+def ptimer(n: int, clock: int = 1) -> ProcTimer:
+    return ProcTimer(id=n, signo=14, value=n, notify=SIGEV_SIGNAL, notify_pid=77, clock=clock)
+
+
 CHR = stat.S_IFCHR | 0o666
 FINE = Target(
     pid=77, children=(), cwd="/home/u", root="/", own_root="/", mnt_ns="mnt:[1]",
@@ -69,7 +75,8 @@ FINE = Target(
     fds=(fd(0, "/dev/null", CHR, os.makedev(1, 3)), fd(1, "/var/log/out"),
          fd(2, "/dev/pts/3", CHR, os.makedev(136, 3)), fd(3, "/etc", stat.S_IFDIR | 0o755),
          fd(4, "/dev/urandom", CHR, os.makedev(1, 9)), fd(5, "/dev/zero", CHR, os.makedev(1, 5))),
-    shell_job=True, thread_cwds=((77, "/home/u"), (78, "/home/u")))
+    shell_job=True, thread_cwds=((77, "/home/u"), (78, "/home/u")),
+    timers=(ptimer(0), ptimer(1, clock=-6), ptimer(2, clock=cpu_clock(78, 6))))
 
 
 
@@ -104,7 +111,13 @@ CASES: dict[str, tuple[Target, str]] = {
         "open (LEASE BREAKING READ), which a restore cannot take again"),
     "pid namespace": (replace(FINE, other_ns=(("pid", "pid:[5]", "pid:[1]"),)),
                       "runs in a pid namespace other than ckpt's (pid:[5]; ckpt's is pid:[1])"),
-    "posix timers": (replace(FINE, timers=(0, 3)), "has POSIX timers (ids 0, 3)"),
+    "posix timer": (replace(FINE, timers=(ptimer(0), ptimer(3, clock=cpu_clock(1234, 2)))),
+                    "has POSIX timer 3 (clock -9878): it measures the CPU time of process "
+                    "1234, outside the dump"),
+    "thread clock": (replace(FINE, timers=(ptimer(1, clock=-2),)),
+                     "has POSIX timer 1 (clock -2): it measures the CPU time of the thread"),
+    "sparse timer ids": (replace(FINE, timers=(ptimer(5000),), timer_ids_exact=False),
+                         "has POSIX timer ids up to 5000, and this kernel cannot create"),
     "many groups": (replace(FINE, groups=9000), "has 9000 supplementary groups"),
     "shared anon alias": (replace(FINE, vmas=(
         vma("/dev/zero (deleted)", VmaKind.ANON_SHARED, 0x1000000, inode=9, shared=True),
@@ -189,13 +202,6 @@ def test_refusals_come_in_order_and_the_first_is_told() -> None:
         require_restorable(target)
 
 
-def test_parse_timer_ids() -> None:
-    text = ("ID: 0\nsignal: 14/0000000000000000\nnotify: signal/pid.3519\nClockID: 1\n"
-            "ID: 7\nsignal: 10/0000000000000000\nnotify: thread/tid.3520\nClockID: 0\n")
-    assert parse_timer_ids(text) == [0, 7]
-    assert parse_timer_ids("") == []
-
-
 def test_split_shared_anonymous_memory_is_no_alias() -> None:
     """An mprotect split leaves two VMAs of one object at other offsets: restorable."""
     lo = vma("/dev/zero (deleted)", VmaKind.ANON_SHARED, 0x1000000, inode=9, shared=True)
@@ -243,7 +249,7 @@ REFUSED = {
     "deleted-fifo": ["fd 3 ", "/fifo (deleted)", "a FIFO that was deleted"],
     "eventfd-flock": ["fd 3 is an anon inode (anon_inode:[eventfd]): holds a FLOCK lock on a "
                       "file a restore does not reopen by path"],
-    "posix-timer": ["has POSIX timers (ids 0)"],
+    "posix-timer": ["has POSIX timer 0 (clock ", "it measures the CPU time of process "],
     "shm-alias": ["maps one shared anonymous memory at two addresses"],
 }
 

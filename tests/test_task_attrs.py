@@ -7,7 +7,7 @@ import os
 
 from conftest import Asker, Harness
 
-from ckpt.collect.taskattrs import refusals
+from ckpt.collect.sched import refusals
 
 SCHED_DEADLINE = 6
 

@@ -143,8 +143,7 @@ def test_fd_kind_fields_are_named(make: object, change: object, field: str) -> N
 @pytest.mark.parametrize(("change", "field"), [
     (lambda e: e.cgroups.add(path="/a/../../etc"), "cgroups[0].path"),
     (lambda e: e.cgroups.add(path="/a", hierarchy=2**32 - 1), "cgroups[0].hierarchy"),
-    (lambda e: setattr(e.threads[0].attrs, "rt_priority", 5), "threads[0].attrs.rt_priority"),
-    (lambda e: setattr(e.threads[0].attrs, "ioprio", 0xE000), "threads[0].attrs.ioprio"),
+    (lambda e: setattr(e.threads[0].sched, "priority", 5), "threads[0].sched.priority"),
     (lambda e: e.threads[0].seccomp_filters.add(program=b"\0" * 8, flags=8),
      "threads[0].seccomp_filters[0].flags"),
     (lambda e: e.guard_regions.add(start=0x401000, end=0x400000), "guard_regions[0].start"),
@@ -158,11 +157,11 @@ def test_process_fields_are_named(change: object, field: str) -> None:
 
 def test_a_realtime_policy_needs_a_priority() -> None:
     entry = process()
-    entry.threads[0].attrs.policy = 1  # SCHED_FIFO
-    entry.threads[0].attrs.rt_priority = 10
+    entry.threads[0].sched.policy = 1  # SCHED_FIFO
+    entry.threads[0].sched.priority = 10
     assert list(problems(entry)) == []
-    entry.threads[0].attrs.rt_priority = 0
-    assert [p[0] for p in problems(entry)] == ["threads[0].attrs.rt_priority"]
+    entry.threads[0].sched.priority = 0
+    assert [p[0] for p in problems(entry)] == ["threads[0].sched.priority"]
 
 
 def test_corrupt_sysv_shm_contents_are_one_restore_error() -> None:

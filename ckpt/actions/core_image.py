@@ -9,9 +9,11 @@ from ckpt.collect.files import FileRecord
 from ckpt.collect.proc import Rlimit, Stat
 from ckpt.collect.pstate import Settings
 from ckpt.collect.tasks import InjectedState, ThreadState
+from ckpt.collect.timers import PosixTimer
 from ckpt.collect.vmas import VmaInfo
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.ptrace import REG_NAMES, Regs
+from ckpt.kernel.timers import SIGEV_THREAD_ID
 
 FILE_TYPES = {"path": pb.OpenFile.REGULAR, "dev_null": pb.OpenFile.DEV_NULL,
               "inherited": pb.OpenFile.INHERITED}
@@ -64,7 +66,21 @@ def thread_to_pb(t: ThreadState) -> pb.ThreadCore:
         clear_child_tid=t.clear_child_tid, robust_list_head=t.robust_list[0],
         robust_list_len=t.robust_list[1], altstack=pb.SigAltStack(sp=sp, flags=flags, size=size),
         pending_signals=t.pending, creds=creds_to_pb(t.creds),
-        seccomp_filters=[pb.SeccompFilter(program=p, flags=f) for p, f in t.creds.filters])
+        seccomp_filters=[pb.SeccompFilter(program=p, flags=f) for p, f in t.creds.filters],
+        settings=settings_to_pb(t.settings), name=t.name,
+        sched=pb.Sched(policy=t.sched.policy, priority=t.sched.priority, nice=t.sched.nice,
+                       cpus=t.sched.cpus, ioprio=t.sched.ioprio) if t.sched else None)
+
+
+def settings_to_pb(values: dict[str, int]) -> list[pb.Setting]:
+    return [pb.Setting(name=name, value=v) for name, v in sorted(values.items())]
+
+
+def timer_to_pb(t: PosixTimer) -> pb.PosixTimer:
+    p = t.proc
+    return pb.PosixTimer(id=p.id, clock=p.clock, notify=p.notify, signo=p.signo, value=p.value,
+                         notify_tid=p.notify_pid if p.notify & SIGEV_THREAD_ID else 0,
+                         interval_ns=t.interval_ns, value_ns=t.value_ns, overrun=t.overrun)
 
 
 def vma_to_pb(v: VmaInfo) -> pb.Vma:
@@ -85,7 +101,9 @@ def build_core(pid: int, info: ProcessInfo, threads: list[ThreadState], injected
         threads=[thread_to_pb(t) for t in threads], mm=mm, vmas=[vma_to_pb(v) for v in vmas],
         personality=info.personality, umask=info.umask, cwd=info.cwd, cmdline=info.cmdline,
         shared_pending=info.shared_pending, dumpable=injected.dumpable,
-        cwd_dev=info.cwd_id[0], cwd_inode=info.cwd_id[1])
+        cwd_dev=info.cwd_id[0], cwd_inode=info.cwd_id[1],
+        posix_timers=[timer_to_pb(t) for t in injected.timers],
+        settings=settings_to_pb(injected.settings))
     for signo, (handler, flags, restorer, mask) in sorted(injected.sigactions.items()):
         entry.sigactions.add(signo=signo, handler=handler, flags=flags, restorer=restorer,
                              mask=mask)
@@ -93,7 +111,7 @@ def build_core(pid: int, info: ProcessInfo, threads: list[ThreadState], injected
         entry.rlimits.add(resource=r.resource, cur=r.soft, max=r.hard)
     for which, (interval, value) in sorted(injected.itimers.items()):
         entry.itimers.add(which=which, interval_us=interval, value_us=value)
-    settings_to_pb(entry, info.settings, injected.membarrier)
+    pstate_to_pb(entry, info.settings, injected.membarrier)
     for f in files:
         msg = entry.files.add(id=f.id, path=f.path, flags=f.flags, pos=f.pos, mode=f.mode,
                               size=f.size, inherit_fd=f.inherit_fd, mtime_ns=f.mtime_ns,
@@ -107,7 +125,7 @@ def build_core(pid: int, info: ProcessInfo, threads: list[ThreadState], injected
     return entry
 
 
-def settings_to_pb(entry: pb.ProcessEntry, s: Settings | None, membarrier: int) -> None:
+def pstate_to_pb(entry: pb.ProcessEntry, s: Settings | None, membarrier: int) -> None:
     """ProcessEntry fields 30-39 (ckpt.collect.pstate)."""
     if s is not None:
         entry.oom_score_adj = s.oom_score_adj

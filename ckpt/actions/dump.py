@@ -50,7 +50,6 @@ from ckpt.collect.mlockall import refusal as mlockall_refusal
 from ckpt.collect.pstate import collect_settings
 from ckpt.collect.restorable import read_target, require_restorable
 from ckpt.collect.sysvshm import attaches, collect_segments
-from ckpt.collect.taskattrs import collect_task_attrs
 from ckpt.collect.tasks import collect_injected, collect_thread
 from ckpt.collect.vmas import VmaInfo, collect_vmas
 from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
@@ -175,8 +174,6 @@ def dump(opts: DumpOptions) -> DumpResult:
         core = build_core(pid, info, states, injected, vmas, files)
         core.sysv_shm.extend(segments)
         core.cgroups.extend(cgroups)
-        for th, attrs in zip(core.threads, task_attrs, strict=True):
-            th.attrs.CopyFrom(attrs)
         images.write_core(pid, core)
         if tracker is not None and keep:
             images.write_tracker(pid, tracker.state())
@@ -228,7 +225,6 @@ def dump(opts: DumpOptions) -> DumpResult:
                         tracker.end(ctx, keep=keep)
             files = collect_files(pid, opts.shell_job, hidden_fds(pid), flags=opts.fd_flags)
             segments = collect_segments(vmas)
-            task_attrs = collect_task_attrs(pid, [s.tid for s in states])
             cgroups = cgroups_to_pb(read_cgroups(pid))
             info = collect_process(pid, frozen.leader, vmas, stopped=bool(frozen.stop_signal))
             frozen_at = frozen.frozen_at

@@ -109,13 +109,22 @@ def _fd(fd: core_pb2.FdEntry, files: dict[int, core_pb2.OpenFile]) -> dict[str, 
 
 
 def _state_text(state: dict[str, Any]) -> str:
-    """A kind's state on one line: long bytes fields (base64 in JSON) as their length."""
+    """A kind's state on one line: long bytes fields (base64 in JSON) as their length,
+    and the ``data`` of nested messages too (a unix socket's queue, a memfd's chunks)."""
     parts = []
     for key, value in state.items():
         if isinstance(value, str) and len(value) > 40:
-            value = f"<{len(value) * 3 // 4} bytes>"
+            value = _length(value)
+        elif isinstance(value, list):
+            value = [{k: _length(v) if k == "data" and len(v) > 40 else v
+                      for k, v in item.items()} if isinstance(item, dict) else item
+                     for item in value]
         parts.append(f"{key}={value}")
     return " ".join(parts)
+
+
+def _length(base64: str) -> str:
+    return f"<{len(base64) * 3 // 4 - base64[-2:].count('=')} bytes>"
 
 
 def render_json(summary: dict[str, Any]) -> str:

@@ -216,18 +216,6 @@ def read_cwd(pid: int, *, root: str = "/proc") -> str:
     return _readlink(pid, root, "cwd")
 
 
-def parse_timer_ids(text: str) -> list[int]:
-    """The ids of /proc/PID/timers (POSIX timers: "ID: 0", "signal: 14/...", ...)."""
-    return [int(line.split(":", 1)[1]) for line in text.splitlines() if line.startswith("ID:")]
-
-
-def read_timer_ids(pid: int, *, root: str = "/proc") -> list[int]:
-    """POSIX timers of ``pid`` (timer_create); [] without CONFIG_CHECKPOINT_RESTORE."""
-    if not os.path.exists(proc_path(root, pid, "timers")):
-        return []
-    return parse_timer_ids(read_text(pid, root, "timers"))
-
-
 def read_task_cwd(pid: int, tid: int, *, root: str = "/proc") -> str:
     """Target of /proc/PID/task/TID/cwd: a thread's own after unshare(CLONE_FS)."""
     return _readlink(pid, root, os.path.join("task", str(tid), "cwd"))

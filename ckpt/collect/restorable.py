@@ -15,8 +15,11 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               its working directory is under /proc/PID         names a process, not a place
               a thread has its own working directory           restore sets one per process
               it has more than 8192 supplementary groups       restore's setgroups limit
-              it has POSIX timers (timer_create)               restore does not make them
-              a thread runs under SCHED_DEADLINE               (ckpt.collect.taskattrs)
+              a POSIX timer on a CPU clock of another process  restore cannot make it
+              or of an unnamed thread (CLOCK_THREAD_CPUTIME_ID  measure the same task
+              in a multi-threaded process)
+              POSIX timer ids above 4096 where the kernel       restore would create and
+              cannot create a given id (before Linux 6.15)      delete every id below
               one shared anonymous memory mapped at two        restore would make two
               addresses (mremap of size 0)
               mlockall(MCL_FUTURE) is in effect (seen only      restore locks its current
@@ -61,14 +64,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from ckpt.collect import proc, sysvshm, taskattrs
+from ckpt.collect import proc, sched, sysvshm
 from ckpt.collect.fdkinds import kind_of, locks
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
+from ckpt.collect.timers import ProcTimer, read_timers, timer_refusal
 from ckpt.collect.vmas import KERNEL_PROVIDED, VmaInfo, VmaKind, collect_vmas
 from ckpt.collect.vmflags import refused_flags
 from ckpt.errors import NoSuchProcess, NotDumpable
 from ckpt.images.validate import MAX_GROUPS
+from ckpt.kernel.timers import restore_ids_supported
 
 T = TypeVar("T")
 DELETED = " (deleted)"
@@ -78,6 +83,8 @@ STATELESS_DEVICES = frozenset(os.makedev(1, minor) for minor in (3, 5, 7, 8, 9))
 NAMESPACE = re.compile(r"[a-z_]+:\[\d+\]")
 PROC_PID = re.compile(r"/proc/\d+(/|$)")
 NOT_YET = "not supported yet"
+#: Timer ids a restore makes by creating and deleting every id below (no kernel help)
+MAX_LINEAR_TIMER_ID = 4096
 #: Namespaces a restored process must share with ckpt (it is created in ckpt's); a mount
 #: namespace may differ as long as the paths agree (Target.foreign), a network one too
 #: (migration between network namespaces moves a process on purpose).
@@ -104,7 +111,8 @@ class Target:
     # mount namespace than from the target's; only looked for when the two differ.
     foreign: frozenset[str] = frozenset()
     thread_cwds: tuple[tuple[int, str], ...] = ()  # (tid, cwd) of every thread
-    timers: tuple[int, ...] = ()  # POSIX timer ids
+    timers: tuple[ProcTimer, ...] = ()  # POSIX timers (timer_create)
+    timer_ids_exact: bool = True  # the kernel creates a timer under a given id
     other_ns: tuple[tuple[str, str, str], ...] = ()  # (kind, its, ckpt's): CHECKED_NS differing
     groups: int = 0  # supplementary groups of the leader
     # fds an fd kind (ckpt.collect.fdkinds) claims: (fd, kind, what its inspect found);
@@ -115,7 +123,7 @@ class Target:
     # whether the target's IPC namespace is ckpt's
     shm_segments: tuple[sysvshm.Segment, ...] = ()
     same_ipc_ns: bool = True
-    policies: tuple[tuple[int, int], ...] = ()  # (tid, scheduling policy): taskattrs
+    policies: tuple[tuple[int, int], ...] = ()  # (tid, scheduling policy): collect.sched
     tracker: bool = False  # a userfaultfd of ckpt's own is in the process (its "uw")
 
 
@@ -158,8 +166,13 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
     Rule(lambda t: t.groups > MAX_GROUPS,
          "process {pid} has {groups} supplementary groups (a restore sets at most "
          f"{MAX_GROUPS}): " + NOT_YET),
-    Rule(lambda t: bool(t.timers),
-         "process {pid} has POSIX timers (ids {timers}): " + NOT_YET),
+    Rule(lambda t: bool(_timer_refusals(t)),
+         "process {pid} has POSIX timer {timer_refused}: " + NOT_YET),
+    Rule(lambda t: not t.timer_ids_exact and any(x.id > MAX_LINEAR_TIMER_ID for x in t.timers),
+         "process {pid} has POSIX timer ids up to {timer_max}, and this kernel cannot create "
+         "a timer under a given id (PR_TIMER_CREATE_RESTORE_IDS, Linux 6.15): a restore "
+         f"would create and delete every id below (at most {MAX_LINEAR_TIMER_ID}): "
+         + NOT_YET),
     Rule(lambda t: bool(aliased(t.vmas)),
          "process {pid} maps one shared anonymous memory at two addresses ({aliased}): "
          + NOT_YET),
@@ -173,12 +186,19 @@ def process_fields(t: Target) -> dict[str, object]:
     return {"pid": t.pid, "children": ", ".join(map(str, t.children)), "cwd": t.cwd,
             "cwd_shown": _shown(t.cwd), "root": t.root, "mnt_ns": t.mnt_ns,
             "own_mnt_ns": t.own_mnt_ns, "groups": t.groups,
-            "timers": ", ".join(map(str, t.timers)),
+            "timer_refused": "; ".join(_timer_refusals(t)),
+            "timer_max": max((x.id for x in t.timers), default=0),
             "other_ns": " and a ".join(f"{kind} namespace other than ckpt's ({its}; ckpt's "
                                        f"is {own})" for kind, its, own in t.other_ns),
             "aliased": " and ".join(f"{v.start:#x}" for v in aliased(t.vmas)[:2]),
             "own_cwds": ", ".join(f"thread {tid} in {cwd}" for tid, cwd in t.thread_cwds
                                   if cwd != t.cwd)}
+
+
+def _timer_refusals(t: Target) -> list[str]:
+    tids = tuple(tid for tid, _ in t.thread_cwds) or (t.pid,)
+    return [f"{x.id} (clock {x.clock}): {why}" for x in t.timers
+            if (why := timer_refusal(x, tids)) is not None]
 
 
 def aliased(vmas: tuple[VmaInfo, ...]) -> list[VmaInfo]:
@@ -321,7 +341,7 @@ def refusals(t: Target) -> list[str]:
     out = [rule.says.format(**process_fields(t)) for rule in PROCESS_RULES if rule.applies(t)]
     out += sysvshm.refusals(t.pid, t.vmas, {s.shmid: s for s in t.shm_segments},
                             t.same_ipc_ns)
-    out += taskattrs.refusals(t.pid, t.policies)
+    out += sched.refusals(t.pid, t.policies)
     for v in sorted(t.vmas, key=lambda v: v.start):
         why = _first(VMA_RULES, Mapping(v, v.path in t.foreign, t.tracker), vma_fields)
         if why:
@@ -369,12 +389,13 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         pid=pid, children=tuple(proc.list_children(pid)), cwd=cwd, root=proc.read_root(pid),
         own_root=proc.read_root(me), mnt_ns=mnt_ns, own_mnt_ns=own_mnt_ns,
         vmas=tuple(maps), fds=tuple(fds), shell_job=shell_job, foreign=foreign,
-        thread_cwds=_thread_cwds(pid), timers=tuple(proc.read_timer_ids(pid)),
+        thread_cwds=_thread_cwds(pid), timers=tuple(read_timers(pid)),
+        timer_ids_exact=restore_ids_supported(),
         other_ns=tuple((kind, its, own) for kind, (its, own) in ns.items() if its != own),
         groups=len(proc.read_status(pid).groups), fd_kinds=tuple(fd_kinds),
         shm_segments=tuple(sysvshm.read_segments().values()) if sysvshm.attaches(maps)
         else (), same_ipc_ns=proc.read_ns(pid, "ipc") == proc.read_ns(me, "ipc"),
-        policies=tuple(taskattrs.read_policies(proc.list_tasks(pid))),
+        policies=tuple(sched.read_policies(proc.list_tasks(pid))),
         fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden))
 
 

@@ -17,8 +17,13 @@ from dataclasses import dataclass, field
 from ckpt.collect import mlockall
 from ckpt.collect.creds import Creds, collect_creds
 from ckpt.collect.inject import open_injector
+from ckpt.collect.proc import read_text
 from ckpt.collect.pstate import MEMBARRIER_CMD_GET_REGISTRATIONS
+from ckpt.collect.sched import Sched, read_sched
+from ckpt.collect.timers import PosixTimer, overrun_refusal, read_timers
 from ckpt.collect.vmas import VmaInfo, VmaKind
+from ckpt.errors import NotDumpable
+from ckpt.kernel import prctl
 from ckpt.kernel.creds import PR_GET_DUMPABLE, PR_GET_SECUREBITS
 from ckpt.kernel.ptrace import (
     NT_X86_XSTATE,
@@ -28,6 +33,7 @@ from ckpt.kernel.ptrace import (
     Tracee,
 )
 from ckpt.kernel.sys import NR, PAGE_SIZE, vm_read
+from ckpt.kernel.timers import ITIMERSPEC, parse_itimerspec
 
 PR_GET_TID_ADDRESS = 40
 PROT_RW = 3
@@ -66,6 +72,9 @@ class ThreadState:
     altstack: tuple[int, int, int] = (0, 2, 0)  # sp, flags (SS_DISABLE), size
     pending: list[bytes] = field(default_factory=list)  # siginfo queued to the thread
     creds: Creds | None = None  # ids, capabilities, securebits, seccomp (ckpt.collect.creds)
+    settings: dict[str, int] = field(default_factory=dict)  # per thread (ckpt.kernel.prctl)
+    name: bytes = b""  # PR_GET_NAME
+    sched: Sched | None = None  # policy, nice, affinity, ioprio (ckpt.collect.sched)
 
 
 @dataclass
@@ -76,6 +85,8 @@ class InjectedState:
     itimers: dict[int, tuple[int, int]] = field(default_factory=dict)  # which: (interval,
     # value) in microseconds, the armed ones
     membarrier: int = -1  # MEMBARRIER_CMD_GET_REGISTRATIONS; -1: unknown (Linux < 6.3)
+    timers: list[PosixTimer] = field(default_factory=list)  # timer_create, by id
+    settings: dict[str, int] = field(default_factory=dict)  # per process (ckpt.kernel.prctl)
     mlockall: int = 0  # MCL_FUTURE [| MCL_ONFAULT] in effect (ckpt.collect.mlockall)
 
 
@@ -94,9 +105,14 @@ def signals_to_query() -> list[int]:
 
 
 def collect_thread(task: Tracee) -> ThreadState:
+    """What ptrace and /proc tell, before anything is injected (the settings read from
+    outside: one that refuses the dump does so here)."""
     return ThreadState(tid=task.tid, regs=task.getregs(), xstate=task.get_regset(NT_X86_XSTATE),
                        sigmask=task.get_sigmask(), rseq=task.rseq(),
-                       robust_list=task.robust_list(), pending=task.pending_signals(False))
+                       robust_list=task.robust_list(), pending=task.pending_signals(False),
+                       sched=read_sched(task.tid),
+                       settings=collect_settings(task_access(task.tid, task.tid),
+                                                 prctl.Scope.THREAD))
 
 
 def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
@@ -133,6 +149,9 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
                 vm_read(pid, scratch, _ITIMERVAL.size))
             if v_sec or v_usec:
                 out.itimers[which] = (i_sec * 1_000_000 + i_usec, v_sec * 1_000_000 + v_usec)
+        out.timers = collect_timers(pid, inj, scratch)
+        out.settings = collect_settings(task_access(pid, pid, inj, scratch),
+                                        prctl.Scope.PROCESS)  # (none read from outside)
         for sig in signals_to_query():
             if inj.raw(NR.rt_sigaction, sig, 0, scratch, 8) == 0:
                 act = _KSIGACTION.unpack(vm_read(pid, scratch, _KSIGACTION.size))
@@ -148,6 +167,9 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
                 ti(NR.sigaltstack, 0, scratch, what="sigaltstack")
                 sp, flags, _, size = _ALTSTACK.unpack(vm_read(pid, scratch, _ALTSTACK.size))
                 state.altstack = (sp, flags, size)
+                asked = task_access(pid, task.tid, ti, scratch)
+                state.settings.update(collect_settings(asked, prctl.Scope.THREAD))
+                state.name = prctl.read_name(asked)
                 state.creds = collect_creds(pid, task.tid, ti(
                     NR.prctl, PR_GET_SECUREBITS, 0, 0, 0, 0, what="PR_GET_SECUREBITS"))
             finally:
@@ -160,3 +182,40 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
         finally:
             inj.restore()
     return out
+
+
+def collect_timers(pid: int, inj: Injector, scratch: int) -> list[PosixTimer]:
+    """Every POSIX timer: /proc/PID/timers, then time left, interval and overrun count
+    asked of the process (timer ids are per process: any thread may ask)."""
+    out = []
+    for t in read_timers(pid):
+        inj(NR.timer_gettime, t.id, scratch, what=f"timer_gettime({t.id})")
+        interval, value = parse_itimerspec(vm_read(pid, scratch, ITIMERSPEC.size))
+        overrun = inj(NR.timer_getoverrun, t.id, what=f"timer_getoverrun({t.id})")
+        timer = PosixTimer(t, interval_ns=interval, value_ns=value, overrun=overrun)
+        if (why := overrun_refusal(timer)) is not None:
+            raise NotDumpable(f"process {pid} has POSIX timer {t.id}, and a restore cannot set "
+                              f"{why} again: not supported")
+        out.append(timer)
+    return out
+
+
+def task_access(pid: int, tid: int, inj: Injector | None = None, scratch: int = 0,
+                ) -> prctl.Task:
+    """Thread ``tid`` as the prctl table asks it: through the injector (None: from
+    outside only)."""
+    return prctl.Task(tid, inj.raw if inj else None,
+                      (lambda at, n: vm_read(pid, at, n)) if inj else None, scratch,
+                      lambda: prctl.stat_flags(read_text(pid, "/proc", "task", str(tid), "stat")),
+                      lambda: prctl.sud_mode(tid))
+
+
+def collect_settings(task: prctl.Task, scope: prctl.Scope) -> dict[str, int]:
+    """The prctl settings of ``scope`` (ckpt.kernel.prctl); one a restore cannot set
+    again and that is not at its default is refused."""
+    values = prctl.read_settings(scope, task)
+    refused = prctl.refused(values)
+    if refused:
+        raise NotDumpable(f"{scope.value} {task.tid} has {refused[0]}, which a restore cannot "
+                          "set again: not supported")
+    return values

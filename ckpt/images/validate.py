@@ -52,18 +52,20 @@ from ckpt.images.checks import (
 from ckpt.images.framing import FORMAT_VERSION
 from ckpt.images.pb import core_pb2 as core
 from ckpt.images.pb import image_pb2 as img
+from ckpt.kernel import prctl
+from ckpt.kernel.sched import POLICIES, SCHED_RESET_ON_FORK
 from ckpt.kernel.sys import PAGE_SIZE
+from ckpt.kernel.timers import NOTIFIES, SIGEV_NONE, SIGEV_THREAD_ID, cpu_clock_pid, valid_clock
 
 PID_MAX = 1 << 22  # PID_MAX_LIMIT on 64-bit
 NR_OPEN_MAX = 1073741816  # the largest fs.nr_open the kernel accepts
 VSYSCALL = (0xFFFFFFFFFF600000, 0xFFFFFFFFFF601000)
 RLIM_NLIMITS = 16
 FD_SET_MAX = 1 << 20
-#: scheduling policies a thread can have (SCHED_DEADLINE is refused at dump), each also
-#: with SCHED_RESET_ON_FORK
-SCHED_FIFO, SCHED_RR, SCHED_RESET_ON_FORK = 1, 2, 0x40000000
-POLICIES = tuple(p | r for p in (0, 1, 2, 3, 5) for r in (0, SCHED_RESET_ON_FORK))
-DELETED = " (deleted)"  # how /proc names a deleted file (a GHOST's OpenFile.path)
+SUN_PATH = 108  # sizeof(sockaddr_un.sun_path)
+UNIX_QUEUE_MAX = 1 << 30  # bytes of one queued message or run (SO_SNDBUF is an int)
+#: SOL_SOCKET options a unix socket's image carries (ckpt.collect.fdkinds.unix.OPTIONS)
+UNIX_OPTIONS = (16, 34, 76, 83, 7, 8, 18, 12, 36, 9, 13, 20, 21, 29, 35, 40, 10, 42)
 #: Supplementary groups a restore can pass to setgroups (through the stub's scratch area)
 MAX_GROUPS = 8192
 ALL_CAPS = (1 << 41) - 1  # CAP_CHOWN .. CAP_CHECKPOINT_RESTORE (40), as on Linux 5.9+
@@ -73,16 +75,23 @@ TRACKERS = ("uffd-wp", "soft-dirty", "compare")  # = ckpt.track.BACKENDS (tested
 S64_MAX = (1 << 63) - 1
 PIPE_MAX = 1 << 31  # the largest F_SETPIPE_SZ
 MEMBARRIER_MASK = 0x154  # the REGISTER commands MEMBARRIER_CMD_GET_REGISTRATIONS reports
-U32_ID = 0xFFFFFFFE  # a uid or gid (2^32-1 is "none": chown leaves the owner)
 INT_MAX = (1 << 31) - 1
+U32_ID = 0xFFFFFFFE  # a uid or gid (2^32-1 is "none": chown leaves the owner)
 MEMFD_NAME_MAX = 249  # memfd_create(2): NAME_MAX less "memfd:"
 ALL_SEALS = 0x3F  # F_SEAL_SEAL .. F_SEAL_EXEC
 #: what an inotify watch's mask may hold: IN_ALL_EVENTS, IN_ONLYDIR, IN_DONT_FOLLOW,
 #: IN_EXCL_UNLINK, IN_ONESHOT (not IN_MASK_ADD, IN_MASK_CREATE: requests, never shown)
 INOTIFY_MASK = 0xFFF | 0x01000000 | 0x02000000 | 0x04000000 | 0x80000000
 SECCOMP_FILTER_FLAG_LOG = 2  # the only flag PTRACE_SECCOMP_GET_METADATA reports
+SCHED_FIFO, SCHED_RR = 1, 2
+DELETED = " (deleted)"  # how /proc names a deleted file (a GHOST's OpenFile.path)
 
 Problem = tuple[str, Any, str]  # (field, value, why)
+
+
+def thread_name(v: bytes) -> str | None:
+    ok = len(v) < prctl.TASK_COMM_LEN and b"\0" not in v
+    return None if ok else "not a thread name (at most 15 bytes, no NUL)"
 
 
 PID = ranged(1, PID_MAX)
@@ -111,11 +120,19 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
         "securebits": ranged(0, SECUREBITS), "seccomp_mode": one_of(0, 1, 2)},
     core.Itimer: {"which": one_of(0, 1, 2), "interval_us": ranged(0, 1 << 62),
                   "value_us": ranged(1, 1 << 62)},
+    core.PosixTimer: {"id": ranged(0, INT_MAX), "notify": one_of(*NOTIFIES),
+                      "clock": lambda v: None if valid_clock(v) else "not a timer's clock",
+                      "notify_tid": PID_OR_0, "interval_ns": ranged(0, 1 << 62),
+                      "value_ns": ranged(0, 1 << 62), "overrun": ranged(0, INT_MAX)},
+    core.Setting: {"name": one_of(*prctl.BY_NAME)},
+    core.Sched: {"policy": one_of(*POLICIES, *(p | SCHED_RESET_ON_FORK for p in POLICIES)),
+                 "priority": ranged(0, 99), "nice": ranged(-20, 19), "cpus": ranged(0, 8191),
+                 "ioprio": ranged(0, 0xFFFF)},
     core.SeccompFilter: {"program": blob(BPF_MAXINSNS * BPF_INSN, multiple=BPF_INSN),
                          "flags": one_of(0, SECCOMP_FILTER_FLAG_LOG)},
     core.ProcessEntry: {
         "dumpable": ranged(0, 2), "pid": PID, "ppid": PID_OR_0, "pgid": PID_OR_0,
-        "sid": PID_OR_0, "comm": text(64),
+        "sid": PID_OR_0, "comm": text(64), "cwd_dev": ranged(0, 0xFFFFFFFF),
         "umask": ranged(0, 0o777), "cwd": path(absolute=True), "cmdline": blob(1 << 24),
         "shared_pending": siginfo, "oom_score_adj": ranged(-1000, 1000),
         "membarrier_registrations": mask(MEMBARRIER_MASK, "membarrier registrations"),
@@ -123,7 +140,7 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
     core.GuardRegion: {"start": ADDR, "end": ADDR},
     core.ThreadCore: {"tid": PID, "xstate": blob(1 << 20), "clear_child_tid": ANY_ADDR,
                       "robust_list_head": ANY_ADDR, "robust_list_len": ranged(0, 1 << 12),
-                      "pending_signals": siginfo},
+                      "pending_signals": siginfo, "name": thread_name},
     core.GpRegs: {"cs": SEGMENT, "ss": SEGMENT, "ds": SEGMENT, "es": SEGMENT, "fs": SEGMENT,
                   "gs": SEGMENT, "fs_base": ANY_ADDR, "gs_base": ANY_ADDR},
     core.Rseq: {"abi_pointer": ANY_ADDR, "abi_size": ranged(0, PAGE_SIZE)},
@@ -138,15 +155,12 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
                "vmflags": text(4)},
     core.OpenFile: {"id": ranged(1, FD_SET_MAX), "path": path(absolute=False),
                     "pos": ranged(0, S64_MAX), "size": ranged(0, S64_MAX),
-                    "inherit_fd": ranged(-1, 2)},
+                    "inherit_fd": ranged(-1, 2), "external": text(64)},
     core.FileLock: {"start": ranged(0, S64_MAX), "length": ranged(0, S64_MAX),
                     "signal": ranged(0, NSIG)},
     core.FdEntry: {"fd": ranged(0, NR_OPEN_MAX - 1), "file_id": ranged(1, FD_SET_MAX)},
-    core.TaskAttrs: {"comm": text(15), "cpus": ranged(0, 8191), "nice": ranged(-20, 19),
-                     "policy": one_of(*POLICIES), "rt_priority": ranged(0, 99),
-                     "ioprio": ranged(0, 0x7FFF)},  # class (bits 13-15) 0..3
     core.EventFd: {"count": ranged(0, (1 << 64) - 2)},
-    core.Cgroup: {"hierarchy": ranged(0, INT_MAX), "controllers": text(256),
+    core.Cgroup: {"hierarchy": ranged(0, 0xFFFF), "controllers": text(256),
                   "path": clean_path},
     # size: ckpt.collect.sysvshm.MAX_SEGMENT (not imported: images never reach collect)
     core.SysvShm: {"shmid": ranged(0, (1 << 31) - 1), "mode": ranged(0, 0o777),
@@ -163,7 +177,6 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
     core.MemFd: {"name": text(MEMFD_NAME_MAX), "seals": mask(ALL_SEALS, "F_SEAL_* seals"),
                  "uid": ranged(0, U32_ID), "gid": ranged(0, U32_ID)},
     core.FileChunk: {"offset": ranged(0, S64_MAX)},
-    core.UnixSocket: {"type": one_of(1, 2, 5)},
     core.InetSocket: {"family": one_of(2, 10), "type": one_of(1, 2), "protocol": one_of(6, 17),
                       "state": ranged(0, 12), "backlog": ranged(0, INT_MAX),
                       "uid": ranged(0, U32_ID), "shutdown": ranged(0, 3)},
@@ -172,6 +185,16 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
                        "port": ranged(0, 0xFFFF)},
     core.InetOption: {"name": text(32), "value": ranged(-INT_MAX - 1, INT_MAX),
                       "raw": blob(16)},
+    # unix sockets (ckpt/collect/fdkinds/unix.py): names are sun_path's 108 bytes
+    core.UnixSocket: {"type": one_of(1, 2, 5), "state": one_of(1, 7, 10),
+                      "name": blob(SUN_PATH), "peer_name": blob(SUN_PATH),
+                      "backlog": ranged(0, (1 << 31) - 1), "shutdown": ranged(0, 3),
+                      "file_mode": ranged(0, 0o7777), "file_uid": ranged(0, 0xFFFFFFFE),
+                      "file_gid": ranged(0, 0xFFFFFFFE), "sigio": ranged(0, NSIG)},
+    core.UnixMessage: {"data": blob(UNIX_QUEUE_MAX), "sender": blob(SUN_PATH),
+                       "uid": ranged(0, U32_ID), "gid": ranged(0, U32_ID)},
+    core.UnixOption: {"level": one_of(1), "name": one_of(*UNIX_OPTIONS),
+                      "value": blob(16)},
 }
 
 
@@ -266,10 +289,30 @@ def _open_file(m: core.OpenFile) -> Iterator[Problem]:
             yield f"locks[{i}].length", lock.length, "past the largest file offset"
 
 
-def _task_attrs(m: core.TaskAttrs) -> Iterator[Problem]:
+def _unix_name(name: bytes) -> str | None:
+    """An abstract name (a NUL, then any bytes) or an absolute path without NUL."""
+    if not name or name.startswith(b"\0"):
+        return None
+    if not name.startswith(b"/"):
+        return "neither an abstract name nor an absolute path"
+    return "a path with a NUL byte" if b"\0" in name else None
+
+
+def _unix_socket(m: core.UnixSocket) -> Iterator[Problem]:
+    names = [("name", m.name), ("peer_name", m.peer_name)]
+    names += [(f"queue[{i}].sender", q.sender) for i, q in enumerate(m.queue)]
+    for field, name in names:
+        why = _unix_name(name)
+        if why:
+            yield field, name, why
+    if m.state == 10 and m.type == 2:
+        yield "state", m.state, "a listening dgram socket"
+
+
+def _sched(m: core.Sched) -> Iterator[Problem]:
     realtime = m.policy & ~SCHED_RESET_ON_FORK in (SCHED_FIFO, SCHED_RR)
-    if realtime != (m.rt_priority > 0):
-        yield "rt_priority", m.rt_priority, f"not a priority of policy {m.policy:#x}"
+    if realtime != (m.priority > 0):
+        yield "priority", m.priority, f"not a priority of policy {m.policy:#x}"
 
 
 def _pipe(m: core.PipeFile) -> Iterator[Problem]:
@@ -291,6 +334,10 @@ def _process(m: core.ProcessEntry) -> Iterator[Problem]:
     yield from _unique("sigactions.signo", (a.signo for a in m.sigactions))
     yield from _unique("rlimits.resource", (r.resource for r in m.rlimits))
     yield from _unique("itimers.which", (t.which for t in m.itimers))
+    yield from _posix_timers(m)
+    yield from _settings("settings", m.settings, prctl.Scope.PROCESS)
+    for i, th in enumerate(m.threads):
+        yield from _settings(f"threads[{i}].settings", th.settings, prctl.Scope.THREAD)
     yield from _unique("files.id", (f.id for f in m.files))
     yield from _unique("fds.fd", (f.fd for f in m.fds))
     ids = {f.id for f in m.files}
@@ -321,6 +368,30 @@ def _guards(m: core.ProcessEntry) -> Iterator[Problem]:
         end = g.end
 
 
+def _posix_timers(m: core.ProcessEntry) -> Iterator[Problem]:
+    yield from _unique("posix_timers.id", (t.id for t in m.posix_timers))
+    tids = {th.tid for th in m.threads}
+    for i, t in enumerate(m.posix_timers):
+        if t.notify != SIGEV_NONE and not 1 <= t.signo <= NSIG:
+            yield f"posix_timers[{i}].signo", t.signo, "not a signal"
+        if bool(t.notify & SIGEV_THREAD_ID) != (t.notify_tid in tids):
+            yield f"posix_timers[{i}].notify_tid", t.notify_tid, "not a thread it signals"
+        if t.clock < 0 and cpu_clock_pid(t.clock) not in tids | {0}:
+            yield f"posix_timers[{i}].clock", t.clock, "the CPU clock of another process"
+
+
+def _settings(where: str, settings: Iterable[core.Setting], scope: prctl.Scope,
+              ) -> Iterator[Problem]:
+    items = list(settings)
+    yield from _unique(f"{where}.name", (s.name for s in items))
+    for k, s in enumerate(items):
+        row = prctl.BY_NAME.get(s.name)
+        if row is not None and row.scope != scope:
+            yield f"{where}[{k}].name", s.name, f"not a per-{scope.value} setting"
+        if row is not None and not 0 <= s.value <= row.top:
+            yield f"{where}[{k}].value", s.value, f"not in 0..{row.top} for {s.name}"
+
+
 def _thread_creds(where: str, th: core.ThreadCore) -> Iterator[Problem]:
     """Without credentials a thread would come back as root; filter mode without a
     filter would come back unfiltered."""
@@ -340,7 +411,7 @@ RULES: dict[type[Message], Callable[[Any], Iterator[Problem]]] = {
     img.Inventory: _inventory, img.WholeVmaCopy: _whole_vma, img.PagemapRuns: _pagemap_runs,
     core.Vma: _vma, core.MmFields: _mm, core.SigAction: _sigaction, core.Rlimit: _rlimit,
     core.OpenFile: _open_file, core.PipeFile: _pipe, core.ProcessEntry: _process,
-    core.TaskAttrs: _task_attrs,
+    core.UnixSocket: _unix_socket, core.Sched: _sched,
 }
 
 

@@ -48,6 +48,10 @@ class NR:
     getitimer = 36
     setitimer = 38
     getpid = 39
+    socket = 41
+    connect = 42
+    listen = 50
+    socketpair = 53
     kill = 62
     shmdt = 67
     fcntl = 72
@@ -55,6 +59,7 @@ class NR:
     chdir = 80
     umask = 95
     setsid = 112
+    rt_sigtimedwait = 128
     rt_sigqueueinfo = 129
     sigaltstack = 131
     personality = 135
@@ -62,6 +67,12 @@ class NR:
     arch_prctl = 158
     gettid = 186
     set_tid_address = 218
+    timer_create = 222
+    timer_settime = 223
+    timer_gettime = 224
+    timer_getoverrun = 225
+    timer_delete = 226
+    clock_gettime = 228
     epoll_wait = 232
     epoll_ctl = 233
     tgkill = 234
@@ -132,17 +143,6 @@ def default_all_sigactions() -> None:
     for sig in range(1, NSIG + 1):
         if sig not in (signal.SIGKILL, signal.SIGSTOP):
             syscall(NR.rt_sigaction, sig, ctypes.addressof(zero), 0, 8, what="rt_sigaction")
-
-
-IOPRIO_WHO_PROCESS = 1
-
-
-def ioprio_get(tid: int) -> int:
-    return syscall(NR.ioprio_get, IOPRIO_WHO_PROCESS, tid, what=f"ioprio_get({tid})", pid=tid)
-
-
-def ioprio_set(tid: int, ioprio: int) -> None:
-    syscall(NR.ioprio_set, IOPRIO_WHO_PROCESS, tid, ioprio, what=f"ioprio_set({tid})", pid=tid)
 
 
 def pidfd_open(pid: int) -> int:

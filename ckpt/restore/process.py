@@ -19,7 +19,6 @@ import signal
 
 from ckpt.collect.cgroups import join_cgroups
 from ckpt.collect.proc import id_holder
-from ckpt.collect.taskattrs import name_thread, restore_task_attrs
 from ckpt.errors import ImageError, RestoreError
 from ckpt.images import ImageDir, chain
 from ckpt.images.pb import core_pb2 as pb
@@ -34,6 +33,8 @@ from ckpt.restore.creds import restore_creds
 from ckpt.restore.files import close_stub_fds, restore_files
 from ckpt.restore.pages import WritableIndex, fill_pages
 from ckpt.restore.pstate import restore_settings
+from ckpt.restore.sched import restore_sched
+from ckpt.restore.settings import restore_all_settings
 from ckpt.restore.stub import Stub
 from ckpt.restore.tasks import (
     clone_threads,
@@ -43,6 +44,7 @@ from ckpt.restore.tasks import (
     restore_thread_state,
     unregister_stub_rseq,
 )
+from ckpt.restore.timers import create_timers, replay_overruns
 from ckpt.restore.uffd_fill import CopyFill
 
 PR_SET_NAME = 15
@@ -117,10 +119,13 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     threads = clone_threads(stub, list(entry.threads[1:]), same_tids=same_tids)
     for task, th in zip(threads, entry.threads[1:], strict=True):
         restore_thread_state(task, th)
-        name_thread(task, th.attrs)
     restore_thread_state(stub, entry.threads[0])
     tids = [stub.pid, *(t.task.tid for t in threads)]
+    create_timers(stub, entry, {th.tid: tid for th, tid in zip(entry.threads, tids, strict=True)})
+    replay_overruns(stub, threads, entry)
+    restore_all_settings(stub, threads, entry, after_creds=False)
     restore_creds(stub, threads, entry)  # last before the registers (ckpt.restore.creds)
+    restore_all_settings(stub, threads, entry, after_creds=True)  # what creds would reset
     # No trap after this point (see ckpt.restore.tasks): registers are loaded at stops
     # from which the kernel applies its own syscall-restart rules.
     last_syscalls(stub, entry, threads)  # parks the other threads too
@@ -130,7 +135,7 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     if stop:
         os.kill(stub.pid, signal.SIGSTOP)
     stub.release_cpu()
-    restore_task_attrs(stub.pid, tids, list(entry.threads))  # its CPUs, not ckpt's
+    restore_sched(tids, entry)  # after release_cpu, which gives the stub's tasks its mask
     for task in threads:
         task.task.detach()
     stub.task.detach()

@@ -63,6 +63,7 @@ from ckpt.kernel.ptrace import (
 )
 from ckpt.kernel.sys import NR, tgkill
 from ckpt.restore.stub import GADGET_LEN, Stub
+from ckpt.restore.timers import arm_timers, image_signals
 
 ERESTART_RESTARTBLOCK = 516
 U64 = (1 << 64) - 1
@@ -188,14 +189,15 @@ def load_registers(task: Tracee, th: pb.ThreadCore, mask: int | None = None) -> 
     task.set_sigmask(th.sigmask if mask is None else mask)
 
 
-def queue_own_signals(task: Stub, ip: int, tgid: int, th: pb.ThreadCore) -> Injector:
+def queue_own_signals(task: Stub, ip: int, tgid: int, th: pb.ThreadCore,
+                      entry: pb.ProcessEntry) -> Injector:
     """Queue a thread's own pending signals from inside that thread: rt_tgsigqueueinfo
     takes a siginfo of the kernel's or of tgkill (si_code >= 0, SI_TKILL) only from the
     thread it is for. No trap (SIGTRAP may be among them) and every signal blocked, so
     none is delivered meanwhile; the thread is left at the last syscall-exit stop."""
     inj = Injector(task.task, ip, trap=False)
     task.task.set_sigmask(U64)
-    for info in th.pending_signals:
+    for info in image_signals(entry, th.tid, th.pending_signals):  # (ckpt.restore.timers)
         signo = siginfo.signo(info)
         inj(NR.rt_tgsigqueueinfo, tgid, task.task.tid, signo, task.put(info, 3840),
             what=f"rt_tgsigqueueinfo({task.task.tid}, {signo})")
@@ -216,12 +218,12 @@ def last_syscalls(stub: Stub, entry: pb.ProcessEntry, threads: list[Stub]) -> No
     unmaps the gadget."""
     for task, th in zip(threads, entry.threads[1:], strict=True):
         if th.pending_signals:
-            queue_own_signals(task, stub.gadget, stub.pid, th)
+            queue_own_signals(task, stub.gadget, stub.pid, th, entry)
             park(stub.pid, task.task, th, entry)
         else:
             load_registers(task.task, th)
-    inj = queue_own_signals(stub, stub.gadget, stub.pid, entry.threads[0])
-    for info in entry.shared_pending:
+    inj = queue_own_signals(stub, stub.gadget, stub.pid, entry.threads[0], entry)
+    for info in image_signals(entry, 0, entry.shared_pending):
         if is_stop_mark(info):  # a stopped process: finish_process stops it last
             continue
         signo = siginfo.signo(info)
@@ -229,6 +231,7 @@ def last_syscalls(stub: Stub, entry: pb.ProcessEntry, threads: list[Stub]) -> No
             what=f"rt_sigqueueinfo({signo})")
     for t in entry.itimers:  # armed last: a SIGALRM meanwhile stays pending (all blocked)
         inj(NR.setitimer, t.which, stub.put(itimerval(t), 3968), 0, what="setitimer")
+    arm_timers(inj, stub, entry)  # POSIX timers likewise (ckpt.restore.timers)
     inj(NR.rt_sigaction, signal.SIGTRAP, stub.put(image_action(entry, signal.SIGTRAP)), 0, 8,
         what="rt_sigaction(SIGTRAP)")
     # Nothing is fetched from the gadget after this: the syscall-exit stop comes first.

@@ -25,7 +25,7 @@ Modes (DIR holds any file the mode creates):
   dev-zero-fd     an fd on /dev/zero (a character device other than /dev/null)
   kmsg-fd         an fd on /dev/kmsg (a character device with state: its read position)
   chroot          chrooted into DIR
-  posix-timer     a POSIX timer (timer_create, never armed)
+  posix-timer     a POSIX timer on the CPU clock of its parent (timer_create, never armed)
   shm-alias       shared anonymous memory mapped at a second address (mremap, size 0)
   thread-cwd      a thread that unshare(CLONE_FS)'d and moved to DIR
   deleted-fifo    an fd on the FIFO DIR/fifo (O_RDWR), then the FIFO is unlinked
@@ -51,7 +51,7 @@ PAGE = 4096
 NR_MMAP, NR_MPROTECT, NR_IO_SETUP, NR_UNSHARE, NR_FANOTIFY_INIT = 9, 10, 206, 272, 300
 NR_MREMAP = 25
 PR_SET_PDEATHSIG = 1
-CLONE_FS, CLOCK_MONOTONIC, MAP_ANONYMOUS, MREMAP_MAYMOVE = 0x200, 1, 0x20, 1
+CLONE_FS, MAP_ANONYMOUS, MREMAP_MAYMOVE = 0x200, 0x20, 1
 PROT_READ, PROT_WRITE, MAP_SHARED, MAP_PRIVATE = 1, 2, 1, 2
 IPC_PRIVATE, IPC_CREAT = 0, 0o1000
 
@@ -153,10 +153,12 @@ def setup(mode: str, where: str) -> tuple[str, object]:
         fcntl.flock(fd, fcntl.LOCK_EX)
         return str(fd), fd
     if mode == "posix-timer":
-        timer = ctypes.c_int(0)
-        if libc.timer_create(CLOCK_MONOTONIC, None, ctypes.byref(timer)) != 0:
+        timer, clock = ctypes.c_int(0), ctypes.c_int(0)
+        if libc.clock_getcpuclockid(os.getppid(), ctypes.byref(clock)) != 0:
+            raise OSError(ctypes.get_errno(), "clock_getcpuclockid")
+        if libc.timer_create(clock, None, ctypes.byref(timer)) != 0:
             raise OSError(ctypes.get_errno(), "timer_create")
-        return str(timer.value), timer
+        return f"{timer.value} {os.getppid()}", timer
     if mode == "shm-alias":
         addr = sc(NR_MMAP, 0, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
                   -1, 0)

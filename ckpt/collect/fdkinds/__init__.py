@@ -7,7 +7,17 @@ stateless device is reopened by path; anything else is refused before the freeze
 
 from __future__ import annotations
 
-from ckpt.collect.fdkinds import epoll, eventfd, inet, inotify, memfd, pipe, signalfd, timerfd
+from ckpt.collect.fdkinds import (
+    epoll,
+    eventfd,
+    inet,
+    inotify,
+    memfd,
+    pipe,
+    signalfd,
+    timerfd,
+    unix,
+)
 from ckpt.collect.fdkinds.base import FdKind, Peek
 from ckpt.collect.fds import FdInfo
 
@@ -21,6 +31,7 @@ KINDS: tuple[FdKind, ...] = (
     memfd.MEMFD,
     memfd.GHOST,
     inet.KIND,
+    unix.KIND,
 )
 
 BY_TYPE = {k.image_type: k for k in KINDS}

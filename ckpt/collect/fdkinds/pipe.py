@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Opened, Peek, RestoreCtx
 from ckpt.collect.fds import FdInfo
+from ckpt.collect.fds import scan_holders as holders_of
 from ckpt.errors import NotDumpable, RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.sys import tee
@@ -123,21 +124,8 @@ def scan_holders(names: dict[str, Key], exclude: set[int], root: str = "/proc",
     """Which processes (but ``exclude``) hold each pipe, from their /proc/PID/fd links:
     ``names`` maps a link text ("pipe:[123]", a FIFO's path) to its pipe."""
     found: dict[Key, set[int]] = {}
-    for entry in os.listdir(root):
-        if not entry.isdigit() or int(entry) in exclude:
-            continue
-        fd_dir = os.path.join(root, entry, "fd")
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:  # gone, or not ours to read
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(os.path.join(fd_dir, fd))
-            except OSError:
-                continue
-            if link in names:
-                found.setdefault(names[link], set()).add(int(entry))
+    for link, pids in holders_of(set(names), exclude, root=root).items():
+        found.setdefault(names[link], set()).update(pids)
     return {k: tuple(sorted(v)) for k, v in found.items()}
 
 

@@ -1,0 +1,415 @@
+"""Restore of unix sockets (the collector is ckpt.collect.fdkinds.unix).
+
+The first restore of a socket builds every socket of the image tied to it (its peer, the
+listener it was accepted from, the named sockets its datagrams came from), in this
+order, made by the restored process (see Maker) and handled through copies in ckpt, kept
+in ``ctx.objects``; each open file then just takes its own. An external socket is the
+--inherit-fd given for it.
+
+    1. make      socketpair(2) for two unnamed sockets connected to each other, and for
+                 a socket whose peer was closed (the other end is closed at step 5);
+                 socket + bind for the rest (a path: a stale socket file is unlinked
+                 first, anything else there is refused; mode and owner set back)
+    2. connect   listen(backlog); a connection accepted from a listener: connect to it
+                 (the restored one, or a passing one on the same abstract name) and
+                 accept
+    3. refill    each queue, oldest first, sent from the other end with the
+                 SCM_CREDENTIALS it had (pid: the restored process); datagrams from
+                 named sockets are sent from those; then a dgram socket connected to a
+                 named one connects (it would take datagrams from its peer only)
+    4. shut      shutdown(2) with each socket's own bits, after the refill (a shut down
+                 socket neither sends nor is sent to); an end whose peer had closed
+                 without reading all sends it a byte first (ECONNRESET at the close)
+    5. finish    options, O_NONBLOCK, O_ASYNC (its signal, to the process); temporary
+                 ends closed; names unlinked at dump time unlinked again
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import stat
+import struct
+from collections.abc import Iterable, Iterator
+
+from ckpt.collect.fdkinds.base import Opened, Remote, RestoreCtx
+from ckpt.errors import RestoreError
+from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel import unix_diag
+from ckpt.kernel.creds import SYS
+from ckpt.kernel.sys import NR, pidfd_getfd, pidfd_open
+from ckpt.kernel.unix_diag import ESTABLISHED, LISTEN
+
+NAME = "unix socket"  # the kind's name: ctx.objects keys
+SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE = 7, 8, 32, 33
+FORCED = {SO_SNDBUF: SO_SNDBUFFORCE, SO_RCVBUF: SO_RCVBUFFORCE}
+REFILL_BUF = 1 << 26
+F_SETSIG, F_SETOWN_EX, F_OWNER_PID = 10, 15, 1
+KEEP = 0xFFFFFFFF  # (uid_t)-1: setresuid leaves this id as it is
+GROUPS_AT = 4096  # where setgroups' array goes in the stub's scratch area (after a sockaddr)
+
+
+def show_name(name: bytes) -> str:
+    """A socket name as ss(8) shows it: an abstract one with "@" for its NUL."""
+    return "@" + name[1:].decode(errors="replace") if name.startswith(b"\0") \
+        else os.fsdecode(name)
+
+
+def _addr(name: bytes) -> str | bytes:
+    return name if name.startswith(b"\0") else os.fsdecode(name)
+
+
+def component(files: Iterable[pb.OpenFile], first: pb.OpenFile) -> list[pb.OpenFile]:
+    """``first`` and every unix socket of ``files`` tied to it (peer, listener by name,
+    sender of a queued datagram), in image order."""
+    socks = [f for f in files if f.type == pb.OpenFile.UNIX_SOCKET and not f.external]
+    by_ino = {f.unix_socket.inode: f for f in socks}
+    edges: dict[int, set[int]] = {ino: set() for ino in by_ino}
+
+    def link(a: int, b: int) -> None:
+        if a in edges and b in edges and a != b:
+            edges[a].add(b)
+            edges[b].add(a)
+
+    listeners = {f.unix_socket.name: f.unix_socket.inode for f in socks
+                 if f.unix_socket.state == LISTEN}
+    named = {f.unix_socket.name: f.unix_socket.inode for f in socks if f.unix_socket.name}
+    for f in socks:
+        u = f.unix_socket
+        link(u.inode, u.peer)
+        if u.state == ESTABLISHED and u.name in listeners:
+            link(u.inode, listeners[u.name])
+        for m in u.queue:
+            if m.sender in named:
+                link(u.inode, named[m.sender])
+    seen, todo = set(), [first.unix_socket.inode]
+    while todo:
+        ino = todo.pop()
+        if ino not in seen:
+            seen.add(ino)
+            todo.extend(edges[ino])
+    return [f for f in socks if f.unix_socket.inode in seen]
+
+
+def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
+    if f.external:
+        return Opened(_inherited(ctx.inherit[f.external], f))  # ckpt.restore.files checked
+    key = (NAME, f.unix_socket.inode)
+    if key not in ctx.objects:
+        Build(ctx, component(ctx.entry.files, f)).run()
+    return Opened(ctx.objects[key])
+
+
+def _inherited(fd: int, f: pb.OpenFile) -> int:
+    """The fd given for an external socket (--inherit-fd), if it is a unix socket of the
+    dumped type; it gets the dumped O_NONBLOCK, the rest is as given."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as s:
+            family, kind = s.family, s.type
+    except OSError:
+        family, kind = None, None
+    if family != socket.AF_UNIX or kind != f.unix_socket.type:
+        raise RestoreError(f"--inherit-fd fd[{fd}]:{f.external}: not a unix socket of type "
+                           f"{f.unix_socket.type} (SOCK_STREAM 1, SOCK_DGRAM 2, SOCK_SEQPACKET 5)")
+    os.set_blocking(fd, not f.flags & os.O_NONBLOCK)
+    return fd
+
+
+def _stale(path: str, st: os.stat_result) -> str:
+    """``path`` if it is a socket file no socket holds (left by the dumped process, or by
+    a failed restore); RestoreError otherwise."""
+    if not stat.S_ISSOCK(st.st_mode):
+        raise RestoreError(f"unix socket {path}: the path exists and is not a socket")
+    for d in unix_diag.query_all():
+        if d.vfs and d.vfs[0] == st.st_ino and unix_diag.kernel_dev(d.vfs[1]) == st.st_dev:
+            raise RestoreError(f"unix socket {path}: a live socket (socket:[{d.ino}]) is "
+                               "bound there")
+    return path
+
+
+class Maker:
+    """Sockets of the process are made by the process: socketpair(2), listen(2) and
+    connect(2) record their caller for SO_PEERCRED (pid, effective uid and gid) and
+    SO_PEERGROUPS. The restored process (``ctx.remote``, still root: its ids come last)
+    makes them, with the dumped effective ids and groups for the call; ckpt takes a copy of each
+    (pidfd_getfd) for the rest; the process's own fds are closed once the group is built,
+    and the copies are what it takes back."""
+
+    def __init__(self, remote: Remote, ids: tuple[int, int] = (0, 0),
+                 groups: tuple[int, ...] | None = None) -> None:
+        self.remote, self.ids = remote, ids
+        # SO_PEERGROUPS: the dumped supplementary groups; the process has ckpt's until then
+        self.own_groups = tuple(os.getgroups())
+        self.groups = self.own_groups if groups is None else groups
+        self.pidfd = -1
+        self.theirs: dict[int, int] = {}  # fd of ckpt -> the process's fd
+
+    def _take(self, theirs: int) -> socket.socket:
+        if self.pidfd < 0:
+            self.pidfd = pidfd_open(self.remote.pid)
+        ours = pidfd_getfd(self.pidfd, theirs, self.remote.pid)
+        self.theirs[ours] = theirs
+        return socket.socket(fileno=ours)
+
+    def new(self, kind: int) -> socket.socket:
+        return self._take(self.remote.sc(NR.socket, socket.AF_UNIX, kind | socket.SOCK_CLOEXEC,
+                                         0, what="socket(AF_UNIX)"))
+
+    def socketpair(self, kind: int) -> tuple[socket.socket, socket.socket]:
+        addr = self.remote.put(bytes(8))
+        with self._as_process():
+            self.remote.sc(NR.socketpair, socket.AF_UNIX, kind | socket.SOCK_CLOEXEC, 0, addr,
+                           what="socketpair(AF_UNIX)")
+        with open(f"/proc/{self.remote.pid}/mem", "rb", buffering=0) as mem:
+            mem.seek(addr)
+            a, b = struct.unpack("ii", mem.read(8))
+        return self._take(a), self._take(b)
+
+    def listen(self, s: socket.socket, backlog: int) -> None:
+        with self._as_process():
+            self.remote.sc(NR.listen, self.theirs[s.fileno()], backlog, what="listen")
+
+    def connect(self, s: socket.socket, name: bytes) -> None:
+        addr = self.remote.put(struct.pack("H", socket.AF_UNIX) + name)
+        with self._as_process():
+            self.remote.sc(NR.connect, self.theirs[s.fileno()], addr, 2 + len(name),
+                           what=f"connect to {show_name(name)}")
+
+    @contextlib.contextmanager
+    def _as_process(self) -> Iterator[None]:
+        """The dumped effective uid and gid and groups for one call (real and saved ids
+        stay root's, so the process takes root's back)."""
+        euid, egid = self.ids
+        regroup = self.groups != self.own_groups
+        if regroup:
+            self._setgroups(self.groups)
+        if euid or egid:
+            self.remote.sc(SYS.setresgid, KEEP, egid, KEEP, what="setresgid (socket's owner)")
+            self.remote.sc(SYS.setresuid, KEEP, euid, KEEP, what="setresuid (socket's owner)")
+        try:
+            yield
+        finally:
+            if euid or egid:
+                self.remote.sc(SYS.setresuid, KEEP, 0, KEEP, what="setresuid (back)")
+                self.remote.sc(SYS.setresgid, KEEP, 0, KEEP, what="setresgid (back)")
+            if regroup:
+                self._setgroups(self.own_groups)
+
+    def _setgroups(self, groups: tuple[int, ...]) -> None:
+        addr = self.remote.put(struct.pack(f"{len(groups)}I", *groups), GROUPS_AT) \
+            if groups else 0
+        self.remote.sc(SYS.setgroups, len(groups), addr, what="setgroups (socket's owner)")
+
+    def close(self) -> None:
+        for theirs in self.theirs.values():
+            self.remote.sc(NR.close, theirs, check=False)
+        self.theirs.clear()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+class Build:
+    """One connected group of sockets (steps 1-5 of the module's doc)."""
+
+    def __init__(self, ctx: RestoreCtx, files: list[pb.OpenFile]) -> None:
+        self.ctx = ctx
+        self.files = {f.unix_socket.inode: f.unix_socket for f in files}
+        self.flags = {f.unix_socket.inode: f.flags for f in files}
+        ids = {f.id for f in files}
+        self.where = "fd " + ", ".join(str(fd.fd) for fd in ctx.entry.fds if fd.file_id in ids)
+        th = ctx.entry.threads[0] if ctx.entry.threads else None
+        creds = th.creds if th is not None and th.HasField("creds") else None
+        self.maker = Maker(ctx.remote, (creds.euid, creds.egid) if creds else (0, 0),
+                           tuple(creds.groups) if creds else None)
+        self.socks: dict[int, socket.socket] = {}
+        self.other: dict[int, socket.socket] = {}  # by inode: the end whose peer was closed
+        self.passing: list[socket.socket] = []  # unnamed senders of datagrams
+        # dgram sockets by name: the senders of queued datagrams
+        self.named = {u.name: ino for ino, u in self.files.items()
+                      if u.name and u.type == socket.SOCK_DGRAM}
+        self.listening = {u.name for u in self.files.values() if u.state == LISTEN}
+
+    def run(self) -> None:
+        try:
+            self.make()
+            self.connect()
+            self.refill()
+            self.connect_dgram()
+            for ino, u in self.files.items():
+                if u.reset:  # unread when the other end closes: ECONNRESET, as it was
+                    self.socks[ino].send(b"\0", socket.MSG_DONTWAIT)
+                if u.shutdown:
+                    self.socks[ino].shutdown(u.shutdown - 1)  # SHUT_* is the mask - 1
+            self.finish()
+        except OSError as exc:
+            raise RestoreError(f"{self.where} (unix sockets): {exc.strerror or exc}") from None
+        finally:
+            self.maker.close()
+            for s in [*self.other.values(), *self.passing]:
+                s.close()
+        for ino, s in self.socks.items():
+            self.ctx.objects[(NAME, ino)] = self.ctx.hold(s.detach())
+
+    # ------------------------------------------------------------------ 1. make
+    def make(self) -> None:
+        for ino, u in self.files.items():
+            if ino in self.socks:
+                continue
+            peer = self.files.get(u.peer)
+            if peer is not None and peer.peer == ino and not u.name and not peer.name:
+                self.socks[ino], self.socks[u.peer] = self.maker.socketpair(u.type)
+            elif u.peer_closed:
+                self.socks[ino], self.other[ino] = self.maker.socketpair(u.type)
+            elif not self._accepted(u):
+                s = self.socks[ino] = self.maker.new(u.type)
+                if u.name:
+                    self._bind(s, u)
+
+    def _accepted(self, u: pb.UnixSocket) -> bool:
+        """Made by accept(2) at step 2: a named stream end of a connection."""
+        peer = self.files.get(u.peer)
+        return u.type != socket.SOCK_DGRAM and u.state == ESTABLISHED and bool(u.name) \
+            and peer is not None and (u.name in self.listening or not peer.name)
+
+    def _bind(self, s: socket.socket, u: pb.UnixSocket) -> None:
+        if not u.name.startswith(b"\0"):
+            path = os.fsdecode(u.name)
+            try:
+                st: os.stat_result | None = os.lstat(path)
+            except FileNotFoundError:
+                st = None
+            if st is not None:
+                os.unlink(_stale(path, st))
+        try:
+            s.bind(_addr(u.name))
+        except OSError as exc:
+            raise RestoreError(f"unix socket {show_name(u.name)}: {exc.strerror}") from None
+        if u.file_mode and not u.name.startswith(b"\0"):
+            os.chown(u.name, u.file_uid, u.file_gid)
+            os.chmod(u.name, u.file_mode)
+
+    # ------------------------------------------------------------------ 2. connect
+    def connect(self) -> None:
+        for ino, u in self.files.items():
+            if u.state == LISTEN:
+                self.maker.listen(self.socks[ino], u.backlog)
+        for ino, u in self.files.items():
+            if self._accepted(u):
+                self.socks[ino] = self._accept(u, self.socks[u.peer])
+
+    def connect_dgram(self) -> None:
+        """After the refill: a connected dgram socket takes datagrams from its peer only."""
+        for ino, u in self.files.items():
+            if u.type == socket.SOCK_DGRAM and (u.peer or u.peer_name) \
+                    and not self._paired(ino):
+                target = self.files[u.peer].name if u.peer in self.files else u.peer_name
+                if not target:
+                    raise RestoreError(f"{self.where}: a unix socket connected to an unnamed "
+                                       "one")
+                try:
+                    self.socks[ino].connect(_addr(target))
+                except OSError as exc:
+                    raise RestoreError(f"{self.where}: a unix socket connected to "
+                                       f"{show_name(target)}: {exc.strerror}") from None
+
+    def _paired(self, ino: int) -> bool:
+        u = self.files[ino]
+        peer = self.files.get(u.peer)
+        return u.peer_closed or (peer is not None and peer.peer == ino and not u.name
+                                 and not peer.name)
+
+    def _accept(self, u: pb.UnixSocket, client: socket.socket) -> socket.socket:
+        listener = next((self.socks[i] for i, x in self.files.items()
+                         if x.state == LISTEN and x.name == u.name), None)
+        passing = None
+        if listener is None:  # gone since: a passing one on its abstract name
+            passing = listener = self.maker.new(u.type)
+            listener.bind(_addr(u.name))
+            self.maker.listen(listener, 1)
+        try:
+            self.maker.connect(client, u.name)
+            blocking = listener.getblocking()
+            listener.setblocking(True)
+            accepted, _ = listener.accept()
+            listener.setblocking(blocking)
+        finally:
+            if passing is not None:
+                passing.close()
+        return accepted
+
+    # ------------------------------------------------------------------ 3. refill
+    def refill(self) -> None:
+        """Buffers are made large for the refill (senders' and receivers'), then given back
+        the size they had (step 5 sets the dumped ones)."""
+        bumped: dict[tuple[socket.socket, int], int] = {}
+
+        def bump(s: socket.socket, opt: int) -> None:
+            if (s, opt) not in bumped:
+                bumped[(s, opt)] = s.getsockopt(socket.SOL_SOCKET, opt)
+                s.setsockopt(socket.SOL_SOCKET, FORCED[opt], REFILL_BUF)
+
+        for ino, u in self.files.items():
+            for m in u.queue:
+                sender, to = self._sender(ino, u, m)
+                bump(sender, SO_SNDBUF)
+                bump(self.socks[ino], SO_RCVBUF)
+                creds = struct.pack("iII", self.ctx.remote.pid, m.uid, m.gid) \
+                    if m.from_self else b""
+                self._send(sender, m.data, creds, to, u.type == socket.SOCK_STREAM)
+        for (s, opt), size in bumped.items():
+            if s.fileno() >= 0:
+                s.setsockopt(socket.SOL_SOCKET, FORCED[opt], size // 2)
+
+    def _sender(self, ino: int, u: pb.UnixSocket, m: pb.UnixMessage,
+                ) -> tuple[socket.socket, str | bytes | None]:
+        """The socket that sends ``m`` to socket ``ino``, and the address (None: its peer).
+        Named dgram sockets are not connected yet: datagrams go to their name."""
+        named = u.type == socket.SOCK_DGRAM and bool(u.name) and not self._paired(ino)
+        to = _addr(u.name) if named else None
+        if m.sender:
+            src = self.named.get(m.sender)
+            if src is None:
+                raise RestoreError(f"{self.where}: no unix socket named {show_name(m.sender)}")
+            return self.socks[src], to
+        if ino in self.other:
+            return self.other[ino], None
+        if u.peer in self.socks:
+            return self.socks[u.peer], to
+        self.passing.append(socket.socket(socket.AF_UNIX, u.type))
+        return self.passing[-1], _addr(u.name)
+
+    @staticmethod
+    def _send(s: socket.socket, data: bytes, creds: bytes, to: str | bytes | None,
+              stream: bool) -> None:
+        anc = [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, creds)] if creds else []
+        flags = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+        while True:
+            n = s.sendmsg([data], anc, flags) if to is None else \
+                s.sendmsg([data], anc, flags, to)
+            if not stream or n == len(data):
+                return
+            data = data[n:]
+
+    # ------------------------------------------------------------------ 5. finish
+    def finish(self) -> None:
+        for ino, u in self.files.items():
+            s = self.socks[ino]
+            for o in u.options:
+                if o.name in FORCED:
+                    value = struct.unpack("i", o.value[:4])[0] // 2
+                    s.setsockopt(o.level, FORCED[o.name], value)
+                else:
+                    s.setsockopt(o.level, o.name, o.value)
+            if self.flags[ino] & os.O_NONBLOCK:
+                s.setblocking(False)
+            if self.flags[ino] & os.O_ASYNC:  # SIGIO (or F_SETSIG's) to the process
+                fcntl.fcntl(s, F_SETSIG, u.sigio)
+                fcntl.fcntl(s, F_SETOWN_EX, struct.pack("ii", F_OWNER_PID,
+                                                        self.ctx.remote.pid))
+                fcntl.fcntl(s, fcntl.F_SETFL, fcntl.fcntl(s, fcntl.F_GETFL) | os.O_ASYNC)
+            if u.unlinked and u.name and not u.name.startswith(b"\0"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(u.name)
