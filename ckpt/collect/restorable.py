@@ -22,6 +22,8 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               cannot create a given id (before Linux 6.15)      delete every id below
               one shared anonymous memory mapped at two        restore would make two
               addresses (mremap of size 0)
+              mlockall(MCL_FUTURE) is in effect (seen only      restore locks its current
+              while frozen: ckpt.collect.mlockall)             mappings, not future ones
     any path  names another file from ckpt's mount namespace   restore opens ckpt's
     mapping   an AIO ring, a memfd, MAP_HUGETLB memory,        the file is gone: restore
               a deleted file                                   cannot map it again
