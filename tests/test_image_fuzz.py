@@ -57,7 +57,8 @@ FREE = {
       if f.type != f.TYPE_DOUBLE and f.message_type is None),
     ("TrackerState", "start_time"), ("TrackerState", "uffd_inode"),
     ("ProcessEntry", "cwd_dev"), ("ProcessEntry", "cwd_inode"), ("OpenFile", "object"),
-    ("SysvShm", "key"), ("SysvShm", "uid"), ("SysvShm", "gid"),
+    ("SysvShm", "key"), ("SysvShm", "uid"), ("SysvShm", "gid"), ("SysvShm", "cuid"),
+    ("SysvShm", "cgid"),
     ("ProcessEntry", "loginuid"),  # 2^32-1: unset
     ("Sched", "nice"),  # -5 is a nice value too (out-of-range ones are refused)
     # fd kinds: values the kernel takes as they are (epoll_ctl keeps unknown event bits),
