@@ -402,8 +402,13 @@ def test_live_own_process() -> None:
 def test_live_kernel_thread() -> None:
     assert is_kernel_thread(2)
     assert read_exe(2) == "" and read_cmdline(2) == b""
-    kthreads = [int(n) for n in os.listdir("/proc") if n.isdigit()
-                and proc.read_stat(int(n)).ppid == 2]
+    def parent(pid: int) -> int | None:
+        try:
+            return proc.read_stat(pid).ppid
+        except NoSuchProcess:  # exited since the listing
+            return None
+
+    kthreads = [int(n) for n in os.listdir("/proc") if n.isdigit() and parent(int(n)) == 2]
     assert kthreads and all(is_kernel_thread(k) for k in kthreads[:5])
     assert not is_kernel_thread(1)
 
