@@ -46,6 +46,7 @@ from ckpt.collect import proc
 from ckpt.collect.cgroups import cgroups_to_pb, read_cgroups
 from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
 from ckpt.collect.files import collect_files
+from ckpt.collect.mappedfiles import collect_mapped
 from ckpt.collect.pstate import collect_settings
 from ckpt.collect.restorable import read_target, require_restorable
 from ckpt.collect.sysvshm import attaches, collect_segments
@@ -173,6 +174,7 @@ def dump(opts: DumpOptions) -> DumpResult:
         core = build_core(pid, info, states, injected, vmas, files)
         core.sysv_shm.extend(segments)
         core.cgroups.extend(cgroups)
+        core.mapped_objects.extend(mapped)
         images.write_core(pid, core)
         if tracker is not None and keep:
             images.write_tracker(pid, tracker.state())
@@ -222,6 +224,7 @@ def dump(opts: DumpOptions) -> DumpResult:
                         tracker.end(ctx, keep=keep)
             files = collect_files(pid, opts.shell_job, hidden_fds(pid), flags=opts.fd_flags)
             segments = collect_segments(vmas)
+            mapped = collect_mapped(pid, vmas, files)
             cgroups = cgroups_to_pb(read_cgroups(pid))
             info = collect_process(pid, frozen.leader, vmas, stopped=bool(frozen.stop_signal))
             frozen_at = frozen.frozen_at

@@ -23,8 +23,10 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               one shared anonymous memory mapped at two        restore would make two
               addresses (mremap of size 0)
     any path  names another file from ckpt's mount namespace   restore opens ckpt's
-    mapping   an AIO ring, a memfd, MAP_HUGETLB memory,        the file is gone: restore
-              a deleted file                                   cannot map it again
+    mapping   an AIO ring, MAP_HUGETLB memory                  restore cannot map it again
+              a memfd or deleted file ckpt.collect.mappedfiles  (its contents are saved
+              refuses (above --ghost-limit, other links, its   like an open one's)
+              directory gone; under migrate)
               System V shared memory shared with another       (ckpt.collect.sysvshm)
               process, partly unmapped, or too large
               a file that is not a path (anon_inode:...)       (io_uring, perf, DRM)
@@ -62,9 +64,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from ckpt.collect import proc, sched, sysvshm
+from ckpt.collect import mappedfiles, proc, sched, sysvshm
 from ckpt.collect.fdkinds import kind_of, locks
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
+from ckpt.collect.fdkinds.memfd import Found
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
 from ckpt.collect.timers import ProcTimer, read_timers, timer_refusal
 from ckpt.collect.vmas import KERNEL_PROVIDED, VmaInfo, VmaKind, collect_vmas
@@ -123,6 +126,9 @@ class Target:
     same_ipc_ns: bool = True
     policies: tuple[tuple[int, int], ...] = ()  # (tid, scheduling policy): collect.sched
     tracker: bool = False  # a userfaultfd of ckpt's own is in the process (its "uw")
+    # (start, what was found) of each VMA mapping a memfd or deleted file
+    # (ckpt.collect.mappedfiles.inspect)
+    mapped: tuple[tuple[int, Found], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,12 @@ class Mapping:
     vma: VmaInfo
     foreign: bool
     tracker: bool = False  # Target.tracker
+    found: Found | None = None  # of a mapped memfd or deleted file (Target.mapped)
+    flags: FdFlags = field(default_factory=FdFlags)
+
+    @property
+    def mapped_refusal(self) -> str | None:
+        return mappedfiles.refusal(self.vma, self.found, self.flags)
 
     @property
     def path(self) -> str:
@@ -239,10 +251,8 @@ VMA_RULES: tuple[Rule[Mapping], ...] = (
          "an AIO ring (io_setup) at {start:#x}: " + NOT_YET),
     Rule(lambda v: v.path.startswith("/anon_hugepage"),
          "huge pages (MAP_HUGETLB) at {start:#x}: " + NOT_YET),
-    Rule(lambda v: v.kind in FILE_KINDS and v.path.startswith("/memfd:"),
-         "a memfd ({name}) at {start:#x}: " + NOT_YET),
-    Rule(lambda v: v.kind in FILE_KINDS and _deleted(v.path),
-         "deleted file {name} at {start:#x}: " + NOT_YET),
+    Rule(lambda v: v.mapped_refusal is not None,
+         "{mapped_what} at {start:#x}: {mapped_refusal}"),
     Rule(lambda v: v.kind in FILE_KINDS and not v.path.startswith("/"),
          "{path} at {start:#x}, not a file a restore can map again: " + NOT_YET),
     Rule(lambda v: v.kind in FILE_KINDS and v.path.startswith("/dev/")
@@ -266,6 +276,8 @@ def _refused_flags(m: Mapping) -> list[str]:
 
 def vma_fields(m: Mapping) -> dict[str, object]:
     return {"start": m.vma.start, "path": m.path, "name": _shown(m.path),
+            "mapped_what": f"a memfd ({_shown(m.path)})" if m.path.startswith("/memfd:")
+            else f"deleted file {_shown(m.path)}", "mapped_refusal": m.mapped_refusal,
             "path_or_anon": m.path or "anonymous memory",
             "flags": ", ".join(_refused_flags(m)), "pkey": m.vma.pkey}
 
@@ -340,8 +352,10 @@ def refusals(t: Target) -> list[str]:
     out += sysvshm.refusals(t.pid, t.vmas, {s.shmid: s for s in t.shm_segments},
                             t.same_ipc_ns)
     out += sched.refusals(t.pid, t.policies)
+    found = dict(t.mapped)
     for v in sorted(t.vmas, key=lambda v: v.start):
-        why = _first(VMA_RULES, Mapping(v, v.path in t.foreign, t.tracker), vma_fields)
+        why = _first(VMA_RULES, Mapping(v, v.path in t.foreign, t.tracker, found.get(v.start),
+                                        t.fd_flags), vma_fields)
         if why:
             out.append(f"process {t.pid} maps {why}")
     claimed = {fd: (kind, details) for fd, kind, details in t.fd_kinds}
@@ -394,6 +408,7 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         shm_segments=tuple(sysvshm.read_segments().values()) if sysvshm.attaches(maps)
         else (), same_ipc_ns=proc.read_ns(pid, "ipc") == proc.read_ns(me, "ipc"),
         policies=tuple(sched.read_policies(proc.list_tasks(pid))),
+        mapped=mappedfiles.inspect(pid, maps),
         fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden))
 
 

@@ -12,7 +12,9 @@ process could legitimately hold it:
                                        fsgid, groups and effective capabilities, opens the
                                        path with the same access mode and gets this file
 
-Anything else is refused, naming the fd or mapping and the path. A process whose
+Anything else is refused, naming the fd or mapping and the path. Memfds and deleted files
+(open or mapped) are not checked: ckpt makes them afresh from the image, no path reaches
+another file. A process whose
 filesystem identity is root with every capability could open anything: nothing to check.
 """
 
@@ -136,8 +138,9 @@ def check_access(pid: int, entry: pb.ProcessEntry) -> None:
     # merged differently from the image's
     maps = read_maps(pid)
     starts = [m.start for m in maps]
+    made = {(o.dev, o.inode) for o in entry.mapped_objects}  # made fresh, not opened by path
     for v in entry.vmas:
-        if v.kind in (pb.Vma.FILE_PRIVATE, pb.Vma.FILE_SHARED):
+        if v.kind in (pb.Vma.FILE_PRIVATE, pb.Vma.FILE_SHARED) and (v.dev, v.inode) not in made:
             i = bisect.bisect_right(starts, v.start) - 1
             m = maps[i] if i >= 0 and maps[i].end > v.start else None
             held.append(Held(f"the mapping at {v.start:#x}", v.path, backing_mode(v),
