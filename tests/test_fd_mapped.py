@@ -6,7 +6,78 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Asker, Harness, assert_ckpt_ok, needs_root, run_ckpt
+
+from ckpt.collect.fdkinds.base import FdFlags
+from ckpt.collect.fdkinds.memfd import Found
+from ckpt.collect.mappedfiles import Made, is_mapped_object, refusal
+from ckpt.collect.vmas import VmaInfo, VmaKind
+from ckpt.images.pb import core_pb2 as pb
+from ckpt.images.validate import problems
+
+
+def vma(path: str, kind: VmaKind = VmaKind.FILE_SHARED) -> VmaInfo:
+    return VmaInfo(start=0x10000, end=0x12000, prot=3, shared=kind == VmaKind.FILE_SHARED,
+                   kind=kind, pgoff=0, path=path, dev=1, inode=7, vmflags=("rd", "sh"))
+
+
+@pytest.mark.parametrize(("path", "kind", "mapped"), [
+    ("/memfd:a (deleted)", VmaKind.FILE_SHARED, True),
+    ("/tmp/x (deleted)", VmaKind.FILE_PRIVATE, True),
+    ("/tmp/x", VmaKind.FILE_PRIVATE, False),
+    ("/dev/zero (deleted)", VmaKind.ANON_SHARED, False),  # shared anonymous memory
+    ("/SYSV00000000 (deleted)", VmaKind.SYSV_SHM, False),
+    ("/[aio] (deleted)", VmaKind.FILE_SHARED, False),  # the kernel's own: refused elsewhere
+    ("/anon_hugepage (deleted)", VmaKind.FILE_PRIVATE, False),
+])
+def test_which_vmas_map_a_memfd_or_deleted_file(path: str, kind: VmaKind,
+                                                mapped: bool) -> None:
+    assert is_mapped_object(kind, path) == mapped
+
+
+def test_mapped_refusals() -> None:
+    small, flags = Found(10, 0, False, True), FdFlags()
+    assert refusal(vma("/memfd:a (deleted)"), small, flags) is None
+    assert refusal(vma("/tmp/x"), None, flags) is None  # not the module's business
+    assert "migrate does not carry" in str(refusal(vma("/tmp/x (deleted)"), small,
+                                                   FdFlags(externals=False)))
+    assert "could not be looked at" in str(refusal(vma("/tmp/x (deleted)"), None, flags))
+    assert "--ghost-limit 2000 or more" in str(
+        refusal(vma("/memfd:a (deleted)"), Found(2000, 0, False, True), FdFlags(ghost_limit=1000)))
+    assert "1 other link(s)" in str(refusal(vma("/tmp/x (deleted)"), Found(1, 1, False, True),
+                                            flags))
+
+
+def test_only_mappings_a_seal_made_read_only_come_after_the_seals() -> None:
+    made = Made(by_vma={(1, 7): 99})
+
+    def v(flags: tuple[str, ...], shared: bool = True, inode: int = 7) -> pb.Vma:
+        return pb.Vma(shared=shared, dev=1, inode=inode, vmflags=list(flags))
+
+    assert made.after_seal(v(("rd", "sh", "mr", "ms")))  # mapped after F_SEAL_WRITE
+    assert not made.after_seal(v(("rd", "sh", "mr", "mw", "ms")))  # before a seal
+    assert not made.after_seal(v(("rd", "mr", "ms")))  # an O_RDONLY file's
+    assert not made.after_seal(v(("rd", "sh", "mr"), shared=False))
+    assert not made.after_seal(v(("rd", "sh", "mr", "ms"), inode=8))  # not a mapped object
+
+
+def test_mapped_objects_are_checked_at_the_image_boundary() -> None:
+    entry = pb.ProcessEntry(pid=42, comm="x", cwd="/tmp")
+    entry.threads.add(tid=42).creds.uid = 1000
+    entry.files.add(id=1, type=pb.OpenFile.MEMFD, path="/memfd:a (deleted)")
+    entry.files.add(id=2, type=pb.OpenFile.REGULAR, path="/tmp/f")
+    entry.mapped_objects.add(dev=1, inode=7, file_id=1)
+    entry.mapped_objects.add(dev=1, inode=8).file.MergeFrom(
+        pb.OpenFile(id=3, type=pb.OpenFile.GHOST, path="/tmp/g (deleted)"))
+    assert list(problems(entry)) == []
+    entry.mapped_objects.add(dev=1, inode=9, file_id=2)
+    entry.mapped_objects.add(dev=1, inode=7).file.MergeFrom(
+        pb.OpenFile(id=4, type=pb.OpenFile.MEMFD))
+    entry.mapped_objects.add(dev=1, inode=10).file.MergeFrom(
+        pb.OpenFile(id=5, type=pb.OpenFile.PIPE))
+    assert [p[0] for p in problems(entry)] == [
+        "mapped_objects.inode[3]", "mapped_objects[2].file_id", "mapped_objects[4].file.type"]
 
 
 def mapped_target(harness: Harness, mode: str) -> Asker:
@@ -49,6 +120,7 @@ def assert_deleted_restores(harness: Harness, target: Asker, before: dict[str, A
     harness.restore_detached(images)
     after = ask(target)
     n = f"#{target.asked}"
+    assert after["kept_fd_to_map"] and after["kept_map_to_fd"] and after["kept_deleted"]
     assert after["shared_file"] == after["shared_map"] == "through the mapping" + n
     assert {k: after[k] for k in ("shared_head", "shared_nlink", "shared_mode",
                                   "private_map", "private_file", "deleted", "regions")} == \
@@ -60,12 +132,14 @@ def assert_deleted_restores(harness: Harness, target: Asker, before: dict[str, A
 def test_mapped_deleted_files_survive(harness: Harness, tmp_path: Path) -> None:
     """A deleted file mapped MAP_SHARED (no fd left) comes back unlinked with its contents,
     mode and a shared mapping that writes through to it; one mapped MAP_PRIVATE keeps its
-    copied-on-write page while the file under it, and its clean pages, hold the file's."""
+    copied-on-write page while the file under it, and its clean pages, hold the file's;
+    one mapped with its fd still open is one inode with it again."""
     target = mapped_target(harness, "deleted")
     before = ask(target)
     assert before["private_map"] == ["copied on write", "file page 1....", "file page 2...."]
     assert before["private_file"][0] == "file page 0...."
     assert before["deleted"] == [True, True] and before["shared_nlink"] == 0
+    assert before["kept_fd_to_map"] and before["kept_map_to_fd"] and before["kept_deleted"]
     images = harness.images()
     harness.dump_and_reap(target.proc, images)
     assert_deleted_restores(harness, target, before, images)

@@ -369,6 +369,19 @@ def _process(m: core.ProcessEntry) -> Iterator[Problem]:
             yield f"vmas[{i}].start", v.start, "overlaps or precedes the VMA before it"
         end = v.end
     yield from _guards(m)
+    yield from _mapped(m)
+
+
+def _mapped(m: core.ProcessEntry) -> Iterator[Problem]:
+    """Mapped memfds and deleted files: each its own, a memfd or deleted file."""
+    yield from _unique("mapped_objects.inode", ((o.dev, o.inode) for o in m.mapped_objects))
+    types = {f.id: f.type for f in m.files}
+    made = (core.OpenFile.MEMFD, core.OpenFile.GHOST)
+    for i, o in enumerate(m.mapped_objects):
+        if o.HasField("file_id") and types.get(o.file_id) not in made:
+            yield f"mapped_objects[{i}].file_id", o.file_id, "no memfd or deleted file"
+        elif not o.HasField("file_id") and o.file.type not in made:
+            yield f"mapped_objects[{i}].file.type", o.file.type, "not MEMFD or GHOST"
 
 
 def _guards(m: core.ProcessEntry) -> Iterator[Problem]:

@@ -11,8 +11,9 @@ usage: fd_mapped.py CONTROL MODE DIR
            ways.
   deleted  DIR/shared.bin mapped MAP_SHARED read-write, DIR/private.bin (3 pages) mapped
            MAP_PRIVATE read-write with its first page written (copied on write), both
-           unlinked and their fds closed. Each check writes through the shared mapping and
-           reads the files through /proc/self/map_files.
+           unlinked and their fds closed; DIR/open.bin mapped MAP_SHARED, unlinked, its fd
+           kept open. Each check writes through the shared mappings and the fd, and reads
+           the files through /proc/self/map_files.
   dropped  a memfd mapped MAP_SHARED with its fd open and DIR/dropped.bin (mode 0600,
            root's) mapped MAP_SHARED, unlinked, fd closed; then the process becomes uid
            65534. Each check writes through the memfd's fd and reads both mappings.
@@ -143,7 +144,13 @@ def setup(args: list[str]) -> State:
     os.close(fd)
     os.unlink(private_path)
     poke(private_at, b"copied on write")
-    return {"mode": mode, "n": 0, "shared_at": shared_at, "private_at": private_at}
+    path = os.path.join(where, "open.bin")
+    kept = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.ftruncate(kept, PAGE)
+    kept_at = mmap(kept, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED)
+    os.unlink(path)
+    return {"mode": mode, "n": 0, "shared_at": shared_at, "private_at": private_at,
+            "kept": kept, "kept_at": kept_at}
 
 
 def check(s: State) -> dict[str, Any]:
@@ -210,7 +217,13 @@ def check_deleted(s: State, mark: bytes) -> dict[str, Any]:
     finally:
         os.close(fd)
     regions = [region(a) for a in (shared, private)]
+    kept, kept_at = s["kept"], s["kept_at"]
+    os.pwrite(kept, b"fd" + mark, 0)
+    poke(kept_at + 100, b"map" + mark)
     return {
+        "kept_fd_to_map": peek(kept_at, 2 + len(mark)) == b"fd" + mark,
+        "kept_map_to_fd": os.pread(kept, 3 + len(mark), 100) == b"map" + mark,
+        "kept_deleted": os.readlink(f"/proc/self/fd/{kept}").endswith(" (deleted)"),
         "shared_file": shared_file, "shared_head": shared_head,
         "shared_map": peek(shared + PAGE + 10, 19 + len(mark)).decode(),
         "shared_nlink": st.st_nlink, "shared_mode": oct(st.st_mode),
