@@ -163,9 +163,10 @@ def test_mapped_files_predump_incremental(harness: Harness, tmp_path: Path) -> N
 
 @needs_root
 def test_mapped_files_of_an_unprivileged_process(harness: Harness, tmp_path: Path) -> None:
-    """Memfds and deleted files are made afresh, not opened by path: a process that became
-    uid 65534 gets them back (ckpt.restore.access has nothing to doubt), root's 0600
-    deleted file included, since it had it mapped."""
+    """Memfds, deleted files and a deleted working directory are made afresh, not opened
+    by path: a process that became uid 65534 gets them back (ckpt.restore.access has
+    nothing to doubt), root's 0600 deleted file and 0700 directory included, since it
+    had them."""
     # uid 65534 looks for the control files in harness.tmp: let it through pytest's dirs
     dirs = [harness.tmp, *harness.tmp.parents][:4]
     modes = [d.stat().st_mode for d in dirs]
@@ -173,11 +174,41 @@ def test_mapped_files_of_an_unprivileged_process(harness: Harness, tmp_path: Pat
         for d, mode in zip(dirs, modes, strict=True):
             d.chmod(mode | 0o711)
         target = mapped_target(harness, "dropped")
-        assert ask(target) == {"uid": 65534, "memfd": "#1", "file": "root's file"}
+        assert ask(target) == {"uid": 65534, "memfd": "#1", "file": "root's file",
+                                "cwd": True}
         images = harness.images()
         harness.dump_and_reap(target.proc, images)
         harness.restore_detached(images)
-        assert ask(target) == {"uid": 65534, "memfd": "#2", "file": "root's file"}
+        assert ask(target) == {"uid": 65534, "memfd": "#2", "file": "root's file",
+                                "cwd": True}
     finally:
         for d, mode in zip(dirs, modes, strict=True):
             d.chmod(mode)
+
+
+@needs_root
+@pytest.mark.parametrize("taken", [False, True])
+def test_deleted_working_directory_survives(harness: Harness, tmp_path: Path,
+                                            taken: bool) -> None:
+    """A removed working directory comes back removed, with its mode, owner, times, its
+    parent as "..", and its name when that is free (``taken``: another directory took
+    the name since; the restored one gets NAME.XXXXXX and the other is left alone). The
+    parent's times are put back after the restore made and removed the directory."""
+    target = mapped_target(harness, "cwd")
+    before = ask(target)
+    where = harness.tmp / "w"
+    assert before["link"] == f"{where}/gone (deleted)" and before["parent"]
+    assert before["stat"][0] == oct(0o40751) and before["stat"][1:3] == [65534, 65534]
+    assert before["getcwd"] == before["create"] == "ENOENT" and before["list"] == []
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images)
+    if taken:
+        (where / "gone").mkdir()
+    times = where.stat().st_atime_ns, where.stat().st_mtime_ns
+    harness.restore_detached(images)
+    after = ask(target)
+    assert (where.stat().st_atime_ns, where.stat().st_mtime_ns) == times
+    if taken:
+        assert after["link"].startswith(f"{where}/gone.") and (where / "gone").is_dir()
+        assert after.pop("link").endswith(" (deleted)") and before.pop("link")
+    assert after == before

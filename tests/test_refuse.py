@@ -97,7 +97,12 @@ CASES: dict[str, tuple[Target, str]] = {
         replace(FINE, mnt_ns="mnt:[2]", foreign=frozenset({"/var/log/out"})),
         "fd 1 is a regular file (/var/log/out): another file (or none) in ckpt's mount"),
     "chroot": (replace(FINE, root="/srv/jail"), "root directory /srv/jail (chroot)"),
-    "deleted cwd": (in_cwd("/tmp/x (deleted)"), "deleted working directory (/tmp/x)"),
+    "deleted cwd, parent gone": (replace(in_cwd("/tmp/d/x (deleted)"), cwd_parent_reachable=False),
+                                 "deleted working directory (/tmp/d/x) whose parent no path "
+                                 "reaches any more"),
+    "deleted cwd migrated": (replace(in_cwd("/tmp/x (deleted)"),
+                                     fd_flags=FdFlags(shell_job=True, externals=False)),
+                             "deleted working directory (/tmp/x): migrate does not carry"),
     "cwd in /proc/PID": (in_cwd("/proc/123/task"), "/proc/123/task under /proc/PID"),
     "thread cwd": (replace(FINE, thread_cwds=((77, "/home/u"), (78, "/srv"))),
                    "threads with their own working directory (thread 78 in /srv;"),
@@ -251,7 +256,7 @@ def test_backing_mode_of_shared_mappings() -> None:
 REFUSED = {
     "deleted-map": ["maps deleted file", "gone.bin at 0x", "has 1 other link(s)"],
     "aio": ["maps an AIO ring (io_setup) at 0x"],
-    "deleted-cwd": ["deleted working directory", "/cwd)"],
+    "deleted-cwd": ["deleted working directory", "/p/cwd)", "whose parent no path reaches"],
     "proc-cwd": ["working directory /proc/", "under /proc/PID"],
     "netns-fd": ["fd 3 ", "net:[", "a namespace file"],
     "memfd": ["maps a memfd (/memfd:ckpt-test) at 0x", "above --ghost-limit",

@@ -44,6 +44,7 @@ from ckpt.actions.passes import (
 )
 from ckpt.collect import proc
 from ckpt.collect.cgroups import cgroups_to_pb, read_cgroups
+from ckpt.collect.deletedcwd import collect_deleted_cwd
 from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
 from ckpt.collect.files import collect_files
 from ckpt.collect.mappedfiles import collect_mapped
@@ -175,6 +176,8 @@ def dump(opts: DumpOptions) -> DumpResult:
         core.sysv_shm.extend(segments)
         core.cgroups.extend(cgroups)
         core.mapped_objects.extend(mapped)
+        if deleted_cwd is not None:
+            core.deleted_cwd.CopyFrom(deleted_cwd)
         images.write_core(pid, core)
         if tracker is not None and keep:
             images.write_tracker(pid, tracker.state())
@@ -227,6 +230,7 @@ def dump(opts: DumpOptions) -> DumpResult:
             mapped = collect_mapped(pid, vmas, files)
             cgroups = cgroups_to_pb(read_cgroups(pid))
             info = collect_process(pid, frozen.leader, vmas, stopped=bool(frozen.stop_signal))
+            deleted_cwd = collect_deleted_cwd(pid, info.cwd)
             frozen_at = frozen.frozen_at
             frozen_ms = (time.perf_counter() - frozen_at) * 1000
             if not opts.leave_running:

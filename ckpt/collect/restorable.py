@@ -9,9 +9,9 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               it is in another pid or user namespace than ckpt  restore makes it in ckpt's:
                                                                other pids, other ids
               it is chrooted                                   restore does not chroot
-              its working directory was deleted                nothing to chdir to (a new
-                                                               one would differ in inode,
-                                                               mode, owner, times)
+              its working directory was deleted, and its       restore makes it again in
+              parent too (or replaced); under migrate          that parent (ckpt.collect.
+                                                               deletedcwd)
               its working directory is under /proc/PID         names a process, not a place
               a thread has its own working directory           restore sets one per process
               it has more than 8192 supplementary groups       restore's setgroups limit
@@ -64,7 +64,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from ckpt.collect import mappedfiles, proc, sched, sysvshm
+from ckpt.collect import deletedcwd, mappedfiles, proc, sched, sysvshm
 from ckpt.collect.fdkinds import kind_of, locks
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fdkinds.memfd import Found
@@ -129,6 +129,8 @@ class Target:
     # (start, what was found) of each VMA mapping a memfd or deleted file
     # (ckpt.collect.mappedfiles.inspect)
     mapped: tuple[tuple[int, Found], ...] = ()
+    # a deleted cwd's parent (its "..") is the directory its path names (deletedcwd)
+    cwd_parent_reachable: bool = True
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class Rule(Generic[T]):
 
     applies: Callable[[T], bool]
     says: str
+    table: str = ""  # what `ckpt check` prints, where ``says`` left blank says too little
 
 
 def _deleted(path: str) -> bool:
@@ -158,9 +161,13 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
          "process {pid} runs in a {other_ns}: " + NOT_YET),
     Rule(lambda t: t.root not in ("", t.own_root),  # "": exiting, nothing to compare
          "process {pid} has root directory {root} (chroot): " + NOT_YET),
-    Rule(lambda t: _deleted(t.cwd),
-         "process {pid} has a deleted working directory ({cwd_shown}), which a restore "
-         "could not enter again: " + NOT_YET),
+    Rule(lambda t: _deleted(t.cwd) and not t.cwd_parent_reachable,
+         "process {pid} has a deleted working directory ({cwd_shown}) whose parent no path "
+         "reaches any more (removed or replaced too): a restore could not make it again "
+         "there: " + NOT_YET),
+    Rule(lambda t: _deleted(t.cwd) and not t.fd_flags.externals,
+         "process {pid} has a deleted working directory ({cwd_shown}): migrate does not "
+         "carry it yet (dump does)"),
     Rule(lambda t: bool(PROC_PID.match(t.cwd)),
          "process {pid} has its working directory {cwd} under /proc/PID (it names a "
          "process, not a place): " + NOT_YET),
@@ -252,7 +259,9 @@ VMA_RULES: tuple[Rule[Mapping], ...] = (
     Rule(lambda v: v.path.startswith("/anon_hugepage"),
          "huge pages (MAP_HUGETLB) at {start:#x}: " + NOT_YET),
     Rule(lambda v: v.mapped_refusal is not None,
-         "{mapped_what} at {start:#x}: {mapped_refusal}"),
+         "{mapped_what} at {start:#x}: {mapped_refusal}",
+         "a memfd or deleted file ckpt.collect.mappedfiles refuses (above --ghost-limit, "
+         "other links, its directory gone, under migrate)"),
     Rule(lambda v: v.kind in FILE_KINDS and not v.path.startswith("/"),
          "{path} at {start:#x}, not a file a restore can map again: " + NOT_YET),
     Rule(lambda v: v.kind in FILE_KINDS and v.path.startswith("/dev/")
@@ -409,6 +418,8 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         else (), same_ipc_ns=proc.read_ns(pid, "ipc") == proc.read_ns(me, "ipc"),
         policies=tuple(sched.read_policies(proc.list_tasks(pid))),
         mapped=mappedfiles.inspect(pid, maps),
+        cwd_parent_reachable=not deletedcwd.is_deleted(cwd)
+        or deletedcwd.parent_reachable(pid, cwd),
         fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden))
 
 
@@ -473,9 +484,12 @@ def table_lines() -> list[str]:
     from ckpt.collect.fdkinds import KINDS
 
     out = [f"restored: fds of kind {', '.join(k.name for k in KINDS)} (ckpt/collect/fdkinds), "
-           "regular files, directories, /dev/null and stateless devices by path"]
+           "regular files, directories, /dev/null and stateless devices by path; mapped memfds "
+           "and deleted files (ckpt/collect/mappedfiles.py); a deleted working directory "
+           "(ckpt/collect/deletedcwd.py)"]
     for subject, rules in (("process", PROCESS_RULES), ("mapping", VMA_RULES),
                            ("fd", FD_RULES)):
         for rule in rules:
-            out.append(f"refused ({subject}): {rule.says.format_map(_Blanks())}")
+            said = rule.table or rule.says.format_map(_Blanks())
+            out.append(f"refused ({subject}): {said}")
     return out

@@ -12,10 +12,11 @@ process could legitimately hold it:
                                        fsgid, groups and effective capabilities, opens the
                                        path with the same access mode and gets this file
 
-Anything else is refused, naming the fd or mapping and the path. Memfds and deleted files
-(open or mapped) are not checked: ckpt makes them afresh from the image, no path reaches
-another file. A process whose
-filesystem identity is root with every capability could open anything: nothing to check.
+Anything else is refused, naming the fd or mapping and the path. Memfds, deleted files
+(open or mapped) and a deleted working directory are not checked: ckpt makes them afresh
+from the image (the directory in its parent, checked to be the same), no path reaches
+another file. A process whose filesystem identity is root with every capability could
+open anything: nothing to check.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def check_access(pid: int, entry: pb.ProcessEntry) -> None:
                              (m.dev, m.inode) if m is not None and m.inode else None,
                              (v.dev, v.inode) if v.inode else None,
                              f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}" if m else ""))
-    if entry.cwd:
+    if entry.cwd and not entry.HasField("deleted_cwd"):  # made afresh, its parent checked
         at = f"/proc/{pid}/cwd"
         held.append(Held("the working directory", entry.cwd, os.O_DIRECTORY, file_identity(at),
                          (entry.cwd_dev, entry.cwd_inode) if entry.cwd_inode else None, at))

@@ -18,6 +18,7 @@ import resource
 import signal
 
 from ckpt.collect.cgroups import join_cgroups
+from ckpt.collect.deletedcwd import restore_deleted_cwd
 from ckpt.collect.proc import id_holder
 from ckpt.errors import ImageError, RestoreError
 from ckpt.images import ImageDir, chain
@@ -148,7 +149,9 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
 
 def restore_process_state(stub: Stub, entry: pb.ProcessEntry, new_session: bool) -> None:
     """Process-wide state. A shell job stays in the restoring terminal's session."""
-    if entry.cwd:
+    if entry.HasField("deleted_cwd"):
+        restore_deleted_cwd(stub, entry)
+    elif entry.cwd:
         stub.sc(NR.chdir, stub.put_str(entry.cwd), what=f"chdir {entry.cwd}")
     stub.sc(NR.umask, entry.umask)
     if entry.personality:

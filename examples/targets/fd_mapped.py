@@ -15,8 +15,12 @@ usage: fd_mapped.py CONTROL MODE DIR
            kept open. Each check writes through the shared mappings and the fd, and reads
            the files through /proc/self/map_files.
   dropped  a memfd mapped MAP_SHARED with its fd open and DIR/dropped.bin (mode 0600,
-           root's) mapped MAP_SHARED, unlinked, fd closed; then the process becomes uid
-           65534. Each check writes through the memfd's fd and reads both mappings.
+           root's) mapped MAP_SHARED, unlinked, fd closed; working directory DIR/cwd (0700,
+           root's), removed; then the process becomes uid 65534. Each check writes through
+           the memfd's fd and reads both mappings.
+  cwd      working directory DIR/gone (mode 0751, owner 65534:65534, fixed times), then
+           removed (not a mapping: the other thing that no path reaches). Each check
+           looks at "." and ".." and tries to use the directory.
 """
 
 from __future__ import annotations
@@ -115,6 +119,15 @@ def setup(args: list[str]) -> State:
         sealed_at = mmap(sealed, PAGE, PROT_READ, MAP_SHARED)
         return {"mode": mode, "n": 0, "both": both, "both_at": both_at, "only_at": only_at,
                 "future_at": future_at, "sealed": sealed, "sealed_at": sealed_at}
+    if mode == "cwd":
+        path = os.path.join(where, "gone")
+        os.mkdir(path)
+        os.chmod(path, 0o751)
+        os.chown(path, 65534, 65534)
+        os.utime(path, ns=(1_000_000_000_123, 2_000_000_000_456))
+        os.chdir(path)
+        os.rmdir(path)
+        return {"mode": mode, "n": 0, "parent": os.stat(where).st_ino}
     if mode == "dropped":
         memfd = os.memfd_create("ckpt dropped", os.MFD_CLOEXEC)
         os.ftruncate(memfd, PAGE)
@@ -125,6 +138,9 @@ def setup(args: list[str]) -> State:
         file_at = mmap(fd, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED)
         os.close(fd)
         os.unlink(path)
+        os.mkdir(os.path.join(where, "cwd"), 0o700)  # root's, entered, removed
+        os.chdir(os.path.join(where, "cwd"))
+        os.rmdir(os.path.join(where, "cwd"))
         os.setgroups([])
         os.setgid(65534)
         os.setuid(65534)
@@ -156,10 +172,19 @@ def setup(args: list[str]) -> State:
 def check(s: State) -> dict[str, Any]:
     s["n"] += 1
     mark = f"#{s['n']}".encode()
+    if s["mode"] == "cwd":
+        st = os.stat(".")
+        return {"stat": [oct(st.st_mode), st.st_uid, st.st_gid, st.st_atime_ns,
+                         st.st_mtime_ns, st.st_nlink],
+                "link": os.readlink("/proc/self/cwd"),
+                "getcwd": attempt(os.getcwd), "list": os.listdir("."),
+                "create": attempt(lambda: os.open("f", os.O_CREAT | os.O_WRONLY, 0o600)),
+                "parent": os.stat("..").st_ino == s["parent"]}
     if s["mode"] == "dropped":
         os.pwrite(s["memfd"], mark, 0)
         return {"uid": os.getuid(), "memfd": peek(s["memfd_at"], len(mark)).decode(),
-                "file": peek(s["file_at"], 11).decode()}
+                "file": peek(s["file_at"], 11).decode(),
+                "cwd": os.readlink("/proc/self/cwd").endswith("/cwd (deleted)")}
     return check_memfd(s, mark) if s["mode"] == "memfd" else check_deleted(s, mark)
 
 

@@ -10,7 +10,7 @@ Modes (DIR holds any file the mode creates):
   deleted-map     MAP_PRIVATE mapping of DIR/gone.bin, linked again as DIR/kept.bin, then
                   DIR/gone.bin is unlinked (deleted, but the file has another link)
   aio             an AIO context (io_setup): the kernel maps "/[aio] (deleted)"
-  deleted-cwd     working directory DIR/cwd, then removed
+  deleted-cwd     working directory DIR/p/cwd, then removed, and DIR/p too
   proc-cwd        working directory /proc/self (/proc/PID: another process's after restore)
   netns-fd        an fd on /proc/self/ns/net ("net:[...]")
   shared-rw       DIR/shared.bin opened O_RDWR and mapped MAP_SHARED twice: read-write,
@@ -75,10 +75,11 @@ def setup(mode: str, where: str) -> tuple[str, object]:
         sc(NR_IO_SETUP, 8, ctypes.addressof(ctx))
         return f"{ctx.value:#x}", ctx
     if mode == "deleted-cwd":
-        path = os.path.join(where, "cwd")
-        os.mkdir(path)
+        path = os.path.join(where, "p", "cwd")
+        os.makedirs(path)
         os.chdir(path)
         os.rmdir(path)
+        os.rmdir(os.path.dirname(path))
         return path, None
     if mode == "proc-cwd":
         os.chdir("/proc/self")
