@@ -62,7 +62,7 @@ def test_only_mappings_a_seal_made_read_only_come_after_the_seals() -> None:
     assert not made.after_seal(v(("rd", "sh", "mr", "ms"), inode=8))  # not a mapped object
 
 
-def test_mapped_objects_are_checked_at_the_image_boundary() -> None:
+def test_mapped_objects_and_deleted_cwd_are_checked_at_the_image_boundary() -> None:
     entry = pb.ProcessEntry(pid=42, comm="x", cwd="/tmp")
     entry.threads.add(tid=42).creds.uid = 1000
     entry.files.add(id=1, type=pb.OpenFile.MEMFD, path="/memfd:a (deleted)")
@@ -76,8 +76,12 @@ def test_mapped_objects_are_checked_at_the_image_boundary() -> None:
         pb.OpenFile(id=4, type=pb.OpenFile.MEMFD))
     entry.mapped_objects.add(dev=1, inode=10).file.MergeFrom(
         pb.OpenFile(id=5, type=pb.OpenFile.PIPE))
+    entry.deleted_cwd.mode = 0o40700
     assert [p[0] for p in problems(entry)] == [
-        "mapped_objects.inode[3]", "mapped_objects[2].file_id", "mapped_objects[4].file.type"]
+        "mapped_objects.inode[3]", "mapped_objects[2].file_id", "mapped_objects[4].file.type",
+        "cwd"]
+    entry.cwd = "/tmp/gone (deleted)"
+    assert [p[0] for p in problems(entry)][-1] != "cwd"
 
 
 def mapped_target(harness: Harness, mode: str) -> Asker:

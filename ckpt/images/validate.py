@@ -370,6 +370,8 @@ def _process(m: core.ProcessEntry) -> Iterator[Problem]:
         end = v.end
     yield from _guards(m)
     yield from _mapped(m)
+    if m.HasField("deleted_cwd") and not m.cwd.endswith(" (deleted)"):
+        yield "cwd", m.cwd, "not a deleted directory, yet deleted_cwd is set"
 
 
 def _mapped(m: core.ProcessEntry) -> Iterator[Problem]:
