@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -558,6 +558,15 @@ def our_children() -> set[int]:
         if fields[1] == me and fields[0] not in "ZX":
             kids.add(int(name))
     return kids
+
+
+def shown_fds(harness: Harness, pid: int, images: Path) -> list[dict[str, Any]]:
+    """Dump ``pid`` into ``images`` with --leave-running; the fds `ckpt show --json` lists."""
+    harness.dump(pid, images, "--leave-running")
+    res = run_ckpt("show", images, "--json")
+    assert_ckpt_ok(res)
+    fds: list[dict[str, Any]] = json.loads(res.stdout)["processes"][0]["fds"]
+    return fds
 
 
 class Asker:

@@ -1,5 +1,5 @@
-"""A restored process is put back in its cgroups (ckpt/collect/cgroups.py), made again
-if they are gone; by default it would land in ckpt's own."""
+"""A restored process is put back in its cgroups (ckpt/collect/cgroups.py); one that is
+gone stops the restore; a thread in another cgroup than its process is refused."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import secrets
 from pathlib import Path
 
 import pytest
-from conftest import Asker, Harness
+from conftest import Asker, Harness, assert_one_error_line, run_ckpt
 
 from ckpt.collect.cgroups import (
     Membership,
@@ -17,6 +17,7 @@ from ckpt.collect.cgroups import (
     parse_cgroup_mounts,
     parse_proc_cgroup,
     safe_path,
+    thread_refusals,
 )
 
 MOUNTINFO = """\
@@ -61,8 +62,13 @@ def test_restored_into_its_cgroup(harness: Harness, gone: bool) -> None:
         assert own_cgroup(target.proc.pid, "pids") == want
         images = harness.images()
         harness.dump_and_reap(target.proc, images)
-        if gone:
+        if gone:  # made again empty, it would lack its limits: the user makes it
             where.rmdir()
+            res = run_ckpt("restore", "-D", images, "--restore-detached")
+            line = assert_one_error_line(res)
+            assert f"cgroup pids:{want} of the dumped process does not exist here" in line
+            assert not where.exists()
+            where.mkdir()
         pid = harness.restore_detached(images)
         assert own_cgroup(pid, "pids") == want
         assert {own_cgroup(int(t), "pids") for t in os.listdir(f"/proc/{pid}/task")} == {want}
@@ -72,3 +78,31 @@ def test_restored_into_its_cgroup(harness: Harness, gone: bool) -> None:
         harness.cleanup()
         with contextlib.suppress(FileNotFoundError):
             where.rmdir()
+
+
+def test_thread_in_another_cgroup_is_refused(harness: Harness) -> None:
+    base = Path("/sys/fs/cgroup/pids")
+    if not (base / "tasks").exists():
+        pytest.skip("no cgroup v1 pids hierarchy mounted at /sys/fs/cgroup/pids")
+    mine = own_cgroup(os.getpid(), "pids")
+    where = base / mine.lstrip("/") / f"ckpt-test-{secrets.token_hex(4)}"
+    where.mkdir()
+    target = Asker(harness, "task_attrs.py")
+    try:
+        tid = max(int(t) for t in os.listdir(f"/proc/{target.proc.pid}/task"))
+        (where / "tasks").write_text(str(tid))
+        res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", harness.images())
+        line = assert_one_error_line(res)
+        assert f"thread {tid} of process {target.proc.pid} is in cgroup pids:" in line
+        assert target.ask()  # runs on
+    finally:
+        harness.cleanup()
+        with contextlib.suppress(OSError):
+            where.rmdir()
+
+
+def test_thread_refusals_pure() -> None:
+    lead = [Membership(1, "cpu", "/"), Membership(0, "", "/")]
+    assert thread_refusals(5, [(5, lead), (6, lead)]) == []
+    assert thread_refusals(5, [(5, lead), (6, [Membership(1, "cpu", "/rt"), lead[1]])]) == [
+        "thread 6 of process 5 is in cgroup cpu:/rt, not its process's: not supported yet"]

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from conftest import Asker, Harness, assert_ckpt_ok, run_ckpt
+from conftest import Asker, Harness, assert_ckpt_ok, run_ckpt, shown_fds
 
 from ckpt.collect.fdkinds.eventfd import parse
 from ckpt.collect.fds import FdInfo, parse_fdinfo
@@ -36,10 +35,7 @@ def test_eventfd_counters_survive(harness: Harness, tmp_path: Path) -> None:
 def test_show_lists_fd_kinds_with_state(harness: Harness) -> None:
     target = Asker(harness, "fd_eventfd.py")
     images = harness.images()
-    harness.dump(target.proc.pid, images, "--leave-running")
-    res = run_ckpt("show", images, "--json")
-    assert_ckpt_ok(res)
-    fds = json.loads(res.stdout)["processes"][0]["fds"]
+    fds = shown_fds(harness, target.proc.pid, images)
     kinds = {f["fd"]: (f["type"], f.get("state")) for f in fds}
     assert kinds[3] == ("EVENTFD", {"count": "5"})
     assert kinds[4] == ("EVENTFD", {"count": "3", "semaphore": True})

@@ -3,15 +3,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Asker, Harness, assert_ckpt_ok, needs_root, run_ckpt
+from conftest import (
+    Asker,
+    Harness,
+    assert_ckpt_ok,
+    assert_one_error_line,
+    assert_running_untraced,
+    needs_root,
+    run_ckpt,
+)
 
 from ckpt.collect.fdkinds.base import FdFlags
 from ckpt.collect.fdkinds.memfd import Found
-from ckpt.collect.mappedfiles import Made, is_mapped_object, refusal
+from ckpt.collect.mappedfiles import Made, Seen, is_mapped_object, refusal
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.validate import problems
@@ -37,16 +46,19 @@ def test_which_vmas_map_a_memfd_or_deleted_file(path: str, kind: VmaKind,
 
 
 def test_mapped_refusals() -> None:
-    small, flags = Found(10, 0, False, True), FdFlags()
+    small, flags = Seen(Found(10, 0, False, True)), FdFlags()
     assert refusal(vma("/memfd:a (deleted)"), small, flags) is None
     assert refusal(vma("/tmp/x"), None, flags) is None  # not the module's business
     assert "migrate does not carry" in str(refusal(vma("/tmp/x (deleted)"), small,
                                                    FdFlags(externals=False)))
     assert "could not be looked at" in str(refusal(vma("/tmp/x (deleted)"), None, flags))
     assert "--ghost-limit 2000 or more" in str(
-        refusal(vma("/memfd:a (deleted)"), Found(2000, 0, False, True), FdFlags(ghost_limit=1000)))
-    assert "1 other link(s)" in str(refusal(vma("/tmp/x (deleted)"), Found(1, 1, False, True),
-                                            flags))
+        refusal(vma("/memfd:a (deleted)"), Seen(Found(2000, 0, False, True)),
+                FdFlags(ghost_limit=1000)))
+    assert "1 other link(s)" in str(refusal(vma("/tmp/x (deleted)"),
+                                            Seen(Found(1, 1, False, True)), flags))
+    held = refusal(vma("/tmp/x (deleted)"), Seen(Found(1, 0, False, True), (5,)), flags)
+    assert "process 5 outside the dump also maps it or holds it open" in str(held)
 
 
 def test_only_mappings_a_seal_made_read_only_come_after_the_seals() -> None:
@@ -216,3 +228,31 @@ def test_deleted_working_directory_survives(harness: Harness, tmp_path: Path,
         assert after["link"].startswith(f"{where}/gone.") and (where / "gone").is_dir()
         assert after.pop("link").endswith(" (deleted)") and before.pop("link")
     assert after == before
+
+
+@needs_root
+def test_a_mapped_memfd_another_process_holds_is_refused(harness: Harness,
+                                                         tmp_path: Path) -> None:
+    """A memfd the target only maps, which another process (this test) holds open, is
+    refused before the freeze naming that process: a restore would cut the sharing. Once
+    it lets go, the dump goes through."""
+    target = mapped_target(harness, "memfd")
+    ask(target)
+    pid = target.proc.pid
+    with open(f"/proc/{pid}/maps") as f:
+        span = next(line.split()[0] for line in f if line.rstrip().endswith(
+            "/memfd:ckpt only (deleted)"))
+    held = os.open(f"/proc/{pid}/map_files/{span}", os.O_RDONLY)
+    try:
+        res = run_ckpt("dump", "-t", str(pid), "-D", harness.images("refused"))
+        message = assert_one_error_line(res)
+        assert f"maps a memfd (/memfd:ckpt only) at 0x{span.split('-')[0]}" in message, message
+        assert f"process {os.getpid()} outside the dump also maps it or holds it open" \
+            in message, message
+        assert_running_untraced(pid)
+    finally:
+        os.close(held)
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images)
+    harness.restore_detached(images)
+    assert ask(target)["only"].startswith("only mapped")

@@ -7,7 +7,6 @@ import os
 import re
 import select
 import stat
-from pathlib import Path
 
 import pytest
 from conftest import (
@@ -22,7 +21,7 @@ from conftest import (
 from test_migrate import start_server
 
 from ckpt.collect.fdkinds.base import FdFlags
-from ckpt.collect.fdkinds.pipe import refuse, scan_holders, state_of
+from ckpt.collect.fdkinds.pipe import refuse, state_of
 from ckpt.collect.fds import FdInfo
 from ckpt.errors import ImageError, RestoreError
 from ckpt.images.pb import core_pb2 as pb
@@ -85,18 +84,6 @@ def test_what_a_pipe_refuses() -> None:
         refuse(fifo, state_of(fifo, [fifo], (8,)), FdFlags(externals=False)) or "")
     gone = end(5, 60, os.O_RDONLY, "/tmp/f (deleted)")
     assert "a FIFO that was deleted" in (refuse(gone, state_of(gone, [gone]), FdFlags()) or "")
-
-
-def test_scan_holders_reads_every_process_fd_links(tmp_path: Path) -> None:
-    for pid, links in {"10": {"0": "pipe:[7]", "1": "/dev/null"}, "11": {"4": "/tmp/f"},
-                       "12": {"3": "pipe:[7]"}, "self": {"0": "pipe:[7]"}}.items():
-        (tmp_path / pid / "fd").mkdir(parents=True)
-        for fd, link in links.items():
-            os.symlink(link, tmp_path / pid / "fd" / fd)
-    (tmp_path / "13").mkdir()  # a process that exited meanwhile: no fd directory
-    found = scan_holders({"pipe:[7]": (14, 7), "/tmp/f": (20, 5), "pipe:[8]": (14, 8)},
-                         exclude={12}, root=str(tmp_path))
-    assert found == {(14, 7): (10,), (20, 5): (11,)}
 
 
 def test_parse_inherit_fd() -> None:

@@ -476,3 +476,16 @@ def test_page_file_mapped_only_on_local_filesystems(tmp_path: Path, fs: int,
     with d.pages_reader(42) as r:
         assert isinstance(r._f, pages_reader_mod.Mapped) == (fs == 0xEF53)
         assert b"".join(r.iter_chunks()) == data
+
+
+def test_core_image_larger_than_protobuf_holds_is_one_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckpt.images import imagedir
+
+    images = imagedir.ImageDir.create(tmp_path / "d")
+    entry = ProcessEntry(pid=7, cmdline=b"x" * 4096)
+    monkeypatch.setattr(imagedir, "MAX_MESSAGE", 1000)  # the real limit, 2 GiB, scaled down
+    with pytest.raises(ImageError, match="process 7's state besides its memory takes"):
+        images.write_core(7, entry)
+    monkeypatch.undo()
+    images.write_core(7, entry)

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from ckpt.collect.fdkinds.inet import pending_of
+from ckpt.collect.fdkinds.inet_tables import pending_of
 from ckpt.kernel import inet_diag as diag
 
 V4, TCP = socket.AF_INET, socket.IPPROTO_TCP
@@ -57,7 +57,8 @@ def test_request_layout() -> None:
     assert len(req) == 16 + 56
     length, kind, flags, seq, _ = struct.unpack_from("=IHHII", req)
     assert (length, kind, flags, seq) == (72, 20, 0x301, 7)
-    assert struct.unpack_from("=BBBBI", req, 16) == (V4, TCP, 0, 0, 0xFFFFFFFF)
+    # ext INET_DIAG_INFO: TCP's MD5SIG attribute comes only with it
+    assert struct.unpack_from("=BBBBI", req, 16) == (V4, TCP, 2, 0, 0xFFFFFFFF)
 
 
 def test_live_dump_finds_a_listener() -> None:

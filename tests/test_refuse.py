@@ -35,6 +35,7 @@ from ckpt.collect.fdkinds import memfd, pipe
 from ckpt.collect.fdkinds.base import FdFlags
 from ckpt.collect.fds import FdInfo
 from ckpt.collect.files import file_kind
+from ckpt.collect.mappedfiles import Seen
 from ckpt.collect.proc import list_children
 from ckpt.collect.restorable import Target, refusals, require_restorable
 from ckpt.collect.timers import ProcTimer
@@ -137,22 +138,29 @@ CASES: dict[str, tuple[Target, str]] = {
             "maps an AIO ring (io_setup) at 0x7f0000000000"),
     "memfd map": (replace(FINE, vmas=(vma("/memfd:buf (deleted)", VmaKind.FILE_SHARED,
                                           shared=True),),
-                          mapped=((0x7F0000000000, memfd.Found(2 << 20, 0, False, True)),)),
+                          mapped=((0x7F0000000000, Seen(memfd.Found(2 << 20, 0, False, True))),)),
                   "maps a memfd (/memfd:buf) at 0x7f0000000000: a memfd of 2097152 bytes, "
                   "above --ghost-limit (1048576 bytes): --ghost-limit 2097152 or more"),
     "memfd map migrated": (replace(FINE, vmas=(vma("/memfd:buf (deleted)", VmaKind.FILE_SHARED,
                                                    shared=True),),
-                                   mapped=((0x7F0000000000, memfd.Found(10, 0, False, True)),),
+                                   mapped=((0x7F0000000000,
+                                            Seen(memfd.Found(10, 0, False, True))),),
                                    fd_flags=FdFlags(shell_job=True, externals=False)),
                            "maps a memfd (/memfd:buf) at 0x7f0000000000: migrate does not "
                            "carry mapped memfds and deleted files yet"),
     "deleted map": (replace(FINE, vmas=(vma("/tmp/x (deleted)", VmaKind.FILE_PRIVATE),),
-                            mapped=((0x7F0000000000, memfd.Found(9, 1, False, True)),)),
+                            mapped=((0x7F0000000000, Seen(memfd.Found(9, 1, False, True))),)),
                     "maps deleted file /tmp/x at 0x7f0000000000: /tmp/x was deleted but the "
                     "file has 1 other link(s)"),
+    "memfd map held": (replace(FINE, vmas=(vma("/memfd:buf (deleted)", VmaKind.FILE_SHARED,
+                                               shared=True),),
+                               mapped=((0x7F0000000000, Seen(memfd.Found(9, 0, False, True),
+                                                             (12, 13))),)),
+                       "maps a memfd (/memfd:buf) at 0x7f0000000000: processes 12, 13 outside "
+                       "the dump also map it or hold it open"),
     "deleted map, no directory": (
         replace(FINE, vmas=(vma("/tmp/d/x (deleted)", VmaKind.FILE_SHARED, shared=True),),
-                mapped=((0x7F0000000000, memfd.Found(9, 0, False, False)),)),
+                mapped=((0x7F0000000000, Seen(memfd.Found(9, 0, False, False))),)),
         "maps deleted file /tmp/d/x at 0x7f0000000000: the directory of deleted file "
         "/tmp/d/x is gone too"),
     "anon inode map": (replace(FINE, vmas=(vma("anon_inode:[io_uring]", VmaKind.FILE_SHARED,

@@ -3,8 +3,10 @@ owner (ckpt/collect/sysvshm.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import subprocess
+from collections.abc import Iterator
 
 import pytest
 from conftest import Asker, Harness, assert_ckpt_ok, assert_one_error_line, run_ckpt
@@ -36,7 +38,8 @@ def vma(start: int, end: int, shmid: int, pgoff: int = 0) -> VmaInfo:
 def test_parse_and_refusals() -> None:
     segs = parse_sysvipc_shm(SHM_TEXT)
     assert segs[26] == Segment(key=4660, shmid=26, mode=0o1640, size=12288, nattch=3,
-                               uid=0, gid=0)
+                               uid=0, gid=0, cuid=0, cgid=0)
+    assert segs[27].uid == 1000 and segs[27].gid == 100 and not segs[27].locked
     assert segs[26].removed and not segs[27].removed
     whole = [vma(0x10000, 0x12000, 26), vma(0x12000, 0x13000, 26, pgoff=0x2000)]
     second = [vma(0x20000, 0x23000, 26)]
@@ -64,12 +67,15 @@ def test_removed_private_segment(harness: Harness) -> None:
     assert not segment_exists(before["shmid"])
 
 
-@pytest.mark.parametrize("how", ["dump", "predump+incremental", "segment gone"])
+@pytest.mark.parametrize("how", ["dump", "predump+incremental", "segment gone",
+                                 "locked, gone"])
 def test_keyed_segment(harness: Harness, how: str) -> None:
     key = 0x5EC0000 + (hash(how) & 0xFFFF)
-    target = Asker(harness, "sysv_shm.py", "keyed", str(key))
+    locked = how.startswith("locked")
+    target = Asker(harness, "sysv_shm.py", "locked" if locked else "keyed", str(key))
     before = target.ask()
     assert isinstance(before, dict)
+    assert before["mode"] == ("0o2640" if locked else "0o640")
     shmid = before["shmid"]
     try:
         if how == "predump+incremental":
@@ -83,7 +89,7 @@ def test_keyed_segment(harness: Harness, how: str) -> None:
             images = harness.images()
             harness.dump_and_reap(target.proc, images)
         assert segment_exists(shmid)  # not removed: it outlives the process
-        if how == "segment gone":  # e.g. restored on another host: made again
+        if how.endswith("gone"):  # e.g. restored on another host: made again
             assert libc.shmctl(shmid, IPC_RMID, None) == 0
             assert not segment_exists(shmid)
         harness.restore_detached(images)
@@ -99,22 +105,32 @@ def test_shared_with_another_process_is_refused(harness: Harness) -> None:
     target = Asker(harness, "sysv_shm.py", "keyed", str(0x5EC1234))
     state = target.ask()
     assert isinstance(state, dict)
+    try:
+        with attached_elsewhere(state["shmid"]):
+            res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", harness.images())
+            line = assert_one_error_line(res)
+            assert f"System V shared memory {state['shmid']} is also attached by 1 other" \
+                in line
+            assert target.ask()["counter"] == 2  # type: ignore[index]
+    finally:
+        libc.shmctl(state["shmid"], IPC_RMID, None)
+
+
+@contextlib.contextmanager
+def attached_elsewhere(shmid: int) -> Iterator[None]:
+    """Another process attaches segment ``shmid`` for the duration of the block."""
     other = subprocess.Popen(["python3", "-c", (
         "import ctypes,sys,time; l=ctypes.CDLL(None); l.shmat.restype=ctypes.c_void_p;"
-        f"l.shmat({state['shmid']}, None, 0); print('on', flush=True); time.sleep(60)")],
+        f"l.shmat({shmid}, None, 0); print('on', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE)
     try:
         assert other.stdout is not None and other.stdout.readline() == b"on\n"
-        res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", harness.images())
-        line = assert_one_error_line(res)
-        assert f"System V shared memory {state['shmid']} is also attached by 1 other" in line
-        assert target.ask()["counter"] == 2  # type: ignore[index]
+        yield
     finally:
         other.kill()
         other.wait()
         if other.stdout is not None:
             other.stdout.close()
-        libc.shmctl(state["shmid"], IPC_RMID, None)
 
 
 def test_image_limits_match() -> None:
@@ -135,3 +151,21 @@ def test_migrate_refuses_before_connecting(harness: Harness) -> None:
     line = assert_one_error_line(res)
     assert "attaches System V shared memory" in line and "migrate does not yet" in line
     assert target.ask()["counter"] == 1  # type: ignore[index]
+
+
+def test_segment_in_use_at_restore_is_not_overwritten(harness: Harness) -> None:
+    """The dumped segment outlives the process; if another process attaches it before the
+    restore, the restore stops instead of overwriting what that process sees."""
+    target = Asker(harness, "sysv_shm.py", "keyed", str(0x5EC2345))
+    state = target.ask()
+    assert isinstance(state, dict)
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images)
+    try:
+        with attached_elsewhere(state["shmid"]):
+            res = run_ckpt("restore", "-D", images, "--restore-detached")
+            line = assert_one_error_line(res)
+            assert f"System V shared memory id {state['shmid']} is taken by another segment " \
+                "or in use (attached by 1 process(es))" in line
+    finally:
+        libc.shmctl(state["shmid"], IPC_RMID, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ckpt.collect.creds import Creds
+from ckpt.collect.fdkinds import fown
 from ckpt.collect.files import FileRecord
 from ckpt.collect.proc import Rlimit, Stat
 from ckpt.collect.pstate import Settings
@@ -120,6 +121,7 @@ def build_core(pid: int, info: ProcessInfo, threads: list[ThreadState], injected
             msg.MergeFrom(f.payload)
         else:
             msg.type = FILE_TYPES[f.kind]
+        fown.to_pb(f.fown, msg)
         for fd, cloexec in f.fds:
             entry.fds.add(fd=fd, file_id=f.id, cloexec=cloexec)
     return entry

@@ -42,9 +42,8 @@ from ckpt.collect import proc
 from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
 from ckpt.collect.fdkinds.memfd import GHOST, ghost_path
 from ckpt.collect.files import collect_files
-from ckpt.collect.sysvshm import attaches
 from ckpt.collect.vmas import VmaInfo, VmaKind
-from ckpt.errors import CkptError, NotDumpable
+from ckpt.errors import CkptError
 from ckpt.images import ImageDir
 from ckpt.images.pb import wire_pb2
 from ckpt.kernel.creds import require_root
@@ -129,11 +128,6 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     vmas = preflight(DumpOptions(pid=opts.pid, images_dir="", externals=False,
                                  ghost_limit=opts.ghost_limit, tcp_close=opts.tcp_close),
                      hidden_fds(opts.pid))
-    shm = attaches(vmas)
-    if shm:  # the destination's warm restore maps VMAs as the passes come: no shmat
-        raise NotDumpable(f"process {opts.pid} attaches System V shared memory "
-                          f"({shm[0].shmid} at {shm[0].base:#x}): ckpt dump and restore "
-                          "carry it, migrate does not yet")
     work = Path(opts.keep_images or tempfile.mkdtemp(prefix="ckpt-migrate-"))
     out = MigrateResult()
     try:
@@ -247,7 +241,8 @@ def pre_round(opts: MigrateOptions, conn: Conn, work: Path, n: int, prev: str | 
     t = time.perf_counter()
     predump(PredumpOptions(pid=opts.pid, images_dir=str(work / str(n)), prev_images_dir=prev,
                            track=opts.track, compress_level=opts.compress_level,
-                           ghost_limit=opts.ghost_limit, tcp_close=opts.tcp_close))
+                           ghost_limit=opts.ghost_limit, tcp_close=opts.tcp_close,
+                           externals=False))
     dirty = ImageDir.open(work / str(n)).read_inventory().stats.pages_written
     with Throttle(opts.pid, duty) as throttle:
         sent = send_pass_on(conn, work / str(n), str(n), prerestore=True)

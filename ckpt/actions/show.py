@@ -103,6 +103,10 @@ def _fd(fd: core_pb2.FdEntry, files: dict[int, core_pb2.OpenFile]) -> dict[str, 
         state["locks"] = [MessageToDict(lock) for lock in f.locks]
     if f.external:
         state["external"] = f.external
+    if f.owner:  # F_SETOWN (ckpt.collect.fdkinds.fown)
+        state["owner"] = f"{('tid', 'pid', 'pgrp')[f.owner_type]} {f.owner}"
+    if f.signal:
+        state["signal"] = f.signal
     if state:
         out["state"] = state
     return out

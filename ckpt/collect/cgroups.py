@@ -7,9 +7,13 @@ and joined again at restore (a restored process would otherwise land in ckpt's).
 
 Restore writes the stub's pid into ``<mount>/<path>/cgroup.procs`` of each hierarchy
 where the image's cgroup is not ckpt's, before any thread is cloned (threads follow).
-A cgroup missing here (its service ended with the dump, or another host) is created
-empty, as CRIU's default "soft" mode does: its limits and settings are not part of the
-image. Hierarchies not mounted here are named in the error, never skipped.
+A cgroup missing here (its service ended with the dump, or another host) stops the
+restore, naming it: made empty, it would lack the limits the process ran under (the image
+does not hold them); create it with them and restore again. Hierarchies not mounted here
+are named in the error, never skipped.
+
+Threads in other cgroups than their process (a v1 cpu or cpuset cgroup per thread, a v2
+threaded cgroup) are refused before the freeze (:func:`thread_refusals`).
 """
 
 from __future__ import annotations
@@ -113,8 +117,10 @@ def join_cgroups(pid: int, cgroups: Sequence[pb.Cgroup]) -> None:
         if where is None:
             raise RestoreError(f"cgroup {name} of the dumped process: that hierarchy is "
                                "not mounted here")
+        if not os.path.isdir(where):
+            raise RestoreError(f"cgroup {name} of the dumped process does not exist here: "
+                               "create it (with its limits) and restore again")
         try:
-            os.makedirs(where, exist_ok=True)
             with open(os.path.join(where, "cgroup.procs"), "w") as f:
                 f.write(str(pid))
         except OSError as exc:
@@ -125,3 +131,34 @@ def join_cgroups(pid: int, cgroups: Sequence[pb.Cgroup]) -> None:
 def cgroups_to_pb(found: Sequence[Membership]) -> list[pb.Cgroup]:
     return [pb.Cgroup(hierarchy=m.hierarchy, controllers=m.controllers, path=m.path)
             for m in found]
+
+
+def read_thread_cgroups(pid: int, tids: Sequence[int], root: str = "/proc",
+                        ) -> list[tuple[int, list[Membership]]]:
+    """(tid, its cgroups) of each thread still there."""
+    out = []
+    for tid in tids:
+        try:
+            with open(proc_path(root, pid, "task", str(tid), "cgroup")) as f:
+                out.append((tid, parse_proc_cgroup(f.read())))
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def thread_refusals(pid: int, threads: Sequence[tuple[int, Sequence[Membership]]],
+                    ) -> list[str]:
+    """Threads in another cgroup than the process's leader (pure): restore puts every
+    thread in the leader's."""
+    lead = dict(threads).get(pid)
+    if lead is None:
+        return []
+    out = []
+    for tid, found in threads:
+        other = sorted(set(found) - set(lead), key=lambda m: m.hierarchy)
+        if tid != pid and other:
+            m = other[0]
+            out.append(f"thread {tid} of process {pid} is in cgroup "
+                       f"{m.controllers or 'cgroup2'}:{m.path}, not its process's: "
+                       "not supported yet")
+    return out

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from ckpt.collect.fdkinds import kind_of
 from ckpt.collect.fdkinds.base import FdFlags, Peek
+from ckpt.collect.fdkinds.fown import NO_OWNER, Fown, read_fown
 from ckpt.collect.fdkinds.locks import collect_locks, refusal
 from ckpt.collect.fds import (
     FdInfo,
@@ -54,6 +55,7 @@ class FileRecord:
     # collected while frozen: an fd kind's OpenFile fields (type, payload) and the locks
     # held through the file (ckpt.collect.fdkinds.locks)
     payload: pb.OpenFile | None = None
+    fown: Fown = NO_OWNER  # owner and signal (ckpt.collect.fdkinds.fown)
 
 
 def file_kind(info: FdInfo, shell_job: bool) -> str:
@@ -98,5 +100,5 @@ def collect_files(pid: int, shell_job: bool, hidden: set[int] | None = None,
                 inherit_fd=first.fd if kind == "inherited" else -1,
                 fds=tuple((fd, bool(fds[fd].flags & O_CLOEXEC)) for fd in group),
                 mtime_ns=first.st_mtime_ns, dev=first.st_dev, inode=first.st_ino,
-                payload=payload))
+                payload=payload, fown=read_fown(first, peek)))
     return out

@@ -4,8 +4,10 @@ Their file is reached through /proc/PID/map_files/START-END (root may open it).
 
     dump, before the      inspect: each such VMA's file, judged like an open memfd or
     freeze and frozen     deleted file (ckpt.collect.fdkinds.memfd.judge: --ghost-limit,
-                          other links, its directory); refused under migrate (FdFlags.
-                          externals False: a warm restore maps files by path, pass by pass)
+                          other links, its directory); refused when another process maps
+                          it or has it open (ckpt.collect.holders' scans: a restore would
+                          cut the sharing), and under migrate (FdFlags.externals False: a
+                          warm restore maps files by path, pass by pass)
     dump, frozen          collect: one MappedObject per (Vma.dev, Vma.inode). If an fd of
                           the process has the same inode open, the object is that open
                           file's (file_id: the fd kind saved the contents), else the
@@ -40,7 +42,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ckpt.collect.fdkinds import memfd
-from ckpt.collect.fdkinds.base import FdFlags
+from ckpt.collect.fdkinds.base import FdFlags, made_as_process
+from ckpt.collect.holders import scan_links, scan_maps
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
@@ -67,37 +70,66 @@ def map_files(pid: int, v: VmaInfo, root: str = "/proc") -> str:
 # --------------------------------------------------------------------------- refuse
 
 
-def inspect(pid: int, vmas: Iterable[VmaInfo]) -> tuple[tuple[int, memfd.Found], ...]:
-    """(start, what memfd.judge needs) of each VMA mapping a memfd or deleted file."""
+@dataclass(frozen=True)
+class Seen:
+    """What inspect saw of the file a VMA maps."""
+
+    found: memfd.Found  # what memfd.judge needs
+    holders: tuple[int, ...] = ()  # other processes mapping it or holding it open
+
+
+def inspect(pid: int, vmas: Iterable[VmaInfo]) -> tuple[tuple[int, Seen], ...]:
+    """(start, what was seen) of each VMA mapping a memfd or deleted file."""
+    mapped = [v for v in vmas if is_mapped_object(v.kind, v.path)]
+    if not mapped:
+        return ()
+    wanted, exclude = {v.path for v in mapped}, {pid, os.getpid()}
+    links, maps = scan_links(wanted, exclude), scan_maps(wanted, exclude)
     out = []
-    for v in vmas:
-        if not is_mapped_object(v.kind, v.path):
-            continue
+    for v in mapped:
         try:
             fd = os.open(map_files(pid, v), os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            out.append((v.start, memfd.Found(0, 0, False, memfd.directory_exists(v.path),
-                                             exc.strerror or str(exc))))
+            out.append((v.start, Seen(memfd.Found(0, 0, False, memfd.directory_exists(v.path),
+                                                  exc.strerror or str(exc)))))
             continue
         try:
+            st = os.fstat(fd)
             found = memfd.examine(fd, v.path)
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                found = memfd.Found(0, 0, False, False, "not a regular file")
         finally:
             os.close(fd)
-        out.append((v.start, found))
+        if not stat.S_ISREG(st.st_mode):
+            found = memfd.Found(0, 0, False, False, "not a regular file")
+        holders = {p for p, dev, ino in maps.get(v.path, ()) if (dev, ino) == (v.dev, v.inode)}
+        holders |= {p for p, n in links.get(v.path, ()) if p not in holders
+                    and proc_identity(p, n) == (st.st_dev, st.st_ino)}
+        out.append((v.start, Seen(found, tuple(sorted(holders)))))
     return tuple(out)
 
 
-def refusal(v: VmaInfo, found: memfd.Found | None, flags: FdFlags) -> str | None:
+def proc_identity(pid: int, fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def refusal(v: VmaInfo, seen: Seen | None, flags: FdFlags) -> str | None:
     """Why the memfd or deleted file ``v`` maps cannot be mapped again, or None (pure)."""
     if not is_mapped_object(v.kind, v.path):
         return None
     if not flags.externals:
         return "migrate does not carry mapped memfds and deleted files yet (dump does)"
-    if found is None:
+    if seen is None:
         return "its file could not be looked at"
-    return memfd.judge(v.path, found, flags)
+    if seen.holders:
+        pids, many = ", ".join(map(str, seen.holders)), len(seen.holders) > 1
+        return (f"process{'es' if many else ''} {pids} outside the dump also "
+                f"{'map it or hold it' if many else 'maps it or holds it'} open: a restore "
+                "would make a new one for this process alone, cut off from it: "
+                "not supported yet")
+    return memfd.judge(v.path, seen.found, flags)
 
 
 # --------------------------------------------------------------------------- collect
@@ -178,7 +210,7 @@ def make_objects(entry: pb.ProcessEntry) -> Made:
                                    "memfd or deleted file")
             key = memfd.object_key(f)
             if key not in made.objects:
-                made.objects[key] = memfd.make(f, seal=False)
+                made.objects[key] = memfd.make(f, made_as_process(entry), seal=False)
                 if f.type == pb.OpenFile.MEMFD and f.memfd.seals:
                     made.seals.append((made.objects[key], f.memfd.seals, f.path))
             made.by_vma[(o.dev, o.inode)] = made.objects[key]

@@ -49,6 +49,21 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               a lock ckpt.collect.fdkinds.locks refuses        that module's refusal says
               (mandatory, a lease being broken, a lock on an   (locks on files reopened by
               fd not reopened by path, ...)                    path are taken again)
+              an object another process holds too (but a       restore would make a copy
+              pipe: its kind judges), found by                 for this process alone, cut
+              ckpt.collect.holders: a socket, an eventfd,      off from the other one (a
+              epoll set, ..., a memfd, a deleted file          listener: its port taken)
+              a file or directory whose open file another      the lock stays with the
+              process shares, holding an flock, OFD lock or    other process: restore
+              lease                                            could not take it again
+              ... holding none, unless write-only O_APPEND     its position and flags would
+                                                               no longer be shared (an
+                                                               O_APPEND writer's position
+                                                               is the end either way)
+              an owner (F_SETOWN) outside the process          a restore brings back only
+              (another process or its thread, another group;   the process (ckpt.collect.
+              its own unless it leads its session and no       fdkinds.fown)
+              --shell-job)
 
 :func:`refusals` is pure: it takes a :class:`Target` (records of ckpt.collect.vmas,
 ckpt.collect.fds and ckpt.collect.proc) and returns one line per refused thing, process
@@ -64,11 +79,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from ckpt.collect import deletedcwd, mappedfiles, proc, sched, sysvshm
-from ckpt.collect.fdkinds import kind_of, locks
+from ckpt.collect import cgroups, deletedcwd, mappedfiles, proc, sched, sysvshm
+from ckpt.collect.fdkinds import fown, kind_of, locks
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
-from ckpt.collect.fdkinds.memfd import Found
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
+from ckpt.collect.holders import Sharing
 from ckpt.collect.timers import ProcTimer, read_timers, timer_refusal
 from ckpt.collect.vmas import KERNEL_PROVIDED, VmaInfo, VmaKind, collect_vmas
 from ckpt.collect.vmflags import refused_flags
@@ -125,12 +140,22 @@ class Target:
     shm_segments: tuple[sysvshm.Segment, ...] = ()
     same_ipc_ns: bool = True
     policies: tuple[tuple[int, int], ...] = ()  # (tid, scheduling policy): collect.sched
+    # (tid, its cgroups) of every thread: ckpt.collect.cgroups
+    thread_cgroups: tuple[tuple[int, tuple[cgroups.Membership, ...]], ...] = ()
     tracker: bool = False  # a userfaultfd of ckpt's own is in the process (its "uw")
     # (start, what was found) of each VMA mapping a memfd or deleted file
     # (ckpt.collect.mappedfiles.inspect)
-    mapped: tuple[tuple[int, Found], ...] = ()
+    mapped: tuple[tuple[int, mappedfiles.Seen], ...] = ()
     # a deleted cwd's parent (its "..") is the directory its path names (deletedcwd)
     cwd_parent_reachable: bool = True
+    # (fd, pids): other processes holding the fd's object (its kind's FdKind.holders) or,
+    # for a file reopened by path, its open file (ckpt.collect.holders); only fds with some
+    holders: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    # fds whose open file has an owner (F_SETOWN: ckpt.collect.fdkinds.fown), and the
+    # process group of the process
+    fd_owners: tuple[tuple[int, fown.Fown], ...] = ()
+    pgid: int = 0
+    sid: int = 0
 
 
 @dataclass(frozen=True)
@@ -237,12 +262,12 @@ class Mapping:
     vma: VmaInfo
     foreign: bool
     tracker: bool = False  # Target.tracker
-    found: Found | None = None  # of a mapped memfd or deleted file (Target.mapped)
+    seen: mappedfiles.Seen | None = None  # of a mapped memfd or deleted file (Target.mapped)
     flags: FdFlags = field(default_factory=FdFlags)
 
     @property
     def mapped_refusal(self) -> str | None:
-        return mappedfiles.refusal(self.vma, self.found, self.flags)
+        return mappedfiles.refusal(self.vma, self.seen, self.flags)
 
     @property
     def path(self) -> str:
@@ -261,7 +286,8 @@ VMA_RULES: tuple[Rule[Mapping], ...] = (
     Rule(lambda v: v.mapped_refusal is not None,
          "{mapped_what} at {start:#x}: {mapped_refusal}",
          "a memfd or deleted file ckpt.collect.mappedfiles refuses (above --ghost-limit, "
-         "other links, its directory gone, under migrate)"),
+         "other links, its directory gone, mapped or open in another process, under "
+         "migrate)"),
     Rule(lambda v: v.kind in FILE_KINDS and not v.path.startswith("/"),
          "{path} at {start:#x}, not a file a restore can map again: " + NOT_YET),
     Rule(lambda v: v.kind in FILE_KINDS and v.path.startswith("/dev/")
@@ -303,6 +329,13 @@ class Fd:
     kind: str
     shell_job: bool
     foreign: bool = False
+    holders: tuple[int, ...] = ()  # other processes sharing its open file
+
+    @property
+    def append_only(self) -> bool:
+        """Write-only O_APPEND: every write goes to the end, whoever else writes."""
+        flags = self.info.flags
+        return flags & os.O_ACCMODE == os.O_WRONLY and bool(flags & os.O_APPEND)
 
     @property
     def target(self) -> str:
@@ -323,6 +356,14 @@ FD_RULES: tuple[Rule[Fd], ...] = (
     Rule(lambda f: f.kind == "chardev" and f.info.st_rdev not in STATELESS_DEVICES,
          "a character device {dev}: its state lives in the driver; " + NOT_YET),
     Rule(lambda f: _refused_lock(f) is not None, locks.REFUSED),
+    Rule(lambda f: bool(f.holders) and locks.open_file_lock(f.info) is not None,
+         "holds {shared_lock} on an open file {holders} shares (inherited across fork() "
+         "or passed over a unix socket): the lock would stay with it and a restore could "
+         "not take it again: " + NOT_YET),
+    Rule(lambda f: bool(f.holders) and not f.append_only,
+         "an open file {holders} shares (inherited across fork() or passed over a unix "
+         "socket): a restore reopens it for this process alone, so its position and flags "
+         "would no longer be shared: " + NOT_YET),
     Rule(lambda f: f.foreign,
          "another file (or none) in ckpt's mount namespace: " + NOT_YET),
 )
@@ -333,13 +374,36 @@ def _refused_lock(f: Fd) -> str | None:
 
 
 def fd_fields(f: Fd) -> dict[str, object]:
+    shared = locks.open_file_lock(f.info)
     return {"dev": f"{os.major(f.info.st_rdev)}:{os.minor(f.info.st_rdev)}",
-            "lock": _refused_lock(f) or ""}
+            "lock": _refused_lock(f) or "", "holders": processes(f.holders),
+            "shared_lock": f"a {shared.shown} lock" if shared else ""}
 
 
-def fd_refusal(info: FdInfo, shell_job: bool, foreign: bool = False) -> str | None:
+def processes(pids: tuple[int, ...]) -> str:
+    """"process 12", "processes 12, 14": how a refusal names other holders."""
+    return f"process{'es' if len(pids) > 1 else ''} {', '.join(map(str, pids))}"
+
+
+#: an fd of a kind (not OWN) whose object other processes hold too
+HELD = ("one {kind} that {holders} outside the dump also holds (inherited across fork() or "
+        "passed over a unix socket): a restore would make a new one for this process "
+        "alone, cut off from it: " + NOT_YET)
+
+#: fds reopened by path whose open file is compared with other processes' (kcmp)
+SHARED_FILE_KINDS = ("regular", "directory")
+
+
+def compares_open_file(info: FdInfo) -> bool:
+    """Is this fd's open file one whose sharing a restore would lose (a file or directory
+    reopened by path, not an O_PATH fd: it has no position, flags or locks)?"""
+    return classify_fd(info) in SHARED_FILE_KINDS and not info.flags & os.O_PATH
+
+
+def fd_refusal(info: FdInfo, shell_job: bool, foreign: bool = False,
+               holders: tuple[int, ...] = ()) -> str | None:
     """Why restore cannot bring this fd back, or None."""
-    fd = Fd(info, classify_fd(info), shell_job, foreign)
+    fd = Fd(info, classify_fd(info), shell_job, foreign, holders)
     why = _first(FD_RULES, fd, fd_fields)
     return f"{describe_fd(info)}: {why}" if why else None
 
@@ -359,8 +423,9 @@ def refusals(t: Target) -> list[str]:
     """One line per thing a restore could not bring back (empty: restorable)."""
     out = [rule.says.format(**process_fields(t)) for rule in PROCESS_RULES if rule.applies(t)]
     out += sysvshm.refusals(t.pid, t.vmas, {s.shmid: s for s in t.shm_segments},
-                            t.same_ipc_ns)
+                            t.same_ipc_ns, migrating=not t.fd_flags.externals)
     out += sched.refusals(t.pid, t.policies)
+    out += cgroups.thread_refusals(t.pid, t.thread_cgroups)
     found = dict(t.mapped)
     for v in sorted(t.vmas, key=lambda v: v.start):
         why = _first(VMA_RULES, Mapping(v, v.path in t.foreign, t.tracker, found.get(v.start),
@@ -368,16 +433,26 @@ def refusals(t: Target) -> list[str]:
         if why:
             out.append(f"process {t.pid} maps {why}")
     claimed = {fd: (kind, details) for fd, kind, details in t.fd_kinds}
+    held = dict(t.holders)
+    owners = dict(t.fd_owners)
+    tids = {tid for tid, _ in t.thread_cwds}
     for info in sorted(t.fds, key=lambda i: i.fd):
         if info.fd in claimed:
             kind, details = claimed[info.fd]
-            why = locks.refusal(info, reopened=False) or kind.refuse(info, details,
-                                                                     t.fd_flags)
+            others = held.get(info.fd, ()) if kind.holders is not Sharing.OWN else ()
+            why = (locks.refusal(info, reopened=False)
+                   or (HELD.format(kind=kind.name, holders=processes(others)) if others
+                       else kind.refuse(info, details, t.fd_flags)))
             if not why and info.target in t.foreign:  # a FIFO, ... reopened by path
                 why = "another file (or none) in ckpt's mount namespace: " + NOT_YET
             line = f"{describe_fd(info)}: {why}" if why else None
         else:
-            line = fd_refusal(info, t.shell_job, info.target in t.foreign)
+            line = fd_refusal(info, t.shell_job, info.target in t.foreign,
+                              held.get(info.fd, ()))
+        if not line and info.fd in owners:
+            why = fown.refusal(owners[info.fd], t.pid, tids, t.pgid, t.sid,
+                               t.fd_flags.shell_job)
+            line = f"{describe_fd(info)}: {why}" if why else None
         if line:
             out.append(line)
     return out
@@ -392,12 +467,22 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
     cwd = proc.read_cwd(pid)
     maps = collect_vmas(pid) if vmas is None else vmas
     fds = [i for i in read_fds(pid) if i.fd not in hidden]
-    fd_kinds = []
+    fd_kinds, fd_owners = [], []
+    holders = []
     with Peek(pid, fds) as peek:
         for info in fds:
             kind = kind_of(info, peek)
             if kind is not None:
                 fd_kinds.append((info.fd, kind, kind.inspect(info, peek)))
+            how = (kind.holders if kind is not None
+                   else Sharing.OPEN_FILE if compares_open_file(info) else Sharing.OWN)
+            others = peek.holders(info, how)
+            if others:
+                holders.append((info.fd, others))
+            owner = fown.read_fown(info, peek)
+            if owner.id:
+                fd_owners.append((info.fd, owner))
+    stat = proc.read_stat(pid)
     ns = {kind: (proc.read_ns(pid, kind), proc.read_ns(me, kind)) for kind in CHECKED_NS}
     foreign: frozenset[str] = frozenset()
     if mnt_ns != own_mnt_ns:
@@ -406,6 +491,7 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         seen += [(v.path, (None, v.inode)) for v in maps if v.kind in FILE_KINDS]
         seen += [(i.target, (i.st_dev, i.st_ino)) for i in fds]
         foreign = frozenset(p for p, there in seen if _is_foreign(p, there))
+    tids = proc.list_tasks(pid)
     return Target(
         pid=pid, children=tuple(proc.list_children(pid)), cwd=cwd, root=proc.read_root(pid),
         own_root=proc.read_root(me), mnt_ns=mnt_ns, own_mnt_ns=own_mnt_ns,
@@ -416,11 +502,14 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         groups=len(proc.read_status(pid).groups), fd_kinds=tuple(fd_kinds),
         shm_segments=tuple(sysvshm.read_segments().values()) if sysvshm.attaches(maps)
         else (), same_ipc_ns=proc.read_ns(pid, "ipc") == proc.read_ns(me, "ipc"),
-        policies=tuple(sched.read_policies(proc.list_tasks(pid))),
+        policies=tuple(sched.read_policies(tids)),
+        thread_cgroups=tuple((tid, tuple(found)) for tid, found in
+                             cgroups.read_thread_cgroups(pid, tids)),
         mapped=mappedfiles.inspect(pid, maps),
         cwd_parent_reachable=not deletedcwd.is_deleted(cwd)
         or deletedcwd.parent_reachable(pid, cwd),
-        fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden))
+        fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden),
+        holders=tuple(holders), fd_owners=tuple(fd_owners), pgid=stat.pgrp, sid=stat.session)
 
 
 def _thread_cwds(pid: int) -> tuple[tuple[int, str], ...]:
@@ -492,4 +581,6 @@ def table_lines() -> list[str]:
         for rule in rules:
             said = rule.table or rule.says.format_map(_Blanks())
             out.append(f"refused ({subject}): {said}")
+    out.append(f"refused (fd): {HELD.format_map(_Blanks())}")
+    out.append(f"refused (fd): {fown.REFUSED}")
     return out

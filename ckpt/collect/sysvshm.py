@@ -33,9 +33,12 @@ from ckpt.collect.fdkinds.base import Remote
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.creds import call_as_creator
 from ckpt.kernel.sys import NR, PAGE_SIZE, syscall
 
 SHM_DEST = 0o1000  # in /proc/sysvipc/shm perms: removed, destroyed at the last detach
+SHM_LOCKED = 0o2000  # ... and SHM_LOCK: its pages stay in memory
+SHM_LOCK = 11
 SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
 IPC_CREAT, IPC_EXCL, IPC_RMID, IPC_SET, IPC_STAT = 0o1000, 0o2000, 0, 1, 2
 IPC_PRIVATE = 0
@@ -54,22 +57,30 @@ class Segment:
     nattch: int
     uid: int
     gid: int
+    cuid: int = 0
+    cgid: int = 0
 
     @property
     def removed(self) -> bool:
         return bool(self.mode & SHM_DEST)
 
+    @property
+    def locked(self) -> bool:
+        return bool(self.mode & SHM_LOCKED)
+
 
 def parse_sysvipc_shm(text: str) -> dict[int, Segment]:
     """/proc/sysvipc/shm by shmid (key, shmid, perms (octal), size, cpid, lpid, nattch,
-    uid, gid, ...)."""
+    uid, gid, cuid, cgid, ...)."""
     out = {}
     for line in text.splitlines()[1:]:
         f = line.split()
         if len(f) < 9:
             continue
         seg = Segment(key=int(f[0]), shmid=int(f[1]), mode=int(f[2], 8), size=int(f[3]),
-                      nattch=int(f[6]), uid=int(f[7]), gid=int(f[8]))
+                      nattch=int(f[6]), uid=int(f[7]), gid=int(f[8]),
+                      cuid=int(f[9]) if len(f) > 10 else 0,
+                      cgid=int(f[10]) if len(f) > 10 else 0)
         out[seg.shmid] = seg
     return out
 
@@ -110,9 +121,14 @@ def attaches(vmas: Sequence[VmaInfo]) -> list[Attach]:
 
 
 def refusals(pid: int, vmas: Sequence[VmaInfo], segments: dict[int, Segment],
-             same_ipc_ns: bool) -> list[str]:
-    """Why the SysV attaches of ``pid`` could not be restored exactly (pure)."""
+             same_ipc_ns: bool, migrating: bool = False) -> list[str]:
+    """Why the SysV attaches of ``pid`` could not be restored exactly (pure); a migration
+    (whose destination maps memory pass by pass, without shmat) takes none."""
     found = attaches(vmas)
+    if found and migrating:
+        a = found[0]
+        return [f"process {pid} attaches System V shared memory ({a.shmid} at "
+                f"{a.base:#x}): ckpt dump and restore carry it, migrate does not yet"]
     if found and not same_ipc_ns:
         return [f"process {pid} attaches System V shared memory in another IPC namespace "
                 "than ckpt's: not supported yet"]
@@ -167,6 +183,7 @@ def collect_segments(vmas: Sequence[VmaInfo], root: str = "/proc") -> list[pb.Sy
             data = ctypes.string_at(addr, seg.size)
         out.append(pb.SysvShm(key=seg.key, shmid=shmid, mode=seg.mode & 0o777, size=seg.size,
                               uid=seg.uid, gid=seg.gid, removed=seg.removed,
+                              locked=seg.locked, cuid=seg.cuid, cgid=seg.cgid,
                               data=zstandard.ZstdCompressor(level=1).compress(data)))
     return out
 
@@ -192,21 +209,35 @@ def restore_segments(entry: pb.ProcessEntry) -> list[int]:
 
 
 def _reusable(there: Segment | None, seg: pb.SysvShm) -> bool:
+    """Is the segment ``there`` under the image's id the dumped one, still in place (a
+    restore on the same host)? Only if nothing attaches it (its contents are the
+    image's to set) and its key, size, owner, creator and mode are the image's; any
+    other segment under that id stops the restore."""
     if there is None:
         return False
-    if there.key == seg.key and there.size == seg.size and not there.removed:
+    same = (there.key, there.size, there.uid, there.gid, there.cuid, there.cgid,
+            there.mode & 0o777, there.locked) == (seg.key, seg.size, seg.uid, seg.gid,
+                                                  seg.cuid, seg.cgid, seg.mode, seg.locked)
+    if same and not there.removed and there.nattch == 0:
         return True
+    why = (f"attached by {there.nattch} process(es)" if same and there.nattch
+           else f"key {there.key:#x}, {there.size} bytes, owner {there.uid}:{there.gid}")
     raise RestoreError(f"System V shared memory id {seg.shmid} is taken by another segment "
-                       f"(key {there.key:#x}, {there.size} bytes)")
+                       f"or in use ({why})")
 
 
 def _make(seg: pb.SysvShm) -> None:
     key = IPC_PRIVATE if seg.removed else seg.key
+    flags = IPC_CREAT | IPC_EXCL | (seg.mode & 0o777)
+
+    def shmget() -> int:
+        return syscall(NR.shmget, key, seg.size, flags,
+                       what=f"shmget (System V shared memory {seg.shmid})")
+
     try:
         with open(NEXT_ID, "w") as f:
             f.write(str(seg.shmid))
-        got = syscall(NR.shmget, key, seg.size, IPC_CREAT | IPC_EXCL | (seg.mode & 0o777),
-                      what=f"shmget (System V shared memory {seg.shmid})")
+        got = call_as_creator(seg.cuid, seg.cgid, shmget)  # its creator is the dumped one
     except OSError as exc:
         raise RestoreError(f"cannot make System V shared memory {seg.shmid} (key "
                            f"{seg.key:#x}) again: {exc.strerror or exc}") from None
@@ -217,6 +248,8 @@ def _make(seg: pb.SysvShm) -> None:
     syscall(NR.shmctl, got, IPC_STAT, ctypes.addressof(ds), what="shmctl(IPC_STAT)")
     ds.uid, ds.gid, ds.mode = seg.uid, seg.gid, seg.mode & 0o777
     syscall(NR.shmctl, got, IPC_SET, ctypes.addressof(ds), what="shmctl(IPC_SET)")
+    if seg.locked:
+        syscall(NR.shmctl, got, SHM_LOCK, 0, what="shmctl(SHM_LOCK)")
 
 
 def _fill(seg: pb.SysvShm) -> None:

@@ -68,6 +68,8 @@ DIGEST_SIZE = 8  # = ckpt.pagecopy.compare.DIGEST (tested)
 DIGESTS = ImageKind("digests", "digests-{pid}.img", _magic(b"DGST"), (PageDigests,))
 VMAS = ImageKind("vmas", "vmas-{pid}.img", _magic(b"VMAS"), (Vma,))
 
+MAX_MESSAGE = (1 << 31) - 1  # bytes of one protobuf message
+
 KINDS: dict[str, ImageKind] = {
     k.name: k for k in (INVENTORY, CORE, PAGEMAP, PAGES, TRACKER, DIGESTS, VMAS)
 }
@@ -236,6 +238,11 @@ class ImageDir:
         return msg
 
     def write_core(self, pid: int, msg: ProcessEntry) -> None:
+        size = msg.ByteSize()
+        if size > MAX_MESSAGE:  # protobuf's own limit: pipes, memfds, deleted files, SysV
+            raise ImageError(f"process {pid}'s state besides its memory takes {size} bytes "
+                             f"(buffered data, memfds, deleted files, System V segments), "
+                             f"more than a core image holds ({MAX_MESSAGE} bytes)")
         self._write_msgs(CORE, pid, [msg])
 
     def read_core(self, pid: int) -> ProcessEntry:

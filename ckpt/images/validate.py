@@ -145,6 +145,14 @@ PID_OR_0 = ranged(0, PID_MAX)
 ADDR = aligned()
 ANY_ADDR = ranged(0, USER_END)  # an address, not necessarily page aligned
 SEGMENT = ranged(0, 0xFFFF)
+INT_MAX = (1 << 31) - 1
+
+
+
+def IP_ADDR(v: bytes) -> str | None:
+    return None if len(v) in (4, 16) else f"{len(v)} bytes, not 4 or 16"
+
+
 
 FIELDS: dict[type[Message], dict[str, Check]] = {
     img.Inventory: {
@@ -201,13 +209,15 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
                "vmflags": text(4)},
     core.OpenFile: {"id": ranged(1, FD_SET_MAX), "path": path(absolute=False),
                     "pos": ranged(0, S64_MAX), "size": ranged(0, S64_MAX),
-                    "inherit_fd": ranged(-1, 2), "external": text(64)},
+                    "inherit_fd": ranged(-1, 2), "external": text(64),
+                    "owner_type": one_of(0, 1, 2), "owner": ranged(0, PID_MAX),
+                    "signal": ranged(0, NSIG)},
     core.FileLock: {"start": ranged(0, S64_MAX), "length": ranged(0, S64_MAX),
                     "signal": ranged(0, NSIG)},
     core.FdEntry: {"fd": ranged(0, NR_OPEN_MAX - 1), "file_id": ranged(1, FD_SET_MAX)},
     core.EventFd: {"count": ranged(0, (1 << 64) - 2)},
-    core.Cgroup: {"hierarchy": ranged(0, 0xFFFF), "controllers": text(256),
-                  "path": path(absolute=True)},
+    core.Cgroup: {"hierarchy": ranged(0, (1 << 31) - 1),  # the kernel's ids are ints
+                  "controllers": text(256), "path": path(absolute=True)},
     # size: ckpt.collect.sysvshm.MAX_SEGMENT (not imported: images never reach collect)
     core.SysvShm: {"shmid": ranged(0, (1 << 31) - 1), "mode": ranged(0, 0o777),
                    "size": ranged(1, 1 << 30)},
@@ -227,6 +237,15 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
     core.UnixMessage: {"data": blob(UNIX_QUEUE_MAX), "sender": blob(SUN_PATH)},
     core.UnixOption: {"level": one_of(1), "name": one_of(*UNIX_OPTIONS),
                       "value": blob(16)},
+    # inet sockets (ckpt/collect/fdkinds/inet.py); option names are checked by the restore
+    core.InetSocket: {"family": one_of(2, 10), "type": one_of(1, 2), "protocol": one_of(6, 17),
+                      "state": ranged(1, 12), "backlog": ranged(0, INT_MAX),
+                      "uid": ranged(0, 0xFFFFFFFE), "shutdown": ranged(0, 3)},
+    core.InetAddress: {"addr": IP_ADDR, "port": ranged(0, 0xFFFF), "scope_id": ranged(0, INT_MAX)},
+    core.InetOption: {"name": text(32), "value": ranged(-INT_MAX - 1, INT_MAX),
+                      "raw": blob(2048)},
+    core.InetMembership: {"family": one_of(2, 10), "group": IP_ADDR,
+                          "ifindex": ranged(1, INT_MAX), "sources": IP_ADDR},
 }
 
 
@@ -342,6 +361,21 @@ def _pipe(m: core.PipeFile) -> Iterator[Problem]:
         yield "data", len(m.data), "bytes besides packets"
 
 
+def _inet(m: core.InetSocket) -> Iterator[Problem]:
+    size = 4 if m.family == 2 else 16
+    if (m.type, m.protocol) not in ((1, 6), (2, 17)):
+        yield "protocol", m.protocol, f"not the protocol of socket type {m.type}"
+    for name in ("local", "peer"):
+        if m.HasField(name) and len(getattr(m, name).addr) != size:
+            yield f"{name}.addr", getattr(m, name).addr, f"not {size} bytes (family {m.family})"
+    for i, g in enumerate(m.memberships):
+        want = 4 if g.family == 2 else 16
+        if want > size or len(g.group) != want or any(len(s) != want for s in g.sources):
+            yield f"memberships[{i}].group", g.group, "not an address of its family"
+        if len(g.sources) > 1024:
+            yield f"memberships[{i}].sources", len(g.sources), "more than 1024 sources"
+
+
 def _process(m: core.ProcessEntry) -> Iterator[Problem]:
     if not m.threads:
         yield "threads", 0, "no threads"
@@ -360,6 +394,10 @@ def _process(m: core.ProcessEntry) -> Iterator[Problem]:
     yield from _unique("files.id", (f.id for f in m.files))
     yield from _unique("fds.fd", (f.fd for f in m.fds))
     ids = {f.id for f in m.files}
+    tids = {t.tid for t in m.threads}
+    for i, f in enumerate(m.files):  # F_OWNER_PGRP 2: the process group; else a thread
+        if f.owner and f.owner not in ({m.pgid} if f.owner_type == 2 else tids):
+            yield f"files[{i}].owner", f.owner, "not the process, its threads or its group"
     for i, fd in enumerate(m.fds):
         if fd.file_id not in ids:
             yield f"fds[{i}].file_id", fd.file_id, "no such file"
@@ -441,6 +479,7 @@ RULES: dict[type[Message], Callable[[Any], Iterator[Problem]]] = {
     core.Vma: _vma, core.MmFields: _mm, core.SigAction: _sigaction, core.Rlimit: _rlimit,
     core.OpenFile: _open_file, core.PipeFile: _pipe, core.ProcessEntry: _process,
     core.UnixSocket: _unix_socket,
+    core.InetSocket: _inet,
 }
 
 

@@ -22,11 +22,15 @@ import ctypes
 import errno
 import os
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from ckpt.errors import AccessDenied, CkptError, KernelError
 from ckpt.kernel.ptrace import ptrace
 from ckpt.kernel.sys import syscall
+
+T = TypeVar("T")
 
 PTRACE_O_SUSPEND_SECCOMP = 0x200000
 PTRACE_SECCOMP_GET_FILTER = 0x420C
@@ -60,8 +64,10 @@ def suspend_seccomp_refused(exc: AccessDenied | KernelError) -> str | None:
 class SYS:
     """x86-64 numbers of the credential syscalls (injected into the restored task)."""
 
+    getgroups = 115
     setgroups = 116
     setresuid = 117
+    getresuid = 118
     setresgid = 119
     setfsuid = 122
     setfsgid = 123
@@ -131,8 +137,7 @@ def assume_fs_identity(fsuid: int, fsgid: int, groups: tuple[int, ...], cap_eff:
     """Make the *calling thread* check file access as a task with these filesystem ids,
     groups and effective capabilities would (raw syscalls: per thread, unlike glibc's
     wrappers). Meant for a short-lived thread: ckpt's other threads keep root."""
-    arr = (ctypes.c_uint32 * max(len(groups), 1))(*groups)
-    syscall(SYS.setgroups, len(groups), ctypes.addressof(arr), what="setgroups")
+    _set_groups(groups)
     syscall(SYS.setfsgid, fsgid, what="setfsgid")
     syscall(SYS.setfsuid, fsuid, what="setfsuid")
     if syscall(SYS.setfsuid, -1 & 0xFFFFFFFF, what="setfsuid") != fsuid:
@@ -156,12 +161,76 @@ def unshare_fs() -> None:
     syscall(SYS.unshare, CLONE_FS, what="unshare(CLONE_FS)")
 
 
+def _get_ids(nr: int, what: str) -> tuple[int, int, int]:
+    ids = (ctypes.c_uint32 * 3)()
+    syscall(nr, *(ctypes.addressof(ids) + 4 * i for i in range(3)), what=what)
+    return ids[0], ids[1], ids[2]
+
+
+def thread_groups() -> tuple[int, ...]:
+    """The calling thread's supplementary groups (raw getgroups: this thread's)."""
+    n = syscall(SYS.getgroups, 0, 0, what="getgroups")
+    arr = (ctypes.c_uint32 * max(n, 1))()
+    n = syscall(SYS.getgroups, n, ctypes.addressof(arr), what="getgroups")
+    return tuple(arr[:n])
+
+
+def _set_groups(groups: Sequence[int]) -> None:
+    arr = (ctypes.c_uint32 * max(len(groups), 1))(*groups)
+    syscall(SYS.setgroups, len(groups), ctypes.addressof(arr), what="setgroups")
+
+
+KEEP = 0xFFFFFFFF  # -1 as a uid_t: "leave it" to setresuid, "only read" to setfs[ug]id
+
+
 @contextlib.contextmanager
-def fsuid_as(uid: int) -> Iterator[None]:
-    """Run the block with the calling thread's filesystem uid set to ``uid`` (a socket
-    made meanwhile is owned by it: sk_uid), then back (raw syscalls: this thread only)."""
-    old = syscall(SYS.setfsuid, uid, what="setfsuid")
+def made_as(uid: int, fsuid: int, fsgid: int, groups: Sequence[int]) -> Iterator[None]:
+    """Run the block with the calling thread's real uid (what per-user limits charge:
+    pipe buffers, epoll watches), filesystem uid and gid (a new object's owner, and its
+    file's f_cred: what xt_owner's --uid-owner, --gid-owner and --suppl-groups match;
+    a socket's sk_uid) and supplementary groups set to a process's; its effective uid
+    and capabilities stay ckpt's (less the filesystem ones while fsuid is not 0). Raw
+    syscalls act on the calling thread only (glibc's setgroups and setresuid change every
+    thread of ckpt, through its setxid broadcast); everything is put back after."""
+    old_ruid = _get_ids(SYS.getresuid, "getresuid")[0]
+    old_groups = thread_groups()
+    old_fsuid = syscall(SYS.setfsuid, KEEP, what="setfsuid")
+    old_fsgid = syscall(SYS.setfsgid, KEEP, what="setfsgid")
     try:
+        _set_groups(groups)
+        syscall(SYS.setresuid, uid, KEEP, KEEP, what="setresuid")  # fsuid = euid again
+        syscall(SYS.setfsgid, fsgid, what="setfsgid")
+        syscall(SYS.setfsuid, fsuid, what="setfsuid")
+        if (syscall(SYS.setfsuid, KEEP, what="setfsuid"),
+                syscall(SYS.setfsgid, KEEP, what="setfsgid")) != (fsuid, fsgid):
+            raise KernelError(errno.EPERM, f"setfsuid({fsuid}) or setfsgid({fsgid})")
         yield
-    finally:
-        syscall(SYS.setfsuid, old, what="setfsuid")
+    finally:  # in reverse: a setfsuid back to 0 gives back the filesystem capabilities,
+        # which a setresuid (setting fsuid to the euid) would not
+        syscall(SYS.setfsuid, old_fsuid, what="setfsuid")
+        syscall(SYS.setfsgid, old_fsgid, what="setfsgid")
+        syscall(SYS.setresuid, old_ruid, KEEP, KEEP, what="setresuid")
+        _set_groups(old_groups)
+
+
+def call_as_creator(uid: int, gid: int, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a new thread of ckpt whose effective uid and gid are ``uid`` and
+    ``gid`` (raw setresgid/setresuid: that thread only; what it creates is theirs, e.g. a
+    System V segment's creator), and return what it returned or raise what it raised."""
+    out: list[T] = []
+    err: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            syscall(SYS.setresgid, -1, gid, -1, what="setresgid")
+            syscall(SYS.setresuid, -1, uid, -1, what="setresuid")
+            out.append(fn())
+        except BaseException as exc:  # handed to the caller
+            err.append(exc)
+
+    thread = threading.Thread(target=run, name="ckpt-creator")
+    thread.start()
+    thread.join()  # the thread exits with its credentials: nothing to switch back
+    if err:
+        raise err[0]
+    return out[0]

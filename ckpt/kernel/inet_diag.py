@@ -13,7 +13,8 @@ fd), shutdown state, and the uid that made it.
 
 rqueue and wqueue mean: for a listener, connections waiting in its accept queue and its
 backlog (sk_max_ack_backlog); for other TCP sockets, bytes not read / not acknowledged;
-for UDP, bytes of queued datagrams (with their overhead) and of unsent ones.
+for UDP, bytes of queued datagrams (with their overhead) and of unsent ones. A TCP socket
+with MD5 keys carries an INET_DIAG_MD5SIG attribute (to a CAP_NET_ADMIN asker).
 
 :func:`request` and :func:`parse` are pure; :func:`dump` talks to the kernel, in the
 network namespace of the socket asked about (:func:`netns_of`).
@@ -27,16 +28,22 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ckpt.kernel.sys import syscall
+
+T = TypeVar("T")
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-INET_DIAG_SHUTDOWN, INET_DIAG_SKV6ONLY = 8, 11
+INET_DIAG_SHUTDOWN, INET_DIAG_SKV6ONLY, INET_DIAG_MD5SIG = 8, 11, 18
 ALL_STATES = 0xFFFFFFFF
+#: ext: INET_DIAG_INFO (tcp_info), with which TCP's aux attributes (MD5SIG) come too
+EXT_INFO = 1 << (2 - 1)
 SIOCGSKNS = 0x894C
 NR_SETNS, CLONE_NEWNET = 308, 0x40000000
 
@@ -73,6 +80,7 @@ class DiagSocket:
     inode: int  # 0: no fd refers to it (a connection a listener has not accepted yet)
     shutdown: int = 0  # SHUT_RD 1 | SHUT_WR 2 (sk_shutdown)
     v6only: bool | None = None  # AF_INET6 only
+    md5: bool = False  # TCP-MD5 keys (TCP_MD5SIG; shown to CAP_NET_ADMIN only)
 
     @property
     def state_name(self) -> str:
@@ -81,7 +89,7 @@ class DiagSocket:
 
 def request(family: int, protocol: int, states: int = ALL_STATES, seq: int = 1) -> bytes:
     """A dump request for every socket of ``family`` and ``protocol`` in ``states``."""
-    body = (_REQ.pack(family, protocol, 0, 0, states) + _SOCKID_PORTS.pack(0, 0)
+    body = (_REQ.pack(family, protocol, EXT_INFO, 0, states) + _SOCKID_PORTS.pack(0, 0)
             + bytes(32) + _SOCKID_TAIL.pack(0, 0xFFFFFFFF, 0xFFFFFFFF))  # INET_DIAG_NOCOOKIE
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY,
                           NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
@@ -100,7 +108,7 @@ def parse_socket(msg: bytes) -> DiagSocket:
     src, dst = msg[8:24], msg[24:40]
     ifindex, _c0, _c1 = _SOCKID_TAIL.unpack_from(msg, 40)
     _expires, rqueue, wqueue, uid, inode = _MSG_TAIL.unpack_from(msg, 52)
-    shutdown, v6only = 0, None
+    shutdown, v6only, md5 = 0, None, False
     off = MSG_SIZE
     while off + _RTA.size <= len(msg):
         length, kind = _RTA.unpack_from(msg, off)
@@ -111,9 +119,11 @@ def parse_socket(msg: bytes) -> DiagSocket:
             shutdown = value[0]
         elif kind == INET_DIAG_SKV6ONLY and value:
             v6only = bool(value[0])
+        elif kind == INET_DIAG_MD5SIG and value:
+            md5 = True
         off += (length + 3) & ~3
     return DiagSocket(family, state, _address(family, src), sport, _address(family, dst),
-                      dport, ifindex, rqueue, wqueue, uid, inode, shutdown, v6only)
+                      dport, ifindex, rqueue, wqueue, uid, inode, shutdown, v6only, md5)
 
 
 def parse(data: bytes) -> tuple[list[DiagSocket], bool]:
@@ -144,31 +154,34 @@ def netns_of(sock_fd: int) -> int:
     return int(fcntl.ioctl(sock_fd, SIOCGSKNS))
 
 
-def _netlink(netns: int | None) -> socket.socket:
-    """A NETLINK_SOCK_DIAG socket of the network namespace ``netns`` (an fd; None: ckpt's).
-    A socket keeps the namespace it was made in: a short thread enters the namespace
-    (setns(2) acts on the calling thread only), makes it, and ends."""
-    def make() -> socket.socket:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                             NETLINK_SOCK_DIAG)
-
+def in_netns(netns: int | None, fn: Callable[[], T]) -> T:
+    """``fn()`` run in the network namespace ``netns`` (an fd; None: ckpt's): a short
+    thread enters it (setns(2) acts on the calling thread only), runs ``fn``, and ends. A
+    socket keeps the namespace it was made in; /proc/thread-self/net shows the thread's."""
     if netns is None or os.fstat(netns).st_ino == os.stat("/proc/self/ns/net").st_ino:
-        return make()
-    made: list[socket.socket | OSError] = []
+        return fn()
+    made: list[T] = []
+    failed: list[OSError] = []
 
     def run() -> None:
         try:
             syscall(NR_SETNS, netns, CLONE_NEWNET, what="setns(CLONE_NEWNET)")
-            made.append(make())
+            made.append(fn())
         except OSError as exc:
-            made.append(exc)
+            failed.append(exc)
 
     thread = threading.Thread(target=run, name="ckpt-netns")
     thread.start()
     thread.join()
-    if isinstance(made[0], OSError):
-        raise made[0]
+    if failed:
+        raise failed[0]
     return made[0]
+
+
+def _netlink(netns: int | None) -> socket.socket:
+    """A NETLINK_SOCK_DIAG socket of the network namespace ``netns``."""
+    return in_netns(netns, lambda: socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG))
 
 
 def dump(family: int, protocol: int, states: int = ALL_STATES,

@@ -128,6 +128,17 @@ def syscall(nr: int, *args: int, what: str = "", pid: int | None = None) -> int:
     return res
 
 
+KCMP_FILE = 0
+
+
+def kcmp_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
+    """kcmp(pid1, pid2, KCMP_FILE, fd1, fd2): is ``fd1`` of ``pid1`` the very open file
+    description that ``fd2`` of ``pid2`` is? A CkptError (NoSuchProcess, AccessDenied, ...)
+    when it cannot tell: an fd closed, a process gone or not ours to look at."""
+    return syscall(NR.kcmp, pid1, pid2, KCMP_FILE, fd1, fd2,
+                   what=f"kcmp(KCMP_FILE, {fd1}, {fd2})", pid=pid2) == 0
+
+
 def tgkill(pid: int, tid: int, sig: int) -> None:
     syscall(NR.tgkill, pid, tid, sig, what=f"tgkill({tid}, {sig})", pid=tid)
 

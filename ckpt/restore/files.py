@@ -5,8 +5,10 @@ The stub starts with ckpt's fds. All but 0-2 are closed at once; 0-2 are parked 
 fd of the image so that INHERITED files (--shell-job) can take ckpt's terminal from them,
 and closed at the end.
 
-Once every fd is in place and nothing more is closed, the restored process takes the
-file locks and leases of its files again (ckpt.collect.fdkinds.locks).
+Once every fd is in place, each open file gets its status flags (O_ASYNC, ...) and signal
+back, whatever its kind (ckpt.collect.fdkinds.fown); its owner waits for the threads
+(restore_owners, called once they are cloned). Once nothing more is closed, the restored
+process takes the file locks and leases of its files again (ckpt.collect.fdkinds.locks).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import re
 import stat
 from collections.abc import Callable
 
-from ckpt.collect.fdkinds import BY_TYPE
+from ckpt.collect.fdkinds import BY_TYPE, fown
 from ckpt.collect.fdkinds.base import NOT_REOPENED, RestoreCtx
 from ckpt.collect.fdkinds.locks import restore_locks
 from ckpt.errors import RestoreError
@@ -26,7 +28,7 @@ from ckpt.kernel.sys import NR
 from ckpt.restore.stub import Stub
 from ckpt.restore.taker import Taker
 
-F_DUPFD, F_SETFD, FD_CLOEXEC = 0, 2, 1
+F_DUPFD, F_SETFD, FD_CLOEXEC, F_GETFL, F_SETFL = 0, 2, 1, 3, 4
 O_CLOEXEC = 0o2000000
 SEEK_SET = 0
 
@@ -183,6 +185,7 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry,
             kind = BY_TYPE.get(f.type)
             if kind is not None and kind.finish is not None and f.id in ctx.placed:
                 kind.finish(ctx, f, ctx.placed[f.id])
+        fown.restore_status(stub, entry.files, ctx.placed)
     finally:
         ctx.close()
     stub.sc(NR.close_range, park, park + 3, 0, what="close_range")
@@ -200,7 +203,28 @@ def _open(stub: Stub, f: pb.OpenFile) -> int:
         why = type_change(f.mode, st.st_mode)
         if why:
             raise RestoreError(f"file {path} {why}")
-    fd = stub.sc(NR.open, stub.put_str(path), f.flags & ~NOT_REOPENED, 0, what=f"open {path}")
+    fd = _open_armed(stub, path, f.flags & ~NOT_REOPENED)
     if f.type == pb.OpenFile.REGULAR and f.pos:
         stub.sc(NR.lseek, fd, f.pos, SEEK_SET, what=f"lseek {path}")
     return fd
+
+
+def _open_armed(stub: Stub, path: str, flags: int) -> int:
+    """open(2) ``path`` with ``flags``. O_ASYNC as open(2) sets it is not armed (no
+    fasync call: no SIGIO ever comes), so it is set with F_SETFL, which arms it; a file
+    without fasync (a regular file) refuses it there, and then only open(2) can have set
+    it: it opens again with it."""
+    fd = stub.sc(NR.open, stub.put_str(path), flags & ~os.O_ASYNC, 0, what=f"open {path}")
+    if flags & os.O_ASYNC:
+        now = stub.sc(NR.fcntl, fd, F_GETFL)
+        stub.sc(NR.fcntl, fd, F_SETFL, now | os.O_ASYNC, what=f"F_SETFL O_ASYNC of {path}")
+        if not stub.sc(NR.fcntl, fd, F_GETFL) & os.O_ASYNC:
+            stub.sc(NR.close, fd)
+            fd = stub.sc(NR.open, stub.put_str(path), flags, 0, what=f"open {path}")
+    return fd
+
+
+def restore_owners(stub: Stub, entry: pb.ProcessEntry, tids: list[int]) -> None:
+    """The owner (F_SETOWN) of every open file that had one: the process, one of its
+    threads (``tids``: restored, leader first) or its process group, as restored."""
+    fown.restore_owners(stub, entry, tids, os.getpgid(stub.pid))

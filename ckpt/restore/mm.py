@@ -137,6 +137,8 @@ def late_protected(vmas: list[pb.Vma]) -> list[pb.Vma]:
 def map_range(stub: Stub, v: pb.Vma, start: int, end: int, files: Backing) -> None:
     """mmap [start, end) of VMA ``v`` fresh (MAP_FIXED), with its warm protection."""
     kind = VmaKind(v.kind)
+    if kind == VmaKind.SYSV_SHM:  # attached by ckpt.collect.sysvshm, never mapped here
+        raise RestoreError(f"System V shared memory at {start:#x} cannot be mapped here")
     flags = MAP_FIXED | (MAP_SHARED if v.shared else MAP_DROPPABLE if "dp" in v.vmflags
                          else MAP_PRIVATE)
     fd, off = -1, 0

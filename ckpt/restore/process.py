@@ -31,7 +31,7 @@ from ckpt.ranges import Range, intersect
 from ckpt.restore import mm
 from ckpt.restore.access import check_access
 from ckpt.restore.creds import restore_creds
-from ckpt.restore.files import close_stub_fds, restore_files
+from ckpt.restore.files import close_stub_fds, restore_files, restore_owners
 from ckpt.restore.pages import WritableIndex, fill_pages
 from ckpt.restore.pstate import restore_settings
 from ckpt.restore.sched import restore_sched
@@ -126,6 +126,7 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     create_timers(stub, entry, {th.tid: tid for th, tid in zip(entry.threads, tids, strict=True)})
     replay_overruns(stub, threads, entry)
     restore_all_settings(stub, threads, entry, after_creds=False)
+    restore_owners(stub, entry, tids)  # F_SETOWN may name a thread: once they exist
     restore_creds(stub, threads, entry)  # last before the registers (ckpt.restore.creds)
     restore_all_settings(stub, threads, entry, after_creds=True)  # what creds would reset
     # No trap after this point (see ckpt.restore.tasks): registers are loaded at stops

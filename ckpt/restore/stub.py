@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import os
 import signal
+import time
 from collections.abc import Iterator
 
 from ckpt.collect.proc import list_tasks
@@ -39,7 +40,7 @@ NS_LAST_PID = "/proc/sys/kernel/ns_last_pid"
 PROT_RWX = 7
 MAP_PRIVATE_ANON = 0x22
 MAP_FIXED_NOREPLACE = 0x100000
-PID_ATTEMPTS = 50
+PID_PATIENCE = 3.0  # seconds of attempts: forks elsewhere may take the pid many times
 
 
 def fork_stub(want_pid: int | None, reserve: int = 0) -> int:
@@ -54,7 +55,8 @@ def fork_stub(want_pid: int | None, reserve: int = 0) -> int:
     with open(NS_LAST_PID, "r+") as last:
         fcntl.flock(last, fcntl.LOCK_EX)  # other ckpt instances serialize on it, as CRIU does
         reserve = max(reserve, int(last.read() or 0))
-        for _ in range(PID_ATTEMPTS):
+        deadline = time.monotonic() + PID_PATIENCE
+        while time.monotonic() < deadline:
             last.seek(0)
             last.write(str(want_pid - 1))
             last.flush()

@@ -16,6 +16,9 @@ non-blocking read of each end gives (EAGAIN while it is open). With ``stdin``, f
 one more listener, not close-on-exec (as inetd would leave it to its child); with
 ``filter``, the UDP socket has a socket filter (SO_ATTACH_FILTER); with ``dead``, it
 holds a connection its peer reset, and each check reads it (ECONNRESET once, then EOF).
+With ``mcast``, a UDP socket on 0.0.0.0 joined multicast group 239.1.2.3 on lo, with
+IP_MULTICAST_IF, SO_TIMESTAMP and IP_RECVTTL: each check sends a datagram to the group
+and reports what arrived and its ancillary data (a timestamp and a TTL).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ S = socket.socket
 SOL, TCP, IP6 = socket.SOL_SOCKET, socket.IPPROTO_TCP, socket.IPPROTO_IPV6
 TCP_DEFER_ACCEPT, TCP_FASTOPEN, TCP_INFO, IP_FREEBIND = 9, 23, 11, 15
 SO_ATTACH_FILTER = 26
+IP = socket.IPPROTO_IP
+GROUP, LO = "239.1.2.3", socket.inet_aton("127.0.0.1")
+IP_RECVTTL, IP_MULTICAST_IF, IP_ADD_MEMBERSHIP, SO_TIMESTAMP = 12, 32, 35, 29
 
 
 def listener(family: int, host: str, backlog: int, port: int = 0,
@@ -91,6 +97,14 @@ def setup(args: list[str]) -> dict[str, Any]:
         server.close()  # RST
         select.select([dead], [], [], 10)
         out["dead"] = dead
+    if "mcast" in args:
+        mc = out["mc"] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        mc.bind(("0.0.0.0", 0))
+        mreqn = struct.pack("4s4si", socket.inet_aton(GROUP), LO, 1)  # ifindex 1: lo
+        mc.setsockopt(IP, IP_ADD_MEMBERSHIP, mreqn)
+        mc.setsockopt(IP, IP_MULTICAST_IF, LO)
+        mc.setsockopt(SOL, SO_TIMESTAMP, 1)
+        mc.setsockopt(IP, IP_RECVTTL, 1)
     if "conn" in args:
         out["client"] = socket.create_connection(out["v4"].getsockname())
         out["client"].send(b"!")  # TCP_DEFER_ACCEPT: accept waits for data
@@ -163,9 +177,26 @@ def check(s: dict[str, Any]) -> dict[str, Any]:
     out["udp6"]["got"] = s["udp6"].recv(16).decode()
     if "dead" in s:
         out["dead"] = read_now(s["dead"])
+    if "mc" in s:
+        out["mc"].update(multicast(s["mc"]))
     if "client" in s:
         out["conn"] = {"client": read_now(s["client"]), "server": read_now(s["server"])}
     return out
+
+
+def multicast(mc: S) -> dict[str, Any]:
+    """Send to the group from 127.0.0.1; what ``mc`` receives and its options."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        sender.setsockopt(IP, IP_MULTICAST_IF, LO)
+        sender.sendto(b"to group", (GROUP, mc.getsockname()[1]))
+    out: dict[str, Any] = {
+        "IP_MULTICAST_IF": socket.inet_ntoa(mc.getsockopt(IP, IP_MULTICAST_IF, 4)),
+        "SO_TIMESTAMP": mc.getsockopt(SOL, SO_TIMESTAMP),
+        "IP_RECVTTL": mc.getsockopt(IP, IP_RECVTTL)}
+    if not select.select([mc], [], [], 3)[0]:
+        return {**out, "got": None}
+    data, anc, _, _ = mc.recvmsg(16, 256)
+    return {**out, "got": data.decode(), "cmsgs": sorted([lvl, kind] for lvl, kind, _ in anc)}
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """System V shared memory: a 3-page segment attached twice (read-write, and read-only),
 the read-write attach split by an mprotect of its last page, a counter kept in it.
 
-usage: sysv_shm.py CONTROL private|keyed KEY
+usage: sysv_shm.py CONTROL private|keyed|locked KEY
     private   IPC_PRIVATE, removed (IPC_RMID) at once: gone with its last detach
     keyed     key KEY (decimal), left in place
+    locked    the same, and SHM_LOCKed
 
 Each check adds one to the counter (through the read-write attach) and reports it as
 read through the read-only attach, a digest of the whole segment, the segment's id, mode
@@ -20,7 +21,7 @@ import struct
 from fdkit import serve
 
 PAGE = 4096
-IPC_CREAT, IPC_RMID, IPC_STAT, SHM_RDONLY = 0o1000, 0, 2, 0o10000
+IPC_CREAT, IPC_RMID, IPC_STAT, SHM_RDONLY, SHM_LOCK = 0o1000, 0, 2, 0o10000, 11
 libc = ctypes.CDLL(None, use_errno=True)
 libc.shmat.restype = ctypes.c_void_p
 libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
@@ -37,6 +38,8 @@ def setup(args: list[str]) -> tuple[int, int, int]:
     libc.mprotect(ctypes.c_void_p(rw + 2 * PAGE), PAGE, 1)  # last page read-only
     if kind == "private":
         libc.shmctl(shmid, IPC_RMID, None)
+    if kind == "locked":
+        assert libc.shmctl(shmid, SHM_LOCK, None) == 0, os.strerror(ctypes.get_errno())
     return shmid, rw, ro
 
 

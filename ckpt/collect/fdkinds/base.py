@@ -14,10 +14,17 @@ its collector and its restorer side by side, registered as one :class:`FdKind` r
     restore, once every   finish     the same, and its lowest fd number   calls that need
     fd is in place                   in the restored process               other fds (epoll)
 
-Most objects are made in ckpt's own process (``os.pipe2``, ``socket.socket``, ...) and
-then taken by the restored process with pidfd_getfd(2): ``Opened(fd, in_ckpt=True)``. A
+Most objects are made in ckpt's own process (``os.pipe2``, ``socket.socket``, ...), as
+the process's ids and groups (``with ctx.as_owner():``, not as root), and then taken by
+the restored process with pidfd_getfd(2): ``Opened(fd, in_ckpt=True)``. A
 kind that must act as the restored process itself (an open() by path, a POSIX lock) runs
 syscalls in it through ``ctx.remote`` and returns ``Opened(fd, in_ckpt=False)``.
+
+Whether another process holds the same object (a socket, an eventfd, a memfd, ...) is
+the framework's business, not inspect's: ``FdKind.holders`` says how to compare
+(ckpt.collect.holders), :meth:`Peek.holders` finds them, ckpt.collect.restorable refuses
+them. A kind that decides itself what other holders mean (a pipe: external) says OWN
+and asks :meth:`Peek.holders` in its inspect.
 
 The OpenFile messages are this package's image boundary: a collector writes its kind's
 payload message (proto/core.proto, one per kind), a restorer reads it.
@@ -32,8 +39,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ckpt.collect.fds import FdInfo
+from ckpt.collect.holders import Link, Mapped, Sharing, holders_of, scan_links, scan_maps
 from ckpt.errors import NoSuchProcess
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.creds import made_as
 from ckpt.kernel.sys import pidfd_getfd, pidfd_open
 
 
@@ -49,6 +58,9 @@ class Remote(Protocol):
     def put_str(self, s: str, off: int = 0) -> int: ...
 
 
+HOLDERS = "holders.links"  # Peek.memo: every other process's fds, by link text
+HOLDERS_MAPS = "holders.maps"  # ... and their mappings of deleted files, by path
+DELETED = " (deleted)"
 GHOST_LIMIT = 1 << 20  # default --ghost-limit, bytes
 #: open(2) flags that only meant something to the open that made the file: a reopen drops
 #: them (O_TMPFILE without its O_DIRECTORY part, which a directory's fd keeps)
@@ -64,7 +76,8 @@ class FdFlags:
     tcp_close: bool = False  # established TCP connections are restored closed
     ghost_limit: int = GHOST_LIMIT  # bytes: largest deleted file or memfd saved
     # objects held outside the process may be recorded as external (a restore takes them
-    # from --inherit-fd); not where the restore is on another host (migrate)
+    # from --inherit-fd); not where the restore is on another host (migrate), which also
+    # refuses System V shared memory (ckpt.collect.sysvshm)
     externals: bool = True
 
 
@@ -80,6 +93,26 @@ class Peek:
         # what a kind reads once for all the fds it inspects in this pass (one /proc scan,
         # a table of every socket), by a key of its own
         self.memo: dict[Any, Any] = {}
+
+    def holders(self, info: FdInfo, how: Sharing) -> tuple[int, ...]:
+        """The other processes (not this one, not ckpt) that hold the object of fd
+        ``info``, compared ``how`` (ckpt.collect.holders). Every process's fd links are
+        read once per Peek, for all the fds asked about."""
+        if how is Sharing.OWN:
+            return ()
+        exclude = {self.pid, os.getpid()}
+        links: dict[str, list[Link]] | None = self.memo.get(HOLDERS)
+        if links is None:
+            wanted = {i.target for i in self.fds.values()}
+            links = self.memo[HOLDERS] = scan_links(wanted, exclude)
+        mapped: dict[str, list[Mapped]] = {}
+        if how is Sharing.INODE and info.target.endswith(DELETED):  # a memfd, a ghost
+            mapped = self.memo.get(HOLDERS_MAPS, {})
+            if HOLDERS_MAPS not in self.memo:
+                wanted = {i.target for i in self.fds.values() if i.target.endswith(DELETED)}
+                mapped = self.memo[HOLDERS_MAPS] = scan_maps(wanted, exclude)
+        return holders_of(how, self.pid, info, links.get(info.target, []),
+                          mapped=mapped.get(info.target, []))
 
     @contextlib.contextmanager
     def getfd(self, fd: int) -> Iterator[int]:
@@ -132,6 +165,12 @@ class RestoreCtx:
     # fd number in the restored process of each OpenFile, by id (lowest of its fds)
     placed: dict[int, int] = field(default_factory=dict)
 
+    def as_owner(self, fsuid: int | None = None) -> contextlib.AbstractContextManager[None]:
+        """A block in which ckpt's thread makes objects as the process would: its real
+        uid, filesystem uid (``fsuid`` if given: a socket's owner) and gid and groups
+        (ckpt.kernel.creds.made_as), so the object carries them, not root's."""
+        return made_as_process(self.entry, fsuid)
+
     def hold(self, fd: int) -> int:
         """Keep ckpt's ``fd`` open until the restore ends; return it."""
         self.keep.append(fd)
@@ -142,6 +181,16 @@ class RestoreCtx:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.keep.clear()
+
+
+def made_as_process(entry: pb.ProcessEntry, fsuid: int | None = None,
+                    ) -> contextlib.AbstractContextManager[None]:
+    """RestoreCtx.as_owner, for who makes objects before the RestoreCtx exists (mapped
+    memfds: ckpt.collect.mappedfiles)."""
+    if not entry.threads:
+        return contextlib.nullcontext()
+    c = entry.threads[0].creds
+    return made_as(c.uid, c.fsuid if fsuid is None else fsuid, c.fsgid, tuple(c.groups))
 
 
 Inspect = Callable[[FdInfo, Peek], Any]
@@ -177,3 +226,6 @@ class FdKind:
     inspect: Inspect = nothing
     refuse: Refuse = accept
     finish: Finish | None = None
+    # how other processes holding the same object are found; any is refused before the
+    # freeze (ckpt.collect.restorable), but for OWN: the kind judges them in refuse
+    holders: Sharing = Sharing.OPEN_FILE

@@ -159,7 +159,8 @@ def collect(info: FdInfo, details: list[Found], peek: Peek, out: pb.OpenFile) ->
 
 
 def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
-    fd = ctx.hold(syscall(NR.epoll_create1, 0, what="epoll_create1"))
+    with ctx.as_owner():
+        fd = ctx.hold(syscall(NR.epoll_create1, 0, what="epoll_create1"))
     os.set_blocking(fd, not f.flags & os.O_NONBLOCK)
     return Opened(fd)
 

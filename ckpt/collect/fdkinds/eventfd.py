@@ -37,7 +37,8 @@ def collect(info: FdInfo, details: Any, peek: Peek, out: pb.OpenFile) -> None:
 
 def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
     flags = (f.flags & os.O_NONBLOCK) | (EFD_SEMAPHORE if f.eventfd.semaphore else 0)
-    fd = ctx.hold(os.eventfd(0, flags))  # initval is 32 bits wide; the counter 64
+    with ctx.as_owner():
+        fd = ctx.hold(os.eventfd(0, flags))  # initval is 32 bits wide; the counter 64
     if f.eventfd.count:
         os.eventfd_write(fd, f.eventfd.count)
     return Opened(fd)

@@ -7,12 +7,16 @@ which knows what getsockopt does not):
     family, type, protocol      getsockopt SO_DOMAIN, SO_TYPE, SO_PROTOCOL
     local and peer address      getsockname, getpeername
     options                     getsockopt, those a new socket lacks (inet_options.py)
+    multicast memberships       getsockopt MCAST_MSFILTER of each group of /proc/net/igmp
+                                and igmp6 of its namespace (inet_mcast.py)
+    state no getsockopt reads   TCP_ULP, TCP_REPAIR, TCP-AO, TCP-MD5 (inet_diag): refused
     state, backlog, queues,     inet_diag, found by the socket's inode
     shutdown, owner's uid
     connections not accepted    inet_diag: sockets without an inode on a listener's port
 
 Restore makes the socket in ckpt (as the owner's uid: sk_uid decides who may join an
-SO_REUSEPORT group), sets the options, binds, listens with the same backlog or connects a
+SO_REUSEPORT group; with the process's gid and groups: RestoreCtx.as_owner), sets the
+options, joins the groups, binds, listens with the same backlog or connects a
 UDP socket to its peer, and the restored process takes it. The port is free then: the
 dump killed the process; if it is not, the restore fails naming the address. A listener
 without SO_REUSEADDR is refused its port by the kernel while connections it accepted
@@ -22,6 +26,12 @@ help (the lingering sockets lack it too), nor TCP_REPAIR's forced reuse (a liste
 repair mode cannot leave it).
 
 Refused, naming the socket (what ``ckpt dump`` says, before the freeze):
+    a socket of another network namespace than ckpt's: the restore would make it in
+        ckpt's (a listener of a container back on the host's address); ckpt run in that
+        namespace takes it. Not refused by migrate, which moves the process to the
+        destination's namespace on purpose (FdFlags.externals False)
+    an option a new socket does not read back once set (inet_options.replay), and
+        state no getsockopt reads (inet_options.unreadable; TCP-MD5 keys from inet_diag)
     a TCP connection (any state but LISTEN, and CLOSE when never connected; one that
         ended, its fd still open, too: its pending error cannot be read without taking
         it from the program), unless
@@ -39,32 +49,32 @@ Refused, naming the socket (what ``ckpt dump`` says, before the freeze):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
-import ipaddress
 import os
 import select
 import socket
 import struct
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from ckpt.collect.fdkinds import inet_mcast as mc
 from ckpt.collect.fdkinds import inet_options as opts
+from ckpt.collect.fdkinds import inet_tables as tables
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Opened, Peek, RestoreCtx
 from ckpt.collect.fds import FdInfo
+from ckpt.collect.holders import Sharing
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel import inet_diag as diag
-from ckpt.kernel.creds import fsuid_as
 
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
 KINDS: dict[tuple[int, int], str] = {(int(socket.SOCK_STREAM), socket.IPPROTO_TCP): "TCP",
                                      (int(socket.SOCK_DGRAM), socket.IPPROTO_UDP): "UDP"}
 SO_DOMAIN, SO_PROTOCOL, SO_GET_FILTER = 39, 38, 26
 SO_LINGER, TCP_INFO = 13, 11
-SHUTDOWN_MASK = 3  # RCV_SHUTDOWN | SEND_SHUTDOWN
-#: inet_diag states of a connection a listener has not accepted yet
-QUEUED = (diag.TCP_ESTABLISHED, 3, 12)  # ESTABLISHED, SYN_RECV, NEW_SYN_RECV
 RESET_WAIT_MS = 5000
 
 
@@ -119,6 +129,10 @@ class InetState:
     options: tuple[tuple[str, opts.Value], ...] = ()
     pending: tuple[str, ...] = ()  # a listener's connections not accepted: "peer -> local"
     filtered: bool = False
+    memberships: tuple[mc.Membership, ...] = ()
+    unreadable: tuple[str, ...] = ()  # state no getsockopt reads (opts.unreadable), in words
+    unreplayable: tuple[str, ...] = ()  # options that do not read back once set (opts.replay)
+    netns: str = ""  # "net:[INODE]" of a socket in another network namespace than ckpt's
 
     @property
     def proto_name(self) -> str:
@@ -159,91 +173,69 @@ def _name(sock: socket.socket, family: int, peer: bool) -> Endpoint | None:
     return None if end.wildcard else end
 
 
-def pending_of(listener: diag.DiagSocket, table: list[diag.DiagSocket]) -> tuple[str, ...]:
-    """A listener's connections not accepted yet: "peer -> local" of each socket without
-    an inode on its port (and address, unless it listens on every address)."""
-    wild = ipaddress.ip_address(listener.src).is_unspecified
-    out = []
-    for s in table:
-        if (s.inode == 0 and s.state in QUEUED and s.sport == listener.sport
-                and (wild or s.src == listener.src)):
-            out.append(f"{_show(s.dst, s.dport)} -> {_show(s.src, s.sport)}")
-    return tuple(out)
-
-
-def _show(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _diag_table(peek: Peek, fd: int, family: int, proto: int) -> list[diag.DiagSocket]:
-    """inet_diag's sockets of this family and protocol in the socket's network namespace,
-    read once per pass (Peek.memo); none if it cannot tell (a kernel without INET_DIAG)."""
-    try:
-        netns: int | None = diag.netns_of(fd)
-    except OSError:
-        netns = None
-    try:
-        key = ("inet_diag", os.fstat(netns).st_ino if netns is not None else 0, family, proto)
-        if key not in peek.memo:
-            try:
-                peek.memo[key] = diag.dump(family, proto, netns=netns)
-            except (OSError, ValueError):
-                peek.memo[key] = []
-        table: list[diag.DiagSocket] = peek.memo[key]
-        return table
-    finally:
-        if netns is not None:
-            os.close(netns)
-
-
-def unlisted(proto: int, tcp_state: int, bound: bool) -> tuple[int, int]:
-    """(state, shutdown) of a socket inet_diag does not list (it lists those in its hash
-    tables): an unbound one is CLOSE; a bound TCP socket in CLOSE is a connection that
-    ended (a reset, or both sides closed: the kernel let go of its port), shut down both
-    ways; anything else cannot be told (-1)."""
-    if tcp_state != diag.TCP_CLOSE:
-        return -1, 0
-    if not bound:
-        return diag.TCP_CLOSE, 0
-    return (diag.TCP_CLOSE, SHUTDOWN_MASK) if proto == socket.IPPROTO_TCP else (-1, 0)
-
-
 def inspect(info: FdInfo, peek: Peek) -> InetState:
-    with peek.getfd(info.fd) as fd, borrowed(fd) as sock:
+    st = _inspect(info, peek)
+    if st.is_connection:  # restored reset: no option, no group matters
+        return st
+    return dataclasses.replace(st, unreplayable=opts.replay(st.family, st.type, st.protocol,
+                                                            st.options))
+
+
+def _inspect(info: FdInfo, peek: Peek) -> InetState:
+    with peek.getfd(info.fd) as fd, borrowed(fd) as sock, tables.netns_of(fd) as netns:
         family, type_, proto = sock.family, sock.type, sock.proto
         local, peer = _name(sock, family, False), _name(sock, family, True)
         values = opts.read(sock, family, proto)
         uid = os.fstat(fd).st_uid
         tcp_state = (sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 1)[0]
                      if proto == socket.IPPROTO_TCP else diag.TCP_CLOSE)
-        table = _diag_table(peek, fd, family, proto)
+        table = tables.diag_table(peek, netns, family, proto)
         try:
             filtered = bool(sock.getsockopt(socket.SOL_SOCKET, SO_GET_FILTER, 8))
         except OSError:  # EINVAL: a filter longer than 1 instruction; EACCES: eBPF
             filtered = True
-    options = opts.changed(values, dict(opts.defaults(family, type_, proto)))
+        unreadable = opts.unreadable(sock, values, proto)
+        try:
+            groups = mc.memberships(fd, family, tables.groups(peek, netns))
+        except OSError as exc:  # cannot tell: refused, not guessed
+            groups = ()
+            unreadable += (f"multicast memberships ckpt could not read ({exc})",)
+        ns = tables.foreign_netns(netns)
+    options = tuple(opts.changed(values, dict(opts.defaults(family, type_, proto))).items())
     me = next((s for s in table if s.inode == info.st_ino), None)
+    if me is not None and me.md5:
+        unreadable += ("TCP-MD5 keys (TCP_MD5SIG)",)
+    common: dict[str, Any] = {
+        "options": options, "filtered": filtered, "memberships": groups,
+        "unreadable": unreadable, "netns": ns}
     if me is None:
-        state, shutdown = unlisted(proto, tcp_state, local is not None or peer is not None)
+        state, shutdown = tables.unlisted(proto, tcp_state, local is not None or peer is not None)
         return InetState(family, type_, proto, state, local, peer, uid=uid,
-                         shutdown=shutdown, options=tuple(sorted(options.items())),
-                         filtered=filtered)
+                         shutdown=shutdown, **common)
     listening = proto == socket.IPPROTO_TCP and me.state == diag.TCP_LISTEN
     return InetState(family, type_, proto, me.state, local, peer,
                      backlog=me.wqueue if listening else 0, rqueue=me.rqueue,
                      wqueue=0 if listening else me.wqueue, uid=me.uid,
-                     shutdown=me.shutdown, options=tuple(sorted(options.items())),
-                     pending=pending_of(me, table) if listening else (),
-                     filtered=filtered)
+                     shutdown=me.shutdown,
+                     pending=tables.pending_of(me, table) if listening else (), **common)
 
 
 def refuse(info: FdInfo, s: InetState, flags: FdFlags) -> str | None:
     """Why this socket cannot be restored as it is, or None (pure)."""
     what = s.proto_name
+    if s.netns and flags.externals:
+        return (f"a {what} socket {s.local or '(not bound)'} of network namespace {s.netns}, "
+                "not ckpt's: a restore makes sockets in ckpt's (run ckpt in that namespace, "
+                "or migrate the process there)")
     if s.state < 0:
         return f"a {what} socket that inet_diag does not show: not supported yet"
     if s.filtered:
         return f"a {what} socket with a socket filter (SO_ATTACH_FILTER/BPF): not supported yet"
+    if s.unreadable and not (s.is_connection and flags.tcp_close):
+        return f"a {what} socket with {', '.join(s.unreadable)}: not supported yet"
+    if s.unreplayable:
+        return (f"a {what} socket with options a new socket does not take back as they were "
+                f"({', '.join(s.unreplayable)}): not supported")
     if s.is_connection and not flags.tcp_close:
         if s.state == diag.TCP_CLOSE:
             return (f"a TCP connection from {s.local or '?'} that ended (reset, or closed "
@@ -282,6 +274,9 @@ def collect(info: FdInfo, s: InetState, peek: Peek, out: pb.OpenFile) -> None:
             m.options.add(name=name, raw=value)
         else:
             m.options.add(name=name, value=value)
+    for g in s.memberships:
+        m.memberships.add(family=g.family, group=g.group, ifindex=g.ifindex,
+                          include=g.include, sources=g.sources)
 
 
 # --------------------------------------------------------------------------- restore
@@ -309,24 +304,36 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
         peer = _read_endpoint(m.peer, m.family) if m.HasField("peer") else None
     except ValueError as exc:
         raise RestoreError(f"{where}: {exc} in the image") from None
-    sock = reset_connection(m.family) if m.closed else make_socket(m, local, peer, where)
+    owner = ctx.as_owner(m.uid)  # sk_uid: who may join its SO_REUSEPORT group
+    sock = (reset_connection(m.family, owner) if m.closed
+            else make_socket(m, local, peer, where, owner))
     sock.setblocking(not f.flags & os.O_NONBLOCK)
     return Opened(ctx.hold(sock.detach()))
 
 
+def membership_of(g: pb.InetMembership) -> mc.Membership:
+    """A membership of the image (its fields checked by ckpt.images.validate)."""
+    return mc.Membership(g.family, g.group, g.ifindex, g.include, tuple(g.sources))
+
+
 def make_socket(m: pb.InetSocket, local: Endpoint | None, peer: Endpoint | None,
-                where: str) -> socket.socket:
-    """The socket ``m`` describes, bound, listening or connected as it was; RestoreError
-    naming ``where`` (its fds) and the step that failed."""
+                where: str, owner: AbstractContextManager[None]) -> socket.socket:
+    """The socket ``m`` describes, made in the block ``owner`` (RestoreCtx.as_owner),
+    bound, listening or connected as it was; RestoreError naming ``where`` (its fds) and
+    the step that failed."""
     what = KINDS[m.type, m.protocol]
-    with fsuid_as(m.uid):
+    with owner:
         sock = socket.socket(m.family, m.type | socket.SOCK_CLOEXEC, m.protocol)
     step = "setsockopt"
     tcp = m.protocol == socket.IPPROTO_TCP
     try:
         for o in m.options:
             step = f"setsockopt {o.name}"
-            opts.apply(sock, o.name, o.raw if o.raw else o.value)
+            opts.apply(sock, o.name, o.raw if opts.is_raw(o.name) else o.value)
+        for g in m.memberships:
+            membership = membership_of(g)
+            step = f"join multicast group {membership}"
+            mc.join(sock, membership)
         if local is not None:
             step = f"bind to {what} {local}"
             sock.bind(local.sockaddr())
@@ -342,6 +349,9 @@ def make_socket(m: pb.InetSocket, local: Endpoint | None, peer: Endpoint | None,
     except KeyError as exc:
         sock.close()
         raise RestoreError(f"{where}: unknown socket option {exc} in the image") from None
+    except (OverflowError, ValueError) as exc:  # a value no setsockopt takes
+        sock.close()
+        raise RestoreError(f"{where}: cannot {step}: {exc} (in the image)") from None
     except OSError as exc:
         sock.close()
         lingers = tcp and not any(o.name == "SO_REUSEADDR" and o.value for o in m.options)
@@ -352,12 +362,13 @@ def make_socket(m: pb.InetSocket, local: Endpoint | None, peer: Endpoint | None,
     return sock
 
 
-def reset_connection(family: int) -> socket.socket:
-    """A TCP socket of ``family`` whose connection its peer reset: connected over loopback
-    to a socket of ckpt's that then closes with SO_LINGER 0 (a RST). Its pending error is
-    ECONNRESET."""
+def reset_connection(family: int, owner: AbstractContextManager[None]) -> socket.socket:
+    """A TCP socket of ``family``, made in the block ``owner``, whose connection its peer
+    reset: connected over loopback to a socket of ckpt's that then closes with SO_LINGER
+    0 (a RST). Its pending error is ECONNRESET."""
     host = "127.0.0.1" if family == socket.AF_INET else "::1"
-    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    with owner:
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         with socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as lst:
             lst.bind((host, 0))
@@ -379,4 +390,4 @@ def reset_connection(family: int) -> socket.socket:
 
 
 KIND = FdKind("inet socket", pb.OpenFile.INET_SOCKET, claims, collect, restore,
-              inspect=inspect, refuse=refuse)
+              inspect=inspect, refuse=refuse, holders=Sharing.OBJECT)

@@ -161,7 +161,8 @@ def collect(info: FdInfo, details: Found, peek: Peek, out: pb.OpenFile) -> None:
 
 
 def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
-    fd = ctx.hold(inotify_init1(f.flags & os.O_NONBLOCK))
+    with ctx.as_owner():
+        fd = ctx.hold(inotify_init1(f.flags & os.O_NONBLOCK))
     filler = tempfile.mkdtemp(prefix="ckpt-inotify-")
     try:
         wd = 0

@@ -29,10 +29,12 @@ the credentials are dropped and long before the process runs.
 The gap: ``ckpt dump`` kills its target, which drops its locks; until the restore takes
 them again, another process may take them (CRIU has the same window). A lock that cannot
 be taken again (another process holds a conflicting one, or has a leased file open)
-fails the restore in one line naming the file. So does an flock or OFD lock whose open
-file another process shares (inherited across fork()): that process keeps the lock after
-the dump. A lease's owner comes back as the process itself, as F_SETLEASE made it (an
-F_SETOWN to a thread or a process group afterwards is not seen).
+fails the restore in one line naming the file. An flock, OFD lock or lease whose open
+file another process shares (inherited across fork(), passed over a unix socket) would
+stay with that process after the dump: ckpt.collect.restorable refuses it before the
+freeze (:func:`open_file_lock`, the holders found by ckpt.collect.holders). A lease's
+owner comes back as the process itself, as F_SETLEASE made it, then as dumped
+(ckpt.collect.fdkinds.fown: a thread or the process group after an F_SETOWN).
 
 Refused at dump (:func:`refusal`): a lock on an fd a restore does not reopen by path
 (pipes, sockets, ... and terminals), a mandatory lock, a lease being broken, a
@@ -131,6 +133,20 @@ def refused_lock(info: FdInfo, reopened: bool) -> str | None:
             return f"a {line.kind} lock of type {line.type}"
         if line.end is not None and line.end < line.start:
             return f"a {line.kind} lock on an empty range ({value.strip()})"
+    return None
+
+
+#: kinds of lock owned by the open file description: whoever shares it holds them too
+OPEN_FILE_KINDS = ("FLOCK", "OFDLCK", "LEASE")
+
+
+def open_file_lock(info: FdInfo) -> LockLine | None:
+    """The first lock held through this fd that its open file owns (not the process):
+    another process sharing the open file keeps it when this one dies."""
+    for value in lock_values(info):
+        line = parse_lock(value)
+        if line is not None and line.kind in OPEN_FILE_KINDS:
+            return line
     return None
 
 

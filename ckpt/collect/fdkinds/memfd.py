@@ -47,6 +47,7 @@ from ckpt.collect.fdkinds.base import (
     RestoreCtx,
 )
 from ckpt.collect.fds import FdInfo
+from ckpt.collect.holders import Sharing
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.sys import PAGE_SIZE
@@ -220,10 +221,13 @@ def fill(fd: int, f: pb.OpenFile) -> None:
     os.utime(fd, ns=(f.memfd.atime_ns, f.mtime_ns))
 
 
-def make_memfd(f: pb.OpenFile, seal: bool = True) -> int:
-    """The memfd again; sealed unless ``seal`` is False (a mapping must come first:
-    ckpt.collect.mappedfiles)."""
-    fd = os.memfd_create(f.memfd.name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+def make_memfd(f: pb.OpenFile, owner: contextlib.AbstractContextManager[None],
+               seal: bool = True) -> int:
+    """The memfd again, created in ``owner`` (as the process) and filled as ckpt (its
+    owner may be one the process cannot give it: a memfd made before a setuid); sealed
+    unless ``seal`` is False (a mapping must come first: ckpt.collect.mappedfiles)."""
+    with owner:
+        fd = os.memfd_create(f.memfd.name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
     try:
         fill(fd, f)
         if seal and f.memfd.seals:
@@ -261,10 +265,12 @@ def object_key(f: pb.OpenFile) -> tuple[str, int]:
     return ("memfd" if f.type == pb.OpenFile.MEMFD else f"ghost {f.dev}", f.object)
 
 
-def make(f: pb.OpenFile, seal: bool = True) -> int:
-    """The memfd or deleted file of ``f`` made again, an fd of ckpt (O_RDWR)."""
+def make(f: pb.OpenFile, owner: contextlib.AbstractContextManager[None],
+         seal: bool = True) -> int:
+    """The memfd or deleted file of ``f`` made again, an fd of ckpt (O_RDWR); a memfd is
+    made in ``owner`` (RestoreCtx.as_owner: as the process)."""
     try:
-        return make_memfd(f, seal) if f.type == pb.OpenFile.MEMFD else make_ghost(f)
+        return make_memfd(f, owner, seal) if f.type == pb.OpenFile.MEMFD else make_ghost(f)
     except OSError as exc:
         raise RestoreError(f"cannot make {f.path} again: {exc.strerror or exc}") from None
 
@@ -272,7 +278,7 @@ def make(f: pb.OpenFile, seal: bool = True) -> int:
 def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
     key = object_key(f)
     if key not in ctx.objects:  # a mapped one is made before the memory
-        ctx.objects[key] = ctx.hold(make(f))
+        ctx.objects[key] = ctx.hold(make(f, ctx.as_owner()))
     fd = ctx.hold(os.open(f"/proc/self/fd/{ctx.objects[key]}",
                           (f.flags & ~NOT_REOPENED) | os.O_CLOEXEC))
     if f.pos and not f.flags & os.O_PATH:
@@ -280,7 +286,8 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
     return Opened(fd)
 
 
+# another process holding the file (a Wayland pool) would keep the old one: by inode
 MEMFD = FdKind("memfd", pb.OpenFile.MEMFD, claims_memfd, collect, restore, inspect,
-               refuse_memfd)
+               refuse_memfd, holders=Sharing.INODE)
 GHOST = FdKind("ghost", pb.OpenFile.GHOST, claims_ghost, collect, restore, inspect,
-               refuse_ghost)
+               refuse_ghost, holders=Sharing.INODE)

@@ -33,7 +33,8 @@ def collect(info: FdInfo, details: Any, peek: Peek, out: pb.OpenFile) -> None:
 
 
 def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
-    return Opened(ctx.hold(signalfd4(f.signalfd.mask, f.flags & os.O_NONBLOCK)))
+    with ctx.as_owner():
+        return Opened(ctx.hold(signalfd4(f.signalfd.mask, f.flags & os.O_NONBLOCK)))
 
 
 KIND = FdKind("signalfd", pb.OpenFile.SIGNALFD, claims, collect, restore)

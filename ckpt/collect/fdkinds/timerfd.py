@@ -108,7 +108,8 @@ def arming(t: pb.TimerFd) -> tuple[int, int, int]:
 
 def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
     t = f.timerfd
-    fd = ctx.hold(timerfd_create(t.clockid, f.flags & os.O_NONBLOCK))
+    with ctx.as_owner():
+        fd = ctx.hold(timerfd_create(t.clockid, f.flags & os.O_NONBLOCK))
     flags, value, interval = arming(t)
     timerfd_settime(fd, flags, value, interval)
     # settime zeroed the ticks; an expiry since (a timer due at once) is counted in
