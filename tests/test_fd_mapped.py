@@ -173,7 +173,12 @@ def test_mapped_files_predump_incremental(harness: Harness, tmp_path: Path) -> N
     for r in before["regions"]:  # the predump's tracker (uffd-wp), gone with the dump
         r["vmflags"] = [f for f in r["vmflags"] if f != "uw"]
     images = harness.images("final")
-    harness.dump_and_reap(target.proc, images, "--incremental", "--prev-images-dir", str(pre))
+    res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", images, "--incremental",
+                   "--prev-images-dir", pre, reap=target.proc)
+    assert_ckpt_ok(res)
+    target.proc.wait(timeout=10)
+    # the two shared mappings are their files: saved whole, and the pass says so
+    assert "2 whole VMA(s): memfd or deleted file mapped MAP_SHARED" in res.stderr, res.stderr
     assert_deleted_restores(harness, target, before, images)
 
 

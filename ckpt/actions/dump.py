@@ -47,7 +47,8 @@ from ckpt.collect.cgroups import cgroups_to_pb, read_cgroups
 from ckpt.collect.deletedcwd import collect_deleted_cwd
 from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
 from ckpt.collect.files import collect_files
-from ckpt.collect.mappedfiles import collect_mapped
+from ckpt.collect.mappedfiles import WHOLE as MAPPED_WHOLE
+from ckpt.collect.mappedfiles import collect_mapped, shared_spans
 from ckpt.collect.pstate import collect_settings
 from ckpt.collect.restorable import read_target, require_restorable
 from ckpt.collect.sysvshm import attaches, collect_segments
@@ -184,6 +185,8 @@ def dump(opts: DumpOptions) -> DumpResult:
         stats = pass_stats(layer.plan, mem, frozen_ms, (time.perf_counter() - t_start) * 1000)
         for a in attaches(vmas):
             stats.whole_vmas.add(start=a.base, end=a.end, reason=SYSV_WHOLE)
+        for start, end in shared_spans(vmas):
+            stats.whole_vmas.add(start=start, end=end, reason=MAPPED_WHOLE)
         images.write_inventory(inventory(pid, "dump", parent, name, stats,
                                          len(states[0].xstate), opts.shell_job))
         return stats

@@ -55,12 +55,20 @@ FILE_KINDS = (VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED)
 #: names the kernel gives its own mappings of unlinked inodes (refused elsewhere)
 KERNEL_NAMES = ("/[aio]", "/anon_hugepage")
 TYPES = (pb.OpenFile.MEMFD, pb.OpenFile.GHOST)
+#: a dump's pass stats (DumpStats.whole_vmas): not tracked, saved whole every time
+WHOLE = "memfd or deleted file mapped MAP_SHARED: its contents saved whole in the core image"
 
 
 def is_mapped_object(kind: int, path: str) -> bool:
     """Does a VMA (its kind and path) map a memfd or a deleted file?"""
     return (kind in FILE_KINDS and path.endswith(memfd.DELETED)
             and not path.startswith(KERNEL_NAMES))
+
+
+def shared_spans(vmas: Iterable[VmaInfo]) -> list[tuple[int, int]]:
+    """(start, end) of the VMAs whose memory is a mapped object's contents (WHOLE)."""
+    return [(v.start, v.end) for v in vmas
+            if v.kind == VmaKind.FILE_SHARED and is_mapped_object(v.kind, v.path)]
 
 
 def map_files(pid: int, v: VmaInfo, root: str = "/proc") -> str:
