@@ -122,6 +122,15 @@ def test_mapped_memfds_survive(harness: Harness, tmp_path: Path) -> None:
     assert before["sealed_map_write"] == "EPERM"
     images = harness.images()
     harness.dump_and_reap(target.proc, images)
+    shown = run_ckpt("show", images)
+    assert_ckpt_ok(shown)
+    # how each mapped memfd travels: with its open file, or its own contents
+    objects = {line.split(" /memfd:")[1] for line in shown.stdout.splitlines()
+               if line.startswith("  vma ") and "/memfd:ckpt" in line}
+    assert objects == {"ckpt both (deleted) [the file of fd 3]",
+                       "ckpt only (deleted) [contents saved (4096 bytes)]",
+                       "ckpt future (deleted) [contents saved (4096 bytes)]",
+                       "ckpt sealed (deleted) [the file of fd 4]"}, shown.stdout
     harness.restore_detached(images)
     after = ask(target)
     assert after["fd_to_map"] and after["map_to_fd"] and after["same_inode"]
