@@ -569,15 +569,39 @@ def shown_fds(harness: Harness, pid: int, images: Path) -> list[dict[str, Any]]:
     return fds
 
 
+NOBODY_PYTHON = ("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                 "/usr/bin/python3")
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory uid 65534 can reach (pytest's tmp_path is root's 0700), and a target
+    prefix running examples/targets as uid 65534 (the system's python: the venv's is
+    under /root) is usable."""
+    require_reachable_by_others()
+    if shutil.which(NOBODY_PYTHON[0]) is None or not os.path.exists(NOBODY_PYTHON[-1]):
+        pytest.skip("needs setpriv and /usr/bin/python3")
+    path = Path(tempfile.mkdtemp(prefix="ckpt-open-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class Asker:
     """Talks to a target built on examples/targets/fdkit.py: :meth:`ask` makes it print
-    its check once more and returns the answer."""
+    its check once more and returns the answer. ``nobody_in``: run it as uid 65534 (with
+    NOBODY_PYTHON), its control files in this directory (an ``open_dir``)."""
 
     def __init__(self, harness: Harness, target: str, *args: str,
-                 pass_fds: Sequence[int] = (), prefix: Sequence[str] = ()) -> None:
-        self.control = harness.tmp / f"{target}.control"
+                 pass_fds: Sequence[int] = (), prefix: Sequence[str] = (),
+                 nobody_in: Path | None = None) -> None:
+        self.control = (nobody_in or harness.tmp) / f"{target}.control"
         self.out = harness.tmp / f"{target}.out"
-        self.proc = harness.launch([*prefix, *py_target(target), str(self.control), *args],
+        argv = ([*NOBODY_PYTHON, str(TARGETS / target)] if nobody_in is not None
+                else py_target(target))
+        self.proc = harness.launch([*prefix, *argv, str(self.control), *args],
                                    self.out, pass_fds)
         wait_for_line(self.out, lambda line: line == "ready", 10, "ready")
         self.asked = 0

@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -367,17 +366,6 @@ def run_as_nobody(*args: str | Path) -> CkptResult:
                           capture_output=True, text=True, timeout=60, check=False,
                           stdin=subprocess.DEVNULL)
     return CkptResult(tuple(argv), proc.returncode, proc.stdout, proc.stderr)
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A directory every user can read (pytest's tmp_path is root's 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="ckpt-creds-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @needs_root

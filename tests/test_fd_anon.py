@@ -122,6 +122,8 @@ def anon_files() -> pb.ProcessEntry:
     ino = entry.files.add(id=4, type=pb.OpenFile.INOTIFY)
     ino.inotify.watches.add(wd=1, mask=0x100, path="/tmp")
     ino.inotify.watches.add(wd=3, mask=0x100, path="/")
+    for fd, file_id in ((2, 2), (3, 3), (4, 4)):  # the epoll set watches fd 3, the timerfd
+        entry.fds.add(fd=fd, file_id=file_id)
     return entry
 
 
@@ -267,6 +269,30 @@ def test_a_watched_directory_replaced_since_the_dump_fails_the_restore(
     res = run_ckpt("restore", "-D", images, "--restore-detached")
     line = assert_one_error_line(res)
     assert f"inotify watch 1: {where / 'a'} is another file than at the dump" in line, line
+
+
+@needs_root
+@pytest.mark.parametrize("hidden", [False, True], ids=["readable", "hidden"])
+def test_inotify_watches_are_added_as_the_process(harness: Harness, open_dir: Path,
+                                                   hidden: bool) -> None:
+    """A uid 65534 process watches its own directories; after the dump one of them is made
+    unreadable to it: root could watch it still, the process itself could not."""
+    where = open_dir / "w"
+    where.mkdir()
+    os.chown(where, 65534, 65534)
+    target = Asker(harness, "fd_anon.py", "inotify", str(where), nobody_in=open_dir)
+    want = {"events": [[1, 0x100, "new"], [3, 0x100, "new"]]}
+    assert target.ask() == want
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images)
+    if hidden:
+        os.chmod(where / "a", 0)
+        line = assert_one_error_line(run_ckpt("restore", "-D", images, "--restore-detached",
+                                              "--pidfile", harness.new_pidfile()))
+        assert f"inotify watch 1: uid 65534 may not read {where / 'a'}" in line, line
+    else:
+        harness.restore_detached(images)
+        assert target.ask() == want
 
 
 def test_unknown_fdinfo_is_refused_not_a_crash() -> None:

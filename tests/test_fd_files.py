@@ -24,6 +24,7 @@ from conftest import (
 )
 from test_migrate import start_server
 
+from ckpt.actions.migrate import compat_request
 from ckpt.cli import parse_size
 from ckpt.collect.fdkinds import memfd
 from ckpt.collect.fdkinds.base import FdFlags
@@ -275,3 +276,13 @@ def test_migrate_carries_a_deleted_file_over_the_default_limit(harness: Harness,
     after = target.ask()
     assert isinstance(after, dict)
     assert after["read"] == ["9abc", "6789"] and after["size"] == before["size"] + 1
+
+
+@needs_root
+def test_migrate_compat_check_reads_only_paths(harness: Harness) -> None:
+    """migrate's compatibility check runs while the target runs: it reads fd links, never
+    an object's state (a deleted file's contents, a pipe's bytes), so a 2 MiB deleted file
+    is neither read nor refused there (the preflight judged it, with --ghost-limit)."""
+    target = files_target(harness, "ghost", str(2 << 20))
+    files = list(compat_request(target.proc.pid, []).files)
+    assert str(harness.tmp / "w") in files, files  # where the deleted file is made again

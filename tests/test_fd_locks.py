@@ -22,6 +22,7 @@ from conftest import (
 from ckpt.collect.fdkinds.locks import (
     collect_locks,
     describe_lock,
+    lease_refusal,
     parse_lock,
     refusal,
     restore_locks,
@@ -31,8 +32,12 @@ from ckpt.collect.restorable import fd_refusal
 from ckpt.errors import ImageError, RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.validate import validate
+from ckpt.kernel.creds import FsIdentity
 
 F_OFD_GETLK = 36
+ROOT_ID = FsIdentity(0, 0, (), (1 << 41) - 1)
+NOBODY_ID = FsIdentity(65534, 65534, (), 0)
+CAP_LEASE = 1 << 28
 FLOCK = struct.Struct("hhqqi4x")
 
 
@@ -280,7 +285,7 @@ def test_restore_takes_each_lock_through_its_files_fd() -> None:
     files = [pb.OpenFile(id=1, path="/a", locks=[posix]),
              pb.OpenFile(id=2, path="/b", locks=[lease]),
              pb.OpenFile(id=3, path="/c", locks=[posix])]  # no fd: not taken
-    restore_locks(remote, files, {1: 7, 2: 9})
+    restore_locks(remote, files, {1: 7, 2: 9}, ROOT_ID, owner=lambda fd: 1000)
     assert remote.calls == [(72, 7, 6, 0x1000), (72, 9, 10, 36), (72, 9, 1024, 0)]
     assert FLOCK.unpack(remote.memory) == (fcntl.F_WRLCK, 0, 5, 10, 0)
 
@@ -295,5 +300,49 @@ def test_restore_takes_each_lock_through_its_files_fd() -> None:
 def test_a_lock_taken_meanwhile_is_one_error_naming_the_file(lock: pb.FileLock,
                                                             says: str) -> None:
     with pytest.raises(RestoreError) as exc:
-        restore_locks(FakeRemote(-11), [pb.OpenFile(id=1, path="/a", locks=[lock])], {1: 7})
+        restore_locks(FakeRemote(-11), [pb.OpenFile(id=1, path="/a", locks=[lock])], {1: 7},
+                      ROOT_ID, owner=lambda fd: 0)
     assert str(exc.value) == says
+
+
+def test_a_lease_needs_the_files_owner_or_cap_lease() -> None:
+    assert lease_refusal(NOBODY_ID, 65534) is None  # its own file
+    assert lease_refusal(FsIdentity(1000, 1000, (), CAP_LEASE), 0) is None
+    assert lease_refusal(ROOT_ID, 1000) is None
+    why = lease_refusal(NOBODY_ID, 0)
+    assert why is not None and "owned by uid 0 now" in why and "uid 65534" in why, why
+
+
+def test_a_lease_the_process_may_not_hold_is_not_taken() -> None:
+    remote = FakeRemote()
+    lease = pb.FileLock(kind=pb.FileLock.LEASE, type=pb.FileLock.WRITE)
+    with pytest.raises(RestoreError) as exc:
+        restore_locks(remote, [pb.OpenFile(id=1, path="/a", locks=[lease])], {1: 7},
+                      NOBODY_ID, owner=lambda fd: 0)
+    assert str(exc.value).startswith("fd 7: the WRITE lease on /a: the file is owned by "
+                                     "uid 0 now"), exc.value
+    assert remote.calls == []
+
+
+@pytest.mark.parametrize("chowned", [False, True], ids=["same-owner", "chowned"])
+def test_a_lease_on_a_file_chowned_since_the_dump_is_refused(harness: Harness, open_dir: Path,
+                                                             chowned: bool) -> None:
+    """A uid 65534 process leases its own files; after the dump one of them is given to
+    root: root's stub could lease it, the process itself could not."""
+    d = open_dir / "locked"
+    d.mkdir()
+    os.chown(d, 65534, 65534)
+    target = Asker(harness, "fd_locks.py", str(d), nobody_in=open_dir)
+    before = target.ask()
+    assert isinstance(before, dict) and before["lease-type"] == "READ", before
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images)
+    if chowned:
+        os.chown(d / "wlease", 0, 0)
+        line = assert_one_error_line(run_ckpt("restore", "-D", images, "--restore-detached",
+                                              "--pidfile", harness.new_pidfile()))
+        assert f"the WRITE lease on {d / 'wlease'}: the file is owned by uid 0 now" in line
+        assert not our_children()
+    else:
+        harness.restore_detached(images)
+        assert target.ask() == before

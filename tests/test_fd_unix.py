@@ -707,3 +707,29 @@ def test_daemon_on_a_unix_socket_predump_incremental_restore(harness: Harness,
     assert get(daemon, path, "k2") == "after-predump"
     put(daemon, path, "k3", "after-restore")
     assert get(daemon, path, "k3") == "after-restore"
+
+
+@needs_root
+@pytest.mark.parametrize("locked", [False, True], ids=["writable", "locked"])
+def test_a_path_socket_is_bound_with_the_process_file_access(harness: Harness, open_dir: Path,
+                                                              locked: bool) -> None:
+    """A uid 65534 process listens on a path in its own directory; after the dump the
+    directory is made read-only to it: root could unlink the stale socket file and bind
+    there again, the process itself could not."""
+    socks = open_dir / "socks"
+    socks.mkdir()
+    os.chown(socks, 65534, 65534)
+    path = socks / "srv.sock"
+    target = Asker(harness, "fd_unix.py", "listen", str(path), nobody_in=open_dir)
+    first = target.ask()
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images)
+    if locked:
+        socks.chmod(0o555)
+        line = assert_one_error_line(run_ckpt("restore", "-D", images, "--restore-detached",
+                                              "--pidfile", harness.new_pidfile()))
+        assert f"unix socket {path}: Permission denied" in line, line
+        assert path.exists()  # the stale socket file is still there: not unlinked as root
+    else:
+        harness.restore_detached(images)
+        assert target.ask() == first

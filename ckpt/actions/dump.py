@@ -49,6 +49,7 @@ from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
 from ckpt.collect.files import collect_files
 from ckpt.collect.mappedfiles import WHOLE as MAPPED_WHOLE
 from ckpt.collect.mappedfiles import collect_mapped, shared_spans
+from ckpt.collect.mlockall import refusal as mlockall_refusal
 from ckpt.collect.pstate import collect_settings
 from ckpt.collect.restorable import read_target, require_restorable
 from ckpt.collect.sysvshm import attaches, collect_segments
@@ -205,6 +206,8 @@ def dump(opts: DumpOptions) -> DumpResult:
             with frozen.near():  # ptrace round trips
                 states = [collect_thread(t) for t in threads]
                 injected = collect_injected(pid, threads, states, vmas)
+            if why := mlockall_refusal(injected.mlockall):  # known only while frozen
+                raise NotDumpable(f"process {pid}: {why}")
             if tracker is not None and tracker.needs_fresh_vmflags:
                 vmas = collect_vmas(pid)
             require_restorable(read_target(pid, opts.shell_job, hidden_fds(pid), vmas,

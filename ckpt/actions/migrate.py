@@ -39,9 +39,11 @@ from ckpt import testpoint
 from ckpt.actions.dump import DumpOptions, dump, hidden_fds, preflight
 from ckpt.actions.predump import PredumpOptions, predump
 from ckpt.collect import proc
-from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
+from ckpt.collect.fdkinds import kind_of
+from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdKind, Peek
 from ckpt.collect.fdkinds.memfd import GHOST, ghost_path
-from ckpt.collect.files import collect_files
+from ckpt.collect.fdkinds.pipe import KIND as PIPE
+from ckpt.collect.fds import FdInfo, classify_fd, read_fds
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.errors import CkptError
 from ckpt.images import ImageDir
@@ -132,8 +134,7 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     out = MigrateResult()
     try:
         with connect(opts.host, opts.port, opts.token, opts.tls) as conn:
-            check_compat(conn, compat_request(opts.pid, vmas, opts.ghost_limit,
-                                              opts.tcp_close))
+            check_compat(conn, compat_request(opts.pid, vmas))
             prev = run_rounds(opts, conn, work, out, report)
             prev = catch_up(opts, conn, work, out, prev, report)
             final_round(opts, conn, work, str(len(out.rounds) + 1), prev, out)
@@ -216,24 +217,33 @@ def commit_again(opts: MigrateOptions, pid: int, why: TransferError) -> None:
         time.sleep(0.5)
 
 
-def compat_request(pid: int, vmas: list[VmaInfo], ghost_limit: int = GHOST_LIMIT,
-                   tcp_close: bool = False,
-                   ) -> wire_pb2.CompatCheck:
+def compat_request(pid: int, vmas: list[VmaInfo]) -> wire_pb2.CompatCheck:
     """What the destination must offer: this CPU's XSTATE layout, the vdso layout, every
-    file the process maps or has open, and the directory of each deleted file it has open
-    (restore makes the file again there)."""
+    file the process maps or has open by path (FIFOs too), and the directory of each
+    deleted file it has open (restore makes the file again there). The process runs
+    meanwhile: only the fd links are read (read_fds, kind_of), never an object's state."""
     caps = probe_once()
     files = {proc.read_exe(pid)}
     files |= {v.path for v in vmas if v.inode and v.kind in FILE_KINDS}
-    flags = FdFlags(shell_job=True, tcp_close=tcp_close, ghost_limit=ghost_limit)
-    for f in collect_files(pid, True, hidden_fds(pid), flags=flags):
-        if f.kind == "path":
-            files.add(f.path)
-        elif f.kind == GHOST.name:
-            files.add(os.path.dirname(ghost_path(f.path)) or "/")
+    hidden = hidden_fds(pid)
+    infos = [i for i in read_fds(pid) if i.fd not in hidden]
+    with Peek(pid, infos) as peek:
+        for info in infos:
+            files |= reopened_paths(info, kind_of(info, peek))
     return wire_pb2.CompatCheck(xstate_size=caps.xstate_size or 0, xcr0=caps.xcr0 or 0,
                                 vdso_layout=caps.get("vdso-layout").detail,
                                 files=sorted(f for f in files if f))
+
+
+def reopened_paths(info: FdInfo, kind: FdKind | None) -> set[str]:
+    """The paths a restore of this fd opens or makes a file in ({} if none)."""
+    if kind is GHOST:
+        return {os.path.dirname(ghost_path(info.target)) or "/"}
+    if kind is PIPE and info.target.startswith("/"):  # a named FIFO
+        return {info.target}
+    if kind is None and classify_fd(info) not in ("tty", "dev_null"):
+        return {info.target} if info.target.startswith("/") else set()
+    return set()
 
 
 def pre_round(opts: MigrateOptions, conn: Conn, work: Path, n: int, prev: str | None,

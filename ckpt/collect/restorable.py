@@ -22,6 +22,8 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               cannot create a given id (before Linux 6.15)      delete every id below
               one shared anonymous memory mapped at two        restore would make two
               addresses (mremap of size 0)
+              mlockall(MCL_FUTURE) is in effect (seen only      restore locks its current
+              while frozen: ckpt.collect.mlockall)             mappings, not future ones
     any path  names another file from ckpt's mount namespace   restore opens ckpt's
     mapping   an AIO ring, MAP_HUGETLB memory                  restore cannot map it again
               a memfd or deleted file ckpt.collect.mappedfiles  (its contents are saved
@@ -65,10 +67,11 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               its own unless it leads its session and no       fdkinds.fown)
               --shell-job)
 
-:func:`refusals` is pure: it takes a :class:`Target` (records of ckpt.collect.vmas,
-ckpt.collect.fds and ckpt.collect.proc) and returns one line per refused thing, process
-first, then mappings by address, then fds by number. :func:`read_target` gathers the
-records; :func:`require_restorable` raises NotDumpable with the first line.
+:func:`refusals` is pure: it takes a :class:`Target` (ckpt.collect.target: records of
+ckpt.collect.vmas, ckpt.collect.fds and ckpt.collect.proc) and returns one line per
+refused thing, process first, then mappings by address, then fds by number.
+:func:`read_target` (ckpt.collect.target) gathers the records; :func:`require_restorable`
+raises NotDumpable with the first line.
 """
 
 from __future__ import annotations
@@ -79,21 +82,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from ckpt.collect import cgroups, deletedcwd, mappedfiles, proc, sched, sysvshm
-from ckpt.collect.fdkinds import fown, kind_of, locks
-from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
-from ckpt.collect.fds import FdInfo, classify_fd, describe_fd, read_fds
+from ckpt.collect import cgroups, mappedfiles, sched, sysvshm
+from ckpt.collect.fdkinds import fown, locks
+from ckpt.collect.fdkinds.base import FdFlags
+from ckpt.collect.fds import FdInfo, classify_fd, describe_fd
 from ckpt.collect.holders import Sharing
-from ckpt.collect.timers import ProcTimer, read_timers, timer_refusal
-from ckpt.collect.vmas import KERNEL_PROVIDED, VmaInfo, VmaKind, collect_vmas
+from ckpt.collect.target import (
+    DELETED,
+    FILE_KINDS,
+    Target,
+    compares_open_file,
+    file_identity,
+    read_target,
+)
+from ckpt.collect.timers import timer_refusal
+from ckpt.collect.vmas import KERNEL_PROVIDED, VmaInfo, VmaKind
 from ckpt.collect.vmflags import refused_flags
-from ckpt.errors import NoSuchProcess, NotDumpable
+from ckpt.errors import NotDumpable
 from ckpt.images.validate import MAX_GROUPS
-from ckpt.kernel.timers import restore_ids_supported
 
 T = TypeVar("T")
-DELETED = " (deleted)"
-FILE_KINDS = frozenset({VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED})
 #: Character devices a reopen brings back exactly: they keep no state (major 1, "mem").
 STATELESS_DEVICES = frozenset(os.makedev(1, minor) for minor in (3, 5, 7, 8, 9))
 NAMESPACE = re.compile(r"[a-z_]+:\[\d+\]")
@@ -101,61 +109,8 @@ PROC_PID = re.compile(r"/proc/\d+(/|$)")
 NOT_YET = "not supported yet"
 #: Timer ids a restore makes by creating and deleting every id below (no kernel help)
 MAX_LINEAR_TIMER_ID = 4096
-#: Namespaces a restored process must share with ckpt (it is created in ckpt's); a mount
-#: namespace may differ as long as the paths agree (Target.foreign), a network one too
-#: (migration between network namespaces moves a process on purpose).
-CHECKED_NS = ("pid", "user")
 #: Filesystems under /dev whose files are files, not devices.
 NOT_DEVICES = ("/dev/shm/", "/dev/hugepages/", "/dev/mqueue/")
-
-
-@dataclass(frozen=True)
-class Target:
-    """What decides whether a restore can bring a process back."""
-
-    pid: int
-    children: tuple[int, ...]
-    cwd: str
-    root: str  # /proc/PID/root
-    own_root: str  # ckpt's: a restored process gets this one
-    mnt_ns: str  # /proc/PID/ns/mnt
-    own_mnt_ns: str  # ckpt's
-    vmas: tuple[VmaInfo, ...]
-    fds: tuple[FdInfo, ...]  # without ckpt's own (a tracker's userfaultfd)
-    shell_job: bool  # a terminal on fds 0-2 is taken from the restoring shell
-    # Paths (of fds, mapped files, the cwd) that name another file, or none, from ckpt's
-    # mount namespace than from the target's; only looked for when the two differ.
-    foreign: frozenset[str] = frozenset()
-    thread_cwds: tuple[tuple[int, str], ...] = ()  # (tid, cwd) of every thread
-    timers: tuple[ProcTimer, ...] = ()  # POSIX timers (timer_create)
-    timer_ids_exact: bool = True  # the kernel creates a timer under a given id
-    other_ns: tuple[tuple[str, str, str], ...] = ()  # (kind, its, ckpt's): CHECKED_NS differing
-    groups: int = 0  # supplementary groups of the leader
-    # fds an fd kind (ckpt.collect.fdkinds) claims: (fd, kind, what its inspect found);
-    # judged by the kind's refuse under fd_flags, not by FD_RULES
-    fd_kinds: tuple[tuple[int, FdKind, object], ...] = ()
-    fd_flags: FdFlags = field(default_factory=FdFlags)
-    # System V shared memory (ckpt.collect.sysvshm): the IPC namespace's segments, and
-    # whether the target's IPC namespace is ckpt's
-    shm_segments: tuple[sysvshm.Segment, ...] = ()
-    same_ipc_ns: bool = True
-    policies: tuple[tuple[int, int], ...] = ()  # (tid, scheduling policy): collect.sched
-    # (tid, its cgroups) of every thread: ckpt.collect.cgroups
-    thread_cgroups: tuple[tuple[int, tuple[cgroups.Membership, ...]], ...] = ()
-    tracker: bool = False  # a userfaultfd of ckpt's own is in the process (its "uw")
-    # (start, what was found) of each VMA mapping a memfd or deleted file
-    # (ckpt.collect.mappedfiles.inspect)
-    mapped: tuple[tuple[int, mappedfiles.Seen], ...] = ()
-    # a deleted cwd's parent (its "..") is the directory its path names (deletedcwd)
-    cwd_parent_reachable: bool = True
-    # (fd, pids): other processes holding the fd's object (its kind's FdKind.holders) or,
-    # for a file reopened by path, its open file (ckpt.collect.holders); only fds with some
-    holders: tuple[tuple[int, tuple[int, ...]], ...] = ()
-    # fds whose open file has an owner (F_SETOWN: ckpt.collect.fdkinds.fown), and the
-    # process group of the process
-    fd_owners: tuple[tuple[int, fown.Fown], ...] = ()
-    pgid: int = 0
-    sid: int = 0
 
 
 @dataclass(frozen=True)
@@ -390,16 +345,6 @@ HELD = ("one {kind} that {holders} outside the dump also holds (inherited across
         "passed over a unix socket): a restore would make a new one for this process "
         "alone, cut off from it: " + NOT_YET)
 
-#: fds reopened by path whose open file is compared with other processes' (kcmp)
-SHARED_FILE_KINDS = ("regular", "directory")
-
-
-def compares_open_file(info: FdInfo) -> bool:
-    """Is this fd's open file one whose sharing a restore would lose (a file or directory
-    reopened by path, not an O_PATH fd: it has no position, flags or locks)?"""
-    return classify_fd(info) in SHARED_FILE_KINDS and not info.flags & os.O_PATH
-
-
 def fd_refusal(info: FdInfo, shell_job: bool, foreign: bool = False,
                holders: tuple[int, ...] = ()) -> str | None:
     """Why restore cannot bring this fd back, or None."""
@@ -458,93 +403,6 @@ def refusals(t: Target) -> list[str]:
     return out
 
 
-def read_target(pid: int, shell_job: bool, hidden: set[int],
-                vmas: list[VmaInfo] | None = None, flags: FdFlags | None = None) -> Target:
-    """The records :func:`refusals` needs, read from /proc (``vmas`` if already read) and
-    from the fd kinds' look at their live objects."""
-    me = os.getpid()
-    mnt_ns, own_mnt_ns = proc.read_ns(pid, "mnt"), proc.read_ns(me, "mnt")
-    cwd = proc.read_cwd(pid)
-    maps = collect_vmas(pid) if vmas is None else vmas
-    fds = [i for i in read_fds(pid) if i.fd not in hidden]
-    fd_kinds, fd_owners = [], []
-    holders = []
-    with Peek(pid, fds) as peek:
-        for info in fds:
-            kind = kind_of(info, peek)
-            if kind is not None:
-                fd_kinds.append((info.fd, kind, kind.inspect(info, peek)))
-            how = (kind.holders if kind is not None
-                   else Sharing.OPEN_FILE if compares_open_file(info) else Sharing.OWN)
-            others = peek.holders(info, how)
-            if others:
-                holders.append((info.fd, others))
-            owner = fown.read_fown(info, peek)
-            if owner.id:
-                fd_owners.append((info.fd, owner))
-    stat = proc.read_stat(pid)
-    ns = {kind: (proc.read_ns(pid, kind), proc.read_ns(me, kind)) for kind in CHECKED_NS}
-    foreign: frozenset[str] = frozenset()
-    if mnt_ns != own_mnt_ns:
-        cwd_id = file_identity(proc.proc_path("/proc", pid, "cwd"))
-        seen: list[tuple[str, Identity | None]] = [(cwd, cwd_id)]
-        seen += [(v.path, (None, v.inode)) for v in maps if v.kind in FILE_KINDS]
-        seen += [(i.target, (i.st_dev, i.st_ino)) for i in fds]
-        foreign = frozenset(p for p, there in seen if _is_foreign(p, there))
-    tids = proc.list_tasks(pid)
-    return Target(
-        pid=pid, children=tuple(proc.list_children(pid)), cwd=cwd, root=proc.read_root(pid),
-        own_root=proc.read_root(me), mnt_ns=mnt_ns, own_mnt_ns=own_mnt_ns,
-        vmas=tuple(maps), fds=tuple(fds), shell_job=shell_job, foreign=foreign,
-        thread_cwds=_thread_cwds(pid), timers=tuple(read_timers(pid)),
-        timer_ids_exact=restore_ids_supported(),
-        other_ns=tuple((kind, its, own) for kind, (its, own) in ns.items() if its != own),
-        groups=len(proc.read_status(pid).groups), fd_kinds=tuple(fd_kinds),
-        shm_segments=tuple(sysvshm.read_segments().values()) if sysvshm.attaches(maps)
-        else (), same_ipc_ns=proc.read_ns(pid, "ipc") == proc.read_ns(me, "ipc"),
-        policies=tuple(sched.read_policies(tids)),
-        thread_cgroups=tuple((tid, tuple(found)) for tid, found in
-                             cgroups.read_thread_cgroups(pid, tids)),
-        mapped=mappedfiles.inspect(pid, maps),
-        cwd_parent_reachable=not deletedcwd.is_deleted(cwd)
-        or deletedcwd.parent_reachable(pid, cwd),
-        fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden),
-        holders=tuple(holders), fd_owners=tuple(fd_owners), pgid=stat.pgrp, sid=stat.session)
-
-
-def _thread_cwds(pid: int) -> tuple[tuple[int, str], ...]:
-    """(tid, cwd) of every thread of ``pid`` (a thread that just exited is left out)."""
-    out = []
-    for tid in proc.list_tasks(pid):
-        try:
-            out.append((tid, proc.read_task_cwd(pid, tid)))
-        except NoSuchProcess:
-            if not proc.pid_exists(pid):
-                raise
-    return tuple(out)
-
-
-Identity = tuple[int | None, int]  # (st_dev or None: not compared, st_ino)
-
-
-def file_identity(path: str) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the file ``path`` names, None if there is none."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _is_foreign(path: str, there: Identity | None) -> bool:
-    """Does ``path``, opened from ckpt's mount namespace, miss the file the target has?
-    (Paths that are not paths, or deleted, are the table's business.)"""
-    if there is None or not path.startswith("/") or _deleted(path):
-        return False
-    here = file_identity(path)
-    return here is None or here[1] != there[1] or there[0] not in (None, here[0])
-
-
 def require_restorable(target: Target) -> list[VmaInfo]:
     """Raise NotDumpable naming the first thing a restore could not bring back; return
     the target's VMAs otherwise."""
@@ -584,3 +442,7 @@ def table_lines() -> list[str]:
     out.append(f"refused (fd): {HELD.format_map(_Blanks())}")
     out.append(f"refused (fd): {fown.REFUSED}")
     return out
+
+
+__all__ = ["Target", "compares_open_file", "file_identity", "read_target", "refusals",
+           "require_restorable", "table_lines"]

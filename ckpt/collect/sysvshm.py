@@ -252,11 +252,22 @@ def _make(seg: pb.SysvShm) -> None:
         syscall(NR.shmctl, got, SHM_LOCK, 0, what="shmctl(SHM_LOCK)")
 
 
-def _fill(seg: pb.SysvShm) -> None:
-    data = zstandard.ZstdDecompressor().decompress(seg.data, max_output_size=seg.size)
+def contents(seg: pb.SysvShm) -> bytes:
+    """The segment's bytes, from the image's zstd frame; RestoreError if it is not one."""
+    try:
+        data: bytes = zstandard.ZstdDecompressor().decompress(seg.data,
+                                                              max_output_size=seg.size)
+    except zstandard.ZstdError as exc:
+        raise RestoreError(f"System V shared memory {seg.shmid}: its contents in the image "
+                           f"are corrupted ({exc})") from None
     if len(data) != seg.size:
         raise RestoreError(f"System V shared memory {seg.shmid}: the image holds "
                            f"{len(data)} bytes of {seg.size}")
+    return data
+
+
+def _fill(seg: pb.SysvShm) -> None:
+    data = contents(seg)
     with _attached(seg.shmid, 0) as addr:
         ctypes.memmove(addr, data, len(data))
 

@@ -1,5 +1,6 @@
 """State only the kernel or the task itself can tell: registers via ptrace, and a few values
-read by injecting syscalls into the frozen task (sigactions, brk, tid address, altstack).
+read by injecting syscalls into the frozen task (sigactions, brk, tid address, altstack,
+whether mlockall(MCL_FUTURE) is in effect).
 
 Injection is kill-safe where the target allows it (ckpt.collect.inject): outputs land in
 scratch bytes below each thread's own stack frame. Otherwise a scratch page is mapped in
@@ -13,6 +14,7 @@ import signal
 import struct
 from dataclasses import dataclass, field
 
+from ckpt.collect import mlockall
 from ckpt.collect.creds import Creds, collect_creds
 from ckpt.collect.inject import open_injector
 from ckpt.collect.proc import read_text
@@ -85,6 +87,7 @@ class InjectedState:
     membarrier: int = -1  # MEMBARRIER_CMD_GET_REGISTRATIONS; -1: unknown (Linux < 6.3)
     timers: list[PosixTimer] = field(default_factory=list)  # timer_create, by id
     settings: dict[str, int] = field(default_factory=dict)  # per process (ckpt.kernel.prctl)
+    mlockall: int = 0  # MCL_FUTURE [| MCL_ONFAULT] in effect (ckpt.collect.mlockall)
 
 
 ITIMERS = (0, 1, 2)  # ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF: per process
@@ -131,6 +134,11 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
         return ti.scratch or mapped
 
     try:
+        at = isolated_page(vmas)  # where the scratch page goes next, when there is one
+        out.mlockall = mlockall.probe(
+            pid, lambda: inj.raw(NR.mmap, at, PAGE_SIZE, PROT_RW, MAP_PRIVATE_ANON
+                                 | (MAP_FIXED_NOREPLACE if at else 0), -1, 0),
+            lambda addr: inj(NR.munmap, addr, PAGE_SIZE, what="munmap"), PAGE_SIZE)
         scratch = scratch_of(inj)
         out.brk = inj(NR.brk, 0, what="brk")
         out.dumpable = inj(NR.prctl, PR_GET_DUMPABLE, 0, 0, 0, 0, what="PR_GET_DUMPABLE")

@@ -19,12 +19,13 @@ Two tables say what is valid:
 Nested messages are walked, so a row for ``Vma`` covers every VMA of a core image and
 of a predump's vmas image alike. Fields that any value fits (registers, signal masks,
 handler addresses) have no row: a process restored with a garbage register crashes the
-way it would have crashed anyway, it does not crash ckpt.
+way it would have crashed anyway, it does not crash ckpt. tests/test_image_fuzz.py lists
+them (FREE) and fails on any field of any message that has neither a check nor a place
+there. The checks themselves are ckpt/images/checks.py.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -32,10 +33,25 @@ from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from ckpt.errors import ImageError
+from ckpt.images.checks import (
+    NSIG,
+    USER_END,
+    Check,
+    aligned,
+    blob,
+    clean_path,
+    finite,
+    hex_token,
+    mask,
+    one_of,
+    path,
+    ranged,
+    siginfo,
+    text,
+)
 from ckpt.images.framing import FORMAT_VERSION
 from ckpt.images.pb import core_pb2 as core
 from ckpt.images.pb import image_pb2 as img
-from ckpt.images.siginfo import SIGINFO_SIZE, signo
 from ckpt.kernel import prctl
 from ckpt.kernel.sched import POLICIES, SCHED_RESET_ON_FORK
 from ckpt.kernel.sys import PAGE_SIZE
@@ -43,11 +59,7 @@ from ckpt.kernel.timers import NOTIFIES, SIGEV_NONE, SIGEV_THREAD_ID, cpu_clock_
 
 PID_MAX = 1 << 22  # PID_MAX_LIMIT on 64-bit
 NR_OPEN_MAX = 1073741816  # the largest fs.nr_open the kernel accepts
-USER_END = 1 << 56  # x86-64 user address space with 5-level paging (4-level: 1 << 47)
 VSYSCALL = (0xFFFFFFFFFF600000, 0xFFFFFFFFFF601000)
-PATH_MAX = 4096
-NAME_MAX = 255
-NSIG = 64
 RLIM_NLIMITS = 16
 FD_SET_MAX = 1 << 20
 SUN_PATH = 108  # sizeof(sockaddr_un.sun_path)
@@ -64,80 +76,22 @@ S64_MAX = (1 << 63) - 1
 PIPE_MAX = 1 << 31  # the largest F_SETPIPE_SZ
 MEMBARRIER_MASK = 0x154  # the REGISTER commands MEMBARRIER_CMD_GET_REGISTRATIONS reports
 INT_MAX = (1 << 31) - 1
+U32_ID = 0xFFFFFFFE  # a uid or gid (2^32-1 is "none": chown leaves the owner)
+MEMFD_NAME_MAX = 249  # memfd_create(2): NAME_MAX less "memfd:"
+ALL_SEALS = 0x3F  # F_SEAL_SEAL .. F_SEAL_EXEC
+#: what an inotify watch's mask may hold: IN_ALL_EVENTS, IN_ONLYDIR, IN_DONT_FOLLOW,
+#: IN_EXCL_UNLINK, IN_ONESHOT (not IN_MASK_ADD, IN_MASK_CREATE: requests, never shown)
+INOTIFY_MASK = 0xFFF | 0x01000000 | 0x02000000 | 0x04000000 | 0x80000000
+SECCOMP_FILTER_FLAG_LOG = 2  # the only flag PTRACE_SECCOMP_GET_METADATA reports
+SCHED_FIFO, SCHED_RR = 1, 2
+DELETED = " (deleted)"  # how /proc names a deleted file (a GHOST's OpenFile.path)
 
-Check = Callable[[Any], "str | None"]  # None: the value is fine; else why it is not
 Problem = tuple[str, Any, str]  # (field, value, why)
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def ranged(lo: int, hi: int) -> Check:
-    return lambda v: None if lo <= v <= hi else f"not in {lo}..{hi}"
-
-
-def one_of(*allowed: object) -> Check:
-    return lambda v: None if v in allowed else f"not one of {', '.join(map(repr, allowed))}"
-
-
-def aligned(hi: int = USER_END) -> Check:
-    return lambda v: (None if v % PAGE_SIZE == 0 and v <= hi
-                      else f"not a page-aligned address below {hi:#x}")
-
-
-def text(max_len: int = PATH_MAX) -> Check:
-    def check(v: str) -> str | None:
-        if "\0" in v:
-            return "holds a NUL byte"
-        if len(v.encode(errors="surrogateescape")) > max_len:
-            return f"longer than {max_len} bytes"
-        return None
-    return check
-
-
-def path(*, absolute: bool) -> Check:
-    """A file name the kernel can take: no NUL, at most PATH_MAX, components at most
-    NAME_MAX; ``absolute``: starts with "/" (empty is allowed: not recorded)."""
-    def check(v: str) -> str | None:
-        if why := text()(v):
-            return why
-        if v and absolute and not v.startswith("/"):
-            return "not an absolute path"
-        if any(len(part.encode(errors="surrogateescape")) > NAME_MAX for part in v.split("/")):
-            return f"has a path component longer than {NAME_MAX} bytes"
-        return None
-    return check
-
-
-def blob(max_len: int, multiple: int = 1, exact: int | None = None) -> Check:
-    def check(v: bytes) -> str | None:
-        if exact is not None and len(v) != exact:
-            return f"{len(v)} bytes, not {exact}"
-        if len(v) > max_len or len(v) % multiple:
-            return f"{len(v)} bytes (at most {max_len}, a multiple of {multiple})"
-        return None
-    return check
-
-
-def finite(v: float) -> str | None:
-    return None if math.isfinite(v) and v >= 0 else "not a finite number >= 0"
-
-
-def siginfo(v: bytes) -> str | None:
-    if len(v) != SIGINFO_SIZE:
-        return f"{len(v)} bytes, not a {SIGINFO_SIZE}-byte siginfo"
-    n = signo(v)
-    return None if 1 <= n <= NSIG else f"siginfo of signal {n}"
 
 
 def thread_name(v: bytes) -> str | None:
     ok = len(v) < prctl.TASK_COMM_LEN and b"\0" not in v
     return None if ok else "not a thread name (at most 15 bytes, no NUL)"
-
-
-def hex_token(v: str) -> str | None:
-    ok = len(v) <= 64 and all(c in "0123456789abcdef" for c in v)
-    return None if ok else "not a hex token"
 
 
 PID = ranged(1, PID_MAX)
@@ -182,14 +136,14 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
     core.Sched: {"policy": one_of(*POLICIES, *(p | SCHED_RESET_ON_FORK for p in POLICIES)),
                  "priority": ranged(0, 99), "nice": ranged(-20, 19), "cpus": ranged(0, 8191),
                  "ioprio": ranged(0, 0xFFFF)},
-    core.SeccompFilter: {"program": blob(BPF_MAXINSNS * BPF_INSN, multiple=BPF_INSN)},
+    core.SeccompFilter: {"program": blob(BPF_MAXINSNS * BPF_INSN, multiple=BPF_INSN),
+                         "flags": one_of(0, SECCOMP_FILTER_FLAG_LOG)},
     core.ProcessEntry: {
         "dumpable": ranged(0, 2), "pid": PID, "ppid": PID_OR_0, "pgid": PID_OR_0,
         "sid": PID_OR_0, "comm": text(64), "cwd_dev": ranged(0, 0xFFFFFFFF),
         "umask": ranged(0, 0o777), "cwd": path(absolute=True), "cmdline": blob(1 << 24),
         "shared_pending": siginfo, "oom_score_adj": ranged(-1000, 1000),
-        "membarrier_registrations": lambda v: None if not v & ~MEMBARRIER_MASK
-        else "not a mask of membarrier registrations",
+        "membarrier_registrations": mask(MEMBARRIER_MASK, "membarrier registrations"),
     },
     core.GuardRegion: {"start": ADDR, "end": ADDR},
     core.ThreadCore: {"tid": PID, "xstate": blob(1 << 20), "clear_child_tid": ANY_ADDR,
@@ -217,24 +171,40 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
     core.FdEntry: {"fd": ranged(0, NR_OPEN_MAX - 1), "file_id": ranged(1, FD_SET_MAX)},
     core.EventFd: {"count": ranged(0, (1 << 64) - 2)},
     core.Cgroup: {"hierarchy": ranged(0, (1 << 31) - 1),  # the kernel's ids are ints
-                  "controllers": text(256), "path": path(absolute=True)},
+                  "controllers": text(256), "path": clean_path},
     # size: ckpt.collect.sysvshm.MAX_SEGMENT (not imported: images never reach collect)
     core.SysvShm: {"shmid": ranged(0, (1 << 31) - 1), "mode": ranged(0, 0o777),
-                   "size": ranged(1, 1 << 30)},
+                   "size": ranged(1, 1 << 30), "data": blob(2 << 30)},
     core.PipeFile: {"size": ranged(0, PIPE_MAX), "data": blob(PIPE_MAX),
                     "packets": blob(PAGE_SIZE)},
     # fd kinds of ckpt/collect/fdkinds: epoll, timerfd, inotify
     core.EpollWatch: {"tfd": ranged(0, NR_OPEN_MAX - 1)},
     core.TimerFd: {"clockid": one_of(0, 1, 7, 8, 9), "settime_flags": ranged(0, 3),
-                   "value_ns": ranged(0, S64_MAX), "interval_ns": ranged(0, S64_MAX)},
-    core.InotifyWatch: {"wd": ranged(1, 1 << 16), "path": path(absolute=True)},
+                   "value_ns": ranged(0, S64_MAX), "interval_ns": ranged(0, S64_MAX),
+                   "ticks": ranged(0, S64_MAX), "clock_ns": ranged(0, S64_MAX)},
+    core.InotifyWatch: {"wd": ranged(1, 1 << 16), "path": path(absolute=True),
+                        "mask": mask(INOTIFY_MASK, "inotify watch flags")},
+    core.DeletedDir: {"mode": ranged(0, 0o177777), "uid": ranged(0, 0xFFFFFFFE),
+                      "gid": ranged(0, 0xFFFFFFFE)},
+    core.MemFd: {"name": text(MEMFD_NAME_MAX), "seals": mask(ALL_SEALS, "F_SEAL_* seals"),
+                 "uid": ranged(0, U32_ID), "gid": ranged(0, U32_ID)},
+    core.FileChunk: {"offset": ranged(0, S64_MAX)},
+    core.InetSocket: {"family": one_of(2, 10), "type": one_of(1, 2), "protocol": one_of(6, 17),
+                      "state": ranged(0, 12), "backlog": ranged(0, INT_MAX),
+                      "uid": ranged(0, U32_ID), "shutdown": ranged(0, 3)},
+    core.InetAddress: {"addr": lambda v: None if len(v) in (4, 16) else
+                       f"{len(v)} bytes, not an IPv4 or IPv6 address",
+                       "port": ranged(0, 0xFFFF)},
+    core.InetOption: {"name": text(32), "value": ranged(-INT_MAX - 1, INT_MAX),
+                      "raw": blob(16)},
     # unix sockets (ckpt/collect/fdkinds/unix.py): names are sun_path's 108 bytes
     core.UnixSocket: {"type": one_of(1, 2, 5), "state": one_of(1, 7, 10),
                       "name": blob(SUN_PATH), "peer_name": blob(SUN_PATH),
                       "backlog": ranged(0, (1 << 31) - 1), "shutdown": ranged(0, 3),
                       "file_mode": ranged(0, 0o7777), "file_uid": ranged(0, 0xFFFFFFFE),
                       "file_gid": ranged(0, 0xFFFFFFFE), "sigio": ranged(0, NSIG)},
-    core.UnixMessage: {"data": blob(UNIX_QUEUE_MAX), "sender": blob(SUN_PATH)},
+    core.UnixMessage: {"data": blob(UNIX_QUEUE_MAX), "sender": blob(SUN_PATH),
+                       "uid": ranged(0, U32_ID), "gid": ranged(0, U32_ID)},
     core.UnixOption: {"level": one_of(1), "name": one_of(*UNIX_OPTIONS),
                       "value": blob(16)},
     # inet sockets (ckpt/collect/fdkinds/inet.py); option names are checked by the restore
@@ -326,6 +296,13 @@ def _open_file(m: core.OpenFile) -> Iterator[Problem]:
     if m.type == core.OpenFile.PIPE and m.pipe.fifo and not m.path.startswith("/"):
         yield "path", m.path, "not an absolute path (a FIFO's)"
     yield from _unique("inotify.watches.wd", (w.wd for w in m.inotify.watches))
+    if m.type == core.OpenFile.GHOST and (why := clean_path(m.path.removesuffix(DELETED))):
+        yield "path", m.path, f"{why} (a deleted file's: restore makes it in its directory)"
+    for i, chunk in enumerate(m.memfd.data):
+        if chunk.offset + len(chunk.data) > m.size:
+            yield f"memfd.data[{i}].offset", chunk.offset, f"data past the file's size {m.size}"
+    if m.timerfd.clock_ns + m.timerfd.value_ns > S64_MAX:
+        yield "timerfd.value_ns", m.timerfd.value_ns, "past the largest time"
     if m.locks and m.type not in (core.OpenFile.REGULAR, core.OpenFile.DEV_NULL):
         yield "locks", len(m.locks), "on a file a restore does not reopen by path"
     for i, lock in enumerate(m.locks):
@@ -351,6 +328,12 @@ def _unix_socket(m: core.UnixSocket) -> Iterator[Problem]:
             yield field, name, why
     if m.state == 10 and m.type == 2:
         yield "state", m.state, "a listening dgram socket"
+
+
+def _sched(m: core.Sched) -> Iterator[Problem]:
+    realtime = m.policy & ~SCHED_RESET_ON_FORK in (SCHED_FIFO, SCHED_RR)
+    if realtime != (m.priority > 0):
+        yield "priority", m.priority, f"not a priority of policy {m.policy:#x}"
 
 
 def _pipe(m: core.PipeFile) -> Iterator[Problem]:
@@ -401,6 +384,11 @@ def _process(m: core.ProcessEntry) -> Iterator[Problem]:
     for i, fd in enumerate(m.fds):
         if fd.file_id not in ids:
             yield f"fds[{i}].file_id", fd.file_id, "no such file"
+    numbers = {fd.fd for fd in m.fds}
+    for i, f in enumerate(m.files):
+        for k, w in enumerate(f.epoll.watches):
+            if w.tfd not in numbers:
+                yield f"files[{i}].epoll.watches[{k}].tfd", w.tfd, "not an fd of the process"
     end = 0
     for i, v in enumerate(m.vmas):
         if v.start < end:
@@ -478,7 +466,7 @@ RULES: dict[type[Message], Callable[[Any], Iterator[Problem]]] = {
     img.Inventory: _inventory, img.WholeVmaCopy: _whole_vma, img.PagemapRuns: _pagemap_runs,
     core.Vma: _vma, core.MmFields: _mm, core.SigAction: _sigaction, core.Rlimit: _rlimit,
     core.OpenFile: _open_file, core.PipeFile: _pipe, core.ProcessEntry: _process,
-    core.UnixSocket: _unix_socket,
+    core.UnixSocket: _unix_socket, core.Sched: _sched,
     core.InetSocket: _inet,
 }
 

@@ -24,6 +24,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from ckpt.errors import AccessDenied, CkptError, KernelError
@@ -50,6 +51,7 @@ SECCOMP_MODE_STRICT, SECCOMP_MODE_FILTER = 1, 2
 SECCOMP_SET_MODE_STRICT, SECCOMP_SET_MODE_FILTER = 0, 1
 SECCOMP_FILTER_FLAG_LOG = 1 << 1
 CAPABILITY_VERSION_3 = 0x20080522
+FULL_CAPS = (1 << 41) - 1  # CAP_CHOWN .. CAP_CHECKPOINT_RESTORE
 
 
 def suspend_seccomp_refused(exc: AccessDenied | KernelError) -> str | None:
@@ -234,3 +236,40 @@ def call_as_creator(uid: int, gid: int, fn: Callable[[], T]) -> T:
     if err:
         raise err[0]
     return out[0]
+
+
+@dataclass(frozen=True)
+class FsIdentity:
+    """Whose file access a task has: what the kernel checks a path lookup, an open or an
+    inotify watch against."""
+
+    fsuid: int
+    fsgid: int
+    groups: tuple[int, ...]
+    cap_eff: int
+
+    @property
+    def unrestricted(self) -> bool:
+        return self.fsuid == 0 and self.cap_eff & FULL_CAPS == FULL_CAPS
+
+    def run(self, work: Callable[[], T]) -> T:
+        """``work()`` in a short-lived thread of ckpt that checks file access as this
+        identity (with a working directory of its own: a chdir there moves no other
+        thread); what it raises is raised here."""
+        out: list[T] = []
+        failure: list[BaseException] = []
+
+        def thread() -> None:
+            try:
+                unshare_fs()
+                assume_fs_identity(self.fsuid, self.fsgid, self.groups, self.cap_eff)
+                out.append(work())
+            except BaseException as exc:  # reported in the caller's thread
+                failure.append(exc)
+
+        worker = threading.Thread(target=thread, name=f"ckpt-as-uid-{self.fsuid}")
+        worker.start()
+        worker.join()
+        if failure:
+            raise failure[0]
+        return out[0]

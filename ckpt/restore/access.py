@@ -23,37 +23,17 @@ from __future__ import annotations
 
 import bisect
 import os
-import threading
 from dataclasses import dataclass
 
+from ckpt.collect.fdkinds.base import fs_identity
 from ckpt.collect.maps import read_maps
 from ckpt.collect.restorable import file_identity
-from ckpt.errors import RestoreError
+from ckpt.errors import CkptError, RestoreError
 from ckpt.images.pb import core_pb2 as pb
-from ckpt.kernel.creds import assume_fs_identity, unshare_fs
+from ckpt.kernel.creds import FsIdentity
 from ckpt.restore.mm import backing_mode
 
 Identity = tuple[int, int]  # (st_dev, st_ino)
-FULL_CAPS = (1 << 41) - 1
-
-
-@dataclass(frozen=True)
-class FsIdentity:
-    """Whose file access the restored process has (its leader's, as dumped)."""
-
-    fsuid: int
-    fsgid: int
-    groups: tuple[int, ...]
-    cap_eff: int
-
-    @classmethod
-    def of(cls, entry: pb.ProcessEntry) -> FsIdentity:
-        c = entry.threads[0].creds
-        return cls(c.fsuid, c.fsgid, tuple(c.groups), c.cap_eff)
-
-    @property
-    def unrestricted(self) -> bool:
-        return self.fsuid == 0 and self.cap_eff & FULL_CAPS == FULL_CAPS
 
 
 def legitimate(opened: Identity, dumped: Identity | None, as_process: Identity | None) -> bool:
@@ -68,30 +48,17 @@ def open_as(who: FsIdentity, requests: list[tuple[str, int]]) -> dict[tuple[str,
     """What each (path, O_RDONLY/O_WRONLY/O_RDWR | O_DIRECTORY) gives ``who``: the file's
     identity, or None if ``who`` may not open it. Done in a thread of its own, whose
     credentials are switched and die with it."""
-    out: dict[tuple[str, int], Identity | None] = {}
-    failure: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            unshare_fs()  # its own working directory: chdir tests a directory
-            assume_fs_identity(who.fsuid, who.fsgid, who.groups, who.cap_eff)
-            for path, flags in requests:
-                out[(path, flags)] = _try_open(path, flags)
-        except BaseException as exc:  # reported in the caller's thread
-            failure.append(exc)
-
-    worker = threading.Thread(target=work, name="ckpt-access-check")
-    worker.start()
-    worker.join()
-    if failure:
-        raise RestoreError(f"cannot check file access as uid {who.fsuid}: {failure[0]}")
-    return out
+    try:
+        return who.run(lambda: {(path, flags): _try_open(path, flags)
+                                for path, flags in requests})
+    except (CkptError, OSError) as exc:
+        raise RestoreError(f"cannot check file access as uid {who.fsuid}: {exc}") from None
 
 
 def _try_open(path: str, flags: int) -> Identity | None:
     if flags & os.O_DIRECTORY:  # a working directory: chdir there, as the process would
         try:
-            os.chdir(path)  # this thread's own (CLONE_FS unshared in open_as)
+            os.chdir(path)  # this thread's own (FsIdentity.run unshares CLONE_FS)
         except OSError:
             return None
         return file_identity(".")
@@ -123,7 +90,7 @@ class Held:
 def check_access(pid: int, entry: pb.ProcessEntry) -> None:
     """Once the stub ``pid`` holds the process's files, mappings and working directory
     (before its credentials are restored): refuse any it could not legitimately hold."""
-    who = FsIdentity.of(entry)
+    who = fs_identity(entry)
     if who.unrestricted:
         return
     held: list[Held] = []

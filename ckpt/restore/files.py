@@ -20,7 +20,7 @@ import stat
 from collections.abc import Callable
 
 from ckpt.collect.fdkinds import BY_TYPE, fown
-from ckpt.collect.fdkinds.base import NOT_REOPENED, RestoreCtx
+from ckpt.collect.fdkinds.base import NOT_REOPENED, RestoreCtx, fs_identity
 from ckpt.collect.fdkinds.locks import restore_locks
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
@@ -190,10 +190,13 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry,
         ctx.close()
     stub.sc(NR.close_range, park, park + 3, 0, what="close_range")
     # after the last close: closing any fd of a file drops the process's POSIX locks on it
-    restore_locks(stub, entry.files, ctx.placed)
+    restore_locks(stub, entry.files, ctx.placed, fs_identity(entry))
 
 
 def _open(stub: Stub, f: pb.OpenFile) -> int:
+    if f.type not in (pb.OpenFile.REGULAR, pb.OpenFile.DEV_NULL):  # never opened by path
+        raise RestoreError(f"file {f.path}: an open file of type "
+                           f"{pb.OpenFile.Type.Name(f.type)}, which this ckpt does not restore")
     path = "/dev/null" if f.type == pb.OpenFile.DEV_NULL else f.path
     if f.type == pb.OpenFile.REGULAR:
         try:

@@ -42,7 +42,7 @@ from ckpt.collect.fds import FdInfo
 from ckpt.collect.holders import Link, Mapped, Sharing, holders_of, scan_links, scan_maps
 from ckpt.errors import NoSuchProcess
 from ckpt.images.pb import core_pb2 as pb
-from ckpt.kernel.creds import made_as
+from ckpt.kernel.creds import FsIdentity, made_as
 from ckpt.kernel.sys import pidfd_getfd, pidfd_open
 
 
@@ -147,6 +147,12 @@ class Opened:
 
     fd: int
     in_ckpt: bool = True
+
+
+def fs_identity(entry: pb.ProcessEntry) -> FsIdentity:
+    """Whose file access the restored process has: its leader's, as dumped."""
+    c = entry.threads[0].creds
+    return FsIdentity(c.fsuid, c.fsgid, tuple(c.groups), c.cap_eff)
 
 
 @dataclass

@@ -14,7 +14,9 @@ kernel hands wds out cyclically (1, 2, 3, ..., never the lowest free one), so re
 adds the watches in wd order, and fills each gap with a watch on a scratch directory of
 its own, removed at once; the IN_IGNORED events those removals queue are read away before
 the process takes the fd. The next wd the restored process gets is the one after its
-highest (it would have been one after the highest it ever had).
+highest (it would have been one after the highest it ever had). Each watch is added by a
+thread of ckpt with the process's filesystem identity (FsIdentity.run): the process must
+still be allowed to read the path, as inotify_add_watch(2) asks; root always is.
 
 Refused before the freeze, naming the fd: events queued and not read yet (a restore
 cannot queue them again), a watched inode without a path (deleted, or on no mount ckpt
@@ -24,6 +26,7 @@ sees), a wd above MAX_WD (that many filler watches).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -31,7 +34,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from ckpt.collect.fdkinds.base import FdKind, Opened, Peek, RestoreCtx
+from ckpt.collect.fdkinds.base import FdKind, Opened, Peek, RestoreCtx, fs_identity
 from ckpt.collect.fds import FdInfo
 from ckpt.errors import KernelError, NotDumpable, RestoreError
 from ckpt.images.pb import core_pb2 as pb
@@ -43,6 +46,7 @@ from ckpt.kernel.anonfd import (
     open_by_handle_at,
     queued_bytes,
 )
+from ckpt.kernel.creds import FsIdentity
 
 MAX_WD = 1 << 16
 IN_ALL_EVENTS = 0xFFF
@@ -163,6 +167,7 @@ def collect(info: FdInfo, details: Found, peek: Peek, out: pb.OpenFile) -> None:
 def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
     with ctx.as_owner():
         fd = ctx.hold(inotify_init1(f.flags & os.O_NONBLOCK))
+    who = fs_identity(ctx.entry)
     filler = tempfile.mkdtemp(prefix="ckpt-inotify-")
     try:
         wd = 0
@@ -171,7 +176,7 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
                 wd = inotify_add_watch(fd, filler, IN_ALL_EVENTS)
                 inotify_rm_watch(fd, wd)
             _check_same(w)
-            wd = inotify_add_watch(fd, w.path, w.mask | IN_DONT_FOLLOW)
+            wd = _watch(fd, w, who)
             if wd != w.wd:
                 raise RestoreError(f"inotify watch of {w.path} got wd {wd}, not {w.wd}")
         queued = queued_bytes(fd)  # the fillers' IN_IGNORED
@@ -180,6 +185,23 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
     finally:
         shutil.rmtree(filler, ignore_errors=True)
     return Opened(fd)
+
+
+def _watch(fd: int, w: pb.InotifyWatch, who: FsIdentity) -> int:
+    """Add the watch ``w`` as the restored process itself would (a thread of ckpt with its
+    filesystem identity): inotify_add_watch(2) needs read permission on the path, which
+    root, unlike the process, always has."""
+    def add() -> int:
+        return inotify_add_watch(fd, w.path, w.mask | IN_DONT_FOLLOW)
+
+    try:
+        return add() if who.unrestricted else who.run(add)
+    except KernelError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise RestoreError(f"inotify watch {w.wd}: uid {who.fsuid} may not read "
+                               f"{w.path}, so may not watch it: the restored process would "
+                               "gain access; refused") from None
+        raise RestoreError(f"inotify watch {w.wd} on {w.path}: {exc}") from None
 
 
 def _check_same(w: pb.InotifyWatch) -> None:

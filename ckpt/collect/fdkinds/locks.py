@@ -20,7 +20,9 @@ open file: any fd of the inode takes it again.
                                     fcntl(fd, F_SETLEASE, F_RDLCK or F_WRLCK): the stub is
                                     still root (CAP_LEASE); like the original call, it
                                     makes the process the file's owner (F_SETOWN), whom
-                                    the lease break signals
+                                    the lease break signals. Only if the process may
+                                    hold it (:func:`lease_refusal`: it owns the file, or
+                                    has CAP_LEASE), as the kernel asks of F_SETLEASE
 
 :func:`restore_locks` runs once every fd is in place and the restore's own temporary fds
 are closed (closing any fd of an inode drops the process's POSIX locks on it), before
@@ -57,9 +59,11 @@ from ckpt.collect.fdkinds.base import Peek, Remote
 from ckpt.collect.fds import FdInfo
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.creds import FsIdentity
 from ckpt.kernel.sys import NR
 
 F_SETLK, F_SETSIG, F_GETSIG, F_SETLEASE, F_OFD_SETLK = 6, 10, 11, 1024, 37
+CAP_LEASE = 28
 LOCK_SH, LOCK_EX, LOCK_NB = 1, 2, 4
 SEEK_SET = 0
 #: struct flock on x86-64: l_type, l_whence (short), l_start, l_len (off_t), l_pid (int)
@@ -219,15 +223,31 @@ def describe_lock(lock: pb.FileLock) -> str:
     return f"the {NAMES[lock.kind]} {type_} lock{where}"
 
 
-def restore_locks(remote: Remote, files: Iterable[pb.OpenFile], placed: dict[int, int]
-                  ) -> None:
+def lease_refusal(who: FsIdentity, owner: int) -> str | None:
+    """Why a process of filesystem identity ``who`` may not hold a lease on a file owned
+    by uid ``owner`` (F_SETLEASE asks fsuid == the file's owner, or CAP_LEASE), or None."""
+    if who.fsuid == owner or who.cap_eff >> CAP_LEASE & 1:
+        return None
+    return (f"the file is owned by uid {owner} now, and uid {who.fsuid} without CAP_LEASE "
+            "may not lease it: the restored process would gain a lease; refused")
+
+
+def restore_locks(remote: Remote, files: Iterable[pb.OpenFile], placed: dict[int, int],
+                  who: FsIdentity, owner: Callable[[int], int] | None = None) -> None:
     """Take every lock of ``files`` again in the restored process, each through the fd
-    its open file got (``placed``: OpenFile.id -> fd)."""
+    its open file got (``placed``: OpenFile.id -> fd); a lease only if ``who`` (the
+    process's filesystem identity) may hold it. ``owner``: the uid owning the file the
+    process holds on an fd (default: a stat through /proc)."""
+    owner_of = owner or (lambda fd: os.stat(f"/proc/{remote.pid}/fd/{fd}").st_uid)
     for f in files:
         if f.id not in placed:
             continue
         fd = placed[f.id]
         for lock in f.locks:
+            if lock.kind == pb.FileLock.LEASE:
+                why = lease_refusal(who, owner_of(fd))
+                if why is not None:
+                    raise RestoreError(f"fd {fd}: {describe_lock(lock)} on {f.path}: {why}")
             _take(remote, fd, lock, f.path)
 
 

@@ -54,6 +54,7 @@ from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fdkinds.unix_build import restore, show_name
 from ckpt.collect.fdkinds.unix_queue import SO_PEEK_OFF, merge_runs, peek_queue
 from ckpt.collect.fds import FdInfo, scan_holders
+from ckpt.collect.holders import Sharing
 from ckpt.errors import NotDumpable
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel import unix_diag
@@ -373,4 +374,4 @@ def _record_file(u: pb.UnixSocket, seen: Seen) -> None:
 
 
 KIND = FdKind(NAME, pb.OpenFile.UNIX_SOCKET, claims, collect, restore, inspect=inspect,
-              refuse=refuse)
+              refuse=refuse, holders=Sharing.OWN)  # refuse names the other holders itself

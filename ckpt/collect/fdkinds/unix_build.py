@@ -9,7 +9,8 @@ in ``ctx.objects``; each open file then just takes its own. An external socket i
     1. make      socketpair(2) for two unnamed sockets connected to each other, and for
                  a socket whose peer was closed (the other end is closed at step 5);
                  socket + bind for the rest (a path: a stale socket file is unlinked
-                 first, anything else there is refused; mode and owner set back)
+                 first, anything else there is refused; mode and owner set back; the
+                 unlink and bind with the process's file access, not root's)
     2. connect   listen(backlog); a connection accepted from a listener: connect to it
                  (the restored one, or a passing one on the same abstract name) and
                  accept
@@ -28,13 +29,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import socket
 import stat
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
-from ckpt.collect.fdkinds.base import Opened, Remote, RestoreCtx
+from ckpt.collect.fdkinds.base import Opened, Remote, RestoreCtx, fs_identity
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel import unix_diag
@@ -49,6 +52,7 @@ REFILL_BUF = 1 << 26
 F_SETSIG, F_SETOWN_EX, F_OWNER_PID = 10, 15, 1
 KEEP = 0xFFFFFFFF  # (uid_t)-1: setresuid leaves this id as it is
 GROUPS_AT = 4096  # where setgroups' array goes in the stub's scratch area (after a sockaddr)
+T = TypeVar("T")
 
 
 def show_name(name: bytes) -> str:
@@ -224,6 +228,7 @@ class Build:
         creds = th.creds if th is not None and th.HasField("creds") else None
         self.maker = Maker(ctx.remote, (creds.euid, creds.egid) if creds else (0, 0),
                            tuple(creds.groups) if creds else None)
+        self.who = fs_identity(ctx.entry) if creds else None
         self.socks: dict[int, socket.socket] = {}
         self.other: dict[int, socket.socket] = {}  # by inode: the end whose peer was closed
         self.passing: list[socket.socket] = []  # unnamed senders of datagrams
@@ -275,21 +280,30 @@ class Build:
             and peer is not None and (u.name in self.listening or not peer.name)
 
     def _bind(self, s: socket.socket, u: pb.UnixSocket) -> None:
+        stale: str | None = None
         if not u.name.startswith(b"\0"):
             path = os.fsdecode(u.name)
-            try:
-                st: os.stat_result | None = os.lstat(path)
-            except FileNotFoundError:
-                st = None
-            if st is not None:
-                os.unlink(_stale(path, st))
-        try:
+            with contextlib.suppress(FileNotFoundError):  # nothing there: nothing stale
+                stale = _stale(path, os.lstat(path))
+
+        def bind() -> None:
+            if stale is not None:
+                os.unlink(stale)
             s.bind(_addr(u.name))
+
+        try:
+            self._with_file_access(bind)
         except OSError as exc:
             raise RestoreError(f"unix socket {show_name(u.name)}: {exc.strerror}") from None
         if u.file_mode and not u.name.startswith(b"\0"):
             os.chown(u.name, u.file_uid, u.file_gid)
             os.chmod(u.name, u.file_mode)
+
+    def _with_file_access(self, work: Callable[[], T]) -> T:
+        """``work()`` (a bind or connect by path: a socket file made, unlinked or written
+        to) with the process's own file access, not root's (ckpt.kernel.creds.FsIdentity):
+        a directory it may no longer write, a socket it may no longer connect to, fails."""
+        return work() if self.who is None or self.who.unrestricted else self.who.run(work)
 
     # ------------------------------------------------------------------ 2. connect
     def connect(self) -> None:
@@ -310,7 +324,8 @@ class Build:
                     raise RestoreError(f"{self.where}: a unix socket connected to an unnamed "
                                        "one")
                 try:
-                    self.socks[ino].connect(_addr(target))
+                    self._with_file_access(functools.partial(self.socks[ino].connect,
+                                                             _addr(target)))
                 except OSError as exc:
                     raise RestoreError(f"{self.where}: a unix socket connected to "
                                        f"{show_name(target)}: {exc.strerror}") from None
