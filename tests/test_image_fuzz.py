@@ -67,12 +67,16 @@ FREE = {
     ("InotifyWatch", "dev"), ("InotifyWatch", "inode"), ("MemFd", "atime_ns"),
     ("InetAddress", "scope_id"), ("UnixSocket", "inode"), ("UnixSocket", "peer"),
     ("PosixTimer", "value"),  # sigev_value: the program's
+    # mapped memfds and deleted files, a deleted cwd: identities only compared, times
+    ("MappedObject", "dev"), ("MappedObject", "inode"), ("DeletedDir", "parent_dev"),
+    ("DeletedDir", "parent_inode"), ("DeletedDir", "atime_ns"), ("DeletedDir", "mtime_ns"),
 }
 # (message, field) whose values are checked by a rule of ckpt.images.validate.RULES, across
 # fields, rather than a row of FIELDS
 BY_RULE = {
     ("Vma", "start"), ("Vma", "end"),  # _vma: a page-aligned range of user space
     ("FileChunk", "data"),  # _open_file: inside the file's size
+    ("MappedObject", "file_id"),  # _mapped: an open file of the process, a memfd or ghost
     ("PagemapRuns", "vaddr"), ("PagemapRuns", "nr_pages"), ("PagemapRuns", "flags"),
     ("Setting", "value"),  # _settings: in its row's range
     ("PosixTimer", "signo"),  # _posix_timers: a signal unless SIGEV_NONE
@@ -207,8 +211,10 @@ def test_every_field_is_checked_or_free() -> None:
     assert not unchecked, f"no check and not FREE: {', '.join(unchecked)}"
     ruled = {getattr(module, name) for module in (core, img) for name, _ in BY_RULE
              if name in module.DESCRIPTOR.message_types_by_name}
-    # FileChunk's rule is OpenFile's, Setting's and PosixTimer's ProcessEntry's
-    assert not ruled - set(RULES) - {core.FileChunk, core.Setting, core.PosixTimer}
+    # FileChunk's rule is OpenFile's, Setting's, PosixTimer's and MappedObject's
+    # ProcessEntry's
+    assert not ruled - set(RULES) - {core.FileChunk, core.Setting, core.PosixTimer,
+                                     core.MappedObject}
     stale = {(m, n) for m, n in FREE | BY_RULE
              if not any(m in mod.DESCRIPTOR.message_types_by_name and
                         n in mod.DESCRIPTOR.message_types_by_name[m].fields_by_name

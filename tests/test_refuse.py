@@ -32,8 +32,10 @@ from conftest import (
 )
 
 from ckpt.collect.fdkinds import memfd, pipe
+from ckpt.collect.fdkinds.base import FdFlags
 from ckpt.collect.fds import FdInfo
 from ckpt.collect.files import file_kind
+from ckpt.collect.mappedfiles import Seen
 from ckpt.collect.proc import list_children
 from ckpt.collect.restorable import Target, refusals, require_restorable
 from ckpt.collect.timers import ProcTimer
@@ -96,7 +98,12 @@ CASES: dict[str, tuple[Target, str]] = {
         replace(FINE, mnt_ns="mnt:[2]", foreign=frozenset({"/var/log/out"})),
         "fd 1 is a regular file (/var/log/out): another file (or none) in ckpt's mount"),
     "chroot": (replace(FINE, root="/srv/jail"), "root directory /srv/jail (chroot)"),
-    "deleted cwd": (in_cwd("/tmp/x (deleted)"), "deleted working directory (/tmp/x)"),
+    "deleted cwd, parent gone": (replace(in_cwd("/tmp/d/x (deleted)"), cwd_parent_reachable=False),
+                                 "deleted working directory (/tmp/d/x) whose parent no path "
+                                 "reaches any more"),
+    "deleted cwd migrated": (replace(in_cwd("/tmp/x (deleted)"),
+                                     fd_flags=FdFlags(shell_job=True, externals=False)),
+                             "deleted working directory (/tmp/x): migrate does not carry"),
     "cwd in /proc/PID": (in_cwd("/proc/123/task"), "/proc/123/task under /proc/PID"),
     "thread cwd": (replace(FINE, thread_cwds=((77, "/home/u"), (78, "/srv"))),
                    "threads with their own working directory (thread 78 in /srv;"),
@@ -130,10 +137,32 @@ CASES: dict[str, tuple[Target, str]] = {
     "aio": (replace(FINE, vmas=(vma("/[aio] (deleted)", VmaKind.FILE_SHARED, shared=True),)),
             "maps an AIO ring (io_setup) at 0x7f0000000000"),
     "memfd map": (replace(FINE, vmas=(vma("/memfd:buf (deleted)", VmaKind.FILE_SHARED,
-                                          shared=True),)),
-                  "maps a memfd (/memfd:buf) at 0x7f0000000000"),
-    "deleted map": (replace(FINE, vmas=(vma("/tmp/x (deleted)", VmaKind.FILE_PRIVATE),)),
-                    "maps deleted file /tmp/x at 0x7f0000000000"),
+                                          shared=True),),
+                          mapped=((0x7F0000000000, Seen(memfd.Found(2 << 20, 0, False, True))),)),
+                  "maps a memfd (/memfd:buf) at 0x7f0000000000: a memfd of 2097152 bytes, "
+                  "above --ghost-limit (1048576 bytes): --ghost-limit 2097152 or more"),
+    "memfd map migrated": (replace(FINE, vmas=(vma("/memfd:buf (deleted)", VmaKind.FILE_SHARED,
+                                                   shared=True),),
+                                   mapped=((0x7F0000000000,
+                                            Seen(memfd.Found(10, 0, False, True))),),
+                                   fd_flags=FdFlags(shell_job=True, externals=False)),
+                           "maps a memfd (/memfd:buf) at 0x7f0000000000: migrate does not "
+                           "carry mapped memfds and deleted files yet"),
+    "deleted map": (replace(FINE, vmas=(vma("/tmp/x (deleted)", VmaKind.FILE_PRIVATE),),
+                            mapped=((0x7F0000000000, Seen(memfd.Found(9, 1, False, True))),)),
+                    "maps deleted file /tmp/x at 0x7f0000000000: /tmp/x was deleted but the "
+                    "file has 1 other link(s)"),
+    "memfd map held": (replace(FINE, vmas=(vma("/memfd:buf (deleted)", VmaKind.FILE_SHARED,
+                                               shared=True),),
+                               mapped=((0x7F0000000000, Seen(memfd.Found(9, 0, False, True),
+                                                             (12, 13))),)),
+                       "maps a memfd (/memfd:buf) at 0x7f0000000000: processes 12, 13 outside "
+                       "the dump also map it or hold it open"),
+    "deleted map, no directory": (
+        replace(FINE, vmas=(vma("/tmp/d/x (deleted)", VmaKind.FILE_SHARED, shared=True),),
+                mapped=((0x7F0000000000, Seen(memfd.Found(9, 0, False, False))),)),
+        "maps deleted file /tmp/d/x at 0x7f0000000000: the directory of deleted file "
+        "/tmp/d/x is gone too"),
     "anon inode map": (replace(FINE, vmas=(vma("anon_inode:[io_uring]", VmaKind.FILE_SHARED,
                                                shared=True),)),
                        "maps anon_inode:[io_uring] at 0x7f0000000000, not a file"),
@@ -233,12 +262,13 @@ def test_backing_mode_of_shared_mappings() -> None:
 # --------------------------------------------------------------------------- live targets
 
 REFUSED = {
-    "deleted-map": ["maps deleted file", "gone.bin at 0x"],
+    "deleted-map": ["maps deleted file", "gone.bin at 0x", "has 1 other link(s)"],
     "aio": ["maps an AIO ring (io_setup) at 0x"],
-    "deleted-cwd": ["deleted working directory", "/cwd)"],
+    "deleted-cwd": ["deleted working directory", "/p/cwd)", "whose parent no path reaches"],
     "proc-cwd": ["working directory /proc/", "under /proc/PID"],
     "netns-fd": ["fd 3 ", "net:[", "a namespace file"],
-    "memfd": ["maps a memfd (/memfd:ckpt-test) at 0x"],
+    "memfd": ["maps a memfd (/memfd:ckpt-test) at 0x", "above --ghost-limit",
+              "--ghost-limit 2097152 or more"],
     "deleted-fd": ["fd 3 ", "gone.txt (deleted)", "above --ghost-limit", "--ghost-limit 2097152"],
     "child": ["has child processes"],
     "sysv-partial": ["System V shared memory", "in part (unmapped inside)"],
@@ -375,5 +405,5 @@ def test_migrate_refuses_before_its_first_round(harness: Harness, tmp_path: Path
     res = run_ckpt("migrate", "-t", str(proc.pid), "--to", "127.0.0.1:1",
                    "--auth-token-file", token)
     message = assert_one_error_line(res)
-    assert "maps a memfd" in message, message
+    assert "maps a memfd" in message and "migrate does not carry" in message, message
     assert_runs_on(proc, out)

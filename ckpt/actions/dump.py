@@ -44,8 +44,11 @@ from ckpt.actions.passes import (
 )
 from ckpt.collect import proc
 from ckpt.collect.cgroups import cgroups_to_pb, read_cgroups
+from ckpt.collect.deletedcwd import collect_deleted_cwd
 from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
 from ckpt.collect.files import collect_files
+from ckpt.collect.mappedfiles import WHOLE as MAPPED_WHOLE
+from ckpt.collect.mappedfiles import collect_mapped, shared_spans
 from ckpt.collect.mlockall import refusal as mlockall_refusal
 from ckpt.collect.pstate import collect_settings
 from ckpt.collect.restorable import read_target, require_restorable
@@ -174,12 +177,17 @@ def dump(opts: DumpOptions) -> DumpResult:
         core = build_core(pid, info, states, injected, vmas, files)
         core.sysv_shm.extend(segments)
         core.cgroups.extend(cgroups)
+        core.mapped_objects.extend(mapped)
+        if deleted_cwd is not None:
+            core.deleted_cwd.CopyFrom(deleted_cwd)
         images.write_core(pid, core)
         if tracker is not None and keep:
             images.write_tracker(pid, tracker.state())
         stats = pass_stats(layer.plan, mem, frozen_ms, (time.perf_counter() - t_start) * 1000)
         for a in attaches(vmas):
             stats.whole_vmas.add(start=a.base, end=a.end, reason=SYSV_WHOLE)
+        for start, end in shared_spans(vmas):
+            stats.whole_vmas.add(start=start, end=end, reason=MAPPED_WHOLE)
         images.write_inventory(inventory(pid, "dump", parent, name, stats,
                                          len(states[0].xstate), opts.shell_job))
         return stats
@@ -225,8 +233,10 @@ def dump(opts: DumpOptions) -> DumpResult:
                         tracker.end(ctx, keep=keep)
             files = collect_files(pid, opts.shell_job, hidden_fds(pid), flags=opts.fd_flags)
             segments = collect_segments(vmas)
+            mapped = collect_mapped(pid, vmas, files)
             cgroups = cgroups_to_pb(read_cgroups(pid))
             info = collect_process(pid, frozen.leader, vmas, stopped=bool(frozen.stop_signal))
+            deleted_cwd = collect_deleted_cwd(pid, info.cwd)
             frozen_at = frozen.frozen_at
             frozen_ms = (time.perf_counter() - frozen_at) * 1000
             if not opts.leave_running:

@@ -6,8 +6,9 @@
     stub               fork a traced child with the dumped pid (ns_last_pid) or a new one,
                        every signal action SIG_DFL
     gadget             syscall page at a free address; stub rseq off, its fds closed
-    address space      unmap stub, move vdso, map VMAs, fill pages (UFFDIO_COPY into
-                       anonymous memory), mprotect, PR_SET_MM_MAP
+    address space      unmap stub, move vdso, make mapped memfds and deleted files, map
+                       VMAs, seal those memfds, fill pages (UFFDIO_COPY into anonymous
+                       memory), mprotect, PR_SET_MM_MAP
     files              fds with shared open file descriptions, offsets
     process state      cwd, umask, personality, session, name, sigactions (not yet
                        SIGTRAP's), rlimits
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 
 from ckpt.collect import sysvshm
 from ckpt.collect.cgroups import join_cgroups
+from ckpt.collect.mappedfiles import Made, make_objects
 from ckpt.images import chain
 from ckpt.kernel.creds import require_root
 from ckpt.restore import mm
@@ -79,13 +81,15 @@ def restore(opts: RestoreOptions) -> RestoreResult:
     stub = Stub.spawn(None if opts.new_pid else entry.pid, max(t.tid for t in entry.threads))
     copier = CopyFill()
     made: list[int] = []  # System V segments made here
+    objects = Made()  # mapped memfds and deleted files
     try:
         vmas = list(entry.vmas)
         join_cgroups(stub.pid, entry.cgroups)  # before its memory is charged anywhere
         with stub.colocated():  # injected syscalls: see Stub.colocated
             check_xstate(stub, entry)
             prepare_stub(stub, vmas)
-            late = mm.map_vmas(stub, vmas)
+            objects = make_objects(entry)
+            late = mm.map_vmas(stub, vmas, objects)  # and seals them
             made = sysvshm.restore_segments(entry)
             sysvshm.attach_segments(stub, entry)
             copier = CopyFill.open(stub, vmas)
@@ -97,13 +101,14 @@ def restore(opts: RestoreOptions) -> RestoreResult:
             mm.protect_late(stub, late)
             tids = finish_process(stub, entry, new_session=not inv.shell_job,
                                   same_tids=not opts.new_pid, stopped=opts.stopped,
-                                  inherit=opts.inherit)
+                                  inherit=opts.inherit, objects=objects.objects)
     except BaseException:
         stub.kill()
         sysvshm.forget(made)
         raise
     finally:
         copier.close()
+        objects.close()
         stub.close()
     return RestoreResult(pid=stub.pid, tids=tids, total_ms=(time.perf_counter() - t0) * 1000)
 

@@ -49,6 +49,7 @@ def _process(pid: int, entry: core_pb2.ProcessEntry | None,
                             "pagemap_runs": pagemap.runs}
     if entry is None:
         return proc
+    objects = _mapped_objects(entry)
     proc.update({
         "comm": entry.comm, "exe": entry.mm.exe, "cwd": entry.cwd,
         "stopped": was_stopped(entry),
@@ -56,11 +57,29 @@ def _process(pid: int, entry: core_pb2.ProcessEntry | None,
                      "creds": _creds(t)} for t in entry.threads],
         "vmas": [{"start": v.start, "end": v.end, "prot": _prot(v.prot, v.shared),
                   "kind": core_pb2.Vma.Kind.Name(v.kind), "path": v.path,
-                  "pages": _pages_in(v.start, v.end, pagemap)} for v in entry.vmas],
+                  "pages": _pages_in(v.start, v.end, pagemap)}
+                 | ({"object": objects[(v.dev, v.inode)]} if (v.dev, v.inode) in objects
+                    else {}) for v in entry.vmas],
         "fds": [_fd(fd, {f.id: f for f in entry.files}) for fd in entry.fds],
         "sigactions": len(entry.sigactions),
     })
     return proc
+
+
+def _mapped_objects(entry: core_pb2.ProcessEntry) -> dict[tuple[int, int], str]:
+    """How each mapped memfd or deleted file travels (ckpt.collect.mappedfiles), by the
+    (Vma.dev, Vma.inode) of its VMAs."""
+    fds: dict[int, list[int]] = {}
+    for fd in entry.fds:
+        fds.setdefault(fd.file_id, []).append(fd.fd)
+    out = {}
+    for o in entry.mapped_objects:
+        if o.HasField("file_id"):
+            out[(o.dev, o.inode)] = "the file of fd " + ", ".join(
+                map(str, sorted(fds.get(o.file_id, []))))
+        else:
+            out[(o.dev, o.inode)] = f"contents saved ({o.file.size} bytes)"
+    return out
 
 
 def _creds(t: core_pb2.ThreadCore) -> str:
@@ -157,7 +176,8 @@ def render_text(s: dict[str, Any]) -> str:
             lines.append(f"    credentials: {t['creds']}")
         for v in p.get("vmas", []):
             lines.append(f"  vma {v['start']:#014x}-{v['end']:#014x} {v['prot']} "
-                         f"{v['kind']:<12} {v['pages']:>7}p {v['path']}")
+                         f"{v['kind']:<12} {v['pages']:>7}p {v['path']}"
+                         + (f" [{v['object']}]" if "object" in v else ""))
         for f in p.get("fds", []):
             lines.append(f"  fd {f['fd']:>3} -> {f['path'] or f['type']} {f['type'].lower()} "
                          f"pos={f['pos']} flags={f['flags']}{' cloexec' if f['cloexec'] else ''}"

@@ -9,9 +9,9 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               it is in another pid or user namespace than ckpt  restore makes it in ckpt's:
                                                                other pids, other ids
               it is chrooted                                   restore does not chroot
-              its working directory was deleted                nothing to chdir to (a new
-                                                               one would differ in inode,
-                                                               mode, owner, times)
+              its working directory was deleted, and its       restore makes it again in
+              parent too (or replaced); under migrate          that parent (ckpt.collect.
+                                                               deletedcwd)
               its working directory is under /proc/PID         names a process, not a place
               a thread has its own working directory           restore sets one per process
               it has more than 8192 supplementary groups       restore's setgroups limit
@@ -25,8 +25,10 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               mlockall(MCL_FUTURE) is in effect (seen only      restore locks its current
               while frozen: ckpt.collect.mlockall)             mappings, not future ones
     any path  names another file from ckpt's mount namespace   restore opens ckpt's
-    mapping   an AIO ring, a memfd, MAP_HUGETLB memory,        the file is gone: restore
-              a deleted file                                   cannot map it again
+    mapping   an AIO ring, MAP_HUGETLB memory                  restore cannot map it again
+              a memfd or deleted file ckpt.collect.mappedfiles  (its contents are saved
+              refuses (above --ghost-limit, other links, its   like an open one's)
+              directory gone; under migrate)
               System V shared memory shared with another       (ckpt.collect.sysvshm)
               process, partly unmapped, or too large
               a file that is not a path (anon_inode:...)       (io_uring, perf, DRM)
@@ -77,11 +79,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from ckpt.collect import cgroups, sched, sysvshm
+from ckpt.collect import cgroups, mappedfiles, sched, sysvshm
 from ckpt.collect.fdkinds import fown, locks
+from ckpt.collect.fdkinds.base import FdFlags
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd
 from ckpt.collect.holders import Sharing
 from ckpt.collect.target import (
@@ -117,6 +120,7 @@ class Rule(Generic[T]):
 
     applies: Callable[[T], bool]
     says: str
+    table: str = ""  # what `ckpt check` prints, where ``says`` left blank says too little
 
 
 def _deleted(path: str) -> bool:
@@ -137,9 +141,13 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
          "process {pid} runs in a {other_ns}: " + NOT_YET),
     Rule(lambda t: t.root not in ("", t.own_root),  # "": exiting, nothing to compare
          "process {pid} has root directory {root} (chroot): " + NOT_YET),
-    Rule(lambda t: _deleted(t.cwd),
-         "process {pid} has a deleted working directory ({cwd_shown}), which a restore "
-         "could not enter again: " + NOT_YET),
+    Rule(lambda t: _deleted(t.cwd) and not t.cwd_parent_reachable,
+         "process {pid} has a deleted working directory ({cwd_shown}) whose parent no path "
+         "reaches any more (removed or replaced too): a restore could not make it again "
+         "there: " + NOT_YET),
+    Rule(lambda t: _deleted(t.cwd) and not t.fd_flags.externals,
+         "process {pid} has a deleted working directory ({cwd_shown}): migrate does not "
+         "carry it yet (dump does)"),
     Rule(lambda t: bool(PROC_PID.match(t.cwd)),
          "process {pid} has its working directory {cwd} under /proc/PID (it names a "
          "process, not a place): " + NOT_YET),
@@ -209,6 +217,12 @@ class Mapping:
     vma: VmaInfo
     foreign: bool
     tracker: bool = False  # Target.tracker
+    seen: mappedfiles.Seen | None = None  # of a mapped memfd or deleted file (Target.mapped)
+    flags: FdFlags = field(default_factory=FdFlags)
+
+    @property
+    def mapped_refusal(self) -> str | None:
+        return mappedfiles.refusal(self.vma, self.seen, self.flags)
 
     @property
     def path(self) -> str:
@@ -224,10 +238,11 @@ VMA_RULES: tuple[Rule[Mapping], ...] = (
          "an AIO ring (io_setup) at {start:#x}: " + NOT_YET),
     Rule(lambda v: v.path.startswith("/anon_hugepage"),
          "huge pages (MAP_HUGETLB) at {start:#x}: " + NOT_YET),
-    Rule(lambda v: v.kind in FILE_KINDS and v.path.startswith("/memfd:"),
-         "a memfd ({name}) at {start:#x}: " + NOT_YET),
-    Rule(lambda v: v.kind in FILE_KINDS and _deleted(v.path),
-         "deleted file {name} at {start:#x}: " + NOT_YET),
+    Rule(lambda v: v.mapped_refusal is not None,
+         "{mapped_what} at {start:#x}: {mapped_refusal}",
+         "a memfd or deleted file ckpt.collect.mappedfiles refuses (above --ghost-limit, "
+         "other links, its directory gone, mapped or open in another process, under "
+         "migrate)"),
     Rule(lambda v: v.kind in FILE_KINDS and not v.path.startswith("/"),
          "{path} at {start:#x}, not a file a restore can map again: " + NOT_YET),
     Rule(lambda v: v.kind in FILE_KINDS and v.path.startswith("/dev/")
@@ -251,6 +266,8 @@ def _refused_flags(m: Mapping) -> list[str]:
 
 def vma_fields(m: Mapping) -> dict[str, object]:
     return {"start": m.vma.start, "path": m.path, "name": _shown(m.path),
+            "mapped_what": f"a memfd ({_shown(m.path)})" if m.path.startswith("/memfd:")
+            else f"deleted file {_shown(m.path)}", "mapped_refusal": m.mapped_refusal,
             "path_or_anon": m.path or "anonymous memory",
             "flags": ", ".join(_refused_flags(m)), "pkey": m.vma.pkey}
 
@@ -354,8 +371,10 @@ def refusals(t: Target) -> list[str]:
                             t.same_ipc_ns, migrating=not t.fd_flags.externals)
     out += sched.refusals(t.pid, t.policies)
     out += cgroups.thread_refusals(t.pid, t.thread_cgroups)
+    found = dict(t.mapped)
     for v in sorted(t.vmas, key=lambda v: v.start):
-        why = _first(VMA_RULES, Mapping(v, v.path in t.foreign, t.tracker), vma_fields)
+        why = _first(VMA_RULES, Mapping(v, v.path in t.foreign, t.tracker, found.get(v.start),
+                                        t.fd_flags), vma_fields)
         if why:
             out.append(f"process {t.pid} maps {why}")
     claimed = {fd: (kind, details) for fd, kind, details in t.fd_kinds}
@@ -412,11 +431,14 @@ def table_lines() -> list[str]:
     from ckpt.collect.fdkinds import KINDS
 
     out = [f"restored: fds of kind {', '.join(k.name for k in KINDS)} (ckpt/collect/fdkinds), "
-           "regular files, directories, /dev/null and stateless devices by path"]
+           "regular files, directories, /dev/null and stateless devices by path; mapped memfds "
+           "and deleted files (ckpt/collect/mappedfiles.py); a deleted working directory "
+           "(ckpt/collect/deletedcwd.py)"]
     for subject, rules in (("process", PROCESS_RULES), ("mapping", VMA_RULES),
                            ("fd", FD_RULES)):
         for rule in rules:
-            out.append(f"refused ({subject}): {rule.says.format_map(_Blanks())}")
+            said = rule.table or rule.says.format_map(_Blanks())
+            out.append(f"refused ({subject}): {said}")
     out.append(f"refused (fd): {HELD.format_map(_Blanks())}")
     out.append(f"refused (fd): {fown.REFUSED}")
     return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ckpt.collect import cgroups, proc, sched, sysvshm
+from ckpt.collect import cgroups, deletedcwd, mappedfiles, proc, sched, sysvshm
 from ckpt.collect.fdkinds import fown, kind_of
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fds import FdInfo, classify_fd, read_fds
@@ -60,6 +60,11 @@ class Target:
     # (tid, its cgroups) of every thread: ckpt.collect.cgroups
     thread_cgroups: tuple[tuple[int, tuple[cgroups.Membership, ...]], ...] = ()
     tracker: bool = False  # a userfaultfd of ckpt's own is in the process (its "uw")
+    # (start, what was seen) of each VMA mapping a memfd or deleted file
+    # (ckpt.collect.mappedfiles.inspect)
+    mapped: tuple[tuple[int, mappedfiles.Seen], ...] = ()
+    # a deleted cwd's parent (its "..") is the directory its path names (deletedcwd)
+    cwd_parent_reachable: bool = True
     # (fd, pids): other processes holding the fd's object (its kind's FdKind.holders) or,
     # for a file reopened by path, its open file (ckpt.collect.holders); only fds with some
     holders: tuple[tuple[int, tuple[int, ...]], ...] = ()
@@ -126,6 +131,9 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         shm_segments=tuple(sysvshm.read_segments().values()) if sysvshm.attaches(maps)
         else (), same_ipc_ns=proc.read_ns(pid, "ipc") == proc.read_ns(me, "ipc"),
         policies=tuple(sched.read_policies(tids)),
+        mapped=mappedfiles.inspect(pid, maps),
+        cwd_parent_reachable=not deletedcwd.is_deleted(cwd)
+        or deletedcwd.parent_reachable(pid, cwd),
         thread_cgroups=tuple((tid, tuple(found)) for tid, found in
                              cgroups.read_thread_cgroups(pid, tids)),
         fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden),

@@ -184,6 +184,8 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
                    "ticks": ranged(0, S64_MAX), "clock_ns": ranged(0, S64_MAX)},
     core.InotifyWatch: {"wd": ranged(1, 1 << 16), "path": path(absolute=True),
                         "mask": mask(INOTIFY_MASK, "inotify watch flags")},
+    core.DeletedDir: {"mode": ranged(0, 0o177777), "uid": ranged(0, 0xFFFFFFFE),
+                      "gid": ranged(0, 0xFFFFFFFE)},
     core.MemFd: {"name": text(MEMFD_NAME_MAX), "seals": mask(ALL_SEALS, "F_SEAL_* seals"),
                  "uid": ranged(0, U32_ID), "gid": ranged(0, U32_ID)},
     core.FileChunk: {"offset": ranged(0, S64_MAX)},
@@ -393,6 +395,21 @@ def _process(m: core.ProcessEntry) -> Iterator[Problem]:
             yield f"vmas[{i}].start", v.start, "overlaps or precedes the VMA before it"
         end = v.end
     yield from _guards(m)
+    yield from _mapped(m)
+    if m.HasField("deleted_cwd") and not m.cwd.endswith(" (deleted)"):
+        yield "cwd", m.cwd, "not a deleted directory, yet deleted_cwd is set"
+
+
+def _mapped(m: core.ProcessEntry) -> Iterator[Problem]:
+    """Mapped memfds and deleted files: each its own, a memfd or deleted file."""
+    yield from _unique("mapped_objects.inode", ((o.dev, o.inode) for o in m.mapped_objects))
+    types = {f.id: f.type for f in m.files}
+    made = (core.OpenFile.MEMFD, core.OpenFile.GHOST)
+    for i, o in enumerate(m.mapped_objects):
+        if o.HasField("file_id") and types.get(o.file_id) not in made:
+            yield f"mapped_objects[{i}].file_id", o.file_id, "no memfd or deleted file"
+        elif not o.HasField("file_id") and o.file.type not in made:
+            yield f"mapped_objects[{i}].file.type", o.file.type, "not MEMFD or GHOST"
 
 
 def _guards(m: core.ProcessEntry) -> Iterator[Problem]:

@@ -12,8 +12,11 @@ process could legitimately hold it:
                                        fsgid, groups and effective capabilities, opens the
                                        path with the same access mode and gets this file
 
-Anything else is refused, naming the fd or mapping and the path. A process whose
-filesystem identity is root with every capability could open anything: nothing to check.
+Anything else is refused, naming the fd or mapping and the path. Memfds, deleted files
+(open or mapped) and a deleted working directory are not checked: ckpt makes them afresh
+from the image (the directory in its parent, checked to be the same), no path reaches
+another file. A process whose filesystem identity is root with every capability could
+open anything: nothing to check.
 """
 
 from __future__ import annotations
@@ -103,15 +106,16 @@ def check_access(pid: int, entry: pb.ProcessEntry) -> None:
     # merged differently from the image's
     maps = read_maps(pid)
     starts = [m.start for m in maps]
+    made = {(o.dev, o.inode) for o in entry.mapped_objects}  # made fresh, not opened by path
     for v in entry.vmas:
-        if v.kind in (pb.Vma.FILE_PRIVATE, pb.Vma.FILE_SHARED):
+        if v.kind in (pb.Vma.FILE_PRIVATE, pb.Vma.FILE_SHARED) and (v.dev, v.inode) not in made:
             i = bisect.bisect_right(starts, v.start) - 1
             m = maps[i] if i >= 0 and maps[i].end > v.start else None
             held.append(Held(f"the mapping at {v.start:#x}", v.path, backing_mode(v),
                              (m.dev, m.inode) if m is not None and m.inode else None,
                              (v.dev, v.inode) if v.inode else None,
                              f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}" if m else ""))
-    if entry.cwd:
+    if entry.cwd and not entry.HasField("deleted_cwd"):  # made afresh, its parent checked
         at = f"/proc/{pid}/cwd"
         held.append(Held("the working directory", entry.cwd, os.O_DIRECTORY, file_identity(at),
                          (entry.cwd_dev, entry.cwd_inode) if entry.cwd_inode else None, at))

@@ -26,6 +26,7 @@ from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.sys import NR
 from ckpt.restore.stub import Stub
+from ckpt.restore.taker import Taker
 
 F_DUPFD, F_SETFD, FD_CLOEXEC, F_GETFL, F_SETFL = 0, 2, 1, 3, 4
 O_CLOEXEC = 0o2000000
@@ -143,15 +144,17 @@ def close_stub_fds(stub: Stub) -> None:
 
 
 def restore_files(stub: Stub, entry: pb.ProcessEntry,
-                  inherit: dict[str, int] | None = None) -> None:
+                  inherit: dict[str, int] | None = None,
+                  objects: dict[tuple[str, int], int] | None = None) -> None:
     """Every fd of the image, numbered as it was; ``inherit`` (--inherit-fd) maps an
-    external object's name to the fd of ckpt that stands for it."""
+    external object's name to the fd of ckpt that stands for it; ``objects``: objects
+    made before (RestoreCtx.objects: mapped memfds, ckpt.collect.mappedfiles)."""
     park = max([fd.fd for fd in entry.fds] + [2]) + 1
     for std in range(3):
         stub.sc(NR.fcntl, std, F_DUPFD, park + std, check=False)  # may be closed in ckpt
         stub.sc(NR.close, std, check=False)
-    ctx = RestoreCtx(stub, entry, dict(inherit or {}))
-    taker = _Taker(stub, park + 3)
+    ctx = RestoreCtx(stub, entry, dict(inherit or {}), dict(objects or {}))
+    taker = Taker(stub, park + 3)
     try:
         for f in entry.files:
             fds = [fd for fd in entry.fds if fd.file_id == f.id]
@@ -188,23 +191,6 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry,
     stub.sc(NR.close_range, park, park + 3, 0, what="close_range")
     # after the last close: closing any fd of a file drops the process's POSIX locks on it
     restore_locks(stub, entry.files, ctx.placed, fs_identity(entry))
-
-
-class _Taker:
-    """Moves fds of ckpt into the stub with pidfd_getfd(2), through a pidfd of ckpt that
-    the stub holds on fd ``slot`` (above every fd of the image)."""
-
-    def __init__(self, stub: Stub, slot: int) -> None:
-        self.stub, self.slot, self.ready = stub, slot, False
-
-    def take(self, fd: int, what: str) -> int:
-        stub = self.stub
-        if not self.ready:
-            pidfd = stub.sc(NR.pidfd_open, os.getpid(), 0, what="pidfd_open of ckpt")
-            stub.sc(NR.dup3, pidfd, self.slot, O_CLOEXEC, what="dup3 pidfd")
-            stub.sc(NR.close, pidfd, what="close")
-            self.ready = True
-        return stub.sc(NR.pidfd_getfd, self.slot, fd, 0, what=f"pidfd_getfd ({what})")
 
 
 def _open(stub: Stub, f: pb.OpenFile) -> int:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Mapping
 
+from ckpt.collect.mappedfiles import Made
 from ckpt.collect.maps import read_maps
 from ckpt.collect.vmas import KERNEL_PROVIDED, VmaKind
 from ckpt.collect.vmflags import BY_MNEMONIC, MADVICE
@@ -29,6 +31,7 @@ from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.pagemap import PM_FILE, PM_PRESENT, PM_SWAP, read_pagemap_entries
 from ckpt.kernel.sys import NR
 from ckpt.restore.stub import GADGET_LEN, Stub
+from ckpt.restore.taker import Taker
 
 PROT_WRITE = 2
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_GROWSDOWN = 0x1, 0x2, 0x10, 0x20, 0x100
@@ -106,12 +109,23 @@ def warm_prot(v: pb.Vma) -> int:
     return v.prot | PROT_WRITE if needs_late_protect(v) else v.prot
 
 
-def map_vmas(stub: Stub, vmas: list[pb.Vma]) -> list[pb.Vma]:
-    """mmap every VMA in place; return those to mprotect back after the page fill."""
-    with Backing(stub) as files:
+def map_vmas(stub: Stub, vmas: list[pb.Vma], made: Made | None = None) -> list[pb.Vma]:
+    """mmap every VMA in place; return those to mprotect back after the page fill.
+    ``made``: the memfds and deleted files mapped (ckpt.collect.mappedfiles), sealed here
+    between the mappings made before their seals and those made after."""
+    later = []
+    with Backing(stub, made.by_vma if made else None) as files:
         for v in vmas:
-            if VmaKind(v.kind) not in KERNEL_PROVIDED | {VmaKind.SYSV_SHM}:
-                map_range(stub, v, v.start, v.end, files)  # SysV: ckpt.collect.sysvshm
+            if VmaKind(v.kind) in KERNEL_PROVIDED | {VmaKind.SYSV_SHM}:
+                continue  # SysV: ckpt.collect.sysvshm
+            if made is not None and made.after_seal(v):
+                later.append(v)
+            else:
+                map_range(stub, v, v.start, v.end, files)
+        if made is not None:
+            made.seal()
+        for v in later:
+            map_range(stub, v, v.start, v.end, files)
     return late_protected(vmas)
 
 
@@ -156,11 +170,16 @@ def _vma_call(stub: Stub, v: pb.Vma, flag: str, nr: int, *args: int) -> None:
 
 class Backing:
     """The stub's fds of mapped files, each opened once per access mode (see
-    backing_mode) and closed at the end."""
+    backing_mode) and closed at the end. A memfd or deleted file is not opened by path:
+    ckpt reopens the object made for it (``objects``, by (Vma.dev, Vma.inode)) and the
+    stub takes that with pidfd_getfd."""
 
-    def __init__(self, stub: Stub) -> None:
+    def __init__(self, stub: Stub, objects: Mapping[tuple[int, int], int] | None = None,
+                 ) -> None:
         self.stub = stub
-        self.fds: dict[tuple[str, int], int] = {}
+        self.objects = objects or {}
+        self.fds: dict[tuple[str, int, int], int] = {}
+        self.taker = Taker(stub)
 
     def __enter__(self) -> Backing:
         return self
@@ -168,12 +187,26 @@ class Backing:
     def __exit__(self, *exc: object) -> None:
         for fd in self.fds.values():
             self.stub.sc(NR.close, fd, check=False)
+        self.taker.close()
 
     def open(self, v: pb.Vma) -> int:
-        key = (v.path, backing_mode(v))
+        key = (v.path, v.inode, backing_mode(v))
         if key not in self.fds:
-            self.fds[key] = _open_backing(self.stub, v)
+            made = self.objects.get((v.dev, v.inode))
+            self.fds[key] = _open_backing(self.stub, v) if made is None \
+                else self._take(made, v)
         return self.fds[key]
+
+    def _take(self, made: int, v: pb.Vma) -> int:
+        """A reopen of the object, in the VMA's mode; O_RDWR where a seal took the
+        shared mapping's VM_MAYWRITE ("sh" without "mw": an O_RDONLY file would drop
+        "sh" too)."""
+        mode = os.O_RDWR if "sh" in v.vmflags else backing_mode(v)
+        local = os.open(f"/proc/self/fd/{made}", mode | os.O_CLOEXEC)
+        try:
+            return self.taker.take(local, v.path)
+        finally:
+            os.close(local)
 
 
 def backing_mode(v: pb.Vma) -> int:

@@ -18,6 +18,7 @@ import resource
 import signal
 
 from ckpt.collect.cgroups import join_cgroups
+from ckpt.collect.deletedcwd import restore_deleted_cwd
 from ckpt.collect.proc import id_holder
 from ckpt.errors import ImageError, RestoreError
 from ckpt.images import ImageDir, chain
@@ -105,15 +106,16 @@ def fill_layers(stub: Stub, pid: int, layers: list[chain.Layer], index: Writable
 
 
 def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_tids: bool,
-                   stopped: bool, inherit: dict[str, int] | None = None) -> list[int]:
+                   stopped: bool, inherit: dict[str, int] | None = None,
+                   objects: dict[tuple[str, int], int] | None = None) -> list[int]:
     """Everything after the pages; the process is left running (or SIGSTOPped with
     ``stopped``) and untraced. Returns its thread ids, leader first. ``inherit``:
-    --inherit-fd (ckpt.restore.files)."""
+    --inherit-fd, ``objects``: objects made before (ckpt.restore.files)."""
     join_cgroups(stub.pid, entry.cgroups)  # a warm restore's stub: before the threads
     mm.finish_vmas(stub, entry)  # guard regions, mlock, mseal
     mm.restore_mm_fields(stub, entry.mm)
     restore_settings(stub, entry)  # oom_score_adj, loginuid, membarrier: before fds, rlimits
-    restore_files(stub, entry, inherit)
+    restore_files(stub, entry, inherit, objects)
     restore_process_state(stub, entry, new_session)
     check_access(stub.pid, entry)  # nothing held that root, not the process, could open
     threads = clone_threads(stub, list(entry.threads[1:]), same_tids=same_tids)
@@ -148,7 +150,9 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
 
 def restore_process_state(stub: Stub, entry: pb.ProcessEntry, new_session: bool) -> None:
     """Process-wide state. A shell job stays in the restoring terminal's session."""
-    if entry.cwd:
+    if entry.HasField("deleted_cwd"):
+        restore_deleted_cwd(stub, entry)
+    elif entry.cwd:
         stub.sc(NR.chdir, stub.put_str(entry.cwd), what=f"chdir {entry.cwd}")
     stub.sc(NR.umask, entry.umask)
     if entry.personality:

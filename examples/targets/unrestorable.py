@@ -7,16 +7,18 @@ the file sees the process run; it exits if that fails).
 usage: unrestorable.py MODE DIR
 
 Modes (DIR holds any file the mode creates):
-  deleted-map     MAP_PRIVATE mapping of DIR/gone.bin, then the file is unlinked
+  deleted-map     MAP_PRIVATE mapping of DIR/gone.bin, linked again as DIR/kept.bin, then
+                  DIR/gone.bin is unlinked (deleted, but the file has another link)
   aio             an AIO context (io_setup): the kernel maps "/[aio] (deleted)"
-  deleted-cwd     working directory DIR/cwd, then removed
+  deleted-cwd     working directory DIR/p/cwd, then removed, and DIR/p too
   proc-cwd        working directory /proc/self (/proc/PID: another process's after restore)
   netns-fd        an fd on /proc/self/ns/net ("net:[...]")
   shared-rw       DIR/shared.bin opened O_RDWR and mapped MAP_SHARED twice: read-write,
                   then read-only (at a lower address); the fd closed
   shared-mprotect DIR/shared.bin mapped MAP_SHARED read-write, fd closed; read-only but
                   while a tick stores into it (mprotect each time: VmFlags "mw" stays)
-  memfd           a memfd mapped MAP_SHARED, fd closed
+  memfd           a memfd of 2 MiB (above the default --ghost-limit) mapped MAP_SHARED,
+                  fd closed
   deleted-fd      an fd on DIR/gone.txt (2 MiB: above the default --ghost-limit), then the
                   file is unlinked
   child           a child process (sleeps; killed when the target dies)
@@ -65,6 +67,7 @@ def setup(mode: str, where: str) -> tuple[str, object]:
         fd = os.open(path, os.O_RDONLY)
         addr = sc(NR_MMAP, 0, 4 * PAGE, PROT_READ, MAP_PRIVATE, fd, 0)
         os.close(fd)
+        os.link(path, os.path.join(where, "kept.bin"))
         os.unlink(path)
         return path, addr
     if mode == "aio":
@@ -72,10 +75,11 @@ def setup(mode: str, where: str) -> tuple[str, object]:
         sc(NR_IO_SETUP, 8, ctypes.addressof(ctx))
         return f"{ctx.value:#x}", ctx
     if mode == "deleted-cwd":
-        path = os.path.join(where, "cwd")
-        os.mkdir(path)
+        path = os.path.join(where, "p", "cwd")
+        os.makedirs(path)
         os.chdir(path)
         os.rmdir(path)
+        os.rmdir(os.path.dirname(path))
         return path, None
     if mode == "proc-cwd":
         os.chdir("/proc/self")
@@ -97,8 +101,8 @@ def setup(mode: str, where: str) -> tuple[str, object]:
         return path, rw
     if mode == "memfd":
         fd = os.memfd_create("ckpt-test")
-        os.ftruncate(fd, 4 * PAGE)
-        addr = sc(NR_MMAP, 0, 4 * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        os.ftruncate(fd, 2 << 20)
+        addr = sc(NR_MMAP, 0, 2 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
         os.close(fd)
         return "memfd", addr
     if mode == "deleted-fd":

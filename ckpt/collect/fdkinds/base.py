@@ -175,10 +175,7 @@ class RestoreCtx:
         """A block in which ckpt's thread makes objects as the process would: its real
         uid, filesystem uid (``fsuid`` if given: a socket's owner) and gid and groups
         (ckpt.kernel.creds.made_as), so the object carries them, not root's."""
-        if not self.entry.threads:
-            return contextlib.nullcontext()
-        c = self.entry.threads[0].creds
-        return made_as(c.uid, c.fsuid if fsuid is None else fsuid, c.fsgid, tuple(c.groups))
+        return made_as_process(self.entry, fsuid)
 
     def hold(self, fd: int) -> int:
         """Keep ckpt's ``fd`` open until the restore ends; return it."""
@@ -190,6 +187,16 @@ class RestoreCtx:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.keep.clear()
+
+
+def made_as_process(entry: pb.ProcessEntry, fsuid: int | None = None,
+                    ) -> contextlib.AbstractContextManager[None]:
+    """RestoreCtx.as_owner, for who makes objects before the RestoreCtx exists (mapped
+    memfds: ckpt.collect.mappedfiles)."""
+    if not entry.threads:
+        return contextlib.nullcontext()
+    c = entry.threads[0].creds
+    return made_as(c.uid, c.fsuid if fsuid is None else fsuid, c.fsgid, tuple(c.groups))
 
 
 Inspect = Callable[[FdInfo, Peek], Any]

@@ -22,7 +22,8 @@ bounds both kinds.
 Open files of one inode (opened twice, or reopened through /proc/self/fd) are one object
 (OpenFile.object, its inode): restore makes the file once (ctx.objects) and gives every
 open file its own reopen of it with its flags and position. Mapped memfds and deleted
-files stay refused (ckpt.collect.restorable's VMA_RULES): restore maps files by path.
+files are ckpt.collect.mappedfiles's: made before the memory is mapped, the same object
+as the open files of the same inode.
 """
 
 from __future__ import annotations
@@ -99,14 +100,24 @@ def reading(peek: Peek, fd: int) -> Iterator[int]:
 
 
 def inspect(info: FdInfo, peek: Peek) -> Found:
-    directory = os.path.dirname(ghost_path(info.target)) or "/"
-    exists = claims_memfd(info, None) or os.path.isdir(directory)
     try:
         with reading(peek, info.fd) as fd:
-            st = os.fstat(fd)
+            return examine(fd, info.target)
     except OSError as exc:
-        return Found(info.st_size, 0, False, exists, exc.strerror or str(exc))
-    return Found(st.st_size, st.st_nlink, st.st_blksize > PAGE_SIZE, exists)
+        return Found(info.st_size, 0, False, directory_exists(info.target),
+                     exc.strerror or str(exc))
+
+
+def examine(fd: int, target: str) -> Found:
+    """What refuse needs of the memfd or deleted file ``target`` open on ``fd``."""
+    st = os.fstat(fd)
+    return Found(st.st_size, st.st_nlink, st.st_blksize > PAGE_SIZE, directory_exists(target))
+
+
+def directory_exists(target: str) -> bool:
+    """A memfd needs none; a deleted file is made again in its directory."""
+    return target.startswith(MEMFD_PREFIX) or os.path.isdir(
+        os.path.dirname(ghost_path(target)) or "/")
 
 
 def too_large(what: str, found: Found, flags: FdFlags) -> str | None:
@@ -118,16 +129,24 @@ def too_large(what: str, found: Found, flags: FdFlags) -> str | None:
 
 def refuse_memfd(info: FdInfo, found: Any, flags: FdFlags) -> str | None:
     assert isinstance(found, Found)
-    if found.unreadable:
-        return f"a memfd whose contents cannot be read ({found.unreadable})"
-    if found.huge:
-        return "a memfd of huge pages (MFD_HUGETLB): not supported yet"
-    return too_large("a memfd", found, flags)
+    return judge(info.target, found, flags)
 
 
 def refuse_ghost(info: FdInfo, found: Any, flags: FdFlags) -> str | None:
     assert isinstance(found, Found)
-    path = ghost_path(info.target)
+    return judge(info.target, found, flags)
+
+
+def judge(target: str, found: Found, flags: FdFlags) -> str | None:
+    """Why the memfd or deleted file ``target`` (its link, or its mapped path) cannot be
+    made again, or None; for open files and mappings alike (ckpt.collect.mappedfiles)."""
+    if target.startswith(MEMFD_PREFIX):
+        if found.unreadable:
+            return f"a memfd whose contents cannot be read ({found.unreadable})"
+        if found.huge:
+            return "a memfd of huge pages (MFD_HUGETLB): not supported yet"
+        return too_large("a memfd", found, flags)
+    path = ghost_path(target)
     if found.unreadable:
         return f"a deleted file whose contents cannot be read ({found.unreadable})"
     if found.nlink > 0:
@@ -170,16 +189,23 @@ def read_contents(fd: int, size: int, out: pb.MemFd) -> None:
 
 
 def collect(info: FdInfo, found: Any, peek: Peek, out: pb.OpenFile) -> None:
-    out.object = info.st_ino
     with reading(peek, info.fd) as fd:
-        st = os.fstat(fd)
-        out.size, out.mode, out.mtime_ns = st.st_size, st.st_mode, st.st_mtime_ns
-        m = out.memfd
-        m.uid, m.gid, m.atime_ns = st.st_uid, st.st_gid, st.st_atime_ns
-        if claims_memfd(info, peek):
-            m.name = memfd_name(info.target)
-            m.seals = fcntl.fcntl(fd, F_GET_SEALS)
-        read_contents(fd, st.st_size, m)
+        save(fd, info.target, out)
+
+
+def save(fd: int, target: str, out: pb.OpenFile) -> None:
+    """The object (its inode), size, mode, times, owner, name and seals of a memfd, and
+    the contents, read through ``fd`` (an open file of ckpt's own: it moves); ``target``
+    is its link or mapped path."""
+    st = os.fstat(fd)
+    out.object = st.st_ino
+    out.size, out.mode, out.mtime_ns = st.st_size, st.st_mode, st.st_mtime_ns
+    m = out.memfd
+    m.uid, m.gid, m.atime_ns = st.st_uid, st.st_gid, st.st_atime_ns
+    if target.startswith(MEMFD_PREFIX):
+        m.name = memfd_name(target)
+        m.seals = fcntl.fcntl(fd, F_GET_SEALS)
+    read_contents(fd, st.st_size, m)
 
 
 # --------------------------------------------------------------------------- restore
@@ -195,11 +221,16 @@ def fill(fd: int, f: pb.OpenFile) -> None:
     os.utime(fd, ns=(f.memfd.atime_ns, f.mtime_ns))
 
 
-def make_memfd(f: pb.OpenFile) -> int:
-    fd = os.memfd_create(f.memfd.name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+def make_memfd(f: pb.OpenFile, owner: contextlib.AbstractContextManager[None],
+               seal: bool = True) -> int:
+    """The memfd again, created in ``owner`` (as the process) and filled as ckpt (its
+    owner may be one the process cannot give it: a memfd made before a setuid); sealed
+    unless ``seal`` is False (a mapping must come first: ckpt.collect.mappedfiles)."""
+    with owner:
+        fd = os.memfd_create(f.memfd.name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
     try:
         fill(fd, f)
-        if f.memfd.seals:
+        if seal and f.memfd.seals:
             fcntl.fcntl(fd, F_ADD_SEALS, f.memfd.seals)
     except BaseException:
         os.close(fd)
@@ -229,16 +260,25 @@ def make_ghost(f: pb.OpenFile) -> int:
     return fd
 
 
+def object_key(f: pb.OpenFile) -> tuple[str, int]:
+    """Its key in RestoreCtx.objects: open files (and mappings) of one inode share it."""
+    return ("memfd" if f.type == pb.OpenFile.MEMFD else f"ghost {f.dev}", f.object)
+
+
+def make(f: pb.OpenFile, owner: contextlib.AbstractContextManager[None],
+         seal: bool = True) -> int:
+    """The memfd or deleted file of ``f`` made again, an fd of ckpt (O_RDWR); a memfd is
+    made in ``owner`` (RestoreCtx.as_owner: as the process)."""
+    try:
+        return make_memfd(f, owner, seal) if f.type == pb.OpenFile.MEMFD else make_ghost(f)
+    except OSError as exc:
+        raise RestoreError(f"cannot make {f.path} again: {exc.strerror or exc}") from None
+
+
 def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
-    memfd = f.type == pb.OpenFile.MEMFD
-    key = ("memfd" if memfd else f"ghost {f.dev}", f.object)
-    if key not in ctx.objects:
-        try:
-            with ctx.as_owner() if memfd else contextlib.nullcontext():
-                made = make_memfd(f) if memfd else make_ghost(f)
-            ctx.objects[key] = ctx.hold(made)
-        except OSError as exc:
-            raise RestoreError(f"cannot make {f.path} again: {exc.strerror or exc}") from None
+    key = object_key(f)
+    if key not in ctx.objects:  # a mapped one is made before the memory
+        ctx.objects[key] = ctx.hold(make(f, ctx.as_owner()))
     fd = ctx.hold(os.open(f"/proc/self/fd/{ctx.objects[key]}",
                           (f.flags & ~NOT_REOPENED) | os.O_CLOEXEC))
     if f.pos and not f.flags & os.O_PATH:
