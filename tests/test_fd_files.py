@@ -286,3 +286,18 @@ def test_migrate_compat_check_reads_only_paths(harness: Harness) -> None:
     target = files_target(harness, "ghost", str(2 << 20))
     files = list(compat_request(target.proc.pid, []).files)
     assert str(harness.tmp / "w") in files, files  # where the deleted file is made again
+
+
+@pytest.mark.parametrize("bits", [stat.S_ISUID, stat.S_ISGID, stat.S_ISUID | stat.S_ISGID])
+def test_fill_keeps_setuid_and_setgid_bits(bits: int) -> None:
+    """The owner is set before the mode: a chown clears S_ISUID (and S_ISGID of a group
+    executable file), so a chmod done first would be undone."""
+    f = pb.OpenFile(size=3, mode=stat.S_IFREG | bits | 0o755)
+    f.memfd.uid, f.memfd.gid = os.geteuid(), os.getegid()
+    f.memfd.data.add(offset=0, data=b"abc")
+    fd = os.memfd_create("setuid", os.MFD_CLOEXEC)
+    try:
+        memfd.fill(fd, f)
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == bits | 0o755
+    finally:
+        os.close(fd)

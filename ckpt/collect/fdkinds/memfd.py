@@ -216,8 +216,8 @@ def fill(fd: int, f: pb.OpenFile) -> None:
     for chunk in f.memfd.data:
         os.pwrite(fd, chunk.data, chunk.offset)
     os.ftruncate(fd, f.size)
+    os.fchown(fd, f.memfd.uid, f.memfd.gid)  # before the mode: a chown clears S_ISUID
     os.fchmod(fd, stat.S_IMODE(f.mode))
-    os.fchown(fd, f.memfd.uid, f.memfd.gid)
     os.utime(fd, ns=(f.memfd.atime_ns, f.mtime_ns))
 
 
