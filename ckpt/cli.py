@@ -372,11 +372,11 @@ def restore(images_dir: str, restore_detached: bool, pidfile: str | None, new_pi
     """Restore a process from images; without -d wait for it and exit with its status."""
     from ckpt.actions.restore import RestoreOptions, wait_restored
     from ckpt.actions.restore import restore as do_restore
-    from ckpt.restore.files import parse_inherit_fd
+    from ckpt.restore.files import parse_inherit_fds
 
     res = do_restore(RestoreOptions(images_dir=images_dir, new_pid=new_pid,
                                     skip_file_check=skip_file_check,
-                                    inherit=dict(map(parse_inherit_fd, inherit_fd))))
+                                    inherit=parse_inherit_fds(inherit_fd)))
     if pidfile:
         with open(pidfile, "w") as f:
             f.write(f"{res.pid}\n")

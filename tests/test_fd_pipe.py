@@ -7,6 +7,7 @@ import os
 import re
 import select
 import stat
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -26,7 +27,7 @@ from ckpt.collect.fds import FdInfo
 from ckpt.errors import ImageError, RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.validate import validate
-from ckpt.restore.files import check_inherit, parse_inherit_fd
+from ckpt.restore.files import check_inherit, parse_inherit_fd, parse_inherit_fds
 
 PIPE_DEV = 14
 
@@ -91,6 +92,29 @@ def test_parse_inherit_fd() -> None:
     for bad in ("7:pipe:[1]", "fd[x]:pipe:[1]", "fd[3]"):
         with pytest.raises(RestoreError, match="not fd\\[N\\]:OBJECT"):
             parse_inherit_fd(bad)
+    assert parse_inherit_fd("fd[1073741815]:pipe:[1]") == ("pipe:[1]", 1073741815)
+    for big in ("fd[1073741816]:pipe:[1]", "fd[99999999999999999999]:pipe:[1]",
+                "fd[" + "9" * 5000 + "]:pipe:[1]"):
+        with pytest.raises(RestoreError, match="out of range"):
+            parse_inherit_fd(big)
+
+
+def test_inherit_fds_name_each_object_once() -> None:
+    assert parse_inherit_fds(["fd[3]:pipe:[1]", "fd[4]:pipe:[2]"]) == \
+        {"pipe:[1]": 3, "pipe:[2]": 4}
+    with pytest.raises(RestoreError, match=r"pipe:\[1\] is given twice \(fd 3 and fd 4\)"):
+        parse_inherit_fds(["fd[3]:pipe:[1]", "fd[4]:pipe:[1]"])
+
+
+@pytest.mark.parametrize(("specs", "words"), [
+    (["fd[99999999999999999999]:pipe:[5]"], "out of range"),
+    (["fd[3]:pipe:[5]", "fd[3]:pipe:[5]"], "pipe:[5] is given twice"),
+])
+def test_bad_inherit_fds_are_one_error_line(tmp_path: Path, specs: list[str],
+                                             words: str) -> None:
+    args = [a for spec in specs for a in ("--inherit-fd", spec)]
+    line = assert_one_error_line(run_ckpt("restore", "-D", tmp_path, "--restore-detached", *args))
+    assert words in line, line
 
 
 def test_check_inherit_names_the_fd_the_object_and_the_flag() -> None:

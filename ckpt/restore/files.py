@@ -17,13 +17,14 @@ import fcntl
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from ckpt.collect.fdkinds import BY_TYPE, fown
 from ckpt.collect.fdkinds.base import NOT_REOPENED, RestoreCtx, fs_identity
 from ckpt.collect.fdkinds.locks import restore_locks
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.images.validate import NR_OPEN_MAX
 from ckpt.kernel.sys import NR
 from ckpt.restore.stub import Stub
 from ckpt.restore.taker import Taker
@@ -94,11 +95,28 @@ INHERIT_FD = re.compile(r"fd\[(\d+)\]:(.+)")
 
 
 def parse_inherit_fd(spec: str) -> tuple[str, int]:
-    """``--inherit-fd fd[N]:NAME`` (CRIU's syntax) as (NAME, N); RestoreError if malformed."""
+    """``--inherit-fd fd[N]:NAME`` (CRIU's syntax) as (NAME, N); RestoreError if malformed
+    or N is not an fd number the kernel could give."""
     m = INHERIT_FD.fullmatch(spec)
     if m is None:
         raise RestoreError(f"--inherit-fd {spec}: not fd[N]:OBJECT (e.g. fd[3]:pipe:[1234])")
+    if len(m[1]) > len(str(NR_OPEN_MAX)) or int(m[1]) >= NR_OPEN_MAX:
+        raise RestoreError(f"--inherit-fd {spec}: fd {m[1]} is out of range "
+                           f"(0..{NR_OPEN_MAX - 1})")
     return m[2], int(m[1])
+
+
+def parse_inherit_fds(specs: Iterable[str]) -> dict[str, int]:
+    """Every ``--inherit-fd`` as {object: fd}; RestoreError if one is malformed or an
+    object is named twice."""
+    inherit: dict[str, int] = {}
+    for spec in specs:
+        name, fd = parse_inherit_fd(spec)
+        if name in inherit:
+            raise RestoreError(f"--inherit-fd: {name} is given twice "
+                               f"(fd {inherit[name]} and fd {fd})")
+        inherit[name] = fd
+    return inherit
 
 
 def inherit_problem(f: pb.OpenFile, inherit: dict[str, int],
