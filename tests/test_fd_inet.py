@@ -315,24 +315,28 @@ def test_sockets_of_another_network_namespace(harness: Harness) -> None:
 
 def test_migrate_rounds_take_sockets_of_another_namespace(harness: Harness) -> None:
     """The predump rounds of a migration check the target as its final dump does
-    (externals off): sockets of another namespace pass there, not in a plain predump."""
+    (migrating): sockets of another namespace pass there, not in a plain predump, nor
+    in one that only refuses external objects."""
     netns = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
     target = Asker(harness, "fd_inet.py", prefix=netns)
     with pytest.raises(NotDumpable, match="of network namespace net:"):
         check_target(target.proc.pid)
-    assert check_target(target.proc.pid, externals=False)
+    with pytest.raises(NotDumpable, match="of network namespace net:"):
+        check_target(target.proc.pid, externals=False)
+    assert check_target(target.proc.pid, externals=False, migrating=True)
     assert_running_untraced(target.proc.pid)
 
 
 def test_another_network_namespace_refused_unless_migrating() -> None:
-    """Pure: the refusal names the namespace; a migration (no externals: the restore is
-    on another host) moves the sockets on purpose."""
+    """Pure: the refusal names the namespace; a migration (the restore is on another
+    host) moves the sockets on purpose; a local dump refusing external objects does not."""
     foreign = state(netns="net:[4026532000]")
     assert refuse(INFO, foreign, CLOSE) == (
         "a TCP socket 127.0.0.1:6379 of network namespace net:[4026532000], not ckpt's: a "
         "restore makes sockets in ckpt's (run ckpt in that namespace, or migrate the "
         "process there)")
-    assert refuse(INFO, foreign, FdFlags(externals=False)) is None
+    assert refuse(INFO, foreign, FdFlags(externals=False, migrating=True)) is None
+    assert "not ckpt's" in str(refuse(INFO, foreign, FdFlags(externals=False)))
 
 
 def test_restored_socket_keeps_its_owner() -> None:

@@ -50,7 +50,8 @@ def test_mapped_refusals() -> None:
     assert refusal(vma("/memfd:a (deleted)"), small, flags) is None
     assert refusal(vma("/tmp/x"), None, flags) is None  # not the module's business
     assert "migrate does not carry" in str(refusal(vma("/tmp/x (deleted)"), small,
-                                                   FdFlags(externals=False)))
+                                                   FdFlags(externals=False, migrating=True)))
+    assert refusal(vma("/tmp/x (deleted)"), small, FdFlags(externals=False)) is None
     assert "could not be looked at" in str(refusal(vma("/tmp/x (deleted)"), None, flags))
     assert "--ghost-limit 2000 or more" in str(
         refusal(vma("/memfd:a (deleted)"), Seen(Found(2000, 0, False, True)),

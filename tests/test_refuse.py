@@ -102,7 +102,8 @@ CASES: dict[str, tuple[Target, str]] = {
                                  "deleted working directory (/tmp/d/x) whose parent no path "
                                  "reaches any more"),
     "deleted cwd migrated": (replace(in_cwd("/tmp/x (deleted)"),
-                                     fd_flags=FdFlags(shell_job=True, externals=False)),
+                                     fd_flags=FdFlags(shell_job=True, externals=False,
+                                                  migrating=True)),
                              "deleted working directory (/tmp/x): migrate does not carry"),
     "cwd in /proc/PID": (in_cwd("/proc/123/task"), "/proc/123/task under /proc/PID"),
     "thread cwd": (replace(FINE, thread_cwds=((77, "/home/u"), (78, "/srv"))),
@@ -145,7 +146,8 @@ CASES: dict[str, tuple[Target, str]] = {
                                                    shared=True),),
                                    mapped=((0x7F0000000000,
                                             Seen(memfd.Found(10, 0, False, True))),),
-                                   fd_flags=FdFlags(shell_job=True, externals=False)),
+                                   fd_flags=FdFlags(shell_job=True, externals=False,
+                                                  migrating=True)),
                            "maps a memfd (/memfd:buf) at 0x7f0000000000: migrate does not "
                            "carry mapped memfds and deleted files yet"),
     "deleted map": (replace(FINE, vmas=(vma("/tmp/x (deleted)", VmaKind.FILE_PRIVATE),),
@@ -217,6 +219,23 @@ def test_each_unrestorable_thing_is_refused_by_name(case: str) -> None:
     assert len(found) == 1 and says in found[0], found
     with pytest.raises(NotDumpable, match="^" + re.escape(found[0]) + "$"):
         require_restorable(target)
+
+
+def test_only_a_migration_refuses_what_migrate_does_not_carry() -> None:
+    """FdFlags.migrating, not FdFlags.externals, refuses System V shared memory, mapped
+    memfds and a deleted working directory: a local dump refusing external objects takes
+    them."""
+    target = replace(in_cwd("/tmp/x (deleted)"),
+                     vmas=(vma("/memfd:buf (deleted)", VmaKind.FILE_SHARED, shared=True),
+                           vma("/SYSV00000000 (deleted)", VmaKind.SYSV_SHM, 0x1000000,
+                               inode=5, shared=True)),
+                     mapped=((0x7F0000000000, Seen(memfd.Found(10, 0, False, True))),))
+    local = refusals(replace(target, fd_flags=FdFlags(shell_job=True, externals=False)))
+    assert not [line for line in local if "migrate" in line], local
+    moved = refusals(replace(target, fd_flags=FdFlags(shell_job=True, externals=False,
+                                                      migrating=True)))
+    assert [w for w in ("working directory", "System V", "memfd")
+            if not any(w in line and "migrate" in line for line in moved)] == [], moved
 
 
 def test_refusals_come_in_order_and_the_first_is_told() -> None:

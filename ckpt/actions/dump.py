@@ -93,6 +93,7 @@ class DumpOptions:
     tcp_close: bool = False  # --tcp-close: established TCP connections restored closed
     ghost_limit: int = GHOST_LIMIT  # --ghost-limit: largest deleted file or memfd saved
     externals: bool = True  # external pipes/sockets recorded (False: migrate refuses them)
+    migrating: bool = False  # set by migrate only (FdFlags.migrating)
     # Called with the images complete and the target still frozen, before it is killed;
     # raising keeps the target alive (it is thawed). Migration hands over here.
     before_kill: Callable[[], None] | None = None
@@ -105,7 +106,8 @@ class DumpOptions:
     def fd_flags(self) -> FdFlags:
         """What the fd kinds (ckpt.collect.fdkinds) accept under these options."""
         return FdFlags(shell_job=self.shell_job, tcp_close=self.tcp_close,
-                       ghost_limit=self.ghost_limit, externals=self.externals)
+                       ghost_limit=self.ghost_limit, externals=self.externals,
+                       migrating=self.migrating)
 
 
 @dataclass(frozen=True)

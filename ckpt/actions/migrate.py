@@ -127,7 +127,7 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     require_root("migrate")
     # Whatever would stop the final dump (an fd kind we cannot carry, children, ...)
     # stops the migration before any round, like a failed server check.
-    vmas = preflight(DumpOptions(pid=opts.pid, images_dir="", externals=False,
+    vmas = preflight(DumpOptions(pid=opts.pid, images_dir="", externals=False, migrating=True,
                                  ghost_limit=opts.ghost_limit, tcp_close=opts.tcp_close),
                      hidden_fds(opts.pid))
     work = Path(opts.keep_images or tempfile.mkdtemp(prefix="ckpt-migrate-"))
@@ -252,7 +252,7 @@ def pre_round(opts: MigrateOptions, conn: Conn, work: Path, n: int, prev: str | 
     predump(PredumpOptions(pid=opts.pid, images_dir=str(work / str(n)), prev_images_dir=prev,
                            track=opts.track, compress_level=opts.compress_level,
                            ghost_limit=opts.ghost_limit, tcp_close=opts.tcp_close,
-                           externals=False))
+                           externals=False, migrating=True))
     dirty = ImageDir.open(work / str(n)).read_inventory().stats.pages_written
     with Throttle(opts.pid, duty) as throttle:
         sent = send_pass_on(conn, work / str(n), str(n), prerestore=True)
@@ -392,7 +392,7 @@ def final_round(opts: MigrateOptions, conn: Conn, work: Path, name: str, prev: s
         res = dump(DumpOptions(pid=opts.pid, images_dir=str(work / name), prev_images_dir=prev,
                                incremental=prev is not None, track=opts.track,
                                compress_level=opts.compress_level, before_kill=hand_over,
-                               after_kill=commit, externals=False,
+                               after_kill=commit, externals=False, migrating=True,
                                ghost_limit=opts.ghost_limit,
                                tcp_close=opts.tcp_close))
     finally:

@@ -52,10 +52,11 @@ class PredumpOptions:
     ghost_limit: int = GHOST_LIMIT  # --ghost-limit: as the final dump's (FdFlags)
     tcp_close: bool = False  # --tcp-close: what the final dump will accept
     externals: bool = True  # as DumpOptions.externals (False: a round of migrate)
+    migrating: bool = False  # as DumpOptions.migrating (True: a round of migrate)
 
 
 def check_target(pid: int, ghost_limit: int = GHOST_LIMIT, tcp_close: bool = False,
-                 externals: bool = True) -> list[VmaInfo]:
+                 externals: bool = True, migrating: bool = False) -> list[VmaInfo]:
     """Refuse, before anything touches the target, what the final dump would refuse: a
     pass of a process that cannot be restored is wasted. A terminal on fds 0-2 passes
     (the final dump decides, with or without --shell-job): Target.shell_job is True, and
@@ -66,7 +67,7 @@ def check_target(pid: int, ghost_limit: int = GHOST_LIMIT, tcp_close: bool = Fal
     if proc.is_kernel_thread(pid):
         raise NotDumpable(f"process {pid} is a kernel thread")
     flags = FdFlags(shell_job=False, tcp_close=tcp_close, ghost_limit=ghost_limit,
-                    externals=externals)
+                    externals=externals, migrating=migrating)
     return require_restorable(read_target(pid, True, hidden_fds(pid), flags=flags))
 
 
@@ -75,7 +76,8 @@ def predump(opts: PredumpOptions) -> str:
     pid = opts.pid
     t0 = time.perf_counter()
     require_root("predump")
-    vmas = check_target(pid, opts.ghost_limit, opts.tcp_close, opts.externals)
+    vmas = check_target(pid, opts.ghost_limit, opts.tcp_close, opts.externals,
+                        opts.migrating)
     parent = open_parent(opts.images_dir, opts.prev_images_dir, pid)
     tracker = select_tracker(opts.track, pid, parent)
     images = ImageDir.new_pass(opts.images_dir, opts.overwrite)

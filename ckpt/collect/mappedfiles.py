@@ -6,7 +6,7 @@ Their file is reached through /proc/PID/map_files/START-END (root may open it).
     freeze and frozen     deleted file (ckpt.collect.fdkinds.memfd.judge: --ghost-limit,
                           other links, its directory); refused when another process maps
                           it or has it open (ckpt.collect.holders' scans: a restore would
-                          cut the sharing), and under migrate (FdFlags.externals False: a
+                          cut the sharing), and under migrate (FdFlags.migrating: a
                           warm restore maps files by path, pass by pass)
     dump, frozen          collect: one MappedObject per (Vma.dev, Vma.inode). If an fd of
                           the process has the same inode open, the object is that open
@@ -127,7 +127,7 @@ def refusal(v: VmaInfo, seen: Seen | None, flags: FdFlags) -> str | None:
     """Why the memfd or deleted file ``v`` maps cannot be mapped again, or None (pure)."""
     if not is_mapped_object(v.kind, v.path):
         return None
-    if not flags.externals:
+    if flags.migrating:
         return "migrate does not carry mapped memfds and deleted files yet (dump does)"
     if seen is None:
         return "its file could not be looked at"

@@ -145,7 +145,7 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
          "process {pid} has a deleted working directory ({cwd_shown}) whose parent no path "
          "reaches any more (removed or replaced too): a restore could not make it again "
          "there: " + NOT_YET),
-    Rule(lambda t: _deleted(t.cwd) and not t.fd_flags.externals,
+    Rule(lambda t: _deleted(t.cwd) and t.fd_flags.migrating,
          "process {pid} has a deleted working directory ({cwd_shown}): migrate does not "
          "carry it yet (dump does)"),
     Rule(lambda t: bool(PROC_PID.match(t.cwd)),
@@ -368,7 +368,7 @@ def refusals(t: Target) -> list[str]:
     """One line per thing a restore could not bring back (empty: restorable)."""
     out = [rule.says.format(**process_fields(t)) for rule in PROCESS_RULES if rule.applies(t)]
     out += sysvshm.refusals(t.pid, t.vmas, {s.shmid: s for s in t.shm_segments},
-                            t.same_ipc_ns, migrating=not t.fd_flags.externals)
+                            t.same_ipc_ns, migrating=t.fd_flags.migrating)
     out += sched.refusals(t.pid, t.policies)
     out += cgroups.thread_refusals(t.pid, t.thread_cgroups)
     found = dict(t.mapped)

@@ -76,9 +76,12 @@ class FdFlags:
     tcp_close: bool = False  # established TCP connections are restored closed
     ghost_limit: int = GHOST_LIMIT  # bytes: largest deleted file or memfd saved
     # objects held outside the process may be recorded as external (a restore takes them
-    # from --inherit-fd); not where the restore is on another host (migrate), which also
-    # refuses System V shared memory (ckpt.collect.sysvshm)
+    # from --inherit-fd); not where the restore is on another host (migrate)
     externals: bool = True
+    # the restore is on another host (migrate): sockets of another network namespace are
+    # taken into the destination's; System V shared memory, mapped memfds and deleted
+    # files, a deleted working directory are refused (not carried yet)
+    migrating: bool = False
 
 
 class Peek:

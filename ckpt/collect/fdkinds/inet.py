@@ -29,7 +29,7 @@ Refused, naming the socket (what ``ckpt dump`` says, before the freeze):
     a socket of another network namespace than ckpt's: the restore would make it in
         ckpt's (a listener of a container back on the host's address); ckpt run in that
         namespace takes it. Not refused by migrate, which moves the process to the
-        destination's namespace on purpose (FdFlags.externals False)
+        destination's namespace on purpose (FdFlags.migrating)
     an option a new socket does not read back once set (inet_options.replay), and
         state no getsockopt reads (inet_options.unreadable; TCP-MD5 keys from inet_diag)
     a TCP connection (any state but LISTEN, and CLOSE when never connected; one that
@@ -223,7 +223,7 @@ def _inspect(info: FdInfo, peek: Peek) -> InetState:
 def refuse(info: FdInfo, s: InetState, flags: FdFlags) -> str | None:
     """Why this socket cannot be restored as it is, or None (pure)."""
     what = s.proto_name
-    if s.netns and flags.externals:
+    if s.netns and not flags.migrating:
         return (f"a {what} socket {s.local or '(not bound)'} of network namespace {s.netns}, "
                 "not ckpt's: a restore makes sockets in ckpt's (run ckpt in that namespace, "
                 "or migrate the process there)")
