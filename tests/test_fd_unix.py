@@ -38,8 +38,9 @@ from ckpt.collect.fdkinds.unix_build import component
 from ckpt.collect.fdkinds.unix_queue import merge_runs
 from ckpt.collect.fds import scan_holders
 from ckpt.errors import ImageError
+from ckpt.images.fields import UNIX_OPTIONS
 from ckpt.images.pb import core_pb2 as pb
-from ckpt.images.validate import UNIX_OPTIONS, validate
+from ckpt.images.validate import validate
 from ckpt.kernel.sys import pidfd_getfd
 from ckpt.kernel.unix_diag import UnixDiag, build_request, parse_replies, parse_reply
 

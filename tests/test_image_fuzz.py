@@ -32,11 +32,12 @@ from google.protobuf.message import Message
 from ckpt.cli import main
 from ckpt.errors import ImageError
 from ckpt.images import ImageDir
+from ckpt.images.fields import FIELDS
 from ckpt.images.framing import decode_payloads, encode_entries, parse_entry
 from ckpt.images.imagedir import KINDS, ImageKind
 from ckpt.images.pb import core_pb2 as core
 from ckpt.images.pb import image_pb2 as img
-from ckpt.images.validate import FIELDS, RULES
+from ckpt.images.validate import RULES
 from ckpt.restore.stub import Stub
 
 SEED = 9

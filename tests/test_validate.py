@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import math
 import re
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -11,10 +13,12 @@ import zstandard
 
 from ckpt.collect.sysvshm import contents
 from ckpt.errors import ImageError, RestoreError
+from ckpt.images import fields
+from ckpt.images.fields import TRACKERS
 from ckpt.images.imagedir import DIGEST_SIZE
 from ckpt.images.pb import core_pb2 as core
 from ckpt.images.pb import image_pb2 as img
-from ckpt.images.validate import TRACKERS, problems, validate
+from ckpt.images.validate import problems, validate
 from ckpt.pagecopy.compare import DIGEST
 from ckpt.restore.files import _open as open_by_path
 from ckpt.restore.stub import Stub
@@ -177,3 +181,15 @@ def test_an_open_file_of_a_kind_not_restored_is_never_opened_by_path() -> None:
     f = core.OpenFile(id=1, type=core.OpenFile.UNIX_SOCKET, path="/etc/shadow")
     with pytest.raises(RestoreError, match="of type UNIX_SOCKET, which this ckpt does not"):
         open_by_path(cast(Stub, None), f)
+
+
+def test_no_message_has_two_rows_in_fields() -> None:
+    """A message listed twice in the FIELDS literal: the later row silently wins (a merge
+    once left InetSocket, InetAddress and InetOption twice), so the source is read."""
+    tree = ast.parse(Path(fields.__file__).read_text())
+    table = next(n.value for n in tree.body if isinstance(n, ast.AnnAssign)
+                 and isinstance(n.target, ast.Name) and n.target.id == "FIELDS")
+    assert isinstance(table, ast.Dict)
+    keys = [ast.unparse(k) for k in table.keys if k is not None]
+    assert sorted({k for k in keys if keys.count(k) > 1}) == []
+    assert len(keys) == len(fields.FIELDS)

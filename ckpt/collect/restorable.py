@@ -99,7 +99,7 @@ from ckpt.collect.timers import timer_refusal
 from ckpt.collect.vmas import KERNEL_PROVIDED, VmaInfo, VmaKind
 from ckpt.collect.vmflags import refused_flags
 from ckpt.errors import NotDumpable
-from ckpt.images.validate import MAX_GROUPS
+from ckpt.images.fields import MAX_GROUPS
 
 T = TypeVar("T")
 #: Character devices a reopen brings back exactly: they keep no state (major 1, "mem").

@@ -1,4 +1,4 @@
-"""The checks of one field's value that ckpt.images.validate's FIELDS table is made of:
+"""The checks of one field's value that ckpt.images.fields.FIELDS is made of:
 each takes a value and says why it is out of range, or None.
 
     ranged(lo, hi)   one_of(...)   mask(allowed)   aligned(hi)     integers

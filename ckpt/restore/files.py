@@ -23,8 +23,8 @@ from ckpt.collect.fdkinds import BY_TYPE, fown
 from ckpt.collect.fdkinds.base import NOT_REOPENED, RestoreCtx, fs_identity
 from ckpt.collect.fdkinds.locks import restore_locks
 from ckpt.errors import RestoreError
+from ckpt.images.fields import NR_OPEN_MAX
 from ckpt.images.pb import core_pb2 as pb
-from ckpt.images.validate import NR_OPEN_MAX
 from ckpt.kernel.sys import NR
 from ckpt.restore.stub import Stub
 from ckpt.restore.taker import Taker
