@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    PYTHON,
     Harness,
     assert_ckpt_ok,
     assert_one_error_line,
@@ -30,7 +31,8 @@ from ckpt.collect.timers import ProcTimer, read_timers
 from ckpt.images import ImageDir
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.siginfo import signo
-from ckpt.kernel.timers import SIGEV_THREAD_ID, timer_of
+from ckpt.kernel.timers import SIGEV_THREAD_ID, restore_ids_supported, timer_of
+from ckpt.restore.timers import linear_problem
 
 DELAY = 6.0  # seconds until timers 0 and 2 fire: well after the dump
 REPORT = re.compile(r"report (main|worker) (.*)")
@@ -209,3 +211,42 @@ def test_a_slow_restore_keeps_the_overrun_count(harness: Harness, tmp_path: Path
     assert_running_untraced(pid)
     after = ask_report(out, ask, "main", len(read_lines(out)))
     assert after["t6"].split("/")[2] == before["t6"].split("/")[2]
+
+
+HIGH_TIMER = """
+import ctypes, struct, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(77, 1, 0, 0, 0) == 0  # PR_TIMER_CREATE_RESTORE_IDS on
+timer = ctypes.c_int(5000)
+ev = ctypes.create_string_buffer(struct.pack("qii", 0, 0, 1) + bytes(48))  # SIGEV_NONE
+assert libc.syscall(222, 1, ev, ctypes.byref(timer)) == 0, ctypes.get_errno()
+assert libc.prctl(77, 0, 0, 0, 0) == 0
+print("ready", timer.value, flush=True)
+time.sleep(600)
+"""
+
+
+def test_linear_timer_ids_are_judged_by_the_restoring_kernel() -> None:
+    """Pure: without kernel help ids above MAX_LINEAR_TIMER_ID are refused; with it, any."""
+    assert linear_problem([0, 4096], exact=False) is None
+    assert linear_problem([], exact=False) is None
+    assert linear_problem([3, 5000], exact=True) is None
+    assert "POSIX timer ids up to 5000" in str(linear_problem([3, 5000], exact=False))
+
+
+@needs_root
+def test_linear_ids_restore_refuses_a_high_timer_id_first(harness: Harness, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          ) -> None:
+    """A dump taken where the kernel creates a timer under a given id, restored where it
+    cannot: one error line before any process is made, not 5000 timers made and deleted."""
+    if not restore_ids_supported():
+        pytest.skip("this kernel cannot create a timer under a given id")
+    out = tmp_path / "out"
+    proc = harness.launch([PYTHON, "-c", HIGH_TIMER], out)
+    assert wait_for_line(out, lambda s: s.startswith("ready"), 10, "ready") == "ready 5000"
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    monkeypatch.setenv("CKPT_TEST_WITHOUT", "timer-restore-ids")
+    line = assert_one_error_line(run_ckpt("restore", "-D", images, "--restore-detached"))
+    assert f"process {proc.pid} has POSIX timer ids up to 5000" in line, line

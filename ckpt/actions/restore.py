@@ -48,6 +48,7 @@ from ckpt.restore.process import (
     read_images,
 )
 from ckpt.restore.stub import Stub
+from ckpt.restore.timers import check_timer_ids
 from ckpt.restore.uffd_fill import CopyFill
 
 
@@ -78,6 +79,7 @@ def restore(opts: RestoreOptions) -> RestoreResult:
     if not opts.skip_file_check:
         check_files(entry)
     check_inherit(entry, opts.inherit)
+    check_timer_ids(entry)
     stub = Stub.spawn(None if opts.new_pid else entry.pid, max(t.tid for t in entry.threads))
     copier = CopyFill()
     made: list[int] = []  # System V segments made here

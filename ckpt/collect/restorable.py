@@ -95,7 +95,7 @@ from ckpt.collect.target import (
     file_identity,
     read_target,
 )
-from ckpt.collect.timers import timer_refusal
+from ckpt.collect.timers import MAX_LINEAR_TIMER_ID, timer_refusal
 from ckpt.collect.vmas import KERNEL_PROVIDED, VmaInfo, VmaKind
 from ckpt.collect.vmflags import refused_flags
 from ckpt.errors import NotDumpable
@@ -107,8 +107,6 @@ STATELESS_DEVICES = frozenset(os.makedev(1, minor) for minor in (3, 5, 7, 8, 9))
 NAMESPACE = re.compile(r"[a-z_]+:\[\d+\]")
 PROC_PID = re.compile(r"/proc/\d+(/|$)")
 NOT_YET = "not supported yet"
-#: Timer ids a restore makes by creating and deleting every id below (no kernel help)
-MAX_LINEAR_TIMER_ID = 4096
 #: Filesystems under /dev whose files are files, not devices.
 NOT_DEVICES = ("/dev/shm/", "/dev/hugepages/", "/dev/mqueue/")
 

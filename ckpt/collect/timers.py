@@ -34,6 +34,10 @@ from ckpt.kernel.timers import (
 )
 
 SIGTRAP = 5
+#: Timer ids a restore makes by creating and deleting every id below (no kernel help):
+#: the dump refuses more (ckpt.collect.restorable), so does the restore on its own kernel
+#: (ckpt.restore.timers.check_timer_ids)
+MAX_LINEAR_TIMER_ID = 4096
 NOTIFY_KINDS = {"signal": SIGEV_SIGNAL, "none": SIGEV_NONE, "thread": SIGEV_THREAD}
 
 

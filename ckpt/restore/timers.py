@@ -35,7 +35,7 @@ import struct
 from collections.abc import Iterable
 
 from ckpt import testpoint
-from ckpt.collect.timers import map_clock
+from ckpt.collect.timers import MAX_LINEAR_TIMER_ID, map_clock
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.ptrace import Injector
@@ -53,6 +53,7 @@ from ckpt.kernel.timers import (
     TIMESPEC,
     itimerspec,
     parse_timespec,
+    restore_ids_supported,
     sigevent,
     timer_of,
     timespec,
@@ -73,6 +74,30 @@ def linear_plan(ids: list[int]) -> list[tuple[int, bool]]:
     return [(i, i in wanted) for i in range(max(ids, default=-1) + 1)]
 
 
+def linear_problem(ids: Iterable[int], exact: bool) -> str | None:
+    """Why timers under ``ids`` cannot be made on a kernel that creates a timer under a
+    given id (``exact``) or not, or None: without it, ids above MAX_LINEAR_TIMER_ID (the
+    limit the dump applies on its own kernel; the restore's may lack what it had)."""
+    top = max(ids, default=-1)
+    if exact or top <= MAX_LINEAR_TIMER_ID:
+        return None
+    return (f"POSIX timer ids up to {top}, and this kernel cannot create a timer under a "
+            "given id (PR_TIMER_CREATE_RESTORE_IDS, Linux 6.15): the restore would create "
+            f"and delete every id below (at most {MAX_LINEAR_TIMER_ID}): not supported")
+
+
+def ids_exact() -> bool:
+    """Does this kernel create timers under a given id (CKPT_TEST_WITHOUT can say no)?"""
+    return not testpoint.without("timer-restore-ids") and restore_ids_supported()
+
+
+def check_timer_ids(entry: pb.ProcessEntry) -> None:
+    """Before anything is built: RestoreError if this kernel cannot make the timer ids."""
+    why = linear_problem((t.id for t in entry.posix_timers), ids_exact())
+    if why is not None:
+        raise RestoreError(f"process {entry.pid} has {why}")
+
+
 def timer_sigevent(t: pb.PosixTimer, tid_map: dict[int, int]) -> bytes:
     tid = 0
     if t.notify & SIGEV_THREAD_ID:
@@ -90,6 +115,11 @@ def create_timers(stub: Stub, entry: pb.ProcessEntry, tid_map: dict[int, int]) -
         return
     exact = not testpoint.without("timer-restore-ids") and stub.sc(
         NR.prctl, PR_TIMER_CREATE_RESTORE_IDS, RESTORE_IDS_ON, 0, 0, 0, check=False) == 0
+    why = linear_problem(timers, exact)
+    if why is not None:  # check_timer_ids said otherwise: the kernel's answer changed
+        if exact:
+            stub.sc(NR.prctl, PR_TIMER_CREATE_RESTORE_IDS, RESTORE_IDS_OFF, 0, 0, 0, check=False)
+        raise RestoreError(f"process {entry.pid} has {why}")
     plan = [(i, True) for i in sorted(timers)] if exact else linear_plan(sorted(timers))
     try:
         for timer_id, keep in plan:

@@ -36,6 +36,7 @@ from ckpt.restore.layout import plan_layout, vdso_moved
 from ckpt.restore.pages import WritableIndex
 from ckpt.restore.process import check_xstate, fill_layers, finish_process, prepare_stub
 from ckpt.restore.stub import GADGET_LEN, Stub
+from ckpt.restore.timers import check_timer_ids
 from ckpt.restore.uffd_fill import CopyFill
 
 MADV_DONTNEED, MADV_REMOVE = 4, 9
@@ -114,6 +115,7 @@ class WarmRestore:
                 raise RestoreError(f"{path} holds a {inv.kind}, not a restorable dump")
             entry = images.read_core(inv.root_pid)
             check_inherit(entry, inherit or {})
+            check_timer_ids(entry)
             same_tids = stub.pid == entry.pid and not any(
                 os.path.exists(f"/proc/{t.tid}") for t in entry.threads[1:])
             with stub.colocated():
