@@ -16,9 +16,9 @@ from ckpt.collect.cgroups import (
     cgroup_dir,
     parse_cgroup_mounts,
     parse_proc_cgroup,
-    safe_path,
     thread_refusals,
 )
+from ckpt.images.checks import clean_path
 
 MOUNTINFO = """\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
@@ -38,7 +38,8 @@ def test_where_each_cgroup_is() -> None:
         "/sys/fs/cgroup/unified/web"]
     assert cgroup_dir(Membership(0, "", "/other"), mounts) is None  # not under /sub
     assert cgroup_dir(Membership(3, "memory", "/"), mounts) is None
-    assert safe_path("/a/b") and not safe_path("/a/../b") and not safe_path("a")
+    assert clean_path("/a/b") is None
+    assert all(clean_path(p) for p in ("/a/../b", "a", "/a/./b", "/a/", "/a\0b", "//a"))
 
 
 def own_cgroup(pid: int, controllers: str) -> str:

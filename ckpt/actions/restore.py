@@ -1,21 +1,31 @@
 """`ckpt restore`: rebuild a process from an images directory, as a straight checklist.
 
-    read images        inventory, core, pagemap (each field validated: images/validate.py)
-                       and the files they reopen (unchanged since the dump), all before
-                       anything is created
+    read images        inventory, core, pagemap (each field validated: images/validate.py),
+                       then, before anything is created: the dumped ids free, the files
+                       reopened unchanged since the dump, every --inherit-fd, timer ids
+                       this kernel can make
     stub               fork a traced child with the dumped pid (ns_last_pid) or a new one,
                        every signal action SIG_DFL
-    gadget             syscall page at a free address; stub rseq off, its fds closed
+    cgroups            the stub joins the dumped cgroups, before its memory is charged
+    gadget             XSTATE layout checked; syscall page at a free address; stub rseq
+                       off, its fds closed
     address space      unmap stub, move vdso, make mapped memfds and deleted files, map
-                       VMAs, seal those memfds, fill pages (UFFDIO_COPY into anonymous
-                       memory), mprotect, PR_SET_MM_MAP
-    files              fds with shared open file descriptions, offsets
-    process state      cwd, umask, personality, session, name, sigactions (not yet
-                       SIGTRAP's), rlimits
+                       VMAs, seal those memfds, make and attach System V segments, fill
+                       pages (UFFDIO_COPY into anonymous memory), mprotect
+    memory state       guard regions, mlock, mseal, PR_SET_MM_MAP
+    settings           oom_score_adj, loginuid, membarrier (before the fds and rlimits)
+    files              fds with shared open file descriptions, offsets, status flags,
+                       then file locks and leases
+    process state      cwd (a deleted one made again), umask, personality, session,
+                       name, sigactions (not yet SIGTRAP's), rlimits; access check
     threads            clone3 with set_tid, then per-thread kernel pointers
+    timers             POSIX timers under their ids; overruns replayed
+    settings, owners   prctl settings, the owners of fds (F_SETOWN may name a thread)
+    credentials        ids, groups, capabilities, seccomp; then the settings creds reset
     last syscalls      no trap any more: pending signals queued, SIGTRAP's action, gadget
                        unmapped
     registers          XSTATE + GP regs as dumped, masks, each thread in a signal stop
+    scheduling         policy, nice, CPU affinity, I/O priority (after the release)
     detach             the process runs on; the kernel restarts interrupted calls
 
 Any failure kills the stub (and PTRACE_O_EXITKILL covers ckpt itself dying).

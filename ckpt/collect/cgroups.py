@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from ckpt.collect.proc import proc_errors, proc_path
 from ckpt.errors import RestoreError
+from ckpt.images.checks import clean_path
 from ckpt.images.pb import core_pb2 as pb
 
 
@@ -93,13 +94,6 @@ def cgroup_dir(m: Membership | pb.Cgroup, mounts: Sequence[Mount]) -> str | None
     return None
 
 
-def safe_path(path: str) -> bool:
-    """An image's cgroup path: absolute, normalized, no '..' (it names a directory ckpt
-    creates and writes a pid into)."""
-    return path.startswith("/") and os.path.normpath(path) == path and ".." not in \
-        path.split("/")
-
-
 def join_cgroups(pid: int, cgroups: Sequence[pb.Cgroup]) -> None:
     """Move process ``pid`` (a stub with one thread) into the image's cgroups."""
     if not cgroups:
@@ -111,7 +105,7 @@ def join_cgroups(pid: int, cgroups: Sequence[pb.Cgroup]) -> None:
         name = f"{cg.controllers or 'cgroup2'}:{cg.path}"
         if here.get((cg.hierarchy, cg.controllers)) == cg.path:
             continue
-        if not safe_path(cg.path):
+        if clean_path(cg.path) is not None:  # it names a directory a pid is written into
             raise RestoreError(f"cgroup {name} in the image is not a plain path")
         where = cgroup_dir(cg, mounts)
         if where is None:

@@ -52,8 +52,8 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               (mandatory, a lease being broken, a lock on an   (locks on files reopened by
               fd not reopened by path, ...)                    path are taken again)
               an object another process holds too (but a       restore would make a copy
-              pipe: its kind judges), found by                 for this process alone, cut
-              ckpt.collect.holders: a socket, an eventfd,      off from the other one (a
+              pipe or a unix socket: its kind judges), found   for this process alone, cut
+              by ckpt.collect.holders: a socket, an eventfd,   off from the other one (a
               epoll set, ..., a memfd, a deleted file          listener: its port taken)
               a file or directory whose open file another      the lock stays with the
               process shares, holding an flock, OFD lock or    other process: restore

@@ -67,7 +67,7 @@ def clean_path(v: str) -> str | None:
     in or joins to a root of its own must not climb out of it."""
     if why := path(absolute=True)(v):
         return why
-    if not v.startswith("/") or os.path.normpath(v) != v:
+    if not v.startswith("/") or os.path.normpath(v) != v or v.startswith("//"):
         return "not an absolute path in normal form (no '..', '.' or '//')"
     return None
 

@@ -179,7 +179,7 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry,
             if not fds:
                 continue
             kind = BY_TYPE.get(f.type)
-            taken = False  # by pidfd_getfd(2), which makes the fd close-on-exec
+            taken = False  # by pidfd_getfd(2), which sets FD_CLOEXEC
             if f.type == pb.OpenFile.INHERITED:
                 src = park + f.inherit_fd
             elif kind is not None:
@@ -188,7 +188,6 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry,
                 src = taker.take(opened.fd, kind.name) if taken else opened.fd
             else:
                 src = _open(stub, f)
-            taken = kind is not None and opened.in_ckpt  # pidfd_getfd sets FD_CLOEXEC
             for fd in fds:
                 if fd.fd != src:
                     stub.sc(NR.dup3, src, fd.fd, O_CLOEXEC if fd.cloexec else 0,

@@ -5,9 +5,13 @@
     prepare_stub     gadget at a free address, the stub's rseq off, its fds closed, its
                      mappings gone, the vdso group moved to the dumped addresses
     fill_layers      page data of every image of a chain, each image its own pages
-    finish_process   guards/mlock/mseal, mm fields, files, process state and settings,
-                     threads, then the release
-                     (ckpt.restore.tasks): pending signals, registers, signal stop, detach
+    finish_process   cgroups (a warm restore's stub), guards/mlock/mseal, mm fields,
+                     settings read before the fds, files (locks last), process state,
+                     access check, threads, timers, settings, owners of fds,
+                     credentials, settings credentials reset, then the release
+                     (ckpt.restore.tasks): pending signals, registers, signal stop,
+                     scheduling, detach; System V segments and mapped objects are made
+                     before the pages (ckpt.actions.restore, ckpt.restore.warm)
 """
 
 from __future__ import annotations
