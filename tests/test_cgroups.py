@@ -19,6 +19,7 @@ from ckpt.collect.cgroups import (
     thread_refusals,
 )
 from ckpt.images.checks import clean_path
+from ckpt.restore.stub import colocation_cpu
 
 MOUNTINFO = """\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
@@ -81,6 +82,39 @@ def test_restored_into_its_cgroup(harness: Harness, gone: bool) -> None:
             where.rmdir()
 
 
+def test_restored_into_a_cpuset_without_our_cpu(harness: Harness) -> None:
+    """The cpuset the stub joins excludes the CPU ckpt runs on: ckpt does not pin the
+    stub there (EINVAL), and the process gets the cpuset's CPUs."""
+    base = Path("/sys/fs/cgroup/cpuset")
+    if not (base / "cgroup.procs").exists():
+        pytest.skip("no cgroup v1 cpuset hierarchy mounted at /sys/fs/cgroup/cpuset")
+    if not {0, 1} <= os.sched_getaffinity(0):
+        pytest.skip("needs CPUs 0 and 1")
+    parent = base / own_cgroup(os.getpid(), "cpuset").lstrip("/")
+    where = parent / f"ckpt-test-{secrets.token_hex(4)}"
+    where.mkdir()
+    mine = os.sched_getaffinity(0)
+    try:
+        (where / "cpuset.mems").write_text((parent / "cpuset.mems").read_text())
+        (where / "cpuset.cpus").write_text("1")
+        target = Asker(harness, "fd_eventfd.py")
+        (where / "cgroup.procs").write_text(str(target.proc.pid))
+        images = harness.images()
+        harness.dump_and_reap(target.proc, images)
+        os.sched_setaffinity(0, {0})  # ckpt (our child) runs on CPU 0 only
+        try:
+            pid = harness.restore_detached(images)
+        finally:
+            os.sched_setaffinity(0, mine)
+        assert os.sched_getaffinity(pid) == {1}
+        assert target.ask() == {"plain": 5, "sem": 1, "empty": "EAGAIN"}
+        harness.kill(pid)
+    finally:
+        harness.cleanup()
+        with contextlib.suppress(OSError):
+            where.rmdir()
+
+
 def test_thread_in_another_cgroup_is_refused(harness: Harness) -> None:
     base = Path("/sys/fs/cgroup/pids")
     if not (base / "tasks").exists():
@@ -107,3 +141,9 @@ def test_thread_refusals_pure() -> None:
     assert thread_refusals(5, [(5, lead), (6, lead)]) == []
     assert thread_refusals(5, [(5, lead), (6, [Membership(1, "cpu", "/rt"), lead[1]])]) == [
         "thread 6 of process 5 is in cgroup cpu:/rt, not its process's: not supported yet"]
+
+
+def test_colocation_cpu_pure() -> None:
+    assert colocation_cpu(1, {0, 1}, {0, 1}) == 1
+    assert colocation_cpu(0, {0, 1}, {1, 3}) == 1  # ours excluded: one both may use
+    assert colocation_cpu(0, {0}, {1}) is None  # none: no colocation

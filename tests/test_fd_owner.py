@@ -172,6 +172,23 @@ def test_own_group_owner_needs_its_session_back(harness: Harness) -> None:
 
 
 @needs_root
+@pytest.mark.parametrize("kind", [(), ("unix",)], ids=["pipe", "unix"])
+def test_owner_has_the_process_credentials(harness: Harness, kind: tuple[str, ...]) -> None:
+    """F_SETOWN records the caller's uid and euid, and SIGIO reaches only the members of
+    the owning group they may signal. The owner comes back with the process's
+    credentials, not the restoring root's: a uid 65534 target's pipe (or unix socket,
+    whose owner goes the way of every fd's) owned by its group signals the target, not a
+    child of it that became root."""
+    target = Asker(harness, "fd_owner_creds.py", *kind)
+    want = {"self": True, "root_child": False}
+    assert target.ask() == want
+    images = harness.images()
+    harness.dump_and_reap(target.proc, images)
+    harness.restore_detached(images)
+    assert target.ask() == want
+
+
+@needs_root
 def test_show_lists_owner_and_signal(harness: Harness) -> None:
     target = Asker(harness, "fd_owner.py")
     fds = shown_fds(harness, target.proc.pid, harness.images())

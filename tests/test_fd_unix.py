@@ -105,8 +105,6 @@ REFUSALS: dict[str, tuple[Seen, str]] = {
                             "(/run/s.sock) with 2 connection(s) not accepted yet"),
     "fds in flight": (replace(OK, scm_fds=3), "3 file descriptor(s) in flight (SCM_RIGHTS)"),
     "oob": (replace(OK, oob=True), "out-of-band byte"),
-    "sigio elsewhere": (replace(OK, owner=(2, 77), pid=5),
-                        "in O_ASYNC mode whose SIGIO goes to process group 77"),
     "error pending": (replace(OK, error=True), "an error pending (SO_ERROR)"),
     "filter": (replace(OK, filtered=True), "a socket filter (SO_ATTACH_FILTER)"),
     "relative path": (replace(OK, diag=replace(LISTENER, name=b"rel.sock\0"), peer=None,
@@ -170,7 +168,6 @@ def test_restorable_unix_sockets_are_not_refused() -> None:
         replace(OK, diag=replace(PAIR, name=b"/run/s.sock\0"),
                 listeners=frozenset({b"/run/s.sock\0"})),  # accepted from a listener here
         replace(OK, diag=replace(PAIR, name=b"\0gone")),  # from a gone abstract listener
-        replace(OK, owner=(1, 5), pid=5),  # O_ASYNC, SIGIO to the process itself
         replace(OK, diag=replace(LISTENER, name=b"/run/s.sock\0"), peer=None,
                 peer_here=False, name_file="missing"),  # unlinked since the bind
     ]

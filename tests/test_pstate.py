@@ -160,10 +160,12 @@ def test_timers_and_settings_survive(harness: Harness, tmp_path: Path, mode: str
 @pytest.mark.parametrize("what, says", [
     ("cpu-overrun", "POSIX timer 8, and a restore cannot set its overrun count (a CPU "
                     "clock's timer) again"),
-    ("sud", "has syscall_user_dispatch = 0x1, which a restore cannot set again")])
+    ("sud", "has syscall_user_dispatch = 0x1, which a restore cannot set again"),
+    ("pdeath", "has pdeath_signal = 0x17, which a restore cannot set again")])
 def test_what_a_frozen_target_tells_may_refuse_it(harness: Harness, tmp_path: Path,
                                                   what: str, says: str) -> None:
-    """A CPU clock's timer with an overrun count, syscall user dispatch: the dump learns
+    """A CPU clock's timer with an overrun count, syscall user dispatch, a thread's
+    parent-death signal (SIGURG, in the worker): the dump learns
     them only once the target is frozen, and fails with one line naming them; the target
     runs on untraced, its timers and settings untouched."""
     out, ask = tmp_path / "out", tmp_path / "ask"

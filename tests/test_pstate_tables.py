@@ -85,7 +85,7 @@ def fake_prctl(values: dict[int, int], memory: dict[int, bytes]) -> prctl.Raw:
 
 def test_read_settings_by_table() -> None:
     memory: dict[int, bytes] = {}
-    call = fake_prctl({prctl.PR_GET_PDEATHSIG: 9, prctl.PR_GET_TIMERSLACK: 77,
+    call = fake_prctl({prctl.PR_GET_PDEATHSIG: 0, prctl.PR_GET_TIMERSLACK: 77,
                        prctl.PR_SCHED_CORE: 0, prctl.PR_GET_SPECULATION_CTRL: 3},
                       memory)
     inside = prctl.Task(os.getpid(), call, lambda at, n: memory[at][:n], 0x1000,
@@ -94,11 +94,13 @@ def test_read_settings_by_table() -> None:
                          lambda: prctl.PF_MEMALLOC_NOIO | prctl.PF_LOCAL_THROTTLE, lambda: 0)
     got = {**prctl.read_settings(prctl.Scope.THREAD, inside),
            **prctl.read_settings(prctl.Scope.THREAD, outside)}
-    assert got == {"pdeath_signal": 9, "timer_slack": 77, "io_flusher": 1, "sched_core": 0,
+    assert got == {"pdeath_signal": 0, "timer_slack": 77, "io_flusher": 1, "sched_core": 0,
                    "syscall_user_dispatch": 0,
                    "spec_store_bypass": 3, "spec_indirect_branch": 3, "spec_l1d_flush": 3}
     assert prctl.refused(got) == []
     assert prctl.refused({**got, "sched_core": 5}) == ["sched_core = 0x5"]
+    # the parent it fires for is not restored: the restored process's parent is ckpt
+    assert prctl.refused({**got, "pdeath_signal": 9}) == ["pdeath_signal = 0x9"]
     shstk = prctl.read_settings(prctl.Scope.THREAD, prctl.Task(
         os.getpid(), fake_prctl({prctl.ARCH_SHSTK_STATUS: 1}, memory),
         lambda at, n: memory[at][:n], 0x2000, lambda: 0, lambda: 0))
@@ -115,7 +117,7 @@ def test_settings_table_is_whole() -> None:
     assert len(prctl.BY_NAME) == len(prctl.SETTINGS)
     for s in prctl.SETTINGS:
         assert s.scope in (prctl.Scope.PROCESS, prctl.Scope.THREAD)
-    assert prctl.BY_NAME["pdeath_signal"].after_creds
+    assert prctl.BY_NAME["pdeath_signal"].set is None
     assert {s.name for s in prctl.in_scope(prctl.Scope.PROCESS)} == {
         "child_subreaper", "thp_disable", "mdwe", "memory_merge"}
 

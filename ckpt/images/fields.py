@@ -165,7 +165,7 @@ FIELDS: dict[type[Message], dict[str, Check]] = {
                       "name": blob(SUN_PATH), "peer_name": blob(SUN_PATH),
                       "backlog": ranged(0, (1 << 31) - 1), "shutdown": ranged(0, 3),
                       "file_mode": ranged(0, 0o7777), "file_uid": ranged(0, 0xFFFFFFFE),
-                      "file_gid": ranged(0, 0xFFFFFFFE), "sigio": ranged(0, NSIG)},
+                      "file_gid": ranged(0, 0xFFFFFFFE)},
     core.UnixMessage: {"data": blob(UNIX_QUEUE_MAX), "sender": blob(SUN_PATH),
                        "uid": ranged(0, U32_ID), "gid": ranged(0, U32_ID)},
     core.UnixOption: {"level": one_of(1), "name": one_of(*UNIX_OPTIONS),

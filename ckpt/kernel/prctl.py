@@ -2,9 +2,12 @@
 target, by an injected prctl) and how it is set again (in the stub), side by side.
 
     name            scope    read                                set again
-    pdeath_signal   thread   PR_GET_PDEATHSIG (int at arg2)      PR_SET_PDEATHSIG v (after
-                                                                 the credentials: commit_creds
-                                                                 clears it)
+    pdeath_signal   thread   PR_GET_PDEATHSIG (int at arg2)      refused when set: it fires
+                                                                 when the parent thread exits,
+                                                                 and the restored process's
+                                                                 parent is ckpt (or its page
+                                                                 server's worker thread), not
+                                                                 the original one
     timer_slack     thread   PR_GET_TIMERSLACK                   PR_SET_TIMERSLACK v
     tsc             thread   PR_GET_TSC (int at arg2)            PR_SET_TSC v
     mce_kill        thread   PR_MCE_KILL_GET                     PR_MCE_KILL SET v / CLEAR
@@ -58,7 +61,7 @@ from ckpt.errors import KernelError
 from ckpt.kernel.ptrace import ptrace
 from ckpt.kernel.sys import NR
 
-PR_SET_PDEATHSIG, PR_GET_PDEATHSIG = 1, 2
+PR_GET_PDEATHSIG = 2
 PR_SET_NAME, PR_GET_NAME, TASK_COMM_LEN = 15, 16, 16
 PR_GET_TSC, PR_SET_TSC = 25, 26
 PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30
@@ -103,7 +106,6 @@ class Setting:
     set: Callable[[int], tuple[int, ...]] | None  # value -> prctl args; None: refused
     default: int  # a process that never changed it
     top: int  # values are 0..top (what an image may hold)
-    after_creds: bool = False  # commit_creds would reset it: set after the credentials
     kept: Callable[[int], bool] = lambda v: True  # is this value the task's own?
 
 
@@ -120,8 +122,8 @@ def _mce(v: int) -> tuple[int, ...]:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("pdeath_signal", Scope.THREAD, (PR_GET_PDEATHSIG,), Read.INT_AT_ARG2,
-            lambda v: (PR_SET_PDEATHSIG, v, 0, 0, 0), default=0, top=64, after_creds=True),
+    Setting("pdeath_signal", Scope.THREAD, (PR_GET_PDEATHSIG,), Read.INT_AT_ARG2, None,
+            default=0, top=0),
     Setting("timer_slack", Scope.THREAD, (PR_GET_TIMERSLACK, 0, 0, 0, 0), Read.RETURNED,
             lambda v: (PR_SET_TIMERSLACK, v, 0, 0, 0), default=50_000, top=S64_MAX),
     Setting("tsc", Scope.THREAD, (PR_GET_TSC,), Read.INT_AT_ARG2,

@@ -6,9 +6,10 @@ fd of the image so that INHERITED files (--shell-job) can take ckpt's terminal f
 and closed at the end.
 
 Once every fd is in place, each open file gets its status flags (O_ASYNC, ...) and signal
-back, whatever its kind (ckpt.collect.fdkinds.fown); its owner waits for the threads
-(restore_owners, called once they are cloned). Once nothing more is closed, the restored
-process takes the file locks and leases of its files again (ckpt.collect.fdkinds.locks).
+back, whatever its kind (ckpt.collect.fdkinds.fown); its owner waits for the threads and
+the credentials (restore_owners, called once they are set). Once nothing more is closed,
+the restored process takes the file locks and leases of its files again
+(ckpt.collect.fdkinds.locks).
 """
 
 from __future__ import annotations

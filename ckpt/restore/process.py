@@ -129,10 +129,11 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     tids = [stub.pid, *(t.task.tid for t in threads)]
     create_timers(stub, entry, {th.tid: tid for th, tid in zip(entry.threads, tids, strict=True)})
     replay_overruns(stub, threads, entry)
-    restore_all_settings(stub, threads, entry, after_creds=False)
-    restore_owners(stub, entry, tids)  # F_SETOWN may name a thread: once they exist
+    restore_all_settings(stub, threads, entry)
     restore_creds(stub, threads, entry)  # last before the registers (ckpt.restore.creds)
-    restore_all_settings(stub, threads, entry, after_creds=True)  # what creds would reset
+    # F_SETOWN may name a thread: once they exist. After the credentials: the kernel
+    # records the caller's uid and euid with the owner, and checks them before each SIGIO.
+    restore_owners(stub, entry, tids)
     # No trap after this point (see ckpt.restore.tasks): registers are loaded at stops
     # from which the kernel applies its own syscall-restart rules.
     last_syscalls(stub, entry, threads)  # parks the other threads too

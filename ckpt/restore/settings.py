@@ -1,7 +1,6 @@
 """prctl settings (the table of ckpt.kernel.prctl), set in the stub: per-process ones in
 the leader, per-thread ones in each thread. Each is read in the stub first and set only
-where it differs, then read back; a value that did not take is a RestoreError. Settings
-that the credentials would reset (after_creds) come after them (ckpt.restore.process)."""
+where it differs, then read back; a value that did not take is a RestoreError."""
 
 from __future__ import annotations
 
@@ -19,14 +18,11 @@ SCRATCH_AT = 4224  # scratch offset for the values prctl writes
 RT_POLICIES = (1, 2)  # SCHED_FIFO, SCHED_RR
 
 
-def restore_settings(task: Stub, image: list[pb.Setting], after_creds: bool) -> None:
-    """Set ``image``'s settings (one scope) in ``task``: those done before the credentials,
-    or (``after_creds``) those done after."""
+def restore_settings(task: Stub, image: list[pb.Setting]) -> None:
+    """Set ``image``'s settings (one scope) in ``task``."""
     tid = task.task.tid
     for item in image:
         s = prctl.BY_NAME[item.name]  # validated (ckpt.images.validate)
-        if s.after_creds != after_creds:
-            continue
         have = _read(task, s)
         args = prctl.to_set(s, item.value, have)
         if args is None:
@@ -53,14 +49,13 @@ def asked(task: Stub) -> prctl.Task:
         lambda: prctl.sud_mode(tid))
 
 
-def restore_all_settings(stub: Stub, threads: list[Stub], entry: pb.ProcessEntry,
-                         after_creds: bool) -> None:
+def restore_all_settings(stub: Stub, threads: list[Stub], entry: pb.ProcessEntry) -> None:
     """The process's settings in the leader, each thread's in it (``threads``: the
     non-leader ones, in image order)."""
-    restore_settings(stub, list(entry.settings), after_creds)
+    restore_settings(stub, list(entry.settings))
     for task, th in zip([stub, *threads], entry.threads, strict=True):
-        restore_settings(task, [s for s in th.settings if not derived(s, th)], after_creds)
-        if th.name and not after_creds:
+        restore_settings(task, [s for s in th.settings if not derived(s, th)])
+        if th.name:
             task.sc(NR.prctl, prctl.PR_SET_NAME, task.put(th.name + b"\0", SCRATCH_AT), 0, 0,
                     0, what=f"PR_SET_NAME of thread {task.task.tid}")
 

@@ -14,6 +14,7 @@ leaves a half-built process; :meth:`Stub.kill` does the same on an orderly failu
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import signal
@@ -186,27 +187,46 @@ class Stub:
         (wait_task_inactive). A tracee that just stopped on another CPU may still be
         switching out, and that wait can last a scheduler tick: with dozens of injected
         syscalls, milliseconds of restore time, and of migration downtime. On our own CPU
-        it is always off by the time we run. The CPU masks are put back on every path;
-        threads cloned meanwhile get the stub's original mask (see release_cpu)."""
-        mine = os.sched_getaffinity(0)
-        cpu = current_cpu()
-        self._mask = mine
+        it is always off by the time we run. The CPU is one the stub may use (after it
+        joined its cgroups, a cpuset may exclude ours) and we may use too; without such a
+        CPU nothing is pinned. The CPU masks are put back on every path; threads cloned
+        meanwhile get the stub's own mask (see release_cpu)."""
         try:
-            os.sched_setaffinity(0, {cpu})
-            for tid in self.tids():
-                os.sched_setaffinity(tid, {cpu})
+            mine = os.sched_getaffinity(0)
+            theirs = os.sched_getaffinity(self.pid)
+        except OSError as exc:
+            raise KernelError(exc.errno or 5, f"CPU mask of stub {self.pid}") from exc
+        cpu = colocation_cpu(current_cpu(), mine, theirs)
+        if cpu is None:
+            yield
+            return
+        self._mask = theirs
+        try:
+            try:
+                os.sched_setaffinity(0, {cpu})
+                for tid in self.tids():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.sched_setaffinity(tid, {cpu})
+            except OSError as exc:
+                raise KernelError(exc.errno or 5, f"pin stub {self.pid} to CPU {cpu}") from exc
             yield
         finally:
             self.release_cpu()
             os.sched_setaffinity(0, mine)
 
     def release_cpu(self) -> None:
-        """Give every task of the stub back its original CPU mask (before a detach)."""
+        """Give every task of the stub back its own CPU mask (before a detach)."""
         if self._mask is None:
             return
         for tid in self.tids():
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 os.sched_setaffinity(tid, self._mask)
+            except ProcessLookupError:
+                pass
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: it joined a cpuset since, which
+                    raise KernelError(exc.errno or 5, f"CPU mask of {tid}") from exc
+                # set its mask to the cpuset's CPUs
         self._mask = None
 
     def tids(self) -> list[int]:
@@ -223,3 +243,12 @@ class Stub:
     def kill(self) -> None:
         self.close()
         kill_and_reap(self.pid, self.tids())  # cloned threads are traced: reaped first
+
+
+def colocation_cpu(current: int, mine: set[int], theirs: set[int]) -> int | None:
+    """The CPU to run ckpt and the stub on: ours if the stub may use it, else the lowest
+    one both may use, else None (no colocation)."""
+    both = mine & theirs
+    if current in both:
+        return current
+    return min(both) if both else None

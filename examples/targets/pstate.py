@@ -4,11 +4,10 @@ Set up once (both threads block SIGUSR1 and SIGRTMIN+2 and take them with sigtim
 which gives the siginfo's timer id and value):
 
     process    child subreaper, THP disabled, MDWE (refuse exec gain), timer slack 123456
-               (main thread), pdeath signal SIGWINCH (main thread; ignored by default),
-               SCHED_BATCH with SCHED_RESET_ON_FORK and I/O priority best-effort 3 (main
-               thread)
-    worker     named "pst-worker", timer slack 654321, pdeath signal SIGURG, MCE kill
-               policy early, nice 7, on CPU 0 only
+               (main thread), SCHED_BATCH with SCHED_RESET_ON_FORK and I/O priority
+               best-effort 3 (main thread)
+    worker     named "pst-worker", timer slack 654321, MCE kill policy early, nice 7, on
+               CPU 0 only
     timers     ids 0..4 created, 1 and 3 deleted again (ids with gaps):
                  0  CLOCK_MONOTONIC, SIGUSR1 to the process, value 0x1111, fires once
                     after DELAY seconds
@@ -36,8 +35,10 @@ Further arguments add what a dump must refuse:
                     CPU time: its signal is taken once after 50 ms of CPU (overruns on a
                     CPU clock, which a restore cannot replay)
     sud          syscall user dispatch on in the main thread (its selector says allow)
+    pdeath       parent-death signal SIGURG in the worker (the parent it fires for is
+                 not restored: the restored process's parent is ckpt)
 
-usage: pstate.py ASK DELAY [cpu-overrun] [sud]
+usage: pstate.py ASK DELAY [cpu-overrun] [sud] [pdeath]
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 NR_GETTID, NR_TIMER_CREATE, NR_TIMER_DELETE = 186, 222, 226
 NR_TIMER_SETTIME, NR_TIMER_GETTIME, NR_TIMER_GETOVERRUN = 223, 224, 225
-SIGUSR1, SIGWINCH, SIGURG, SIGRT2, SIGRT3, SIGRT4, SIGRT5 = 10, 28, 23, 36, 37, 38, 39
+SIGUSR1, SIGURG, SIGRT2, SIGRT3, SIGRT4, SIGRT5 = 10, 23, 36, 37, 38, 39
 SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID = 0, 1, 4
 CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME_ID, CLOCK_BOOTTIME = 0, 1, 2, 7
 PR_SET_NAME, PR_GET_NAME = 15, 16
@@ -181,7 +182,8 @@ def worker(ask: str, started: threading.Event, tid: list[int]) -> None:
     tid.append(sc(NR_GETTID))
     libc.prctl(ctypes.c_int(PR_SET_NAME), ctypes.c_char_p(b"pst-worker"), 0, 0, 0)
     prctl(PR_SET_TIMERSLACK, 654321, 0, 0, 0)
-    prctl(PR_SET_PDEATHSIG, SIGURG, 0, 0, 0)
+    if "pdeath" in sys.argv[3:]:
+        prctl(PR_SET_PDEATHSIG, SIGURG, 0, 0, 0)
     prctl(PR_MCE_KILL, PR_MCE_KILL_SET, PR_MCE_KILL_EARLY, 0, 0)
     os.setpriority(os.PRIO_PROCESS, tid[0], 7)
     os.sched_setaffinity(0, {0})  # 0: the calling thread
@@ -199,7 +201,6 @@ def main() -> None:
     prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
     prctl(PR_SET_TIMERSLACK, 123456, 0, 0, 0)
-    prctl(PR_SET_PDEATHSIG, SIGWINCH, 0, 0, 0)
     os.sched_setscheduler(0, os.SCHED_BATCH | SCHED_RESET_ON_FORK, os.sched_param(0))
     sc(NR_IOPRIO_SET, IOPRIO_WHO_PROCESS, 0, IOPRIO_BE_3)
     started, tid = threading.Event(), []

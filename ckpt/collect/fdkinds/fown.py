@@ -9,9 +9,10 @@ and its signal, collected and restored here once for all fds (not by each fd kin
     signal                     F_GETSIG on a copy of the   F_SETSIG, the same step
                                fd (Peek.getfd)
     owner: a tid, pid or       F_GETOWN_EX on the copy     F_SETOWN_EX once the threads are
-    process group                                          cloned (restore_owners): the
-                                                           dumped pid and tids mapped to
-                                                           the restored ones
+    process group                                          cloned and the credentials set
+                                                           (restore_owners): the dumped pid
+                                                           and tids mapped to the restored
+                                                           ones
 
 A copy taken with pidfd_getfd(2) is the same open file: its owner and signal are the
 process's. F_SETFL is what arms O_ASYNC (it calls the file's fasync) and, on a file
@@ -24,10 +25,13 @@ Refused at dump (:func:`refusal`): an owner that is another process, a thread of
 process, or a process group other than the process's own: a restore brings back only the
 process. Its own group comes back only with its session (setsid, for a session leader
 restored without --shell-job); otherwise the restored process sits in the restoring
-shell's group, whose other members the original's SIGIO never reached. The owner's
-credentials, which the kernel checks before it signals, come back as the restoring
-root's (the owner is the process itself, whom its own credentials would let it signal
-too). An owner that has exited reads as none, which it is to the kernel.
+shell's group, whose other members the original's SIGIO never reached. The kernel records
+the caller's uid and euid with the owner and checks them before each signal (a member of
+the group they may not signal gets none): F_SETOWN_EX is injected in the leader after its
+credentials are set, so they are the process's, not the restoring root's (the kernel
+does not show them: whoever called F_SETOWN with other credentials, a thread or the
+process before a setuid, is not told apart). An owner that has exited reads as none,
+which it is to the kernel.
 """
 
 from __future__ import annotations

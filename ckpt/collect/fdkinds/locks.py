@@ -35,8 +35,9 @@ fails the restore in one line naming the file. An flock, OFD lock or lease whose
 file another process shares (inherited across fork(), passed over a unix socket) would
 stay with that process after the dump: ckpt.collect.restorable refuses it before the
 freeze (:func:`open_file_lock`, the holders found by ckpt.collect.holders). A lease's
-owner comes back as the process itself, as F_SETLEASE made it, then as dumped
-(ckpt.collect.fdkinds.fown: a thread or the process group after an F_SETOWN).
+owner comes back as the process itself, as F_SETLEASE made it (as root), then as dumped
+with the process's credentials (ckpt.collect.fdkinds.fown, after the credentials: a
+thread or the process group after an F_SETOWN).
 
 Refused at dump (:func:`refusal`): a lock on an fd a restore does not reopen by path
 (pipes, sockets, ... and terminals), a mandatory lock, a lease being broken, a

@@ -10,8 +10,8 @@ from a copy of its fd (Peek.getfd):
                  (with its sender's address). SO_PASSCRED is set meanwhile so that each
                  run says who sent it (SCM_CREDENTIALS): the process itself, whose pid a
                  restore sends again, or another process (refused).
-    options      getsockopt of OPTIONS that differ from a new socket's; O_ASYNC's owner
-                 and signal (F_GETOWN_EX, F_GETSIG)
+    options      getsockopt of OPTIONS that differ from a new socket's (O_ASYNC, its
+                 owner and signal are every fd's: ckpt.collect.fdkinds.fown)
     shutdown     from unix_diag (sk_shutdown)
 
 Restore (ckpt.collect.fdkinds.unix_build) makes every socket tied to this one at once
@@ -23,7 +23,7 @@ options; the restored process takes them.
 Refused, before the freeze and naming the fd (:func:`refusal`): a socket another process
 holds too (a scan of /proc/*/fd), connections waiting in a listener's backlog, fds in
 flight (SCM_RIGHTS, fdinfo scm_fds), an out-of-band byte (MSG_OOB), a socket filter,
-O_ASYNC signalling another process, a pending error (but ECONNRESET from a peer closed
+a pending error (but ECONNRESET from a peer closed
 unread), a name a restore could not bind again (a relative path, a path that now names
 another file, a connection through a path whose listener is gone), a socket unix_diag
 cannot see (another network namespace).
@@ -39,13 +39,11 @@ given would not hold it), and so is every external socket under migrate.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import os
 import select
 import socket
 import stat
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +60,6 @@ from ckpt.kernel.unix_diag import ESTABLISHED, LISTEN, UnixDiag
 
 NAME = "unix socket"
 SO_PASSCRED = 16
-F_GETSIG, F_GETOWN_EX, F_OWNER_PID = 11, 16, 1
 SHUTDOWN_MASK = 3
 #: SOL_SOCKET options carried over when they differ from a new socket's: (name, size)
 OPTIONS = (
@@ -106,9 +103,6 @@ class Seen:
     filtered: bool = False  # a socket filter is attached (SO_ATTACH_FILTER)
     error: bool = False  # an error is pending (poll: POLLERR; SO_ERROR would clear it)
     outside: tuple[int, ...] = ()  # processes outside the dump that hold it too
-    # O_ASYNC: who gets its SIGIO (F_GETOWN_EX: type, id; F_OWNER_PID 1) and which signal
-    owner: tuple[int, int] = (0, 0)
-    sigio: int = 0
     pid: int = 0  # the process's
 
 
@@ -182,7 +176,6 @@ def inspect(info: FdInfo, peek: Peek) -> Seen:
         peer = here.get(diag.peer) or unix_diag.query(diag.peer)
     listeners = frozenset(d.name for d in here.values() if d.state == LISTEN)
     oob, connected, filtered, error = False, True, False, False
-    owner, sigio = (0, 0), 0
     if diag is not None:
         with peek.getfd(info.fd) as fd, _sock(fd) as s:
             if diag.type == socket.SOCK_STREAM:
@@ -194,9 +187,6 @@ def inspect(info: FdInfo, peek: Peek) -> Seen:
             except OSError:
                 connected = False
             filtered = unix_diag.filter_length(fd) != 0
-            if info.flags & os.O_ASYNC:
-                owner = struct.unpack("ii", fcntl.fcntl(fd, F_GETOWN_EX, bytes(8)))
-                sigio = fcntl.fcntl(fd, F_GETSIG)
             poller = select.poll()
             poller.register(fd, select.POLLERR)
             error = any(ev & select.POLLERR for _, ev in poller.poll(0))
@@ -204,7 +194,7 @@ def inspect(info: FdInfo, peek: Peek) -> Seen:
     return Seen(diag, peer, peer is not None and diag is not None and diag.peer in here,
                 listeners, int(fields.get("scm_fds", "0")), oob,
                 _name_file(diag) if diag is not None else "same", connected, filtered, error,
-                holders(peek).get(info.target, ()), owner, sigio, peek.pid)
+                holders(peek).get(info.target, ()), peek.pid)
 
 
 def external(seen: Seen) -> bool:
@@ -239,10 +229,6 @@ def refusal(seen: Seen, externals: bool = True) -> str | None:
     orphan = stream and d.state == ESTABLISHED and not d.peer and d.shutdown == SHUTDOWN_MASK
     if seen.error and not orphan:
         return "a unix socket with an error pending (SO_ERROR): not supported yet"
-    if seen.owner not in ((0, 0), (F_OWNER_PID, seen.pid)):
-        kind = {0: "thread", 1: "process", 2: "process group"}.get(seen.owner[0], "owner")
-        return f"a unix socket in O_ASYNC mode whose SIGIO goes to {kind} " \
-            f"{seen.owner[1]}, not to the process: not supported yet"
     if seen.oob:
         return "a unix socket with an out-of-band byte queued (MSG_OOB): not supported yet"
     if d.name and not d.abstract and not d.name.startswith(b"/"):
@@ -322,7 +308,6 @@ def collect(info: FdInfo, details: Any, peek: Peek, out: pb.OpenFile) -> None:
     assert d is not None  # refused otherwise
     u = out.unix_socket
     u.type, u.state, u.inode, u.shutdown = d.type, d.state, d.ino, d.shutdown
-    u.sigio = seen.sigio
     u.name = path_name(d.name)
     out.object = d.ino
     if external(seen):  # what the outside sent it stays with the outside (refused if any)

@@ -21,14 +21,14 @@ in ``ctx.objects``; each open file then just takes its own. An external socket i
     4. shut      shutdown(2) with each socket's own bits, after the refill (a shut down
                  socket neither sends nor is sent to); an end whose peer had closed
                  without reading all sends it a byte first (ECONNRESET at the close)
-    5. finish    options, O_NONBLOCK, O_ASYNC (its signal, to the process); temporary
-                 ends closed; names unlinked at dump time unlinked again
+    5. finish    options, O_NONBLOCK; temporary ends closed; names unlinked at dump
+                 time unlinked again (O_ASYNC, its owner and signal: in the restored
+                 process, as for every fd, ckpt.collect.fdkinds.fown)
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import os
 import socket
@@ -49,7 +49,6 @@ NAME = "unix socket"  # the kind's name: ctx.objects keys
 SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE = 7, 8, 32, 33
 FORCED = {SO_SNDBUF: SO_SNDBUFFORCE, SO_RCVBUF: SO_RCVBUFFORCE}
 REFILL_BUF = 1 << 26
-F_SETSIG, F_SETOWN_EX, F_OWNER_PID = 10, 15, 1
 KEEP = 0xFFFFFFFF  # (uid_t)-1: setresuid leaves this id as it is
 GROUPS_AT = 4096  # where setgroups' array goes in the stub's scratch area (after a sockaddr)
 T = TypeVar("T")
@@ -420,11 +419,6 @@ class Build:
                     s.setsockopt(o.level, o.name, o.value)
             if self.flags[ino] & os.O_NONBLOCK:
                 s.setblocking(False)
-            if self.flags[ino] & os.O_ASYNC:  # SIGIO (or F_SETSIG's) to the process
-                fcntl.fcntl(s, F_SETSIG, u.sigio)
-                fcntl.fcntl(s, F_SETOWN_EX, struct.pack("ii", F_OWNER_PID,
-                                                        self.ctx.remote.pid))
-                fcntl.fcntl(s, fcntl.F_SETFL, fcntl.fcntl(s, fcntl.F_GETFL) | os.O_ASYNC)
             if u.unlinked and u.name and not u.name.startswith(b"\0"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(u.name)
