@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import struct
+import time
 from dataclasses import dataclass, field
 
 from ckpt.collect import mlockall
@@ -58,6 +59,10 @@ def isolated_page(vmas: list[VmaInfo]) -> int:
 UNCATCHABLE = (signal.SIGKILL, signal.SIGSTOP)
 _KSIGACTION = struct.Struct("QQQQ")  # handler, flags, restorer, mask
 _ALTSTACK = struct.Struct("QiiQ")  # ss_sp, ss_flags, pad, ss_size
+
+
+ITIMER_READS = 3  # of an interval timer that reads disarmed (see collect_injected)
+ITIMER_REREAD_S = 0.0002
 
 
 @dataclass
@@ -144,9 +149,15 @@ def collect_injected(pid: int, threads: list[Tracee], states: list[ThreadState],
         out.dumpable = inj(NR.prctl, PR_GET_DUMPABLE, 0, 0, 0, 0, what="PR_GET_DUMPABLE")
         out.membarrier = max(-1, inj.raw(NR.membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0))
         for which in ITIMERS:
-            inj(NR.getitimer, which, scratch, what="getitimer")
-            i_sec, i_usec, v_sec, v_usec = _ITIMERVAL.unpack(
-                vm_read(pid, scratch, _ITIMERVAL.size))
+            for _ in range(ITIMER_READS):
+                inj(NR.getitimer, which, scratch, what="getitimer")
+                i_sec, i_usec, v_sec, v_usec = _ITIMERVAL.unpack(
+                    vm_read(pid, scratch, _ITIMERVAL.size))
+                # an ITIMER_REAL under 1 us from expiry reads 0 like a disarmed one (the
+                # kernel's nanoseconds truncated): a periodic one reads again, later
+                if v_sec or v_usec or not (i_sec or i_usec):
+                    break
+                time.sleep(ITIMER_REREAD_S)
             if v_sec or v_usec:
                 out.itimers[which] = (i_sec * 1_000_000 + i_usec, v_sec * 1_000_000 + v_usec)
         out.timers = collect_timers(pid, inj, scratch)
