@@ -7,9 +7,10 @@ As root, with ckpt installed and redis-server on PATH (.ci/run installs it):
     python bench/redis_fds.py --size-mib 256
 
 Prints, for one dump and one restore of the same process, the whole time next to the part
-spent on fds (ckpt.collect.files.collect_files in the dump, ckpt.restore.files.
-restore_files in the restore), so the fds' share is measured against the same process's
-memory dump; then the stall a client sees: the longest PING round trip on one connection
+spent on fds (in the dump, while frozen: the check ckpt.collect.target.read_target and
+ckpt.collect.files.collect_files, which share their reads; in the restore,
+ckpt.restore.files.restore_files), so the fds' share is measured against the same
+process's memory dump; then the stall a client sees: the longest PING round trip on one connection
 during a --leave-running --tcp-close dump (the process keeps running and its connection
 stays up). The restored redis must hold every key: DBSIZE and a sample are checked.
 """
@@ -22,8 +23,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -79,20 +80,42 @@ def timed(owner: Any, name: str, into: list[float]) -> Iterator[None]:
         setattr(owner, name, orig)
 
 
-def pinger(port: int, stop: threading.Event, gaps: list[float]) -> Callable[[], None]:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+#: A client in its own process (in ckpt's, the dump's threads would delay it): PINGs on one
+#: connection until stdin closes, then prints its longest and median round trips (ms).
+PINGER = """
+import socket, sys, threading, time
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30)
+gaps, done = [], threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+print("ready", flush=True)
+while not done.is_set():
+    t = time.perf_counter()
+    sock.sendall(b"*1\\r\\n$4\\r\\nPING\\r\\n")
+    assert sock.recv(64) == b"+PONG\\r\\n"
+    gaps.append((time.perf_counter() - t) * 1000)
+    time.sleep(0.001)
+print(max(gaps), sorted(gaps)[len(gaps) // 2])
+"""
 
-    def run() -> None:
-        with sock:
-            while not stop.is_set():
-                t = time.perf_counter()
-                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-                if sock.recv(64) != b"+PONG\r\n":
-                    raise RuntimeError("redis did not answer PING")
-                gaps.append((time.perf_counter() - t) * 1000)
-                time.sleep(0.001)
 
-    return run
+def client_stall(port: int, during: Callable[[], object]) -> tuple[float, float]:
+    """The longest and the median PING round trip a separate client sees during
+    ``during()``."""
+    client = subprocess.Popen([sys.executable, "-c", PINGER, str(port)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        if client.stdout.readline().strip() != "ready":
+            raise SystemExit("the PING client did not start")
+        time.sleep(0.3)
+        during()
+        time.sleep(0.3)
+        out, _ = client.communicate(timeout=30)
+    finally:
+        client.kill()
+        client.wait()
+    longest, median = out.split()
+    return float(longest), float(median)
 
 
 def run(args: argparse.Namespace, work: Path, pids: list[int]) -> None:
@@ -125,34 +148,29 @@ def run(args: argparse.Namespace, work: Path, pids: list[int]) -> None:
          f"{time.perf_counter() - t0:.1f} s, {len(os.listdir(f'/proc/{server.pid}/fd'))} fds")
 
     # the stall a client sees: --leave-running, its connection kept (--tcp-close accepts it)
-    gaps: list[float] = []
-    stop = threading.Event()
-    thread = threading.Thread(target=pinger(port, stop, gaps))
-    thread.start()
-    time.sleep(0.3)
     lr = work / "leave-running"
-    dump(DumpOptions(pid=server.pid, images_dir=str(lr), leave_running=True, tcp_close=True))
-    time.sleep(0.3)
-    stop.set()
-    thread.join()
+    longest, typical = client_stall(port, lambda: dump(DumpOptions(
+        pid=server.pid, images_dir=str(lr), leave_running=True, tcp_close=True)))
     stats = ImageDir.open(lr).read_inventory().stats
-    typical = sorted(gaps)[len(gaps) // 2]
-    line("stall seen by a client", f"{max(gaps):.1f} ms longest PING round trip (typical "
+    line("stall seen by a client", f"{longest:.1f} ms longest PING round trip (typical "
          f"{typical:.2f} ms); ckpt's frozen figure {stats.frozen_ms:.1f} ms")
     shutil.rmtree(lr)
 
     images = work / "images"
-    files_ms: list[float] = []
+    collect_ms: list[float] = []
+    check_ms: list[float] = []  # the preflight's, then the frozen check's
     t1 = time.perf_counter()
-    with timed(dump_mod, "collect_files", files_ms):
+    with timed(dump_mod, "collect_files", collect_ms), timed(dump_mod, "read_target",
+                                                             check_ms):
         dump(DumpOptions(pid=server.pid, images_dir=str(images)))
     dump_ms = (time.perf_counter() - t1) * 1000
+    files_ms = [check_ms[-1], *collect_ms]  # both while frozen; they share their reads
     server.wait()
     stats = ImageDir.open(images).read_inventory().stats
     line("dump total", f"{dump_ms:.0f} ms (frozen {stats.frozen_ms:.0f} ms, memory copy "
          f"{stats.copy_ms:.0f} ms, {stats.bytes_written / MIB:.0f} MiB stored)")
     line("dump fds", f"{sum(files_ms):.2f} ms = {sum(files_ms) / dump_ms * 100:.2f} % of the "
-         "dump")
+         f"dump (frozen check {check_ms[-1]:.2f} ms, collection {sum(collect_ms):.2f} ms)")
 
     restore_files_ms: list[float] = []
     with timed(process_mod, "restore_files", restore_files_ms):

@@ -24,6 +24,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ckpt.actions.core_image import ProcessInfo, build_core
 from ckpt.actions.passes import (
@@ -212,8 +213,9 @@ def dump(opts: DumpOptions) -> DumpResult:
                 raise NotDumpable(f"process {pid}: {why}")
             if tracker is not None and tracker.needs_fresh_vmflags:
                 vmas = collect_vmas(pid)
+            seen: dict[Any, Any] = {}  # the fd kinds' reads, shared with the collection
             require_restorable(read_target(pid, opts.shell_job, hidden_fds(pid), vmas,
-                                           opts.fd_flags))
+                                           opts.fd_flags, memo=seen))
             ctx = PassContext(pid, frozen, vmas)
             dirty = begin_tracking(tracker, ctx)
             try:
@@ -233,7 +235,8 @@ def dump(opts: DumpOptions) -> DumpResult:
                 if tracker is not None:
                     with frozen.near():
                         tracker.end(ctx, keep=keep)
-            files = collect_files(pid, opts.shell_job, hidden_fds(pid), flags=opts.fd_flags)
+            files = collect_files(pid, opts.shell_job, hidden_fds(pid), flags=opts.fd_flags,
+                                  memo=seen)
             segments = collect_segments(vmas)
             mapped = collect_mapped(pid, vmas, files)
             cgroups = cgroups_to_pb(read_cgroups(pid))

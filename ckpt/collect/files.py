@@ -16,6 +16,7 @@ with several ``FdEntry``s, so after restore their offset moves together again.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ckpt.collect.fdkinds import kind_of
 from ckpt.collect.fdkinds.base import FdFlags, Peek
@@ -69,13 +70,14 @@ def file_kind(info: FdInfo, shell_job: bool) -> str:
 
 
 def collect_files(pid: int, shell_job: bool, hidden: set[int] | None = None,
-                  root: str = "/proc", flags: FdFlags | None = None) -> list[FileRecord]:
+                  root: str = "/proc", flags: FdFlags | None = None,
+                  memo: dict[Any, Any] | None = None) -> list[FileRecord]:
     """The open files of ``pid``, except ``hidden`` fds (ckpt's own, e.g. a tracker's).
     Call it while the process is frozen: fd kinds read their objects' state."""
     flags = flags or FdFlags(shell_job=shell_job)
     fds = {i.fd: i for i in read_fds(pid, root=root) if i.fd not in (hidden or set())}
     out = []
-    with Peek(pid, list(fds.values())) as peek:
+    with Peek(pid, list(fds.values()), memo) as peek:
         claimed = {fd: kind_of(info, peek) for fd, info in fds.items()}
         for n, group in enumerate(group_open_files(list(fds.values()), kcmp_same_file(pid)),
                                   1):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from ckpt.collect import cgroups, deletedcwd, mappedfiles, proc, sched, sysvshm
 from ckpt.collect.fdkinds import fown, kind_of
@@ -87,7 +88,8 @@ def compares_open_file(info: FdInfo) -> bool:
 
 
 def read_target(pid: int, shell_job: bool, hidden: set[int],
-                vmas: list[VmaInfo] | None = None, flags: FdFlags | None = None) -> Target:
+                vmas: list[VmaInfo] | None = None, flags: FdFlags | None = None,
+                memo: dict[Any, Any] | None = None) -> Target:
     """The records :func:`refusals` needs, read from /proc (``vmas`` if already read) and
     from the fd kinds' look at their live objects."""
     me = os.getpid()
@@ -97,7 +99,7 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
     fds = [i for i in read_fds(pid) if i.fd not in hidden]
     fd_kinds, fd_owners = [], []
     holders = []
-    with Peek(pid, fds) as peek:
+    with Peek(pid, fds, memo) as peek:
         for info in fds:
             kind = kind_of(info, peek)
             if kind is not None:

@@ -89,13 +89,15 @@ class Peek:
     taken into ckpt with pidfd_getfd(2) (the same open file: what ckpt does to it, the
     process sees)."""
 
-    def __init__(self, pid: int, fds: Sequence[FdInfo]) -> None:
+    def __init__(self, pid: int, fds: Sequence[FdInfo],
+                 memo: dict[Any, Any] | None = None) -> None:
         self.pid = pid
         self.fds = {i.fd: i for i in fds}
         self._pidfd = -1
         # what a kind reads once for all the fds it inspects in this pass (one /proc scan,
-        # a table of every socket), by a key of its own
-        self.memo: dict[Any, Any] = {}
+        # a table of every socket), by a key of its own; a dump passes one memo to the
+        # check and the collection it makes while frozen, which then read each once
+        self.memo: dict[Any, Any] = {} if memo is None else memo
 
     def holders(self, info: FdInfo, how: Sharing) -> tuple[int, ...]:
         """The other processes (not this one, not ckpt) that hold the object of fd
