@@ -36,7 +36,7 @@ from test_migrate import page_server_in, two_hosts  # noqa: F401 (a fixture)
 from ckpt.collect.fdkinds.unix import OPTIONS, Seen, external, path_name, refusal
 from ckpt.collect.fdkinds.unix_build import component
 from ckpt.collect.fdkinds.unix_queue import merge_runs
-from ckpt.collect.fds import scan_holders
+from ckpt.collect.holders import scan_holders
 from ckpt.errors import ImageError
 from ckpt.images.fields import UNIX_OPTIONS
 from ckpt.images.pb import core_pb2 as pb

@@ -190,26 +190,3 @@ def describe_fd(info: FdInfo) -> str:
     noun = FD_KIND_NOUNS.get(kind, kind)
     article = "an" if noun[0] in "aeiou" else "a"
     return f"fd {info.fd} is {article} {noun} ({info.target})"
-
-
-def scan_holders(links: set[str], exclude: set[int], *, root: str = "/proc",
-                 ) -> dict[str, tuple[int, ...]]:
-    """Which processes (but ``exclude``) hold each of ``links`` ("socket:[123]", a path)
-    open, from their /proc/PID/fd links; processes gone or closed to us are skipped."""
-    found: dict[str, set[int]] = {}
-    for entry in os.listdir(root):
-        if not entry.isdigit() or int(entry) in exclude:
-            continue
-        fd_dir = os.path.join(root, entry, "fd")
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(os.path.join(fd_dir, fd))
-            except OSError:
-                continue
-            if link in links:
-                found.setdefault(link, set()).add(int(entry))
-    return {k: tuple(sorted(v)) for k, v in found.items()}

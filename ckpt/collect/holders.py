@@ -77,6 +77,14 @@ def scan_links(wanted: Collection[str], exclude: Collection[int], root: str = "/
     return found
 
 
+def scan_holders(links: set[str], exclude: set[int], *, root: str = "/proc",
+                 ) -> dict[str, tuple[int, ...]]:
+    """Which processes (but ``exclude``) hold each of ``links`` ("socket:[123]", a path)
+    open: :func:`scan_links` by process."""
+    return {link: tuple(sorted({pid for pid, _ in found}))
+            for link, found in scan_links(links, exclude, root=root).items()}
+
+
 def parse_maps_line(line: str) -> tuple[int, int, str] | None:
     """(st_dev, st_ino, path) of a /proc/PID/maps line naming a file, or None:
     ``7f9c...-7f9c... rw-s 00000000 00:01 504   /memfd:pool (deleted)``."""
