@@ -71,6 +71,8 @@ FREE = {
     # mapped memfds and deleted files, a deleted cwd: identities only compared, times
     ("MappedObject", "dev"), ("MappedObject", "inode"), ("DeletedDir", "parent_dev"),
     ("DeletedDir", "parent_inode"), ("DeletedDir", "atime_ns"), ("DeletedDir", "mtime_ns"),
+    # a tree: a shmem object's identity, only compared; any wait status a zombie can have
+    ("Vma", "shmid"), ("ProcessEntry", "exit_status"),
 }
 # (message, field) whose values are checked by a rule of ckpt.images.validate.RULES, across
 # fields, rather than a row of FIELDS
