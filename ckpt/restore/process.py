@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from ckpt.collect.cgroups import join_cgroups
 from ckpt.collect.deletedcwd import restore_deleted_cwd
+from ckpt.collect.fdkinds.base import TreeScope
 from ckpt.collect.proc import id_holder
 from ckpt.errors import ImageError, RestoreError
 from ckpt.images import ImageDir, chain
@@ -138,13 +139,15 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
 
 def settle_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_tids: bool,
                    stopped: bool, inherit: dict[str, int] | None = None,
-                   objects: dict[tuple[str, int], int] | None = None) -> Parked:
-    """finish_process up to the release: every thread parked, still traced."""
+                   objects: dict[tuple[str, int], int] | None = None,
+                   tree: TreeScope | None = None) -> Parked:
+    """finish_process up to the release: every thread parked, still traced. ``tree``: what
+    a tree's members share (ckpt.restore.files.restore_files)."""
     join_cgroups(stub.pid, entry.cgroups)  # a warm restore's stub: before the threads
     mm.finish_vmas(stub, entry)  # guard regions, mlock, mseal
     mm.restore_mm_fields(stub, entry.mm)
     restore_settings(stub, entry)  # oom_score_adj, loginuid, membarrier: before fds, rlimits
-    restore_files(stub, entry, inherit, objects)
+    restore_files(stub, entry, inherit, objects, tree)
     restore_process_state(stub, entry, new_session)
     check_access(stub.pid, entry)  # nothing held that root, not the process, could open
     threads = clone_threads(stub, list(entry.threads[1:]), same_tids=same_tids)
