@@ -284,3 +284,98 @@ def test_new_pid_on_a_tree_is_refused_in_one_line(harness: Harness) -> None:
     harness.dump(proc.pid, images, "--leave-running")
     res = run_ckpt("restore", "-D", images, "--new-pid", "-d")
     assert "a tree is restored with its own pids" in assert_one_error_line(res)
+
+
+ORPHANS_TARGET = r'''
+import ctypes, os, signal, sys, time
+out = sys.argv[1]
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back here
+
+def count(name):
+    n = 0
+    with open(os.path.join(out, name), "w", buffering=1) as f:
+        while True:
+            f.write(f"{n}\n")
+            n += 1
+            time.sleep(0.01)
+
+def orphan(name, own):  # a child that leaves a counting grandchild behind and exits
+    r, w = os.pipe()
+    c = os.fork()
+    if c == 0:
+        os.close(r)
+        own()
+        if os.fork() == 0:
+            os.close(w)
+            count(name)
+        os._exit(0)  # closes w
+    os.close(w)
+    os.read(r, 1)  # EOF: the grandchild exists and its parent is gone
+    os.close(r)
+    os.waitpid(c, 0)
+    return c
+
+s = orphan("m", os.setsid)  # m's session leader s is gone
+g = orphan("n", lambda: os.setpgid(0, 0))  # n's group leader g is gone
+z = os.fork()
+if z == 0:
+    signal.pause()
+os.kill(z, signal.SIGTERM)
+while open(f"/proc/{z}/stat").read().split(") ")[1][0] != "Z":
+    time.sleep(0.01)
+with open(os.path.join(out, "pids.tmp"), "w") as f:
+    f.write(f"{s} {g} {z}\n")
+os.rename(os.path.join(out, "pids.tmp"), os.path.join(out, "pids"))
+count("p")
+'''
+
+
+def children_of(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return sorted(int(x) for x in text.split())
+
+
+@needs_root
+def test_orphans_of_a_gone_session_and_group_leader_come_back_with_helpers(
+        harness: Harness) -> None:
+    out = harness.images("out")
+    script = harness.tmp / "orphans.py"
+    script.write_text(ORPHANS_TARGET)
+    proc = harness.launch([PYTHON, script, out], harness.tmp / "log")
+    r = proc.pid
+    s, g, z = member_pids(out)
+    kids = wait_for(lambda: (len(children_of(r)) == 3 and children_of(r)) or None, 10, "kids")
+    m, n = (k for k in kids if k != z)
+    for pid in (m, n):
+        harness.track(pid)
+    for name in ("m", "n", "p"):
+        wait_for(lambda x=name: len(counted(out / x)) > 5 or None, 10,  # type: ignore[misc]
+                 f"{name} counting")
+    before = {pid: stat_of(pid) for pid in (r, m, n, z)}
+    assert before[m][1:] == (r, s, s) and before[n][1:] == (r, g, r)
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    reap_members([z, m, n])
+    seen = {x: len(counted(out / x)) for x in ("m", "n", "p")}
+    assert harness.restore_detached(images) == r
+    assert {pid: stat_of(pid) for pid in (r, m, n, z)} == before
+    assert wait_status_of(z) == signal.SIGTERM
+    assert not Path(f"/proc/{s}").exists() and not Path(f"/proc/{g}").exists()
+    for x in ("m", "n", "p"):
+        wait_for(lambda y=x: len(counted(out / y)) > seen[y] + 5 or None, 10,  # type: ignore[misc]
+                 f"{x} counting on after the restore")
+
+
+@needs_root
+def test_restore_over_the_running_tree_names_a_holder_and_leaves_nothing(
+        harness: Harness) -> None:
+    proc, out = launch_tree(harness)
+    z, a, b = member_pids(out)
+    for p in (a, b):
+        harness.track(p)
+    images = harness.images()
+    harness.dump(proc.pid, images, "--leave-running")
+    res = run_ckpt("restore", "-D", images, "-d")
+    line = assert_one_error_line(res)
+    assert f"pid {proc.pid} is taken by process {proc.pid}" in line
+    assert children_of(proc.pid) == sorted([z, a, b])
