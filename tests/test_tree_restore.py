@@ -177,8 +177,9 @@ def test_fork_child_into_a_taken_pid_names_the_holder_and_kills_every_stub(
 
 
 # --------------------------------------------------------------------------- end to end
-TREE_TARGET = r'''
-import os, sys, time
+# counting into a file of the folder argv[1], one number a line, forever
+COUNT = r'''
+import ctypes, os, signal, sys, time
 out = sys.argv[1]
 
 def count(name):
@@ -188,7 +189,9 @@ def count(name):
             f.write(f"{n}\n")
             n += 1
             time.sleep(0.01)
+'''
 
+TREE_TARGET = COUNT + r'''
 z = os.fork()
 if z == 0:
     os._exit(7)
@@ -286,18 +289,8 @@ def test_new_pid_on_a_tree_is_refused_in_one_line(harness: Harness) -> None:
     assert "a tree is restored with its own pids" in assert_one_error_line(res)
 
 
-ORPHANS_TARGET = r'''
-import ctypes, os, signal, sys, time
-out = sys.argv[1]
+ORPHANS_TARGET = COUNT + r'''
 ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back here
-
-def count(name):
-    n = 0
-    with open(os.path.join(out, name), "w", buffering=1) as f:
-        while True:
-            f.write(f"{n}\n")
-            n += 1
-            time.sleep(0.01)
 
 def orphan(name, own):  # a child that leaves a counting grandchild behind and exits
     r, w = os.pipe()
