@@ -197,6 +197,8 @@ if z == 0:
     os._exit(7)
 a = os.fork()
 if a == 0:
+    import threading
+    threading.Thread(target=count, args=("at",), daemon=True).start()
     count("a")
 b = os.fork()
 if b == 0:
@@ -207,6 +209,10 @@ with open(os.path.join(out, "pids.tmp"), "w") as f:
 os.rename(os.path.join(out, "pids.tmp"), os.path.join(out, "pids"))
 count("p")
 '''
+
+
+def thread_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
 
 
 def launch_tree(harness: Harness) -> tuple[subprocess.Popen[bytes], Path]:
@@ -255,15 +261,16 @@ def test_tree_with_a_group_of_its_own_and_a_zombie_restores_whole(harness: Harne
     z, a, b = member_pids(out)
     for pid in (a, b):
         harness.track(pid)
-    for name in ("a", "b", "p"):
+    for name in ("a", "at", "b", "p"):
         wait_for(lambda n=name: len(counted(out / n)) > 5 or None, 10,  # type: ignore[misc]
                  f"{name} counting")
     wait_for(lambda: (stat_of(b)[2] == b and stat_of(z)[0] == "Z") or None, 10, "b's group")
     before = {pid: stat_of(pid) for pid in (r, z, a, b)}
+    a_threads = thread_count(a)
     images = harness.images()
     harness.dump_and_reap(proc, images)
     reap_members([z, a, b])
-    seen = {n: len(counted(out / n)) for n in ("a", "b", "p")}
+    seen = {n: len(counted(out / n)) for n in ("a", "at", "b", "p")}
     pid = harness.restore_detached(images)
     assert pid == r
     after = {p: stat_of(p) for p in (r, z, a, b)}
@@ -272,7 +279,8 @@ def test_tree_with_a_group_of_its_own_and_a_zombie_restores_whole(harness: Harne
     assert after[r][2:] == before[r][2:]
     assert after[z][0] == "Z" and after[b][2] == b
     assert wait_status_of(z) == 7 << 8  # what its parent will reap
-    for name in ("a", "b", "p"):
+    assert thread_count(a) == a_threads == 2
+    for name in ("a", "at", "b", "p"):
         wait_for(lambda n=name: len(counted(out / n)) > seen[n] + 5 or None, 10,  # type: ignore[misc]
                  f"{name} counting on after the restore")
     assert Path(f"/proc/{z}/comm").read_text() == Path(f"/proc/{r}/comm").read_text()
