@@ -71,3 +71,17 @@ def test_merged_figures_add_up_and_keep_one_frozen_time() -> None:
 def test_a_changed_tree_is_named() -> None:
     msg = tree_changed(1, [1, 2, 3], [1, 3, 4])
     assert "new: 4" in msg and "exited: 2" in msg and "try again" in msg
+
+
+def test_members_sharing_kernel_objects_are_refused_naming_both() -> None:
+    from ckpt.collect.treecheck import read_sharing, sharing_refusal
+    from ckpt.kernel.sys import KCMP_FILES, KCMP_VM
+
+    shared = {(12, 10, KCMP_FILES)}
+    found = read_sharing([10, 11, 12], lambda a, b, w: (a, b, w) in shared)
+    assert found == [(12, 10, KCMP_FILES)]
+    msg = sharing_refusal(found)
+    assert msg is not None and "process 12" in msg and "process 10" in msg
+    assert "CLONE_FILES" in msg
+    assert sharing_refusal([]) is None
+    assert "vfork" in (sharing_refusal([(3, 2, KCMP_VM)]) or "")

@@ -37,6 +37,7 @@ from ckpt.actions.passes import (
 from ckpt.collect import proc
 from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags, TreeView
 from ckpt.collect.fds import read_fds
+from ckpt.collect.treecheck import read_sharing, sharing_refusal
 from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
 from ckpt.freeze.tree import FrozenTree, list_tree
 from ckpt.images import ImageDir
@@ -118,6 +119,7 @@ def dump(opts: DumpOptions) -> DumpResult:
             if set(frozen.pids) != {m.pid for m in members}:
                 raise NotDumpable(tree_changed(pid, [m.pid for m in members], frozen.pids))
             tree = tree_view(frozen.pids) if len(frozen.pids) > 1 or frozen.zombies else None
+            refuse_sharing(frozen.pids)
             for m in members:
                 m.collect_frozen(frozen.members[m.pid], images, limit, tree)
             zombies = [zombie_core(z) for z in frozen.zombies]
@@ -153,6 +155,7 @@ def prepare_members(opts: DumpOptions, pids: list[int], parent: Parent | None,
                     ) -> list[MemberDump]:
     """Every member's preflight and parent, the tree still running untouched."""
     tree = tree_view(pids) if len(pids) > 1 or proc.list_children(pids[0]) else None
+    refuse_sharing(pids)
     out = []
     for n, member in enumerate(pids):
         memo: dict[Any, Any] = {}  # the fd kinds' reads, shared with the frozen collection
@@ -161,6 +164,12 @@ def prepare_members(opts: DumpOptions, pids: list[int], parent: Parent | None,
                                                    member, member=True)
         out.append(MemberDump(opts, member, prev, early, memo))
     return out
+
+
+def refuse_sharing(pids: list[int]) -> None:
+    """Members sharing an address space, fd table or fs state (ckpt.collect.treecheck)."""
+    if len(pids) > 1 and (why := sharing_refusal(read_sharing(pids))):
+        raise NotDumpable(why)
 
 
 def tree_view(pids: list[int]) -> TreeView:
