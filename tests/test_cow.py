@@ -40,6 +40,27 @@ while True:
 """
 
 
+def read_all(m: pytest.MonkeyPatch) -> None:
+    """Every entry read, zero pages by frame (VMAs up to SCAN_ABOVE, as root)."""
+    m.setattr(cow, "SCAN_ABOVE", 1 << 30)
+    m.setattr(cow, "_SCAN_WORKS", [True])
+
+
+def scan_first(m: pytest.MonkeyPatch) -> None:
+    """PAGEMAP_SCAN first (larger VMAs; any VMA when frames are hidden)."""
+    m.setattr(cow, "SCAN_ABOVE", 0)
+    m.setattr(cow, "_SCAN_WORKS", [True])
+
+
+def no_scan(m: pytest.MonkeyPatch) -> None:
+    """A kernel without PAGEMAP_SCAN."""
+    m.setattr(cow, "SCAN_ABOVE", 0)
+    m.setattr(cow, "_SCAN_WORKS", [False])
+
+
+WAYS = (read_all, scan_first, no_scan)
+
+
 def only(vmas: list[VmaInfo], start: int, length: int) -> list[VmaInfo]:
     """The VMA holding [start, start + length), cut to exactly that range (anonymous
     neighbours may have merged with it)."""
@@ -51,7 +72,7 @@ def test_forked_child_shares_until_written(harness: Harness, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A child forked after its parent wrote 64 MiB shares all of it; once the child
     wrote half, each side shares the other half only. Read-only pages (the zero page)
-    never count. The same without PAGEMAP_SCAN (every entry read, zero page by frame)."""
+    never count. Each way of reading the pagemap (WAYS) gives the same."""
     script, go, out = tmp_path / "forker.py", tmp_path / "go", tmp_path / "out"
     script.write_text(FORKER)
     parent = harness.launch([PYTHON, script, go], out).pid
@@ -65,19 +86,19 @@ def test_forked_child_shares_until_written(harness: Harness, tmp_path: Path,
                 cow_shared_bytes(pid, only(vmas, zaddr, 4 * MiB)),
                 cow_shared_bytes(pid, vmas))
 
-    for scan in (True, False):
-        monkeypatch.setattr(cow, "_SCAN_WORKS", [scan])
+    for way in WAYS:
+        way(monkeypatch)
         data, zeros, whole = shared(child)
-        assert (data, zeros) == (64 * MiB, 0), scan
-        assert 64 * MiB <= whole < 96 * MiB, scan  # and the interpreter's own pages
+        assert (data, zeros) == (64 * MiB, 0), way
+        assert 64 * MiB <= whole < 96 * MiB, way  # and the interpreter's own pages
     go.touch()
     wait_for_line(out, lambda s: s == "written", 30, "written")
-    for scan in (True, False):
-        monkeypatch.setattr(cow, "_SCAN_WORKS", [scan])
+    for way in WAYS:
+        way(monkeypatch)
         for pid in (child, parent):
             data, zeros, whole = shared(pid)
-            assert (data, zeros) == (32 * MiB, 0), (scan, pid)
-            assert 32 * MiB <= whole < 64 * MiB, (scan, pid)
+            assert (data, zeros) == (32 * MiB, 0), (way, pid)
+            assert 32 * MiB <= whole < 64 * MiB, (way, pid)
 
 
 def test_shared_pages_counts_present_anonymous_not_exclusive() -> None:
