@@ -133,7 +133,7 @@ KIND_FIELDS = ("pipe", "unix_socket", "inet_socket", "eventfd", "epoll", "timerf
 
 def _fd(fd: core_pb2.FdEntry, files: dict[int, core_pb2.OpenFile]) -> dict[str, Any]:
     f = files[fd.file_id]
-    if f.shared_pid:  # nothing else of f is used (ckpt.collect.files)
+    if f.shared_pid:  # nothing else of f is used (proto/core.proto, OpenFile 17-18)
         return {"fd": fd.fd, "file": fd.file_id, "cloexec": fd.cloexec,
                 "shared_with": {"pid": f.shared_pid, "fd": f.shared_fd}}
     out = {"fd": fd.fd, "file": fd.file_id, "type": core_pb2.OpenFile.Type.Name(f.type),
