@@ -268,6 +268,9 @@ def test_stopped_member_stays_stopped(harness: Harness, tmp_path: Path) -> None:
         assert frozen.members[g].stop_signal == signal.SIGSTOP
         for pid in frozen.pids:
             assert_traced_by(os.getpid(), pid)
+        # ending g's stop for the freeze sent its parent no SIGCHLD it could see
+        shdpnd = int((proc_status(tree.role["c1"]) or {})["ShdPnd"], 16)
+        assert not shdpnd & 1 << (signal.SIGCHLD - 1), f"c1 has SIGCHLD queued: {shdpnd:#x}"
 
     def g_stopped_untraced() -> bool:
         states = [proc_status(g, t) for t in thread_ids(g)]

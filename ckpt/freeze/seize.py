@@ -237,18 +237,24 @@ class Frozen:
 
     def _take_sigcont(self) -> None:
         """Our SIGCONT is still queued (a traced process gets even ignored signals queued)
-        and would show up in the first injected syscall: let the leader take it now, into
-        a signal-delivery stop where it is dropped, with every other signal blocked
+        and would show up in the first injected syscall: drop it (drop_queued)."""
+        self.drop_queued(signal.SIGCONT)
+
+    def drop_queued(self, signo: int, match: Callable[[bytes], bool] | None = None) -> None:
+        """Drop a signal ckpt caused that is queued to the process (the first queued
+        ``signo``, if its siginfo ``match``es): let the leader take it now, into a
+        signal-delivery stop where it is dropped, with every other signal blocked
         meanwhile, and interrupted again before it runs anything."""
         leader = self.tasks[self.pid]
-        if not any(siginfo.signo(i) == signal.SIGCONT for i in leader.pending_signals(shared=True)):
+        queued = [i for i in leader.pending_signals(shared=True) if siginfo.signo(i) == signo]
+        if not queued or (match is not None and not match(queued[0])):
             return
         mask = leader.get_sigmask()
-        leader.set_sigmask(ALL_SIGNALS & ~(1 << (signal.SIGCONT - 1)))
+        leader.set_sigmask(ALL_SIGNALS & ~(1 << (signo - 1)))
         try:
             leader.cont(0)
             status = leader.wait_stop()
-            if status >> 16 == 0 and os.WSTOPSIG(status) != signal.SIGCONT:
+            if status >> 16 == 0 and os.WSTOPSIG(status) != signo:
                 self.pending_signals.setdefault(leader.tid, []).append(os.WSTOPSIG(status))
             ptrace(PTRACE_INTERRUPT, leader.tid)
             leader.cont(0)

@@ -45,8 +45,10 @@ from ckpt.freeze.seize import (
     install_signal_handlers,
     restore_signal_handlers,
 )
+from ckpt.kernel import siginfo
 
 DEAD = ("Z", "X")
+CLD_CONTINUED = 6  # si_code of a SIGCHLD for a child continued by SIGCONT
 EXIT_WAIT = 2.0  # seconds a dying member's other threads get to finish exiting
 
 
@@ -161,6 +163,7 @@ class FrozenTree:
         self.ppid[self.root] = proc.read_stat(self.root, root=self.proc_root).ppid
         for _ in range(SEIZE_ROUNDS):
             if not self._pass():
+                self._drop_our_sigchld()
                 self.pids = self._order(self.members)
                 self.zombies = self._order(dict.fromkeys(self._zombies))
                 return
@@ -201,6 +204,16 @@ class FrozenTree:
             self.ppid.pop(pid, None)
             self._zombies.discard(pid)
         return changed
+
+    def _drop_our_sigchld(self) -> None:
+        """Ending a stopped member's group-stop (the SIGCONT of Frozen's end_group_stop)
+        sent its parent a SIGCHLD (CLD_CONTINUED) for a continue nobody asked for. A
+        frozen parent has it queued even when it ignores SIGCHLD: a dump would save it and
+        an injected syscall would stop on it. Dropped if it is the first SIGCHLD queued."""
+        stopped = {pid for pid, m in self.members.items() if m.stop_signal}
+        for parent in {self.ppid[pid] for pid in stopped} & set(self.members):
+            self.members[parent].drop_queued(signal.SIGCHLD, lambda info: (
+                siginfo.code(info) == CLD_CONTINUED and siginfo.sender_pid(info) in stopped))
 
     def _seize_new(self, pid: int) -> bool:
         """Freeze a member found by the walk; False when it is dead (a zombie or gone)."""
