@@ -468,3 +468,50 @@ def test_freezer_killed_leaves_the_tree_running(harness: Harness, tmp_path: Path
     for pid in tree.role.values():
         assert_running_untraced(pid)
     tree.assert_computing()
+
+
+@needs_root
+def test_child_whose_main_thread_exited_refuses_the_tree(harness: Harness,
+                                                         tmp_path: Path) -> None:
+    """A member whose leader called pthread_exit (state Z, threads running) is no zombie:
+    never dropped from the tree unfrozen, but refused, naming it."""
+    body = ("import ctypes, threading\n"
+            "    threading.Thread(target=lambda: time.sleep(600)).start()\n"
+            "    ctypes.CDLL(None).pthread_exit(None)")
+    proc, kid = parent_and_child(harness, tmp_path, body)
+    wait_zombie(kid)
+    assert len(thread_ids(kid)) == 2
+    with pytest.raises(NotDumpable, match=f"process {kid}: its main thread has exited"), \
+            FrozenTree(proc.pid):
+        pass
+    assert_running_untraced(proc.pid)
+    with pytest.raises(NotDumpable, match=f"process {kid}: its main thread has exited"), \
+            FrozenTree(kid):
+        pass
+
+
+@needs_root
+@pytest.mark.parametrize("when", ["seized#3", "frozen"])
+def test_freezer_interrupted_releases_the_tree(harness: Harness, tmp_path: Path,
+                                               when: str) -> None:
+    """SIGTERM to the freezer half-way through the freeze, or once frozen: one
+    Interrupted, every member released, the stopped one stopped again."""
+    tree = Tree(harness, tmp_path / "out")
+    c2 = tree.role["c2"]
+    os.kill(c2, signal.SIGSTOP)
+    with holder(tmp_path, tree.root, pause_at=when if when != "frozen" else "") as h:
+        if when == "frozen":
+            held(tmp_path, h)
+        else:
+            wait_paused(h)
+        os.kill(h.pid, signal.SIGTERM)
+        os.kill(h.pid, signal.SIGCONT)
+        assert h.wait(timeout=30) != 0
+    assert "Interrupted: interrupted by SIGTERM" in (tmp_path / "holder.out").read_text()
+    for role in ("r", "c1", "g"):
+        assert_running_untraced(tree.role[role])
+    wait_for(lambda: all((proc_status(c2, t) or {}).get("State", "").startswith("T")
+                         and (proc_status(c2, t) or {}).get("TracerPid") == "0"
+                         for t in thread_ids(c2)), 10, "c2 stopped again, untraced")
+    os.kill(c2, signal.SIGCONT)
+    tree.assert_computing()

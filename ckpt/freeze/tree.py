@@ -121,8 +121,10 @@ class FrozenTree:
     # ------------------------------------------------------------------ enter / exit
     def __enter__(self) -> FrozenTree:
         Frozen(self.root, self.proc_root).check()
-        if _state(self.root, self.proc_root) in DEAD:
+        if (fate := self._fate(self.root)) == "zombie":
             raise NotDumpable(f"process {self.root} is a zombie")
+        if fate == "exiting":
+            raise self._leader_gone(self.root)
         self._old_handlers = install_signal_handlers()
         self.frozen_at = time.perf_counter()
         try:
@@ -219,6 +221,8 @@ class FrozenTree:
         """Freeze a member found by the walk; False when it is dead (a zombie or gone)."""
         if pid != self.root:
             state = self._fate(pid)
+            if state == "exiting" and (state := self._settled_fate(pid)) == "live":
+                raise self._leader_gone(pid)
             if state != "live":
                 return self._bury(pid, state)
         self.members[pid] = Frozen(pid, self.proc_root)
@@ -294,6 +298,11 @@ class FrozenTree:
         except NoSuchProcess:
             return ""
         return proc.parse_stat(text).state
+
+    @staticmethod
+    def _leader_gone(pid: int) -> NotDumpable:
+        return NotDumpable(f"process {pid}: its main thread has exited while other threads "
+                           "run (pthread_exit); cannot freeze it")
 
     def _settled_fate(self, pid: int) -> str:
         """_fate once the threads of a dying member are done exiting ("live" if they do not
