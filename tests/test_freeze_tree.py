@@ -30,7 +30,7 @@ from conftest import (
 
 from ckpt.collect.proc import list_children
 from ckpt.errors import NotDumpable
-from ckpt.freeze.tree import FrozenTree, list_tree, preorder
+from ckpt.freeze.tree import FrozenTree, fate, list_tree, preorder
 
 # --------------------------------------------------------------------------- pure parts
 
@@ -55,16 +55,34 @@ def test_preorder_survives_a_cycle() -> None:
     assert preorder(10, {11: 10, 12: 11, 10: 12}) == [10, 11, 12]
 
 
-def fake_proc(root: Path, procs: dict[int, tuple[int, str]]) -> str:
-    """A /proc with pid -> (ppid, state): stat and task/PID/children files."""
+def fake_proc(root: Path, procs: dict[int, tuple[int, str]],
+              threads: dict[int, dict[int, str]] | None = None) -> str:
+    """A /proc with pid -> (ppid, state): stat and task/PID/children files; ``threads``:
+    pid -> {tid: state} of its other threads."""
+    def stat(pid: int, state: str, ppid: int) -> str:
+        return f"{pid} (p {pid}) {state} {ppid} {pid} {pid} 0 -1 0" + " 0" * 40 + "\n"
+
     for pid, (ppid, state) in procs.items():
         task = root / str(pid) / "task" / str(pid)
         task.mkdir(parents=True)
-        (root / str(pid) / "stat").write_text(
-            f"{pid} (p {pid}) {state} {ppid} {pid} {pid} 0 -1 0" + " 0" * 40 + "\n")
+        (root / str(pid) / "stat").write_text(stat(pid, state, ppid))
+        (task / "stat").write_text(stat(pid, state, ppid))
         kids = sorted(k for k, (pp, _) in procs.items() if pp == pid)
         (task / "children").write_text("".join(f"{k} " for k in kids))
+        for tid, tstate in (threads or {}).get(pid, {}).items():
+            (root / str(pid) / "task" / str(tid)).mkdir()
+            (root / str(pid) / "task" / str(tid) / "stat").write_text(stat(tid, tstate, ppid))
     return str(root)
+
+
+def test_fate_tells_zombies_from_processes_whose_leader_exited(tmp_path: Path) -> None:
+    root = fake_proc(tmp_path, {10: (1, "S"), 11: (10, "Z"), 12: (10, "Z"), 13: (10, "Z")},
+                     threads={11: {21: "Z"}, 12: {22: "Z", 23: "S"}, 10: {24: "Z"}})
+    assert fate(10, root) == "live"
+    assert fate(11, root) == "zombie"  # every thread dead
+    assert fate(12, root) == "exiting"  # thread 23 still runs
+    assert fate(13, root) == "zombie"
+    assert fate(99, root) == "gone"
 
 
 def test_list_tree_walks_children_and_skips_zombies(tmp_path: Path) -> None:

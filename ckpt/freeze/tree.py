@@ -81,6 +81,29 @@ def _state(pid: int, proc_root: str) -> str:
         return ""
 
 
+def fate(pid: int, proc_root: str = "/proc") -> str:
+    """What became of process ``pid``: "live"; "zombie" (every thread dead, not reaped
+    yet); "gone"; or "exiting": its leader is dead and another thread is not, yet (SIGKILL
+    takes the threads one by one) or ever (the leader called pthread_exit)."""
+    state = _state(pid, proc_root)
+    if state not in DEAD:
+        return "live" if state else "gone"
+    try:
+        tids = proc.list_tasks(pid, root=proc_root)
+    except NoSuchProcess:
+        return "gone"
+    others = [_task_state(proc_root, pid, t) for t in tids if t != pid]
+    return "exiting" if any(s not in ("", *DEAD) for s in others) else "zombie"
+
+
+def _task_state(proc_root: str, pid: int, tid: int) -> str:
+    try:
+        text = proc.read_text(pid, proc_root, "task", str(tid), "stat")
+    except NoSuchProcess:
+        return ""
+    return proc.parse_stat(text).state
+
+
 def list_tree(root: int, proc_root: str = "/proc") -> list[int]:
     """``root`` and its live descendants (zombies left out), pre-order, from
     /proc/PID/task/*/children. Nothing is frozen, so the answer is already old: for a
@@ -121,9 +144,9 @@ class FrozenTree:
     # ------------------------------------------------------------------ enter / exit
     def __enter__(self) -> FrozenTree:
         Frozen(self.root, self.proc_root).check()
-        if (fate := self._fate(self.root)) == "zombie":
+        if (found := fate(self.root, self.proc_root)) == "zombie":
             raise NotDumpable(f"process {self.root} is a zombie")
-        if fate == "exiting":
+        if found == "exiting":
             raise self._leader_gone(self.root)
         self._old_handlers = install_signal_handlers()
         self.frozen_at = time.perf_counter()
@@ -220,7 +243,7 @@ class FrozenTree:
     def _seize_new(self, pid: int) -> bool:
         """Freeze a member found by the walk; False when it is dead (a zombie or gone)."""
         if pid != self.root:
-            state = self._fate(pid)
+            state = fate(pid, self.proc_root)
             if state == "exiting" and (state := self._settled_fate(pid)) == "live":
                 raise self._leader_gone(pid)
             if state != "live":
@@ -242,7 +265,7 @@ class FrozenTree:
                 raise
             member.reap()
             del self.members[pid]
-            return self._bury(pid, self._fate(pid))
+            return self._bury(pid, fate(pid, self.proc_root))
         return True
 
     def _still_alive(self, pid: int) -> bool:
@@ -254,7 +277,7 @@ class FrozenTree:
         if (state := self._settled_fate(pid)) == "live":
             return True
         self.members.pop(pid).reap()
-        return self._bury(pid, self._fate(pid) if state == "zombie" else state)
+        return self._bury(pid, fate(pid, self.proc_root) if state == "zombie" else state)
 
     def _bury(self, pid: int, state: str) -> bool:
         if state == "zombie":
@@ -278,37 +301,16 @@ class FrozenTree:
                 raise
             return []  # SIGKILLed meanwhile: the next pass buries it
 
-    def _fate(self, pid: int) -> str:
-        """"live", "zombie" (every thread dead, not reaped), "gone", or "exiting" (the
-        leader is dead, another thread is not yet, or never: it called pthread_exit)."""
-        if _state(pid, self.proc_root) not in DEAD:
-            return "gone" if not proc.pid_exists(pid, root=self.proc_root) else "live"
-        try:
-            tids = proc.list_tasks(pid, root=self.proc_root)
-        except NoSuchProcess:
-            return "gone"
-        others = [t for t in tids if t != pid]
-        if any(self._task_state(pid, t) not in ("", *DEAD) for t in others):
-            return "exiting"
-        return "zombie"
-
-    def _task_state(self, pid: int, tid: int) -> str:
-        try:
-            text = proc.read_text(pid, self.proc_root, "task", str(tid), "stat")
-        except NoSuchProcess:
-            return ""
-        return proc.parse_stat(text).state
-
     @staticmethod
     def _leader_gone(pid: int) -> NotDumpable:
         return NotDumpable(f"process {pid}: its main thread has exited while other threads "
                            "run (pthread_exit); cannot freeze it")
 
     def _settled_fate(self, pid: int) -> str:
-        """_fate once the threads of a dying member are done exiting ("live" if they do not
+        """fate() once the threads of a dying member are done exiting ("live" if they do not
         within EXIT_WAIT: a leader that called pthread_exit, which cannot be frozen)."""
         deadline = time.monotonic() + EXIT_WAIT
-        while (state := self._fate(pid)) == "exiting" and time.monotonic() < deadline:
+        while (state := fate(pid, self.proc_root)) == "exiting" and time.monotonic() < deadline:
             time.sleep(0.002)
         return "live" if state == "exiting" else state
 
