@@ -18,6 +18,8 @@ group-stop and each thread is interrupted again; on release a SIGSTOP, queued be
 the detach, puts the process back in the stop before it runs an instruction
 (``stop_signal`` says it was stopped; as CRIU does). If ckpt is killed meanwhile, the
 kernel detaches and the process runs on: the only state a kill -9 changes.
+
+A whole process tree: :class:`ckpt.freeze.tree.FrozenTree`, one Frozen per member.
 """
 
 from __future__ import annotations
