@@ -4,10 +4,22 @@ before it, the pre-order, the pass's figures. No root needed."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import sys
+from pathlib import Path
 
-from ckpt.actions.dump import merge_stats, preorder, tree_changed
+from conftest import (
+    Harness,
+    assert_ckpt_ok,
+    assert_running_untraced,
+    needs_root,
+    run_ckpt,
+    wait_for_lines,
+)
+
+from ckpt.actions.dump import merge_stats, tree_changed
 from ckpt.collect.fdkinds.base import TreeView
 from ckpt.collect.fdkinds.pipe import state_of
 from ckpt.collect.fds import FdInfo
@@ -54,11 +66,6 @@ def test_an_open_file_is_shared_with_the_first_earlier_member_kcmp_confirms() ->
     assert shared_before(12, mine, None) is None
 
 
-def test_preorder_puts_each_parent_before_its_children_by_pid() -> None:
-    ppid = {1: 0, 5: 1, 3: 1, 9: 3, 4: 5}
-    assert preorder(1, ppid, [1, 5, 3, 9, 4]) == [1, 3, 9, 5, 4]
-
-
 def test_merged_figures_add_up_and_keep_one_frozen_time() -> None:
     a = image_pb2.DumpStats(pages_written=3, bytes_written=10, frozen_ms=5.0, total_ms=9.0)
     b = image_pb2.DumpStats(pages_written=4, bytes_written=1, frozen_ms=5.0, total_ms=9.0)
@@ -71,3 +78,49 @@ def test_merged_figures_add_up_and_keep_one_frozen_time() -> None:
 def test_a_changed_tree_is_named() -> None:
     msg = tree_changed(1, [1, 2, 3], [1, 3, 4])
     assert "new: 4" in msg and "exited: 2" in msg and "try again" in msg
+
+
+def test_members_sharing_kernel_objects_are_refused_naming_both() -> None:
+    from ckpt.collect.treecheck import read_sharing, sharing_refusal
+    from ckpt.kernel.sys import KCMP_FILES, KCMP_VM
+
+    shared = {(12, 10, KCMP_FILES)}
+    found = read_sharing([10, 11, 12], lambda a, b, w: (a, b, w) in shared)
+    assert found == [(12, 10, KCMP_FILES)]
+    msg = sharing_refusal(found)
+    assert msg is not None and "process 12" in msg and "process 10" in msg
+    assert "CLONE_FILES" in msg
+    assert sharing_refusal([]) is None
+    assert "vfork" in (sharing_refusal([(3, 2, KCMP_VM)]) or "")
+
+
+COW_TARGET = """
+import os, sys, time
+data = bytearray(os.urandom(16 << 20))  # 16 MiB, written before the fork: shared after it
+if os.fork() == 0:
+    while True:
+        time.sleep(1)
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+@needs_root
+def test_a_leave_running_tree_dump_counts_copy_on_write_and_both_run_on(
+        harness: Harness, tmp_path: Path) -> None:
+    """Pages a child still shares copy-on-write with its parent are counted (before the
+    copy unshares them) and shown; both processes run on untraced."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch([sys.executable, "-c", COW_TARGET], out)
+    wait_for_lines(out, 1)
+    child = int((Path(f"/proc/{proc.pid}/task/{proc.pid}/children")).read_text().split()[0])
+    images = harness.images()
+    assert_ckpt_ok(run_ckpt("dump", "-t", str(proc.pid), "-D", images, "--leave-running"))
+    res = run_ckpt("show", "--json", images)
+    assert_ckpt_ok(res)
+    shown = json.loads(res.stdout)
+    assert [row["pid"] for row in shown["tree"]] == [proc.pid, child]
+    assert shown["shared"]["cow_shared_bytes"] >= 16 << 20, shown["shared"]
+    for pid in (proc.pid, child):
+        assert_running_untraced(pid)

@@ -37,8 +37,9 @@ from ckpt.actions.passes import (
 from ckpt.collect import proc
 from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags, TreeView
 from ckpt.collect.fds import read_fds
+from ckpt.collect.treecheck import read_sharing, sharing_refusal
 from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
-from ckpt.freeze.tree import FrozenTree, list_tree
+from ckpt.freeze.tree import FrozenTree, list_tree, preorder
 from ckpt.images import ImageDir
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.pb import image_pb2
@@ -118,10 +119,14 @@ def dump(opts: DumpOptions) -> DumpResult:
             if set(frozen.pids) != {m.pid for m in members}:
                 raise NotDumpable(tree_changed(pid, [m.pid for m in members], frozen.pids))
             tree = tree_view(frozen.pids) if len(frozen.pids) > 1 or frozen.zombies else None
+            refuse_sharing(frozen.pids)
+            for m in members:
+                if tree is not None:
+                    m.count_cow(tree)
             for m in members:
                 m.collect_frozen(frozen.members[m.pid], images, limit, tree)
             zombies = [zombie_core(z) for z in frozen.zombies]
-            order = preorder(pid, frozen.ppid, [*frozen.pids, *frozen.zombies])
+            order = preorder(pid, {p: frozen.ppid[p] for p in [*frozen.pids, *frozen.zombies]})
             frozen_at = frozen.frozen_at
             frozen_ms = (time.perf_counter() - frozen_at) * 1000
             if not opts.leave_running:
@@ -153,6 +158,7 @@ def prepare_members(opts: DumpOptions, pids: list[int], parent: Parent | None,
                     ) -> list[MemberDump]:
     """Every member's preflight and parent, the tree still running untouched."""
     tree = tree_view(pids) if len(pids) > 1 or proc.list_children(pids[0]) else None
+    refuse_sharing(pids)
     out = []
     for n, member in enumerate(pids):
         memo: dict[Any, Any] = {}  # the fd kinds' reads, shared with the frozen collection
@@ -161,6 +167,12 @@ def prepare_members(opts: DumpOptions, pids: list[int], parent: Parent | None,
                                                    member, member=True)
         out.append(MemberDump(opts, member, prev, early, memo))
     return out
+
+
+def refuse_sharing(pids: list[int]) -> None:
+    """Members sharing an address space, fd table or fs state (ckpt.collect.treecheck)."""
+    if len(pids) > 1 and (why := sharing_refusal(read_sharing(pids))):
+        raise NotDumpable(why)
 
 
 def tree_view(pids: list[int]) -> TreeView:
@@ -177,20 +189,6 @@ def tree_changed(root: int, before: list[int], now: list[int]) -> str:
         f"exited: {', '.join(map(str, gone))}" if gone else "") if x)
     return (f"process tree of {root} changed while it was being checked ({what}); "
             "nothing was dumped, try again")
-
-
-def preorder(root: int, ppid: dict[int, int], pids: list[int]) -> list[int]:
-    """``pids`` in pre-order from ``root`` (children by pid)."""
-    kids: dict[int, list[int]] = {}
-    for p in sorted(pids):
-        if p != root:
-            kids.setdefault(ppid[p], []).append(p)
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(reversed(kids.get(p, [])))
-    return out
 
 
 def finish(opts: DumpOptions, images: ImageDir, members: list[MemberDump],

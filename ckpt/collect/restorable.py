@@ -7,6 +7,8 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
     subject   refused when                                     why
     process   it has children outside the pass (predump,       trees: `ckpt dump` only
               migrate; a child born during the dump's checks)
+              it shares its address space, fd table or fs      restore makes one per
+              state with another member (ckpt.collect.treecheck) process
               it is in another pid or user namespace than ckpt  restore makes it in ckpt's:
                                                                other pids, other ids
               it is chrooted                                   restore does not chroot
