@@ -197,6 +197,8 @@ if z == 0:
     os._exit(7)
 a = os.fork()
 if a == 0:
+    if len(sys.argv) > 2:
+        os.chdir(sys.argv[2])
     import threading
     threading.Thread(target=count, args=("at",), daemon=True).start()
     count("a")
@@ -215,12 +217,12 @@ def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-def launch_tree(harness: Harness) -> tuple[subprocess.Popen[bytes], Path]:
-    """TREE_TARGET, counting into files of a folder (returned)."""
+def launch_tree(harness: Harness, *cwd: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """TREE_TARGET, counting into files of a folder (returned); child a in ``cwd``."""
     out = harness.images("out")
     script = harness.tmp / "tree.py"
     script.write_text(TREE_TARGET)
-    return harness.launch([PYTHON, script, out], harness.tmp / "log"), out
+    return harness.launch([PYTHON, script, out, *cwd], harness.tmp / "log"), out
 
 
 def member_pids(out: Path) -> list[int]:
@@ -380,3 +382,21 @@ def test_restore_over_the_running_tree_names_a_holder_and_leaves_nothing(
     line = assert_one_error_line(res)
     assert f"pid {proc.pid} is taken by process {proc.pid}" in line
     assert children_of(proc.pid) == sorted([z, a, b])
+
+
+@needs_root
+def test_a_member_failing_after_the_forks_kills_the_whole_tree(harness: Harness) -> None:
+    cwd = harness.images("cwd")
+    proc, out = launch_tree(harness, cwd)
+    z, a, b = member_pids(out)
+    for p in (a, b):
+        harness.track(p)
+    wait_for(lambda: len(counted(out / "a")) > 2 or None, 10, "a counting")
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    reap_members([z, a, b])
+    cwd.rmdir()  # a's working directory: its chdir fails once every stub is forked
+    res = run_ckpt("restore", "-D", images, "-d")
+    harness.skip_if_ids_reused(res)
+    assert "chdir" in assert_one_error_line(res)
+    assert not [p for p in (proc.pid, z, a, b) if Path(f"/proc/{p}").exists()]
