@@ -142,6 +142,18 @@ def test_helpers_rebuild_a_gone_session_leader_and_a_gone_group_leader(
 
 
 @needs_root
+def test_a_zombie_session_leader_leaves_its_member_to_the_subreaper(
+        built: list[TreeStubs]) -> None:
+    r, s, m = free_run(3)
+    build(built, [Member(r, 0, r, r, subreaper=True),
+                  Member(s, r, s, s, zombie=True, exit_status=1 << 8, comm="sh"),
+                  Member(m, r, s, s)])
+    assert stat_of(s) == ("Z", r, s, s)
+    assert stat_of(m)[1:] == (r, s, s)
+    assert wait_status_of(s) == 1 << 8
+
+
+@needs_root
 def test_child_forked_before_its_parents_setsid_keeps_the_older_session(
         built: list[TreeStubs]) -> None:
     r, a, b = free_run(3)
