@@ -206,6 +206,7 @@ def count(name):
 TREE_TARGET = COUNT + r'''
 z = os.fork()
 if z == 0:
+    ctypes.CDLL(None).prctl(15, b"zed", 0, 0, 0)  # PR_SET_NAME
     os._exit(7)
 a = os.fork()
 if a == 0:
@@ -297,7 +298,7 @@ def test_tree_with_a_group_of_its_own_and_a_zombie_restores_whole(harness: Harne
     for name in ("a", "at", "b", "p"):
         wait_for(lambda n=name: len(counted(out / n)) > seen[n] + 5 or None, 10,  # type: ignore[misc]
                  f"{name} counting on after the restore")
-    assert Path(f"/proc/{z}/comm").read_text() == Path(f"/proc/{r}/comm").read_text()
+    assert Path(f"/proc/{z}/comm").read_text() == "zed\n"
 
 
 @needs_root
