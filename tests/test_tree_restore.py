@@ -415,3 +415,30 @@ def test_a_member_failing_after_the_forks_kills_the_whole_tree(harness: Harness)
     harness.skip_if_ids_reused(res)
     assert "chdir" in assert_one_error_line(res)
     assert not [p for p in (proc.pid, z, a, b) if Path(f"/proc/{p}").exists()]
+
+
+@needs_root
+def test_shell_job_tree_stays_in_the_restoring_session_and_group(harness: Harness) -> None:
+    """--shell-job: the root (a job leader of our session) stays in the restoring ckpt's
+    session and group, the members of its group with it; b leads its own group again."""
+    out = harness.images("out")
+    script = harness.tmp / "tree.py"
+    script.write_text(TREE_TARGET)
+    with open(harness.tmp / "log", "wb") as log:
+        proc = subprocess.Popen([PYTHON, script, out], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=log, process_group=0)
+    harness._children.append(proc)
+    r = proc.pid
+    z, a, b = member_pids(out)
+    for p in (a, b):
+        harness.track(p)
+    wait_for(lambda: stat_of(b)[2] == b or None, 10, "b's group")
+    assert stat_of(r)[2:] == (r, os.getsid(0)) and stat_of(a)[2] == r
+    images = harness.images()
+    harness.dump_and_reap(proc, images, "--shell-job")
+    reap_members([z, a, b])
+    assert harness.restore_detached(images) == r
+    mine = (os.getpgid(0), os.getsid(0))  # run_ckpt's ckpt is in our group
+    assert stat_of(r)[2:] == mine
+    assert stat_of(a)[1:] == (r, *mine) and stat_of(z) == ("Z", r, *mine)
+    assert stat_of(b)[1:] == (r, b, mine[1])
