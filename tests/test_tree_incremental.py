@@ -28,8 +28,11 @@ from conftest import (
     wait_for_line,
 )
 
-from ckpt.actions.passes import member_parent_refused
+from ckpt.actions.passes import member_parent_refused, open_parent
+from ckpt.collect import proc
 from ckpt.images import ImageDir
+from ckpt.images.pagemap import Pagemap
+from ckpt.images.pb.image_pb2 import Inventory, PagemapHead, TrackerState
 from ckpt.ranges import total
 
 MIB = 1 << 20
@@ -53,6 +56,36 @@ def test_a_member_uses_its_parent_pass_only_if_it_is_the_same_process() -> None:
     assert "reused" in member_parent_refused(True, 1234, 5678)
     # a parent pass that recorded no start time: the tracker's own check decides
     assert member_parent_refused(True, 0, 5678) == ""
+
+
+def parent_pass(path: Path, pids: list[int], start_time: int) -> None:
+    """A predump pass of ``pids`` with no pages, each member's tracking state saying it
+    started at ``start_time``."""
+    d = ImageDir.create(path)
+    for pid in pids:
+        d.write_pagemap(pid, PagemapHead(pid=pid), Pagemap([], []))
+        with d.pages_writer(pid):
+            pass
+        d.write_tracker(pid, TrackerState(backend="uffd-wp", pid=pid, start_time=start_time))
+    d.write_inventory(Inventory(root_pid=pids[0], pids=pids, kind="predump",
+                                tracker="uffd-wp", image_id="1" * 32))
+
+
+def test_a_member_whose_pid_names_another_process_gets_no_parent(tmp_path: Path) -> None:
+    """A member's pid in the parent pass, recorded with another start time: another
+    process took it since; its pages there are not its own (a full copy)."""
+    me = os.getpid()
+    mine = proc.read_stat(me).starttime
+    parent_pass(tmp_path / "same", [1, me], mine)
+    parent_pass(tmp_path / "other", [1, me], mine + 1)
+    parent_pass(tmp_path / "without", [1], mine)
+    here = str(tmp_path / "next")
+    same = open_parent(here, "../same", me, member=True)
+    assert same is not None and same.tracker_state is not None
+    assert open_parent(here, "../other", me, member=True) is None
+    assert open_parent(here, "../without", me, member=True) is None
+    # the root is not a member: its parent is its own (the tracker checks the process)
+    assert open_parent(here, "../other", me) is not None
 
 
 def test_the_worker_crc_is_a_function_of_worker_and_step() -> None:
@@ -192,3 +225,35 @@ def test_a_member_forked_after_a_predump_is_copied_whole_and_one_that_exited_is_
         assert own < SMALL and in_parent >= WORKER - SMALL, (pid, own, in_parent)
     for pid in (root, kids[1], new):
         assert_running_untraced(pid)
+
+
+@needs_root
+def test_a_member_whose_pid_was_reused_between_passes_is_copied_whole(
+        harness: Harness, tmp_path: Path) -> None:
+    """Worker 0 killed and another worker forked under its pid between two predumps:
+    the second pass does not take the old process's pages for that pid, it copies the
+    new one whole; the dump after it is incremental again."""
+    out = tmp_path / "out.txt"
+    root, kids = start(harness, out)
+    p1, p2, final = harness.images("p1"), harness.images("p2"), harness.images("dump")
+    predump(p1, root)
+    os.kill(root, signal.SIGUSR2)
+    said = wait_for_line(out, lambda line: line.startswith(("reused", "not reused")), 30,
+                         "worker 0 replaced")
+    if said == "not reused":
+        pytest.skip("other processes took the freed pid each time the worker asked for it")
+    assert said == f"reused {kids[0]}"
+    wait_for_line(out, lambda line: line.startswith("c2 "), 30, "the new worker")
+    line = predump(p2, root, "../p1")
+    assert "1 copied whole" in line, line
+    assert pids_of(p2) == [root, *kids]
+    own, in_parent = stored(p2, kids[0])
+    assert own >= WORKER and not in_parent, (own, in_parent)
+    started = [ImageDir.open(str(d)).read_tracker(kids[0]) for d in (p1, p2)]
+    assert started[0] and started[1] and started[0].start_time != started[1].start_time
+    advance(out, [1, 2])
+    assert_ckpt_ok(run_ckpt("dump", "-t", str(root), "-D", final, "--incremental",
+                            "--prev-images-dir", "../p2", "--leave-running"))
+    for pid in kids:
+        own, in_parent = stored(final, pid)
+        assert own < SMALL and in_parent >= WORKER - SMALL, (pid, own, in_parent)
