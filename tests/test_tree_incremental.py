@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import zlib
 from pathlib import Path
 from types import ModuleType
 
@@ -31,9 +32,10 @@ from conftest import (
 from ckpt.actions.passes import member_parent_refused, open_parent
 from ckpt.collect import proc
 from ckpt.images import ImageDir
+from ckpt.images.chain import resolve
 from ckpt.images.pagemap import Pagemap
 from ckpt.images.pb.image_pb2 import Inventory, PagemapHead, TrackerState
-from ckpt.ranges import total
+from ckpt.ranges import intersect, total
 
 MIB = 1 << 20
 WORKER = 32 * MIB  # each worker's region
@@ -119,6 +121,36 @@ def stored(images: Path, pid: int) -> tuple[int, int]:
     return total(pm.present), total(pm.in_parent)
 
 
+def chain_memory(images: Path, pid: int, start: int, size: int) -> bytes:
+    """Member ``pid``'s bytes at [start, start + size) as a restore from ``images`` would
+    map them: each page from the pass of the chain that owns it (a hole: zeros)."""
+    out = bytearray(size)
+    for layer in resolve(ImageDir.open(str(images)), pid):
+        with layer.images.pages_reader(pid) as r:
+            data = b"".join(r.iter_chunks())
+        at = 0
+        for s, e in layer.stream:
+            for lo, hi in intersect(intersect([(s, e)], layer.owned),
+                                    [(start, start + size)]):
+                out[lo - start : hi - start] = data[at + lo - s : at + hi - s]
+            at += e - s
+    return bytes(out)
+
+
+def assert_memory_of_a_step(images: Path, out: Path, pid: int, child: int, last: int) -> None:
+    """Worker ``child``'s 32 MiB in the chain of ``images`` are those after one of its
+    steps, none before ``last`` (printed before the pass) nor after what it printed since."""
+    line = next(x for x in read_lines(out) if x.startswith(f"a{child} "))
+    crc = zlib.crc32(chain_memory(images, pid, int(line.split()[1], 16), WORKER))
+    worker = load_worker()
+    mem = bytearray(worker.initial(child))
+    for step in range(1, last_step(out, child) + 1):
+        worker.stamp(mem, step)
+        if step >= last and zlib.crc32(mem) == crc:
+            return
+    pytest.fail(f"worker {child}'s memory in {images.name} is that of no step from {last}")
+
+
 def pids_of(images: Path) -> list[int]:
     return list(ImageDir.open(str(images)).read_inventory().pids)
 
@@ -142,8 +174,8 @@ def predump(images: Path, root: int, prev: str | None = None) -> str:
 def test_predump_predump_incremental_dump_of_a_tree_store_only_what_changed(
         harness: Harness, tmp_path: Path) -> None:
     """Each pass covers every member; the second predump and the dump store much less
-    than 32 MiB per worker (the rest is in the parent), and the tree runs on after the
-    predumps, untraced."""
+    than 32 MiB per worker (the rest is in the parent); each worker's memory, resolved
+    through the chain, is that of one of its steps; the tree runs on untraced."""
     out = tmp_path / "out.txt"
     root, kids = start(harness, out)
     p1, p2, final = harness.images("p1"), harness.images("p2"), harness.images("dump")
@@ -158,8 +190,11 @@ def test_predump_predump_incremental_dump_of_a_tree_store_only_what_changed(
     for pid in (root, *kids):
         assert_running_untraced(pid)
     advance(out, [0, 1])
+    before = [last_step(out, child) for child in (0, 1)]
     assert_ckpt_ok(run_ckpt("dump", "-t", str(root), "-D", final, "--incremental",
                             "--prev-images-dir", "../p2", "--leave-running"))
+    for child, kid in enumerate(kids):  # the dump's view through the chain: consistent
+        assert_memory_of_a_step(final, out, kid, child, before[child])
     for images in (p2, final):
         assert pids_of(images) == [root, *kids]
         for pid in (root, *kids):
@@ -216,14 +251,23 @@ def test_a_member_forked_after_a_predump_is_copied_whole_and_one_that_exited_is_
     assert own >= WORKER and not in_parent, own
     own, in_parent = stored(p2, kids[1])
     assert own < SMALL and in_parent >= WORKER - SMALL, (own, in_parent)
-    advance(out, [1, 2])
+    os.kill(root, signal.SIGUSR1)  # a fourth, new in the dump (it too holds a copy of
+    # the userfaultfd the predumps left in its parent: ckpt's, not dumped)
+    wait_for_line(out, lambda line: line.startswith("c3 "), 30, "the fourth worker")
+    newer = next(p for p in children(root) if p not in (kids[1], new))
+    advance(out, [1, 2, 3])
+    before = {child: last_step(out, child) for child in (1, 2, 3)}
     assert_ckpt_ok(run_ckpt("dump", "-t", str(root), "-D", final, "--incremental",
                             "--prev-images-dir", "../p2", "--leave-running"))
-    assert pids_of(final) == [root, kids[1], new]
+    assert pids_of(final) == [root, kids[1], new, newer]
+    for child, pid in ((1, kids[1]), (2, new), (3, newer)):
+        assert_memory_of_a_step(final, out, pid, child, before[child])
     for pid in (kids[1], new):
         own, in_parent = stored(final, pid)
         assert own < SMALL and in_parent >= WORKER - SMALL, (pid, own, in_parent)
-    for pid in (root, kids[1], new):
+    own, in_parent = stored(final, newer)
+    assert own >= WORKER and not in_parent, own
+    for pid in (root, kids[1], new, newer):
         assert_running_untraced(pid)
 
 
@@ -252,8 +296,11 @@ def test_a_member_whose_pid_was_reused_between_passes_is_copied_whole(
     started = [ImageDir.open(str(d)).read_tracker(kids[0]) for d in (p1, p2)]
     assert started[0] and started[1] and started[0].start_time != started[1].start_time
     advance(out, [1, 2])
+    before = {child: last_step(out, child) for child in (1, 2)}
     assert_ckpt_ok(run_ckpt("dump", "-t", str(root), "-D", final, "--incremental",
                             "--prev-images-dir", "../p2", "--leave-running"))
+    for child, pid in ((2, kids[0]), (1, kids[1])):  # worker 2 under worker 0's pid
+        assert_memory_of_a_step(final, out, pid, child, before[child])
     for pid in kids:
         own, in_parent = stored(final, pid)
         assert own < SMALL and in_parent >= WORKER - SMALL, (pid, own, in_parent)

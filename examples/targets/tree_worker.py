@@ -1,11 +1,11 @@
 """A process tree for incremental passes: a parent that forks CHILDREN workers, each with
 its own 32 MiB filled with a pattern of its own, then stamping one page per step. Every
-step a worker prints `c<child> <step> <crc32 of its 32 MiB>`; the crc after any step is a
-pure function of (child, step) (``expected``), so a restored worker's lines can be
-checked. The parent prints `ready` once every worker has printed its first line; then
-it forks one more worker (the next index) on each SIGUSR1, replaces worker 0 by a new
-worker (the next index) under the same pid on SIGUSR2 (`reused PID`), and reaps workers
-that die.
+step a worker prints `c<child> <step> <crc32 of its 32 MiB>` (and first `a<child>
+<address of its 32 MiB>`); the crc after any step is a pure function of (child, step)
+(``expected``), so a restored worker's lines, or its memory in images, can be checked.
+The parent prints `ready` once every worker has printed its first line; then it forks
+one more worker (the next index) on each SIGUSR1, replaces worker 0 by a new worker (the
+next index) under the same pid on SIGUSR2 (`reused PID`), and reaps workers that die.
 
 usage: tree_worker.py [STEP_SECONDS]
 """
@@ -13,6 +13,7 @@ usage: tree_worker.py [STEP_SECONDS]
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import signal
@@ -47,6 +48,8 @@ def expected(child: int, step: int) -> int:
 def work(child: int, period: float, started: int) -> None:
     mem = mmap.mmap(-1, SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     mem[:] = initial(child)
+    where = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    sys.stdout.write(f"a{child} {where:#x}\n")  # where its 32 MiB are
     step = 0
     while True:
         step += 1
