@@ -1,0 +1,81 @@
+"""A process tree sharing MAP_SHARED|MAP_ANONYMOUS memory: a parent maps 8 MiB, writes a
+pattern into every page, forks 2 children, and the three pass rounds through it.
+
+usage: tree_shmem.py
+
+    page 0    u64 round (the parent's slot), then one u64 ack per child (their slots)
+    page k    u64 k at offset 0 (k = 1 .. 2047): written by the parent before the forks
+
+A round: the parent sets round r and waits until every child has acked r; a child that
+sees round r checks the pattern of every page and that the other child acked r - 1 (it
+cannot have seen r otherwise), then acks r. The parent checks the pattern each round too
+and prints "round r" after each one. So the rounds go on only while the memory is one:
+after a restore that lost the sharing, they stop; any wrong value prints "BAD ..." (each
+member checks the others' writes itself). "ready" once both children are running; each
+child prints "child PID" first.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import sys
+import time
+
+PAGE = mmap.PAGESIZE
+SIZE = 8 << 20
+CHILDREN = 2
+PAUSE = 0.05  # seconds between rounds
+
+
+def get(m: mmap.mmap, off: int) -> int:
+    return int(struct.unpack_from("Q", m, off)[0])
+
+
+def put(m: mmap.mmap, off: int, n: int) -> None:
+    struct.pack_into("Q", m, off, n)
+
+
+def pattern_ok(m: mmap.mmap) -> bool:
+    return all(get(m, k * PAGE) == k for k in range(1, SIZE // PAGE))
+
+
+def child(m: mmap.mmap, j: int) -> None:
+    print(f"child {os.getpid()}", flush=True)
+    other = 1 + (1 - j)
+    acked = 0
+    while True:
+        r = get(m, 0)
+        if r > acked:
+            if not pattern_ok(m):
+                print(f"BAD child {j}: pattern", flush=True)
+            if get(m, 8 * other) < r - 1:
+                print(f"BAD child {j}: round {r}, other ack {get(m, 8 * other)}", flush=True)
+            put(m, 8 * (1 + j), r)
+            acked = r
+        time.sleep(0.005)
+
+
+def main() -> None:
+    m = mmap.mmap(-1, SIZE, mmap.MAP_SHARED)
+    for k in range(1, SIZE // PAGE):
+        put(m, k * PAGE, k)
+    for j in range(CHILDREN):
+        if os.fork() == 0:
+            child(m, j)
+            sys.exit(0)
+    r = 0
+    while True:
+        r += 1
+        put(m, 0, r)
+        while any(get(m, 8 * (1 + j)) < r for j in range(CHILDREN)):
+            time.sleep(0.005)
+        if not pattern_ok(m):
+            print("BAD parent: pattern", flush=True)
+        print("ready" if r == 1 else f"round {r}", flush=True)
+        time.sleep(PAUSE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Anonymous shared memory (MAP_SHARED|MAP_ANONYMOUS) that members of a tree share after
+fork(): stored once, in its owner's pages (the first member in pre-order), recorded on
+every member's Vma (shmid, shm_owner, shm_start), and mapped again by the others from the
+owner's restored object (ckpt.collect.shmem, ckpt.restore.mm). Memory shared with a
+process outside the dump, or that members map in parts, is refused before the freeze.
+
+The decisions are pure and tested on records; the end-to-end cases use
+examples/targets/tree_shmem.py (a parent and 2 children passing rounds through 8 MiB).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import (
+    Harness,
+    assert_ckpt_ok,
+    assert_one_error_line,
+    assert_running_untraced,
+    needs_root,
+    py_target,
+    read_lines,
+    run_ckpt,
+    wait_for_line,
+    wait_for_lines,
+)
+from test_refuse import FINE
+
+from ckpt.collect.restorable import refusals
+from ckpt.collect.shmem import (
+    WHOLE,
+    Placement,
+    Seen,
+    ShmMap,
+    judge,
+    not_owned,
+    owned_whole,
+    place,
+    refusal,
+)
+from ckpt.collect.vmas import VmaInfo, VmaKind
+
+PAGE = 4096
+A = 0x7F0000000000  # where the parent maps the object
+MIB8 = 8 << 20
+
+
+def shm(pid: int, start: int, length: int, pgoff: int = 0, inode: int = 9) -> ShmMap:
+    return ShmMap(pid, start, start + length, pgoff, 1, inode)
+
+
+def info(m: ShmMap) -> VmaInfo:
+    return VmaInfo(start=m.start, end=m.end, prot=3, shared=True, kind=VmaKind.ANON_SHARED,
+                   pgoff=m.pgoff, path="/dev/zero (deleted)", dev=m.dev, inode=m.inode,
+                   vmflags=("rd", "wr", "sh", "mr", "mw", "me", "ms"))
+
+
+# --------------------------------------------------------------------------- pure
+
+
+def test_the_first_member_in_preorder_owns_memory_several_map() -> None:
+    parent, child = shm(10, A, MIB8), shm(11, A, MIB8)
+    alone = shm(11, A + MIB8, PAGE, inode=77)  # the child's own: restored as today
+    placed = place([[parent], [child, alone], []])
+    assert placed == {(10, A): Placement(9, 10, A), (11, A): Placement(9, 10, A)}
+    mine = {start: p for (pid, start), p in placed.items() if pid == 11}
+    assert not_owned(11, [info(child), info(alone)], mine) == [(A, A + MIB8)]
+    theirs = {start: p for (pid, start), p in placed.items() if pid == 10}
+    assert not_owned(10, [info(parent)], theirs) == []
+    assert owned_whole(10, [info(parent)], theirs) == [(A, A + MIB8, WHOLE)]
+    assert owned_whole(11, [info(child)], mine) == []
+
+
+def test_shm_start_is_where_offset_zero_lies_in_the_owner() -> None:
+    """The owner's VMA starts 2 pages into the object (it unmapped the first two); a
+    child maps pages 3-5 elsewhere (mremap): shm_start + its pgoff is its memory in the
+    owner."""
+    owner = shm(10, A, 6 * PAGE, pgoff=2 * PAGE)
+    child = shm(11, 0x5000_0000, 3 * PAGE, pgoff=3 * PAGE)
+    got = place([[owner], [child]])[(11, child.start)]
+    assert got == Placement(9, 10, A - 2 * PAGE)
+    assert got.start + child.pgoff == A + PAGE  # in the owner: its VMA's second page
+    assert judge(11, [child], [[owner], [child]], {}) == ((child.start, Seen((), (10,))),)
+
+
+def test_memory_mapped_in_parts_by_different_members_is_refused() -> None:
+    """The owner keeps the first 4 pages, a child still maps all 8: no owner VMA holds
+    the child's pages; so is a child range split across two VMAs of the owner (each is
+    restored as an object of its own)."""
+    owner, child = shm(10, A, 4 * PAGE), shm(11, A, 8 * PAGE)
+    members = [[owner], [child]]
+    assert (11, A) not in place(members)
+    seen = dict(judge(11, [child], members, {}))[A]
+    assert seen == Seen((), (10,), covered=False)
+    why = refusal(seen)
+    assert why is not None and "process 10 of the dump" in why and "mapped in parts" in why
+    lo, hi = shm(10, A, 4 * PAGE), shm(10, A + 4 * PAGE, 4 * PAGE, pgoff=4 * PAGE)
+    assert not dict(judge(10, [lo, hi], [[lo, hi], [child]], {}))[A].covered
+    assert dict(judge(10, [lo, hi], [[lo, hi], [shm(11, A, 4 * PAGE)]], {}))[A].covered
+
+
+def test_memory_a_process_outside_the_dump_maps_too_is_refused_naming_it() -> None:
+    me = shm(10, A, MIB8)
+    seen = dict(judge(10, [me], [[me]], {(1, 9): [31, 30]}))[A]
+    assert seen == Seen((30, 31), ())
+    why = refusal(seen)
+    assert why is not None and "processes 30, 31 outside the dump" in why
+    assert refusal(Seen()) is None and refusal(None) is None
+
+
+def test_the_restorable_table_names_process_address_and_the_others() -> None:
+    v = info(shm(77, A, MIB8))
+    target = replace(FINE, vmas=(*FINE.vmas, v), shmem=((A, Seen((4242,), ())),))
+    found = [line for line in refusals(target) if "shared anonymous" in line]
+    assert found == [f"process 77 maps shared anonymous memory at {A:#x} that process 4242 "
+                     "outside the dump map too (inherited across fork()): a restore would "
+                     "make a copy for this process alone, cut off from them: not supported "
+                     "yet"]
+    assert not [line for line in refusals(replace(target, shmem=((A, Seen((), (78,))),)))
+                if "shared anonymous" in line]
+
+
+# --------------------------------------------------------------------------- live
+
+
+def start_tree(harness: Harness) -> tuple[subprocess.Popen[bytes], Path, list[int]]:
+    """examples/targets/tree_shmem.py: the parent and its two children's pids."""
+    out = harness.tmp / "tree_shmem.out"
+    proc = harness.launch(py_target("tree_shmem.py"), out)
+    wait_for_line(out, lambda line: line == "ready", 20, "ready")
+    kids = [int(line.split()[1]) for line in read_lines(out) if line.startswith("child ")]
+    assert len(kids) == 2, read_lines(out)
+    return proc, out, kids
+
+
+def rounds(out: Path) -> int:
+    lines = read_lines(out)
+    assert not [line for line in lines if line.startswith("BAD")], lines
+    return sum(1 for line in lines if line.startswith("round "))
+
+
+def wait_rounds(out: Path, more: int) -> None:
+    """``more`` rounds beyond those printed so far: the three pass them only while they
+    share the memory."""
+    lines = read_lines(out)
+    wait_for_lines(out, len(lines) + more, timeout=20)
+    rounds(out)
+
+
+def shmem_inode(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        if line.endswith("/dev/zero (deleted)") and re.match(r"\S+ rw-s", line):
+            return int(line.split()[4])
+    raise AssertionError(f"process {pid} maps no shared anonymous memory")
+
+
+@needs_root
+def test_shared_memory_is_stored_once_by_its_owner_and_shared_again_after_restore(
+        harness: Harness) -> None:
+    proc, out, kids = start_tree(harness)
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    res = run_ckpt("show", "--json", images)
+    assert_ckpt_ok(res)
+    shown = json.loads(res.stdout)
+    shared = shown["shared"]["memory"]
+    assert len(shared) == 1 and shared[0]["owner"] == proc.pid, shared
+    assert sorted(m["pid"] for m in shared[0]["mappings"]) == sorted([proc.pid, *kids])
+    pages = {p["pid"]: [v["pages"] for v in p["vmas"] if "shm" in v]
+             for p in shown["processes"]}
+    assert pages == {proc.pid: [MIB8 // PAGE], kids[0]: [0], kids[1]: [0]}, pages
+    if importlib.util.find_spec("ckpt.restore.tree") is None:
+        pytest.skip("tree restore (ckpt restore of Inventory.pids) is not on this branch yet")
+    before = rounds(out)
+    pid = harness.restore_detached(images)
+    assert pid == proc.pid
+    for kid in kids:
+        harness.track(kid)
+    wait_rounds(out, 5)  # the parent sees the children's acks, they see its rounds
+    assert rounds(out) >= before + 5
+    assert len({shmem_inode(p) for p in (pid, *kids)}) == 1  # one object again
+    for p in (pid, *kids):
+        assert_running_untraced(p)
+
+
+@needs_root
+def test_memory_shared_with_a_process_outside_the_dump_is_refused_naming_it(
+        harness: Harness) -> None:
+    """The first child alone: its parent and its sibling map the memory too."""
+    proc, out, kids = start_tree(harness)
+    res = run_ckpt("dump", "-t", str(kids[0]), "-D", harness.images(), "--leave-running")
+    line = assert_one_error_line(res)
+    assert f"process {kids[0]} maps shared anonymous memory at 0x" in line, line
+    assert f"that processes {min(proc.pid, kids[1])}, {max(proc.pid, kids[1])} outside " \
+           "the dump map too" in line, line
+    for p in (proc.pid, *kids):
+        assert_running_untraced(p)
+    wait_rounds(out, 3)
