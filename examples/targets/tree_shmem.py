@@ -5,6 +5,9 @@ usage: tree_shmem.py
 
     page 0    u64 round (the parent's slot), then one u64 ack per child (their slots)
     page k    u64 k at offset 0 (k = 1 .. 2047): written by the parent before the forks
+    page 1+j  u64 at offset 8: how many rounds child j acked, written by it alone (the
+              parent never writes this page after the forks), checked by it against
+              its own private count each round
 
 A round: the parent sets round r and waits until every child has acked r; a child that
 sees round r checks the pattern of every page and that the other child acked r - 1 (it
@@ -44,8 +47,12 @@ def pattern_ok(m: mmap.mmap) -> bool:
 def child(m: mmap.mmap, j: int) -> None:
     print(f"child {os.getpid()}", flush=True)
     other = 1 + (1 - j)
-    acked = 0
+    acked = count = 0
+    mine = (1 + j) * PAGE + 8
     while True:
+        if get(m, mine) != count:
+            print(f"BAD child {j}: count {get(m, mine)}, not {count}", flush=True)
+            put(m, mine, count)
         r = get(m, 0)
         if r > acked:
             if not pattern_ok(m):
@@ -53,7 +60,8 @@ def child(m: mmap.mmap, j: int) -> None:
             if get(m, 8 * other) < r - 1:
                 print(f"BAD child {j}: round {r}, other ack {get(m, 8 * other)}", flush=True)
             put(m, 8 * (1 + j), r)
-            acked = r
+            put(m, mine, count + 1)
+            acked, count = r, count + 1
         time.sleep(0.005)
 
 
