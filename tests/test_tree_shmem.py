@@ -133,10 +133,11 @@ def test_the_restorable_table_names_process_address_and_the_others() -> None:
 # --------------------------------------------------------------------------- live
 
 
-def start_tree(harness: Harness) -> tuple[subprocess.Popen[bytes], Path, list[int]]:
+def start_tree(harness: Harness, *mode: str,
+               ) -> tuple[subprocess.Popen[bytes], Path, list[int]]:
     """examples/targets/tree_shmem.py: the parent and its two children's pids."""
     out = harness.tmp / "tree_shmem.out"
-    proc = harness.launch(py_target("tree_shmem.py"), out)
+    proc = harness.launch([*py_target("tree_shmem.py"), *mode], out)
     wait_for_line(out, lambda line: line == "ready", 20, "ready")
     kids = [int(line.split()[1]) for line in read_lines(out) if line.startswith("child ")]
     assert len(kids) == 2, read_lines(out)
@@ -169,17 +170,19 @@ def reap(pids: list[int]) -> None:
         wait_for(lambda p=pid: gone(p), 10, f"member {pid} gone")  # type: ignore[misc]
 
 
-def shmem_inode(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        if line.endswith("/dev/zero (deleted)") and re.match(r"\S+ rw-s", line):
-            return int(line.split()[4])
-    raise AssertionError(f"process {pid} maps no shared anonymous memory")
+def shmem_inodes(pid: int) -> set[int]:
+    """The shmem objects ``pid`` maps read-write."""
+    return {int(line.split()[4]) for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+            if line.endswith("/dev/zero (deleted)") and re.match(r"\S+ rw-s", line)}
 
 
 @needs_root
+@pytest.mark.parametrize("mode", ["", "split"])
 def test_shared_memory_is_stored_once_by_its_owner_and_shared_again_after_restore(
-        harness: Harness) -> None:
-    proc, out, kids = start_tree(harness)
+        harness: Harness, mode: str) -> None:
+    """split: the second child maps the object's second half as a VMA of its own (at
+    offset 4 MiB): mapped again at that offset of the owner's new object."""
+    proc, out, kids = start_tree(harness, *[mode] if mode else [])
     images = harness.images()
     harness.dump_and_reap(proc, images)
     reap(kids)
@@ -188,10 +191,15 @@ def test_shared_memory_is_stored_once_by_its_owner_and_shared_again_after_restor
     shown = json.loads(res.stdout)
     shared = shown["shared"]["memory"]
     assert len(shared) == 1 and shared[0]["owner"] == proc.pid, shared
-    assert sorted(m["pid"] for m in shared[0]["mappings"]) == sorted([proc.pid, *kids])
+    assert {m["pid"] for m in shared[0]["mappings"]} == {proc.pid, *kids}
     pages = {p["pid"]: [v["pages"] for v in p["vmas"] if "shm" in v]
              for p in shown["processes"]}
-    assert pages == {proc.pid: [MIB8 // PAGE], kids[0]: [0], kids[1]: [0]}, pages
+    split = [0, 0] if mode == "split" else [0]
+    assert pages == {proc.pid: [MIB8 // PAGE], kids[0]: [0], kids[1]: split}, pages
+    start = shared[0]["owner_start"]
+    assert {(m["pid"], m["start"] - start, m["pgoff"]) for m in shared[0]["mappings"]} == {
+        (p, 0, 0) for p in (proc.pid, *kids)} | ({(kids[1], MIB8 // 2, MIB8 // 2)} if split[1:]
+                                                else set())
     if importlib.util.find_spec("ckpt.restore.tree") is None:
         pytest.skip("tree restore (ckpt restore of Inventory.pids) is not on this branch yet")
     before = rounds(out)
@@ -201,7 +209,7 @@ def test_shared_memory_is_stored_once_by_its_owner_and_shared_again_after_restor
         harness.track(kid)
     wait_rounds(out, 5)  # the parent sees the children's acks, they see its rounds
     assert rounds(out) >= before + 5
-    assert len({shmem_inode(p) for p in (pid, *kids)}) == 1  # one object again
+    assert len(set().union(*(shmem_inodes(p) for p in (pid, *kids)))) == 1  # one object
     for p in (pid, *kids):
         assert_running_untraced(p)
 
@@ -216,6 +224,19 @@ def test_memory_shared_with_a_process_outside_the_dump_is_refused_naming_it(
     assert f"process {kids[0]} maps shared anonymous memory at 0x" in line, line
     assert f"that processes {min(proc.pid, kids[1])}, {max(proc.pid, kids[1])} outside " \
            "the dump map too" in line, line
+    for p in (proc.pid, *kids):
+        assert_running_untraced(p)
+    wait_rounds(out, 3)
+
+
+@needs_root
+def test_memory_members_map_in_parts_is_refused_naming_them(harness: Harness) -> None:
+    """The parent (the owner) unmapped the last page the children still map."""
+    proc, out, kids = start_tree(harness, "parts")
+    res = run_ckpt("dump", "-t", str(proc.pid), "-D", harness.images(), "--leave-running")
+    line = assert_one_error_line(res)
+    assert f"process {proc.pid} maps shared anonymous memory at 0x" in line, line
+    assert f"that processes {kids[0]}, {kids[1]} of the dump map too, mapped in parts" in line
     for p in (proc.pid, *kids):
         assert_running_untraced(p)
     wait_rounds(out, 3)
