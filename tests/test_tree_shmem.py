@@ -10,9 +10,7 @@ examples/targets/tree_shmem.py (a parent and 2 children passing rounds through 8
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 import subprocess
 from dataclasses import replace
@@ -28,11 +26,11 @@ from conftest import (
     py_target,
     read_lines,
     run_ckpt,
-    wait_for,
     wait_for_line,
     wait_for_lines,
 )
 from test_refuse import FINE
+from test_tree_restore import reap_members
 
 from ckpt.collect.restorable import refusals
 from ckpt.collect.shmem import (
@@ -158,18 +156,6 @@ def wait_rounds(out: Path, more: int) -> None:
     rounds(out)
 
 
-def reap(pids: list[int]) -> None:
-    """Dumped (killed) members, reparented to us (the harness is a subreaper): reaped, so
-    their pids are free for the restore."""
-    def gone(pid: int) -> bool | None:
-        try:
-            return os.waitpid(pid, os.WNOHANG)[0] == pid or None
-        except ChildProcessError:
-            return not Path(f"/proc/{pid}").exists() or None
-    for pid in pids:
-        wait_for(lambda p=pid: gone(p), 10, f"member {pid} gone")  # type: ignore[misc]
-
-
 def shmem_inodes(pid: int) -> set[int]:
     """The shmem objects ``pid`` maps read-write."""
     return {int(line.split()[4]) for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
@@ -185,7 +171,7 @@ def test_shared_memory_is_stored_once_by_its_owner_and_shared_again_after_restor
     proc, out, kids = start_tree(harness, *[mode] if mode else [])
     images = harness.images()
     harness.dump_and_reap(proc, images)
-    reap(kids)
+    reap_members(kids)
     res = run_ckpt("show", "--json", images)
     assert_ckpt_ok(res)
     shown = json.loads(res.stdout)
@@ -200,8 +186,6 @@ def test_shared_memory_is_stored_once_by_its_owner_and_shared_again_after_restor
     assert {(m["pid"], m["start"] - start, m["pgoff"]) for m in shared[0]["mappings"]} == {
         (p, 0, 0) for p in (proc.pid, *kids)} | ({(kids[1], MIB8 // 2, MIB8 // 2)} if split[1:]
                                                 else set())
-    if importlib.util.find_spec("ckpt.restore.tree") is None:
-        pytest.skip("tree restore (ckpt restore of Inventory.pids) is not on this branch yet")
     before = rounds(out)
     pid = harness.restore_detached(images)
     assert pid == proc.pid
@@ -252,7 +236,7 @@ def test_incremental_pass_saves_shared_memory_whole_in_its_owner(harness: Harnes
     harness.dump(proc.pid, first, "--leave-running", "--track-mem")
     wait_rounds(out, 3)
     harness.dump_and_reap(proc, second, "--incremental", "--prev-images-dir", "../first")
-    reap(kids)
+    reap_members(kids)
     res = run_ckpt("show", "--json", second)
     assert_ckpt_ok(res)
     shown = json.loads(res.stdout)
@@ -265,8 +249,6 @@ def test_incremental_pass_saves_shared_memory_whole_in_its_owner(harness: Harnes
     assert stored == MIB8, f"the owner stored {stored} bytes of it, not all"
     stats = shown["inventory"]["stats"]
     assert WHOLE in {w["reason"] for w in stats.get("whole_vmas", ())}, stats
-    if importlib.util.find_spec("ckpt.restore.tree") is None:
-        pytest.skip("tree restore (ckpt restore of Inventory.pids) is not on this branch yet")
     before = rounds(out)
     pid = harness.restore_detached(second)
     for kid in kids:
