@@ -1,6 +1,8 @@
 """Restore of unix sockets (the collector is ckpt.collect.fdkinds.unix).
 
-The first restore of a socket builds every socket of the image tied to it (its peer, the
+The first restore of a socket builds every socket of the images tied to it (in a tree,
+every member's: ``ctx.all_files``; the group is made by the first member restored that
+holds one of them, and the others take theirs from the tree's ``ctx.objects``) (its peer, the
 listener it was accepted from, the named sockets its datagrams came from), in this
 order, made by the restored process (see Maker) and handled through copies in ckpt, kept
 in ``ctx.objects``; each open file then just takes its own. An external socket is the
@@ -67,7 +69,8 @@ def _addr(name: bytes) -> str | bytes:
 def component(files: Iterable[pb.OpenFile], first: pb.OpenFile) -> list[pb.OpenFile]:
     """``first`` and every unix socket of ``files`` tied to it (peer, listener by name,
     sender of a queued datagram), in image order."""
-    socks = [f for f in files if f.type == pb.OpenFile.UNIX_SOCKET and not f.external]
+    socks = [f for f in files if f.type == pb.OpenFile.UNIX_SOCKET and not f.external
+             and not f.shared_pid]  # a member's share of an earlier member's socket
     by_ino = {f.unix_socket.inode: f for f in socks}
     edges: dict[int, set[int]] = {ino: set() for ino in by_ino}
 
@@ -101,7 +104,7 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
         return Opened(_inherited(ctx.inherit[f.external], f))  # ckpt.restore.files checked
     key = (NAME, f.unix_socket.inode)
     if key not in ctx.objects:
-        Build(ctx, component(ctx.entry.files, f)).run()
+        Build(ctx, component(ctx.all_files, f)).run()  # a tree's: every member's
     return Opened(ctx.objects[key])
 
 
@@ -221,8 +224,11 @@ class Build:
         self.ctx = ctx
         self.files = {f.unix_socket.inode: f.unix_socket for f in files}
         self.flags = {f.unix_socket.inode: f.flags for f in files}
-        ids = {f.id for f in files}
-        self.where = "fd " + ", ".join(str(fd.fd) for fd in ctx.entry.fds if fd.file_id in ids)
+        # sockets of this process (in a tree, the others are other members')
+        mine = {f.id: f.unix_socket.inode for f in ctx.entry.files if not f.shared_pid
+                and f.type == pb.OpenFile.UNIX_SOCKET and f.unix_socket.inode in self.files}
+        self.own = set(mine.values())
+        self.where = "fd " + ", ".join(str(fd.fd) for fd in ctx.entry.fds if fd.file_id in mine)
         th = ctx.entry.threads[0] if ctx.entry.threads else None
         creds = th.creds if th is not None and th.HasField("creds") else None
         self.maker = Maker(ctx.remote, (creds.euid, creds.egid) if creds else (0, 0),
@@ -370,6 +376,10 @@ class Build:
                 sender, to = self._sender(ino, u, m)
                 bump(sender, SO_SNDBUF)
                 bump(self.socks[ino], SO_RCVBUF)
+                if m.from_self and ino not in self.own:
+                    raise RestoreError(f"{self.where}: a unix socket of another member of "
+                                       "the tree has data it sent itself with credentials "
+                                       "(SO_PASSCRED): not supported yet")
                 creds = struct.pack("iII", self.ctx.remote.pid, m.uid, m.gid) \
                     if m.from_self else b""
                 self._send(sender, m.data, creds, to, u.type == socket.SOCK_STREAM)
