@@ -120,7 +120,6 @@ def test_files_mapped_by_parent_and_child_are_saved_once(harness: Harness) -> No
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="ckpt restore of a tree is not on this branch yet")
 def test_parent_and_child_share_their_mapped_files_after_restore(harness: Harness) -> None:
     parent, child, out = playing(harness)
     images = harness.images()

@@ -120,7 +120,6 @@ def test_a_socketpair_between_parent_and_child_is_dumped_as_theirs(
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="ckpt restore of a tree is not on this branch yet")
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_socketpair_between_parent_and_child_talks_on_after_restore(
         harness: Harness, kind: str) -> None:
