@@ -55,7 +55,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek, TreeView
-from ckpt.collect.fdkinds.unix_build import restore, show_name
+from ckpt.collect.fdkinds.unix_build import restore
+from ckpt.collect.fdkinds.unix_maker import show_name
 from ckpt.collect.fdkinds.unix_queue import SO_PEEK_OFF, merge_runs, peek_queue
 from ckpt.collect.fds import FdInfo
 from ckpt.collect.holders import Sharing, scan_holders
