@@ -167,7 +167,7 @@ def build_process(stub: Stub, entry: pb.ProcessEntry, layers: list[chain.Layer],
         with stub.colocated():  # injected syscalls: see Stub.colocated
             check_xstate(stub, entry)
             prepare_stub(stub, vmas, gadget=gadget)
-            objects = make_objects(entry)
+            objects = make_objects(entry, made.scope)  # a tree: its registry
             made.objects.append(objects)
             late = mm.map_vmas(stub, vmas, objects)  # and seals them
             made.segments += sysvshm.restore_segments(entry)
