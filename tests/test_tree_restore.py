@@ -15,6 +15,7 @@ import pytest
 from conftest import PYTHON, Harness, assert_one_error_line, needs_root, run_ckpt, wait_for
 
 from ckpt.errors import RestoreError
+from ckpt.images import ImageDir
 from ckpt.restore.mm import free_gadget_address
 from ckpt.restore.stub import Stub
 from ckpt.restore.tree import TreeStubs, check_tree_ids_free, subreaper
@@ -442,3 +443,22 @@ def test_shell_job_tree_stays_in_the_restoring_session_and_group(harness: Harnes
     assert stat_of(r)[2:] == mine
     assert stat_of(a)[1:] == (r, *mine) and stat_of(z) == ("Z", r, *mine)
     assert stat_of(b)[1:] == (r, b, mine[1])
+
+
+@needs_root
+def test_a_tree_shape_restore_cannot_build_is_refused_in_one_line(harness: Harness) -> None:
+    proc, out = launch_tree(harness)
+    z, a, b = member_pids(out)
+    for p in (a, b):
+        harness.track(p)
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    reap_members([z, a, b])
+    imgs = ImageDir.open(images)
+    core = imgs.read_core(a)
+    core.sid = core.pgid = 1  # a session no member leads or was born in
+    imgs.write_core(a, core)
+    res = run_ckpt("restore", "-D", images, "-d")
+    assert f"process {a} is in session 1, which no process of the tree leads" in (
+        assert_one_error_line(res))
+    assert not [p for p in (proc.pid, z, a, b) if Path(f"/proc/{p}").exists()]
