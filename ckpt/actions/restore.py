@@ -226,10 +226,10 @@ def check_tree_inherit(entries: list[pb.ProcessEntry], inherit: dict[str, int]) 
     for e in entries:
         check_inherit(e, {k: v for k, v in inherit.items()
                           if any(f.external == k for f in e.files)})
-    used = {f.external for e in entries for f in e.files}
-    for name in sorted(set(inherit) - used):
-        raise RestoreError(f"--inherit-fd fd[{inherit[name]}]:{name}: the images hold no such "
-                           "external object")
+    unused = sorted(set(inherit) - {f.external for e in entries for f in e.files})
+    if unused:
+        raise RestoreError(f"--inherit-fd fd[{inherit[unused[0]]}]:{unused[0]}: the images "
+                           "hold no such external object")
 
 
 def wait_restored(pid: int) -> int:
