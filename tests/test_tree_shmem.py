@@ -131,10 +131,10 @@ def test_the_restorable_table_names_process_address_and_the_others() -> None:
 # --------------------------------------------------------------------------- live
 
 
-def start_tree(harness: Harness, *mode: str,
+def start_tree(harness: Harness, *mode: str, out_name: str = "tree_shmem.out",
                ) -> tuple[subprocess.Popen[bytes], Path, list[int]]:
     """examples/targets/tree_shmem.py: the parent and its children's pids (child 0, 1)."""
-    out = harness.tmp / "tree_shmem.out"
+    out = harness.tmp / out_name
     proc = harness.launch([*py_target("tree_shmem.py"), *mode], out)
     wait_for_line(out, lambda line: line == "ready", 20, "ready")
     kids = [int(pid) for _, pid in sorted(line.split()[1:] for line in read_lines(out)
@@ -257,3 +257,35 @@ def test_incremental_pass_saves_shared_memory_whole_in_its_owner(harness: Harnes
         harness.track(kid)
     wait_rounds(out, 5)
     assert pid == proc.pid and rounds(out) >= before + 5
+
+
+@needs_root
+def test_an_image_naming_another_process_as_owner_maps_nothing_of_it(
+        harness: Harness) -> None:
+    """Vma.shm_owner of a crafted image names a process outside the restore that maps
+    shared memory at shm_start: the restore fails in one line, that process runs on."""
+    proc, _, kids = start_tree(harness)
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    reap_members(kids)
+    other, other_out, other_kids = start_tree(harness, out_name="other.out")
+    start = int(next(line for line in Path(f"/proc/{other.pid}/maps").read_text().splitlines()
+                     if line.endswith("/dev/zero (deleted)")).split("-")[0], 16)
+    d = ImageDir.open(images)
+    core = d.read_core(kids[0])
+    for v in core.vmas:
+        if v.shmid:
+            v.shm_owner, v.shm_start = other.pid, start
+    d.write_core(kids[0], core)
+    for p in (proc.pid, *kids):
+        harness.track(p)  # killed at the end, should the restore wrongly succeed
+    res = run_ckpt("restore", "-D", images, "--restore-detached")
+    line = assert_one_error_line(res)
+    assert f"shared anonymous memory of process {other.pid}, which is no process of this " \
+           "restore" in line, line
+    for p in (proc.pid, *kids):
+        assert not Path(f"/proc/{p}").exists() or Path(f"/proc/{p}/stat").read_text().split()[
+            2] == "Z", f"{p} left behind"
+    for p in (other.pid, *other_kids):
+        assert_running_untraced(p)
+    wait_rounds(other_out, 3)
