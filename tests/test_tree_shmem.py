@@ -11,6 +11,7 @@ examples/targets/tree_shmem.py (a parent and 2 children passing rounds through 8
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from dataclasses import replace
@@ -42,6 +43,7 @@ from ckpt.collect.shmem import (
     not_owned,
     owned_whole,
     place,
+    read_shmem_maps,
     refusal,
 )
 from ckpt.collect.vmas import VmaInfo, VmaKind
@@ -126,6 +128,25 @@ def test_the_restorable_table_names_process_address_and_the_others() -> None:
                      "yet"]
     assert not [line for line in refusals(replace(target, shmem=((A, Seen((), (78,))),)))
                 if "shared anonymous" in line]
+
+
+MAPS = """\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fd:01 1234                       /usr/bin/python3
+7f0000000000-7f0000800000 rw-s 00000000 00:01 999                        /dev/zero (deleted)
+7f0000800000-7f0000801000 rw-s 00003000 00:01 1000                       [anon_shmem:pool]
+7f0000900000-7f0000901000 rw-p 00000000 00:00 0
+7f0000a00000-7f0000a01000 r--s 00000000 00:1a 77                         /dev/shm/x
+"""
+
+
+def test_shmem_vmas_are_read_from_maps(tmp_path: Path) -> None:
+    (tmp_path / "123").mkdir()
+    (tmp_path / "123" / "maps").write_text(MAPS)
+    dev = os.makedev(0, 1)
+    assert read_shmem_maps(123, root=str(tmp_path)) == [
+        ShmMap(123, A, A + MIB8, 0, dev, 999), ShmMap(123, A + MIB8, A + MIB8 + PAGE, 0x3000,
+                                                      dev, 1000)]
+    assert read_shmem_maps(124, root=str(tmp_path)) == []  # gone
 
 
 # --------------------------------------------------------------------------- live
