@@ -263,7 +263,7 @@ class MemberDump:
         self.files = collect_files(pid, opts.shell_job, hidden_fds(pid), flags=opts.fd_flags,
                                    memo=self.memo, tree=tree)
         self.segments = collect_segments(vmas)
-        self.mapped = collect_mapped(pid, vmas, self.files)
+        self.mapped = collect_mapped(pid, vmas, self.files, tree)
         self.cgroups = cgroups_to_pb(read_cgroups(pid))
         self.info = collect_process(pid, frozen.leader, vmas, stopped=bool(frozen.stop_signal))
         self.deleted_cwd = collect_deleted_cwd(pid, self.info.cwd)

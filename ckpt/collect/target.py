@@ -138,7 +138,7 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         shm_segments=tuple(sysvshm.read_segments().values()) if sysvshm.attaches(maps)
         else (), same_ipc_ns=proc.read_ns(pid, "ipc") == proc.read_ns(me, "ipc"),
         policies=tuple(sched.read_policies(tids)),
-        mapped=mappedfiles.inspect(pid, maps),
+        mapped=mappedfiles.inspect(pid, maps, tree),
         shmem=shmem.inspect(pid, maps, tree.pids if tree else (pid,), memo),
         cwd_parent_reachable=not deletedcwd.is_deleted(cwd)
         or deletedcwd.parent_reachable(pid, cwd),
