@@ -250,13 +250,19 @@ def test_memory_members_map_in_parts_is_refused_naming_them(harness: Harness) ->
 
 
 @needs_root
-def test_incremental_pass_saves_shared_memory_whole_in_its_owner(harness: Harness) -> None:
+@pytest.mark.parametrize("first_pass", ["predump", "dump"])
+def test_incremental_pass_saves_shared_memory_whole_in_its_owner(
+        harness: Harness, first_pass: str) -> None:
     """The owner's dirty tracking (uffd-wp) misses the children's writes (each writes a
     page the parent never does): every pass stores the memory whole, and a restore of the
-    chain gives each child its own count back."""
+    chain (after a predump, or a dump that left the tree running) gives each child its
+    own count back."""
     proc, out, kids = start_tree(harness)
     first, second = harness.images("first"), harness.images("second")
-    harness.dump(proc.pid, first, "--leave-running", "--track-mem")
+    if first_pass == "predump":
+        assert_ckpt_ok(run_ckpt("predump", "-t", str(proc.pid), "-D", first))
+    else:
+        harness.dump(proc.pid, first, "--leave-running", "--track-mem")
     wait_rounds(out, 3)
     harness.dump_and_reap(proc, second, "--incremental", "--prev-images-dir", "../first")
     reap_members(kids)
