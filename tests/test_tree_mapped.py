@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Harness, needs_root, py_target, read_lines, wait_for, wait_for_line
-from test_tree_unix import children_of, restore_tree
+from test_tree_unix import HOWS, children_of, dump_tree, restore_tree
 
 from ckpt.collect.fdkinds.base import TreeScope, TreeView
 from ckpt.collect.fds import FdInfo
@@ -118,12 +118,12 @@ def test_files_mapped_by_parent_and_child_are_saved_once(harness: Harness) -> No
 
 
 @needs_root
-def test_parent_and_child_share_their_mapped_files_after_restore(harness: Harness) -> None:
+@pytest.mark.parametrize("how", HOWS)
+def test_parent_and_child_share_their_mapped_files_after_restore(harness: Harness,
+                                                                  how: str) -> None:
     proc, child, out = playing(harness)
     parent = proc.pid
-    images = harness.images()
-    harness.dump_and_reap(proc, images)
-    harness.kill(child)  # reparented to us (a subreaper) when the parent died
+    images = dump_tree(harness, proc, child, how)
     dumped = read_lines(out)
     restore_tree(harness, images, parent, child)
     for side in ("parent", "child"):  # both play on: 100 rounds more each

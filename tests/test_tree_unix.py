@@ -80,6 +80,22 @@ def children_of(pid: int) -> list[int]:
         return [int(p) for p in f.read().split()]
 
 
+HOWS = ["dump", "predump+incremental"]
+
+
+def dump_tree(harness: Harness, proc: subprocess.Popen[bytes], child: int, how: str) -> Path:
+    """Dump the tree of ``proc`` (``how``: at once, or a predump and then an incremental
+    dump over it), which kills it; reap both members; the final images."""
+    images = harness.images()
+    extra: tuple[str, ...] = ()
+    if how == "predump+incremental":
+        assert_ckpt_ok(run_ckpt("predump", "-t", str(proc.pid), "-D", images / "pre"))
+        extra = ("--incremental", "--prev-images-dir", "../pre")
+    harness.dump_and_reap(proc, images / "final", *extra)
+    harness.kill(child)  # reparented to us (a subreaper) when the parent died
+    return images / "final"
+
+
 def restore_tree(harness: Harness, images: Path, root: int, child: int) -> None:
     """Restore the dumped ``root`` and ``child`` (both killed and reaped by then). A pid
     or tid of theirs taken meanwhile is another process's (the machine forks through
@@ -144,14 +160,13 @@ def test_a_socketpair_between_parent_and_child_is_dumped_as_theirs(
 
 
 @needs_root
+@pytest.mark.parametrize("how", HOWS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_socketpair_between_parent_and_child_talks_on_after_restore(
-        harness: Harness, kind: str) -> None:
+        harness: Harness, kind: str, how: str) -> None:
     proc, child, out = talking(harness, kind)
     parent = proc.pid
-    images = harness.images()
-    harness.dump_and_reap(proc, images)
-    harness.kill(child)  # reparented to us (a subreaper) when the parent died
+    images = dump_tree(harness, proc, child, how)
     dumped = len(read_lines(out))
     restore_tree(harness, images, parent, child)
     last = {s: max(int(line.split()[-1]) for line in read_lines(out)[:dumped]
