@@ -6,13 +6,23 @@ earlier_holder, make_objects with the tree's registry)."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Harness, needs_root, py_target, read_lines, wait_for, wait_for_line
+from conftest import (
+    Harness,
+    assert_ckpt_ok,
+    needs_root,
+    py_target,
+    read_lines,
+    run_ckpt,
+    wait_for,
+    wait_for_line,
+)
 from test_tree_unix import HOWS, children_of, dump_tree, restore_tree
 
 from ckpt.collect.fdkinds.base import TreeScope, TreeView
@@ -115,6 +125,11 @@ def test_files_mapped_by_parent_and_child_are_saved_once(harness: Harness) -> No
     (m,) = [f for f in mine.files if f.type == pb.OpenFile.MEMFD]
     (c,) = [f for f in theirs.files if f.type == pb.OpenFile.MEMFD]
     assert len(m.memfd.data) and c.shared_pid == parent
+    res = run_ckpt("show", images, "--json")  # the child's mappings: the parent's files
+    assert_ckpt_ok(res)
+    shown = {p["pid"]: p for p in json.loads(res.stdout)["processes"]}
+    objects = {v["object"] for v in shown[child]["vmas"] if "object" in v}
+    assert objects == {f"process {parent}'s (saved there)"}
 
 
 @needs_root
