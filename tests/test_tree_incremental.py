@@ -30,7 +30,7 @@ from conftest import (
     wait_for_line,
 )
 
-from ckpt.actions.passes import member_parent_refused, open_parent
+from ckpt.actions.passes import member_parent_refused, of_member, open_parent
 from ckpt.collect import proc
 from ckpt.images import ImageDir
 from ckpt.images.chain import resolve
@@ -89,6 +89,12 @@ def test_a_member_whose_pid_names_another_process_gets_no_parent(tmp_path: Path)
     assert open_parent(here, "../without", me, member=True) is None
     # the root is not a member: its parent is its own (the tracker checks the process)
     assert open_parent(here, "../other", me) is not None
+
+
+def test_a_member_refusal_names_the_member_once() -> None:
+    assert of_member(12, "fd 3 is a FIFO") == "process 12: fd 3 is a FIFO"
+    assert of_member(12, "process 12 has a timer") == "process 12 has a timer"
+    assert of_member(12, "process 123 has a timer") == "process 12: process 123 has a timer"
 
 
 def test_the_worker_crc_is_a_function_of_worker_and_step() -> None:
@@ -239,7 +245,7 @@ def test_a_member_forked_after_a_predump_is_copied_whole_and_one_that_exited_is_
     wait_for(lambda: kids[0] not in children(root), 10, "the first worker to be reaped")
     line = predump(p2, root, "../p1")
     assert "1 copied whole" in line, line
-    assert pids_of(p2) == [root, kids[1], new]
+    assert pids_of(p2) == [root, *sorted((kids[1], new))]  # children by pid
     own, in_parent = stored(p2, new)
     assert own >= WORKER and not in_parent, own
     own, in_parent = stored(p2, kids[1])
@@ -252,7 +258,7 @@ def test_a_member_forked_after_a_predump_is_copied_whole_and_one_that_exited_is_
     before = {child: last_step(out, child) for child in (1, 2, 3)}
     assert_ckpt_ok(run_ckpt("dump", "-t", str(root), "-D", final, "--incremental",
                             "--prev-images-dir", "../p2", "--leave-running"))
-    assert pids_of(final) == [root, kids[1], new, newer]
+    assert pids_of(final) == [root, *sorted((kids[1], new, newer))]
     for child, pid in ((1, kids[1]), (2, new), (3, newer)):
         assert_memory_of_a_step(final, out, pid, child, before[child])
     for pid in (kids[1], new):

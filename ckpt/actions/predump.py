@@ -35,6 +35,7 @@ from ckpt.actions.passes import (
     inventory,
     open_parent,
     pass_stats,
+    refusals_of,
     select_tracker,
     view_digests,
     write_memory,
@@ -127,8 +128,9 @@ def prepare_members(opts: PredumpOptions, pids: list[int], parent: Parent | None
     refuse_sharing(pids)
     out = []
     for n, pid in enumerate(pids):
-        vmas = check_target(pid, opts.ghost_limit, opts.tcp_close, opts.externals,
-                            opts.migrating, tree)
+        with refusals_of(pid, tree is not None):
+            vmas = check_target(pid, opts.ghost_limit, opts.tcp_close, opts.externals,
+                                opts.migrating, tree)
         prev = parent if n == 0 else open_parent(opts.images_dir, opts.prev_images_dir, pid,
                                                  member=True)
         out.append((pid, prev, vmas))
