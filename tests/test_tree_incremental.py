@@ -165,9 +165,15 @@ def pids_of(images: Path) -> list[int]:
 def start(harness: Harness, out: Path) -> tuple[subprocess.Popen[bytes], list[int]]:
     proc = harness.launch([*py_target("tree_worker.py"), "0.1"], out)
     wait_for_line(out, lambda line: line == "ready", 60, "the workers")
-    kids = children(proc.pid)
-    assert len(kids) == 2
+    kids = [worker_pid(out, 0), worker_pid(out, 1)]  # by worker, not by pid (pids wrap)
+    assert children(proc.pid) == sorted(kids)
     return proc, kids
+
+
+def worker_pid(out: Path, child: int) -> int:
+    """Worker ``child``'s pid, from its first line."""
+    line = wait_for_line(out, lambda x: x.startswith(f"a{child} "), 30, f"worker {child}")
+    return int(line.split()[2])
 
 
 def predump(images: Path, root: int, prev: str | None = None) -> str:
@@ -190,7 +196,7 @@ def test_predump_predump_incremental_dump_of_a_tree_store_only_what_changed(
     p1, p2, final = harness.images("p1"), harness.images("p2"), harness.images("dump")
     line = predump(p1, root)
     assert "3 processes" in line, line
-    assert pids_of(p1) == [root, *kids]
+    assert pids_of(p1) == [root, *sorted(kids)]
     for kid in kids:
         own, _ = stored(p1, kid)
         assert own >= WORKER, (kid, own)
@@ -207,7 +213,7 @@ def test_predump_predump_incremental_dump_of_a_tree_store_only_what_changed(
     for child, kid in enumerate(kids):  # the dump's view through the chain
         assert_memory_of_a_step(final, out, kid, child, before[child])
     for images in (p2, final):
-        assert pids_of(images) == [root, *kids]
+        assert pids_of(images) == [root, *sorted(kids)]
         for pid in (root, *kids):
             own, in_parent = stored(images, pid)
             assert own < SMALL, (images.name, pid, own)
@@ -217,7 +223,7 @@ def test_predump_predump_incremental_dump_of_a_tree_store_only_what_changed(
     assert harness.restore_detached(final) == root
     for kid in kids:
         harness.track(kid)
-    assert children(root) == kids
+    assert children(root) == sorted(kids)
     advance(out, [0, 1], 3)
     worker = load_worker()
     for child in (0, 1):
@@ -240,7 +246,7 @@ def test_a_member_forked_after_a_predump_is_copied_whole_and_one_that_exited_is_
     predump(p1, root)
     os.kill(root, signal.SIGUSR1)  # a third worker
     wait_for_line(out, lambda line: line.startswith("c2 "), 30, "the third worker")
-    new = next(p for p in children(root) if p not in kids)
+    new = worker_pid(out, 2)
     os.kill(kids[0], signal.SIGKILL)  # the first one gone (its parent reaps it)
     wait_for(lambda: kids[0] not in children(root), 10, "the first worker to be reaped")
     line = predump(p2, root, "../p1")
@@ -253,7 +259,7 @@ def test_a_member_forked_after_a_predump_is_copied_whole_and_one_that_exited_is_
     os.kill(root, signal.SIGUSR1)  # a fourth, new in the dump (it too holds a copy of
     # the userfaultfd the predumps left in its parent: ckpt's, not dumped)
     wait_for_line(out, lambda line: line.startswith("c3 "), 30, "the fourth worker")
-    newer = next(p for p in children(root) if p not in (kids[1], new))
+    newer = worker_pid(out, 3)
     advance(out, [1, 2, 3])
     before = {child: last_step(out, child) for child in (1, 2, 3)}
     assert_ckpt_ok(run_ckpt("dump", "-t", str(root), "-D", final, "--incremental",
@@ -290,7 +296,7 @@ def test_a_member_whose_pid_was_reused_between_passes_is_copied_whole(
     wait_for_line(out, lambda line: line.startswith("c2 "), 30, "the new worker")
     line = predump(p2, root, "../p1")
     assert "1 copied whole" in line, line
-    assert pids_of(p2) == [root, *kids]
+    assert pids_of(p2) == [root, *sorted(kids)]
     own, in_parent = stored(p2, kids[0])
     assert own >= WORKER and not in_parent, (own, in_parent)
     started = [ImageDir.open(str(d)).read_tracker(kids[0]) for d in (p1, p2)]

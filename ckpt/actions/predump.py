@@ -163,7 +163,8 @@ def arm_frozen(root: int, members: list[MemberPass]) -> tuple[list[MemberPass], 
     and cleared). Returns the members still there (one that exited meanwhile is left
     out; one forked meanwhile waits for the next pass) and the frozen time in ms."""
     with FrozenTree(root) as frozen:
-        members = [m for m in members if m.pid in frozen.members]
+        live = set(frozen.pids)
+        members = [m for m in members if m.pid in live]
         for m in members:
             if not m.needs_freeze:
                 continue
