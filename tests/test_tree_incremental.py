@@ -29,6 +29,8 @@ from conftest import (
     wait_for,
     wait_for_line,
 )
+from test_tree_restore import reap_members
+from test_tree_shmem import MIB8, rounds, start_tree, wait_rounds
 
 from ckpt.actions.passes import member_parent_refused, of_member, open_parent
 from ckpt.collect import proc
@@ -310,3 +312,42 @@ def test_a_member_whose_pid_was_reused_between_passes_is_copied_whole(
     for pid in kids:
         own, in_parent = stored(final, pid)
         assert own < SMALL and in_parent >= WORKER - SMALL, (pid, own, in_parent)
+
+
+def shm_span(pid: int) -> tuple[int, int]:
+    """Where ``pid`` maps the tree's shared anonymous memory (tree_shmem.py: one VMA)."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        if line.endswith("/dev/zero (deleted)"):
+            lo, hi = line.split()[0].split("-")
+            return int(lo, 16), int(hi, 16)
+    raise AssertionError(f"process {pid} maps no shared anonymous memory")
+
+
+@needs_root
+def test_predumps_leave_memory_members_share_to_the_dump_which_stores_it_in_its_owner(
+        harness: Harness) -> None:
+    """MAP_SHARED|MAP_ANONYMOUS memory the three members map (tree_shmem.py): no
+    tracker sees the writes through another member's mapping, so a predump stores none
+    of it and the dump all of it in its owner; restored, the members still share it
+    (their rounds go on, each checking the others' writes)."""
+    proc, out, kids = start_tree(harness)
+    spans = {pid: shm_span(pid) for pid in (proc.pid, *kids)}
+    p1, p2, final = harness.images("p1"), harness.images("p2"), harness.images("dump")
+    predump(p1, proc.pid)
+    wait_rounds(out, 2)
+    predump(p2, proc.pid, "../p1")
+    wait_rounds(out, 2)
+    for images in (p1, p2):
+        for pid, span in spans.items():
+            _, pm = ImageDir.open(str(images)).read_pagemap(pid)
+            assert not intersect(pm.covered, [span]), (images.name, pid)
+    harness.dump_and_reap(proc, final, "--incremental", "--prev-images-dir", "../p2")
+    reap_members(kids)
+    _, pm = ImageDir.open(str(final)).read_pagemap(proc.pid)
+    assert total(intersect(pm.present, [spans[proc.pid]])) == MIB8
+    before = rounds(out)
+    assert harness.restore_detached(final) == proc.pid
+    for kid in kids:
+        harness.track(kid)
+    wait_rounds(out, 5)
+    assert rounds(out) >= before + 5

@@ -12,7 +12,9 @@ member, in pre-order.
     arm                tracker.begin: what changed since the parent, tracking re-armed
                        (protect before copying), VMA list snapshot
     plan + copy        pages that changed or the parent lacks, read while it runs;
-                       a page written during the copy is caught by the next pass
+                       a page written during the copy is caught by the next pass;
+                       anonymous shared memory several members map is left to the
+                       dump (it stores it whole in its owner: no tracker sees it all)
     write images       per member: pages, pagemap, VMAs, tracker state; then the
                        inventory (kind "predump", pids: every live member in pre-order)
 
@@ -40,7 +42,7 @@ from ckpt.actions.passes import (
     view_digests,
     write_memory,
 )
-from ckpt.collect import proc
+from ckpt.collect import proc, shmem
 from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags, TreeView
 from ckpt.collect.restorable import read_target, require_restorable
 from ckpt.collect.vmas import VmaInfo, collect_vmas
@@ -150,10 +152,11 @@ def _predump(opts: PredumpOptions, images: ImageDir, members: list[MemberPass],
     finally:
         for m in listed:
             m.tracker.close()
-    stats = merge_stats([copy_member(opts, images, m, frozen_ms) for m in members])
+    pids = [m.pid for m in members]
+    stats = merge_stats([copy_member(opts, images, m, pids, frozen_ms) for m in members])
     stats.total_ms = (time.perf_counter() - t0) * 1000
     inv = inventory(root, "predump", parent, members[0].tracker.name, stats)
-    inv.pids[:] = [m.pid for m in members]
+    inv.pids[:] = pids
     images.write_inventory(inv)
     return describe("predump", root, members[0].tracker.name, stats) + tree_note(members)
 
@@ -180,11 +183,16 @@ def arm_frozen(root: int, members: list[MemberPass]) -> tuple[list[MemberPass], 
     return members, frozen_ms
 
 
-def copy_member(opts: PredumpOptions, images: ImageDir, m: MemberPass, frozen_ms: float,
-                ) -> image_pb2.DumpStats:
-    """One member's pages (what changed or its parent lacks), pagemap, VMAs, tracker."""
+def copy_member(opts: PredumpOptions, images: ImageDir, m: MemberPass, tree: list[int],
+                frozen_ms: float) -> image_pb2.DumpStats:
+    """One member's pages (what changed or its parent lacks), pagemap, VMAs, tracker.
+    Anonymous shared memory other members (``tree``) map too is left out: no tracker
+    sees the writes made through another member's mapping, so the dump stores it whole
+    in its owner anyway (ckpt.collect.shmem), and the others not at all."""
     pid, dirty, parent = m.pid, m.dirty, m.parent
-    plan = plan_pass(pid, m.ctx.vmas, dirty, parent.has if parent else None)
+    shared = shmem.placements(pid, m.ctx.vmas, tree)
+    plan = plan_pass(pid, [v for v in m.ctx.vmas if v.start not in shared], dirty,
+                     parent.has if parent else None)
     parent_digests = apply_compare(pid, plan, parent, True) if dirty.compare else None
     stored: list[bytes] | None = [] if dirty.compare else None
     mem = write_memory(images, pid, plan, opts.compress_level, True, stored)
