@@ -29,6 +29,7 @@ from conftest import (
     wait_for,
     wait_for_line,
 )
+from test_killsafe import pause_ckpt_at
 from test_tree_restore import reap_members
 from test_tree_shmem import MIB8, rounds, start_tree, wait_rounds
 
@@ -351,3 +352,28 @@ def test_predumps_leave_memory_members_share_to_the_dump_which_stores_it_in_its_
         harness.track(kid)
     wait_rounds(out, 5)
     assert rounds(out) >= before + 5
+
+
+@needs_root
+@pytest.mark.parametrize("point", ["predump-begin", "predump-copy"])
+def test_a_member_that_exits_during_a_predump_is_left_out_of_it(harness: Harness,
+                                                                 tmp_path: Path,
+                                                                 point: str) -> None:
+    """Worker 0 killed while a second predump is at ``point`` (tracking armed with the
+    tree running, or its pages about to be copied): the pass completes without it."""
+    out = tmp_path / "out.txt"
+    proc, kids = start(harness, out)
+    p1, p2 = harness.images("p1"), harness.images("p2")
+    predump(p1, proc.pid)
+    ckpt = pause_ckpt_at(point, "predump", "-t", str(proc.pid), "-D", p2,
+                         "--prev-images-dir", "../p1")
+    os.kill(kids[0], signal.SIGKILL)  # its parent reaps it
+    wait_for(lambda: kids[0] not in children(proc.pid), 10, "worker 0 to be reaped")
+    ckpt.send_signal(signal.SIGCONT)
+    _, err = ckpt.communicate(timeout=60)
+    assert ckpt.returncode == 0, err
+    assert pids_of(p2) == [proc.pid, kids[1]]
+    own, in_parent = stored(p2, kids[1])
+    assert own < SMALL and in_parent >= WORKER - SMALL, (own, in_parent)
+    for pid in (proc.pid, kids[1]):
+        assert_running_untraced(pid)

@@ -18,16 +18,19 @@ member, in pre-order.
     write images       per member: pages, pagemap, VMAs, tracker state; then the
                        inventory (kind "predump", pids: every live member in pre-order)
 
-A member that exited before the freeze is left out of this pass; one forked after the
-listing is not in it either, and is copied whole by the next pass (the dump's parent
-pass then holds no pages for it).
+A member that exits during the pass is left out of it (but the root: the pass fails); one
+forked after the listing is not in it either, and is copied whole by the next pass.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
+from ckpt import testpoint
 from ckpt.actions.core_image import vma_to_pb
 from ckpt.actions.dump import hidden_fds, merge_stats, refuse_sharing, tree_view
 from ckpt.actions.passes import (
@@ -53,6 +56,8 @@ from ckpt.images.pb import image_pb2
 from ckpt.kernel.creds import require_root
 from ckpt.pagecopy.incremental import plan_pass
 from ckpt.track import DirtySet, PassContext, Tracker
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -146,19 +151,50 @@ def _predump(opts: PredumpOptions, images: ImageDir, members: list[MemberPass],
     try:
         if any(m.needs_freeze for m in members):
             members, frozen_ms = arm_frozen(root, members)
-        for m in members:
-            if not m.tracker.begin_needs_freeze:
-                m.dirty = m.tracker.begin(m.ctx)  # protect before copying, it running
+        testpoint.pause_at("predump-begin")
+        members = [m for m in members if unless_exited(root, m, partial(begin_running, m))]
     finally:
         for m in listed:
             m.tracker.close()
+    testpoint.pause_at("predump-copy")
     pids = [m.pid for m in members]
-    stats = merge_stats([copy_member(opts, images, m, pids, frozen_ms) for m in members])
+    copied = [(m, s) for m in members if (s := unless_exited(
+        root, m, partial(copy_member, opts, images, m, pids, frozen_ms))) is not None]
+    members = [m for m, _ in copied]
+    stats = merge_stats([s for _, s in copied])
     stats.total_ms = (time.perf_counter() - t0) * 1000
     inv = inventory(root, "predump", parent, members[0].tracker.name, stats)
-    inv.pids[:] = pids
+    inv.pids[:] = [m.pid for m in members]
     images.write_inventory(inv)
     return describe("predump", root, members[0].tracker.name, stats) + tree_note(members)
+
+
+def begin_running(m: MemberPass) -> bool:
+    """Arm a tracker that needs no freeze (uffd-wp after its first pass), the member
+    running: protect before copying."""
+    if not m.tracker.begin_needs_freeze:
+        m.dirty = m.tracker.begin(m.ctx)
+    return True
+
+
+def unless_exited(root: int, m: MemberPass, step: Callable[[], T]) -> T | None:
+    """``step()`` for member ``m``; None if it failed because ``m`` (not the root) exited
+    meanwhile: it is left out of this pass, as if it had exited before it."""
+    try:
+        return step()
+    except Exception:
+        if m.pid == root or not exited(m):
+            raise
+        return None
+
+
+def exited(m: MemberPass) -> bool:
+    """Is member ``m`` dead (gone, a zombie, or its pid another process's now)?"""
+    try:
+        stat = proc.read_stat(m.pid)
+    except NoSuchProcess:
+        return True
+    return stat.state in ("Z", "X") or stat.starttime != m.tracker.start_time
 
 
 def arm_frozen(root: int, members: list[MemberPass]) -> tuple[list[MemberPass], float]:
