@@ -117,6 +117,8 @@ def predump(opts: PredumpOptions) -> str:
         raise NoSuchProcess(root)
     parent = open_parent(opts.images_dir, opts.prev_images_dir, root)
     pids = list_tree(root)
+    if not pids:  # gone meanwhile
+        raise NoSuchProcess(root)
     checked = prepare_members(opts, pids, parent)
     members = [MemberPass(pid, prev, select_tracker(opts.track, pid, prev),
                           PassContext(pid, None, vmas)) for pid, prev, vmas in checked]
