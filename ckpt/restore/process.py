@@ -38,6 +38,7 @@ from ckpt.restore.creds import restore_creds
 from ckpt.restore.files import close_stub_fds, restore_files, restore_owners
 from ckpt.restore.pages import WritableIndex, fill_pages
 from ckpt.restore.pstate import restore_settings
+from ckpt.restore.release import release
 from ckpt.restore.sched import restore_sched
 from ckpt.restore.settings import restore_all_settings
 from ckpt.restore.stub import Stub
@@ -144,9 +145,7 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
         os.kill(stub.pid, signal.SIGSTOP)
     stub.release_cpu()
     restore_sched(tids, entry)  # after release_cpu, which gives the stub's tasks its mask
-    for task in threads:
-        task.task.detach()
-    stub.task.detach()
+    release(stub, threads, entry, stopped=stop)  # (ckpt.restore.release)
     if stop:  # return once it is in the stop: whoever looks next sees state T
         with contextlib.suppress(ChildProcessError):
             os.waitid(os.P_PID, stub.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
