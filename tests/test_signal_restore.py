@@ -5,6 +5,7 @@ signal that arrives the instant the restored process is let go (ckpt.restore.tas
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pty
 import re
@@ -212,6 +213,30 @@ def test_signal_at_release_interrupts_pause(harness: Harness, bins: Bins, tmp_pa
         harness.track(pid)
         want = f"woke=1 errno=4 usr1=1 trap=0 pid={pid}"
         wait_for_line(out, want.__eq__, 5, f"an answer from {pid}")
+        harness.kill(pid)
+
+
+def answer_of(pid: int, line: str) -> bool:
+    return line.endswith(f" pid={pid}")
+
+
+def test_ignored_signal_at_release_wakes_nothing(harness: Harness, bins: Bins,
+                                                 tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGINT, which the pauser ignores, sent by ckpt as it resumes each thread from its
+    park (it reaches a traced thread all the same) neither wakes pause() nor lets a later
+    SIGUSR1 run its handler without EINTR: the first line is SIGUSR1's."""
+    monkeypatch.setenv("CKPT_TEST_SIGNAL_AT", f"resumed:{int(signal.SIGINT)}")
+    out = tmp_path / "out.txt"
+    proc = launch_pauser(harness, bins.pauser_static, out, "cold")
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    for _ in range(10):
+        evict(bins.pauser_static)
+        pid = restore_and_signal(images, "in-process")
+        harness.track(pid)
+        line = wait_for_line(out, functools.partial(answer_of, pid), 5, f"an answer from {pid}")
+        assert line == f"woke=1 errno=4 usr1=1 trap=0 pid={pid}"
         harness.kill(pid)
 
 

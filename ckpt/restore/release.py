@@ -108,16 +108,20 @@ def run_released(fn: Callable[[], T]) -> T:
     untraced. Ctrl-C meanwhile is raised inside the restore, which undoes itself."""
     thread: ReleaseThread[T] = ReleaseThread(fn)
     thread.start()
+    interrupted = False
     while thread.is_alive():
         try:
             thread.join()
         except KeyboardInterrupt:
+            interrupted = True
             assert thread.ident is not None
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
                                                        ctypes.py_object(KeyboardInterrupt))
     wait_untraced(thread.left)
     if thread.error is not None:
         raise thread.error
+    if interrupted:  # too late to undo the restore: as if it came right after
+        raise KeyboardInterrupt
     return thread.result  # type: ignore[return-value]  # set when there is no error
 
 
