@@ -30,8 +30,9 @@ does not: exit_ptrace unlinks a tracee that is not in a ptrace stop without waki
 So a restore runs in a ReleaseThread (run_released): at its entry stop a thread loses
 PTRACE_O_EXITKILL and is continued, asleep in its call and traced until the ReleaseThread
 ends; a signal meanwhile stops it in the call's own signal-delivery-stop, which the
-unlink lets go with that signal. run_released returns once the kernel has let every such
-thread go.
+unlink lets go with that signal (so nothing in ckpt may wait for such a thread meanwhile:
+waitpid would take the signal with the stop's status, and it would be dropped).
+run_released returns once the kernel has let every such thread go.
 
 Unchanged, each thread is detached from its park: a call the kernel does not restart
 through the window (-ERESTARTNOINTR is restarted after a handler too; -ERESTART_RESTARTBLOCK
