@@ -522,10 +522,21 @@ class Harness:
         deadline = time.monotonic() + 5
         while any(is_alive(p) for p in self._pids) and time.monotonic() < deadline:
             time.sleep(POLL)
-        # Reap whatever was reparented to us (we are a child subreaper).
-        with contextlib.suppress(ChildProcessError):
-            while os.waitpid(-1, os.WNOHANG)[0] > 0:
-                pass
+        # Reap whatever was reparented to us (we are a child subreaper); a killed tree's
+        # grandchildren come to us only once their parent is gone: look again until
+        # none of the test's processes is left with us.
+        deadline = time.monotonic() + 5
+        while True:
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            left = {p for p in our_children() if p in self._pids or self._writes_here(p)}
+            if not left or time.monotonic() > deadline:
+                break
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(POLL)
 
 
     def _writes_here(self, pid: int) -> bool:
