@@ -74,6 +74,18 @@ def test_nginx_serves_and_reloads_after_restore(harness: Harness, how: str) -> N
 
     images = dump_tree(harness, proc, how, between)
     master = restore_tree(harness, images, before)
+    serves_and_reloads(harness, master, port)
+
+
+def test_nginx_reloads_without_a_checkpoint(harness: Harness) -> None:
+    """The reference: what the restored nginx must do, done by one never dumped."""
+    proc, port = start_nginx(harness)
+    serves_and_reloads(harness, proc.pid, port)
+
+
+def serves_and_reloads(harness: Harness, master: int, port: int) -> None:
+    """nginx serves; on SIGHUP its master starts two new workers, the old ones exit and
+    are reaped by it; the new ones serve."""
     for _ in range(10):
         assert get(port) == PAGE
     old = workers(master)
@@ -81,11 +93,11 @@ def test_nginx_serves_and_reloads_after_restore(harness: Harness, how: str) -> N
 
     def replaced() -> set[int] | None:
         now = workers(master)
+        for pid in now:
+            harness.track(pid)
         return now if len(now) == 2 and not now & old else None
 
-    new = wait_for(replaced, 20, "the master to replace its workers")
-    for pid in new:
-        harness.track(pid)
+    wait_for(replaced, 20, "the master to replace its workers")
     wait_for(lambda: all(read_member(pid) is None for pid in old) or None, 20,
              "the old workers to exit and be reaped by the master")
     for _ in range(10):

@@ -72,6 +72,15 @@ def check_output(out: Path) -> int:
     return len(lines)
 
 
+def test_pipeline_without_a_checkpoint(harness: Harness) -> None:
+    """The reference: the pipe fills up and the output is transform(i) line after line."""
+    proc, out, filt = start_pipeline(harness)
+    wait_for(lambda: queued(filt) >= PIPE_FULL or None, 10, "the pipe to fill up")
+    wait_for_lines(out, 600)
+    assert check_output(out) >= 600
+    assert proc.poll() is None
+
+
 @pytest.mark.xfail(reason="issue 11: `ckpt dump -t` of a process tree (W2-W4) and the "
                           "restore of a tree (W5-W6) are not on main yet", strict=False)
 @pytest.mark.parametrize("how", ["dump", "predump+incremental"])

@@ -1,9 +1,14 @@
-"""A tree over two sessions and three process groups (examples/targets/tree_sessions.py):
-a setsid() child with a grandchild in a group of its own. After a restore every member
-has its pid, parent, group and session back, and all of them go on writing to the one
-file they share (one offset: no NUL hole, no overwritten line)."""
+"""Trees over several sessions and process groups (examples/targets/tree_sessions.py):
+a setsid() child with a grandchild in a group of its own; and, under a child-subreaper
+root, a group and a session whose leaders exited (a restore needs a helper process to
+make each, then lets it go). After a restore every member has its pid, parent, group
+and session back, and all of them go on writing to the one file they share (one offset:
+no NUL hole, no overwritten line)."""
 
 from __future__ import annotations
+
+import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -12,6 +17,7 @@ from conftest import (
     needs_root,
     py_target,
     read_lines,
+    read_member,
     restore_tree,
     tree_ids,
     wait_for_line,
@@ -20,26 +26,33 @@ from conftest import (
 )
 
 pytestmark = needs_root
-ROLES = ("root", "peer", "leader", "grandchild")
 
 
-def counts(lines: list[str]) -> dict[str, list[int]]:
-    """Each role's tick numbers in the order written."""
-    seen: dict[str, list[int]] = {role: [] for role in ROLES}
-    for line in lines:
-        if line != "ready":
+def check_ticks(out: Path, roles: tuple[str, ...]) -> dict[str, int]:
+    """Each role ticked 1, 2, 3, ... in ``out`` with nothing lost or repeated, and its
+    lines are whole; return each role's last tick."""
+    assert b"\0" not in out.read_bytes(), f"a NUL hole in {out}"
+    seen: dict[str, list[int]] = {role: [] for role in roles}
+    for line in read_lines(out):
+        if not line.startswith("ready"):
             role, n = line.split()
             seen[role].append(int(n))
-    return seen
-
-
-def check_ticks(lines: list[str]) -> dict[str, int]:
-    """Each role ticked 1, 2, 3, ... with nothing lost or repeated; its last tick."""
-    last = {}
-    for role, ticks in counts(lines).items():
+    for role, ticks in seen.items():
         assert ticks == list(range(1, len(ticks) + 1)), (role, ticks)
-        last[role] = len(ticks)
-    return last
+    return {role: len(ticks) for role, ticks in seen.items()}
+
+
+def restore_and_tick(harness: Harness, proc: subprocess.Popen[bytes], out: Path, how: str,
+                     roles: tuple[str, ...]) -> int:
+    """Dump the tree, restore it with the same ids, and see every member tick on."""
+    before = tree_ids(proc.pid)
+    images = dump_tree(harness, proc, how)
+    at_dump = check_ticks(out, roles)
+    root = restore_tree(harness, images, before)
+    wait_for_lines(out, len(read_lines(out)) + 10 * len(roles))
+    after = check_ticks(out, roles)
+    assert all(after[role] > at_dump[role] for role in roles), (at_dump, after)
+    return root
 
 
 @pytest.mark.xfail(reason="issue 11: `ckpt dump -t` of a tree (W2-W4) and the restore of "
@@ -53,11 +66,22 @@ def test_sessions_and_groups_come_back(harness: Harness, how: str) -> None:
     leader, grandchild = members[2], members[3]
     assert (leader.sid, leader.pgid) == (leader.pid, leader.pid)
     assert (grandchild.sid, grandchild.pgid) == (leader.pid, grandchild.pid)
-    before = tree_ids(proc.pid)
-    images = dump_tree(harness, proc, how)
-    at_dump = check_ticks(read_lines(out))
-    restore_tree(harness, images, before)
-    wait_for_lines(out, len(read_lines(out)) + 40)
-    after = check_ticks(read_lines(out))
-    assert all(after[role] > at_dump[role] for role in ROLES), (at_dump, after)
-    assert b"\0" not in out.read_bytes()
+    restore_and_tick(harness, proc, out, how, ("root", "peer", "leader", "grandchild"))
+
+
+@pytest.mark.xfail(reason="issue 11: `ckpt dump -t` of a tree (W2-W4) and the restore of "
+                          "leaderless groups and sessions with helpers (W5) are not on main "
+                          "yet", strict=False)
+@pytest.mark.parametrize("how", ["dump", "predump+incremental"])
+def test_groups_and_sessions_whose_leader_exited_come_back(harness: Harness,
+                                                          how: str) -> None:
+    out = harness.tmp / "out.txt"
+    proc = harness.launch([*py_target("tree_sessions.py"), "orphans"], out)
+    _, group, session = wait_for_line(out, lambda s: s.startswith("ready"), 10,
+                                      "ready").split()
+    root, grouped, sessioned = wait_for_tree(harness, proc.pid, 3)
+    assert (grouped.ppid, grouped.pgid, grouped.sid) == (root.pid, int(group), root.pid)
+    assert (sessioned.ppid, sessioned.pgid, sessioned.sid) == (root.pid, int(session),
+                                                               int(session))
+    restore_and_tick(harness, proc, out, how, ("root", "grouped", "sessioned"))
+    assert read_member(int(group)) is None and read_member(int(session)) is None

@@ -5,16 +5,29 @@
     └── leader       setsid(): a session and group of its own
         └── grandchild   setpgid(0, 0): its own group inside leader's session
 
+With ``orphans``, groups and a session whose leader is gone (restore needs helpers):
+
+    root             a child subreaper, its own session and group
+    ├── grouped      in the group of a process (L) that made it and exited
+    └── sessioned    in the session and group of a process (S) that made it and exited
+
+(L did setpgid(0, 0), S setsid(); each forked its child and exited, the root reaped it
+and the child was reparented to the root). The root prints ``ready L S``.
+
 Every member writes ``ROLE N`` every 0.05 s to stdout (the one open file they all
 inherited: one shared offset), after the root printed ``ready``.
 
-usage: tree_sessions.py
+usage: tree_sessions.py [orphans]
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import time
+
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def tick(role: str) -> None:
@@ -49,10 +62,30 @@ def spawn(role: str, setup: str, inherited: tuple[int, ...] = ()) -> int:
     return pid
 
 
+def orphan(role: str, setup: str) -> int:
+    """Fork a process that runs ``setup``, forks ``role`` (ticking in its group and
+    session) and exits; reap it and return its pid."""
+    gone = os.fork()
+    if gone == 0:
+        if setup == "setsid":
+            os.setsid()
+        else:
+            os.setpgid(0, 0)
+        spawn(role, "")
+        os._exit(0)
+    os.waitpid(gone, 0)
+    return gone
+
+
 def main() -> None:
-    spawn("peer", "")
-    spawn("leader", "setsid")
-    print("ready", flush=True)
+    if sys.argv[1:] == ["orphans"]:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        gone = [orphan("grouped", "setpgid"), orphan("sessioned", "setsid")]
+        print(f"ready {gone[0]} {gone[1]}", flush=True)
+    else:
+        spawn("peer", "")
+        spawn("leader", "setsid")
+        print("ready", flush=True)
     tick("root")
 
 
