@@ -739,3 +739,34 @@ def assert_tree_untraced(members: Sequence[Member]) -> None:
         else:
             now = read_member(member.pid)
             assert now is not None and now.state == "Z", f"zombie {member.pid}: {now}"
+
+
+@contextlib.contextmanager
+def reaping(pids: Sequence[int]) -> Iterator[None]:
+    """While the block runs (a `ckpt migrate` that kills a tree, then restores it on this
+    host under the same pids), reap each of pids as soon as it is our dead child: killed
+    members are reparented to us (a child subreaper) and would hold their pids as zombies.
+    A pid that is gone, or reaped once, is left alone from then on."""
+    import threading
+
+    left = set(pids)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while left and not stop.is_set():
+            for pid in sorted(left):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        left.discard(pid)
+                except ChildProcessError:
+                    if not Path(f"/proc/{pid}").exists():
+                        left.discard(pid)
+            time.sleep(POLL / 4)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -6,6 +6,7 @@ interrupted, and every member then exits."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -41,17 +42,31 @@ def reference(tmp: Path) -> str:
 @pytest.mark.parametrize("how", ["dump", "predump+incremental"])
 def test_pool_results_equal_an_uninterrupted_run(harness: Harness, how: str,
                                                  request: pytest.FixtureRequest) -> None:
-    want = reference(harness.tmp)
-    assert want.startswith("result ")
+    proc, out, go = launch_mp(harness, request)
+    before = tree_ids(proc.pid)
+    images = dump_tree(harness, proc, how)
+    root = restore_tree(harness, images, before)
+    finish_mp(harness, root, before, out, go)
+
+
+def launch_mp(harness: Harness, request: pytest.FixtureRequest, prefix: Sequence[str] = ()
+              ) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """tree_mp.py started, its first 20 results in, the rest held at its gate."""
     out, go = harness.tmp / "out.txt", harness.tmp / "go"
-    proc = harness.launch([*py_target("tree_mp.py"), go], out)
+    proc = harness.launch([*prefix, *py_target("tree_mp.py"), go], out)
     request.addfinalizer(lambda: Path(f"/dev/shm/ckpt-tree-mp-{proc.pid}").unlink(True))
     wait_for_tree(harness, proc.pid, MEMBERS)
     wait_for_line(out, lambda s: s == "progress 20", 30, "the first 20 results")
-    before = tree_ids(proc.pid)
-    images = dump_tree(harness, proc, how)
+    return proc, out, go
+
+
+def finish_mp(harness: Harness, root: int, before: set[tuple[int, int, int, int]],
+              out: Path, go: Path) -> None:
+    """The checkpointed run, its gate opened, ends with the uninterrupted run's result,
+    and every member exits."""
     assert not [line for line in read_lines(out) if line.startswith("result")]
-    root = restore_tree(harness, images, before)
+    want = reference(harness.tmp)
+    assert want.startswith("result ")
     go.touch()
     got = wait_for_line(out, lambda s: s.startswith("result"), 60, "the result")
     assert got == want

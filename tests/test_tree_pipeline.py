@@ -13,6 +13,7 @@ import importlib.util
 import os
 import subprocess
 import termios
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -40,17 +41,20 @@ _spec.loader.exec_module(tree_filter)
 PIPE_FULL = 60000  # bytes queued in the 64 KiB pipe: the producer is blocked on it
 
 
-def start_pipeline(harness: Harness) -> tuple[subprocess.Popen[bytes], Path, int]:
-    """sh running producer | filter > out; the shell, the output file, the filter's pid."""
+def start_pipeline(harness: Harness, prefix: Sequence[str] = ()
+                   ) -> tuple[subprocess.Popen[bytes], Path]:
+    """sh running producer | filter > out, once the pipe is full; the shell and the
+    output file."""
     out = harness.tmp / "filtered.txt"
     script = '"$0" "$1" | "$0" "$2" > "$3"'
-    proc = harness.launch(["sh", "-c", script, PYTHON, TARGETS / "tree_producer.py",
+    proc = harness.launch([*prefix, "sh", "-c", script, PYTHON, TARGETS / "tree_producer.py",
                            TARGETS / "tree_filter.py", out], harness.tmp / "sh.log")
     members = wait_for_tree(harness, proc.pid, 3)
     wait_for_lines(out, 100)
     filt = next(m.pid for m in members[1:]
                 if "tree_filter.py" in Path(f"/proc/{m.pid}/cmdline").read_text())
-    return proc, out, filt
+    wait_for(lambda: queued(filt) >= PIPE_FULL or None, 10, "the pipe to fill up")
+    return proc, out
 
 
 def queued(filter_pid: int) -> int:
@@ -74,8 +78,7 @@ def check_output(out: Path) -> int:
 
 def test_pipeline_without_a_checkpoint(harness: Harness) -> None:
     """The reference: the pipe fills up and the output is transform(i) line after line."""
-    proc, out, filt = start_pipeline(harness)
-    wait_for(lambda: queued(filt) >= PIPE_FULL or None, 10, "the pipe to fill up")
+    proc, out = start_pipeline(harness)
     wait_for_lines(out, 600)
     assert check_output(out) >= 600
     assert proc.poll() is None
@@ -85,8 +88,7 @@ def test_pipeline_without_a_checkpoint(harness: Harness) -> None:
                           "restore of a tree (W5-W6) are not on main yet", strict=False)
 @pytest.mark.parametrize("how", ["dump", "predump+incremental"])
 def test_pipeline_output_continues_without_gap_or_repeat(harness: Harness, how: str) -> None:
-    proc, out, filt = start_pipeline(harness)
-    wait_for(lambda: queued(filt) >= PIPE_FULL or None, 10, "the pipe to fill up")
+    proc, out = start_pipeline(harness)
 
     def between() -> None:
         wait_for_lines(out, len(read_lines(out)) + 100)

@@ -5,6 +5,11 @@ would have had without the checkpoint."""
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 from conftest import (
     Harness,
@@ -21,18 +26,46 @@ from conftest import (
 )
 
 
-def test_the_target_reaps_its_zombies_without_a_checkpoint(harness: Harness) -> None:
-    """The reference: what the parent prints when nothing checkpoints it."""
+@dataclass(frozen=True)
+class Zombies:
+    proc: subprocess.Popen[bytes]
+    out: Path
+    control: Path
+    exited: int  # the child dead by exit(7)
+    killed: int  # the child dead by SIGTERM
+
+    def assert_zombies_of(self, parent: int) -> None:
+        for pid in (self.exited, self.killed):
+            member = read_member(pid)
+            assert member is not None and member.state == "Z" and member.ppid == parent, \
+                member
+
+    def assert_reaped(self) -> None:
+        """The parent, told to, reaps both with their statuses, and ticks on."""
+        wait_for_lines(self.out, len(read_lines(self.out)) + 2)
+        self.control.touch()
+        wait_for_line(self.out, lambda s: s == f"reaped {self.exited} exited=7", 10,
+                      "the exit(7) child reaped")
+        wait_for_line(self.out, lambda s: s == f"reaped {self.killed} signaled=15", 10,
+                      "the SIGTERM child reaped")
+        assert read_member(self.exited) is None and read_member(self.killed) is None
+        wait_for_lines(self.out, len(read_lines(self.out)) + 2)
+
+
+def launch_zombies(harness: Harness, prefix: Sequence[str] = ()) -> Zombies:
     out, control = harness.tmp / "out.txt", harness.tmp / "reap"
-    proc = harness.launch([*py_target("tree_zombies.py"), control], out)
+    proc = harness.launch([*prefix, *py_target("tree_zombies.py"), control], out)
     _, exited, killed = wait_for_line(out, lambda s: s.startswith("ready"), 10,
                                       "ready").split()
-    children = [read_member(int(pid)) for pid in (exited, killed)]
-    assert [m.state if m else None for m in children] == ["Z", "Z"]
-    control.touch()
-    wait_for_line(out, lambda s: s == f"reaped {killed} signaled=15", 10, "the SIGTERM child")
-    assert f"reaped {exited} exited=7" in read_lines(out)
-    assert proc.poll() is None
+    wait_for_tree(harness, proc.pid, 3)
+    zombies = Zombies(proc, out, control, int(exited), int(killed))
+    zombies.assert_zombies_of(proc.pid)
+    return zombies
+
+
+def test_the_target_reaps_its_zombies_without_a_checkpoint(harness: Harness) -> None:
+    """The reference: what the parent does when nothing checkpoints it."""
+    launch_zombies(harness).assert_reaped()
 
 
 @needs_root
@@ -40,21 +73,9 @@ def test_the_target_reaps_its_zombies_without_a_checkpoint(harness: Harness) -> 
                           "restore as zombies (W5) are not on main yet", strict=False)
 @pytest.mark.parametrize("how", ["dump", "predump+incremental"])
 def test_zombies_keep_their_exit_status(harness: Harness, how: str) -> None:
-    out, control = harness.tmp / "out.txt", harness.tmp / "reap"
-    proc = harness.launch([*py_target("tree_zombies.py"), control], out)
-    _, exited, killed = wait_for_line(out, lambda s: s.startswith("ready"), 10,
-                                      "ready").split()
-    wait_for_tree(harness, proc.pid, 3)
-    before = tree_ids(proc.pid)
-    assert {int(exited), int(killed)} < {ids[0] for ids in before}
-    images = dump_tree(harness, proc, how)
+    zombies = launch_zombies(harness)
+    before = tree_ids(zombies.proc.pid)
+    images = dump_tree(harness, zombies.proc, how)
     root = restore_tree(harness, images, before)
-    for pid in (int(exited), int(killed)):
-        member = read_member(pid)
-        assert member is not None and member.state == "Z" and member.ppid == root, member
-    wait_for_lines(out, len(read_lines(out)) + 2)
-    control.touch()
-    wait_for_line(out, lambda s: s == f"reaped {exited} exited=7", 10, "the exit(7) child")
-    wait_for_line(out, lambda s: s == f"reaped {killed} signaled=15", 10, "the SIGTERM child")
-    assert read_member(int(exited)) is None and read_member(int(killed)) is None
-    wait_for_lines(out, len(read_lines(out)) + 2)
+    zombies.assert_zombies_of(root)
+    zombies.assert_reaped()
