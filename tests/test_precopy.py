@@ -13,6 +13,7 @@ from conftest import Bins, Harness
 from test_incremental import predump, require, restore, scenarios, show, stats
 
 import ckpt.actions.dump as dump_mod
+import ckpt.actions.member as member_mod
 from ckpt.actions.dump import DumpOptions
 
 
@@ -24,16 +25,16 @@ def test_changes_between_the_live_pass_and_the_freeze(harness: Harness, bins: Bi
     ck = tmp_path / "ck"
     predump(t.pid, ck / "1", "--track=uffd-wp")
     t.advance()
-    real = dump_mod.live_pass
+    real = member_mod.live_pass
     ran: list[bool] = []
 
-    def live_pass_then_a_phase(*args: Any, **kwargs: Any) -> dump_mod.LivePass | None:
+    def live_pass_then_a_phase(*args: Any, **kwargs: Any) -> member_mod.LivePass | None:
         live = real(*args, **kwargs)
         ran.append(live is not None)
         t.advance()  # the target changes after the live pass read its pages
         return live
 
-    monkeypatch.setattr(dump_mod, "live_pass", live_pass_then_a_phase)
+    monkeypatch.setattr(member_mod, "live_pass", live_pass_then_a_phase)
     dump_mod.dump(DumpOptions(pid=t.pid, images_dir=str(ck / "2"), incremental=True,
                               prev_images_dir="../1"))
     t.proc.wait(timeout=10)

@@ -289,7 +289,6 @@ REFUSED = {
     "memfd": ["maps a memfd (/memfd:ckpt-test) at 0x", "above --ghost-limit",
               "--ghost-limit 2097152 or more"],
     "deleted-fd": ["fd 3 ", "gone.txt (deleted)", "above --ghost-limit", "--ghost-limit 2097152"],
-    "child": ["has child processes"],
     "sysv-partial": ["System V shared memory", "in part (unmapped inside)"],
     "fanotify": ["fd 3 ", "anon_inode:[fanotify]"],
     "chroot": ["root directory", "(chroot)"],
@@ -318,6 +317,26 @@ def assert_runs_on(proc: subprocess.Popen[bytes], out: Path) -> None:
     assert proc.poll() is None, f"target died (status {proc.returncode})"
     assert_running_untraced(proc.pid)
     wait_for_lines(out, len(read_lines(out)) + 2)
+
+
+@needs_root
+def test_predump_refuses_a_tree_and_dump_names_the_member(harness: Harness,
+                                                          tmp_path: Path) -> None:
+    """A process with a child: predump does not take trees yet; dump takes the tree, and
+    here refuses it for the child's parent-death signal, naming it; the tree runs
+    on untouched."""
+    proc, out = launch(harness, "child", tmp_path)
+    child = int(read_lines(out)[0].split()[1])
+    msg = assert_one_error_line(run_ckpt("predump", "-t", str(proc.pid), "-D",
+                                         harness.images("predump")))
+    assert "has child processes" in msg and str(child) in msg, msg
+    assert_runs_on(proc, out)
+    images = harness.images("dump")
+    msg = assert_one_error_line(run_ckpt("dump", "-t", str(proc.pid), "-D", images))
+    assert str(child) in msg and "pdeath_signal" in msg, msg
+    assert not (images / "inventory.img").exists()
+    assert_runs_on(proc, out)
+    assert_running_untraced(child)
 
 
 @needs_root

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ckpt.collect.creds import Creds
 from ckpt.collect.fdkinds import fown
-from ckpt.collect.files import FileRecord
+from ckpt.collect.files import FILE_TYPES, FileRecord
 from ckpt.collect.proc import Rlimit, Stat
 from ckpt.collect.pstate import Settings
 from ckpt.collect.tasks import InjectedState, ThreadState
@@ -15,9 +15,6 @@ from ckpt.collect.vmas import VmaInfo
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.ptrace import REG_NAMES, Regs
 from ckpt.kernel.timers import SIGEV_THREAD_ID
-
-FILE_TYPES = {"path": pb.OpenFile.REGULAR, "dev_null": pb.OpenFile.DEV_NULL,
-              "inherited": pb.OpenFile.INHERITED}
 
 
 @dataclass(frozen=True)

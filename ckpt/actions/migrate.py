@@ -128,8 +128,7 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     # Whatever would stop the final dump (an fd kind we cannot carry, children, ...)
     # stops the migration before any round, like a failed server check.
     vmas = preflight(DumpOptions(pid=opts.pid, images_dir="", externals=False, migrating=True,
-                                 ghost_limit=opts.ghost_limit, tcp_close=opts.tcp_close),
-                     hidden_fds(opts.pid))
+                                 ghost_limit=opts.ghost_limit, tcp_close=opts.tcp_close))
     work = Path(opts.keep_images or tempfile.mkdtemp(prefix="ckpt-migrate-"))
     out = MigrateResult()
     try:

@@ -38,13 +38,17 @@ class Parent:
     image_id: str  # its identity: the new pass records it as parent_id
 
 
-def open_parent(images_dir: str, prev: str | None, pid: int) -> Parent | None:
-    """Open and validate the parent chain before anything touches the target."""
+def open_parent(images_dir: str, prev: str | None, pid: int, member: bool = False,
+                ) -> Parent | None:
+    """Open and validate the parent chain before anything touches the target. A tree's
+    ``member`` (not its root) that the parent does not hold is new: None, a full dump."""
     if not prev:
         return None
     path = os.path.normpath(os.path.join(images_dir, prev))
     parent = ImageDir.open(path)
     inv = parent.read_inventory()
+    if member and pid not in inv.pids:
+        return None
     if pid not in inv.pids:
         raise ImageError(f"parent images {path} are of pid(s) {list(inv.pids)}, not {pid}")
     if not inv.image_id:

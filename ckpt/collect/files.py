@@ -15,11 +15,12 @@ with several ``FdEntry``s, so after restore their offset moves together again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ckpt.collect.fdkinds import kind_of
-from ckpt.collect.fdkinds.base import FdFlags, Peek
+from ckpt.collect.fdkinds.base import FdFlags, Peek, TreeView
 from ckpt.collect.fdkinds.fown import NO_OWNER, Fown, read_fown
 from ckpt.collect.fdkinds.locks import collect_locks, refusal
 from ckpt.collect.fds import (
@@ -31,8 +32,9 @@ from ckpt.collect.fds import (
     read_fds,
 )
 from ckpt.collect.restorable import fd_refusal
-from ckpt.errors import NotDumpable
+from ckpt.errors import CkptError, NotDumpable
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.sys import kcmp_file
 
 O_CLOEXEC = 0o2000000
 
@@ -69,22 +71,57 @@ def file_kind(info: FdInfo, shell_job: bool) -> str:
     return "inherited" if kind == "tty" else "dev_null" if kind == "dev_null" else "path"
 
 
+def shared_before(pid: int, info: FdInfo, tree: TreeView | None,
+                  same_file: Callable[[int, int, int, int], bool] = kcmp_file,
+                  ) -> tuple[int, int] | None:
+    """(member, fd) of a member before ``pid`` in the tree's pre-order whose fd is the very
+    open file description of ``info`` (inherited across fork), or None. Candidates have
+    the same link text, device, inode, offset and flags; kcmp decides."""
+    if tree is None:
+        return None
+    for member in tree.pids:
+        if member == pid:
+            return None
+        for other in tree.fds.get(member, ()):
+            if (other.target, other.st_dev, other.st_ino, other.pos, other.flags) != (
+                    info.target, info.st_dev, info.st_ino, info.pos, info.flags):
+                continue
+            try:
+                if same_file(pid, info.fd, member, other.fd):
+                    return member, other.fd
+            except CkptError:
+                continue
+    return None
+
+
 def collect_files(pid: int, shell_job: bool, hidden: set[int] | None = None,
                   root: str = "/proc", flags: FdFlags | None = None,
-                  memo: dict[Any, Any] | None = None) -> list[FileRecord]:
+                  memo: dict[Any, Any] | None = None, tree: TreeView | None = None,
+                  ) -> list[FileRecord]:
     """The open files of ``pid``, except ``hidden`` fds (ckpt's own, e.g. a tracker's).
-    Call it while the process is frozen: fd kinds read their objects' state."""
+    Call it while the process is frozen: fd kinds read their objects' state. In a tree
+    dump (``tree``), an open file description a member before it holds too is recorded
+    as that member's (OpenFile.shared_pid, shared_fd) with no state of its own: that
+    member's record carries it, and a restore gives both the same description."""
     flags = flags or FdFlags(shell_job=shell_job)
     fds = {i.fd: i for i in read_fds(pid, root=root) if i.fd not in (hidden or set())}
     out = []
-    with Peek(pid, list(fds.values()), memo) as peek:
+    with Peek(pid, list(fds.values()), memo, tree) as peek:
         claimed = {fd: kind_of(info, peek) for fd, info in fds.items()}
         for n, group in enumerate(group_open_files(list(fds.values()), kcmp_same_file(pid)),
                                   1):
             first = fds[group[0]]
             fdkind = claimed[group[0]]
             payload = None
-            if fdkind is None:
+            fown = read_fown(first, peek)
+            shared = shared_before(pid, first, tree)
+            if shared is not None:
+                kind = fdkind.name if fdkind is not None else file_kind(first, shell_job)
+                payload = pb.OpenFile(
+                    type=fdkind.image_type if fdkind is not None  # type: ignore[arg-type]
+                    else FILE_TYPES[kind], shared_pid=shared[0], shared_fd=shared[1])
+                fown = NO_OWNER  # the description's: set through the first holder
+            elif fdkind is None:
                 kind = file_kind(first, shell_job)  # refuses the locks it cannot take again
                 locks = collect_locks(first, peek)
                 payload = pb.OpenFile(locks=locks) if locks else None
@@ -102,5 +139,9 @@ def collect_files(pid: int, shell_job: bool, hidden: set[int] | None = None,
                 inherit_fd=first.fd if kind == "inherited" else -1,
                 fds=tuple((fd, bool(fds[fd].flags & O_CLOEXEC)) for fd in group),
                 mtime_ns=first.st_mtime_ns, dev=first.st_dev, inode=first.st_ino,
-                payload=payload, fown=read_fown(first, peek)))
+                payload=payload, fown=fown))
     return out
+
+
+FILE_TYPES = {"path": pb.OpenFile.REGULAR, "dev_null": pb.OpenFile.DEV_NULL,
+              "inherited": pb.OpenFile.INHERITED}

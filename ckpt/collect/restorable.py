@@ -5,7 +5,10 @@ restore cannot rebuild exactly is refused here, before the target is frozen (and
 while it is frozen, in case it changed), by dump, predump and migrate alike:
 
     subject   refused when                                     why
-    process   it has children                                  process trees
+    process   it has children outside the pass (predump,       trees: `ckpt dump` only
+              migrate; a child born during the dump's checks)
+              it shares its address space, fd table or fs      restore makes one per
+              state with another member (ckpt.collect.treecheck) process
               it is in another pid or user namespace than ckpt  restore makes it in ckpt's:
                                                                other pids, other ids
               it is chrooted                                   restore does not chroot
@@ -133,8 +136,9 @@ def _shown(path: str) -> str:
 
 PROCESS_RULES: tuple[Rule[Target], ...] = (
     Rule(lambda t: bool(t.children),
-         "process {pid} has child processes ({children}); process trees are not supported "
-         "yet"),
+         "process {pid} has child processes ({children}) outside this pass: a process "
+         "tree is dumped whole by `ckpt dump` (predump and migrate of trees: not supported "
+         "yet)"),
     Rule(lambda t: bool(t.other_ns),
          "process {pid} runs in a {other_ns}: " + NOT_YET),
     Rule(lambda t: t.root not in ("", t.own_root),  # "": exiting, nothing to compare

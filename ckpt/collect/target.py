@@ -11,7 +11,7 @@ from typing import Any
 
 from ckpt.collect import cgroups, deletedcwd, mappedfiles, proc, sched, sysvshm
 from ckpt.collect.fdkinds import fown, kind_of
-from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
+from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek, TreeView
 from ckpt.collect.fds import FdInfo, classify_fd, read_fds
 from ckpt.collect.holders import Sharing
 from ckpt.collect.timers import ProcTimer, read_timers
@@ -89,9 +89,10 @@ def compares_open_file(info: FdInfo) -> bool:
 
 def read_target(pid: int, shell_job: bool, hidden: set[int],
                 vmas: list[VmaInfo] | None = None, flags: FdFlags | None = None,
-                memo: dict[Any, Any] | None = None) -> Target:
+                memo: dict[Any, Any] | None = None, tree: TreeView | None = None) -> Target:
     """The records :func:`refusals` needs, read from /proc (``vmas`` if already read) and
-    from the fd kinds' look at their live objects."""
+    from the fd kinds' look at their live objects; in a tree dump (``tree``), what the
+    members hold is not another process's."""
     me = os.getpid()
     mnt_ns, own_mnt_ns = proc.read_ns(pid, "mnt"), proc.read_ns(me, "mnt")
     cwd = proc.read_cwd(pid)
@@ -99,7 +100,7 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
     fds = [i for i in read_fds(pid) if i.fd not in hidden]
     fd_kinds, fd_owners = [], []
     holders = []
-    with Peek(pid, fds, memo) as peek:
+    with Peek(pid, fds, memo, tree) as peek:
         for info in fds:
             kind = kind_of(info, peek)
             if kind is not None:
@@ -123,7 +124,9 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         foreign = frozenset(p for p, there in seen if _is_foreign(p, there))
     tids = proc.list_tasks(pid)
     return Target(
-        pid=pid, children=tuple(proc.list_children(pid)), cwd=cwd, root=proc.read_root(pid),
+        pid=pid, children=tuple(c for c in proc.list_children(pid)
+                                if tree is None or not _member(c, tree)),
+        cwd=cwd, root=proc.read_root(pid),
         own_root=proc.read_root(me), mnt_ns=mnt_ns, own_mnt_ns=own_mnt_ns,
         vmas=tuple(maps), fds=tuple(fds), shell_job=shell_job, foreign=foreign,
         thread_cwds=_thread_cwds(pid), timers=tuple(read_timers(pid)),
@@ -140,6 +143,16 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
                              cgroups.read_thread_cgroups(pid, tids)),
         fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden),
         holders=tuple(holders), fd_owners=tuple(fd_owners), pgid=stat.pgrp, sid=stat.session)
+
+
+def _member(child: int, tree: TreeView) -> bool:
+    """Is ``child`` in the tree dump: a member, or a zombie (dumped as one)?"""
+    if child in tree.pids:
+        return True
+    try:
+        return proc.read_stat(child).state in ("Z", "X")
+    except NoSuchProcess:
+        return True  # gone meanwhile: nothing to lose
 
 
 def _thread_cwds(pid: int) -> tuple[tuple[int, str], ...]:

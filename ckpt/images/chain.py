@@ -78,11 +78,12 @@ def check_chain(newest: ImageDir, pid: int) -> list[ImageDir]:
             if why:
                 raise ImageError(why)
         _, pm = child.read_pagemap(pid)
-        if parent is None:
+        if parent is None or (not pm.in_parent and not parent.exists("pagemap", pid)):
+            # the end of the chain for this process (a tree's member new in ``child``)
             if pm.in_parent:
                 raise ImageError(f"broken parent chain: {child.path} refers to a parent image "
                                  f"for {total(pm.in_parent) // PAGE_SIZE} pages but has none")
-            break
+            return images[:images.index(child) + 1]
         _, ppm = parent.read_pagemap(pid)
         key = (id(pm), id(ppm))
         if key in _CHECKED:
@@ -95,7 +96,7 @@ def check_chain(newest: ImageDir, pid: int) -> list[ImageDir]:
         if len(_CHECKED) >= 256:
             _CHECKED.clear()
         _CHECKED[key] = (pm, ppm)  # holding both keeps their ids from being reused
-    return images
+    return images  # pragma: no cover - the loop returns at the chain's end
 
 
 _CHECKED: dict[tuple[int, int], tuple[Pagemap, Pagemap]] = {}

@@ -201,6 +201,13 @@ def _inet(m: core.InetSocket) -> Iterator[Problem]:
 
 
 def _process(m: core.ProcessEntry) -> Iterator[Problem]:
+    if m.zombie:  # a tree's dead member: ids, name and wait status only
+        for name in ("threads", "vmas", "files", "fds"):
+            if getattr(m, name):
+                yield name, len(getattr(m, name)), "a zombie has none"
+        if not 0 <= m.exit_status <= 0xFFFF:
+            yield "exit_status", m.exit_status, "not a wait status"
+        return
     if not m.threads:
         yield "threads", 0, "no threads"
     elif m.threads[0].tid != m.pid:

@@ -139,6 +139,17 @@ def kcmp_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
                    what=f"kcmp(KCMP_FILE, {fd1}, {fd2})", pid=pid2) == 0
 
 
+KCMP_VM, KCMP_FILES, KCMP_FS, KCMP_SIGHAND = 1, 2, 3, 4
+
+
+def kcmp_same(pid1: int, pid2: int, what: int) -> bool:
+    """kcmp(pid1, pid2, KCMP_VM/FILES/FS/SIGHAND): do the two processes share that
+    kernel object (an address space, an fd table, a working directory and umask, signal
+    handlers)? A CkptError when it cannot tell."""
+    return syscall(NR.kcmp, pid1, pid2, what, 0, 0, what=f"kcmp({pid1}, {pid2}, {what})",
+                   pid=pid2) == 0
+
+
 def tgkill(pid: int, tid: int, sig: int) -> None:
     syscall(NR.tgkill, pid, tid, sig, what=f"tgkill({tid}, {sig})", pid=tid)
 

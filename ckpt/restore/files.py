@@ -21,12 +21,12 @@ import stat
 from collections.abc import Callable, Iterable
 
 from ckpt.collect.fdkinds import BY_TYPE, fown
-from ckpt.collect.fdkinds.base import NOT_REOPENED, RestoreCtx, fs_identity
+from ckpt.collect.fdkinds.base import NOT_REOPENED, RestoreCtx, TreeScope, fs_identity
 from ckpt.collect.fdkinds.locks import restore_locks
-from ckpt.errors import RestoreError
+from ckpt.errors import CkptError, RestoreError
 from ckpt.images.fields import NR_OPEN_MAX
 from ckpt.images.pb import core_pb2 as pb
-from ckpt.kernel.sys import NR
+from ckpt.kernel.sys import NR, pidfd_getfd, pidfd_open
 from ckpt.restore.stub import Stub
 from ckpt.restore.taker import Taker
 
@@ -164,15 +164,24 @@ def close_stub_fds(stub: Stub) -> None:
 
 def restore_files(stub: Stub, entry: pb.ProcessEntry,
                   inherit: dict[str, int] | None = None,
-                  objects: dict[tuple[str, int], int] | None = None) -> None:
+                  objects: dict[tuple[str, int], int] | None = None,
+                  tree: TreeScope | None = None) -> None:
     """Every fd of the image, numbered as it was; ``inherit`` (--inherit-fd) maps an
     external object's name to the fd of ckpt that stands for it; ``objects``: objects
-    made before (RestoreCtx.objects: mapped memfds, ckpt.collect.mappedfiles)."""
+    made before (RestoreCtx.objects: mapped memfds, ckpt.collect.mappedfiles). In a
+    tree's restore, ``tree`` holds what the members share (closed by the caller once
+    every member is restored), and an open file shared with a member restored before
+    (OpenFile.shared_pid) is taken from it: one open file description again."""
     park = max([fd.fd for fd in entry.fds] + [2]) + 1
     for std in range(3):
         stub.sc(NR.fcntl, std, F_DUPFD, park + std, check=False)  # may be closed in ckpt
         stub.sc(NR.close, std, check=False)
-    ctx = RestoreCtx(stub, entry, dict(inherit or {}), dict(objects or {}))
+    if tree is None:
+        ctx = RestoreCtx(stub, entry, dict(inherit or {}), dict(objects or {}))
+    else:
+        tree.objects.update(objects or {})
+        ctx = RestoreCtx(stub, entry, dict(inherit or {}), tree.objects, tree.keep,
+                         tree_files=tree.files)
     taker = Taker(stub, park + 3)
     try:
         for f in entry.files:
@@ -181,7 +190,11 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry,
                 continue
             kind = BY_TYPE.get(f.type)
             taken = False  # by pidfd_getfd(2), which sets FD_CLOEXEC
-            if f.type == pb.OpenFile.INHERITED:
+            if f.shared_pid:
+                src = taker.take(ctx.hold(member_fd(f.shared_pid, f.shared_fd)),
+                                 f"fd {f.shared_fd} of process {f.shared_pid}")
+                taken = True
+            elif f.type == pb.OpenFile.INHERITED:
                 src = park + f.inherit_fd
             elif kind is not None:
                 opened = kind.restore(ctx, f)
@@ -199,16 +212,29 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry,
             if f.type != pb.OpenFile.INHERITED and src not in {fd.fd for fd in fds}:
                 stub.sc(NR.close, src, what="close")
             ctx.placed[f.id] = min(fd.fd for fd in fds)
-        for f in entry.files:  # once every fd is in place (an epoll set names other fds)
+        mine = [f for f in entry.files if not f.shared_pid]  # others: set by their first holder
+        for f in mine:  # once every fd is in place (an epoll set names other fds)
             kind = BY_TYPE.get(f.type)
             if kind is not None and kind.finish is not None and f.id in ctx.placed:
                 kind.finish(ctx, f, ctx.placed[f.id])
-        fown.restore_status(stub, entry.files, ctx.placed)
+        fown.restore_status(stub, mine, ctx.placed)
     finally:
-        ctx.close()
+        if tree is None:
+            ctx.close()
     stub.sc(NR.close_range, park, park + 3, 0, what="close_range")
     # after the last close: closing any fd of a file drops the process's POSIX locks on it
     restore_locks(stub, entry.files, ctx.placed, fs_identity(entry))
+
+
+def member_fd(pid: int, fd: int) -> int:
+    """A copy in ckpt of ``fd`` of ``pid``, a member of the tree restored before."""
+    pidfd = pidfd_open(pid)
+    try:
+        return pidfd_getfd(pidfd, fd, pid)
+    except CkptError as exc:
+        raise RestoreError(f"cannot take fd {fd} of restored process {pid}: {exc}") from None
+    finally:
+        os.close(pidfd)
 
 
 def _open(stub: Stub, f: pb.OpenFile) -> int:

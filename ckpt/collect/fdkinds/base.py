@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -84,15 +84,34 @@ class FdFlags:
     migrating: bool = False
 
 
+@dataclass(frozen=True)
+class TreeView:
+    """A tree dump (``ckpt dump -t ROOT``: ROOT and its descendants) as one member's fd
+    kinds see it: every member in pre-order, root first, and each one's fd records. What
+    members hold is no other process's: an object held by several members is theirs
+    (a pipe between two of them is no external pipe)."""
+
+    pids: tuple[int, ...]
+    fds: Mapping[int, Sequence[FdInfo]] = field(default_factory=dict)
+
+    def others(self, pid: int) -> Iterator[tuple[int, FdInfo]]:
+        """(member, fd record) of every member but ``pid``, in pre-order."""
+        for member in self.pids:
+            if member != pid:
+                for info in self.fds.get(member, ()):
+                    yield member, info
+
+
 class Peek:
     """Read-only access to a live process's fds: its fd records, and a copy of any fd
     taken into ckpt with pidfd_getfd(2) (the same open file: what ckpt does to it, the
     process sees)."""
 
     def __init__(self, pid: int, fds: Sequence[FdInfo],
-                 memo: dict[Any, Any] | None = None) -> None:
+                 memo: dict[Any, Any] | None = None, tree: TreeView | None = None) -> None:
         self.pid = pid
         self.fds = {i.fd: i for i in fds}
+        self.tree = tree or TreeView((pid,), {pid: fds})
         self._pidfd = -1
         # what a kind reads once for all the fds it inspects in this pass (one /proc scan,
         # a table of every socket), by a key of its own; a dump passes one memo to the
@@ -105,16 +124,19 @@ class Peek:
         read once per Peek, for all the fds asked about."""
         if how is Sharing.OWN:
             return ()
-        exclude = {self.pid, os.getpid()}
+        exclude = {self.pid, os.getpid(), *self.tree.pids}
         links: dict[str, list[Link]] | None = self.memo.get(HOLDERS)
         if links is None:
-            wanted = {i.target for i in self.fds.values()}
+            wanted = {i.target for fds in self.tree.fds.values() for i in fds}
+            wanted |= {i.target for i in self.fds.values()}
             links = self.memo[HOLDERS] = scan_links(wanted, exclude)
         mapped: dict[str, list[Mapped]] = {}
         if how is Sharing.INODE and info.target.endswith(DELETED):  # a memfd, a ghost
             mapped = self.memo.get(HOLDERS_MAPS, {})
             if HOLDERS_MAPS not in self.memo:
-                wanted = {i.target for i in self.fds.values() if i.target.endswith(DELETED)}
+                wanted = {i.target for fds in self.tree.fds.values() for i in fds
+                          if i.target.endswith(DELETED)}
+                wanted |= {i.target for i in self.fds.values() if i.target.endswith(DELETED)}
                 mapped = self.memo[HOLDERS_MAPS] = scan_maps(wanted, exclude)
         return holders_of(how, self.pid, info, links.get(info.target, []),
                           mapped=mapped.get(info.target, []))
@@ -175,6 +197,14 @@ class RestoreCtx:
     keep: list[int] = field(default_factory=list)
     # fd number in the restored process of each OpenFile, by id (lowest of its fds)
     placed: dict[int, int] = field(default_factory=dict)
+    # a tree's restore: every member's open files (a pipe's bytes may be carried by
+    # another member's end); ``objects`` and ``keep`` are then the tree's (TreeScope)
+    tree_files: Sequence[pb.OpenFile] = ()
+
+    @property
+    def all_files(self) -> Sequence[pb.OpenFile]:
+        """The open files of the dump: every member's in a tree, else the process's."""
+        return self.tree_files or self.entry.files
 
     def as_owner(self, fsuid: int | None = None) -> contextlib.AbstractContextManager[None]:
         """A block in which ckpt's thread makes objects as the process would: its real
@@ -192,6 +222,24 @@ class RestoreCtx:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.keep.clear()
+
+
+@dataclass
+class TreeScope:
+    """What the restorers of a tree's members share, alive until every member is
+    restored: the objects made once for several members (a pipe between two of them),
+    ckpt's fds kept for them, and every member's open files."""
+
+    files: list[pb.OpenFile] = field(default_factory=list)
+    objects: dict[tuple[str, int], Any] = field(default_factory=dict)
+    keep: list[int] = field(default_factory=list)
+
+    def close(self) -> None:
+        for fd in self.keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.keep.clear()
+        self.objects.clear()
 
 
 def made_as_process(entry: pb.ProcessEntry, fsuid: int | None = None,

@@ -110,14 +110,24 @@ def external_name(ino: int) -> str:
     return f"pipe:[{ino}]"
 
 
-def state_of(info: FdInfo, fds: Iterable[FdInfo], outside: tuple[int, ...] = ()) -> PipeState:
-    """The :class:`PipeState` of ``info`` among the process's ``fds``."""
-    same = [i for i in fds if is_pipe(i) and key_of(i) == key_of(info)]
+def state_of(info: FdInfo, fds: Iterable[FdInfo], outside: tuple[int, ...] = (),
+             earlier: Iterable[FdInfo] = (), later: Iterable[FdInfo] = ()) -> PipeState:
+    """The :class:`PipeState` of ``info`` among the process's ``fds``; in a tree dump,
+    ``earlier`` and ``later`` are the fds of the members before and after it in
+    pre-order: a pipe whose ends are held by several members is theirs, carried by the
+    lowest fd that reads it in the first member holding one."""
+    def ends(of: Iterable[FdInfo]) -> list[FdInfo]:
+        return [i for i in of if is_pipe(i) and key_of(i) == key_of(info)]
+
+    same, before, after = ends(fds), ends(earlier), ends(later)
+    everywhere = same + before + after
     readers = [i.fd for i in same if reads(i.flags)]
     return PipeState(ino=info.st_ino, fifo=not info.target.startswith("pipe:["),
-                     reads=bool(readers), writes=any(writes(i.flags) for i in same),
-                     carrier=bool(readers) and info.fd == min(readers),
-                     packet=any(i.flags & os.O_DIRECT for i in same), outside=outside)
+                     reads=any(reads(i.flags) for i in everywhere),
+                     writes=any(writes(i.flags) for i in everywhere),
+                     carrier=bool(readers) and info.fd == min(readers)
+                     and not any(reads(i.flags) for i in before),
+                     packet=any(i.flags & os.O_DIRECT for i in everywhere), outside=outside)
 
 
 def claims(info: FdInfo, peek: Peek | None) -> bool:
@@ -127,7 +137,11 @@ def claims(info: FdInfo, peek: Peek | None) -> bool:
 def inspect(info: FdInfo, peek: Peek) -> PipeState:
     fifo = not info.target.startswith("pipe:[")
     outside = peek.holders(info, Sharing.INODE if fifo else Sharing.OBJECT)
-    return state_of(info, peek.fds.values(), outside)
+    tree = peek.tree.pids
+    at = tree.index(peek.pid) if peek.pid in tree else 0
+    earlier = [i for p in tree[:at] for i in peek.tree.fds.get(p, ())]
+    later = [i for p in tree[at + 1:] for i in peek.tree.fds.get(p, ())]
+    return state_of(info, peek.fds.values(), outside, earlier, later)
 
 
 def refuse(info: FdInfo, state: PipeState, flags: FdFlags) -> str | None:
@@ -229,7 +243,7 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
 
 def make(ctx: RestoreCtx, f: pb.OpenFile) -> _Pipe:
     """The pipe of ``f`` and of every other open file of its object, filled."""
-    ends = [g for g in ctx.entry.files if g.type == pb.OpenFile.PIPE and g.object == f.object
+    ends = [g for g in ctx.all_files if g.type == pb.OpenFile.PIPE and g.object == f.object
             and g.pipe.fifo == f.pipe.fifo and g.path == f.path]
     state = next((g.pipe for g in ends if g.pipe.size), None)
     packet = any(g.flags & os.O_DIRECT for g in ends)

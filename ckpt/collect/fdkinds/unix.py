@@ -137,7 +137,7 @@ def holders(peek: Peek) -> dict[str, tuple[int, ...]]:
     found: dict[str, tuple[int, ...]] | None = peek.memo.get(NAME + ".holders")
     if found is None:
         links = {f"socket:[{ino}]" for ino in sockets_of(peek)}
-        found = scan_holders(links, {peek.pid, os.getpid()})
+        found = scan_holders(links, {peek.pid, os.getpid(), *peek.tree.pids})
         peek.memo[NAME + ".holders"] = found
     return found
 
