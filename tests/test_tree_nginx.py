@@ -58,9 +58,9 @@ def workers(master: int) -> set[int]:
     return {m.pid for m in tree_members(master)[1:]}
 
 
-@pytest.mark.xfail(reason="issue 11: `ckpt dump -t` of a tree (W2-W4: a shared listener, "
-                          "socketpairs, MAP_SHARED|ANON between members) and its restore "
-                          "(W5-W7) are not on main yet", strict=False)
+@pytest.mark.xfail(reason="issue 11: dump refuses a worker's socket whose F_SETOWN is the "
+                          "master, a member (W4); restore of a tree (W5-W7) and predump of a "
+                          "tree are not on main yet", strict=False)
 @pytest.mark.parametrize("how", ["dump", "predump+incremental"])
 def test_nginx_serves_and_reloads_after_restore(harness: Harness, how: str) -> None:
     proc, port = start_nginx(harness)

@@ -84,8 +84,8 @@ def test_pipeline_without_a_checkpoint(harness: Harness) -> None:
     assert proc.poll() is None
 
 
-@pytest.mark.xfail(reason="issue 11: `ckpt dump -t` of a process tree (W2-W4) and the "
-                          "restore of a tree (W5-W6) are not on main yet", strict=False)
+@pytest.mark.xfail(reason="issue 11: restore of a tree (W5-W6: only the root comes back) "
+                          "and predump of a tree are not on main yet", strict=False)
 @pytest.mark.parametrize("how", ["dump", "predump+incremental"])
 def test_pipeline_output_continues_without_gap_or_repeat(harness: Harness, how: str) -> None:
     proc, out = start_pipeline(harness)

@@ -56,8 +56,8 @@ def assert_ticking_on(out: Path, roles: tuple[str, ...]) -> None:
     assert all(after[role] > at_restore[role] for role in roles), (at_restore, after)
 
 
-@pytest.mark.xfail(reason="issue 11: `ckpt dump -t` of a tree (W2-W4) and the restore of "
-                          "sessions and groups (W5) are not on main yet", strict=False)
+@pytest.mark.xfail(reason="issue 11: restore of a tree's sessions and groups (W5) and "
+                          "predump of a tree are not on main yet", strict=False)
 @pytest.mark.parametrize("how", ["dump", "predump+incremental"])
 def test_sessions_and_groups_come_back(harness: Harness, how: str) -> None:
     out = harness.tmp / "out.txt"
@@ -71,9 +71,9 @@ def test_sessions_and_groups_come_back(harness: Harness, how: str) -> None:
     assert_ticking_on(out, ("root", "peer", "leader", "grandchild"))
 
 
-@pytest.mark.xfail(reason="issue 11: `ckpt dump -t` of a tree (W2-W4) and the restore of "
-                          "leaderless groups and sessions with helpers (W5) are not on main "
-                          "yet", strict=False)
+@pytest.mark.xfail(reason="issue 11: restore of leaderless groups and sessions with "
+                          "helpers (W5) and predump of a tree are not on main yet",
+                   strict=False)
 @pytest.mark.parametrize("how", ["dump", "predump+incremental"])
 def test_groups_and_sessions_whose_leader_exited_come_back(harness: Harness,
                                                           how: str) -> None:

@@ -69,8 +69,8 @@ def test_the_target_reaps_its_zombies_without_a_checkpoint(harness: Harness) -> 
 
 
 @needs_root
-@pytest.mark.xfail(reason="issue 11: `ckpt dump -t` of a tree with zombies (W2) and their "
-                          "restore as zombies (W5) are not on main yet", strict=False)
+@pytest.mark.xfail(reason="issue 11: restore of a tree with its zombies (W5) and predump "
+                          "of a tree are not on main yet", strict=False)
 @pytest.mark.parametrize("how", ["dump", "predump+incremental"])
 def test_zombies_keep_their_exit_status(harness: Harness, how: str) -> None:
     zombies = launch_zombies(harness)
