@@ -4,8 +4,20 @@ before it, the pre-order, the pass's figures. No root needed."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import sys
+from pathlib import Path
+
+from conftest import (
+    Harness,
+    assert_ckpt_ok,
+    assert_running_untraced,
+    needs_root,
+    run_ckpt,
+    wait_for_lines,
+)
 
 from ckpt.actions.dump import merge_stats, preorder, tree_changed
 from ckpt.collect.fdkinds.base import TreeView
@@ -85,3 +97,35 @@ def test_members_sharing_kernel_objects_are_refused_naming_both() -> None:
     assert "CLONE_FILES" in msg
     assert sharing_refusal([]) is None
     assert "vfork" in (sharing_refusal([(3, 2, KCMP_VM)]) or "")
+
+
+COW_TARGET = """
+import os, sys, time
+data = bytearray(os.urandom(16 << 20))  # 16 MiB, written before the fork: shared after it
+if os.fork() == 0:
+    while True:
+        time.sleep(1)
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+@needs_root
+def test_a_leave_running_tree_dump_counts_copy_on_write_and_both_run_on(
+        harness: Harness, tmp_path: Path) -> None:
+    """Pages a child still shares copy-on-write with its parent are counted (before the
+    copy unshares them) and shown; both processes run on untraced."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch([sys.executable, "-c", COW_TARGET], out)
+    wait_for_lines(out, 1)
+    child = int((Path(f"/proc/{proc.pid}/task/{proc.pid}/children")).read_text().split()[0])
+    images = harness.images()
+    assert_ckpt_ok(run_ckpt("dump", "-t", str(proc.pid), "-D", images, "--leave-running"))
+    res = run_ckpt("show", "--json", images)
+    assert_ckpt_ok(res)
+    shown = json.loads(res.stdout)
+    assert [row["pid"] for row in shown["tree"]] == [proc.pid, child]
+    assert shown["shared"]["cow_shared_bytes"] >= 16 << 20, shown["shared"]
+    for pid in (proc.pid, child):
+        assert_running_untraced(pid)

@@ -121,6 +121,9 @@ def dump(opts: DumpOptions) -> DumpResult:
             tree = tree_view(frozen.pids) if len(frozen.pids) > 1 or frozen.zombies else None
             refuse_sharing(frozen.pids)
             for m in members:
+                if tree is not None:
+                    m.count_cow(tree)
+            for m in members:
                 m.collect_frozen(frozen.members[m.pid], images, limit, tree)
             zombies = [zombie_core(z) for z in frozen.zombies]
             order = preorder(pid, frozen.ppid, [*frozen.pids, *frozen.zombies])

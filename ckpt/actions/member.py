@@ -24,6 +24,7 @@ from ckpt.actions.passes import (
 )
 from ckpt.collect import proc
 from ckpt.collect.cgroups import cgroups_to_pb, read_cgroups
+from ckpt.collect.cow import cow_shared_bytes
 from ckpt.collect.deletedcwd import collect_deleted_cwd
 from ckpt.collect.fdkinds.base import TreeView
 from ckpt.collect.files import FileRecord, collect_files
@@ -188,6 +189,7 @@ class MemberDump:
         self.files: list[FileRecord] = []
         self.dirty = DirtySet()
         self.mem: MemoryResult | None = None
+        self.cow = 0
 
     @property
     def tracker_name(self) -> str:
@@ -202,6 +204,15 @@ class MemberDump:
         self.live = live_pass(self.opts, self.pid, self.tracker, self.parent)
         if self.opts.leave_running and self.parent is None:
             self.reserve = reserve_snapshot(self.pid, self.early_vmas, limit)
+
+    def count_cow(self, tree: TreeView) -> None:
+        """Private pages still shared copy-on-write with another member (after fork): a
+        restore makes private copies (`ckpt show` says how much more memory). The root's
+        are not counted: its copy is the one the others shared. Counted for every member
+        before any is copied: reading pages with process_vm_readv pins them, and a
+        read-only pin of a shared anonymous page unshares it (Linux 5.19+)."""
+        if self.pid != tree.pids[0]:
+            self.cow = cow_shared_bytes(self.pid, self.early_vmas)
 
     def collect_frozen(self, frozen: Frozen, images: ImageDir, limit: int,
                        tree: TreeView | None) -> None:
@@ -274,6 +285,7 @@ class MemberDump:
         if self.tracker is not None and self.keep:
             images.write_tracker(self.pid, self.tracker.state())
         stats = pass_stats(self.layer.plan, self.mem, frozen_ms, total_ms)
+        stats.cow_shared_bytes = self.cow
         for a in attaches(self.vmas):
             stats.whole_vmas.add(start=a.base, end=a.end, reason=SYSV_WHOLE)
         for start, end in shared_spans(self.vmas):
