@@ -380,7 +380,8 @@ def restore(images_dir: str, restore_detached: bool, pidfile: str | None, new_pi
     if pidfile:
         with open(pidfile, "w") as f:
             f.write(f"{res.pid}\n")
-    click.echo(f"restored pid {res.pid} in {res.total_ms:.1f} ms", err=True)
+    more = f" and {len(res.pids) - 1} more processes of its tree" if len(res.pids) > 1 else ""
+    click.echo(f"restored pid {res.pid}{more} in {res.total_ms:.1f} ms", err=True)
     if not restore_detached:
         sys.exit(wait_restored(res.pid))
 

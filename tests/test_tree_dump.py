@@ -19,7 +19,7 @@ from conftest import (
     wait_for_lines,
 )
 
-from ckpt.actions.dump import merge_stats, preorder, tree_changed
+from ckpt.actions.dump import merge_stats, tree_changed
 from ckpt.collect.fdkinds.base import TreeView
 from ckpt.collect.fdkinds.pipe import state_of
 from ckpt.collect.fds import FdInfo
@@ -64,11 +64,6 @@ def test_an_open_file_is_shared_with_the_first_earlier_member_kcmp_confirms() ->
     assert shared_before(12, mine, tree, lambda *k: False) is None
     assert shared_before(10, tree.fds[10][0], tree, lambda *k: True) is None  # the first
     assert shared_before(12, mine, None) is None
-
-
-def test_preorder_puts_each_parent_before_its_children_by_pid() -> None:
-    ppid = {1: 0, 5: 1, 3: 1, 9: 3, 4: 5}
-    assert preorder(1, ppid, [1, 5, 3, 9, 4]) == [1, 3, 9, 5, 4]
 
 
 def test_merged_figures_add_up_and_keep_one_frozen_time() -> None:

@@ -39,7 +39,7 @@ from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags, TreeView
 from ckpt.collect.fds import read_fds
 from ckpt.collect.treecheck import read_sharing, sharing_refusal
 from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
-from ckpt.freeze.tree import FrozenTree, list_tree
+from ckpt.freeze.tree import FrozenTree, list_tree, preorder
 from ckpt.images import ImageDir
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.pb import image_pb2
@@ -126,7 +126,7 @@ def dump(opts: DumpOptions) -> DumpResult:
             for m in members:
                 m.collect_frozen(frozen.members[m.pid], images, limit, tree)
             zombies = [zombie_core(z) for z in frozen.zombies]
-            order = preorder(pid, frozen.ppid, [*frozen.pids, *frozen.zombies])
+            order = preorder(pid, {p: frozen.ppid[p] for p in [*frozen.pids, *frozen.zombies]})
             frozen_at = frozen.frozen_at
             frozen_ms = (time.perf_counter() - frozen_at) * 1000
             if not opts.leave_running:
@@ -189,20 +189,6 @@ def tree_changed(root: int, before: list[int], now: list[int]) -> str:
         f"exited: {', '.join(map(str, gone))}" if gone else "") if x)
     return (f"process tree of {root} changed while it was being checked ({what}); "
             "nothing was dumped, try again")
-
-
-def preorder(root: int, ppid: dict[int, int], pids: list[int]) -> list[int]:
-    """``pids`` in pre-order from ``root`` (children by pid)."""
-    kids: dict[int, list[int]] = {}
-    for p in sorted(pids):
-        if p != root:
-            kids.setdefault(ppid[p], []).append(p)
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(reversed(kids.get(p, [])))
-    return out
 
 
 def finish(opts: DumpOptions, images: ImageDir, members: list[MemberDump],

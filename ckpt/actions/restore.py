@@ -30,36 +30,53 @@
 
 Any failure kills the stub (and PTRACE_O_EXITKILL covers ckpt itself dying).
 
+A tree (Inventory.pids holds more than the root) is restored with its own pids
+(--new-pid refused): every id checked free, the root stub's gadget installed, then the
+tree's shape built over stubs (ckpt.tree's plan, ckpt.restore.tree: each member forked by
+its parent's stub, sessions, groups, helpers, zombies), then the checklist above for every
+live member in pre-order, up to the release; then every member released at once, leaves
+first. Any failure kills every stub and helper.
+
 The steps themselves live in ckpt.restore.process; ckpt.restore.warm runs the same ones
 over a stub kept up to date pass by pass (migration).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ckpt.collect import sysvshm
 from ckpt.collect.cgroups import join_cgroups
+from ckpt.collect.fdkinds.base import TreeScope
 from ckpt.collect.mappedfiles import Made, make_objects
-from ckpt.images import chain
+from ckpt.errors import RestoreError
+from ckpt.images import ImageDir, chain
+from ckpt.images.pb import core_pb2 as pb
+from ckpt.images.pb import image_pb2
 from ckpt.kernel.creds import require_root
 from ckpt.restore import mm
 from ckpt.restore.files import check_files, check_inherit
 from ckpt.restore.pages import WritableIndex
 from ckpt.restore.process import (
+    Parked,
     check_ids_free,
     check_xstate,
     fill_layers,
-    finish_process,
     prepare_stub,
     read_images,
+    release,
+    settle_process,
 )
 from ckpt.restore.stub import Stub
 from ckpt.restore.timers import check_timer_ids
+from ckpt.restore.tree import TreeStubs, check_tree_ids_free, release_all, subreaper
 from ckpt.restore.uffd_fill import CopyFill
+from ckpt.tree import Tree, helper_pids, plan_restore
 
 
 @dataclass(frozen=True)
@@ -77,12 +94,47 @@ class RestoreResult:
     pid: int
     tids: list[int]
     total_ms: float
+    pids: list[int] = field(default_factory=list)  # every member of a tree, root first
+
+
+@dataclass
+class Resources:
+    """What a restore made in ckpt for its processes: closed at the end, System V
+    segments removed again if it fails."""
+
+    segments: list[int] = field(default_factory=list)
+    objects: list[Made] = field(default_factory=list)  # mapped memfds and deleted files
+    scope: TreeScope | None = None  # a tree's shared objects
+
+    @contextlib.contextmanager
+    def undone_on_failure(self, kill: Callable[[], None],
+                          stubs: Callable[[], Iterable[Stub]]) -> Iterator[None]:
+        """A block that builds processes: on failure ``kill`` them and remove the System V
+        segments made; in any case close what was made and the ``stubs``."""
+        try:
+            yield
+        except BaseException:
+            kill()
+            sysvshm.forget(self.segments)
+            raise
+        finally:
+            self.close()
+            for stub in stubs():
+                stub.close()
+
+    def close(self) -> None:
+        if self.scope is not None:
+            self.scope.close()
+        for made in self.objects:
+            made.close()
 
 
 def restore(opts: RestoreOptions) -> RestoreResult:
     t0 = time.perf_counter()
     require_root("restore")
     images, inv, entry = read_images(opts.images_dir)
+    if len(inv.pids) > 1:
+        return restore_tree(opts, images, inv, t0)
     layers = chain.resolve(images, entry.pid)  # the whole chain is valid before we fork
     if not opts.new_pid:
         check_ids_free(entry)
@@ -91,38 +143,90 @@ def restore(opts: RestoreOptions) -> RestoreResult:
     check_inherit(entry, opts.inherit)
     check_timer_ids(entry)
     stub = Stub.spawn(None if opts.new_pid else entry.pid, max(t.tid for t in entry.threads))
+    made = Resources()
+    with made.undone_on_failure(stub.kill, lambda: [stub]):
+        parked = build_process(stub, entry, layers, opts, made, gadget=True,
+                               new_session=not inv.shell_job)
+        with stub.colocated():
+            release(parked)
+    return RestoreResult(pid=stub.pid, tids=parked.tids,
+                         total_ms=(time.perf_counter() - t0) * 1000, pids=[stub.pid])
+
+
+def build_process(stub: Stub, entry: pb.ProcessEntry, layers: list[chain.Layer],
+                  opts: RestoreOptions, made: Resources, gadget: bool, new_session: bool,
+                  ) -> Parked:
+    """From a stub to a parked process: cgroups, address space, pages, the rest."""
+    vmas = list(entry.vmas)
+    join_cgroups(stub.pid, entry.cgroups)  # before its memory is charged anywhere
     copier = CopyFill()
-    made: list[int] = []  # System V segments made here
-    objects = Made()  # mapped memfds and deleted files
     try:
-        vmas = list(entry.vmas)
-        join_cgroups(stub.pid, entry.cgroups)  # before its memory is charged anywhere
         with stub.colocated():  # injected syscalls: see Stub.colocated
             check_xstate(stub, entry)
-            prepare_stub(stub, vmas)
+            prepare_stub(stub, vmas, gadget=gadget)
             objects = make_objects(entry)
+            made.objects.append(objects)
             late = mm.map_vmas(stub, vmas, objects)  # and seals them
-            made = sysvshm.restore_segments(entry)
+            made.segments += sysvshm.restore_segments(entry)
             sysvshm.attach_segments(stub, entry)
             copier = CopyFill.open(stub, vmas)
         # closed right after the fill: a VMA still registered would SIGBUS the process
         # (the finally below only covers a failure before this point)
         with copier:
             fill_layers(stub, entry.pid, layers, WritableIndex(vmas, late), copier=copier)
-        with stub.colocated():
-            mm.protect_late(stub, late)
-            tids = finish_process(stub, entry, new_session=not inv.shell_job,
-                                  same_tids=not opts.new_pid, stopped=opts.stopped,
-                                  inherit=opts.inherit, objects=objects.objects)
-    except BaseException:
-        stub.kill()
-        sysvshm.forget(made)
-        raise
     finally:
         copier.close()
-        objects.close()
-        stub.close()
-    return RestoreResult(pid=stub.pid, tids=tids, total_ms=(time.perf_counter() - t0) * 1000)
+    with stub.colocated():
+        mm.protect_late(stub, late)
+        return settle_process(stub, entry, new_session=new_session, same_tids=not opts.new_pid,
+                              stopped=opts.stopped, inherit=opts.inherit,
+                              objects=objects.objects, tree=made.scope)
+
+
+def restore_tree(opts: RestoreOptions, images: ImageDir, inv: image_pb2.Inventory,
+                 t0: float) -> RestoreResult:
+    if opts.new_pid:
+        raise RestoreError("--new-pid cannot restore a process tree: a tree is restored "
+                           f"with its own pids ({len(inv.pids)} processes)")
+    entries = [images.read_core(pid) for pid in inv.pids]
+    tree = Tree.from_entries(entries)
+    plan = plan_restore(tree, inv.shell_job)
+    live = [e for e in entries if not e.zombie]
+    layers = {e.pid: chain.resolve(images, e.pid) for e in live}
+    check_tree_ids_free(tree, plan)
+    for e in live:
+        if not opts.skip_file_check:
+            check_files(e)
+        check_timer_ids(e)
+    check_tree_inherit(live, opts.inherit)
+    reserve = max([t for m in tree.members for t in m.tids] + helper_pids(plan))
+    made = Resources(scope=TreeScope(files=[f for e in live for f in e.files]))
+    parked: list[Parked] = []
+    with subreaper():  # orphans of a failure come back to ckpt (ckpt.restore.tree)
+        root = Stub.spawn(tree.root.pid, reserve)
+        stubs = TreeStubs(root)
+        with made.undone_on_failure(stubs.kill, lambda: stubs.stubs.values()):
+            root.install_gadget(mm.free_gadget_address(root.pid,
+                                                       [v for e in live for v in e.vmas]))
+            stubs.run(plan)  # children are forked before anything is unmapped
+            for e in live:
+                parked.append(build_process(stubs.stubs[e.pid], e, layers[e.pid], opts, made,
+                                            gadget=False, new_session=False))
+            release_all(parked)
+    return RestoreResult(pid=root.pid, tids=parked[0].tids,
+                         total_ms=(time.perf_counter() - t0) * 1000, pids=list(inv.pids))
+
+
+def check_tree_inherit(entries: list[pb.ProcessEntry], inherit: dict[str, int]) -> None:
+    """check_inherit over a tree: each member's external objects, every --inherit-fd used
+    by some member."""
+    for e in entries:
+        check_inherit(e, {k: v for k, v in inherit.items()
+                          if any(f.external == k for f in e.files)})
+    used = {f.external for e in entries for f in e.files}
+    for name in sorted(set(inherit) - used):
+        raise RestoreError(f"--inherit-fd fd[{inherit[name]}]:{name}: the images hold no such "
+                           "external object")
 
 
 def wait_restored(pid: int) -> int:

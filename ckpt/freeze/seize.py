@@ -18,6 +18,8 @@ group-stop and each thread is interrupted again; on release a SIGSTOP, queued be
 the detach, puts the process back in the stop before it runs an instruction
 (``stop_signal`` says it was stopped; as CRIU does). If ckpt is killed meanwhile, the
 kernel detaches and the process runs on: the only state a kill -9 changes.
+
+A whole process tree: :class:`ckpt.freeze.tree.FrozenTree`, one Frozen per member.
 """
 
 from __future__ import annotations
@@ -77,6 +79,23 @@ class Interrupted(CkptError):
         super().__init__(f"interrupted by {signal.Signals(signo).name}; target released")
 
 
+Handlers = dict[int, Callable[[int, FrameType | None], object] | int | None]
+
+
+def install_signal_handlers() -> Handlers:
+    """SIGINT/SIGTERM/SIGHUP raise :class:`Interrupted` from now on; returns the old ones."""
+    def handler(signo: int, frame: FrameType | None) -> None:
+        raise Interrupted(signo)
+
+    return {signo: signal.signal(signo, handler) for signo in _HANDLED}
+
+
+def restore_signal_handlers(old: Handlers) -> None:
+    for signo, was in old.items():
+        signal.signal(signo, was)
+    old.clear()
+
+
 class Frozen:
     """Context manager holding every thread of ``pid`` stopped under ptrace."""
 
@@ -89,22 +108,26 @@ class Frozen:
         self._group_stopped: list[Tracee] = []
         self.frozen_at = 0.0
         self.killed = False
-        self._old_handlers: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
+        self._old_handlers: Handlers = {}
 
     # ------------------------------------------------------------------ enter / exit
     def __enter__(self) -> Frozen:
-        if not os.path.exists(f"{self.root}/{self.pid}"):
-            raise NoSuchProcess(self.pid)
-        if is_kernel_thread(self.pid, root=self.root):
-            raise NotDumpable(f"process {self.pid} is a kernel thread")
-        self._install_signal_handlers()
+        self.check()
+        self._old_handlers = install_signal_handlers()
         self.frozen_at = time.perf_counter()  # frozen time counts the stopping itself
         try:
-            self._seize_all()
+            self.seize()
         except BaseException:
             self._release()
             raise
         return self
+
+    def check(self) -> None:
+        """Refuse what can never be frozen: a pid that does not exist, a kernel thread."""
+        if not os.path.exists(f"{self.root}/{self.pid}"):
+            raise NoSuchProcess(self.pid)
+        if is_kernel_thread(self.pid, root=self.root):
+            raise NotDumpable(f"process {self.pid} is a kernel thread")
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -115,7 +138,7 @@ class Frozen:
             if not self.killed:
                 self.detach_all()
         finally:
-            self._restore_signal_handlers()
+            restore_signal_handlers(self._old_handlers)
 
     @contextlib.contextmanager
     def near(self) -> Iterator[None]:
@@ -141,8 +164,10 @@ class Frozen:
                 os.sched_setaffinity(0, mine)
 
     # ------------------------------------------------------------------ seize
-    def _seize_all(self) -> None:
-        """Seize and interrupt threads until /proc/PID/task shows no new ones."""
+    def seize(self) -> None:
+        """Seize and interrupt threads until /proc/PID/task shows no new ones (no signal
+        handlers installed: __enter__ does that; a FrozenTree once for all members).
+        Called again, it seizes only threads it does not hold yet."""
         for _ in range(SEIZE_ROUNDS):
             tids = list_tasks(self.pid, root=self.root)
             new = [t for t in tids if t not in self.tasks]
@@ -214,18 +239,24 @@ class Frozen:
 
     def _take_sigcont(self) -> None:
         """Our SIGCONT is still queued (a traced process gets even ignored signals queued)
-        and would show up in the first injected syscall: let the leader take it now, into
-        a signal-delivery stop where it is dropped, with every other signal blocked
+        and would show up in the first injected syscall: drop it (drop_queued)."""
+        self.drop_queued(signal.SIGCONT)
+
+    def drop_queued(self, signo: int, match: Callable[[bytes], bool] | None = None) -> None:
+        """Drop a signal ckpt caused that is queued to the process (the first queued
+        ``signo``, if its siginfo ``match``es): let the leader take it now, into a
+        signal-delivery stop where it is dropped, with every other signal blocked
         meanwhile, and interrupted again before it runs anything."""
         leader = self.tasks[self.pid]
-        if not any(siginfo.signo(i) == signal.SIGCONT for i in leader.pending_signals(shared=True)):
+        queued = [i for i in leader.pending_signals(shared=True) if siginfo.signo(i) == signo]
+        if not queued or (match is not None and not match(queued[0])):
             return
         mask = leader.get_sigmask()
-        leader.set_sigmask(ALL_SIGNALS & ~(1 << (signal.SIGCONT - 1)))
+        leader.set_sigmask(ALL_SIGNALS & ~(1 << (signo - 1)))
         try:
             leader.cont(0)
             status = leader.wait_stop()
-            if status >> 16 == 0 and os.WSTOPSIG(status) != signal.SIGCONT:
+            if status >> 16 == 0 and os.WSTOPSIG(status) != signo:
                 self.pending_signals.setdefault(leader.tid, []).append(os.WSTOPSIG(status))
             ptrace(PTRACE_INTERRUPT, leader.tid)
             leader.cont(0)
@@ -288,9 +319,14 @@ class Frozen:
             if then is not None:
                 then()
         finally:
-            self._reap()
+            self.reap()
+            deadline = time.monotonic() + 5.0
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.002)  # a zombie is dead enough; its parent reaps it
 
-    def _reap(self) -> None:
+    def reap(self) -> None:
+        """Wait for every traced thread's exit (the process is dying: SIGKILLed), so ptrace
+        lets go of it: its pid can be reused, or it stays a zombie of its real parent."""
         others = [t for t in self.tasks if t != self.pid]
         for tid in [*others, self.pid]:
             if tid not in self.tasks:
@@ -303,28 +339,12 @@ class Frozen:
             except ChildProcessError:
                 pass
         self.tasks.clear()
-        deadline = time.monotonic() + 5.0
-        while self._alive() and time.monotonic() < deadline:
-            time.sleep(0.002)  # a zombie is dead enough; its parent reaps it
 
-    def _alive(self) -> bool:
+    def alive(self) -> bool:
         try:
             return proc.read_stat(self.pid, root=self.root).state not in ("Z", "X")
         except NoSuchProcess:
             return False
-
-    # ------------------------------------------------------------------ signals
-    def _install_signal_handlers(self) -> None:
-        def handler(signo: int, frame: FrameType | None) -> None:
-            raise Interrupted(signo)
-
-        for signo in _HANDLED:
-            self._old_handlers[signo] = signal.signal(signo, handler)
-
-    def _restore_signal_handlers(self) -> None:
-        for signo, old in self._old_handlers.items():
-            signal.signal(signo, old)
-        self._old_handlers.clear()
 
     @property
     def leader(self) -> Tracee:

@@ -18,3 +18,8 @@ def signo(siginfo: bytes) -> int:
 def code(siginfo: bytes) -> int:
     """si_code, the third field of a siginfo_t."""
     return int(_HEAD.unpack_from(siginfo)[2])
+
+
+def sender_pid(siginfo: bytes) -> int:
+    """si_pid: the sender of a kill()-like signal, or the child of a SIGCHLD."""
+    return int.from_bytes(siginfo[16:20], "little", signed=True)

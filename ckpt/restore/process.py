@@ -9,8 +9,9 @@
                      settings read before the fds, files (locks last), process state,
                      access check, threads, timers, settings, owners of fds,
                      credentials, settings credentials reset, then the release
-                     (ckpt.restore.tasks): pending signals, registers, signal stop,
-                     scheduling, detach; System V segments and mapped objects are made
+                     (ckpt.restore.tasks): pending signals, registers, signal stop
+                     (settle_process: a tree parks every member first), scheduling,
+                     detach (release); System V segments and mapped objects are made
                      before the pages (ckpt.actions.restore, ckpt.restore.warm)
 """
 
@@ -20,9 +21,11 @@ import contextlib
 import os
 import resource
 import signal
+from dataclasses import dataclass
 
 from ckpt.collect.cgroups import join_cgroups
 from ckpt.collect.deletedcwd import restore_deleted_cwd
+from ckpt.collect.fdkinds.base import TreeScope
 from ckpt.collect.proc import id_holder
 from ckpt.errors import ImageError, RestoreError
 from ckpt.images import ImageDir, chain
@@ -84,10 +87,12 @@ def check_xstate(stub: Stub, entry: pb.ProcessEntry) -> None:
                            f"fit this CPU ({here} bytes): dumped on a CPU with other features")
 
 
-def prepare_stub(stub: Stub, vmas: list[pb.Vma]) -> None:
+def prepare_stub(stub: Stub, vmas: list[pb.Vma], gadget: bool = True) -> None:
     """From a freshly forked stub to an empty address space (but the gadget and the vdso
-    group, already where the image wants it)."""
-    stub.install_gadget(mm.free_gadget_address(stub.pid, vmas))
+    group, already where the image wants it). ``gadget`` False: a stub forked by another
+    has its parent's already."""
+    if gadget:
+        stub.install_gadget(mm.free_gadget_address(stub.pid, vmas))
     unregister_stub_rseq(stub)
     close_stub_fds(stub)
     mm.unmap_stub(stub)
@@ -109,17 +114,40 @@ def fill_layers(stub: Stub, pid: int, layers: list[chain.Layer], index: Writable
     return written
 
 
+@dataclass
+class Parked:
+    """A process built up to its release: every thread traced, parked with its own
+    registers (see ckpt.restore.tasks)."""
+
+    stub: Stub
+    entry: pb.ProcessEntry
+    threads: list[Stub]
+    tids: list[int]
+    stop: bool  # released into a stop (SIGSTOP)
+
+
 def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_tids: bool,
                    stopped: bool, inherit: dict[str, int] | None = None,
                    objects: dict[tuple[str, int], int] | None = None) -> list[int]:
     """Everything after the pages; the process is left running (or SIGSTOPped with
     ``stopped``) and untraced. Returns its thread ids, leader first. ``inherit``:
     --inherit-fd, ``objects``: objects made before (ckpt.restore.files)."""
+    parked = settle_process(stub, entry, new_session, same_tids, stopped, inherit, objects)
+    release(parked)
+    return parked.tids
+
+
+def settle_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_tids: bool,
+                   stopped: bool, inherit: dict[str, int] | None = None,
+                   objects: dict[tuple[str, int], int] | None = None,
+                   tree: TreeScope | None = None) -> Parked:
+    """finish_process up to the release: every thread parked, still traced. ``tree``: what
+    a tree's members share (ckpt.restore.files.restore_files)."""
     join_cgroups(stub.pid, entry.cgroups)  # a warm restore's stub: before the threads
     mm.finish_vmas(stub, entry)  # guard regions, mlock, mseal
     mm.restore_mm_fields(stub, entry.mm)
     restore_settings(stub, entry)  # oom_score_adj, loginuid, membarrier: before fds, rlimits
-    restore_files(stub, entry, inherit, objects)
+    restore_files(stub, entry, inherit, objects, tree)
     restore_process_state(stub, entry, new_session)
     check_access(stub.pid, entry)  # nothing held that root, not the process, could open
     threads = clone_threads(stub, list(entry.threads[1:]), same_tids=same_tids)
@@ -138,19 +166,23 @@ def finish_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     # from which the kernel applies its own syscall-restart rules.
     last_syscalls(stub, entry, threads)  # parks the other threads too
     park_leader(stub, entry)
+    return Parked(stub, entry, threads, tids, stopped or was_stopped(entry))
+
+
+def release(parked: Parked) -> None:
+    """Let a parked process go: running, or in a stop (SIGSTOP) if it was stopped."""
+    stub = parked.stub
     # queued while every thread is still traced: none runs user code
-    stop = stopped or was_stopped(entry)
-    if stop:
+    if parked.stop:
         os.kill(stub.pid, signal.SIGSTOP)
     stub.release_cpu()
-    restore_sched(tids, entry)  # after release_cpu, which gives the stub's tasks its mask
-    for task in threads:
+    restore_sched(parked.tids, parked.entry)  # after release_cpu, which gives back the mask
+    for task in parked.threads:
         task.task.detach()
     stub.task.detach()
-    if stop:  # return once it is in the stop: whoever looks next sees state T
+    if parked.stop:  # return once it is in the stop: whoever looks next sees state T
         with contextlib.suppress(ChildProcessError):
             os.waitid(os.P_PID, stub.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
-    return tids
 
 
 def restore_process_state(stub: Stub, entry: pb.ProcessEntry, new_session: bool) -> None:

@@ -18,13 +18,22 @@ import errno
 import fcntl
 import os
 import signal
+import struct
 import time
 from collections.abc import Iterator
 
-from ckpt.collect.proc import list_tasks
+from ckpt.collect.proc import id_holder, list_tasks
 from ckpt.errors import KernelError, NoSuchProcess, RestoreError
 from ckpt.kernel.creds import require_root
-from ckpt.kernel.ptrace import PTRACE_O_EXITKILL, PTRACE_TRACEME, Injector, Tracee
+from ckpt.kernel.ptrace import (
+    PTRACE_EVENT_CLONE,
+    PTRACE_O_EXITKILL,
+    PTRACE_O_TRACECLONE,
+    PTRACE_TRACEME,
+    Injector,
+    Tracee,
+    signed,
+)
 from ckpt.kernel.sys import (
     NR,
     PAGE_SIZE,
@@ -42,6 +51,11 @@ PROT_RWX = 7
 MAP_PRIVATE_ANON = 0x22
 MAP_FIXED_NOREPLACE = 0x100000
 PID_PATIENCE = 3.0  # seconds of attempts: forks elsewhere may take the pid many times
+PTRACE_O_TRACEFORK = 0x2
+PTRACE_EVENT_FORK = 1  # clone3 with exit_signal SIGCHLD; any other reports EVENT_CLONE
+# struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size,
+# tls, set_tid, set_tid_size, cgroup
+CLONE_ARGS = struct.Struct("11Q")
 
 
 def fork_stub(want_pid: int | None, reserve: int = 0) -> int:
@@ -109,6 +123,37 @@ class Stub:
             kill_and_reap(pid)
             raise
         return stub
+
+    def fork_child(self, pid: int, exit_signal: int) -> Stub:
+        """A child process of this stub with exactly ``pid``, forked from the gadget (clone3,
+        set_tid): traced by ckpt from birth (PTRACE_O_TRACEFORK), stopped, with the same
+        gadget and options. Its parent is this stub, its exit signal ``exit_signal``."""
+        assert self.inj is not None, "gadget not installed"
+        self.task.set_options(PTRACE_O_EXITKILL | PTRACE_O_TRACEFORK | PTRACE_O_TRACECLONE)
+        tid_arr = self.put(struct.pack("i", pid), 3072)
+        args = CLONE_ARGS.pack(0, 0, 0, 0, exit_signal, 0, 0, 0, tid_arr, 1, 0)
+        self.inj.prepare(NR.clone3, (self.put(args, 3200), CLONE_ARGS.size))
+        self.task.cont()
+        status = self.task.wait_stop(signal.SIGTRAP)
+        if status >> 16 not in (PTRACE_EVENT_FORK, PTRACE_EVENT_CLONE):
+            err = -signed(self.task.getregs().rax)
+            if err == errno.EEXIST:
+                raise RestoreError(pid_taken(pid))
+            raise RestoreError(f"clone3 for process {pid} in {self.pid} failed: "
+                               f"{errno.errorcode.get(err, err)}")
+        new = self.task.event_msg()
+        self.task.cont()
+        self.task.wait_stop(signal.SIGTRAP)  # the parent returns and hits int3
+        child = Stub(new)
+        try:
+            child.task.wait_stop()  # auto-attached children start with SIGSTOP
+            if self._mask is not None:  # forked while pinned (see colocated)
+                os.sched_setaffinity(new, self._mask)
+        except BaseException:
+            kill_and_reap(new)
+            raise
+        child.use_gadget(self.gadget)
+        return child
 
     # ------------------------------------------------------------------ gadget
     def install_gadget(self, addr: int) -> None:
@@ -243,6 +288,14 @@ class Stub:
     def kill(self) -> None:
         self.close()
         kill_and_reap(self.pid, self.tids())  # cloned threads are traced: reaped first
+
+
+def pid_taken(pid: int, root: str = "/proc") -> str:
+    """Why a pid of the dumped tree cannot be had: who holds it now."""
+    holder = id_holder(pid, root=root)
+    if holder is None:
+        return f"pid {pid} was taken by a task that has exited since; try again"
+    return f"pid {pid} is taken by {holder[1]}, which started after the dump"
 
 
 def colocation_cpu(current: int, mine: set[int], theirs: set[int]) -> int | None:
