@@ -718,7 +718,15 @@ def dump_tree(harness: Harness, proc: subprocess.Popen[bytes], how: str,
     extra = () if how == "dump" else ("--incremental", "--prev-images-dir", "../pre")
     harness.dump_and_reap(proc, images, *extra)
     reap_gone(members)
+    forget_gone(harness, members)
     return images
+
+
+def forget_gone(harness: Harness, pids: Sequence[int]) -> None:
+    """Stop tracking dead members: a process another test or engineer forks under one of
+    their pids before the restore takes it is then someone else's (the restore is
+    skipped as a PID race, see Harness.skip_if_ids_reused), not a leftover of ours."""
+    harness._pids.difference_update(pid for pid in pids if read_member(pid) is None)
 
 
 def restore_tree(harness: Harness, images: Path, before: set[tuple[int, int, int, int]]
@@ -770,3 +778,9 @@ def reaping(pids: Sequence[int]) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+
+
+# How tree tests checkpoint: a plain dump, and a predump with `dump --incremental` on top.
+TREE_HOWS = ["dump", pytest.param(
+    "predump+incremental", marks=pytest.mark.xfail(
+        reason="issue 11: predump of a tree (W9) is not on main yet", strict=False))]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    TREE_HOWS,
     Harness,
     dump_tree,
     needs_root,
@@ -37,9 +38,8 @@ def reference(tmp: Path) -> str:
 
 
 @pytest.mark.xfail(reason="issue 11: dump refuses the deleted /dev/shm/sem.* mapping the "
-                          "members share as held 'outside the dump' (W4); restore of a tree "
-                          "(W5-W7) and predump of a tree are not on main yet", strict=False)
-@pytest.mark.parametrize("how", ["dump", "predump+incremental"])
+                          "members share as held 'outside the dump' (W4)", strict=False)
+@pytest.mark.parametrize("how", TREE_HOWS)
 def test_pool_results_equal_an_uninterrupted_run(harness: Harness, how: str,
                                                  request: pytest.FixtureRequest) -> None:
     proc, out, go = launch_mp(harness, request)

@@ -13,6 +13,7 @@ import urllib.request
 
 import pytest
 from conftest import (
+    TREE_HOWS,
     Harness,
     dump_tree,
     needs_root,
@@ -59,9 +60,8 @@ def workers(master: int) -> set[int]:
 
 
 @pytest.mark.xfail(reason="issue 11: dump refuses a worker's socket whose F_SETOWN is the "
-                          "master, a member (W4); restore of a tree (W5-W7) and predump of a "
-                          "tree are not on main yet", strict=False)
-@pytest.mark.parametrize("how", ["dump", "predump+incremental"])
+                          "master, a member (W4)", strict=False)
+@pytest.mark.parametrize("how", TREE_HOWS)
 def test_nginx_serves_and_reloads_after_restore(harness: Harness, how: str) -> None:
     proc, port = start_nginx(harness)
     for _ in range(10):

@@ -20,6 +20,7 @@ import pytest
 from conftest import (
     PYTHON,
     TARGETS,
+    TREE_HOWS,
     Harness,
     dump_tree,
     needs_root,
@@ -84,9 +85,7 @@ def test_pipeline_without_a_checkpoint(harness: Harness) -> None:
     assert proc.poll() is None
 
 
-@pytest.mark.xfail(reason="issue 11: restore of a tree (W5-W6: only the root comes back) "
-                          "and predump of a tree are not on main yet", strict=False)
-@pytest.mark.parametrize("how", ["dump", "predump+incremental"])
+@pytest.mark.parametrize("how", TREE_HOWS)
 def test_pipeline_output_continues_without_gap_or_repeat(harness: Harness, how: str) -> None:
     proc, out = start_pipeline(harness)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import (
+    TREE_HOWS,
     Harness,
     dump_tree,
     needs_root,
@@ -23,9 +24,8 @@ SUCCESS = "Background saving terminated with success"
 
 @pytest.mark.xfail(reason="issue 11: dump refuses the epoll set the BGSAVE child inherited "
                           "(it watches a listener the child closed; W4: epoll shared across "
-                          "fork); restore of a tree and predump of a tree are not on main yet",
-                   strict=False)
-@pytest.mark.parametrize("how", ["dump", "predump+incremental"])
+                          "fork)", strict=False)
+@pytest.mark.parametrize("how", TREE_HOWS)
 def test_redis_bgsave_child_finishes_after_restore(harness: Harness, how: str) -> None:
     proc, port = start_redis(harness)
     fill_redis(port)

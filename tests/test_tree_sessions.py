@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    TREE_HOWS,
     Harness,
     dump_tree,
     needs_root,
@@ -56,9 +57,7 @@ def assert_ticking_on(out: Path, roles: tuple[str, ...]) -> None:
     assert all(after[role] > at_restore[role] for role in roles), (at_restore, after)
 
 
-@pytest.mark.xfail(reason="issue 11: restore of a tree's sessions and groups (W5) and "
-                          "predump of a tree are not on main yet", strict=False)
-@pytest.mark.parametrize("how", ["dump", "predump+incremental"])
+@pytest.mark.parametrize("how", TREE_HOWS)
 def test_sessions_and_groups_come_back(harness: Harness, how: str) -> None:
     out = harness.tmp / "out.txt"
     proc = harness.launch(py_target("tree_sessions.py"), out)
@@ -71,10 +70,7 @@ def test_sessions_and_groups_come_back(harness: Harness, how: str) -> None:
     assert_ticking_on(out, ("root", "peer", "leader", "grandchild"))
 
 
-@pytest.mark.xfail(reason="issue 11: restore of leaderless groups and sessions with "
-                          "helpers (W5) and predump of a tree are not on main yet",
-                   strict=False)
-@pytest.mark.parametrize("how", ["dump", "predump+incremental"])
+@pytest.mark.parametrize("how", TREE_HOWS)
 def test_groups_and_sessions_whose_leader_exited_come_back(harness: Harness,
                                                           how: str) -> None:
     out = harness.tmp / "out.txt"

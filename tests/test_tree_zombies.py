@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    TREE_HOWS,
     Harness,
     dump_tree,
     needs_root,
@@ -69,9 +70,7 @@ def test_the_target_reaps_its_zombies_without_a_checkpoint(harness: Harness) -> 
 
 
 @needs_root
-@pytest.mark.xfail(reason="issue 11: restore of a tree with its zombies (W5) and predump "
-                          "of a tree are not on main yet", strict=False)
-@pytest.mark.parametrize("how", ["dump", "predump+incremental"])
+@pytest.mark.parametrize("how", TREE_HOWS)
 def test_zombies_keep_their_exit_status(harness: Harness, how: str) -> None:
     zombies = launch_zombies(harness)
     before = tree_ids(zombies.proc.pid)
