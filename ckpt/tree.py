@@ -12,7 +12,8 @@ process groups take more care; the technique is CRIU's prepare_pstree_ids:
     session       a member reparented to a child subreaper after its session's leader
     helper        and original parent died: a helper with pid = sid, forked by that
                   subreaper, setsid()s, forks the member and exits (the member is
-                  reparented to the subreaper again)
+                  reparented to the subreaper again). A leader that is the subreaper's
+                  zombie plays the helper itself, dying last as a zombie.
     pgid helper   a group whose leader is gone: a helper with pid = pgid, forked by the
                   group's first member, leads the group while the members join, then
                   exits and is reaped by its parent
@@ -269,15 +270,20 @@ def _sessions(tree: Tree, nodes: dict[int, _Node], keeps: bool) -> None:
                                       f"session {n.born_sid} or {m.sid}")
                 n.born_sid = m.sid
             continue
-        # reparented to a subreaper after its session's leader died: a helper
-        if m.sid in tree.by_pid or (keeps and m.sid == root.sid):
+        # reparented to a subreaper after its session's leader died: a helper, or the
+        # leader itself when it is a zombie of that subreaper (it forks, then dies)
+        leader = tree.by_pid.get(m.sid)
+        if (leader is not None and not (leader.zombie and leader.ppid == m.ppid)) or (
+                keeps and m.sid == root.sid):
             raise TreeRefusal(f"process {m.pid} is in session {m.sid} and was reparented to "
                               f"{m.ppid}; restore rebuilds that only when the session's "
-                              "leader is gone")
+                              f"leader is gone or a zombie of {m.ppid}")
         if not parent.subreaper:
             raise TreeRefusal(f"process {m.pid} is in session {m.sid}, which no process of "
                               f"the tree leads, and its parent {m.ppid} is no child subreaper")
-        if m.sid not in holder:
+        if leader is not None:
+            holder[m.sid] = parent.pid
+        elif m.sid not in holder:
             holder[m.sid] = parent.pid
             nodes[m.sid] = _Node(m.sid, m.sid, m.sid, 0, helper=True, setsid=True)
             nodes[parent.pid].kids.append(nodes[m.sid])

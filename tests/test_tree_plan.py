@@ -140,3 +140,11 @@ def test_shapes_the_kernel_cannot_make_or_restore_cannot_build_are_refused(
 
 def test_a_buildable_tree_has_no_refusal() -> None:
     assert tree_refusal(Tree([m(1, 0, 1, 1), m(2, 1, 2, 1)]), shell_job=False) is None
+
+
+def test_a_zombie_session_leader_forks_its_reparented_members_before_it_dies() -> None:
+    t = Tree([m(1, 0, 1, 1, subreaper=True), m(4, 1, 4, 4, zombie=True, comm="sh"),
+              m(5, 1, 4, 4)])
+    plan = plan_restore(t, shell_job=False)
+    assert plan == [Subreaper(1), Setsid(1), Fork(1, 4, SIGCHLD), Setsid(4),
+                    Fork(4, 5, SIGCHLD), Setpgid(5, 4), Zombie(4, 1, 0, SIGCHLD, "sh")]

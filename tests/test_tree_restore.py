@@ -142,6 +142,18 @@ def test_helpers_rebuild_a_gone_session_leader_and_a_gone_group_leader(
 
 
 @needs_root
+def test_a_zombie_session_leader_leaves_its_member_to_the_subreaper(
+        built: list[TreeStubs]) -> None:
+    r, s, m = free_run(3)
+    build(built, [Member(r, 0, r, r, subreaper=True),
+                  Member(s, r, s, s, zombie=True, exit_status=1 << 8, comm="sh"),
+                  Member(m, r, s, s)])
+    assert stat_of(s) == ("Z", r, s, s)
+    assert stat_of(m)[1:] == (r, s, s)
+    assert wait_status_of(s) == 1 << 8
+
+
+@needs_root
 def test_child_forked_before_its_parents_setsid_keeps_the_older_session(
         built: list[TreeStubs]) -> None:
     r, a, b = free_run(3)
@@ -177,8 +189,9 @@ def test_fork_child_into_a_taken_pid_names_the_holder_and_kills_every_stub(
 
 
 # --------------------------------------------------------------------------- end to end
-TREE_TARGET = r'''
-import os, sys, time
+# counting into a file of the folder argv[1], one number a line, forever
+COUNT = r'''
+import ctypes, os, signal, sys, time
 out = sys.argv[1]
 
 def count(name):
@@ -188,12 +201,19 @@ def count(name):
             f.write(f"{n}\n")
             n += 1
             time.sleep(0.01)
+'''
 
+TREE_TARGET = COUNT + r'''
 z = os.fork()
 if z == 0:
+    ctypes.CDLL(None).prctl(15, b"zed", 0, 0, 0)  # PR_SET_NAME
     os._exit(7)
 a = os.fork()
 if a == 0:
+    if len(sys.argv) > 2:
+        os.chdir(sys.argv[2])
+    import threading
+    threading.Thread(target=count, args=("at",), daemon=True).start()
     count("a")
 b = os.fork()
 if b == 0:
@@ -206,12 +226,16 @@ count("p")
 '''
 
 
-def launch_tree(harness: Harness) -> tuple[subprocess.Popen[bytes], Path]:
-    """TREE_TARGET, counting into files of a folder (returned)."""
+def thread_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def launch_tree(harness: Harness, *cwd: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """TREE_TARGET, counting into files of a folder (returned); child a in ``cwd``."""
     out = harness.images("out")
     script = harness.tmp / "tree.py"
     script.write_text(TREE_TARGET)
-    return harness.launch([PYTHON, script, out], harness.tmp / "log"), out
+    return harness.launch([PYTHON, script, out, *cwd], harness.tmp / "log"), out
 
 
 def member_pids(out: Path) -> list[int]:
@@ -252,15 +276,16 @@ def test_tree_with_a_group_of_its_own_and_a_zombie_restores_whole(harness: Harne
     z, a, b = member_pids(out)
     for pid in (a, b):
         harness.track(pid)
-    for name in ("a", "b", "p"):
+    for name in ("a", "at", "b", "p"):
         wait_for(lambda n=name: len(counted(out / n)) > 5 or None, 10,  # type: ignore[misc]
                  f"{name} counting")
     wait_for(lambda: (stat_of(b)[2] == b and stat_of(z)[0] == "Z") or None, 10, "b's group")
     before = {pid: stat_of(pid) for pid in (r, z, a, b)}
+    a_threads = thread_count(a)
     images = harness.images()
     harness.dump_and_reap(proc, images)
     reap_members([z, a, b])
-    seen = {n: len(counted(out / n)) for n in ("a", "b", "p")}
+    seen = {n: len(counted(out / n)) for n in ("a", "at", "b", "p")}
     pid = harness.restore_detached(images)
     assert pid == r
     after = {p: stat_of(p) for p in (r, z, a, b)}
@@ -269,10 +294,11 @@ def test_tree_with_a_group_of_its_own_and_a_zombie_restores_whole(harness: Harne
     assert after[r][2:] == before[r][2:]
     assert after[z][0] == "Z" and after[b][2] == b
     assert wait_status_of(z) == 7 << 8  # what its parent will reap
-    for name in ("a", "b", "p"):
+    assert thread_count(a) == a_threads == 2
+    for name in ("a", "at", "b", "p"):
         wait_for(lambda n=name: len(counted(out / n)) > seen[n] + 5 or None, 10,  # type: ignore[misc]
                  f"{name} counting on after the restore")
-    assert Path(f"/proc/{z}/comm").read_text() == Path(f"/proc/{r}/comm").read_text()
+    assert Path(f"/proc/{z}/comm").read_text() == "zed\n"
 
 
 @needs_root
@@ -284,3 +310,106 @@ def test_new_pid_on_a_tree_is_refused_in_one_line(harness: Harness) -> None:
     harness.dump(proc.pid, images, "--leave-running")
     res = run_ckpt("restore", "-D", images, "--new-pid", "-d")
     assert "a tree is restored with its own pids" in assert_one_error_line(res)
+
+
+ORPHANS_TARGET = COUNT + r'''
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come back here
+
+def orphan(name, own):  # a child that leaves a counting grandchild behind and exits
+    r, w = os.pipe()
+    c = os.fork()
+    if c == 0:
+        os.close(r)
+        own()
+        if os.fork() == 0:
+            os.close(w)
+            count(name)
+        os._exit(0)  # closes w
+    os.close(w)
+    os.read(r, 1)  # EOF: the grandchild exists and its parent is gone
+    os.close(r)
+    os.waitpid(c, 0)
+    return c
+
+s = orphan("m", os.setsid)  # m's session leader s is gone
+g = orphan("n", lambda: os.setpgid(0, 0))  # n's group leader g is gone
+z = os.fork()
+if z == 0:
+    signal.pause()
+os.kill(z, signal.SIGTERM)
+while open(f"/proc/{z}/stat").read().split(") ")[1][0] != "Z":
+    time.sleep(0.01)
+with open(os.path.join(out, "pids.tmp"), "w") as f:
+    f.write(f"{s} {g} {z}\n")
+os.rename(os.path.join(out, "pids.tmp"), os.path.join(out, "pids"))
+count("p")
+'''
+
+
+def children_of(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return sorted(int(x) for x in text.split())
+
+
+@needs_root
+def test_orphans_of_a_gone_session_and_group_leader_come_back_with_helpers(
+        harness: Harness) -> None:
+    out = harness.images("out")
+    script = harness.tmp / "orphans.py"
+    script.write_text(ORPHANS_TARGET)
+    proc = harness.launch([PYTHON, script, out], harness.tmp / "log")
+    r = proc.pid
+    s, g, z = member_pids(out)
+    kids = wait_for(lambda: (len(children_of(r)) == 3 and children_of(r)) or None, 10, "kids")
+    m, n = (k for k in kids if k != z)
+    for pid in (m, n):
+        harness.track(pid)
+    for name in ("m", "n", "p"):
+        wait_for(lambda x=name: len(counted(out / x)) > 5 or None, 10,  # type: ignore[misc]
+                 f"{name} counting")
+    before = {pid: stat_of(pid) for pid in (r, m, n, z)}
+    assert before[m][1:] == (r, s, s) and before[n][1:] == (r, g, r)
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    reap_members([z, m, n])
+    seen = {x: len(counted(out / x)) for x in ("m", "n", "p")}
+    assert harness.restore_detached(images) == r
+    assert {pid: stat_of(pid) for pid in (r, m, n, z)} == before
+    assert wait_status_of(z) == signal.SIGTERM
+    assert not Path(f"/proc/{s}").exists() and not Path(f"/proc/{g}").exists()
+    for x in ("m", "n", "p"):
+        wait_for(lambda y=x: len(counted(out / y)) > seen[y] + 5 or None, 10,  # type: ignore[misc]
+                 f"{x} counting on after the restore")
+
+
+@needs_root
+def test_restore_over_the_running_tree_names_a_holder_and_leaves_nothing(
+        harness: Harness) -> None:
+    proc, out = launch_tree(harness)
+    z, a, b = member_pids(out)
+    for p in (a, b):
+        harness.track(p)
+    images = harness.images()
+    harness.dump(proc.pid, images, "--leave-running")
+    res = run_ckpt("restore", "-D", images, "-d")
+    line = assert_one_error_line(res)
+    assert f"pid {proc.pid} is taken by process {proc.pid}" in line
+    assert children_of(proc.pid) == sorted([z, a, b])
+
+
+@needs_root
+def test_a_member_failing_after_the_forks_kills_the_whole_tree(harness: Harness) -> None:
+    cwd = harness.images("cwd")
+    proc, out = launch_tree(harness, cwd)
+    z, a, b = member_pids(out)
+    for p in (a, b):
+        harness.track(p)
+    wait_for(lambda: len(counted(out / "a")) > 2 or None, 10, "a counting")
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    reap_members([z, a, b])
+    cwd.rmdir()  # a's working directory: its chdir fails once every stub is forked
+    res = run_ckpt("restore", "-D", images, "-d")
+    harness.skip_if_ids_reused(res)
+    assert "chdir" in assert_one_error_line(res)
+    assert not [p for p in (proc.pid, z, a, b) if Path(f"/proc/{p}").exists()]

@@ -22,7 +22,7 @@ from ckpt.actions.passes import (
     view_digests,
     write_memory,
 )
-from ckpt.collect import proc
+from ckpt.collect import proc, shmem
 from ckpt.collect.cgroups import cgroups_to_pb, read_cgroups
 from ckpt.collect.cow import cow_shared_bytes
 from ckpt.collect.deletedcwd import collect_deleted_cwd
@@ -190,6 +190,7 @@ class MemberDump:
         self.dirty = DirtySet()
         self.mem: MemoryResult | None = None
         self.cow = 0
+        self.shm: dict[int, shmem.Placement] = {}  # by VMA start: memory other members map
 
     @property
     def tracker_name(self) -> str:
@@ -233,12 +234,18 @@ class MemberDump:
         self.vmas = vmas
         require_restorable(read_target(pid, opts.shell_job, hidden_fds(pid), vmas,
                                        opts.fd_flags, memo=self.memo, tree=tree))
+        # anonymous shared memory other members map: the owner stores it whole, the
+        # others not at all (ckpt.collect.shmem)
+        self.shm = shm = shmem.placements(pid, vmas, tree.pids if tree else (pid,))
+        theirs = shmem.not_owned(pid, vmas, shm)
         ctx = PassContext(pid, frozen, vmas)
         dirty = self.dirty = begin_tracking(tracker, ctx)
+        dirty.whole = dirty.whole + shmem.owned_whole(pid, vmas, shm)
         try:
             base = self.live.coverage if self.live else self.parent.has if self.parent \
                 else None
-            plan = plan_pass(pid, vmas, dirty, base)
+            plan = plan_pass(pid, [v for v in vmas if (v.start, v.end) not in theirs], dirty,
+                             base)
             self.parent_digests = apply_compare(pid, plan, self.parent) \
                 if dirty.compare else None
             # --leave-running: copy now, compress and write after the thaw. A small
@@ -256,7 +263,7 @@ class MemberDump:
         self.files = collect_files(pid, opts.shell_job, hidden_fds(pid), flags=opts.fd_flags,
                                    memo=self.memo, tree=tree)
         self.segments = collect_segments(vmas)
-        self.mapped = collect_mapped(pid, vmas, self.files)
+        self.mapped = collect_mapped(pid, vmas, self.files, tree)
         self.cgroups = cgroups_to_pb(read_cgroups(pid))
         self.info = collect_process(pid, frozen.leader, vmas, stopped=bool(frozen.stop_signal))
         self.deleted_cwd = collect_deleted_cwd(pid, self.info.cwd)
@@ -274,6 +281,9 @@ class MemberDump:
         assert self.mem is not None
         core = build_core(self.pid, self.info, self.states, self.injected, self.vmas,
                           self.files)
+        for v in core.vmas:
+            if (placed := self.shm.get(v.start)) is not None:
+                v.shmid, v.shm_owner, v.shm_start = placed.shmid, placed.owner, placed.start
         core.sysv_shm.extend(self.segments)
         core.cgroups.extend(self.cgroups)
         core.mapped_objects.extend(self.mapped)

@@ -41,14 +41,17 @@ class Parent:
 def open_parent(images_dir: str, prev: str | None, pid: int, member: bool = False,
                 ) -> Parent | None:
     """Open and validate the parent chain before anything touches the target. A tree's
-    ``member`` (not its root) that the parent does not hold is new: None, a full dump."""
+    ``member`` (not its root) that the parent does not hold, or whose pid the parent saw
+    on another process (member_parent_refused), gets None: a full copy."""
     if not prev:
         return None
     path = os.path.normpath(os.path.join(images_dir, prev))
     parent = ImageDir.open(path)
     inv = parent.read_inventory()
-    if member and pid not in inv.pids:
-        return None
+    if member and member_parent_refused(
+            pid in inv.pids, recorded_start(parent, pid) if pid in inv.pids else 0,
+            proc.read_stat(pid).starttime):
+        return None  # new, or its pid reused: a full copy
     if pid not in inv.pids:
         raise ImageError(f"parent images {path} are of pid(s) {list(inv.pids)}, not {pid}")
     if not inv.image_id:
@@ -57,6 +60,26 @@ def open_parent(images_dir: str, prev: str | None, pid: int, member: bool = Fals
     has = parent_coverage(parent, pid)
     parent.check_pages(pid)
     return Parent(parent, prev, has, parent.read_tracker(pid), inv.image_id)
+
+
+def member_parent_refused(in_parent: bool, recorded: int, now: int) -> str:
+    """'' if a tree member's pages in the parent pass are its own, else why not: it is
+    new since then, or its pid now names another process (``recorded``, the start time
+    the parent saw, 0 if it kept none, differs from ``now``)."""
+    if not in_parent:
+        return "new since the parent pass"
+    if recorded and recorded != now:
+        return "its pid was reused by another process since the parent pass"
+    return ""
+
+
+def recorded_start(parent: ImageDir, pid: int) -> int:
+    """The start time the parent pass recorded for ``pid``: in its tracking state (every
+    predump), else in its core image (a dump); 0 if neither."""
+    state = parent.read_tracker(pid)
+    if state is not None and state.start_time:
+        return state.start_time
+    return parent.read_core(pid).start_time if parent.exists("core", pid) else 0
 
 
 def select_tracker(track: str, pid: int, parent: Parent | None) -> Tracker:

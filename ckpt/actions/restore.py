@@ -44,11 +44,13 @@ over a stub kept up to date pass by pass (migration).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ckpt.collect import sysvshm
 from ckpt.collect.cgroups import join_cgroups
@@ -67,9 +69,9 @@ from ckpt.restore.process import (
     check_ids_free,
     check_xstate,
     fill_layers,
+    finish_process,
     prepare_stub,
     read_images,
-    release,
     settle_process,
 )
 from ckpt.restore.stub import Stub
@@ -77,6 +79,8 @@ from ckpt.restore.timers import check_timer_ids
 from ckpt.restore.tree import TreeStubs, check_tree_ids_free, release_all, subreaper
 from ckpt.restore.uffd_fill import CopyFill
 from ckpt.tree import Tree, helper_pids, plan_restore
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -145,18 +149,17 @@ def restore(opts: RestoreOptions) -> RestoreResult:
     stub = Stub.spawn(None if opts.new_pid else entry.pid, max(t.tid for t in entry.threads))
     made = Resources()
     with made.undone_on_failure(stub.kill, lambda: [stub]):
-        parked = build_process(stub, entry, layers, opts, made, gadget=True,
-                               new_session=not inv.shell_job)
-        with stub.colocated():
-            release(parked)
-    return RestoreResult(pid=stub.pid, tids=parked.tids,
+        tids = build_process(stub, entry, layers, opts, made, gadget=True,
+                             new_session=not inv.shell_job, finish=finish_process)
+    return RestoreResult(pid=stub.pid, tids=tids,
                          total_ms=(time.perf_counter() - t0) * 1000, pids=[stub.pid])
 
 
 def build_process(stub: Stub, entry: pb.ProcessEntry, layers: list[chain.Layer],
                   opts: RestoreOptions, made: Resources, gadget: bool, new_session: bool,
-                  ) -> Parked:
-    """From a stub to a parked process: cgroups, address space, pages, the rest."""
+                  finish: Callable[..., T]) -> T:
+    """From a stub to a restored process: cgroups, address space, pages, then ``finish``
+    (finish_process: released; settle_process: parked, for a tree)."""
     vmas = list(entry.vmas)
     join_cgroups(stub.pid, entry.cgroups)  # before its memory is charged anywhere
     copier = CopyFill()
@@ -164,7 +167,7 @@ def build_process(stub: Stub, entry: pb.ProcessEntry, layers: list[chain.Layer],
         with stub.colocated():  # injected syscalls: see Stub.colocated
             check_xstate(stub, entry)
             prepare_stub(stub, vmas, gadget=gadget)
-            objects = make_objects(entry)
+            objects = make_objects(entry, made.scope)  # a tree: its registry
             made.objects.append(objects)
             late = mm.map_vmas(stub, vmas, objects)  # and seals them
             made.segments += sysvshm.restore_segments(entry)
@@ -178,9 +181,8 @@ def build_process(stub: Stub, entry: pb.ProcessEntry, layers: list[chain.Layer],
         copier.close()
     with stub.colocated():
         mm.protect_late(stub, late)
-        return settle_process(stub, entry, new_session=new_session, same_tids=not opts.new_pid,
-                              stopped=opts.stopped, inherit=opts.inherit,
-                              objects=objects.objects, tree=made.scope)
+        return finish(stub, entry, new_session=new_session, same_tids=not opts.new_pid,
+                      stopped=opts.stopped, inherit=opts.inherit, objects=objects.objects)
 
 
 def restore_tree(opts: RestoreOptions, images: ImageDir, inv: image_pb2.Inventory,
@@ -202,6 +204,7 @@ def restore_tree(opts: RestoreOptions, images: ImageDir, inv: image_pb2.Inventor
     reserve = max([t for m in tree.members for t in m.tids] + helper_pids(plan))
     made = Resources(scope=TreeScope(files=[f for e in live for f in e.files]))
     parked: list[Parked] = []
+    settle = functools.partial(settle_process, tree=made.scope)
     with subreaper():  # orphans of a failure come back to ckpt (ckpt.restore.tree)
         root = Stub.spawn(tree.root.pid, reserve)
         stubs = TreeStubs(root)
@@ -211,7 +214,7 @@ def restore_tree(opts: RestoreOptions, images: ImageDir, inv: image_pb2.Inventor
             stubs.run(plan)  # children are forked before anything is unmapped
             for e in live:
                 parked.append(build_process(stubs.stubs[e.pid], e, layers[e.pid], opts, made,
-                                            gadget=False, new_session=False))
+                                            gadget=False, new_session=False, finish=settle))
             release_all(parked)
     return RestoreResult(pid=root.pid, tids=parked[0].tids,
                          total_ms=(time.perf_counter() - t0) * 1000, pids=list(inv.pids))

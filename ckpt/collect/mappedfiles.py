@@ -24,6 +24,15 @@ Their file is reached through /proc/PID/map_files/START-END (root may open it).
                           (RestoreCtx.objects): one inode again, so a write through the fd
                           shows in the mapping and the other way round
 
+In a tree (``ckpt dump -t``), members mapping or holding the same file are no other
+processes. The first member in pre-order that maps or holds it carries it (its contents,
+in its images, as above); a later member's MappedObject names it (``file.shared_pid``,
+the file's type and dumped st_dev/st_ino, no contents: earlier_holder). A tree's
+restore passes its TreeScope to make_objects: ``TreeScope.objects`` is then the registry
+of every file made so far, keyed by memfd.object_key, shared with the fd kinds (an open
+memfd made by an earlier member's restore_files is found there too), so every member maps
+and opens the one file again.
+
 MAP_SHARED pages are the file's (ckpt.pagecopy.plan: NO_PAGES), so they travel as its
 contents, read while frozen; a MAP_PRIVATE mapping's written (COW) pages are dumped as any
 private file mapping's, its clean pages come from the file.
@@ -35,15 +44,17 @@ What differs after a restore: the inode number (a new file), and a deleted file'
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ckpt.collect.fdkinds import memfd
-from ckpt.collect.fdkinds.base import FdFlags, made_as_process
+from ckpt.collect.fdkinds.base import FdFlags, TreeScope, TreeView, made_as_process
 from ckpt.collect.holders import scan_links, scan_maps
+from ckpt.collect.maps import read_maps
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
@@ -86,12 +97,15 @@ class Seen:
     holders: tuple[int, ...] = ()  # other processes mapping it or holding it open
 
 
-def inspect(pid: int, vmas: Iterable[VmaInfo]) -> tuple[tuple[int, Seen], ...]:
-    """(start, what was seen) of each VMA mapping a memfd or deleted file."""
+def inspect(pid: int, vmas: Iterable[VmaInfo], tree: TreeView | None = None,
+            ) -> tuple[tuple[int, Seen], ...]:
+    """(start, what was seen) of each VMA mapping a memfd or deleted file; in a tree dump
+    (``tree``), the members mapping it or holding it open are no other processes."""
     mapped = [v for v in vmas if is_mapped_object(v.kind, v.path)]
     if not mapped:
         return ()
-    wanted, exclude = {v.path for v in mapped}, {pid, os.getpid()}
+    wanted = {v.path for v in mapped}
+    exclude = {pid, os.getpid(), *(tree.pids if tree is not None else ())}
     links, maps = scan_links(wanted, exclude), scan_maps(wanted, exclude)
     out = []
     for v in mapped:
@@ -143,13 +157,40 @@ def refusal(v: VmaInfo, seen: Seen | None, flags: FdFlags) -> str | None:
 # --------------------------------------------------------------------------- collect
 
 
+def deleted_maps(pid: int) -> set[tuple[int, int]]:
+    """(dev, inode) of every mapping of a deleted file (memfds too) of ``pid``."""
+    return {(m.dev, m.inode) for m in read_maps(pid) if m.deleted}
+
+
+def earlier_holder(pid: int, mapped: tuple[int, int], stat_id: tuple[int, int],
+                   tree: TreeView | None,
+                   maps_of: Callable[[int], Collection[tuple[int, int]]] = deleted_maps,
+                   ) -> int | None:
+    """The first member of ``tree`` before ``pid`` in pre-order that maps the file
+    (``mapped``: Vma.dev, Vma.inode) or holds an fd on it (``stat_id``: st_dev, st_ino),
+    or None: that member's images carry the file, its restore makes it (pure but for
+    ``maps_of``)."""
+    if tree is None:
+        return None
+    for member in tree.pids:
+        if member == pid:
+            return None
+        if any((i.st_dev, i.st_ino) == stat_id for i in tree.fds.get(member, ())) \
+                or mapped in maps_of(member):
+            return member
+    return None
+
+
 def collect_mapped(pid: int, vmas: Sequence[VmaInfo], files: Sequence[FileRecord],
-                   ) -> list[pb.MappedObject]:
-    """One MappedObject per file mapped (while frozen: MAP_SHARED contents are the data)."""
-    open_files = {(f.dev, f.inode): f.id for f in files
+                   tree: TreeView | None = None) -> list[pb.MappedObject]:
+    """One MappedObject per file mapped (while frozen: MAP_SHARED contents are the data).
+    In a tree dump, a file an earlier member maps or holds is that member's: recorded
+    with its type and identity, ``file.shared_pid`` naming the member, no contents."""
+    open_files = {(f.dev, f.inode): f for f in files
                   if f.payload is not None and f.payload.type in TYPES}
     next_id = max((f.id for f in files), default=0) + 1
     out: dict[tuple[int, int], pb.MappedObject] = {}
+    maps_of = functools.cache(deleted_maps)
     for v in vmas:
         if not is_mapped_object(v.kind, v.path) or (v.dev, v.inode) in out:
             continue
@@ -157,9 +198,9 @@ def collect_mapped(pid: int, vmas: Sequence[VmaInfo], files: Sequence[FileRecord
         fd = os.open(map_files(pid, v), os.O_RDONLY | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
-            file_id = open_files.get((st.st_dev, st.st_ino))
-            if file_id is not None:
-                obj.file_id = file_id
+            own = open_files.get((st.st_dev, st.st_ino))
+            if own is not None and own.payload is not None and not own.payload.shared_pid:
+                obj.file_id = own.id
                 continue
             f = obj.file
             f.id, f.path, f.dev, f.inode, f.flags = next_id, v.path, st.st_dev, st.st_ino, \
@@ -167,6 +208,11 @@ def collect_mapped(pid: int, vmas: Sequence[VmaInfo], files: Sequence[FileRecord
             f.type = pb.OpenFile.MEMFD if v.path.startswith(memfd.MEMFD_PREFIX) \
                 else pb.OpenFile.GHOST
             next_id += 1
+            holder = earlier_holder(pid, (v.dev, v.inode), (st.st_dev, st.st_ino), tree,
+                                    maps_of)
+            if holder is not None:
+                f.object, f.shared_pid = st.st_ino, holder
+                continue
             memfd.save(fd, v.path, f)
         finally:
             os.close(fd)
@@ -178,11 +224,13 @@ def collect_mapped(pid: int, vmas: Sequence[VmaInfo], files: Sequence[FileRecord
 
 @dataclass
 class Made:
-    """The objects of an image's mapped files, made in ckpt before the memory is mapped."""
+    """The objects of an image's mapped files, made in ckpt before the memory is mapped
+    (in a tree, some made by a member restored before: ``owned`` are this one's)."""
 
     by_vma: dict[tuple[int, int], int] = field(default_factory=dict)  # (dev, inode) -> fd
     objects: dict[tuple[str, int], int] = field(default_factory=dict)  # RestoreCtx.objects
     seals: list[tuple[int, int, str]] = field(default_factory=list)  # (fd, seals, path)
+    owned: list[int] = field(default_factory=list)  # fds made here, closed by close()
 
     def after_seal(self, v: pb.Vma) -> bool:
         """Is ``v`` a shared mapping a seal made read-only for good ("sh" without "mw":
@@ -201,15 +249,22 @@ class Made:
         self.seals.clear()
 
     def close(self) -> None:
-        for fd in self.objects.values():
+        for fd in self.owned:
             os.close(fd)
+        self.owned.clear()
         self.objects.clear()
         self.by_vma.clear()
 
 
-def make_objects(entry: pb.ProcessEntry) -> Made:
+def make_objects(entry: pb.ProcessEntry, tree: TreeScope | None = None) -> Made:
+    """The mapped files of ``entry``, made in ckpt. In a tree's restore, ``tree.objects``
+    is the registry of what every member restored so far made (by memfd.object_key: the
+    dumped (type, st_dev, st_ino)): a file already there is the same object again, one
+    made here is added to it (its fd stays this Made's, closed by its close()); a file
+    the images say an earlier member carries (``file.shared_pid``) must be there."""
     files = {f.id: f for f in entry.files}
     made = Made()
+    registry = tree.objects if tree is not None else made.objects
     try:
         for o in entry.mapped_objects:
             f = files.get(o.file_id) if o.HasField("file_id") else o.file
@@ -218,9 +273,17 @@ def make_objects(entry: pb.ProcessEntry) -> Made:
                                    "memfd or deleted file")
             key = memfd.object_key(f)
             if key not in made.objects:
-                made.objects[key] = memfd.make(f, made_as_process(entry), seal=False)
-                if f.type == pb.OpenFile.MEMFD and f.memfd.seals:
-                    made.seals.append((made.objects[key], f.memfd.seals, f.path))
+                fd = registry.get(key)
+                if fd is None and f.shared_pid:
+                    raise RestoreError(f"{f.path} (mapped): process {f.shared_pid} carries "
+                                       "it, and its restore did not make it first")
+                if fd is None:
+                    fd = memfd.make(f, made_as_process(entry), seal=False)
+                    made.owned.append(fd)
+                    registry[key] = fd
+                    if f.type == pb.OpenFile.MEMFD and f.memfd.seals:
+                        made.seals.append((fd, f.memfd.seals, f.path))
+                made.objects[key] = fd
             made.by_vma[(o.dev, o.inode)] = made.objects[key]
     except BaseException:
         made.close()

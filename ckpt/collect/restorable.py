@@ -39,6 +39,8 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
               a VmFlag restore cannot set (hugetlb, device,    ckpt/collect/vmflags.py
               userfaultfd, shadow stack, unknown ones)
               a memory protection key (pkey_mprotect)          restore maps with key 0
+              anonymous shared memory another process outside  restore would make a copy
+              the dump maps too; or members map in parts       (ckpt.collect.shmem)
     fd        of a kind of ckpt.collect.fdkinds               that kind's refuse says
               (pipe, socket, eventfd, memfd, deleted file      (its state is not restored)
               ...)
@@ -85,7 +87,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from ckpt.collect import cgroups, mappedfiles, sched, sysvshm
+from ckpt.collect import cgroups, mappedfiles, sched, shmem, sysvshm
 from ckpt.collect.fdkinds import fown, locks
 from ckpt.collect.fdkinds.base import FdFlags
 from ckpt.collect.fds import FdInfo, classify_fd, describe_fd
@@ -221,6 +223,7 @@ class Mapping:
     tracker: bool = False  # Target.tracker
     seen: mappedfiles.Seen | None = None  # of a mapped memfd or deleted file (Target.mapped)
     flags: FdFlags = field(default_factory=FdFlags)
+    shm: shmem.Seen | None = None  # of anonymous shared memory (Target.shmem)
 
     @property
     def mapped_refusal(self) -> str | None:
@@ -245,6 +248,10 @@ VMA_RULES: tuple[Rule[Mapping], ...] = (
          "a memfd or deleted file ckpt.collect.mappedfiles refuses (above --ghost-limit, "
          "other links, its directory gone, mapped or open in another process, under "
          "migrate)"),
+    Rule(lambda v: shmem.refusal(v.shm) is not None,
+         "shared anonymous memory at {start:#x} {shm_refusal}",
+         "shared anonymous memory another process outside the dump maps too, or that "
+         "members of the dump map in parts (ckpt.collect.shmem)"),
     Rule(lambda v: v.kind in FILE_KINDS and not v.path.startswith("/"),
          "{path} at {start:#x}, not a file a restore can map again: " + NOT_YET),
     Rule(lambda v: v.kind in FILE_KINDS and v.path.startswith("/dev/")
@@ -270,6 +277,7 @@ def vma_fields(m: Mapping) -> dict[str, object]:
     return {"start": m.vma.start, "path": m.path, "name": _shown(m.path),
             "mapped_what": f"a memfd ({_shown(m.path)})" if m.path.startswith("/memfd:")
             else f"deleted file {_shown(m.path)}", "mapped_refusal": m.mapped_refusal,
+            "shm_refusal": shmem.refusal(m.shm),
             "path_or_anon": m.path or "anonymous memory",
             "flags": ", ".join(_refused_flags(m)), "pkey": m.vma.pkey}
 
@@ -373,10 +381,10 @@ def refusals(t: Target) -> list[str]:
                             t.same_ipc_ns, migrating=t.fd_flags.migrating)
     out += sched.refusals(t.pid, t.policies)
     out += cgroups.thread_refusals(t.pid, t.thread_cgroups)
-    found = dict(t.mapped)
+    found, shm = dict(t.mapped), dict(t.shmem)
     for v in sorted(t.vmas, key=lambda v: v.start):
         why = _first(VMA_RULES, Mapping(v, v.path in t.foreign, t.tracker, found.get(v.start),
-                                        t.fd_flags), vma_fields)
+                                        t.fd_flags, shm=shm.get(v.start)), vma_fields)
         if why:
             out.append(f"process {t.pid} maps {why}")
     claimed = {fd: (kind, details) for fd, kind, details in t.fd_kinds}

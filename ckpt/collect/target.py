@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckpt.collect import cgroups, deletedcwd, mappedfiles, proc, sched, sysvshm
+from ckpt.collect import cgroups, deletedcwd, mappedfiles, proc, sched, shmem, sysvshm
 from ckpt.collect.fdkinds import fown, kind_of
 from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek, TreeView
 from ckpt.collect.fds import FdInfo, classify_fd, read_fds
@@ -64,6 +64,8 @@ class Target:
     # (start, what was seen) of each VMA mapping a memfd or deleted file
     # (ckpt.collect.mappedfiles.inspect)
     mapped: tuple[tuple[int, mappedfiles.Seen], ...] = ()
+    # (start, what was seen) of each VMA of anonymous shared memory (ckpt.collect.shmem)
+    shmem: tuple[tuple[int, shmem.Seen], ...] = ()
     # a deleted cwd's parent (its "..") is the directory its path names (deletedcwd)
     cwd_parent_reachable: bool = True
     # (fd, pids): other processes holding the fd's object (its kind's FdKind.holders) or,
@@ -136,7 +138,8 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         shm_segments=tuple(sysvshm.read_segments().values()) if sysvshm.attaches(maps)
         else (), same_ipc_ns=proc.read_ns(pid, "ipc") == proc.read_ns(me, "ipc"),
         policies=tuple(sched.read_policies(tids)),
-        mapped=mappedfiles.inspect(pid, maps),
+        mapped=mappedfiles.inspect(pid, maps, tree),
+        shmem=shmem.inspect(pid, maps, tree.pids if tree else (pid,), memo),
         cwd_parent_reachable=not deletedcwd.is_deleted(cwd)
         or deletedcwd.parent_reachable(pid, cwd),
         thread_cgroups=tuple((tid, tuple(found)) for tid, found in

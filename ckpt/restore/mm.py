@@ -4,9 +4,10 @@
     2. move [vvar] [vvar_vclock] [vdso] as a group to the dumped addresses (the dumped code
        calls into the vdso, and glibc caches its address)
     3. map every VMA at its address: anonymous, or the file at its offset (checked to be the
-       same inode), with its madvise flags (MAP_TIME_FLAGS); VMAs that were writable once
-       (VM_ACCOUNT, e.g. RELRO) are mapped RW and made read-only after the fill, so they do
-       not merge with their neighbours
+       same inode), or anonymous shared memory another member of the tree owns (its
+       object, restored first: Backing.borrowed), with its madvise flags (MAP_TIME_FLAGS);
+       VMAs that were writable once (VM_ACCOUNT, e.g. RELRO) are mapped RW and made
+       read-only after the fill, so they do not merge with their neighbours
     4. fill pages (ckpt.restore.pages), then mprotect back
     5. mlock, mseal, guard regions installed again (finish_vmas; the order is explained
        there)
@@ -23,10 +24,10 @@ import struct
 from collections.abc import Mapping
 
 from ckpt.collect.mappedfiles import Made
-from ckpt.collect.maps import read_maps
-from ckpt.collect.vmas import KERNEL_PROVIDED, VmaKind
+from ckpt.collect.maps import MapEntry, read_maps
+from ckpt.collect.vmas import KERNEL_PROVIDED, SHMEM_NAMES, VmaKind
 from ckpt.collect.vmflags import BY_MNEMONIC, MADVICE
-from ckpt.errors import RestoreError
+from ckpt.errors import CkptError, RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.pagemap import PM_FILE, PM_PRESENT, PM_SWAP, read_pagemap_entries
 from ckpt.kernel.sys import NR
@@ -146,6 +147,8 @@ def map_range(stub: Stub, v: pb.Vma, start: int, end: int, files: Backing) -> No
         flags |= MAP_NORESERVE
     if kind in (VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED):
         fd, off = files.open(v), v.pgoff + start - v.start
+    elif files.borrows(v):  # another member's shared anonymous memory
+        fd, off = files.borrowed(v, start)
     else:
         flags |= MAP_ANONYMOUS
         if kind == VmaKind.STACK and "gd" in v.vmflags:
@@ -189,6 +192,33 @@ class Backing:
             self.stub.sc(NR.close, fd, check=False)
         self.taker.close()
 
+    def borrows(self, v: pb.Vma) -> bool:
+        """Is ``v`` anonymous shared memory whose object another member of the tree
+        owns (ckpt.collect.shmem: restored before this one, under the same pid)?"""
+        return VmaKind(v.kind) == VmaKind.ANON_SHARED and v.shm_owner not in (0, self.stub.pid)
+
+    def borrowed(self, v: pb.Vma, start: int) -> tuple[int, int]:
+        """(fd in the stub, offset) mapping [start, ...) of ``v`` to the owner's restored
+        object: the owner's VMA holding the object's offset (shm_start + pgoff is its
+        address there), opened through /proc/OWNER/map_files; no page of it is in this
+        member's images."""
+        at = v.shm_start + v.pgoff + start - v.start
+        owner = shared_vma_at(v.shm_owner, at)
+        mode = backing_mode(v)
+        key = (f"shm {v.shm_owner}", owner.start, mode)
+        if key not in self.fds:
+            path = f"/proc/{v.shm_owner}/map_files/{owner.start:x}-{owner.end:x}"
+            try:
+                local = os.open(path, mode | os.O_CLOEXEC)
+            except OSError as exc:
+                raise RestoreError(f"cannot open the shared memory of process {v.shm_owner} "
+                                   f"at {owner.start:#x} ({path}): {exc.strerror}") from None
+            try:
+                self.fds[key] = self.taker.take(local, f"shared memory of {v.shm_owner}")
+            finally:
+                os.close(local)
+        return self.fds[key], at - owner.start + owner.offset
+
     def open(self, v: pb.Vma) -> int:
         key = (v.path, v.inode, backing_mode(v))
         if key not in self.fds:
@@ -207,6 +237,19 @@ class Backing:
             return self.taker.take(local, v.path)
         finally:
             os.close(local)
+
+
+def shared_vma_at(pid: int, at: int) -> MapEntry:
+    """The restored VMA of shared anonymous memory of ``pid`` holding address ``at``."""
+    try:
+        maps = read_maps(pid)
+    except CkptError:
+        maps = []
+    found = next((m for m in maps if m.start <= at < m.end), None)
+    if found is None or not found.shared or not found.path.startswith(SHMEM_NAMES):
+        raise RestoreError(f"process {pid} has no shared anonymous memory at {at:#x} to "
+                           "share: its owner must be restored first")
+    return found
 
 
 def backing_mode(v: pb.Vma) -> int:

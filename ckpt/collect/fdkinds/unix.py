@@ -30,6 +30,12 @@ cannot see (another network namespace).
 Found only while frozen, by the peek: queued data another process sent, a datagram from
 a named socket outside.
 
+In a tree dump (``ckpt dump -t``) the process's surroundings are the tree's: a peer, a
+listener or a datagram's sender any member holds is "here" (a socketpair between a master
+and its worker, a multiprocessing Pipe), its queue saved by the member holding the socket
+(a socket held by several members is one open file description: saved by the first,
+OpenFile.shared_pid for the others); restore makes the group once for every member.
+
 A socket connected to a peer outside the process that a restore cannot reach by name (a
 stream's, an unnamed dgram's) is external, "socket:[INODE]" as /proc/PID/fd shows it:
 restore takes it from --inherit-fd; data the outside queued to it is refused (the socket
@@ -48,8 +54,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
-from ckpt.collect.fdkinds.unix_build import restore, show_name
+from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek, TreeView
+from ckpt.collect.fdkinds.unix_build import restore
+from ckpt.collect.fdkinds.unix_maker import show_name
 from ckpt.collect.fdkinds.unix_queue import SO_PEEK_OFF, merge_runs, peek_queue
 from ckpt.collect.fds import FdInfo
 from ckpt.collect.holders import Sharing, scan_holders
@@ -90,8 +97,8 @@ class Seen:
 
     diag: UnixDiag | None  # None: unix_diag does not know it (another network namespace)
     peer: UnixDiag | None  # the peer's, when it has one
-    peer_here: bool  # the peer is a socket of the process
-    listeners: frozenset[bytes]  # names of the process's listening sockets
+    peer_here: bool  # the peer is a socket of the process (in a tree: of any member)
+    listeners: frozenset[bytes]  # names of the process's (tree's) listening sockets
     scm_fds: int  # fds in flight in its queue (fdinfo)
     oob: bool  # an out-of-band byte is queued
     # a path name: "same" (its socket file), "missing" (unlinked), "other" (another file
@@ -132,6 +139,25 @@ def sockets_of(peek: Peek) -> dict[int, UnixDiag]:
     return found
 
 
+def member_sockets(peek: Peek) -> dict[int, UnixDiag]:
+    """unix_diag of every unix socket the process or another member of its tree holds, by
+    inode (read once per Peek): a peer one of them holds is no outside one."""
+    found: dict[int, UnixDiag] | None = peek.memo.get(NAME + ".tree")
+    if found is None:
+        found = dict(sockets_of(peek))
+        for ino in socket_inodes(peek.tree, peek.pid) - found.keys():
+            diag = unix_diag.query(ino)
+            if diag is not None:
+                found[ino] = diag
+        peek.memo[NAME + ".tree"] = found
+    return found
+
+
+def socket_inodes(tree: TreeView, pid: int) -> set[int]:
+    """Inodes of the sockets the members of ``tree`` but ``pid`` hold (pure)."""
+    return {ino for _, info in tree.others(pid) if (ino := inode_of(info.target)) is not None}
+
+
 def holders(peek: Peek) -> dict[str, tuple[int, ...]]:
     """Other processes holding the process's unix sockets (one /proc scan per Peek)."""
     found: dict[str, tuple[int, ...]] | None = peek.memo.get(NAME + ".holders")
@@ -168,7 +194,7 @@ def _name_file(diag: UnixDiag) -> str:
 
 
 def inspect(info: FdInfo, peek: Peek) -> Seen:
-    here = sockets_of(peek)
+    here = member_sockets(peek)  # the process's and, in a tree, every member's
     ino = inode_of(info.target) or 0
     diag = here.get(ino)
     peer = None
@@ -324,7 +350,7 @@ def collect(info: FdInfo, details: Any, peek: Peek, out: pb.OpenFile) -> None:
         u.reset = seen.error  # (stream) its peer was closed before reading all
     if u.name and not d.abstract:
         _record_file(u, seen)
-    named = {path_name(x.name): x.ino for x in sockets_of(peek).values() if x.name}
+    named = {path_name(x.name): x.ino for x in member_sockets(peek).values() if x.name}
     with peek.getfd(info.fd) as fd, _sock(fd) as s:
         u.options.extend(_options(s, d.type))
         if d.state == LISTEN:
@@ -339,9 +365,10 @@ def collect(info: FdInfo, details: Any, peek: Peek, out: pb.OpenFile) -> None:
             s.setsockopt(socket.SOL_SOCKET, SO_PASSCRED, passcred)
     for data, sender, (pid, uid, gid) in merge_runs(queued, d.type):
         if pid not in (0, peek.pid):  # 0: none recorded (neither end had SO_PASSCRED)
+            who = "another member of the tree" if pid in peek.tree.pids else "outside"
             raise NotDumpable(f"fd {info.fd} is a unix socket with data queued by process "
-                              f"{pid}, whose credentials a restore cannot send again: "
-                              "not supported yet")
+                              f"{pid} ({who}) with its credentials (SO_PASSCRED), which a "
+                              "restore cannot send again: not supported yet")
         if d.type != socket.SOCK_STREAM and sender and sender not in named:
             raise NotDumpable(f"fd {info.fd} is a unix socket with a datagram queued from "
                               f"{show_name(sender)}, outside the process: not supported yet")

@@ -1,6 +1,8 @@
 """Restore of unix sockets (the collector is ckpt.collect.fdkinds.unix).
 
-The first restore of a socket builds every socket of the image tied to it (its peer, the
+The first restore of a socket builds every socket of the images tied to it (in a tree,
+every member's: ``ctx.all_files``; the group is made by the first member restored that
+holds one of them, and the others take theirs from the tree's ``ctx.objects``) (its peer, the
 listener it was accepted from, the named sockets its datagrams came from), in this
 order, made by the restored process (see Maker) and handled through copies in ckpt, kept
 in ``ctx.objects``; each open file then just takes its own. An external socket is the
@@ -34,30 +36,21 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from ckpt.collect.fdkinds.base import Opened, Remote, RestoreCtx, fs_identity
+from ckpt.collect.fdkinds.base import Opened, RestoreCtx, fs_identity
+from ckpt.collect.fdkinds.unix_maker import Maker, show_name
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel import unix_diag
-from ckpt.kernel.creds import SYS
-from ckpt.kernel.sys import NR, pidfd_getfd, pidfd_open
 from ckpt.kernel.unix_diag import ESTABLISHED, LISTEN
 
 NAME = "unix socket"  # the kind's name: ctx.objects keys
 SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE = 7, 8, 32, 33
 FORCED = {SO_SNDBUF: SO_SNDBUFFORCE, SO_RCVBUF: SO_RCVBUFFORCE}
 REFILL_BUF = 1 << 26
-KEEP = 0xFFFFFFFF  # (uid_t)-1: setresuid leaves this id as it is
-GROUPS_AT = 4096  # where setgroups' array goes in the stub's scratch area (after a sockaddr)
 T = TypeVar("T")
-
-
-def show_name(name: bytes) -> str:
-    """A socket name as ss(8) shows it: an abstract one with "@" for its NUL."""
-    return "@" + name[1:].decode(errors="replace") if name.startswith(b"\0") \
-        else os.fsdecode(name)
 
 
 def _addr(name: bytes) -> str | bytes:
@@ -67,7 +60,8 @@ def _addr(name: bytes) -> str | bytes:
 def component(files: Iterable[pb.OpenFile], first: pb.OpenFile) -> list[pb.OpenFile]:
     """``first`` and every unix socket of ``files`` tied to it (peer, listener by name,
     sender of a queued datagram), in image order."""
-    socks = [f for f in files if f.type == pb.OpenFile.UNIX_SOCKET and not f.external]
+    socks = [f for f in files if f.type == pb.OpenFile.UNIX_SOCKET and not f.external
+             and not f.shared_pid]  # a member's share of an earlier member's socket
     by_ino = {f.unix_socket.inode: f for f in socks}
     edges: dict[int, set[int]] = {ino: set() for ino in by_ino}
 
@@ -101,7 +95,7 @@ def restore(ctx: RestoreCtx, f: pb.OpenFile) -> Opened:
         return Opened(_inherited(ctx.inherit[f.external], f))  # ckpt.restore.files checked
     key = (NAME, f.unix_socket.inode)
     if key not in ctx.objects:
-        Build(ctx, component(ctx.entry.files, f)).run()
+        Build(ctx, component(ctx.all_files, f)).run()  # a tree's: every member's
     return Opened(ctx.objects[key])
 
 
@@ -132,88 +126,6 @@ def _stale(path: str, st: os.stat_result) -> str:
     return path
 
 
-class Maker:
-    """Sockets of the process are made by the process: socketpair(2), listen(2) and
-    connect(2) record their caller for SO_PEERCRED (pid, effective uid and gid) and
-    SO_PEERGROUPS. The restored process (``ctx.remote``, still root: its ids come last)
-    makes them, with the dumped effective ids and groups for the call; ckpt takes a copy of each
-    (pidfd_getfd) for the rest; the process's own fds are closed once the group is built,
-    and the copies are what it takes back."""
-
-    def __init__(self, remote: Remote, ids: tuple[int, int] = (0, 0),
-                 groups: tuple[int, ...] | None = None) -> None:
-        self.remote, self.ids = remote, ids
-        # SO_PEERGROUPS: the dumped supplementary groups; the process has ckpt's until then
-        self.own_groups = tuple(os.getgroups())
-        self.groups = self.own_groups if groups is None else groups
-        self.pidfd = -1
-        self.theirs: dict[int, int] = {}  # fd of ckpt -> the process's fd
-
-    def _take(self, theirs: int) -> socket.socket:
-        if self.pidfd < 0:
-            self.pidfd = pidfd_open(self.remote.pid)
-        ours = pidfd_getfd(self.pidfd, theirs, self.remote.pid)
-        self.theirs[ours] = theirs
-        return socket.socket(fileno=ours)
-
-    def new(self, kind: int) -> socket.socket:
-        return self._take(self.remote.sc(NR.socket, socket.AF_UNIX, kind | socket.SOCK_CLOEXEC,
-                                         0, what="socket(AF_UNIX)"))
-
-    def socketpair(self, kind: int) -> tuple[socket.socket, socket.socket]:
-        addr = self.remote.put(bytes(8))
-        with self._as_process():
-            self.remote.sc(NR.socketpair, socket.AF_UNIX, kind | socket.SOCK_CLOEXEC, 0, addr,
-                           what="socketpair(AF_UNIX)")
-        with open(f"/proc/{self.remote.pid}/mem", "rb", buffering=0) as mem:
-            mem.seek(addr)
-            a, b = struct.unpack("ii", mem.read(8))
-        return self._take(a), self._take(b)
-
-    def listen(self, s: socket.socket, backlog: int) -> None:
-        with self._as_process():
-            self.remote.sc(NR.listen, self.theirs[s.fileno()], backlog, what="listen")
-
-    def connect(self, s: socket.socket, name: bytes) -> None:
-        addr = self.remote.put(struct.pack("H", socket.AF_UNIX) + name)
-        with self._as_process():
-            self.remote.sc(NR.connect, self.theirs[s.fileno()], addr, 2 + len(name),
-                           what=f"connect to {show_name(name)}")
-
-    @contextlib.contextmanager
-    def _as_process(self) -> Iterator[None]:
-        """The dumped effective uid and gid and groups for one call (real and saved ids
-        stay root's, so the process takes root's back)."""
-        euid, egid = self.ids
-        regroup = self.groups != self.own_groups
-        if regroup:
-            self._setgroups(self.groups)
-        if euid or egid:
-            self.remote.sc(SYS.setresgid, KEEP, egid, KEEP, what="setresgid (socket's owner)")
-            self.remote.sc(SYS.setresuid, KEEP, euid, KEEP, what="setresuid (socket's owner)")
-        try:
-            yield
-        finally:
-            if euid or egid:
-                self.remote.sc(SYS.setresuid, KEEP, 0, KEEP, what="setresuid (back)")
-                self.remote.sc(SYS.setresgid, KEEP, 0, KEEP, what="setresgid (back)")
-            if regroup:
-                self._setgroups(self.own_groups)
-
-    def _setgroups(self, groups: tuple[int, ...]) -> None:
-        addr = self.remote.put(struct.pack(f"{len(groups)}I", *groups), GROUPS_AT) \
-            if groups else 0
-        self.remote.sc(SYS.setgroups, len(groups), addr, what="setgroups (socket's owner)")
-
-    def close(self) -> None:
-        for theirs in self.theirs.values():
-            self.remote.sc(NR.close, theirs, check=False)
-        self.theirs.clear()
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
-
-
 class Build:
     """One connected group of sockets (steps 1-5 of the module's doc)."""
 
@@ -221,8 +133,11 @@ class Build:
         self.ctx = ctx
         self.files = {f.unix_socket.inode: f.unix_socket for f in files}
         self.flags = {f.unix_socket.inode: f.flags for f in files}
-        ids = {f.id for f in files}
-        self.where = "fd " + ", ".join(str(fd.fd) for fd in ctx.entry.fds if fd.file_id in ids)
+        # sockets of this process (in a tree, the others are other members')
+        mine = {f.id: f.unix_socket.inode for f in ctx.entry.files if not f.shared_pid
+                and f.type == pb.OpenFile.UNIX_SOCKET and f.unix_socket.inode in self.files}
+        self.own = set(mine.values())
+        self.where = "fd " + ", ".join(str(fd.fd) for fd in ctx.entry.fds if fd.file_id in mine)
         th = ctx.entry.threads[0] if ctx.entry.threads else None
         creds = th.creds if th is not None and th.HasField("creds") else None
         self.maker = Maker(ctx.remote, (creds.euid, creds.egid) if creds else (0, 0),
@@ -370,6 +285,10 @@ class Build:
                 sender, to = self._sender(ino, u, m)
                 bump(sender, SO_SNDBUF)
                 bump(self.socks[ino], SO_RCVBUF)
+                if m.from_self and ino not in self.own:
+                    raise RestoreError(f"{self.where}: a unix socket of another member of "
+                                       "the tree has data it sent itself with credentials "
+                                       "(SO_PASSCRED): not supported yet")
                 creds = struct.pack("iII", self.ctx.remote.pid, m.uid, m.gid) \
                     if m.from_self else b""
                 self._send(sender, m.data, creds, to, u.type == socket.SOCK_STREAM)
