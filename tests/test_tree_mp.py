@@ -37,8 +37,6 @@ def reference(tmp: Path) -> str:
     return res.stdout.splitlines()[-1]
 
 
-@pytest.mark.xfail(reason="issue 11: dump refuses the deleted /dev/shm/sem.* mapping the "
-                          "members share as held 'outside the dump' (W4)", strict=False)
 @pytest.mark.parametrize("how", TREE_HOWS)
 def test_pool_results_equal_an_uninterrupted_run(harness: Harness, how: str,
                                                  request: pytest.FixtureRequest) -> None:
