@@ -788,3 +788,14 @@ TREE_HOWS = ["dump", "predump+incremental"]
 # Harness.skip_if_ids_reused, which reads this name when it runs. (To fold into ID_TAKEN.)
 ID_TAKEN = re.compile(r"(?:pid|thread id)(?: \(of process \d+\))? \d+(?: \([^)]*\))? is taken "
                       r"by (?:thread \d+ of )?process (\d+)")
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL root first, then every process of its tree as it was: a master that
+    replaces a worker it sees die (nginx, a multiprocessing Pool) must not outlive its
+    workers, or it forks one no teardown knows of. Use it as a finalizer (it runs before
+    the harness's cleanup, which then reaps them)."""
+    members = tree_members(root)
+    for member in members:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member.pid, signal.SIGKILL)

@@ -14,6 +14,7 @@ from conftest import (
     TREE_HOWS,
     Harness,
     dump_tree,
+    kill_tree,
     needs_root,
     py_target,
     read_lines,
@@ -53,6 +54,7 @@ def launch_mp(harness: Harness, request: pytest.FixtureRequest, prefix: Sequence
     out, go = harness.tmp / "out.txt", harness.tmp / "go"
     proc = harness.launch([*prefix, *py_target("tree_mp.py"), go], out)
     request.addfinalizer(lambda: Path(f"/dev/shm/ckpt-tree-mp-{proc.pid}").unlink(True))
+    request.addfinalizer(lambda: kill_tree(proc.pid))  # the Pool's parent first
     wait_for_tree(harness, proc.pid, MEMBERS)
     wait_for_line(out, lambda s: s == "progress 20", 30, "the first 20 results")
     return proc, out, go
