@@ -785,12 +785,6 @@ def reaping(pids: Sequence[int]) -> Iterator[None]:
 # How tree tests checkpoint: a plain dump, and a predump with `dump --incremental` on top.
 TREE_HOWS = ["dump", "predump+incremental"]
 
-# A tree's restore words a taken id its own way ("thread id (of process P) T ...", "pid H
-# (a helper for a session or group whose leader is gone) ..."): the same race for
-# Harness.skip_if_ids_reused, which reads this name when it runs. (To fold into ID_TAKEN.)
-ID_TAKEN = re.compile(r"(?:pid|thread id)(?: \(of process \d+\))? \d+(?: \([^)]*\))? is taken "
-                      r"by (?:thread \d+ of )?process (\d+)")
-
 
 def kill_tree(root: int) -> None:
     """SIGKILL root first, then every process of its tree as it was: a master that

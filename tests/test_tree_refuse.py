@@ -25,9 +25,6 @@ from conftest import (
 pytestmark = needs_root
 
 
-@pytest.mark.xfail(reason="issue 11: a member's unsupported fd is refused without naming "
-                          "the member: 'fd 3 is an anon inode ...' (W3); the rest of this test "
-                          "passes", strict=False)
 @pytest.mark.parametrize("action", ["dump", "predump"])
 def test_a_member_with_an_io_uring_fd_refuses_the_whole_tree(harness: Harness,
                                                              action: str) -> None:
