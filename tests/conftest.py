@@ -716,20 +716,22 @@ def track_tree(harness: Harness, root: int) -> list[Member]:
 
 
 def dump_tree(harness: Harness, proc: subprocess.Popen[bytes], how: str,
-              between: Callable[[], None] = lambda: None) -> Path:
+              between: Callable[[], None] = lambda: None, flags: Sequence[str] = ()) -> Path:
     """Dump the tree of ``proc`` (killing it): ``how`` is "dump" (plain), or
-    "predump+incremental" (a predump, ``between``, then `dump --incremental` on top).
-    Every member is reaped (pids free again); return the images to restore."""
+    "predump+incremental" (a predump, ``between``, then `dump --incremental` on top),
+    with ``flags`` (e.g. --tcp-close) on each pass. Every member is reaped (pids free
+    again); return the images to restore."""
     members = [m.pid for m in track_tree(harness, proc.pid)]
     if how == "dump":
         images = harness.images()
     else:
         assert how == "predump+incremental", how
-        assert_ckpt_ok(run_ckpt("predump", "-t", str(proc.pid), "-D", harness.images("pre")))
+        assert_ckpt_ok(run_ckpt("predump", "-t", str(proc.pid), "-D", harness.images("pre"),
+                                *flags))
         between()
         images = harness.images("final")
     extra = () if how == "dump" else ("--incremental", "--prev-images-dir", "../pre")
-    harness.dump_and_reap(proc, images, *extra)
+    harness.dump_and_reap(proc, images, *extra, *flags)
     reap_gone(members)
     forget_gone(harness, members)
     return images

@@ -20,10 +20,9 @@ from conftest import (
 )
 
 from ckpt.actions.dump import merge_stats, tree_changed
-from ckpt.collect.fdkinds.base import TreeView
 from ckpt.collect.fdkinds.pipe import state_of
 from ckpt.collect.fds import FdInfo
-from ckpt.collect.files import shared_before
+from ckpt.collect.holders import TreeView, shared_before
 from ckpt.images.pb import image_pb2
 
 

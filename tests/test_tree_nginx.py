@@ -62,8 +62,6 @@ def workers(master: int) -> set[int]:
     return {m.pid for m in tree_members(master)[1:]}
 
 
-@pytest.mark.xfail(reason="issue 11: dump refuses a worker's socket whose F_SETOWN is the "
-                          "master, a member (W4)", strict=False)
 @pytest.mark.parametrize("how", TREE_HOWS)
 def test_nginx_serves_and_reloads_after_restore(harness: Harness, how: str,
                                                request: pytest.FixtureRequest) -> None:

@@ -36,8 +36,9 @@ from ckpt.actions.passes import (
     snapshot_limit,
 )
 from ckpt.collect import proc
-from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags, TreeView
+from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
 from ckpt.collect.fds import read_fds
+from ckpt.collect.holders import TreeView
 from ckpt.collect.treecheck import read_sharing, sharing_refusal
 from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
 from ckpt.freeze.tree import FrozenTree, list_tree, preorder

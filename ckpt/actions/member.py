@@ -26,8 +26,8 @@ from ckpt.collect import proc, shmem
 from ckpt.collect.cgroups import cgroups_to_pb, read_cgroups
 from ckpt.collect.cow import cow_shared_bytes
 from ckpt.collect.deletedcwd import collect_deleted_cwd
-from ckpt.collect.fdkinds.base import TreeView
 from ckpt.collect.files import FileRecord, collect_files
+from ckpt.collect.holders import TreeView
 from ckpt.collect.mappedfiles import WHOLE as MAPPED_WHOLE
 from ckpt.collect.mappedfiles import collect_mapped, shared_spans
 from ckpt.collect.mlockall import refusal as mlockall_refusal

@@ -46,7 +46,8 @@ from ckpt.actions.passes import (
     write_memory,
 )
 from ckpt.collect import proc, shmem
-from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags, TreeView
+from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
+from ckpt.collect.holders import TreeView
 from ckpt.collect.restorable import read_target, require_restorable
 from ckpt.collect.vmas import VmaInfo, collect_vmas
 from ckpt.errors import NoSuchProcess, NotDumpable

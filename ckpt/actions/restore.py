@@ -211,7 +211,8 @@ def restore_tree(opts: RestoreOptions, images: ImageDir, inv: image_pb2.Inventor
         check_timer_ids(e)
     check_tree_inherit(live, opts.inherit)
     reserve = max([t for m in tree.members for t in m.tids] + helper_pids(plan))
-    made = Resources(scope=TreeScope(files=[f for e in live for f in e.files]))
+    made = Resources(scope=TreeScope(files=[f for e in live for f in e.files],
+                                     members=tuple(e.pid for e in live)))
     parked: list[Parked] = []
     settle = functools.partial(settle_process, tree=made.scope)
     with subreaper():  # orphans of a failure come back to ckpt (ckpt.restore.tree)

@@ -15,12 +15,11 @@ with several ``FdEntry``s, so after restore their offset moves together again.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ckpt.collect.fdkinds import kind_of
-from ckpt.collect.fdkinds.base import FdFlags, Peek, TreeView
+from ckpt.collect.fdkinds.base import FdFlags, Peek
 from ckpt.collect.fdkinds.fown import NO_OWNER, Fown, read_fown
 from ckpt.collect.fdkinds.locks import collect_locks, refusal
 from ckpt.collect.fds import (
@@ -31,10 +30,10 @@ from ckpt.collect.fds import (
     kcmp_same_file,
     read_fds,
 )
+from ckpt.collect.holders import TreeView, shared_before
 from ckpt.collect.restorable import fd_refusal
-from ckpt.errors import CkptError, NotDumpable
+from ckpt.errors import NotDumpable
 from ckpt.images.pb import core_pb2 as pb
-from ckpt.kernel.sys import kcmp_file
 
 O_CLOEXEC = 0o2000000
 
@@ -69,29 +68,6 @@ def file_kind(info: FdInfo, shell_job: bool) -> str:
         raise NotDumpable(why)
     kind = classify_fd(info)
     return "inherited" if kind == "tty" else "dev_null" if kind == "dev_null" else "path"
-
-
-def shared_before(pid: int, info: FdInfo, tree: TreeView | None,
-                  same_file: Callable[[int, int, int, int], bool] = kcmp_file,
-                  ) -> tuple[int, int] | None:
-    """(member, fd) of a member before ``pid`` in the tree's pre-order whose fd is the very
-    open file description of ``info`` (inherited across fork), or None. Candidates have
-    the same link text, device, inode, offset and flags; kcmp decides."""
-    if tree is None:
-        return None
-    for member in tree.pids:
-        if member == pid:
-            return None
-        for other in tree.fds.get(member, ()):
-            if (other.target, other.st_dev, other.st_ino, other.pos, other.flags) != (
-                    info.target, info.st_dev, info.st_ino, info.pos, info.flags):
-                continue
-            try:
-                if same_file(pid, info.fd, member, other.fd):
-                    return member, other.fd
-            except CkptError:
-                continue
-    return None
 
 
 def collect_files(pid: int, shell_job: bool, hidden: set[int] | None = None,

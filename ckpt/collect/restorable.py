@@ -392,6 +392,8 @@ def refusals(t: Target) -> list[str]:
     owners = dict(t.fd_owners)
     tids = {tid for tid, _ in t.thread_cwds}
     for info in sorted(t.fds, key=lambda i: i.fd):
+        if info.fd in t.shared_fds:
+            continue
         if info.fd in claimed:
             kind, details = claimed[info.fd]
             others = held.get(info.fd, ()) if kind.holders is not Sharing.OWN else ()
@@ -406,7 +408,7 @@ def refusals(t: Target) -> list[str]:
                               held.get(info.fd, ()))
         if not line and info.fd in owners:
             why = fown.refusal(owners[info.fd], t.pid, tids, t.pgid, t.sid,
-                               t.fd_flags.shell_job)
+                               t.fd_flags.shell_job, t.tree)
             line = f"{describe_fd(info)}: {why}" if why else None
         if line:
             out.append(line)

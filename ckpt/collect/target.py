@@ -11,9 +11,9 @@ from typing import Any
 
 from ckpt.collect import cgroups, deletedcwd, mappedfiles, proc, sched, shmem, sysvshm
 from ckpt.collect.fdkinds import fown, kind_of
-from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek, TreeView
+from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fds import FdInfo, classify_fd, read_fds
-from ckpt.collect.holders import Sharing
+from ckpt.collect.holders import Sharing, TreeView, shared_before
 from ckpt.collect.timers import ProcTimer, read_timers
 from ckpt.collect.vmas import VmaInfo, VmaKind, collect_vmas
 from ckpt.errors import NoSuchProcess
@@ -76,6 +76,10 @@ class Target:
     fd_owners: tuple[tuple[int, fown.Fown], ...] = ()
     pgid: int = 0
     sid: int = 0
+    # a tree dump: fds whose open file an earlier member holds (judged and saved with
+    # it), and every member
+    shared_fds: frozenset[int] = frozenset()
+    tree: tuple[int, ...] = ()
 
 
 #: fds reopened by path whose open file is compared with other processes' (kcmp)
@@ -102,8 +106,12 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
     fds = [i for i in read_fds(pid) if i.fd not in hidden]
     fd_kinds, fd_owners = [], []
     holders = []
+    shared: set[int] = set()
     with Peek(pid, fds, memo, tree) as peek:
         for info in fds:
+            if shared_before(pid, info, tree) is not None:
+                shared.add(info.fd)  # an earlier member's open file: judged with it
+                continue
             kind = kind_of(info, peek)
             if kind is not None:
                 fd_kinds.append((info.fd, kind, kind.inspect(info, peek)))
@@ -145,7 +153,8 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         thread_cgroups=tuple((tid, tuple(found)) for tid, found in
                              cgroups.read_thread_cgroups(pid, tids)),
         fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden),
-        holders=tuple(holders), fd_owners=tuple(fd_owners), pgid=stat.pgrp, sid=stat.session)
+        holders=tuple(holders), fd_owners=tuple(fd_owners), shared_fds=frozenset(shared),
+        pgid=stat.pgrp, sid=stat.session, tree=tree.pids if tree else ())
 
 
 def _member(child: int, tree: TreeView) -> bool:

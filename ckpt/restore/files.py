@@ -271,7 +271,9 @@ def _open_armed(stub: Stub, path: str, flags: int) -> int:
     return fd
 
 
-def restore_owners(stub: Stub, entry: pb.ProcessEntry, tids: list[int]) -> None:
+def restore_owners(stub: Stub, entry: pb.ProcessEntry, tids: list[int],
+                   members: tuple[int, ...] = ()) -> None:
     """The owner (F_SETOWN) of every open file that had one: the process, one of its
-    threads (``tids``: restored, leader first) or its process group, as restored."""
-    fown.restore_owners(stub, entry, tids, os.getpgid(stub.pid))
+    threads (``tids``: restored, leader first), its process group, as restored, or in a
+    tree another of its ``members`` (restored under its own pid)."""
+    fown.restore_owners(stub, entry, tids, os.getpgid(stub.pid), members)
