@@ -19,7 +19,7 @@ from conftest import (
     wait_for_lines,
 )
 
-from ckpt.actions.dump import merge_stats, tree_changed
+from ckpt.actions.dump import merge_stats
 from ckpt.collect.fdkinds.pipe import state_of
 from ckpt.collect.fds import FdInfo
 from ckpt.collect.holders import TreeView, shared_before
@@ -72,11 +72,6 @@ def test_merged_figures_add_up_and_keep_one_frozen_time() -> None:
     m = merge_stats([a, b])
     assert (m.pages_written, m.bytes_written, m.frozen_ms, len(m.whole_vmas)) == (7, 11, 5.0, 1)
     assert merge_stats([a]) is a
-
-
-def test_a_changed_tree_is_named() -> None:
-    msg = tree_changed(1, [1, 2, 3], [1, 3, 4])
-    assert "new: 4" in msg and "exited: 2" in msg and "try again" in msg
 
 
 def test_members_sharing_kernel_objects_are_refused_naming_both() -> None:

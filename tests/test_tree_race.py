@@ -10,7 +10,6 @@ import json
 import os
 import signal
 
-import pytest
 from conftest import (
     Harness,
     assert_ckpt_ok,
@@ -29,9 +28,6 @@ from test_killsafe import pause_ckpt_at
 pytestmark = needs_root
 
 
-@pytest.mark.xfail(reason="issue 11: a fork or an exit during the freeze makes the dump "
-                          "refuse ('changed while it was being checked ... try again') instead "
-                          "of seizing the new member or retrying the freeze (W2)", strict=False)
 def test_a_fork_and_an_exit_during_the_freeze_are_caught(harness: Harness) -> None:
     out = harness.tmp / "out.txt"
     proc = harness.launch(py_target("tree_race.py"), out)

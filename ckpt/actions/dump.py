@@ -111,6 +111,7 @@ def dump(opts: DumpOptions) -> DumpResult:
     if not proc.pid_exists(pid):
         raise NoSuchProcess(pid)
     members = prepare_members(opts, list_tree(pid), parent)
+    everyone = list(members)  # with members forked during the freeze: trackers to close
     images = ImageDir.new_pass(opts.images_dir, opts.overwrite)
     root = members[0]
     try:
@@ -118,9 +119,10 @@ def dump(opts: DumpOptions) -> DumpResult:
         for m in members:
             m.before_freeze(limit)
         with FrozenTree(pid) as frozen:
-            if set(frozen.pids) != {m.pid for m in members}:
-                raise NotDumpable(tree_changed(pid, [m.pid for m in members], frozen.pids))
             tree = tree_view(frozen.pids) if len(frozen.pids) > 1 or frozen.zombies else None
+            if [m.pid for m in members] != frozen.pids:  # forks and exits since the checks
+                members = settle_members(opts, members, frozen.pids, tree)
+                everyone += [m for m in members if m not in everyone]
             refuse_sharing(frozen.pids)
             for m in members:
                 if tree is not None:
@@ -146,7 +148,7 @@ def dump(opts: DumpOptions) -> DumpResult:
         images.abandon()  # a directory it made is not left behind empty or incomplete
         raise
     finally:
-        for m in members:
+        for m in everyone:
             if m.tracker is not None:
                 m.tracker.close()  # after the thaw: dropping the last uffd reference unprotects
     return DumpResult(pid=pid, threads=sum(len(m.states) for m in members),
@@ -172,6 +174,25 @@ def prepare_members(opts: DumpOptions, pids: list[int], parent: Parent | None,
     return out
 
 
+def settle_members(opts: DumpOptions, members: list[MemberDump], frozen: list[int],
+                   tree: TreeView | None) -> list[MemberDump]:
+    """The members the freeze found, in its pre-order. One that exited since the checks
+    is left out (the freeze recorded it as a zombie, or it is gone); one forked since is
+    checked now, frozen: the same refusals, and a full copy (no parent pass has it)."""
+    known = {m.pid: m for m in members}
+    out = []
+    for member in frozen:
+        if member in known:
+            out.append(known[member])
+            continue
+        memo: dict[Any, Any] = {}
+        with refusals_of(member, True):
+            early = preflight(opts, member, tree, memo)
+        prev = open_parent(opts.images_dir, opts.prev_images_dir, member, member=True)
+        out.append(MemberDump(opts, member, prev, early, memo))
+    return out
+
+
 def refuse_sharing(pids: list[int]) -> None:
     """Members sharing an address space, fd table or fs state (ckpt.collect.treecheck)."""
     if len(pids) > 1 and (why := sharing_refusal(read_sharing(pids))):
@@ -182,16 +203,6 @@ def tree_view(pids: list[int]) -> TreeView:
     """The members and their fd records, for the fd kinds (ckpt.collect.fdkinds)."""
     return TreeView(tuple(pids), {p: [i for i in read_fds(p) if i.fd not in hidden_fds(p)]
                                   for p in pids})
-
-
-def tree_changed(root: int, before: list[int], now: list[int]) -> str:
-    new = sorted(set(now) - set(before))
-    gone = sorted(set(before) - set(now))
-    what = "; ".join(x for x in (
-        f"new: {', '.join(map(str, new))}" if new else "",
-        f"exited: {', '.join(map(str, gone))}" if gone else "") if x)
-    return (f"process tree of {root} changed while it was being checked ({what}); "
-            "nothing was dumped, try again")
 
 
 def finish(opts: DumpOptions, images: ImageDir, members: list[MemberDump],
