@@ -42,6 +42,7 @@ from ckpt.images import ImageDir
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.pb import image_pb2
 from ckpt.images.siginfo import STOPPED_MARK
+from ckpt.kernel import prctl
 from ckpt.kernel.ptrace import Tracee
 from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.pagecopy.compare import DigestMap
@@ -228,6 +229,12 @@ class MemberDump:
             self.injected: InjectedState = collect_injected(pid, threads, self.states, vmas)
         if why := mlockall_refusal(self.injected.mlockall):  # known only while frozen
             raise NotDumpable(f"process {pid}: {why}")
+        if pid == opts.pid:  # the root: its restored parent is not its parent
+            for state in self.states:
+                if found := prctl.root_refused(state.settings):
+                    raise NotDumpable(
+                        f"thread {state.tid} has {found[0]}, which a restore cannot set "
+                        "again (its parent would be ckpt): not supported")
         tracker = self.tracker
         if tracker is not None and tracker.needs_fresh_vmflags:
             vmas = collect_vmas(pid)

@@ -77,6 +77,7 @@ from ckpt.restore.process import (
     settle_process,
 )
 from ckpt.restore.release import run_released
+from ckpt.restore.settings import check_root_settings
 from ckpt.restore.stub import Stub
 from ckpt.restore.timers import check_timer_ids
 from ckpt.restore.tree import TreeStubs, check_tree_ids_free, release_all, subreaper
@@ -146,6 +147,7 @@ def _restore(opts: RestoreOptions) -> RestoreResult:
     t0 = time.perf_counter()
     require_root("restore")
     images, inv, entry = read_images(opts.images_dir)
+    check_root_settings(entry)
     if len(inv.pids) > 1:
         return restore_tree(opts, images, inv, t0)
     layers = chain.resolve(images, entry.pid)  # the whole chain is valid before we fork
