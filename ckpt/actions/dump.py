@@ -210,6 +210,10 @@ def finish(opts: DumpOptions, images: ImageDir, members: list[MemberDump],
            frozen_ms: float, t_start: float) -> image_pb2.DumpStats:
     """Every member's core and tracker state, then the inventory, last."""
     total = (time.perf_counter() - t_start) * 1000
+    saved: set[int] = set()  # System V segments: saved once, by the first member
+    for m in members:
+        m.segments = [s for s in m.segments if s.shmid not in saved]
+        saved |= {s.shmid for s in m.segments}
     each = [m.write(images, frozen_ms, total) for m in members]
     for z in zombies:
         images.write_core(z.pid, z)

@@ -111,6 +111,7 @@ class Resources:
     segments removed again if it fails."""
 
     segments: list[int] = field(default_factory=list)
+    shmids: set[int] = field(default_factory=set)  # System V segments made or found
     objects: list[Made] = field(default_factory=list)  # mapped memfds and deleted files
     scope: TreeScope | None = None  # a tree's shared objects
 
@@ -181,7 +182,7 @@ def build_process(stub: Stub, entry: pb.ProcessEntry, layers: list[chain.Layer],
             objects = make_objects(entry, made.scope)  # a tree: its registry
             made.objects.append(objects)
             late = mm.map_vmas(stub, vmas, objects)  # and seals them
-            made.segments += sysvshm.restore_segments(entry)
+            made.segments += sysvshm.restore_segments(entry, made.shmids)
             sysvshm.attach_segments(stub, entry)
             copier = CopyFill.open(stub, vmas)
         # closed right after the fill: a VMA still registered would SIGBUS the process
