@@ -177,8 +177,10 @@ class MemberDump:
     """One process of the dump, from its preflight to its images."""
 
     def __init__(self, opts: DumpOptions, pid: int, parent: Parent | None,
-                 early_vmas: list[VmaInfo], memo: dict[Any, Any]) -> None:
+                 early_vmas: list[VmaInfo], memo: dict[Any, Any], start_time: int = -1,
+                 ) -> None:
         self.opts, self.pid, self.parent = opts, pid, parent
+        self.start_time = start_time  # at the checks (stat field 22)
         self.early_vmas, self.memo = early_vmas, memo
         self.tracker = select_tracker(opts.track, pid, parent) \
             if opts.incremental or opts.track_mem else None
@@ -192,6 +194,11 @@ class MemberDump:
         self.mem: MemoryResult | None = None
         self.cow = 0
         self.shm: dict[int, shmem.Placement] = {}  # by VMA start: memory other members map
+
+    @property
+    def subreaper(self) -> bool:
+        """PR_SET_CHILD_SUBREAPER, as read while frozen."""
+        return bool(self.injected.settings.get("child_subreaper"))
 
     @property
     def tracker_name(self) -> str:

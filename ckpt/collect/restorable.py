@@ -393,7 +393,10 @@ def refusals(t: Target) -> list[str]:
     owners = dict(t.fd_owners)
     tids = {tid for tid, _ in t.thread_cwds}
     for info in sorted(t.fds, key=lambda i: i.fd):
-        if info.fd in t.shared_fds:
+        if info.fd in t.shared_fds:  # an earlier member's open file: judged with it, but
+            why = locks.refusal(info, reopened=info.fd not in claimed)  # for its locks
+            if why:
+                out.append(f"{describe_fd(info)}: {why}")
             continue
         if info.fd in claimed:
             kind, details = claimed[info.fd]
