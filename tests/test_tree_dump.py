@@ -251,3 +251,34 @@ def test_an_image_taking_an_fd_from_a_process_not_restored_before_is_refused(
     for pid in (proc.pid, child):
         assert not Path(f"/proc/{pid}").exists() or \
             Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", f"{pid} left behind"
+
+
+SHMEM_TREE = """
+import mmap, os, sys, time
+m = mmap.mmap(-1, 64 * 4096, mmap.MAP_SHARED)  # the parent never touches its pages
+if os.fork() == 0:
+    m[40 * 4096:40 * 4096 + 5] = b"child"  # only the child maps (and writes) this page
+    os.write(1, b"written\\n")
+    while True:
+        time.sleep(1)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.02)
+os.write(1, m[40 * 4096:40 * 4096 + 5] + b"\\n")
+while True:
+    time.sleep(1)
+"""
+
+
+@needs_root
+def test_shared_memory_only_a_child_wrote_comes_back(harness: Harness, tmp_path: Path,
+                                                     ) -> None:
+    """A page of MAP_SHARED|MAP_ANONYMOUS memory only the child wrote is not in its owner's
+    (the parent's) page tables: it is saved from the shared object itself."""
+    go, out = tmp_path / "go", tmp_path / "out.txt"
+    proc = harness.launch([sys.executable, "-c", SHMEM_TREE, go], out)
+    wait_for_lines(out, 1)
+    images = dump_tree(harness, proc, "dump")
+    root = harness.restore_detached(images)
+    track_tree(harness, root)
+    go.touch()
+    assert wait_for_lines(out, 2)[1] == "child"
