@@ -30,7 +30,8 @@ from conftest import (
 
 from ckpt.collect.proc import list_children
 from ckpt.errors import NotDumpable
-from ckpt.freeze.tree import FrozenTree, fate, list_tree, preorder
+from ckpt.freeze.tree import FrozenTree, fate, list_tree
+from ckpt.tree import preorder
 
 # --------------------------------------------------------------------------- pure parts
 

@@ -93,9 +93,14 @@ def collect_files(pid: int, shell_job: bool, hidden: set[int] | None = None,
             shared = shared_before(pid, first, tree)
             if shared is not None:
                 kind = fdkind.name if fdkind is not None else file_kind(first, shell_job)
+                # POSIX locks are the process's own (the first holder's record has its
+                # own, flock and OFD locks are the description's: taken with it)
+                posix = [lk for lk in collect_locks(first, peek)
+                         if lk.kind == pb.FileLock.POSIX]
                 payload = pb.OpenFile(
                     type=fdkind.image_type if fdkind is not None  # type: ignore[arg-type]
-                    else FILE_TYPES[kind], shared_pid=shared[0], shared_fd=shared[1])
+                    else FILE_TYPES[kind], shared_pid=shared[0], shared_fd=shared[1],
+                    locks=posix)
                 fown = NO_OWNER  # the description's: set through the first holder
             elif fdkind is None:
                 kind = file_kind(first, shell_job)  # refuses the locks it cannot take again

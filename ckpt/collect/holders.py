@@ -35,7 +35,7 @@ import os
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ckpt.collect.fds import FdInfo
+from ckpt.collect.fds import O_CLOEXEC, FdInfo
 from ckpt.collect.proc import proc_path
 from ckpt.errors import CkptError
 from ckpt.kernel.sys import kcmp_file
@@ -164,15 +164,17 @@ def shared_before(pid: int, info: FdInfo, tree: TreeView | None,
                   ) -> tuple[int, int] | None:
     """(member, fd) of a member before ``pid`` in the tree's pre-order whose fd is the very
     open file description of ``info`` (inherited across fork), or None. Candidates have
-    the same link text, device, inode, offset and flags; kcmp decides."""
+    the same link text, device, inode, offset and status flags (close-on-exec is the
+    fd's, not the description's); kcmp decides."""
     if tree is None:
         return None
     for member in tree.pids:
         if member == pid:
             return None
         for other in tree.fds.get(member, ()):
-            if (other.target, other.st_dev, other.st_ino, other.pos, other.flags) != (
-                    info.target, info.st_dev, info.st_ino, info.pos, info.flags):
+            if (other.target, other.st_dev, other.st_ino, other.pos,
+                    other.flags & ~O_CLOEXEC) != (info.target, info.st_dev, info.st_ino,
+                                                  info.pos, info.flags & ~O_CLOEXEC):
                 continue
             try:
                 if same_file(pid, info.fd, member, other.fd):

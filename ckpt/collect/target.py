@@ -57,6 +57,8 @@ class Target:
     # whether the target's IPC namespace is ckpt's
     shm_segments: tuple[sysvshm.Segment, ...] = ()
     same_ipc_ns: bool = True
+    # a tree dump: the other members' attaches (VMAs) of those segments, by shmid
+    shm_members: tuple[tuple[int, int], ...] = ()
     policies: tuple[tuple[int, int], ...] = ()  # (tid, scheduling policy): collect.sched
     # (tid, its cgroups) of every thread: ckpt.collect.cgroups
     thread_cgroups: tuple[tuple[int, tuple[cgroups.Membership, ...]], ...] = ()
@@ -145,6 +147,8 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         groups=len(proc.read_status(pid).groups), fd_kinds=tuple(fd_kinds),
         shm_segments=tuple(sysvshm.read_segments().values()) if sysvshm.attaches(maps)
         else (), same_ipc_ns=proc.read_ns(pid, "ipc") == proc.read_ns(me, "ipc"),
+        shm_members=tuple(sysvshm.member_attaches(p for p in tree.pids if p != pid).items())
+        if tree is not None and sysvshm.attaches(maps) else (),
         policies=tuple(sched.read_policies(tids)),
         mapped=mappedfiles.inspect(pid, maps, tree),
         shmem=shmem.inspect(pid, maps, tree.pids if tree else (pid,), memo),

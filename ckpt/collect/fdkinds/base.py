@@ -224,6 +224,9 @@ class TreeScope:
     objects: dict[tuple[str, int], Any] = field(default_factory=dict)
     keep: list[int] = field(default_factory=list)
     members: tuple[int, ...] = ()  # every member's pid (an fd's owner may be another's)
+    # members whose fds are in place, and those fds: what a later member may take
+    # (OpenFile.shared_pid, shared_fd); nothing else, whatever an image says
+    restored: dict[int, frozenset[int]] = field(default_factory=dict)
 
     def close(self) -> None:
         for fd in self.keep:
