@@ -30,10 +30,10 @@ from test_tree_pipeline import check_output, start_pipeline
 from test_tree_sessions import assert_ticking_on
 from test_tree_zombies import launch_zombies
 
-pytestmark = [needs_root,
-              pytest.mark.xfail(reason="issue 11: migrate of a tree (W10, after the tree "
-                                       "dump W2-W4 and restore W5-W7) is not on main yet",
-                                strict=False)]
+pytestmark = needs_root
+# passes with branch i11-tree-migrate merged: drop this mark when it is on main
+NOT_ON_MAIN = pytest.mark.xfail(reason="issue 11: migrate of a tree (W10) is not on main yet",
+                                strict=False)
 Hosts = tuple[str, str, str]
 
 
@@ -66,6 +66,7 @@ def migrate_tree(harness: Harness, proc: subprocess.Popen[bytes], hosts: Hosts) 
     return root
 
 
+@NOT_ON_MAIN
 def test_pipeline_migrates(harness: Harness, two_hosts: Hosts) -> None:  # noqa: F811
     proc, out = start_pipeline(harness, in_a(two_hosts))
     migrate_tree(harness, proc, two_hosts)
@@ -74,6 +75,9 @@ def test_pipeline_migrates(harness: Harness, two_hosts: Hosts) -> None:  # noqa:
     assert check_output(out) >= at_move + 500
 
 
+@pytest.mark.xfail(reason="issue 11: migrate does not carry mapped memfds and deleted files "
+                          "yet (the Pool's /dev/shm semaphores), even with i11-tree-migrate",
+                   strict=False)
 def test_pool_migrates(harness: Harness, two_hosts: Hosts,  # noqa: F811
                        request: pytest.FixtureRequest) -> None:
     proc, out, go = launch_mp(harness, request, in_a(two_hosts))
@@ -82,6 +86,7 @@ def test_pool_migrates(harness: Harness, two_hosts: Hosts,  # noqa: F811
     finish_mp(harness, root, before, out, go)
 
 
+@NOT_ON_MAIN
 def test_zombies_migrate(harness: Harness, two_hosts: Hosts) -> None:  # noqa: F811
     zombies = launch_zombies(harness, in_a(two_hosts))
     root = migrate_tree(harness, zombies.proc, two_hosts)
@@ -89,6 +94,7 @@ def test_zombies_migrate(harness: Harness, two_hosts: Hosts) -> None:  # noqa: F
     zombies.assert_reaped()
 
 
+@NOT_ON_MAIN
 def test_sessions_migrate(harness: Harness, two_hosts: Hosts) -> None:  # noqa: F811
     out = harness.tmp / "out.txt"
     proc = harness.launch([*in_a(two_hosts), *py_target("tree_sessions.py")], out)
