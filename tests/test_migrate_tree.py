@@ -21,6 +21,7 @@ from conftest import (
     assert_ckpt_ok,
     assert_one_error_line,
     assert_running_untraced,
+    ckpt_command,
     needs_root,
     read_lines,
     run_ckpt,
@@ -33,30 +34,33 @@ pytestmark = needs_root
 Hosts = tuple[str, str, str]
 LINE = re.compile(r"n=(\d+) pid=(\d+)")
 
-# A parent (waiting in wait4) with two children: "a" counts into a pipe and its own log,
-# "b" reads the pipe and logs each number it gets. Given an fd (the read end of a pipe
-# whose write end is the test's), only a third child keeps it: migrate must refuse that.
+# A parent (waiting in wait4) with three children: "a" counts into a pipe and its own
+# log, "b" reads the pipe and logs each number it gets, "d" sleeps. Given an fd (the read
+# end of a pipe whose write end is the test's), only "d" keeps it: migrate must refuse
+# that. SIGUSR1 makes the parent fork "c", counting into its log; SIGUSR2 kills "d".
 TREE = r'''
-import os, sys, time
-here = sys.argv[1]
-ext = int(sys.argv[2]) if len(sys.argv) > 2 else -1
-def drop_ext():
-    if ext >= 0:
-        os.close(ext)
+import os, signal, sys, time
+here, ext = sys.argv[1], int(sys.argv[2])
 def log_to(name):
     return os.open(os.path.join(here, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-r, w = os.pipe()
-if os.fork() == 0:
-    drop_ext()
-    os.close(r)
-    fd, n = log_to("a.txt"), 0
+def child(keep_ext=False):
+    pid = os.fork()
+    if pid == 0 and ext >= 0 and not keep_ext:
+        os.close(ext)
+    return pid
+def count(name, pipe=-1):
+    fd, n = log_to(name), 0
     while True:
         n += 1
-        os.write(w, b"%d\n" % n)
+        if pipe >= 0:
+            os.write(pipe, b"%d\n" % n)
         os.write(fd, b"n=%d pid=%d\n" % (n, os.getpid()))
         time.sleep(0.01)
-if os.fork() == 0:
-    drop_ext()
+r, w = os.pipe()
+if child() == 0:
+    os.close(r)
+    count("a.txt", w)
+if child() == 0:
     os.close(w)
     fd, buf = log_to("b.txt"), b""
     while True:
@@ -66,10 +70,17 @@ if os.fork() == 0:
             os.write(fd, b"n=%d pid=%d\n" % (int(line), os.getpid()))
 os.close(r)
 os.close(w)
-if ext >= 0 and os.fork() == 0:
+d = child(keep_ext=True)
+if d == 0:
     while True:
         time.sleep(1)
-drop_ext()
+if ext >= 0:
+    os.close(ext)
+def grow(*_):
+    if os.fork() == 0:
+        count("c.txt")
+signal.signal(signal.SIGUSR1, grow)
+signal.signal(signal.SIGUSR2, lambda *_: os.kill(d, signal.SIGKILL))
 print("ready", flush=True)
 while True:
     os.waitpid(-1, 0)
@@ -91,13 +102,14 @@ def children(pid: int) -> list[int]:
     return sorted(int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
 
 
-def launch_tree(harness: Harness, hosts: Hosts, *extra: str,
-                pass_fds: Sequence[int] = ()) -> tuple[subprocess.Popen[bytes], list[int]]:
+def launch_tree(harness: Harness, hosts: Hosts, ext: int = -1,
+                ) -> tuple[subprocess.Popen[bytes], list[int]]:
+    """The TREE in host A: (its root, [root, a, b, d])."""
     script = harness.tmp / "tree.py"
     script.write_text(TREE)
-    proc = harness.launch([*in_a(hosts), "python3", script, harness.tmp, *extra],
-                          harness.tmp / "out.txt", pass_fds)
-    size = 3 + len(extra)
+    proc = harness.launch([*in_a(hosts), "python3", script, harness.tmp, str(ext)],
+                          harness.tmp / "out.txt", [ext] if ext >= 0 else [])
+    size = 4
     kids = wait_for(lambda: (k if len(k := children(proc.pid)) == size - 1 else None), 10,
                     "the tree's children")
     for pid in kids:
@@ -115,10 +127,11 @@ def counted(path: Path) -> list[tuple[int, int]]:
 
 
 @contextlib.contextmanager
-def reaping(pids: Sequence[int]) -> Iterator[None]:
-    """Reap each of pids once it is our dead child: the members a migration kills are
-    reparented to us (a child subreaper), and would hold their pids as zombies."""
-    left, stop = set(pids), threading.Event()
+def reaping(left: set[int]) -> Iterator[None]:
+    """Reap each pid of ``left`` (which the caller may add to) once it is our dead child:
+    the members a migration kills are reparented to us (a child subreaper), and would
+    hold their pids as zombies."""
+    stop = threading.Event()
 
     def loop() -> None:
         while left and not stop.is_set():
@@ -137,43 +150,113 @@ def reaping(pids: Sequence[int]) -> Iterator[None]:
         thread.join()
 
 
-def test_tree_with_a_pipe_migrates(harness: Harness, two_hosts: Hosts) -> None:  # noqa: F811
-    _, b, b_addr = two_hosts
+def serve_in_b(harness: Harness, hosts: Hosts, port: int) -> tuple[str, Path, int]:
+    """A page server in host B: (its HOST:PORT, the token file, its pid)."""
+    _, b, b_addr = hosts
     token = harness.tmp / "token"
     token.write_text("a-tree\n")
-    server = page_server_in(harness, b, f"{b_addr}:27078", harness.tmp, token)
+    server = page_server_in(harness, b, f"{b_addr}:{port}", harness.tmp, token)
+    return f"{b_addr}:{port}", token, server.pid
+
+
+def logged_pid(name: str, harness: Harness) -> int:
+    return counted(harness.tmp / name)[0][1]
+
+
+def assert_moved(harness: Harness, hosts: Hosts, root: int,
+                 before: dict[int, tuple[int, int, int, int, int]]) -> None:
+    """Every member of ``before`` runs in host B with its pid, ppid, pgid and sid (the
+    root's ppid aside), as another process (the source's is gone), untraced."""
+    after = {pid: read_ids(pid) for pid in before}
+    assert {p: ids[:4] for p, ids in after.items() if p != root} == \
+        {p: ids[:4] for p, ids in before.items() if p != root}
+    assert after[root][2:4] == before[root][2:4]
+    assert all(after[p][4] != before[p][4] for p in before), "the source's own processes"
+    assert children(root) == sorted(p for p in before if p != root)
+    b_net = os.stat(f"/run/netns/{hosts[1]}").st_ino
+    for pid in before:
+        assert os.stat(f"/proc/{pid}/ns/net").st_ino == b_net, pid
+        assert_running_untraced(pid)
+
+
+def assert_counting_on(harness: Harness, *logs: str) -> None:
+    """Each log goes on, by one process, from 1 without a gap or a repeat."""
+    for log in logs:
+        wait_for_lines(harness.tmp / log, len(read_lines(harness.tmp / log)) + 20)
+        seq = counted(harness.tmp / log)
+        assert [n for n, _ in seq] == list(range(1, len(seq) + 1)), f"{log}: a gap or a repeat"
+        assert len({p for _, p in seq}) == 1, log
+
+
+def kill_tree(pids: Sequence[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_tree_with_a_pipe_migrates(harness: Harness, two_hosts: Hosts) -> None:  # noqa: F811
+    """A parent in wait4, two children counting through a pipe, a sleeping one."""
+    address, token, server = serve_in_b(harness, two_hosts, 27078)
     proc, members = launch_tree(harness, two_hosts)
     before = {pid: read_ids(pid) for pid in members}
-    with reaping(members[1:]):
-        res = run_ckpt("migrate", "-t", str(proc.pid), "--to", f"{b_addr}:27078",
+    with reaping(set(members[1:])):
+        res = run_ckpt("migrate", "-t", str(proc.pid), "--to", address,
                        "--auth-token-file", token, reap=proc, prefix=in_a(two_hosts))
     assert_ckpt_ok(res)
     assert f"as pid {proc.pid}:" in res.stdout, res.stdout
     assert re.search(r"round 1: \d+ dirty pages", res.stdout), res.stdout
-    after = {pid: read_ids(pid) for pid in members}
-    # the same ids, but other processes: the source's tree is gone, these live in B
-    assert {p: ids[:3] for p, ids in after.items() if p != proc.pid} == \
-        {p: ids[:3] for p, ids in before.items() if p != proc.pid}
-    assert after[proc.pid][2:4] == before[proc.pid][2:4]
-    assert all(after[p][4] != before[p][4] for p in members)
-    assert children(proc.pid) == members[1:]
-    b_net = os.stat(f"/run/netns/{b}").st_ino
-    for pid in members:
-        assert os.stat(f"/proc/{pid}/ns/net").st_ino == b_net, pid
-    a_lines, b_lines = len(read_lines(harness.tmp / "a.txt")), len(read_lines(harness.tmp /
-                                                                               "b.txt"))
-    wait_for_lines(harness.tmp / "a.txt", a_lines + 20)
-    wait_for_lines(harness.tmp / "b.txt", b_lines + 20)
-    for pid in members:
-        assert_running_untraced(pid)
-    for log, pid in (("a.txt", members[1]), ("b.txt", members[2])):
-        seq = counted(harness.tmp / log)
-        assert [n for n, _ in seq] == list(range(1, len(seq) + 1)), f"{log}: a gap or a repeat"
-        assert {p for _, p in seq} == {pid}
-    harness.kill(server.pid)
-    for pid in members:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    assert_moved(harness, two_hosts, proc.pid, before)
+    assert_counting_on(harness, "a.txt", "b.txt")
+    assert {logged_pid("a.txt", harness), logged_pid("b.txt", harness)} < set(members[1:])
+    harness.kill(server)
+    kill_tree(members)
+
+
+def test_members_change_between_rounds(harness: Harness, two_hosts: Hosts) -> None:  # noqa: F811
+    """After round 1 the root forks a new counting child and one child exits: the new one
+    is copied whole by a later pass and arrives counting on, the gone one is not
+    restored."""
+    address, token, server = serve_in_b(harness, two_hosts, 27080)
+    proc, members = launch_tree(harness, two_hosts)
+    d = (set(members[1:]) - {logged_pid("a.txt", harness), logged_pid("b.txt", harness)}).pop()
+    log = harness.tmp / "migrate.txt"
+    pending = set(members[1:])
+    with log.open("w") as out, reaping(pending):
+        migrate = subprocess.Popen(
+            [*in_a(two_hosts), ckpt_command(), "migrate", "-t", str(proc.pid), "--to",
+             address, "--auth-token-file", str(token), "--max-rounds", "4"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "CKPT_TEST_PAUSE_AT": "round-sent#1"})
+        try:
+            wait_for(lambda: proc_state(migrate.pid) == "T" or None, 60, "round 1 sent")
+            os.kill(proc.pid, signal.SIGUSR1)  # grow: a new member, "c"
+            os.kill(proc.pid, signal.SIGUSR2)  # shrink: "d" exits, reaped by the root
+            wait_for_lines(harness.tmp / "c.txt", 5)
+            wait_for(lambda: not Path(f"/proc/{d}").exists() or None, 10, "d reaped")
+            c = logged_pid("c.txt", harness)
+            harness.track(c)
+            pending.add(c)
+            before = {pid: read_ids(pid) for pid in [*members, c] if pid != d}
+            os.kill(migrate.pid, signal.SIGCONT)
+            wait_for(lambda: (proc.poll() is not None and migrate.poll() is not None) or None,
+                     120, "the migration")  # reaps the root as its shell would
+            assert migrate.returncode == 0, log.read_text()
+        finally:
+            if migrate.poll() is None:
+                migrate.kill()
+                migrate.wait()
+    text = log.read_text()
+    assert "round 2" in text and f"as pid {proc.pid}:" in text, text
+    assert_moved(harness, two_hosts, proc.pid, before)
+    assert d not in children(proc.pid)
+    assert_counting_on(harness, "a.txt", "b.txt", "c.txt")
+    harness.kill(server)
+    kill_tree(list(before))
+
+
+def proc_state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rfind(")") + 2:].split()[0]
 
 
 def test_member_with_an_external_pipe_is_refused(harness: Harness,
@@ -186,7 +269,7 @@ def test_member_with_an_external_pipe_is_refused(harness: Harness,
     server = page_server_in(harness, b, f"{b_addr}:27079", harness.tmp, token)
     r, w = os.pipe()
     try:
-        proc, members = launch_tree(harness, two_hosts, str(r), pass_fds=[r])
+        proc, members = launch_tree(harness, two_hosts, r)
     finally:
         os.close(r)
     try:

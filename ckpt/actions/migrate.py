@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckpt import testpoint
 from ckpt.actions.dump import DumpOptions, dump
 from ckpt.actions.migrate_check import check_members, compat_request
 from ckpt.actions.migrate_tree import TreeLost, restore_after_kill
@@ -230,6 +231,7 @@ def pre_round(opts: MigrateOptions, conn: Conn, work: Path, n: int, prev: str | 
     # and the tree restored cold from the final one (ckpt.transfer.prerestore)
     with Throttle(opts.pid, duty) as throttle:
         sent = send_pass_on(conn, work / str(n), str(n), prerestore=len(inv.pids) <= 1)
+    testpoint.pause_at("round-sent")
     return Round(n, inv.stats.pages_written, sent.bytes, time.perf_counter() - t,
                  throttle.duty, max(len(inv.pids), 1))
 
