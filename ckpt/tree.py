@@ -37,7 +37,7 @@ import signal
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ckpt.errors import CkptError, ImageError
+from ckpt.errors import ImageError, RestoreError
 from ckpt.images.pb import core_pb2 as pb
 
 SIGCHLD = int(signal.SIGCHLD)
@@ -46,7 +46,7 @@ NOT_FATAL = {int(s) for s in (signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, sig
                               signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)}
 
 
-class TreeRefusal(CkptError):
+class TreeRefusal(RestoreError):
     """The tree has a shape restore cannot rebuild."""
 
 

@@ -63,6 +63,7 @@ class Bins:
     signals: Path
     scenarios: Path
     pauser: Path
+    pauser_static: Path
 
 
 # name -> (source, flags before the source, flags after it)
@@ -74,6 +75,7 @@ _BUILDS: dict[str, tuple[str, list[str], list[str]]] = {
     "signals": ("signals.c", ["-O2"], []),
     "scenarios": ("scenarios.c", ["-O2", "-pthread"], []),
     "pauser": ("pauser.c", ["-O2", "-pthread"], []),
+    "pauser_static": ("pauser.c", ["-O2", "-pthread", "-static"], []),
 }
 
 

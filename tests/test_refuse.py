@@ -14,6 +14,7 @@ import re
 import stat
 import struct
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -335,6 +336,36 @@ def test_predump_and_dump_take_the_tree_and_dump_names_the_member(harness: Harne
     assert str(child) in msg and "pdeath_signal" in msg, msg
     assert not (images / "inventory.img").exists()
     assert_runs_on(proc, out)
+    assert_running_untraced(child)
+
+
+KMSG_CHILD = """
+import os, time
+if os.fork() == 0:
+    os.open("/dev/kmsg", os.O_RDONLY)  # fd 3: a device whose state lives in the driver
+    print("child", os.getpid(), flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+@needs_root
+def test_predump_and_dump_of_a_tree_name_the_member_they_refuse(harness: Harness,
+                                                                tmp_path: Path) -> None:
+    """A member's fd refused before the freeze: predump and dump print the same one
+    line, naming the member and its fd; the tree runs on untouched."""
+    out = tmp_path / "out.txt"
+    proc = harness.launch([sys.executable, "-c", KMSG_CHILD], out)
+    child = int(wait_for_lines(out, 1)[0].split()[1])
+    lines = []
+    for action in ("predump", "dump"):
+        images = harness.images(action)
+        msg = assert_one_error_line(run_ckpt(action, "-t", str(proc.pid), "-D", images))
+        assert f"process {child}: fd 3 " in msg and "/dev/kmsg" in msg, msg
+        assert not (images / "inventory.img").exists()
+        lines.append(msg)
+    assert lines[0] == lines[1]
+    assert_running_untraced(proc.pid)
     assert_running_untraced(child)
 
 

@@ -1,6 +1,7 @@
-"""Pure decisions of the release (ckpt.restore.tasks), without root: which registers are
-loaded, which signal parks the leader, which action SIGTRAP gets; and the stub's reset of
-every signal action to the kernel's default."""
+"""Pure decisions of the release (ckpt.restore.tasks, ckpt.restore.release), without root:
+which registers are loaded, which signal parks the leader, which action SIGTRAP gets,
+which threads are let go at their call's entry and which signals met on the way are
+dropped; and the stub's reset of every signal action to the kernel's default."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.ptrace import Regs
 from ckpt.kernel.sys import KSIGACTION_SIZE, NR, NSIG, default_all_sigactions, syscall
+from ckpt.restore.release import ignored, through_window
 from ckpt.restore.tasks import (
     KSIGACTION,
     NOT_PARKING,
@@ -55,6 +57,30 @@ def test_other_registers_untouched(rax: int, orig: int) -> None:
     value that looks like a restart code."""
     got = restart_regs(regs(rax, orig))
     assert (got.rax, got.orig_rax, got.rip) == (rax & U64, orig & U64, SYSCALL_END)
+
+
+@pytest.mark.parametrize(("rax", "orig", "through"), [
+    (-512, NR_PAUSE, True), (-514, NR_PAUSE, True),  # EINTR if a handler runs first
+    (-513, NR_PAUSE, False),  # ERESTARTNOINTR: restarted after a handler too
+    (-516, NR_NANOSLEEP, False),  # ERESTART_RESTARTBLOCK: restart_regs makes it EINTR
+    (-514, -1, False), (0, NR_PAUSE, False), (-4, NR_PAUSE, False)])
+def test_through_window(rax: int, orig: int, through: bool) -> None:
+    """Only a call the kernel restarts and a handler would interrupt is let go at its
+    entry; everything else is detached from its park as before."""
+    assert through_window(regs(rax, orig)) is through
+
+
+def test_ignored_signals_are_dropped() -> None:
+    """SIG_IGN, or SIG_DFL of a signal whose default is to ignore, never woke the
+    original; a handler or any other default action did."""
+    entry = pb.ProcessEntry(sigactions=[
+        pb.SigAction(signo=signal.SIGUSR1, handler=0x401000),
+        pb.SigAction(signo=signal.SIGUSR2, handler=1),
+        pb.SigAction(signo=signal.SIGCHLD, handler=0x401000),
+        pb.SigAction(signo=signal.SIGWINCH, handler=0, flags=0x4000000),
+        pb.SigAction(signo=signal.SIGTERM, handler=0)])
+    assert [sig for sig in range(1, 65) if ignored(entry, sig)] == sorted(
+        [signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT, signal.SIGURG])
 
 
 def test_park_signal_is_sigtrap_unless_pending() -> None:

@@ -29,8 +29,11 @@ from conftest import (
     wait_for,
     wait_for_line,
 )
+from test_killsafe import pause_ckpt_at
+from test_tree_restore import reap_members
+from test_tree_shmem import MIB8, rounds, start_tree, wait_rounds
 
-from ckpt.actions.passes import member_parent_refused, open_parent
+from ckpt.actions.passes import member_parent_refused, of_member, open_parent
 from ckpt.collect import proc
 from ckpt.images import ImageDir
 from ckpt.images.chain import resolve
@@ -89,6 +92,12 @@ def test_a_member_whose_pid_names_another_process_gets_no_parent(tmp_path: Path)
     assert open_parent(here, "../without", me, member=True) is None
     # the root is not a member: its parent is its own (the tracker checks the process)
     assert open_parent(here, "../other", me) is not None
+
+
+def test_a_member_refusal_names_the_member_once() -> None:
+    assert of_member(12, "fd 3 is a FIFO") == "process 12: fd 3 is a FIFO"
+    assert of_member(12, "process 12 has a timer") == "process 12 has a timer"
+    assert of_member(12, "process 123 has a timer") == "process 12: process 123 has a timer"
 
 
 def test_the_worker_crc_is_a_function_of_worker_and_step() -> None:
@@ -159,9 +168,15 @@ def pids_of(images: Path) -> list[int]:
 def start(harness: Harness, out: Path) -> tuple[subprocess.Popen[bytes], list[int]]:
     proc = harness.launch([*py_target("tree_worker.py"), "0.1"], out)
     wait_for_line(out, lambda line: line == "ready", 60, "the workers")
-    kids = children(proc.pid)
-    assert len(kids) == 2
+    kids = [worker_pid(out, 0), worker_pid(out, 1)]  # by worker, not by pid (pids wrap)
+    assert children(proc.pid) == sorted(kids)
     return proc, kids
+
+
+def worker_pid(out: Path, child: int) -> int:
+    """Worker ``child``'s pid, from its first line."""
+    line = wait_for_line(out, lambda x: x.startswith(f"a{child} "), 30, f"worker {child}")
+    return int(line.split()[2])
 
 
 def predump(images: Path, root: int, prev: str | None = None) -> str:
@@ -184,7 +199,7 @@ def test_predump_predump_incremental_dump_of_a_tree_store_only_what_changed(
     p1, p2, final = harness.images("p1"), harness.images("p2"), harness.images("dump")
     line = predump(p1, root)
     assert "3 processes" in line, line
-    assert pids_of(p1) == [root, *kids]
+    assert pids_of(p1) == [root, *sorted(kids)]
     for kid in kids:
         own, _ = stored(p1, kid)
         assert own >= WORKER, (kid, own)
@@ -201,7 +216,7 @@ def test_predump_predump_incremental_dump_of_a_tree_store_only_what_changed(
     for child, kid in enumerate(kids):  # the dump's view through the chain
         assert_memory_of_a_step(final, out, kid, child, before[child])
     for images in (p2, final):
-        assert pids_of(images) == [root, *kids]
+        assert pids_of(images) == [root, *sorted(kids)]
         for pid in (root, *kids):
             own, in_parent = stored(images, pid)
             assert own < SMALL, (images.name, pid, own)
@@ -211,7 +226,7 @@ def test_predump_predump_incremental_dump_of_a_tree_store_only_what_changed(
     assert harness.restore_detached(final) == root
     for kid in kids:
         harness.track(kid)
-    assert children(root) == kids
+    assert children(root) == sorted(kids)
     advance(out, [0, 1], 3)
     worker = load_worker()
     for child in (0, 1):
@@ -234,12 +249,12 @@ def test_a_member_forked_after_a_predump_is_copied_whole_and_one_that_exited_is_
     predump(p1, root)
     os.kill(root, signal.SIGUSR1)  # a third worker
     wait_for_line(out, lambda line: line.startswith("c2 "), 30, "the third worker")
-    new = next(p for p in children(root) if p not in kids)
+    new = worker_pid(out, 2)
     os.kill(kids[0], signal.SIGKILL)  # the first one gone (its parent reaps it)
     wait_for(lambda: kids[0] not in children(root), 10, "the first worker to be reaped")
     line = predump(p2, root, "../p1")
     assert "1 copied whole" in line, line
-    assert pids_of(p2) == [root, kids[1], new]
+    assert pids_of(p2) == [root, *sorted((kids[1], new))]  # children by pid
     own, in_parent = stored(p2, new)
     assert own >= WORKER and not in_parent, own
     own, in_parent = stored(p2, kids[1])
@@ -247,12 +262,12 @@ def test_a_member_forked_after_a_predump_is_copied_whole_and_one_that_exited_is_
     os.kill(root, signal.SIGUSR1)  # a fourth, new in the dump (it too holds a copy of
     # the userfaultfd the predumps left in its parent: ckpt's, not dumped)
     wait_for_line(out, lambda line: line.startswith("c3 "), 30, "the fourth worker")
-    newer = next(p for p in children(root) if p not in (kids[1], new))
+    newer = worker_pid(out, 3)
     advance(out, [1, 2, 3])
     before = {child: last_step(out, child) for child in (1, 2, 3)}
     assert_ckpt_ok(run_ckpt("dump", "-t", str(root), "-D", final, "--incremental",
                             "--prev-images-dir", "../p2", "--leave-running"))
-    assert pids_of(final) == [root, kids[1], new, newer]
+    assert pids_of(final) == [root, *sorted((kids[1], new, newer))]
     for child, pid in ((1, kids[1]), (2, new), (3, newer)):
         assert_memory_of_a_step(final, out, pid, child, before[child])
     for pid in (kids[1], new):
@@ -284,7 +299,7 @@ def test_a_member_whose_pid_was_reused_between_passes_is_copied_whole(
     wait_for_line(out, lambda line: line.startswith("c2 "), 30, "the new worker")
     line = predump(p2, root, "../p1")
     assert "1 copied whole" in line, line
-    assert pids_of(p2) == [root, *kids]
+    assert pids_of(p2) == [root, *sorted(kids)]
     own, in_parent = stored(p2, kids[0])
     assert own >= WORKER and not in_parent, (own, in_parent)
     started = [ImageDir.open(str(d)).read_tracker(kids[0]) for d in (p1, p2)]
@@ -298,3 +313,67 @@ def test_a_member_whose_pid_was_reused_between_passes_is_copied_whole(
     for pid in kids:
         own, in_parent = stored(final, pid)
         assert own < SMALL and in_parent >= WORKER - SMALL, (pid, own, in_parent)
+
+
+def shm_span(pid: int) -> tuple[int, int]:
+    """Where ``pid`` maps the tree's shared anonymous memory (tree_shmem.py: one VMA)."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        if line.endswith("/dev/zero (deleted)"):
+            lo, hi = line.split()[0].split("-")
+            return int(lo, 16), int(hi, 16)
+    raise AssertionError(f"process {pid} maps no shared anonymous memory")
+
+
+@needs_root
+def test_predumps_leave_memory_members_share_to_the_dump_which_stores_it_in_its_owner(
+        harness: Harness) -> None:
+    """MAP_SHARED|MAP_ANONYMOUS memory the three members map (tree_shmem.py): no
+    tracker sees the writes through another member's mapping, so a predump stores none
+    of it and the dump all of it in its owner; restored, the members still share it
+    (their rounds go on, each checking the others' writes)."""
+    proc, out, kids = start_tree(harness)
+    spans = {pid: shm_span(pid) for pid in (proc.pid, *kids)}
+    p1, p2, final = harness.images("p1"), harness.images("p2"), harness.images("dump")
+    predump(p1, proc.pid)
+    wait_rounds(out, 2)
+    predump(p2, proc.pid, "../p1")
+    wait_rounds(out, 2)
+    for images in (p1, p2):
+        for pid, span in spans.items():
+            _, pm = ImageDir.open(str(images)).read_pagemap(pid)
+            assert not intersect(pm.covered, [span]), (images.name, pid)
+    harness.dump_and_reap(proc, final, "--incremental", "--prev-images-dir", "../p2")
+    reap_members(kids)
+    _, pm = ImageDir.open(str(final)).read_pagemap(proc.pid)
+    assert total(intersect(pm.present, [spans[proc.pid]])) == MIB8
+    before = rounds(out)
+    assert harness.restore_detached(final) == proc.pid
+    for kid in kids:
+        harness.track(kid)
+    wait_rounds(out, 5)
+    assert rounds(out) >= before + 5
+
+
+@needs_root
+@pytest.mark.parametrize("point", ["predump-begin", "predump-copy"])
+def test_a_member_that_exits_during_a_predump_is_left_out_of_it(harness: Harness,
+                                                                 tmp_path: Path,
+                                                                 point: str) -> None:
+    """Worker 0 killed while a second predump is at ``point`` (tracking armed with the
+    tree running, or its pages about to be copied): the pass completes without it."""
+    out = tmp_path / "out.txt"
+    proc, kids = start(harness, out)
+    p1, p2 = harness.images("p1"), harness.images("p2")
+    predump(p1, proc.pid)
+    ckpt = pause_ckpt_at(point, "predump", "-t", str(proc.pid), "-D", p2,
+                         "--prev-images-dir", "../p1")
+    os.kill(kids[0], signal.SIGKILL)  # its parent reaps it
+    wait_for(lambda: kids[0] not in children(proc.pid), 10, "worker 0 to be reaped")
+    ckpt.send_signal(signal.SIGCONT)
+    _, err = ckpt.communicate(timeout=60)
+    assert ckpt.returncode == 0, err
+    assert pids_of(p2) == [proc.pid, kids[1]]
+    own, in_parent = stored(p2, kids[1])
+    assert own < SMALL and in_parent >= WORKER - SMALL, (own, in_parent)
+    for pid in (proc.pid, kids[1]):
+        assert_running_untraced(pid)

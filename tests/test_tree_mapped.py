@@ -6,12 +6,24 @@ earlier_holder, make_objects with the tree's registry)."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Harness, needs_root, py_target, read_lines, wait_for, wait_for_line
+from conftest import (
+    Harness,
+    assert_ckpt_ok,
+    needs_root,
+    py_target,
+    read_lines,
+    run_ckpt,
+    wait_for,
+    wait_for_line,
+)
+from test_tree_unix import HOWS, children_of, dump_tree, restore_tree
 
 from ckpt.collect.fdkinds.base import TreeScope, TreeView
 from ckpt.collect.fds import FdInfo
@@ -84,24 +96,20 @@ def test_a_file_an_earlier_member_carries_must_have_been_made() -> None:
 # --------------------------------------------------------------------------- live
 
 
-def children_of(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
-
-
-def playing(harness: Harness) -> tuple[int, int, Path]:
+def playing(harness: Harness) -> tuple[subprocess.Popen[bytes], int, Path]:
     out = harness.tmp / "tree_mapped.out"
     shm = Path("/dev/shm") / f"ckpt-test-{os.getpid()}-{harness.tmp.name}"
     proc = harness.launch([*py_target("tree_mapped.py"), str(shm)], out)
     child = wait_for(lambda: next(iter(children_of(proc.pid)), None), 10, "the child")
     for side in ("parent", "child"):
         wait_for_line(out, f"{side} round 50".__eq__, 10, f"{side} round 50")
-    return proc.pid, child, out
+    return proc, child, out
 
 
 @needs_root
 def test_files_mapped_by_parent_and_child_are_saved_once(harness: Harness) -> None:
-    parent, child, _ = playing(harness)
+    proc, child, _ = playing(harness)
+    parent = proc.pid
     images = harness.images()
     harness.dump(parent, images, "--leave-running")
     d = ImageDir.open(images)
@@ -117,18 +125,22 @@ def test_files_mapped_by_parent_and_child_are_saved_once(harness: Harness) -> No
     (m,) = [f for f in mine.files if f.type == pb.OpenFile.MEMFD]
     (c,) = [f for f in theirs.files if f.type == pb.OpenFile.MEMFD]
     assert len(m.memfd.data) and c.shared_pid == parent
+    res = run_ckpt("show", images, "--json")  # the child's mappings: the parent's files
+    assert_ckpt_ok(res)
+    shown = {p["pid"]: p for p in json.loads(res.stdout)["processes"]}
+    objects = {v["object"] for v in shown[child]["vmas"] if "object" in v}
+    assert objects == {f"process {parent}'s (saved there)"}
 
 
 @needs_root
-def test_parent_and_child_share_their_mapped_files_after_restore(harness: Harness) -> None:
-    parent, child, out = playing(harness)
-    images = harness.images()
-    harness.dump_and_reap(harness._children[-1], images)
-    harness.kill(child)  # reparented to us (a subreaper) when the parent died
+@pytest.mark.parametrize("how", HOWS)
+def test_parent_and_child_share_their_mapped_files_after_restore(harness: Harness,
+                                                                  how: str) -> None:
+    proc, child, out = playing(harness)
+    parent = proc.pid
+    images = dump_tree(harness, proc, child, how)
     dumped = read_lines(out)
-    restored = harness.restore_detached(images)
-    assert restored == parent
-    harness.track(child)
+    restore_tree(harness, images, parent, child)
     for side in ("parent", "child"):  # both play on: 100 rounds more each
         last = max(int(line.split()[-1]) for line in dumped if line.startswith(side))
         want = f"{side} round {last + 100}"

@@ -3,6 +3,7 @@ chosen pids, sessions, groups, helpers, zombies), then whole trees dumped and re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -15,10 +16,11 @@ import pytest
 from conftest import PYTHON, Harness, assert_one_error_line, needs_root, run_ckpt, wait_for
 
 from ckpt.errors import RestoreError
+from ckpt.images import ImageDir
 from ckpt.restore.mm import free_gadget_address
 from ckpt.restore.stub import Stub
 from ckpt.restore.tree import TreeStubs, check_tree_ids_free, subreaper
-from ckpt.tree import Member, Tree, plan_restore
+from ckpt.tree import Fork, Member, Tree, plan_restore
 
 PID_MAX = int(Path("/proc/sys/kernel/pid_max").read_text())
 
@@ -176,13 +178,9 @@ def test_fork_child_into_a_taken_pid_names_the_holder_and_kills_every_stub(
         built: list[TreeStubs]) -> None:
     r, a = free_run(2)
     me = os.getpid()
-    tree = Tree([Member(r, 0, r, r), Member(a, r, r, r), Member(me, a, r, r)])
-    root = Stub.spawn(r, a)
-    stubs = TreeStubs(root)
-    built.append(stubs)
-    root.install_gadget(free_gadget_address(root.pid, []))
+    stubs = build(built, [Member(r, 0, r, r), Member(a, r, r, r)])
     with pytest.raises(RestoreError, match=rf"pid {me} is taken by process {me}"):
-        stubs.run(plan_restore(tree, False))
+        stubs.step(Fork(a, me, signal.SIGCHLD))
     built.remove(stubs)
     stubs.kill()
     assert not Path(f"/proc/{r}").exists() and not Path(f"/proc/{a}").exists()
@@ -255,10 +253,27 @@ def counted(path: Path) -> list[int]:
     return nums
 
 
-def reap_members(pids: list[int]) -> None:
-    """Dumped (killed) members reparented to us, the harness being a subreaper."""
+def reap_members(pids: list[int], harness: Harness | None = None) -> None:
+    """Dumped (killed) members reparented to us, the harness being a subreaper; no longer
+    tracked by ``harness``: another process may take their pids now (a race the harness
+    skips on, unless the holder is one it tracks). A restore's are tracked again."""
+    if harness is not None:
+        harness._pids.difference_update(pids)
     for pid in pids:
         wait_for(lambda p=pid: _reaped(p), 10, f"member {pid} gone")  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def restored_members(harness: Harness, root: int, pids: list[int]) -> Iterator[None]:
+    """Track the members a restore (in the block) brought back under ``root``, even if it
+    failed half-way; never a process that merely took one of their pids."""
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                if stat_of(pid)[1] == root:
+                    harness.track(pid)
 
 
 def _reaped(pid: int) -> bool | None:
@@ -284,9 +299,10 @@ def test_tree_with_a_group_of_its_own_and_a_zombie_restores_whole(harness: Harne
     a_threads = thread_count(a)
     images = harness.images()
     harness.dump_and_reap(proc, images)
-    reap_members([z, a, b])
+    reap_members([z, a, b], harness)
     seen = {n: len(counted(out / n)) for n in ("a", "at", "b", "p")}
-    pid = harness.restore_detached(images)
+    with restored_members(harness, r, [a, b]):
+        pid = harness.restore_detached(images)
     assert pid == r
     after = {p: stat_of(p) for p in (r, z, a, b)}
     assert {p: s[1:] for p, s in after.items() if p != r} == {
@@ -371,10 +387,13 @@ def test_orphans_of_a_gone_session_and_group_leader_come_back_with_helpers(
     assert before[m][1:] == (r, s, s) and before[n][1:] == (r, g, r)
     images = harness.images()
     harness.dump_and_reap(proc, images)
-    reap_members([z, m, n])
+    reap_members([z, m, n], harness)
     seen = {x: len(counted(out / x)) for x in ("m", "n", "p")}
-    assert harness.restore_detached(images) == r
-    assert {pid: stat_of(pid) for pid in (r, m, n, z)} == before
+    with restored_members(harness, r, [m, n]):
+        assert harness.restore_detached(images) == r
+    assert {pid: stat_of(pid)[1:] for pid in (r, m, n, z)} == {
+        pid: ids[1:] for pid, ids in before.items()}
+    assert stat_of(z)[0] == "Z"
     assert wait_status_of(z) == signal.SIGTERM
     assert not Path(f"/proc/{s}").exists() and not Path(f"/proc/{g}").exists()
     for x in ("m", "n", "p"):
@@ -407,9 +426,56 @@ def test_a_member_failing_after_the_forks_kills_the_whole_tree(harness: Harness)
     wait_for(lambda: len(counted(out / "a")) > 2 or None, 10, "a counting")
     images = harness.images()
     harness.dump_and_reap(proc, images)
-    reap_members([z, a, b])
+    reap_members([z, a, b], harness)
     cwd.rmdir()  # a's working directory: its chdir fails once every stub is forked
     res = run_ckpt("restore", "-D", images, "-d")
     harness.skip_if_ids_reused(res)
     assert "chdir" in assert_one_error_line(res)
+    assert not [p for p in (proc.pid, z, a, b) if Path(f"/proc/{p}").exists()]
+
+
+@needs_root
+def test_shell_job_tree_stays_in_the_restoring_session_and_group(harness: Harness) -> None:
+    """--shell-job: the root (a job leader of our session) stays in the restoring ckpt's
+    session and group, the members of its group with it; b leads its own group again."""
+    out = harness.images("out")
+    script = harness.tmp / "tree.py"
+    script.write_text(TREE_TARGET)
+    with open(harness.tmp / "log", "wb") as log:
+        proc = subprocess.Popen([PYTHON, script, out], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=log, process_group=0)
+    harness._children.append(proc)
+    r = proc.pid
+    z, a, b = member_pids(out)
+    for p in (a, b):
+        harness.track(p)
+    wait_for(lambda: stat_of(b)[2] == b or None, 10, "b's group")
+    assert stat_of(r)[2:] == (r, os.getsid(0)) and stat_of(a)[2] == r
+    images = harness.images()
+    harness.dump_and_reap(proc, images, "--shell-job")
+    reap_members([z, a, b], harness)
+    with restored_members(harness, r, [a, b]):
+        assert harness.restore_detached(images) == r
+    mine = (os.getpgid(0), os.getsid(0))  # run_ckpt's ckpt is in our group
+    assert stat_of(r)[2:] == mine
+    assert stat_of(a)[1:] == (r, *mine) and stat_of(z) == ("Z", r, *mine)
+    assert stat_of(b)[1:] == (r, b, mine[1])
+
+
+@needs_root
+def test_a_tree_shape_restore_cannot_build_is_refused_in_one_line(harness: Harness) -> None:
+    proc, out = launch_tree(harness)
+    z, a, b = member_pids(out)
+    for p in (a, b):
+        harness.track(p)
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    reap_members([z, a, b], harness)
+    imgs = ImageDir.open(images)
+    core = imgs.read_core(a)
+    core.sid = core.pgid = 1  # a session no member leads or was born in
+    imgs.write_core(a, core)
+    res = run_ckpt("restore", "-D", images, "-d")
+    assert f"process {a} is in session 1, which no process of the tree leads" in (
+        assert_one_error_line(res))
     assert not [p for p in (proc.pid, z, a, b) if Path(f"/proc/{p}").exists()]

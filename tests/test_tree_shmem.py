@@ -11,6 +11,7 @@ examples/targets/tree_shmem.py (a parent and 2 children passing rounds through 8
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from dataclasses import replace
@@ -42,6 +43,7 @@ from ckpt.collect.shmem import (
     not_owned,
     owned_whole,
     place,
+    read_shmem_maps,
     refusal,
 )
 from ckpt.collect.vmas import VmaInfo, VmaKind
@@ -128,16 +130,36 @@ def test_the_restorable_table_names_process_address_and_the_others() -> None:
                 if "shared anonymous" in line]
 
 
+MAPS = """\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fd:01 1234                       /usr/bin/python3
+7f0000000000-7f0000800000 rw-s 00000000 00:01 999                        /dev/zero (deleted)
+7f0000800000-7f0000801000 rw-s 00003000 00:01 1000                       [anon_shmem:pool]
+7f0000900000-7f0000901000 rw-p 00000000 00:00 0
+7f0000a00000-7f0000a01000 r--s 00000000 00:1a 77                         /dev/shm/x
+"""
+
+
+def test_shmem_vmas_are_read_from_maps(tmp_path: Path) -> None:
+    (tmp_path / "123").mkdir()
+    (tmp_path / "123" / "maps").write_text(MAPS)
+    dev = os.makedev(0, 1)
+    assert read_shmem_maps(123, root=str(tmp_path)) == [
+        ShmMap(123, A, A + MIB8, 0, dev, 999), ShmMap(123, A + MIB8, A + MIB8 + PAGE, 0x3000,
+                                                      dev, 1000)]
+    assert read_shmem_maps(124, root=str(tmp_path)) == []  # gone
+
+
 # --------------------------------------------------------------------------- live
 
 
-def start_tree(harness: Harness, *mode: str,
+def start_tree(harness: Harness, *mode: str, out_name: str = "tree_shmem.out",
                ) -> tuple[subprocess.Popen[bytes], Path, list[int]]:
-    """examples/targets/tree_shmem.py: the parent and its two children's pids."""
-    out = harness.tmp / "tree_shmem.out"
+    """examples/targets/tree_shmem.py: the parent and its children's pids (child 0, 1)."""
+    out = harness.tmp / out_name
     proc = harness.launch([*py_target("tree_shmem.py"), *mode], out)
     wait_for_line(out, lambda line: line == "ready", 20, "ready")
-    kids = [int(line.split()[1]) for line in read_lines(out) if line.startswith("child ")]
+    kids = [int(pid) for _, pid in sorted(line.split()[1:] for line in read_lines(out)
+                                          if line.startswith("child "))]
     assert len(kids) == 2, read_lines(out)
     return proc, out, kids
 
@@ -220,20 +242,27 @@ def test_memory_members_map_in_parts_is_refused_naming_them(harness: Harness) ->
     res = run_ckpt("dump", "-t", str(proc.pid), "-D", harness.images(), "--leave-running")
     line = assert_one_error_line(res)
     assert f"process {proc.pid} maps shared anonymous memory at 0x" in line, line
-    assert f"that processes {kids[0]}, {kids[1]} of the dump map too, mapped in parts" in line
+    assert f"that processes {min(kids)}, {max(kids)} of the dump map too, mapped in parts" \
+           in line, line
     for p in (proc.pid, *kids):
         assert_running_untraced(p)
     wait_rounds(out, 3)
 
 
 @needs_root
-def test_incremental_pass_saves_shared_memory_whole_in_its_owner(harness: Harness) -> None:
+@pytest.mark.parametrize("first_pass", ["predump", "dump"])
+def test_incremental_pass_saves_shared_memory_whole_in_its_owner(
+        harness: Harness, first_pass: str) -> None:
     """The owner's dirty tracking (uffd-wp) misses the children's writes (each writes a
     page the parent never does): every pass stores the memory whole, and a restore of the
-    chain gives each child its own count back."""
+    chain (after a predump, or a dump that left the tree running) gives each child its
+    own count back."""
     proc, out, kids = start_tree(harness)
     first, second = harness.images("first"), harness.images("second")
-    harness.dump(proc.pid, first, "--leave-running", "--track-mem")
+    if first_pass == "predump":
+        assert_ckpt_ok(run_ckpt("predump", "-t", str(proc.pid), "-D", first))
+    else:
+        harness.dump(proc.pid, first, "--leave-running", "--track-mem")
     wait_rounds(out, 3)
     harness.dump_and_reap(proc, second, "--incremental", "--prev-images-dir", "../first")
     reap_members(kids)
@@ -255,3 +284,35 @@ def test_incremental_pass_saves_shared_memory_whole_in_its_owner(harness: Harnes
         harness.track(kid)
     wait_rounds(out, 5)
     assert pid == proc.pid and rounds(out) >= before + 5
+
+
+@needs_root
+def test_an_image_naming_another_process_as_owner_maps_nothing_of_it(
+        harness: Harness) -> None:
+    """Vma.shm_owner of a crafted image names a process outside the restore that maps
+    shared memory at shm_start: the restore fails in one line, that process runs on."""
+    proc, _, kids = start_tree(harness)
+    images = harness.images()
+    harness.dump_and_reap(proc, images)
+    reap_members(kids)
+    other, other_out, other_kids = start_tree(harness, out_name="other.out")
+    start = int(next(line for line in Path(f"/proc/{other.pid}/maps").read_text().splitlines()
+                     if line.endswith("/dev/zero (deleted)")).split("-")[0], 16)
+    d = ImageDir.open(images)
+    core = d.read_core(kids[0])
+    for v in core.vmas:
+        if v.shmid:
+            v.shm_owner, v.shm_start = other.pid, start
+    d.write_core(kids[0], core)
+    for p in (proc.pid, *kids):
+        harness.track(p)  # killed at the end, should the restore wrongly succeed
+    res = run_ckpt("restore", "-D", images, "--restore-detached")
+    line = assert_one_error_line(res)
+    assert f"shared anonymous memory of process {other.pid}, which is no process of this " \
+           "restore" in line, line
+    for p in (proc.pid, *kids):
+        assert not Path(f"/proc/{p}").exists() or Path(f"/proc/{p}/stat").read_text().split()[
+            2] == "Z", f"{p} left behind"
+    for p in (other.pid, *other_kids):
+        assert_running_untraced(p)
+    wait_rounds(other_out, 3)

@@ -32,6 +32,7 @@ from ckpt.actions.passes import (
     describe,
     inventory,
     open_parent,
+    refusals_of,
     snapshot_limit,
 )
 from ckpt.collect import proc
@@ -162,7 +163,8 @@ def prepare_members(opts: DumpOptions, pids: list[int], parent: Parent | None,
     out = []
     for n, member in enumerate(pids):
         memo: dict[Any, Any] = {}  # the fd kinds' reads, shared with the frozen collection
-        early = preflight(opts, member, tree, memo)
+        with refusals_of(member, tree is not None):  # say which member
+            early = preflight(opts, member, tree, memo)
         prev = parent if n == 0 else open_parent(opts.images_dir, opts.prev_images_dir,
                                                    member, member=True)
         out.append(MemberDump(opts, member, prev, early, memo))

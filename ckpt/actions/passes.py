@@ -3,16 +3,18 @@ one pass (pages + pagemap) and its statistics."""
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import re
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ckpt.collect import proc
 from ckpt.collect.vmas import VmaInfo
-from ckpt.errors import ImageError
+from ckpt.errors import ImageError, NotDumpable
 from ckpt.images import FORMAT_VERSION, ImageDir
 from ckpt.images.chain import parent_coverage
 from ckpt.images.pagemap import Pagemap
@@ -80,6 +82,23 @@ def recorded_start(parent: ImageDir, pid: int) -> int:
     if state is not None and state.start_time:
         return state.start_time
     return parent.read_core(pid).start_time if parent.exists("core", pid) else 0
+
+
+@contextlib.contextmanager
+def refusals_of(pid: int, tree: bool) -> Iterator[None]:
+    """In a tree (``tree``), a refusal met while checking member ``pid`` is said of it:
+    'fd 3 is a character device ...' must say whose fd 3."""
+    try:
+        yield
+    except NotDumpable as exc:
+        if not tree:
+            raise
+        raise NotDumpable(of_member(pid, str(exc))) from None
+
+
+def of_member(pid: int, why: str) -> str:
+    """``why``, naming process ``pid`` unless it already does."""
+    return why if re.search(rf"\bprocess {pid}\b", why) else f"process {pid}: {why}"
 
 
 def select_tracker(track: str, pid: int, parent: Parent | None) -> Tracker:

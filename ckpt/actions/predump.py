@@ -12,20 +12,25 @@ member, in pre-order.
     arm                tracker.begin: what changed since the parent, tracking re-armed
                        (protect before copying), VMA list snapshot
     plan + copy        pages that changed or the parent lacks, read while it runs;
-                       a page written during the copy is caught by the next pass
+                       a page written during the copy is caught by the next pass;
+                       anonymous shared memory several members map is left to the
+                       dump (it stores it whole in its owner: no tracker sees it all)
     write images       per member: pages, pagemap, VMAs, tracker state; then the
                        inventory (kind "predump", pids: every live member in pre-order)
 
-A member that exited before the freeze is left out of this pass; one forked after the
-listing is not in it either, and is copied whole by the next pass (the dump's parent
-pass then holds no pages for it).
+A member that exits during the pass is left out of it (but the root: the pass fails); one
+forked after the listing is not in it either, and is copied whole by the next pass.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
+from ckpt import testpoint
 from ckpt.actions.core_image import vma_to_pb
 from ckpt.actions.dump import hidden_fds, merge_stats, refuse_sharing, tree_view
 from ckpt.actions.passes import (
@@ -35,11 +40,12 @@ from ckpt.actions.passes import (
     inventory,
     open_parent,
     pass_stats,
+    refusals_of,
     select_tracker,
     view_digests,
     write_memory,
 )
-from ckpt.collect import proc
+from ckpt.collect import proc, shmem
 from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags, TreeView
 from ckpt.collect.restorable import read_target, require_restorable
 from ckpt.collect.vmas import VmaInfo, collect_vmas
@@ -50,6 +56,8 @@ from ckpt.images.pb import image_pb2
 from ckpt.kernel.creds import require_root
 from ckpt.pagecopy.incremental import plan_pass
 from ckpt.track import DirtySet, PassContext, Tracker
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,8 @@ def predump(opts: PredumpOptions) -> str:
         raise NoSuchProcess(root)
     parent = open_parent(opts.images_dir, opts.prev_images_dir, root)
     pids = list_tree(root)
+    if not pids:  # gone meanwhile
+        raise NoSuchProcess(root)
     checked = prepare_members(opts, pids, parent)
     members = [MemberPass(pid, prev, select_tracker(opts.track, pid, prev),
                           PassContext(pid, None, vmas)) for pid, prev, vmas in checked]
@@ -127,8 +137,9 @@ def prepare_members(opts: PredumpOptions, pids: list[int], parent: Parent | None
     refuse_sharing(pids)
     out = []
     for n, pid in enumerate(pids):
-        vmas = check_target(pid, opts.ghost_limit, opts.tcp_close, opts.externals,
-                            opts.migrating, tree)
+        with refusals_of(pid, tree is not None):
+            vmas = check_target(pid, opts.ghost_limit, opts.tcp_close, opts.externals,
+                                opts.migrating, tree)
         prev = parent if n == 0 else open_parent(opts.images_dir, opts.prev_images_dir, pid,
                                                  member=True)
         out.append((pid, prev, vmas))
@@ -142,13 +153,17 @@ def _predump(opts: PredumpOptions, images: ImageDir, members: list[MemberPass],
     try:
         if any(m.needs_freeze for m in members):
             members, frozen_ms = arm_frozen(root, members)
-        for m in members:
-            if not m.tracker.begin_needs_freeze:
-                m.dirty = m.tracker.begin(m.ctx)  # protect before copying, it running
+        testpoint.pause_at("predump-begin")
+        members = [m for m in members if unless_exited(root, m, partial(begin_running, m))]
     finally:
         for m in listed:
             m.tracker.close()
-    stats = merge_stats([copy_member(opts, images, m, frozen_ms) for m in members])
+    testpoint.pause_at("predump-copy")
+    pids = [m.pid for m in members]
+    copied = [(m, s) for m in members if (s := unless_exited(
+        root, m, partial(copy_member, opts, images, m, pids, frozen_ms))) is not None]
+    members = [m for m, _ in copied]
+    stats = merge_stats([s for _, s in copied])
     stats.total_ms = (time.perf_counter() - t0) * 1000
     inv = inventory(root, "predump", parent, members[0].tracker.name, stats)
     inv.pids[:] = [m.pid for m in members]
@@ -156,12 +171,41 @@ def _predump(opts: PredumpOptions, images: ImageDir, members: list[MemberPass],
     return describe("predump", root, members[0].tracker.name, stats) + tree_note(members)
 
 
+def begin_running(m: MemberPass) -> bool:
+    """Arm a tracker that needs no freeze (uffd-wp after its first pass), the member
+    running: protect before copying."""
+    if not m.tracker.begin_needs_freeze:
+        m.dirty = m.tracker.begin(m.ctx)
+    return True
+
+
+def unless_exited(root: int, m: MemberPass, step: Callable[[], T]) -> T | None:
+    """``step()`` for member ``m``; None if it failed because ``m`` (not the root) exited
+    meanwhile: it is left out of this pass, as if it had exited before it."""
+    try:
+        return step()
+    except Exception:
+        if m.pid == root or not exited(m):
+            raise
+        return None
+
+
+def exited(m: MemberPass) -> bool:
+    """Is member ``m`` dead (gone, a zombie, or its pid another process's now)?"""
+    try:
+        stat = proc.read_stat(m.pid)
+    except NoSuchProcess:
+        return True
+    return stat.state in ("Z", "X") or stat.starttime != m.tracker.start_time
+
+
 def arm_frozen(root: int, members: list[MemberPass]) -> tuple[list[MemberPass], float]:
     """Freeze the tree once for the trackers that need it (a syscall injected, bits read
     and cleared). Returns the members still there (one that exited meanwhile is left
     out; one forked meanwhile waits for the next pass) and the frozen time in ms."""
     with FrozenTree(root) as frozen:
-        members = [m for m in members if m.pid in frozen.members]
+        live = set(frozen.pids)
+        members = [m for m in members if m.pid in live]
         for m in members:
             if not m.needs_freeze:
                 continue
@@ -177,11 +221,16 @@ def arm_frozen(root: int, members: list[MemberPass]) -> tuple[list[MemberPass], 
     return members, frozen_ms
 
 
-def copy_member(opts: PredumpOptions, images: ImageDir, m: MemberPass, frozen_ms: float,
-                ) -> image_pb2.DumpStats:
-    """One member's pages (what changed or its parent lacks), pagemap, VMAs, tracker."""
+def copy_member(opts: PredumpOptions, images: ImageDir, m: MemberPass, tree: list[int],
+                frozen_ms: float) -> image_pb2.DumpStats:
+    """One member's pages (what changed or its parent lacks), pagemap, VMAs, tracker.
+    Anonymous shared memory other members (``tree``) map too is left out: no tracker
+    sees the writes made through another member's mapping, so the dump stores it whole
+    in its owner anyway (ckpt.collect.shmem), and the others not at all."""
     pid, dirty, parent = m.pid, m.dirty, m.parent
-    plan = plan_pass(pid, m.ctx.vmas, dirty, parent.has if parent else None)
+    shared = shmem.placements(pid, m.ctx.vmas, tree)
+    plan = plan_pass(pid, [v for v in m.ctx.vmas if v.start not in shared], dirty,
+                     parent.has if parent else None)
     parent_digests = apply_compare(pid, plan, parent, True) if dirty.compare else None
     stored: list[bytes] | None = [] if dirty.compare else None
     mem = write_memory(images, pid, plan, opts.compress_level, True, stored)

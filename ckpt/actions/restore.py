@@ -26,7 +26,9 @@
                        unmapped
     registers          XSTATE + GP regs as dumped, masks, each thread in a signal stop
     scheduling         policy, nice, CPU affinity, I/O priority (after the release)
-    detach             the process runs on; the kernel restarts interrupted calls
+    release            the process runs on; the kernel restarts interrupted calls, a
+                       thread whose call a signal would interrupt is let go by the end
+                       of the restore's own thread (ckpt.restore.release)
 
 Any failure kills the stub (and PTRACE_O_EXITKILL covers ckpt itself dying).
 
@@ -74,6 +76,7 @@ from ckpt.restore.process import (
     read_images,
     settle_process,
 )
+from ckpt.restore.release import run_released
 from ckpt.restore.stub import Stub
 from ckpt.restore.timers import check_timer_ids
 from ckpt.restore.tree import TreeStubs, check_tree_ids_free, release_all, subreaper
@@ -134,6 +137,12 @@ class Resources:
 
 
 def restore(opts: RestoreOptions) -> RestoreResult:
+    """Restore in a thread of its own, which lets the restored process go as it ends
+    (ckpt.restore.release)."""
+    return run_released(lambda: _restore(opts))
+
+
+def _restore(opts: RestoreOptions) -> RestoreResult:
     t0 = time.perf_counter()
     require_root("restore")
     images, inv, entry = read_images(opts.images_dir)
@@ -226,10 +235,10 @@ def check_tree_inherit(entries: list[pb.ProcessEntry], inherit: dict[str, int]) 
     for e in entries:
         check_inherit(e, {k: v for k, v in inherit.items()
                           if any(f.external == k for f in e.files)})
-    used = {f.external for e in entries for f in e.files}
-    for name in sorted(set(inherit) - used):
-        raise RestoreError(f"--inherit-fd fd[{inherit[name]}]:{name}: the images hold no such "
-                           "external object")
+    unused = sorted(set(inherit) - {f.external for e in entries for f in e.files})
+    if unused:
+        raise RestoreError(f"--inherit-fd fd[{inherit[unused[0]]}]:{unused[0]}: the images "
+                           "hold no such external object")
 
 
 def wait_restored(pid: int) -> int:

@@ -98,6 +98,8 @@ def _mapped_objects(entry: core_pb2.ProcessEntry) -> dict[tuple[int, int], str]:
         if o.HasField("file_id"):
             out[(o.dev, o.inode)] = "the file of fd " + ", ".join(
                 map(str, sorted(fds.get(o.file_id, []))))
+        elif o.file.shared_pid:  # a tree: an earlier member carries it
+            out[(o.dev, o.inode)] = f"process {o.file.shared_pid}'s (saved there)"
         else:
             out[(o.dev, o.inode)] = f"contents saved ({o.file.size} bytes)"
     return out

@@ -147,6 +147,7 @@ class Status:
     sigcgt: int
     nonewprivs: int | None
     seccomp: int | None  # 0 disabled, 1 strict, 2 filter
+    tracer: int = 0  # TracerPid: the tracing task, 0 if none
 
 
 def parse_status(text: str) -> Status:
@@ -173,7 +174,7 @@ def parse_status(text: str) -> Status:
         threads=int(kv.get("Threads", "1")),
         sigpnd=hexint("SigPnd"), shdpnd=hexint("ShdPnd"), sigblk=hexint("SigBlk"),
         sigign=hexint("SigIgn"), sigcgt=hexint("SigCgt"),
-        nonewprivs=opt("NoNewPrivs"), seccomp=opt("Seccomp"),
+        nonewprivs=opt("NoNewPrivs"), seccomp=opt("Seccomp"), tracer=int(kv.get("TracerPid", 0)),
     )
 
 

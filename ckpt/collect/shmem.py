@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckpt.collect.holders import scan_maps
-from ckpt.collect.maps import read_maps
+from ckpt.collect.maps import parse_maps_line
+from ckpt.collect.proc import read_text
 from ckpt.collect.vmas import SHMEM_NAMES, VmaInfo, VmaKind
 from ckpt.errors import NoSuchProcess
 
@@ -99,12 +100,15 @@ def of_vmas(pid: int, vmas: Iterable[VmaInfo]) -> list[ShmMap]:
 
 
 def read_shmem_maps(pid: int, root: str = "/proc") -> list[ShmMap]:
-    """The shmem VMAs of ``pid`` from /proc/PID/maps (none if it is gone)."""
+    """The shmem VMAs of ``pid`` from /proc/PID/maps (none if it is gone). Only their
+    lines are parsed: every member's maps are read for every member that has some."""
     try:
-        maps = read_maps(pid, root=root)
+        text = read_text(pid, root, "maps")
     except NoSuchProcess:
         return []
-    return [ShmMap(pid, m.start, m.end, m.offset, m.dev, m.inode) for m in maps
+    found = (parse_maps_line(line) for line in text.splitlines()
+             if any(name in line for name in SHMEM_NAMES))
+    return [ShmMap(pid, m.start, m.end, m.offset, m.dev, m.inode) for m in found
             if m.shared and m.inode and m.path.startswith(SHMEM_NAMES)]
 
 

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 
 from ckpt.collect.mappedfiles import Made
 from ckpt.collect.maps import MapEntry, read_maps
+from ckpt.collect.proc import read_text
 from ckpt.collect.vmas import KERNEL_PROVIDED, SHMEM_NAMES, VmaKind
 from ckpt.collect.vmflags import BY_MNEMONIC, MADVICE
 from ckpt.errors import CkptError, RestoreError
@@ -240,11 +241,19 @@ class Backing:
 
 
 def shared_vma_at(pid: int, at: int) -> MapEntry:
-    """The restored VMA of shared anonymous memory of ``pid`` holding address ``at``."""
+    """The restored VMA of shared anonymous memory of ``pid`` holding address ``at``;
+    ``pid`` must be a process this ckpt restores (a stub it traces), never another one's
+    memory an image names."""
     try:
+        status = read_text(pid, "/proc", "status")
         maps = read_maps(pid)
     except CkptError:
-        maps = []
+        status, maps = "", []
+    tracer = next((int(line.split()[1]) for line in status.splitlines()
+                   if line.startswith("TracerPid:")), 0)
+    if not tracer or not os.path.exists(f"/proc/self/task/{tracer}"):
+        raise RestoreError(f"the images map shared anonymous memory of process {pid}, which "
+                           "is no process of this restore (Vma.shm_owner)")
     found = next((m for m in maps if m.start <= at < m.end), None)
     if found is None or not found.shared or not found.path.startswith(SHMEM_NAMES):
         raise RestoreError(f"process {pid} has no shared anonymous memory at {at:#x} to "

@@ -41,6 +41,7 @@ from ckpt.restore.creds import restore_creds
 from ckpt.restore.files import close_stub_fds, restore_files, restore_owners
 from ckpt.restore.pages import WritableIndex, fill_pages
 from ckpt.restore.pstate import restore_settings
+from ckpt.restore.release import release as release_threads
 from ckpt.restore.sched import restore_sched
 from ckpt.restore.settings import restore_all_settings
 from ckpt.restore.stub import Stub
@@ -177,9 +178,7 @@ def release(parked: Parked) -> None:
         os.kill(stub.pid, signal.SIGSTOP)
     stub.release_cpu()
     restore_sched(parked.tids, parked.entry)  # after release_cpu, which gives back the mask
-    for task in parked.threads:
-        task.task.detach()
-    stub.task.detach()
+    release_threads(stub, parked.threads, parked.entry, stopped=parked.stop)  # (.release)
     if parked.stop:  # return once it is in the stop: whoever looks next sees state T
         with contextlib.suppress(ChildProcessError):
             os.waitid(os.P_PID, stub.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)

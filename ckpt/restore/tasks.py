@@ -3,12 +3,11 @@ altstack), then the release: the last syscalls, XSTATE + registers, signal masks
 
 Registers are loaded as dumped. A task frozen inside a syscall has rax = -ERESTART*,
 orig_rax = the syscall and rip after its ``syscall`` instruction; every task is let go
-(PTRACE_DETACH, signal 0) from a signal-delivery-stop, so the kernel applies its own
+from a signal-delivery-stop (ckpt.restore.release), so the kernel applies its own
 restart rules on the way out (arch_do_signal_or_restart), as for a process that was never
 checkpointed: a handler run first makes -ERESTARTNOHAND (pause, sigsuspend, epoll_wait)
 and -ERESTARTSYS without SA_RESTART return EINTR; with no handler to run the call is
-issued again. A signal sent the instant the process is released therefore interrupts the
-call instead of running before a rewound call sleeps again.
+issued again, and ckpt.restore.release sees it entered before letting the task go.
 
 restart_regs keeps one fix-up: -ERESTART_RESTARTBLOCK (nanosleep, poll, futex wait)
 becomes -EINTR. The kernel would run restart_syscall, i.e. the task's restart block: kernel
@@ -31,9 +30,10 @@ Hence the order:
                    one unblocked, stops the thread in a signal-delivery-stop; final mask.
                    Threads without signals of their own are parked at their last int3
                    stop (load_registers).
-    detach         signal 0 discards the parking signal; get_signal goes on with the
+    release        signal 0 discards the parking signal; get_signal goes on with the
                    final mask (delivering what the image had pending), then the restart
-                   rules above.
+                   rules above (ckpt.restore.release: detach, or PTRACE_SYSCALL to the
+                   call's entry).
 
 (PTRACE_DETACH also sets TIF_SIGPENDING, so even a syscall-exit stop would run the restart
 rules on detach; the signal stop does not depend on that.)

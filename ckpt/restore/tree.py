@@ -57,11 +57,12 @@ def check_tree_ids_free(tree: Tree, plan: Sequence[Step]) -> None:
                      *((h, h) for h in helper_pids(plan))]:
         holder = id_holder(tid)
         if holder is not None:
-            what = "pid" if tid == pid else f"thread id (of process {pid})"
-            helper = " (a helper for a session or group whose leader is gone)" if (
-                pid not in tree.by_pid) else ""
-            raise RestoreError(f"{what} {tid}{helper} is taken by {holder[1]}; a tree is "
-                               "restored with its own pids")
+            what = "pid" if tid == pid else "thread id"
+            whose = ("a helper's, for a session or group whose leader is gone" if
+                     pid not in tree.by_pid else f"of process {pid}" if tid != pid else "")
+            raise RestoreError(f"{what} {tid} is taken by {holder[1]}"
+                               f"{f' ({whose})' if whose else ''}; a tree is restored with "
+                               "its own pids")
 
 
 @contextlib.contextmanager

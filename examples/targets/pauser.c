@@ -13,6 +13,12 @@
  *   A signal whose handler runs while pause() is not interrupted (a call rewound before
  *   the signal) leaves the process asleep, and no line appears.
  *
+ * usage: pauser cold
+ *   As pause, but every mapping of its own executable is madvise(MADV_RANDOM) first (the
+ *   flag is restored with it): page faults in them read no more than their page, so with
+ *   the executable's pages dropped from the page cache, a restore filling its data pages
+ *   leaves the page holding pause()'s syscall instruction out (build it -static).
+ *
  * usage: pauser thread
  *   The same, but the pause() loop runs in a second thread; the main thread blocks SIGUSR1
  *   and waits in pause() too, so a process-directed SIGUSR1 can only wake the second one.
@@ -28,6 +34,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 static volatile sig_atomic_t usr1_count, trap_count;
@@ -57,6 +64,29 @@ static void act(int sig, void (*fn)(int), int flags)
     }
 }
 
+static void random_access_self(void)
+{
+    char exe[4096], line[4096 + 128];
+    ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    FILE *maps = fopen("/proc/self/maps", "r");
+    if (len < 0 || !maps) {
+        perror("maps");
+        _exit(1);
+    }
+    exe[len] = 0;
+    while (fgets(line, sizeof line, maps)) {
+        unsigned long start, end;
+        char *path = strchr(line, '/');
+        line[strcspn(line, "\n")] = 0;
+        if (path && strcmp(path, exe) == 0 && sscanf(line, "%lx-%lx", &start, &end) == 2 &&
+            madvise((void *)start, end - start, MADV_RANDOM) != 0) {
+            perror("madvise");
+            _exit(1);
+        }
+    }
+    fclose(maps);
+}
+
 static void *pause_loop(void *arg)
 {
     (void)arg;
@@ -74,6 +104,8 @@ int main(int argc, char **argv)
     const char *mode = argc > 1 ? argv[1] : "pause";
     const char *trap = argc > 2 ? argv[2] : "trap-handler";
     int reading = strcmp(mode, "read") == 0;
+    if (strcmp(mode, "cold") == 0)
+        random_access_self();
     act(SIGUSR1, on_usr1, reading ? SA_RESTART : 0);
     act(SIGTRAP, strcmp(trap, "trap-ignored") == 0 ? SIG_IGN : on_trap, 0);
     act(SIGINT, SIG_IGN, 0);

@@ -29,24 +29,24 @@ libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_i
                       ctypes.c_int, ctypes.c_long]
 
 
-def map_shared(fd: int) -> ctypes.Array[ctypes.c_char]:
+Cells = ctypes.Array[ctypes.c_uint64]  # two counters at offsets 0 and 8
+
+
+def map_shared(fd: int) -> Cells:
     """A page of ``fd`` mapped MAP_SHARED, keeping no fd (Python's mmap keeps a dup; a
     POSIX semaphore's mapping, as sem_open makes it, has none)."""
     addr = libc.mmap(None, PAGE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
     if addr in (None, ctypes.c_void_p(-1).value):
         raise OSError(ctypes.get_errno(), "mmap")
-    return (ctypes.c_char * PAGE).from_address(addr)
-
-
-Cells = ctypes.Array[ctypes.c_char] | mmap.mmap
+    return (ctypes.c_uint64 * 2).from_address(addr)
 
 
 def get(m: Cells, off: int) -> int:
-    return int(struct.unpack_from("Q", m, off)[0])
+    return int(m[off // 8])  # one 8-byte load (struct.pack_into zeroes, then writes)
 
 
 def put(m: Cells, off: int, value: int) -> None:
-    struct.pack_into("Q", m, off, value)
+    m[off // 8] = value
 
 
 def play(me: str, lead: Cells, follow: Cells, follow_fd: int | None) -> None:
@@ -84,7 +84,7 @@ def main() -> None:
     os.unlink(sys.argv[1])
     mfd = os.memfd_create("tree-mapped")
     os.ftruncate(mfd, PAGE)
-    mem = mmap.mmap(mfd, PAGE, mmap.MAP_SHARED)
+    mem = (ctypes.c_uint64 * 2).from_buffer(mmap.mmap(mfd, PAGE, mmap.MAP_SHARED))
     if os.fork() == 0:
         play("child", mem, shm, None)
     play("parent", shm, mem, mfd)

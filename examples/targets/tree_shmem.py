@@ -15,7 +15,7 @@ cannot have seen r otherwise), then acks r. The parent checks the pattern each r
 and prints "round r" after each one. So the rounds go on only while the memory is one:
 after a restore that lost the sharing, they stop; any wrong value prints "BAD ..." (each
 member checks the others' writes itself). "ready" once both children are running; each
-child prints "child PID" first.
+child prints "child J PID" first (J: 0, 1).
 
 split   child 1 unmaps pages 3 .. 1023 of its mapping after the fork: its pages 1024 and
         on are a VMA of its own at object offset 4 MiB (checked like the others)
@@ -66,7 +66,7 @@ def child(m: mmap.mmap, j: int, split: bool) -> None:
     if split and j == 1:
         unmap(m, 3, 1024)
         pages = [1, 2, *range(1024, SIZE // PAGE)]
-    print(f"child {os.getpid()}", flush=True)
+    print(f"child {j} {os.getpid()}", flush=True)
     other = 1 + (1 - j)
     acked = count = 0
     mine = (1 + j) * PAGE + 8

@@ -1,7 +1,7 @@
 """A process tree for incremental passes: a parent that forks CHILDREN workers, each with
 its own 32 MiB filled with a pattern of its own, then stamping one page per step. Every
 step a worker prints `c<child> <step> <crc32 of its 32 MiB>` (and first `a<child>
-<address of its 32 MiB>`); the crc after any step is a pure function of (child, step)
+<address of its 32 MiB> <pid>`); the crc after any step is a pure function of (child, step)
 (``expected``), so a restored worker's lines, or its memory in images, can be checked.
 The parent prints `ready` once every worker has printed its first line; then it forks
 one more worker (the next index) on each SIGUSR1, replaces worker 0 by a new worker (the
@@ -49,7 +49,7 @@ def work(child: int, period: float, started: int) -> None:
     mem = mmap.mmap(-1, SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     mem[:] = initial(child)
     where = ctypes.addressof(ctypes.c_char.from_buffer(mem))
-    sys.stdout.write(f"a{child} {where:#x}\n")  # where its 32 MiB are
+    sys.stdout.write(f"a{child} {where:#x} {os.getpid()}\n")  # where its 32 MiB are
     step = 0
     while True:
         step += 1

@@ -1,12 +1,14 @@
 """Restore of unix sockets (the collector is ckpt.collect.fdkinds.unix).
 
-The first restore of a socket builds every socket of the images tied to it (in a tree,
-every member's: ``ctx.all_files``; the group is made by the first member restored that
-holds one of them, and the others take theirs from the tree's ``ctx.objects``) (its peer, the
+The first restore of a socket builds every socket of the images tied to it (its peer, the
 listener it was accepted from, the named sockets its datagrams came from), in this
 order, made by the restored process (see Maker) and handled through copies in ckpt, kept
 in ``ctx.objects``; each open file then just takes its own. An external socket is the
---inherit-fd given for it.
+--inherit-fd given for it. In a tree the group is taken from every member's images
+(``ctx.all_files``) and made by the first member restored that holds one of its sockets;
+the others take theirs from the tree's ``ctx.objects``. SO_PEERCRED then names that member
+for every socket of the group: as it was for a pair made before a fork, not for a
+connection another member made itself (its peer sees the first member's pid).
 
     1. make      socketpair(2) for two unnamed sockets connected to each other, and for
                  a socket whose peer was closed (the other end is closed at step 5);
