@@ -13,14 +13,14 @@ import os
 from collections.abc import Mapping
 
 from ckpt.actions.dump import DumpOptions, hidden_fds, preflight, refuse_sharing, tree_view
+from ckpt.actions.passes import refusals_of
 from ckpt.collect import proc
 from ckpt.collect.fdkinds import kind_of
-from ckpt.collect.fdkinds.base import FdKind, Peek, TreeView
+from ckpt.collect.fdkinds.base import FdKind, Peek
 from ckpt.collect.fdkinds.memfd import GHOST, ghost_path
 from ckpt.collect.fdkinds.pipe import KIND as PIPE
 from ckpt.collect.fds import FdInfo, classify_fd, read_fds
 from ckpt.collect.vmas import VmaInfo, VmaKind
-from ckpt.errors import CkptError, NotDumpable
 from ckpt.freeze.tree import list_tree
 from ckpt.images.pb import wire_pb2
 from ckpt.kernel.probe import probe_once
@@ -37,26 +37,11 @@ def check_members(opts: DumpOptions) -> dict[int, list[VmaInfo]]:
         return {opts.pid: preflight(opts)}
     tree = tree_view(pids)
     refuse_sharing(pids)
-    return {pid: member_preflight(opts, pid, tree) for pid in pids}
-
-
-def member_preflight(opts: DumpOptions, pid: int, tree: TreeView) -> list[VmaInfo]:
-    """preflight of one member; a refusal names the member."""
-    try:
-        return preflight(opts, pid, tree)
-    except NotDumpable as exc:
-        what = str(exc)
-        if f"process {pid}" in what:
-            raise
-        raise NotDumpable(f"process {pid} ({comm_of(pid)}) of the tree of {opts.pid}: "
-                          f"{what}") from None
-
-
-def comm_of(pid: int) -> str:
-    try:
-        return proc.read_comm(pid)
-    except CkptError:
-        return "gone"
+    out = {}
+    for pid in pids:
+        with refusals_of(pid, True):  # say which member
+            out[pid] = preflight(opts, pid, tree)
+    return out
 
 
 def compat_request(pid: int, vmas: list[VmaInfo],
