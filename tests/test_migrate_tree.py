@@ -15,7 +15,9 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import pytest
 from conftest import (
     Harness,
     assert_ckpt_ok,
@@ -28,7 +30,10 @@ from conftest import (
     wait_for,
     wait_for_lines,
 )
-from test_migrate import page_server_in, two_hosts  # noqa: F401 (a fixture)
+from test_migrate import page_server_in, start_server, two_hosts  # noqa: F401 (a fixture)
+
+from ckpt.errors import RestoreError
+from ckpt.transfer.client import commit_remote, connect, restore_remote, send_pass_on
 
 pytestmark = needs_root
 Hosts = tuple[str, str, str]
@@ -102,12 +107,13 @@ def children(pid: int) -> list[int]:
     return sorted(int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
 
 
-def launch_tree(harness: Harness, hosts: Hosts, ext: int = -1,
+def launch_tree(harness: Harness, hosts: Hosts | None, ext: int = -1,
                 ) -> tuple[subprocess.Popen[bytes], list[int]]:
-    """The TREE in host A: (its root, [root, a, b, d])."""
+    """The TREE in host A (or here, without ``hosts``): (its root, [root, a, b, d])."""
     script = harness.tmp / "tree.py"
     script.write_text(TREE)
-    proc = harness.launch([*in_a(hosts), "python3", script, harness.tmp, str(ext)],
+    where = in_a(hosts) if hosts else ()
+    proc = harness.launch([*where, "python3", script, harness.tmp, str(ext)],
                           harness.tmp / "out.txt", [ext] if ext >= 0 else [])
     size = 4
     kids = wait_for(lambda: (k if len(k := children(proc.pid)) == size - 1 else None), 10,
@@ -186,6 +192,19 @@ def assert_counting_on(harness: Harness, *logs: str) -> None:
         seq = counted(harness.tmp / log)
         assert [n for n, _ in seq] == list(range(1, len(seq) + 1)), f"{log}: a gap or a repeat"
         assert len({p for _, p in seq}) == 1, log
+
+
+def assert_back_here(harness: Harness, root: int,
+                     before: dict[int, tuple[int, int, int, int, int]]) -> None:
+    """The tree of ``before`` restored on this host: same ppid, pgid and sid (the root's
+    ppid aside), running untraced, counting on; then killed."""
+    after = {pid: read_ids(pid) for pid in before}
+    assert {p: ids[1:4] for p, ids in after.items() if p != root} == \
+        {p: ids[1:4] for p, ids in before.items() if p != root}
+    for pid in before:
+        assert_running_untraced(pid)
+    assert_counting_on(harness, "a.txt", "b.txt")
+    kill_tree(list(before))
 
 
 def kill_tree(pids: Sequence[int]) -> None:
@@ -285,3 +304,56 @@ def test_member_with_an_external_pipe_is_refused(harness: Harness,
     finally:
         os.close(w)
     harness.kill(server.pid)
+
+
+def test_tree_restored_before_the_commit_waits_stopped(harness: Harness,
+                                                       tmp_path: Path) -> None:
+    """A destination where the tree's pids are free (another host; here: the tree dumped
+    and reaped first) restores it at once, every member stopped, and the commit resumes
+    every member."""
+    port = start_server(tmp_path / "dest")
+    proc, members = launch_tree(harness, None)
+    before = {pid: read_ids(pid) for pid in members}
+    images = harness.images()
+    pending = set(members[1:])
+    with reaping(pending):
+        harness.dump_and_reap(proc, images)
+        wait_for(lambda: not pending or None, 10, "the dumped tree reaped")
+    with connect("127.0.0.1", port, b"migrate-me") as conn:
+        send_pass_on(conn, images, "final")
+        done = restore_remote(conn, "final")
+        for pid in members:
+            harness.track(pid)
+        assert done.pid == proc.pid and not done.warm
+        assert {proc_state(pid) for pid in members} == {"T"}  # until the commit
+        commit_remote(conn)
+    assert_back_here(harness, proc.pid, before)
+
+
+def test_tree_comes_back_when_the_destination_cannot_restore_it(
+        harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The destination fails to restore the tree after the source killed it (one kernel:
+    restored only then): the source restores it again from its images, says so in one
+    line, and the tree counts on without a gap."""
+    from ckpt.transfer.tree import restore_tree_here as real
+
+    def failing(path: str, entries: Any, stopped: bool) -> Any:
+        if not stopped:  # the restore after the source's kill
+            raise RestoreError("simulated restore failure on the destination")
+        return real(path, entries, stopped)
+
+    monkeypatch.setattr("ckpt.transfer.prerestore.restore_tree_here", failing)
+    port = start_server(tmp_path / "dest")
+    token = tmp_path / "token"
+    token.write_text("migrate-me\n")
+    proc, members = launch_tree(harness, None)
+    before = {pid: read_ids(pid) for pid in members}
+    with reaping(set(members[1:])):
+        res = run_ckpt("migrate", "-t", str(proc.pid), "--to", f"127.0.0.1:{port}",
+                       "--auth-token-file", token, reap=proc)
+    for pid in members:
+        harness.track(pid)
+    message = assert_one_error_line(res)
+    assert "simulated restore failure" in message and \
+        f"runs here again as pid {proc.pid}" in message, message
+    assert_back_here(harness, proc.pid, before)
