@@ -156,6 +156,8 @@ class Prerestore:
         entries = tree_entries(ImageDir.open(path))
         with _RESTORING:
             wait_ids_free(entries)
+            log.info("page server: %s: %s's pids released by the source after %.0f ms",
+                     self.peer, path.name, (time.perf_counter() - t0) * 1000)
             done = restore_tree_here(str(path), entries, stopped=False)
         return Restored(done.pid, (time.perf_counter() - t0) * 1000, warm=False,
                         members=done.members)
