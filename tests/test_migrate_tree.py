@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from conftest import (
 )
 from test_migrate import page_server_in, start_server, two_hosts  # noqa: F401 (a fixture)
 
+from ckpt.actions.migrate import Throttle
 from ckpt.errors import RestoreError
 from ckpt.transfer.client import commit_remote, connect, restore_remote, send_pass_on
 
@@ -273,6 +275,10 @@ def test_members_change_between_rounds(harness: Harness, two_hosts: Hosts) -> No
     kill_tree(list(before))
 
 
+def is_stopped(pid: int) -> bool | None:
+    return proc_state(pid) == "T" or None
+
+
 def proc_state(pid: int) -> str:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return stat[stat.rfind(")") + 2:].split()[0]
@@ -357,3 +363,23 @@ def test_tree_comes_back_when_the_destination_cannot_restore_it(
     assert "simulated restore failure" in message and \
         f"runs here again as pid {proc.pid}" in message, message
     assert_back_here(harness, proc.pid, before)
+
+
+def test_throttle_stops_every_member(harness: Harness) -> None:
+    """--auto-converge's throttle stops each member of a tree, and ends with all of them
+    running, but a member its user had stopped: that one stays stopped."""
+    proc, members = launch_tree(harness, None)
+    a, b = logged_pid("a.txt", harness), logged_pid("b.txt", harness)
+    d = (set(members[1:]) - {a, b}).pop()
+    os.kill(d, signal.SIGSTOP)
+    wait_for(lambda: proc_state(d) == "T" or None, 10, "d stopped")
+    with Throttle(members, 0.6) as throttle:
+        for pid in (proc.pid, a, b):
+            wait_for(partial(is_stopped, pid), 10, f"{pid} throttled")
+    assert throttle.duty == 0.6 and d not in throttle.pids
+    assert proc_state(d) == "T"
+    os.kill(d, signal.SIGCONT)
+    for pid in members:
+        assert_running_untraced(pid)
+    assert_counting_on(harness, "a.txt", "b.txt")
+    kill_tree(members)

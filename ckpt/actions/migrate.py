@@ -229,7 +229,7 @@ def pre_round(opts: MigrateOptions, conn: Conn, work: Path, n: int, prev: str | 
     inv = ImageDir.open(work / str(n)).read_inventory()
     # The destination keeps a warm copy of one process only: a tree's passes are stored,
     # and the tree restored cold from the final one (ckpt.transfer.prerestore)
-    with Throttle(opts.pid, duty) as throttle:
+    with Throttle(list(inv.pids) or [opts.pid], duty) as throttle:
         sent = send_pass_on(conn, work / str(n), str(n), prerestore=len(inv.pids) <= 1)
     testpoint.pause_at("round-sent")
     return Round(n, inv.stats.pages_written, sent.bytes, time.perf_counter() - t,
