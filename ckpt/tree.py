@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ckpt.errors import ImageError, RestoreError
@@ -347,3 +347,24 @@ def _pgids(tree: Tree, nodes: dict[int, _Node], keeps: bool) -> list[Step]:
         else:
             rest.append(Setpgid(n.pid, n.pgid))
     return firsts + rest
+
+
+def preorder(root: int, parent: Mapping[int, int]) -> list[int]:
+    """``root`` and every pid whose chain of parents in ``parent`` (pid -> ppid) leads to
+    it, each parent before its children, siblings by pid: the order a tree is restored in
+    (a parent forks its children). Pids that do not lead to ``root`` are left out."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        if pid != root:
+            children.setdefault(ppid, []).append(pid)
+    out: list[int] = []
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid in seen:  # a cycle: only a corrupt map has one
+            continue
+        seen.add(pid)
+        out.append(pid)
+        todo.extend(sorted(children.get(pid, ()), reverse=True))
+    return out

@@ -522,10 +522,21 @@ class Harness:
         deadline = time.monotonic() + 5
         while any(is_alive(p) for p in self._pids) and time.monotonic() < deadline:
             time.sleep(POLL)
-        # Reap whatever was reparented to us (we are a child subreaper).
-        with contextlib.suppress(ChildProcessError):
-            while os.waitpid(-1, os.WNOHANG)[0] > 0:
-                pass
+        # Reap whatever was reparented to us (we are a child subreaper); a killed tree's
+        # grandchildren come to us only once their parent is gone: look again until
+        # none of the test's processes is left with us.
+        deadline = time.monotonic() + 5
+        while True:
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            left = {p for p in our_children() if p in self._pids or self._writes_here(p)}
+            if not left or time.monotonic() > deadline:
+                break
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(POLL)
 
 
     def _writes_here(self, pid: int) -> bool:
@@ -613,3 +624,187 @@ class Asker:
         self.control.with_name(f"{self.control.name}.{self.asked}").touch()
         lines = wait_for_lines(self.out, self.asked + 1, timeout)
         return json.loads(lines[self.asked])
+
+
+# --------------------------------------------------------------------------- process trees
+
+
+@dataclass(frozen=True)
+class Member:
+    """One process of a tree, as /proc/PID/stat shows it."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    state: str
+    comm: str
+
+
+def read_member(pid: int) -> Member | None:
+    """/proc/PID/stat of pid as a Member; None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    comm = stat[stat.find("(") + 1:stat.rfind(")")]
+    fields = stat[stat.rfind(")") + 2:].split()
+    return Member(pid, int(fields[1]), int(fields[2]), int(fields[3]), fields[0], comm)
+
+
+def tree_members(root: int) -> list[Member]:
+    """root and all its descendants (zombies included) in pre-order, children by pid."""
+    found: list[Member] = []
+    todo = [root]
+    while todo:
+        member = read_member(todo.pop())
+        if member is None:
+            continue
+        found.append(member)
+        kids: set[int] = set()
+        for tid in thread_ids(member.pid):
+            with contextlib.suppress(OSError):
+                text = Path(f"/proc/{member.pid}/task/{tid}/children").read_text()
+                kids.update(int(k) for k in text.split())
+        todo.extend(sorted(kids, reverse=True))
+    return found
+
+
+def tree_ids(root: int) -> set[tuple[int, int, int, int]]:
+    """(pid, ppid, pgid, sid) of every member of root's tree, the root's ppid as 0 (a
+    restored root's parent is whoever restored it)."""
+    return {(m.pid, 0 if m.pid == root else m.ppid, m.pgid, m.sid)
+            for m in tree_members(root)}
+
+
+def wait_for_tree(harness: Harness, root: int, size: int, timeout: float = 20.0
+                  ) -> list[Member]:
+    """Wait until root's tree has ``size`` members; return them, each killed at teardown
+    (killing the root alone would leave the others running)."""
+
+    def grown() -> list[Member] | None:
+        members = tree_members(root)
+        for member in members:
+            harness.track(member.pid)
+        return members if len(members) == size else None
+
+    return wait_for(grown, timeout, f"{size} processes in the tree of {root}")
+
+
+def reap_gone(pids: Sequence[int], timeout: float = 10.0) -> None:
+    """Wait until none of pids exists, reaping those that are (or were reparented to)
+    our children, as a shell would (we are a child subreaper)."""
+    deadline = time.monotonic() + timeout
+    left = set(pids)
+    while left:
+        for pid in sorted(left):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            if not Path(f"/proc/{pid}").exists():
+                left.discard(pid)
+        if left and time.monotonic() > deadline:
+            pytest.fail(f"processes {sorted(left)} still exist {timeout:.0f}s after the dump")
+        time.sleep(POLL)
+
+
+def track_tree(harness: Harness, root: int) -> list[Member]:
+    """Kill every member of root's tree at teardown; return the members."""
+    members = tree_members(root)
+    for member in members:
+        harness.track(member.pid)
+    return members
+
+
+def dump_tree(harness: Harness, proc: subprocess.Popen[bytes], how: str,
+              between: Callable[[], None] = lambda: None, flags: Sequence[str] = ()) -> Path:
+    """Dump the tree of ``proc`` (killing it): ``how`` is "dump" (plain), or
+    "predump+incremental" (a predump, ``between``, then `dump --incremental` on top),
+    with ``flags`` (e.g. --tcp-close) on each pass. Every member is reaped (pids free
+    again); return the images to restore."""
+    members = [m.pid for m in track_tree(harness, proc.pid)]
+    if how == "dump":
+        images = harness.images()
+    else:
+        assert how == "predump+incremental", how
+        assert_ckpt_ok(run_ckpt("predump", "-t", str(proc.pid), "-D", harness.images("pre"),
+                                *flags))
+        between()
+        images = harness.images("final")
+    extra = () if how == "dump" else ("--incremental", "--prev-images-dir", "../pre")
+    harness.dump_and_reap(proc, images, *extra, *flags)
+    reap_gone(members)
+    forget_gone(harness, members)
+    return images
+
+
+def forget_gone(harness: Harness, pids: Sequence[int]) -> None:
+    """Stop tracking dead members: a process another test or engineer forks under one of
+    their pids before the restore takes it is then someone else's (the restore is
+    skipped as a PID race, see Harness.skip_if_ids_reused), not a leftover of ours."""
+    harness._pids.difference_update(pid for pid in pids if read_member(pid) is None)
+
+
+def restore_tree(harness: Harness, images: Path, before: set[tuple[int, int, int, int]]
+                 ) -> int:
+    """Restore a dumped tree detached; assert it is back with every member's pid, ppid,
+    pgid and sid as ``before`` (tree_ids of the dumped root); return the root's pid."""
+    root = harness.restore_detached(images)
+    track_tree(harness, root)
+    assert tree_ids(root) == before
+    return root
+
+
+def assert_tree_untraced(members: Sequence[Member]) -> None:
+    """Every live member of a tree runs on, untraced (zombies stay zombies)."""
+    for member in members:
+        if member.state != "Z":
+            assert_running_untraced(member.pid)
+        else:
+            now = read_member(member.pid)
+            assert now is not None and now.state == "Z", f"zombie {member.pid}: {now}"
+
+
+@contextlib.contextmanager
+def reaping(pids: Sequence[int]) -> Iterator[None]:
+    """While the block runs (a `ckpt migrate` that kills a tree, then restores it on this
+    host under the same pids), reap each of pids as soon as it is our dead child: killed
+    members are reparented to us (a child subreaper) and would hold their pids as zombies.
+    A pid that is gone, or reaped once, is left alone from then on."""
+    import threading
+
+    left = set(pids)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while left and not stop.is_set():
+            for pid in sorted(left):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        left.discard(pid)
+                except ChildProcessError:
+                    if not Path(f"/proc/{pid}").exists():
+                        left.discard(pid)
+            time.sleep(POLL / 4)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+# How tree tests checkpoint: a plain dump, and a predump with `dump --incremental` on top.
+TREE_HOWS = ["dump", "predump+incremental"]
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL root first, then every process of its tree as it was: a master that
+    replaces a worker it sees die (nginx, a multiprocessing Pool) must not outlive its
+    workers, or it forks one no teardown knows of. Use it as a finalizer (it runs before
+    the harness's cleanup, which then reaps them)."""
+    members = tree_members(root)
+    for member in members:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member.pid, signal.SIGKILL)

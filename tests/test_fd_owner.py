@@ -21,10 +21,17 @@ from conftest import (
 )
 from test_validate import process
 
-from ckpt.collect.fdkinds.fown import F_OWNER_PGRP, F_OWNER_PID, F_OWNER_TID, Fown, owner_map
+from ckpt.collect.fdkinds.fown import (
+    F_OWNER_PGRP,
+    F_OWNER_PID,
+    F_OWNER_TID,
+    Fown,
+    owner_map,
+    restore_owners,
+)
 from ckpt.collect.fdkinds.fown import refusal as fown_refusal
 from ckpt.collect.restorable import table_lines
-from ckpt.errors import ImageError
+from ckpt.errors import ImageError, RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.validate import problems, validate
 
@@ -61,6 +68,34 @@ def test_owner_map_follows_new_ids() -> None:
     assert (F_OWNER_PID, 7) not in owners
 
 
+def test_another_member_may_own_a_file_and_nothing_else_may() -> None:
+    """A process owner outside the process passes validation (a tree's member may be
+    it); the restore then sets only owners that are the tree's members."""
+    entry = process()
+    _owned(entry, F_OWNER_PID, 7)
+    assert list(problems(entry)) == []
+    calls: list[tuple[int, ...]] = []
+
+    class Remote:
+        pid = 42
+
+        def sc(self, nr: int, *args: int, what: str = "", check: bool = True) -> int:
+            calls.append((nr, *args))
+            return 0
+
+        def put(self, data: bytes, off: int = 0) -> int:
+            return 0x1000
+
+        def put_str(self, s: str, off: int = 0) -> int:
+            return 0x1000
+
+    entry.fds.add(fd=3, file_id=entry.files[0].id)
+    with pytest.raises(RestoreError, match="owner, process 7, is not"):
+        restore_owners(Remote(), entry, [42], 42)
+    restore_owners(Remote(), entry, [42], 42, members=(42, 7))
+    assert calls
+
+
 def test_check_lists_the_owner_refusal() -> None:
     assert any(line.startswith("refused (fd): an owner (F_SETOWN)") for line in table_lines())
 
@@ -70,7 +105,7 @@ def _owned(entry: pb.ProcessEntry, kind: int, who: int) -> None:
 
 
 @pytest.mark.parametrize(("change", "field"), [
-    (lambda e: _owned(e, F_OWNER_PID, 7), "files[0].owner"),  # not the process
+    (lambda e: _owned(e, F_OWNER_TID, 7), "files[0].owner"),  # not its thread
     (lambda e: _owned(e, F_OWNER_PGRP, 7), "files[0].owner"),  # not its group
     (lambda e: _owned(e, 5, 42), "files[0].owner_type"),
     (lambda e: setattr(e.files[0], "signal", 65), "files[0].signal"),

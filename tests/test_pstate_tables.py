@@ -19,12 +19,13 @@ from ckpt.collect.timers import (
     parse_timers,
     timer_refusal,
 )
-from ckpt.errors import ImageError
+from ckpt.errors import ImageError, RestoreError
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.validate import validate
 from ckpt.kernel import prctl
 from ckpt.kernel.sys import NR
 from ckpt.kernel.timers import SIGEV_NONE, SIGEV_SIGNAL, SIGEV_THREAD_ID, cpu_clock
+from ckpt.restore.settings import check_root_settings
 from ckpt.restore.timers import image_signals, linear_plan, pending_own
 
 PROC_TIMERS = ("ID: 5\nsignal: 0/0000000000005555\nnotify: none/pid.18832\nClockID: -6\n"
@@ -99,8 +100,9 @@ def test_read_settings_by_table() -> None:
                    "spec_store_bypass": 3, "spec_indirect_branch": 3, "spec_l1d_flush": 3}
     assert prctl.refused(got) == []
     assert prctl.refused({**got, "sched_core": 5}) == ["sched_core = 0x5"]
-    # the parent it fires for is not restored: the restored process's parent is ckpt
-    assert prctl.refused({**got, "pdeath_signal": 9}) == ["pdeath_signal = 0x9"]
+    # kept for a tree's member; the root's parent is not restored (it would be ckpt)
+    assert prctl.refused({**got, "pdeath_signal": 9}) == []
+    assert prctl.root_refused({**got, "pdeath_signal": 9}) == ["pdeath_signal = 0x9"]
     shstk = prctl.read_settings(prctl.Scope.THREAD, prctl.Task(
         os.getpid(), fake_prctl({prctl.ARCH_SHSTK_STATUS: 1}, memory),
         lambda at, n: memory[at][:n], 0x2000, lambda: 0, lambda: 0))
@@ -117,7 +119,8 @@ def test_settings_table_is_whole() -> None:
     assert len(prctl.BY_NAME) == len(prctl.SETTINGS)
     for s in prctl.SETTINGS:
         assert s.scope in (prctl.Scope.PROCESS, prctl.Scope.THREAD)
-    assert prctl.BY_NAME["pdeath_signal"].set is None
+    assert prctl.BY_NAME["pdeath_signal"].set is not None
+    assert set(prctl.ROOT_REFUSED) <= set(prctl.BY_NAME)
     assert {s.name for s in prctl.in_scope(prctl.Scope.PROCESS)} == {
         "child_subreaper", "thp_disable", "mdwe", "memory_merge"}
 
@@ -216,3 +219,13 @@ def test_image_signals_leave_out_what_timers_queue_themselves() -> None:
         other, timer_siginfo(38, 2), timer_siginfo(39, 3), mine]
     assert image_signals(entry, 11, entry.threads[1].pending_signals) == []
     assert image_signals(entry, 10, [timer_siginfo(40, 4)]) == [timer_siginfo(40, 4)]
+
+
+def test_a_crafted_root_with_a_parent_death_signal_is_refused() -> None:
+    entry = pb.ProcessEntry(pid=5)
+    entry.threads.add(tid=5).settings.add(name="timer_slack", value=1)
+    check_root_settings(entry)
+    entry.threads.add(tid=6).settings.add(name="pdeath_signal", value=9)
+    with pytest.raises(RestoreError, match="thread 6 of the restored process has "
+                                           "pdeath_signal = 0x9"):
+        check_root_settings(entry)

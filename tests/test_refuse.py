@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import stat
 import struct
 import subprocess
@@ -25,9 +26,12 @@ from conftest import (
     assert_one_error_line,
     assert_running_untraced,
     fd_links,
+    is_alive,
     needs_root,
     py_target,
     read_lines,
+    read_member,
+    reap_gone,
     run_ckpt,
     wait_for,
     wait_for_lines,
@@ -322,21 +326,24 @@ def assert_runs_on(proc: subprocess.Popen[bytes], out: Path) -> None:
 
 
 @needs_root
-def test_predump_and_dump_take_the_tree_and_dump_names_the_member(harness: Harness,
-                                                                 tmp_path: Path) -> None:
-    """A process with a child: predump and dump take the tree; dump refuses it for the
-    child's parent-death signal (read frozen only: predump does not see it, as for one
-    process), naming it; the tree runs on untouched."""
+def test_a_members_parent_death_signal_comes_back_with_the_tree(harness: Harness,
+                                                                tmp_path: Path) -> None:
+    """A process with a child that set a parent-death signal (SIGKILL): predump and dump
+    take the tree (the child's parent is restored with it), and after restore the signal
+    is the child's again: killing the restored parent kills the child."""
     proc, out = launch(harness, "child", tmp_path)
     child = int(read_lines(out)[0].split()[1])
+    harness.track(child)
     assert_ckpt_ok(run_ckpt("predump", "-t", str(proc.pid), "-D", harness.images("predump")))
     assert_runs_on(proc, out)
     images = harness.images("dump")
-    msg = assert_one_error_line(run_ckpt("dump", "-t", str(proc.pid), "-D", images))
-    assert str(child) in msg and "pdeath_signal" in msg, msg
-    assert not (images / "inventory.img").exists()
-    assert_runs_on(proc, out)
-    assert_running_untraced(child)
+    harness.dump_and_reap(proc, images)
+    reap_gone([child])
+    root = harness.restore_detached(images)
+    assert root == proc.pid and is_alive(child)
+    assert read_member(child) is not None and read_member(child).ppid == root  # type: ignore[union-attr]
+    os.kill(root, signal.SIGKILL)
+    wait_for(lambda: not is_alive(child) or None, 10, "the child to die with its parent")
 
 
 KMSG_CHILD = """

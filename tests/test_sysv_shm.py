@@ -9,7 +9,16 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from conftest import Asker, Harness, assert_ckpt_ok, assert_one_error_line, run_ckpt
+from conftest import (
+    Asker,
+    Harness,
+    assert_ckpt_ok,
+    assert_one_error_line,
+    dump_tree,
+    read_lines,
+    run_ckpt,
+    wait_for,
+)
 
 from ckpt.collect.sysvshm import Segment, parse_sysvipc_shm, refusals
 from ckpt.collect.vmas import VmaInfo, VmaKind
@@ -47,8 +56,9 @@ def test_parse_and_refusals() -> None:
     assert "another IPC namespace" in refusals(5, whole, segs, False)[0]
     assert refusals(5, [whole[0], vma(0x12000, 0x13000, 26, pgoff=0x3000)], segs, True)
     assert refusals(5, whole, segs, True) == [
-        "process 5's System V shared memory 26 is also attached by 1 other process(es): "
-        "process trees are not supported yet"]
+        "process 5's System V shared memory 26 is also attached by 1 process(es) outside "
+        "the dump: a restore would cut them off"]
+    assert refusals(5, whole, segs, True, members={26: 1}) == []  # a member of its tree
     assert "in part (unmapped inside)" in refusals(5, [whole[0], *second], segs, True)[0]
     assert "does not list" in refusals(5, [vma(0x10000, 0x11000, 99)], segs, True)[0]
 
@@ -109,7 +119,7 @@ def test_shared_with_another_process_is_refused(harness: Harness) -> None:
         with attached_elsewhere(state["shmid"]):
             res = run_ckpt("dump", "-t", str(target.proc.pid), "-D", harness.images())
             line = assert_one_error_line(res)
-            assert f"System V shared memory {state['shmid']} is also attached by 1 other" \
+            assert f"System V shared memory {state['shmid']} is also attached by 1 process" \
                 in line
             assert target.ask()["counter"] == 2  # type: ignore[index]
     finally:
@@ -169,3 +179,43 @@ def test_segment_in_use_at_restore_is_not_overwritten(harness: Harness) -> None:
                 "or in use (attached by 1 process(es))" in line
     finally:
         libc.shmctl(state["shmid"], IPC_RMID, None)
+
+
+TREE = """
+import ctypes, os, struct, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+shmid = libc.shmget(0, 4096, 0o1600)
+at = libc.shmat(shmid, None, 0)
+libc.shmctl(shmid, 0, None)  # IPC_RMID: gone with the last detach
+def get(i): return struct.unpack("Q", ctypes.string_at(at + 8 * i, 8))[0]
+def put(i, v): ctypes.memmove(at + 8 * i, struct.pack("Q", v), 8)
+child = os.fork() == 0
+me = 1 if child else 0
+while True:  # each counts in its own slot and prints the other's
+    put(me, get(me) + 1)
+    os.write(1, f"{'child' if child else 'parent'} {shmid} {get(1 - me)}\\n".encode())
+    time.sleep(0.02)
+"""
+
+
+def test_segment_shared_by_a_tree_is_restored_once_and_shared(harness: Harness) -> None:
+    """A removed segment a parent and its child both attach (inherited across fork): the
+    tree dump takes it (no process outside attaches it), restore makes it once and both
+    attach it: each still sees the other count."""
+    out = harness.tmp / "out.txt"
+    proc = harness.launch(["python3", "-c", TREE], out)
+
+    def seen(who: str) -> list[int]:
+        return [int(line.split()[2]) for line in read_lines(out) if line.startswith(who)]
+
+    wait_for(lambda: (len(seen("parent")) > 3 and len(seen("child")) > 3) or None, 10, "both")
+    shmid = int(next(line for line in read_lines(out)).split()[1])
+    images = dump_tree(harness, proc, "dump")  # every member reaped
+    wait_for(lambda: not segment_exists(shmid) or None, 10, "the segment to go")
+    dumped = (max(seen("parent")), max(seen("child")))
+    harness.restore_detached(images)
+    wait_for(lambda: (max(seen("parent")) > dumped[0] + 5 and max(seen("child")) > dumped[1] + 5)
+             or None, 10, "each to see the other count on")
+    assert segment_exists(shmid)

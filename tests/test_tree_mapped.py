@@ -25,8 +25,9 @@ from conftest import (
 )
 from test_tree_unix import HOWS, children_of, dump_tree, restore_tree
 
-from ckpt.collect.fdkinds.base import TreeScope, TreeView
+from ckpt.collect.fdkinds.base import TreeScope
 from ckpt.collect.fds import FdInfo
+from ckpt.collect.holders import TreeView
 from ckpt.collect.mappedfiles import earlier_holder, make_objects
 from ckpt.errors import RestoreError
 from ckpt.images import ImageDir

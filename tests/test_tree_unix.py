@@ -25,10 +25,10 @@ from conftest import (
     wait_for_line,
 )
 
-from ckpt.collect.fdkinds.base import TreeView
 from ckpt.collect.fdkinds.unix import socket_inodes
 from ckpt.collect.fdkinds.unix_build import component
 from ckpt.collect.fds import FdInfo
+from ckpt.collect.holders import TreeView
 from ckpt.images import ImageDir
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.unix_diag import ESTABLISHED, LISTEN

@@ -36,15 +36,18 @@ from ckpt.actions.passes import (
     snapshot_limit,
 )
 from ckpt.collect import proc
-from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags, TreeView
+from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
 from ckpt.collect.fds import read_fds
+from ckpt.collect.holders import TreeView
+from ckpt.collect.shape import read_members, shape_refusal, zombie_children
 from ckpt.collect.treecheck import read_sharing, sharing_refusal
 from ckpt.errors import CkptError, NoSuchProcess, NotDumpable
-from ckpt.freeze.tree import FrozenTree, list_tree, preorder
+from ckpt.freeze.tree import FrozenTree, list_tree
 from ckpt.images import ImageDir
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.pb import image_pb2
 from ckpt.kernel.creds import require_root
+from ckpt.tree import preorder
 
 __all__ = ["DumpOptions", "DumpResult", "dump", "hidden_fds", "preflight"]
 
@@ -110,6 +113,7 @@ def dump(opts: DumpOptions) -> DumpResult:
     if not proc.pid_exists(pid):
         raise NoSuchProcess(pid)
     members = prepare_members(opts, list_tree(pid), parent)
+    everyone = list(members)  # with members forked during the freeze: trackers to close
     images = ImageDir.new_pass(opts.images_dir, opts.overwrite)
     root = members[0]
     try:
@@ -117,9 +121,10 @@ def dump(opts: DumpOptions) -> DumpResult:
         for m in members:
             m.before_freeze(limit)
         with FrozenTree(pid) as frozen:
-            if set(frozen.pids) != {m.pid for m in members}:
-                raise NotDumpable(tree_changed(pid, [m.pid for m in members], frozen.pids))
             tree = tree_view(frozen.pids) if len(frozen.pids) > 1 or frozen.zombies else None
+            # forks, exits (and pids reused) since the checks
+            members = settle_members(opts, members, frozen.pids, tree)
+            everyone += [m for m in members if m not in everyone]
             refuse_sharing(frozen.pids)
             for m in members:
                 if tree is not None:
@@ -127,6 +132,10 @@ def dump(opts: DumpOptions) -> DumpResult:
             for m in members:
                 m.collect_frozen(frozen.members[m.pid], images, limit, tree)
             zombies = [zombie_core(z) for z in frozen.zombies]
+            if tree is not None and (why := shape_refusal(read_members(
+                    frozen.pids, frozen.zombies, {m.pid: m.subreaper for m in members}),
+                    opts.shell_job)):  # exact now: the subreapers are known
+                raise NotDumpable(why)
             order = preorder(pid, {p: frozen.ppid[p] for p in [*frozen.pids, *frozen.zombies]})
             frozen_at = frozen.frozen_at
             frozen_ms = (time.perf_counter() - frozen_at) * 1000
@@ -145,7 +154,7 @@ def dump(opts: DumpOptions) -> DumpResult:
         images.abandon()  # a directory it made is not left behind empty or incomplete
         raise
     finally:
-        for m in members:
+        for m in everyone:
             if m.tracker is not None:
                 m.tracker.close()  # after the thaw: dropping the last uffd reference unprotects
     return DumpResult(pid=pid, threads=sum(len(m.states) for m in members),
@@ -160,15 +169,41 @@ def prepare_members(opts: DumpOptions, pids: list[int], parent: Parent | None,
     """Every member's preflight and parent, the tree still running untouched."""
     tree = tree_view(pids) if len(pids) > 1 or proc.list_children(pids[0]) else None
     refuse_sharing(pids)
-    out = []
-    for n, member in enumerate(pids):
-        memo: dict[Any, Any] = {}  # the fd kinds' reads, shared with the frozen collection
-        with refusals_of(member, tree is not None):  # say which member
-            early = preflight(opts, member, tree, memo)
-        prev = parent if n == 0 else open_parent(opts.images_dir, opts.prev_images_dir,
-                                                   member, member=True)
-        out.append(MemberDump(opts, member, prev, early, memo))
-    return out
+    if tree is not None and (why := shape_refusal(
+            read_members(pids, zombie_children(pids)), opts.shell_job)):
+        raise NotDumpable(why)
+    return [check_member(opts, member, tree, parent, root=n == 0)
+            for n, member in enumerate(pids)]
+
+
+def check_member(opts: DumpOptions, member: int, tree: TreeView | None,
+                 parent: Parent | None, root: bool) -> MemberDump:
+    """One member's preflight (naming it) and parent pass (the root's: ``parent``)."""
+    started = start_time(member)  # first: a pid reused meanwhile shows at the freeze
+    memo: dict[Any, Any] = {}  # the fd kinds' reads, shared with the frozen collection
+    with refusals_of(member, tree is not None):  # say which member
+        early = preflight(opts, member, tree, memo)
+    prev = parent if root else open_parent(opts.images_dir, opts.prev_images_dir, member,
+                                            member=True)
+    return MemberDump(opts, member, prev, early, memo, started)
+
+
+def start_time(pid: int) -> int:
+    try:
+        return proc.read_stat(pid).starttime
+    except NoSuchProcess:
+        return -1
+
+
+def settle_members(opts: DumpOptions, members: list[MemberDump], frozen: list[int],
+                   tree: TreeView | None) -> list[MemberDump]:
+    """The members the freeze found, in its pre-order. One that exited since the checks
+    is left out (the freeze recorded it as a zombie, or it is gone); one forked since,
+    or under the pid of one that exited (another start time), is checked now, frozen:
+    the same refusals, and a full copy (no parent pass has it)."""
+    known = {m.pid: m for m in members}
+    return [known[p] if p in known and known[p].start_time == start_time(p)
+            else check_member(opts, p, tree, None, root=False) for p in frozen]
 
 
 def refuse_sharing(pids: list[int]) -> None:
@@ -183,21 +218,15 @@ def tree_view(pids: list[int]) -> TreeView:
                                   for p in pids})
 
 
-def tree_changed(root: int, before: list[int], now: list[int]) -> str:
-    new = sorted(set(now) - set(before))
-    gone = sorted(set(before) - set(now))
-    what = "; ".join(x for x in (
-        f"new: {', '.join(map(str, new))}" if new else "",
-        f"exited: {', '.join(map(str, gone))}" if gone else "") if x)
-    return (f"process tree of {root} changed while it was being checked ({what}); "
-            "nothing was dumped, try again")
-
-
 def finish(opts: DumpOptions, images: ImageDir, members: list[MemberDump],
            zombies: list[pb.ProcessEntry], order: list[int], parent: Parent | None,
            frozen_ms: float, t_start: float) -> image_pb2.DumpStats:
     """Every member's core and tracker state, then the inventory, last."""
     total = (time.perf_counter() - t_start) * 1000
+    saved: set[int] = set()  # System V segments: saved once, by the first member
+    for m in members:
+        m.segments = [s for s in m.segments if s.shmid not in saved]
+        saved |= {s.shmid for s in m.segments}
     each = [m.write(images, frozen_ms, total) for m in members]
     for z in zombies:
         images.write_core(z.pid, z)

@@ -26,8 +26,8 @@ from ckpt.collect import proc, shmem
 from ckpt.collect.cgroups import cgroups_to_pb, read_cgroups
 from ckpt.collect.cow import cow_shared_bytes
 from ckpt.collect.deletedcwd import collect_deleted_cwd
-from ckpt.collect.fdkinds.base import TreeView
 from ckpt.collect.files import FileRecord, collect_files
+from ckpt.collect.holders import TreeView
 from ckpt.collect.mappedfiles import WHOLE as MAPPED_WHOLE
 from ckpt.collect.mappedfiles import collect_mapped, shared_spans
 from ckpt.collect.mlockall import refusal as mlockall_refusal
@@ -42,6 +42,7 @@ from ckpt.images import ImageDir
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.images.pb import image_pb2
 from ckpt.images.siginfo import STOPPED_MARK
+from ckpt.kernel import prctl
 from ckpt.kernel.ptrace import Tracee
 from ckpt.kernel.sys import PAGE_SIZE
 from ckpt.pagecopy.compare import DigestMap
@@ -176,8 +177,10 @@ class MemberDump:
     """One process of the dump, from its preflight to its images."""
 
     def __init__(self, opts: DumpOptions, pid: int, parent: Parent | None,
-                 early_vmas: list[VmaInfo], memo: dict[Any, Any]) -> None:
+                 early_vmas: list[VmaInfo], memo: dict[Any, Any], start_time: int = -1,
+                 ) -> None:
         self.opts, self.pid, self.parent = opts, pid, parent
+        self.start_time = start_time  # at the checks (stat field 22)
         self.early_vmas, self.memo = early_vmas, memo
         self.tracker = select_tracker(opts.track, pid, parent) \
             if opts.incremental or opts.track_mem else None
@@ -191,6 +194,11 @@ class MemberDump:
         self.mem: MemoryResult | None = None
         self.cow = 0
         self.shm: dict[int, shmem.Placement] = {}  # by VMA start: memory other members map
+
+    @property
+    def subreaper(self) -> bool:
+        """PR_SET_CHILD_SUBREAPER, as read while frozen."""
+        return bool(self.injected.settings.get("child_subreaper"))
 
     @property
     def tracker_name(self) -> str:
@@ -228,6 +236,12 @@ class MemberDump:
             self.injected: InjectedState = collect_injected(pid, threads, self.states, vmas)
         if why := mlockall_refusal(self.injected.mlockall):  # known only while frozen
             raise NotDumpable(f"process {pid}: {why}")
+        if pid == opts.pid:  # the root: its restored parent is not its parent
+            for state in self.states:
+                if found := prctl.root_refused(state.settings):
+                    raise NotDumpable(
+                        f"thread {state.tid} has {found[0]}, which a restore cannot set "
+                        "again (its parent would be ckpt): not supported")
         tracker = self.tracker
         if tracker is not None and tracker.needs_fresh_vmflags:
             vmas = collect_vmas(pid)

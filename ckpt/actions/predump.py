@@ -46,8 +46,10 @@ from ckpt.actions.passes import (
     write_memory,
 )
 from ckpt.collect import proc, shmem
-from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags, TreeView
+from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdFlags
+from ckpt.collect.holders import TreeView
 from ckpt.collect.restorable import read_target, require_restorable
+from ckpt.collect.shape import read_members, shape_refusal, zombie_children
 from ckpt.collect.vmas import VmaInfo, collect_vmas
 from ckpt.errors import NoSuchProcess, NotDumpable
 from ckpt.freeze.tree import FrozenTree, list_tree
@@ -135,6 +137,9 @@ def prepare_members(opts: PredumpOptions, pids: list[int], parent: Parent | None
     """Every member checked, with its parent and VMAs, the tree running untouched."""
     tree = tree_view(pids) if len(pids) > 1 or proc.list_children(pids[0]) else None
     refuse_sharing(pids)
+    if tree is not None and (why := shape_refusal(
+            read_members(pids, zombie_children(pids)), shell_job=False)):
+        raise NotDumpable(why)
     out = []
     for n, pid in enumerate(pids):
         with refusals_of(pid, tree is not None):

@@ -77,6 +77,7 @@ from ckpt.restore.process import (
     settle_process,
 )
 from ckpt.restore.release import run_released
+from ckpt.restore.settings import check_root_settings
 from ckpt.restore.stub import Stub
 from ckpt.restore.timers import check_timer_ids
 from ckpt.restore.tree import TreeStubs, check_tree_ids_free, release_all, subreaper
@@ -110,6 +111,7 @@ class Resources:
     segments removed again if it fails."""
 
     segments: list[int] = field(default_factory=list)
+    shmids: set[int] = field(default_factory=set)  # System V segments made or found
     objects: list[Made] = field(default_factory=list)  # mapped memfds and deleted files
     scope: TreeScope | None = None  # a tree's shared objects
 
@@ -146,6 +148,7 @@ def _restore(opts: RestoreOptions) -> RestoreResult:
     t0 = time.perf_counter()
     require_root("restore")
     images, inv, entry = read_images(opts.images_dir)
+    check_root_settings(entry)
     if len(inv.pids) > 1:
         return restore_tree(opts, images, inv, t0)
     layers = chain.resolve(images, entry.pid)  # the whole chain is valid before we fork
@@ -179,7 +182,7 @@ def build_process(stub: Stub, entry: pb.ProcessEntry, layers: list[chain.Layer],
             objects = make_objects(entry, made.scope)  # a tree: its registry
             made.objects.append(objects)
             late = mm.map_vmas(stub, vmas, objects)  # and seals them
-            made.segments += sysvshm.restore_segments(entry)
+            made.segments += sysvshm.restore_segments(entry, made.shmids)
             sysvshm.attach_segments(stub, entry)
             copier = CopyFill.open(stub, vmas)
         # closed right after the fill: a VMA still registered would SIGBUS the process
@@ -211,7 +214,8 @@ def restore_tree(opts: RestoreOptions, images: ImageDir, inv: image_pb2.Inventor
         check_timer_ids(e)
     check_tree_inherit(live, opts.inherit)
     reserve = max([t for m in tree.members for t in m.tids] + helper_pids(plan))
-    made = Resources(scope=TreeScope(files=[f for e in live for f in e.files]))
+    made = Resources(scope=TreeScope(files=[f for e in live for f in e.files],
+                                     members=tuple(e.pid for e in live)))
     parked: list[Parked] = []
     settle = functools.partial(settle_process, tree=made.scope)
     with subreaper():  # orphans of a failure come back to ckpt (ckpt.restore.tree)

@@ -15,12 +15,11 @@ with several ``FdEntry``s, so after restore their offset moves together again.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ckpt.collect.fdkinds import kind_of
-from ckpt.collect.fdkinds.base import FdFlags, Peek, TreeView
+from ckpt.collect.fdkinds.base import FdFlags, Peek
 from ckpt.collect.fdkinds.fown import NO_OWNER, Fown, read_fown
 from ckpt.collect.fdkinds.locks import collect_locks, refusal
 from ckpt.collect.fds import (
@@ -31,10 +30,10 @@ from ckpt.collect.fds import (
     kcmp_same_file,
     read_fds,
 )
+from ckpt.collect.holders import TreeView, shared_before
 from ckpt.collect.restorable import fd_refusal
-from ckpt.errors import CkptError, NotDumpable
+from ckpt.errors import NotDumpable
 from ckpt.images.pb import core_pb2 as pb
-from ckpt.kernel.sys import kcmp_file
 
 O_CLOEXEC = 0o2000000
 
@@ -71,29 +70,6 @@ def file_kind(info: FdInfo, shell_job: bool) -> str:
     return "inherited" if kind == "tty" else "dev_null" if kind == "dev_null" else "path"
 
 
-def shared_before(pid: int, info: FdInfo, tree: TreeView | None,
-                  same_file: Callable[[int, int, int, int], bool] = kcmp_file,
-                  ) -> tuple[int, int] | None:
-    """(member, fd) of a member before ``pid`` in the tree's pre-order whose fd is the very
-    open file description of ``info`` (inherited across fork), or None. Candidates have
-    the same link text, device, inode, offset and flags; kcmp decides."""
-    if tree is None:
-        return None
-    for member in tree.pids:
-        if member == pid:
-            return None
-        for other in tree.fds.get(member, ()):
-            if (other.target, other.st_dev, other.st_ino, other.pos, other.flags) != (
-                    info.target, info.st_dev, info.st_ino, info.pos, info.flags):
-                continue
-            try:
-                if same_file(pid, info.fd, member, other.fd):
-                    return member, other.fd
-            except CkptError:
-                continue
-    return None
-
-
 def collect_files(pid: int, shell_job: bool, hidden: set[int] | None = None,
                   root: str = "/proc", flags: FdFlags | None = None,
                   memo: dict[Any, Any] | None = None, tree: TreeView | None = None,
@@ -117,9 +93,14 @@ def collect_files(pid: int, shell_job: bool, hidden: set[int] | None = None,
             shared = shared_before(pid, first, tree)
             if shared is not None:
                 kind = fdkind.name if fdkind is not None else file_kind(first, shell_job)
+                # POSIX locks are the process's own (the first holder's record has its
+                # own, flock and OFD locks are the description's: taken with it)
+                posix = [lk for lk in collect_locks(first, peek)
+                         if lk.kind == pb.FileLock.POSIX]
                 payload = pb.OpenFile(
                     type=fdkind.image_type if fdkind is not None  # type: ignore[arg-type]
-                    else FILE_TYPES[kind], shared_pid=shared[0], shared_fd=shared[1])
+                    else FILE_TYPES[kind], shared_pid=shared[0], shared_fd=shared[1],
+                    locks=posix)
                 fown = NO_OWNER  # the description's: set through the first holder
             elif fdkind is None:
                 kind = file_kind(first, shell_job)  # refuses the locks it cannot take again

@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
-from ckpt.collect.fds import FdInfo
+from ckpt.collect.fds import O_CLOEXEC, FdInfo
 from ckpt.collect.proc import proc_path
 from ckpt.errors import CkptError
 from ckpt.kernel.sys import kcmp_file
@@ -156,3 +157,46 @@ def holders_of(how: Sharing, pid: int, info: FdInfo, candidates: list[Link],
         if other not in found and same(other, fd):
             found.add(other)
     return tuple(sorted(found))
+
+
+def shared_before(pid: int, info: FdInfo, tree: TreeView | None,
+                  same_file: Callable[[int, int, int, int], bool] = kcmp_file,
+                  ) -> tuple[int, int] | None:
+    """(member, fd) of a member before ``pid`` in the tree's pre-order whose fd is the very
+    open file description of ``info`` (inherited across fork), or None. Candidates have
+    the same link text, device, inode, offset and status flags (close-on-exec is the
+    fd's, not the description's); kcmp decides."""
+    if tree is None:
+        return None
+    for member in tree.pids:
+        if member == pid:
+            return None
+        for other in tree.fds.get(member, ()):
+            if (other.target, other.st_dev, other.st_ino, other.pos,
+                    other.flags & ~O_CLOEXEC) != (info.target, info.st_dev, info.st_ino,
+                                                  info.pos, info.flags & ~O_CLOEXEC):
+                continue
+            try:
+                if same_file(pid, info.fd, member, other.fd):
+                    return member, other.fd
+            except CkptError:
+                continue
+    return None
+
+
+@dataclass(frozen=True)
+class TreeView:
+    """A tree dump (``ckpt dump -t ROOT``: ROOT and its descendants) as one member's fd
+    kinds see it: every member in pre-order, root first, and each one's fd records. What
+    members hold is no other process's: an object held by several members is theirs
+    (a pipe between two of them is no external pipe)."""
+
+    pids: tuple[int, ...]
+    fds: Mapping[int, Sequence[FdInfo]] = field(default_factory=dict)
+
+    def others(self, pid: int) -> Iterator[tuple[int, FdInfo]]:
+        """(member, fd record) of every member but ``pid``, in pre-order."""
+        for member in self.pids:
+            if member != pid:
+                for info in self.fds.get(member, ()):
+                    yield member, info

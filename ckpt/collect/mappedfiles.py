@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ckpt.collect.fdkinds import memfd
-from ckpt.collect.fdkinds.base import FdFlags, TreeScope, TreeView, made_as_process
-from ckpt.collect.holders import scan_links, scan_maps
+from ckpt.collect.fdkinds.base import FdFlags, TreeScope, made_as_process
+from ckpt.collect.holders import TreeView, scan_links, scan_maps
 from ckpt.collect.maps import read_maps
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.errors import RestoreError

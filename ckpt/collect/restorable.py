@@ -378,7 +378,8 @@ def refusals(t: Target) -> list[str]:
     """One line per thing a restore could not bring back (empty: restorable)."""
     out = [rule.says.format(**process_fields(t)) for rule in PROCESS_RULES if rule.applies(t)]
     out += sysvshm.refusals(t.pid, t.vmas, {s.shmid: s for s in t.shm_segments},
-                            t.same_ipc_ns, migrating=t.fd_flags.migrating)
+                            t.same_ipc_ns, migrating=t.fd_flags.migrating,
+                            members=dict(t.shm_members))
     out += sched.refusals(t.pid, t.policies)
     out += cgroups.thread_refusals(t.pid, t.thread_cgroups)
     found, shm = dict(t.mapped), dict(t.shmem)
@@ -392,6 +393,11 @@ def refusals(t: Target) -> list[str]:
     owners = dict(t.fd_owners)
     tids = {tid for tid, _ in t.thread_cwds}
     for info in sorted(t.fds, key=lambda i: i.fd):
+        if info.fd in t.shared_fds:  # an earlier member's open file: judged with it, but
+            why = locks.refusal(info, reopened=info.fd not in claimed)  # for its locks
+            if why:
+                out.append(f"{describe_fd(info)}: {why}")
+            continue
         if info.fd in claimed:
             kind, details = claimed[info.fd]
             others = held.get(info.fd, ()) if kind.holders is not Sharing.OWN else ()
@@ -406,7 +412,7 @@ def refusals(t: Target) -> list[str]:
                               held.get(info.fd, ()))
         if not line and info.fd in owners:
             why = fown.refusal(owners[info.fd], t.pid, tids, t.pgid, t.sid,
-                               t.fd_flags.shell_job)
+                               t.fd_flags.shell_job, t.tree)
             line = f"{describe_fd(info)}: {why}" if why else None
         if line:
             out.append(line)

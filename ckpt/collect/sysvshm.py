@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import zstandard
@@ -121,9 +121,11 @@ def attaches(vmas: Sequence[VmaInfo]) -> list[Attach]:
 
 
 def refusals(pid: int, vmas: Sequence[VmaInfo], segments: dict[int, Segment],
-             same_ipc_ns: bool, migrating: bool = False) -> list[str]:
+             same_ipc_ns: bool, migrating: bool = False,
+             members: Mapping[int, int] | None = None) -> list[str]:
     """Why the SysV attaches of ``pid`` could not be restored exactly (pure); a migration
-    (whose destination maps memory pass by pass, without shmat) takes none."""
+    (whose destination maps memory pass by pass, without shmat) takes none. In a tree
+    dump, ``members``: the other members' attaches (VMAs) by shmid, theirs too."""
     found = attaches(vmas)
     if found and migrating:
         a = found[0]
@@ -150,10 +152,28 @@ def refusals(pid: int, vmas: Sequence[VmaInfo], segments: dict[int, Segment],
                        f"ckpt saves ({MAX_SEGMENT} bytes)")
     for shmid, mine in sorted(count.items()):
         seg = segments.get(shmid)
-        if seg is not None and seg.nattch > mine:
+        ours = mine + (members or {}).get(shmid, 0)
+        if seg is not None and seg.nattch > ours:
             out.append(f"process {pid}'s System V shared memory {shmid} is also attached "
-                       f"by {seg.nattch - mine} other process(es): process trees are not "
-                       "supported yet")
+                       f"by {seg.nattch - ours} process(es) outside the dump: a restore "
+                       "would cut them off")
+    return out
+
+
+def member_attaches(pids: Iterable[int], root: str = "/proc") -> dict[int, int]:
+    """VMAs of System V shared memory the processes ``pids`` map, by shmid (the inode
+    of a "/SYSV<key> (deleted)" line of /proc/PID/maps); a process gone is skipped."""
+    out: dict[int, int] = {}
+    for pid in pids:
+        try:
+            with open(f"{root}/{pid}/maps", encoding="utf-8", errors="surrogateescape") as f:
+                lines = f.readlines()
+        except OSError:
+            continue
+        for line in lines:
+            words = line.split(maxsplit=5)
+            if len(words) == 6 and words[5].startswith("/SYSV"):
+                out[int(words[4])] = out.get(int(words[4]), 0) + 1
     return out
 
 
@@ -191,13 +211,18 @@ def collect_segments(vmas: Sequence[VmaInfo], root: str = "/proc") -> list[pb.Sy
 # --------------------------------------------------------------------------- restore
 
 
-def restore_segments(entry: pb.ProcessEntry) -> list[int]:
+def restore_segments(entry: pb.ProcessEntry, done: set[int] | None = None) -> list[int]:
     """Make (or find) every segment of the image under its id, with its contents and
-    owner; return the ids of those made here (for :func:`forget` if the restore fails)."""
+    owner; return the ids of those made here (for :func:`forget` if the restore fails).
+    ``done``: a tree's segments an earlier member made (or found) already, updated."""
     made = []
     here = read_segments()
+    done = set() if done is None else done
     try:
         for seg in entry.sysv_shm:
+            if seg.shmid in done:
+                continue
+            done.add(seg.shmid)
             if not _reusable(here.get(seg.shmid), seg):
                 _make(seg)
                 made.append(seg.shmid)

@@ -11,9 +11,9 @@ from typing import Any
 
 from ckpt.collect import cgroups, deletedcwd, mappedfiles, proc, sched, shmem, sysvshm
 from ckpt.collect.fdkinds import fown, kind_of
-from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek, TreeView
+from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fds import FdInfo, classify_fd, read_fds
-from ckpt.collect.holders import Sharing
+from ckpt.collect.holders import Sharing, TreeView, shared_before
 from ckpt.collect.timers import ProcTimer, read_timers
 from ckpt.collect.vmas import VmaInfo, VmaKind, collect_vmas
 from ckpt.errors import NoSuchProcess
@@ -57,6 +57,8 @@ class Target:
     # whether the target's IPC namespace is ckpt's
     shm_segments: tuple[sysvshm.Segment, ...] = ()
     same_ipc_ns: bool = True
+    # a tree dump: the other members' attaches (VMAs) of those segments, by shmid
+    shm_members: tuple[tuple[int, int], ...] = ()
     policies: tuple[tuple[int, int], ...] = ()  # (tid, scheduling policy): collect.sched
     # (tid, its cgroups) of every thread: ckpt.collect.cgroups
     thread_cgroups: tuple[tuple[int, tuple[cgroups.Membership, ...]], ...] = ()
@@ -76,6 +78,10 @@ class Target:
     fd_owners: tuple[tuple[int, fown.Fown], ...] = ()
     pgid: int = 0
     sid: int = 0
+    # a tree dump: fds whose open file an earlier member holds (judged and saved with
+    # it), and every member
+    shared_fds: frozenset[int] = frozenset()
+    tree: tuple[int, ...] = ()
 
 
 #: fds reopened by path whose open file is compared with other processes' (kcmp)
@@ -102,8 +108,12 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
     fds = [i for i in read_fds(pid) if i.fd not in hidden]
     fd_kinds, fd_owners = [], []
     holders = []
+    shared: set[int] = set()
     with Peek(pid, fds, memo, tree) as peek:
         for info in fds:
+            if shared_before(pid, info, tree) is not None:
+                shared.add(info.fd)  # an earlier member's open file: judged with it
+                continue
             kind = kind_of(info, peek)
             if kind is not None:
                 fd_kinds.append((info.fd, kind, kind.inspect(info, peek)))
@@ -137,6 +147,8 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         groups=len(proc.read_status(pid).groups), fd_kinds=tuple(fd_kinds),
         shm_segments=tuple(sysvshm.read_segments().values()) if sysvshm.attaches(maps)
         else (), same_ipc_ns=proc.read_ns(pid, "ipc") == proc.read_ns(me, "ipc"),
+        shm_members=tuple(sysvshm.member_attaches(p for p in tree.pids if p != pid).items())
+        if tree is not None and sysvshm.attaches(maps) else (),
         policies=tuple(sched.read_policies(tids)),
         mapped=mappedfiles.inspect(pid, maps, tree),
         shmem=shmem.inspect(pid, maps, tree.pids if tree else (pid,), memo),
@@ -145,7 +157,8 @@ def read_target(pid: int, shell_job: bool, hidden: set[int],
         thread_cgroups=tuple((tid, tuple(found)) for tid, found in
                              cgroups.read_thread_cgroups(pid, tids)),
         fd_flags=flags or FdFlags(shell_job=shell_job), tracker=bool(hidden),
-        holders=tuple(holders), fd_owners=tuple(fd_owners), pgid=stat.pgrp, sid=stat.session)
+        holders=tuple(holders), fd_owners=tuple(fd_owners), shared_fds=frozenset(shared),
+        pgid=stat.pgrp, sid=stat.session, tree=tree.pids if tree else ())
 
 
 def _member(child: int, tree: TreeView) -> bool:

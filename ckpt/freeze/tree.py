@@ -46,31 +46,11 @@ from ckpt.freeze.seize import (
     restore_signal_handlers,
 )
 from ckpt.kernel import siginfo
+from ckpt.tree import preorder
 
 DEAD = ("Z", "X")
 CLD_CONTINUED = 6  # si_code of a SIGCHLD for a child continued by SIGCONT
 EXIT_WAIT = 2.0  # seconds a dying member's other threads get to finish exiting
-
-
-def preorder(root: int, parent: Mapping[int, int]) -> list[int]:
-    """``root`` and every pid whose chain of parents in ``parent`` (pid -> ppid) leads to
-    it, each parent before its children, siblings by pid: the order a tree is restored in
-    (a parent forks its children). Pids that do not lead to ``root`` are left out."""
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parent.items():
-        if pid != root:
-            children.setdefault(ppid, []).append(pid)
-    out: list[int] = []
-    seen: set[int] = set()
-    todo = [root]
-    while todo:
-        pid = todo.pop()
-        if pid in seen:  # a cycle: only a corrupt map has one
-            continue
-        seen.add(pid)
-        out.append(pid)
-        todo.extend(sorted(children.get(pid, ()), reverse=True))
-    return out
 
 
 def _state(pid: int, proc_root: str) -> str:

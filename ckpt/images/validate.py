@@ -227,7 +227,9 @@ def _process(m: core.ProcessEntry) -> Iterator[Problem]:
     ids = {f.id for f in m.files}
     tids = {t.tid for t in m.threads}
     for i, f in enumerate(m.files):  # F_OWNER_PGRP 2: the process group; else a thread
-        if f.owner and f.owner not in ({m.pgid} if f.owner_type == 2 else tids):
+        # a process owner may be another member of a tree: checked by the restore
+        if f.owner and f.owner_type != 1 and f.owner not in ({m.pgid} if f.owner_type == 2
+                                                             else tids):
             yield f"files[{i}].owner", f.owner, "not the process, its threads or its group"
     for i, fd in enumerate(m.fds):
         if fd.file_id not in ids:

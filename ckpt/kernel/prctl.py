@@ -2,12 +2,13 @@
 target, by an injected prctl) and how it is set again (in the stub), side by side.
 
     name            scope    read                                set again
-    pdeath_signal   thread   PR_GET_PDEATHSIG (int at arg2)      refused when set: it fires
-                                                                 when the parent thread exits,
-                                                                 and the restored process's
-                                                                 parent is ckpt (or its page
-                                                                 server's worker thread), not
-                                                                 the original one
+    pdeath_signal   thread   PR_GET_PDEATHSIG (int at arg2)      PR_SET_PDEATHSIG v, for a
+                                                                 tree's member (its parent is
+                                                                 restored with it); refused
+                                                                 for the dumped process itself
+                                                                 (ROOT_REFUSED: its restored
+                                                                 parent is ckpt, or its page
+                                                                 server's worker thread)
     timer_slack     thread   PR_GET_TIMERSLACK                   PR_SET_TIMERSLACK v
     tsc             thread   PR_GET_TSC (int at arg2)            PR_SET_TSC v
     mce_kill        thread   PR_MCE_KILL_GET                     PR_MCE_KILL SET v / CLEAR
@@ -61,7 +62,7 @@ from ckpt.errors import KernelError
 from ckpt.kernel.ptrace import ptrace
 from ckpt.kernel.sys import NR
 
-PR_GET_PDEATHSIG = 2
+PR_SET_PDEATHSIG, PR_GET_PDEATHSIG = 1, 2
 PR_SET_NAME, PR_GET_NAME, TASK_COMM_LEN = 15, 16, 16
 PR_GET_TSC, PR_SET_TSC = 25, 26
 PR_SET_TIMERSLACK, PR_GET_TIMERSLACK = 29, 30
@@ -122,8 +123,8 @@ def _mce(v: int) -> tuple[int, ...]:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("pdeath_signal", Scope.THREAD, (PR_GET_PDEATHSIG,), Read.INT_AT_ARG2, None,
-            default=0, top=0),
+    Setting("pdeath_signal", Scope.THREAD, (PR_GET_PDEATHSIG,), Read.INT_AT_ARG2,
+            lambda v: (PR_SET_PDEATHSIG, v, 0, 0, 0), default=0, top=64),
     Setting("timer_slack", Scope.THREAD, (PR_GET_TIMERSLACK, 0, 0, 0, 0), Read.RETURNED,
             lambda v: (PR_SET_TIMERSLACK, v, 0, 0, 0), default=50_000, top=S64_MAX),
     Setting("tsc", Scope.THREAD, (PR_GET_TSC,), Read.INT_AT_ARG2,
@@ -238,6 +239,17 @@ def read_settings(scope: Scope, task: Task) -> dict[str, int]:
         if value is not None:
             out[s.name] = value
     return out
+
+
+#: settings kept for a tree's member but refused for the dumped process itself (the
+#: root): they name its parent, which a restore does not bring back
+ROOT_REFUSED = ("pdeath_signal",)
+
+
+def root_refused(values: dict[str, int]) -> list[str]:
+    """Names (with values) of ROOT_REFUSED settings that differ from their default."""
+    return [f"{name} = {v:#x}" for name, v in values.items()
+            if name in ROOT_REFUSED and v != BY_NAME[name].default]
 
 
 def refused(values: dict[str, int]) -> list[str]:

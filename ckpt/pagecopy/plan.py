@@ -6,7 +6,10 @@
     heap, stack       present or swapped
     file private      present or swapped and not a file page (i.e. COW'd copies only);
                       untouched pages come back from the file at restore
-    anon shared       present or swapped (pages of the shmem object that are mapped)
+    anon shared       every page of its shmem object that holds data (SEEK_DATA on
+                      /proc/PID/map_files/...): also those another member of a tree
+                      wrote and this process never touched, and those swapped out
+                      (neither shows in this process's pagemap)
     file shared       none: the data lives in the file
     System V shm      none: the whole segment is in the core image (ckpt.collect.sysvshm)
     vdso/vvar/...     none: the kernel provides them
@@ -62,6 +65,11 @@ def existing_pages(pid: int, vmas: list[VmaInfo], proc_root: str = "/proc",
         for v in vmas:
             if v.kind in NO_PAGES:
                 continue
+            if v.kind == VmaKind.ANON_SHARED and (data := shmem_data(pid, v, proc_root)) \
+                    is not None:
+                exists += data
+                present += data
+                continue
             reject = v.kind == VmaKind.FILE_PRIVATE
             for lo, hi in populated(fd, v.start, v.end):
                 e, p = data_runs(read_pagemap_entries(fd, lo, hi), lo, reject_file=reject)
@@ -70,6 +78,36 @@ def existing_pages(pid: int, vmas: list[VmaInfo], proc_root: str = "/proc",
     finally:
         os.close(fd)
     return normalize(exists), normalize(present)
+
+
+def shmem_data(pid: int, v: VmaInfo, proc_root: str = "/proc") -> list[Range] | None:
+    """The pages of shared anonymous VMA ``v`` whose shmem object holds data there, found
+    with lseek SEEK_DATA/SEEK_HOLE on the object (/proc/PID/map_files, root only); None
+    if it cannot be opened (then the pagemap says what is mapped)."""
+    try:
+        fd = os.open(f"{proc_root}/{pid}/map_files/{v.start:x}-{v.end:x}",
+                     os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    out: list[Range] = []
+    lo, hi = v.pgoff, v.pgoff + (v.end - v.start)
+    try:
+        at = lo
+        while at < hi:
+            try:
+                start = os.lseek(fd, at, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after ``at``
+                    break
+                return None
+            if start >= hi:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), hi)
+            out.append((v.start + start - lo, v.start + end - lo))
+            at = end
+    finally:
+        os.close(fd)
+    return out
 
 
 SCAN_FIRST = 1 << 30  # VMAs larger than this: PAGEMAP_SCAN finds where the pages are

@@ -191,6 +191,11 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry,
             kind = BY_TYPE.get(f.type)
             taken = False  # by pidfd_getfd(2), which sets FD_CLOEXEC
             if f.shared_pid:
+                if tree is None or f.shared_fd not in tree.restored.get(f.shared_pid, ()):
+                    raise RestoreError(
+                        f"fd {fds[0].fd}: the image takes it from fd {f.shared_fd} of "
+                        f"process {f.shared_pid}, which is no member of this restore "
+                        "restored before it")
                 src = taker.take(ctx.hold(member_fd(f.shared_pid, f.shared_fd)),
                                  f"fd {f.shared_fd} of process {f.shared_pid}")
                 taken = True
@@ -221,6 +226,8 @@ def restore_files(stub: Stub, entry: pb.ProcessEntry,
     finally:
         if tree is None:
             ctx.close()
+        else:
+            tree.restored[entry.pid] = frozenset(fd.fd for fd in entry.fds)
     stub.sc(NR.close_range, park, park + 3, 0, what="close_range")
     # after the last close: closing any fd of a file drops the process's POSIX locks on it
     restore_locks(stub, entry.files, ctx.placed, fs_identity(entry))
@@ -271,7 +278,9 @@ def _open_armed(stub: Stub, path: str, flags: int) -> int:
     return fd
 
 
-def restore_owners(stub: Stub, entry: pb.ProcessEntry, tids: list[int]) -> None:
+def restore_owners(stub: Stub, entry: pb.ProcessEntry, tids: list[int],
+                   members: tuple[int, ...] = ()) -> None:
     """The owner (F_SETOWN) of every open file that had one: the process, one of its
-    threads (``tids``: restored, leader first) or its process group, as restored."""
-    fown.restore_owners(stub, entry, tids, os.getpgid(stub.pid))
+    threads (``tids``: restored, leader first), its process group, as restored, or in a
+    tree another of its ``members`` (restored under its own pid)."""
+    fown.restore_owners(stub, entry, tids, os.getpgid(stub.pid), members)

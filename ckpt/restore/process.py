@@ -162,7 +162,7 @@ def settle_process(stub: Stub, entry: pb.ProcessEntry, new_session: bool, same_t
     restore_creds(stub, threads, entry)  # last before the registers (ckpt.restore.creds)
     # F_SETOWN may name a thread: once they exist. After the credentials: the kernel
     # records the caller's uid and euid with the owner, and checks them before each SIGIO.
-    restore_owners(stub, entry, tids)
+    restore_owners(stub, entry, tids, tree.members if tree else ())
     # No trap after this point (see ckpt.restore.tasks): registers are loaded at stops
     # from which the kernel applies its own syscall-restart rules.
     last_syscalls(stub, entry, threads)  # parks the other threads too

@@ -60,6 +60,16 @@ def restore_all_settings(stub: Stub, threads: list[Stub], entry: pb.ProcessEntry
                     0, what=f"PR_SET_NAME of thread {task.task.tid}")
 
 
+def check_root_settings(entry: pb.ProcessEntry) -> None:
+    """The restored root's parent is ckpt: settings naming its parent (a dump refuses
+    them, ckpt.kernel.prctl.ROOT_REFUSED) are refused in an image too."""
+    for th in entry.threads:
+        found = prctl.root_refused({s.name: s.value for s in th.settings})
+        if found:
+            raise RestoreError(f"thread {th.tid} of the restored process has {found[0]}: "
+                               "its parent would be ckpt, not the one it had")
+
+
 def derived(item: pb.Setting, th: pb.ThreadCore) -> bool:
     """Settings the kernel derives from another one: a real-time thread's timer slack is
     0 whatever was asked (the kernel sets it with the policy, ckpt.restore.sched, and

@@ -29,6 +29,12 @@ libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_i
                       ctypes.c_int, ctypes.c_long]
 
 
+def say(line: str) -> None:
+    """One line in one write(2): parent and child share the output file's offset, and
+    print's separate writes of text and newline could interleave between them."""
+    os.write(1, (line + "\n").encode())
+
+
 Cells = ctypes.Array[ctypes.c_uint64]  # two counters at offsets 0 and 8
 
 
@@ -59,13 +65,13 @@ def play(me: str, lead: Cells, follow: Cells, follow_fd: int | None) -> None:
             put(lead, 0, n + 1)
             rounds += 1
             if rounds % 50 == 0:
-                print(f"{me} round {n + 1}", flush=True)
+                say(f"{me} round {n + 1}")
         elif echo != n - 1:
-            print(f"ERROR {me}: my {n} echoed as {echo}", flush=True)
+            say(f"ERROR {me}: my {n} echoed as {echo}")
             sys.exit(1)
         theirs = get(follow, 0)
         if theirs not in (echoed, echoed + 1):
-            print(f"ERROR {me}: theirs went from {echoed} to {theirs}", flush=True)
+            say(f"ERROR {me}: theirs went from {echoed} to {theirs}")
             sys.exit(1)
         if theirs != echoed:
             echoed = theirs

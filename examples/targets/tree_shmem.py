@@ -38,6 +38,12 @@ CHILDREN = 2
 PAUSE = 0.05  # seconds between rounds
 
 
+def say(line: str) -> None:
+    """One line in one write(2): parent and child share the output file's offset, and
+    print's separate writes of text and newline could interleave between them."""
+    os.write(1, (line + "\n").encode())
+
+
 def get(m: mmap.mmap, off: int) -> int:
     return int(struct.unpack_from("Q", m, off)[0])
 
@@ -66,20 +72,20 @@ def child(m: mmap.mmap, j: int, split: bool) -> None:
     if split and j == 1:
         unmap(m, 3, 1024)
         pages = [1, 2, *range(1024, SIZE // PAGE)]
-    print(f"child {j} {os.getpid()}", flush=True)
+    say(f"child {j} {os.getpid()}")
     other = 1 + (1 - j)
     acked = count = 0
     mine = (1 + j) * PAGE + 8
     while True:
         if get(m, mine) != count:
-            print(f"BAD child {j}: count {get(m, mine)}, not {count}", flush=True)
+            say(f"BAD child {j}: count {get(m, mine)}, not {count}")
             put(m, mine, count)
         r = get(m, 0)
         if r > acked:
             if not pattern_ok(m, pages):
-                print(f"BAD child {j}: pattern", flush=True)
+                say(f"BAD child {j}: pattern")
             if get(m, 8 * other) < r - 1:
-                print(f"BAD child {j}: round {r}, other ack {get(m, 8 * other)}", flush=True)
+                say(f"BAD child {j}: round {r}, other ack {get(m, 8 * other)}")
             put(m, 8 * (1 + j), r)
             put(m, mine, count + 1)
             acked, count = r, count + 1
@@ -106,8 +112,8 @@ def main() -> None:
         while any(get(m, 8 * (1 + j)) < r for j in range(CHILDREN)):
             time.sleep(0.005)
         if not pattern_ok(m, pages):
-            print("BAD parent: pattern", flush=True)
-        print("ready" if r == 1 else f"round {r}", flush=True)
+            say("BAD parent: pattern")
+        say("ready" if r == 1 else f"round {r}")
         time.sleep(PAUSE)
 
 

@@ -26,6 +26,12 @@ WIDTH = 32  # bytes per record
 LAG = 8  # records left queued before one is read
 
 
+def say(line: str) -> None:
+    """One line in one write(2): parent and child share the output file's offset, and
+    print's separate writes of text and newline could interleave between them."""
+    os.write(1, (line + "\n").encode())
+
+
 def queued(s: socket.socket) -> int:
     buf = bytearray(4)
     fcntl.ioctl(s.fileno(), termios.FIONREAD, buf)
@@ -46,10 +52,10 @@ def talk(s: socket.socket, me: str, peer: str, stream: bool) -> None:
                 data = s.recv(WIDTH * 2)
             got = data.decode().split()
             if got != [peer, str(expected)]:
-                print(f"ERROR {me} expected {peer} {expected}, got {data!r}", flush=True)
+                say(f"ERROR {me} expected {peer} {expected}, got {data!r}")
                 sys.exit(1)
             if expected % 20 == 0:
-                print(f"{me} got {expected}", flush=True)
+                say(f"{me} got {expected}")
             expected += 1
         time.sleep(0.01)
 

@@ -34,12 +34,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ckpt.collect.fds import FdInfo
-from ckpt.collect.holders import Link, Mapped, Sharing, holders_of, scan_links, scan_maps
+from ckpt.collect.holders import (
+    Link,
+    Mapped,
+    Sharing,
+    TreeView,
+    holders_of,
+    scan_links,
+    scan_maps,
+)
 from ckpt.errors import NoSuchProcess
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.creds import FsIdentity, made_as
@@ -82,24 +90,6 @@ class FdFlags:
     # taken into the destination's; System V shared memory, mapped memfds and deleted
     # files, a deleted working directory are refused (not carried yet)
     migrating: bool = False
-
-
-@dataclass(frozen=True)
-class TreeView:
-    """A tree dump (``ckpt dump -t ROOT``: ROOT and its descendants) as one member's fd
-    kinds see it: every member in pre-order, root first, and each one's fd records. What
-    members hold is no other process's: an object held by several members is theirs
-    (a pipe between two of them is no external pipe)."""
-
-    pids: tuple[int, ...]
-    fds: Mapping[int, Sequence[FdInfo]] = field(default_factory=dict)
-
-    def others(self, pid: int) -> Iterator[tuple[int, FdInfo]]:
-        """(member, fd record) of every member but ``pid``, in pre-order."""
-        for member in self.pids:
-            if member != pid:
-                for info in self.fds.get(member, ()):
-                    yield member, info
 
 
 class Peek:
@@ -233,6 +223,10 @@ class TreeScope:
     files: list[pb.OpenFile] = field(default_factory=list)
     objects: dict[tuple[str, int], Any] = field(default_factory=dict)
     keep: list[int] = field(default_factory=list)
+    members: tuple[int, ...] = ()  # every member's pid (an fd's owner may be another's)
+    # members whose fds are in place, and those fds: what a later member may take
+    # (OpenFile.shared_pid, shared_fd); nothing else, whatever an image says
+    restored: dict[int, frozenset[int]] = field(default_factory=dict)
 
     def close(self) -> None:
         for fd in self.keep:

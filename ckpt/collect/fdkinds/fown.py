@@ -88,12 +88,16 @@ def read_fown(info: FdInfo, peek: Peek) -> Fown:
 
 
 def refusal(own: Fown, pid: int, tids: Collection[int], pgid: int, sid: int,
-            shell_job: bool) -> str | None:
+            shell_job: bool, members: Collection[int] = ()) -> str | None:
     """Why a restore of process ``pid`` (threads ``tids``, process group ``pgid``, session
     ``sid``) could not give this open file its owner back, or None. A restore makes the
     process's group again only by making its session again (setsid: a session leader,
-    without --shell-job); other groups it leaves as they are."""
+    without --shell-job); other groups it leaves as they are. In a tree dump, another
+    of its ``members`` (a process, restored under its pid before any owner is set) may
+    own it too."""
     if not own.id:
+        return None
+    if own.type == F_OWNER_PID and own.id in members:
         return None
     if own.type == F_OWNER_PGRP:
         if own.id != pgid:
@@ -141,10 +145,13 @@ def owner_map(entry: pb.ProcessEntry, tids: list[int], pgid: int) -> dict[tuple[
     return out
 
 
-def restore_owners(remote: Remote, entry: pb.ProcessEntry, tids: list[int], pgid: int) -> None:
+def restore_owners(remote: Remote, entry: pb.ProcessEntry, tids: list[int], pgid: int,
+                   members: Collection[int] = ()) -> None:
     """F_SETOWN_EX of every open file that had an owner, mapped by :func:`owner_map`;
-    ``pgid``: the restored process's group, which must be its own as it was (refusal)."""
+    ``pgid``: the restored process's group, which must be its own as it was (refusal);
+    ``members``: a tree's processes, restored under their own pids."""
     owners = owner_map(entry, tids, pgid if pgid == tids[0] else 0)
+    owners.update({(F_OWNER_PID, m): m for m in members})
     for f in entry.files:
         fds = [fd.fd for fd in entry.fds if fd.file_id == f.id]
         if not f.owner or not fds:

@@ -54,12 +54,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek, TreeView
+from ckpt.collect.fdkinds.base import FdFlags, FdKind, Peek
 from ckpt.collect.fdkinds.unix_build import restore
 from ckpt.collect.fdkinds.unix_maker import show_name
 from ckpt.collect.fdkinds.unix_queue import SO_PEEK_OFF, merge_runs, peek_queue
 from ckpt.collect.fds import FdInfo
-from ckpt.collect.holders import Sharing, scan_holders
+from ckpt.collect.holders import Sharing, TreeView, scan_holders
 from ckpt.errors import NotDumpable
 from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel import unix_diag
