@@ -26,12 +26,18 @@ from conftest import (
     assert_running_untraced,
     ckpt_command,
     needs_root,
+    py_target,
     read_lines,
     run_ckpt,
+    tree_ids,
+    tree_members,
     wait_for,
     wait_for_lines,
+    wait_for_tree,
 )
+from test_daemons import require
 from test_migrate import page_server_in, start_server, two_hosts  # noqa: F401 (a fixture)
+from test_tree_nginx import PAGE
 
 from ckpt.actions.migrate import Throttle
 from ckpt.errors import RestoreError
@@ -383,3 +389,48 @@ def test_throttle_stops_every_member(harness: Harness) -> None:
         assert_running_untraced(pid)
     assert_counting_on(harness, "a.txt", "b.txt")
     kill_tree(members)
+
+
+def curl_in(ns: str, port: int) -> str:
+    """GET http://127.0.0.1:PORT/ in network namespace ``ns`` ('' if it fails)."""
+    done = subprocess.run(["ip", "netns", "exec", ns, "curl", "-s", "--max-time", "5",
+                           f"http://127.0.0.1:{port}/"], capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else ""
+
+
+def test_nginx_migrates_serves_and_reloads(harness: Harness,
+                                           two_hosts: Hosts) -> None:  # noqa: F811
+    """nginx (a master and two workers sharing a listener, socketpairs, shared memory)
+    moved to host B: it serves there, and its master still replaces its workers on
+    SIGHUP."""
+    require("nginx")
+    a, b, _ = two_hosts
+    address, token, server = serve_in_b(harness, two_hosts, 27081)
+    port = 28080
+    proc = harness.launch([*in_a(two_hosts), *py_target("tree_nginx.py"),
+                           harness.tmp / "nginx", str(port)], harness.tmp / "nginx.out")
+    wait_for(lambda: curl_in(a, port) == PAGE or None, 15, "nginx serving in A")
+    tree = wait_for_tree(harness, proc.pid, 3)
+    before = tree_ids(proc.pid)
+    with reaping({m.pid for m in tree[1:]}):
+        res = run_ckpt("migrate", "-t", str(proc.pid), "--to", address,
+                       "--auth-token-file", token, reap=proc, prefix=in_a(two_hosts))
+    assert_ckpt_ok(res)
+    assert tree_ids(proc.pid) == before
+    for _ in range(5):
+        assert curl_in(b, port) == PAGE
+    assert curl_in(a, port) == ""
+    old = {m.pid for m in tree_members(proc.pid)[1:]}
+    os.kill(proc.pid, signal.SIGHUP)
+
+    def replaced() -> set[int] | None:
+        now = {m.pid for m in tree_members(proc.pid)[1:]}
+        for pid in now:
+            harness.track(pid)
+        return now if len(now) == 2 and not now & old else None
+
+    wait_for(replaced, 20, "the master to replace its workers")
+    for _ in range(5):
+        assert curl_in(b, port) == PAGE
+    harness.kill(server)
+    kill_tree([*sorted(replaced() or ()), proc.pid])
