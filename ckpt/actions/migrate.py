@@ -110,7 +110,9 @@ class MigrateResult:
     restore_ms: float = 0.0
     restore_warm: bool = False  # the destination had built the process during the rounds
     # where the downtime went, in ms: final dump (freeze to images written), sending it,
-    # the destination's restore (and the round trip), killing the source, the commit
+    # the destination's restore (and the round trip), killing the source, the commit. A
+    # tree restored only after the kill (ckpt.actions.migrate_tree): "restored" is the
+    # destination's answer, "committed" its wait for the pids and its restore
     downtime_parts: dict[str, float] = field(default_factory=dict)
     stop_reason: str = ""
     pids: list[int] = field(default_factory=list)  # a tree: every member, root first
