@@ -1,4 +1,5 @@
-"""`ckpt migrate`: move a running process to a page server's host.
+"""`ckpt migrate`: move a running process, or a process tree (``-t ROOT``: ROOT and its
+descendants, every step over every member as in predump and dump), to a page server's host.
 
     check       the target is dumpable (fds, children); the destination authenticates
                 and says it can run it; one connection serves the whole migration
@@ -17,39 +18,34 @@ once its own copy is dead (SIGKILL queued); if the link breaks right then, it re
 and commits by pid while the destination keeps its copy stopped (ckpt.transfer.handover).
 Only ckpt itself dying in that instant (after the kill, before the commit left) loses
 both: the destination kills its copy when the grace period ends.
+
+A tree: each round is a predump of every member (a member new since the last round is
+copied whole, one gone is left out); the destination stores the rounds and restores the
+tree cold from the final dump, with its pids (no warm copy: ckpt.transfer.tree). Where the
+destination sees those pids held by this very tree (one kernel), it restores it only once
+the source killed it (ckpt.actions.migrate_tree).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import signal
 import ssl
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckpt import testpoint
-from ckpt.actions.dump import DumpOptions, dump, hidden_fds, preflight
+from ckpt.actions.dump import DumpOptions, dump
+from ckpt.actions.migrate_check import check_members, compat_request
+from ckpt.actions.migrate_tree import TreeLost, restore_after_kill
 from ckpt.actions.predump import PredumpOptions, predump
-from ckpt.collect import proc
-from ckpt.collect.fdkinds import kind_of
-from ckpt.collect.fdkinds.base import GHOST_LIMIT, FdKind, Peek
-from ckpt.collect.fdkinds.memfd import GHOST, ghost_path
-from ckpt.collect.fdkinds.pipe import KIND as PIPE
-from ckpt.collect.fds import FdInfo, classify_fd, read_fds
-from ckpt.collect.vmas import VmaInfo, VmaKind
-from ckpt.errors import CkptError
+from ckpt.actions.throttle import Throttle
+from ckpt.collect.fdkinds.base import GHOST_LIMIT
 from ckpt.images import ImageDir
-from ckpt.images.pb import wire_pb2
 from ckpt.kernel.creds import require_root
-from ckpt.kernel.probe import probe_once
 from ckpt.transfer.client import (
     check_compat,
     commit_remote,
@@ -60,7 +56,7 @@ from ckpt.transfer.client import (
 )
 from ckpt.transfer.wire import Conn, TransferError
 
-FILE_KINDS = frozenset({VmaKind.FILE_PRIVATE, VmaKind.FILE_SHARED})
+__all__ = ["MigrateOptions", "MigrateResult", "Throttle", "compat_request", "migrate"]
 NOT_CONVERGING = ("dirty set stopped shrinking (the process dirties memory as fast as the "
                   "link carries it)")
 CATCH_UP_ROUNDS = 3
@@ -97,6 +93,7 @@ class Round:
     bytes_sent: int
     seconds: float
     duty: float = 0.0  # --auto-converge: the share of the time the target was stopped
+    processes: int = 1  # members of the tree in this pass
 
     @property
     def rate(self) -> float:
@@ -113,9 +110,13 @@ class MigrateResult:
     restore_ms: float = 0.0
     restore_warm: bool = False  # the destination had built the process during the rounds
     # where the downtime went, in ms: final dump (freeze to images written), sending it,
-    # the destination's restore (and the round trip), killing the source, the commit
+    # the destination's restore (and the round trip), killing the source, the commit. A
+    # tree restored only after the kill (ckpt.actions.migrate_tree): "restored" is the
+    # destination's answer, "committed" its wait for the pids and its restore
     downtime_parts: dict[str, float] = field(default_factory=dict)
     stop_reason: str = ""
+    pids: list[int] = field(default_factory=list)  # a tree: every member, root first
+    images_kept: bool = False  # the source is gone and its restore is not confirmed
 
     @property
     def bytes_sent(self) -> int:
@@ -125,15 +126,16 @@ class MigrateResult:
 def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResult:
     t0 = time.perf_counter()
     require_root("migrate")
-    # Whatever would stop the final dump (an fd kind we cannot carry, children, ...)
+    # Whatever would stop the final dump (an fd kind we cannot carry, a member's, ...)
     # stops the migration before any round, like a failed server check.
-    vmas = preflight(DumpOptions(pid=opts.pid, images_dir="", externals=False, migrating=True,
-                                 ghost_limit=opts.ghost_limit, tcp_close=opts.tcp_close))
+    members = check_members(DumpOptions(pid=opts.pid, images_dir="", externals=False,
+                                        migrating=True, ghost_limit=opts.ghost_limit,
+                                        tcp_close=opts.tcp_close))
     work = Path(opts.keep_images or tempfile.mkdtemp(prefix="ckpt-migrate-"))
     out = MigrateResult()
     try:
         with connect(opts.host, opts.port, opts.token, opts.tls) as conn:
-            check_compat(conn, compat_request(opts.pid, vmas))
+            check_compat(conn, compat_request(opts.pid, members[opts.pid], members))
             prev = run_rounds(opts, conn, work, out, report)
             prev = catch_up(opts, conn, work, out, prev, report)
             final_round(opts, conn, work, str(len(out.rounds) + 1), prev, out)
@@ -141,7 +143,7 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
             report(f"round {last.n} (final, process frozen): {last.dirty_pages} dirty pages, "
                    f"{last.bytes_sent / 2**20:.2f} MiB sent")
     finally:
-        if not opts.keep_images:
+        if not opts.keep_images and not out.images_kept:
             shutil.rmtree(work, ignore_errors=True)
     out.total_s = time.perf_counter() - t0
     return out
@@ -178,7 +180,10 @@ def catch_up(opts: MigrateOptions, conn: Conn, work: Path, out: MigrateResult,
     then only the final pass). A long wait let the target dirty more: another round, until
     the destination keeps up (a round's worth of changes applies quickly), at most
     CATCH_UP_ROUNDS times, and never for a target that did not converge: its next round
-    would carry as much as the last."""
+    would carry as much as the last. A tree builds nothing there before the final pass:
+    nothing to wait for."""
+    if out.rounds and out.rounds[-1].processes > 1:
+        return prev
     for k in range(CATCH_UP_ROUNDS + 1):
         t = time.perf_counter()
         why = sync_remote(conn)
@@ -216,35 +221,6 @@ def commit_again(opts: MigrateOptions, pid: int, why: TransferError) -> None:
         time.sleep(0.5)
 
 
-def compat_request(pid: int, vmas: list[VmaInfo]) -> wire_pb2.CompatCheck:
-    """What the destination must offer: this CPU's XSTATE layout, the vdso layout, every
-    file the process maps or has open by path (FIFOs too), and the directory of each
-    deleted file it has open (restore makes the file again there). The process runs
-    meanwhile: only the fd links are read (read_fds, kind_of), never an object's state."""
-    caps = probe_once()
-    files = {proc.read_exe(pid)}
-    files |= {v.path for v in vmas if v.inode and v.kind in FILE_KINDS}
-    hidden = hidden_fds(pid)
-    infos = [i for i in read_fds(pid) if i.fd not in hidden]
-    with Peek(pid, infos) as peek:
-        for info in infos:
-            files |= reopened_paths(info, kind_of(info, peek))
-    return wire_pb2.CompatCheck(xstate_size=caps.xstate_size or 0, xcr0=caps.xcr0 or 0,
-                                vdso_layout=caps.get("vdso-layout").detail,
-                                files=sorted(f for f in files if f))
-
-
-def reopened_paths(info: FdInfo, kind: FdKind | None) -> set[str]:
-    """The paths a restore of this fd opens or makes a file in ({} if none)."""
-    if kind is GHOST:
-        return {os.path.dirname(ghost_path(info.target)) or "/"}
-    if kind is PIPE and info.target.startswith("/"):  # a named FIFO
-        return {info.target}
-    if kind is None and classify_fd(info) not in ("tty", "dev_null"):
-        return {info.target} if info.target.startswith("/") else set()
-    return set()
-
-
 def pre_round(opts: MigrateOptions, conn: Conn, work: Path, n: int, prev: str | None,
               duty: float) -> Round:
     t = time.perf_counter()
@@ -252,97 +228,14 @@ def pre_round(opts: MigrateOptions, conn: Conn, work: Path, n: int, prev: str | 
                            track=opts.track, compress_level=opts.compress_level,
                            ghost_limit=opts.ghost_limit, tcp_close=opts.tcp_close,
                            externals=False, migrating=True))
-    dirty = ImageDir.open(work / str(n)).read_inventory().stats.pages_written
-    with Throttle(opts.pid, duty) as throttle:
-        sent = send_pass_on(conn, work / str(n), str(n), prerestore=True)
-    return Round(n, dirty, sent.bytes, time.perf_counter() - t, throttle.duty)
-
-
-# Runs in a child of its own session (a Ctrl-C to ckpt's group does not reach it): holds a
-# pidfd of the target, says it is ready, and sends SIGCONT when its stdin reaches EOF —
-# when the throttle ends, or when ckpt dies, however it dies.
-WATCHDOG = """import os, signal, sys
-pidfd = os.pidfd_open(int(sys.argv[1]))
-os.write(1, b"r")
-while os.read(0, 1):
-    pass
-try:
-    signal.pidfd_send_signal(pidfd, signal.SIGCONT)
-except ProcessLookupError:
-    pass
-"""
-
-
-class Throttle:
-    """Auto-converge: while a round is sent, stop the target ``duty`` of the time
-    (SIGSTOP/SIGCONT every PERIOD), so it dirties less than the link carries. It always
-    ends with SIGCONT; a SIGSTOP is visible to the target's parent like a job stop.
-    A watchdog child (WATCHDOG) holds a pipe from ckpt: if ckpt is killed while the
-    target is stopped, the pipe closes and the watchdog sends the SIGCONT.
-    A target already in a job-control stop (state T) when the round starts is not
-    throttled (duty 0): it dirties nothing, and the closing SIGCONT would undo its
-    user's stop. (A stop its user sends during a throttled round looks like ours and
-    ends with the round.)"""
-
-    PERIOD = 0.05
-
-    def __init__(self, pid: int, duty: float) -> None:
-        self.pid = pid
-        self.duty = duty
-        self.stop = threading.Event()
-        self.thread: threading.Thread | None = None
-        self.watchdog: subprocess.Popen[bytes] | None = None
-        self.guard = -1
-
-    def __enter__(self) -> Throttle:
-        if self.duty > 0 and job_stopped(self.pid):
-            self.duty = 0.0
-        if self.duty > 0:
-            self._start_watchdog()
-            self.thread = threading.Thread(target=self._run, daemon=True)
-            self.thread.start()
-        return self
-
-    def _start_watchdog(self) -> None:
-        rfd, self.guard = os.pipe2(os.O_CLOEXEC)
-        try:
-            self.watchdog = subprocess.Popen(
-                [sys.executable, "-c", WATCHDOG, str(self.pid)], stdin=rfd,
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-        finally:
-            os.close(rfd)
-        assert self.watchdog.stdout is not None
-        if self.watchdog.stdout.read(1) != b"r":
-            raise CkptError(f"cannot throttle process {self.pid}: it is gone")
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGCONT)
-        if self.watchdog is not None:
-            os.close(self.guard)
-            self.watchdog.wait()
-            if self.watchdog.stdout is not None:
-                self.watchdog.stdout.close()
-
-    def _run(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            while not self.stop.is_set():
-                os.kill(self.pid, signal.SIGSTOP)
-                testpoint.pause_at("throttled")
-                self.stop.wait(self.PERIOD * self.duty)
-                os.kill(self.pid, signal.SIGCONT)
-                self.stop.wait(self.PERIOD * (1 - self.duty))
-
-
-def job_stopped(pid: int) -> bool:
-    """Is ``pid`` in a job-control stop (state T; a tracing stop is t)?"""
-    try:
-        return proc.read_stat(pid).state == "T"
-    except CkptError:  # gone: the throttle's first signal says so
-        return False
+    inv = ImageDir.open(work / str(n)).read_inventory()
+    # The destination keeps a warm copy of one process only: a tree's passes are stored,
+    # and the tree restored cold from the final one (ckpt.transfer.prerestore)
+    with Throttle(list(inv.pids) or [opts.pid], duty) as throttle:
+        sent = send_pass_on(conn, work / str(n), str(n), prerestore=len(inv.pids) <= 1)
+    testpoint.pause_at("round-sent")
+    return Round(n, inv.stats.pages_written, sent.bytes, time.perf_counter() - t,
+                 throttle.duty, max(len(inv.pids), 1))
 
 
 def converged(rounds: list[Round], opts: MigrateOptions) -> str:
@@ -364,19 +257,35 @@ def converged(rounds: list[Round], opts: MigrateOptions) -> str:
 
 def final_round(opts: MigrateOptions, conn: Conn, work: Path, name: str, prev: str | None,
                 out: MigrateResult) -> None:
+    """Freeze, dump --incremental, send, restore there, kill here, commit. A tree whose
+    pids the destination sees held by these very processes (one kernel: the demo's
+    network-namespace hosts) cannot be restored there before they die: the destination
+    answers RestoreDone{pid=0}, the tree is killed first, and the Commit has it restored
+    (ckpt.actions.migrate_tree)."""
     marks: dict[str, float] = {}
+    deferred = False
 
     def hand_over() -> None:
+        nonlocal deferred
         marks["dumped"] = time.perf_counter()
         sent = send_pass_on(conn, work / name, name)
         marks["sent"] = time.perf_counter()
         done = restore_remote(conn, name)
         marks["restored"] = time.perf_counter()
+        inv = ImageDir.open(work / name).read_inventory()
+        out.rounds.append(Round(int(name), inv.stats.pages_written, sent.bytes, 0.0, 0.0,
+                                max(len(inv.pids), 1)))
+        out.pids = list(inv.pids)
+        if done.pid == 0:
+            deferred = True
+            # from the kill on, only the Commit brings the tree back: Ctrl-C waits
+            signal.pthread_sigmask(signal.SIG_BLOCK, HANDOVER_SIGNALS)
+            return
         out.new_pid, out.restore_ms, out.restore_warm = done.pid, done.restore_ms, done.warm
-        out.rounds.append(Round(int(name), ImageDir.open(work / name).read_inventory()
-                                .stats.pages_written, sent.bytes, 0.0))
 
     def commit() -> None:
+        if deferred:
+            return  # once every member is dead and reaped from ptrace (dump returns)
         marks["killed"] = time.perf_counter()
         # The source is dead: from here only a Commit reaching the destination keeps the
         # process alive. Ctrl-C must not cut this short (it is delivered afterwards).
@@ -394,6 +303,16 @@ def final_round(opts: MigrateOptions, conn: Conn, work: Path, name: str, prev: s
                                after_kill=commit, externals=False, migrating=True,
                                ghost_limit=opts.ghost_limit,
                                tcp_close=opts.tcp_close))
+        if deferred:
+            marks["killed"] = time.perf_counter()
+            out.new_pid = opts.pid
+            try:
+                restore_after_kill(conn, work / name, opts.pid)
+            except TreeLost:
+                out.images_kept = True  # the only copy of the tree
+                raise
+            marks["committed"] = time.perf_counter()
+            out.restore_ms = (marks["committed"] - marks["killed"]) * 1000
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOVER_SIGNALS)
     stats = ImageDir.open(work / name).read_inventory().stats

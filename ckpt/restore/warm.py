@@ -13,7 +13,8 @@ kept up to date with every pass as it lands:
 
 The invariant: after a pass is applied, the stub's memory is exactly what a restore of
 that pass's chain would produce. A pass that is not the child of the last one applied
-starts the stub over. Every operation happens on the thread that created the stub (it
+starts the stub over. A pass of a process tree is refused (the tree is restored cold from
+the final dump: ckpt.transfer.tree). Every operation happens on the thread that created the stub (it
 is that thread's tracee).
 """
 
@@ -69,6 +70,10 @@ class WarmRestore:
         t0 = time.perf_counter()
         images = ImageDir.open(path)
         inv = images.read_inventory()
+        if len(inv.pids) > 1:  # its stubs would have to be forked in tree shape
+            self.kill()
+            raise RestoreError("a process tree is not built ahead: it is restored from "
+                               "the final dump")
         if self.stub is not None and (inv.root_pid != self.pid or
                                       not self._follows(images, inv.parent)
                                       or inv.parent_id != self.applied_id):

@@ -167,6 +167,16 @@ def commit_remote(conn: Conn, pid: int = 0) -> None:
         raise TransferError(f"{conn.peer} did not resume the process: {ack.error}")
 
 
+def commit_deferred(conn: Conn) -> str:
+    """Commit a tree the destination restores only now, its source killed
+    (RestoreDone{pid=0}, ckpt.transfer.tree): '' once it runs there, or why it could not
+    be restored (nothing of it runs there). TransferError: the link broke, and whether it
+    runs there is unknown."""
+    conn.send(wire_pb2.Commit())
+    ack = conn.expect(wire_pb2.Ack)
+    return "" if ack.ok else (ack.error or "no reason given")
+
+
 def _send_file(conn: Conn, path: Path, name: str) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)

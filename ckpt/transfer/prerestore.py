@@ -25,6 +25,7 @@ from typing import TypeVar
 from ckpt.images import ImageDir
 from ckpt.images.siginfo import was_stopped
 from ckpt.restore.warm import WarmRestore
+from ckpt.transfer.tree import held_by_source, restore_tree_here, tree_entries, wait_ids_free
 
 log = logging.getLogger("ckpt.transfer")
 T = TypeVar("T")
@@ -40,6 +41,12 @@ class Restored:
     ms: float
     warm: bool
     stopped: bool = False  # dumped in a job-control stop: the commit leaves it stopped
+    # a tree: (pid, stays stopped) of every live member, root first, each resumed by the
+    # commit; () for one process
+    members: tuple[tuple[int, bool], ...] = ()
+    # a tree whose pids are held here by the source's own processes: restored only after
+    # the source killed them (finish_after_kill); pid is 0
+    deferred: bool = False
 
 
 class Prerestore:
@@ -63,6 +70,11 @@ class Prerestore:
         """Restore the final dump at ``path``; the process is left stopped (SIGSTOP), and
         Restored.stopped says whether it must stay so after the commit."""
         return self._on_worker(lambda: self._finish(path))
+
+    def finish_after_kill(self, path: Path) -> Restored:
+        """Restore the tree at ``path`` whose pids the source held (Restored.deferred),
+        once they are free, running: the source killed it and committed."""
+        return self._on_worker(lambda: self._after_kill(path))
 
     def wait(self) -> str:
         """Until every queued pass is applied; why the warm restore was given up, or ''."""
@@ -118,6 +130,14 @@ class Prerestore:
         t0 = time.perf_counter()
         images = ImageDir.open(path)
         root_pid = images.read_inventory().root_pid
+        entries = tree_entries(images)
+        if entries:  # a tree: restored cold, with its pids (ckpt.transfer.tree)
+            self.warm.kill()
+            if held_by_source(entries):
+                return Restored(0, 0.0, warm=False, deferred=True)
+            done = restore_tree_here(str(path), entries, stopped=True)
+            return Restored(done.pid, (time.perf_counter() - t0) * 1000, warm=False,
+                            stopped=done.members[0][1], members=done.members)
         stopped = was_stopped(images.read_core(root_pid))
         if self.warm.stub is not None and self._apply(path):
             pid, _ = self.warm.complete(path, stopped=True)
@@ -130,3 +150,14 @@ class Prerestore:
                                      new_pid=os.path.exists(f"/proc/{root_pid}"),
                                      skip_file_check=True))
         return Restored(res.pid, res.total_ms, warm=False, stopped=stopped)
+
+    def _after_kill(self, path: Path) -> Restored:
+        t0 = time.perf_counter()
+        entries = tree_entries(ImageDir.open(path))
+        with _RESTORING:
+            wait_ids_free(entries)
+            log.info("page server: %s: %s's pids released by the source after %.0f ms",
+                     self.peer, path.name, (time.perf_counter() - t0) * 1000)
+            done = restore_tree_here(str(path), entries, stopped=False)
+        return Restored(done.pid, (time.perf_counter() - t0) * 1000, warm=False,
+                        members=done.members)
