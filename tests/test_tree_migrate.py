@@ -31,9 +31,6 @@ from test_tree_sessions import assert_ticking_on
 from test_tree_zombies import launch_zombies
 
 pytestmark = needs_root
-# passes with branch i11-tree-migrate merged: drop this mark when it is on main
-NOT_ON_MAIN = pytest.mark.xfail(reason="issue 11: migrate of a tree (W10) is not on main yet",
-                                strict=False)
 Hosts = tuple[str, str, str]
 
 
@@ -66,7 +63,6 @@ def migrate_tree(harness: Harness, proc: subprocess.Popen[bytes], hosts: Hosts) 
     return root
 
 
-@NOT_ON_MAIN
 def test_pipeline_migrates(harness: Harness, two_hosts: Hosts) -> None:  # noqa: F811
     proc, out = start_pipeline(harness, in_a(two_hosts))
     migrate_tree(harness, proc, two_hosts)
@@ -86,7 +82,6 @@ def test_pool_migrates(harness: Harness, two_hosts: Hosts,  # noqa: F811
     finish_mp(harness, root, before, out, go)
 
 
-@NOT_ON_MAIN
 def test_zombies_migrate(harness: Harness, two_hosts: Hosts) -> None:  # noqa: F811
     zombies = launch_zombies(harness, in_a(two_hosts))
     root = migrate_tree(harness, zombies.proc, two_hosts)
@@ -94,7 +89,6 @@ def test_zombies_migrate(harness: Harness, two_hosts: Hosts) -> None:  # noqa: F
     zombies.assert_reaped()
 
 
-@NOT_ON_MAIN
 def test_sessions_migrate(harness: Harness, two_hosts: Hosts) -> None:  # noqa: F811
     out = harness.tmp / "out.txt"
     proc = harness.launch([*in_a(two_hosts), *py_target("tree_sessions.py")], out)

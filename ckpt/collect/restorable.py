@@ -5,8 +5,8 @@ restore cannot rebuild exactly is refused here, before the target is frozen (and
 while it is frozen, in case it changed), by dump, predump and migrate alike:
 
     subject   refused when                                     why
-    process   it has children outside the pass (migrate; a     trees: `ckpt dump` and
-              child born during the checks)                    `ckpt predump` only
+    process   it has children outside the pass (a child born   try again
+              during the checks)
               it shares its address space, fd table or fs      restore makes one per
               state with another member (ckpt.collect.treecheck) process
               it is in another pid or user namespace than ckpt  restore makes it in ckpt's:
@@ -138,9 +138,8 @@ def _shown(path: str) -> str:
 
 PROCESS_RULES: tuple[Rule[Target], ...] = (
     Rule(lambda t: bool(t.children),
-         "process {pid} has child processes ({children}) outside this pass: a process "
-         "tree is dumped whole by `ckpt dump` and `ckpt predump` (one forked while the "
-         "tree was checked: try again; migrate of trees: not supported yet)"),
+         "process {pid} has child processes ({children}) outside this pass (forked while "
+         "the tree was checked: try again)"),
     Rule(lambda t: bool(t.other_ns),
          "process {pid} runs in a {other_ns}: " + NOT_YET),
     Rule(lambda t: t.root not in ("", t.own_root),  # "": exiting, nothing to compare
