@@ -467,8 +467,6 @@ def in_netns(ns: str, fn: Callable[[], T]) -> T:
     return out[0]
 
 
-@pytest.mark.xfail(reason="a tree restore of redis mid-BGSAVE hangs on main 7067139 (so does "
-                          "test_tree_redis[dump]'s plain `ckpt restore`)", strict=False)
 def test_redis_bgsave_child_migrates(harness: Harness, two_hosts: Hosts) -> None:  # noqa: F811
     """redis-server migrated mid-BGSAVE (its child writing the RDB slowly): in host B the
     child finishes the RDB, the parent reaps it and logs success, and B's redis serves
