@@ -71,9 +71,6 @@ def test_pipeline_migrates(harness: Harness, two_hosts: Hosts) -> None:  # noqa:
     assert check_output(out) >= at_move + 500
 
 
-@pytest.mark.xfail(reason="issue 11: migrate does not carry mapped memfds and deleted files "
-                          "yet (the Pool's /dev/shm semaphores), even with i11-tree-migrate",
-                   strict=False)
 def test_pool_migrates(harness: Harness, two_hosts: Hosts,  # noqa: F811
                        request: pytest.FixtureRequest) -> None:
     proc, out, go = launch_mp(harness, request, in_a(two_hosts))

@@ -72,6 +72,7 @@ class DumpOptions:
     ghost_limit: int = GHOST_LIMIT  # --ghost-limit: largest deleted file or memfd saved
     externals: bool = True  # external pipes/sockets recorded (False: migrate refuses them)
     migrating: bool = False  # set by migrate only (FdFlags.migrating)
+    cold: bool = False  # ... restored cold at the destination: a tree (FdFlags.cold)
     # Called with the images complete and the target still frozen, before it is killed;
     # raising keeps the target alive (it is thawed). Migration hands over here.
     before_kill: Callable[[], None] | None = None
@@ -85,7 +86,7 @@ class DumpOptions:
         """What the fd kinds (ckpt.collect.fdkinds) accept under these options."""
         return FdFlags(shell_job=self.shell_job, tcp_close=self.tcp_close,
                        ghost_limit=self.ghost_limit, externals=self.externals,
-                       migrating=self.migrating)
+                       migrating=self.migrating, cold=self.cold)
 
 
 @dataclass(frozen=True)

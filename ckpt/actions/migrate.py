@@ -28,6 +28,7 @@ the source killed it (ckpt.actions.migrate_tree).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import signal
 import ssl
@@ -44,6 +45,7 @@ from ckpt.actions.migrate_tree import TreeLost, restore_after_kill
 from ckpt.actions.predump import PredumpOptions, predump
 from ckpt.actions.throttle import Throttle
 from ckpt.collect.fdkinds.base import GHOST_LIMIT
+from ckpt.freeze.tree import list_tree
 from ckpt.images import ImageDir
 from ckpt.kernel.creds import require_root
 from ckpt.transfer.client import (
@@ -84,6 +86,9 @@ class MigrateOptions:
     auto_converge: bool = False
     ghost_limit: int = GHOST_LIMIT  # --ghost-limit (ckpt.collect.fdkinds.memfd)
     tcp_close: bool = False  # --tcp-close: TCP connections restored closed at the destination
+    # set by migrate itself: a tree, restored cold at the destination from the final dump
+    # (no warm copy): what a dump carries in its images travels (FdFlags.cold)
+    cold: bool = False
 
 
 @dataclass
@@ -128,9 +133,10 @@ def migrate(opts: MigrateOptions, report: Callable[[str], None]) -> MigrateResul
     require_root("migrate")
     # Whatever would stop the final dump (an fd kind we cannot carry, a member's, ...)
     # stops the migration before any round, like a failed server check.
+    opts = dataclasses.replace(opts, cold=len(list_tree(opts.pid)) > 1)
     members = check_members(DumpOptions(pid=opts.pid, images_dir="", externals=False,
                                         migrating=True, ghost_limit=opts.ghost_limit,
-                                        tcp_close=opts.tcp_close))
+                                        tcp_close=opts.tcp_close, cold=opts.cold))
     work = Path(opts.keep_images or tempfile.mkdtemp(prefix="ckpt-migrate-"))
     out = MigrateResult()
     try:
@@ -227,12 +233,13 @@ def pre_round(opts: MigrateOptions, conn: Conn, work: Path, n: int, prev: str | 
     predump(PredumpOptions(pid=opts.pid, images_dir=str(work / str(n)), prev_images_dir=prev,
                            track=opts.track, compress_level=opts.compress_level,
                            ghost_limit=opts.ghost_limit, tcp_close=opts.tcp_close,
-                           externals=False, migrating=True))
+                           externals=False, migrating=True, cold=opts.cold))
     inv = ImageDir.open(work / str(n)).read_inventory()
     # The destination keeps a warm copy of one process only: a tree's passes are stored,
     # and the tree restored cold from the final one (ckpt.transfer.prerestore)
     with Throttle(list(inv.pids) or [opts.pid], duty) as throttle:
-        sent = send_pass_on(conn, work / str(n), str(n), prerestore=len(inv.pids) <= 1)
+        sent = send_pass_on(conn, work / str(n), str(n),
+                            prerestore=not opts.cold and len(inv.pids) <= 1)
     testpoint.pause_at("round-sent")
     return Round(n, inv.stats.pages_written, sent.bytes, time.perf_counter() - t,
                  throttle.duty, max(len(inv.pids), 1))
@@ -301,6 +308,7 @@ def final_round(opts: MigrateOptions, conn: Conn, work: Path, name: str, prev: s
                                incremental=prev is not None, track=opts.track,
                                compress_level=opts.compress_level, before_kill=hand_over,
                                after_kill=commit, externals=False, migrating=True,
+                               cold=opts.cold,
                                ghost_limit=opts.ghost_limit,
                                tcp_close=opts.tcp_close))
         if deferred:

@@ -20,6 +20,7 @@ from ckpt.collect.fdkinds.base import FdKind, Peek
 from ckpt.collect.fdkinds.memfd import GHOST, ghost_path
 from ckpt.collect.fdkinds.pipe import KIND as PIPE
 from ckpt.collect.fds import FdInfo, classify_fd, read_fds
+from ckpt.collect.mappedfiles import is_mapped_object
 from ckpt.collect.vmas import VmaInfo, VmaKind
 from ckpt.freeze.tree import list_tree
 from ckpt.images.pb import wire_pb2
@@ -65,7 +66,14 @@ def compat_request(pid: int, vmas: list[VmaInfo],
 def needed_files(pid: int, vmas: list[VmaInfo]) -> set[str]:
     """The paths one process's restore opens: its exe, mapped files, reopened fds."""
     files = {proc.read_exe(pid)}
-    files |= {v.path for v in vmas if v.inode and v.kind in FILE_KINDS}
+    for v in vmas:
+        if not v.inode or v.kind not in FILE_KINDS:
+            continue
+        if is_mapped_object(v.kind, v.path):  # carried in the images (a tree's migration)
+            if not v.path.startswith("/memfd:"):  # a deleted file: made again beside
+                files.add(os.path.dirname(ghost_path(v.path)) or "/")
+            continue
+        files.add(v.path)
     hidden = hidden_fds(pid)
     infos = [i for i in read_fds(pid) if i.fd not in hidden]
     with Peek(pid, infos) as peek:

@@ -74,11 +74,12 @@ class PredumpOptions:
     tcp_close: bool = False  # --tcp-close: what the final dump will accept
     externals: bool = True  # as DumpOptions.externals (False: a round of migrate)
     migrating: bool = False  # as DumpOptions.migrating (True: a round of migrate)
+    cold: bool = False  # as DumpOptions.cold
 
 
 def check_target(pid: int, ghost_limit: int = GHOST_LIMIT, tcp_close: bool = False,
                  externals: bool = True, migrating: bool = False,
-                 tree: TreeView | None = None) -> list[VmaInfo]:
+                 tree: TreeView | None = None, cold: bool = False) -> list[VmaInfo]:
     """Refuse, before anything touches the target, what the final dump would refuse: a
     pass of a process that cannot be restored is wasted. A terminal on fds 0-2 passes
     (the final dump decides, with or without --shell-job): Target.shell_job is True, and
@@ -90,7 +91,7 @@ def check_target(pid: int, ghost_limit: int = GHOST_LIMIT, tcp_close: bool = Fal
     if proc.is_kernel_thread(pid):
         raise NotDumpable(f"process {pid} is a kernel thread")
     flags = FdFlags(shell_job=False, tcp_close=tcp_close, ghost_limit=ghost_limit,
-                    externals=externals, migrating=migrating)
+                    externals=externals, migrating=migrating, cold=cold)
     return require_restorable(read_target(pid, True, hidden_fds(pid), flags=flags,
                                           tree=tree))
 
@@ -144,7 +145,7 @@ def prepare_members(opts: PredumpOptions, pids: list[int], parent: Parent | None
     for n, pid in enumerate(pids):
         with refusals_of(pid, tree is not None):
             vmas = check_target(pid, opts.ghost_limit, opts.tcp_close, opts.externals,
-                                opts.migrating, tree)
+                                opts.migrating, tree, opts.cold)
         prev = parent if n == 0 else open_parent(opts.images_dir, opts.prev_images_dir, pid,
                                                  member=True)
         out.append((pid, prev, vmas))

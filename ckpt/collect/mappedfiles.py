@@ -141,8 +141,9 @@ def refusal(v: VmaInfo, seen: Seen | None, flags: FdFlags) -> str | None:
     """Why the memfd or deleted file ``v`` maps cannot be mapped again, or None (pure)."""
     if not is_mapped_object(v.kind, v.path):
         return None
-    if flags.migrating:
-        return "migrate does not carry mapped memfds and deleted files yet (dump does)"
+    if flags.warm_migration:
+        return ("migrate does not carry mapped memfds and deleted files of one process yet "
+                "(dump does, and migrate of a tree)")
     if seen is None:
         return "its file could not be looked at"
     if seen.holders:

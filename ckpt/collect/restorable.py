@@ -377,7 +377,7 @@ def refusals(t: Target) -> list[str]:
     """One line per thing a restore could not bring back (empty: restorable)."""
     out = [rule.says.format(**process_fields(t)) for rule in PROCESS_RULES if rule.applies(t)]
     out += sysvshm.refusals(t.pid, t.vmas, {s.shmid: s for s in t.shm_segments},
-                            t.same_ipc_ns, migrating=t.fd_flags.migrating,
+                            t.same_ipc_ns, migrating=t.fd_flags.warm_migration,
                             members=dict(t.shm_members))
     out += sched.refusals(t.pid, t.policies)
     out += cgroups.thread_refusals(t.pid, t.thread_cgroups)

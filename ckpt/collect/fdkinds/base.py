@@ -88,8 +88,17 @@ class FdFlags:
     externals: bool = True
     # the restore is on another host (migrate): sockets of another network namespace are
     # taken into the destination's; System V shared memory, mapped memfds and deleted
-    # files, a deleted working directory are refused (not carried yet)
+    # files, a deleted working directory are refused (not carried yet by a warm restore)
     migrating: bool = False
+    # ... and the destination restores cold, from the final dump's images (a tree's
+    # migration): System V shared memory and mapped memfds and deleted files travel in
+    # them as in a dump
+    cold: bool = False
+
+    @property
+    def warm_migration(self) -> bool:
+        """A migration whose destination maps memory pass by pass (one process)."""
+        return self.migrating and not self.cold
 
 
 class Peek:
