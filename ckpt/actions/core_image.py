@@ -46,12 +46,19 @@ def regs_from_pb(msg: pb.GpRegs) -> Regs:
     return regs
 
 
-def creds_to_pb(c: Creds) -> pb.Creds:
+def ids_to_pb(c: Creds) -> pb.Creds:
+    """Only the user and group ids and the supplementary groups (all a zombie keeps)."""
     return pb.Creds(uid=c.uid[0], euid=c.uid[1], suid=c.uid[2], fsuid=c.uid[3],
                     gid=c.gid[0], egid=c.gid[1], sgid=c.gid[2], fsgid=c.gid[3],
-                    groups=c.groups, cap_inh=c.cap_inh, cap_prm=c.cap_prm, cap_eff=c.cap_eff,
-                    cap_bnd=c.cap_bnd, cap_amb=c.cap_amb, securebits=c.securebits,
-                    no_new_privs=c.no_new_privs, seccomp_mode=c.seccomp_mode)
+                    groups=c.groups)
+
+
+def creds_to_pb(c: Creds) -> pb.Creds:
+    msg = ids_to_pb(c)
+    msg.MergeFrom(pb.Creds(cap_inh=c.cap_inh, cap_prm=c.cap_prm, cap_eff=c.cap_eff,
+                           cap_bnd=c.cap_bnd, cap_amb=c.cap_amb, securebits=c.securebits,
+                           no_new_privs=c.no_new_privs, seccomp_mode=c.seccomp_mode))
+    return msg
 
 
 def thread_to_pb(t: ThreadState) -> pb.ThreadCore:

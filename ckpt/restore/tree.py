@@ -6,7 +6,9 @@ member's own restore, ckpt.actions.restore) all released at once.
                  helper's children must come back
     helpers      exit untraced (exit_signal 0: no signal) and are reaped by a wait4
                  injected into their parent
-    zombies      comm set, then exit_group(code), or kill(self, sig) after
+    zombies      comm set, its parent's dumped cgroups joined (where it was born: its
+                 own do not show), its groups and ids set (the stub is root until then),
+                 then exit_group(code), or kill(self, sig) after
                  PR_SET_DUMPABLE 0, untraced: the parent stub holds the zombie. The
                  parent's SIGCHLD (its signal-delivery-stop) is swallowed by a waitid
                  (WNOWAIT) injected into it
@@ -22,12 +24,15 @@ import contextlib
 import ctypes
 import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
+from ckpt.collect.cgroups import join_cgroups
 from ckpt.collect.proc import id_holder
 from ckpt.errors import RestoreError
+from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.ptrace import signed
 from ckpt.kernel.sys import NR, WALL, kill_and_reap, libc
+from ckpt.restore.creds import restore_ids
 from ckpt.restore.process import Parked, release
 from ckpt.restore.stub import Stub
 from ckpt.tree import (
@@ -80,7 +85,9 @@ def subreaper() -> Iterator[None]:
 class TreeStubs:
     """The stubs of a tree being built, by pid (members, then helpers while they live)."""
 
-    def __init__(self, root: Stub) -> None:
+    def __init__(self, root: Stub, cores: Mapping[int, pb.ProcessEntry] | None = None,
+                 ) -> None:
+        self.cores = cores or {}  # by pid: a zombie's ids, its parent's cgroups
         self.stubs: dict[int, Stub] = {root.pid: root}
         self.order: list[int] = [root.pid]  # forks in order: parents before children
         self.exited: list[int] = []  # let go, not reaped: zombies (and helpers meanwhile)
@@ -115,6 +122,9 @@ class TreeStubs:
     def _zombie(self, z: Zombie) -> None:
         stub = self.stubs[z.pid]
         stub.sc(NR.prctl, PR_SET_NAME, stub.put_str(z.comm[:15]), 0, 0, 0, what="PR_SET_NAME")
+        if z.pid in self.cores:
+            join_cgroups(z.pid, self.cores[z.parent].cgroups)
+            restore_ids(stub, self.cores[z.pid].threads[0].creds)  # validated: there
         if os.WIFSIGNALED(z.exit_status):
             sig = os.WTERMSIG(z.exit_status)
             stub.sc(NR.prctl, PR_SET_DUMPABLE, 0, 0, 0, 0, what="PR_SET_DUMPABLE")
