@@ -4,6 +4,7 @@ chosen pids, sessions, groups, helpers, zombies), then whole trees dumped and re
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import random
 import signal
@@ -15,8 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import PYTHON, Harness, assert_one_error_line, needs_root, run_ckpt, wait_for
 
-from ckpt.errors import RestoreError
+from ckpt.errors import KernelError, RestoreError
 from ckpt.images import ImageDir
+from ckpt.kernel.prctl import PR_GET_CHILD_SUBREAPER
+from ckpt.kernel.sys import NR, WALL, prctl
 from ckpt.restore.mm import free_gadget_address
 from ckpt.restore.stub import Stub
 from ckpt.restore.tree import TreeStubs, check_tree_ids_free, subreaper
@@ -89,7 +92,7 @@ def build(made: list[TreeStubs], members: list[Member], shell_job: bool = False)
 def wait_status(stubs: TreeStubs, parent: int, child: int) -> int:
     """The status the parent's own wait4(child, WNOHANG) sees (it reaps the child)."""
     stub = stubs.stubs[parent]
-    got = stub.sc(61, child, stub.scratch + 512, 1 | 0x40000000, 0, what="wait4")
+    got = stub.sc(NR.wait4, child, stub.scratch + 512, os.WNOHANG | WALL, 0, what="wait4")
     assert got == child
     return int(struct.unpack("i", os.pread(stub.mem_fd(), 4, stub.scratch + 512))[0])
 
@@ -479,3 +482,17 @@ def test_a_tree_shape_restore_cannot_build_is_refused_in_one_line(harness: Harne
     assert f"process {a} is in session 1, which no process of the tree leads" in (
         assert_one_error_line(res))
     assert not [p for p in (proc.pid, z, a, b) if Path(f"/proc/{p}").exists()]
+
+
+def test_subreaper_is_set_meanwhile_and_a_failed_prctl_raises() -> None:
+    was = ctypes.c_int(-1)
+    prctl(PR_GET_CHILD_SUBREAPER, ctypes.addressof(was))
+    with subreaper():
+        now = ctypes.c_int(-1)
+        prctl(PR_GET_CHILD_SUBREAPER, ctypes.addressof(now))
+        assert now.value == 1
+    after = ctypes.c_int(-1)
+    prctl(PR_GET_CHILD_SUBREAPER, ctypes.addressof(after))
+    assert after.value == was.value
+    with pytest.raises(KernelError, match="prctl"):
+        prctl(1 << 20)  # no such option: EINVAL

@@ -12,6 +12,7 @@ import errno
 import itertools
 import os
 import signal
+import struct
 from collections.abc import Sequence
 
 from ckpt.errors import AccessDenied, KernelError, NoSuchProcess
@@ -52,12 +53,14 @@ class NR:
     connect = 42
     listen = 50
     socketpair = 53
+    wait4 = 61
     kill = 62
     shmdt = 67
     fcntl = 72
     flock = 73
     chdir = 80
     umask = 95
+    setpgid = 109
     setsid = 112
     rt_sigtimedwait = 128
     rt_sigqueueinfo = 129
@@ -73,9 +76,11 @@ class NR:
     timer_getoverrun = 225
     timer_delete = 226
     clock_gettime = 228
+    exit_group = 231
     epoll_wait = 232
     epoll_ctl = 233
     tgkill = 234
+    waitid = 247
     ioprio_set = 251
     ioprio_get = 252
     inotify_add_watch = 254
@@ -126,6 +131,21 @@ def syscall(nr: int, *args: int, what: str = "", pid: int | None = None) -> int:
     if res == -1:
         raise_errno(ctypes.get_errno(), what or f"syscall {nr}", pid)
     return res
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    """prctl(2) in this process (ckpt's own settings); its result, or a typed error."""
+    return syscall(NR.prctl, option, arg2, arg3, arg4, arg5, what=f"prctl({option})")
+
+
+# struct clone_args (CLONE_ARGS_SIZE_VER2): flags, pidfd, child_tid, parent_tid,
+# exit_signal, stack, stack_size, tls, set_tid, set_tid_size, cgroup
+CLONE_ARGS = struct.Struct("11Q")
+
+
+def clone_args(flags: int, exit_signal: int, set_tid: int = 0, set_tid_size: int = 0) -> bytes:
+    """A clone3 argument: ``set_tid`` the address of ``set_tid_size`` pids to ask for."""
+    return CLONE_ARGS.pack(flags, 0, 0, 0, exit_signal, 0, 0, 0, set_tid, set_tid_size, 0)
 
 
 KCMP_FILE = 0

@@ -27,8 +27,10 @@ from ckpt.errors import KernelError, NoSuchProcess, RestoreError
 from ckpt.kernel.creds import require_root
 from ckpt.kernel.ptrace import (
     PTRACE_EVENT_CLONE,
+    PTRACE_EVENT_FORK,
     PTRACE_O_EXITKILL,
     PTRACE_O_TRACECLONE,
+    PTRACE_O_TRACEFORK,
     PTRACE_TRACEME,
     Injector,
     Tracee,
@@ -37,6 +39,7 @@ from ckpt.kernel.ptrace import (
 from ckpt.kernel.sys import (
     NR,
     PAGE_SIZE,
+    clone_args,
     current_cpu,
     default_all_sigactions,
     kill_and_reap,
@@ -51,11 +54,6 @@ PROT_RWX = 7
 MAP_PRIVATE_ANON = 0x22
 MAP_FIXED_NOREPLACE = 0x100000
 PID_PATIENCE = 3.0  # seconds of attempts: forks elsewhere may take the pid many times
-PTRACE_O_TRACEFORK = 0x2
-PTRACE_EVENT_FORK = 1  # clone3 with exit_signal SIGCHLD; any other reports EVENT_CLONE
-# struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size,
-# tls, set_tid, set_tid_size, cgroup
-CLONE_ARGS = struct.Struct("11Q")
 
 
 def fork_stub(want_pid: int | None, reserve: int = 0) -> int:
@@ -131,8 +129,8 @@ class Stub:
         assert self.inj is not None, "gadget not installed"
         self.task.set_options(PTRACE_O_EXITKILL | PTRACE_O_TRACEFORK | PTRACE_O_TRACECLONE)
         tid_arr = self.put(struct.pack("i", pid), 3072)
-        args = CLONE_ARGS.pack(0, 0, 0, 0, exit_signal, 0, 0, 0, tid_arr, 1, 0)
-        self.inj.prepare(NR.clone3, (self.put(args, 3200), CLONE_ARGS.size))
+        args = clone_args(0, exit_signal, tid_arr, 1)
+        self.inj.prepare(NR.clone3, (self.put(args, 3200), len(args)))
         self.task.cont()
         status = self.task.wait_stop(signal.SIGTRAP)
         if status >> 16 not in (PTRACE_EVENT_FORK, PTRACE_EVENT_CLONE):

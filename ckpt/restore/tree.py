@@ -30,8 +30,10 @@ from ckpt.collect.cgroups import join_cgroups
 from ckpt.collect.proc import id_holder
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.kernel.creds import PR_SET_DUMPABLE
+from ckpt.kernel.prctl import PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER, PR_SET_NAME
 from ckpt.kernel.ptrace import signed
-from ckpt.kernel.sys import NR, WALL, kill_and_reap, libc
+from ckpt.kernel.sys import NR, WALL, kill_and_reap, prctl
 from ckpt.restore.creds import restore_ids
 from ckpt.restore.process import Parked, release
 from ckpt.restore.stub import Stub
@@ -46,14 +48,6 @@ from ckpt.tree import (
     Zombie,
     helper_pids,
 )
-
-# syscalls only a tree's restore injects (x86-64; the others are ckpt.kernel.sys.NR's)
-SETPGID, WAIT4, EXIT_GROUP, WAITID = 109, 61, 231, 247
-PR_SET_NAME = 15
-PR_SET_DUMPABLE = 4
-PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
-P_PID = 1
-WEXITED, WNOWAIT = 4, 0x01000000
 
 
 def check_tree_ids_free(tree: Tree, plan: Sequence[Step]) -> None:
@@ -74,12 +68,12 @@ def check_tree_ids_free(tree: Tree, plan: Sequence[Step]) -> None:
 def subreaper() -> Iterator[None]:
     """ckpt a child subreaper meanwhile (as it was after)."""
     was = ctypes.c_int(0)
-    libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    prctl(PR_GET_CHILD_SUBREAPER, ctypes.addressof(was))
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
     try:
         yield
     finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, was.value, 0, 0, 0)
+        prctl(PR_SET_CHILD_SUBREAPER, was.value)
 
 
 class TreeStubs:
@@ -104,14 +98,14 @@ class TreeStubs:
         elif isinstance(step, Setsid):
             self.stubs[step.pid].sc(NR.setsid, what=f"setsid in {step.pid}")
         elif isinstance(step, Setpgid):
-            self.stubs[step.pid].sc(SETPGID, 0, step.pgid,
-                                    what=f"setpgid(0, {step.pgid}) in {step.pid}")
+            self.stubs[step.pid].sc(NR.setpgid, 0, step.pgid,
+                                       what=f"setpgid(0, {step.pgid}) in {step.pid}")
         elif isinstance(step, Subreaper):
             self.stubs[step.pid].sc(NR.prctl, PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0,
                                     what=f"PR_SET_CHILD_SUBREAPER in {step.pid}")
         elif isinstance(step, ExitHelper):
-            self._let_go(step.pid, EXIT_GROUP, 0)
-            got = self._inject_swallowing(step.parent, set(), WAIT4, step.pid, 0, WALL, 0)
+            self._let_go(step.pid, NR.exit_group, 0)
+            got = self._inject_swallowing(step.parent, set(), NR.wait4, step.pid, 0, WALL, 0)
             if got != step.pid:
                 raise RestoreError(f"process {step.parent} could not reap helper {step.pid}: "
                                    f"{os.strerror(-got) if got < 0 else got}")
@@ -131,12 +125,12 @@ class TreeStubs:
             stub.task.set_sigmask(0)
             self._let_go(z.pid, NR.kill, z.pid, sig)
         else:
-            self._let_go(z.pid, EXIT_GROUP, os.WEXITSTATUS(z.exit_status))
+            self._let_go(z.pid, NR.exit_group, os.WEXITSTATUS(z.exit_status))
         # its death is there to see once waitid returns; the parent's signal with it
         parent = self.stubs[z.parent]
         parent.task.set_sigmask(0)  # a blocked signal would stay queued: delivered here
-        got = self._inject_swallowing(z.parent, {z.exit_signal} - {0}, WAITID, P_PID, z.pid,
-                                      0, WEXITED | WNOWAIT | WALL, 0)
+        got = self._inject_swallowing(z.parent, {z.exit_signal} - {0}, NR.waitid, os.P_PID,
+                                      z.pid, 0, os.WEXITED | os.WNOWAIT | WALL, 0)
         if got != 0:
             raise RestoreError(f"zombie {z.pid} did not die: {os.strerror(-got)}")
 
