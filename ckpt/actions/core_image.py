@@ -1,4 +1,4 @@
-"""Collected records → protobuf core image (the image boundary of dump) and back for regs."""
+"""Collected records → protobuf core image (the image boundary of dump)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ckpt.collect.tasks import InjectedState, ThreadState
 from ckpt.collect.timers import PosixTimer
 from ckpt.collect.vmas import VmaInfo
 from ckpt.images.pb import core_pb2 as pb
-from ckpt.kernel.ptrace import REG_NAMES, Regs
+from ckpt.images.regs import regs_to_pb
 from ckpt.kernel.timers import SIGEV_THREAD_ID
 
 
@@ -33,17 +33,6 @@ class ProcessInfo:
     rlimits: list[Rlimit]
     shared_pending: list[bytes]
     settings: Settings | None = None  # ckpt.collect.pstate
-
-
-def regs_to_pb(regs: Regs) -> pb.GpRegs:
-    return pb.GpRegs(**{name: int(getattr(regs, name)) for name in REG_NAMES})
-
-
-def regs_from_pb(msg: pb.GpRegs) -> Regs:
-    regs = Regs()
-    for name in REG_NAMES:
-        setattr(regs, name, getattr(msg, name))
-    return regs
 
 
 def ids_to_pb(c: Creds) -> pb.Creds:

@@ -45,10 +45,10 @@ import errno
 import signal
 import struct
 
-from ckpt.actions.core_image import regs_from_pb
 from ckpt.collect.proc import id_holder
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.images.regs import regs_from_pb
 from ckpt.images.siginfo import is_stop_mark
 from ckpt.kernel import siginfo
 from ckpt.kernel.ptrace import (
