@@ -117,7 +117,7 @@ def test_tree_of_stubs_gets_pids_parents_sessions_groups_and_a_zombie(
     assert Path(f"/proc/{z}/comm").read_text() == "zed\n"
     status = wait_status(stubs, r, z)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
-    stubs.exited.remove(z)
+    stubs.exited.pop(z).close()
 
 
 @needs_root
@@ -129,7 +129,7 @@ def test_zombie_killed_by_a_signal_keeps_its_status(built: list[TreeStubs]) -> N
     status = wait_status(stubs, r, z)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
     assert not status & 0x80  # no core dump
-    stubs.exited.remove(z)
+    stubs.exited.pop(z).close()
 
 
 @needs_root
@@ -496,3 +496,51 @@ def test_subreaper_is_set_meanwhile_and_a_failed_prctl_raises() -> None:
     assert after.value == was.value
     with pytest.raises(KernelError, match="prctl"):
         prctl(1 << 20)  # no such option: EINVAL
+
+
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists() and stat_of(pid)[0] != "Z"
+
+
+@needs_root
+def test_a_stub_gone_and_reaped_never_kills_the_process_that_took_its_pid() -> None:
+    """Stub.kill signals through the pidfd of its fork: a released process that exited
+    and was reaped may have its pid taken by another, which must live on."""
+    pid = free_run(1)[0]
+    try:
+        gone = Stub.spawn(pid)
+    except RestoreError as exc:
+        pytest.skip(f"PID race with another process: {exc}")
+    os.kill(pid, signal.SIGKILL)  # as if released, exited and reaped
+    os.waitpid(pid, 0)
+    try:
+        other = Stub.spawn(pid)
+    except RestoreError as exc:
+        gone.close()
+        pytest.skip(f"PID race with another process: {exc}")
+    try:
+        gone.kill()
+        assert alive(pid)
+    finally:
+        other.kill()
+    assert not Path(f"/proc/{pid}").exists()
+
+
+@needs_root
+def test_a_reaped_zombie_is_not_killed_by_pid_when_the_tree_fails(
+        built: list[TreeStubs]) -> None:
+    r, z = free_run(2)
+    stubs = build(built, [Member(r, 0, r, r),
+                          Member(z, r, r, r, zombie=True, exit_status=3 << 8)])
+    wait_status(stubs, r, z)  # its parent reaped it: pid z is free again
+    # the root stub still holds ckpt's fds, ns_last_pid's (locked by fork_stub) among them
+    stubs.stubs[r].sc(NR.close_range, 3, 2**32 - 1, 0, what="close_range")
+    try:
+        other = Stub.spawn(z)
+    except RestoreError as exc:
+        pytest.skip(f"PID race with another process: {exc}")
+    try:
+        stubs.kill()
+        assert alive(z) and not Path(f"/proc/{r}").exists()
+    finally:
+        other.kill()

@@ -105,6 +105,7 @@ class NR:
     membarrier = 324
     mlock2 = 325
     rseq = 334
+    pidfd_send_signal = 424
     pidfd_open = 434
     clone3 = 435
     close_range = 436
@@ -189,6 +190,18 @@ def default_all_sigactions() -> None:
 
 def pidfd_open(pid: int) -> int:
     return syscall(NR.pidfd_open, pid, 0, what=f"pidfd_open({pid})", pid=pid)
+
+
+def pidfd_send_signal(pidfd: int, sig: int) -> bool:
+    """Send ``sig`` to the very process of ``pidfd``; False when it is gone (reaped: its
+    pid may be another's by now, which is never hit)."""
+    try:
+        syscall(NR.pidfd_send_signal, pidfd, sig, 0, 0, what=f"pidfd_send_signal({sig})")
+    except KernelError as exc:
+        if exc.errno == errno.ESRCH:
+            return False
+        raise
+    return True
 
 
 def pidfd_getfd(pidfd: int, targetfd: int, pid: int | None = None) -> int:
@@ -277,12 +290,17 @@ def vm_write(pid: int, addr: int, data: bytes) -> None:
     vm_transfer(True, pid, [(ctypes.addressof(buf), addr, len(data))])
 
 
-def kill_and_reap(pid: int, threads: Sequence[int] = ()) -> None:
+def kill_and_reap(pid: int, threads: Sequence[int] = (), pidfd: int = -1) -> None:
     """SIGKILL a child of ours (traced or not) and wait until it is gone. ``threads``:
     its other threads that we trace; each must be reaped first (__WALL), or the leader's
-    exit is never reported."""
+    exit is never reported. With ``pidfd`` (opened while it was surely ours) the signal
+    reaches that very process or none: one that took its pid since is left alone."""
     try:
-        os.kill(pid, signal.SIGKILL)
+        if pidfd >= 0:
+            if not pidfd_send_signal(pidfd, signal.SIGKILL):
+                return
+        else:
+            os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
     for tid in [*(t for t in threads if t != pid), pid]:

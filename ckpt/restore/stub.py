@@ -8,7 +8,9 @@ address no VMA of the target uses, followed by scratch pages for syscall argumen
     scratch pages : paths, structs, auxv   written through /proc/PID/mem
 
 PTRACE_O_EXITKILL makes the kernel kill the stub if ckpt dies, so a failed restore never
-leaves a half-built process; :meth:`Stub.kill` does the same on an orderly failure.
+leaves a half-built process; :meth:`Stub.kill` does the same on an orderly failure,
+through a pidfd opened at its fork (while it is surely ours): once let go, a process
+may exit and be reaped, and its pid be another's.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from ckpt.kernel.sys import (
     default_all_sigactions,
     kill_and_reap,
     libc,
+    pidfd_open,
 )
 
 GADGET_CODE = b"\x0f\x05\xcc"  # syscall; int3
@@ -107,6 +110,7 @@ class Stub:
         self.inj: Injector | None = None
         self.gadget = 0
         self._mem_fd = -1
+        self.pidfd = -1  # the process's, from its fork (thread stubs have none)
         self._mask: set[int] | None = None  # CPU mask to give back (see colocated)
 
     @classmethod
@@ -115,10 +119,11 @@ class Stub:
         pid = fork_stub(want_pid, reserve)
         stub = cls(pid)
         try:
+            stub.pidfd = pidfd_open(pid)  # our child, not reaped: no other process's pid
             stub.task.wait_stop(signal.SIGSTOP)
             stub.task.set_options(PTRACE_O_EXITKILL)
         except BaseException:
-            kill_and_reap(pid)
+            stub.kill()
             raise
         return stub
 
@@ -144,11 +149,12 @@ class Stub:
         self.task.wait_stop(signal.SIGTRAP)  # the parent returns and hits int3
         child = Stub(new)
         try:
+            child.pidfd = pidfd_open(new)  # traced by us, its parent stopped: not reaped
             child.task.wait_stop()  # auto-attached children start with SIGSTOP
             if self._mask is not None:  # forked while pinned (see colocated)
                 os.sched_setaffinity(new, self._mask)
         except BaseException:
-            kill_and_reap(new)
+            child.kill()
             raise
         child.use_gadget(self.gadget)
         return child
@@ -279,13 +285,18 @@ class Stub:
             return []
 
     def close(self) -> None:
-        if self._mem_fd >= 0:
-            os.close(self._mem_fd)
-            self._mem_fd = -1
+        """Close what ckpt holds of the stub (/proc/PID/mem, the pidfd)."""
+        for fd in (self._mem_fd, self.pidfd):
+            if fd >= 0:
+                os.close(fd)
+        self._mem_fd = self.pidfd = -1
 
     def kill(self) -> None:
+        """SIGKILL the process (through its pidfd: a process that took its pid after it
+        was let go and reaped is left alone) and reap it; then close it."""
+        # cloned threads are traced: reaped first
+        kill_and_reap(self.pid, self.tids(), self.pidfd)
         self.close()
-        kill_and_reap(self.pid, self.tids())  # cloned threads are traced: reaped first
 
 
 def pid_taken(pid: int, root: str = "/proc") -> str:

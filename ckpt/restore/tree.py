@@ -15,7 +15,9 @@ member's own restore, ckpt.actions.restore) all released at once.
     release      every member parked first; then each let go, leaves first
 
 While it builds, ckpt is a child subreaper: a failure kills every stub and helper, parents
-first, and each orphan comes back to ckpt, which reaps it (no pid left taken).
+first, and each orphan comes back to ckpt, which reaps it (no pid left taken). Each is
+killed through the pidfd opened at its fork: a member released, or a zombie reaped, may
+be gone and its pid another process's by then.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from ckpt.images.pb import core_pb2 as pb
 from ckpt.kernel.creds import PR_SET_DUMPABLE
 from ckpt.kernel.prctl import PR_GET_CHILD_SUBREAPER, PR_SET_CHILD_SUBREAPER, PR_SET_NAME
 from ckpt.kernel.ptrace import signed
-from ckpt.kernel.sys import NR, WALL, kill_and_reap, prctl
+from ckpt.kernel.sys import NR, WALL, prctl
 from ckpt.restore.creds import restore_ids
 from ckpt.restore.process import Parked, release
 from ckpt.restore.stub import Stub
@@ -84,7 +86,8 @@ class TreeStubs:
         self.cores = cores or {}  # by pid: a zombie's ids, its parent's cgroups
         self.stubs: dict[int, Stub] = {root.pid: root}
         self.order: list[int] = [root.pid]  # forks in order: parents before children
-        self.exited: list[int] = []  # let go, not reaped: zombies (and helpers meanwhile)
+        # let go, not reaped by us: zombies (and helpers meanwhile), with their pidfds
+        self.exited: dict[int, Stub] = {}
 
     def run(self, plan: Sequence[Step]) -> None:
         for step in plan:
@@ -109,7 +112,7 @@ class TreeStubs:
             if got != step.pid:
                 raise RestoreError(f"process {step.parent} could not reap helper {step.pid}: "
                                    f"{os.strerror(-got) if got < 0 else got}")
-            self.exited.remove(step.pid)  # gone: its pid may be anyone's now
+            self.exited.pop(step.pid).close()  # gone: its pid may be anyone's now
         elif isinstance(step, Zombie):
             self._zombie(step)
 
@@ -139,8 +142,7 @@ class TreeStubs:
         stub = self.stubs.pop(pid)
         assert stub.inj is not None
         stub.inj.prepare(nr, args)
-        stub.close()
-        self.exited.append(pid)
+        self.exited[pid] = stub
         stub.task.detach()
 
     def _inject_swallowing(self, pid: int, swallow: set[int], nr: int, *args: int) -> int:
@@ -162,6 +164,10 @@ class TreeStubs:
     def members(self, tree: Tree) -> dict[int, Stub]:
         return {m.pid: self.stubs[m.pid] for m in tree.members if not m.zombie}
 
+    def everyone(self) -> list[Stub]:
+        """Every stub, those let go too (closed at the end, ckpt.actions.restore)."""
+        return [*self.stubs.values(), *self.exited.values()]
+
     def kill(self) -> None:
         """Kill every stub, parents first; reap each (an orphan comes back to ckpt, the
         subreaper) and every process let go."""
@@ -169,8 +175,8 @@ class TreeStubs:
             stub = self.stubs.get(pid)
             if stub is not None:
                 stub.kill()
-        for pid in self.exited:
-            kill_and_reap(pid)
+        for stub in self.exited.values():
+            stub.kill()
 
 
 def release_all(parked: Sequence[Parked]) -> None:
