@@ -67,7 +67,7 @@ def fork_stub(want_pid: int | None, reserve: int = 0) -> int:
     meanwhile take neither our thread ids nor recently freed pids.
     """
     if want_pid is None:
-        return _fork_traced()
+        return _fork_traced(-1)
     with open(NS_LAST_PID, "r+") as last:
         fcntl.flock(last, fcntl.LOCK_EX)  # other ckpt instances serialize on it, as CRIU does
         reserve = max(reserve, int(last.read() or 0))
@@ -76,7 +76,7 @@ def fork_stub(want_pid: int | None, reserve: int = 0) -> int:
             last.seek(0)
             last.write(str(want_pid - 1))
             last.flush()
-            pid = _fork_traced()
+            pid = _fork_traced(last.fileno())
             if pid == want_pid:
                 last.seek(0)
                 last.write(str(max(reserve, pid)))
@@ -86,13 +86,17 @@ def fork_stub(want_pid: int | None, reserve: int = 0) -> int:
     raise RestoreError(f"could not obtain pid {want_pid} (something else keeps taking it)")
 
 
-def _fork_traced() -> int:
+def _fork_traced(locked: int) -> int:
     """The child drops every signal action it inherited from ckpt (Python's SIGINT handler
     pointing into ckpt, SIGPIPE and SIGXFSZ ignored): a restored process starts from the
-    kernel's defaults, and only the image's own actions are set on top."""
+    kernel's defaults, and only the image's own actions are set on top. It closes
+    ``locked``, ns_last_pid flocked by fork_stub: its copy would hold the lock, and every
+    other restore wait, as long as it lives with it (a tree's stubs, until their fds go)."""
     pid = os.fork()
     if pid == 0:  # child: as little Python as possible
         try:
+            if locked >= 0:
+                os.close(locked)
             default_all_sigactions()
             libc.ptrace(PTRACE_TRACEME, 0, None, None)
             os.kill(os.getpid(), signal.SIGSTOP)
