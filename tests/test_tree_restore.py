@@ -4,6 +4,7 @@ chosen pids, sessions, groups, helpers, zombies), then whole trees dumped and re
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import random
 import signal
@@ -15,10 +16,12 @@ from pathlib import Path
 import pytest
 from conftest import PYTHON, Harness, assert_one_error_line, needs_root, run_ckpt, wait_for
 
-from ckpt.errors import RestoreError
+from ckpt.errors import KernelError, RestoreError
 from ckpt.images import ImageDir
+from ckpt.kernel.prctl import PR_GET_CHILD_SUBREAPER
+from ckpt.kernel.sys import NR, WALL, prctl
 from ckpt.restore.mm import free_gadget_address
-from ckpt.restore.stub import Stub
+from ckpt.restore.stub import NS_LAST_PID, Stub
 from ckpt.restore.tree import TreeStubs, check_tree_ids_free, subreaper
 from ckpt.tree import Fork, Member, Tree, plan_restore
 
@@ -89,7 +92,7 @@ def build(made: list[TreeStubs], members: list[Member], shell_job: bool = False)
 def wait_status(stubs: TreeStubs, parent: int, child: int) -> int:
     """The status the parent's own wait4(child, WNOHANG) sees (it reaps the child)."""
     stub = stubs.stubs[parent]
-    got = stub.sc(61, child, stub.scratch + 512, 1 | 0x40000000, 0, what="wait4")
+    got = stub.sc(NR.wait4, child, stub.scratch + 512, os.WNOHANG | WALL, 0, what="wait4")
     assert got == child
     return int(struct.unpack("i", os.pread(stub.mem_fd(), 4, stub.scratch + 512))[0])
 
@@ -114,7 +117,7 @@ def test_tree_of_stubs_gets_pids_parents_sessions_groups_and_a_zombie(
     assert Path(f"/proc/{z}/comm").read_text() == "zed\n"
     status = wait_status(stubs, r, z)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
-    stubs.exited.remove(z)
+    stubs.exited.pop(z).close()
 
 
 @needs_root
@@ -126,7 +129,7 @@ def test_zombie_killed_by_a_signal_keeps_its_status(built: list[TreeStubs]) -> N
     status = wait_status(stubs, r, z)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
     assert not status & 0x80  # no core dump
-    stubs.exited.remove(z)
+    stubs.exited.pop(z).close()
 
 
 @needs_root
@@ -479,3 +482,74 @@ def test_a_tree_shape_restore_cannot_build_is_refused_in_one_line(harness: Harne
     assert f"process {a} is in session 1, which no process of the tree leads" in (
         assert_one_error_line(res))
     assert not [p for p in (proc.pid, z, a, b) if Path(f"/proc/{p}").exists()]
+
+
+def test_subreaper_is_set_meanwhile_and_a_failed_prctl_raises() -> None:
+    was = ctypes.c_int(-1)
+    prctl(PR_GET_CHILD_SUBREAPER, ctypes.addressof(was))
+    with subreaper():
+        now = ctypes.c_int(-1)
+        prctl(PR_GET_CHILD_SUBREAPER, ctypes.addressof(now))
+        assert now.value == 1
+    after = ctypes.c_int(-1)
+    prctl(PR_GET_CHILD_SUBREAPER, ctypes.addressof(after))
+    assert after.value == was.value
+    with pytest.raises(KernelError, match="prctl"):
+        prctl(1 << 20)  # no such option: EINVAL
+
+
+def alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists() and stat_of(pid)[0] != "Z"
+
+
+@needs_root
+def test_a_stub_gone_and_reaped_never_kills_the_process_that_took_its_pid() -> None:
+    """Stub.kill signals through the pidfd of its fork: a released process that exited
+    and was reaped may have its pid taken by another, which must live on."""
+    pid = free_run(1)[0]
+    try:
+        gone = Stub.spawn(pid)
+    except RestoreError as exc:
+        pytest.skip(f"PID race with another process: {exc}")
+    os.kill(pid, signal.SIGKILL)  # as if released, exited and reaped
+    os.waitpid(pid, 0)
+    try:
+        other = Stub.spawn(pid)
+    except RestoreError as exc:
+        gone.close()
+        pytest.skip(f"PID race with another process: {exc}")
+    try:
+        gone.kill()
+        assert alive(pid)
+    finally:
+        other.kill()
+    assert not Path(f"/proc/{pid}").exists()
+
+
+@needs_root
+def test_a_reaped_zombie_is_not_killed_by_pid_when_the_tree_fails(
+        built: list[TreeStubs]) -> None:
+    r, z = free_run(2)
+    stubs = build(built, [Member(r, 0, r, r),
+                          Member(z, r, r, r, zombie=True, exit_status=3 << 8)])
+    wait_status(stubs, r, z)  # its parent reaped it: pid z is free again
+    try:
+        other = Stub.spawn(z)
+    except RestoreError as exc:
+        pytest.skip(f"PID race with another process: {exc}")
+    try:
+        stubs.kill()
+        assert alive(z) and not Path(f"/proc/{r}").exists()
+    finally:
+        other.kill()
+
+
+@needs_root
+def test_a_stub_does_not_keep_ns_last_pid_locked(built: list[TreeStubs]) -> None:
+    """fork_stub flocks ns_last_pid while it forks: a stub (and the tree forked from it)
+    that kept its copy would make every other restore wait as long as it lives."""
+    r, a = free_run(2)
+    build(built, [Member(r, 0, r, r), Member(a, r, r, r)])
+    for pid in (r, a):
+        fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        assert NS_LAST_PID not in fds

@@ -159,6 +159,32 @@ def test_process_fields_are_named(change: object, field: str) -> None:
         validate("core-42.img", entry)
 
 
+def zombie() -> core.ProcessEntry:
+    """A zombie member as the dump writes it: one ThreadCore with its ids."""
+    entry = core.ProcessEntry(pid=43, ppid=42, comm="z", zombie=True, exit_status=3 << 8)
+    entry.threads.add(tid=43, creds=core.Creds(uid=65534, euid=65534, groups=[5]))
+    return entry
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (lambda e: e.ClearField("threads"), "threads"),
+    (lambda e: e.threads.add(tid=44, creds=core.Creds()), "threads"),
+    (lambda e: setattr(e.threads[0], "tid", 44), "threads[0].tid"),
+    (lambda e: e.threads[0].ClearField("creds"), "threads[0].creds"),
+    (lambda e: setattr(e.threads[0], "sigmask", 1), "threads[0].sigmask"),
+    (lambda e: e.threads[0].regs.SetInParent(), "threads[0].regs"),
+    (lambda e: e.vmas.add(start=0x400000, end=0x401000), "vmas"),
+    (lambda e: e.fds.add(fd=1, file_id=1), "fds"),
+    (lambda e: e.cgroups.add(path="/a"), "cgroups"),
+])
+def test_a_zombie_has_one_thread_with_only_its_credentials(change: object, field: str,
+                                                           ) -> None:
+    entry = zombie()
+    assert list(problems(entry)) == []
+    change(entry)  # type: ignore[operator]
+    assert field in [p[0] for p in problems(entry)]
+
+
 def test_a_realtime_policy_needs_a_priority() -> None:
     entry = process()
     entry.threads[0].sched.policy = 1  # SCHED_FIFO

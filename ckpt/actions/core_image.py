@@ -1,4 +1,4 @@
-"""Collected records → protobuf core image (the image boundary of dump) and back for regs."""
+"""Collected records → protobuf core image (the image boundary of dump)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ckpt.collect.tasks import InjectedState, ThreadState
 from ckpt.collect.timers import PosixTimer
 from ckpt.collect.vmas import VmaInfo
 from ckpt.images.pb import core_pb2 as pb
-from ckpt.kernel.ptrace import REG_NAMES, Regs
+from ckpt.images.regs import regs_to_pb
 from ckpt.kernel.timers import SIGEV_THREAD_ID
 
 
@@ -35,23 +35,19 @@ class ProcessInfo:
     settings: Settings | None = None  # ckpt.collect.pstate
 
 
-def regs_to_pb(regs: Regs) -> pb.GpRegs:
-    return pb.GpRegs(**{name: int(getattr(regs, name)) for name in REG_NAMES})
-
-
-def regs_from_pb(msg: pb.GpRegs) -> Regs:
-    regs = Regs()
-    for name in REG_NAMES:
-        setattr(regs, name, getattr(msg, name))
-    return regs
+def ids_to_pb(c: Creds) -> pb.Creds:
+    """Only the user and group ids and the supplementary groups (all a zombie keeps)."""
+    return pb.Creds(uid=c.uid[0], euid=c.uid[1], suid=c.uid[2], fsuid=c.uid[3],
+                    gid=c.gid[0], egid=c.gid[1], sgid=c.gid[2], fsgid=c.gid[3],
+                    groups=c.groups)
 
 
 def creds_to_pb(c: Creds) -> pb.Creds:
-    return pb.Creds(uid=c.uid[0], euid=c.uid[1], suid=c.uid[2], fsuid=c.uid[3],
-                    gid=c.gid[0], egid=c.gid[1], sgid=c.gid[2], fsgid=c.gid[3],
-                    groups=c.groups, cap_inh=c.cap_inh, cap_prm=c.cap_prm, cap_eff=c.cap_eff,
-                    cap_bnd=c.cap_bnd, cap_amb=c.cap_amb, securebits=c.securebits,
-                    no_new_privs=c.no_new_privs, seccomp_mode=c.seccomp_mode)
+    msg = ids_to_pb(c)
+    msg.MergeFrom(pb.Creds(cap_inh=c.cap_inh, cap_prm=c.cap_prm, cap_eff=c.cap_eff,
+                           cap_bnd=c.cap_bnd, cap_amb=c.cap_amb, securebits=c.securebits,
+                           no_new_privs=c.no_new_privs, seccomp_mode=c.seccomp_mode))
+    return msg
 
 
 def thread_to_pb(t: ThreadState) -> pb.ThreadCore:

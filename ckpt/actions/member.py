@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckpt.actions.core_image import ProcessInfo, build_core
+from ckpt.actions.core_image import ProcessInfo, build_core, ids_to_pb
 from ckpt.actions.passes import (
     MemoryResult,
     Parent,
@@ -25,6 +25,7 @@ from ckpt.actions.passes import (
 from ckpt.collect import proc, shmem
 from ckpt.collect.cgroups import cgroups_to_pb, read_cgroups
 from ckpt.collect.cow import cow_shared_bytes
+from ckpt.collect.creds import read_creds
 from ckpt.collect.deletedcwd import collect_deleted_cwd
 from ckpt.collect.files import FileRecord, collect_files
 from ckpt.collect.holders import TreeView
@@ -322,8 +323,12 @@ class MemberDump:
 
 
 def zombie_core(pid: int) -> pb.ProcessEntry:
-    """A zombie member: its ids, name and wait status, nothing else (it runs no more)."""
+    """A zombie member: its ids, name, wait status, user and group ids (one ThreadCore
+    with only tid and creds: /proc/Z/status still shows them), nothing else (it runs no
+    more). Not its cgroups: /proc/Z/cgroup shows every root (restore puts it in its
+    parent's, where it was most likely born)."""
     s = proc.read_stat(pid)
+    ids = ids_to_pb(read_creds(pid, pid))
     return pb.ProcessEntry(pid=pid, ppid=s.ppid, pgid=s.pgrp, sid=s.session, comm=s.comm,
                            zombie=True, exit_status=s.exit_code, exit_signal=s.exit_signal,
-                           start_time=s.starttime)
+                           start_time=s.starttime, threads=[pb.ThreadCore(tid=pid, creds=ids)])

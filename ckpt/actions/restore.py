@@ -220,8 +220,8 @@ def restore_tree(opts: RestoreOptions, images: ImageDir, inv: image_pb2.Inventor
     settle = functools.partial(settle_process, tree=made.scope)
     with subreaper():  # orphans of a failure come back to ckpt (ckpt.restore.tree)
         root = Stub.spawn(tree.root.pid, reserve)
-        stubs = TreeStubs(root)
-        with made.undone_on_failure(stubs.kill, lambda: stubs.stubs.values()):
+        stubs = TreeStubs(root, {e.pid: e for e in entries})
+        with made.undone_on_failure(stubs.kill, stubs.everyone):
             root.install_gadget(mm.free_gadget_address(root.pid,
                                                        [v for e in live for v in e.vmas]))
             stubs.run(plan)  # children are forked before anything is unmapped

@@ -76,24 +76,20 @@ while it is frozen, in case it changed), by dump, predump and migrate alike:
 ckpt.collect.vmas, ckpt.collect.fds and ckpt.collect.proc) and returns one line per
 refused thing, process first, then mappings by address, then fds by number.
 :func:`read_target` (ckpt.collect.target) gathers the records; :func:`require_restorable`
-raises NotDumpable with the first line.
+raises NotDumpable with the first line. The process and mapping rows are here, the fd
+rows in ckpt.collect.restorable_fds, the Rule they all are in ckpt.collect.rules.
 """
 
 from __future__ import annotations
 
-import os
-import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
 
 from ckpt.collect import cgroups, mappedfiles, sched, shmem, sysvshm
-from ckpt.collect.fdkinds import fown, locks
+from ckpt.collect.fdkinds import fown
 from ckpt.collect.fdkinds.base import FdFlags
-from ckpt.collect.fds import FdInfo, classify_fd, describe_fd
-from ckpt.collect.holders import Sharing
+from ckpt.collect.restorable_fds import FD_RULES, HELD, fd_refusal, fd_refusals
+from ckpt.collect.rules import NOT_YET, PROC_PID, Rule, deleted, first, shown
 from ckpt.collect.target import (
-    DELETED,
     FILE_KINDS,
     Target,
     compares_open_file,
@@ -106,32 +102,8 @@ from ckpt.collect.vmflags import refused_flags
 from ckpt.errors import NotDumpable
 from ckpt.images.fields import MAX_GROUPS
 
-T = TypeVar("T")
-#: Character devices a reopen brings back exactly: they keep no state (major 1, "mem").
-STATELESS_DEVICES = frozenset(os.makedev(1, minor) for minor in (3, 5, 7, 8, 9))
-NAMESPACE = re.compile(r"[a-z_]+:\[\d+\]")
-PROC_PID = re.compile(r"/proc/\d+(/|$)")
-NOT_YET = "not supported yet"
 #: Filesystems under /dev whose files are files, not devices.
 NOT_DEVICES = ("/dev/shm/", "/dev/hugepages/", "/dev/mqueue/")
-
-
-@dataclass(frozen=True)
-class Rule(Generic[T]):
-    """Refuse a subject when ``applies``; ``says`` is formatted with the subject's fields
-    (see the *_fields functions)."""
-
-    applies: Callable[[T], bool]
-    says: str
-    table: str = ""  # what `ckpt check` prints, where ``says`` left blank says too little
-
-
-def _deleted(path: str) -> bool:
-    return path.endswith(DELETED)
-
-
-def _shown(path: str) -> str:
-    return path.removesuffix(DELETED)
 
 
 # --------------------------------------------------------------------------- process
@@ -144,11 +116,11 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
          "process {pid} runs in a {other_ns}: " + NOT_YET),
     Rule(lambda t: t.root not in ("", t.own_root),  # "": exiting, nothing to compare
          "process {pid} has root directory {root} (chroot): " + NOT_YET),
-    Rule(lambda t: _deleted(t.cwd) and not t.cwd_parent_reachable,
+    Rule(lambda t: deleted(t.cwd) and not t.cwd_parent_reachable,
          "process {pid} has a deleted working directory ({cwd_shown}) whose parent no path "
          "reaches any more (removed or replaced too): a restore could not make it again "
          "there: " + NOT_YET),
-    Rule(lambda t: _deleted(t.cwd) and t.fd_flags.migrating,
+    Rule(lambda t: deleted(t.cwd) and t.fd_flags.migrating,
          "process {pid} has a deleted working directory ({cwd_shown}): migrate does not "
          "carry it yet (dump does)"),
     Rule(lambda t: bool(PROC_PID.match(t.cwd)),
@@ -178,7 +150,7 @@ PROCESS_RULES: tuple[Rule[Target], ...] = (
 
 def process_fields(t: Target) -> dict[str, object]:
     return {"pid": t.pid, "children": ", ".join(map(str, t.children)), "cwd": t.cwd,
-            "cwd_shown": _shown(t.cwd), "root": t.root, "mnt_ns": t.mnt_ns,
+            "cwd_shown": shown(t.cwd), "root": t.root, "mnt_ns": t.mnt_ns,
             "own_mnt_ns": t.own_mnt_ns, "groups": t.groups,
             "timer_refused": "; ".join(_timer_refusals(t)),
             "timer_max": max((x.id for x in t.timers), default=0),
@@ -273,104 +245,15 @@ def _refused_flags(m: Mapping) -> list[str]:
 
 
 def vma_fields(m: Mapping) -> dict[str, object]:
-    return {"start": m.vma.start, "path": m.path, "name": _shown(m.path),
-            "mapped_what": f"a memfd ({_shown(m.path)})" if m.path.startswith("/memfd:")
-            else f"deleted file {_shown(m.path)}", "mapped_refusal": m.mapped_refusal,
+    return {"start": m.vma.start, "path": m.path, "name": shown(m.path),
+            "mapped_what": f"a memfd ({shown(m.path)})" if m.path.startswith("/memfd:")
+            else f"deleted file {shown(m.path)}", "mapped_refusal": m.mapped_refusal,
             "shm_refusal": shmem.refusal(m.shm),
             "path_or_anon": m.path or "anonymous memory",
             "flags": ", ".join(_refused_flags(m)), "pkey": m.vma.pkey}
 
 
-# --------------------------------------------------------------------------- fds
-
-
-@dataclass(frozen=True)
-class Fd:
-    """An fd as the rules see it: its record, its class (ckpt.collect.fds.classify_fd),
-    whether fds 0-2 may be a terminal (--shell-job), whether its path is foreign."""
-
-    info: FdInfo
-    kind: str
-    shell_job: bool
-    foreign: bool = False
-    holders: tuple[int, ...] = ()  # other processes sharing its open file
-
-    @property
-    def append_only(self) -> bool:
-        """Write-only O_APPEND: every write goes to the end, whoever else writes."""
-        flags = self.info.flags
-        return flags & os.O_ACCMODE == os.O_WRONLY and bool(flags & os.O_APPEND)
-
-    @property
-    def target(self) -> str:
-        return self.info.target
-
-
-FD_RULES: tuple[Rule[Fd], ...] = (
-    Rule(lambda f: f.kind == "tty" and not (f.shell_job and f.info.fd <= 2),
-         "a terminal; use --shell-job for fds 0-2"),
-    Rule(lambda f: f.kind in ("socket", "anon_inode", "other"), NOT_YET),
-    Rule(lambda f: _deleted(f.target), "the file was deleted: " + NOT_YET),
-    Rule(lambda f: bool(NAMESPACE.fullmatch(f.target)),
-         "a namespace file (/proc/PID/ns/*): " + NOT_YET),
-    Rule(lambda f: f.kind != "tty" and not f.target.startswith("/"),
-         "not a path a restore can open: " + NOT_YET),
-    Rule(lambda f: bool(PROC_PID.match(f.target)),
-         "a file of a process under /proc (it names a pid): " + NOT_YET),
-    Rule(lambda f: f.kind == "chardev" and f.info.st_rdev not in STATELESS_DEVICES,
-         "a character device {dev}: its state lives in the driver; " + NOT_YET),
-    Rule(lambda f: _refused_lock(f) is not None, locks.REFUSED),
-    Rule(lambda f: bool(f.holders) and locks.open_file_lock(f.info) is not None,
-         "holds {shared_lock} on an open file {holders} shares (inherited across fork() "
-         "or passed over a unix socket): the lock would stay with it and a restore could "
-         "not take it again: " + NOT_YET),
-    Rule(lambda f: bool(f.holders) and not f.append_only,
-         "an open file {holders} shares (inherited across fork() or passed over a unix "
-         "socket): a restore reopens it for this process alone, so its position and flags "
-         "would no longer be shared: " + NOT_YET),
-    Rule(lambda f: f.foreign,
-         "another file (or none) in ckpt's mount namespace: " + NOT_YET),
-)
-
-
-def _refused_lock(f: Fd) -> str | None:
-    return locks.refused_lock(f.info, reopened=f.kind != "tty")  # a terminal is ckpt's own
-
-
-def fd_fields(f: Fd) -> dict[str, object]:
-    shared = locks.open_file_lock(f.info)
-    return {"dev": f"{os.major(f.info.st_rdev)}:{os.minor(f.info.st_rdev)}",
-            "lock": _refused_lock(f) or "", "holders": processes(f.holders),
-            "shared_lock": f"a {shared.shown} lock" if shared else ""}
-
-
-def processes(pids: tuple[int, ...]) -> str:
-    """"process 12", "processes 12, 14": how a refusal names other holders."""
-    return f"process{'es' if len(pids) > 1 else ''} {', '.join(map(str, pids))}"
-
-
-#: an fd of a kind (not OWN) whose object other processes hold too
-HELD = ("one {kind} that {holders} outside the dump also holds (inherited across fork() or "
-        "passed over a unix socket): a restore would make a new one for this process "
-        "alone, cut off from it: " + NOT_YET)
-
-def fd_refusal(info: FdInfo, shell_job: bool, foreign: bool = False,
-               holders: tuple[int, ...] = ()) -> str | None:
-    """Why restore cannot bring this fd back, or None."""
-    fd = Fd(info, classify_fd(info), shell_job, foreign, holders)
-    why = _first(FD_RULES, fd, fd_fields)
-    return f"{describe_fd(info)}: {why}" if why else None
-
-
 # --------------------------------------------------------------------------- all
-
-
-def _first(rules: tuple[Rule[T], ...], subject: T, fields: Callable[[T], dict[str, object]],
-           ) -> str | None:
-    for rule in rules:
-        if rule.applies(subject):
-            return rule.says.format(**fields(subject))
-    return None
 
 
 def refusals(t: Target) -> list[str]:
@@ -383,38 +266,11 @@ def refusals(t: Target) -> list[str]:
     out += cgroups.thread_refusals(t.pid, t.thread_cgroups)
     found, shm = dict(t.mapped), dict(t.shmem)
     for v in sorted(t.vmas, key=lambda v: v.start):
-        why = _first(VMA_RULES, Mapping(v, v.path in t.foreign, t.tracker, found.get(v.start),
-                                        t.fd_flags, shm=shm.get(v.start)), vma_fields)
+        why = first(VMA_RULES, Mapping(v, v.path in t.foreign, t.tracker, found.get(v.start),
+                                       t.fd_flags, shm=shm.get(v.start)), vma_fields)
         if why:
             out.append(f"process {t.pid} maps {why}")
-    claimed = {fd: (kind, details) for fd, kind, details in t.fd_kinds}
-    held = dict(t.holders)
-    owners = dict(t.fd_owners)
-    tids = {tid for tid, _ in t.thread_cwds}
-    for info in sorted(t.fds, key=lambda i: i.fd):
-        if info.fd in t.shared_fds:  # an earlier member's open file: judged with it, but
-            why = locks.refusal(info, reopened=info.fd not in claimed)  # for its locks
-            if why:
-                out.append(f"{describe_fd(info)}: {why}")
-            continue
-        if info.fd in claimed:
-            kind, details = claimed[info.fd]
-            others = held.get(info.fd, ()) if kind.holders is not Sharing.OWN else ()
-            why = (locks.refusal(info, reopened=False)
-                   or (HELD.format(kind=kind.name, holders=processes(others)) if others
-                       else kind.refuse(info, details, t.fd_flags)))
-            if not why and info.target in t.foreign:  # a FIFO, ... reopened by path
-                why = "another file (or none) in ckpt's mount namespace: " + NOT_YET
-            line = f"{describe_fd(info)}: {why}" if why else None
-        else:
-            line = fd_refusal(info, t.shell_job, info.target in t.foreign,
-                              held.get(info.fd, ()))
-        if not line and info.fd in owners:
-            why = fown.refusal(owners[info.fd], t.pid, tids, t.pgid, t.sid,
-                               t.fd_flags.shell_job, t.tree)
-            line = f"{describe_fd(info)}: {why}" if why else None
-        if line:
-            out.append(line)
+    out += fd_refusals(t)
     return out
 
 
@@ -459,5 +315,5 @@ def table_lines() -> list[str]:
     return out
 
 
-__all__ = ["Target", "compares_open_file", "file_identity", "read_target", "refusals",
-           "require_restorable", "table_lines"]
+__all__ = ["Target", "compares_open_file", "fd_refusal", "file_identity", "read_target",
+           "refusals", "require_restorable", "table_lines"]

@@ -201,8 +201,21 @@ def _inet(m: core.InetSocket) -> Iterator[Problem]:
 
 
 def _process(m: core.ProcessEntry) -> Iterator[Problem]:
-    if m.zombie:  # a tree's dead member: ids, name and wait status only
-        for name in ("threads", "vmas", "files", "fds"):
+    if m.zombie:  # a tree's dead member: ids, name, wait status and its credentials only
+        if len(m.threads) != 1:
+            yield "threads", len(m.threads), "not the one a zombie's credentials are in"
+        for th in m.threads[:1]:
+            if th.tid != m.pid:
+                yield "threads[0].tid", th.tid, f"not the zombie {m.pid}"
+            if not th.HasField("creds"):
+                yield "threads[0].creds", "", "missing: a zombie would come back as root"
+            elif len(th.creds.groups) > MAX_GROUPS:
+                yield "threads[0].creds.groups", len(th.creds.groups), \
+                    f"more than {MAX_GROUPS} groups"
+            extra = sorted({f.name for f, _ in th.ListFields()} - {"tid", "creds"})
+            if extra:
+                yield f"threads[0].{extra[0]}", "", "a zombie's thread has only its credentials"
+        for name in ("vmas", "files", "fds", "cgroups"):
             if getattr(m, name):
                 yield name, len(getattr(m, name)), "a zombie has none"
         if not 0 <= m.exit_status <= 0xFFFF:

@@ -12,6 +12,7 @@ import errno
 import itertools
 import os
 import signal
+import struct
 from collections.abc import Sequence
 
 from ckpt.errors import AccessDenied, KernelError, NoSuchProcess
@@ -52,12 +53,14 @@ class NR:
     connect = 42
     listen = 50
     socketpair = 53
+    wait4 = 61
     kill = 62
     shmdt = 67
     fcntl = 72
     flock = 73
     chdir = 80
     umask = 95
+    setpgid = 109
     setsid = 112
     rt_sigtimedwait = 128
     rt_sigqueueinfo = 129
@@ -73,9 +76,11 @@ class NR:
     timer_getoverrun = 225
     timer_delete = 226
     clock_gettime = 228
+    exit_group = 231
     epoll_wait = 232
     epoll_ctl = 233
     tgkill = 234
+    waitid = 247
     ioprio_set = 251
     ioprio_get = 252
     inotify_add_watch = 254
@@ -100,6 +105,7 @@ class NR:
     membarrier = 324
     mlock2 = 325
     rseq = 334
+    pidfd_send_signal = 424
     pidfd_open = 434
     clone3 = 435
     close_range = 436
@@ -126,6 +132,21 @@ def syscall(nr: int, *args: int, what: str = "", pid: int | None = None) -> int:
     if res == -1:
         raise_errno(ctypes.get_errno(), what or f"syscall {nr}", pid)
     return res
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    """prctl(2) in this process (ckpt's own settings); its result, or a typed error."""
+    return syscall(NR.prctl, option, arg2, arg3, arg4, arg5, what=f"prctl({option})")
+
+
+# struct clone_args (CLONE_ARGS_SIZE_VER2): flags, pidfd, child_tid, parent_tid,
+# exit_signal, stack, stack_size, tls, set_tid, set_tid_size, cgroup
+CLONE_ARGS = struct.Struct("11Q")
+
+
+def clone_args(flags: int, exit_signal: int, set_tid: int = 0, set_tid_size: int = 0) -> bytes:
+    """A clone3 argument: ``set_tid`` the address of ``set_tid_size`` pids to ask for."""
+    return CLONE_ARGS.pack(flags, 0, 0, 0, exit_signal, 0, 0, 0, set_tid, set_tid_size, 0)
 
 
 KCMP_FILE = 0
@@ -169,6 +190,18 @@ def default_all_sigactions() -> None:
 
 def pidfd_open(pid: int) -> int:
     return syscall(NR.pidfd_open, pid, 0, what=f"pidfd_open({pid})", pid=pid)
+
+
+def pidfd_send_signal(pidfd: int, sig: int) -> bool:
+    """Send ``sig`` to the very process of ``pidfd``; False when it is gone (reaped: its
+    pid may be another's by now, which is never hit)."""
+    try:
+        syscall(NR.pidfd_send_signal, pidfd, sig, 0, 0, what=f"pidfd_send_signal({sig})")
+    except KernelError as exc:
+        if exc.errno == errno.ESRCH:
+            return False
+        raise
+    return True
 
 
 def pidfd_getfd(pidfd: int, targetfd: int, pid: int | None = None) -> int:
@@ -257,12 +290,17 @@ def vm_write(pid: int, addr: int, data: bytes) -> None:
     vm_transfer(True, pid, [(ctypes.addressof(buf), addr, len(data))])
 
 
-def kill_and_reap(pid: int, threads: Sequence[int] = ()) -> None:
+def kill_and_reap(pid: int, threads: Sequence[int] = (), pidfd: int = -1) -> None:
     """SIGKILL a child of ours (traced or not) and wait until it is gone. ``threads``:
     its other threads that we trace; each must be reaped first (__WALL), or the leader's
-    exit is never reported."""
+    exit is never reported. With ``pidfd`` (opened while it was surely ours) the signal
+    reaches that very process or none: one that took its pid since is left alone."""
     try:
-        os.kill(pid, signal.SIGKILL)
+        if pidfd >= 0:
+            if not pidfd_send_signal(pidfd, signal.SIGKILL):
+                return
+        else:
+            os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
     for tid in [*(t for t in threads if t != pid), pid]:

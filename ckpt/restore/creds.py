@@ -27,6 +27,9 @@ rules (security/commoncap.c, kernel/seccomp.c), starting from the stub's full ro
     PR_SET_NO_NEW_PRIVS, strict seccomp
     PR_SET_DUMPABLE              once, after every thread: any euid change resets it
 
+A zombie of a tree (ckpt.restore.tree) gets only setgroups and the ids (restore_ids):
+it keeps nothing else the kernel shows.
+
 Then each thread's /proc status lines and securebits are compared with the image: a
 restore that would bring a process back with other credentials, or unfiltered, fails
 (the stub is killed).
@@ -90,10 +93,8 @@ def plan_creds(c: pb.Creds, filters: list[pb.SeccompFilter], cap_last: int, full
                ) -> list[Call]:
     """The syscalls that turn a root task holding capabilities ``full`` into one with
     credentials ``c`` and ``filters`` (see the module docstring for the order)."""
-    calls = [Call("setgroups", SYS.setgroups,
-                  (len(c.groups), struct.pack(f"{len(c.groups)}I", *c.groups))),
-             Call("capset (inheritable)", SYS.capset,
-                  (cap_header(), cap_data(full, full, c.cap_inh)))]
+    calls = [setgroups(c), Call("capset (inheritable)", SYS.capset,
+                                (cap_header(), cap_data(full, full, c.cap_inh)))]
     calls += [Call(f"raise ambient capability {cap}", NR.prctl,
                    (PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0))
               for cap in range(cap_last + 1) if c.cap_amb >> cap & 1]
@@ -107,10 +108,7 @@ def plan_creds(c: pb.Creds, filters: list[pb.SeccompFilter], cap_last: int, full
     calls += [
         Call("securebits (keep capabilities)", NR.prctl,
              (PR_SET_SECUREBITS, SECBIT_NO_SETUID_FIXUP | SECBIT_KEEP_CAPS, 0, 0, 0)),
-        Call("setresgid", SYS.setresgid, (c.gid, c.egid, c.sgid)),
-        Call("setfsgid", SYS.setfsgid, (c.fsgid,)),
-        Call("setresuid", SYS.setresuid, (c.uid, c.euid, c.suid)),
-        Call("setfsuid", SYS.setfsuid, (c.fsuid,)),
+        *set_ids(c),
         Call("securebits", NR.prctl, (PR_SET_SECUREBITS, c.securebits, 0, 0, 0)),
         Call("capset", SYS.capset, (cap_header(), cap_data(c.cap_eff, c.cap_prm, c.cap_inh))),
     ]
@@ -119,6 +117,29 @@ def plan_creds(c: pb.Creds, filters: list[pb.SeccompFilter], cap_last: int, full
     if c.seccomp_mode == SECCOMP_MODE_STRICT:
         calls.append(Call("strict seccomp", SYS.seccomp, (SECCOMP_SET_MODE_STRICT, 0, 0)))
     return calls
+
+
+def setgroups(c: pb.Creds) -> Call:
+    return Call("setgroups", SYS.setgroups,
+                (len(c.groups), struct.pack(f"{len(c.groups)}I", *c.groups)))
+
+
+def set_ids(c: pb.Creds) -> list[Call]:
+    """The user and group ids of ``c``, gids first (setresgid needs CAP_SETGID)."""
+    return [Call("setresgid", SYS.setresgid, (c.gid, c.egid, c.sgid)),
+            Call("setfsgid", SYS.setfsgid, (c.fsgid,)),
+            Call("setresuid", SYS.setresuid, (c.uid, c.euid, c.suid)),
+            Call("setfsuid", SYS.setfsuid, (c.fsuid,))]
+
+
+def restore_ids(stub: Stub, c: pb.Creds) -> None:
+    """Only the ids and groups of ``c`` (a zombie's, ckpt.restore.tree), applied by the
+    root stub as the process once did itself: the kernel drops its capabilities with
+    root, as it did for the original; verified like a live process's."""
+    for call in [setgroups(c), *set_ids(c)]:
+        _inject(stub, call)
+    want = expected_creds(c, 0)
+    _compare(stub.pid, read_creds(stub.pid, stub.pid), want, ("uid", "gid", "groups"))
 
 
 def expected_creds(c: pb.Creds, filters: int) -> Creds:
@@ -171,11 +192,15 @@ def _inject(task: Stub, call: Call) -> None:
 def _verify(task: Stub, th: pb.ThreadCore) -> None:
     tid = task.task.tid
     securebits = task.sc(NR.prctl, PR_GET_SECUREBITS, 0, 0, 0, 0, what="PR_GET_SECUREBITS")
-    found = read_creds(task.pid, tid)
-    got = replace(found, groups=tuple(sorted(found.groups)), securebits=securebits)
+    found = replace(read_creds(task.pid, tid), securebits=securebits)
     want = expected_creds(th.creds, len(th.seccomp_filters))
-    wrong = [f"{f.name} {getattr(got, f.name)} != {getattr(want, f.name)}"
-             for f in fields(want) if getattr(got, f.name) != getattr(want, f.name)]
+    _compare(tid, found, want, tuple(f.name for f in fields(want)))
+
+
+def _compare(tid: int, found: Creds, want: Creds, names: tuple[str, ...]) -> None:
+    got = replace(found, groups=tuple(sorted(found.groups)))
+    wrong = [f"{name} {getattr(got, name)} != {getattr(want, name)}"
+             for name in names if getattr(got, name) != getattr(want, name)]
     if wrong:
         raise RestoreError(f"thread {tid} came back with other credentials than dumped: "
                            + ", ".join(wrong))

@@ -52,16 +52,15 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from ckpt import testpoint
-from ckpt.actions.core_image import regs_from_pb
 from ckpt.collect.proc import read_status
 from ckpt.errors import NoSuchProcess, RestoreError
 from ckpt.images.pb import core_pb2 as pb
-from ckpt.kernel.ptrace import PTRACE_O_EXITKILL, Regs, Tracee, signed
+from ckpt.images.regs import regs_from_pb
+from ckpt.kernel.ptrace import PTRACE_O_EXITKILL, PTRACE_O_TRACESYSGOOD, Regs, Tracee, signed
 from ckpt.restore.stub import Stub
 from ckpt.restore.tasks import restart_regs
 
 T = TypeVar("T")
-PTRACE_O_TRACESYSGOOD = 1
 SYSCALL_STOP = signal.SIGTRAP | 0x80  # with PTRACE_O_TRACESYSGOOD
 SIG_IGN = 1
 # restarted by the kernel, but interrupted (EINTR) where a handler runs first

@@ -8,7 +8,9 @@ address no VMA of the target uses, followed by scratch pages for syscall argumen
     scratch pages : paths, structs, auxv   written through /proc/PID/mem
 
 PTRACE_O_EXITKILL makes the kernel kill the stub if ckpt dies, so a failed restore never
-leaves a half-built process; :meth:`Stub.kill` does the same on an orderly failure.
+leaves a half-built process; :meth:`Stub.kill` does the same on an orderly failure,
+through a pidfd opened at its fork (while it is surely ours): once let go, a process
+may exit and be reaped, and its pid be another's.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from ckpt.errors import KernelError, NoSuchProcess, RestoreError
 from ckpt.kernel.creds import require_root
 from ckpt.kernel.ptrace import (
     PTRACE_EVENT_CLONE,
+    PTRACE_EVENT_FORK,
     PTRACE_O_EXITKILL,
     PTRACE_O_TRACECLONE,
+    PTRACE_O_TRACEFORK,
     PTRACE_TRACEME,
     Injector,
     Tracee,
@@ -37,10 +41,12 @@ from ckpt.kernel.ptrace import (
 from ckpt.kernel.sys import (
     NR,
     PAGE_SIZE,
+    clone_args,
     current_cpu,
     default_all_sigactions,
     kill_and_reap,
     libc,
+    pidfd_open,
 )
 
 GADGET_CODE = b"\x0f\x05\xcc"  # syscall; int3
@@ -51,11 +57,6 @@ PROT_RWX = 7
 MAP_PRIVATE_ANON = 0x22
 MAP_FIXED_NOREPLACE = 0x100000
 PID_PATIENCE = 3.0  # seconds of attempts: forks elsewhere may take the pid many times
-PTRACE_O_TRACEFORK = 0x2
-PTRACE_EVENT_FORK = 1  # clone3 with exit_signal SIGCHLD; any other reports EVENT_CLONE
-# struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size,
-# tls, set_tid, set_tid_size, cgroup
-CLONE_ARGS = struct.Struct("11Q")
 
 
 def fork_stub(want_pid: int | None, reserve: int = 0) -> int:
@@ -66,7 +67,7 @@ def fork_stub(want_pid: int | None, reserve: int = 0) -> int:
     meanwhile take neither our thread ids nor recently freed pids.
     """
     if want_pid is None:
-        return _fork_traced()
+        return _fork_traced(-1)
     with open(NS_LAST_PID, "r+") as last:
         fcntl.flock(last, fcntl.LOCK_EX)  # other ckpt instances serialize on it, as CRIU does
         reserve = max(reserve, int(last.read() or 0))
@@ -75,7 +76,7 @@ def fork_stub(want_pid: int | None, reserve: int = 0) -> int:
             last.seek(0)
             last.write(str(want_pid - 1))
             last.flush()
-            pid = _fork_traced()
+            pid = _fork_traced(last.fileno())
             if pid == want_pid:
                 last.seek(0)
                 last.write(str(max(reserve, pid)))
@@ -85,13 +86,17 @@ def fork_stub(want_pid: int | None, reserve: int = 0) -> int:
     raise RestoreError(f"could not obtain pid {want_pid} (something else keeps taking it)")
 
 
-def _fork_traced() -> int:
+def _fork_traced(locked: int) -> int:
     """The child drops every signal action it inherited from ckpt (Python's SIGINT handler
     pointing into ckpt, SIGPIPE and SIGXFSZ ignored): a restored process starts from the
-    kernel's defaults, and only the image's own actions are set on top."""
+    kernel's defaults, and only the image's own actions are set on top. It closes
+    ``locked``, ns_last_pid flocked by fork_stub: its copy would hold the lock, and every
+    other restore wait, as long as it lives with it (a tree's stubs, until their fds go)."""
     pid = os.fork()
     if pid == 0:  # child: as little Python as possible
         try:
+            if locked >= 0:
+                os.close(locked)
             default_all_sigactions()
             libc.ptrace(PTRACE_TRACEME, 0, None, None)
             os.kill(os.getpid(), signal.SIGSTOP)
@@ -109,6 +114,7 @@ class Stub:
         self.inj: Injector | None = None
         self.gadget = 0
         self._mem_fd = -1
+        self.pidfd = -1  # the process's, from its fork (thread stubs have none)
         self._mask: set[int] | None = None  # CPU mask to give back (see colocated)
 
     @classmethod
@@ -117,10 +123,11 @@ class Stub:
         pid = fork_stub(want_pid, reserve)
         stub = cls(pid)
         try:
+            stub.pidfd = pidfd_open(pid)  # our child, not reaped: no other process's pid
             stub.task.wait_stop(signal.SIGSTOP)
             stub.task.set_options(PTRACE_O_EXITKILL)
         except BaseException:
-            kill_and_reap(pid)
+            stub.kill()
             raise
         return stub
 
@@ -131,8 +138,8 @@ class Stub:
         assert self.inj is not None, "gadget not installed"
         self.task.set_options(PTRACE_O_EXITKILL | PTRACE_O_TRACEFORK | PTRACE_O_TRACECLONE)
         tid_arr = self.put(struct.pack("i", pid), 3072)
-        args = CLONE_ARGS.pack(0, 0, 0, 0, exit_signal, 0, 0, 0, tid_arr, 1, 0)
-        self.inj.prepare(NR.clone3, (self.put(args, 3200), CLONE_ARGS.size))
+        args = clone_args(0, exit_signal, tid_arr, 1)
+        self.inj.prepare(NR.clone3, (self.put(args, 3200), len(args)))
         self.task.cont()
         status = self.task.wait_stop(signal.SIGTRAP)
         if status >> 16 not in (PTRACE_EVENT_FORK, PTRACE_EVENT_CLONE):
@@ -146,11 +153,12 @@ class Stub:
         self.task.wait_stop(signal.SIGTRAP)  # the parent returns and hits int3
         child = Stub(new)
         try:
+            child.pidfd = pidfd_open(new)  # traced by us, its parent stopped: not reaped
             child.task.wait_stop()  # auto-attached children start with SIGSTOP
             if self._mask is not None:  # forked while pinned (see colocated)
                 os.sched_setaffinity(new, self._mask)
         except BaseException:
-            kill_and_reap(new)
+            child.kill()
             raise
         child.use_gadget(self.gadget)
         return child
@@ -281,13 +289,18 @@ class Stub:
             return []
 
     def close(self) -> None:
-        if self._mem_fd >= 0:
-            os.close(self._mem_fd)
-            self._mem_fd = -1
+        """Close what ckpt holds of the stub (/proc/PID/mem, the pidfd)."""
+        for fd in (self._mem_fd, self.pidfd):
+            if fd >= 0:
+                os.close(fd)
+        self._mem_fd = self.pidfd = -1
 
     def kill(self) -> None:
+        """SIGKILL the process (through its pidfd: a process that took its pid after it
+        was let go and reaped is left alone) and reap it; then close it."""
+        # cloned threads are traced: reaped first
+        kill_and_reap(self.pid, self.tids(), self.pidfd)
         self.close()
-        kill_and_reap(self.pid, self.tids())  # cloned threads are traced: reaped first
 
 
 def pid_taken(pid: int, root: str = "/proc") -> str:

@@ -45,10 +45,10 @@ import errno
 import signal
 import struct
 
-from ckpt.actions.core_image import regs_from_pb
 from ckpt.collect.proc import id_holder
 from ckpt.errors import RestoreError
 from ckpt.images.pb import core_pb2 as pb
+from ckpt.images.regs import regs_from_pb
 from ckpt.images.siginfo import is_stop_mark
 from ckpt.kernel import siginfo
 from ckpt.kernel.ptrace import (
@@ -61,7 +61,7 @@ from ckpt.kernel.ptrace import (
     Tracee,
     signed,
 )
-from ckpt.kernel.sys import NR, tgkill
+from ckpt.kernel.sys import NR, clone_args, tgkill
 from ckpt.restore.stub import GADGET_LEN, Stub
 from ckpt.restore.timers import arm_timers, image_signals
 
@@ -69,7 +69,6 @@ ERESTART_RESTARTBLOCK = 516
 U64 = (1 << 64) - 1
 CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000  # VM FS FILES SIGHAND
 # THREAD SYSVSEM
-CLONE_ARGS = struct.Struct("11Q")
 KSIGACTION = struct.Struct("QQQQ")  # handler, flags, restorer, mask
 RSEQ_FLAG_UNREGISTER = 1
 
@@ -124,10 +123,10 @@ def clone_threads(stub: Stub, threads: list[pb.ThreadCore], same_tids: bool) -> 
     stub.task.set_options(PTRACE_O_EXITKILL | PTRACE_O_TRACECLONE)
     for th in threads:
         tid_arr = stub.put(struct.pack("i", th.tid), 3072)
-        args = CLONE_ARGS.pack(CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0,
-                               tid_arr if same_tids else 0, 1 if same_tids else 0, 0)
+        args = clone_args(CLONE_THREAD_FLAGS, 0, tid_arr if same_tids else 0,
+                          1 if same_tids else 0)
         assert stub.inj is not None
-        stub.inj.prepare(NR.clone3, (stub.put(args, 3200), CLONE_ARGS.size))
+        stub.inj.prepare(NR.clone3, (stub.put(args, 3200), len(args)))
         stub.task.cont()
         status = stub.task.wait_stop(signal.SIGTRAP)
         if status >> 16 != PTRACE_EVENT_CLONE:
