@@ -28,6 +28,7 @@ from ckpt.collect.cow import cow_shared_bytes
 from ckpt.collect.deletedcwd import collect_deleted_cwd
 from ckpt.collect.files import FileRecord, collect_files
 from ckpt.collect.holders import TreeView
+from ckpt.collect.inject import find_gadgets
 from ckpt.collect.mappedfiles import WHOLE as MAPPED_WHOLE
 from ckpt.collect.mappedfiles import collect_mapped, shared_spans
 from ckpt.collect.mlockall import refusal as mlockall_refusal
@@ -209,10 +210,12 @@ class MemberDump:
         return self.opts.track_mem and self.opts.leave_running
 
     def before_freeze(self, limit: int) -> None:
-        """The live pass (dump --incremental), the snapshot's memory (--leave-running)."""
+        """The live pass (dump --incremental), the snapshot's memory (--leave-running),
+        and the injection's gadgets looked for (the frozen injection checks them again)."""
         self.live = live_pass(self.opts, self.pid, self.tracker, self.parent)
         if self.opts.leave_running and self.parent is None:
             self.reserve = reserve_snapshot(self.pid, self.early_vmas, limit)
+        find_gadgets(self.pid, self.early_vmas)
 
     def count_cow(self, tree: TreeView) -> None:
         """Private pages still shared copy-on-write with another member (after fork): a
