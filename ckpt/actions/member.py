@@ -193,7 +193,7 @@ class MemberDump:
         self.files: list[FileRecord] = []
         self.dirty = DirtySet()
         self.mem: MemoryResult | None = None
-        self.cow = 0
+        self.cow: int | None = None  # None: not counted (the root's never is)
         self.shm: dict[int, shmem.Placement] = {}  # by VMA start: memory other members map
 
     @property
@@ -217,14 +217,13 @@ class MemberDump:
             self.reserve = reserve_snapshot(self.pid, self.early_vmas, limit)
         find_gadgets(self.pid, self.early_vmas)
 
-    def count_cow(self, tree: TreeView) -> None:
+    def count_cow(self) -> None:
         """Private pages still shared copy-on-write with another member (after fork): a
         restore makes private copies (`ckpt show` says how much more memory). The root's
         are not counted: its copy is the one the others shared. Counted for every member
         before any is copied: reading pages with process_vm_readv pins them, and a
         read-only pin of a shared anonymous page unshares it (Linux 5.19+)."""
-        if self.pid != tree.pids[0]:
-            self.cow = cow_shared_bytes(self.pid, self.early_vmas)
+        self.cow = cow_shared_bytes(self.pid, self.early_vmas)
 
     def collect_frozen(self, frozen: Frozen, images: ImageDir, limit: int,
                        tree: TreeView | None) -> None:
@@ -312,7 +311,7 @@ class MemberDump:
         if self.tracker is not None and self.keep:
             images.write_tracker(self.pid, self.tracker.state())
         stats = pass_stats(self.layer.plan, self.mem, frozen_ms, total_ms)
-        stats.cow_shared_bytes = self.cow
+        stats.cow_shared_bytes = self.cow or 0
         for a in attaches(self.vmas):
             stats.whole_vmas.add(start=a.base, end=a.end, reason=SYSV_WHOLE)
         for start, end in shared_spans(self.vmas):
