@@ -119,6 +119,8 @@ def dump(opts: DumpOptions) -> DumpResult:
     root = members[0]
     try:
         limit = snapshot_limit()  # read before the freeze, not in it
+        for m in members[1:]:  # a statistic: counted with the tree running, before the
+            m.count_cow()  # live pass reads (and unshares) any page
         for m in members:
             m.before_freeze(limit)
         with FrozenTree(pid) as frozen:
@@ -127,9 +129,9 @@ def dump(opts: DumpOptions) -> DumpResult:
             members = settle_members(opts, members, frozen.pids, tree)
             everyone += [m for m in members if m not in everyone]
             refuse_sharing(frozen.pids)
-            for m in members:
-                if tree is not None:
-                    m.count_cow(tree)
+            for m in members[1:]:
+                if m.cow is None:  # forked since the checks
+                    m.count_cow()
             for m in members:
                 m.collect_frozen(frozen.members[m.pid], images, limit, tree)
             zombies = [zombie_core(z) for z in frozen.zombies]

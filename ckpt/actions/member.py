@@ -29,6 +29,7 @@ from ckpt.collect.creds import read_creds
 from ckpt.collect.deletedcwd import collect_deleted_cwd
 from ckpt.collect.files import FileRecord, collect_files
 from ckpt.collect.holders import TreeView
+from ckpt.collect.inject import find_gadgets
 from ckpt.collect.mappedfiles import WHOLE as MAPPED_WHOLE
 from ckpt.collect.mappedfiles import collect_mapped, shared_spans
 from ckpt.collect.mlockall import refusal as mlockall_refusal
@@ -193,7 +194,7 @@ class MemberDump:
         self.files: list[FileRecord] = []
         self.dirty = DirtySet()
         self.mem: MemoryResult | None = None
-        self.cow = 0
+        self.cow: int | None = None  # None: not counted (the root's never is)
         self.shm: dict[int, shmem.Placement] = {}  # by VMA start: memory other members map
 
     @property
@@ -210,19 +211,20 @@ class MemberDump:
         return self.opts.track_mem and self.opts.leave_running
 
     def before_freeze(self, limit: int) -> None:
-        """The live pass (dump --incremental), the snapshot's memory (--leave-running)."""
+        """The live pass (dump --incremental), the snapshot's memory (--leave-running),
+        and the injection's gadgets looked for (the frozen injection checks them again)."""
         self.live = live_pass(self.opts, self.pid, self.tracker, self.parent)
         if self.opts.leave_running and self.parent is None:
             self.reserve = reserve_snapshot(self.pid, self.early_vmas, limit)
+        find_gadgets(self.pid, self.early_vmas)
 
-    def count_cow(self, tree: TreeView) -> None:
+    def count_cow(self) -> None:
         """Private pages still shared copy-on-write with another member (after fork): a
         restore makes private copies (`ckpt show` says how much more memory). The root's
         are not counted: its copy is the one the others shared. Counted for every member
         before any is copied: reading pages with process_vm_readv pins them, and a
         read-only pin of a shared anonymous page unshares it (Linux 5.19+)."""
-        if self.pid != tree.pids[0]:
-            self.cow = cow_shared_bytes(self.pid, self.early_vmas)
+        self.cow = cow_shared_bytes(self.pid, self.early_vmas)
 
     def collect_frozen(self, frozen: Frozen, images: ImageDir, limit: int,
                        tree: TreeView | None) -> None:
@@ -310,7 +312,7 @@ class MemberDump:
         if self.tracker is not None and self.keep:
             images.write_tracker(self.pid, self.tracker.state())
         stats = pass_stats(self.layer.plan, self.mem, frozen_ms, total_ms)
-        stats.cow_shared_bytes = self.cow
+        stats.cow_shared_bytes = self.cow or 0
         for a in attaches(self.vmas):
             stats.whole_vmas.add(start=a.base, end=a.end, reason=SYSV_WHOLE)
         for start, end in shared_spans(self.vmas):

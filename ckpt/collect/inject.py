@@ -43,15 +43,25 @@ class Gadgets:
     restorer: int
 
 
-_found: dict[tuple[int, tuple[tuple[int, int, int], ...]], Gadgets | None] = {}
+Layout = tuple[tuple[int, int, int], ...]  # (start, end, inode) of each code mapping
+_found: dict[Layout, Gadgets] = {}  # any process's: read again before it is used
+_missing: set[tuple[int, Layout]] = set()  # (pid, layout) with none
 
 
 def find_gadgets(pid: int, vmas: list[VmaInfo]) -> Gadgets | None:
-    """A ``syscall; ret`` and an rt_sigreturn stub in the target's file-backed code."""
+    """A ``syscall; ret`` and an rt_sigreturn stub in the target's file-backed code.
+
+    Searched once per code layout: the members of a tree forked without exec share
+    theirs, and a look before the freeze (ckpt.actions.member) serves the frozen one. A
+    pair found before is used only if its bytes are still there in this process (two
+    reads of a few bytes instead of megabytes of code)."""
     code = [v for v in vmas if v.prot & 4 and v.path.startswith("/")]
-    key = (pid, tuple((v.start, v.end, v.inode) for v in code))
-    if key in _found:
-        return _found[key]
+    layout = tuple((v.start, v.end, v.inode) for v in code)
+    known = _found.get(layout)
+    if known is not None and _still_there(pid, known):
+        return known
+    if (pid, layout) in _missing:
+        return None
     ret = restorer = -1
     for v in code:
         try:
@@ -65,8 +75,21 @@ def find_gadgets(pid: int, vmas: list[VmaInfo]) -> Gadgets | None:
                 restorer = v.start + k
         if ret >= 0 and restorer >= 0:
             break
-    _found[key] = got = Gadgets(ret, restorer) if ret >= 0 and restorer >= 0 else None
+    if ret < 0 or restorer < 0:
+        _missing.add((pid, layout))
+        return None
+    _found[layout] = got = Gadgets(ret, restorer)
     return got
+
+
+def _still_there(pid: int, gadgets: Gadgets) -> bool:
+    """Are both gadgets' instructions at their addresses in process ``pid``?"""
+    try:
+        stub = vm_read(pid, gadgets.restorer, max(len(p) for p in RESTORERS))
+        return vm_read(pid, gadgets.syscall_ret, len(SYSCALL_RET)) == SYSCALL_RET and \
+            any(stub.startswith(p) for p in RESTORERS)
+    except (OSError, CkptError):
+        return False
 
 
 def shadow_stack(pid: int) -> bool:
