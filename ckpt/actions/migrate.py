@@ -41,7 +41,7 @@ from pathlib import Path
 from ckpt import testpoint
 from ckpt.actions.dump import DumpOptions, dump
 from ckpt.actions.migrate_check import check_members, compat_request
-from ckpt.actions.migrate_tree import TreeLost, restore_after_kill
+from ckpt.actions.migrate_tree import restore_after_kill
 from ckpt.actions.predump import PredumpOptions, predump
 from ckpt.actions.throttle import Throttle
 from ckpt.collect.fdkinds.base import GHOST_LIMIT
@@ -285,6 +285,7 @@ def final_round(opts: MigrateOptions, conn: Conn, work: Path, name: str, prev: s
         out.pids = list(inv.pids)
         if done.pid == 0:
             deferred = True
+            out.images_kept = True  # from the kill on, the only copy until it is restored
             # from the kill on, only the Commit brings the tree back: Ctrl-C waits
             signal.pthread_sigmask(signal.SIG_BLOCK, HANDOVER_SIGNALS)
             return
@@ -314,11 +315,8 @@ def final_round(opts: MigrateOptions, conn: Conn, work: Path, name: str, prev: s
         if deferred:
             marks["killed"] = time.perf_counter()
             out.new_pid = opts.pid
-            try:
-                restore_after_kill(conn, work / name, opts.pid)
-            except TreeLost:
-                out.images_kept = True  # the only copy of the tree
-                raise
+            restore_after_kill(conn, work / name, opts.pid)  # raises: the images stay
+            out.images_kept = False  # restored: the images may go
             marks["committed"] = time.perf_counter()
             out.restore_ms = (marks["committed"] - marks["killed"]) * 1000
     finally:
