@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from ckpt import testpoint
 from ckpt.collect import proc
 from ckpt.errors import CkptError
+from ckpt.kernel.sys import pidfd_open, pidfd_send_signal
 
 # Runs in a child of its own session (a Ctrl-C to ckpt's group does not reach it): holds a
 # pidfd of every throttled process, says it is ready, and sends them SIGCONT when its stdin
@@ -52,6 +53,7 @@ class Throttle:
 
     def __init__(self, pids: int | Sequence[int], duty: float) -> None:
         self.pids = [pids] if isinstance(pids, int) else list(pids)
+        self.pidfds: list[int] = []
         self.duty = duty
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -64,6 +66,11 @@ class Throttle:
             if not self.pids:
                 self.duty = 0.0
         if self.duty > 0:
+            # pidfds, once: a member that exits meanwhile is never confused with another
+            # process that gets its pid
+            for pid in self.pids:
+                with contextlib.suppress(CkptError):
+                    self.pidfds.append(pidfd_open(pid))
             self._start_watchdog()
             self.thread = threading.Thread(target=self._run, daemon=True)
             self.thread.start()
@@ -91,11 +98,13 @@ class Throttle:
             self.watchdog.wait()
             if self.watchdog.stdout is not None:
                 self.watchdog.stdout.close()
+        for pidfd in self.pidfds:
+            os.close(pidfd)
+        self.pidfds.clear()
 
     def _signal(self, sig: int) -> None:
-        for pid in self.pids:  # a member gone meanwhile is left to the next pass
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+        for pidfd in self.pidfds:  # a member gone meanwhile is left to the next pass
+            pidfd_send_signal(pidfd, sig)
 
     def _run(self) -> None:
         while not self.stop.is_set():
