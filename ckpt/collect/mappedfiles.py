@@ -142,8 +142,8 @@ def refusal(v: VmaInfo, seen: Seen | None, flags: FdFlags) -> str | None:
     if not is_mapped_object(v.kind, v.path):
         return None
     if flags.warm_migration:
-        return ("migrate does not carry mapped memfds and deleted files of one process yet "
-                "(dump does, and migrate of a tree)")
+        return ("migrate does not carry mapped memfds and deleted files yet for one "
+                "process (dump does, and migrate of a tree)")
     if seen is None:
         return "its file could not be looked at"
     if seen.holders:
