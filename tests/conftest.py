@@ -272,7 +272,12 @@ def wait_for_line(path: Path, pred: Callable[[str], bool], timeout: float, what:
     def find() -> str | None:
         return next((line for line in read_lines(path) if pred(line)), None)
 
-    return wait_for(find, timeout, f"{what} in {path}")
+    try:
+        return wait_for(find, timeout, f"{what} in {path}")
+    except pytest.fail.Exception:
+        tail = "\n".join(read_lines(path)[-5:])
+        pytest.fail(f"timed out after {timeout:.1f}s waiting for {what} in {path}; "
+                    f"last lines:\n{tail}")
 
 
 def assert_running_untraced(pid: int, settle: float = 2.0) -> None:

@@ -89,7 +89,7 @@ def test_zombies_migrate(harness: Harness, two_hosts: Hosts) -> None:  # noqa: F
 def test_sessions_migrate(harness: Harness, two_hosts: Hosts) -> None:  # noqa: F811
     out = harness.tmp / "out.txt"
     proc = harness.launch([*in_a(two_hosts), *py_target("tree_sessions.py")], out)
-    wait_for_line(out, lambda s: s == "ready", 10, "ready")
+    wait_for_line(out, lambda s: s == "ready", 30, "ready")
     wait_for_tree(harness, proc.pid, 4)
     migrate_tree(harness, proc, two_hosts)
     assert_ticking_on(out, ("root", "peer", "leader", "grandchild"))

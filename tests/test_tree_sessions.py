@@ -61,7 +61,7 @@ def assert_ticking_on(out: Path, roles: tuple[str, ...]) -> None:
 def test_sessions_and_groups_come_back(harness: Harness, how: str) -> None:
     out = harness.tmp / "out.txt"
     proc = harness.launch(py_target("tree_sessions.py"), out)
-    wait_for_line(out, lambda s: s == "ready", 10, "ready")
+    wait_for_line(out, lambda s: s == "ready", 30, "ready")
     members = wait_for_tree(harness, proc.pid, 4)
     leader, grandchild = members[2], members[3]
     assert (leader.sid, leader.pgid) == (leader.pid, leader.pid)
@@ -75,7 +75,7 @@ def test_groups_and_sessions_whose_leader_exited_come_back(harness: Harness,
                                                           how: str) -> None:
     out = harness.tmp / "out.txt"
     proc = harness.launch([*py_target("tree_sessions.py"), "orphans"], out)
-    _, group, session = wait_for_line(out, lambda s: s.startswith("ready"), 10,
+    _, group, session = wait_for_line(out, lambda s: s.startswith("ready"), 30,
                                       "ready").split()
     root, grouped, sessioned = wait_for_tree(harness, proc.pid, 3)
     assert (grouped.ppid, grouped.pgid, grouped.sid) == (root.pid, int(group), root.pid)
