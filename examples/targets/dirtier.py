@@ -1,6 +1,7 @@
 """A target that dirties memory faster than any link: every page of 32 MiB is rewritten
 again and again. The region starts random, so its pages do not compress: how long a round
-takes depends on the link, not on how well zstd packs zeros. Prints `n=<pass> pid=<pid> sum=<checksum of the region>` every 20 passes.
+takes depends on the link, not on how well zstd packs zeros. Prints
+`n=<pass> pid=<pid> sum=<checksum of the region>` every 20 passes.
 
 usage: dirtier.py
 """
